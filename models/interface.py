@@ -1,0 +1,67 @@
+"""The contract between the classifier and the rest of FinPulse.
+
+A ``Scorer`` turns a batch of texts into one ``Prediction`` per text, in order. It never raises for one bad text:
+that item's prediction carries ``error`` and the caller dead-letters it. ``load_scorer`` picks the implementation
+from settings: a trained model directory (newest first), the keyword baseline, or the no-op scorer used by
+benchmarks.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    topic: str
+    topic_confidence: float
+    sentiment: str            # bearish | neutral | bullish
+    sentiment_score: float    # P(bullish) - P(bearish), in [-1, 1]
+    error: str | None = None  # set when this one text could not be scored
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    model_version: str
+
+    def score(self, texts: Sequence[str]) -> list[Prediction]:
+        """Score a batch. Blocking and CPU/GPU-bound: the worker calls it from a thread, never the event loop."""
+        ...
+
+
+def failed(reason: str) -> Prediction:
+    return Prediction(topic="", topic_confidence=0.0, sentiment="neutral", sentiment_score=0.0, error=reason)
+
+
+def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = "auto") -> Scorer:
+    """``kind``: "auto" (a trained model if one is found, else the baseline), "model", "baseline" or "noop"."""
+    if kind == "noop":
+        from .baseline import NoopScorer
+        return NoopScorer()
+    if kind == "baseline":
+        from .baseline import KeywordBaselineScorer
+        return KeywordBaselineScorer()
+    if kind not in ("auto", "model"):
+        raise ValueError(f"unknown scorer {kind!r}: use auto, model, baseline or noop")
+    try:
+        from .registry import find_model_dir
+        from .scorer import BatchScorer
+    except ImportError:  # the fine-tuned model's code is not installed in this build
+        if kind == "model":
+            raise
+        find_model_dir = None
+    path = find_model_dir(model_dir) if find_model_dir else None
+    if path is None:
+        if kind == "model" or model_dir:
+            raise FileNotFoundError(f"no trained FinPulse model found{f' at {model_dir}' if model_dir else ''}: run `finpulse train`")
+        from .baseline import KeywordBaselineScorer
+        log.warning("no trained model found: scoring with the keyword baseline (run `finpulse train` for the real one)")
+        return KeywordBaselineScorer()
+    return BatchScorer.from_pretrained(path, device=device)

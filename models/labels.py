@@ -1,0 +1,12 @@
+"""The label sets both heads predict, in the order of the public data sets' integer labels."""
+
+TOPICS: tuple[str, ...] = (
+    "Analyst Update", "Fed | Central Banks", "Company | Product News", "Treasuries | Corporate Debt",
+    "Dividend", "Earnings", "Energy | Oil", "Financials", "Currencies", "General News | Opinion",
+    "Gold | Metals | Materials", "IPO", "Legal | Regulation", "M&A | Investments", "Macro", "Markets",
+    "Politics", "Personnel Change", "Stock Commentary", "Stock Movement",
+)
+
+# The public sentiment set's integer labels: 0 bearish, 1 bullish, 2 neutral.
+SENTIMENTS_BY_DATASET_ID: tuple[str, ...] = ("bearish", "bullish", "neutral")
+SENTIMENTS: tuple[str, ...] = ("bearish", "neutral", "bullish")

@@ -1,0 +1,76 @@
+"""``finpulse``: one command line for every part of FinPulse.
+
+Each package owns its subcommands in its own ``cli.py`` with a ``register(subparsers)`` function; this module only
+parses the global flags, loads settings (defaults < config file < environment < flags) and dispatches. Commands
+import their heavy dependencies (torch, faust, streamlit) only when they run, so ``finpulse --help`` is instant.
+
+A command is a function ``(args, settings) -> exit code``, set with ``parser.set_defaults(func=...)``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .config import ConfigError, Settings, load_settings
+
+# Packages whose cli.py adds subcommands, in the order data flows through FinPulse.
+COMMAND_MODULES = ("stream.commands", "models.cli", "alerts.cli", "dashboard.cli", "stream.replay.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finpulse",
+        description="FinPulse: streaming financial-sentiment monitor (Kafka + Faust + a fine-tuned classifier).",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (default: $FINPULSE_CONFIG or ./finpulse.toml)")
+    parser.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="Kafka bootstrap servers (overrides [kafka] bootstrap_servers)")
+    parser.add_argument("--partitions", type=int, help="partitions for every FinPulse topic (overrides [kafka] partitions)")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # that package's commands are not part of this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    return settings.with_overrides({
+        "kafka": {"bootstrap_servers": args.bootstrap_servers, "partitions": args.partitions},
+        "worker": {"log_level": args.log_level},
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        settings = settings_from_args(args)
+        level = (args.log_level or settings.worker.log_level).upper()
+    except ConfigError as exc:
+        print(f"finpulse: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        return int(args.func(args, settings) or 0)
+    except ConfigError as exc:
+        print(f"finpulse: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Subcommands owned by ``stream``: the embedded broker, ingest, the simulator, the worker and the demo."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (tansu) and create FinPulse's topics")
+    p.add_argument("--port", type=int, help="listen on 127.0.0.1:PORT (default [kafka] embedded_port, 9092)")
+    p.set_defaults(func=_broker)
+
+    p = sub.add_parser("topics", help="create every FinPulse topic that does not exist yet (any Kafka)")
+    p.set_defaults(func=_topics)
+
+    p = sub.add_parser("worker", help="run the Faust worker: score, aggregate, detect, deliver")
+    p.add_argument("--scorer", choices=["auto", "model", "baseline", "noop"], help="which scorer (default [worker] scorer)")
+    p.add_argument("--model", dest="model_dir", metavar="DIR", help="a trained model directory (default: newest found)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--max-wait", type=float, dest="max_wait_s", metavar="SECONDS")
+    p.add_argument("--data-dir", help="where the worker keeps local state")
+    p.add_argument("--web-port", type=int)
+    p.add_argument("--app-id", help="Kafka consumer group / Faust app id")
+    p.set_defaults(func=_worker)
+
+    ingest = sub.add_parser("ingest", help="put news and comments into Kafka").add_subparsers(dest="source", metavar="SOURCE", required=True)
+    p = ingest.add_parser("file", help="ingest a JSONL or CSV file")
+    p.add_argument("path")
+    p.add_argument("--kind", choices=["news", "comments"], required=True)
+    p.add_argument("--format", choices=["auto", "jsonl", "csv"], default="auto")
+    p.set_defaults(func=_ingest_file)
+    p = ingest.add_parser("rss", help="poll RSS/Atom feeds into the news topic")
+    p.add_argument("urls", nargs="+", metavar="URL")
+    p.add_argument("--every", default="60s", help="poll interval, e.g. 30s, 5m (default 60s)")
+    p.add_argument("--once", action="store_true", help="poll each feed once and exit")
+    p.add_argument("--state", default="var/rss-state.json", help="where seen ids and ETag/Last-Modified are kept")
+    p.set_defaults(func=_ingest_rss)
+
+    p = sub.add_parser("simulate", help="produce a SIMULATED mixed stream of news and comments (with an optional negative shock)")
+    p.add_argument("--rate", type=float, default=20.0, help="messages per second of event time (default 20)")
+    p.add_argument("--count", type=int, default=0, help="stop after this many messages (default: run until stopped)")
+    p.add_argument("--max-speed", action="store_true", help="produce as fast as possible; event times still advance at --rate")
+    p.add_argument("--start", help="event time of the first message, ISO-8601 (default: now)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--comment-share", type=float, default=0.6, help="fraction of messages that are comments")
+    p.add_argument("--shock-topic", default="Energy | Oil", help="topic that receives the scripted negative shock")
+    p.add_argument("--shock-at", type=float, default=300.0, help="seconds of event time after the start when the shock begins")
+    p.add_argument("--shock-duration", type=float, default=240.0, help="seconds of event time the shock lasts")
+    p.add_argument("--shock-strength", type=float, default=0.85, help="share of the shocked topic's messages that turn bearish")
+    p.add_argument("--no-shock", action="store_true")
+    p.add_argument("--malformed-share", type=float, default=0.0, help="fraction of deliberately malformed messages")
+    p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("demo", help="broker, worker, simulator, dashboard and webhook receiver, started and stopped together")
+    p.add_argument("--port", type=int, help="embedded broker port (default 9092)")
+    p.add_argument("--dashboard-port", type=int, default=8501)
+    p.add_argument("--receiver-port", type=int, default=8787)
+    p.add_argument("--rate", type=float, default=20.0)
+    p.add_argument("--no-dashboard", action="store_true")
+    p.add_argument("--no-train", action="store_true", help="do not train the quick model when none exists")
+    p.set_defaults(func=_demo)
+
+
+def _broker(args, settings) -> int:
+    from .broker import run_broker
+    return run_broker(settings, port=args.port)
+
+
+def _topics(args, settings) -> int:
+    from .topics import TopicNames, ensure_topics
+    names = TopicNames(settings.kafka.topic_prefix)
+    created = ensure_topics(settings.kafka, names.all(), names.compacted())
+    print(f"created {len(created)} topic(s): {', '.join(created) or 'none (all existed)'}")
+    return 0
+
+
+def _worker(args, settings) -> int:
+    from .worker import run_worker
+    overrides = {k: getattr(args, k) for k in ("scorer", "model_dir", "device", "max_batch", "max_wait_s", "data_dir", "web_port", "app_id")}
+    return run_worker(settings.with_overrides({"worker": overrides}))
+
+
+def _ingest_file(args, settings) -> int:
+    from .ingest import ingest_file
+    return ingest_file(settings, args.path, kind=args.kind, fmt=args.format)
+
+
+def _ingest_rss(args, settings) -> int:
+    from .ingest import ingest_rss
+    return ingest_rss(settings, args.urls, every=args.every, once=args.once, state_path=args.state)
+
+
+def _simulate(args, settings) -> int:
+    from .simulate import run_simulate
+    return run_simulate(settings, args)
+
+
+def _demo(args, settings) -> int:
+    from .demo import run_demo
+    return run_demo(settings, args)

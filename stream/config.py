@@ -1,0 +1,191 @@
+"""Settings for every FinPulse command, merged in one order: defaults < config file < environment < flags.
+
+The config file is TOML (``--config FILE``, else ``$FINPULSE_CONFIG``, else ``./finpulse.toml`` when present).
+Environment variables name a section and a key with a double underscore:
+``FINPULSE_KAFKA__BOOTSTRAP_SERVERS=broker:9092``, ``FINPULSE_WORKER__MAX_BATCH=512``.
+
+Each package declares its own section as a dataclass and reads it with ``settings.section("alerts", AlertSettings)``,
+so adding a setting never means editing this module. Secrets are never values in a file: sections name the
+environment variable that holds them (see ``alerts``), and ``redacted()`` is what gets logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+ENV_PREFIX = "FINPULSE_"
+DEFAULT_CONFIG_FILE = "finpulse.toml"
+SectionT = TypeVar("SectionT")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message says which one and why."""
+
+
+@dataclasses.dataclass
+class KafkaSettings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    # Every FinPulse topic is created up front with this many partitions (tansu auto-creates 4).
+    partitions: int = 4
+    replication_factor: int = 1
+    # "auto": detect the embedded tansu broker and apply stream.tansu_compat; "on"/"off" force it.
+    tansu_compat: str = "auto"
+    # Group joins take half the session timeout on tansu: keep these small locally.
+    session_timeout_s: float = 6.0
+    heartbeat_interval_s: float = 1.5
+    topic_prefix: str = "finpulse"
+    # Where `finpulse broker` and `make demo` put the embedded broker.
+    embedded_port: int = 9092
+
+
+@dataclasses.dataclass
+class WorkerSettings:
+    app_id: str = "finpulse-worker"
+    max_batch: int = 256
+    max_wait_s: float = 0.5
+    # Longer texts are dead-lettered as oversized rather than silently cut (the scorer truncates tokens anyway).
+    max_text_chars: int = 20_000
+    # "auto" (newest trained model, else baseline) | "model" | "baseline" | "noop"
+    scorer: str = "auto"
+    model_dir: str = ""
+    device: str = "auto"
+    data_dir: str = "var/worker"
+    web_port: int = 6066
+    log_level: str = "info"
+
+
+@dataclasses.dataclass
+class Settings:
+    """The merged configuration: typed core sections plus the raw mapping for package-owned sections."""
+
+    raw: dict[str, Any]
+    source_file: str | None = None
+
+    @property
+    def kafka(self) -> KafkaSettings:
+        return self.section("kafka", KafkaSettings)
+
+    @property
+    def worker(self) -> WorkerSettings:
+        return self.section("worker", WorkerSettings)
+
+    def section(self, name: str, cls: type[SectionT]) -> SectionT:
+        return build_dataclass(cls, self.raw.get(name, {}), where=name)
+
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> "Settings":
+        merged = _deep_merge(self.raw, {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in overrides.items()})
+        return Settings(raw=merged, source_file=self.source_file)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short stable hash of the named sections (all when none named): stamped on replay/backtest output."""
+        chosen = {k: v for k, v in sorted(self.raw.items()) if not sections or k in sections}
+        blob = json.dumps(chosen, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def redacted(self) -> dict[str, Any]:
+        return _redact(self.raw)
+
+
+def load_settings(config_file: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    path = config_file or environ.get(ENV_PREFIX + "CONFIG") or (DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).exists() else None)
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    raw = _deep_merge(raw, _from_environ(environ))
+    return Settings(raw=raw, source_file=str(path) if path else None)
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].partition("__")
+        out.setdefault(section.lower(), {})[key.lower()] = value
+    return out
+
+
+def build_dataclass(cls: type[SectionT], values: Mapping[str, Any], where: str = "") -> SectionT:
+    """Make ``cls`` from a mapping, coercing strings (from the environment) to each field's type."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{where}]: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        try:
+            kwargs[name] = _coerce(value, hints[name])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[{where}] {name} = {value!r}: {exc}") from None
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null") and type(None) in args):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _coerce(value, hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError("expected a boolean (true/false)")
+    if hint in (int, float, str):
+        if isinstance(value, bool) and hint is not str:
+            raise ValueError(f"expected {hint.__name__}")
+        return hint(value)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+        items = [_coerce(v, args[0]) if args else v for v in value]
+        return items if origin is list else tuple(items)
+    if origin is dict or hint is dict:
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, Mapping):
+            raise ValueError("expected a table/mapping")
+        return dict(value)
+    return value
+
+
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_SECRET_MARKERS = ("secret", "password", "token", "key", "authorization")
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if isinstance(value, Mapping):
+        return {k: _redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, key) for v in value]
+    if any(m in key.lower() for m in _SECRET_MARKERS) and not key.lower().endswith("_env"):
+        return "***"
+    return value
