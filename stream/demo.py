@@ -1,0 +1,173 @@
+"""``finpulse demo`` (``make demo``): the whole product on one machine, started and stopped together.
+
+Order: a quick model is trained if none exists yet, then the embedded broker, the webhook receiver, the worker
+(scoring, tables, detection, delivery), a SIMULATED backlog of recent history (so baselines exist), the live
+SIMULATED stream with a scripted negative shock, and the dashboard. Ctrl-C (or any process dying) stops every
+process the demo started. Logs go to var/demo/*.log; a status line shows progress every few seconds.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from .broker import EmbeddedBroker, free_port
+from .records import format_time, utcnow
+from .topics import TopicNames, ensure_topics
+
+DEMO_DIR = Path("var/demo")
+
+
+class ProcessGroup:
+    """Children started in order and stopped in reverse, each in its own session so Ctrl-C reaches us first."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]):
+        self.log_dir = log_dir
+        self.env = env
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, *finpulse_args: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        cmd = [sys.executable, "-m", "stream.cli", *finpulse_args]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def run(self, name: str, *finpulse_args: str) -> int:
+        """Run to completion in the foreground, output shown (used for training, which prints progress)."""
+        return subprocess.call([sys.executable, "-m", "stream.cli", *finpulse_args], env=self.env)
+
+    def dead(self) -> list[tuple[str, int]]:
+        return [(name, p.returncode) for name, p in self.procs if p.poll() is not None and p.returncode != 0]
+
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _demo_config(path: Path, bootstrap: str, receiver_port: int, prefix: str) -> None:
+    path.write_text(f"""# Written by `finpulse demo`; every value here is a local demo default.
+[kafka]
+bootstrap_servers = "{bootstrap}"
+topic_prefix = "{prefix}"
+
+[worker]
+data_dir = "{DEMO_DIR / 'worker'}"
+
+[alerts]
+# The demo's own receiver runs on loopback, so this endpoint opts in to private addresses.
+[[alerts.endpoints]]
+name = "demo-receiver"
+url = "http://127.0.0.1:{receiver_port}/webhook"
+format = "native"
+secret_env = "FINPULSE_WEBHOOK_SECRET"
+allow_private = true
+""")
+
+
+def _count_records(bootstrap: str, topics: list[str]) -> dict[str, int]:
+    """Sum of partition end offsets per topic: a cheap progress figure (on tansu it can lag by a batch)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5000)
+    try:
+        counts = {}
+        for topic in topics:
+            parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in parts]
+            counts[topic] = sum(consumer.end_offsets(tps).values()) if tps else 0
+        return counts
+    finally:
+        consumer.close()
+
+
+def run_demo(settings, args) -> int:
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    # A fresh signing secret per demo run: shared by the worker and the receiver through the environment only.
+    env.setdefault("FINPULSE_WEBHOOK_SECRET", "whsec_" + secrets.token_urlsafe(24))
+    group = ProcessGroup(DEMO_DIR, env)
+
+    if not args.no_train:
+        try:
+            from models.registry import find_model_dir
+        except ImportError:
+            find_model_dir = None
+        if find_model_dir and find_model_dir(settings.worker.model_dir or None) is None:
+            print("==> no trained model yet: training the quick recipe first (progress below; "
+                  "`finpulse train --recipe full` on a GPU trains the real one)", flush=True)
+            if group.run("train", "train", "--recipe", "quick") != 0:
+                print("quick training failed: the demo continues with the keyword baseline scorer", flush=True)
+
+    port = args.port or settings.kafka.embedded_port
+    try:
+        broker = EmbeddedBroker(port, log_file=DEMO_DIR / "broker.log").start()
+    except Exception:
+        port = free_port()
+        print(f"port {args.port or settings.kafka.embedded_port} is busy: using {port} for the broker", flush=True)
+        broker = EmbeddedBroker(port, log_file=DEMO_DIR / "broker.log").start()
+    stop = {"now": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        kafka = settings.kafka
+        kafka.bootstrap_servers = broker.bootstrap_servers
+        names = TopicNames(kafka.topic_prefix)
+        ensure_topics(kafka, names.all(), names.compacted())
+        config = DEMO_DIR / "finpulse.toml"
+        _demo_config(config, broker.bootstrap_servers, args.receiver_port, kafka.topic_prefix)
+        env["FINPULSE_CONFIG"] = str(config)
+
+        group.start("receiver", "receiver", "--port", str(args.receiver_port), "--store", str(DEMO_DIR / "received.jsonl"))
+        group.start("worker", "worker")
+        history_start = utcnow() - timedelta(minutes=30)
+        history_count = int(30 * 60 * 4)
+        group.start("history", "simulate", "--start", format_time(history_start), "--rate", "4",
+                    "--count", str(history_count), "--max-speed", "--no-shock", "--seed", "11")
+        group.start("simulator", "simulate", "--rate", str(args.rate), "--shock-at", "150", "--shock-duration", "180")
+        if not args.no_dashboard:
+            group.start("dashboard", "dashboard", "--port", str(args.dashboard_port))
+
+        print(f"""
+FinPulse demo is running (all data is SIMULATED):
+  broker     tansu on {broker.bootstrap_servers} (in memory)
+  dashboard  {'http://127.0.0.1:%d' % args.dashboard_port if not args.no_dashboard else '(disabled)'}
+  receiver   http://127.0.0.1:{args.receiver_port}/webhook  (signed alerts land in {DEMO_DIR / 'received.jsonl'})
+  shock      a negative shock on 'Energy | Oil' starts ~150 s into the live stream and lasts 180 s
+  logs       {DEMO_DIR}/*.log
+Ctrl-C stops everything.
+""", flush=True)
+        last_status = 0.0
+        while not stop["now"]:
+            dead = [(n, rc) for n, rc in group.dead() if n != "history"]
+            if dead:
+                print(f"process {dead[0][0]} exited with code {dead[0][1]}: see {DEMO_DIR / dead[0][0]}.log; stopping the demo", flush=True)
+                return 1
+            if time.monotonic() - last_status > 10:
+                last_status = time.monotonic()
+                try:
+                    c = _count_records(broker.bootstrap_servers, [names.news, names.comments, names.scored, names.deadletter, names.alerts])
+                    print(f"[{time.strftime('%H:%M:%S')}] in {c[names.news] + c[names.comments]:>7}  scored {c[names.scored]:>7}  "
+                          f"dead-letter {c[names.deadletter]:>4}  alerts {c[names.alerts]:>3}", flush=True)
+                except Exception as exc:  # the status line is best effort; the processes are what matter
+                    print(f"status unavailable: {exc}", flush=True)
+            time.sleep(0.5)
+        return 0
+    finally:
+        print("stopping the demo…", flush=True)
+        group.stop_all()
+        broker.stop()
+        print("stopped every process the demo started.", flush=True)
