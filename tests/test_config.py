@@ -1,0 +1,49 @@
+"""Settings merge in one order (defaults < file < environment < flags) and fail loudly on mistakes."""
+import pytest
+
+from stream.config import ConfigError, KafkaSettings, load_settings
+
+
+def test_precedence_file_then_env_then_flags(tmp_path):
+    cfg = tmp_path / "f.toml"
+    cfg.write_text('[kafka]\nbootstrap_servers = "file:1"\npartitions = 8\n[worker]\nmax_batch = 64\n')
+    settings = load_settings(cfg, environ={"FINPULSE_KAFKA__BOOTSTRAP_SERVERS": "env:2"})
+    assert settings.kafka.bootstrap_servers == "env:2"
+    assert settings.kafka.partitions == 8
+    assert settings.worker.max_batch == 64
+    assert settings.worker.max_wait_s == 0.5  # default survives
+    flagged = settings.with_overrides({"kafka": {"bootstrap_servers": "flag:3", "partitions": None}})
+    assert flagged.kafka.bootstrap_servers == "flag:3"
+    assert flagged.kafka.partitions == 8  # a flag left unset does not override
+
+
+def test_environment_strings_are_coerced_to_field_types():
+    settings = load_settings(None, environ={"FINPULSE_WORKER__MAX_WAIT_S": "0.25", "FINPULSE_KAFKA__PARTITIONS": "2"})
+    assert settings.worker.max_wait_s == 0.25 and settings.kafka.partitions == 2
+
+
+def test_bad_values_and_unknown_keys_name_the_setting(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[kafka\] partitions"):
+        load_settings(None, environ={"FINPULSE_KAFKA__PARTITIONS": "many"}).kafka
+    with pytest.raises(ConfigError, match="unknown setting.*bootstrap"):
+        load_settings(None, environ={"FINPULSE_KAFKA__BOOTSTRAP": "x"}).kafka
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml", environ={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[kafka\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad, environ={})
+
+
+def test_secrets_are_redacted_but_env_var_names_are_not():
+    settings = load_settings(None, environ={"FINPULSE_ALERTS__SECRET": "s3cr3t", "FINPULSE_ALERTS__SECRET_ENV": "MY_VAR"})
+    shown = settings.redacted()["alerts"]
+    assert shown["secret"] == "***" and shown["secret_env"] == "MY_VAR"
+
+
+def test_fingerprint_changes_with_settings():
+    a = load_settings(None, environ={"FINPULSE_DETECT__THRESHOLD": "3"})
+    b = load_settings(None, environ={"FINPULSE_DETECT__THRESHOLD": "4"})
+    assert a.fingerprint("detect") != b.fingerprint("detect")
+    assert a.fingerprint("detect") == load_settings(None, environ={"FINPULSE_DETECT__THRESHOLD": "3"}).fingerprint("detect")
+    assert KafkaSettings().partitions == 4
