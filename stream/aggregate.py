@@ -1,0 +1,421 @@
+"""Rolling per-topic and per-ticker windows over scored records, in event time, published to ``finpulse.trends``.
+
+Two layers:
+
+* ``WindowAggregator`` is pure Python (no Kafka, no Faust): feed it scored records and it returns the windows
+  that closed (``TrendRecord(final=True)``) and the open windows that changed. The worker's agents and the replay
+  run exactly this code. Replay usage::
+
+      topics = WindowAggregator(settings.section("aggregate", AggregateSettings), "topic", run_id="r1")
+      for batch in batches_of_scored_records:          # any iterable of ScoredRecord, in arrival order
+          closed = topics.feed(batch).final             # TrendRecord(final=True), oldest window first
+      closed += topics.flush()                          # end of input: close what is still open
+
+  (``"ticker"`` keys a record by each of its tickers.) The live agents instead keep one ``KeyWindows`` per key in a
+  Faust table and call ``apply(key, state, events)`` once per key per batch.
+
+* ``install(app, settings, names)`` registers two Faust agents: ``scored`` (keyed by topic label) feeds the topic
+  table and ``scored-by-ticker`` (keyed by ticker) the ticker table. Each agent takes micro-batches, groups them by
+  message key and writes each key's table value once per batch. The tables use the message key as table key with
+  ``use_partitioner=True``, so a key's changelog partition is its source partition (co-partitioned) and changelog
+  recovery after a restart restores the windows.
+
+Windows are hopping and epoch-aligned: ``SIZE/STEP`` (defaults 1m/1m, 5m/1m, 1h/5m). Each key has a watermark,
+the largest event time it has seen; a window closes when the watermark passes its end plus the allowed lateness,
+so a late message inside the lateness still counts, and one later than that is dropped (counted as ``late``).
+
+Exactly-once table effects under at-least-once delivery: each key's state stores the highest applied offset per
+source partition, and the ids of messages applied in the last ``dedupe_horizon_s`` of event time. After a crash
+Faust re-delivers from the last committed offset; events at or below the stored offset are skipped (the table
+changelog is flushed before offsets commit, so the stored offsets never run ahead of the stored windows). The id set
+also skips the duplicates an upstream re-scoring produces at new offsets. The one documented gap: a duplicate whose
+event time is older than the horizon (relative to the key's watermark) counts again in the windows still open for
+it, i.e. only in windows longer than the horizon. Final trends re-emitted after a crash are identical (downstream
+deduplicates by ``TrendRecord.window_id``).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from .config import ConfigError
+from .records import MessageRef, ScoredRecord, TrendRecord, epoch_ms, excerpt, format_time, utcnow
+
+log = logging.getLogger(__name__)
+
+KEY_TYPES = ("topic", "ticker")
+REF_EXCERPT_CHARS = 200
+_DURATION = re.compile(r"^\s*(\d+)\s*([smh]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration_s(text: str | int) -> int:
+    """``90``, ``"90s"``, ``"5m"``, ``"1h"`` -> seconds."""
+    if isinstance(text, int):
+        return text
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 60, 60s, 5m or 1h")
+    return int(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    size_s: int
+    step_s: int
+
+    def starts_ms(self, t_ms: int) -> Iterator[int]:
+        """Starts of the windows [start, start+size) that contain ``t_ms``, newest first."""
+        step, size = self.step_s * 1000, self.size_s * 1000
+        start = t_ms - t_ms % step
+        while start > t_ms - size:
+            yield start
+            start -= step
+
+
+@dataclass
+class AggregateSettings:
+    """``[aggregate]``: windows as ``"SIZE/STEP"`` (seconds, or with s/m/h), lateness, what each window keeps."""
+    windows: list[str] = field(default_factory=lambda: ["1m/1m", "5m/1m", "1h/5m"])
+    allowed_lateness_s: int = 30
+    # How many of the most negative messages each window keeps (they end up in alerts).
+    top_negative: int = 5
+    # Open windows are republished (final=false) at most this often per key, so the dashboard is live.
+    partial_interval_s: float = 5.0
+    # Message ids are remembered this long (event time) to skip re-scored duplicates; see the module docstring.
+    dedupe_horizon_s: int = 600
+
+    def __post_init__(self) -> None:
+        self.specs()
+        if self.allowed_lateness_s < 0 or self.top_negative < 0 or self.dedupe_horizon_s < 0:
+            raise ConfigError("[aggregate] allowed_lateness_s, top_negative and dedupe_horizon_s must be >= 0")
+        if self.partial_interval_s <= 0:
+            raise ConfigError("[aggregate] partial_interval_s must be > 0")
+
+    def specs(self) -> tuple[WindowSpec, ...]:
+        specs = []
+        for text in self.windows:
+            size, _, step = str(text).partition("/")
+            try:
+                spec = WindowSpec(parse_duration_s(size), parse_duration_s(step or size))
+            except ValueError as exc:
+                raise ConfigError(f"[aggregate] windows: {exc} (write SIZE/STEP, e.g. 5m/1m)") from None
+            if spec.size_s <= 0 or spec.step_s <= 0 or spec.size_s % spec.step_s:
+                raise ConfigError(f"[aggregate] windows: {text!r} needs a positive size that is a multiple of the step")
+            specs.append(spec)
+        if not specs or len(set(s.size_s for s in specs)) != len(specs):
+            raise ConfigError("[aggregate] windows: give at least one window, each size once")
+        return tuple(specs)
+
+
+@dataclass(frozen=True)
+class SourcedRecord:
+    """A scored record and where it was read from. ``offset=-1`` (a file, a test): only the id dedupe applies."""
+    record: ScoredRecord
+    partition: int = -1
+    offset: int = -1
+
+
+@dataclass
+class Applied:
+    """What one ``apply``/``feed`` call did."""
+    final: list[TrendRecord] = field(default_factory=list)
+    touched: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # key -> open window ids changed
+    applied: int = 0
+    duplicates: int = 0
+    late: int = 0        # too late for every window it belonged to
+
+    def merge(self, other: "Applied") -> None:
+        self.final.extend(other.final)
+        for key, windows in other.touched.items():
+            self.touched[key] |= windows
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.late += other.late
+
+
+def _new_window() -> dict[str, Any]:
+    return {"count": 0, "score_sum": 0.0, "bearish": 0, "bullish": 0, "news": 0, "comments": 0,
+            "model_version": "", "negative": []}
+
+
+class KeyWindows:
+    """One key's open windows, watermark and dedupe memory. ``to_dict`` is the JSON-able table value."""
+
+    __slots__ = ("watermark_ms", "offsets", "recent_ids", "windows", "next_close_ms")
+
+    def __init__(self, watermark_ms: int | None = None, offsets: dict[str, int] | None = None,
+                 recent_ids: dict[str, int] | None = None, windows: dict[str, dict] | None = None):
+        self.watermark_ms = watermark_ms
+        self.offsets = offsets or {}
+        self.recent_ids = recent_ids or {}          # message id -> event time (ms)
+        self.windows = windows or {}                # "size_s:start_ms" -> counters (see _new_window)
+        # Not stored: the earliest end of an open window, so most events skip the scan for windows to close.
+        self.next_close_ms: int | None = min((_window_order(w)[0] for w in self.windows), default=None)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "KeyWindows":
+        if not data:
+            return cls()
+        # Copies, so that mutating this state never changes a value the table still holds.
+        return cls(data.get("watermark_ms"), dict(data.get("offsets", {})), dict(data.get("recent_ids", {})),
+                   {k: {**w, "negative": list(w["negative"])} for k, w in data.get("windows", {}).items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"watermark_ms": self.watermark_ms, "offsets": dict(self.offsets), "recent_ids": dict(self.recent_ids),
+                "windows": {k: {**w, "negative": list(w["negative"])} for k, w in self.windows.items()}}
+
+    def claim(self, event: SourcedRecord, t_ms: int, horizon_ms: int) -> bool:
+        """Record ``event`` (event time ``t_ms``) as applied; False when it was applied before: an offset already
+        applied, or a message id seen within ``horizon_ms`` of the watermark. (Ids are compared with the horizon
+        here rather than relying on when they are pruned, so the outcome does not depend on batch boundaries.)"""
+        if event.offset >= 0:
+            partition = str(event.partition)
+            if event.offset <= self.offsets.get(partition, -1):
+                return False
+            self.offsets[partition] = event.offset
+        seen_at = self.recent_ids.get(event.record.id)
+        self.recent_ids[event.record.id] = t_ms
+        return seen_at is None or self.watermark_ms is None or seen_at < self.watermark_ms - horizon_ms
+
+    def forget_ids_before(self, t_ms: int) -> None:
+        self.recent_ids = {i: t for i, t in self.recent_ids.items() if t >= t_ms}
+
+
+def window_key(size_s: int, start_ms: int) -> str:
+    return f"{size_s}:{start_ms}"
+
+
+def keys_of(record: ScoredRecord, key_type: str) -> tuple[str, ...]:
+    """The keys a record is aggregated under: its topic label, or each of its tickers."""
+    if key_type == "topic":
+        return (record.topic,) if record.topic else ()
+    return record.tickers
+
+
+class WindowAggregator:
+    """Event-time hopping windows for every key of one key type ("topic" or "ticker"). Pure and deterministic:
+    the same sequence of events per key gives the same final windows, however it is cut into batches."""
+
+    def __init__(self, settings: AggregateSettings, key_type: str, run_id: str = "",
+                 clock: Callable[[], datetime] = utcnow):
+        if key_type not in KEY_TYPES:
+            raise ValueError(f"key_type must be one of {KEY_TYPES}, not {key_type!r}")
+        self.settings = settings
+        self.specs = settings.specs()
+        self.key_type = key_type
+        self.run_id = run_id
+        self.clock = clock
+        self.lateness_ms = settings.allowed_lateness_s * 1000
+        self.states: dict[str, KeyWindows] = {}     # used by feed()/flush(); the agents keep theirs in a table
+
+    # ------------------------------------------------------------ replay interface
+
+    def feed(self, records: Iterable[ScoredRecord | SourcedRecord]) -> Applied:
+        """Apply records (in arrival order) to the aggregator's own per-key states."""
+        by_key: dict[str, list[SourcedRecord]] = defaultdict(list)
+        for item in records:
+            event = item if isinstance(item, SourcedRecord) else SourcedRecord(item)
+            for key in keys_of(event.record, self.key_type):
+                by_key[key].append(event)
+        result = Applied()
+        for key, events in by_key.items():
+            result.merge(self.apply(key, self.states.setdefault(key, KeyWindows()), events))
+        return result
+
+    def flush(self) -> list[TrendRecord]:
+        """Close every open window now (the end of a finite input), oldest first."""
+        closed = []
+        for key, state in self.states.items():
+            closed.extend(self._close(key, state, until_ms=None))
+        return closed
+
+    # ------------------------------------------------------------ per-key core (the agents call this)
+
+    def apply(self, key: str, state: KeyWindows, events: Sequence[SourcedRecord]) -> Applied:
+        """Apply one key's events, in order, to ``state`` (mutated). Returns the windows that closed and the open
+        windows that changed."""
+        result = Applied()
+        touched = result.touched[key]
+        horizon_ms = self.settings.dedupe_horizon_s * 1000
+        for event in events:
+            record = event.record
+            t_ms = epoch_ms(record.event_time)
+            if not state.claim(event, t_ms, horizon_ms):
+                result.duplicates += 1
+                continue
+            if state.watermark_ms is None or t_ms > state.watermark_ms:
+                state.watermark_ms = t_ms
+                if state.next_close_ms is not None and state.next_close_ms + self.lateness_ms <= t_ms:
+                    result.final.extend(self._close(key, state, until_ms=t_ms))
+            counted = False
+            for spec in self.specs:
+                for start in spec.starts_ms(t_ms):
+                    if start + spec.size_s * 1000 + self.lateness_ms <= state.watermark_ms:
+                        break  # this window (and every older one) has closed
+                    wid = window_key(spec.size_s, start)
+                    window = state.windows.get(wid)
+                    if window is None:
+                        window = state.windows[wid] = _new_window()
+                        end_ms = start + spec.size_s * 1000
+                        if state.next_close_ms is None or end_ms < state.next_close_ms:
+                            state.next_close_ms = end_ms
+                    self._add(window, record)
+                    touched.add(wid)
+                    counted = True
+            result.applied += counted
+            result.late += not counted
+        if state.watermark_ms is not None:
+            state.forget_ids_before(state.watermark_ms - horizon_ms)
+        touched.intersection_update(state.windows)
+        if not touched:
+            del result.touched[key]
+        return result
+
+    def open_trends(self, key: str, state: KeyWindows, window_ids: Iterable[str] | None = None) -> list[TrendRecord]:
+        """Partial (final=False) trends of ``key``'s open windows (those named, or all)."""
+        ids = state.windows.keys() if window_ids is None else [w for w in window_ids if w in state.windows]
+        return [self._trend(key, wid, state.windows[wid], final=False) for wid in sorted(ids, key=_window_order)]
+
+    def _close(self, key: str, state: KeyWindows, until_ms: int | None) -> list[TrendRecord]:
+        closing, open_ends = [], []
+        for wid in state.windows:
+            end_ms = _window_order(wid)[0]
+            if until_ms is None or end_ms + self.lateness_ms <= until_ms:
+                closing.append(wid)
+            else:
+                open_ends.append(end_ms)
+        state.next_close_ms = min(open_ends, default=None)
+        closing.sort(key=_window_order)
+        return [self._trend(key, wid, state.windows.pop(wid), final=True) for wid in closing]
+
+    def _add(self, window: dict[str, Any], record: ScoredRecord) -> None:
+        window["count"] += 1
+        window["score_sum"] += record.sentiment_score
+        window["bearish"] += record.sentiment == "bearish"
+        window["bullish"] += record.sentiment == "bullish"
+        if record.kind == "news":
+            window["news"] += 1
+        else:
+            window["comments"] += 1
+        window["model_version"] = record.model_version
+        limit = self.settings.top_negative
+        negative = window["negative"]
+        if record.sentiment_score >= 0 or limit == 0:
+            return
+        rank = (record.sentiment_score, record.id)
+        if len(negative) >= limit and rank >= (negative[-1]["sentiment_score"], negative[-1]["id"]):
+            return
+        if any(ref["id"] == record.id for ref in negative):
+            return
+        ref = MessageRef(id=record.id, text=excerpt(record.text, REF_EXCERPT_CHARS),
+                         sentiment_score=record.sentiment_score, kind=record.kind, url=record.url,
+                         event_time=format_time(record.event_time)).to_dict()
+        negative.append(ref)
+        negative.sort(key=lambda r: (r["sentiment_score"], r["id"]))
+        del negative[limit:]
+
+    def _trend(self, key: str, wid: str, window: dict[str, Any], final: bool) -> TrendRecord:
+        size_s, start_ms = (int(part) for part in wid.split(":"))
+        count = window["count"]
+        start = datetime.fromtimestamp(start_ms / 1000, tz=timezone.utc)
+        end = datetime.fromtimestamp((start_ms + size_s * 1000) / 1000, tz=timezone.utc)
+        return TrendRecord(
+            key_type=self.key_type, key=key, window_s=size_s, window_start=start, window_end=end, count=count,
+            mean_score=round(window["score_sum"] / count, 6), bearish_share=round(window["bearish"] / count, 6),
+            bullish_share=round(window["bullish"] / count, 6), news_count=window["news"],
+            comment_count=window["comments"], final=final, model_version=window["model_version"],
+            emitted_at=self.clock(), most_negative=tuple(window["negative"]), run_id=self.run_id)
+
+
+def _window_order(wid: str) -> tuple[int, int, int]:
+    """Sort key of a window id: by end time, then size."""
+    size_s, start_ms = (int(part) for part in wid.split(":"))
+    return (start_ms + size_s * 1000, size_s, start_ms)
+
+
+def trend_key(trend: TrendRecord) -> bytes:
+    """Kafka key of a trend: one key per (key type, key), so a key's windows stay in order on one partition and
+    the detector's table co-partitions with them. Downstream deduplicates by ``trend.window_id``."""
+    return f"{trend.key_type}:{trend.key}".encode("utf-8")
+
+
+# ---------------------------------------------------------------- Faust wiring
+
+def install(app, settings, names) -> None:
+    """Register the topic and ticker aggregation agents (and their tables) on the worker's Faust app."""
+    config = settings.section("aggregate", AggregateSettings)
+    worker = settings.worker
+    trends = app.topic(names.trends, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    for key_type, source in (("topic", names.scored), ("ticker", names.scored_by_ticker)):
+        _install_key_type(app, settings, config, key_type, source, trends, worker.max_batch, worker.max_wait_s)
+
+
+def _install_key_type(app, settings, config: AggregateSettings, key_type: str, source_name: str, trends,
+                      max_batch: int, max_wait_s: float) -> None:
+    aggregator = WindowAggregator(config, key_type)
+    table = app.Table(f"aggregate-{key_type}", default=None, key_type=bytes, partitions=settings.kafka.partitions,
+                      use_partitioner=True, help=f"open windows per {key_type}")
+    source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    pending_partials: dict[bytes, set[str]] = defaultdict(set)
+
+    async def publish(records: Iterable[TrendRecord]) -> None:
+        for trend in records:
+            await trends.send(key=trend_key(trend), value=trend.to_json())
+
+    @app.agent(source, name=f"aggregate-{key_type}")
+    async def aggregate(stream):
+        async for events in stream.take_events(max_batch, within=max_wait_s):
+            by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
+            for event in events:
+                sourced = _parse_event(event, key_type)
+                if sourced is not None:
+                    by_key[sourced[0]].append(sourced[1])
+            for key_bytes, sourced_events in by_key.items():
+                key = key_bytes.decode("utf-8")
+                state = KeyWindows.from_dict(table.get(key_bytes))
+                result = aggregator.apply(key, state, sourced_events)
+                table[key_bytes] = state.to_dict()     # once per key per batch
+                await publish(result.final)
+                if result.touched:
+                    pending_partials[key_bytes] |= result.touched[key]
+                if result.late:
+                    log.info("%s %s: %d message(s) arrived after their windows closed", key_type, key, result.late)
+
+    @app.timer(config.partial_interval_s, name=f"aggregate-{key_type}-partials")
+    async def publish_partials():
+        keys = list(pending_partials)
+        for key_bytes in keys:
+            window_ids = pending_partials.pop(key_bytes)
+            value = table.get(key_bytes)
+            if value:
+                await publish(aggregator.open_trends(key_bytes.decode("utf-8"), KeyWindows.from_dict(value), window_ids))
+
+
+def _parse_event(event, key_type: str) -> tuple[bytes, SourcedRecord] | None:
+    """(message key, record) of one consumed event; a malformed record is logged and skipped (its offset still
+    counts as consumed: it can never become valid)."""
+    message = event.message
+    try:
+        record = ScoredRecord.from_json(event.value)
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("skipping malformed scored record at %s[%d]@%d: %s", message.topic, message.partition,
+                    message.offset, exc)
+        return None
+    key = event.key
+    if not key:
+        derived = keys_of(record, key_type)
+        if len(derived) != 1:
+            log.warning("skipping unkeyed %s record %s at %s[%d]@%d", key_type, record.id, message.topic,
+                        message.partition, message.offset)
+            return None
+        key = derived[0].encode("utf-8")
+    return key, SourcedRecord(record, message.partition, message.offset)
+
+
+__all__ = ["AggregateSettings", "Applied", "KeyWindows", "SourcedRecord", "WindowAggregator", "WindowSpec",
+           "install", "keys_of", "parse_duration_s", "trend_key"]
