@@ -1,0 +1,88 @@
+"""Altair charts for the views, built from the frames ``shaping`` returns (already in the analyst's time zone).
+
+Readable in light and dark themes: axis, label and title colours are left to Streamlit's theme; data colours are
+mid-tone schemes that keep their contrast on both backgrounds (red-blue diverging for sentiment, with red as
+negative; fixed severity colours for alert markers). Text drawn on cells picks black or white from the cell value.
+"""
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+SEVERITY_COLORS = alt.Scale(domain=["critical", "warning", "info", "resolved"],
+                            range=["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c"])
+KIND_COLORS = alt.Scale(domain=["news", "comments"], range=["#4c78a8", "#f58518"])
+_TIME_AXIS = alt.Axis(format="%H:%M", labelOverlap=True, title=None)
+
+
+def sentiment_heatmap(cells: pd.DataFrame, order: list[str]) -> alt.Chart:
+    """Mean sentiment per key (rows, most unusual first) and time bucket (columns)."""
+    return alt.Chart(cells).mark_rect().encode(
+        x=alt.X("time:T", axis=_TIME_AXIS),
+        y=alt.Y("key:N", sort=order, title=None),
+        color=alt.Color("mean_score:Q", title="mean sentiment",
+                        scale=alt.Scale(scheme="redblue", domain=[-1, 1], domainMid=0)),
+        tooltip=[alt.Tooltip("key:N"), alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"),
+                 alt.Tooltip("mean_score:Q", format="+.2f", title="mean sentiment"),
+                 alt.Tooltip("bearish_share:Q", format=".0%", title="bearish share"),
+                 alt.Tooltip("count:Q", title="messages")],
+    ).properties(height=max(120, 22 * len(order)))
+
+
+def volume_bars(volume: pd.DataFrame) -> alt.Chart:
+    return alt.Chart(volume).mark_bar().encode(
+        x=alt.X("time:T", axis=_TIME_AXIS),
+        y=alt.Y("messages:Q", title="messages", stack="zero"),
+        color=alt.Color("kind:N", scale=KIND_COLORS, legend=alt.Legend(orient="top", title=None)),
+        tooltip=[alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"), "kind:N", "messages:Q"],
+    ).properties(height=160)
+
+
+def signal_with_band(series: pd.DataFrame, metric: str, title: str, markers: pd.DataFrame, fmt: str) -> alt.LayerChart:
+    """One signal of one key over time, its baseline (dashed) and ±2σ band, and alert markers as rules."""
+    base = alt.Chart(series).encode(x=alt.X("window_start:T", axis=_TIME_AXIS))
+    band = base.mark_area(opacity=0.18, color="#888888").encode(
+        y=alt.Y(f"{metric}_low:Q", title=title), y2=f"{metric}_high:Q")
+    baseline = base.mark_line(strokeDash=[4, 3], color="#888888").encode(y=f"{metric}_baseline:Q")
+    line = base.mark_line(point=True, color="#4c78a8").encode(
+        y=f"{metric}:Q",
+        tooltip=[alt.Tooltip("window_start:T", format="%Y-%m-%d %H:%M", title="window"),
+                 alt.Tooltip(f"{metric}:Q", format=fmt, title=title),
+                 alt.Tooltip(f"{metric}_baseline:Q", format=fmt, title="baseline"),
+                 alt.Tooltip("count:Q", title="messages")])
+    layers = [band, baseline, line]
+    if not markers.empty:
+        marks = markers.assign(colour=markers["severity"].where(markers["status"] == "firing", "resolved"))
+        layers.append(alt.Chart(marks).mark_rule(strokeWidth=2).encode(
+            x="time:T", color=alt.Color("colour:N", scale=SEVERITY_COLORS, title="alert"),
+            tooltip=[alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"), "status:N", "severity:N", "summary:N"]))
+    return alt.layer(*layers).properties(height=220)
+
+
+def kind_split_bar(split: pd.DataFrame) -> alt.Chart:
+    return alt.Chart(split).mark_bar().encode(
+        x=alt.X("messages:Q", stack="normalize", title="share of messages", axis=alt.Axis(format="%")),
+        color=alt.Color("kind:N", scale=KIND_COLORS, legend=alt.Legend(orient="top", title=None)),
+        tooltip=["kind:N", "messages:Q", alt.Tooltip("share:Q", format=".0%")],
+    ).properties(height=60)
+
+
+def throughput_line(frame: pd.DataFrame) -> alt.Chart:
+    return alt.Chart(frame).mark_line(color="#4c78a8").encode(
+        x=alt.X("time:T", axis=_TIME_AXIS), y=alt.Y("messages_per_min:Q", title="messages / min"),
+        tooltip=[alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"), alt.Tooltip("messages_per_min:Q", format=".0f")],
+    ).properties(height=180)
+
+
+def confusion_heatmap(matrix: pd.DataFrame) -> alt.LayerChart:
+    """Rows: the true label; columns: the predicted one; colour: share of the true label's examples."""
+    labels = list(dict.fromkeys(matrix["actual"]))
+    base = alt.Chart(matrix).encode(
+        x=alt.X("predicted:N", sort=labels, title="predicted"), y=alt.Y("actual:N", sort=labels, title="actual"))
+    cells = base.mark_rect().encode(
+        color=alt.Color("share:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), title="share of row"),
+        tooltip=["actual:N", "predicted:N", "count:Q", alt.Tooltip("share:Q", format=".1%")])
+    text = base.mark_text(fontSize=10).encode(
+        text=alt.Text("count:Q", format=".0f"),
+        color=alt.condition(alt.datum.share > 0.5, alt.value("white"), alt.value("black")))
+    return alt.layer(cells, text).properties(height=max(160, 26 * len(labels)))

@@ -1,0 +1,222 @@
+"""The dashboard's one background Kafka consumer: a daemon thread that follows FinPulse's output topics into a
+``LiveStore`` and keeps a ``FeedStatus`` the views show (connection state, consumer lag, throughput).
+
+It reads without a consumer group (every dashboard replica sees every partition and commits nothing), starting
+``retention_hours`` back (by record timestamp) on the time-ordered topics and from the beginning of the compacted
+deliveries topic. Scored messages start no further back than the store's row cap needs. When Kafka is unreachable
+or a topic is missing, the thread says so in ``FeedStatus.message`` and retries with backoff, resuming from the
+offsets it had reached; it never raises into the page.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from stream.config import KafkaSettings
+from stream.topics import TopicNames
+
+from .settings import DashboardSettings
+from .store import LiveStore
+
+log = logging.getLogger(__name__)
+
+# How often partitions, consumer lag and the dead-letter count are re-read (seconds).
+_METADATA_EVERY_S = 5.0
+_MAX_BACKOFF_S = 5.0
+
+
+@dataclass(frozen=True)
+class FeedStatus:
+    """What the page says about the feed. ``state``: connecting | waiting | live | unreachable | stopped."""
+    state: str = "connecting"
+    message: str = "connecting to Kafka…"
+    bootstrap_servers: str = ""
+    records_read: dict[str, int] = field(default_factory=dict)
+    read_rate_per_s: float = 0.0
+    # Records on each topic this dashboard has not read yet (fetch high watermark minus position).
+    dashboard_lag: dict[str, int] = field(default_factory=dict)
+    # Input records the worker's consumer group has not committed yet, per input topic (None: unknown).
+    worker_lag: dict[str, int] | None = None
+    deadletter_count: int | None = None
+    updated_at: float = 0.0
+
+    @property
+    def reachable(self) -> bool:
+        return self.state in ("waiting", "live")
+
+
+class LiveFeed:
+    """Start once per process (``start()``); read ``store.snapshot()`` and ``status`` from any session."""
+
+    def __init__(self, kafka: KafkaSettings, cfg: DashboardSettings, worker_group: str):
+        self.kafka = kafka
+        self.cfg = cfg
+        self.worker_group = worker_group
+        self.names = TopicNames(kafka.topic_prefix)
+        self.kinds = {self.names.trends: "trends", self.names.alerts: "alerts", self.names.scored: "scored",
+                      self.names.deliveries: "deliveries"}
+        self.store = LiveStore(cfg)
+        self.status = FeedStatus(bootstrap_servers=kafka.bootstrap_servers)
+        self._positions: dict[TopicPartition, int] = {}
+        self._admin: KafkaAdminClient | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="finpulse-dashboard-feed", daemon=True)
+
+    def start(self) -> "LiveFeed":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _set(self, **changes) -> None:
+        self.status = replace(self.status, updated_at=time.time(), **changes)
+
+    # -------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            consumer = None
+            try:
+                consumer = KafkaConsumer(
+                    bootstrap_servers=self.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                    client_id="finpulse-dashboard", request_timeout_ms=10_000, max_poll_records=5_000,
+                    reconnect_backoff_max_ms=2_000)
+                self._follow(consumer)
+                backoff = 0.5
+            except (KafkaError, OSError, ValueError) as exc:
+                # kafka-python reports an unreachable broker as several different errors; all mean "retry".
+                self._set(state="unreachable", message=f"Kafka at {self.kafka.bootstrap_servers} is unreachable "
+                          f"({type(exc).__name__}: {str(exc)[:160]}); retrying every few seconds…")
+                log.warning("dashboard feed: %s", self.status.message)
+                self._stop.wait(backoff)
+                backoff = min(_MAX_BACKOFF_S, backoff * 2)
+            except Exception:  # the feed must outlive any surprise; the page shows a plain message
+                log.exception("dashboard feed failed; restarting it")
+                self._set(state="unreachable", message="the data feed hit an unexpected error; restarting it…")
+                self._stop.wait(_MAX_BACKOFF_S)
+            finally:
+                for client in (consumer, self._admin):
+                    if client is not None:
+                        try:
+                            client.close()
+                        except Exception:  # closing a broken client must not mask why it broke
+                            pass
+                self._admin = None
+        self._set(state="stopped", message="the data feed is stopped")
+
+    def _follow(self, consumer: KafkaConsumer) -> None:
+        assigned: set[TopicPartition] = set()
+        last_meta = 0.0
+        read_since, read_count = time.monotonic(), 0
+        records_read = dict(self.status.records_read)
+        while not self._stop.is_set():
+            if time.monotonic() - last_meta > _METADATA_EVERY_S:
+                last_meta = time.monotonic()
+                assigned = self._assign(consumer, assigned)
+                self._measure_lag(consumer, assigned)
+            if not assigned:
+                self._stop.wait(1.0)
+                continue
+            batches = consumer.poll(timeout_ms=500, max_records=5_000)
+            for tp, records in batches.items():
+                kind = self.kinds[tp.topic]
+                for record in records:
+                    self.store.add(kind, record.value, record.key)
+                self._positions[tp] = records[-1].offset + 1
+                records_read[kind] = records_read.get(kind, 0) + len(records)
+                read_count += len(records)
+            elapsed = time.monotonic() - read_since
+            if elapsed >= 2.0:
+                self._set(records_read=dict(records_read), read_rate_per_s=read_count / elapsed)
+                read_since, read_count = time.monotonic(), 0
+
+    def _assign(self, consumer: KafkaConsumer, assigned: set[TopicPartition]) -> set[TopicPartition]:
+        """(Re)read topic metadata; assign new partitions and seek them to where reading should start."""
+        wanted: set[TopicPartition] = set()
+        missing = []
+        for topic in self.kinds:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                missing.append(topic)
+                continue
+            wanted.update(TopicPartition(topic, p) for p in parts)
+        if wanted != assigned:
+            consumer.assign(sorted(wanted))
+            for tp in wanted - assigned:
+                consumer.seek(tp, self._positions.get(tp) if tp in self._positions else self._start_offset(consumer, tp))
+        if missing:
+            self._set(state="waiting", message=f"waiting for topic(s) {', '.join(missing)} to exist on "
+                      f"{self.kafka.bootstrap_servers} (is the worker running?)")
+        elif self.status.state != "live":
+            self._set(state="live", message=f"following {self.kafka.bootstrap_servers}")
+        return wanted
+
+    def _start_offset(self, consumer: KafkaConsumer, tp: TopicPartition) -> int:
+        begin = consumer.beginning_offsets([tp])[tp]
+        if tp.topic == self.names.deliveries:
+            return begin  # compacted state: read it all
+        end = consumer.end_offsets([tp])[tp]
+        start = begin
+        since_ms = int((time.time() - self.cfg.retention_hours * 3600) * 1000)
+        try:
+            found = consumer.offsets_for_times({tp: since_ms}).get(tp)
+            # None: nothing written since then. An end offset reported too low only means a few extra records.
+            start = max(begin, found.offset if found is not None else end)
+        except (KafkaError, ValueError) as exc:
+            log.info("offsets_for_times unavailable on %s (%s): reading %s from the beginning", tp, exc, tp.topic)
+        if tp.topic == self.names.scored:
+            partitions = len(consumer.partitions_for_topic(tp.topic) or ()) or 1
+            start = max(start, end - self.cfg.max_scored_rows // partitions)
+        return start
+
+    def _measure_lag(self, consumer: KafkaConsumer, assigned: set[TopicPartition]) -> None:
+        lag: dict[str, int] = {}
+        for tp in assigned:
+            high = consumer.highwater(tp)
+            position = self._positions.get(tp)
+            if high is not None and position is not None:
+                lag[self.kinds[tp.topic]] = lag.get(self.kinds[tp.topic], 0) + max(0, high - position)
+        self._set(dashboard_lag=lag, worker_lag=self._worker_lag(consumer),
+                  deadletter_count=self._topic_size(consumer, self.names.deadletter))
+
+    def _worker_lag(self, consumer: KafkaConsumer) -> dict[str, int] | None:
+        """The worker group's committed offsets on the input topics against their end offsets."""
+        try:
+            if self._admin is None:
+                self._admin = KafkaAdminClient(bootstrap_servers=self.kafka.bootstrap_servers,
+                                               client_id="finpulse-dashboard-admin", request_timeout_ms=5_000)
+            committed = self._admin.list_group_offsets({self.worker_group: None}).get(self.worker_group, {})
+        except (KafkaError, OSError, ValueError) as exc:
+            log.debug("worker lag unavailable: %s", exc)
+            return None
+        lag: dict[str, int] = {}
+        for topic in self.names.inputs:
+            parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in parts]
+            if not tps:
+                continue
+            ends = consumer.end_offsets(tps)
+            total = 0
+            for tp in tps:
+                done = committed.get(tp)
+                done_offset = done.offset if done is not None and done.offset >= 0 else 0
+                total += max(0, ends[tp] - done_offset)
+            lag[topic] = total
+        return lag
+
+    @staticmethod
+    def _topic_size(consumer: KafkaConsumer, topic: str) -> int | None:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return None
+        tps = [TopicPartition(topic, p) for p in parts]
+        ends, begins = consumer.end_offsets(tps), consumer.beginning_offsets(tps)
+        return int(sum(max(0, ends[tp] - begins[tp]) for tp in tps))

@@ -1,0 +1,298 @@
+"""Drawing the four views with Streamlit: Overview, Topic / ticker drill-down, Alerts, Model.
+
+Each ``render_*`` takes the store snapshot, the feed status, the sidebar's ``Controls`` and the dashboard settings,
+asks ``shaping`` for every number and ``charts`` for every chart, and only lays them out. Elements the browser
+test looks for carry stable keys (``fp-unusual-<rank>``, ``fp-alert-<rank>``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlencode
+
+import pandas as pd
+import streamlit as st
+
+from . import charts
+from . import shaping as sh
+from .live import FeedStatus
+from .model_card import ModelCard, confusion_matrices, find_model, metric_table, read_model_card
+from .settings import DashboardSettings
+from .store import Snapshot
+
+SEVERITY_BADGE = {"critical": ":red-badge[critical]", "warning": ":orange-badge[warning]", "info": ":blue-badge[info]"}
+LINK = st.column_config.LinkColumn("link", display_text="open")
+SCORE = st.column_config.NumberColumn("score", format="%+.2f")
+
+
+@dataclass(frozen=True)
+class Controls:
+    filters: sh.ViewFilters
+    tz: str
+    range_label: str
+    model_dir: str = ""
+
+
+def md(text: str) -> str:
+    """Plain text made safe for st.markdown: '$AAPL' must not start LaTeX, '*' and '_' must not style."""
+    for char in "\\`*_[]<>$#|~":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def fmt_time(ts: pd.Timestamp | None, tz: str, with_date: bool = False) -> str:
+    if ts is None or pd.isna(ts):
+        return "—"
+    return ts.tz_convert(tz).strftime("%Y-%m-%d %H:%M:%S" if with_date else "%H:%M:%S")
+
+
+def window_label(seconds: int | None) -> str:
+    if not seconds:
+        return "—"
+    return f"{seconds // 3600} h" if seconds % 3600 == 0 else f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
+
+
+def drilldown_href(key_type: str, key: str) -> str:
+    return "drilldown?" + urlencode({"key_type": key_type, "key": key})
+
+
+def csv_download(frame: pd.DataFrame, tz: str, name: str, key: str) -> None:
+    """The displayed data, times in the chosen zone; the CSV is only built when the button is clicked."""
+    shown = sh.in_zone(frame.drop(columns=[c for c in ("messages",) if c in frame.columns]), tz)
+    st.download_button("Download CSV", data=lambda: shown.to_csv(index=False), file_name=f"finpulse-{name}.csv",
+                       mime="text/csv", key=key, on_click="ignore", icon=":material/download:")
+
+
+def feed_banner(status: FeedStatus, snap: Snapshot) -> bool:
+    """Say plainly what is wrong with the feed, if anything; True when there is data to draw."""
+    if status.state == "unreachable":
+        st.warning(status.message, icon=":material/cloud_off:")
+    elif status.state in ("waiting", "connecting") and snap.empty:
+        st.info(status.message, icon=":material/hourglass_empty:")
+    if snap.empty and status.state in ("live", "waiting"):
+        st.info(f"Connected to {status.bootstrap_servers}, but FinPulse's output topics are empty so far: "
+                "waiting for the worker to publish windows. This page refreshes by itself.",
+                icon=":material/hourglass_empty:")
+    return not snap.empty
+
+
+# ---------------------------------------------------------------- Overview
+
+def unusual_line(rank: int, row: pd.Series) -> str:
+    unusual = "not enough history" if pd.isna(row["unusual"]) else f"{row['unusual']:+.1f}σ"
+    usual = "" if pd.isna(row["baseline_bearish_share"]) else f" (usual {row['baseline_bearish_share']:.0%})"
+    alert = f" · {SEVERITY_BADGE.get(row['severity'], row['severity'])} alert firing" if row["firing"] else ""
+    return (f"**{rank}. {md(str(row['key']))}** — {unusual} · bearish {row['bearish_share']:.0%}{usual} · "
+            f"sentiment {row['mean_score']:+.2f} · {int(row['count'])} msgs{alert}")
+
+
+def alert_line(row: pd.Series, tz: str) -> str:
+    badge = SEVERITY_BADGE.get(row["severity"], md(str(row["severity"])))
+    state = (f"firing since {fmt_time(row['episode_start'], tz)}" if row["firing"]
+             else f"resolved {fmt_time(row['resolved_at'] if pd.notna(row['resolved_at']) else row['emitted_at'], tz)}")
+    return (f"{badge} **{md(str(row['key']))}** ({row['key_type']}) — {state} · {row['deviation']:.1f}σ  \n"
+            f"{md(str(row['summary']))}")
+
+
+def render_overview(snap: Snapshot, status: FeedStatus, c: Controls, cfg: DashboardSettings) -> None:
+    f = c.filters
+    windows = sh.key_windows(snap.trends, f)
+    if windows.empty:
+        st.info(f"No {f.key_type} windows in {c.range_label.lower()} yet.")
+        return
+    ranking = sh.unusual_now(snap.trends, snap.alerts, f)
+    alerts_now = sh.current_alerts(snap.alerts)
+    firing = alerts_now[alerts_now["firing"]] if not alerts_now.empty else alerts_now
+    order = ranking["key"].tolist()
+
+    cols = st.columns(4)
+    cols[0].metric("Latest data", fmt_time(sh.newest_time(snap), c.tz))
+    cols[1].metric("Firing alerts", len(firing))
+    cols[2].metric(f"{f.key_type.capitalize()}s tracked", len(order))
+    latest_start = windows["window_start"].max()
+    cols[3].metric("Messages in newest window", int(windows.loc[windows["window_start"] == latest_start, "count"].sum()))
+
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        st.subheader(f"Most unusual {f.key_type}s now")
+        st.caption(f"Newest {window_label(sh.resolve_window(snap.trends, f.window_s))} window against each {f.key_type}'s own last "
+                   f"{f.baseline_windows} windows, in standard deviations toward negative.")
+        for rank, (_, row) in enumerate(ranking.head(10).iterrows(), start=1):
+            with st.container(key=f"fp-unusual-{rank}"):
+                st.markdown(unusual_line(rank, row))
+    with right:
+        st.subheader("Alerts")
+        if alerts_now.empty:
+            st.caption("No alerts so far.")
+        for rank, (_, row) in enumerate(alerts_now.head(8).iterrows(), start=1):
+            with st.container(key=f"fp-alert-{rank}", border=True):
+                st.markdown(alert_line(row, c.tz))
+
+    st.subheader(f"Mean sentiment per {f.key_type}")
+    st.altair_chart(charts.sentiment_heatmap(sh.in_zone(sh.heatmap(windows, order), c.tz), order), width="stretch")
+    st.subheader("Volume")
+    st.altair_chart(charts.volume_bars(sh.in_zone(sh.volume(windows), c.tz)), width="stretch")
+    csv_download(windows, c.tz, f"{f.key_type}-windows", "fp-csv-overview")
+
+
+# ---------------------------------------------------------------- Drill-down
+
+def message_table(frame: pd.DataFrame, tz: str, key: str) -> None:
+    st.dataframe(sh.in_zone(frame, tz), key=key, hide_index=True,
+                 column_order=["event_time", "kind", "sentiment_score", "text", "url"],
+                 column_config={"event_time": st.column_config.DatetimeColumn("time", format="YYYY-MM-DD HH:mm:ss"),
+                                "sentiment_score": SCORE, "url": LINK, "text": st.column_config.TextColumn("message", width="large")})
+
+
+def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: DashboardSettings) -> None:
+    f = c.filters
+    keys = sh.keys_of(snap.trends, f.key_type)
+    if not keys:
+        st.info(f"No {f.key_type} windows yet.")
+        return
+    if st.session_state.get("fp_drill_key") not in keys:
+        wanted = st.query_params.get("key")
+        ranking = sh.unusual_now(snap.trends, snap.alerts, f)
+        st.session_state["fp_drill_key"] = wanted if wanted in keys else (ranking["key"].iloc[0] if not ranking.empty else keys[0])
+    key = st.selectbox(f.key_type.capitalize(), keys, key="fp_drill_key")
+    series = sh.key_series(snap.trends, f.key_type, key, f.window_s, f.span, f.baseline_windows)
+    if series.empty:
+        st.info(f"No {window_label(sh.resolve_window(snap.trends, f.window_s))} windows for {key} in {c.range_label.lower()}.")
+        return
+    since = series["window_start"].min()
+    markers = sh.in_zone(sh.alert_markers(snap.alerts, f.key_type, key, since), c.tz)
+    shown = sh.in_zone(series, c.tz)
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Mean sentiment")
+        st.altair_chart(charts.signal_with_band(shown, "mean_score", "mean sentiment", markers, "+.2f"), width="stretch")
+    with right:
+        st.subheader("Bearish share")
+        st.altair_chart(charts.signal_with_band(shown, "bearish_share", "bearish share", markers, ".0%"), width="stretch")
+    st.caption("Dashed: the baseline (mean of the previous final windows); band: ±2 standard deviations; "
+               "vertical rules: alerts.")
+    split = sh.kind_split(series)
+    st.subheader("News and comments")
+    st.altair_chart(charts.kind_split_bar(split), width="stretch")
+    st.caption(" · ".join(f"{r.kind}: {r.messages} ({r.share:.0%})" for r in split.itertuples()))
+    negative, positive = sh.key_messages(snap, f.key_type, key, since)
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Most negative messages")
+        message_table(negative, c.tz, "fp-negative")
+    with right:
+        st.subheader("Most positive messages")
+        message_table(positive, c.tz, "fp-positive")
+    csv_download(series, c.tz, f"{f.key_type}-{key}", "fp-csv-drilldown")
+
+
+# ---------------------------------------------------------------- Alerts
+
+def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: DashboardSettings) -> None:
+    since = sh.span_start(snap, c.filters.span)
+    table = sh.alert_table(snap.alerts, snap.deliveries, since, c.filters.keys)
+    if table.empty:
+        st.info(f"No alerts in {c.range_label.lower()}.")
+        return
+    cols = st.columns(3)
+    cols[0].metric("Firing", int(table["firing"].sum()))
+    cols[1].metric("Resolved", int((~table["firing"]).sum()))
+    failed = int((snap.deliveries["status"] == "failed").sum()) if not snap.deliveries.empty else 0
+    cols[2].metric("Failed deliveries", failed)
+    shown = sh.in_zone(table, c.tz)
+    st.dataframe(shown, key="fp-alert-table", hide_index=True,
+                 column_order=["status", "severity", "key_type", "key", "episode_start", "resolved_at", "deviation",
+                               "observed_bearish_share", "baseline_bearish_share", "deliveries", "summary"],
+                 column_config={"episode_start": st.column_config.DatetimeColumn("started", format="YYYY-MM-DD HH:mm:ss"),
+                                "resolved_at": st.column_config.DatetimeColumn("resolved", format="YYYY-MM-DD HH:mm:ss"),
+                                "deviation": st.column_config.NumberColumn("σ", format="%.1f"),
+                                "observed_bearish_share": st.column_config.NumberColumn("bearish", format="percent"),
+                                "baseline_bearish_share": st.column_config.NumberColumn("usual", format="percent"),
+                                "key_type": "type"})
+    csv_download(table, c.tz, "alerts", "fp-csv-alerts")
+
+    labels = {row.id: f"{row.severity} · {row.key} · {row.status}" for row in table.itertuples()}
+    chosen = st.selectbox("Alert", list(labels), format_func=labels.get, key="fp_alert")
+    row = table[table["id"] == chosen].iloc[0]
+    st.markdown(alert_line(row, c.tz))
+    st.markdown(f"[Open {md(str(row['key']))} in the drill-down]({drilldown_href(row['key_type'], row['key'])})")
+    cols = st.columns(3)
+    cols[0].metric("Bearish share", f"{row['observed_bearish_share']:.0%}",
+                   f"{row['observed_bearish_share'] - row['baseline_bearish_share']:+.0%} vs usual", delta_color="inverse")
+    cols[1].metric("Mean sentiment", f"{row['observed_mean_score']:+.2f}",
+                   f"{row['observed_mean_score'] - row['baseline_mean_score']:+.2f} vs usual")
+    cols[2].metric("Messages in window", int(row["observed_count"]) if pd.notna(row["observed_count"]) else "—")
+    st.subheader("Delivery per endpoint")
+    deliveries = sh.alert_deliveries(snap.deliveries, chosen)
+    if deliveries.empty:
+        st.caption("No delivery recorded for this alert yet.")
+    else:
+        st.dataframe(sh.in_zone(deliveries, c.tz), key="fp-deliveries", hide_index=True)
+    st.subheader("Messages behind this alert")
+    messages = sh.alert_messages(snap.alerts, chosen)
+    if messages.empty:
+        st.caption("The alert carries no messages.")
+    else:
+        message_table(messages, c.tz, "fp-alert-messages")
+
+
+# ---------------------------------------------------------------- Model
+
+@st.cache_data(ttl=30, show_spinner=False)
+def cached_model_card(model_dir: str) -> ModelCard | None:
+    path = find_model(model_dir)
+    return read_model_card(path) if path is not None else None
+
+
+def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: DashboardSettings) -> None:
+    versions = sh.model_versions(snap.scored, snap.trends)
+    scoring_now = versions["model_version"].iloc[0] if not versions.empty else "—"
+    cols = st.columns(3)
+    cols[0].metric("Model scoring now", scoring_now)
+    cols[1].metric("Scored per second (last minute)", f"{sh.scoring_rate(snap.scored):.1f}")
+    cols[2].metric("Dead-lettered inputs", "—" if status.deadletter_count is None else status.deadletter_count)
+    cols = st.columns(3)
+    worker_lag = None if status.worker_lag is None else sum(status.worker_lag.values())
+    cols[0].metric("Worker lag (input records)", "—" if worker_lag is None else worker_lag,
+                   help="Input records the worker's consumer group has not committed yet.")
+    cols[1].metric("Dashboard lag (records)", sum(status.dashboard_lag.values()) if status.dashboard_lag else 0)
+    cols[2].metric("Dashboard reads per second", f"{status.read_rate_per_s:.0f}")
+
+    since = sh.span_start(snap, c.filters.span)
+    rate = sh.throughput(snap.trends, since)
+    if not rate.empty:
+        st.subheader("Throughput")
+        st.altair_chart(charts.throughput_line(sh.in_zone(rate, c.tz)), width="stretch")
+
+    st.subheader("Evaluation")
+    card = cached_model_card(c.model_dir)
+    if card is None:
+        st.info(f"No trained model directory was found (run `finpulse train`); the stream is scored by {scoring_now}.")
+    else:
+        st.caption(f"Model card from `{card.path}`" + ("" if card.version == scoring_now else
+                   f" (version {card.version}; the messages shown were scored by {scoring_now})"))
+        if card.problem:
+            st.warning(card.problem)
+        metrics = metric_table(card.metrics)
+        if not metrics.empty:
+            st.dataframe(metrics, key="fp-metrics", hide_index=True,
+                         column_config={"value": st.column_config.NumberColumn(format="%.4f")})
+        matrices = confusion_matrices(card.metrics)
+        for col, (head, matrix) in zip(st.columns(max(1, len(matrices))), matrices.items()):
+            with col:
+                st.markdown(f"**Confusion matrix: {md(head)}**")
+                st.altair_chart(charts.confusion_heatmap(matrix), width="stretch")
+        if card.readme:
+            with st.expander("Model card (README.md)"):
+                st.markdown(card.readme)
+    if not versions.empty:
+        st.subheader("Model versions in the kept messages")
+        st.dataframe(sh.in_zone(versions, c.tz), key="fp-versions", hide_index=True)
+
+
+VIEWS: dict[str, tuple[str, str, Callable[[Snapshot, FeedStatus, Controls, DashboardSettings], None]]] = {
+    "overview": ("Overview", ":material/monitoring:", render_overview),
+    "drilldown": ("Topic / ticker", ":material/troubleshoot:", render_drilldown),
+    "alerts": ("Alerts", ":material/notifications_active:", render_alerts),
+    "model": ("Model", ":material/model_training:", render_model),
+}

@@ -1,0 +1,350 @@
+"""What each view shows, computed from a store ``Snapshot`` with pandas only (no Streamlit, no charts), so every
+number on the page can be tested on its own.
+
+Time runs on the data's clock: "the last hour" is the hour before the newest record in the store, which keeps
+simulated, replayed and live streams alike. Frames returned here keep UTC times; ``in_zone`` converts them for
+display in the analyst's chosen time zone just before rendering.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .store import Snapshot
+
+TIME_RANGES: dict[str, pd.Timedelta | None] = {
+    "Last 15 minutes": pd.Timedelta(minutes=15),
+    "Last hour": pd.Timedelta(hours=1),
+    "Last 6 hours": pd.Timedelta(hours=6),
+    "Last 24 hours": pd.Timedelta(hours=24),
+    "Everything kept": None,
+}
+SEVERITY_RANK = {"critical": 3, "warning": 2, "info": 1}
+# Charts show at most this many time buckets, whatever the span: more would only cost the browser.
+MAX_BUCKETS = 120
+# A baseline spread below this (in share or score units) would make tiny wobbles look like huge deviations.
+MIN_SPREAD = 0.02
+
+
+@dataclass(frozen=True)
+class ViewFilters:
+    key_type: str = "topic"            # topic | ticker
+    window_s: int | None = None        # None: the smallest window size present
+    span: pd.Timedelta | None = pd.Timedelta(hours=1)
+    keys: tuple[str, ...] = ()         # empty: every key
+    min_count: int = 5
+    baseline_windows: int = 30
+
+
+# ---------------------------------------------------------------- choices offered by the controls
+
+def window_sizes(trends: pd.DataFrame) -> list[int]:
+    return sorted(int(w) for w in trends["window_s"].dropna().unique()) if not trends.empty else []
+
+
+def keys_of(trends: pd.DataFrame, key_type: str) -> list[str]:
+    if trends.empty:
+        return []
+    return sorted(trends.loc[trends["key_type"] == key_type, "key"].unique().tolist())
+
+
+def newest_time(snap: Snapshot) -> pd.Timestamp | None:
+    """The data clock: the end of the newest window, else the newest message or alert."""
+    candidates = [snap.trends["window_end"].max() if not snap.trends.empty else None,
+                  snap.scored["event_time"].max() if not snap.scored.empty else None,
+                  snap.alerts["emitted_at"].max() if not snap.alerts.empty else None]
+    present = [c for c in candidates if c is not None and pd.notna(c)]
+    return max(present) if present else None
+
+
+def resolve_window(trends: pd.DataFrame, window_s: int | None) -> int | None:
+    sizes = window_sizes(trends)
+    if not sizes:
+        return None
+    return window_s if window_s in sizes else sizes[0]
+
+
+def span_start(snap: Snapshot, span: pd.Timedelta | None) -> pd.Timestamp | None:
+    """Where the chosen time range begins on the data clock (None: everything kept)."""
+    newest = newest_time(snap)
+    return None if newest is None or span is None else newest - span
+
+
+# ---------------------------------------------------------------- overview
+
+def key_windows(trends: pd.DataFrame, f: ViewFilters, span_limited: bool = True) -> pd.DataFrame:
+    """The windows of the chosen key type and window size (and keys, when filtered), oldest first."""
+    window_s = resolve_window(trends, f.window_s)
+    if window_s is None:
+        return trends.iloc[0:0]
+    mask = (trends["key_type"] == f.key_type) & (trends["window_s"] == window_s)
+    if f.keys:
+        mask &= trends["key"].isin(f.keys)
+    frame = trends[mask]
+    if span_limited and f.span is not None and not frame.empty:
+        frame = frame[frame["window_end"] >= frame["window_end"].max() - f.span]
+    return frame.sort_values(["key", "window_start"], kind="stable")
+
+
+def current_alerts(alerts: pd.DataFrame) -> pd.DataFrame:
+    """One row per alert episode in its latest state, firing ones first, then by severity and recency."""
+    if alerts.empty:
+        return alerts.assign(firing=pd.Series(dtype=bool), severity_rank=pd.Series(dtype=int))
+    latest = (alerts.assign(_resolved=alerts["status"] == "resolved")
+              .sort_values(["emitted_at", "_resolved"], kind="stable")
+              .drop_duplicates("id", keep="last").drop(columns="_resolved"))
+    started = alerts.groupby("id")["window_start"].min()
+    latest = latest.assign(firing=latest["status"] == "firing",
+                           severity_rank=latest["severity"].map(SEVERITY_RANK).fillna(0).astype(int),
+                           episode_start=latest["id"].map(started))
+    return latest.sort_values(["firing", "severity_rank", "emitted_at"], ascending=False, kind="stable").reset_index(drop=True)
+
+
+def unusual_now(trends: pd.DataFrame, alerts: pd.DataFrame, f: ViewFilters) -> pd.DataFrame:
+    """Each key's newest window (with at least ``min_count`` messages) against its own earlier final windows.
+
+    ``unusual`` is in baseline standard deviations toward negative: the larger of the bearish-share rise and the
+    mean-score fall, or the detector's own deviation when the key has a firing alert (the detector already judged
+    it unusual). Sorted most unusual first; keys with too little history to judge (NaN) come last.
+    """
+    frame = key_windows(trends, f, span_limited=False)
+    columns = ["key", "window_start", "window_end", "count", "mean_score", "bearish_share", "baseline_mean_score",
+               "baseline_bearish_share", "history", "z_bearish", "z_score", "unusual", "firing", "severity"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    eligible = frame[frame["count"] >= f.min_count]
+    latest = eligible.groupby("key", sort=False).tail(1).set_index("key")
+    prior = frame[frame["final"]].join(latest["window_start"].rename("latest_start"), on="key")
+    prior = prior[prior["window_start"] < prior["latest_start"]].groupby("key", sort=False).tail(f.baseline_windows)
+    stats = prior.groupby("key").agg(baseline_mean_score=("mean_score", "mean"), score_std=("mean_score", "std"),
+                                     baseline_bearish_share=("bearish_share", "mean"), bear_std=("bearish_share", "std"),
+                                     history=("mean_score", "size"))
+    out = latest[["window_start", "window_end", "count", "mean_score", "bearish_share"]].join(stats)
+    out["history"] = out["history"].fillna(0).astype(int)
+    enough = out["history"] >= 3
+    out["z_bearish"] = ((out["bearish_share"] - out["baseline_bearish_share"]) / out["bear_std"].clip(lower=MIN_SPREAD)).where(enough)
+    out["z_score"] = ((out["baseline_mean_score"] - out["mean_score"]) / out["score_std"].clip(lower=MIN_SPREAD)).where(enough)
+    out["unusual"] = out[["z_bearish", "z_score"]].max(axis=1, skipna=True)
+
+    live = current_alerts(alerts)
+    window_s = resolve_window(trends, f.window_s)
+    live = live[live["firing"] & (live["key_type"] == f.key_type) & (live["window_s"] == window_s)] if not live.empty else live
+    out["firing"] = out.index.isin(live["key"]) if not live.empty else False
+    out["severity"] = live.drop_duplicates("key").set_index("key")["severity"].reindex(out.index) if not live.empty else None
+    if not live.empty:
+        detector = live.groupby("key")["deviation"].max().reindex(out.index)
+        out["unusual"] = np.fmax(out["unusual"], detector)
+    out = out.reset_index().sort_values(["unusual", "count"], ascending=[False, False], na_position="last", kind="stable")
+    return out[columns].reset_index(drop=True)
+
+
+def bucket_size(span: pd.Timedelta, window_s: int) -> pd.Timedelta:
+    """A multiple of the window size that keeps the chart at ``MAX_BUCKETS`` columns or fewer."""
+    windows = max(1, int(np.ceil(span.total_seconds() / window_s / MAX_BUCKETS)))
+    return pd.Timedelta(seconds=windows * window_s)
+
+
+def heatmap(windows: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+    """Count-weighted mean sentiment and bearish share per key and time bucket."""
+    columns = ["key", "time", "mean_score", "bearish_share", "count"]
+    if windows.empty:
+        return pd.DataFrame(columns=columns)
+    window_s = int(windows["window_s"].iloc[0])
+    size = bucket_size(windows["window_end"].max() - windows["window_start"].min(), window_s)
+    frame = windows.assign(time=windows["window_start"].dt.floor(size),
+                           _score=windows["mean_score"] * windows["count"],
+                           _bear=windows["bearish_share"] * windows["count"])
+    grouped = frame.groupby(["key", "time"], as_index=False).agg(count=("count", "sum"), _score=("_score", "sum"),
+                                                                 _bear=("_bear", "sum"))
+    safe = grouped["count"].where(grouped["count"] > 0)
+    grouped["mean_score"] = (grouped["_score"] / safe).round(4)
+    grouped["bearish_share"] = (grouped["_bear"] / safe).round(4)
+    if order:
+        rank = {k: i for i, k in enumerate(order)}
+        grouped = grouped.sort_values(["key", "time"], key=lambda s: s.map(rank) if s.name == "key" else s)
+    return grouped[columns].reset_index(drop=True)
+
+
+def volume(windows: pd.DataFrame) -> pd.DataFrame:
+    """Messages per time bucket, split into news and comments (long format for stacked bars)."""
+    if windows.empty:
+        return pd.DataFrame(columns=["time", "kind", "messages"])
+    window_s = int(windows["window_s"].iloc[0])
+    size = bucket_size(windows["window_end"].max() - windows["window_start"].min(), window_s)
+    grouped = (windows.assign(time=windows["window_start"].dt.floor(size))
+               .groupby("time", as_index=False)[["news_count", "comment_count"]].sum())
+    long = grouped.melt(id_vars="time", var_name="kind", value_name="messages")
+    long["kind"] = long["kind"].map({"news_count": "news", "comment_count": "comments"})
+    return long.sort_values(["time", "kind"]).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- drill-down
+
+def key_series(trends: pd.DataFrame, key_type: str, key: str, window_s: int | None, span: pd.Timedelta | None,
+               baseline_windows: int = 30) -> pd.DataFrame:
+    """One key's windows with a baseline band (mean ± 2 std of its previous final windows) for both signals.
+
+    The band is computed over the whole kept history and then cut to the span, so the first windows shown still
+    have a baseline.
+    """
+    window_s = resolve_window(trends, window_s)
+    mask = (trends["key_type"] == key_type) & (trends["key"] == key) & (trends["window_s"] == window_s)
+    series = trends[mask].sort_values("window_start").reset_index(drop=True)
+    for metric in ("mean_score", "bearish_share"):
+        history = series[metric].where(series["final"]).shift(1).rolling(baseline_windows, min_periods=3)
+        base, spread = history.mean(), history.std().clip(lower=MIN_SPREAD)
+        series[f"{metric}_baseline"] = base
+        series[f"{metric}_low"] = base - 2 * spread
+        series[f"{metric}_high"] = base + 2 * spread
+    if span is not None and not series.empty:
+        series = series[series["window_end"] >= series["window_end"].max() - span]
+    return series.reset_index(drop=True)
+
+
+def alert_markers(alerts: pd.DataFrame, key_type: str, key: str, since: pd.Timestamp | None) -> pd.DataFrame:
+    """When each alert episode of this key fired (and resolved), for rules on the drill-down charts."""
+    columns = ["time", "status", "severity", "summary", "id"]
+    if alerts.empty:
+        return pd.DataFrame(columns=columns)
+    mine = alerts[(alerts["key_type"] == key_type) & (alerts["key"] == key)]
+    marks = mine.assign(time=mine["window_start"].where(mine["status"] == "firing", mine["emitted_at"]))
+    if since is not None:
+        marks = marks[marks["time"] >= since]
+    return marks[columns].sort_values("time").reset_index(drop=True)
+
+
+def key_messages(snap: Snapshot, key_type: str, key: str, since: pd.Timestamp | None, n: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The most negative and most positive recent messages about one key, with scores and links.
+
+    Scored messages are the first source; the windows' own most-negative lists fill in for keys whose messages
+    have already left the (row-capped) scored store.
+    """
+    columns = ["event_time", "kind", "sentiment_score", "text", "url", "id"]
+    scored = snap.scored
+    if not scored.empty:
+        if key_type == "topic":
+            about = scored[scored["topic"] == key]
+        else:
+            about = scored[[key in tickers for tickers in scored["tickers"]]]
+        about = about[columns]
+    else:
+        about = pd.DataFrame(columns=columns)
+    refs = snap.window_messages
+    if not refs.empty:
+        refs = refs[(refs["key_type"] == key_type) & (refs["key"] == key)]
+        refs = refs.assign(event_time=refs["event_time"].fillna(refs["window_end"]))[columns]
+    pool = pd.concat([f for f in (about, refs) if not f.empty], ignore_index=True) if not (about.empty and refs.empty) else about
+    if since is not None and not pool.empty:
+        pool = pool[pool["event_time"] >= since]
+    pool = pool.drop_duplicates("id", keep="first")
+    negative = pool.nsmallest(n, "sentiment_score").reset_index(drop=True)
+    positive = pool[pool["sentiment_score"] > 0].nlargest(n, "sentiment_score").reset_index(drop=True)
+    return negative, positive
+
+
+def kind_split(series: pd.DataFrame) -> pd.DataFrame:
+    """News versus comments over the shown windows: message counts and each kind's share."""
+    news, comments = int(series["news_count"].sum()), int(series["comment_count"].sum())
+    total = news + comments
+    return pd.DataFrame({"kind": ["news", "comments"], "messages": [news, comments],
+                         "share": [news / total if total else 0.0, comments / total if total else 0.0]})
+
+
+# ---------------------------------------------------------------- alerts
+
+def delivery_summary(deliveries: pd.DataFrame) -> pd.Series:
+    """Per alert id: 'endpoint: status' for each endpoint of its newest event, e.g. 'pagerduty: failed (5 tries)'."""
+    if deliveries.empty:
+        return pd.Series(dtype=str)
+    latest = deliveries.sort_values("updated_at", na_position="first").drop_duplicates(["alert_id", "endpoint"], keep="last")
+    text = latest["endpoint"] + ": " + latest["status"] + np.where(
+        latest["status"] == "failed", " (" + latest["attempts"].astype(str) + " tries)", "")
+    return text.groupby(latest["alert_id"]).agg(", ".join)
+
+
+def alert_table(alerts: pd.DataFrame, deliveries: pd.DataFrame, since: pd.Timestamp | None,
+                keys: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Alert episodes (latest state) that were firing within the span, with their delivery status per endpoint."""
+    table = current_alerts(alerts)
+    if table.empty:
+        return table.assign(deliveries=pd.Series(dtype=str))
+    if since is not None:
+        table = table[table["emitted_at"] >= since]
+    if keys:
+        table = table[table["key"].isin(keys)]
+    return table.assign(deliveries=table["id"].map(delivery_summary(deliveries)).fillna("no delivery yet")).reset_index(drop=True)
+
+
+def alert_deliveries(deliveries: pd.DataFrame, alert_id: str) -> pd.DataFrame:
+    columns = ["event_id", "endpoint", "status", "attempts", "last_error", "updated_at"]
+    if deliveries.empty:
+        return pd.DataFrame(columns=columns)
+    return deliveries.loc[deliveries["alert_id"] == alert_id, columns].sort_values(["event_id", "endpoint"]).reset_index(drop=True)
+
+
+def alert_messages(alerts: pd.DataFrame, alert_id: str) -> pd.DataFrame:
+    """The messages behind one alert episode (from its firing event, most negative first)."""
+    columns = ["event_time", "kind", "sentiment_score", "text", "url", "id"]
+    episode = alerts[alerts["id"] == alert_id].sort_values("emitted_at")
+    refs = [m for msgs in episode["messages"] for m in (msgs or ())]
+    if not refs:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame.from_records(refs).drop_duplicates("id")
+    for name in columns:
+        if name not in frame:
+            frame[name] = None
+    frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True, format="ISO8601", errors="coerce")
+    frame["sentiment_score"] = pd.to_numeric(frame["sentiment_score"], errors="coerce")
+    return frame[columns].sort_values("sentiment_score").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- model
+
+def model_versions(scored: pd.DataFrame, trends: pd.DataFrame) -> pd.DataFrame:
+    """Which model versions scored the kept messages, newest first: the first row is the one scoring now."""
+    if not scored.empty:
+        source = scored[["model_version", "scored_at"]].rename(columns={"scored_at": "last_seen"})
+    elif not trends.empty:
+        source = trends[["model_version", "emitted_at"]].rename(columns={"emitted_at": "last_seen"})
+    else:
+        return pd.DataFrame(columns=["model_version", "last_seen", "messages"])
+    return (source.groupby("model_version", as_index=False)
+            .agg(last_seen=("last_seen", "max"), messages=("last_seen", "size"))
+            .sort_values("last_seen", ascending=False).reset_index(drop=True))
+
+
+def scoring_rate(scored: pd.DataFrame, over: pd.Timedelta = pd.Timedelta(minutes=1)) -> float:
+    """Messages scored per second over the last ``over`` of the scored clock."""
+    if scored.empty or scored["scored_at"].isna().all():
+        return 0.0
+    newest = scored["scored_at"].max()
+    return float((scored["scored_at"] > newest - over).sum() / over.total_seconds())
+
+
+def throughput(trends: pd.DataFrame, since: pd.Timestamp | None) -> pd.DataFrame:
+    """Messages per minute over time, from the topic windows (every message has exactly one topic)."""
+    topics = trends[trends["key_type"] == "topic"] if not trends.empty else trends
+    if topics.empty:
+        return pd.DataFrame(columns=["time", "messages_per_min"])
+    window_s = int(topics["window_s"].min())
+    topics = topics[topics["window_s"] == window_s]
+    if since is not None:
+        topics = topics[topics["window_end"] >= since]
+    per_window = topics.groupby("window_start", as_index=False)["count"].sum()
+    per_window["messages_per_min"] = per_window["count"] * 60.0 / window_s
+    return per_window.rename(columns={"window_start": "time"})[["time", "messages_per_min"]]
+
+
+# ---------------------------------------------------------------- display
+
+def in_zone(frame: pd.DataFrame, tz: str) -> pd.DataFrame:
+    """Every tz-aware time column converted to ``tz`` and made naive, so charts and tables show that zone's
+    wall-clock time whatever the browser's own zone is."""
+    converted = {}
+    for name in frame.columns:
+        column = frame[name]
+        if isinstance(column.dtype, pd.DatetimeTZDtype):
+            converted[name] = column.dt.tz_convert(tz).dt.tz_localize(None)
+    return frame.assign(**converted) if converted else frame

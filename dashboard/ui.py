@@ -1,0 +1,131 @@
+"""The dashboard page: settings, sign-in, the shared live feed, the sidebar controls and navigation between views.
+
+``run()`` is what ``dashboard/app.py`` (the ``streamlit run`` entry) calls. One ``LiveFeed`` per process and
+configuration is shared by every browser session through ``st.cache_resource``; each view redraws itself from
+the feed's store every ``refresh_s`` seconds inside ``st.fragment(run_every=…)``, so the page never reloads and
+the sidebar keeps its state. A view that fails says so in one plain line and tries again on the next refresh.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zoneinfo
+from dataclasses import asdict
+from typing import Protocol
+
+import streamlit as st
+
+from stream.config import ConfigError, KafkaSettings, Settings, load_settings
+
+from . import shaping as sh
+from .auth import require_sign_in
+from .live import FeedStatus, LiveFeed
+from .pages import VIEWS, Controls, feed_banner, window_label
+from .settings import DashboardSettings, dashboard_settings
+from .store import LiveStore
+
+log = logging.getLogger(__name__)
+KEY_TYPES = {"topic": "Topics", "ticker": "Tickers"}
+
+
+class Feed(Protocol):
+    store: LiveStore
+    status: FeedStatus
+
+
+def _release(feed: LiveFeed) -> None:
+    feed.stop()
+
+
+@st.cache_resource(show_spinner=False, on_release=_release)
+def shared_feed(kafka_json: str, dashboard_json: str, worker_group: str) -> LiveFeed:
+    """One background consumer per process and configuration (the arguments are the cache key)."""
+    kafka = KafkaSettings(**json.loads(kafka_json))
+    return LiveFeed(kafka, DashboardSettings(**json.loads(dashboard_json)), worker_group).start()
+
+
+def feed_for(settings: Settings, cfg: DashboardSettings) -> LiveFeed:
+    return shared_feed(json.dumps(asdict(settings.kafka), sort_keys=True), json.dumps(asdict(cfg), sort_keys=True),
+                       settings.worker.app_id)
+
+
+def _timezones(cfg: DashboardSettings) -> tuple[list[str], str]:
+    zones = sorted(zoneinfo.available_timezones() | {"UTC"})
+    browser = getattr(st.context, "timezone", None)
+    for default in (cfg.timezone, browser, "UTC"):
+        if default in zones:
+            return zones, default
+    return zones, "UTC"
+
+
+def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str) -> Controls:
+    """The controls every view shares. A link like ``?key_type=ticker&key=AAPL`` preselects the key type."""
+    snap = feed.store.snapshot()
+    wanted_type = st.query_params.get("key_type")
+    if "fp_key_type" not in st.session_state and wanted_type in KEY_TYPES:
+        st.session_state["fp_key_type"] = wanted_type
+    with st.sidebar:
+        st.title("FinPulse")
+        range_label = st.selectbox("Time range", list(sh.TIME_RANGES), index=1, key="fp_range")
+        sizes = sh.window_sizes(snap.trends)
+        window_s = st.selectbox("Window", sizes, format_func=window_label, key="fp_window",
+                                disabled=not sizes, placeholder="no windows yet")
+        key_type = st.radio("Show", list(KEY_TYPES), format_func=KEY_TYPES.get, key="fp_key_type", horizontal=True)
+        options = sh.keys_of(snap.trends, key_type)
+        keys_state = f"fp_keys_{key_type}"
+        if keys_state in st.session_state:
+            # Keys can age out of the store; a stale choice must not break the widget.
+            st.session_state[keys_state] = [k for k in st.session_state[keys_state] if k in options]
+        keys = st.multiselect(f"Only these {key_type}s", options, key=keys_state, placeholder=f"all {key_type}s")
+        zones, default_zone = _timezones(cfg)
+        tz = st.selectbox("Time zone", zones, index=zones.index(default_zone), key="fp_tz")
+        st.caption(f"Refreshes every {cfg.refresh_s:g} s · keeps {cfg.retention_hours:g} h · "
+                   f"feed: {feed.status.state}")
+    filters = sh.ViewFilters(key_type=key_type, window_s=window_s, span=sh.TIME_RANGES[range_label], keys=tuple(keys),
+                             min_count=cfg.min_window_count, baseline_windows=cfg.baseline_windows)
+    return Controls(filters=filters, tz=tz, range_label=range_label, model_dir=model_dir)
+
+
+def live_view(name: str, feed: Feed, controls: Controls, cfg: DashboardSettings) -> None:
+    title, _, render = VIEWS[name]
+
+    @st.fragment(run_every=cfg.refresh_s)
+    def body() -> None:
+        snap = feed.store.snapshot()
+        if not feed_banner(feed.status, snap):
+            return
+        try:
+            render(snap, feed.status, controls, cfg)
+        except Exception as exc:  # one broken view must not take the page down or print a traceback on it
+            log.exception("dashboard view %s failed", name)
+            st.error(f"The {title} view could not be drawn this time ({type(exc).__name__}); retrying on the next refresh.")
+
+    body()
+
+
+def run(feed: Feed | None = None, page: str | None = None, settings: Settings | None = None) -> None:
+    """Draw the dashboard. ``page`` draws one view without navigation; ``feed`` replaces the Kafka feed."""
+    st.set_page_config(page_title="FinPulse", page_icon=":material/monitoring:", layout="wide")
+    try:
+        settings = settings or load_settings()
+        cfg = dashboard_settings(settings)
+    except ConfigError as exc:
+        st.error(f"FinPulse's configuration cannot be used: {exc}")
+        return
+    if not require_sign_in(cfg):
+        return
+    feed = feed or feed_for(settings, cfg)
+    controls = sidebar(feed, cfg, settings.worker.model_dir)
+    if page is not None:
+        live_view(page, feed, controls, cfg)
+        return
+
+    def page_for(name: str):
+        def draw() -> None:
+            live_view(name, feed, controls, cfg)
+        draw.__name__ = f"view_{name}"
+        return draw
+
+    pages = [st.Page(page_for(name), title=title, icon=icon, url_path=name, default=(name == "overview"))
+             for name, (title, icon, _) in VIEWS.items()]
+    st.navigation(pages, position="top").run()
