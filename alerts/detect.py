@@ -1,0 +1,289 @@
+"""Negative-spike detection: each key's closed windows against that key's own baseline, as ``AlertRecord``s.
+
+``SpikeDetector`` is pure Python; the worker's ``detect`` agent and replay/backtest run the same code. Replay::
+
+    detector = SpikeDetector(settings.section("detect", DetectSettings), run_id="r1")
+    alerts = detector.feed(final_trends)      # TrendRecords in window order per key (partials are ignored)
+
+How it decides, per key and per detection window size (``window_s``, 60 s by default):
+
+* Baseline: exponentially weighted mean and variance of the window's bearish share and of its mean score (weight
+  ``alpha``; the first windows use a plain running mean so the baseline is usable after ``warmup_windows``). Only
+  ordinary windows update it: windows of an episode, suppressed spikes and windows under ``min_count`` do not.
+* A window spikes when it has ``min_count`` messages and either its bearish share rose by ``fire_z`` standard
+  deviations and at least ``min_share_rise``, or its mean score fell by ``fire_z`` deviations and at least
+  ``min_score_drop``. The share's deviation is at least the binomial noise of a window of that size, and both have
+  floors, so a very stable baseline does not turn noise into alerts.
+* A spike outside the cooldown starts an episode: one ``firing`` alert. The episode resolves (one ``resolved`` alert,
+  same id) after ``resolve_windows`` consecutive windows below ``resolve_z`` (hysteresis); then no new episode may
+  start for ``cooldown_s``. Severity grows with the deviation: info, then warning at ``warning_z``, critical at
+  ``critical_z``.
+* The alert id is a hash of (key type, key, window size, episode start window), so a replay or a restarted worker
+  emits the same id for the same episode. Duplicate or older windows (re-emitted after a crash) are ignored.
+
+``[detect]`` holds the defaults; ``[detect.overrides."topic:Energy | Oil"]`` or ``[detect.overrides."ticker:*"]``
+override any threshold for one key or one key type.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterable
+
+from stream.config import ConfigError, build_dataclass
+from stream.records import AlertRecord, TrendRecord, epoch_ms, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectRule:
+    """The thresholds for one key. Defaults are tuned with tests/bench/bench_alerts.py."""
+    window_s: int = 60
+    min_count: int = 15
+    warmup_windows: int = 10
+    alpha: float = 0.1
+    fire_z: float = 4.0
+    min_share_rise: float = 0.15
+    min_score_drop: float = 0.15
+    resolve_z: float = 2.0
+    resolve_windows: int = 2
+    cooldown_s: int = 600
+    share_std_floor: float = 0.03
+    score_std_floor: float = 0.04
+    warning_z: float = 6.0
+    critical_z: float = 10.0
+    top_messages: int = 5
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0 or self.min_count < 1 or self.warmup_windows < 1 or self.resolve_windows < 1:
+            raise ConfigError("[detect] window_s, min_count, warmup_windows and resolve_windows must be positive")
+        if not 0 < self.alpha <= 1:
+            raise ConfigError("[detect] alpha must be in (0, 1]")
+        if not 0 <= self.resolve_z < self.fire_z or self.warning_z > self.critical_z:
+            raise ConfigError("[detect] need 0 <= resolve_z < fire_z and warning_z <= critical_z")
+
+
+@dataclass
+class DetectSettings(DetectRule):
+    """``[detect]``: the default rule, which key types are watched, and per-key overrides."""
+    key_types: list[str] = field(default_factory=lambda: ["topic", "ticker"])
+    # "topic:<label>" or "ticker:<symbol>" (exact) or "topic:*"/"ticker:*" -> {setting: value}
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for pattern in self.overrides:
+            key_type, sep, key = pattern.partition(":")
+            if not sep or key_type not in ("topic", "ticker") or not key:
+                raise ConfigError(f"[detect] override {pattern!r}: name a key as 'topic:<label>', 'ticker:<symbol>' "
+                                  "or 'topic:*' / 'ticker:*'")
+            self.rule_for(key_type, key)    # fails now, with the override's name, rather than at the first trend
+
+    def rule_for(self, key_type: str, key: str) -> DetectRule:
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(DetectRule)}
+        for pattern in (f"{key_type}:*", f"{key_type}:{key}"):
+            if pattern in self.overrides:
+                where = f"detect.overrides.{pattern}"
+                if not isinstance(self.overrides[pattern], dict):
+                    raise ConfigError(f"[{where}] must be a table of settings")
+                try:
+                    rule = build_dataclass(DetectRule, {**base, **self.overrides[pattern]}, where)
+                except ConfigError as exc:
+                    raise ConfigError(f"[{where}] {exc}") from None
+                base.update(dataclasses.asdict(rule))
+        return DetectRule(**base)
+
+
+def alert_id(key_type: str, key: str, window_s: int, episode_start: datetime) -> str:
+    """Stable per episode: the same inputs always give the same id (replay, restart)."""
+    basis = f"{key_type}\x1f{key}\x1f{window_s}\x1f{epoch_ms(episode_start)}"
+    return "alert-" + hashlib.sha256(basis.encode("utf-8")).hexdigest()[:20]
+
+
+class _Ewma:
+    """Mean and variance, exponentially weighted; a plain running mean until 1/alpha samples."""
+
+    @staticmethod
+    def update(state: dict[str, float], name: str, x: float, alpha: float, n: int) -> None:
+        weight = max(alpha, 1.0 / n)
+        mean, var = state.get(name, 0.0), state.get(name + "_var", 0.0)
+        diff = x - mean
+        mean += weight * diff
+        state[name] = mean
+        state[name + "_var"] = (1.0 - weight) * (var + weight * diff * diff)
+
+
+def _new_state() -> dict[str, Any]:
+    return {"n": 0, "share": 0.0, "share_var": 0.0, "score": 0.0, "score_var": 0.0,
+            "last_start_ms": None, "cooldown_until_ms": None, "episode": None}
+
+
+class SpikeDetector:
+    """Per-key baselines and episodes. State per (key type, key) is a JSON-able dict: ``{window_s: {...}}``."""
+
+    def __init__(self, settings: DetectSettings, run_id: str = "", clock: Callable[[], datetime] = utcnow):
+        self.settings = settings
+        self.run_id = run_id
+        self.clock = clock
+        self.states: dict[str, dict[str, Any]] = defaultdict(dict)   # used by feed(); the agent keeps a table
+        self._rules: dict[tuple[str, str], DetectRule] = {}
+
+    def rule(self, key_type: str, key: str) -> DetectRule:
+        found = self._rules.get((key_type, key))
+        if found is None:
+            found = self._rules[(key_type, key)] = self.settings.rule_for(key_type, key)
+        return found
+
+    def wants(self, trend: TrendRecord) -> bool:
+        return (trend.final and trend.key_type in self.settings.key_types
+                and trend.window_s == self.rule(trend.key_type, trend.key).window_s)
+
+    def feed(self, trends: Iterable[TrendRecord]) -> list[AlertRecord]:
+        """Replay interface: observe trends with the detector's own per-key state."""
+        alerts = []
+        for trend in trends:
+            alerts.extend(self.observe(self.states[f"{trend.key_type}:{trend.key}"], trend))
+        return alerts
+
+    def observe(self, key_state: dict[str, Any], trend: TrendRecord) -> list[AlertRecord]:
+        """Observe one trend of the key whose state is ``key_state`` (mutated); return the alerts it causes."""
+        if not self.wants(trend):
+            return []
+        rule = self.rule(trend.key_type, trend.key)
+        state = key_state.setdefault(str(trend.window_s), _new_state())
+        start_ms = epoch_ms(trend.window_start)
+        if state["last_start_ms"] is not None and start_ms <= state["last_start_ms"]:
+            return []   # a duplicate (re-emitted after a crash) or out of order: already judged
+        state["last_start_ms"] = start_ms
+
+        enough = trend.count >= rule.min_count
+        warmed = state["n"] >= rule.warmup_windows
+        share_sd = max(math.sqrt(state["share_var"]), rule.share_std_floor,
+                       math.sqrt(max(state["share"] * (1 - state["share"]), 0.0) / max(trend.count, 1)))
+        score_sd = max(math.sqrt(state["score_var"]), rule.score_std_floor)
+        share_rise = trend.bearish_share - state["share"]
+        score_drop = state["score"] - trend.mean_score
+        deviation = max(share_rise / share_sd, score_drop / score_sd)
+        spiking = enough and warmed and (
+            (share_rise / share_sd >= rule.fire_z and share_rise >= rule.min_share_rise)
+            or (score_drop / score_sd >= rule.fire_z and score_drop >= rule.min_score_drop))
+        stats = {"share_sd": share_sd, "score_sd": score_sd, "deviation": deviation}
+
+        episode = state["episode"]
+        if episode is not None:
+            calm = not enough or deviation < rule.resolve_z
+            episode["calm"] = episode["calm"] + 1 if calm else 0
+            episode["peak"] = max(episode["peak"], deviation)
+            if episode["calm"] < rule.resolve_windows:
+                return []
+            state["episode"] = None
+            state["cooldown_until_ms"] = epoch_ms(trend.window_end) + rule.cooldown_s * 1000
+            self._learn(state, trend, rule)
+            return [self._resolved(episode, state, trend, stats)]
+        if spiking:
+            cooldown = state["cooldown_until_ms"]
+            if cooldown is not None and start_ms < cooldown:
+                return []
+            alert = self._firing(state, trend, rule, stats)
+            state["episode"] = {"id": alert.id, "started_ms": start_ms, "calm": 0, "peak": deviation,
+                                "firing": alert.to_dict()}
+            return [alert]
+        self._learn(state, trend, rule)
+        return []
+
+    @staticmethod
+    def _learn(state: dict[str, Any], trend: TrendRecord, rule: DetectRule) -> None:
+        if trend.count < rule.min_count:
+            return
+        state["n"] += 1
+        _Ewma.update(state, "share", trend.bearish_share, rule.alpha, state["n"])
+        _Ewma.update(state, "score", trend.mean_score, rule.alpha, state["n"])
+
+    def _baseline(self, state: dict[str, Any], stats: dict[str, float]) -> dict[str, float]:
+        return {"bearish_share": round(state["share"], 4), "bearish_share_std": round(stats["share_sd"], 4),
+                "mean_score": round(state["score"], 4), "mean_score_std": round(stats["score_sd"], 4)}
+
+    @staticmethod
+    def _observed(trend: TrendRecord) -> dict[str, Any]:
+        return {"bearish_share": round(trend.bearish_share, 4), "mean_score": round(trend.mean_score, 4),
+                "count": trend.count}
+
+    def _firing(self, state: dict[str, Any], trend: TrendRecord, rule: DetectRule,
+                stats: dict[str, float]) -> AlertRecord:
+        deviation = stats["deviation"]
+        severity = "critical" if deviation >= rule.critical_z else "warning" if deviation >= rule.warning_z else "info"
+        summary = (f"Negative spike on {trend.key_type} {trend.key}: bearish share {trend.bearish_share:.0%} vs "
+                   f"baseline {state['share']:.0%} ± {stats['share_sd']:.0%}, mean score {trend.mean_score:+.2f} vs "
+                   f"{state['score']:+.2f}, {deviation:.1f} sd over {trend.count} messages in the "
+                   f"{trend.window_s}s window from {trend.window_start:%H:%M:%S} UTC")
+        return AlertRecord(
+            id=alert_id(trend.key_type, trend.key, trend.window_s, trend.window_start), status="firing",
+            key_type=trend.key_type, key=trend.key, window_s=trend.window_s, window_start=trend.window_start,
+            window_end=trend.window_end, severity=severity, observed=self._observed(trend),
+            baseline=self._baseline(state, stats), deviation=round(deviation, 3), started_at=trend.window_start,
+            emitted_at=self.clock(), messages=tuple(trend.most_negative[: rule.top_messages]), summary=summary,
+            model_version=trend.model_version, run_id=self.run_id)
+
+    def _resolved(self, episode: dict[str, Any], state: dict[str, Any], trend: TrendRecord,
+                  stats: dict[str, float]) -> AlertRecord:
+        firing = AlertRecord.from_dict(episode["firing"])
+        lasted = trend.window_end - firing.started_at
+        summary = (f"Resolved on {trend.key_type} {trend.key}: bearish share back to {trend.bearish_share:.0%} "
+                   f"(baseline {state['share']:.0%}) after {_minutes(lasted)}; peak {episode['peak']:.1f} sd")
+        return dataclasses.replace(
+            firing, status="resolved", window_start=trend.window_start, window_end=trend.window_end,
+            observed=self._observed(trend), baseline=self._baseline(state, stats), deviation=round(stats["deviation"], 3),
+            emitted_at=self.clock(), resolved_at=trend.window_end, summary=summary, model_version=trend.model_version)
+
+
+def _minutes(delta: timedelta) -> str:
+    return f"{delta.total_seconds() / 60:.0f} min"
+
+
+def state_key(trend: TrendRecord) -> bytes:
+    """The detect table's key: the trend's Kafka key, so the table co-partitions with ``finpulse.trends``."""
+    return f"{trend.key_type}:{trend.key}".encode("utf-8")
+
+
+# ---------------------------------------------------------------- Faust wiring
+
+def install(app, settings, names) -> None:
+    """Register the detect agent (consumes final trends, keeps detector state in a table, produces alerts)."""
+    detector = SpikeDetector(settings.section("detect", DetectSettings))
+    worker = settings.worker
+    trends = app.topic(names.trends, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    alerts = app.topic(names.alerts, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    table = app.Table("detect-state", default=None, key_type=bytes, partitions=settings.kafka.partitions,
+                      use_partitioner=True, help="spike detector baselines and open episodes per key")
+
+    @app.agent(trends, name="detect")
+    async def detect(stream):
+        async for events in stream.take_events(worker.max_batch, within=worker.max_wait_s):
+            by_key: dict[bytes, list[TrendRecord]] = defaultdict(list)
+            for event in events:
+                try:
+                    trend = TrendRecord.from_json(event.value)
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.warning("skipping malformed trend at %s[%d]@%d: %s", event.message.topic,
+                                event.message.partition, event.message.offset, exc)
+                    continue
+                if detector.wants(trend):
+                    by_key[event.key or state_key(trend)].append(trend)
+            for key_bytes, key_trends in by_key.items():
+                # A copy: the table's value must change only by assignment (which writes the changelog).
+                key_state = copy.deepcopy(table.get(key_bytes) or {})
+                raised = [alert for trend in key_trends for alert in detector.observe(key_state, trend)]
+                table[key_bytes] = key_state      # once per key per batch
+                for alert in raised:
+                    log.info("alert %s %s: %s", alert.id, alert.status, alert.summary)
+                    await alerts.send(key=key_bytes, value=alert.to_json())
+
+
+__all__ = ["DetectRule", "DetectSettings", "SpikeDetector", "alert_id", "install", "state_key"]

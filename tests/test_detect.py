@@ -1,0 +1,137 @@
+"""SpikeDetector: warm-up, firing, hysteresis, cooldown, severity, stable ids, duplicates and per-key overrides."""
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from alerts.detect import DetectSettings, SpikeDetector, alert_id
+from stream.config import ConfigError, Settings
+from stream.records import TrendRecord
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+FIXED = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
+KEY = "Energy | Oil"
+
+
+def trend(minute: int, share: float, count: int = 40, key: str = KEY, window_s: int = 60, final: bool = True,
+          key_type: str = "topic") -> TrendRecord:
+    start = T0 + timedelta(minutes=minute)
+    return TrendRecord(key_type=key_type, key=key, window_s=window_s, window_start=start,
+                       window_end=start + timedelta(seconds=window_s), count=count,
+                       mean_score=round(0.2 - 1.2 * share, 4), bearish_share=share, bullish_share=0.3,
+                       news_count=count // 2, comment_count=count - count // 2, final=final, model_version="test-1",
+                       emitted_at=FIXED, most_negative=({"id": f"m{minute}", "text": "crude plunges",
+                                                         "sentiment_score": -0.9},))
+
+
+def calm_shares(n: int, seed: int = 1) -> list[float]:
+    rng = random.Random(seed)
+    return [round(min(0.6, max(0.0, rng.gauss(0.25, 0.05))), 3) for _ in range(n)]
+
+
+def run(detector: SpikeDetector, shares: list[float], first_minute: int = 0, **kwargs):
+    return detector.feed(trend(first_minute + i, share, **kwargs) for i, share in enumerate(shares))
+
+
+def detector(**settings) -> SpikeDetector:
+    rule = {"fire_z": 4.0, "resolve_z": 2.0, "min_count": 15, "warmup_windows": 10, **settings}
+    return SpikeDetector(DetectSettings(**rule), clock=lambda: FIXED)
+
+
+def test_a_spike_fires_once_and_resolves_after_calm_windows_with_the_same_id():
+    det = detector(resolve_windows=2)
+    assert run(det, calm_shares(30)) == []
+    alerts = run(det, [0.8, 0.85, 0.7, 0.26, 0.24, 0.25], first_minute=30)
+    assert [a.status for a in alerts] == ["firing", "resolved"]
+    firing, resolved = alerts
+    assert firing.id == resolved.id == alert_id("topic", KEY, 60, T0 + timedelta(minutes=30))
+    assert firing.window_start == T0 + timedelta(minutes=30)
+    assert resolved.window_start == T0 + timedelta(minutes=34)       # the second calm window
+    assert resolved.resolved_at == T0 + timedelta(minutes=35)
+    assert firing.observed["bearish_share"] == 0.8 and firing.baseline["bearish_share"] == pytest.approx(0.25, abs=0.05)
+    assert firing.deviation >= 4 and firing.messages[0]["id"] == "m30"
+    assert KEY in firing.summary and "Resolved" in resolved.summary
+
+
+def test_hysteresis_keeps_firing_while_the_window_is_between_the_thresholds():
+    det = detector(resolve_windows=1, resolve_z=2.0, fire_z=4.0)
+    run(det, calm_shares(30))
+    alerts = run(det, [0.8, 0.42, 0.41, 0.25], first_minute=30)   # 0.42 is ~3 sd: neither firing nor calm
+    assert [(a.status, a.window_start.minute) for a in alerts] == [("firing", 30), ("resolved", 33)]
+
+
+def test_no_alert_during_warm_up_or_on_thin_windows_or_on_volume_without_negativity():
+    det = detector(warmup_windows=10, min_count=15)
+    assert run(det, [0.25, 0.25, 0.9]) == []                          # not warmed up
+    assert run(det, calm_shares(20), first_minute=3) == []
+    assert run(det, [0.9], first_minute=23, count=8) == []          # too few messages
+    assert run(det, calm_shares(10, seed=5), first_minute=24, count=400) == []   # a burst of ordinary volume
+
+
+def test_cooldown_suppresses_a_second_episode_then_allows_it():
+    det = detector(resolve_windows=1, cooldown_s=600)
+    run(det, calm_shares(30))
+    first = run(det, [0.8, 0.25], first_minute=30)
+    assert [a.status for a in first] == ["firing", "resolved"]      # resolved at the end of minute 31 (32:00)
+    assert run(det, [0.8, 0.25], first_minute=33) == []             # inside the cooldown
+    later = run(det, [0.25] * 8 + [0.85], first_minute=35)
+    assert [a.status for a in later] == ["firing"]
+    assert later[0].id != first[0].id and later[0].started_at == T0 + timedelta(minutes=43)
+
+
+def test_severity_grows_with_the_deviation():
+    severities = []
+    for share in (0.45, 0.55, 0.9):
+        det = detector(fire_z=4.0, warning_z=6.0, critical_z=10.0)
+        run(det, calm_shares(30))
+        (alert,) = run(det, [share], first_minute=30)
+        severities.append((alert.deviation, alert.severity))
+    assert [s for _, s in severities] == ["info", "warning", "critical"]
+    assert severities[0][0] < severities[1][0] < severities[2][0]
+
+
+def test_restart_with_restored_state_and_duplicate_trends_gives_the_same_alerts():
+    shares = calm_shares(30) + [0.8, 0.8, 0.25, 0.25] + calm_shares(20, seed=3) + [0.9, 0.2, 0.2]
+    trends = [trend(i, s) for i, s in enumerate(shares)]
+    uninterrupted = detector().feed(trends)
+
+    first = detector()
+    alerts = first.feed(trends[:32])
+    restored = detector()
+    restored.states.update(json.loads(json.dumps(first.states)))    # the table value, via its changelog
+    alerts += restored.feed(trends[28:])                             # redelivered trends overlap
+    assert [(a.id, a.status, a.window_start) for a in alerts] == \
+        [(a.id, a.status, a.window_start) for a in uninterrupted]
+    assert [a.status for a in uninterrupted] == ["firing", "resolved", "firing", "resolved"]
+
+
+def test_partials_other_window_sizes_and_unwatched_key_types_are_ignored():
+    det = detector(key_types=["topic"])
+    run(det, calm_shares(30))
+    assert run(det, [0.9], first_minute=30, final=False) == []
+    assert run(det, [0.9], first_minute=30, window_s=300) == []
+    assert run(det, [0.9] * 40, key_type="ticker", key="XOM") == []
+    assert len(run(det, [0.9], first_minute=30)) == 1
+
+
+def test_per_key_overrides_apply_and_are_validated():
+    settings = Settings(raw={"detect": {"fire_z": 4.0, "resolve_z": 2.0, "overrides": {
+        f"topic:{KEY}": {"fire_z": 12.0, "critical_z": 15.0}, "ticker:*": {"window_s": 300}}}})
+    config = settings.section("detect", DetectSettings)
+    assert config.rule_for("topic", KEY).fire_z == 12.0
+    assert config.rule_for("topic", "Macro").fire_z == 4.0
+    assert config.rule_for("ticker", "XOM").window_s == 300
+    det = SpikeDetector(config)
+    run(det, calm_shares(30))
+    assert run(det, [0.6], first_minute=30) == []                   # below this key's own threshold
+    run(det, calm_shares(30), key="Macro")
+    assert len(run(det, [0.6], first_minute=30, key="Macro")) == 1
+    with pytest.raises(ConfigError, match="fire_z"):
+        DetectSettings(overrides={"topic:*": {"fire_z": 1.0}})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        DetectSettings(overrides={"topic:*": {"fire_zz": 5.0}})
+    with pytest.raises(ConfigError, match="name a key"):
+        DetectSettings(overrides={"Energy": {"fire_z": 5.0}})
