@@ -1,0 +1,106 @@
+"""The wire formats of one alert event: native JSON, Slack, PagerDuty Events v2 and Alertmanager."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from alerts.formats import ALERTMANAGER_ALERTNAME, DeliveryContext, headline, render
+from stream.records import AlertRecord, format_time
+
+T0 = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+
+
+def make_alert(status: str = "firing", severity: str = "critical", **changes) -> AlertRecord:
+    fields = dict(
+        id="a7f3c2", status=status, key_type="topic", key="Energy | Oil", window_s=300,
+        window_start=T0, window_end=T0 + timedelta(minutes=5), severity=severity,
+        observed={"bearish_share": 0.71, "mean_score": -0.52, "count": 120},
+        baseline={"bearish_share": 0.22, "bearish_share_std": 0.05, "mean_score": 0.04, "mean_score_std": 0.06},
+        deviation=9.8, started_at=T0 + timedelta(minutes=5), emitted_at=T0 + timedelta(minutes=5, seconds=2),
+        resolved_at=T0 + timedelta(minutes=30) if status == "resolved" else None,
+        messages=({"id": "n1", "text": "Refinery fire <!channel> & <https://evil.example|click>", "sentiment_score": -0.97},
+                  {"id": "c9", "text": "Crude collapses", "sentiment_score": -0.9}),
+        summary="Bearish share on Energy | Oil jumped to 71% (baseline 22%)", model_version="m-20261122",
+    )
+    fields.update(changes)
+    return AlertRecord(**fields)
+
+
+def ctx(**changes) -> DeliveryContext:
+    base = dict(webhook_id="msg_abc", event_id="a7f3c2:firing", endpoint="risk", attempt=2,
+                sent_at="2026-11-22T12:05:03.000Z", dashboard_url="http://127.0.0.1:8501/")
+    base.update(changes)
+    return DeliveryContext(**base)
+
+
+def rendered(fmt: str, alert: AlertRecord, context: DeliveryContext | None = None):
+    return json.loads(render(fmt, alert, context or ctx()))
+
+
+def test_native_carries_the_whole_record_and_delivery_metadata():
+    alert = make_alert()
+    body = rendered("native", alert)
+    assert body["type"] == "finpulse.alert.firing"
+    assert AlertRecord.from_dict(body["data"]) == alert
+    assert body["delivery"] == {"webhook_id": "msg_abc", "event_id": "a7f3c2:firing", "endpoint": "risk",
+                                "attempt": 2, "sent_at": "2026-11-22T12:05:03.000Z"}
+    resolved = rendered("native", make_alert("resolved"))
+    assert resolved["type"] == "finpulse.alert.resolved" and resolved["data"]["resolved_at"] == format_time(T0 + timedelta(minutes=30))
+
+
+def test_slack_message_escapes_untrusted_text_and_links_to_the_dashboard():
+    body = rendered("slack", make_alert())
+    assert body["text"].startswith("FIRING [critical]")
+    blocks = body["blocks"]
+    assert blocks[0]["type"] == "header" and "Energy | Oil" in blocks[0]["text"]["text"]
+    everything = json.dumps(blocks)
+    assert "<!channel>" not in everything and "&lt;!channel&gt;" in everything
+    assert "<https://evil.example" not in everything
+    assert "Refinery fire" in everything and "Crude collapses" in everything
+    assert "<http://127.0.0.1:8501/?alert=a7f3c2|open in dashboard>" in blocks[-1]["elements"][0]["text"]
+    fields = {f["text"].split("\n")[0]: f["text"].split("\n")[1] for f in blocks[1]["fields"]}
+    assert fields["*Bearish share*"] == "71% (baseline 22%)" and fields["*Severity*"] == "critical"
+    assert all(len(b.get("text", {}).get("text", "")) <= 3000 for b in blocks)
+    resolved = rendered("slack", make_alert("resolved"))
+    assert resolved["text"].startswith("RESOLVED") and "Refinery fire" not in json.dumps(resolved)
+
+
+def test_pagerduty_trigger_and_resolve_share_the_dedup_key():
+    trigger = rendered("pagerduty", make_alert(), ctx(routing_key="R0UT1NGKEY"))
+    assert trigger["event_action"] == "trigger" and trigger["dedup_key"] == "a7f3c2"
+    assert trigger["routing_key"] == "R0UT1NGKEY"
+    payload = trigger["payload"]
+    assert payload["severity"] == "critical" and payload["source"] == "finpulse/topic/Energy | Oil"
+    assert len(payload["summary"]) <= 1024 and payload["timestamp"] == format_time(T0 + timedelta(minutes=5))
+    assert payload["custom_details"]["observed"]["count"] == 120
+    assert trigger["links"][0]["href"] == "http://127.0.0.1:8501/?alert=a7f3c2"
+    resolve = rendered("pagerduty", make_alert("resolved"), ctx(routing_key="R0UT1NGKEY"))
+    assert resolve == {"routing_key": "R0UT1NGKEY", "dedup_key": "a7f3c2", "event_action": "resolve"}
+    long = rendered("pagerduty", make_alert(key="X" * 2000))
+    assert len(long["payload"]["summary"]) == 1024
+
+
+def test_alertmanager_labels_are_stable_from_firing_to_resolved():
+    firing = rendered("alertmanager", make_alert(severity="critical"))
+    # The detector may resolve with another severity: the resolve reuses the one the firing was sent with.
+    resolved = rendered("alertmanager", make_alert("resolved", severity="info"), ctx(firing_severity="critical"))
+    assert isinstance(firing, list) and len(firing) == 1
+    assert firing[0]["labels"] == resolved[0]["labels"]
+    assert firing[0]["labels"]["alertname"] == ALERTMANAGER_ALERTNAME and firing[0]["labels"]["severity"] == "critical"
+    assert firing[0]["startsAt"] == resolved[0]["startsAt"] == format_time(T0 + timedelta(minutes=5))
+    assert resolved[0]["endsAt"] == format_time(T0 + timedelta(minutes=30))
+    assert firing[0]["endsAt"] > resolved[0]["endsAt"]   # firing: far in the future, until the resolve arrives
+    assert firing[0]["generatorURL"] == "http://127.0.0.1:8501/?alert=a7f3c2"
+    assert firing[0]["annotations"]["observed_bearish_share"] == "0.710"
+    assert all(isinstance(v, str) for v in {**firing[0]["labels"], **firing[0]["annotations"]}.values())
+    assert "generatorURL" not in rendered("alertmanager", make_alert(), ctx(dashboard_url=""))[0]
+
+
+def test_headline_and_unknown_format():
+    assert headline(make_alert()) == ("FIRING [critical] negative sentiment spike on topic Energy | Oil: bearish share "
+                                      "71% vs baseline 22%, mean score -0.52 vs +0.04 (5 min window)")
+    assert "?" in headline(make_alert(observed={}, baseline={}))
+    with pytest.raises(ValueError):
+        render("teams", make_alert(), ctx())
