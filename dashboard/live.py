@@ -87,8 +87,8 @@ class LiveFeed:
             try:
                 consumer = KafkaConsumer(
                     bootstrap_servers=self.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
-                    client_id="finpulse-dashboard", request_timeout_ms=10_000, max_poll_records=5_000,
-                    reconnect_backoff_max_ms=2_000)
+                    client_id="finpulse-dashboard", request_timeout_ms=10_000, bootstrap_timeout_ms=5_000,
+                    max_poll_records=5_000, reconnect_backoff_max_ms=2_000)
                 self._follow(consumer)
                 backoff = 0.5
             except (KafkaError, OSError, ValueError) as exc:

@@ -1,12 +1,14 @@
 """The trained model's own account of itself, for the Model view: its directory (found the way the worker finds
 it), its model card (README.md) and its evaluation (metrics.json), with every confusion matrix in it as a frame.
 
-metrics.json is read defensively: any numeric leaf is a metric, and any ``confusion_matrix`` (a square list of
-lists, under any head) is a matrix, labelled by a sibling ``labels`` list or by the head's known label set.
+metrics.json is read defensively: a head's report is any mapping with a square ``confusion_matrix`` (rows true,
+columns predicted), labelled by its ``labels`` list or by the head's known label set; the held-out ``test``
+section is preferred when there is one.
 """
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 import pandas as pd
 
 from models.labels import SENTIMENTS, TOPICS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,11 @@ def find_model(model_dir: str | None) -> Path | None:
         from models.registry import find_model_dir
     except ImportError:
         return None
-    found = find_model_dir(model_dir or None)
+    try:
+        found = find_model_dir(model_dir or None)
+    except Exception as exc:  # a configured directory that is not a model: the view says no model, the log why
+        log.warning("no usable model directory for the Model view: %s", exc)
+        return None
     return Path(found) if found else None
 
 
@@ -52,20 +60,44 @@ def read_model_card(path: Path) -> ModelCard:
     return ModelCard(path, readme, metrics)
 
 
-def metric_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """Every numeric leaf outside confusion matrices, as (metric, value) with dotted paths."""
-    rows: list[tuple[str, float]] = []
+def head_reports(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every per-head report (a mapping with a square ``confusion_matrix``), named by its path; when the held-out
+    ``test`` section has reports, only those (named by head alone)."""
+    found: dict[str, dict[str, Any]] = {}
 
     def walk(node: Any, path: str) -> None:
-        if isinstance(node, dict):
-            for name, value in node.items():
-                if "confusion" not in str(name):
-                    walk(value, f"{path}.{name}" if path else str(name))
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            rows.append((path, float(node)))
+        if not isinstance(node, dict):
+            return
+        if _is_square(node.get("confusion_matrix")):
+            found[path or "model"] = node
+            return
+        for name, value in node.items():
+            walk(value, f"{path}.{name}" if path else str(name))
 
     walk(metrics, "")
-    return pd.DataFrame(rows, columns=["metric", "value"])
+    test = {name[len("test."):]: report for name, report in found.items() if name.startswith("test.")}
+    return test or found
+
+
+def metric_table(reports: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per head: its scalar numbers (accuracy, macro_f1, n, …)."""
+    rows = [{"head": head, **{k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+            for head, report in reports.items()]
+    return pd.DataFrame(rows)
+
+
+def per_class_table(reports: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    rows = [{"head": head, "class": label, **{k: v for k, v in values.items() if isinstance(v, (int, float))}}
+            for head, report in reports.items() if isinstance(report.get("per_class"), dict)
+            for label, values in report["per_class"].items() if isinstance(values, dict)]
+    return pd.DataFrame(rows)
+
+
+def confusion_matrices(reports: dict[str, dict[str, Any]]) -> dict[str, pd.DataFrame]:
+    """head -> long frame (actual, predicted, count, share of the actual row)."""
+    return {head: _long(report["confusion_matrix"],
+                        _labels_for(head, len(report["confusion_matrix"]), report.get("labels")))
+            for head, report in reports.items()}
 
 
 def _labels_for(head: str, size: int, given: Any) -> list[str]:
@@ -76,25 +108,6 @@ def _labels_for(head: str, size: int, given: Any) -> list[str]:
     if size == len(TOPICS):
         return list(TOPICS)
     return [str(i) for i in range(size)]
-
-
-def confusion_matrices(metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
-    """head name -> long frame (actual, predicted, count, share of the actual row)."""
-    found: dict[str, pd.DataFrame] = {}
-
-    def walk(node: Any, path: str) -> None:
-        if not isinstance(node, dict):
-            return
-        for name, value in node.items():
-            if "confusion" in str(name) and _is_square(value):
-                head = path or str(name).replace("confusion_matrix", "").strip("_") or "model"
-                labels = _labels_for(head, len(value), node.get("labels"))
-                found[head] = _long(value, labels)
-            elif isinstance(value, dict):
-                walk(value, f"{path}.{name}" if path else str(name))
-
-    walk(metrics, "")
-    return found
 
 
 def _is_square(value: Any) -> bool:

@@ -16,7 +16,8 @@ import streamlit as st
 from . import charts
 from . import shaping as sh
 from .live import FeedStatus
-from .model_card import ModelCard, confusion_matrices, find_model, metric_table, read_model_card
+from .model_card import (ModelCard, confusion_matrices, find_model, head_reports, metric_table, per_class_table,
+                         read_model_card)
 from .settings import DashboardSettings
 from .store import Snapshot
 
@@ -273,11 +274,14 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
                    f" (version {card.version}; the messages shown were scored by {scoring_now})"))
         if card.problem:
             st.warning(card.problem)
-        metrics = metric_table(card.metrics)
-        if not metrics.empty:
-            st.dataframe(metrics, key="fp-metrics", hide_index=True,
-                         column_config={"value": st.column_config.NumberColumn(format="%.4f")})
-        matrices = confusion_matrices(card.metrics)
+        reports = head_reports(card.metrics)
+        if reports:
+            st.dataframe(metric_table(reports), key="fp-metrics", hide_index=True,
+                         column_config={"accuracy": st.column_config.NumberColumn(format="%.3f"),
+                                        "macro_f1": st.column_config.NumberColumn(format="%.3f")})
+            with st.expander("Per-class precision, recall and F1"):
+                st.dataframe(per_class_table(reports), key="fp-per-class", hide_index=True)
+        matrices = confusion_matrices(reports)
         for col, (head, matrix) in zip(st.columns(max(1, len(matrices))), matrices.items()):
             with col:
                 st.markdown(f"**Confusion matrix: {md(head)}**")

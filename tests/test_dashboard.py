@@ -1,0 +1,332 @@
+"""The dashboard's views, run with Streamlit's AppTest against records produced into the real tansu broker and
+read by the dashboard's real background consumer; plus the store's bounds and the pure data shaping.
+
+Each AppTest run re-reads the live store, so tests wait (bounded) until the consumer has caught up rather than
+sleeping a fixed time; nothing here asserts on timings.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard import shaping as sh
+from dashboard.cli import settings_environ, streamlit_command
+from dashboard.model_card import confusion_matrices, head_reports, metric_table
+from dashboard.settings import DashboardSettings
+from dashboard.store import LiveStore
+from models.labels import SENTIMENTS, TOPICS
+from models.metrics import head_report
+from stream.broker import EmbeddedBroker, free_port
+from stream.config import Settings
+from stream.records import utcnow
+from stream.topics import TopicNames, ensure_topics
+from tests.dashboard_data import SHOCK_TOPIC, produce, synthesize
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+WAIT_S = 60
+
+
+# ---------------------------------------------------------------- helpers
+
+def _env_for(monkeypatch, settings: Settings, **dashboard) -> None:
+    """Point the app (which reads settings from the environment, as `finpulse dashboard` passes them) at a broker."""
+    for key, value in settings_environ(settings.raw, None).items():
+        monkeypatch.setenv(key, value)
+    for key, value in {"refresh_s": 0.5, **dashboard}.items():
+        monkeypatch.setenv(f"FINPULSE_DASHBOARD__{key.upper()}", str(value))
+    monkeypatch.delenv("FINPULSE_DASHBOARD_PASSWORD", raising=False)
+    monkeypatch.delenv("FINPULSE_CONFIG", raising=False)
+
+
+def _view_script(page: str) -> None:
+    from dashboard.ui import run
+    run(page=page)
+
+
+def _markdown(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown]
+
+
+def _chart_specs(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+
+
+def run_until(at: AppTest, ready, what: str) -> AppTest:
+    """Re-run the app until ``ready(at)``: the background consumer fills the store asynchronously."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if ready(at):
+            return at
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the dashboard never showed {what}; markdown: {_markdown(at)[:8]}, "
+                                 f"info: {[i.value for i in at.info]}, warnings: {[w.value for w in at.warning]}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(autouse=True)
+def _stop_feeds():
+    yield
+    from dashboard.ui import shared_feed
+    shared_feed.clear()  # on_release stops each background consumer
+
+
+@pytest.fixture
+def produced(fp_settings):
+    data = synthesize(utcnow())
+    produce(fp_settings, data)
+    return data
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A model directory as `finpulse train` leaves it, as far as the Model view reads it: the card, the
+    evaluation (from the real metrics code), and the files the registry checks for."""
+    path = tmp_path / "models" / "finpulse-minilm-test"
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 200)
+    predicted = np.where(rng.random(200) < 0.8, truth, rng.integers(0, 3, 200))
+    topic_truth = rng.integers(0, len(TOPICS), 300)
+    metrics = {"model_version": "finpulse-minilm-test",
+               "test": {"sentiment": head_report(truth, predicted, SENTIMENTS),
+                        "topic": head_report(topic_truth, topic_truth, TOPICS)},
+               "validation": {"sentiment": head_report(truth, truth, SENTIMENTS)}}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    (path / "README.md").write_text("# finpulse-minilm-test\n\nA model card for the dashboard test.\n")
+    (path / "config.json").write_text(json.dumps({"finpulse_format": 1, "model_version": "finpulse-minilm-test",
+                                                  "topics": list(TOPICS), "sentiments": list(SENTIMENTS)}))
+    (path / "model.safetensors").write_bytes(b"")
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+# ---------------------------------------------------------------- views on a real broker
+
+def test_overview_puts_the_shocked_topic_first_with_its_alert(fp_settings, produced, monkeypatch):
+    _env_for(monkeypatch, fp_settings)
+    at = AppTest.from_file(APP, default_timeout=60)
+    run_until(at, lambda a: any(m.startswith("**1. ") for m in _markdown(a)), "the unusual ranking")
+    first = next(m for m in _markdown(at) if m.startswith("**1. "))
+    assert "Energy \\| Oil" in first and "alert firing" in first and "critical" in first
+    alerts = [m for m in _markdown(at) if "firing since" in m or "resolved" in m]
+    assert "Energy \\| Oil" in alerts[0] and "critical" in alerts[0]
+    assert any("Earnings" in m and "resolved" in m for m in alerts)
+    assert {m.label for m in at.metric} >= {"Latest data", "Firing alerts", "Messages in newest window"}
+    assert next(m for m in at.metric if m.label == "Firing alerts").value == "1"
+    assert [spec["mark"]["type"] for spec in _chart_specs(at)] == ["rect", "bar"]  # heatmap, volume bars
+    assert at.get("download_button")                          # the displayed windows as CSV
+
+
+def test_overview_filters_tickers_and_converts_time_zone(fp_settings, produced, monkeypatch):
+    _env_for(monkeypatch, fp_settings, timezone="Asia/Tokyo")
+    at = AppTest.from_file(APP, default_timeout=60)
+    run_until(at, lambda a: any(m.startswith("**1. ") for m in _markdown(a)), "the unusual ranking")
+    at.radio(key="fp_key_type").set_value("ticker").run()
+    at.multiselect(key="fp_keys_ticker").set_value(["MSFT"]).run()
+    ranked = [m for m in _markdown(at) if m.startswith("**")  and "σ" in m]
+    assert len(ranked) == 1 and "MSFT" in ranked[0]
+    newest = max(t.window_end for t in produced.trends)
+    shown = next(m for m in at.metric if m.label == "Latest data").value
+    assert shown == newest.astimezone(__import__("zoneinfo").ZoneInfo("Asia/Tokyo")).strftime("%H:%M:%S")
+
+
+def test_drilldown_shows_band_markers_messages_and_split(fp_settings, produced, monkeypatch):
+    _env_for(monkeypatch, fp_settings)
+    at = AppTest.from_function(_view_script, args=("drilldown",), default_timeout=60)
+    at.query_params["key_type"] = "topic"
+    at.query_params["key"] = SHOCK_TOPIC
+    run_until(at, lambda a: len(_chart_specs(a)) >= 3, "the drill-down charts")
+    assert at.selectbox(key="fp_drill_key").value == SHOCK_TOPIC
+    layered = [c for c in _chart_specs(at) if "layer" in c]
+    assert len(layered) == 2 and all(len(c["layer"]) == 4 for c in layered)  # band, baseline, signal, alert rules
+    negative = at.dataframe[0].value  # most negative, then most positive
+    assert len(negative) == 5 and negative["sentiment_score"].is_monotonic_increasing
+    assert (negative["sentiment_score"] < -0.3).all()
+    assert negative["url"].str.startswith("https://news.example/").any()
+    assert any(c.value.startswith("news: ") for c in at.caption)
+
+    at.selectbox(key="fp_drill_key").set_value("Earnings").run()
+    markers = [len(c["layer"]) for c in _chart_specs(at) if "layer" in c]
+    assert markers == [4, 4]  # Earnings' fired and resolved episode is on its charts as well
+
+
+def test_alerts_view_links_deliveries_and_messages(fp_settings, produced, monkeypatch):
+    _env_for(monkeypatch, fp_settings)
+    at = AppTest.from_function(_view_script, args=("alerts",), default_timeout=60)
+    run_until(at, lambda a: any(m.label == "Firing" for m in a.metric) and a.dataframe, "the alert table")
+    assert next(m for m in at.metric if m.label == "Firing").value == "1"
+    assert next(m for m in at.metric if m.label == "Resolved").value == "1"
+    table = at.dataframe[0].value  # the alert table, its deliveries, its messages
+    shock = table[table["key"] == SHOCK_TOPIC].iloc[0]
+    assert "risk-webhook: delivered" in shock["deliveries"] and "pagerduty: failed (5 tries)" in shock["deliveries"]
+    deliveries = at.dataframe[1].value.set_index("endpoint")
+    assert deliveries.loc["pagerduty", "status"] == "failed" and "503" in deliveries.loc["pagerduty", "last_error"]
+    assert deliveries.loc["risk-webhook", "status"] == "delivered"
+    firing = next(a for a in produced.alerts if a.key == SHOCK_TOPIC)
+    messages = at.dataframe[2].value
+    assert set(messages["id"]) == {m["id"] for m in firing.messages}
+    assert any("drilldown?key_type=topic&key=Energy+%7C+Oil" in m for m in _markdown(at))
+
+    resolved_id = next(a.id for a in produced.alerts if a.status == "resolved")
+    at.selectbox(key="fp_alert").set_value(resolved_id).run()
+    assert any("resolved" in m and "Earnings" in m for m in _markdown(at))
+    assert any("No delivery recorded" in c.value for c in at.caption)
+
+
+def test_model_view_shows_version_metrics_confusion_and_lag(fp_settings, produced, model_dir, monkeypatch):
+    _env_for(monkeypatch, fp_settings)
+    monkeypatch.setenv("FINPULSE_WORKER__MODEL_DIR", str(model_dir))
+    at = AppTest.from_function(_view_script, args=("model",), default_timeout=60)
+    run_until(at, lambda a: any(m.label == "Model scoring now" and m.value != "—" for m in a.metric), "the model version")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Model scoring now"] == "finpulse-minilm-test"
+    assert metrics["Worker lag (input records)"] == "0"   # no input yet, and the feed could ask the broker
+    assert metrics["Dead-lettered inputs"] == "0"
+    table = at.dataframe[0].value.set_index("head")  # headline metrics come first
+    assert table.loc["topic", "accuracy"] == 1.0 and 0.7 < table.loc["sentiment", "accuracy"] < 0.95
+    assert sum("layer" in s and s["layer"][0]["mark"]["type"] == "rect" for s in _chart_specs(at)) == 2  # both heads' matrices
+    assert any("model card" in e.label.lower() for e in at.expander)
+
+
+def test_unreachable_kafka_says_so_and_recovers_when_it_appears(monkeypatch, tmp_path):
+    port = free_port()
+    settings = Settings(raw={"kafka": {"bootstrap_servers": f"127.0.0.1:{port}", "topic_prefix": "late"}})
+    _env_for(monkeypatch, settings)
+    at = AppTest.from_file(APP, default_timeout=60)
+    run_until(at, lambda a: any("unreachable" in w.value for w in a.warning), "the unreachable message")
+    assert not at.exception and not at.error
+    with EmbeddedBroker(port, log_file=tmp_path / "tansu.log"):
+        names = TopicNames("late")
+        ensure_topics(settings.kafka, names.all(), names.compacted())
+        produce(settings, synthesize(utcnow()))
+        run_until(at, lambda a: any(m.startswith("**1. ") for m in _markdown(a)), "data after Kafka came up")
+        assert not any("unreachable" in w.value for w in at.warning)
+
+
+def test_empty_topics_are_reported_plainly(fp_settings, monkeypatch):
+    _env_for(monkeypatch, fp_settings)
+    at = AppTest.from_file(APP, default_timeout=60)
+    run_until(at, lambda a: any("topics are empty" in i.value for i in a.info), "the empty-topics message")
+    assert not at.exception and not at.error and not at.metric
+
+
+def test_password_gate_shows_nothing_before_sign_in(fp_settings, produced, monkeypatch):
+    _env_for(monkeypatch, fp_settings)
+    monkeypatch.setenv("FINPULSE_DASHBOARD_PASSWORD", "correct horse battery staple")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert at.text_input(key="fp_password") and not at.metric and not _chart_specs(at)
+    at.text_input(key="fp_password").input("wrong")
+    at.button[0].click().run()
+    assert any(e.value == "Wrong password." for e in at.error) and not at.metric
+    at.text_input(key="fp_password").input("correct horse battery staple")
+    at.button[0].click()
+    run_until(at, lambda a: any(m.startswith("**1. ") for m in _markdown(a)), "data after signing in")
+
+
+def test_password_mode_without_a_password_fails_closed(fp_settings, produced, monkeypatch):
+    _env_for(monkeypatch, fp_settings, auth="password")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert any("FINPULSE_DASHBOARD_PASSWORD is empty" in e.value for e in at.error)
+    assert not at.metric and not _chart_specs(at) and not at.text_input
+
+
+# ---------------------------------------------------------------- the store's bounds and the pure shaping
+
+def _store(**cfg) -> LiveStore:
+    return LiveStore(DashboardSettings(**cfg))
+
+
+def test_store_keeps_final_windows_over_partials_and_bounds_time_and_rows():
+    data = synthesize(utcnow(), minutes=60, topics=(SHOCK_TOPIC, "Earnings"), tickers=())
+    store = _store(retention_hours=0.5, max_trend_rows=50)
+    newest_partial = next(t for t in reversed(data.trends) if not t.final)
+    for t in data.trends:
+        store.add("trends", t.to_json())
+    final_version = newest_partial.__class__(**{**newest_partial.__dict__, "final": True, "count": 999})
+    store.add("trends", final_version.to_json())
+    store.add("trends", newest_partial.to_json())  # a late duplicate of the partial must not win
+    snap = store.snapshot()
+    assert len(snap.trends) <= 50 and snap.trends["window_id"].is_unique
+    assert snap.trends["window_end"].min() >= snap.trends["window_end"].max() - pd.Timedelta(minutes=30)
+    row = snap.trends[snap.trends["window_id"] == final_version.window_id].iloc[0]
+    assert bool(row["final"]) and row["count"] == 999
+
+
+def test_store_dedupes_alerts_and_messages_and_applies_delivery_tombstones():
+    data = synthesize(utcnow())
+    store = _store(max_scored_rows=100)
+    for a in data.alerts * 2:
+        store.add("alerts", a.to_json())
+    for m in data.scored + data.scored[:10]:
+        store.add("scored", m.to_json())
+    for key, state in data.deliveries.items():
+        store.add("deliveries", json.dumps({**state, "status": "pending"}), key)
+        store.add("deliveries", json.dumps(state), key)
+    doomed = next(iter(data.deliveries))
+    store.add("deliveries", None, doomed)
+    assert not store.add("alerts", b"{not json")
+    assert not store.add("scored", json.dumps({"id": "x"}))
+    snap = store.snapshot()
+    assert len(snap.alerts) == 3 and not snap.alerts.duplicated(["id", "status"]).any()
+    assert len(snap.scored) == 100 and snap.scored["id"].is_unique
+    assert snap.scored["event_time"].min() >= max(m.event_time for m in data.scored[:100]) - timedelta(hours=1)
+    assert doomed not in set(snap.deliveries["delivery_key"])
+    assert set(snap.deliveries["status"]) <= {"delivered", "failed"}
+    assert snap.bad_records == 2
+
+
+def test_unusual_ranking_uses_each_keys_own_history():
+    data = synthesize(utcnow(), shock_key="Macro", topics=("Macro", "Markets", "Earnings"), tickers=())
+    store = _store()
+    for t in data.trends:
+        store.add("trends", t.to_json())
+    snap = store.snapshot()  # no alerts: the ranking must come from the windows alone
+    ranking = sh.unusual_now(snap.trends, snap.alerts, sh.ViewFilters())
+    assert ranking["key"].iloc[0] == "Macro" and ranking["unusual"].iloc[0] > 2
+    assert not ranking["firing"].any()
+
+
+def test_heatmap_buckets_stay_bounded_and_weighted():
+    data = synthesize(utcnow(), minutes=600, topics=("Macro", "Markets"), tickers=(), shock_key="Macro")
+    store = _store()
+    for t in data.trends:
+        store.add("trends", t.to_json())
+    windows = sh.key_windows(store.snapshot().trends, sh.ViewFilters(span=None))
+    cells = sh.heatmap(windows)
+    assert cells.groupby("key").size().max() <= sh.MAX_BUCKETS + 1
+    assert cells["count"].sum() == windows["count"].sum()
+
+
+def test_in_zone_shows_the_chosen_wall_clock():
+    frame = pd.DataFrame({"t": pd.to_datetime(["2026-01-01T12:00:00Z"], utc=True)})
+    assert str(sh.in_zone(frame, "America/New_York")["t"].iloc[0]) == "2026-01-01 07:00:00"
+
+
+def test_model_card_prefers_the_test_section_and_labels_matrices():
+    truth = np.array([0, 1, 2, 2])
+    metrics = {"test": {"sentiment": head_report(truth, np.array([0, 1, 1, 2]), SENTIMENTS)},
+               "validation": {"sentiment": head_report(truth, truth, SENTIMENTS)}}
+    reports = head_reports(metrics)
+    assert list(reports) == ["sentiment"]
+    assert metric_table(reports).set_index("head").loc["sentiment", "accuracy"] == 0.75
+    matrix = confusion_matrices(reports)["sentiment"].set_index(["actual", "predicted"])
+    assert matrix.loc[("bullish", "neutral"), "count"] == 1 and matrix.loc[("bullish", "neutral"), "share"] == 0.5
+
+
+def test_cli_passes_settings_to_streamlit_through_the_environment():
+    env = settings_environ({"kafka": {"bootstrap_servers": "k:9092", "partitions": 4},
+                            "alerts": {"endpoints": [{"name": "x"}]}, "dashboard": {"refresh_s": 1.5}}, None)
+    assert env == {"FINPULSE_KAFKA__BOOTSTRAP_SERVERS": "k:9092", "FINPULSE_KAFKA__PARTITIONS": "4",
+                   "FINPULSE_DASHBOARD__REFRESH_S": "1.5"}
+    command = streamlit_command("0.0.0.0", 8600)
+    assert "--server.headless=true" in command and "--server.port=8600" in command
+    assert "--client.showErrorDetails=none" in command and command[3] == "run" and command[4].endswith("app.py")
