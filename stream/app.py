@@ -1,0 +1,263 @@
+"""The FinPulse Faust app: the scoring agent, plus the agents, tables and services other packages install.
+
+``create_app(settings, scorer)`` builds the app. Its ``score`` agent reads ``finpulse.news`` and
+``finpulse.comments`` (raw bytes) in micro-batches (``take_events(max_batch, within=max_wait_s)``) and per batch:
+
+1. parses every message strictly (``records.parse_input``, the kind given by the source topic); a message that is
+   not valid becomes a ``DeadLetter`` (original bytes, reason, source topic/partition/offset);
+2. scores the valid texts with the ``Scorer`` in a worker thread (the event loop keeps fetching meanwhile); a text
+   the scorer cannot score (``Prediction.error``) is dead-lettered as ``unscorable``;
+3. publishes one ``ScoredRecord`` per message to ``finpulse.scored`` keyed by its topic label, and the same record
+   once per ticker to ``finpulse.scored-by-ticker`` keyed by the ticker (so per-topic and per-ticker tables are
+   co-partitioned with their source). Every record's Kafka timestamp is the message's event time;
+4. waits until the broker has every record it produced (retrying failed sends) before the batch body ends, and
+   only then does ``take_events`` ack the batch: at-least-once, offsets never run ahead of outputs.
+
+Then each module of ``EXTENSIONS`` that is part of this build gets ``install(app, settings, names)`` to register
+its own agents/tables/services (aggregation windows, spike detection, alert delivery).
+
+``Scoring`` is the Faust-free core of steps 1-3, so benchmarks can run exactly the same work outside Faust.
+``faust -A stream.app:app worker`` works too: the module-level ``app`` is built on first access from
+``load_settings()`` (see ``stream.worker.prepare_app``).
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+from models.interface import Prediction, Scorer, failed, load_scorer
+
+from .config import Settings
+from .kafka_io import bootstrap_list, kafka_timestamp_ms
+from .records import (DeadLetter, InputItem, InvalidRecord, Kind, ScoredRecord, excerpt, parse_input, utcnow)
+from .topics import TopicNames
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("stream.aggregate", "alerts.detect", "alerts.dispatch")
+# A dead letter carries at most this much of the original (base64 grows it by a third, and a Kafka record is
+# 1 MB by default); the full original stays in the source topic at the recorded partition/offset.
+DEAD_LETTER_ORIGINAL_MAX = 700_000
+STATS_INTERVAL_S = 30.0
+SEND_RETRY_MAX_S = 30.0
+
+
+@dataclass(frozen=True)
+class SourceMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: str
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int | None
+
+
+class Scoring:
+    """Turns a batch of input messages into the records to publish. No Kafka, no Faust: callers consume and
+    produce. ``parse`` and ``publishable`` run on the event loop (cheap); ``score`` blocks (run it in a thread)."""
+
+    def __init__(self, scorer: Scorer, names: TopicNames, max_text_chars: int, clock=utcnow):
+        self.scorer = scorer
+        self.names = names
+        self.max_text_chars = max_text_chars
+        self.clock = clock
+        self.kinds: dict[str, Kind] = {names.news: "news", names.comments: "comment"}
+        self.scored = 0
+        self.rejected: Counter[str] = Counter()
+
+    def parse(self, messages: Sequence[SourceMessage]) -> tuple[list[tuple[SourceMessage, InputItem]], list[Outgoing]]:
+        """(valid messages with their parsed items, dead letters for the others)."""
+        valid, dead = [], []
+        for message in messages:
+            try:
+                item = parse_input(message.value or b"", self.kinds[message.topic], self.max_text_chars)
+            except InvalidRecord as exc:
+                dead.append(self.dead_letter(message, exc.reason, exc.detail))
+            except Exception as exc:  # noqa: BLE001 - a parser bug must not stop the stream or lose the message
+                log.exception("parse_input failed unexpectedly at %s[%d]@%d", message.topic, message.partition,
+                              message.offset)
+                dead.append(self.dead_letter(message, "unscorable", f"parser error {type(exc).__name__}: {exc}"))
+            else:
+                valid.append((message, item))
+        return valid, dead
+
+    def score(self, texts: Sequence[str]) -> list[Prediction]:
+        """The scorer's predictions; if the scorer raises for the batch, each text is scored alone so that only
+        the texts it really cannot score fail."""
+        try:
+            predictions = self.scorer.score(texts)
+            if len(predictions) != len(texts):
+                raise RuntimeError(f"scorer returned {len(predictions)} predictions for {len(texts)} texts")
+            return predictions
+        except Exception as exc:  # noqa: BLE001 - isolate the failing texts instead of stopping the stream
+            if len(texts) == 1:
+                return [failed(f"{type(exc).__name__}: {exc}")]
+            log.exception("scorer failed on a batch of %d: scoring its texts one by one", len(texts))
+            return [self.score([text])[0] for text in texts]
+
+    def publishable(self, valid: Sequence[tuple[SourceMessage, InputItem]],
+                    predictions: Sequence[Prediction]) -> list[Outgoing]:
+        """Scored records (by topic and by ticker) and ``unscorable`` dead letters for one scored batch."""
+        out: list[Outgoing] = []
+        scored_at = self.clock()
+        version = self.scorer.model_version
+        names = self.names
+        for (message, item), prediction in zip(valid, predictions):
+            if prediction.error is not None:
+                out.append(self.dead_letter(message, "unscorable", prediction.error))
+                continue
+            record = ScoredRecord(
+                id=item.id, kind=item.kind, event_time=item.event_time, text=excerpt(item.text),
+                topic=prediction.topic, topic_confidence=prediction.topic_confidence,
+                sentiment=prediction.sentiment, sentiment_score=prediction.sentiment_score, tickers=item.tickers,
+                model_version=version, scored_at=scored_at, source=item.source, url=item.url)
+            value = record.to_json()
+            timestamp_ms = kafka_timestamp_ms(item.event_time)
+            out.append(Outgoing(names.scored, prediction.topic.encode("utf-8"), value, timestamp_ms))
+            for ticker in item.tickers:
+                out.append(Outgoing(names.scored_by_ticker, ticker.encode("utf-8"), value, timestamp_ms))
+            self.scored += 1
+        return out
+
+    def dead_letter(self, message: SourceMessage, reason: str, detail: str) -> Outgoing:
+        self.rejected[reason] += 1
+        original = message.value or b""
+        if len(original) > DEAD_LETTER_ORIGINAL_MAX:
+            detail = f"{detail} (original is {len(original)} bytes: the first {DEAD_LETTER_ORIGINAL_MAX} are kept)"
+            original = original[:DEAD_LETTER_ORIGINAL_MAX]
+        letter = DeadLetter(reason=reason, detail=detail, source_topic=message.topic,
+                            source_partition=message.partition, source_offset=message.offset,
+                            original_b64=DeadLetter.encode_bytes(original), failed_at=self.clock(),
+                            original_key_b64=DeadLetter.encode_bytes(message.key))
+        return Outgoing(self.names.deadletter, message.key, letter.to_json(), None)
+
+    def stats_line(self) -> str:
+        reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(self.rejected.items())) or "none"
+        return f"scored {self.scored}; dead-lettered {sum(self.rejected.values())} ({reasons})"
+
+
+SendFn = Callable[[Outgoing], Awaitable[asyncio.Future]]
+
+
+async def deliver(send: SendFn, records: Sequence[Outgoing]) -> None:
+    """Send every record and wait for all deliveries (one gather per batch); resend the failed ones with backoff
+    until the broker has them all. Never gives up: leaving with records undelivered would let the input offsets
+    be committed without their outputs."""
+    backoff = 0.5
+    while records:
+        futures: list[Any] = []
+        for record in records:
+            try:
+                futures.append(await send(record))
+            except Exception as exc:  # noqa: BLE001 - treated like a failed delivery, below
+                futures.append(exc)
+        pending = [f for f in futures if not isinstance(f, BaseException)]
+        results = iter(await asyncio.gather(*pending, return_exceptions=True))
+        outcomes = [f if isinstance(f, BaseException) else next(results) for f in futures]
+        failed_records = [r for r, outcome in zip(records, outcomes) if isinstance(outcome, BaseException)]
+        if failed_records:
+            first = next(o for o in outcomes if isinstance(o, BaseException))
+            log.error("%d of %d records not delivered (%r): retrying in %.1fs", len(failed_records), len(records),
+                      first, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(SEND_RETRY_MAX_S, backoff * 2)
+        records = failed_records
+
+
+def create_app(settings: Settings, scorer: Scorer | None = None, extensions: Sequence[str] = EXTENSIONS):
+    """The worker's Faust app. ``scorer`` defaults to ``load_scorer`` from ``[worker]``; ``extensions`` are the
+    modules whose ``install(app, settings, names)`` adds their parts (a module missing from this build is skipped)."""
+    import faust
+
+    kafka, worker = settings.kafka, settings.worker
+    names = TopicNames(kafka.topic_prefix)
+    if scorer is None:
+        scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device)
+    app = faust.App(
+        worker.app_id,
+        broker=[f"kafka://{server}" for server in bootstrap_list(kafka.bootstrap_servers)],
+        store="memory://",       # tables are rebuilt from their changelog topics on start
+        topic_partitions=kafka.partitions,
+        topic_replication_factor=kafka.replication_factor,
+        broker_session_timeout=kafka.session_timeout_s,
+        broker_heartbeat_interval=kafka.heartbeat_interval_s,
+        consumer_auto_offset_reset="earliest",
+        datadir=worker.data_dir,
+        web_enabled=worker.web_port > 0,
+        web_port=worker.web_port or 6066,
+    )
+    install_scoring(app, settings, names, scorer)
+    for module_name in extensions:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                log.info("%s is not part of this build: skipped", module_name)
+                continue
+            raise
+        module.install(app, settings, names)
+    return app
+
+
+def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) -> Scoring:
+    """Register the ``score`` agent and its periodic statistics log on ``app``."""
+    worker = settings.worker
+    scoring = Scoring(scorer, names, worker.max_text_chars)
+    inputs = app.topic(names.news, names.comments, key_type=bytes, value_type=bytes, key_serializer="raw",
+                       value_serializer="raw")
+    # One thread: the scorer batches internally and may use every core; batches stay in order.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-scorer")
+
+    async def send(record: Outgoing) -> asyncio.Future:
+        timestamp = record.timestamp_ms / 1000.0 if record.timestamp_ms is not None else None
+        return await app.producer.send(record.topic, record.key, record.value, partition=None,
+                                       timestamp=timestamp, headers=None)
+
+    @app.agent(inputs, name="score")
+    async def score(stream):
+        loop = asyncio.get_running_loop()
+        async for events in stream.take_events(worker.max_batch, within=worker.max_wait_s):
+            messages = [SourceMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value)
+                        for e in events]
+            valid, outputs = scoring.parse(messages)
+            if valid:
+                predictions = await loop.run_in_executor(executor, scoring.score, [item.text for _, item in valid])
+                outputs.extend(scoring.publishable(valid, predictions))
+            await deliver(send, outputs)
+
+    last_logged = {"line": ""}
+
+    @app.timer(STATS_INTERVAL_S, name="score-stats")
+    async def log_stats():
+        line = scoring.stats_line()
+        if line != last_logged["line"]:
+            last_logged["line"] = line
+            log.info("%s (model %s)", line, scorer.model_version)
+
+    log.info("scoring with %s; batches of up to %d within %.2fs", scorer.model_version, worker.max_batch,
+             worker.max_wait_s)
+    return scoring
+
+
+def __getattr__(name: str):
+    """``stream.app:app`` for the Faust command line, built on first access from ``load_settings()``."""
+    if name == "app":
+        from .config import load_settings
+        from .worker import prepare_app
+
+        built = prepare_app(load_settings())
+        globals()["app"] = built
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

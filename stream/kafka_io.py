@@ -1,0 +1,203 @@
+"""Small Kafka helpers shared by FinPulse's producers (ingest, simulate), tools and tests.
+
+* ``RecordSender``: produce records with the Kafka timestamp set to their event time, then ``flush()`` waits until
+  the broker has every one of them (raises if any failed). Used by ``finpulse ingest`` and ``finpulse simulate``::
+
+      async with RecordSender(settings.kafka, client_id="finpulse-ingest") as sender:
+          for item in items:
+              await sender.send(topic, item.to_json(), key=item.id.encode(), event_time=item.event_time)
+          await sender.flush()
+
+* ``read_topic``/``tail_topic``: read every record of a topic up to its *true* end. The end is the high watermark
+  of a fetch response, not ``end_offsets()``: the embedded tansu broker answers ListOffsets with the base offset of
+  the last record batch + 1, which is too low whenever that batch holds more than one record (see
+  ``stream.tansu_compat``). Apache Kafka gives the same answer both ways.
+* ``fetch_highwaters``: the true end of given partitions, for code that must know it before reading.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable, Mapping, Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from .config import KafkaSettings
+from .records import epoch_ms
+
+
+def bootstrap_list(bootstrap_servers: str) -> list[str]:
+    return [s.strip() for s in bootstrap_servers.split(",") if s.strip()]
+
+
+def kafka_timestamp_ms(event_time: datetime | None) -> int | None:
+    """The Kafka record timestamp for an event time; None (broker time) for times before 1970, which Kafka
+    cannot store."""
+    if event_time is None:
+        return None
+    ms = epoch_ms(event_time)
+    return ms if ms >= 0 else None
+
+
+class RecordSender:
+    """An async producer that remembers every delivery future until ``flush()``.
+
+    ``send`` only queues (the producer batches by partition); at most ``max_pending`` deliveries are outstanding,
+    beyond that ``send`` waits for the oldest ones, so memory stays bounded on endless inputs.
+    """
+
+    def __init__(self, kafka: KafkaSettings, client_id: str = "finpulse", linger_ms: int = 5,
+                 max_pending: int = 20_000):
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_list(kafka.bootstrap_servers),
+                                          client_id=client_id, linger_ms=linger_ms, acks="all",
+                                          max_request_size=2 * 1024 * 1024)
+        self._pending: list[asyncio.Future] = []
+        self._max_pending = max_pending
+        self.delivered = 0
+
+    async def __aenter__(self) -> "RecordSender":
+        await self._producer.start()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                await self.flush()
+        finally:
+            await self._producer.stop()
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, event_time: datetime | None = None,
+                   partition: int | None = None) -> None:
+        future = await self._producer.send(topic, value, key=key, partition=partition,
+                                           timestamp_ms=kafka_timestamp_ms(event_time))
+        self._pending.append(future)
+        if len(self._pending) >= self._max_pending:
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Wait until every record sent so far is on the broker; return how many were. Raises the first error."""
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+        self.delivered += len(pending)
+        return len(pending)
+
+
+# ---------------------------------------------------------------- reading to the true end
+
+@dataclass(frozen=True)
+class ConsumedRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+def _consumer(bootstrap_servers: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap_list(bootstrap_servers), enable_auto_commit=False,
+                            group_id=None, fetch_max_wait_ms=100, request_timeout_ms=10_000)
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float) -> list[TopicPartition]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return [TopicPartition(topic, p) for p in sorted(parts)]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topic {topic} does not exist")
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.1)
+
+
+async def _read_until_caught_up(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], deadline: float,
+                                on_batch: Callable[[list[ConsumedRecord]], None]) -> bool:
+    """Fetch until every partition's position has reached its fetch high watermark (known only once a fetch
+    response for it has arrived). Returns False when ``deadline`` passes first."""
+    while time.monotonic() < deadline:
+        batches = await consumer.getmany(*tps, timeout_ms=200)
+        records = [ConsumedRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
+                   for msgs in batches.values() for m in msgs]
+        if records:
+            on_batch(records)
+        caught_up = True
+        for tp in tps:
+            highwater = consumer.highwater(tp)
+            if highwater is None or await consumer.position(tp) < highwater:
+                caught_up = False
+                break
+        if caught_up:
+            return True
+    return False
+
+
+async def read_topic_async(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> list[ConsumedRecord]:
+    """Every record now in ``topic``, all partitions, in partition then offset order."""
+    consumer = _consumer(bootstrap_servers)
+    await consumer.start()
+    try:
+        tps = await _partitions(consumer, topic, timeout_s)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[ConsumedRecord] = []
+        if not await _read_until_caught_up(consumer, tps, time.monotonic() + timeout_s, out.extend):
+            raise TimeoutError(f"could not read {topic} to its end within {timeout_s:.0f}s ({len(out)} records read)")
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        await consumer.stop()
+
+
+def read_topic(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> list[ConsumedRecord]:
+    """Synchronous ``read_topic_async`` (for tools and tests that have no event loop)."""
+    return asyncio.run(read_topic_async(bootstrap_servers, topic, timeout_s))
+
+
+async def tail_topic_async(bootstrap_servers: str, topic: str, until: Callable[[list[ConsumedRecord]], bool],
+                           timeout_s: float) -> tuple[list[ConsumedRecord], bool]:
+    """Read ``topic`` from the beginning, keep reading as records arrive, and stop as soon as ``until(records)``
+    is true for everything read so far (checked after each fetch, and once caught up). Returns (records, met)."""
+    consumer = _consumer(bootstrap_servers)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        tps = await _partitions(consumer, topic, timeout_s)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[ConsumedRecord] = []
+        met = until(out)
+        while not met and time.monotonic() < deadline:
+            batches = await consumer.getmany(*tps, timeout_ms=250)
+            for msgs in batches.values():
+                out.extend(ConsumedRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in msgs)
+            met = until(out)
+        return out, met
+    finally:
+        await consumer.stop()
+
+
+async def fetch_highwaters(bootstrap_servers: str, start_offsets: Mapping[TopicPartition, int],
+                           timeout_s: float = 10.0) -> dict[TopicPartition, int]:
+    """The high watermark of each partition, from a fetch starting at ``start_offsets[tp]`` (start near the
+    expected end, e.g. at a possibly-too-low reported end minus one, so the fetch stays small)."""
+    if not start_offsets:
+        return {}
+    consumer = _consumer(bootstrap_servers)
+    await consumer.start()
+    try:
+        tps = list(start_offsets)
+        consumer.assign(tps)
+        for tp, offset in start_offsets.items():
+            consumer.seek(tp, max(0, offset))
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.highwater(tp) is None for tp in tps):
+            if time.monotonic() > deadline:
+                missing = [f"{tp.topic}[{tp.partition}]" for tp in tps if consumer.highwater(tp) is None]
+                raise TimeoutError(f"no fetch response within {timeout_s:.0f}s for {', '.join(missing)}")
+            await consumer.getmany(*tps, timeout_ms=100)
+        return {tp: consumer.highwater(tp) for tp in tps}
+    finally:
+        await consumer.stop()
