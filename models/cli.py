@@ -1,0 +1,136 @@
+"""``finpulse train`` and ``finpulse evaluate``: the classifier's command line.
+
+Registered into the ``finpulse`` dispatcher by ``register``; ``python -m models.cli`` runs the same commands
+without the rest of FinPulse installed (as on a bare GPU machine). torch is imported only when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .settings import ModelSettings
+
+RECIPE_NAMES = ("quick", "plain", "full")  # models.recipes.RECIPES, named here so `--help` needs no torch
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune the topic + sentiment classifier (writes var/models/<version>/)",
+                       description="Recipes: quick (CPU, <10 min, for a first run), plain (one fine-tuned model), "
+                                   "full (GPU: domain pretraining, teacher ensemble, cross-task distillation).")
+    p.add_argument("--recipe", choices=RECIPE_NAMES, default="quick")
+    p.add_argument("--data", action="append", metavar="SOURCE",
+                   help="'shared' (default), a directory like the shared one, a CSV/JSONL file with text + topic "
+                        "and/or sentiment, or hub:twitter-financial-news-{sentiment,topic}[:split] (online); repeatable")
+    p.add_argument("--data-dir", help="the shared data directory (default [models] data_dir, $FINPULSE_DATA_DIR, "
+                                      "../shared/data/finance)")
+    p.add_argument("--base-model", help="local directory or hub id of a BERT-family encoder (default all-MiniLM-L6-v2)")
+    p.add_argument("--out", help="models directory (default [models] models_dir, var/models)")
+    p.add_argument("--runs-dir", help="training state directory (default [models] runs_dir, var/runs)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="spread this many seconds over the stages")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-length", type=int, help="tokens per text")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--train-limit", type=int, metavar="ROWS", help="train on a stratified sample of this many rows")
+    p.add_argument("--teachers", type=int, help="full recipe: adapted-encoder teachers in the ensemble")
+    p.add_argument("--mlm-epochs", type=int, help="full recipe: domain pretraining epochs")
+    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, macro-F1, per-class F1 and confusion matrices of a trained model")
+    p.add_argument("model", nargs="?", help="model directory (default: the newest under var/models)")
+    p.add_argument("--data", action="append", metavar="SOURCE",
+                   help="evaluate on these sources instead (as for train); default: the model's held-out test slice")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="without --data: which held-out slice of the model's training data (default test)")
+    p.add_argument("--data-dir")
+    p.add_argument("--device")
+    p.add_argument("--out", help="JSON report path (default var/eval/<version>-<data>.json)")
+    p.set_defaults(func=_evaluate)
+
+
+def _train(args, settings) -> int:
+    import dataclasses
+    import torch
+    from .data import DataError, default_data_dir
+    from .modeling import ModelError, resolve_base_model
+    from .recipes import RECIPES, print_outcome, run_recipe
+    from .scorer import pick_device
+
+    ms = settings.section("models", ModelSettings)
+    recipe = RECIPES[args.recipe]
+    fit_overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                                        "max_length": args.max_length, "seed": args.seed}.items() if v is not None}
+    recipe = dataclasses.replace(recipe, fit=dataclasses.replace(recipe.fit, **fit_overrides))
+    if args.train_limit is not None:
+        recipe = dataclasses.replace(recipe, train_limit=args.train_limit)
+    if args.teachers is not None:
+        recipe = dataclasses.replace(recipe, teachers=args.teachers)
+    if recipe.mlm and (args.mlm_epochs is not None or args.max_length):
+        recipe = dataclasses.replace(recipe, mlm=dataclasses.replace(
+            recipe.mlm, **{k: v for k, v in {"epochs": args.mlm_epochs, "max_length": args.max_length}.items() if v}))
+    try:
+        outcome = run_recipe(
+            recipe, data_specs=args.data or ["shared"], data_dir=default_data_dir(args.data_dir or ms.data_dir or None),
+            base_model=resolve_base_model(args.base_model or ms.base_model or None),
+            models_root=Path(args.out or ms.models_dir), runs_root=Path(args.runs_dir or ms.runs_dir),
+            device=pick_device(args.device or ms.device), resume=args.resume, time_budget=args.time_budget,
+            save_dtype=getattr(torch, args.save_dtype), command=shlex.join(["finpulse", *sys.argv[1:]]))
+    except (DataError, ModelError) as exc:
+        print(f"finpulse train: {exc}", file=sys.stderr)
+        return 2
+    print_outcome(outcome, recipe)
+    return 0
+
+
+def _evaluate(args, settings) -> int:
+    import re
+    from .data import DataError, default_data_dir, load_data
+    from .evaluation import evaluate, heldout_test
+    from .metrics import format_report
+    from .modeling import ModelError, write_json
+    from .registry import find_model_dir
+    from .scorer import BatchScorer
+
+    ms = settings.section("models", ModelSettings)
+    try:
+        model_dir = find_model_dir(args.model, ms.models_dir)
+        if model_dir is None:
+            print("finpulse evaluate: no trained model found: run `finpulse train` first", file=sys.stderr)
+            return 2
+        data_dir = default_data_dir(args.data_dir or ms.data_dir or None)
+        data = load_data(args.data, data_dir) if args.data else heldout_test(model_dir, data_dir, args.split)
+        scorer = BatchScorer.from_pretrained(model_dir, device=args.device or ms.device)
+    except (DataError, ModelError) as exc:
+        print(f"finpulse evaluate: {exc}", file=sys.stderr)
+        return 2
+    reports = evaluate(scorer, data)
+    print(f"model {scorer.model_version} on {'; '.join(data.sources)} ({len(data)} rows, device {scorer.device})")
+    for head, report in reports.items():
+        print(format_report(head, report))
+    name = "-".join(re.sub(r"[^A-Za-z0-9]+", "_", Path(s.split(" ")[0]).stem)[:40] for s in args.data) if args.data else args.split
+    out = Path(args.out or f"var/eval/{scorer.model_version}-{name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, {"model_version": scorer.model_version, "data": data.sources, "rows": len(data), **reports})
+    print(f"report written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.cli train|evaluate ...`` with settings from the environment and ./finpulse.toml."""
+    import logging
+    from stream.config import load_settings
+    parser = argparse.ArgumentParser(prog="python -m models.cli")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    return int(args.func(args, load_settings()) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Labeled data for the two heads: loaders, validation and the held-out splits.
+
+A ``LabeledSet`` is texts with an optional topic and an optional sentiment per row (``-1`` = no label), so the
+shared sets (topic rows and sentiment rows come from different public data sets) and a user's own files with one
+or both columns look the same to training; each head learns only from the rows that carry its label.
+
+Sources (``--data``): ``shared`` (the two CSVs in the shared data directory), a directory with that layout, a
+user CSV/JSONL file (``text`` plus ``topic`` and/or ``sentiment``: names or integer ids), or ``hub:NAME[:SPLIT]``
+for the public sets by name when the machine is online.
+
+``split`` cuts a set into train/validation/test slices, stratified by head and label and deterministic in the
+seed: validation drives model selection and early stopping, test is only ever reported.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .labels import SENTIMENTS, SENTIMENTS_BY_DATASET_ID, TOPICS
+
+SENTIMENT_FILE = "sentiment_train.csv"
+TOPIC_FILE = "topic_train.csv"
+DATA_DIR_ENV = "FINPULSE_DATA_DIR"
+# The public data sets (MIT licence) the shared files come from, and their files on the Hugging Face hub.
+HUB_SETS = {
+    "twitter-financial-news-sentiment": ("zeroshot/twitter-financial-news-sentiment", "sentiment",
+                                         {"train": "sent_train.csv", "validation": "sent_valid.csv"}),
+    "twitter-financial-news-topic": ("zeroshot/twitter-financial-news-topic", "topic",
+                                     {"train": "topic_train.csv", "validation": "topic_valid.csv"}),
+}
+MISSING = -1
+
+
+class DataError(ValueError):
+    """Data that cannot be used for training or evaluation; the message says which file/row and why."""
+
+
+@dataclass
+class LabeledSet:
+    texts: list[str]
+    topic: np.ndarray       # int64 index into TOPICS, MISSING where the row has no topic label
+    sentiment: np.ndarray   # int64 index into SENTIMENTS, MISSING where the row has no sentiment label
+    sources: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.topic = np.asarray(self.topic, dtype=np.int64)
+        self.sentiment = np.asarray(self.sentiment, dtype=np.int64)
+        if not (len(self.texts) == len(self.topic) == len(self.sentiment)):
+            raise ValueError("texts and label arrays differ in length")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> "LabeledSet":
+        index = np.asarray(index, dtype=np.int64)
+        return LabeledSet([self.texts[i] for i in index], self.topic[index], self.sentiment[index], list(self.sources))
+
+    @staticmethod
+    def concat(sets: Sequence["LabeledSet"]) -> "LabeledSet":
+        return LabeledSet([t for s in sets for t in s.texts], np.concatenate([s.topic for s in sets]),
+                          np.concatenate([s.sentiment for s in sets]), [src for s in sets for src in s.sources])
+
+    def summary(self) -> dict[str, int]:
+        return {"rows": len(self), "topic_rows": int((self.topic >= 0).sum()),
+                "sentiment_rows": int((self.sentiment >= 0).sum())}
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def default_data_dir(configured: str | None = None) -> Path:
+    """``configured`` (flag or setting), else $FINPULSE_DATA_DIR, else ../shared/data/finance beside the repo."""
+    chosen = configured or os.environ.get(DATA_DIR_ENV)
+    return Path(chosen).expanduser() if chosen else repo_root().parent / "shared" / "data" / "finance"
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_shared(data_dir: Path) -> LabeledSet:
+    """The two shared CSVs (``text,label``): sentiment ids 0 bearish / 1 bullish / 2 neutral, topic ids 0-19."""
+    sentiment_csv, topic_csv = data_dir / SENTIMENT_FILE, data_dir / TOPIC_FILE
+    missing = [p.name for p in (sentiment_csv, topic_csv) if not p.is_file()]
+    if missing:
+        raise DataError(f"no {' or '.join(missing)} in {data_dir}: point --data-dir or ${DATA_DIR_ENV} at the "
+                        "shared finance data, pass your own file with --data FILE, or (online) "
+                        "--data hub:twitter-financial-news-sentiment --data hub:twitter-financial-news-topic")
+    _check_topic_names(data_dir / "labels.json")
+    sentiment = _read_id_csv(sentiment_csv, "sentiment")
+    topic = _read_id_csv(topic_csv, "topic")
+    return LabeledSet.concat([sentiment, topic])
+
+
+def _check_topic_names(labels_json: Path) -> None:
+    if not labels_json.is_file():
+        return
+    names = json.loads(labels_json.read_text()).get("topic", {})
+    if names and [names[str(i)] for i in range(len(names))] != list(TOPICS):
+        raise DataError(f"{labels_json} names other topics than this FinPulse build (models/labels.py)")
+
+
+def _read_id_csv(path: Path, head: str) -> LabeledSet:
+    import pandas as pd
+    frame = pd.read_csv(path, dtype={"text": str}, keep_default_na=False)
+    if list(frame.columns[:2]) != ["text", "label"]:
+        raise DataError(f"{path}: expected columns text,label, found {', '.join(map(str, frame.columns))}")
+    frame = frame.rename(columns={"label": head})
+    return _from_frame(frame, str(path))
+
+
+def load_file(path: Path) -> LabeledSet:
+    """A user's CSV or JSONL: ``text`` plus ``topic`` and/or ``sentiment`` (label names or public-set ids)."""
+    import pandas as pd
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        elif suffix in (".jsonl", ".json", ".ndjson"):
+            frame = pd.read_json(path, lines=suffix != ".json", dtype=False)
+        else:
+            raise DataError(f"{path}: use a .csv or .jsonl file")
+    except ValueError as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path} cannot be parsed: {exc}") from None
+    return _from_frame(frame, str(path))
+
+
+def _from_frame(frame, source: str) -> LabeledSet:
+    if "text" not in frame.columns:
+        raise DataError(f"{source}: no 'text' column (columns: {', '.join(map(str, frame.columns))})")
+    heads = [h for h in ("topic", "sentiment") if h in frame.columns]
+    if not heads:
+        raise DataError(f"{source}: needs a 'topic' and/or a 'sentiment' column")
+    labels = {h: np.full(len(frame), MISSING, dtype=np.int64) for h in ("topic", "sentiment")}
+    problems: list[str] = []
+    texts = []
+    for row, record in enumerate(frame.to_dict("records")):
+        line = row + 2 if source.endswith(".csv") else row + 1
+        text = record["text"]
+        row_problems = [] if isinstance(text, str) and text.strip() else ["empty text"]
+        texts.append(text if isinstance(text, str) else "")
+        for head in heads:
+            try:
+                labels[head][row] = parse_label(head, record[head])
+            except ValueError as exc:
+                row_problems.append(str(exc))
+        if not row_problems and all(labels[h][row] == MISSING for h in heads):
+            row_problems.append(f"no {' or '.join(heads)} label")
+        problems += [f"row {line}: {p}" for p in row_problems]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise DataError(f"{source}: {len(problems)} bad row(s), nothing loaded: {shown}")
+    return LabeledSet(texts, labels["topic"], labels["sentiment"], [source])
+
+
+def parse_label(head: str, value) -> int:
+    """A label cell -> index into TOPICS/SENTIMENTS; empty -> MISSING. Integer sentiment ids follow the public set
+    (0 bearish, 1 bullish, 2 neutral); topic ids are the public set's 0-19."""
+    names = TOPICS if head == "topic" else SENTIMENTS
+    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+        return MISSING
+    text = str(value).strip()
+    number = _as_integer(text)
+    if number is not None:
+        if head == "topic" and 0 <= number < len(TOPICS):
+            return number
+        if head == "sentiment" and 0 <= number < len(SENTIMENTS_BY_DATASET_ID):
+            return SENTIMENTS.index(SENTIMENTS_BY_DATASET_ID[number])
+        raise ValueError(f"{head} id {number} out of range")
+    lowered = {n.lower(): i for i, n in enumerate(names)}
+    if text.lower() in lowered:
+        return lowered[text.lower()]
+    raise ValueError(f"unknown {head} {text!r}")
+
+
+def _as_integer(text: str) -> int | None:
+    """"3" and "3.0" (what spreadsheets and pandas write for ids) are 3; anything else is not an id."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def load_hub(spec: str) -> LabeledSet:
+    """``NAME[:SPLIT]`` for one of HUB_SETS (split: train or validation), downloaded from the Hugging Face hub."""
+    name, _, split = spec.partition(":")
+    split = split or "train"
+    key = name.split("/")[-1]
+    if key not in HUB_SETS or split not in HUB_SETS[key][2]:
+        raise DataError(f"unknown public set {spec!r}: use one of "
+                        + ", ".join(f"hub:{k}:{s}" for k, v in HUB_SETS.items() for s in v[2]))
+    repo_id, head, files = HUB_SETS[key]
+    try:
+        from huggingface_hub import hf_hub_download
+        local = hf_hub_download(repo_id, files[split], repo_type="dataset")
+    except Exception as exc:  # offline, hub down, package missing: all mean "cannot fetch", said plainly
+        raise DataError(f"cannot fetch {repo_id} ({files[split]}) from the Hugging Face hub: {exc.__class__.__name__}: "
+                        f"{str(exc)[:200]}. Offline? Use the shared data directory (--data-dir) or your own file.") from None
+    loaded = _read_id_csv(Path(local), head)
+    loaded.sources = [f"hub:{repo_id}:{split}"]
+    return loaded
+
+
+def load_data(specs: Iterable[str], data_dir: Path) -> LabeledSet:
+    """Load and concatenate every ``--data`` source (see the module docstring)."""
+    sets = []
+    for spec in specs:
+        if spec == "shared":
+            sets.append(load_shared(data_dir))
+        elif spec.startswith("hub:"):
+            sets.append(load_hub(spec[4:]))
+        elif Path(spec).expanduser().is_dir():
+            sets.append(load_shared(Path(spec).expanduser()))
+        else:
+            sets.append(load_file(Path(spec).expanduser()))
+    if not sets:
+        raise DataError("no data sources given")
+    return LabeledSet.concat(sets)
+
+
+def fingerprint(specs: Iterable[str], data_dir: Path) -> dict[str, str]:
+    """sha256 of every local file behind ``specs``: recorded with a model, checked when its test slice is rebuilt."""
+    out = {}
+    for spec in specs:
+        if spec == "shared" or Path(spec).expanduser().is_dir():
+            folder = data_dir if spec == "shared" else Path(spec).expanduser()
+            for name in (SENTIMENT_FILE, TOPIC_FILE):
+                out[name] = file_sha256(folder / name)
+        elif not spec.startswith("hub:"):
+            out[Path(spec).name] = file_sha256(Path(spec).expanduser())
+    return out
+
+
+def stratum_keys(data: LabeledSet) -> np.ndarray:
+    """One key per row: its topic (0-19) when it has one, else 100 + its sentiment."""
+    return np.where(data.topic >= 0, data.topic, 100 + data.sentiment)
+
+
+def split(data: LabeledSet, test_fraction: float, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Disjoint train/val/test row indices, stratified by head and label, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    keys = stratum_keys(data)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for key in np.unique(keys):
+        rows = rng.permutation(np.flatnonzero(keys == key))
+        n_test = int(round(len(rows) * test_fraction))
+        n_val = int(round(len(rows) * val_fraction))
+        parts["test"].append(rows[:n_test])
+        parts["val"].append(rows[n_test:n_test + n_val])
+        parts["train"].append(rows[n_test + n_val:])
+    return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
+
+
+def stratified_sample(data: LabeledSet, index: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most ``limit`` rows of ``index``, keeping each stratum's share (every stratum keeps at least one row)."""
+    if limit <= 0 or len(index) <= limit:
+        return index
+    rng = np.random.default_rng(seed)
+    keys = stratum_keys(data)[index]
+    chosen = []
+    for key in np.unique(keys):
+        rows = index[keys == key]
+        take = max(1, int(round(len(rows) * limit / len(index))))
+        chosen.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
+    return np.sort(np.concatenate(chosen))

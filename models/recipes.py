@@ -1,0 +1,332 @@
+"""Training recipes, end to end: data -> splits -> training -> held-out report -> saved model directory.
+
+- ``quick``: for a first run on a laptop CPU (under 10 minutes on 2 cores, loading included): a stratified
+  subset, short sequences, the lower half of the encoder frozen, one epoch under a time budget.
+- ``plain``: one two-head model fine-tuned on all the training rows (the reference the full recipe must beat).
+- ``full``: for a GPU (about 6 minutes on an H100):
+  1. domain-adaptive pretraining: masked-language-model training of the encoder on the training texts of both
+     sets (tweets are far from the encoder's pretraining text);
+  2. teachers: one plain model and ``teachers`` models from the adapted encoder, each with its own seed;
+  3. an ensemble of the teachers (the candidate set with the best validation score) labels every training text
+     for *both* heads: cross-task self-training, since each set carries only one head's labels;
+  4. one student, trained on the gold labels mixed with the ensemble's soft labels (distillation), is shipped.
+
+Every recipe splits the data the same way: a stratified test slice that nothing sees until the final report, a
+validation slice for early stopping and model selection, and the rest for training. Runs keep their state under
+``var/runs/`` and resume with ``--resume``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import LabeledSet, fingerprint, load_data, split, stratified_sample
+from .evaluation import evaluate, reports_from, selection_score
+from .modeling import FinPulseClassifier, TextEncoder, describe_base, save_model, write_json
+from .scorer import BatchScorer, Probabilities
+from .training import FitConfig, MlmConfig, config_hash, distillation_targets, fit, gold_targets, pretrain_mlm
+
+
+@dataclass
+class Recipe:
+    name: str
+    fit: FitConfig
+    train_limit: int = 0         # cap on training rows (stratified); 0: all
+    val_limit: int = 0           # cap on validation rows scored after each epoch; 0: all
+    report_limit: int = 0        # cap on test rows scored for the final report; 0: all
+    mlm: MlmConfig | None = None
+    teachers: int = 0            # > 0: the distillation pipeline with this many adapted-encoder teachers
+    gold_share: float = 0.5      # student target on labeled rows: this much gold, the rest ensemble
+    pseudo_weight: float = 1.0   # weight of ensemble-labeled rows (the head a row has no label for)
+    test_fraction: float = 0.1
+    val_fraction: float = 0.1
+    split_seed: int = 2024
+    stage_shares: dict[str, float] = field(default_factory=lambda: {"mlm": 0.17, "teacher": 0.14, "student": 0.27})
+
+
+RECIPES: dict[str, Recipe] = {
+    "quick": Recipe("quick", FitConfig(epochs=1, batch_size=32, lr=2e-4, max_length=48, freeze_layers=3,
+                                       warmup_ratio=0.1, patience=1, max_seconds=300),
+                    train_limit=6000, val_limit=600, report_limit=1200),
+    "plain": Recipe("plain", FitConfig(epochs=6)),
+    "full": Recipe("full", FitConfig(epochs=8, patience=3), mlm=MlmConfig(), teachers=3),
+}
+
+
+class TimeBudget:
+    """Splits an optional total number of seconds over stages; time a stage leaves unused goes to later ones."""
+
+    def __init__(self, total: float | None, shares: dict[str, float], plan: list[str]):
+        self.total = total
+        self.started = time.monotonic()
+        self.shares = shares
+        self.remaining_plan = list(plan)
+
+    def allowance(self, stage: str) -> float | None:
+        kind = stage.split("-")[0]
+        weights = sum(self.shares[s.split("-")[0]] for s in self.remaining_plan)
+        self.remaining_plan.remove(stage)
+        if self.total is None:
+            return None
+        left = self.total - (time.monotonic() - self.started)
+        return max(5.0, left * self.shares[kind] / weights)
+
+
+@dataclass
+class TrainOutcome:
+    model_dir: Path
+    version: str
+    metrics: dict[str, Any]
+    table: str
+
+
+def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_model: str, models_root: Path,
+               runs_root: Path, device: torch.device, resume: bool = False, time_budget: float | None = None,
+               save_dtype: torch.dtype = torch.float32, command: str = "") -> TrainOutcome:
+    started = time.monotonic()
+    _quiet_transformers()
+    data = load_data(data_specs, data_dir)
+    parts = split(data, recipe.test_fraction, recipe.val_fraction, recipe.split_seed)
+    train_rows = stratified_sample(data, parts["train"], recipe.train_limit, recipe.fit.seed)
+    val_rows = stratified_sample(data, parts["val"], recipe.val_limit, recipe.fit.seed)
+    test_rows = stratified_sample(data, parts["test"], recipe.report_limit, recipe.fit.seed)
+    train, val, test = data.subset(train_rows), data.subset(val_rows), data.subset(test_rows)
+    sha = fingerprint(data_specs, data_dir)
+    run_dir = runs_root / f"{recipe.name}-{config_hash(recipe, base_model, sha)}"
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"data: {len(train)} training rows {train.summary()}, {len(val)} validation, {len(test)} held-out test "
+          f"(device {device}, run state in {run_dir})", flush=True)
+
+    if recipe.teachers:
+        rows = {"train": train_rows, "val": val_rows, "test": test_rows}
+        model, stages, comparison = _distill(recipe, base_model, data, rows, device, run_dir, time_budget)
+    else:
+        model, stages = _fit_one(recipe, base_model, train, val, device, run_dir, time_budget)
+        comparison = {}
+    text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)
+    scorer = BatchScorer(model, text_encoder, "candidate", device=device)
+    test_reports = evaluate(scorer, test)
+    val_reports = evaluate(scorer, val)
+    comparison[f"{recipe.name} model (shipped)"] = _headline(test_reports)
+
+    metrics = {
+        "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
+                        f"label, split seed {recipe.split_seed}; never used for training, early stopping or "
+                        "model selection" + (f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else "")),
+        "test": test_reports,
+        "validation": val_reports,
+        "comparison_test": comparison,
+        "stages": stages,
+    }
+    training_config = {
+        "recipe": dataclasses.asdict(recipe),
+        "base_model": base_model,
+        "data": {"specs": data_specs, "sha256": sha, "test_fraction": recipe.test_fraction,
+                 "val_fraction": recipe.val_fraction, "split_seed": recipe.split_seed,
+                 "rows": {"train": len(train), "val": len(val), "test": len(test)}},
+        "device": str(device), "time_budget_s": time_budget, "seconds": round(time.monotonic() - started, 1),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": _version("transformers")},
+        "command": command,
+    }
+    tmp_dir = models_root / f".incomplete-{run_dir.name}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    version = save_model(model, base_model, tmp_dir, base_model=base_model, recipe=recipe.name,
+                         max_length=recipe.fit.max_length, dtype=save_dtype)
+    metrics["model_version"] = version
+    table = comparison_table(comparison, test)
+    write_json(tmp_dir / "training_config.json", training_config)
+    write_json(tmp_dir / "metrics.json", metrics)
+    (tmp_dir / "README.md").write_text(model_card(version, recipe, base_model, training_config, metrics, table))
+    final_dir = models_root / version
+    shutil.rmtree(final_dir, ignore_errors=True)
+    tmp_dir.rename(final_dir)
+    return TrainOutcome(final_dir, version, metrics, table)
+
+
+def _fit_one(recipe: Recipe, base: str, train: LabeledSet, val: LabeledSet, device, run_dir: Path,
+             time_budget: float | None):
+    cfg = recipe.fit
+    if time_budget is not None:
+        cfg = dataclasses.replace(cfg, max_seconds=min(time_budget, cfg.max_seconds or time_budget))
+    model = FinPulseClassifier.from_base(base, pooling=cfg.pooling, dropout=cfg.dropout, seed=cfg.seed)
+    result = fit(model, TextEncoder.for_base(base, cfg.max_length), train, gold_targets(train, cfg.class_balance,
+                 cfg.label_smoothing), val, cfg, device, run_dir / "fit", name=recipe.name)
+    return model, {"fit": _stage_summary(result)}
+
+
+def _distill(recipe: Recipe, base: str, data: LabeledSet, rows: dict[str, np.ndarray], device, run_dir: Path,
+             time_budget: float | None):
+    cfg = recipe.fit
+    train, val, test = (data.subset(rows[part]) for part in ("train", "val", "test"))
+    teachers = [("plain", base)] + [("adapted", "dapt")] * recipe.teachers
+    plan = ["mlm"] + [f"teacher-{i}" for i in range(len(teachers))] + ["student"]
+    budget = TimeBudget(time_budget, recipe.stage_shares, plan)
+    stages: dict[str, Any] = {}
+
+    dapt_dir = run_dir / "dapt"
+    allowance = budget.allowance("mlm")
+    if not (dapt_dir / "config.json").is_file():
+        began = time.monotonic()
+        pretrain_mlm(base, train.texts, dapt_dir, dataclasses.replace(recipe.mlm, max_seconds=allowance), device)
+        stages["mlm"] = {"seconds": round(time.monotonic() - began, 1), "texts": len(train)}
+
+    text_encoder = TextEncoder.for_base(base, cfg.max_length)
+    # Teachers label every row once (train, validation and test), so later steps only slice these arrays.
+    probs: list[dict[str, np.ndarray]] = []
+    results = []
+    for i, (kind, init) in enumerate(teachers):
+        teacher_dir = run_dir / f"teacher-{i}"
+        allowance = budget.allowance(f"teacher-{i}")
+        if not (teacher_dir / "probs.npz").is_file():
+            seed = cfg.seed + i
+            model = FinPulseClassifier.from_base(str(dapt_dir) if init == "dapt" else base, pooling=cfg.pooling,
+                                                 dropout=cfg.dropout, seed=seed)
+            fit_cfg = dataclasses.replace(cfg, seed=seed, max_seconds=allowance)
+            result = fit(model, text_encoder, train, gold_targets(train, cfg.class_balance, cfg.label_smoothing),
+                         val, fit_cfg, device, teacher_dir / "checkpoint", name=f"teacher {i} ({kind})")
+            everything = BatchScorer(model, text_encoder, "teacher", device=device).probabilities(data.texts)
+            np.savez(teacher_dir / "probs.npz", topic=everything.topic, sentiment=everything.sentiment)
+            write_json(teacher_dir / "result.json", {"kind": kind, "seed": seed, **_stage_summary(result)})
+            del model
+        probs.append(dict(np.load(teacher_dir / "probs.npz")))
+        results.append(json.loads((teacher_dir / "result.json").read_text()))
+        stages[f"teacher-{i}"] = results[-1]
+
+    def sliced(members: list[int], part: str) -> Probabilities:
+        picked = rows[part]
+        return Probabilities(np.mean([probs[m]["topic"][picked] for m in members], axis=0),
+                             np.mean([probs[m]["sentiment"][picked] for m in members], axis=0), [None] * len(picked))
+
+    adapted = [i for i, (kind, _) in enumerate(teachers) if kind == "adapted"]
+    candidates = {"all teachers": list(range(len(teachers))), "adapted-encoder teachers": adapted}
+    val_scores = {name: selection_score(reports_from(sliced(m, "val"), val)) for name, m in candidates.items()}
+    chosen = max(val_scores, key=val_scores.get)
+    members = candidates[chosen]
+    best_adapted = max(adapted, key=lambda i: results[i]["best_score"])
+    use_adapted = results[best_adapted]["best_score"] >= results[0]["best_score"]
+    stages["ensemble"] = {"candidates_val_score": val_scores, "chosen": chosen, "members": members,
+                          "student_init": "adapted encoder" if use_adapted else "base encoder"}
+    print(f"ensemble: {chosen} (validation score {val_scores[chosen]:.4f}); student starts from the "
+          f"{'adapted' if use_adapted else 'base'} encoder", flush=True)
+
+    targets = distillation_targets(train, sliced(members, "train"), cfg.class_balance, recipe.gold_share,
+                                   recipe.pseudo_weight)
+    seed = cfg.seed + 100
+    student = FinPulseClassifier.from_base(str(dapt_dir) if use_adapted else base, pooling=cfg.pooling,
+                                           dropout=cfg.dropout, seed=seed)
+    result = fit(student, text_encoder, train, targets, val,
+                 dataclasses.replace(cfg, seed=seed, max_seconds=budget.allowance("student")), device,
+                 run_dir / "student", name="student")
+    stages["student"] = _stage_summary(result)
+
+    comparison = {
+        "plain fine-tune (teacher 0)": _headline(reports_from(sliced([0], "test"), test)),
+        "adapted-encoder teacher (best val)": _headline(reports_from(sliced([best_adapted], "test"), test)),
+        f"ensemble: {chosen} ({len(members)})": _headline(reports_from(sliced(members, "test"), test)),
+    }
+    return student, stages, comparison
+
+
+def _stage_summary(result) -> dict[str, Any]:
+    return {"best_epoch": result.best_epoch, "best_score": round(result.best_score, 5), "stopped": result.stopped,
+            "seconds": round(result.seconds, 1), "history": result.history}
+
+
+def _headline(reports: dict[str, Any]) -> dict[str, float]:
+    return {f"{head}_{metric}": round(report[metric], 4) for head, report in reports.items()
+            for metric in ("accuracy", "macro_f1")}
+
+
+def comparison_table(comparison: dict[str, dict[str, float]], test: LabeledSet) -> str:
+    n = test.summary()
+    lines = [f"held-out test slice ({n['sentiment_rows']} sentiment rows, {n['topic_rows']} topic rows; "
+             "never used for training or selection)",
+             f"{'model':<44} {'sent acc':>8} {'sent F1':>8} {'topic acc':>9} {'topic F1':>8}"]
+    for name, row in comparison.items():
+        cells = [row.get(k) for k in ("sentiment_accuracy", "sentiment_macro_f1", "topic_accuracy", "topic_macro_f1")]
+        lines.append(f"{name:<44} " + " ".join(f"{c:>8.4f}" if c is not None else f"{'-':>8}" for c in cells))
+    return "\n".join(lines)
+
+
+def model_card(version: str, recipe: Recipe, base: str, training_config: dict, metrics: dict, table: str) -> str:
+    test = metrics["test"]
+    per_head = "\n".join(
+        f"| {head} | {r['n']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |" for head, r in test.items())
+    data = training_config["data"]
+    extra_labels = (" plus the teacher ensemble's soft labels on the other set's texts (cross-task distillation)"
+                    if recipe.teachers else "")
+    return f"""# {version}
+
+FinPulse's topic-and-sentiment classifier: one encoder, two heads (20 finance topics; bearish / neutral /
+bullish). Recipe `{recipe.name}`, base encoder {describe_base(base)}, trained on
+{training_config['device']} in {training_config['seconds']:.0f} s.
+
+## What was measured, on what
+
+{metrics['measured_on']}.
+
+| head | rows | accuracy | macro-F1 |
+|---|---|---|---|
+{per_head}
+
+Per-class F1 and confusion matrices: `metrics.json` (`test`; `validation` holds the slice used for early
+stopping and model selection). Reproduce with `finpulse evaluate {version}` (it rebuilds the same test slice from
+`training_config.json` and checks the data files' sha256).
+
+```
+{table}
+```
+
+## Data
+
+Sources: {', '.join(data['specs'])} (sha256 in `training_config.json`). Rows: {data['rows']['train']} train,
+{data['rows']['val']} validation, {data['rows']['test']} test. Topic labels and sentiment labels come from two
+different sets of finance-news tweets; each head learned from its own rows{extra_labels}.
+
+## Limits
+
+- Measured on tweets from the same sources as the training data. The public validation splits of those data sets
+  and finance text from other sources were not used here; expect lower scores on longer or differently styled
+  text. Links are removed and HTML entities decoded before reading (`text_normalization` in `config.json`).
+- Texts longer than {recipe.fit.max_length} tokens are truncated. Non-English text is scored but was not in the
+  training data.
+- The sentiment score is P(bullish) - P(bearish) from this model's softmax; it is not a calibrated probability.
+"""
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars and summaries say what happens; transformers' per-load reports (e.g. the unused
+    pooler missing from an adapted encoder) and weight-loading bars would drown them."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(package)
+    except Exception:  # noqa: BLE001 - a version string is informative only
+        return "unknown"
+
+
+def print_outcome(outcome: TrainOutcome, recipe: Recipe) -> None:
+    print(f"\nmodel saved: {outcome.model_dir}  (version {outcome.version})", flush=True)
+    if recipe.name == "quick":
+        print("this is the QUICK model (CPU recipe): train the real one on a GPU with `finpulse train --recipe full`",
+              flush=True)
+    print(outcome.table, flush=True)
+    sys.stdout.flush()

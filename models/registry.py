@@ -1,0 +1,57 @@
+"""Finding the trained model to use.
+
+``find_model_dir``: an explicit directory if given, else ``$FINPULSE_MODEL_DIR``, else the newest valid FinPulse
+model under ``var/models/`` (by the ``created_at`` in its config.json). An explicit directory that is not a
+FinPulse model is an error that says why; while scanning, directories that are not models (or are still being
+written: training writes to a hidden ``.incomplete-*`` directory and renames it when done) are skipped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .modeling import ModelError, read_config
+
+log = logging.getLogger(__name__)
+MODEL_DIR_ENV = "FINPULSE_MODEL_DIR"
+DEFAULT_MODELS_ROOT = Path("var/models")
+
+
+class NotAModelDir(ModelError):
+    """A directory given as a FinPulse model that is not one."""
+
+
+def validate_model_dir(path: str | Path) -> dict:
+    """The model's config when ``path`` is a complete FinPulse model directory; else NotAModelDir saying why."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise NotAModelDir(f"model directory {path} does not exist")
+    try:
+        return read_config(path)
+    except ModelError as exc:
+        raise NotAModelDir(str(exc)) from None
+
+
+def list_models(root: str | Path = DEFAULT_MODELS_ROOT) -> list[tuple[Path, dict]]:
+    """Valid model directories under ``root``, newest first."""
+    root = Path(root)
+    found = []
+    for child in sorted(root.iterdir()) if root.is_dir() else []:
+        if child.name.startswith(".") or not child.is_dir():
+            continue
+        try:
+            found.append((child, validate_model_dir(child)))
+        except NotAModelDir as exc:
+            log.debug("skipping %s: %s", child, exc)
+    found.sort(key=lambda item: (item[1].get("created_at", ""), item[0].stat().st_mtime), reverse=True)
+    return found
+
+
+def find_model_dir(explicit: str | None = None, root: str | Path = DEFAULT_MODELS_ROOT) -> Path | None:
+    chosen = explicit or os.environ.get(MODEL_DIR_ENV)
+    if chosen:
+        validate_model_dir(chosen)
+        return Path(chosen).expanduser()
+    models = list_models(root)
+    return models[0][0] if models else None

@@ -1,0 +1,241 @@
+"""The batched inference engine the worker calls: texts in, one ``Prediction`` per text out, in order.
+
+How it stays fast:
+- texts are sorted by length and cut into batches, each padded only to its own longest text (to a multiple of 8);
+- a background thread cleans and tokenizes the next batches while the device runs the current one; on a GPU the
+  token ids travel from pinned host memory with non-blocking copies, the forward runs under ``inference_mode``
+  with bf16 autocast, and the probabilities come back through a pinned buffer while the next batch is launched;
+- a batch that runs the GPU out of memory is split in halves (and later batches are made smaller);
+- on a CPU the model runs in float32, or int8 with ``quantize="int8"`` (dynamic quantization of the linear
+  layers: about twice as fast, predictions within a few thousandths of float32).
+
+How it stays safe: a text that is not a string, is empty, or has nothing left after removing links gets a
+``Prediction`` with ``error`` set; a batch that fails for any other reason is retried one text at a time, so one
+bad text never fails its batch. Long texts are cut explicitly (``textprep.char_budget``) and then truncated to the
+model's ``max_length`` tokens. ``score`` is serialised by a lock, so one scorer can be shared by threads.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .interface import Prediction, failed
+from .labels import SENTIMENTS, TOPICS
+from .modeling import FinPulseClassifier, TextEncoder, load_model
+
+log = logging.getLogger(__name__)
+N_TOPICS = len(TOPICS)
+BULLISH, BEARISH = SENTIMENTS.index("bullish"), SENTIMENTS.index("bearish")
+DEFAULT_BATCH = {"cuda": 512, "cpu": 64}
+PREFETCH_BATCHES = 3
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available (use --device cpu or auto)")
+    return chosen
+
+
+@dataclass
+class Probabilities:
+    topic: np.ndarray       # (n, 20) float32; zeros where ``errors[i]`` is set
+    sentiment: np.ndarray   # (n, 3) float32, in SENTIMENTS order
+    errors: list[str | None]
+
+
+@dataclass
+class _Tokenized:
+    rows: list[int]          # positions in the caller's list, in batch order
+    ids: torch.Tensor
+    mask: torch.Tensor
+    errors: dict[int, str]   # rows that had nothing left to score
+
+
+class BatchScorer:
+    """``Scorer`` implementation over a FinPulse model directory (see ``models.interface``)."""
+
+    def __init__(self, model: FinPulseClassifier, text_encoder: TextEncoder, model_version: str,
+                 device: str | torch.device = "auto", batch_size: int | None = None, quantize: str | None = None):
+        self.device = pick_device(device)
+        self.model_version = model_version
+        self.text_encoder = text_encoder
+        self.batch_size = batch_size or DEFAULT_BATCH[self.device.type]
+        self.on_gpu = self.device.type == "cuda"
+        model = model.eval().to(self.device)
+        if quantize:
+            if quantize != "int8" or self.on_gpu:
+                raise ValueError("quantize='int8' is the only quantization, and only on the CPU")
+            with warnings.catch_warnings():  # torch announces a future move of this API on every call
+                warnings.simplefilter("ignore", UserWarning)
+                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model
+        self.quantized = bool(quantize)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "auto", batch_size: int | None = None,
+                        quantize: str | None = None) -> "BatchScorer":
+        loaded = load_model(path)
+        log.info("loaded model %s from %s", loaded.version, path)
+        return cls(loaded.model, loaded.text_encoder, loaded.version, device=device, batch_size=batch_size,
+                   quantize=quantize)
+
+    # -- public API --------------------------------------------------------------------------------------------
+
+    def score(self, texts: Sequence[str]) -> list[Prediction]:
+        probs = self.probabilities(texts)
+        return predictions_from(probs)
+
+    def probabilities(self, texts: Sequence[str]) -> Probabilities:
+        with self._lock:
+            return self._probabilities(texts)
+
+    # -- engine -----------------------------------------------------------------------------------------------
+
+    def _probabilities(self, texts: Sequence[str]) -> Probabilities:
+        n = len(texts)
+        out = np.zeros((n, N_TOPICS + len(SENTIMENTS)), dtype=np.float32)
+        errors: list[str | None] = [None] * n
+        scorable = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                errors[i] = f"not a text ({type(text).__name__})"
+            elif not text or text.isspace():
+                errors[i] = "empty text"
+            else:
+                scorable.append(i)
+        # Similar lengths in one batch keep padding small; character length is a cheap, good enough proxy.
+        scorable.sort(key=lambda i: len(texts[i]))
+        chunks = [scorable[k:k + self.batch_size] for k in range(0, len(scorable), self.batch_size)]
+        pending = None
+        for chunk, tokenized in self._tokenized_chunks(texts, chunks):
+            if isinstance(tokenized, Exception):
+                self._one_by_one(texts, chunk, out, errors, tokenized)
+                continue
+            for row, reason in tokenized.errors.items():
+                errors[row] = reason
+            if not tokenized.rows:
+                continue
+            try:
+                launched = self._launch(tokenized)
+            except Exception as exc:  # noqa: BLE001 - any failure: isolate the bad text(s) one by one
+                self._one_by_one(texts, tokenized.rows, out, errors, exc)
+                continue
+            if pending is not None:
+                self._collect(pending, out)
+            pending = launched
+        if pending is not None:
+            self._collect(pending, out)
+        return Probabilities(out[:, :N_TOPICS], out[:, N_TOPICS:], errors)
+
+    def _tokenized_chunks(self, texts, chunks) -> Iterator[tuple[list[int], _Tokenized | Exception]]:
+        """Yield each chunk tokenized; with several chunks a background thread works ahead of the device."""
+        def job(chunk):
+            try:
+                return self._tokenize(texts, chunk)
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller, which isolates the bad text
+                return exc
+
+        if len(chunks) <= 1:
+            for chunk in chunks:
+                yield chunk, job(chunk)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-tokenize") as pool:
+            ahead: deque = deque()
+            next_chunk = 0
+            for chunk in chunks:
+                while next_chunk < len(chunks) and len(ahead) < PREFETCH_BATCHES:
+                    ahead.append(pool.submit(job, chunks[next_chunk]))
+                    next_chunk += 1
+                yield chunk, ahead.popleft().result()
+
+    def _tokenize(self, texts: Sequence[str], chunk: list[int]) -> _Tokenized:
+        id_lists = self.text_encoder.ids([texts[i] for i in chunk])
+        specials = self.text_encoder.special_tokens
+        rows, kept, errors = [], [], {}
+        for row, ids in zip(chunk, id_lists):
+            if len(ids) > specials:
+                rows.append(row)
+                kept.append(ids)
+            else:
+                errors[row] = "no text left after removing links and whitespace"
+        if not rows:
+            return _Tokenized([], torch.empty(0), torch.empty(0), errors)
+        ids, mask = self.text_encoder.pad(kept)
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        if self.on_gpu:
+            ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+        return _Tokenized(rows, ids_t, mask_t, errors)
+
+    def _launch(self, tokenized: _Tokenized):
+        ids = tokenized.ids.to(self.device, non_blocking=True)
+        mask = tokenized.mask.to(self.device, non_blocking=True)
+        probs = self._forward(ids, mask)
+        if not self.on_gpu:
+            return tokenized.rows, probs, None
+        host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+        host.copy_(probs, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return tokenized.rows, host, done
+
+    @staticmethod
+    def _collect(launched, out: np.ndarray) -> None:
+        rows, host, done = launched
+        if done is not None:
+            done.synchronize()
+        out[rows] = host.numpy()
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Softmaxed (topic | sentiment) probabilities; halves the batch on GPU out-of-memory."""
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.on_gpu):
+                topic_logits, sentiment_logits = self.model(ids, mask)
+                return torch.cat([topic_logits.float().softmax(-1), sentiment_logits.float().softmax(-1)], dim=1)
+        except torch.OutOfMemoryError:
+            if len(ids) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(ids) // 2
+            if self.batch_size > half:
+                log.warning("out of GPU memory at a batch of %d: splitting, and using batches of %d from now on",
+                            len(ids), half)
+                self.batch_size = half
+            return torch.cat([self._forward(ids[:half], mask[:half]), self._forward(ids[half:], mask[half:])])
+
+    def _one_by_one(self, texts, rows: list[int], out: np.ndarray, errors: list, cause: Exception) -> None:
+        log.warning("a batch of %d failed (%s: %s): scoring its texts one by one", len(rows), type(cause).__name__, cause)
+        for row in rows:
+            try:
+                tokenized = self._tokenize(texts, [row])
+                if tokenized.errors:
+                    errors[row] = tokenized.errors[row]
+                    continue
+                self._collect(self._launch(tokenized), out)
+            except Exception as exc:  # noqa: BLE001 - this one text cannot be scored: say so, keep the rest
+                errors[row] = f"cannot score: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def predictions_from(probs: Probabilities) -> list[Prediction]:
+    """Turn probabilities into Predictions: argmax labels, topic confidence, P(bullish) - P(bearish)."""
+    n = len(probs.errors)
+    topic_index = probs.topic.argmax(1)
+    topic_conf = probs.topic[np.arange(n), topic_index].tolist()
+    sentiment_index = probs.sentiment.argmax(1).tolist()
+    score = (probs.sentiment[:, BULLISH] - probs.sentiment[:, BEARISH]).clip(-1.0, 1.0).tolist()
+    topic_index = topic_index.tolist()
+    return [failed(err) if err else Prediction(TOPICS[t], c, SENTIMENTS[s], sc)
+            for t, c, s, sc, err in zip(topic_index, topic_conf, sentiment_index, score, probs.errors)]
+

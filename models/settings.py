@@ -1,0 +1,18 @@
+"""The ``[models]`` settings section (``FINPULSE_MODELS__<KEY>`` in the environment): where training reads data
+and writes models. Command-line flags override these."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelSettings:
+    # Directory with sentiment_train.csv and topic_train.csv ("": $FINPULSE_DATA_DIR, else ../shared/data/finance).
+    data_dir: str = ""
+    # Trained models (one directory per version); the worker loads the newest one from here.
+    models_dir: str = "var/models"
+    # Per-run training state (checkpoints, teachers), kept for --resume.
+    runs_dir: str = "var/runs"
+    # "" means the bundled all-MiniLM-L6-v2; any local directory or hub id of a BERT-family encoder works.
+    base_model: str = ""
+    device: str = "auto"

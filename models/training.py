@@ -1,0 +1,396 @@
+"""Fine-tuning the two-head classifier, and domain-adaptive masked-language-model pretraining of its encoder.
+
+``fit`` trains on per-row *target distributions* with per-row weights, one pair per head. A gold label is a
+one-hot target weighted by its class weight (class-balanced loss); a head a row has no label for gets weight 0,
+so the two heads learn only from their own rows (the masked loss); a teacher's soft prediction is just another
+target, which is how distillation and cross-task self-training use the same loop.
+
+The loop: AdamW (no decay on biases and norms), linear warm-up then linear or cosine decay, bf16 autocast on a
+GPU (float32 on a CPU), gradient clipping, length-bucketed batches (little padding), early stopping on validation
+macro-F1, an optional time budget, and a checkpoint after every epoch (weights, optimizer state, progress) from
+which an interrupted run resumes exactly: each epoch's shuffling and dropout are seeded from (seed, epoch).
+Checkpoints are safetensors plus JSON, like the models themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from .data import LabeledSet
+from .evaluation import evaluate, selection_score
+from .labels import SENTIMENTS, TOPICS
+from .modeling import FinPulseClassifier, TextEncoder, load_pretrained, write_json
+from .scorer import BatchScorer, Probabilities
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"          # linear | cosine
+    max_length: int = 64
+    pooling: str = "mean"
+    dropout: float = 0.1
+    class_balance: float = 0.5        # class weight = (n_class / mean n)^-class_balance: 0 none, 1 fully inverse
+    label_smoothing: float = 0.0
+    patience: int = 2                 # epochs without a better validation score before stopping
+    seed: int = 13
+    freeze_layers: int = 0            # freeze embeddings + this many lower layers (cheap CPU training)
+    grad_clip: float = 1.0
+    max_seconds: float | None = None  # stop (keeping the best epoch so far) once training took this long
+
+
+@dataclass
+class MlmConfig:
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_length: int = 64
+    mask_prob: float = 0.15
+    seed: int = 17
+    max_seconds: float | None = None
+
+
+@dataclass
+class Targets:
+    """Per-row target distributions and weights for both heads (weight 0: this head ignores the row)."""
+    topic: np.ndarray             # (n, 20)
+    topic_weight: np.ndarray      # (n,)
+    sentiment: np.ndarray         # (n, 3)
+    sentiment_weight: np.ndarray  # (n,)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, Any]]
+    seconds: float
+    stopped: str
+
+
+def class_weights(labels: np.ndarray, n_classes: int, power: float) -> np.ndarray:
+    counts = np.bincount(labels[labels >= 0], minlength=n_classes).astype(float)
+    present = counts > 0
+    weights = np.ones(n_classes)
+    if power and present.any():
+        weights[present] = (counts[present] / counts[present].mean()) ** -power
+    return weights
+
+
+def gold_targets(data: LabeledSet, class_balance: float, label_smoothing: float = 0.0) -> Targets:
+    heads = {}
+    for head, n_classes in (("topic", len(TOPICS)), ("sentiment", len(SENTIMENTS))):
+        labels = getattr(data, head)
+        has = labels >= 0
+        target = np.zeros((len(data), n_classes), dtype=np.float32)
+        target[has] = label_smoothing / n_classes
+        target[np.flatnonzero(has), labels[has]] += 1.0 - label_smoothing
+        weight = np.where(has, class_weights(labels, n_classes, class_balance)[np.maximum(labels, 0)], 0.0)
+        heads[head] = (target, weight.astype(np.float32))
+    return Targets(heads["topic"][0], heads["topic"][1], heads["sentiment"][0], heads["sentiment"][1])
+
+
+def distillation_targets(data: LabeledSet, teacher: Probabilities, class_balance: float, gold_share: float,
+                         pseudo_weight: float) -> Targets:
+    """Gold rows: a mix of the one-hot label (``gold_share``) and the teacher; rows without a label for a head:
+    the teacher's prediction, weighted ``pseudo_weight`` times the class weight of its most likely class."""
+    gold = gold_targets(data, class_balance)
+    heads = {}
+    for head, n_classes in (("topic", len(TOPICS)), ("sentiment", len(SENTIMENTS))):
+        labels = getattr(data, head)
+        has = labels >= 0
+        soft = getattr(teacher, head).astype(np.float32)
+        target = np.where(has[:, None], gold_share * getattr(gold, head) + (1 - gold_share) * soft, soft)
+        weights = class_weights(labels, n_classes, class_balance)
+        weight = np.where(has, getattr(gold, f"{head}_weight"), pseudo_weight * weights[soft.argmax(1)])
+        heads[head] = (target.astype(np.float32), weight.astype(np.float32))
+    return Targets(heads["topic"][0], heads["topic"][1], heads["sentiment"][0], heads["sentiment"][1])
+
+
+def masked_soft_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted cross-entropy against target distributions; rows with weight 0 contribute nothing, and a batch
+    with no weighted row gives exactly 0 (and no gradient)."""
+    per_row = -(target * logits.float().log_softmax(-1)).sum(-1)
+    return (per_row * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random batches of similar lengths: shuffle, sort within pools of 50 batches, shuffle the batches."""
+    order = rng.permutation(len(lengths))
+    pool = batch_size * 50
+    batches = []
+    for start in range(0, len(order), pool):
+        block = order[start:start + pool]
+        block = block[np.argsort(lengths[block], kind="stable")]
+        batches += [block[i:i + batch_size] for i in range(0, len(block), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+
+
+def progress(total: int, desc: str) -> tqdm:
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=interactive,
+                mininterval=0.5 if interactive else 15.0)
+
+
+def config_hash(*parts: Any) -> str:
+    blob = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class Checkpoint:
+    """Per-epoch state of one training run in ``run_dir``: safetensors for tensors, JSON for the rest."""
+
+    def __init__(self, run_dir: Path, fingerprint: str):
+        self.dir = run_dir
+        self.fingerprint = fingerprint
+
+    def load_state(self) -> dict[str, Any] | None:
+        path = self.dir / "state.json"
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("checkpoint in %s is from another configuration: starting over", self.dir)
+            return None
+        return state
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], best: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(self.dir / "last.safetensors"))
+        if best:
+            shutil.copyfile(self.dir / "last.safetensors", self.dir / "best.safetensors")
+        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(self.dir / "optimizer.safetensors"))
+        write_json(self.dir / "optimizer.json", meta)
+        write_json(self.dir / "state.json", {**state, "fingerprint": self.fingerprint})
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model.load_state_dict(load_file(str(self.dir / "last.safetensors")))
+        meta = json.loads((self.dir / "optimizer.json").read_text())
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(self.dir / "optimizer.safetensors")), meta))
+
+    def load_best(self, model: nn.Module) -> None:
+        model.load_state_dict(load_file(str(self.dir / "best.safetensors")))
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        param_id, key = flat.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet, targets: Targets,
+        val: LabeledSet, cfg: FitConfig, device: torch.device, run_dir: Path | None = None,
+        name: str = "train") -> FitResult:
+    """Train ``model`` in place and leave it holding its best validation epoch's weights."""
+    started = time.monotonic()
+    model.to(device)
+    model.freeze_lower(cfg.freeze_layers)
+    token_ids = text_encoder.ids(train.texts)
+    lengths = np.array([len(x) for x in token_ids])
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dataclasses.asdict(targets).items()}
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    use_amp = device.type == "cuda"
+
+    checkpoint = Checkpoint(run_dir, config_hash(cfg, len(train), lengths.sum())) if run_dir else None
+    state = checkpoint.load_state() if checkpoint else None
+    if state:
+        checkpoint.restore(model, optimizer)
+        log.info("%s: resuming after epoch %d (best %.4f at epoch %d)", name, state["epoch"], state["best_score"],
+                 state["best_epoch"])
+    state = state or {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0,
+                      "history": [], "stopped": "", "planned_epochs": cfg.epochs}
+    best_weights = None
+    while not state["stopped"] and state["epoch"] < state["planned_epochs"]:
+        epoch = state["epoch"] + 1
+        total_steps = steps_per_epoch * state["planned_epochs"]
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same after a resume
+        model.train()
+        bar = progress(steps_per_epoch, f"{name} epoch {epoch}/{state['planned_epochs']}")
+        epoch_start, loss_sum, seen = time.monotonic(), 0.0, 0
+        for batch in bucketed_batches(lengths, cfg.batch_size, rng):
+            ids, mask = text_encoder.pad([token_ids[i] for i in batch])
+            ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
+            mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
+            rows = torch.from_numpy(batch)
+            batch_targets = {k: v[rows].to(device, non_blocking=True) for k, v in tensors.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(state["step"], total_steps, warmup, cfg.schedule)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                topic_logits, sentiment_logits = model(ids_t, mask_t)
+            loss = (masked_soft_loss(topic_logits, batch_targets["topic"], batch_targets["topic_weight"])
+                    + masked_soft_loss(sentiment_logits, batch_targets["sentiment"], batch_targets["sentiment_weight"]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            state["step"] += 1
+            seen += len(batch)
+            if state["step"] % 20 == 0 or seen == len(train):
+                loss_sum = loss.item() if not loss_sum else 0.9 * loss_sum + 0.1 * loss.item()
+                bar.set_postfix(loss=f"{loss_sum:.4f}", seq_s=f"{seen / (time.monotonic() - epoch_start):.0f}")
+            bar.update(1)
+            if cfg.max_seconds and time.monotonic() - started > cfg.max_seconds:
+                state["stopped"] = f"time budget of {cfg.max_seconds:.0f}s reached in epoch {epoch}"
+                break
+        bar.close()
+        reports = evaluate(BatchScorer(model, text_encoder, "in-training", device=device), val)
+        score = selection_score(reports)
+        improved = score > state["best_score"]
+        state["history"].append({"epoch": epoch, "loss": round(loss_sum, 5), "val_score": round(score, 5),
+                                 **{f"val_{h}_{m}": round(r[m], 5) for h, r in reports.items()
+                                    for m in ("accuracy", "macro_f1")},
+                                 "seconds": round(time.monotonic() - epoch_start, 1)})
+        print(f"{name} epoch {epoch}: loss {loss_sum:.4f}  val " + "  ".join(
+            f"{h} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f}" for h, r in reports.items()), flush=True)
+        if improved:
+            state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+            if not checkpoint:
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+            if state["bad_epochs"] >= cfg.patience:
+                state["stopped"] = f"early stop: no better validation score for {cfg.patience} epochs"
+        state["epoch"] = epoch
+        if cfg.max_seconds and epoch == 1:
+            # Fit the schedule to the budget: fewer, complete epochs (the learning rate decays to zero) rather
+            # than a run cut off at a high learning rate.
+            affordable = int(cfg.max_seconds // (time.monotonic() - started))
+            state["planned_epochs"] = max(1, min(cfg.epochs, affordable))
+        if checkpoint:
+            checkpoint.save(model, optimizer, state, best=improved)
+    if checkpoint:
+        checkpoint.load_best(model)
+    elif best_weights is not None:
+        model.load_state_dict(best_weights)
+    model.eval()
+    return FitResult(state["best_epoch"], state["best_score"], state["history"], time.monotonic() - started,
+                     state["stopped"] or "all epochs")
+
+
+def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, device: torch.device) -> Path:
+    """Domain-adaptive pretraining: masked-language-model training of ``base`` on ``texts``; writes the adapted
+    encoder (and its tokenizer) to ``out_dir`` and returns it."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    started = time.monotonic()
+    tokenizer = load_pretrained(AutoTokenizer, base)
+    model = load_pretrained(AutoModelForMaskedLM, base, dtype=torch.float32).to(device)
+    text_encoder = TextEncoder(tokenizer.backend_tokenizer, cfg.max_length)
+    token_ids = text_encoder.ids(texts)
+    lengths = np.array([len(x) for x in token_ids])
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    steps_per_epoch = -(-len(texts) // cfg.batch_size)
+    warmup = max(1, int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, stop, planned, epoch = 0, False, cfg.epochs, 0
+    model.train()
+    while epoch < planned:
+        epoch += 1
+        total = steps_per_epoch * planned
+        rng = np.random.default_rng([cfg.seed, epoch])
+        bar = progress(steps_per_epoch, f"domain pretraining epoch {epoch}/{planned}")
+        for batch in bucketed_batches(lengths, cfg.batch_size, rng):
+            ids, mask = (torch.from_numpy(a) for a in text_encoder.pad([token_ids[i] for i in batch]))
+            inputs, labels = mask_tokens(ids, mask, special, tokenizer.mask_token_id, len(tokenizer), cfg.mask_prob,
+                                         generator)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, total, warmup, "linear")
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(input_ids=inputs.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1)
+            if cfg.max_seconds and time.monotonic() - started > cfg.max_seconds:
+                stop = True
+                break
+        bar.close()
+        print(f"domain pretraining epoch {epoch}: MLM loss {loss.item():.3f}", flush=True)
+        if stop:
+            print(f"domain pretraining: time budget of {cfg.max_seconds:.0f}s reached in epoch {epoch}", flush=True)
+            break
+        if cfg.max_seconds and epoch == 1:  # as in fit: complete epochs that fit the budget
+            planned = max(1, min(cfg.epochs, int(cfg.max_seconds // (time.monotonic() - started))))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.base_model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int,
+                prob: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: ``prob`` of the real tokens are predicted; of those 80% become [MASK], 10% a random token."""
+    candidates = mask.bool() & ~torch.isin(ids, special)
+    chosen = candidates & (torch.rand(ids.shape, generator=generator) < prob)
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    draw = torch.rand(ids.shape, generator=generator)
+    inputs = torch.where(chosen & (draw < 0.8), torch.full_like(ids, mask_id), ids)
+    random_tokens = torch.randint(vocab_size, ids.shape, generator=generator)
+    inputs = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_tokens, inputs)
+    return inputs, labels

@@ -1,0 +1,224 @@
+"""Benchmark of the batched scorer (models.scorer.BatchScorer).
+
+Measured in one run, on the same model:
+- CPU: end-to-end throughput (texts in, Predictions out) at the worker's batch size, float32 and int8, p50/p99
+  latency of one batch, and how often int8 and float32 agree on the labels.
+- GPU (when there is one): the scorer's end-to-end throughput (cleaning, tokenization, transfers, forward, results
+  back on the CPU as Predictions) as a ratio to a raw forward pass of the same model on ids already on the GPU, at
+  the same batch size and sequence length (goal >= 0.5); a naive tokenize-then-forward loop for reference;
+  p50/p99 batch latency; and a real out-of-memory split (the allocator is capped so a huge batch cannot fit).
+
+The model is the newest trained one (or --model DIR); without one, an untrained model with the same
+architecture as the default (all-MiniLM-L6-v2 + two heads): speed does not depend on the weights.
+Prints a table and returns the figures; ``--json FILE`` also writes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("shares rise after earnings beat estimates as analysts raise price target on strong guidance while the "
+         "fed holds rates steady and oil prices slip amid supply concerns; bank stocks rally, treasury yields "
+         "climb, dividend raised, ceo steps down, merger talks, ipo priced above range, guidance cut").split()
+TICKERS = ("$AAPL", "$TSLA", "$AMZN", "$JPM", "$XOM", "$NVDA", "$MSFT", "$GS")
+
+
+def synthetic_texts(count: int, min_words: int, max_words: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(TICKERS)} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
+            + f" https://t.co/{rng.getrandbits(40):x}" for _ in range(count)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def model_dir(explicit: str | None, workdir: Path) -> Path:
+    from models.registry import find_model_dir
+    found = find_model_dir(explicit)
+    if found:
+        return found
+    from models.modeling import FinPulseClassifier, resolve_base_model, save_model
+    base = resolve_base_model(None)
+    out = workdir / "untrained"
+    save_model(FinPulseClassifier.from_base(base), base, out, base_model=base, recipe="untrained", max_length=64)
+    return out
+
+
+def timed_calls(fn, batches: list, repeats: int) -> list[float]:
+    latencies = []
+    for i in range(repeats):
+        began = time.perf_counter()
+        fn(batches[i % len(batches)])
+        latencies.append(time.perf_counter() - began)
+    return latencies
+
+
+def bench_cpu(path: Path, batch: int, results: dict) -> None:
+    import numpy as np
+    import torch
+    from models.scorer import BatchScorer
+    texts = synthetic_texts(batch * 8, 4, 30, seed=1)
+    batches = [texts[i:i + batch] for i in range(0, len(texts), batch)]
+    labels = {}
+    for name, quantize in (("float32", None), ("int8", "int8")):
+        scorer = BatchScorer.from_pretrained(path, device="cpu", batch_size=batch, quantize=quantize)
+        scorer.score(batches[0])  # warm-up
+        began = time.perf_counter()
+        predictions = scorer.score(texts)
+        seconds = time.perf_counter() - began
+        latencies = timed_calls(scorer.score, batches, 8)
+        labels[name] = [(p.topic, p.sentiment) for p in predictions]
+        results[f"cpu_{name}"] = {"batch": batch, "texts": len(texts), "seq_per_s": round(len(texts) / seconds, 1),
+                                  "p50_ms": round(1000 * percentile(latencies, 50), 1),
+                                  "p99_ms": round(1000 * percentile(latencies, 99), 1),
+                                  "threads": torch.get_num_threads()}
+    agree = np.mean([a == b for a, b in zip(labels["float32"], labels["int8"])])
+    results["cpu_int8_label_agreement"] = round(float(agree), 4)
+
+
+def bench_gpu(path: Path, batch: int, length: int, results: dict, oom_check: bool = True) -> None:
+    import torch
+    from models.scorer import BatchScorer
+    scorer = BatchScorer.from_pretrained(path, device="cuda", batch_size=batch)
+    model, encoder = scorer.model, scorer.text_encoder
+    length = min(length, encoder.max_length)
+    # Texts long enough to be truncated at ``length`` tokens: every batch is exactly (batch, length), as is the raw pass.
+    encoder.tokenizer.enable_truncation(length)
+    texts = synthetic_texts(batch * 48, length - 4, length + 4, seed=2)
+    ids = torch.randint(1000, 30000, (batch, length), device="cuda")
+    mask = torch.ones_like(ids)
+
+    def raw():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            topic, sentiment = model(ids, mask)
+            return torch.cat([topic.float().softmax(-1), sentiment.float().softmax(-1)], 1)
+
+    for _ in range(5):
+        raw()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    repeats = 30
+    for _ in range(repeats):
+        raw()
+    end.record()
+    end.synchronize()
+    raw_rate = batch * repeats / (start.elapsed_time(end) / 1000)
+
+    scorer.score(texts[: batch * 2])  # warm-up: allocator, kernels, pinned pool
+    rates = []
+    for _ in range(3):
+        began = time.perf_counter()
+        predictions = scorer.score(texts)
+        rates.append(len(texts) / (time.perf_counter() - began))
+    assert all(p.ok for p in predictions)
+    scorer_rate = statistics.median(rates)
+
+    def naive(chunk):  # tokenize, copy, forward, copy back: one step after the other
+        tok_ids, tok_mask = encoder.pad(encoder.ids(chunk))
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            topic, sentiment = model(torch.from_numpy(tok_ids).cuda(), torch.from_numpy(tok_mask).cuda())
+            return topic.float().softmax(-1).cpu(), sentiment.float().softmax(-1).cpu()
+
+    chunks = [texts[i:i + batch] for i in range(0, len(texts), batch)]
+    naive(chunks[0])
+    began = time.perf_counter()
+    for chunk in chunks[:16]:
+        naive(chunk)
+    naive_rate = 16 * batch / (time.perf_counter() - began)
+
+    began = time.perf_counter()
+    encoder.ids(chunks[0])
+    tokenize_ms = 1000 * (time.perf_counter() - began)
+    latencies = timed_calls(scorer.score, chunks, 40)
+    results["gpu"] = {
+        "device": torch.cuda.get_device_name(), "batch": batch, "length": length,
+        "raw_forward_seq_per_s": round(raw_rate), "scorer_seq_per_s": round(scorer_rate),
+        "ratio_scorer_to_raw": round(scorer_rate / raw_rate, 3),
+        "naive_loop_seq_per_s": round(naive_rate), "ratio_naive_to_raw": round(naive_rate / raw_rate, 3),
+        "tokenize_one_batch_ms": round(tokenize_ms, 1),
+        "p50_batch_ms": round(1000 * percentile(latencies, 50), 2),
+        "p99_batch_ms": round(1000 * percentile(latencies, 99), 2),
+    }
+    mixed = synthetic_texts(batch * 48, 4, 30, seed=3)
+    encoder.tokenizer.enable_truncation(encoder.max_length)
+    scorer.score(mixed[:batch])
+    began = time.perf_counter()
+    scorer.score(mixed)
+    results["gpu"]["tweet_like_seq_per_s"] = round(len(mixed) / (time.perf_counter() - began))
+    if oom_check:
+        results["gpu"]["oom_split"] = oom_split_check(scorer)
+
+
+def oom_split_check(scorer) -> str:
+    """Cap the allocator so one huge batch cannot fit: the scorer must split it and still score every text."""
+    import torch
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.5e9 / total)
+    try:
+        scorer.batch_size = 1 << 16
+        texts = synthetic_texts(1 << 16, 60, 80, seed=4)
+        predictions = scorer.score(texts)
+        ok = all(p.ok for p in predictions)
+        return f"{'ok' if ok else 'FAILED'}: a batch of {len(texts)} under a 1.5 GB cap ran as batches of {scorer.batch_size}"
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="bench_scorer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="model directory (default: newest trained, else an untrained one)")
+    parser.add_argument("--cpu-batch", type=int, default=64)
+    parser.add_argument("--gpu-batch", type=int, default=1024)
+    parser.add_argument("--length", type=int, default=64, help="GPU ratio: tokens per text (model max at most)")
+    parser.add_argument("--no-cpu", action="store_true")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    import torch
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model_dir(args.model, Path(tmp))
+        results["model"] = path.name
+        if torch.cuda.is_available():
+            bench_gpu(path, args.gpu_batch, args.length, results)
+        if not args.no_cpu:
+            bench_cpu(path, args.cpu_batch, results)
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def print_table(results: dict) -> None:
+    print(f"\nscorer benchmark (model {results['model']})")
+    for name in ("cpu_float32", "cpu_int8"):
+        if name in results:
+            r = results[name]
+            print(f"  {name:<12} batch {r['batch']:>4}: {r['seq_per_s']:>9.1f} seq/s   p50 {r['p50_ms']:>7.1f} ms"
+                  f"   p99 {r['p99_ms']:>7.1f} ms   ({r['threads']} threads)")
+    if "cpu_int8_label_agreement" in results:
+        print(f"  int8 vs float32: same labels on {results['cpu_int8_label_agreement']:.1%} of texts")
+    if "gpu" in results:
+        g = results["gpu"]
+        print(f"  GPU {g['device']}, batch {g['batch']} x {g['length']} tokens:")
+        print(f"    raw forward          {g['raw_forward_seq_per_s']:>9} seq/s")
+        print(f"    scorer end-to-end    {g['scorer_seq_per_s']:>9} seq/s   ratio {g['ratio_scorer_to_raw']:.3f} (goal >= 0.5)")
+        print(f"    naive loop           {g['naive_loop_seq_per_s']:>9} seq/s   ratio {g['ratio_naive_to_raw']:.3f}")
+        print(f"    tweet-length texts   {g['tweet_like_seq_per_s']:>9} seq/s (scorer, mixed lengths)")
+        print(f"    batch latency        p50 {g['p50_batch_ms']} ms   p99 {g['p99_batch_ms']} ms"
+              f"   (tokenizing one batch alone: {g['tokenize_one_batch_ms']} ms)")
+        if "oom_split" in g:
+            print(f"    out-of-memory split  {g['oom_split']}")
+
+
+if __name__ == "__main__":
+    main()
