@@ -13,13 +13,14 @@ variable ``--secret-env`` (several, space-separated, during a key rotation). Ans
 
 Failure injection for demos and tests: ``--fail-first N`` answers the first N requests with 500, then
 ``--throttle N`` answers the next N with 429 and ``Retry-After`` (``--retry-after`` seconds, or an HTTP date with
-``--retry-after-date``). Ids seen in an existing ``--store`` file count as seen after a restart.
+``--retry-after-date``); ``--delay S`` answers every request S seconds late (a slow endpoint). Ids seen in an existing ``--store`` file count as seen after a restart.
 
 ``GET /received`` returns what was stored plus counters and a log of every request (time, path, status, id).
 It is unauthenticated: keep the receiver on 127.0.0.1 (the default) unless the network is yours.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -45,6 +46,7 @@ class ReceiverOptions:
     throttle: int = 0
     retry_after_s: int = 1
     retry_after_date: bool = False
+    delay_s: float = 0.0
     quiet: bool = False
 
 
@@ -76,9 +78,12 @@ class Receiver:
         return app
 
     async def _webhook(self, request: web.Request) -> web.Response:
+        arrived = time.time()
         body = await request.read()
+        if self.options.delay_s:
+            await asyncio.sleep(self.options.delay_s)
         response = self._answer(request, body)
-        self.requests.append({"at": time.time(), "path": request.path, "status": response.status,
+        self.requests.append({"at": arrived, "path": request.path, "status": response.status,
                               "webhook_id": request.headers.get(HEADER_ID)})
         return response
 
@@ -162,7 +167,7 @@ def run_receiver(args) -> int:
     options = ReceiverOptions(
         secrets=load_secrets(args.secret_env), tolerance_s=args.tolerance, store=Path(args.store) if args.store else None,
         fail_first=args.fail_first, throttle=args.throttle, retry_after_s=args.retry_after,
-        retry_after_date=args.retry_after_date, quiet=args.quiet)
+        retry_after_date=args.retry_after_date, delay_s=args.delay, quiet=args.quiet)
     if options.store:
         options.store.parent.mkdir(parents=True, exist_ok=True)
     receiver = Receiver(options)

@@ -1,0 +1,228 @@
+"""Delivery state, kept in Kafka: one ``DeliveryState`` per (alert event, endpoint) on the compacted
+``finpulse.deliveries`` topic, keyed ``"<event_id>|<endpoint>"`` (event_id is ``"<alert id>:<status>"``).
+
+Every change is a new record: ``pending`` when the dispatcher takes the event on (before it commits the alert's
+offset), ``pending`` again after each failed attempt (attempts, last error, next retry time), then ``delivered`` or
+``failed`` (gave up: not retryable, or past the retry horizon). The latest record per key is the truth; compaction
+keeps exactly that. A restarted dispatcher rebuilds its state by reading the topic to its true end, so pending
+deliveries survive restarts and acknowledged ones are never sent again.
+
+``read_delivery_states()`` gives the same view to anyone else (the dashboard, tests).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import ClassVar, Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from stream.config import KafkaSettings
+from stream.records import AlertRecord, _Record, epoch_ms, utcnow
+
+log = logging.getLogger(__name__)
+
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+TERMINAL = frozenset({DELIVERED, FAILED})
+# A resolve is delivered after its firing, whatever order the two reach the dispatcher in.
+STATUS_ORDER = {"firing": 0, "resolved": 1}
+
+
+def delivery_key(event_id: str, endpoint: str) -> str:
+    return f"{event_id}|{endpoint}"
+
+
+def webhook_id(key: str) -> str:
+    """The Standard Webhooks message id of one delivery: stable across retries and restarts, opaque, header-safe."""
+    return "msg_" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class DeliveryState(_Record):
+    event_id: str
+    endpoint: str
+    state: str                         # pending | delivered | failed
+    alert: dict                        # the AlertRecord being delivered (to_dict form)
+    alerts_partition: int              # where the alert came from: the dispatcher owning it resumes it
+    alerts_offset: int
+    created_at: datetime
+    updated_at: datetime
+    deadline_at: datetime              # created_at + the endpoint's retry horizon
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_error: str = ""               # scrubbed of secrets
+    last_status: int | None = None     # HTTP status of the last attempt, if it got one
+    delivered_at: datetime | None = None
+    webhook_id: str = ""
+    seq: int = 0                       # increases with every change of this key: newer wins when merging
+
+    _time_fields: ClassVar[tuple[str, ...]] = ("created_at", "updated_at", "deadline_at", "next_attempt_at", "delivered_at")
+
+    @property
+    def key(self) -> str:
+        return delivery_key(self.event_id, self.endpoint)
+
+    @property
+    def alert_record(self) -> AlertRecord:
+        return AlertRecord.from_dict(self.alert)
+
+    @property
+    def alert_id(self) -> str:
+        return self.alert.get("id", "")
+
+    @property
+    def alert_status(self) -> str:
+        return self.alert.get("status", "")
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (STATUS_ORDER.get(self.alert_status, len(STATUS_ORDER)), self.alerts_offset)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+def new_pending(alert: AlertRecord, endpoint: str, partition: int, offset: int, horizon_s: float) -> DeliveryState:
+    now = utcnow()
+    key = delivery_key(alert.event_id, endpoint)
+    return DeliveryState(event_id=alert.event_id, endpoint=endpoint, state=PENDING, alert=alert.to_dict(),
+                         alerts_partition=partition, alerts_offset=offset, created_at=now, updated_at=now,
+                         deadline_at=now + timedelta(seconds=horizon_s), next_attempt_at=now, webhook_id=webhook_id(key))
+
+
+class DeliveryLog:
+    """The deliveries topic as a dict of latest states: read to its true end on demand, written one change at a time.
+
+    On tansu ``end_offsets`` can report too low an end, so ``catch_up`` trusts only the high watermark of fetch
+    responses received after it started, and returns once every partition's position has reached it.
+    """
+
+    def __init__(self, kafka: KafkaSettings, topic: str, writable: bool = True):
+        self.kafka = kafka
+        self.topic = topic
+        self.writable = writable
+        self.states: dict[str, DeliveryState] = {}
+        self._reader: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._partitions: list[TopicPartition] = []
+
+    async def start(self) -> None:
+        self._reader = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap_servers, group_id=None,
+                                        enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100,
+                                        client_id="finpulse-deliveries-reader")
+        await self._reader.start()
+        partitions = await self._partitions_of(self.topic)
+        self._partitions = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._reader.assign(self._partitions)
+        await self._reader.seek_to_beginning(*self._partitions)
+        if self.writable:
+            self._producer = AIOKafkaProducer(bootstrap_servers=self.kafka.bootstrap_servers, acks="all",
+                                              client_id="finpulse-deliveries-writer", linger_ms=2)
+            await self._producer.start()
+
+    async def _partitions_of(self, topic: str, timeout_s: float = 30.0) -> set[int]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            await self._reader.topics()  # refreshes metadata
+            partitions = self._reader.partitions_for_topic(topic)
+            if partitions:
+                return partitions
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {topic} does not exist (run `finpulse topics` first)")
+            await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        for client in (self._producer, self._reader):
+            if client is not None:
+                await client.stop()
+        self._producer = self._reader = None
+
+    async def catch_up(self) -> int:
+        """Apply every record written before this call; return how many were read."""
+        started_ms = int(time.time() * 1000)
+        count = 0
+        while True:
+            batch = await self._reader.getmany(*self._partitions, timeout_ms=200, max_records=5000)
+            for records in batch.values():
+                for record in records:
+                    self._apply(record.value)
+                    count += 1
+            if not batch and await self._at_end(started_ms):
+                return count
+
+    async def _at_end(self, since_ms: int) -> bool:
+        for tp in self._partitions:
+            polled = self._reader.last_poll_timestamp(tp)
+            highwater = self._reader.highwater(tp)
+            if polled is None or polled < since_ms or highwater is None:
+                return False
+            if await self._reader.position(tp) < highwater:
+                return False
+        return True
+
+    def _apply(self, raw: bytes | None) -> None:
+        if raw is None:
+            return
+        try:
+            state = DeliveryState.from_json(raw)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("skipping an unreadable record on %s: %s", self.topic, exc)
+            return
+        self.merge(state)
+
+    def merge(self, state: DeliveryState) -> None:
+        known = self.states.get(state.key)
+        if known is None or state.seq >= known.seq:
+            self.states[state.key] = state
+
+    def get(self, key: str) -> DeliveryState | None:
+        return self.states.get(key)
+
+    def pending_for(self, partitions: Iterable[int]) -> list[DeliveryState]:
+        wanted = set(partitions)
+        return sorted((s for s in self.states.values() if s.state == PENDING and s.alerts_partition in wanted),
+                      key=lambda s: (s.alert_id, s.order))
+
+    async def save(self, state: DeliveryState) -> DeliveryState:
+        """Write one change (seq bumped, updated_at now) and wait for the broker's ack, retrying while it is down."""
+        known = self.states.get(state.key)
+        state = replace(state, seq=(known.seq if known else state.seq) + 1, updated_at=utcnow())
+        self.merge(state)
+        payload = state.to_json()
+        delay = 0.2
+        while True:
+            try:
+                await self._producer.send_and_wait(self.topic, payload, key=state.key.encode("utf-8"),
+                                                   timestamp_ms=epoch_ms(state.updated_at))
+                return state
+            except KafkaError as exc:
+                log.warning("could not record delivery state %s (%s); retrying in %.1fs", state.key, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def read_delivery_states(kafka: KafkaSettings, topic: str) -> dict[str, DeliveryState]:
+    """The latest state of every delivery on ``topic`` (blocking; for the dashboard, tests and tools)."""
+    async def _read() -> dict[str, DeliveryState]:
+        reader = DeliveryLog(kafka, topic, writable=False)
+        await reader.start()
+        try:
+            await reader.catch_up()
+            return dict(reader.states)
+        finally:
+            await reader.stop()
+    return asyncio.run(_read())
+
+
+def summarize(states: Iterable[DeliveryState]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for state in states:
+        out[state.state] = out.get(state.state, 0) + 1
+    return dict(sorted(out.items()))
+

@@ -1,0 +1,494 @@
+"""The alert dispatcher: every alert event on ``finpulse.alerts`` reaches every matching endpoint, once, in order,
+retried until acknowledged, in the spirit of Alertmanager's notifier.
+
+How it works:
+
+- It consumes ``finpulse.alerts`` in its own consumer group (``<worker.app_id>-dispatcher`` unless
+  ``[alerts] group_id`` says otherwise). For each event and each endpoint whose filters match, it writes a
+  ``pending`` record to the compacted ``finpulse.deliveries`` topic and waits for the broker's ack; only then does
+  it commit the alert's offset. A crash before that re-reads the alert; one after it finds the pending record.
+- At most one delivery per (alert event, endpoint) once acknowledged: a key that already has a state (pending,
+  delivered or failed) is never taken on again, and every state change is in Kafka before the next step. The one
+  window left is a crash between an endpoint's 2xx and the ``delivered`` record: the resend carries the same
+  ``webhook-id``, which receivers use to deduplicate (``finpulse receiver`` does).
+- Attempts back off exponentially with full jitter (``[alerts] backoff_initial_s`` doubling up to
+  ``backoff_max_s``); a ``Retry-After`` (seconds or HTTP date) on 429/503 replaces the backoff and pauses the whole
+  endpoint. Timeouts, connection errors, 408, 425, 429 and 5xx are retried until the endpoint's
+  ``retry_horizon_s``; other answers (4xx, redirects, refused addresses) fail at once. ``failed`` is recorded with
+  the attempts and the last error.
+- Order: deliveries of one alert id to one endpoint form a chain, so a resolve never overtakes its firing (the
+  detector keys both by alert id, so both come from one partition). A resolve goes to the endpoints its firing
+  went to, whatever its severity, so an incident opened by a firing is always closed.
+- Pending deliveries belong to the dispatcher that owns the alert's partition. On start and on every rebalance it
+  reads the deliveries topic to its true end, then resumes the pending ones of the partitions it was given; on
+  revocation it lets in-flight requests finish and stops the rest.
+- Replays never reach live endpoints: an alert with a ``run_id`` goes only to the endpoint named by
+  ``[alerts] replay_endpoint``, and nowhere when none is named.
+
+Run it inside the Faust worker (``install``) or alone (``finpulse dispatch``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from stream.config import ConfigError, Settings
+from stream.records import AlertRecord, format_time, utcnow
+from stream.topics import TopicNames, ensure_topics
+
+from .deliveries import DELIVERED, FAILED, DeliveryLog, DeliveryState, delivery_key, new_pending, read_delivery_states, summarize
+from .endpoints import (BlockedAddressError, Endpoint, GuardedResolver, build_endpoints, check_address, literal_ip,
+                        load_delivery_config, preflight)
+from .formats import DeliveryContext, render
+from .signing import signature_headers
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "FinPulse-Dispatcher/1"
+RETRYABLE_STATUS = frozenset({408, 425, 429})
+PAUSING_STATUS = frozenset({429, 503})
+ERROR_TEXT_MAX = 300
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to."""
+    ok: bool
+    error: str = ""
+    status: int | None = None
+    retryable: bool = True
+    retry_after: float | None = None
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date; None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def classify(status: int, retry_after: str | None, body: bytes) -> Outcome:
+    if 200 <= status < 300:
+        return Outcome(ok=True, status=status)
+    text = body.decode("utf-8", "replace").strip()
+    error = f"HTTP {status}" + (f": {text}" if text else "")
+    if 300 <= status < 400:
+        return Outcome(ok=False, status=status, retryable=False, error=f"{error} (redirects are not followed)")
+    retryable = status in RETRYABLE_STATUS or status >= 500
+    return Outcome(ok=False, status=status, retryable=retryable, error=error,
+                   retry_after=parse_retry_after(retry_after) if retryable else None)
+
+
+def full_jitter(attempts: int, initial_s: float, max_s: float) -> float:
+    """AWS-style full jitter: uniform in [0, min(max, initial * 2^(attempts-1))]."""
+    return random.uniform(0.0, min(max_s, initial_s * 2 ** max(0, attempts - 1)))
+
+
+@dataclass
+class _Chain:
+    """The deliveries of one alert id to one endpoint, delivered strictly one after the other."""
+    partition: int
+    keys: list[str] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, dispatcher: "Dispatcher"):
+        self.dispatcher = dispatcher
+
+    async def on_partitions_revoked(self, revoked):
+        await self.dispatcher._release({tp.partition for tp in revoked if tp.topic == self.dispatcher.names.alerts})
+
+    async def on_partitions_assigned(self, assigned):
+        await self.dispatcher._adopt({tp.partition for tp in assigned if tp.topic == self.dispatcher.names.alerts})
+
+
+class Dispatcher:
+    """Consumes alerts and delivers them; ``start()``, then ``wait()`` (raises if it breaks) and ``stop()``."""
+
+    def __init__(self, settings: Settings, names: TopicNames | None = None, environ=None):
+        self.kafka = settings.kafka
+        self.names = names or TopicNames(self.kafka.topic_prefix)
+        self.config = load_delivery_config(settings)
+        self.options = self.config.options
+        self.endpoints: dict[str, Endpoint] = {e.name: e for e in build_endpoints(self.config, environ)}
+        self.group_id = self.options.group_id or f"{settings.worker.app_id}-dispatcher"
+        self.log = DeliveryLog(self.kafka, self.names.deliveries)
+        self._chains: dict[tuple[str, str], _Chain] = {}
+        self._owned: set[int] = set()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
+        self._semaphore: asyncio.Semaphore | None = None
+        self._main: asyncio.Task | None = None
+        self._fatal: BaseException | None = None
+        self._ignored_runs: set[str] = set()
+        # Records of a newly assigned partition can arrive while its adoption is still reading the deliveries
+        # topic: taking alerts on waits for that, or it could miss that an event was taken on already.
+        self._adopting = asyncio.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.log.start()
+        self._semaphore = asyncio.Semaphore(self.options.max_concurrency)
+        # Endpoints that may not reach private networks get a connector whose resolver refuses them.
+        self._sessions = {
+            False: aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=GuardedResolver()), trust_env=False),
+            True: aiohttp.ClientSession(trust_env=False),
+        }
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.kafka.bootstrap_servers, group_id=self.group_id, client_id=self.group_id,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=int(self.kafka.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(self.kafka.heartbeat_interval_s * 1000))
+        self._consumer.subscribe([self.names.alerts], listener=_Rebalance(self))
+        await self._consumer.start()
+        self._main = asyncio.create_task(self._consume(), name="finpulse-dispatcher")
+        log.info("dispatcher %s started: %d endpoint(s) [%s]", self.group_id, len(self.endpoints),
+                 ", ".join(repr(e) for e in self.endpoints.values()))
+
+    async def wait(self) -> None:
+        """Return when the dispatcher stops; raise what broke it, if anything did."""
+        await self._main
+
+    async def stop(self) -> None:
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+            try:
+                await self._main
+            except asyncio.CancelledError:
+                pass
+        await self._release(set(self._owned))
+        if self._consumer is not None:
+            await self._consumer.stop()
+        for session in self._sessions.values():
+            await session.close()
+        await self.log.stop()
+        log.info("dispatcher %s stopped", self.group_id)
+
+    # ------------------------------------------------------------ taking alerts on
+
+    async def _consume(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=1000, max_records=500)
+            if self._fatal is not None:
+                raise RuntimeError("the dispatcher could not take over its partitions") from self._fatal
+            for tp, records in batch.items():
+                await self._take(tp, records)
+
+    async def _take(self, tp: TopicPartition, records) -> None:
+        async with self._adopting:
+            planned: list[DeliveryState] = []
+            for record in records:
+                alert = self._parse(record)
+                if alert is None:
+                    continue
+                for endpoint in self._targets(alert):
+                    if self.log.get(delivery_key(alert.event_id, endpoint.name)) is not None:
+                        continue  # taken on already (pending, delivered or failed): never twice
+                    state = new_pending(alert, endpoint.name, tp.partition, record.offset,
+                                        endpoint.settings.retry_horizon_s)
+                    self.log.merge(state)  # visible at once: to duplicates and to a resolve later in this batch
+                    planned.append(state)
+            for state in await asyncio.gather(*(self.log.save(s) for s in planned)):
+                self._enqueue(state)
+        try:
+            await self._consumer.commit({tp: records[-1].offset + 1})
+        except (CommitFailedError, KafkaError) as exc:
+            # The partition moved on: its new owner re-reads these alerts and finds their pending records.
+            log.warning("could not commit %s@%d (%s); its next owner resumes from the pending records",
+                        tp, records[-1].offset + 1, exc)
+
+    def _parse(self, record) -> AlertRecord | None:
+        try:
+            alert = AlertRecord.from_json(record.value)
+            if not alert.id or alert.status not in ("firing", "resolved"):
+                raise ValueError(f"id {alert.id!r} / status {alert.status!r}")
+            return alert
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("%s[%d]@%d is not a valid alert (%s): not delivered; it stays on the topic",
+                      record.topic, record.partition, record.offset, exc)
+            return None
+
+    def _targets(self, alert: AlertRecord) -> list[Endpoint]:
+        if alert.run_id:
+            endpoint = self.endpoints.get(self.options.replay_endpoint) if self.options.replay_endpoint else None
+            if endpoint is None:
+                if alert.run_id not in self._ignored_runs:
+                    self._ignored_runs.add(alert.run_id)
+                    log.warning("ignoring alerts of replay run %s: replays never go to live endpoints "
+                                "(name a test endpoint in [alerts] replay_endpoint)", alert.run_id)
+                return []
+            return [endpoint] if endpoint.accepts(alert) else []
+        if alert.status == "resolved":
+            firing = f"{alert.id}:firing"
+            went_to = [e for e in self.endpoints.values() if self.log.get(delivery_key(firing, e.name)) is not None]
+            if went_to:
+                return went_to
+        return [e for e in self.endpoints.values() if e.accepts(alert)]
+
+    # ------------------------------------------------------------ ownership
+
+    async def _adopt(self, partitions: set[int]) -> None:
+        try:
+            async with self._adopting:
+                self._owned |= partitions
+                await self.log.catch_up()
+                resumed = self.log.pending_for(partitions)
+                for state in resumed:
+                    self._enqueue(state)
+            log.info("dispatcher %s owns alerts partitions %s; deliveries known %s, %d pending resumed",
+                     self.group_id, sorted(self._owned), summarize(self.log.states.values()), len(resumed))
+        except Exception as exc:  # a half-adopted partition must not go on silently: stop the dispatcher
+            log.exception("taking over partitions %s failed", sorted(partitions))
+            self._fatal = exc
+
+    async def _release(self, partitions: set[int]) -> None:
+        self._owned -= partitions
+        leaving = {ck: chain for ck, chain in self._chains.items() if chain.partition in partitions}
+        for chain in leaving.values():
+            chain.stop.set()
+        await asyncio.gather(*(c.task for c in leaving.values() if c.task is not None), return_exceptions=True)
+        for ck in leaving:
+            self._chains.pop(ck, None)
+
+    def _enqueue(self, state: DeliveryState) -> None:
+        if state.alerts_partition not in self._owned:
+            return  # another dispatcher owns it now and resumes it from the deliveries topic
+        ck = (state.endpoint, state.alert_id)
+        chain = self._chains.get(ck)
+        if chain is None:
+            chain = self._chains[ck] = _Chain(partition=state.alerts_partition)
+        if state.key not in chain.keys:
+            chain.keys.append(state.key)
+            chain.keys.sort(key=lambda k: self.log.get(k).order)
+        if chain.task is None or chain.task.done():
+            chain.task = asyncio.create_task(self._run_chain(ck, chain), name=f"deliver {ck}")
+
+    async def _run_chain(self, ck: tuple[str, str], chain: _Chain) -> None:
+        try:
+            while chain.keys and not chain.stop.is_set():
+                key = chain.keys[0]
+                if not await self._deliver(key, chain.stop):
+                    return
+                chain.keys.remove(key)
+        except Exception:
+            log.exception("delivering %s stopped; it resumes when the dispatcher restarts or rebalances", ck)
+        finally:
+            if not chain.keys and self._chains.get(ck) is chain:
+                del self._chains[ck]
+
+    # ------------------------------------------------------------ delivering
+
+    async def _deliver(self, key: str, stop: asyncio.Event) -> bool:
+        """Attempt one delivery until it is delivered or failed (True), or ``stop`` is set (False)."""
+        state = self.log.get(key)
+        if state is None or state.terminal:
+            return True
+        endpoint = self.endpoints.get(state.endpoint)
+        if endpoint is None:
+            await self._finish(state, FAILED, f"endpoint {state.endpoint!r} is no longer configured", None)
+            return True
+        alert = state.alert_record
+        while True:
+            due = max(state.next_attempt_at.timestamp() if state.next_attempt_at else 0.0, endpoint.not_before)
+            if not await _sleep_until(due, stop):
+                return False
+            async with self._semaphore:
+                if endpoint.not_before > time.time():
+                    continue  # a Retry-After paused the endpoint while this attempt waited for a slot
+                outcome = await self._attempt(endpoint, state, alert)
+            attempts = state.attempts + 1
+            if outcome.ok:
+                await self._finish(replace(state, attempts=attempts), DELIVERED, "", outcome.status)
+                return True
+            delay = outcome.retry_after
+            if delay is not None and outcome.status in PAUSING_STATUS:
+                endpoint.not_before = max(endpoint.not_before, time.time() + delay)
+            if delay is None:
+                delay = full_jitter(attempts, self.options.backoff_initial_s, self.options.backoff_max_s)
+            next_at = utcnow() + timedelta(seconds=delay)
+            if not outcome.retryable:
+                await self._finish(replace(state, attempts=attempts), FAILED, outcome.error, outcome.status)
+                return True
+            if next_at > state.deadline_at:
+                await self._finish(replace(state, attempts=attempts), FAILED,
+                                   f"gave up after {attempts} attempt(s) within the retry horizon; last: {outcome.error}",
+                                   outcome.status)
+                return True
+            state = await self.log.save(replace(state, attempts=attempts, last_error=outcome.error,
+                                                last_status=outcome.status, next_attempt_at=next_at))
+            log.warning("delivery %s to %s: attempt %d failed (%s); next in %.2fs", state.event_id, endpoint.name,
+                        attempts, outcome.error, delay)
+
+    async def _finish(self, state: DeliveryState, final: str, error: str, status: int | None) -> None:
+        await self.log.save(replace(state, state=final, last_error=error, last_status=status, next_attempt_at=None,
+                                    delivered_at=utcnow() if final == DELIVERED else None))
+        if final == DELIVERED:
+            log.info("delivered %s to %s (attempt %d)", state.event_id, state.endpoint, state.attempts)
+        else:
+            log.error("delivery %s to %s failed after %d attempt(s): %s", state.event_id, state.endpoint,
+                      state.attempts, error)
+
+    async def _attempt(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> Outcome:
+        url = endpoint.url.reveal()
+        try:
+            body = render(endpoint.format, alert, self._context(endpoint, state, alert))
+            headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+            if endpoint.signing_secrets:
+                headers.update(signature_headers(state.webhook_id, body, [s.reveal() for s in endpoint.signing_secrets]))
+            host = urlsplit(url).hostname or ""
+            literal = literal_ip(host)
+            if literal and not endpoint.settings.allow_private:
+                check_address(host, literal)
+            session = self._sessions[endpoint.settings.allow_private]
+            async with session.post(url, data=body, headers=headers, allow_redirects=False,
+                                    timeout=aiohttp.ClientTimeout(total=endpoint.settings.timeout_s)) as response:
+                answer = await response.content.read(200)
+                outcome = classify(response.status, response.headers.get("Retry-After"), answer)
+        except BlockedAddressError as exc:
+            outcome = Outcome(ok=False, retryable=False, error=str(exc))
+        except aiohttp.ClientConnectorError as exc:
+            blocked = isinstance(exc.os_error, BlockedAddressError)
+            outcome = Outcome(ok=False, retryable=not blocked, error=str(exc.os_error) if blocked else f"{type(exc).__name__}: {exc}")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            outcome = Outcome(ok=False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        return replace(outcome, error=endpoint.scrub(outcome.error)[:ERROR_TEXT_MAX])
+
+    def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
+        firing = self.log.get(delivery_key(f"{alert.id}:firing", endpoint.name)) if alert.status == "resolved" else None
+        return DeliveryContext(
+            webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name, attempt=state.attempts + 1,
+            sent_at=format_time(utcnow()), dashboard_url=self.options.dashboard_url,
+            routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
+            firing_severity=firing.alert.get("severity", "") if firing else "")
+
+
+async def _sleep_until(when: float, stop: asyncio.Event) -> bool:
+    """Wait until epoch time ``when``; False if ``stop`` was set first."""
+    delay = when - time.time()
+    if stop.is_set():
+        return False
+    if delay <= 0:
+        return True
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+        return False
+    except asyncio.TimeoutError:
+        return True
+
+
+# ---------------------------------------------------------------- inside the Faust worker
+
+def install(app, settings: Settings, names: TopicNames | None = None):
+    """Run a Dispatcher as a service of the Faust ``app`` (started with the worker, stopped with it; if it breaks,
+    the worker crashes rather than silently not delivering). Returns the service class, or None when no endpoint is
+    configured. Raises ConfigError at once for bad endpoints or missing secret env vars."""
+    import mode
+
+    config = load_delivery_config(settings)
+    if not config.endpoints:
+        log.info("no [alerts] endpoints configured: this worker delivers no alerts")
+        return None
+    build_endpoints(config)  # fail at worker start, not at the first alert, when a secret is missing
+
+    class AlertDispatcherService(mode.Service):
+        dispatcher: Dispatcher
+
+        async def on_start(self) -> None:
+            self.dispatcher = Dispatcher(settings, names)
+            await self.dispatcher.start()
+
+        @mode.Service.task
+        async def _watch(self) -> None:
+            await self.dispatcher.wait()
+
+        async def on_stop(self) -> None:
+            await self.dispatcher.stop()
+
+    app.service(AlertDispatcherService)
+    return AlertDispatcherService
+
+
+# ---------------------------------------------------------------- `finpulse dispatch`
+
+def run_dispatch(settings: Settings, check: bool = False, status: bool = False) -> int:
+    names = TopicNames(settings.kafka.topic_prefix)
+    config = load_delivery_config(settings)
+    if status:
+        return _print_status(settings, names)
+    if not config.endpoints:
+        raise ConfigError("no endpoints: add [[alerts.endpoints]] tables to the config (see alerts/example.toml)")
+    if check:
+        return asyncio.run(_check(config))
+    ensure_topics(settings.kafka, [names.alerts, names.deliveries], names.compacted())
+    return asyncio.run(_serve(settings, names))
+
+
+async def _serve(settings: Settings, names: TopicNames) -> int:
+    dispatcher = Dispatcher(settings, names)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await dispatcher.start()
+    print(f"dispatching {names.alerts} to {len(dispatcher.endpoints)} endpoint(s) as group {dispatcher.group_id} "
+          f"(state in {names.deliveries}); Ctrl-C stops", flush=True)
+    waiting = asyncio.create_task(dispatcher.wait())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({stopped, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if waiting in done and waiting.exception() is not None:
+            log.error("the dispatcher broke: %s", waiting.exception())
+            return 1
+        return 0
+    finally:
+        for task in (stopped, waiting):
+            task.cancel()
+        await dispatcher.stop()
+
+
+async def _check(config) -> int:
+    problems = 0
+    endpoints = build_endpoints(config)
+    for endpoint in endpoints:
+        try:
+            verdict = await preflight(endpoint.url.reveal(), endpoint.settings.allow_private)
+        except OSError as exc:
+            verdict = f"REFUSED: {endpoint.scrub(str(exc))}"
+            problems += 1
+        signed = f"{len(endpoint.signing_secrets)} signing key(s)" if endpoint.signing_secrets else "unsigned"
+        print(f"{endpoint.name:<20} {endpoint.format:<13} {endpoint.display_url:<40} {signed:<18} {verdict}")
+    return 1 if problems else 0
+
+
+def _print_status(settings: Settings, names: TopicNames) -> int:
+    states = read_delivery_states(settings.kafka, names.deliveries)
+    print(f"{names.deliveries}: {len(states)} deliveries {summarize(states.values())}")
+    for state in sorted(states.values(), key=lambda s: s.updated_at):
+        if not state.terminal or state.state == FAILED:
+            print(f"  {state.state:<9} {state.key}  attempts={state.attempts}  {state.last_error}")
+    return 0

@@ -1,0 +1,340 @@
+"""Where alerts are delivered: the ``[alerts]`` settings, secrets from the environment, and the
+guard that keeps webhooks off private networks (SSRF).
+
+``[alerts]`` (``AlertsSettings``) holds the dispatcher's options and the list of endpoints::
+
+    [alerts]
+    backoff_initial_s = 1.0          # first retry after up to this long (full jitter), doubling each attempt
+    backoff_max_s = 300.0            # the doubling stops here
+    max_concurrency = 16             # requests in flight at once, all endpoints together
+    group_id = ""                    # consumer group; default "<worker.app_id>-dispatcher"
+    replay_endpoint = ""             # the one endpoint that may receive alerts of replays (run_id set)
+    dashboard_url = ""               # links back to the dashboard in Slack/PagerDuty/Alertmanager messages
+
+    [[alerts.endpoints]]
+    name = "risk-desk"                          # unique; part of the delivery key
+    url = "https://hooks.example.com/finpulse"  # or url_env = "VAR" when the URL itself is a secret (Slack)
+    format = "native"                           # native | slack | pagerduty | alertmanager
+    secret_env = "FINPULSE_WEBHOOK_SECRET"      # env var(s) holding whsec_ secrets; several keys = rotation
+    routing_key_env = ""                        # PagerDuty: env var holding the integration's routing key
+    allow_private = false                       # true: may target private/loopback/link-local addresses
+    min_severity = "info"                       # info | warning | critical
+    key_types = []                              # e.g. ["topic"]; empty = all
+    keys = []                                   # glob patterns on the alert key, e.g. ["Energy*", "AAPL"]; empty = all
+    timeout_s = 10.0                            # per request
+    retry_horizon_s = 21600.0                   # give up (state "failed") this long after the alert was first seen
+
+From the environment: ``FINPULSE_ALERTS__BACKOFF_MAX_S=60`` and so on, and ``FINPULSE_ALERTS__ENDPOINTS`` takes a
+JSON list of endpoint tables (replacing the file's list).
+
+Secrets (signing keys, routing keys, secret URLs) are only ever read from the environment variables named here,
+held in ``Secret`` objects whose repr is ``***``, and scrubbed from any error text before it is logged or stored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from aiohttp.resolver import ThreadedResolver
+
+from stream.config import ConfigError, Settings, build_dataclass
+
+from .signing import decode_secret, split_secrets
+
+FORMATS = ("native", "slack", "pagerduty", "alertmanager")
+SEVERITIES = ("info", "warning", "critical")
+KEY_TYPES = ("topic", "ticker")
+PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
+
+
+@dataclass
+class EndpointSettings:
+    name: str
+    url: str = ""
+    url_env: str = ""
+    format: str = "native"
+    secret_env: list[str] = field(default_factory=list)
+    routing_key_env: str = ""
+    allow_private: bool = False
+    min_severity: str = "info"
+    key_types: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    timeout_s: float = 10.0
+    retry_horizon_s: float = 6 * 3600.0
+
+
+@dataclass
+class AlertsSettings:
+    """``[alerts]``: the dispatcher's options; ``endpoints`` is validated into ``EndpointSettings``."""
+    endpoints: list[dict] = field(default_factory=list)
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    max_concurrency: int = 16
+    group_id: str = ""
+    replay_endpoint: str = ""
+    dashboard_url: str = ""
+
+
+@dataclass
+class AlertDeliveryConfig:
+    """The validated ``[alerts]`` section."""
+    endpoints: list[EndpointSettings]
+    options: AlertsSettings
+
+    def endpoint(self, name: str) -> EndpointSettings | None:
+        return next((e for e in self.endpoints if e.name == name), None)
+
+
+# ---------------------------------------------------------------- secrets
+
+class Secret:
+    """A value that must never be printed: repr/str show ``***``; ``reveal()`` is the only way in."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+# ---------------------------------------------------------------- the SSRF guard
+
+class BlockedAddressError(OSError):
+    """A webhook target resolves to an address FinPulse refuses to send to (private, loopback, link-local...)."""
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def blocked_reason(address: str) -> str | None:
+    """Why an IP address is not a public webhook target, or None when it is one.
+
+    IPv6 addresses that embed an IPv4 one (IPv4-mapped ``::ffff:a.b.c.d``, 6to4, Teredo, NAT64) are judged by the
+    embedded address, so ``::ffff:127.0.0.1`` is loopback. Anything not globally routable is refused, which also
+    covers carrier-grade NAT (100.64.0.0/10), documentation and benchmark ranges.
+    """
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            inner = blocked_reason(str(embedded))
+            return f"{inner} (embedded IPv4)" if inner else None
+    for reason, hit in (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
+                        ("link-local", ip.is_link_local), ("site-local", getattr(ip, "is_site_local", False)),
+                        ("multicast", ip.is_multicast),
+                        ("private", ip.is_private), ("reserved", ip.is_reserved)):
+        if hit:
+            return reason
+    return None if ip.is_global else "non-global"
+
+
+def literal_ip(host: str) -> str | None:
+    """The host as an IP address string when it is a literal (``[::1]`` included), else None."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]").split("%", 1)[0]))
+    except ValueError:
+        return None
+
+
+def check_address(host: str, address: str) -> None:
+    reason = blocked_reason(address)
+    if reason:
+        shown = host if literal_ip(host) == address else f"{host} resolves to {address}, which"
+        raise BlockedAddressError(f"refused: {shown} is a {reason} address; set allow_private = true on the "
+                                  f"endpoint to allow it")
+
+
+class GuardedResolver(ThreadedResolver):
+    """Resolves like aiohttp's default resolver, then refuses the host if ANY of its addresses is blocked.
+
+    The connector connects to exactly the addresses returned here, so the check holds at send time even when DNS
+    changes between the config check and the request (DNS rebinding). Literal IP hosts never reach a resolver:
+    the dispatcher checks those itself before sending.
+    """
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET):
+        results = await super().resolve(host, port, family)
+        for result in results:
+            check_address(host, result["host"])
+        return results
+
+
+async def preflight(url: str, allow_private: bool) -> str:
+    """Resolve a URL's host now and say whether it may be used: 'ok', 'ok (private allowed)' or raise."""
+    host = urlsplit(url).hostname or ""
+    if allow_private:
+        return "ok (private addresses allowed)"
+    literal = literal_ip(host)
+    if literal:
+        check_address(host, literal)
+        return "ok"
+    await GuardedResolver().resolve(host, 0, socket.AF_UNSPEC)
+    return "ok"
+
+
+# ---------------------------------------------------------------- loading and validation
+
+def load_delivery_config(settings: Settings) -> AlertDeliveryConfig:
+    """Read and validate ``[alerts]`` and its endpoints; raise ConfigError saying what is wrong."""
+    options = settings.section("alerts", AlertsSettings)
+    if not all(isinstance(e, Mapping) for e in options.endpoints):
+        raise ConfigError("[alerts] endpoints must be a list of tables ([[alerts.endpoints]])")
+    endpoints = [build_dataclass(EndpointSettings, e, where=f"alerts.endpoints[{i}]") for i, e in enumerate(options.endpoints)]
+    config = AlertDeliveryConfig(endpoints=endpoints, options=options)
+    _validate(config)
+    return config
+
+
+def _validate(config: AlertDeliveryConfig) -> None:
+    seen: set[str] = set()
+    for ep in config.endpoints:
+        where = f"[[alerts.endpoints]] {ep.name!r}"
+        if not ep.name or "|" in ep.name or ep.name != ep.name.strip():
+            raise ConfigError(f"{where}: name must be non-empty, without '|' or surrounding spaces")
+        if ep.name in seen:
+            raise ConfigError(f"{where}: two endpoints have this name")
+        seen.add(ep.name)
+        if ep.format not in FORMATS:
+            raise ConfigError(f"{where}: format must be one of {', '.join(FORMATS)}")
+        if ep.min_severity not in SEVERITIES:
+            raise ConfigError(f"{where}: min_severity must be one of {', '.join(SEVERITIES)}")
+        bad_types = sorted(set(ep.key_types) - set(KEY_TYPES))
+        if bad_types:
+            raise ConfigError(f"{where}: key_types {bad_types} unknown (use {', '.join(KEY_TYPES)})")
+        if ep.timeout_s <= 0 or ep.retry_horizon_s <= 0:
+            raise ConfigError(f"{where}: timeout_s and retry_horizon_s must be positive")
+        if ep.url and ep.url_env:
+            raise ConfigError(f"{where}: set url or url_env, not both")
+        if ep.format == "pagerduty" and not ep.routing_key_env:
+            raise ConfigError(f"{where}: a pagerduty endpoint needs routing_key_env (the env var with the routing key)")
+        if ep.format == "native" and not ep.secret_env:
+            raise ConfigError(f"{where}: a native endpoint is signed, so it needs secret_env (the env var with a whsec_ secret)")
+        if ep.url:
+            check_url(ep.url, ep.allow_private, where)
+        elif not ep.url_env and ep.format != "pagerduty":
+            raise ConfigError(f"{where}: url (or url_env) is required")
+    o = config.options
+    if o.backoff_initial_s <= 0 or o.backoff_max_s < o.backoff_initial_s:
+        raise ConfigError("[alerts] needs 0 < backoff_initial_s <= backoff_max_s")
+    if o.max_concurrency < 1:
+        raise ConfigError("[alerts] max_concurrency must be at least 1")
+    if o.replay_endpoint and o.replay_endpoint not in seen:
+        raise ConfigError(f"[alerts] replay_endpoint {o.replay_endpoint!r} names no endpoint")
+
+
+def check_url(url: str, allow_private: bool, where: str) -> None:
+    """Static checks that need no DNS: an http(s) URL with a host, and no literal blocked IP unless allowed."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: the url must be http:// or https:// with a host (got {redact_url(url)})")
+    literal = literal_ip(parts.hostname)
+    if literal and not allow_private:
+        try:
+            check_address(parts.hostname, literal)
+        except BlockedAddressError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+def redact_url(url: str) -> str:
+    """What logs may show of a URL: scheme, host and port. Paths and queries can carry tokens (Slack's do)."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return "<invalid url>"
+    port = f":{parts.port}" if parts.port else ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    tail = "/…" if parts.path not in ("", "/") or parts.query else ""
+    return f"{parts.scheme}://{host}{port}{tail}"
+
+
+# ---------------------------------------------------------------- runtime endpoints
+
+class Endpoint:
+    """An endpoint ready to send to: its settings plus the secrets read from the environment."""
+
+    def __init__(self, settings: EndpointSettings, environ: Mapping[str, str] | None = None):
+        environ = os.environ if environ is None else environ
+        self.settings = settings
+        self.name = settings.name
+        self.format = settings.format
+        where = f"endpoint {settings.name!r}"
+        url = _env(environ, settings.url_env, where) if settings.url_env else settings.url
+        if not url and settings.format == "pagerduty":
+            url = PAGERDUTY_EVENTS_URL
+        if settings.url_env:
+            check_url(url, settings.allow_private, f"{where} (url from ${settings.url_env})")
+        self.url = Secret(url)
+        self.display_url = redact_url(url)
+        self.signing_secrets: list[Secret] = []
+        for var in settings.secret_env:
+            for secret in split_secrets(_env(environ, var, where)):
+                try:
+                    decode_secret(secret)
+                except ValueError as exc:
+                    raise ConfigError(f"{where}: ${var}: {exc}") from None
+                self.signing_secrets.append(Secret(secret))
+        self.routing_key = Secret(_env(environ, settings.routing_key_env, where)) if settings.routing_key_env else None
+        # The earliest time the next request to this endpoint may go out (a Retry-After pauses the whole endpoint).
+        self.not_before = 0.0
+
+    def accepts(self, alert) -> bool:
+        """Whether this endpoint's severity and key filters let ``alert`` through."""
+        s = self.settings
+        rank = SEVERITIES.index(alert.severity) if alert.severity in SEVERITIES else len(SEVERITIES) - 1
+        if rank < SEVERITIES.index(s.min_severity):
+            return False
+        if s.key_types and alert.key_type not in s.key_types:
+            return False
+        return not s.keys or any(fnmatch.fnmatchcase(alert.key, pattern) for pattern in s.keys)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret of this endpoint replaced by ***: error messages can echo URLs or keys."""
+        for secret in (self.url, self.routing_key, *self.signing_secrets):
+            if secret is not None and secret.reveal():
+                text = text.replace(secret.reveal(), "***")
+        return text
+
+    def __repr__(self) -> str:
+        return f"Endpoint(name={self.name!r}, format={self.format!r}, url={self.display_url!r})"
+
+
+def _env(environ: Mapping[str, str], var: str, where: str) -> str:
+    value = environ.get(var, "").strip()
+    if not value:
+        raise ConfigError(f"{where}: environment variable {var} is not set (it holds a secret, so it is never read "
+                          f"from the config file)")
+    return value
+
+
+def build_endpoints(config: AlertDeliveryConfig, environ: Mapping[str, str] | None = None) -> list[Endpoint]:
+    return [Endpoint(e, environ) for e in config.endpoints]
+
+
+def describe(config: AlertDeliveryConfig) -> list[dict[str, Any]]:
+    """The endpoints as loggable dicts: env var names, never their values; URLs redacted."""
+    rows = []
+    for ep in config.endpoints:
+        row = dataclasses.asdict(ep)
+        row["url"] = redact_url(ep.url) if ep.url else (f"${ep.url_env}" if ep.url_env else "")
+        rows.append(row)
+    return rows

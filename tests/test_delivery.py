@@ -1,0 +1,359 @@
+"""Alert delivery end to end: a real tansu broker, real `finpulse dispatch` and `finpulse receiver` processes (or the
+same classes in-process), real HTTP on 127.0.0.1. Alerts are produced straight into the alerts topic."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+
+from alerts.deliveries import DELIVERED, FAILED, PENDING, delivery_key, read_delivery_states, webhook_id
+from alerts.dispatch import Dispatcher, classify, full_jitter, parse_retry_after
+from alerts.endpoints import Endpoint, EndpointSettings, blocked_reason, load_delivery_config
+from alerts.receiver import Receiver, ReceiverOptions
+from alerts.signing import generate_secret
+from stream.broker import free_port
+from stream.config import ConfigError, Settings
+from stream.records import AlertRecord
+from tests.test_formats import make_alert
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- helpers
+
+def produce(settings: Settings, topic: str, alerts: list[AlertRecord | bytes]) -> None:
+    """Put alerts on the topic the way the detector does: keyed so that one episode stays on one partition."""
+    async def _send():
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+        await producer.start()
+        try:
+            for alert in alerts:
+                if isinstance(alert, bytes):
+                    await producer.send_and_wait(topic, alert, key=b"garbage")
+                else:
+                    await producer.send_and_wait(topic, alert.to_json(), key=f"{alert.key_type}:{alert.key}".encode())
+        finally:
+            await producer.stop()
+    asyncio.run(_send())
+
+
+def wait_for(predicate, what: str, timeout_s: float = 120.0, every_s: float = 0.25):
+    """Poll until ``predicate()`` returns something truthy; fail saying what never happened."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+class Proc:
+    """A `finpulse ...` subprocess with its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict, log_path: Path):
+        self.log_path = log_path
+        self.out = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", *args], cwd=REPO, env=env,
+                                     stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def terminate(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        return self.proc.returncode
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        self.kill()
+        self.out.close()
+
+
+def get_json(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+def kafka_env(settings: Settings, **alerts) -> dict[str, str]:
+    """The process environment that points `finpulse` at the test's broker, topics and [alerts] settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
+    kafka, worker = settings.kafka, settings.worker
+    env.update({"FINPULSE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+                "FINPULSE_KAFKA__TOPIC_PREFIX": kafka.topic_prefix, "FINPULSE_WORKER__APP_ID": worker.app_id,
+                "PYTHONUNBUFFERED": "1"})
+    for name, value in alerts.items():
+        env[f"FINPULSE_ALERTS__{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
+# ---------------------------------------------------------------- retry policy and the address guard
+
+def test_retry_policy_pieces():
+    assert parse_retry_after("7") == 7.0
+    now = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc).timestamp()
+    assert parse_retry_after("Sun, 22 Nov 2026 12:00:30 GMT", now=now) == 30.0
+    assert parse_retry_after("Sun, 22 Nov 2026 11:00:00 GMT", now=now) == 0.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    assert classify(202, None, b"").ok
+    throttled = classify(429, "3", b"slow down")
+    assert not throttled.ok and throttled.retryable and throttled.retry_after == 3.0 and "slow down" in throttled.error
+    assert classify(503, None, b"").retryable and classify(408, None, b"").retryable
+    assert not classify(400, "3", b"bad").retryable and classify(400, "3", b"bad").retry_after is None
+    assert not classify(404, None, b"").retryable
+    assert not classify(302, None, b"").retryable
+    delays = [full_jitter(n, 1.0, 8.0) for n in range(1, 8) for _ in range(50)]
+    assert all(0 <= d <= 8.0 for d in delays) and max(delays) > 4.0
+    assert all(full_jitter(1, 1.0, 8.0) <= 1.0 for _ in range(50))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.0.0.5", "172.16.3.4", "192.168.0.1", "169.254.169.254",
+                                     "0.0.0.0", "100.64.0.1", "::1", "::", "fe80::1", "fc00::1", "fd12::1",
+                                     "::ffff:127.0.0.1", "::ffff:169.254.169.254", "2002:c0a8:101::1", "64:ff9b::a00:1"])
+def test_non_public_addresses_are_refused(address):
+    assert blocked_reason(address) is not None
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "::ffff:93.184.216.34"])
+def test_public_addresses_are_allowed(address):
+    assert blocked_reason(address) is None
+
+
+def test_endpoint_config_validation_and_secrets_stay_out_of_reprs(monkeypatch):
+    secret = generate_secret()
+    monkeypatch.setenv("T_SECRET", secret)
+    monkeypatch.setenv("T_SLACK_URL", "https://hooks.slack.com/services/T0/B0/TOPSECRETTOKEN")
+
+    def config(**endpoint):
+        return load_delivery_config(Settings(raw={"alerts": {"endpoints": [{"name": "e", "secret_env": "T_SECRET", **endpoint}]}}))
+
+    for url in ("http://127.0.0.1:8787/x", "http://[::1]/x", "http://[::ffff:10.0.0.1]/x", "http://169.254.169.254/latest",
+                "http://[fe80::1]/x", "http://0.0.0.0/x"):
+        with pytest.raises(ConfigError, match="refused"):
+            config(url=url)
+        assert config(url=url, allow_private=True).endpoints[0].allow_private
+    assert config(url="https://93.184.216.34/hook")
+    for bad, match in ((dict(url="ftp://example.com/x"), "http"), (dict(url="https://x.example", format="teams"), "format"),
+                       (dict(url="https://x.example", min_severity="high"), "min_severity"),
+                       (dict(format="pagerduty"), "routing_key_env"), (dict(), "url"),
+                       (dict(url="https://x.example", name="a|b"), "name")):
+        with pytest.raises(ConfigError, match=match):
+            config(**bad)
+    with pytest.raises(ConfigError, match="unknown setting"):
+        config(url="https://x.example", secret="inline")
+    with pytest.raises(ConfigError, match="T_MISSING is not set"):
+        Endpoint(EndpointSettings(name="e", url="https://x.example", secret_env=["T_MISSING"]))
+
+    slack = Endpoint(EndpointSettings(name="s", url_env="T_SLACK_URL", format="slack", secret_env=["T_SECRET"]))
+    shown = repr(slack) + repr(slack.signing_secrets) + repr(slack.url)
+    assert "TOPSECRETTOKEN" not in shown and secret not in shown and "hooks.slack.com" in shown
+    assert slack.scrub(f"error at https://hooks.slack.com/services/T0/B0/TOPSECRETTOKEN with {secret}") == "error at *** with ***"
+
+
+# ---------------------------------------------------------------- routing, filters, replay isolation, the guard
+
+def test_routing_filters_replays_and_private_addresses(fp_settings, topics, caplog, monkeypatch):
+    """One in-process dispatcher, one in-process receiver, five endpoints: who gets what."""
+    secret, routing_key = generate_secret(), "PDROUTINGKEY0123456789"
+    monkeypatch.setenv("T_ROUTE_SECRET", secret)
+    monkeypatch.setenv("T_ROUTE_PD_KEY", routing_key)
+    energy = make_alert("firing", id="en1", severity="critical")
+    energy_resolved = make_alert("resolved", id="en1", severity="info")
+    ticker = make_alert("firing", id="tk1", key_type="ticker", key="AAPL", severity="info")
+    replayed = make_alert("firing", id="rp1", run_id="bt-1")
+    produce(fp_settings, topics.alerts, [energy, ticker, replayed, energy_resolved])
+
+    async def scenario():
+        receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
+        runner = web.AppRunner(receiver.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        base = f"127.0.0.1:{runner.addresses[0][1]}"
+        common = {"secret_env": "T_ROUTE_SECRET", "allow_private": True}
+        settings = fp_settings.with_overrides({"alerts": {
+            "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "replay_endpoint": "backtest",
+            "endpoints": [
+                {"name": "desk", "url": f"http://{base}/desk", "min_severity": "warning", **common},
+                {"name": "energy-am", "url": f"http://{base}/api/v2/alerts", "format": "alertmanager", "keys": ["Energy*"], **common},
+                {"name": "pd", "url": f"http://{base}/pd", "format": "pagerduty", "routing_key_env": "T_ROUTE_PD_KEY", **common},
+                {"name": "backtest", "url": f"http://{base}/backtest", **common},
+                {"name": "guarded", "url": f"http://localhost:{base.split(':')[1]}/guarded", "secret_env": "T_ROUTE_SECRET"},
+            ]}})
+        dispatcher = Dispatcher(settings, topics)
+        await dispatcher.start()
+        try:
+            expected_states = 2 + 2 + 3 + 4 + 3   # desk, energy-am, pd, backtest, guarded
+            for _ in range(600):
+                states = dispatcher.log.states.values()
+                if len(dispatcher.log.states) == expected_states and all(s.terminal for s in states):
+                    break
+                await asyncio.sleep(0.1)
+            return receiver, dict(dispatcher.log.states), repr(dispatcher.endpoints)
+        finally:
+            await dispatcher.stop()
+            await runner.cleanup()
+
+    with caplog.at_level(logging.DEBUG):
+        receiver, states, endpoints_repr = asyncio.run(scenario())
+
+    wanted = {("desk", "en1:firing"), ("desk", "en1:resolved"),    # a resolve follows its firing, whatever its severity
+              ("energy-am", "en1:firing"), ("energy-am", "en1:resolved"),
+              ("pd", "en1:firing"), ("pd", "tk1:firing"), ("pd", "en1:resolved"),
+              ("backtest", "en1:firing"), ("backtest", "tk1:firing"), ("backtest", "en1:resolved"),
+              ("backtest", "rp1:firing")}                           # the replay reaches the replay endpoint only
+    paths = {"desk": "/desk", "energy-am": "/api/v2/alerts", "pd": "/pd", "backtest": "/backtest"}
+    expected = Counter({(webhook_id(delivery_key(event, name)), paths[name]): 1 for name, event in wanted})
+    assert Counter((item["webhook_id"], item["path"]) for item in receiver.items) == expected
+    am = [i["payload"] for i in receiver.items if i["path"] == "/api/v2/alerts"]
+    assert am[0][0]["labels"] == am[1][0]["labels"] and am[1][0]["labels"]["severity"] == "critical"
+    pd = {i["payload"]["event_action"]: i["payload"] for i in receiver.items if i["path"] == "/pd" and i["payload"]["dedup_key"] == "en1"}
+    assert pd["resolve"]["routing_key"] == routing_key and pd["trigger"]["dedup_key"] == pd["resolve"]["dedup_key"] == "en1"
+    guarded = {k: s for k, s in states.items() if s.endpoint == "guarded"}
+    assert len(guarded) == 3 and all(s.state == FAILED and s.attempts == 1 and "refused" in s.last_error
+                                     and "loopback" in s.last_error for s in guarded.values())
+    assert all(s.state == DELIVERED for s in states.values() if s.endpoint != "guarded")
+    assert not any(s.alert["run_id"] for s in states.values() if s.endpoint != "backtest")
+    assert routing_key not in caplog.text and secret not in caplog.text and "refused" in caplog.text
+    assert routing_key not in endpoints_repr and secret not in endpoints_repr
+
+
+def test_dispatch_check_reports_refused_endpoints(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
+    env["T_CHECK_SECRET"] = generate_secret()
+    endpoints = [{"name": "local-demo", "url": "http://127.0.0.1:8787/webhook", "secret_env": "T_CHECK_SECRET", "allow_private": True},
+                 {"name": "sneaky", "url": "http://localhost:8787/webhook", "secret_env": "T_CHECK_SECRET"}]
+    env["FINPULSE_ALERTS__ENDPOINTS"] = json.dumps(endpoints)
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--check"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip()}
+    assert "ok (private addresses allowed)" in lines["local-demo"]
+    assert "REFUSED" in lines["sneaky"] and "loopback" in lines["sneaky"]
+    assert env["T_CHECK_SECRET"] not in done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- outages and restarts, with real processes
+
+@pytest.mark.slow
+def test_outage_throttling_and_restarts_deliver_everything_exactly_once(fp_settings, topics, tmp_path):
+    """Receiver down (connection refused), then 500s, then 429 + Retry-After, then up; the dispatcher is killed
+    (-9) twice on the way. Every alert event reaches every endpoint, stored once; nothing acknowledged before a
+    kill is sent again; a resolve never arrives before its firing."""
+    secret = generate_secret()
+    port = free_port()
+    retry_after_s = 2
+    endpoints = [
+        {"name": "desk", "url": f"http://127.0.0.1:{port}/webhook", "secret_env": "T_E2E_SECRET", "allow_private": True,
+         "retry_horizon_s": 600},
+        {"name": "am", "url": f"http://127.0.0.1:{port}/api/v2/alerts", "format": "alertmanager",
+         "secret_env": "T_E2E_SECRET", "allow_private": True, "retry_horizon_s": 600},
+    ]
+    # One request at a time, so that "nothing went to an endpoint during its Retry-After pause" is exact.
+    env = kafka_env(fp_settings, endpoints=endpoints, backoff_initial_s="0.2", backoff_max_s="1.0", max_concurrency="1")
+    env["T_E2E_SECRET"] = secret
+    store = tmp_path / "received.jsonl"
+    names = [e["name"] for e in endpoints]
+
+    batch1 = [make_alert(status, id=f"b1-{i}", key=f"Topic {i}") for i in range(4) for status in ("firing", "resolved")]
+    batch2 = [make_alert(status, id=f"b2-{i}", key=f"Topic {i}") for i in range(2) for status in ("firing", "resolved")]
+    expected = {delivery_key(a.event_id, n) for a in batch1 + batch2 for n in names}
+    procs: list[Proc] = []
+
+    def start(name: str, *args: str) -> Proc:
+        procs.append(Proc(list(args), env, tmp_path / f"{name}.log"))
+        return procs[-1]
+
+    def states():
+        return read_delivery_states(fp_settings.kafka, topics.deliveries)
+
+    try:
+        produce(fp_settings, topics.alerts, batch1)
+
+        # 1. Nobody listens: every firing is attempted, refused and kept pending; its resolve waits behind it.
+        first = start("dispatch-1", "dispatch")
+        def all_refused():
+            s = states()
+            firings = [v for v in s.values() if v.alert_status == "firing"]
+            return (len(s) == 8 * len(names) and all(v.state == PENDING for v in s.values())
+                    and all(v.attempts >= 2 for v in firings) and s)
+        refused = wait_for(all_refused, "every firing to be attempted twice against a closed port")
+        for state in refused.values():
+            if state.alert_status == "firing":
+                assert "Cannot connect" in state.last_error and state.next_attempt_at
+            else:
+                assert state.attempts == 0
+        first.kill()
+
+        # 2. The receiver comes up failing (500s, then 429 with Retry-After); a new dispatcher resumes the pending
+        #    deliveries and is killed once the first one is acknowledged.
+        #    The receiver answers slowly (--delay), so the kill lands with deliveries still pending or in flight.
+        receiver = start("receiver", "receiver", "--port", str(port), "--store", str(store), "--secret-env", "T_E2E_SECRET",
+                         "--fail-first", "3", "--throttle", "2", "--retry-after", str(retry_after_s), "--delay", "0.5")
+        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), "the receiver to listen")
+        second = start("dispatch-2", "dispatch")
+        wait_for(lambda: any(v.state == DELIVERED for v in states().values()), "a first acknowledged delivery")
+        second.kill()
+        at_kill = states()
+        acknowledged = {k for k, v in at_kill.items() if v.state == DELIVERED}
+        assert any(v.state == PENDING for v in at_kill.values()), "the kill was meant to interrupt pending deliveries"
+
+        # 3. While no dispatcher runs: new alerts, an at-least-once duplicate, garbage and a replay's alert.
+        produce(fp_settings, topics.alerts, batch2 + [batch1[0], batch2[0], b"\xffnot json",
+                                                      make_alert("firing", id="replayed", run_id="bt-7")])
+        third = start("dispatch-3", "dispatch")
+        final = wait_for(lambda: (lambda s: len(s) == len(expected) and all(v.state == DELIVERED for v in s.values()) and s)(states()),
+                         "every delivery to be acknowledged")
+        assert third.terminate() == 0, third.text()[-3000:]
+        seen = get_json(f"http://127.0.0.1:{port}/received")
+    finally:
+        for proc in procs:
+            proc.close()
+
+    assert seen is not None, receiver.text()[-3000:]
+    stored = [json.loads(line) for line in store.read_text().splitlines()]
+    # Every event reached every endpoint exactly once (by webhook-id, which is per event and endpoint).
+    assert set(final) == expected
+    assert Counter(item["webhook_id"] for item in stored) == Counter({webhook_id(k): 1 for k in expected})
+    assert not any(item["payload"].get("data", {}).get("run_id") for item in stored if isinstance(item["payload"], dict))
+    # What was acknowledged before the kill was never sent again.
+    assert acknowledged and not {webhook_id(k) for k in acknowledged} & set(seen["duplicates"])
+    # The failures really happened, and were retried through.
+    assert seen["injected"] == {"500": 3, "429": 2}
+    assert any(v.attempts >= 3 for v in final.values())
+    # A resolve never arrives before its firing at the same endpoint.
+    order = {item["webhook_id"]: n for n, item in enumerate(stored)}
+    for alert in batch1 + batch2:
+        if alert.status == "resolved":
+            for name in names:
+                assert order[webhook_id(delivery_key(f"{alert.id}:firing", name))] < order[webhook_id(delivery_key(alert.event_id, name))]
+    # Retry-After was honoured: after a 429, nothing went to that endpoint for the announced time.
+    requests = seen["requests"]
+    for n, request in enumerate(requests):
+        if request["status"] == 429:
+            later = [r["at"] for r in requests[n + 1:] if r["path"] == request["path"]]
+            assert later and later[0] - request["at"] >= retry_after_s - 0.05
+    status = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--status"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert f"{len(expected)} deliveries {{'delivered': {len(expected)}}}" in status.stdout, status.stdout + status.stderr
