@@ -40,9 +40,12 @@ from .topics import TopicNames
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("stream.aggregate", "alerts.detect", "alerts.dispatch")
-# A dead letter carries at most this much of the original (base64 grows it by a third, and a Kafka record is
-# 1 MB by default); the full original stays in the source topic at the recorded partition/offset.
-DEAD_LETTER_ORIGINAL_MAX = 700_000
+# A dead letter carries at most this much of the original value and key (base64 grows them by a third and a
+# Kafka record is 1 MB by default); the full original stays in the source topic at the recorded partition/offset.
+DEAD_LETTER_ORIGINAL_MAX = 600_000
+DEAD_LETTER_KEY_MAX = 64_000
+# A scored record this large (a huge id, url or source: the text is an excerpt) could never be produced.
+SCORED_RECORD_MAX = 512_000
 STATS_INTERVAL_S = 30.0
 SEND_RETRY_MAX_S = 30.0
 
@@ -124,6 +127,10 @@ class Scoring:
                 sentiment=prediction.sentiment, sentiment_score=prediction.sentiment_score, tickers=item.tickers,
                 model_version=version, scored_at=scored_at, source=item.source, url=item.url)
             value = record.to_json()
+            if len(value) > SCORED_RECORD_MAX:
+                out.append(self.dead_letter(message, "oversized_text", f"the scored record would be {len(value)} "
+                                            f"bytes (limit {SCORED_RECORD_MAX}): id, url or source is too long"))
+                continue
             timestamp_ms = kafka_timestamp_ms(item.event_time)
             out.append(Outgoing(names.scored, prediction.topic.encode("utf-8"), value, timestamp_ms))
             for ticker in item.tickers:
@@ -133,15 +140,18 @@ class Scoring:
 
     def dead_letter(self, message: SourceMessage, reason: str, detail: str) -> Outgoing:
         self.rejected[reason] += 1
-        original = message.value or b""
+        original, key = message.value or b"", message.key
         if len(original) > DEAD_LETTER_ORIGINAL_MAX:
             detail = f"{detail} (original is {len(original)} bytes: the first {DEAD_LETTER_ORIGINAL_MAX} are kept)"
             original = original[:DEAD_LETTER_ORIGINAL_MAX]
+        if key is not None and len(key) > DEAD_LETTER_KEY_MAX:
+            detail = f"{detail} (key is {len(key)} bytes: the first {DEAD_LETTER_KEY_MAX} are kept)"
+            key = key[:DEAD_LETTER_KEY_MAX]
         letter = DeadLetter(reason=reason, detail=detail, source_topic=message.topic,
                             source_partition=message.partition, source_offset=message.offset,
                             original_b64=DeadLetter.encode_bytes(original), failed_at=self.clock(),
-                            original_key_b64=DeadLetter.encode_bytes(message.key))
-        return Outgoing(self.names.deadletter, message.key, letter.to_json(), None)
+                            original_key_b64=DeadLetter.encode_bytes(key))
+        return Outgoing(self.names.deadletter, key, letter.to_json(), None)
 
     def stats_line(self) -> str:
         reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(self.rejected.items())) or "none"

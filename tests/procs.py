@@ -1,0 +1,220 @@
+"""Test helpers: run real ``finpulse`` processes against the test broker, and read topics to their true end.
+
+Processes get the test's ``Settings`` through a TOML config file (``write_config``); inherited ``FINPULSE_*``
+overrides are dropped so a test sees exactly its settings. Output goes to ``<log_dir>/<name>.log`` (kept for
+failed tests). Every process runs in its own session: ``kill()`` is a real ``kill -9`` of it and its children.
+
+    def test_something(fp_settings, tmp_path):
+        with start_worker(fp_settings, tmp_path) as worker:                       # waits for "Worker ready"
+            rc, out = run_finpulse(fp_settings, "simulate", "--count", "100", "--max-speed", log_dir=tmp_path)
+            records = wait_for_records(fp_settings, topics.scored, until_ids(expected_ids))
+            worker.kill()                                                          # kill -9
+
+``read_all(settings, topic)`` reads every record now in a topic; ``wait_for_records`` keeps reading until a
+condition holds. Both read to the fetch high watermark, never ``end_offsets()`` (too low on tansu).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from stream.broker import free_port
+from stream.config import Settings
+from stream.kafka_io import ConsumedRecord, read_topic, tail_topic_async
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKER_READY = "Worker ready"     # Faust logs it (at info) once partitions are assigned and tables recovered
+
+
+# ---------------------------------------------------------------- settings -> config file
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)      # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def write_config(settings: Settings, path: str | os.PathLike) -> Path:
+    """Write ``settings.raw`` as a TOML file that ``load_settings`` reads back to the same values."""
+    lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in settings.raw.items() if not isinstance(v, dict)]
+    for section, values in settings.raw.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{json.dumps(section)}]")
+            lines += [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in values.items()]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def with_section(settings: Settings, section: str, **values: Any) -> Settings:
+    """A copy of ``settings`` with ``[section]`` keys set (e.g. a second worker's web port)."""
+    return settings.with_overrides({section: values})
+
+
+# ---------------------------------------------------------------- processes
+
+class FinpulseProcess:
+    """One ``python -m stream.cli [--log-level L] ARGS...`` process."""
+
+    def __init__(self, settings: Settings, args: Iterable[str], log_dir: str | os.PathLike, name: str,
+                 log_level: str = "info", env: dict[str, str] | None = None):
+        self.name = name
+        self.args = [str(a) for a in args]
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{name}.log"
+        self.config_path = write_config(settings, log_dir / f"{name}.toml")
+        base = {k: v for k, v in os.environ.items() if not (k.startswith("FINPULSE_") and "__" in k)}
+        self.env = {**base, "FINPULSE_CONFIG": str(self.config_path), "PYTHONUNBUFFERED": "1",
+                    "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.cmd = [sys.executable, "-m", "stream.cli", "--log-level", log_level, *self.args]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "FinpulseProcess":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.output()[-chars:]
+
+    def wait_for(self, text: str, timeout: float = 90.0, count: int = 1) -> None:
+        """Wait until ``text`` has appeared ``count`` times in the output; fail with the output's tail if the
+        process exits or the timeout passes first."""
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            if not self.running():
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode if self.proc else None} before "
+                                     f"printing {text!r}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not print {text!r} (x{count}) within {timeout:.0f}s:\n{self.tail()}")
+            time.sleep(0.2)
+
+    def wait(self, timeout: float = 120.0) -> int:
+        """Wait for the process to exit by itself; kill it and fail on timeout."""
+        assert self.proc is not None, "not started"
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.name} still running after {timeout:.0f}s:\n{self.tail()}") from None
+
+    def kill(self) -> None:
+        """``kill -9`` the process and its children, now: no shutdown code runs."""
+        if self.running():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait for a clean exit; SIGKILL after ``timeout``. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.running():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def __enter__(self) -> "FinpulseProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_finpulse(settings: Settings, *args: str, log_dir: str | os.PathLike, name: str | None = None,
+                   env: dict[str, str] | None = None) -> FinpulseProcess:
+    """Start ``finpulse ARGS...`` in the background."""
+    return FinpulseProcess(settings, args, log_dir, name or args[0], env=env).start()
+
+
+def run_finpulse(settings: Settings, *args: str, log_dir: str | os.PathLike, name: str | None = None,
+                 timeout: float = 180.0, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``finpulse ARGS...`` to completion; returns (exit code, output)."""
+    proc = start_finpulse(settings, *args, log_dir=log_dir, name=name, env=env)
+    code = proc.wait(timeout)
+    return code, proc.output()
+
+
+def start_worker(settings: Settings, log_dir: str | os.PathLike, name: str = "worker", *args: str,
+                 ready_timeout: float = 90.0, env: dict[str, str] | None = None) -> FinpulseProcess:
+    """Start ``finpulse worker ARGS...`` and wait until Faust reports it ready. Unless the settings give a
+    ``[worker] web_port``, the worker's web server gets a free port (several workers can run side by side)."""
+    if "web_port" not in settings.raw.get("worker", {}):
+        settings = with_section(settings, "worker", web_port=free_port())
+    proc = start_finpulse(settings, "worker", *args, log_dir=log_dir, name=name, env=env)
+    try:
+        proc.wait_for(WORKER_READY, ready_timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+# ---------------------------------------------------------------- reading topics
+
+def read_all(settings: Settings, topic: str, timeout: float = 60.0) -> list[ConsumedRecord]:
+    """Every record now in ``topic`` (to the fetch high watermark), in partition/offset order."""
+    return read_topic(settings.kafka.bootstrap_servers, topic, timeout)
+
+
+def wait_for_records(settings: Settings, topic: str, until: Callable[[list[ConsumedRecord]], bool],
+                     timeout: float = 120.0, what: str = "") -> list[ConsumedRecord]:
+    """Read ``topic`` from the beginning as records arrive until ``until(all records read)`` holds; fail with a
+    clear message (``what`` describes the condition) on timeout."""
+    records, met = asyncio.run(tail_topic_async(settings.kafka.bootstrap_servers, topic, until, timeout))
+    if not met:
+        raise AssertionError(f"{topic}: {what or 'condition'} not met within {timeout:.0f}s ({len(records)} records read)")
+    return records
+
+
+def until_ids(expected: Iterable[str]) -> Callable[[list[ConsumedRecord]], bool]:
+    """A ``wait_for_records`` condition: every expected id has been read. Parses each record once."""
+    missing = set(expected)
+    parsed = [0]
+
+    def check(records: list[ConsumedRecord]) -> bool:
+        for record in records[parsed[0]:]:
+            missing.discard(json.loads(record.value)["id"])
+        parsed[0] = len(records)
+        return not missing
+
+    return check
+
+
+def json_values(records: Iterable[ConsumedRecord]) -> list[dict]:
+    return [json.loads(r.value) for r in records]
+
+
+def distinct_ids(records: Iterable[ConsumedRecord]) -> set[str]:
+    """The ``id`` fields of JSON records (scored records, inputs)."""
+    return {json.loads(r.value)["id"] for r in records}
