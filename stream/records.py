@@ -77,7 +77,10 @@ def parse_time(value: Any, field_name: str = "time") -> datetime:
             ts = datetime.fromisoformat(text)
         except ValueError:
             raise InvalidRecord("bad_timestamp", f"{field_name}={value[:64]!r} is not ISO-8601") from None
-        return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+        try:
+            return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 is before datetime.min in UTC
+            raise InvalidRecord("bad_timestamp", f"{field_name}={value[:64]!r} is out of range") from None
     raise InvalidRecord("wrong_type", f"{field_name} must be an ISO-8601 string or epoch number")
 
 
@@ -197,6 +200,14 @@ _COMMENT_FIELDS = {
 }
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def parse_input(raw: bytes, kind: Kind, max_text_chars: int) -> InputItem:
     """Strictly parse one input message; raise ``InvalidRecord`` saying exactly what is wrong."""
     try:
@@ -209,6 +220,11 @@ def parse_input(raw: bytes, kind: Kind, max_text_chars: int) -> InputItem:
         raise InvalidRecord("invalid_json", str(exc)[:200]) from None
     if not isinstance(data, dict):
         raise InvalidRecord("not_an_object", f"expected a JSON object, got {type(data).__name__}")
+    if "\\u" in decoded:  # a \ud800-style escape decodes to a lone surrogate, which no UTF-8 output can carry
+        for name, value in data.items():
+            for text in (value if isinstance(value, list) else [value]):
+                if isinstance(text, str) and not _encodable(text):
+                    raise InvalidRecord("invalid_utf8", f"'{name}' contains an unpaired UTF-16 surrogate escape")
     spec = _NEWS_FIELDS if kind == "news" else _COMMENT_FIELDS
     for name, (required, types) in spec.items():
         if name not in data or data[name] is None:
