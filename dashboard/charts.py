@@ -18,7 +18,7 @@ _TIME_AXIS = alt.Axis(format="%H:%M", labelOverlap=True, title=None)
 def sentiment_heatmap(cells: pd.DataFrame, order: list[str]) -> alt.Chart:
     """Mean sentiment per key (rows, most unusual first) and time bucket (columns)."""
     return alt.Chart(cells).mark_rect().encode(
-        x=alt.X("time:T", axis=_TIME_AXIS),
+        x=alt.X("time:T", axis=_TIME_AXIS), x2="time_end:T",
         y=alt.Y("key:N", sort=order, title=None),
         color=alt.Color("mean_score:Q", title="mean sentiment",
                         scale=alt.Scale(scheme="redblue", domain=[-1, 1], domainMid=0)),
@@ -26,12 +26,12 @@ def sentiment_heatmap(cells: pd.DataFrame, order: list[str]) -> alt.Chart:
                  alt.Tooltip("mean_score:Q", format="+.2f", title="mean sentiment"),
                  alt.Tooltip("bearish_share:Q", format=".0%", title="bearish share"),
                  alt.Tooltip("count:Q", title="messages")],
-    ).properties(height=max(120, 22 * len(order)))
+    ).properties(height=alt.Step(24))
 
 
 def volume_bars(volume: pd.DataFrame) -> alt.Chart:
     return alt.Chart(volume).mark_bar().encode(
-        x=alt.X("time:T", axis=_TIME_AXIS),
+        x=alt.X("time:T", axis=_TIME_AXIS), x2="time_end:T",
         y=alt.Y("messages:Q", title="messages", stack="zero"),
         color=alt.Color("kind:N", scale=KIND_COLORS, legend=alt.Legend(orient="top", title=None)),
         tooltip=[alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"), "kind:N", "messages:Q"],

@@ -132,7 +132,7 @@ def render_overview(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashbo
     st.subheader(f"Mean sentiment per {f.key_type}")
     st.altair_chart(charts.sentiment_heatmap(sh.in_zone(sh.heatmap(windows, order), c.tz), order), width="stretch")
     st.subheader("Volume")
-    st.altair_chart(charts.volume_bars(sh.in_zone(sh.volume(windows), c.tz)), width="stretch")
+    st.altair_chart(charts.volume_bars(sh.in_zone(sh.volume(windows), c.tz)), width="stretch", height=180)
     csv_download(windows, c.tz, f"{f.key_type}-windows", "fp-csv-overview")
 
 
@@ -140,7 +140,7 @@ def render_overview(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashbo
 
 def message_table(frame: pd.DataFrame, tz: str, key: str) -> None:
     st.dataframe(sh.in_zone(frame, tz), key=key, hide_index=True,
-                 column_order=["event_time", "kind", "sentiment_score", "text", "url"],
+                 column_order=["event_time", "kind", "sentiment_score", "url", "text"],
                  column_config={"event_time": st.column_config.DatetimeColumn("time", format="YYYY-MM-DD HH:mm:ss"),
                                 "sentiment_score": SCORE, "url": LINK, "text": st.column_config.TextColumn("message", width="large")})
 
@@ -166,15 +166,17 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
     left, right = st.columns(2)
     with left:
         st.subheader("Mean sentiment")
-        st.altair_chart(charts.signal_with_band(shown, "mean_score", "mean sentiment", markers, "+.2f"), width="stretch")
+        st.altair_chart(charts.signal_with_band(shown, "mean_score", "mean sentiment", markers, "+.2f"), width="stretch",
+                        height=260)
     with right:
         st.subheader("Bearish share")
-        st.altair_chart(charts.signal_with_band(shown, "bearish_share", "bearish share", markers, ".0%"), width="stretch")
+        st.altair_chart(charts.signal_with_band(shown, "bearish_share", "bearish share", markers, ".0%"), width="stretch",
+                        height=260)
     st.caption("Dashed: the baseline (mean of the previous final windows); band: ±2 standard deviations; "
                "vertical rules: alerts.")
     split = sh.kind_split(series)
     st.subheader("News and comments")
-    st.altair_chart(charts.kind_split_bar(split), width="stretch")
+    st.altair_chart(charts.kind_split_bar(split), width="stretch", height=110)
     st.caption(" · ".join(f"{r.kind}: {r.messages} ({r.share:.0%})" for r in split.itertuples()))
     negative, positive = sh.key_messages(snap, f.key_type, key, since)
     left, right = st.columns(2)
@@ -263,7 +265,7 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
     rate = sh.throughput(snap.trends, since)
     if not rate.empty:
         st.subheader("Throughput")
-        st.altair_chart(charts.throughput_line(sh.in_zone(rate, c.tz)), width="stretch")
+        st.altair_chart(charts.throughput_line(sh.in_zone(rate, c.tz)), width="stretch", height=220)
 
     st.subheader("Evaluation")
     card = cached_model_card(c.model_dir)

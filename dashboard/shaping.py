@@ -51,8 +51,8 @@ def keys_of(trends: pd.DataFrame, key_type: str) -> list[str]:
 
 
 def newest_time(snap: Snapshot) -> pd.Timestamp | None:
-    """The data clock: the end of the newest window, else the newest message or alert."""
-    candidates = [snap.trends["window_end"].max() if not snap.trends.empty else None,
+    """The data clock: when the newest window update, message or alert was published."""
+    candidates = [snap.trends["emitted_at"].max() if not snap.trends.empty else None,
                   snap.scored["event_time"].max() if not snap.scored.empty else None,
                   snap.alerts["emitted_at"].max() if not snap.alerts.empty else None]
     present = [c for c in candidates if c is not None and pd.notna(c)]
@@ -148,7 +148,7 @@ def bucket_size(span: pd.Timedelta, window_s: int) -> pd.Timedelta:
 
 def heatmap(windows: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
     """Count-weighted mean sentiment and bearish share per key and time bucket."""
-    columns = ["key", "time", "mean_score", "bearish_share", "count"]
+    columns = ["key", "time", "time_end", "mean_score", "bearish_share", "count"]
     if windows.empty:
         return pd.DataFrame(columns=columns)
     window_s = int(windows["window_s"].iloc[0])
@@ -161,6 +161,7 @@ def heatmap(windows: pd.DataFrame, order: list[str] | None = None) -> pd.DataFra
     safe = grouped["count"].where(grouped["count"] > 0)
     grouped["mean_score"] = (grouped["_score"] / safe).round(4)
     grouped["bearish_share"] = (grouped["_bear"] / safe).round(4)
+    grouped["time_end"] = grouped["time"] + size
     if order:
         rank = {k: i for i, k in enumerate(order)}
         grouped = grouped.sort_values(["key", "time"], key=lambda s: s.map(rank) if s.name == "key" else s)
@@ -170,12 +171,13 @@ def heatmap(windows: pd.DataFrame, order: list[str] | None = None) -> pd.DataFra
 def volume(windows: pd.DataFrame) -> pd.DataFrame:
     """Messages per time bucket, split into news and comments (long format for stacked bars)."""
     if windows.empty:
-        return pd.DataFrame(columns=["time", "kind", "messages"])
+        return pd.DataFrame(columns=["time", "time_end", "kind", "messages"])
     window_s = int(windows["window_s"].iloc[0])
     size = bucket_size(windows["window_end"].max() - windows["window_start"].min(), window_s)
     grouped = (windows.assign(time=windows["window_start"].dt.floor(size))
                .groupby("time", as_index=False)[["news_count", "comment_count"]].sum())
-    long = grouped.melt(id_vars="time", var_name="kind", value_name="messages")
+    grouped["time_end"] = grouped["time"] + size
+    long = grouped.melt(id_vars=["time", "time_end"], var_name="kind", value_name="messages")
     long["kind"] = long["kind"].map({"news_count": "news", "comment_count": "comments"})
     return long.sort_values(["time", "kind"]).reset_index(drop=True)
 
@@ -324,8 +326,8 @@ def scoring_rate(scored: pd.DataFrame, over: pd.Timedelta = pd.Timedelta(minutes
 
 
 def throughput(trends: pd.DataFrame, since: pd.Timestamp | None) -> pd.DataFrame:
-    """Messages per minute over time, from the topic windows (every message has exactly one topic)."""
-    topics = trends[trends["key_type"] == "topic"] if not trends.empty else trends
+    """Messages per minute over time, from the closed topic windows (every message has exactly one topic)."""
+    topics = trends[(trends["key_type"] == "topic") & trends["final"]] if not trends.empty else trends
     if topics.empty:
         return pd.DataFrame(columns=["time", "messages_per_min"])
     window_s = int(topics["window_s"].min())

@@ -26,6 +26,7 @@ from .store import LiveStore
 
 log = logging.getLogger(__name__)
 KEY_TYPES = {"topic": "Topics", "ticker": "Tickers"}
+_CHOICES = "fp_sidebar_choices"
 
 
 class Feed(Protocol):
@@ -58,6 +59,11 @@ def _timezones(cfg: DashboardSettings) -> tuple[list[str], str]:
     return zones, "UTC"
 
 
+def _choices(snap, key_type: str) -> tuple:
+    """What the sidebar offers; when the data changes it, the whole page reruns to offer the new choices."""
+    return tuple(sh.window_sizes(snap.trends)), tuple(sh.keys_of(snap.trends, key_type))
+
+
 def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str) -> Controls:
     """The controls every view shares. A link like ``?key_type=ticker&key=AAPL`` preselects the key type."""
     snap = feed.store.snapshot()
@@ -68,6 +74,8 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str) -> Controls:
         st.title("FinPulse")
         range_label = st.selectbox("Time range", list(sh.TIME_RANGES), index=1, key="fp_range")
         sizes = sh.window_sizes(snap.trends)
+        if sizes and st.session_state.get("fp_window") not in sizes:
+            st.session_state["fp_window"] = sizes[0]  # the first windows arrived, or the chosen size aged out
         window_s = st.selectbox("Window", sizes, format_func=window_label, key="fp_window",
                                 disabled=not sizes, placeholder="no windows yet")
         key_type = st.radio("Show", list(KEY_TYPES), format_func=KEY_TYPES.get, key="fp_key_type", horizontal=True)
@@ -81,6 +89,7 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str) -> Controls:
         tz = st.selectbox("Time zone", zones, index=zones.index(default_zone), key="fp_tz")
         st.caption(f"Refreshes every {cfg.refresh_s:g} s · keeps {cfg.retention_hours:g} h · "
                    f"feed: {feed.status.state}")
+    st.session_state[_CHOICES] = (tuple(sizes), tuple(options))
     filters = sh.ViewFilters(key_type=key_type, window_s=window_s, span=sh.TIME_RANGES[range_label], keys=tuple(keys),
                              min_count=cfg.min_window_count, baseline_windows=cfg.baseline_windows)
     return Controls(filters=filters, tz=tz, range_label=range_label, model_dir=model_dir)
@@ -92,6 +101,8 @@ def live_view(name: str, feed: Feed, controls: Controls, cfg: DashboardSettings)
     @st.fragment(run_every=cfg.refresh_s)
     def body() -> None:
         snap = feed.store.snapshot()
+        if _choices(snap, controls.filters.key_type) != st.session_state.get(_CHOICES):
+            st.rerun(scope="app")
         if not feed_banner(feed.status, snap):
             return
         try:

@@ -74,7 +74,8 @@ def synthesize(end: datetime, *, minutes: int = 30, window_s: int = 60, topics: 
             count = max(1, int(per_window * (0.5 if partial else 1.0) * rng.uniform(0.7, 1.3)))
             scores = [rng.uniform(-1, -0.3) if rng.random() < bear_p else rng.uniform(-0.2, 0.9) for _ in range(count)]
             ids = [f"{key_type}-{key}-{w}-{i}".replace(" ", "").replace("|", "") for i in range(count)]
-            messages = [_message(rng, key, start + timedelta(seconds=rng.uniform(0, window_s)), s, i, model_version)
+            elapsed = min(window_s, (end - start).total_seconds())  # the open window only holds messages until now
+            messages = [_message(rng, key, start + timedelta(seconds=rng.uniform(0, elapsed)), s, i, model_version)
                         for s, i in zip(scores, ids)]
             worst = sorted(messages, key=lambda m: m.sentiment_score)[:3]
             refs = tuple(MessageRef(id=m.id, text=m.text, sentiment_score=m.sentiment_score, kind=m.kind, url=m.url,

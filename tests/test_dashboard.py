@@ -134,7 +134,7 @@ def test_overview_filters_tickers_and_converts_time_zone(fp_settings, produced, 
     at.multiselect(key="fp_keys_ticker").set_value(["MSFT"]).run()
     ranked = [m for m in _markdown(at) if m.startswith("**")  and "σ" in m]
     assert len(ranked) == 1 and "MSFT" in ranked[0]
-    newest = max(t.window_end for t in produced.trends)
+    newest = max(t.emitted_at for t in produced.trends)  # the open window, published "now"
     shown = next(m for m in at.metric if m.label == "Latest data").value
     assert shown == newest.astimezone(__import__("zoneinfo").ZoneInfo("Asia/Tokyo")).strftime("%H:%M:%S")
 
