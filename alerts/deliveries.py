@@ -207,13 +207,13 @@ class DeliveryLog:
                 delay = min(delay * 2, 5.0)
 
 
-def read_delivery_states(kafka: KafkaSettings, topic: str) -> dict[str, DeliveryState]:
+def read_delivery_states(kafka: KafkaSettings, topic: str, timeout_s: float = 60.0) -> dict[str, DeliveryState]:
     """The latest state of every delivery on ``topic`` (blocking; for the dashboard, tests and tools)."""
     async def _read() -> dict[str, DeliveryState]:
         reader = DeliveryLog(kafka, topic, writable=False)
-        await reader.start()
         try:
-            await reader.catch_up()
+            await reader.start()
+            await asyncio.wait_for(reader.catch_up(), timeout_s)
             return dict(reader.states)
         finally:
             await reader.stop()

@@ -318,6 +318,8 @@ class Dispatcher:
             if not await _sleep_until(due, stop):
                 return False
             async with self._semaphore:
+                if stop.is_set():
+                    return False
                 if endpoint.not_before > time.time():
                     continue  # a Retry-After paused the endpoint while this attempt waited for a slot
                 outcome = await self._attempt(endpoint, state, alert)
@@ -325,15 +327,15 @@ class Dispatcher:
             if outcome.ok:
                 await self._finish(replace(state, attempts=attempts), DELIVERED, "", outcome.status)
                 return True
+            if not outcome.retryable:
+                await self._finish(replace(state, attempts=attempts), FAILED, outcome.error, outcome.status)
+                return True
             delay = outcome.retry_after
             if delay is not None and outcome.status in PAUSING_STATUS:
                 endpoint.not_before = max(endpoint.not_before, time.time() + delay)
             if delay is None:
                 delay = full_jitter(attempts, self.options.backoff_initial_s, self.options.backoff_max_s)
             next_at = utcnow() + timedelta(seconds=delay)
-            if not outcome.retryable:
-                await self._finish(replace(state, attempts=attempts), FAILED, outcome.error, outcome.status)
-                return True
             if next_at > state.deadline_at:
                 await self._finish(replace(state, attempts=attempts), FAILED,
                                    f"gave up after {attempts} attempt(s) within the retry horizon; last: {outcome.error}",

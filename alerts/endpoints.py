@@ -32,13 +32,12 @@ held in ``Secret`` objects whose repr is ``***``, and scrubbed from any error te
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Mapping
 from urllib.parse import urlsplit
 
 from aiohttp.resolver import ThreadedResolver
@@ -86,9 +85,6 @@ class AlertDeliveryConfig:
     """The validated ``[alerts]`` section."""
     endpoints: list[EndpointSettings]
     options: AlertsSettings
-
-    def endpoint(self, name: str) -> EndpointSettings | None:
-        return next((e for e in self.endpoints if e.name == name), None)
 
 
 # ---------------------------------------------------------------- secrets
@@ -329,12 +325,3 @@ def _env(environ: Mapping[str, str], var: str, where: str) -> str:
 def build_endpoints(config: AlertDeliveryConfig, environ: Mapping[str, str] | None = None) -> list[Endpoint]:
     return [Endpoint(e, environ) for e in config.endpoints]
 
-
-def describe(config: AlertDeliveryConfig) -> list[dict[str, Any]]:
-    """The endpoints as loggable dicts: env var names, never their values; URLs redacted."""
-    rows = []
-    for ep in config.endpoints:
-        row = dataclasses.asdict(ep)
-        row["url"] = redact_url(ep.url) if ep.url else (f"${ep.url_env}" if ep.url_env else "")
-        rows.append(row)
-    return rows

@@ -6,13 +6,14 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,11 @@ from aiokafka import AIOKafkaProducer
 
 from alerts.deliveries import DELIVERED, FAILED, PENDING, delivery_key, read_delivery_states, webhook_id
 from alerts.dispatch import Dispatcher, classify, full_jitter, parse_retry_after
-from alerts.endpoints import Endpoint, EndpointSettings, blocked_reason, load_delivery_config
+from alerts.endpoints import Endpoint, EndpointSettings, blocked_reason, build_endpoints, load_delivery_config
 from alerts.receiver import Receiver, ReceiverOptions
 from alerts.signing import generate_secret
 from stream.broker import free_port
-from stream.config import ConfigError, Settings
+from stream.config import ConfigError, Settings, load_settings
 from stream.records import AlertRecord
 from tests.test_formats import make_alert
 
@@ -170,6 +171,22 @@ def test_endpoint_config_validation_and_secrets_stay_out_of_reprs(monkeypatch):
     shown = repr(slack) + repr(slack.signing_secrets) + repr(slack.url)
     assert "TOPSECRETTOKEN" not in shown and secret not in shown and "hooks.slack.com" in shown
     assert slack.scrub(f"error at https://hooks.slack.com/services/T0/B0/TOPSECRETTOKEN with {secret}") == "error at *** with ***"
+
+
+def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path):
+    text = (REPO / "alerts" / "example.toml").read_text()
+    # Uncomment the example endpoints too: "# name = ..." lines and "# [[alerts.endpoints]]" headers.
+    enabled = re.sub(r"(?m)^# (\[\[alerts\.endpoints\]\]|[a-z_]+ = .*)$", r"\1", text)
+    path = tmp_path / "finpulse.toml"
+    path.write_text(enabled)
+    environ = {name: generate_secret() for name in ("FINPULSE_WEBHOOK_SECRET", "FINPULSE_RISK_SECRET_NEW", "FINPULSE_RISK_SECRET_OLD")}
+    environ.update(FINPULSE_SLACK_WEBHOOK_URL="https://hooks.slack.com/services/T0/B0/X", FINPULSE_PAGERDUTY_ROUTING_KEY="R" * 32)
+    plain = load_delivery_config(load_settings(REPO / "alerts" / "example.toml", environ={}))
+    assert [e.name for e in plain.endpoints] == ["demo-receiver"]
+    config = load_delivery_config(load_settings(path, environ={}))
+    endpoints = build_endpoints(config, environ)
+    assert [e.name for e in endpoints] == ["demo-receiver", "risk-desk", "slack-markets", "pagerduty-risk", "alertmanager"]
+    assert len(endpoints[1].signing_secrets) == 2 and endpoints[3].url.reveal() == "https://events.pagerduty.com/v2/enqueue"
 
 
 # ---------------------------------------------------------------- routing, filters, replay isolation, the guard
@@ -357,3 +374,37 @@ def test_outage_throttling_and_restarts_deliver_everything_exactly_once(fp_setti
     status = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--status"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert f"{len(expected)} deliveries {{'delivered': {len(expected)}}}" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.slow
+def test_worker_restart_while_the_receiver_is_down_loses_nothing(fp_settings, topics, tmp_path):
+    """The dispatcher inside the Faust worker (`finpulse worker`): pending deliveries of a worker killed with -9
+    while the receiver is down are delivered, once each, by the restarted worker."""
+    secret = generate_secret()
+    port = free_port()
+    endpoints = [{"name": "desk", "url": f"http://127.0.0.1:{port}/webhook", "secret_env": "T_W_SECRET", "allow_private": True}]
+    env = kafka_env(fp_settings, endpoints=endpoints, backoff_initial_s="0.2", backoff_max_s="1.0")
+    env.update({"T_W_SECRET": secret, "FINPULSE_WORKER__DATA_DIR": str(tmp_path / "worker"),
+                "FINPULSE_WORKER__WEB_PORT": str(free_port())})
+    alerts = [make_alert(status, id=f"w-{i}", key=f"Topic {i}") for i in range(3) for status in ("firing", "resolved")]
+    expected = {delivery_key(a.event_id, "desk") for a in alerts}
+    procs: list[Proc] = []
+    try:
+        produce(fp_settings, topics.alerts, alerts)
+        procs.append(Proc(["worker", "--scorer", "noop"], env, tmp_path / "worker-1.log"))
+        wait_for(lambda: (lambda s: len(s) == len(expected) and all(v.attempts >= 1 for v in s.values()
+                                                                     if v.alert_status == "firing") and s)(
+            read_delivery_states(fp_settings.kafka, topics.deliveries)), "the first worker to try and fail")
+        procs[-1].kill()
+        procs.append(Proc(["receiver", "--port", str(port), "--store", str(tmp_path / "got.jsonl"), "--secret-env", "T_W_SECRET"],
+                          env, tmp_path / "receiver.log"))
+        procs.append(Proc(["worker", "--scorer", "noop"], env, tmp_path / "worker-2.log"))
+        final = wait_for(lambda: (lambda s: len(s) == len(expected) and all(v.state == DELIVERED for v in s.values()) and s)(
+            read_delivery_states(fp_settings.kafka, topics.deliveries)), "the restarted worker to deliver everything")
+        seen = get_json(f"http://127.0.0.1:{port}/received")
+    finally:
+        for proc in procs:
+            proc.close()
+    assert set(final) == expected
+    assert Counter(item["webhook_id"] for item in seen["items"]) == Counter({webhook_id(k): 1 for k in expected})
+    assert seen["duplicates"] == {}
