@@ -1,8 +1,9 @@
 """Test helpers: run real ``finpulse`` processes against the test broker, and read topics to their true end.
 
-Processes get the test's ``Settings`` through a TOML config file (``write_config``); inherited ``FINPULSE_*``
-overrides are dropped so a test sees exactly its settings. Output goes to ``<log_dir>/<name>.log`` (kept for
-failed tests). Every process runs in its own session: ``kill()`` is a real ``kill -9`` of it and its children.
+``FinpulseProcess`` gets the test's ``Settings`` through a TOML config file (``write_config``); inherited
+``FINPULSE_*`` overrides are dropped so a test sees exactly its settings. ``ManagedProcess`` runs any command the
+same way. Output goes to ``<log_dir>/<name>.log`` (kept for failed tests). Every process runs in its own session:
+``kill()`` is a real ``kill -9`` of it and its children, ``stop()`` a SIGTERM (then SIGKILL after a timeout).
 
     def test_something(fp_settings, tmp_path):
         with start_worker(fp_settings, tmp_path) as worker:                       # waits for "Worker ready"
@@ -68,24 +69,20 @@ def with_section(settings: Settings, section: str, **values: Any) -> Settings:
 
 # ---------------------------------------------------------------- processes
 
-class FinpulseProcess:
-    """One ``python -m stream.cli [--log-level L] ARGS...`` process."""
+class ManagedProcess:
+    """A background process in its own session with its output in ``<log_dir>/<name>.log``."""
 
-    def __init__(self, settings: Settings, args: Iterable[str], log_dir: str | os.PathLike, name: str,
-                 log_level: str = "info", env: dict[str, str] | None = None):
+    def __init__(self, cmd: Iterable[str], log_dir: str | os.PathLike, name: str, env: dict[str, str] | None = None):
         self.name = name
-        self.args = [str(a) for a in args]
-        log_dir = Path(log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{name}.log"
-        self.config_path = write_config(settings, log_dir / f"{name}.toml")
+        self.cmd = [str(a) for a in cmd]
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.log_dir / f"{name}.log"
         base = {k: v for k, v in os.environ.items() if not (k.startswith("FINPULSE_") and "__" in k)}
-        self.env = {**base, "FINPULSE_CONFIG": str(self.config_path), "PYTHONUNBUFFERED": "1",
-                    "HF_HUB_OFFLINE": "1", **(env or {})}
-        self.cmd = [sys.executable, "-m", "stream.cli", "--log-level", log_level, *self.args]
+        self.env = {**base, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "FinpulseProcess":
+    def start(self) -> "ManagedProcess":
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -144,11 +141,23 @@ class FinpulseProcess:
                 self.kill()
         return self.proc.returncode
 
-    def __enter__(self) -> "FinpulseProcess":
+    def __enter__(self) -> "ManagedProcess":
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class FinpulseProcess(ManagedProcess):
+    """``python -m stream.cli --log-level L ARGS...`` with ``settings`` in its own TOML config file."""
+
+    def __init__(self, settings: Settings, args: Iterable[str], log_dir: str | os.PathLike, name: str,
+                 log_level: str = "info", env: dict[str, str] | None = None):
+        args = [str(a) for a in args]
+        super().__init__([sys.executable, "-m", "stream.cli", "--log-level", log_level, *args], log_dir, name, env)
+        self.args = args
+        self.config_path = write_config(settings, self.log_dir / f"{name}.toml")
+        self.env["FINPULSE_CONFIG"] = str(self.config_path)
 
 
 def start_finpulse(settings: Settings, *args: str, log_dir: str | os.PathLike, name: str | None = None,

@@ -1,0 +1,304 @@
+"""``finpulse ingest``: put news and comments from files and RSS/Atom feeds into Kafka.
+
+Every message is validated with ``records.parse_input`` before it is produced, exactly as the worker will parse
+it, and produced in its normalised form (tickers upper-cased or extracted from cashtags, times in UTC) keyed by id,
+with the Kafka timestamp set to its event time. A command returns only once the broker has every record.
+
+* ``ingest_file``: JSONL (one JSON object per line) or CSV (a header row naming the fields; ``tickers`` may hold
+  several, separated by ``,``, ``;``, ``|`` or spaces; epoch-second/millisecond times are accepted). A bad line is
+  reported with its line number and reason and skipped; the rest of the file is still ingested, and the exit code
+  is 1 so scripts notice.
+* ``ingest_rss``: polls feeds (``--every``), maps entries to news items, and remembers in a state file which
+  entries it has produced (by guid, else link), so a restart never produces an entry twice. It sends the feed's
+  ETag/Last-Modified back (If-None-Match/If-Modified-Since), so an unchanged feed costs a 304.
+"""
+from __future__ import annotations
+
+import asyncio
+import calendar
+import csv
+import hashlib
+import html
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+from urllib.parse import urlparse
+
+from .config import ConfigError, Settings
+from .kafka_io import RecordSender
+from .records import InputItem, InvalidRecord, Kind, NewsItem, parse_input, utcnow
+from .topics import TopicNames, ensure_topics
+
+KINDS: dict[str, Kind] = {"news": "news", "comments": "comment", "comment": "comment"}
+MAX_REPORTED_LINES = 50
+_TICKER_SPLIT = re.compile(r"[,;|\s]+")
+_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+def _topic_for(names: TopicNames, kind: Kind) -> str:
+    return names.news if kind == "news" else names.comments
+
+
+async def produce_items(settings: Settings, topic: str, items: Iterable[InputItem], client_id: str) -> int:
+    """Produce items (normalised JSON, keyed by id, timestamped with their event time); return how many the broker
+    acknowledged."""
+    async with RecordSender(settings.kafka, client_id=client_id) as sender:
+        for item in items:
+            await sender.send(topic, item.to_json(), key=item.id.encode("utf-8"), event_time=item.event_time)
+        await sender.flush()
+        return sender.delivered
+
+
+# ---------------------------------------------------------------- files
+
+@dataclass
+class FileReport:
+    lines: int = 0
+    produced: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    shown: int = 0
+
+    def reject(self, line_no: int, reason: str, detail: str) -> None:
+        from tqdm import tqdm
+
+        self.rejected[reason] += 1
+        if self.shown < MAX_REPORTED_LINES:
+            tqdm.write(f"line {line_no}: rejected ({reason}): {detail}", file=sys.stderr)
+            self.shown += 1
+        elif self.shown == MAX_REPORTED_LINES:
+            tqdm.write("(more rejected lines are counted but not shown)", file=sys.stderr)
+            self.shown += 1
+
+
+def _detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    raise ConfigError(f"cannot tell the format of {path} from its name: pass --format jsonl or --format csv")
+
+
+def _binary_lines(path: Path, progress) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        for line in f:
+            progress.update(len(line))
+            yield line
+
+
+def _jsonl_records(path: Path, progress) -> Iterator[tuple[int, bytes]]:
+    for line_no, line in enumerate(_binary_lines(path, progress), start=1):
+        raw = line.rstrip(b"\r\n")
+        if raw.strip():
+            yield line_no, raw
+
+
+def csv_row_to_json(row: dict[str, str | None]) -> bytes:
+    """One CSV row as the JSON message ``parse_input`` reads: empty cells are absent, ``tickers`` becomes a list,
+    numeric times become numbers. Undecodable bytes stay undecodable (and are rejected as ``invalid_utf8``)."""
+    data: dict[str, object] = {}
+    for name, value in row.items():
+        if name is None or value is None or not value.strip():
+            continue
+        name = name.strip()
+        if name == "tickers":
+            data[name] = [t for t in _TICKER_SPLIT.split(value) if t]
+        elif name in ("published_at", "created_at") and _NUMBER.match(value.strip()):
+            data[name] = float(value) if "." in value else int(value)
+        else:
+            data[name] = value
+    return json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogateescape")
+
+
+def _csv_records(path: Path, progress) -> Iterator[tuple[int, bytes]]:
+    text_lines = (line.decode("utf-8", "surrogateescape") for line in _binary_lines(path, progress))
+    reader = csv.DictReader(text_lines)
+    if not reader.fieldnames:
+        return
+    for row in reader:
+        yield reader.line_num, csv_row_to_json(row)
+
+
+def ingest_file(settings: Settings, path: str | os.PathLike, kind: str, fmt: str = "auto") -> int:
+    """``finpulse ingest file``: 0 when every line was ingested, 1 when some were rejected (the rest still are)."""
+    from tqdm import tqdm
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file")
+    record_kind = KINDS[kind]
+    fmt = _detect_format(path, fmt)
+    names = TopicNames(settings.kafka.topic_prefix)
+    ensure_topics(settings.kafka, names.all(), names.compacted())
+    topic = _topic_for(names, record_kind)
+    max_chars = settings.worker.max_text_chars
+    report = FileReport()
+
+    def valid_items(progress) -> Iterator[InputItem]:
+        records = _csv_records(path, progress) if fmt == "csv" else _jsonl_records(path, progress)
+        for line_no, raw in records:
+            report.lines += 1
+            try:
+                yield parse_input(raw, record_kind, max_chars)
+            except InvalidRecord as exc:
+                report.reject(line_no, exc.reason, exc.detail)
+
+    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"ingest {path.name}") as progress:
+        report.produced = asyncio.run(produce_items(settings, topic, valid_items(progress), "finpulse-ingest"))
+    rejected = sum(report.rejected.values())
+    reasons = ", ".join(f"{r}={n}" for r, n in sorted(report.rejected.items()))
+    print(f"ingested {report.produced} of {report.lines} {kind} records from {path} into {topic}"
+          + (f"; rejected {rejected} ({reasons})" if rejected else ""), flush=True)
+    return 1 if rejected else 0
+
+
+# ---------------------------------------------------------------- RSS / Atom
+
+SEEN_LIMIT = 50_000          # entries remembered per state file (oldest forgotten first)
+RSS_BODY_CHARS = 4_000       # feed summaries can be whole articles: the classifier reads the start anyway
+_TAG = re.compile(r"<[^>]+>")
+
+
+@dataclass
+class FeedState:
+    """What ``ingest rss`` remembers between polls and restarts (a JSON file)."""
+    path: Path
+    validators: dict[str, dict[str, str]] = field(default_factory=dict)   # feed url -> {"etag", "modified"}
+    seen: dict[str, None] = field(default_factory=dict)                   # entry keys, oldest first
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeedState":
+        path = Path(path)
+        if not path.exists():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text())
+            return cls(path, dict(data.get("feeds", {})), dict.fromkeys(data.get("seen", [])))
+        except (ValueError, AttributeError) as exc:
+            raise ConfigError(f"RSS state file {path} is unreadable ({exc}): fix or remove it") from None
+
+    def save(self) -> None:
+        while len(self.seen) > SEEN_LIMIT:
+            del self.seen[next(iter(self.seen))]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps({"feeds": self.validators, "seen": list(self.seen)}, indent=1))
+        os.replace(tmp, self.path)
+
+
+def _plain(text: str) -> str:
+    return " ".join(html.unescape(_TAG.sub(" ", text or "")).split())
+
+
+def entry_key(entry) -> str | None:
+    """How an entry is recognised again: its guid, else its link, else its title."""
+    title = _plain(entry.get("title", ""))
+    return entry.get("id") or entry.get("link") or (f"title:{title}" if title else None)
+
+
+def entry_to_news(entry, feed_url: str, feed_title: str, max_text_chars: int) -> NewsItem:
+    """Map a feedparser entry to a validated NewsItem (raises InvalidRecord)."""
+    key = entry_key(entry)
+    parsed = entry.get("published_parsed") or entry.get("updated_parsed")
+    published = datetime.fromtimestamp(calendar.timegm(parsed), tz=timezone.utc) if parsed else utcnow()
+    data = {
+        "id": "rss-" + hashlib.sha1(f"{feed_url}\n{key}".encode("utf-8")).hexdigest()[:20],
+        "source": feed_title or urlparse(feed_url).hostname or "rss",
+        "published_at": published.isoformat(),
+        "headline": _plain(entry.get("title", "")),
+        "body": _plain(entry.get("summary", ""))[:RSS_BODY_CHARS],
+        "url": entry.get("link") or "",
+    }
+    return parse_input(json.dumps(data).encode("utf-8"), "news", max_text_chars)
+
+
+@dataclass
+class PollResult:
+    status: int | None
+    new: list[tuple[str, NewsItem]]
+    already_seen: int = 0
+    rejected: int = 0
+    error: str = ""
+
+
+def poll_feed(url: str, state: FeedState, max_text_chars: int) -> PollResult:
+    """Fetch one feed (conditional GET) and return its entries not produced before."""
+    import feedparser
+
+    validators = state.validators.get(url, {})
+    parsed = feedparser.parse(url, etag=validators.get("etag"), modified=validators.get("modified"),
+                              agent="FinPulse-RSS/1.0")
+    status = parsed.get("status")
+    if status is None or status >= 400:
+        return PollResult(status, [], error=str(parsed.get("bozo_exception") or f"HTTP {status}"))
+    if status == 304:
+        return PollResult(status, [])
+    fresh = {k: v for k, v in (("etag", parsed.get("etag")), ("modified", parsed.get("modified"))) if v}
+    state.validators[url] = fresh
+    result = PollResult(status, [])
+    title = _plain(parsed.feed.get("title", ""))
+    for entry in parsed.entries:
+        key = entry_key(entry)
+        if key is None:
+            result.rejected += 1
+            print(f"{url}: an entry with no guid, link or title skipped", file=sys.stderr, flush=True)
+            continue
+        if key in state.seen:
+            result.already_seen += 1
+            continue
+        try:
+            result.new.append((key, entry_to_news(entry, url, title, max_text_chars)))
+        except InvalidRecord as exc:
+            result.rejected += 1
+            print(f"{url}: entry {key!r} skipped ({exc.reason}: {exc.detail})", file=sys.stderr, flush=True)
+    return result
+
+
+def ingest_rss(settings: Settings, urls: list[str], every: str = "60s", once: bool = False,
+               state_path: str | os.PathLike = "var/rss-state.json") -> int:
+    """``finpulse ingest rss``: poll until stopped (or once). Exit code 1 when a feed failed on the last poll."""
+    from .aggregate import parse_duration_s
+
+    try:
+        interval_s = parse_duration_s(every)
+    except ValueError as exc:
+        raise ConfigError(f"--every: {exc}") from None
+    if interval_s <= 0:
+        raise ConfigError("--every must be positive")
+    names = TopicNames(settings.kafka.topic_prefix)
+    ensure_topics(settings.kafka, names.all(), names.compacted())
+    state = FeedState.load(state_path)
+    stopping = {"now": False}
+    if not once:
+        signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
+    while True:
+        failed = 0
+        for url in urls:
+            result = poll_feed(url, state, settings.worker.max_text_chars)
+            if result.error:
+                failed += 1
+                print(f"{url}: fetch failed: {result.error}", file=sys.stderr, flush=True)
+                continue
+            produced = asyncio.run(produce_items(settings, names.news, [item for _, item in result.new],
+                                                 "finpulse-rss")) if result.new else 0
+            state.seen.update(dict.fromkeys(key for key, _ in result.new))   # only once the broker has them
+            state.save()
+            note = "not modified" if result.status == 304 else f"{produced} new, {result.already_seen} already seen"
+            print(f"{url}: {note}" + (f", {result.rejected} skipped" if result.rejected else ""), flush=True)
+        if once or stopping["now"]:
+            return 1 if failed else 0
+        deadline = time.monotonic() + interval_s
+        while time.monotonic() < deadline and not stopping["now"]:
+            time.sleep(min(1.0, deadline - time.monotonic()))
+        if stopping["now"]:
+            return 0
