@@ -1,0 +1,139 @@
+"""Subcommands owned by ``stream.replay``: ``replay``, ``export`` and ``backtest``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .plan import ReplayError
+
+SCORERS = ["auto", "model", "baseline", "noop"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="re-run a past event-time range with a chosen model and thresholds into isolated "
+                                      "outputs (topics finpulse.replay.<run-id>.* and Parquet)")
+    _range_args(p)
+    p.add_argument("--run-id", required=True, help="names the run's topics and output directory ([A-Za-z0-9_-])")
+    p.add_argument("--model", dest="model_dir", metavar="DIR", help="a trained model directory (default: as [worker])")
+    p.add_argument("--scorer", choices=SCORERS, help="which scorer (default [worker] scorer; --model implies model)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--config", dest="replay_config", metavar="FILE",
+                   help="TOML laid over the settings: the replay's [aggregate]/[detect] thresholds")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--speed", help="send outputs paced at this multiple of event time, e.g. 10x")
+    pace.add_argument("--max-speed", action="store_true", help="as fast as possible (the default)")
+    p.add_argument("--archive", metavar="DIR", help="read inputs from a `finpulse export` archive instead of Kafka")
+    p.add_argument("--parquet", metavar="DIR", help="Parquet output directory (default [replay] out_dir/<run-id>)")
+    p.add_argument("--test-endpoint", metavar="NAME",
+                   help="deliver the run's alerts to this endpoint, which must be [alerts] replay_endpoint")
+    p.add_argument("--batch-size", type=int, help="texts per scorer call (default [replay] batch_size)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_replay)
+
+    p = sub.add_parser("export", help="archive input topics to Parquet partitioned by event-time day (replay --archive "
+                                      "reads it, past Kafka's retention)")
+    _range_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="archive directory (new, or an archive to add to)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("backtest", help="score a replay run's alerts against labeled events and prices: HTML + JSON report")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--parquet", metavar="DIR", help="the run's output directory (default [replay] out_dir/<run-id>)")
+    p.add_argument("--events", metavar="CSV", help="labeled events: key,start,end (key: AAPL, ticker:AAPL or topic:<label>)")
+    p.add_argument("--prices", metavar="CSV", help="prices: ticker,timestamp,price")
+    p.add_argument("--out", metavar="DIR", help="where report.html and report.json go (default: the run's directory)")
+    p.add_argument("--match-before", default="1h", help="an alert this long before an event's start still detects it")
+    p.set_defaults(func=_backtest)
+
+
+def _range_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="start", required=True, metavar="T1", help="event time, ISO-8601 (inclusive)")
+    p.add_argument("--to", dest="end", required=True, metavar="T2", help="event time, ISO-8601 (exclusive)")
+    p.add_argument("--topics", default="news,comments", help="input topics: news, comments or both (default both)")
+    p.add_argument("--max-disorder", metavar="DURATION",
+                   help="how far out of order timestamps may be within a partition (default [replay] max_disorder_s)")
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"finpulse {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _replay(args, settings) -> int:
+    from .plan import build_plan
+    from .run import ReplayInterrupted, run_replay
+    try:
+        plan = build_plan(settings, run_id=args.run_id, start=args.start, end=args.end, topics=args.topics,
+                          config=args.replay_config, scorer=args.scorer, model_dir=args.model_dir, device=args.device,
+                          speed=args.speed, archive=args.archive, parquet=args.parquet,
+                          test_endpoint=args.test_endpoint, max_disorder=args.max_disorder, batch_size=args.batch_size)
+    except ReplayError as exc:
+        return _fail("replay", exc)
+    if plan.resume:
+        print(f"resuming run {plan.run_id} after input message {plan.resume['inputs_done']}", flush=True)
+    try:
+        manifest = run_replay(plan, show_progress=not args.no_progress)
+    except ReplayInterrupted as exc:
+        print(f"finpulse replay: {exc}", file=sys.stderr)
+        return 130
+    counts = manifest["counts"]
+    rate = counts.get("inputs", 0) / manifest["elapsed_s"] if manifest["elapsed_s"] else 0.0
+    print(f"replay {plan.run_id}: {counts.get('inputs', 0)} messages -> {counts.get('scored', 0)} scored, "
+          f"{sum(counts['rejected'].values())} rejected, {counts.get('trends', 0)} windows, "
+          f"{counts.get('alerts_firing', 0)} alerts firing / {counts.get('alerts_resolved', 0)} resolved "
+          f"in {manifest['elapsed_s']:.1f}s ({rate:.0f} msg/s); model {manifest['model_version']}, config "
+          f"{manifest['config_hash']}; Parquet in {plan.out_dir}; topics {', '.join(manifest['topics_out'])}")
+    if plan.test_endpoint:
+        print(f"test endpoint {plan.test_endpoint}: {counts.get('test_endpoint_delivered', 0)} delivered, "
+              f"{counts.get('test_endpoint_failed', 0)} failed, {counts.get('test_endpoint_unfinished', 0)} unfinished")
+        if counts.get("test_endpoint_failed") or counts.get("test_endpoint_unfinished"):
+            return 1
+    return 0
+
+
+def _export(args, settings) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from stream.topics import TopicNames
+
+    from .archive import ArchiveError, check_export_dir, export_archive
+    from .plan import ReplaySettings, parse_disorder, parse_range, parse_topics
+    from .select import KafkaSelection
+
+    try:
+        from_ms, to_ms = parse_range(args.start, args.end)
+        topics = parse_topics(args.topics, TopicNames(settings.kafka.topic_prefix))
+        disorder = parse_disorder(args.max_disorder, settings.section("replay", ReplaySettings).max_disorder_s)
+        out = Path(args.out)
+        check_export_dir(out)
+    except (ReplayError, ArchiveError) as exc:
+        return _fail("export", exc)
+
+    async def export() -> int:
+        try:
+            async with KafkaSelection(settings.kafka, topics, from_ms, to_ms, disorder) as selection:
+                with tqdm(total=selection.total, unit="msg", desc="export", disable=args.no_progress) as progress:
+                    result = await export_archive(selection, out, from_ms, to_ms, sorted(args.topics.split(",")),
+                                                  progress)
+        except LookupError as exc:
+            return _fail("export", exc)
+        print(f"exported {result.rows} message(s) to {out} ({len(result.files)} file(s), days "
+              f"{', '.join(result.days) or 'none'})")
+        return 0
+
+    return asyncio.run(export())
+
+
+def _backtest(args, settings) -> int:
+    from .backtest import run_backtest
+    try:
+        report = run_backtest(settings, run_id=args.run_id, run_dir=args.parquet, events=args.events,
+                              prices=args.prices, out=args.out, match_before=args.match_before)
+    except ReplayError as exc:
+        return _fail("backtest", exc)
+    print(f"backtest {args.run_id}: {report['paths']['html']} and {report['paths']['json']}")
+    return 0

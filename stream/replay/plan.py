@@ -1,0 +1,309 @@
+"""Everything a replay (or an export) needs, checked before anything is written: ``ReplayPlan``.
+
+``build_plan`` turns the command line into a plan or raises ``ReplayError`` with one clear sentence: a bad run id,
+an empty or inverted time range, an unknown topic, a config that does not load, a model directory that is not a
+model, an archive of another schema version, a run id whose topics already exist for another run, a test
+endpoint that is not the one set aside for replays. Only after that does ``run.py`` create topics or files.
+
+``[replay]`` settings (``ReplaySettings``)::
+
+    [replay]
+    out_dir = "var/replay"       # Parquet outputs go to <out_dir>/<run-id>/ unless --parquet says otherwise
+    batch_size = 256             # texts per scorer call (fixed: it is part of the config hash, see below)
+    part_records = 20000         # input messages per Parquet part; a checkpoint is written after each part
+    max_disorder_s = 900         # how far out of order a partition's timestamps may be (see select.py)
+    delivery_timeout_s = 120     # how long to wait for the test endpoint to acknowledge every alert
+
+The **config hash** (``config_hash``) is ``Settings.fingerprint()`` of the *effective* settings that decide the
+outputs: ``[aggregate]``, ``[detect]`` (with its overrides), ``[worker] max_text_chars`` and ``[replay]
+batch_size``; defaults count as their values, so writing a default out does not change the hash.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stream.aggregate import AggregateSettings, parse_duration_s
+from stream.config import ConfigError, Settings
+from stream.records import InvalidRecord, epoch_ms, parse_time
+from stream.topics import TopicNames
+
+from .archive import ArchiveError, ArchiveSelection
+from .select import format_ms, topic_kinds
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+TOPIC_CHOICES = ("news", "comments")
+CHECKPOINT = "_checkpoint.json"
+MANIFEST = "manifest.json"
+
+
+class ReplayError(ValueError):
+    """A replay, export or backtest that cannot run as asked; the message says why. Nothing was written."""
+
+
+@dataclass
+class ReplaySettings:
+    out_dir: str = "var/replay"
+    batch_size: int = 256
+    part_records: int = 20_000
+    max_disorder_s: float = 900.0
+    delivery_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.part_records < 1:
+            raise ConfigError("[replay] batch_size and part_records must be at least 1")
+        if self.max_disorder_s < 0 or self.delivery_timeout_s <= 0:
+            raise ConfigError("[replay] max_disorder_s must be >= 0 and delivery_timeout_s > 0")
+        # Parts end on batch boundaries, so a resumed run cuts the same batches as an uninterrupted one.
+        self.part_records = -(-self.part_records // self.batch_size) * self.batch_size
+
+
+@dataclass
+class ReplayPlan:
+    run_id: str
+    from_ms: int
+    to_ms: int
+    topics: dict[str, str]                  # live input topic -> kind
+    settings: Settings                      # the effective settings (base + --config overlay)
+    replay: ReplaySettings
+    names: TopicNames                       # the run's isolated output topics (inputs are the live ones)
+    out_dir: Path
+    scorer: Any
+    config_hash: str
+    archive: ArchiveSelection | None = None
+    speed: float | None = None              # event seconds per wall second; None = as fast as possible
+    test_endpoint: str | None = None
+    resume: dict | None = None              # the checkpoint to continue from
+
+    @property
+    def model_version(self) -> str:
+        return self.scorer.model_version
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed, and what the manifest says the outputs are."""
+        return {"run_id": self.run_id, "from": format_ms(self.from_ms), "to": format_ms(self.to_ms),
+                "topics": sorted(self.topics), "source": "archive" if self.archive else "kafka",
+                "model_version": self.model_version, "config_hash": self.config_hash,
+                "batch_size": self.replay.batch_size, "part_records": self.replay.part_records}
+
+
+# ---------------------------------------------------------------- pieces
+
+def parse_range(start: str, end: str) -> tuple[int, int]:
+    try:
+        from_ms = epoch_ms(parse_time(start, "--from"))
+        to_ms = epoch_ms(parse_time(end, "--to"))
+    except InvalidRecord as exc:
+        raise ReplayError(f"{exc.detail} (write ISO-8601 like 2026-11-22T12:00:00Z, or epoch seconds)") from None
+    if to_ms <= from_ms:
+        raise ReplayError(f"--to ({end}) must be after --from ({start}): the range [from, to) is empty")
+    return from_ms, to_ms
+
+
+def parse_topics(text: str, names: TopicNames) -> dict[str, str]:
+    wanted = [t.strip() for t in (text or "").split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(TOPIC_CHOICES))
+    if unknown or not wanted:
+        raise ReplayError(f"unknown topic(s) {', '.join(unknown) or '(none given)'}: choose from "
+                          f"{', '.join(TOPIC_CHOICES)} (comma-separated)")
+    return topic_kinds(names, sorted(set(wanted)))
+
+
+def check_run_id(run_id: str, live: TopicNames) -> TopicNames:
+    if not run_id or not RUN_ID.match(run_id):
+        raise ReplayError(f"run id {run_id!r} must be 1-64 letters, digits, '-' or '_' (no dots, no spaces), "
+                          "starting with a letter or digit: it becomes part of topic and directory names")
+    names = live.replay(run_id)
+    clash = set(output_topics(names)) & set(live.all())
+    if clash:
+        raise ReplayError(f"run id {run_id!r} would write to live topic(s) {', '.join(sorted(clash))}")
+    return names
+
+
+def output_topics(names: TopicNames, with_deliveries: bool = False) -> list[str]:
+    return [names.scored, names.trends, names.alerts] + ([names.deliveries] if with_deliveries else [])
+
+
+def parse_speed(text: str | None) -> float | None:
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*x?\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise ReplayError(f"--speed {text!r}: write a positive factor like 10x (event time runs 10 times faster)")
+    return float(match.group(1))
+
+
+def parse_disorder(text: str | None, default: float) -> float:
+    if text is None:
+        return default
+    try:
+        return float(parse_duration_s(text))
+    except ValueError as exc:
+        raise ReplayError(f"--max-disorder: {exc}") from None
+
+
+def overlay_config(settings: Settings, path: str | None) -> Settings:
+    """The base settings with the sections of ``path`` (TOML) laid over them: a replay's thresholds."""
+    if not path:
+        return settings
+    file = Path(path)
+    if not file.is_file():
+        raise ReplayError(f"config file {file} does not exist")
+    try:
+        raw = tomllib.loads(file.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ReplayError(f"config file {file} is not valid TOML: {exc}") from None
+    loose = sorted(k for k, v in raw.items() if not isinstance(v, dict))
+    if loose:
+        raise ReplayError(f"config file {file}: settings must be in sections like [detect]; found {', '.join(loose)}")
+    return Settings(raw=settings.with_overrides(raw).raw, source_file=str(file))
+
+
+def effective_config(settings: Settings, replay: ReplaySettings) -> tuple[Settings, str]:
+    """(the settings that decide the outputs, their hash). Raises ReplayError for invalid sections."""
+    from alerts.detect import DetectSettings
+    try:
+        aggregate = settings.section("aggregate", AggregateSettings)
+        detect = settings.section("detect", DetectSettings)
+        max_text_chars = settings.worker.max_text_chars
+    except (ConfigError, TypeError) as exc:
+        raise ReplayError(f"configuration: {exc}") from None
+    effective = Settings(raw={"aggregate": dataclasses.asdict(aggregate), "detect": dataclasses.asdict(detect),
+                              "scoring": {"max_text_chars": max_text_chars, "batch_size": replay.batch_size}})
+    return effective, effective.fingerprint()
+
+
+def load_chosen_scorer(kind: str, model_dir: str | None, device: str):
+    """The scorer, after checking that an explicit model directory really is a FinPulse model."""
+    from models.interface import load_scorer
+    if model_dir:
+        try:
+            from models.registry import validate_model_dir
+        except ImportError as exc:
+            raise ReplayError(f"--model needs the trained-model code, which this build lacks ({exc})") from None
+        try:
+            validate_model_dir(model_dir)
+        except Exception as exc:  # noqa: BLE001 - NotAModelDir and whatever reading the directory raised
+            raise ReplayError(f"--model {model_dir}: not a FinPulse model directory: {exc}") from None
+        kind = "model"
+    try:
+        return load_scorer(kind, model_dir, device)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise ReplayError(f"cannot load the {kind} scorer: {exc}") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReplayError(f"{path} is not readable JSON ({exc}): move it away to start the run afresh") from None
+
+
+def check_output_dir(out_dir: Path, identity: dict) -> dict | None:
+    """The checkpoint to resume from, or None for a fresh run. Refuses a finished run, another run's directory,
+    and a checkpoint made with other arguments."""
+    if (out_dir / MANIFEST).exists():
+        raise ReplayError(f"run {identity['run_id']!r} is already complete in {out_dir}: choose another --run-id "
+                          "(or --parquet directory)")
+    checkpoint = out_dir / CHECKPOINT
+    if checkpoint.exists():
+        saved = read_json(checkpoint)
+        if saved.get("identity") != identity:
+            diff = sorted(k for k in identity if saved.get("identity", {}).get(k) != identity[k])
+            raise ReplayError(f"{out_dir} holds an interrupted replay with other arguments ({', '.join(diff)} differ): "
+                              "re-run it exactly as before to resume, or choose another --run-id")
+        return saved
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ReplayError(f"output directory {out_dir} is not empty and holds no replay checkpoint: choose another")
+    return None
+
+
+def existing_topics(settings: Settings, topics: list[str]) -> list[str]:
+    from kafka.errors import KafkaError
+    from stream.topics import admin_client
+    try:
+        admin = admin_client(settings.kafka, timeout_s=15)
+    except RuntimeError as exc:
+        raise ReplayError(str(exc)) from None
+    try:
+        present = set(admin.list_topics())
+    except KafkaError as exc:
+        raise ReplayError(f"cannot list topics on {settings.kafka.bootstrap_servers}: {exc}") from None
+    finally:
+        admin.close()
+    return [t for t in topics if t in present]
+
+
+def check_test_endpoint(settings: Settings, name: str | None) -> None:
+    """A replay may deliver only to the endpoint ``[alerts] replay_endpoint`` sets aside, and only when named."""
+    if not name:
+        return
+    from alerts.endpoints import load_delivery_config
+    try:
+        config = load_delivery_config(settings)
+    except ConfigError as exc:
+        raise ReplayError(f"--test-endpoint: [alerts] is not valid: {exc}") from None
+    if config.endpoint(name) is None:
+        known = ", ".join(e.name for e in config.endpoints) or "none"
+        raise ReplayError(f"--test-endpoint {name!r} names no endpoint in [alerts] endpoints (known: {known})")
+    if config.options.replay_endpoint != name:
+        raise ReplayError(f"--test-endpoint {name!r} is not the endpoint set aside for replays: set [alerts] "
+                          f"replay_endpoint = {name!r} (now {config.options.replay_endpoint or 'unset'!r}) so live "
+                          "endpoints can never receive replay alerts")
+
+
+# ---------------------------------------------------------------- the plan
+
+def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics: str = "news,comments",
+               config: str | None = None, scorer: str | None = None, model_dir: str | None = None,
+               device: str | None = None, speed: str | None = None, archive: str | None = None,
+               parquet: str | None = None, test_endpoint: str | None = None, max_disorder: str | None = None,
+               batch_size: int | None = None) -> ReplayPlan:
+    """Validate every argument (cheapest checks first) and load the scorer; write nothing."""
+    live = TopicNames(settings.kafka.topic_prefix)
+    names = check_run_id(run_id, live)
+    from_ms, to_ms = parse_range(start, end)
+    chosen_topics = parse_topics(topics, live)
+    pace = parse_speed(speed)
+    settings = overlay_config(settings, config)
+    try:
+        replay = settings.section("replay", ReplaySettings)
+        if batch_size is not None:
+            replay = dataclasses.replace(replay, batch_size=batch_size)
+        worker = settings.worker
+    except (ConfigError, TypeError) as exc:
+        raise ReplayError(f"configuration: {exc}") from None
+    replay.max_disorder_s = parse_disorder(max_disorder, replay.max_disorder_s)
+    _, config_hash = effective_config(settings, replay)
+    check_test_endpoint(settings, test_endpoint)
+    selection = None
+    if archive:
+        try:
+            selection = ArchiveSelection(archive, chosen_topics, from_ms, to_ms)
+        except ArchiveError as exc:
+            raise ReplayError(f"--archive: {exc}") from None
+    chosen = load_chosen_scorer(scorer or worker.scorer, model_dir or worker.model_dir or None, device or worker.device)
+    out_dir = Path(parquet) if parquet else Path(replay.out_dir) / run_id
+    plan = ReplayPlan(run_id=run_id, from_ms=from_ms, to_ms=to_ms, topics=chosen_topics, settings=settings,
+                      replay=replay, names=names, out_dir=out_dir, scorer=chosen, config_hash=config_hash,
+                      archive=selection, speed=pace, test_endpoint=test_endpoint)
+    plan.resume = check_output_dir(out_dir, plan.identity())
+    if plan.resume is None:
+        taken = existing_topics(settings, output_topics(names))
+        if taken:
+            raise ReplayError(f"run id {run_id!r} is already used on this broker (topics {', '.join(taken)} exist): "
+                              "choose another --run-id")
+    if not archive:
+        missing = sorted(set(chosen_topics) - set(existing_topics(settings, list(chosen_topics))))
+        if missing:
+            raise ReplayError(f"input topic(s) {', '.join(missing)} do not exist on {settings.kafka.bootstrap_servers}")
+    return plan
+
+
+__all__ = ["CHECKPOINT", "MANIFEST", "ReplayError", "ReplayPlan", "ReplaySettings", "build_plan", "check_run_id",
+           "effective_config", "output_topics", "overlay_config", "parse_range", "parse_topics"]

@@ -1,0 +1,367 @@
+"""Running a replay: the selected inputs, re-scored and re-aggregated exactly as the live worker would, into the
+run's own topics and Parquet files.
+
+Per batch of ``[replay] batch_size`` messages (in replay order):
+
+1. ``stream.app.Scoring`` parses, scores and builds the scored records: the worker's own code, so ids, labels,
+   excerpts, tickers and dead-letter decisions are the worker's. Rejected messages are counted, not published.
+2. The records go through ``stream.aggregate.WindowAggregator`` (topic and ticker) and each closed window through
+   ``alerts.detect.SpikeDetector``: the classes the live agents run, with the plan's ``[aggregate]``/``[detect]``.
+3. Scored records, closed windows and alerts go to ``<prefix>.replay.<run-id>.{scored,trends,alerts}`` (keyed as
+   the live topics are, Kafka timestamps = event time; with ``--speed`` their sending is paced by event time) and
+   to the current Parquet part.
+
+Only windows wholly inside ``[--from, --to)`` are reported and judged by the detector: a window reaching outside
+misses messages the live system counted (``windows_cut`` counts those dropped). At the end, the windows that end by
+``--to`` are closed: they have all their messages.
+
+**Resuming after Ctrl-C** (checkpoint + deterministic re-read). After each part (``[replay] part_records`` inputs)
+the part's files are written, the Kafka outputs flushed, and ``_checkpoint.json`` saved: the number of inputs
+done, the identity of the last one, and the aggregator and detector states. Running the same command again reads
+the same ordered selection, skips the inputs already done (reading is cheap; they are not scored again), restores
+the states and continues. The Parquet output is byte-identical to an uninterrupted run's; the output *topics* may
+hold duplicates of the records produced after the last checkpoint (at-least-once: consumers deduplicate by id,
+``window_id`` and alert ``event_id``, as they do for the live topics).
+
+**Test endpoint.** With ``--test-endpoint NAME`` the real alert dispatcher (``alerts.dispatch.Dispatcher``) runs
+alongside, configured with that one endpoint only and reading the run's own alerts topic (its delivery state goes
+to ``<prefix>.replay.<run-id>.deliveries``); the replay ends when every alert is delivered or failed. Without it
+nothing is sent anywhere: the live dispatcher reads only the live alerts topic.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import AsyncIterator, Iterable
+
+from tqdm import tqdm
+
+from alerts.detect import DetectSettings, SpikeDetector, state_key
+from stream.aggregate import AggregateSettings, KeyWindows, WindowAggregator, trend_key
+from stream.app import Scoring, SourceMessage
+from stream.kafka_io import RecordSender
+from stream.records import AlertRecord, ScoredRecord, TrendRecord, epoch_ms
+from stream.topics import ensure_topics
+
+from .output import PartSink, alert_row, scored_row, trend_row
+from .plan import CHECKPOINT, MANIFEST, ReplayPlan, output_topics
+from .select import KafkaSelection, SelectionStats, TimedMessage, format_ms
+
+log = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 1
+
+
+class ReplayInterrupted(Exception):
+    """Ctrl-C during a replay; the message says where the next run resumes."""
+
+
+def identity_of(message: TimedMessage) -> list:
+    return [message.event_ms, message.topic, message.partition, message.offset]
+
+
+class ReplayRunner:
+    """One replay run. ``await runner.run()`` returns the manifest (and leaves the outputs in place)."""
+
+    def __init__(self, plan: ReplayPlan, show_progress: bool = True):
+        self.plan = plan
+        self.show_progress = show_progress
+        settings = plan.settings
+        aggregate = settings.section("aggregate", AggregateSettings)
+        self.lateness = timedelta(seconds=aggregate.allowed_lateness_s)
+        self.aggregators = [WindowAggregator(aggregate, key_type, run_id=plan.run_id) for key_type in ("topic", "ticker")]
+        self._clock = None
+        self.detector = SpikeDetector(settings.section("detect", DetectSettings), run_id=plan.run_id,
+                                      clock=lambda: self._clock)
+        self.scoring = Scoring(plan.scorer, plan.names, settings.worker.max_text_chars)
+        self.sink = PartSink(plan.out_dir, plan.model_version, plan.config_hash)
+        self.counts: Counter[str] = Counter()
+        self.files: list[str] = []
+        self.inputs_done = 0          # inputs whose outputs are complete in memory (or written)
+        self.checkpointed = 0         # inputs whose outputs are on disk and in Kafka
+        self.last_input: list | None = None
+        self.alerts: list[AlertRecord] = []
+        self.selection_stats = SelectionStats()
+        self.seconds = 0.0
+        self._pace_origin: tuple[float, int] | None = None
+        if plan.resume:
+            self._restore(plan.resume)
+
+    # ------------------------------------------------------------ checkpoint
+
+    def _restore(self, saved: dict) -> None:
+        self.inputs_done = self.checkpointed = saved["inputs_done"]
+        self.last_input = saved["last_input"]
+        self.counts.update(saved["counts"])
+        self.files = list(saved["files"])
+        for aggregator, states in zip(self.aggregators, saved["aggregators"]):
+            aggregator.states = {key: KeyWindows.from_dict(state) for key, state in states.items()}
+        self.detector.states = defaultdict(dict, saved["detector"])
+        self.scoring.scored = saved["scored"]
+        self.scoring.rejected.update(saved["rejected"])
+        self.alerts = [AlertRecord.from_dict(a) for a in saved["alerts"]]
+
+    def _save_checkpoint(self) -> None:
+        state = {
+            "version": CHECKPOINT_VERSION, "identity": self.plan.identity(), "inputs_done": self.inputs_done,
+            "last_input": self.last_input, "counts": dict(self.counts), "files": self.files,
+            "aggregators": [{key: s.to_dict() for key, s in a.states.items()} for a in self.aggregators],
+            "detector": dict(self.detector.states), "scored": self.scoring.scored,
+            "rejected": dict(self.scoring.rejected), "alerts": [a.to_dict() for a in self.alerts],
+        }
+        path = self.plan.out_dir / CHECKPOINT
+        tmp = path.with_name(f".{CHECKPOINT}.tmp")
+        tmp.write_text(json.dumps(state, separators=(",", ":")))
+        os.replace(tmp, path)
+        self.checkpointed = self.inputs_done
+
+    # ------------------------------------------------------------ the run
+
+    async def run(self) -> dict:
+        plan = self.plan
+        started = time.monotonic()
+        with_deliveries = bool(plan.test_endpoint)
+        ensure_topics(plan.settings.kafka, output_topics(plan.names, with_deliveries),
+                      compacted=plan.names.compacted())
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+        dispatcher = await self._start_dispatcher() if with_deliveries else None
+        progress = None
+        try:
+            async with RecordSender(plan.settings.kafka, client_id=f"finpulse-replay-{plan.run_id}") as sender:
+                async with _open_source(plan) as source:
+                    self.selection_stats = getattr(source, "stats", self.selection_stats)
+                    progress = tqdm(total=source.total, unit="msg", desc=f"replay {plan.run_id}", dynamic_ncols=True,
+                                    mininterval=0.5, disable=not self.show_progress)
+                    await self._replay(_as_async(source), sender, progress)
+                    progress.total = progress.n
+                await self._finish(sender)
+            if dispatcher is not None:
+                self.counts.update(await self._await_deliveries(dispatcher))
+        except asyncio.CancelledError:
+            raise ReplayInterrupted(self._resume_hint()) from None
+        finally:
+            if progress is not None:
+                progress.close()
+            if dispatcher is not None:
+                await dispatcher.stop()
+        self.seconds = time.monotonic() - started
+        return self.manifest()
+
+    def _resume_hint(self) -> str:
+        return (f"interrupted after {self.inputs_done} input message(s); outputs are saved up to message "
+                f"{self.checkpointed} in {self.plan.out_dir}. Run the same command again to resume from there.")
+
+    async def _replay(self, messages: AsyncIterator[TimedMessage], sender: RecordSender, progress) -> None:
+        batch_size, part_records = self.plan.replay.batch_size, self.plan.replay.part_records
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-replay-scorer")
+        queue: asyncio.Queue = asyncio.Queue(maxsize=4)
+        reader = asyncio.create_task(self._read_batches(messages, batch_size, queue, progress))
+        try:
+            while (batch := await queue.get()) is not None:
+                parsed = self.scoring.parse([SourceMessage(m.topic, m.partition, m.offset, m.key, m.value)
+                                             for m in batch])
+                texts = [item.text for _, item in parsed[0]]
+                predictions = await loop.run_in_executor(executor, self.scoring.score, texts) if texts else []
+                await self._emit(batch, parsed[0], predictions, sender)
+                self.inputs_done += len(batch)
+                self.last_input = identity_of(batch[-1])
+                progress.update(len(batch))
+                progress.set_postfix_str(f"event time {format_ms(batch[-1].event_ms)}", refresh=False)
+                if self.inputs_done % part_records == 0:
+                    await self._end_part(sender)
+            await reader
+        finally:
+            reader.cancel()
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _read_batches(self, messages: AsyncIterator[TimedMessage], batch_size: int, queue: asyncio.Queue,
+                            progress) -> None:
+        """Fill ``queue`` with batches (the scorer works on one while the next is read); skip what a checkpoint
+        already covers, checking that the input is the same as when it was made."""
+        skip, position, batch = self.inputs_done, 0, []
+        async for message in messages:
+            position += 1
+            if position <= skip:
+                progress.update(1)
+                if position == skip and identity_of(message) != self.last_input:
+                    raise RuntimeError(f"the input changed since the checkpoint: message {skip} is now "
+                                       f"{identity_of(message)}, was {self.last_input}; start a new run")
+                continue
+            batch.append(message)
+            if len(batch) == batch_size:
+                await queue.put(batch)
+                batch = []
+        if position < skip:
+            raise RuntimeError(f"the input changed since the checkpoint: it now has {position} messages, the "
+                               f"checkpoint covers {skip}; start a new run")
+        if batch:
+            await queue.put(batch)
+        await queue.put(None)
+
+    async def _emit(self, batch: list[TimedMessage], valid, predictions, sender: RecordSender) -> None:
+        plan, names = self.plan, self.plan.names
+        outgoing = iter([o for o in self.scoring.publishable(valid, predictions) if o.topic == names.scored])
+        records = []
+        for (message, _), prediction in zip(valid, predictions):
+            if prediction.error is not None:
+                continue
+            # Through JSON, as the live aggregator reads it; scored_at is the event time (no wall clock).
+            record = ScoredRecord.from_json(next(outgoing).value)
+            record = dataclasses.replace(record, scored_at=record.event_time, run_id=plan.run_id)
+            records.append(record)
+            self.sink.add("scored", scored_row(record, message.topic, message.partition, message.offset))
+            await self._pace(record.event_time)
+            await sender.send(names.scored, record.to_json(), key=record.topic.encode("utf-8"),
+                              event_time=record.event_time)
+        self.counts["inputs"] += len(batch)
+        self.counts["scored"] += len(records)
+        if records:
+            for aggregator in self.aggregators:
+                await self._windows_closed(aggregator.feed(records).final, sender)
+
+    async def _windows_closed(self, trends: Iterable[TrendRecord], sender: RecordSender) -> None:
+        names = self.plan.names
+        for trend in trends:
+            if epoch_ms(trend.window_start) < self.plan.from_ms or epoch_ms(trend.window_end) > self.plan.to_ms:
+                self.counts["windows_cut"] += 1
+                continue
+            # When a live worker would close it at the earliest: deterministic, unlike the wall clock.
+            trend = dataclasses.replace(trend, emitted_at=trend.window_end + self.lateness)
+            self.counts["trends"] += 1
+            self.sink.add("trends", trend_row(trend))
+            await sender.send(names.trends, trend.to_json(), key=trend_key(trend), event_time=trend.window_end)
+            self._clock = trend.emitted_at
+            for alert in self.detector.feed([trend]):
+                self.counts[f"alerts_{alert.status}"] += 1
+                self.alerts.append(alert)
+                self.sink.add("alerts", alert_row(alert))
+                await sender.send(names.alerts, alert.to_json(), key=state_key(trend), event_time=alert.window_end)
+
+    async def _pace(self, event_time) -> None:
+        if self.plan.speed is None:
+            return
+        event_ms = epoch_ms(event_time)
+        if self._pace_origin is None:
+            self._pace_origin = (time.monotonic(), event_ms)
+        wall0, event0 = self._pace_origin
+        delay = wall0 + (event_ms - event0) / 1000 / self.plan.speed - time.monotonic()
+        if delay > 0.001:
+            await asyncio.sleep(delay)
+
+    async def _end_part(self, sender: RecordSender) -> None:
+        part = (self.inputs_done - 1) // self.plan.replay.part_records
+        self.files.extend(self.sink.write(part))
+        await sender.flush()
+        self._save_checkpoint()
+
+    async def _finish(self, sender: RecordSender) -> None:
+        for aggregator in self.aggregators:
+            await self._windows_closed(aggregator.flush(), sender)
+        # The end's rows start a part of their own when the last part is full: so a run resumed from that part's
+        # checkpoint writes exactly the same files.
+        part = self.inputs_done // self.plan.replay.part_records
+        self.files.extend(self.sink.write(part))
+        self.files = sorted(set(self.files))
+        await sender.flush()
+        self.counts["disorder_exceeded"] = self.selection_stats.disorder_exceeded
+        manifest = self.manifest()
+        tmp = self.plan.out_dir / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.plan.out_dir / MANIFEST)
+        (self.plan.out_dir / CHECKPOINT).unlink(missing_ok=True)
+
+    def manifest(self) -> dict:
+        """What the run is, deterministically (no wall-clock times): the outputs' README."""
+        plan = self.plan
+        counts = dict(sorted(self.counts.items()))
+        counts["rejected"] = dict(sorted(self.scoring.rejected.items()))
+        effective = {"aggregate": dataclasses.asdict(plan.settings.section("aggregate", AggregateSettings)),
+                     "detect": dataclasses.asdict(plan.settings.section("detect", DetectSettings))}
+        return {**plan.identity(), "output_schema_version": 1, "counts": counts, "files": sorted(self.files),
+                "topics_out": output_topics(plan.names), "config": effective}
+
+    # ------------------------------------------------------------ the test endpoint
+
+    async def _start_dispatcher(self):
+        from alerts.dispatch import Dispatcher
+        from alerts.endpoints import load_delivery_config
+        plan = self.plan
+        endpoint = load_delivery_config(plan.settings).endpoint(plan.test_endpoint)
+        only_test = plan.settings.with_overrides({"alerts": {
+            "endpoints": [dataclasses.asdict(endpoint)], "replay_endpoint": plan.test_endpoint,
+            "group_id": f"{plan.settings.kafka.topic_prefix}-replay-{plan.run_id}-dispatcher"}})
+        dispatcher = Dispatcher(only_test, plan.names)
+        await dispatcher.start()
+        return dispatcher
+
+    async def _await_deliveries(self, dispatcher) -> Counter:
+        from alerts.deliveries import DELIVERED, delivery_key
+        endpoint = dispatcher.endpoints[self.plan.test_endpoint]
+        keys = {delivery_key(a.event_id, endpoint.name) for a in self.alerts if endpoint.accepts(a)}
+        deadline = time.monotonic() + self.plan.replay.delivery_timeout_s
+        while True:
+            states = [dispatcher.log.get(k) for k in keys]
+            if all(s is not None and s.terminal for s in states) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        delivered = sum(1 for s in states if s is not None and s.state == DELIVERED)
+        finished = sum(1 for s in states if s is not None and s.terminal)
+        return Counter({"test_endpoint_delivered": delivered, "test_endpoint_failed": finished - delivered,
+                        "test_endpoint_unfinished": len(keys) - finished})
+
+
+# ---------------------------------------------------------------- sources
+
+class _ArchiveSource:
+    """The archive selection in the shape of a Kafka one (an async context with ``total``)."""
+
+    def __init__(self, selection):
+        self.selection = selection
+        self.total = selection.total
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return None
+
+    def __iter__(self):
+        return iter(self.selection)
+
+
+def _open_source(plan: ReplayPlan):
+    if plan.archive is not None:
+        return _ArchiveSource(plan.archive)
+    return KafkaSelection(plan.settings.kafka, plan.topics, plan.from_ms, plan.to_ms, plan.replay.max_disorder_s)
+
+
+async def _as_async(source) -> AsyncIterator[TimedMessage]:
+    if hasattr(source, "__aiter__"):
+        async for message in source:
+            yield message
+    else:
+        for i, message in enumerate(source):
+            yield message
+            if i % 1000 == 999:
+                await asyncio.sleep(0)     # let the scorer's results and the producer through
+
+
+def run_replay(plan: ReplayPlan, show_progress: bool = True) -> dict:
+    """Run ``plan`` to the end; raises ``ReplayInterrupted`` on Ctrl-C (after the last checkpoint is safe)."""
+    runner = ReplayRunner(plan, show_progress)
+    try:
+        manifest = asyncio.run(runner.run())
+    except KeyboardInterrupt:
+        raise ReplayInterrupted(runner._resume_hint()) from None
+    manifest["elapsed_s"] = round(runner.seconds, 3)
+    return manifest
+
+
+__all__ = ["ReplayInterrupted", "ReplayRunner", "run_replay"]

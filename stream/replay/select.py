@@ -1,0 +1,257 @@
+"""Selecting input messages by *event time* from Kafka, exactly, and merging partitions in event-time order.
+
+Kafka can only seek by offset, and ``offsets_for_times`` answers with the broker's write time (on tansu, and
+approximately), so the replay searches the records themselves. A message's event time is its own time field
+(``published_at`` / ``created_at``); when that cannot be read (a malformed message, which the replay will count as
+rejected like the worker dead-letters it) the Kafka record timestamp stands in.
+
+Timestamps within a partition are not monotonic, so the search assumes a bound ``D`` (``max_disorder_s``) on
+disorder: a record is never more than ``D`` older than a record written before it in the same partition. Then:
+
+* **Lower bound.** Any record with time ``< T1 - D`` proves every record before it has time ``< T1``. A binary
+  search over offsets (one fetch per probe) finds such a record as late as it can; reading starts right after it.
+* **Upper bound.** A record with time ``>= T2 + D`` proves every later record has time ``>= T2``: reading stops
+  there, or at the partition's end as seen when the replay started (the fetch high watermark, not
+  ``end_offsets``, which tansu reports too low).
+* **Exact filter.** Every message read is kept iff its event time (ms) is in ``[T1, T2)``, so a boundary inside a
+  record batch, or a partition whose clock is skewed against the others, changes nothing.
+
+**Merge.** The selected messages come out in the total order (event time, topic, partition, offset). Each
+partition's *frontier* is (the largest time read from it) - ``D``: nothing it yields later is older. A message is
+released once it is older than every live partition's frontier, and the next record is always read from the
+partition with the lowest frontier, so the output is a function of the data alone, never of fetch timing. A record
+that breaks the bound is still replayed (in a deterministic place) and counted in ``disorder_exceeded``: raise
+``max_disorder_s`` when that count is not zero.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import AsyncIterator, Sequence
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from stream.config import KafkaSettings
+from stream.kafka_io import bootstrap_list, fetch_highwaters
+from stream.records import InvalidRecord, epoch_ms, format_time, parse_time
+
+log = logging.getLogger(__name__)
+
+TIME_FIELDS = {"news": "published_at", "comment": "created_at"}
+FETCH_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, order=True)
+class TimedMessage:
+    """One input message with the event time it is selected and ordered by. Ordered by (time, topic, partition,
+    offset): the replay's total order."""
+    event_ms: int
+    topic: str
+    partition: int
+    offset: int
+    kind: str = field(compare=False)            # news | comment
+    key: bytes | None = field(compare=False, repr=False)
+    value: bytes | None = field(compare=False, repr=False)
+    timestamp_ms: int = field(compare=False)    # the Kafka record timestamp
+
+
+def format_ms(ms: int) -> str:
+    """Epoch ms as FinPulse writes times: ``2026-11-22T12:00:00.000Z``."""
+    return format_time(datetime.fromtimestamp(ms / 1000, tz=timezone.utc))
+
+
+def event_time_ms(value: bytes | None, kind: str, fallback_ms: int) -> int:
+    """The message's own event time in epoch ms, or ``fallback_ms`` (its Kafka timestamp) when unreadable."""
+    try:
+        return epoch_ms(parse_time(json.loads(value)[TIME_FIELDS[kind]], TIME_FIELDS[kind]))
+    except (TypeError, ValueError, KeyError, IndexError, InvalidRecord, RecursionError, OverflowError):
+        return fallback_ms
+
+
+@dataclass
+class SelectionStats:
+    """What a selection read, for the manifest and the progress bar."""
+    candidates: int = 0          # records between the searched start and the partition end (an upper bound)
+    read: int = 0
+    selected: int = 0
+    disorder_exceeded: int = 0
+    probes: int = 0
+    start_offsets: dict[str, int] = field(default_factory=dict)   # "topic[partition]" -> first offset read
+
+
+@dataclass
+class _Cursor:
+    """Reads one partition forward from ``next_offset`` to ``stop_offset`` (exclusive)."""
+    tp: TopicPartition
+    kind: str
+    next_offset: int
+    stop_offset: int
+    frontier_ms: float = -math.inf
+    buffer: deque = field(default_factory=deque)
+
+    @property
+    def order(self) -> tuple[float, str, int]:
+        return (self.frontier_ms, self.tp.topic, self.tp.partition)
+
+
+class KafkaSelection:
+    """The messages of ``topics`` (name -> kind) with event time in [from_ms, to_ms), merged in event-time order.
+
+    ``async with KafkaSelection(...) as selection: async for message in selection: ...``. ``total`` (after entering)
+    is an upper bound on how many records will be read, for progress bars."""
+
+    def __init__(self, kafka: KafkaSettings, topics: dict[str, str], from_ms: int, to_ms: int,
+                 max_disorder_s: float):
+        self.kafka = kafka
+        self.topics = topics
+        self.from_ms = from_ms
+        self.to_ms = to_ms
+        self.disorder_ms = int(max_disorder_s * 1000)
+        self.stats = SelectionStats()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._cursors: list[_Cursor] = []
+
+    @property
+    def total(self) -> int:
+        return self.stats.candidates
+
+    async def __aenter__(self) -> "KafkaSelection":
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_list(self.kafka.bootstrap_servers), group_id=None,
+            enable_auto_commit=False, fetch_max_wait_ms=100, request_timeout_ms=15_000,
+            max_partition_fetch_bytes=1 << 20)
+        await self._consumer.start()
+        try:
+            await self._plan()
+        except BaseException:
+            await self._consumer.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._consumer.stop()
+
+    async def _plan(self) -> None:
+        consumer = self._consumer
+        tps: list[tuple[TopicPartition, str]] = []
+        for topic, kind in sorted(self.topics.items()):
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                raise LookupError(f"topic {topic} does not exist on {self.kafka.bootstrap_servers}")
+            tps.extend((TopicPartition(topic, p), kind) for p in sorted(parts))
+        consumer.assign([tp for tp, _ in tps])
+        starts = await consumer.beginning_offsets([tp for tp, _ in tps])
+        reported = await consumer.end_offsets([tp for tp, _ in tps])
+        ends = await fetch_highwaters(self.kafka.bootstrap_servers, {tp: end - 1 for tp, end in reported.items()})
+        for tp, kind in tps:
+            first = await self._lower_bound(tp, kind, starts[tp], ends[tp])
+            self._cursors.append(_Cursor(tp, kind, first, ends[tp]))
+            self.stats.start_offsets[f"{tp.topic}[{tp.partition}]"] = first
+            self.stats.candidates += max(0, ends[tp] - first)
+            consumer.seek(tp, first)
+
+    async def _first_at(self, tp: TopicPartition, kind: str, offset: int, end: int) -> TimedMessage | None:
+        """The first record at or after ``offset`` (None at the end)."""
+        if offset >= end:
+            return None
+        self._consumer.seek(tp, offset)
+        self.stats.probes += 1
+        deadline = time.monotonic() + FETCH_TIMEOUT_S
+        while time.monotonic() < deadline:
+            batch = await self._consumer.getmany(tp, timeout_ms=200, max_records=1)
+            for record in batch.get(tp, ()):
+                return _timed(record, kind)
+        raise TimeoutError(f"no record fetched from {tp.topic}[{tp.partition}] at offset {offset} within "
+                           f"{FETCH_TIMEOUT_S:.0f}s")
+
+    async def _lower_bound(self, tp: TopicPartition, kind: str, start: int, end: int) -> int:
+        """The first offset to read: just after the latest record found with time < from - D (see the docstring)."""
+        safe_before = self.from_ms - self.disorder_ms
+        lo, hi = start - 1, end          # lo: a record proven old enough (or before the log); hi: not proven
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            probe = await self._first_at(tp, kind, mid, end)
+            if probe is None or probe.offset >= hi:
+                hi = mid
+            elif probe.event_ms < safe_before:
+                lo = probe.offset
+            else:
+                hi = mid
+        return lo + 1
+
+    async def _pull(self, cursor: _Cursor) -> TimedMessage | None:
+        """The cursor's next record, or None when it is done."""
+        while not cursor.buffer:
+            if cursor.next_offset >= cursor.stop_offset:
+                return None
+            batch = await self._consumer.getmany(cursor.tp, timeout_ms=500)
+            for record in batch.get(cursor.tp, ()):
+                if record.offset >= cursor.stop_offset:
+                    break
+                cursor.buffer.append(_timed(record, cursor.kind))
+            if cursor.buffer:
+                cursor.next_offset = cursor.buffer[-1].offset + 1
+        return cursor.buffer.popleft()
+
+    def __aiter__(self) -> AsyncIterator[TimedMessage]:
+        return self._merge()
+
+    async def _merge(self) -> AsyncIterator[TimedMessage]:
+        stats = self.stats
+        heap: list[TimedMessage] = []
+        live = list(self._cursors)
+        last_released = -math.inf
+        stop_at = self.to_ms + self.disorder_ms
+        while heap or live:
+            threshold = min((c.frontier_ms for c in live), default=math.inf)
+            if heap and heap[0].event_ms < threshold:
+                message = heapq.heappop(heap)
+                last_released = message.event_ms
+                yield message
+                continue
+            cursor = min(live, key=lambda c: c.order)
+            message = await self._pull(cursor)
+            if message is None or message.event_ms >= stop_at:
+                live.remove(cursor)      # everything after a record this late is at or after ``to``
+                continue
+            stats.read += 1
+            cursor.frontier_ms = max(cursor.frontier_ms, message.event_ms - self.disorder_ms)
+            if self.from_ms <= message.event_ms < self.to_ms:
+                if message.event_ms < last_released:
+                    stats.disorder_exceeded += 1
+                stats.selected += 1
+                heapq.heappush(heap, message)
+        if stats.disorder_exceeded:
+            log.warning("%d record(s) were more than %.0fs out of order: the selection may be incomplete and their "
+                        "order is not event-time order; raise --max-disorder", stats.disorder_exceeded,
+                        self.disorder_ms / 1000)
+
+
+def _timed(record, kind: str) -> TimedMessage:
+    return TimedMessage(event_time_ms(record.value, kind, record.timestamp), record.topic, record.partition,
+                        record.offset, kind, record.key, record.value, record.timestamp)
+
+
+async def select_messages(kafka: KafkaSettings, topics: dict[str, str], from_ms: int, to_ms: int,
+                          max_disorder_s: float) -> tuple[list[TimedMessage], SelectionStats]:
+    """The whole selection as a list (tests and small ranges)."""
+    async with KafkaSelection(kafka, topics, from_ms, to_ms, max_disorder_s) as selection:
+        return [m async for m in selection], selection.stats
+
+
+def topic_kinds(names, wanted: Sequence[str]) -> dict[str, str]:
+    """``{"news": ..., "comments": ...}`` choices -> {topic name: kind}."""
+    available = {"news": (names.news, "news"), "comments": (names.comments, "comment")}
+    return dict(available[w] for w in wanted)
+
+
+__all__ = ["KafkaSelection", "SelectionStats", "TimedMessage", "event_time_ms", "format_ms", "select_messages", "topic_kinds"]
