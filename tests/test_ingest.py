@@ -1,0 +1,227 @@
+"""Getting data in: ``finpulse ingest file`` (JSONL, CSV), ``finpulse ingest rss`` (a real feed over local HTTP
+with ETag/Last-Modified) and ``finpulse simulate`` (the generator and the command), all against the real broker."""
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from models.baseline import KeywordBaselineScorer
+from stream.ingest import ingest_file, ingest_rss
+from stream.records import epoch_ms, parse_input
+from stream.simulate import COMMENTS, HEADLINES, WORLD, Shock, generate, shock_truth
+from tests.procs import read_all, run_finpulse
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+
+
+def by_id(records) -> dict[str, tuple[dict, int, bytes]]:
+    return {json.loads(r.value)["id"]: (json.loads(r.value), r.timestamp_ms, r.key) for r in records}
+
+
+# ---------------------------------------------------------------- files
+
+def test_jsonl_file_is_validated_and_bad_lines_reported_without_stopping(fp_settings, topics, tmp_path, capsys):
+    lines = [json.dumps({"id": f"n{i}", "published_at": f"2026-03-02T09:0{i}:00Z", "headline": f"$XOM falls {i}",
+                         "source": "wire"}) for i in range(5)]
+    lines[1:1] = ["{not json", ""]                                              # line 2 bad, line 3 blank
+    lines.append(json.dumps({"id": "n9", "headline": "no time"}))               # line 8: missing published_at
+    path = tmp_path / "news.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert ingest_file(fp_settings, path, kind="news") == 1                    # 1: some lines were rejected
+    err = capsys.readouterr().err
+    assert "line 2: rejected (invalid_json)" in err and "line 8: rejected (missing_field)" in err
+    got = by_id(read_all(fp_settings, topics.news))
+    assert sorted(got) == [f"n{i}" for i in range(5)]
+    value, timestamp_ms, key = got["n3"]
+    assert timestamp_ms == epoch_ms(T0 + timedelta(minutes=3)) and key == b"n3"
+    assert value["tickers"] == ["XOM"]                                          # normalised on the way in
+
+
+def test_csv_file_with_tickers_epoch_times_multiline_text_and_bad_bytes(fp_settings, topics, tmp_path):
+    t = int(T0.timestamp())
+    rows = ("id,created_at,text,author,tickers,parent_id\r\n"
+            f'c1,{t},"Buying more,\nlong term",ann,AAPL;msft,\r\n'
+            f"c2,2026-03-02T09:00:05Z,$TSLA looks weak,bob,,c1\r\n").encode()
+    rows += f"c3,{t},caf\xe9 text,eve,,\r\n".encode("latin-1")                   # not UTF-8
+    rows += f"c4,{t},,zed,,\r\n".encode()                                        # empty text
+    path = tmp_path / "comments.csv"
+    path.write_bytes(rows)
+    assert ingest_file(fp_settings, path, kind="comments") == 1
+    got = by_id(read_all(fp_settings, topics.comments))
+    assert sorted(got) == ["c1", "c2"]
+    assert got["c1"][0]["text"] == "Buying more,\nlong term" and got["c1"][0]["tickers"] == ["AAPL", "MSFT"]
+    assert got["c1"][1] == epoch_ms(T0)
+    assert got["c2"][0]["parent_id"] == "c1" and got["c2"][0]["tickers"] == ["TSLA"]
+
+
+def test_ingest_file_command(fp_settings, topics, tmp_path):
+    path = tmp_path / "n.jsonl"
+    path.write_text(json.dumps({"id": "x1", "published_at": 1772442000, "headline": "Gold soars"}) + "\n")
+    code, out = run_finpulse(fp_settings, "ingest", "file", str(path), "--kind", "news", log_dir=tmp_path)
+    assert code == 0, out
+    assert "ingested 1 of 1 news records" in out
+    assert list(by_id(read_all(fp_settings, topics.news))) == ["x1"]
+
+
+# ---------------------------------------------------------------- RSS
+
+def rss(items: list[str]) -> bytes:
+    return f"""<?xml version="1.0"?><rss version="2.0"><channel><title>Test Wire</title>
+<link>http://example.test/</link><description>d</description>{''.join(items)}</channel></rss>""".encode()
+
+
+ITEMS = [
+    "<item><title>Oil prices plunge as $XOM cuts output</title><guid>g-1</guid><link>http://example.test/1</link>"
+    "<description>&lt;p&gt;Crude &lt;b&gt;fell&lt;/b&gt; 5%&lt;/p&gt;</description>"
+    "<pubDate>Mon, 02 Mar 2026 09:00:00 GMT</pubDate></item>",
+    "<item><title>Gold rallies</title><link>http://example.test/2</link>"
+    "<pubDate>Mon, 02 Mar 2026 09:05:00 GMT</pubDate></item>",                       # no guid: the link is the key
+    "<item><title>Fed holds rates</title><guid>g-3</guid><pubDate>Mon, 02 Mar 2026 09:10:00 GMT</pubDate></item>",
+]
+
+
+class FeedServer:
+    """A real HTTP server for one feed, honouring If-None-Match / If-Modified-Since, recording each request."""
+
+    def __init__(self):
+        self.body, self.version, self.conditional = rss(ITEMS), 1, True
+        self.requests: list[dict[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                etag = f'"v{server.version}"'
+                modified = format_datetime(T0 + timedelta(hours=server.version), usegmt=True)
+                server.requests.append({"if_none_match": self.headers.get("If-None-Match"),
+                                        "if_modified_since": self.headers.get("If-Modified-Since")})
+                if server.conditional and self.headers.get("If-None-Match") == etag:
+                    self.send_response(304)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/rss+xml")
+                if server.conditional:
+                    self.send_header("ETag", etag)
+                    self.send_header("Last-Modified", modified)
+                self.end_headers()
+                self.wfile.write(server.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/feed.xml"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_rss_maps_entries_dedupes_across_restarts_and_sends_validators(fp_settings, topics, tmp_path):
+    state = tmp_path / "rss-state.json"
+    with FeedServer() as feed:
+        assert ingest_rss(fp_settings, [feed.url], once=True, state_path=state) == 0
+        first = by_id(read_all(fp_settings, topics.news))
+        assert len(first) == 3
+        oil = next(v for v, _, _ in first.values() if v["url"] == "http://example.test/1")
+        assert oil["headline"] == "Oil prices plunge as $XOM cuts output" and oil["body"] == "Crude fell 5%"
+        assert oil["tickers"] == ["XOM"] and oil["source"] == "Test Wire"
+        assert oil["published_at"] == "2026-03-02T09:00:00.000Z"
+        assert parse_input(json.dumps(oil).encode(), "news", 1000)      # valid NewsItem JSON
+
+        # A new process (state from the file): the server sees the validators and answers 304.
+        assert ingest_rss(fp_settings, [feed.url], once=True, state_path=state) == 0
+        assert feed.requests[-1] == {"if_none_match": '"v1"', "if_modified_since": "Mon, 02 Mar 2026 10:00:00 GMT"}
+        assert len(read_all(fp_settings, topics.news)) == 3
+
+        # The feed changes: only the new entry is produced.
+        feed.body, feed.version = rss(ITEMS + ["<item><title>Banks tumble</title><guid>g-4</guid></item>"]), 2
+        ingest_rss(fp_settings, [feed.url], once=True, state_path=state)
+        assert len(read_all(fp_settings, topics.news)) == 4
+
+        # A server that ignores validators: the guid/link memory alone prevents duplicates.
+        feed.conditional = False
+        ingest_rss(fp_settings, [feed.url], once=True, state_path=state)
+        assert len(read_all(fp_settings, topics.news)) == 4
+
+
+def test_rss_unreachable_feed_is_reported_not_fatal(fp_settings, tmp_path, capsys):
+    from stream.broker import free_port
+
+    code = ingest_rss(fp_settings, [f"http://127.0.0.1:{free_port()}/none.xml"], once=True,
+                      state_path=tmp_path / "s.json")
+    assert code == 1 and "fetch failed" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- simulate
+
+def test_every_template_reads_as_intended_by_the_baseline():
+    scorer = KeywordBaselineScorer()
+    for topic, by_sentiment in HEADLINES.items():
+        for sentiment, templates in by_sentiment.items():
+            for template in templates:
+                for company, ticker in WORLD[topic][1]:
+                    text = template.format(co=company, tk=ticker, pct=5, n=10)
+                    prediction = scorer.score([text])[0]
+                    assert (prediction.sentiment, prediction.topic) == (sentiment, topic), text
+    for sentiment, templates in COMMENTS.items():
+        for template in templates:
+            text = template.format(tk="XOM", hook="oil", pct=5)
+            assert scorer.score([text])[0].sentiment == sentiment, text
+
+
+def test_generator_is_deterministic_paced_and_carries_the_shock():
+    shock = Shock("Energy | Oil", at_s=600, duration_s=600, strength=0.85, volume_factor=3.0)
+    messages = list(generate(seed=4, start=T0, rate=10, count=12_000, shock=shock))
+    assert [m.payload for m in messages[:50]] == [m.payload for m in generate(seed=4, start=T0, rate=10, count=50,
+                                                                               shock=shock)]
+    assert len({m.id for m in messages}) == len(messages)
+    times = [m.event_time for m in messages]
+    assert times == sorted(times) and times[0] > T0
+    truth = shock_truth(T0, shock)
+    assert (truth.start, truth.end, truth.topic) == (T0 + timedelta(seconds=600), T0 + timedelta(seconds=1200),
+                                                     "Energy | Oil")
+    before = [m for m in messages if m.event_time < truth.start]
+    assert len(before) / 600 == pytest.approx(10, rel=0.1)                   # --rate in messages per event-second
+    kinds = Counter(m.kind for m in messages)
+    assert kinds["comment"] / len(messages) == pytest.approx(0.6, abs=0.03)
+    threads = [m for m in messages if m.kind == "comment" and m.payload["parent_id"]]
+    assert threads and all(m.payload["text"].startswith("@") for m in threads)
+
+    scorer = KeywordBaselineScorer()
+
+    def oil(window):
+        picked = [m for m in messages if m.topic == "Energy | Oil" and window(m.event_time)]
+        texts = [parse_input(m.value(), m.kind, 20_000).text for m in picked]
+        bearish = sum(p.sentiment == "bearish" for p in scorer.score(texts)) / len(texts)
+        return len(picked), bearish
+
+    normal_count, normal_bearish = oil(lambda t: t < truth.start)
+    shock_count, shock_bearish = oil(truth.contains)
+    assert shock_bearish > 0.8 > 0.35 > normal_bearish                       # the baseline sees the shock
+    assert shock_count > 2 * normal_count                                    # and its extra volume (same span)
+    assert all(m.in_shock == (m.topic == "Energy | Oil" and truth.contains(m.event_time)) for m in messages)
+
+
+def test_simulate_command_produces_the_generated_stream(fp_settings, topics, tmp_path):
+    code, out = run_finpulse(fp_settings, "simulate", "--count", "300", "--max-speed", "--seed", "5", "--rate", "50",
+                             "--start", "2026-03-02T09:00:00Z", "--malformed-share", "0.05", log_dir=tmp_path)
+    assert code == 0, out
+    assert "SIMULATED" in out.splitlines()[0]
+    expected = list(generate(seed=5, start=T0, rate=50, count=300, shock=Shock(), malformed_share=0.05))
+    produced = read_all(fp_settings, topics.news) + read_all(fp_settings, topics.comments)
+    assert sorted(r.value for r in produced) == sorted(m.value() for m in expected)
+    timestamps = {m.value(): epoch_ms(m.event_time) for m in expected}
+    assert all(r.timestamp_ms == timestamps[r.value] for r in produced)
+    assert "produced 300 SIMULATED messages" in out
