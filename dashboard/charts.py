@@ -19,7 +19,7 @@ def sentiment_heatmap(cells: pd.DataFrame, order: list[str]) -> alt.Chart:
     """Mean sentiment per key (rows, most unusual first) and time bucket (columns)."""
     return alt.Chart(cells).mark_rect().encode(
         x=alt.X("time:T", axis=_TIME_AXIS), x2="time_end:T",
-        y=alt.Y("key:N", sort=order, title=None),
+        y=alt.Y("key:N", sort=order, title=None, axis=alt.Axis(labelLimit=220)),
         color=alt.Color("mean_score:Q", title="mean sentiment",
                         scale=alt.Scale(scheme="redblue", domain=[-1, 1], domainMid=0)),
         tooltip=[alt.Tooltip("key:N"), alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"),
@@ -61,10 +61,11 @@ def signal_with_band(series: pd.DataFrame, metric: str, title: str, markers: pd.
 
 def kind_split_bar(split: pd.DataFrame) -> alt.Chart:
     return alt.Chart(split).mark_bar().encode(
-        x=alt.X("messages:Q", stack="normalize", title="share of messages", axis=alt.Axis(format="%")),
-        color=alt.Color("kind:N", scale=KIND_COLORS, legend=alt.Legend(orient="top", title=None)),
+        y=alt.Y("kind:N", title=None, sort=["news", "comments"]),
+        x=alt.X("share:Q", title="share of messages", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("kind:N", scale=KIND_COLORS, legend=None),
         tooltip=["kind:N", "messages:Q", alt.Tooltip("share:Q", format=".0%")],
-    ).properties(height=60)
+    ).properties(height=alt.Step(26))
 
 
 def throughput_line(frame: pd.DataFrame) -> alt.Chart:

@@ -176,7 +176,7 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
                "vertical rules: alerts.")
     split = sh.kind_split(series)
     st.subheader("News and comments")
-    st.altair_chart(charts.kind_split_bar(split), width="stretch", height=110)
+    st.altair_chart(charts.kind_split_bar(split), width="stretch")
     st.caption(" · ".join(f"{r.kind}: {r.messages} ({r.share:.0%})" for r in split.itertuples()))
     negative, positive = sh.key_messages(snap, f.key_type, key, since)
     left, right = st.columns(2)

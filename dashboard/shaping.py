@@ -140,6 +140,16 @@ def unusual_now(trends: pd.DataFrame, alerts: pd.DataFrame, f: ViewFilters) -> p
     return out[columns].reset_index(drop=True)
 
 
+def tiling(windows: pd.DataFrame) -> pd.DataFrame:
+    """Sliding windows (say 5m every 1m) overlap, so summing their counts would count messages several times:
+    keep the windows that start on a multiple of their size, which tile time exactly (all of them, when tumbling)."""
+    if windows.empty:
+        return windows
+    window_s = int(windows["window_s"].iloc[0])
+    aligned = windows[windows["window_start"].dt.floor(f"{window_s}s") == windows["window_start"]]
+    return aligned if not aligned.empty else windows
+
+
 def bucket_size(span: pd.Timedelta, window_s: int) -> pd.Timedelta:
     """A multiple of the window size that keeps the chart at ``MAX_BUCKETS`` columns or fewer."""
     windows = max(1, int(np.ceil(span.total_seconds() / window_s / MAX_BUCKETS)))
@@ -149,6 +159,7 @@ def bucket_size(span: pd.Timedelta, window_s: int) -> pd.Timedelta:
 def heatmap(windows: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
     """Count-weighted mean sentiment and bearish share per key and time bucket."""
     columns = ["key", "time", "time_end", "mean_score", "bearish_share", "count"]
+    windows = tiling(windows)
     if windows.empty:
         return pd.DataFrame(columns=columns)
     window_s = int(windows["window_s"].iloc[0])
@@ -170,6 +181,7 @@ def heatmap(windows: pd.DataFrame, order: list[str] | None = None) -> pd.DataFra
 
 def volume(windows: pd.DataFrame) -> pd.DataFrame:
     """Messages per time bucket, split into news and comments (long format for stacked bars)."""
+    windows = tiling(windows)
     if windows.empty:
         return pd.DataFrame(columns=["time", "time_end", "kind", "messages"])
     window_s = int(windows["window_s"].iloc[0])

@@ -1,30 +1,26 @@
-"""Real processes and a real browser for the dashboard's end-to-end test and benchmark.
+"""A real browser for the dashboard's end-to-end test and benchmark.
 
-- ``chromium_page()``: Debian's headless ``chromium`` driven through the Python ``playwright`` package's driver
-  (Playwright's own browser download does not work here). A missing browser or driver is a test FAILURE with the
-  fix in the message, never a skip: the Makefile's ``browser`` target installs chromium.
-- ``FinPulseProcess``: one ``finpulse`` command (``python -m stream.cli …``) in its own process group with its
-  output in a log file; stopping it stops exactly that group.
+``chromium_page()`` is Debian's headless ``chromium`` driven through the Python ``playwright`` package's driver
+(Playwright's own browser download does not work here). A missing browser or driver is a test FAILURE with the fix
+in the message, never a skip: the Makefile's ``browser`` target installs chromium. ``wait_for_http`` waits for a
+``finpulse`` process (``tests.procs``) to serve a URL.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from tests.procs import FinpulseProcess
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def expect(locator):
@@ -61,39 +57,12 @@ def chromium_page(width: int = 1500, height: int = 1200, color_scheme: str = "li
             browser.close()
 
 
-class FinPulseProcess:
-    """``python -m stream.cli ARGS`` as a child in its own session (so it and its children stop together)."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
-        self.name = name
-        self.log_path = Path(log_dir) / f"{name}.log"
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", *args], cwd=REPO, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def assert_running(self) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"{self.name} exited with code {self.proc.returncode}:\n{self.log_tail()}")
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-
-def wait_for_http(url: str, proc: FinPulseProcess, timeout_s: float = 90.0) -> None:
-    """Until ``url`` answers 200 (Streamlit's health endpoint); fails early if the process died."""
+def wait_for_http(url: str, proc: FinpulseProcess, timeout_s: float = 90.0) -> None:
+    """Until ``url`` answers 200 (Streamlit's health endpoint); fails early, with its log, if the process died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        proc.assert_running()
+        if not proc.running():
+            raise AssertionError(f"{proc.name} exited before {url} answered:\n{proc.tail()}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -101,14 +70,4 @@ def wait_for_http(url: str, proc: FinPulseProcess, timeout_s: float = 90.0) -> N
         except OSError:
             pass
         time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer within {timeout_s:.0f}s:\n{proc.log_tail()}")
-
-
-def finpulse_env(settings, **extra: str) -> dict[str, str]:
-    """The environment a finpulse child needs to use ``settings`` (broker, topic prefix, worker app id…)."""
-    from dashboard.cli import settings_environ
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
-    env.update(settings_environ(settings.raw, None))
-    env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **extra})
-    return env
+    raise AssertionError(f"{url} did not answer within {timeout_s:.0f}s:\n{proc.tail()}")

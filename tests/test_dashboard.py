@@ -330,3 +330,17 @@ def test_cli_passes_settings_to_streamlit_through_the_environment():
     command = streamlit_command("0.0.0.0", 8600)
     assert "--server.headless=true" in command and "--server.port=8600" in command
     assert "--client.showErrorDetails=none" in command and command[3] == "run" and command[4].endswith("app.py")
+
+
+def test_volume_counts_sliding_windows_once():
+    data = synthesize(utcnow(), minutes=30, topics=("Macro", "Markets"), tickers=(), shock_key="Macro")
+    store = _store()
+    for t in data.trends:  # the same messages as tumbling 1-minute windows and as 5-minute windows every minute
+        store.add("trends", t.to_json())
+        sliding = t.__class__(**{**t.__dict__, "window_s": 300, "window_end": t.window_start + timedelta(minutes=5)})
+        store.add("trends", sliding.to_json())
+    trends = store.snapshot().trends
+    one_min = sh.volume(sh.key_windows(trends, sh.ViewFilters(window_s=60, span=None)))
+    five_min = sh.volume(sh.key_windows(trends, sh.ViewFilters(window_s=300, span=None)))
+    aligned = sum(t.count for t in data.trends if t.window_start.minute % 5 == 0)
+    assert five_min["messages"].sum() == aligned < one_min["messages"].sum()
