@@ -256,6 +256,51 @@ def test_routing_filters_replays_and_private_addresses(fp_settings, topics, capl
     assert routing_key not in endpoints_repr and secret not in endpoints_repr
 
 
+def test_failures_are_recorded_at_the_horizon_and_at_once_for_client_errors(fp_settings, topics, monkeypatch):
+    """A closed port is retried until the retry horizon, then recorded as failed with its attempts and last error;
+    a 401 (the receiver holds another key) fails at once. A failed firing does not block its resolve."""
+    monkeypatch.setenv("T_FAIL_SECRET", generate_secret())
+    alerts = [make_alert("firing", id="f1"), make_alert("resolved", id="f1")]
+    produce(fp_settings, topics.alerts, alerts)
+
+    async def scenario():
+        receiver = Receiver(ReceiverOptions(secrets=[generate_secret()], quiet=True))
+        runner = web.AppRunner(receiver.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        common = {"secret_env": "T_FAIL_SECRET", "allow_private": True}
+        settings = fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "endpoints": [
+            {"name": "gone", "url": f"http://127.0.0.1:{free_port()}/x", "retry_horizon_s": 1.5, **common},
+            {"name": "wrong-key", "url": f"http://127.0.0.1:{runner.addresses[0][1]}/x", **common},
+        ]}})
+        dispatcher = Dispatcher(settings, topics)
+        await dispatcher.start()
+        try:
+            for _ in range(600):
+                if len(dispatcher.log.states) == 4 and all(s.terminal for s in dispatcher.log.states.values()):
+                    break
+                await asyncio.sleep(0.1)
+            return dict(dispatcher.log.states), receiver
+        finally:
+            await dispatcher.stop()
+            await runner.cleanup()
+
+    states, receiver = asyncio.run(scenario())
+    # What the dispatcher recorded is what a new reader of the deliveries topic sees.
+    def essentials(found):
+        return {k: (v.state, v.attempts, v.last_error, v.last_status, v.seq) for k, v in found.items()}
+    assert essentials(read_delivery_states(fp_settings.kafka, topics.deliveries)) == essentials(states)
+    for event in ("f1:firing", "f1:resolved"):
+        gone, wrong = states[delivery_key(event, "gone")], states[delivery_key(event, "wrong-key")]
+        # Both horizons ran from when the events were taken on: the resolve, held back until its firing gave up,
+        # still gets its one attempt.
+        assert gone.state == FAILED and gone.attempts >= (2 if event.endswith("firing") else 1)
+        assert gone.last_error.startswith("gave up after")
+        assert "Cannot connect" in gone.last_error and gone.next_attempt_at is None
+        assert wrong.state == FAILED and wrong.attempts == 1 and wrong.last_status == 401 and "bad_signature" in wrong.last_error
+    assert receiver.rejected == {"bad_signature": 2} and not receiver.items
+
+
 def test_dispatch_check_reports_refused_endpoints(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
     env["T_CHECK_SECRET"] = generate_secret()
