@@ -68,7 +68,7 @@ class RecordSender:
         finally:
             await self._producer.stop()
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None, event_time: datetime | None = None,
+    async def send(self, topic: str, value: bytes | None, key: bytes | None = None, event_time: datetime | None = None,
                    partition: int | None = None) -> None:
         future = await self._producer.send(topic, value, key=key, partition=partition,
                                            timestamp_ms=kafka_timestamp_ms(event_time))

@@ -376,6 +376,7 @@ def generate(seed: int = 7, start: datetime | None = None, rate: float = 20.0, c
         in_shock = bool(truth and truth.contains(t))
         extra_rate = rate * shock_share * (shock.volume_factor - 1) if in_shock else 0.0
         t = t + timedelta(seconds=rng.expovariate(rate + extra_rate))
+        t = t - timedelta(microseconds=t.microsecond % 1000)     # milliseconds, as on the wire
         in_shock = bool(truth and truth.contains(t))
         if malformed_share and rng.random() < malformed_share:
             kind = "comment" if rng.random() < comment_share else "news"

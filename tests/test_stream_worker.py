@@ -1,0 +1,159 @@
+"""The scoring worker end to end: real ``finpulse worker`` and ``finpulse simulate`` processes on the real tansu
+broker. Every message is scored (at least once), bad input is dead-lettered with its reason, a ``kill -9`` loses
+nothing, and two workers share the work."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from datetime import datetime, timezone
+
+import pytest
+
+from stream.kafka_io import RecordSender
+from stream.records import DeadLetter, epoch_ms, format_time
+from stream.simulate import Shock, SimMessage, generate
+from tests.procs import (json_values, read_all, run_finpulse, start_finpulse, start_worker, until_ids,
+                         wait_for_records, with_section)
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+BASELINE_VERSION = "baseline-keywords-1"
+
+
+def simulated(seed: int, count: int, rate: float = 50.0, **kw) -> list[SimMessage]:
+    return list(generate(seed=seed, start=T0, rate=rate, count=count, shock=Shock(), **kw))
+
+
+def simulate_args(seed: int, count: int, rate: float = 50.0) -> list[str]:
+    return ["simulate", "--seed", str(seed), "--count", str(count), "--rate", str(rate), "--start", format_time(T0)]
+
+
+async def produce(settings, topics, messages: list[SimMessage], extra: list[tuple[str, bytes | None]] = ()) -> None:
+    topic_of = {"news": topics.news, "comment": topics.comments}
+    async with RecordSender(settings.kafka) as sender:
+        for m in messages:
+            await sender.send(topic_of[m.kind], m.value(), key=m.id.encode() if m.id else None, event_time=m.event_time)
+        for topic, value in extra:
+            await sender.send(topic, value, key=b"extra")
+
+
+def check_scored(records, expected: dict[str, SimMessage]) -> None:
+    """Every expected id scored with its event time (field and Kafka timestamp), the model version, and the topic
+    label as key."""
+    for record in records:
+        value = json.loads(record.value)
+        message = expected[value["id"]]
+        assert value["event_time"] == format_time(message.event_time)
+        assert record.timestamp_ms == epoch_ms(message.event_time)
+        assert value["model_version"] == BASELINE_VERSION
+        assert record.key == value["topic"].encode()
+        assert value["kind"] == message.kind and -1 <= value["sentiment_score"] <= 1
+    assert {json.loads(r.value)["id"] for r in records} == set(expected)
+
+
+@pytest.mark.slow
+def test_ten_thousand_simulated_messages_are_all_scored(fp_settings, topics, tmp_path):
+    expected = {m.id: m for m in simulated(seed=21, count=10_000)}
+    with start_worker(fp_settings, tmp_path) as worker:
+        code, out = run_finpulse(fp_settings, *simulate_args(21, 10_000), "--max-speed", log_dir=tmp_path)
+        assert code == 0, out
+        scored = wait_for_records(fp_settings, topics.scored, until_ids(expected), timeout=240,
+                                  what="all 10,000 ids scored")
+        assert worker.stop() == 0, worker.tail()           # SIGTERM: a clean exit
+    check_scored(scored, expected)
+    assert len(scored) == 10_000                            # no failure happened, so no redelivery either
+    by_ticker = read_all(fp_settings, topics.scored_by_ticker)
+    per_record = Counter()
+    for record in by_ticker:
+        value = json.loads(record.value)
+        assert record.key.decode() in value["tickers"]
+        per_record[value["id"]] += 1
+    assert per_record == Counter({r["id"]: len(r["tickers"]) for r in json_values(scored) if r["tickers"]})
+    assert "score agent stopped: scored 10000; dead-lettered 0" in worker.output()
+
+
+@pytest.mark.slow
+def test_kill_9_mid_stream_then_restart_scores_every_message(fp_settings, topics, tmp_path):
+    count = 6_000
+    expected = {m.id: m for m in simulated(seed=22, count=count, rate=1_000)}
+    first = start_worker(fp_settings, tmp_path, "worker-1")
+    # Paced by the wall clock at 1,000 messages/s: the stream is still flowing when the worker dies.
+    simulator = start_finpulse(fp_settings, *simulate_args(22, count, rate=1_000), log_dir=tmp_path, name="simulate")
+    try:
+        wait_for_records(fp_settings, topics.scored, lambda rs: len(rs) >= 1_000, timeout=120, what="1,000 scored")
+        first.kill()
+        assert simulator.running(), "the stream ended before the kill: the test would prove nothing"
+        with start_worker(fp_settings, tmp_path, "worker-2") as second:
+            assert simulator.wait(120) == 0, simulator.tail()
+            scored = wait_for_records(fp_settings, topics.scored, until_ids(expected), timeout=240,
+                                      what="every id scored after the restart")
+            second.stop()
+    finally:
+        first.kill()
+        simulator.stop()
+    check_scored(scored, expected)
+    duplicates = len(scored) - len(expected)
+    print(f"{duplicates} duplicate(s) after kill -9 (at-least-once)")
+
+
+@pytest.mark.slow
+def test_malformed_inputs_are_dead_lettered_with_their_reason_and_the_rest_scored(fp_settings, topics, tmp_path):
+    max_chars = 500
+    settings = with_section(fp_settings, "worker", max_text_chars=max_chars)
+    messages = simulated(seed=23, count=900, malformed_share=0.3, max_text_chars=max_chars)
+    # A message the parser accepts but no scored record could carry (a 550 kB url), and a null value.
+    huge = {"id": "huge-url", "published_at": "2026-03-02T09:00:00Z", "headline": "Oil falls", "url": "u" * 550_000}
+    extra = [(topics.news, json.dumps(huge).encode()), (topics.comments, None)]
+    bad = [m for m in messages if m.expected_reason]
+    good = {m.id: m for m in messages if not m.expected_reason}
+    assert len(bad) >= 200 and set(Counter(m.expected_reason for m in bad)) >= {
+        "invalid_json", "invalid_utf8", "not_an_object", "missing_field", "wrong_type", "bad_timestamp",
+        "empty_text", "oversized_text"}
+    asyncio.run(produce(settings, topics, messages, extra))
+    with start_worker(settings, tmp_path) as worker:
+        scored = wait_for_records(settings, topics.scored, until_ids(good), timeout=180, what="every valid id scored")
+        letters = wait_for_records(settings, topics.deadletter, lambda rs: len(rs) >= len(bad) + len(extra),
+                                   timeout=60, what="every malformed message dead-lettered")
+        assert worker.stop() == 0
+    check_scored(scored, good)
+    inputs = {(r.topic, r.partition, r.offset): r.value for t in topics.inputs for r in read_all(settings, t)}
+    expected_reasons = Counter((m.value(), m.expected_reason) for m in bad)
+    expected_reasons[(json.dumps(huge).encode(), "oversized_text")] += 1
+    expected_reasons[(b"", "invalid_json")] += 1
+    got = Counter()
+    for record in letters:
+        letter = DeadLetter.from_json(record.value)
+        assert letter.detail
+        assert (inputs[(letter.source_topic, letter.source_partition, letter.source_offset)] or b"") == letter.original
+        got[(letter.original, letter.reason)] += 1
+    assert got == expected_reasons
+    reasons = Counter(reason for (_, reason), n in expected_reasons.items() for _ in range(n))
+    counts = ", ".join(f"{reason}={n}" for reason, n in sorted(reasons.items()))
+    assert f"dead-lettered {sum(reasons.values())} ({counts})" in worker.output()
+
+
+@pytest.mark.slow
+def test_two_workers_split_the_partitions_and_together_score_everything(fp_settings, topics, tmp_path):
+    expected = {m.id: m for m in simulated(seed=24, count=4_000)}
+    with start_worker(fp_settings, tmp_path, "worker-a") as a:
+        with start_worker(fp_settings, tmp_path, "worker-b") as b:
+            a.wait_for("Worker ready", count=2, timeout=90)      # a rebalanced to share with b
+            asyncio.run(produce(fp_settings, topics, list(expected.values())))
+            scored = wait_for_records(fp_settings, topics.scored, until_ids(expected), timeout=180,
+                                      what="every id scored by the pair")
+            assert b.stop() == 0
+        assert a.stop() == 0
+    check_scored(scored, expected)
+    shares = []
+    for worker in (a, b):
+        line = next(l for l in worker.output().splitlines() if "score agent stopped: scored" in l)
+        shares.append(int(line.split("scored ")[1].split(";")[0]))
+    assert all(share > 0 for share in shares), shares              # both did part of the work
+    assert sum(shares) >= len(expected)
+    assert len(scored) == sum(shares)                              # every record published is counted once
+
+
+def test_worker_rejects_bad_configuration_clearly(fp_settings, tmp_path):
+    code, out = run_finpulse(with_section(fp_settings, "kafka", tansu_compat="sometimes"), "worker",
+                             log_dir=tmp_path, timeout=60)
+    assert code == 2 and "tansu_compat" in out
