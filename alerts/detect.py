@@ -9,7 +9,9 @@ How it decides, per key and per detection window size (``window_s``, 60 s by def
 
 * Baseline: exponentially weighted mean and variance of the window's bearish share and of its mean score (weight
   ``alpha``; the first windows use a plain running mean so the baseline is usable after ``warmup_windows``). Only
-  ordinary windows update it: windows of an episode, suppressed spikes and windows under ``min_count`` do not.
+  ordinary windows update it: windows of an episode, suppressed spikes and windows under ``min_count`` do not, and
+  a window more than ``learn_z`` deviations worse than the baseline counts only up to that bound (mean only), so a
+  gradual drift does not drag the baseline along and still fires, while a lasting change of level is learned.
 * A window spikes when it has ``min_count`` messages and either its bearish share rose by ``fire_z`` standard
   deviations and at least ``min_share_rise``, or its mean score fell by ``fire_z`` deviations and at least
   ``min_score_drop``. The share's deviation is at least the binomial noise of a window of that size, and both have
@@ -49,16 +51,17 @@ class DetectRule:
     min_count: int = 15
     warmup_windows: int = 10
     alpha: float = 0.1
-    fire_z: float = 4.0
+    fire_z: float = 5.5
     min_share_rise: float = 0.15
     min_score_drop: float = 0.15
     resolve_z: float = 2.0
+    learn_z: float = 2.0
     resolve_windows: int = 2
     cooldown_s: int = 600
     share_std_floor: float = 0.03
     score_std_floor: float = 0.04
-    warning_z: float = 6.0
-    critical_z: float = 10.0
+    warning_z: float = 8.0
+    critical_z: float = 12.0
     top_messages: int = 5
 
     def __post_init__(self) -> None:
@@ -66,8 +69,8 @@ class DetectRule:
             raise ConfigError("[detect] window_s, min_count, warmup_windows and resolve_windows must be positive")
         if not 0 < self.alpha <= 1:
             raise ConfigError("[detect] alpha must be in (0, 1]")
-        if not 0 <= self.resolve_z < self.fire_z or self.warning_z > self.critical_z:
-            raise ConfigError("[detect] need 0 <= resolve_z < fire_z and warning_z <= critical_z")
+        if not 0 <= self.resolve_z < self.fire_z or self.warning_z > self.critical_z or self.learn_z <= 0:
+            raise ConfigError("[detect] need 0 <= resolve_z < fire_z, warning_z <= critical_z and learn_z > 0")
 
 
 @dataclass
@@ -107,17 +110,12 @@ def alert_id(key_type: str, key: str, window_s: int, episode_start: datetime) ->
     return "alert-" + hashlib.sha256(basis.encode("utf-8")).hexdigest()[:20]
 
 
-class _Ewma:
-    """Mean and variance, exponentially weighted; a plain running mean until 1/alpha samples."""
-
-    @staticmethod
-    def update(state: dict[str, float], name: str, x: float, alpha: float, n: int) -> None:
-        weight = max(alpha, 1.0 / n)
-        mean, var = state.get(name, 0.0), state.get(name + "_var", 0.0)
-        diff = x - mean
-        mean += weight * diff
-        state[name] = mean
-        state[name + "_var"] = (1.0 - weight) * (var + weight * diff * diff)
+def _ewma_update(state: dict[str, float], name: str, x: float, weight: float, with_variance: bool) -> None:
+    """Exponentially weighted mean (and variance) of ``name`` in ``state``."""
+    diff = x - state[name]
+    state[name] += weight * diff
+    if with_variance:
+        state[name + "_var"] = (1.0 - weight) * (state[name + "_var"] + weight * diff * diff)
 
 
 def _new_state() -> dict[str, Any]:
@@ -185,7 +183,7 @@ class SpikeDetector:
                 return []
             state["episode"] = None
             state["cooldown_until_ms"] = epoch_ms(trend.window_end) + rule.cooldown_s * 1000
-            self._learn(state, trend, rule)
+            self._learn(state, trend, rule, stats)
             return [self._resolved(episode, state, trend, stats)]
         if spiking:
             cooldown = state["cooldown_until_ms"]
@@ -195,16 +193,24 @@ class SpikeDetector:
             state["episode"] = {"id": alert.id, "started_ms": start_ms, "calm": 0, "peak": deviation,
                                 "firing": alert.to_dict()}
             return [alert]
-        self._learn(state, trend, rule)
+        self._learn(state, trend, rule, stats)
         return []
 
     @staticmethod
-    def _learn(state: dict[str, Any], trend: TrendRecord, rule: DetectRule) -> None:
+    def _learn(state: dict[str, Any], trend: TrendRecord, rule: DetectRule, stats: dict[str, float]) -> None:
+        """Fold an ordinary window into the baseline. After warm-up each value is clipped to ``learn_z`` deviations
+        of the baseline, so a gradual drift cannot drag the baseline along with it (it stays visible as a growing
+        deviation) while a lasting change of level is still learned, slowly."""
         if trend.count < rule.min_count:
             return
+        warmed = state["n"] >= rule.warmup_windows
         state["n"] += 1
-        _Ewma.update(state, "share", trend.bearish_share, rule.alpha, state["n"])
-        _Ewma.update(state, "score", trend.mean_score, rule.alpha, state["n"])
+        weight = max(rule.alpha, 1.0 / state["n"])      # a plain running mean until 1/alpha windows
+        share_cap = state["share"] + rule.learn_z * stats["share_sd"] if warmed else math.inf
+        score_cap = state["score"] - rule.learn_z * stats["score_sd"] if warmed else -math.inf
+        # A clipped value moves the mean but not the variance: it would otherwise inflate it and hide the drift.
+        _ewma_update(state, "share", min(trend.bearish_share, share_cap), weight, trend.bearish_share <= share_cap)
+        _ewma_update(state, "score", max(trend.mean_score, score_cap), weight, trend.mean_score >= score_cap)
 
     def _baseline(self, state: dict[str, Any], stats: dict[str, float]) -> dict[str, float]:
         return {"bearish_share": round(state["share"], 4), "bearish_share_std": round(stats["share_sd"], 4),

@@ -71,6 +71,17 @@ def test_no_alert_during_warm_up_or_on_thin_windows_or_on_volume_without_negativ
     assert run(det, calm_shares(10, seed=5), first_minute=24, count=400) == []   # a burst of ordinary volume
 
 
+def test_a_gradual_drift_fires_because_the_baseline_does_not_follow_it():
+    drift = [round(0.25 + 0.03 * step, 3) for step in range(1, 21)] + [0.85] * 5
+    following = detector(learn_z=100.0)          # learning every window in full: the baseline keeps up
+    run(following, calm_shares(30))
+    assert run(following, drift, first_minute=30) == []
+    clipped = detector(learn_z=2.0)
+    run(clipped, calm_shares(30))
+    (alert,) = run(clipped, drift, first_minute=30)
+    assert alert.status == "firing" and alert.observed["bearish_share"] < 0.85
+
+
 def test_cooldown_suppresses_a_second_episode_then_allows_it():
     det = detector(resolve_windows=1, cooldown_s=600)
     run(det, calm_shares(30))
