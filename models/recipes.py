@@ -3,7 +3,7 @@
 - ``quick``: for a first run on a laptop CPU (under 10 minutes on 2 cores, loading included): a stratified
   subset, short sequences, the lower half of the encoder frozen, one epoch under a time budget.
 - ``plain``: one two-head model fine-tuned on all the training rows (the reference the full recipe must beat).
-- ``full``: for a GPU (about 6 minutes on an H100):
+- ``full``: for a GPU (about 7 minutes on an H100):
   1. domain-adaptive pretraining: masked-language-model training of the encoder on the training texts of both
      sets (tweets are far from the encoder's pretraining text);
   2. teachers: one plain model and ``teachers`` models from the adapted encoder, each with its own seed;
@@ -46,12 +46,13 @@ class Recipe:
     report_limit: int = 0        # cap on test rows scored for the final report; 0: all
     mlm: MlmConfig | None = None
     teachers: int = 0            # > 0: the distillation pipeline with this many adapted-encoder teachers
+    student_epochs: int = 0      # distillation: the student's epochs (0: as many as the teachers')
     gold_share: float = 0.5      # student target on labeled rows: this much gold, the rest ensemble
     pseudo_weight: float = 1.0   # weight of ensemble-labeled rows (the head a row has no label for)
     test_fraction: float = 0.1
     val_fraction: float = 0.1
     split_seed: int = 2024
-    stage_shares: dict[str, float] = field(default_factory=lambda: {"mlm": 0.17, "teacher": 0.14, "student": 0.27})
+    stage_shares: dict[str, float] = field(default_factory=lambda: {"mlm": 0.15, "teacher": 0.13, "student": 0.33})
 
 
 RECIPES: dict[str, Recipe] = {
@@ -59,7 +60,8 @@ RECIPES: dict[str, Recipe] = {
                                        warmup_ratio=0.1, patience=1, max_seconds=300),
                     train_limit=6000, val_limit=600, report_limit=1200),
     "plain": Recipe("plain", FitConfig(epochs=6)),
-    "full": Recipe("full", FitConfig(epochs=8, patience=3), mlm=MlmConfig(), teachers=3),
+    "full": Recipe("full", FitConfig(epochs=8, batch_size=64, lr=1.5e-4, patience=3),
+                   mlm=MlmConfig(epochs=15, batch_size=128, lr=2e-4), teachers=3, student_epochs=12),
 }
 
 
@@ -228,7 +230,8 @@ def _distill(recipe: Recipe, base: str, data: LabeledSet, rows: dict[str, np.nda
     student = FinPulseClassifier.from_base(str(dapt_dir) if use_adapted else base, pooling=cfg.pooling,
                                            dropout=cfg.dropout, seed=seed)
     result = fit(student, text_encoder, train, targets, val,
-                 dataclasses.replace(cfg, seed=seed, max_seconds=budget.allowance("student")), device,
+                 dataclasses.replace(cfg, seed=seed, epochs=recipe.student_epochs or cfg.epochs,
+                                     max_seconds=budget.allowance("student")), device,
                  run_dir / "student", name="student")
     stages["student"] = _stage_summary(result)
 

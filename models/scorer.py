@@ -207,13 +207,15 @@ class BatchScorer:
         except torch.OutOfMemoryError:
             if len(ids) == 1:
                 raise
-            torch.cuda.empty_cache()
-            half = len(ids) // 2
-            if self.batch_size > half:
-                log.warning("out of GPU memory at a batch of %d: splitting, and using batches of %d from now on",
-                            len(ids), half)
-                self.batch_size = half
-            return torch.cat([self._forward(ids[:half], mask[:half]), self._forward(ids[half:], mask[half:])])
+        # Split outside the except block: the live exception's traceback would keep the failed attempt's
+        # activations allocated, and every smaller attempt would run out of memory too.
+        torch.cuda.empty_cache()
+        half = len(ids) // 2
+        if self.batch_size > half:
+            log.warning("out of GPU memory at a batch of %d: splitting, and using batches of %d from now on",
+                        len(ids), half)
+            self.batch_size = half
+        return torch.cat([self._forward(ids[:half], mask[:half]), self._forward(ids[half:], mask[half:])])
 
     def _one_by_one(self, texts, rows: list[int], out: np.ndarray, errors: list, cause: Exception) -> None:
         log.warning("a batch of %d failed (%s: %s): scoring its texts one by one", len(rows), type(cause).__name__, cause)

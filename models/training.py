@@ -235,6 +235,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def to_device(device: torch.device, *arrays) -> list[torch.Tensor]:
+    """int64 arrays/tensors of one batch to ``device`` in one pinned, non-blocking copy: no copy from pageable
+    memory that would make the CPU wait for the GPU every step (this loop is bound by launch overhead)."""
+    host = [torch.as_tensor(a, dtype=torch.int64).reshape(-1) for a in arrays]
+    flat = torch.cat(host)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    parts = flat.split([h.numel() for h in host])
+    return [part.view(torch.as_tensor(a).shape) for part, a in zip(parts, arrays)]
+
+
 def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet, targets: Targets,
         val: LabeledSet, cfg: FitConfig, device: torch.device, run_dir: Path | None = None,
         name: str = "train") -> FitResult:
@@ -244,7 +255,8 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
     model.freeze_lower(cfg.freeze_layers)
     token_ids = text_encoder.ids(train.texts)
     lengths = np.array([len(x) for x in token_ids])
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dataclasses.asdict(targets).items()}
+    # Targets are small (rows x 23 floats): they live on the device, and each batch only gathers its rows.
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in dataclasses.asdict(targets).items()}
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
@@ -269,11 +281,8 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
         bar = progress(steps_per_epoch, f"{name} epoch {epoch}/{state['planned_epochs']}")
         epoch_start, loss_sum, seen = time.monotonic(), 0.0, 0
         for batch in bucketed_batches(lengths, cfg.batch_size, rng):
-            ids, mask = text_encoder.pad([token_ids[i] for i in batch])
-            ids_t = torch.from_numpy(ids).to(device, non_blocking=True)
-            mask_t = torch.from_numpy(mask).to(device, non_blocking=True)
-            rows = torch.from_numpy(batch)
-            batch_targets = {k: v[rows].to(device, non_blocking=True) for k, v in tensors.items()}
+            ids_t, mask_t, rows = to_device(device, *text_encoder.pad([token_ids[i] for i in batch]), batch)
+            batch_targets = {k: v[rows] for k, v in tensors.items()}
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(state["step"], total_steps, warmup, cfg.schedule)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
@@ -355,10 +364,11 @@ def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, dev
             ids, mask = (torch.from_numpy(a) for a in text_encoder.pad([token_ids[i] for i in batch]))
             inputs, labels = mask_tokens(ids, mask, special, tokenizer.mask_token_id, len(tokenizer), cfg.mask_prob,
                                          generator)
+            inputs, mask, labels = to_device(device, inputs, mask, labels)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, total, warmup, "linear")
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(input_ids=inputs.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+                loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

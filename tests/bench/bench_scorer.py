@@ -153,8 +153,10 @@ def bench_gpu(path: Path, batch: int, length: int, results: dict, oom_check: boo
     began = time.perf_counter()
     scorer.score(mixed)
     results["gpu"]["tweet_like_seq_per_s"] = round(len(mixed) / (time.perf_counter() - began))
+    print_table(results)  # now: the out-of-memory check below may take a while
     if oom_check:
         results["gpu"]["oom_split"] = oom_split_check(scorer)
+        print(f"    out-of-memory split  {results['gpu']['oom_split']}", flush=True)
 
 
 def oom_split_check(scorer) -> str:
@@ -164,8 +166,8 @@ def oom_split_check(scorer) -> str:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(1.5e9 / total)
     try:
-        scorer.batch_size = 1 << 16
-        texts = synthetic_texts(1 << 16, 60, 80, seed=4)
+        scorer.batch_size = 1 << 14
+        texts = synthetic_texts(1 << 14, 60, 80, seed=4)
         predictions = scorer.score(texts)
         ok = all(p.ok for p in predictions)
         return f"{'ok' if ok else 'FAILED'}: a batch of {len(texts)} under a 1.5 GB cap ran as batches of {scorer.batch_size}"
@@ -192,14 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
             bench_gpu(path, args.gpu_batch, args.length, results)
         if not args.no_cpu:
             bench_cpu(path, args.cpu_batch, results)
-    print_table(results)
+            print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 def print_table(results: dict) -> None:
-    print(f"\nscorer benchmark (model {results['model']})")
+    print(f"\nscorer benchmark (model {results['model']})", flush=True)
     for name in ("cpu_float32", "cpu_int8"):
         if name in results:
             r = results[name]
@@ -216,8 +218,6 @@ def print_table(results: dict) -> None:
         print(f"    tweet-length texts   {g['tweet_like_seq_per_s']:>9} seq/s (scorer, mixed lengths)")
         print(f"    batch latency        p50 {g['p50_batch_ms']} ms   p99 {g['p99_batch_ms']} ms"
               f"   (tokenizing one batch alone: {g['tokenize_one_batch_ms']} ms)")
-        if "oom_split" in g:
-            print(f"    out-of-memory split  {g['oom_split']}")
 
 
 if __name__ == "__main__":
