@@ -67,6 +67,8 @@ def _train(args, settings) -> int:
     fit_overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                                         "max_length": args.max_length, "seed": args.seed}.items() if v is not None}
     recipe = dataclasses.replace(recipe, fit=dataclasses.replace(recipe.fit, **fit_overrides))
+    if args.epochs is not None:
+        recipe = dataclasses.replace(recipe, student_epochs=args.epochs)
     if args.train_limit is not None:
         recipe = dataclasses.replace(recipe, train_limit=args.train_limit)
     if args.teachers is not None:
