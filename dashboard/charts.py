@@ -83,7 +83,9 @@ def confusion_heatmap(matrix: pd.DataFrame) -> alt.LayerChart:
     cells = base.mark_rect().encode(
         color=alt.Color("share:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), title="share of row"),
         tooltip=["actual:N", "predicted:N", "count:Q", alt.Tooltip("share:Q", format=".1%")])
-    text = base.mark_text(fontSize=10).encode(
+    if len(labels) > 6:  # 400 numbers on the topic matrix are unreadable and slow to draw: the tooltip has them
+        return alt.layer(cells).properties(height=alt.Step(18))
+    text = base.mark_text(fontSize=11).encode(
         text=alt.Text("count:Q", format=".0f"),
         color=alt.condition(alt.datum.share > 0.5, alt.value("white"), alt.value("black")))
-    return alt.layer(cells, text).properties(height=max(160, 26 * len(labels)))
+    return alt.layer(cells, text).properties(height=alt.Step(40))

@@ -278,9 +278,8 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
             st.warning(card.problem)
         reports = head_reports(card.metrics)
         if reports:
-            st.dataframe(metric_table(reports), key="fp-metrics", hide_index=True,
-                         column_config={"accuracy": st.column_config.NumberColumn(format="%.3f"),
-                                        "macro_f1": st.column_config.NumberColumn(format="%.3f")})
+            # Small tables as static HTML: a data grid per two-row table would slow the page down for nothing.
+            st.table(metric_table(reports).set_index("head").style.format(precision=3))
             with st.expander("Per-class precision, recall and F1"):
                 st.dataframe(per_class_table(reports), key="fp-per-class", hide_index=True)
         matrices = confusion_matrices(reports)
@@ -293,7 +292,7 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
                 st.markdown(card.readme)
     if not versions.empty:
         st.subheader("Model versions in the kept messages")
-        st.dataframe(sh.in_zone(versions, c.tz), key="fp-versions", hide_index=True)
+        st.table(sh.in_zone(versions, c.tz).set_index("model_version"))
 
 
 VIEWS: dict[str, tuple[str, str, Callable[[Snapshot, FeedStatus, Controls, DashboardSettings], None]]] = {

@@ -23,7 +23,7 @@ class DashboardSettings:
     # streams whose event time runs ahead of the wall clock are bounded the same way as live ones).
     retention_hours: float = 24.0
     # Row caps per kind of record, whatever the time span: they bound memory at high message rates.
-    max_trend_rows: int = 200_000
+    max_trend_rows: int = 300_000
     max_scored_rows: int = 50_000
     max_window_message_rows: int = 20_000
     max_alert_rows: int = 20_000

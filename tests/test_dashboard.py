@@ -191,7 +191,7 @@ def test_model_view_shows_version_metrics_confusion_and_lag(fp_settings, produce
     assert metrics["Model scoring now"] == "finpulse-minilm-test"
     assert metrics["Worker lag (input records)"] == "0"   # no input yet, and the feed could ask the broker
     assert metrics["Dead-lettered inputs"] == "0"
-    table = at.dataframe[0].value.set_index("head")  # headline metrics come first
+    table = at.table[0].value  # headline metrics per head
     assert table.loc["topic", "accuracy"] == 1.0 and 0.7 < table.loc["sentiment", "accuracy"] < 0.95
     assert sum("layer" in s and s["layer"][0]["mark"]["type"] == "rect" for s in _chart_specs(at)) == 2  # both heads' matrices
     assert any("model card" in e.label.lower() for e in at.expander)
