@@ -79,13 +79,14 @@ def confusion_heatmap(matrix: pd.DataFrame) -> alt.LayerChart:
     """Rows: the true label; columns: the predicted one; colour: share of the true label's examples."""
     labels = list(dict.fromkeys(matrix["actual"]))
     base = alt.Chart(matrix).encode(
-        x=alt.X("predicted:N", sort=labels, title="predicted"), y=alt.Y("actual:N", sort=labels, title="actual"))
+        x=alt.X("predicted:N", sort=labels, title="predicted", axis=alt.Axis(labelLimit=220, labelAngle=-40)),
+        y=alt.Y("actual:N", sort=labels, title="actual", axis=alt.Axis(labelLimit=220)))
     cells = base.mark_rect().encode(
         color=alt.Color("share:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), title="share of row"),
         tooltip=["actual:N", "predicted:N", "count:Q", alt.Tooltip("share:Q", format=".1%")])
     if len(labels) > 6:  # 400 numbers on the topic matrix are unreadable and slow to draw: the tooltip has them
-        return alt.layer(cells).properties(height=alt.Step(18))
+        return alt.layer(cells).properties(height=alt.Step(18), width=alt.Step(18))
     text = base.mark_text(fontSize=11).encode(
         text=alt.Text("count:Q", format=".0f"),
         color=alt.condition(alt.datum.share > 0.5, alt.value("white"), alt.value("black")))
-    return alt.layer(cells, text).properties(height=alt.Step(40))
+    return alt.layer(cells, text).properties(height=alt.Step(40), width=alt.Step(60))

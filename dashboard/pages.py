@@ -283,10 +283,9 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
             with st.expander("Per-class precision, recall and F1"):
                 st.dataframe(per_class_table(reports), key="fp-per-class", hide_index=True)
         matrices = confusion_matrices(reports)
-        for col, (head, matrix) in zip(st.columns(max(1, len(matrices))), matrices.items()):
-            with col:
-                st.markdown(f"**Confusion matrix: {md(head)}**")
-                st.altair_chart(charts.confusion_heatmap(matrix), width="stretch")
+        for head, matrix in sorted(matrices.items(), key=lambda item: len(item[1])):
+            st.markdown(f"**Confusion matrix: {md(head)}** (rows: true label, columns: predicted)")
+            st.altair_chart(charts.confusion_heatmap(matrix), width="content")
         if card.readme:
             with st.expander("Model card (README.md)"):
                 st.markdown(card.readme)

@@ -344,3 +344,15 @@ def test_volume_counts_sliding_windows_once():
     five_min = sh.volume(sh.key_windows(trends, sh.ViewFilters(window_s=300, span=None)))
     aligned = sum(t.count for t in data.trends if t.window_start.minute % 5 == 0)
     assert five_min["messages"].sum() == aligned < one_min["messages"].sum()
+
+
+def test_auth_mode_follows_the_configured_secret_sources():
+    from dashboard.auth import auth_mode, password_matches
+
+    cfg = DashboardSettings()
+    assert auth_mode(cfg, environ={}, oidc=False) == "none"
+    assert auth_mode(cfg, environ={"FINPULSE_DASHBOARD_PASSWORD": "s3cret"}, oidc=True) == "password"
+    assert auth_mode(cfg, environ={}, oidc=True) == "oidc"
+    assert auth_mode(DashboardSettings(auth="password"), environ={}, oidc=False) == "password"  # fails closed later
+    assert password_matches("s3cret", "s3cret") and not password_matches("s3cre", "s3cret")
+    assert not password_matches("", "")  # no password configured never lets anyone in
