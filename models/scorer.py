@@ -2,7 +2,7 @@
 
 How it stays fast:
 - texts are sorted by length and cut into batches, each padded only to its own longest text (to a multiple of 8);
-- a background thread cleans and tokenizes the next batches while the device runs the current one; on a GPU the
+- background threads clean and tokenize the next batches while the device runs the current one; on a GPU the
   token ids travel from pinned host memory with non-blocking copies, the forward runs under ``inference_mode``
   with bf16 autocast, and the probabilities come back through a pinned buffer while the next batch is launched;
 - a batch that runs the GPU out of memory is split in halves (and later batches are made smaller);
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 N_TOPICS = len(TOPICS)
 BULLISH, BEARISH = SENTIMENTS.index("bullish"), SENTIMENTS.index("bearish")
 DEFAULT_BATCH = {"cuda": 512, "cpu": 64}
-PREFETCH_BATCHES = 3
+# Tokenizer threads working ahead of the device: their native part runs without the GIL, so two overlap one
+# batch's Python-side work (id lists, padding) with the next one's tokenization.
+TOKENIZER_THREADS = 2
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -67,8 +69,10 @@ class BatchScorer:
     """``Scorer`` implementation over a FinPulse model directory (see ``models.interface``)."""
 
     def __init__(self, model: FinPulseClassifier, text_encoder: TextEncoder, model_version: str,
-                 device: str | torch.device = "auto", batch_size: int | None = None, quantize: str | None = None):
+                 device: str | torch.device = "auto", batch_size: int | None = None, quantize: str | None = None,
+                 tokenizer_threads: int = TOKENIZER_THREADS):
         self.device = pick_device(device)
+        self.tokenizer_threads = tokenizer_threads
         self.model_version = model_version
         self.text_encoder = text_encoder
         self.batch_size = batch_size or DEFAULT_BATCH[self.device.type]
@@ -152,11 +156,11 @@ class BatchScorer:
             for chunk in chunks:
                 yield chunk, job(chunk)
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-tokenize") as pool:
+        with ThreadPoolExecutor(max_workers=self.tokenizer_threads, thread_name_prefix="finpulse-tokenize") as pool:
             ahead: deque = deque()
             next_chunk = 0
             for chunk in chunks:
-                while next_chunk < len(chunks) and len(ahead) < PREFETCH_BATCHES:
+                while next_chunk < len(chunks) and len(ahead) < self.tokenizer_threads + 2:
                     ahead.append(pool.submit(job, chunks[next_chunk]))
                     next_chunk += 1
                 yield chunk, ahead.popleft().result()
