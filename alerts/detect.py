@@ -262,12 +262,17 @@ def state_key(trend: TrendRecord) -> bytes:
 
 def install(app, settings, names) -> None:
     """Register the detect agent (consumes final trends, keeps detector state in a table, produces alerts)."""
+    from stream.app import Outgoing, deliver
+
     detector = SpikeDetector(settings.section("detect", DetectSettings))
     worker = settings.worker
     trends = app.topic(names.trends, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    alerts = app.topic(names.alerts, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     table = app.Table("detect-state", default=None, key_type=bytes, partitions=settings.kafka.partitions,
                       use_partitioner=True, help="spike detector baselines and open episodes per key")
+
+    async def send(record: Outgoing):
+        return await app.producer.send(record.topic, record.key, record.value, partition=None,
+                                       timestamp=record.timestamp_ms / 1000.0, headers=None)
 
     @app.agent(trends, name="detect")
     async def detect(stream):
@@ -282,14 +287,19 @@ def install(app, settings, names) -> None:
                     continue
                 if detector.wants(trend):
                     by_key[event.key or state_key(trend)].append(trend)
+            states, raised = {}, []
             for key_bytes, key_trends in by_key.items():
                 # A copy: the table's value must change only by assignment (which writes the changelog).
-                key_state = copy.deepcopy(table.get(key_bytes) or {})
-                raised = [alert for trend in key_trends for alert in detector.observe(key_state, trend)]
+                key_state = states[key_bytes] = copy.deepcopy(table.get(key_bytes) or {})
+                raised += [(key_bytes, alert) for trend in key_trends for alert in detector.observe(key_state, trend)]
+            for _, alert in raised:
+                log.info("alert %s %s: %s", alert.id, alert.status, alert.summary)
+            # Alerts reach the broker before the state that remembers them is written: a crash in between emits
+            # the same alert (same id) again instead of never.
+            await deliver(send, [Outgoing(names.alerts, key, alert.to_json(), epoch_ms(alert.window_end))
+                                 for key, alert in raised])
+            for key_bytes, key_state in states.items():
                 table[key_bytes] = key_state      # once per key per batch
-                for alert in raised:
-                    log.info("alert %s %s: %s", alert.id, alert.status, alert.summary)
-                    await alerts.send(key=key_bytes, value=alert.to_json())
 
 
 __all__ = ["DetectRule", "DetectSettings", "SpikeDetector", "alert_id", "install", "state_key"]

@@ -35,8 +35,10 @@ deduplicates by ``TrendRecord.window_id``).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -88,11 +90,14 @@ class AggregateSettings:
     partial_interval_s: float = 5.0
     # Message ids are remembered this long (event time) to skip re-scored duplicates; see the module docstring.
     dedupe_horizon_s: int = 600
+    # Live only: wall-clock seconds a window stays open after the watermark passed it (see WindowAggregator.settle).
+    close_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
         self.specs()
-        if self.allowed_lateness_s < 0 or self.top_negative < 0 or self.dedupe_horizon_s < 0:
-            raise ConfigError("[aggregate] allowed_lateness_s, top_negative and dedupe_horizon_s must be >= 0")
+        if min(self.allowed_lateness_s, self.top_negative, self.dedupe_horizon_s, self.close_grace_s) < 0:
+            raise ConfigError("[aggregate] allowed_lateness_s, top_negative, dedupe_horizon_s and close_grace_s "
+                              "must be >= 0")
         if self.partial_interval_s <= 0:
             raise ConfigError("[aggregate] partial_interval_s must be > 0")
 
@@ -144,13 +149,20 @@ def _new_window() -> dict[str, Any]:
 
 
 class KeyWindows:
-    """One key's open windows, watermark and dedupe memory. ``to_dict`` is the JSON-able table value."""
+    """One key's open windows, watermarks and dedupe memory. ``to_dict`` is the JSON-able table value.
 
-    __slots__ = ("watermark_ms", "offsets", "recent_ids", "windows", "next_close_ms")
+    ``watermark_ms`` is the largest event time seen; ``settled_ms`` is the watermark that windows close by. Without
+    a close grace (replay, tests) they are equal. With one (the live agents), each advance of the watermark waits in
+    ``pending`` as [wall-clock seconds, watermark] until it is ``close_grace_s`` old."""
+
+    __slots__ = ("watermark_ms", "settled_ms", "pending", "offsets", "recent_ids", "windows", "next_close_ms")
 
     def __init__(self, watermark_ms: int | None = None, offsets: dict[str, int] | None = None,
-                 recent_ids: dict[str, int] | None = None, windows: dict[str, dict] | None = None):
+                 recent_ids: dict[str, int] | None = None, windows: dict[str, dict] | None = None,
+                 settled_ms: int | None = None, pending: list[list] | None = None):
         self.watermark_ms = watermark_ms
+        self.settled_ms = watermark_ms if settled_ms is None and not pending else settled_ms
+        self.pending = pending or []
         self.offsets = offsets or {}
         self.recent_ids = recent_ids or {}          # message id -> event time (ms)
         self.windows = windows or {}                # "size_s:start_ms" -> counters (see _new_window)
@@ -163,11 +175,32 @@ class KeyWindows:
             return cls()
         # Copies, so that mutating this state never changes a value the table still holds.
         return cls(data.get("watermark_ms"), dict(data.get("offsets", {})), dict(data.get("recent_ids", {})),
-                   {k: {**w, "negative": list(w["negative"])} for k, w in data.get("windows", {}).items()})
+                   {k: {**w, "negative": list(w["negative"])} for k, w in data.get("windows", {}).items()},
+                   data.get("settled_ms"), [list(p) for p in data.get("pending", [])])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"watermark_ms": self.watermark_ms, "offsets": dict(self.offsets), "recent_ids": dict(self.recent_ids),
+        return {"watermark_ms": self.watermark_ms, "settled_ms": self.settled_ms,
+                "pending": [list(p) for p in self.pending], "offsets": dict(self.offsets),
+                "recent_ids": dict(self.recent_ids),
                 "windows": {k: {**w, "negative": list(w["negative"])} for k, w in self.windows.items()}}
+
+    def advance(self, t_ms: int, now: float | None) -> None:
+        """The watermark moves to ``t_ms``: at once (no wall clock given) or once it is ``close_grace_s`` old."""
+        self.watermark_ms = t_ms
+        if now is None:
+            self.settled_ms = t_ms
+        elif self.pending and self.pending[-1][0] == now:
+            self.pending[-1][1] = t_ms
+        else:
+            self.pending.append([now, t_ms])
+
+    def settle(self, now: float, grace_s: float) -> bool:
+        """Let the watermark advances older than ``grace_s`` take effect; True when ``settled_ms`` moved."""
+        moved = False
+        while self.pending and self.pending[0][0] <= now - grace_s:
+            self.settled_ms = self.pending.pop(0)[1]
+            moved = True
+        return moved
 
     def claim(self, event: SourcedRecord, t_ms: int, horizon_ms: int) -> bool:
         """Record ``event`` (event time ``t_ms``) as applied; False when it was applied before: an offset already
@@ -236,10 +269,12 @@ class WindowAggregator:
 
     # ------------------------------------------------------------ per-key core (the agents call this)
 
-    def apply(self, key: str, state: KeyWindows, events: Sequence[SourcedRecord]) -> Applied:
+    def apply(self, key: str, state: KeyWindows, events: Sequence[SourcedRecord], now: float | None = None) -> Applied:
         """Apply one key's events, in order, to ``state`` (mutated). Returns the windows that closed and the open
-        windows that changed."""
+        windows that changed. ``now`` (wall-clock seconds) turns on the close grace: see ``settle``."""
         result = Applied()
+        if now is not None:
+            result.final.extend(self.settle(key, state, now))
         touched = result.touched[key]
         horizon_ms = self.settings.dedupe_horizon_s * 1000
         for event in events:
@@ -249,19 +284,19 @@ class WindowAggregator:
                 result.duplicates += 1
                 continue
             if state.watermark_ms is None or t_ms > state.watermark_ms:
-                state.watermark_ms = t_ms
-                if state.next_close_ms is not None and state.next_close_ms + self.lateness_ms <= t_ms:
-                    result.final.extend(self._close(key, state, until_ms=t_ms))
+                state.advance(t_ms, now)
+                if now is None:
+                    result.final.extend(self._close_settled(key, state))
             counted = False
             for spec in self.specs:
                 for start in spec.starts_ms(t_ms):
-                    if start + spec.size_s * 1000 + self.lateness_ms <= state.watermark_ms:
-                        break  # this window (and every older one) has closed
                     wid = window_key(spec.size_s, start)
                     window = state.windows.get(wid)
                     if window is None:
-                        window = state.windows[wid] = _new_window()
                         end_ms = start + spec.size_s * 1000
+                        if state.settled_ms is not None and end_ms + self.lateness_ms <= state.settled_ms:
+                            break  # this window (and every older one) has closed
+                        window = state.windows[wid] = _new_window()
                         if state.next_close_ms is None or end_ms < state.next_close_ms:
                             state.next_close_ms = end_ms
                     self._add(window, record)
@@ -275,6 +310,20 @@ class WindowAggregator:
         if not touched:
             del result.touched[key]
         return result
+
+    def settle(self, key: str, state: KeyWindows, now: float) -> list[TrendRecord]:
+        """Close the windows that the watermark passed (plus lateness) at least ``close_grace_s`` of wall-clock time
+        ago. The grace is for backlogs: the worker consumes input partitions round-robin, so when it catches up,
+        records of equal event time from different partitions can be minutes of event time (but only seconds of
+        wall-clock time) apart; the grace keeps windows open until the lagging partitions have delivered."""
+        state.settle(now, self.settings.close_grace_s)
+        return self._close_settled(key, state)
+
+    def _close_settled(self, key: str, state: KeyWindows) -> list[TrendRecord]:
+        if state.next_close_ms is None or state.settled_ms is None \
+                or state.next_close_ms + self.lateness_ms > state.settled_ms:
+            return []
+        return self._close(key, state, until_ms=state.settled_ms)
 
     def open_trends(self, key: str, state: KeyWindows, window_ids: Iterable[str] | None = None) -> list[TrendRecord]:
         """Partial (final=False) trends of ``key``'s open windows (those named, or all)."""
@@ -346,54 +395,94 @@ def trend_key(trend: TrendRecord) -> bytes:
 
 # ---------------------------------------------------------------- Faust wiring
 
+SETTLE_TICK_S = 1.0
+
+
 def install(app, settings, names) -> None:
     """Register the topic and ticker aggregation agents (and their tables) on the worker's Faust app."""
     config = settings.section("aggregate", AggregateSettings)
-    worker = settings.worker
-    trends = app.topic(names.trends, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     for key_type, source in (("topic", names.scored), ("ticker", names.scored_by_ticker)):
-        _install_key_type(app, settings, config, key_type, source, trends, worker.max_batch, worker.max_wait_s)
+        _install_key_type(app, settings, config, key_type, source, names.trends)
 
 
-def _install_key_type(app, settings, config: AggregateSettings, key_type: str, source_name: str, trends,
-                      max_batch: int, max_wait_s: float) -> None:
+def _install_key_type(app, settings, config: AggregateSettings, key_type: str, source_name: str,
+                      trends_topic: str) -> None:
+    from .app import Outgoing, deliver
+
+    worker = settings.worker
     aggregator = WindowAggregator(config, key_type)
     table = app.Table(f"aggregate-{key_type}", default=None, key_type=bytes, partitions=settings.kafka.partitions,
                       use_partitioner=True, help=f"open windows per {key_type}")
     source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    pending_partials: dict[bytes, set[str]] = defaultdict(set)
+    unsettled: set[bytes] = set()                      # keys whose watermark advances still wait out the grace
+    partials: dict[bytes, set[str]] = defaultdict(set)  # open windows changed since their last partial trend
+    clock = {"last_partials": 0.0, "scanned": False}
+    # The agent and the timer both read, publish and then write key states: one at a time, or one would write
+    # back a state the other has already moved past.
+    exclusive = asyncio.Lock()
 
-    async def publish(records: Iterable[TrendRecord]) -> None:
-        for trend in records:
-            await trends.send(key=trend_key(trend), value=trend.to_json())
+    async def send(record: Outgoing):
+        return await app.producer.send(record.topic, record.key, record.value, partition=None,
+                                       timestamp=record.timestamp_ms / 1000.0, headers=None)
+
+    async def publish(trends: list[TrendRecord]) -> None:
+        await deliver(send, [Outgoing(trends_topic, trend_key(t), t.to_json(), epoch_ms(t.window_end)) for t in trends])
+
+    async def commit(states: dict[bytes, KeyWindows], closed: list[TrendRecord]) -> None:
+        """Closed windows reach the broker before the states that no longer hold them are written: a crash in
+        between re-emits the same trends (harmless) instead of losing them."""
+        await publish(closed)
+        for key_bytes, state in states.items():
+            table[key_bytes] = state.to_dict()
+            (unsettled.add if state.pending else unsettled.discard)(key_bytes)
 
     @app.agent(source, name=f"aggregate-{key_type}")
     async def aggregate(stream):
-        async for events in stream.take_events(max_batch, within=max_wait_s):
+        async for events in stream.take_events(worker.max_batch, within=worker.max_wait_s):
             by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
             for event in events:
                 sourced = _parse_event(event, key_type)
                 if sourced is not None:
                     by_key[sourced[0]].append(sourced[1])
-            for key_bytes, sourced_events in by_key.items():
-                key = key_bytes.decode("utf-8")
-                state = KeyWindows.from_dict(table.get(key_bytes))
-                result = aggregator.apply(key, state, sourced_events)
-                table[key_bytes] = state.to_dict()     # once per key per batch
-                await publish(result.final)
-                if result.touched:
-                    pending_partials[key_bytes] |= result.touched[key]
-                if result.late:
-                    log.info("%s %s: %d message(s) arrived after their windows closed", key_type, key, result.late)
+            async with exclusive:
+                now = time.time()
+                states, closed = {}, []
+                for key_bytes, sourced_events in by_key.items():
+                    key = key_bytes.decode("utf-8")
+                    state = states[key_bytes] = KeyWindows.from_dict(table.get(key_bytes))
+                    result = aggregator.apply(key, state, sourced_events, now=now)    # once per key per batch
+                    closed += result.final
+                    partials[key_bytes] |= result.touched.get(key, set())
+                    if result.late:
+                        log.warning("%s %s: %d message(s) arrived after their windows closed", key_type, key,
+                                    result.late)
+                await commit(states, closed)
 
-    @app.timer(config.partial_interval_s, name=f"aggregate-{key_type}-partials")
-    async def publish_partials():
-        keys = list(pending_partials)
-        for key_bytes in keys:
-            window_ids = pending_partials.pop(key_bytes)
-            value = table.get(key_bytes)
-            if value:
-                await publish(aggregator.open_trends(key_bytes.decode("utf-8"), KeyWindows.from_dict(value), window_ids))
+    @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
+    async def tick():
+        """Close windows whose grace has passed (keys with no new messages too) and publish throttled partials."""
+        if not clock["scanned"]:       # after a start, the recovered table may hold keys waiting to settle
+            unsettled.update(key for key, value in table.items() if value and value.get("pending"))
+            clock["scanned"] = True
+        async with exclusive:
+            now = time.time()
+            states, closed = {}, []
+            for key_bytes in list(unsettled):
+                state = KeyWindows.from_dict(table.get(key_bytes))
+                waiting = len(state.pending)
+                closed += aggregator.settle(key_bytes.decode("utf-8"), state, now)
+                if len(state.pending) != waiting:
+                    states[key_bytes] = state
+            await commit(states, closed)
+        if now - clock["last_partials"] >= config.partial_interval_s and partials:
+            clock["last_partials"] = now
+            updates = []
+            for key_bytes in list(partials):
+                window_ids = partials.pop(key_bytes)
+                value = table.get(key_bytes)
+                if value:
+                    updates += aggregator.open_trends(key_bytes.decode("utf-8"), KeyWindows.from_dict(value), window_ids)
+            await publish(updates)
 
 
 def _parse_event(event, key_type: str) -> tuple[bytes, SourcedRecord] | None:

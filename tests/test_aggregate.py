@@ -68,6 +68,22 @@ def test_late_message_inside_lateness_counts_and_later_one_is_dropped():
     assert all(t.window_start != T0 for t in agg.flush())
 
 
+def test_close_grace_keeps_windows_open_for_lagging_partitions_for_a_few_wall_clock_seconds():
+    agg = aggregator(close_grace_s=5.0)
+    state = KeyWindows()
+    key = "Energy | Oil"
+    # A backlog: one partition is already at 09:03 when another's records for 09:00-09:01 arrive.
+    first = agg.apply(key, state, [SourcedRecord(scored(0, 10)), SourcedRecord(scored(1, 185))], now=100.0)
+    assert first.final == []
+    lagging = agg.apply(key, state, [SourcedRecord(scored(2, 20)), SourcedRecord(scored(3, 70))], now=102.0)
+    assert lagging.late == 0 and lagging.final == []       # 09:01 did not even exist yet, and still counts
+    assert agg.settle(key, state, now=104.9) == []
+    closed = agg.settle(key, state, now=105.0)
+    assert [(t.window_start.minute, t.count) for t in closed] == [(0, 2), (1, 1)]
+    late = agg.apply(key, state, [SourcedRecord(scored(4, 30))], now=106.0)
+    assert late.late == 1
+
+
 def test_final_windows_do_not_depend_on_batch_boundaries():
     records = [scored(i, i * 3.7 % 400 + (i // 50) * 60, (i % 7 - 3) / 3, topic=("A", "B")[i % 2])
                for i in range(300)]
