@@ -281,7 +281,7 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
             # Small tables as static HTML: a data grid per two-row table would slow the page down for nothing.
             st.table(metric_table(reports).set_index("head").style.format(precision=3))
             with st.expander("Per-class precision, recall and F1"):
-                st.dataframe(per_class_table(reports), key="fp-per-class", hide_index=True)
+                st.table(per_class_table(reports).set_index(["head", "class"]).style.format(precision=3))
         matrices = confusion_matrices(reports)
         for head, matrix in sorted(matrices.items(), key=lambda item: len(item[1])):
             st.markdown(f"**Confusion matrix: {md(head)}** (rows: true label, columns: predicted)")
