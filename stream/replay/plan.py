@@ -239,6 +239,27 @@ def existing_topics(settings: Settings, topics: list[str]) -> list[str]:
     return [t for t in topics if t in present]
 
 
+def check_topics_free(settings: Settings, names: TopicNames, resuming: bool) -> None:
+    """The run's topic names must not belong to a live FinPulse (one whose prefix is ``<prefix>.replay.<run-id>``)
+    nor, unless this run is being resumed, to an earlier run with the same id."""
+    as_live = TopicNames(names.prefix)
+    live_only = [as_live.news, as_live.comments, as_live.scored_by_ticker, as_live.deadletter]
+    present = existing_topics(settings, live_only + output_topics(names, with_deliveries=True))
+    run_id = names.prefix.rsplit(".", 1)[-1]
+    clash = [t for t in present if t in live_only]
+    if clash:
+        raise ReplayError(f"run id {run_id!r} collides with the live topics of a FinPulse using topic prefix "
+                          f"{names.prefix!r} ({', '.join(clash)}): choose another --run-id")
+    if present and not resuming:
+        raise ReplayError(f"run id {run_id!r} is already used on this broker (topics {', '.join(present)} exist): "
+                          "choose another --run-id")
+
+
+def endpoint_named(config, name: str):
+    """The ``[[alerts.endpoints]]`` entry called ``name``, or None."""
+    return next((e for e in config.endpoints if e.name == name), None)
+
+
 def check_test_endpoint(settings: Settings, name: str | None) -> None:
     """A replay may deliver only to the endpoint ``[alerts] replay_endpoint`` sets aside, and only when named."""
     if not name:
@@ -248,7 +269,7 @@ def check_test_endpoint(settings: Settings, name: str | None) -> None:
         config = load_delivery_config(settings)
     except ConfigError as exc:
         raise ReplayError(f"--test-endpoint: [alerts] is not valid: {exc}") from None
-    if config.endpoint(name) is None:
+    if endpoint_named(config, name) is None:
         known = ", ".join(e.name for e in config.endpoints) or "none"
         raise ReplayError(f"--test-endpoint {name!r} names no endpoint in [alerts] endpoints (known: {known})")
     if config.options.replay_endpoint != name:
@@ -293,11 +314,7 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
                       replay=replay, names=names, out_dir=out_dir, scorer=chosen, config_hash=config_hash,
                       archive=selection, speed=pace, test_endpoint=test_endpoint)
     plan.resume = check_output_dir(out_dir, plan.identity())
-    if plan.resume is None:
-        taken = existing_topics(settings, output_topics(names))
-        if taken:
-            raise ReplayError(f"run id {run_id!r} is already used on this broker (topics {', '.join(taken)} exist): "
-                              "choose another --run-id")
+    check_topics_free(settings, names, resuming=plan.resume is not None)
     if not archive:
         missing = sorted(set(chosen_topics) - set(existing_topics(settings, list(chosen_topics))))
         if missing:

@@ -51,7 +51,7 @@ from stream.records import AlertRecord, ScoredRecord, TrendRecord, epoch_ms
 from stream.topics import ensure_topics
 
 from .output import PartSink, alert_row, scored_row, trend_row
-from .plan import CHECKPOINT, MANIFEST, ReplayPlan, output_topics
+from .plan import CHECKPOINT, MANIFEST, ReplayPlan, endpoint_named, output_topics
 from .select import KafkaSelection, SelectionStats, TimedMessage, format_ms
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ class ReplayRunner:
         from alerts.dispatch import Dispatcher
         from alerts.endpoints import load_delivery_config
         plan = self.plan
-        endpoint = load_delivery_config(plan.settings).endpoint(plan.test_endpoint)
+        endpoint = endpoint_named(load_delivery_config(plan.settings), plan.test_endpoint)
         only_test = plan.settings.with_overrides({"alerts": {
             "endpoints": [dataclasses.asdict(endpoint)], "replay_endpoint": plan.test_endpoint,
             "group_id": f"{plan.settings.kafka.topic_prefix}-replay-{plan.run_id}-dispatcher"}})
