@@ -1,0 +1,168 @@
+"""``finpulse backtest``: alert precision/recall/lead time and the forward-return event study on hand-made runs
+with known answers, then end to end on a real replay of a simulated shock; bad inputs fail clearly."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import re
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from stream.cli import main
+from stream.kafka_io import RecordSender
+from stream.records import ScoredRecord, format_time
+from stream.replay.output import PartSink, alert_row, scored_row
+from stream.simulate import Shock, generate, shock_truth
+from stream.topics import TopicNames
+from tests.procs import write_config
+from tests.test_formats import make_alert
+
+DAY = datetime(2026, 3, 2, tzinfo=timezone.utc)
+
+
+def at(hour: float, day: int = 0) -> datetime:
+    return DAY + timedelta(days=day, hours=hour)
+
+
+def finpulse(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def scored(ident: str, when: datetime, score: float, tickers: tuple[str, ...]) -> ScoredRecord:
+    sentiment = "bearish" if score < -0.2 else "bullish" if score > 0.2 else "neutral"
+    return ScoredRecord(id=ident, kind="comment", event_time=when, text=ident, topic="Markets", topic_confidence=0.5,
+                        sentiment=sentiment, sentiment_score=score, tickers=tickers, model_version="m-1",
+                        scored_at=when)
+
+
+@pytest.fixture
+def known_run(tmp_path) -> Path:
+    """Three firing alerts (two match labeled events, one does not) and one resolve; AAPL/MSFT prices on an hourly
+    grid; ten AAPL mentions, the bearish ones just before a fall, the bullish ones just before a rise."""
+    run = tmp_path / "known"
+    sink = PartSink(run, "m-1", "cfg123")
+    for alert in (make_alert(id="aapl", key_type="ticker", key="AAPL", emitted_at=at(10), severity="warning"),
+                  make_alert("resolved", id="aapl", key_type="ticker", key="AAPL", emitted_at=at(11.5)),
+                  make_alert(id="oil", key_type="topic", key="Energy | Oil", emitted_at=at(12) + timedelta(minutes=10)),
+                  make_alert(id="msft", key_type="ticker", key="MSFT", emitted_at=at(15))):
+        sink.add("alerts", alert_row(alert))
+    for i, score in enumerate((-0.9, -0.8, -0.6, -0.5, 0.0, 0.1, 0.5, 0.6, 0.8, 0.9)):
+        record = scored(f"m{i}", at(10) if score < 0 else at(11), score, ("AAPL",))
+        sink.add("scored", scored_row(record, "news", 0, i))
+    sink.write(0)
+    (run / "manifest.json").write_text(json.dumps({
+        "run_id": "known", "from": format_time(at(0)), "to": format_time(at(0, 1)), "source": "kafka",
+        "model_version": "m-1", "config_hash": "cfg123", "counts": {"inputs": 10}}))
+    (tmp_path / "events.csv").write_text("key,start,end\nAAPL,2026-03-02T10:30:00Z,2026-03-02T11:00:00Z\n"
+                                         "topic:Energy | Oil,2026-03-02T12:00:00Z,2026-03-02T12:30:00Z\n"
+                                         "ticker:TSLA,2026-03-02T13:00:00Z,2026-03-02T13:30:00Z\n")
+    prices = ["ticker,timestamp,price"]
+    aapl = {9: 100.0, 10: 100.0, 11: 99.0, 12: 101.0}
+    for hour in range(9, 36):      # to 11:00 the next day: 95 from 13:00 on
+        prices.append(f"AAPL,{format_time(at(hour))},{aapl.get(hour, 95.0)}")
+    prices += [f"MSFT,{format_time(at(15))},200", f"MSFT,{format_time(at(16))},202"]
+    (tmp_path / "prices.csv").write_text("\n".join(prices) + "\n")
+    return run
+
+
+def test_precision_recall_lead_time_and_event_study_have_the_known_values(known_run, tmp_path):
+    code, out, err = finpulse("backtest", "--run-id", "known", "--parquet", str(known_run), "--events",
+                              str(tmp_path / "events.csv"), "--prices", str(tmp_path / "prices.csv"))
+    assert code == 0, out + err
+    report = json.loads((known_run / "report.json").read_text())
+    quality = report["alert_quality"]
+    assert (quality["alerts_firing"], quality["alerts_resolved"]) == (3, 1)
+    assert quality["precision"] == pytest.approx(2 / 3) and quality["recall"] == pytest.approx(2 / 3)
+    leads = {e["key"]: e["lead_time_s"] for e in quality["events"]}
+    assert leads == {"AAPL": 1800.0, "topic:Energy | Oil": -600.0, "ticker:TSLA": None}
+    assert quality["lead_time_s"]["mean"] == pytest.approx(600.0)
+    assert {a["id"]: a["matched_event"] is not None for a in quality["alerts"]} == {"aapl": True, "oil": True,
+                                                                                   "msft": False}
+    study = report["event_study"]
+    after = study["after_bearish_alerts"]
+    assert after["1h"]["n"] == 2 and after["1h"]["mean"] == pytest.approx((-0.01 + 0.01) / 2)
+    assert after["1d"]["n"] == 1 and after["1d"]["mean"] == pytest.approx(-0.05)     # MSFT prices end too soon
+    quintiles = study["by_sentiment_quantile"]
+    assert [q["n"] for q in quintiles] == [2, 2, 2, 2, 2]
+    assert quintiles[0]["score_max"] < 0 < quintiles[-1]["score_min"]
+    assert quintiles[0]["mean_ret_1h"] == pytest.approx(-0.01)
+    assert quintiles[-1]["mean_ret_1h"] == pytest.approx(101 / 99 - 1)
+    assert (report["model_version"], report["config_hash"]) == ("m-1", "cfg123")
+    html = (known_run / "report.html").read_text()
+    assert html.count("<svg") >= 5 and "model m-1 · config cfg123" in html
+
+
+def self_contained(html: str) -> bool:
+    """Nothing to fetch: no scripts, no src/href attributes, no stylesheet links, no @import."""
+    return not re.search(r"<script|\ssrc=|\shref=|<link|@import", html)
+
+
+def test_backtest_of_a_real_replay_finds_the_simulated_shock(fp_settings, topics, tmp_path):
+    start = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+    shock = Shock("Energy | Oil", at_s=240, duration_s=120)
+    messages = list(generate(seed=4, start=start, rate=10, count=4000, shock=shock))
+
+    async def produce():
+        async with RecordSender(fp_settings.kafka) as sender:
+            for m in messages:
+                await sender.send(topics.news if m.kind == "news" else topics.comments, m.value(),
+                                  key=m.id.encode(), event_time=m.event_time)
+    asyncio.run(produce())
+    config = write_config(fp_settings.with_overrides({"detect": {"warmup_windows": 3}}), tmp_path / "finpulse.toml")
+    run_dir = tmp_path / "run"
+    code, out, err = finpulse("--config", str(config), "replay", "--from", format_time(start), "--to",
+                              format_time(start + timedelta(minutes=6)), "--run-id", "bt", "--parquet", str(run_dir),
+                              "--no-progress")
+    assert code == 0, out + err
+    truth = shock_truth(start, shock)
+    (tmp_path / "events.csv").write_text(f"key,start,end\ntopic:{truth.topic},{format_time(truth.start)},"
+                                         f"{format_time(truth.end)}\n")
+    prices = ["ticker,timestamp,price"] + [f"{t},{format_time(start + timedelta(minutes=5 * i))},{100 - i * 0.1:.2f}"
+                                           for t in truth.tickers for i in range(0, 400)]
+    (tmp_path / "prices.csv").write_text("\n".join(prices) + "\n")
+    code, out, err = finpulse("--config", str(config), "backtest", "--run-id", "bt", "--parquet", str(run_dir),
+                              "--events", str(tmp_path / "events.csv"), "--prices", str(tmp_path / "prices.csv"),
+                              "--out", str(tmp_path / "report"))
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert report["alert_quality"]["recall"] == 1.0
+    assert report["alert_quality"]["events"][0]["lead_time_s"] <= 0       # a sentiment spike follows the shock
+    assert report["event_study"]["by_sentiment_quantile"]
+    assert (report["model_version"], report["config_hash"]) == (manifest["model_version"], manifest["config_hash"])
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert self_contained(html) and "<svg" in html
+    assert f"model {manifest['model_version']} · config {manifest['config_hash']}" in html
+
+
+def test_bad_backtest_inputs_fail_clearly_and_write_nothing(known_run, tmp_path):
+    (tmp_path / "no_end.csv").write_text("key,start\nAAPL,2026-03-02T10:00:00Z\n")
+    (tmp_path / "bad_time.csv").write_text("key,start,end\nAAPL,soon,2026-03-02T10:00:00Z\n")
+    (tmp_path / "backwards.csv").write_text("key,start,end\nAAPL,2026-03-02T10:00:00Z,2026-03-02T09:00:00Z\n")
+    (tmp_path / "bad_price.csv").write_text("ticker,timestamp,price\nAAPL,2026-03-02T10:00:00Z,-3\n")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "_checkpoint.json").write_text("{}")
+    cases = [
+        (["--parquet", str(tmp_path / "half")], "holds no complete replay run: manifest.json is missing (it is interrupted"),
+        (["--run-id", "other"], "holds run 'known', not 'other'"),
+        (["--events", str(tmp_path / "no_end.csv")], "needs columns key, start, end; missing end"),
+        (["--events", str(tmp_path / "bad_time.csv")], "line 2: start='soon' is not ISO-8601"),
+        (["--events", str(tmp_path / "backwards.csv")], "line 2: an event needs a key and end >= start"),
+        (["--prices", str(tmp_path / "bad_price.csv")], "line 2: price '-3' is not a positive number"),
+        (["--prices", str(tmp_path / "missing.csv")], "prices file"),
+        (["--match-before", "soon"], "--match-before"),
+    ]
+    for extra, message in cases:
+        args = ["backtest", "--run-id", "known", "--parquet", str(known_run), "--out", str(tmp_path / "out"), *extra]
+        if "--run-id" in extra:
+            args = ["backtest", "--parquet", str(known_run), "--out", str(tmp_path / "out"), *extra]
+        code, out, err = finpulse(*args)
+        assert code == 2 and message in err, (extra, out + err)
+        assert not (tmp_path / "out").exists()
