@@ -456,6 +456,9 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                     if result.late:
                         log.warning("%s %s: %d message(s) arrived after their windows closed", key_type, key,
                                     result.late)
+                    if result.duplicates:
+                        log.info("%s %s: skipped %d message(s) already applied (redelivered after a restart)",
+                                 key_type, key, result.duplicates)
                 await commit(states, closed)
 
     @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
