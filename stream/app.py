@@ -23,12 +23,16 @@ its own agents/tables/services (aggregation windows, spike detection, alert deli
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
+
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
 from models.interface import Prediction, Scorer, failed, load_scorer
 
@@ -153,18 +157,34 @@ class Scoring:
                             original_key_b64=DeadLetter.encode_bytes(key))
         return Outgoing(self.names.deadletter, key, letter.to_json(), None)
 
+    def without_original(self, record: Outgoing) -> Outgoing | None:
+        """A dead letter the broker refused as too large, minus the original bytes (they stay in the source topic
+        at the recorded partition/offset). None for any other record."""
+        if record.topic != self.names.deadletter:
+            return None
+        letter = DeadLetter.from_json(record.value)
+        if not letter.original_b64 and not letter.original_key_b64:
+            return None
+        smaller = dataclasses.replace(letter, original_b64="", original_key_b64=None,
+                                      detail=f"{letter.detail} (original too large for the broker: read it from "
+                                             f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset})")
+        return Outgoing(record.topic, None, smaller.to_json(), record.timestamp_ms)
+
     def stats_line(self) -> str:
         reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(self.rejected.items())) or "none"
         return f"scored {self.scored}; dead-lettered {sum(self.rejected.values())} ({reasons})"
 
 
 SendFn = Callable[[Outgoing], Awaitable[asyncio.Future]]
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 
 
-async def deliver(send: SendFn, records: Sequence[Outgoing]) -> None:
+async def deliver(send: SendFn, records: Sequence[Outgoing],
+                  shrink: Callable[[Outgoing], Outgoing | None] = lambda record: None) -> None:
     """Send every record and wait for all deliveries (one gather per batch); resend the failed ones with backoff
     until the broker has them all. Never gives up: leaving with records undelivered would let the input offsets
-    be committed without their outputs."""
+    be committed without their outputs. A record the broker finds too large is replaced by ``shrink(record)``
+    (when that gives one), so one huge record cannot wedge the stream."""
     backoff = 0.5
     while records:
         futures: list[Any] = []
@@ -176,14 +196,46 @@ async def deliver(send: SendFn, records: Sequence[Outgoing]) -> None:
         pending = [f for f in futures if not isinstance(f, BaseException)]
         results = iter(await asyncio.gather(*pending, return_exceptions=True))
         outcomes = [f if isinstance(f, BaseException) else next(results) for f in futures]
-        failed_records = [r for r, outcome in zip(records, outcomes) if isinstance(outcome, BaseException)]
-        if failed_records:
+        retry = []
+        for record, outcome in zip(records, outcomes):
+            if isinstance(outcome, BaseException):
+                smaller = shrink(record) if isinstance(outcome, _TOO_LARGE) else None
+                retry.append(smaller or record)
+        if retry:
             first = next(o for o in outcomes if isinstance(o, BaseException))
-            log.error("%d of %d records not delivered (%r): retrying in %.1fs", len(failed_records), len(records),
-                      first, backoff)
+            log.error("%d of %d records not delivered (%r): retrying in %.1fs", len(retry), len(records), first,
+                      backoff)
             await asyncio.sleep(backoff)
             backoff = min(SEND_RETRY_MAX_S, backoff * 2)
-        records = failed_records
+        records = retry
+
+
+async def finish_batch(work: Awaitable[None]) -> None:
+    """Run one batch's work to its end even when the agent is cancelled (worker shutdown, rebalance):
+    ``take_events`` acks the batch as soon as the loop body ends, so the body must not end before every output is
+    delivered. The cancellation is re-raised once the batch is done. An unexpected error ends the process at once,
+    before Faust can commit the batch's offsets: a restart reads the batch again (a crash, not a loss)."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.cancelled():
+                _exit_without_commit("the batch was cancelled before its outputs were delivered")
+            cancelled = True
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.critical("scoring a batch failed unexpectedly", exc_info=True)
+            _exit_without_commit("a batch failed")
+    if cancelled:
+        raise asyncio.CancelledError()
+
+
+def _exit_without_commit(why: str) -> None:
+    log.critical("%s: exiting now so that its offsets are not committed (a restart scores it again)", why)
+    logging.shutdown()
+    os._exit(70)
 
 
 def create_app(settings: Settings, scorer: Scorer | None = None, extensions: Sequence[str] = EXTENSIONS):
@@ -237,19 +289,21 @@ def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) 
         return await app.producer.send(record.topic, record.key, record.value, partition=None,
                                        timestamp=timestamp, headers=None)
 
+    async def process(events) -> None:
+        messages = [SourceMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value)
+                    for e in events]
+        valid, outputs = scoring.parse(messages)
+        if valid:
+            texts = [item.text for _, item in valid]
+            predictions = await asyncio.get_running_loop().run_in_executor(executor, scoring.score, texts)
+            outputs.extend(scoring.publishable(valid, predictions))
+        await deliver(send, outputs, scoring.without_original)
+
     @app.agent(inputs, name="score")
     async def score(stream):
-        loop = asyncio.get_running_loop()
         try:
             async for events in stream.take_events(worker.max_batch, within=worker.max_wait_s):
-                messages = [SourceMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value)
-                            for e in events]
-                valid, outputs = scoring.parse(messages)
-                if valid:
-                    texts = [item.text for _, item in valid]
-                    predictions = await loop.run_in_executor(executor, scoring.score, texts)
-                    outputs.extend(scoring.publishable(valid, predictions))
-                await deliver(send, outputs)
+                await finish_batch(process(events))
         finally:
             log.info("score agent stopped: %s (model %s)", scoring.stats_line(), scorer.model_version)
 

@@ -8,8 +8,9 @@ Faust finishes the batch in hand, commits what was processed, and leaves the con
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
-from models.interface import load_scorer
+from models.interface import Scorer, load_scorer
 
 from . import tansu_compat
 from .config import Settings
@@ -18,24 +19,31 @@ from .topics import TopicNames, ensure_topics
 log = logging.getLogger(__name__)
 
 
-def prepare_app(settings: Settings):
-    """Topics, scorer and broker compatibility, then the Faust app (``stream.app.create_app``)."""
-    from .app import create_app
+def prepare_app(settings: Settings, scorer: Scorer | None = None, extensions: Sequence[str] | None = None):
+    """Topics, scorer and broker compatibility, then the Faust app (``stream.app.create_app``; ``extensions``
+    default to ``stream.app.EXTENSIONS``, the scorer to the one ``[worker]`` names)."""
+    from .app import EXTENSIONS, create_app
 
     kafka, worker = settings.kafka, settings.worker
+    # The Kafka clients log every produced record at debug level: costly per message, and noise.
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).getEffectiveLevel()))
     names = TopicNames(kafka.topic_prefix)
     ensure_topics(kafka, names.all(), names.compacted())
-    scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device)
+    if scorer is None:
+        scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device)
     if tansu_compat.apply_if_needed(kafka):
         log.info("broker is tansu: compatibility patch applied (see stream/tansu_compat.py)")
-    return create_app(settings, scorer)
+    return create_app(settings, scorer, EXTENSIONS if extensions is None else extensions)
 
 
-def run_worker(settings: Settings) -> int:
+def run_worker(settings: Settings, scorer: Scorer | None = None, extensions: Sequence[str] | None = None) -> int:
+    """Run the worker until SIGTERM/Ctrl-C; returns the exit code. ``scorer``/``extensions`` as in ``prepare_app``
+    (benchmarks run the scoring agent alone with ``extensions=()``)."""
     import faust
 
     worker = settings.worker
-    app = prepare_app(settings)
+    app = prepare_app(settings, scorer, extensions)
     print(f"FinPulse worker {worker.app_id}: Kafka {settings.kafka.bootstrap_servers}, topics "
           f"{settings.kafka.topic_prefix}.*; Ctrl-C or SIGTERM stops it", flush=True)
     faust_worker = faust.Worker(app, loglevel=worker.log_level.upper(), quiet=True)

@@ -10,6 +10,10 @@ from datetime import datetime, timezone
 
 import pytest
 
+from aiokafka import AIOKafkaProducer
+
+from models.baseline import NoopScorer
+from stream.app import Scoring, SourceMessage, deliver, finish_batch
 from stream.kafka_io import RecordSender
 from stream.records import DeadLetter, epoch_ms, format_time
 from stream.simulate import Shock, SimMessage, generate
@@ -72,28 +76,42 @@ def test_ten_thousand_simulated_messages_are_all_scored(fp_settings, topics, tmp
     assert "score agent stopped: scored 10000; dead-lettered 0" in worker.output()
 
 
+def scored_count(settings, topics) -> int:
+    return len(read_all(settings, topics.scored))
+
+
 @pytest.mark.slow
-def test_kill_9_mid_stream_then_restart_scores_every_message(fp_settings, topics, tmp_path):
-    count = 6_000
-    expected = {m.id: m for m in simulated(seed=22, count=count, rate=1_000)}
-    first = start_worker(fp_settings, tmp_path, "worker-1")
-    # Paced by the wall clock at 1,000 messages/s: the stream is still flowing when the worker dies.
-    simulator = start_finpulse(fp_settings, *simulate_args(22, count, rate=1_000), log_dir=tmp_path, name="simulate")
+def test_sigterm_and_kill_9_mid_stream_then_restart_scores_every_message(fp_settings, topics, tmp_path):
+    """A live stream (paced by the wall clock) while the worker is stopped with SIGTERM, restarted, killed with
+    kill -9, and restarted again: every message ends up scored (duplicates allowed)."""
+    count = 12_000
+    expected = {m.id: m for m in simulated(seed=22, count=count, rate=500)}
+    workers = [start_worker(fp_settings, tmp_path, "worker-1")]
+    simulator = start_finpulse(fp_settings, *simulate_args(22, count, rate=500), log_dir=tmp_path, name="simulate")
     try:
-        wait_for_records(fp_settings, topics.scored, lambda rs: len(rs) >= 1_000, timeout=120, what="1,000 scored")
-        first.kill()
-        assert simulator.running(), "the stream ended before the kill: the test would prove nothing"
-        with start_worker(fp_settings, tmp_path, "worker-2") as second:
-            assert simulator.wait(120) == 0, simulator.tail()
-            scored = wait_for_records(fp_settings, topics.scored, until_ids(expected), timeout=240,
-                                      what="every id scored after the restart")
-            second.stop()
+        wait_for_records(fp_settings, topics.scored, lambda rs: len(rs) >= 1_500, timeout=120, what="1,500 scored")
+        assert workers[0].stop() == 0, workers[0].tail()          # SIGTERM: finishes its batch, commits, leaves
+        at_sigterm = scored_count(fp_settings, topics)
+        assert at_sigterm < count, "the stream was over before the SIGTERM: the test would prove nothing"
+
+        workers.append(start_worker(fp_settings, tmp_path, "worker-2"))
+        wait_for_records(fp_settings, topics.scored, lambda rs: len(rs) >= at_sigterm + 1_500, timeout=120,
+                         what="1,500 more scored")
+        workers[1].kill()                                          # kill -9: no shutdown code runs
+        at_kill = scored_count(fp_settings, topics)
+        assert at_kill < count, "the stream was over before the kill: the test would prove nothing"
+
+        workers.append(start_worker(fp_settings, tmp_path, "worker-3"))
+        assert simulator.wait(180) == 0, simulator.tail()
+        scored = wait_for_records(fp_settings, topics.scored, until_ids(expected), timeout=240,
+                                  what="every id scored after the restarts")
+        assert workers[2].stop() == 0
     finally:
-        first.kill()
+        for worker in workers:
+            worker.kill()
         simulator.stop()
     check_scored(scored, expected)
-    duplicates = len(scored) - len(expected)
-    print(f"{duplicates} duplicate(s) after kill -9 (at-least-once)")
+    print(f"{len(scored) - len(expected)} duplicate(s) after SIGTERM and kill -9 (at-least-once)")
 
 
 @pytest.mark.slow
@@ -151,6 +169,46 @@ def test_two_workers_split_the_partitions_and_together_score_everything(fp_setti
     assert all(share > 0 for share in shares), shares              # both did part of the work
     assert sum(shares) >= len(expected)
     assert len(scored) == sum(shares)                              # every record published is counted once
+
+
+def test_a_batch_finishes_even_when_the_agent_is_cancelled():
+    """take_events acks a batch when its body ends: a shutdown must not end the body before the outputs are out."""
+    async def scenario() -> list[str]:
+        done: list[str] = []
+
+        async def work() -> None:
+            await asyncio.sleep(0.3)
+            done.append("delivered")
+
+        batch = asyncio.ensure_future(finish_batch(work()))
+        await asyncio.sleep(0.05)
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        return done
+
+    assert asyncio.run(scenario()) == ["delivered"]
+
+
+def test_a_dead_letter_too_large_for_the_broker_is_delivered_without_its_original(fp_settings, topics):
+    scoring = Scoring(NoopScorer(), topics, max_text_chars=100)
+    letter = scoring.dead_letter(SourceMessage(topics.news, 2, 41, b"k", b"x" * 50_000), "invalid_json", "bad")
+
+    async def send_with_small_limit() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=fp_settings.kafka.bootstrap_servers, max_request_size=20_000)
+        await producer.start()
+        try:
+            async def send(record):
+                return await producer.send(record.topic, record.value, key=record.key)
+            await deliver(send, [letter], scoring.without_original)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send_with_small_limit())
+    [record] = read_all(fp_settings, topics.deadletter)
+    delivered = DeadLetter.from_json(record.value)
+    assert delivered.original == b"" and delivered.reason == "invalid_json"
+    assert f"{topics.news}[2]@41" in delivered.detail
 
 
 def test_worker_rejects_bad_configuration_clearly(fp_settings, tmp_path):
