@@ -13,10 +13,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from models.baseline import NoopScorer
+from models.interface import Prediction, failed
 from stream.app import Scoring, SourceMessage, deliver, finish_batch
 from stream.kafka_io import RecordSender
 from stream.records import DeadLetter, epoch_ms, format_time
 from stream.simulate import Shock, SimMessage, generate
+from stream.topics import TopicNames
 from tests.procs import (json_values, read_all, run_finpulse, start_finpulse, start_worker, until_ids,
                          wait_for_records, with_section)
 
@@ -169,6 +171,38 @@ def test_two_workers_split_the_partitions_and_together_score_everything(fp_setti
     assert all(share > 0 for share in shares), shares              # both did part of the work
     assert sum(shares) >= len(expected)
     assert len(scored) == sum(shares)                              # every record published is counted once
+
+
+class PickyScorer:
+    """A scorer that cannot read "garbled" texts (per-item error, as the Scorer contract says) and that raises
+    for a whole batch containing "explode" (a broken scorer, which the worker must survive)."""
+    model_version = "picky-1"
+
+    def score(self, texts):
+        if any("explode" in t for t in texts):
+            raise RuntimeError("boom")
+        return [failed("cannot read") if "garbled" in t else Prediction("Markets", 0.9, "bearish", -0.8)
+                for t in texts]
+
+
+def test_scoring_core_dead_letters_what_the_scorer_cannot_score_and_fans_out_tickers():
+    topics = TopicNames("unit")
+    scoring = Scoring(PickyScorer(), topics, max_text_chars=1_000)
+    texts = ["$AAPL and $MSFT slump", "garbled $XOM", "this will explode", "{bad json"]
+    values = [json.dumps({"id": f"c{n}", "created_at": 1, "text": text}).encode() for n, text in enumerate(texts[:3])]
+    messages = [SourceMessage(topics.comments, 0, offset, None, value)
+                for offset, value in enumerate(values + [texts[3].encode()])]
+    valid, outputs = scoring.parse(messages)
+    outputs += scoring.publishable(valid, scoring.score([item.text for _, item in valid]))
+    by_topic = Counter(o.topic for o in outputs)
+    assert by_topic == {topics.scored: 1, topics.scored_by_ticker: 2, topics.deadletter: 3}
+    assert [o.key for o in outputs if o.topic == topics.scored_by_ticker] == [b"AAPL", b"MSFT"]
+    letters = {DeadLetter.from_json(o.value).source_offset: DeadLetter.from_json(o.value)
+               for o in outputs if o.topic == topics.deadletter}
+    assert (letters[1].reason, letters[1].detail) == ("unscorable", "cannot read")
+    assert (letters[2].reason, letters[2].detail) == ("unscorable", "RuntimeError: boom")
+    assert letters[3].reason == "invalid_json"
+    assert scoring.stats_line() == "scored 1; dead-lettered 3 (invalid_json=1, unscorable=2)"
 
 
 def test_a_batch_finishes_even_when_the_agent_is_cancelled():
