@@ -47,20 +47,20 @@ log = logging.getLogger(__name__)
 @dataclass
 class DetectRule:
     """The thresholds for one key. Defaults are tuned with tests/bench/bench_alerts.py."""
-    window_s: int = 60
-    min_count: int = 15
-    warmup_windows: int = 10
-    alpha: float = 0.1
-    fire_z: float = 5.5
+    window_s: int = 60                 # which closed windows are judged (a size from [aggregate] windows)
+    min_count: int = 15                # fewer messages than this: too noisy to judge or to learn from
+    warmup_windows: int = 10           # windows learned before the first alert can fire
+    alpha: float = 0.1                 # weight of each new window in the baseline
+    fire_z: float = 5.5                # deviations (and min_share_rise / min_score_drop) that start an episode
     min_share_rise: float = 0.15
     min_score_drop: float = 0.15
-    resolve_z: float = 2.0
-    learn_z: float = 2.0
+    resolve_z: float = 2.0             # below this for resolve_windows windows in a row: resolved (hysteresis)
+    learn_z: float = 2.0               # windows worse than this count only up to it in the baseline
     resolve_windows: int = 2
-    cooldown_s: int = 600
-    share_std_floor: float = 0.03
+    cooldown_s: int = 600              # no new episode this long after one resolved
+    share_std_floor: float = 0.03      # the smallest deviation a baseline may claim
     score_std_floor: float = 0.04
-    warning_z: float = 8.0
+    warning_z: float = 8.0             # severity: info below, warning from here, critical from critical_z
     critical_z: float = 12.0
     top_messages: int = 5
 

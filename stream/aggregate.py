@@ -23,15 +23,20 @@ Two layers:
 Windows are hopping and epoch-aligned: ``SIZE/STEP`` (defaults 1m/1m, 5m/1m, 1h/5m). Each key has a watermark,
 the largest event time it has seen; a window closes when the watermark passes its end plus the allowed lateness,
 so a late message inside the lateness still counts, and one later than that is dropped (counted as ``late``).
+Live, a watermark advance takes effect only ``close_grace_s`` of wall-clock time later (``WindowAggregator.settle``,
+also run by a 1 s timer, so quiet keys close too): a backlog is consumed partition by partition round-robin, and
+without the grace the partitions that lag in event time would all be late. Without a clock (replay, bench, tests)
+windows close on event time alone, deterministically.
 
 Exactly-once table effects under at-least-once delivery: each key's state stores the highest applied offset per
 source partition, and the ids of messages applied in the last ``dedupe_horizon_s`` of event time. After a crash
-Faust re-delivers from the last committed offset; events at or below the stored offset are skipped (the table
-changelog is flushed before offsets commit, so the stored offsets never run ahead of the stored windows). The id set
+Faust re-delivers from the last committed offset; events at or below the stored offset are skipped (Faust flushes
+the changelog before it commits offsets, so a committed offset is never ahead of the recovered state). The id set
 also skips the duplicates an upstream re-scoring produces at new offsets. The one documented gap: a duplicate whose
 event time is older than the horizon (relative to the key's watermark) counts again in the windows still open for
 it, i.e. only in windows longer than the horizon. Final trends re-emitted after a crash are identical (downstream
-deduplicates by ``TrendRecord.window_id``).
+deduplicates by ``TrendRecord.window_id``). Closed windows are published, and acknowledged by the broker, before
+the table values that no longer hold them are written, so a crash re-emits a final trend rather than losing it.
 """
 from __future__ import annotations
 

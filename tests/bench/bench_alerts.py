@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scorer", default="baseline", choices=["baseline", "auto", "model"])
     parser.add_argument("--limit", type=int, default=0, help="run only the first N scenarios")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv or [])   # called as main() by the bench runner: defaults
 
     names = TopicNames("bench")
     scorer = load_scorer(args.scorer)
@@ -206,4 +207,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
