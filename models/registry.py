@@ -1,9 +1,10 @@
 """Finding the trained model to use.
 
-``find_model_dir``: an explicit directory if given, else ``$FINPULSE_MODEL_DIR``, else the newest valid FinPulse
-model under ``var/models/`` (by the ``created_at`` in its config.json). An explicit directory that is not a
-FinPulse model is an error that says why; while scanning, directories that are not models (or are still being
-written: training writes to a hidden ``.incomplete-*`` directory and renames it when done) are skipped.
+``find_model_dir``: an explicit directory (or a model version under the models root) if given, else
+``$FINPULSE_MODEL_DIR``, else the newest valid FinPulse model under ``var/models/`` (by the ``created_at`` in its
+config.json). An explicit directory that is not a FinPulse model is an error that says why; while scanning,
+directories that are not models (or are still being written: training writes to a hidden ``.incomplete-*``
+directory and renames it when done) are skipped.
 """
 from __future__ import annotations
 
@@ -51,7 +52,10 @@ def list_models(root: str | Path = DEFAULT_MODELS_ROOT) -> list[tuple[Path, dict
 def find_model_dir(explicit: str | None = None, root: str | Path = DEFAULT_MODELS_ROOT) -> Path | None:
     chosen = explicit or os.environ.get(MODEL_DIR_ENV)
     if chosen:
-        validate_model_dir(chosen)
-        return Path(chosen).expanduser()
+        path = Path(chosen).expanduser()
+        if not path.exists() and (Path(root) / chosen).is_dir():
+            path = Path(root) / chosen  # a bare model version, as printed by training
+        validate_model_dir(path)
+        return path
     models = list_models(root)
     return models[0][0] if models else None

@@ -235,6 +235,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+# Steps between which a time-budgeted run measures its speed (after the first, slower steps).
+TIMING_STEPS = (5, 25)
+
+
 def to_device(device: torch.device, *arrays) -> list[torch.Tensor]:
     """int64 arrays/tensors of one batch to ``device`` in one pinned, non-blocking copy: no copy from pageable
     memory that would make the CPU wait for the GPU every step (this loop is bound by launch overhead)."""
@@ -270,21 +274,22 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
         log.info("%s: resuming after epoch %d (best %.4f at epoch %d)", name, state["epoch"], state["best_score"],
                  state["best_epoch"])
     state = state or {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0,
-                      "history": [], "stopped": "", "planned_epochs": cfg.epochs}
+                      "history": [], "stopped": "", "planned_steps": total_steps}
     best_weights = None
-    while not state["stopped"] and state["epoch"] < state["planned_epochs"]:
+    timing_from = None
+    while not state["stopped"] and state["step"] < state["planned_steps"]:
         epoch = state["epoch"] + 1
-        total_steps = steps_per_epoch * state["planned_epochs"]
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same after a resume
         model.train()
-        bar = progress(steps_per_epoch, f"{name} epoch {epoch}/{state['planned_epochs']}")
+        epochs = -(-state["planned_steps"] // steps_per_epoch)
+        bar = progress(min(steps_per_epoch, state["planned_steps"] - state["step"]), f"{name} epoch {epoch}/{epochs}")
         epoch_start, loss_sum, seen = time.monotonic(), 0.0, 0
         for batch in bucketed_batches(lengths, cfg.batch_size, rng):
             ids_t, mask_t, rows = to_device(device, *text_encoder.pad([token_ids[i] for i in batch]), batch)
             batch_targets = {k: v[rows] for k, v in tensors.items()}
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(state["step"], total_steps, warmup, cfg.schedule)
+                group["lr"] = cfg.lr * lr_factor(state["step"], state["planned_steps"], warmup, cfg.schedule)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 topic_logits, sentiment_logits = model(ids_t, mask_t)
             loss = (masked_soft_loss(topic_logits, batch_targets["topic"], batch_targets["topic_weight"])
@@ -300,6 +305,17 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
                 loss_sum = loss.item() if not loss_sum else 0.9 * loss_sum + 0.1 * loss.item()
                 bar.set_postfix(loss=f"{loss_sum:.4f}", seq_s=f"{seen / (time.monotonic() - epoch_start):.0f}")
             bar.update(1)
+            if cfg.max_seconds and state["step"] == TIMING_STEPS[0]:
+                timing_from = time.monotonic()
+            if cfg.max_seconds and state["step"] == TIMING_STEPS[1] and timing_from:
+                # Fit the schedule to the budget: fewer steps whose learning rate still decays to zero, rather
+                # than a run cut off at a high learning rate. 15% is left for validation passes.
+                now = time.monotonic()
+                per_step = (now - timing_from) / (TIMING_STEPS[1] - TIMING_STEPS[0])
+                affordable = state["step"] + int(0.85 * (cfg.max_seconds - (now - started)) / per_step)
+                state["planned_steps"] = max(state["step"] + 1, min(state["planned_steps"], affordable))
+            if state["step"] >= state["planned_steps"]:
+                break
             if cfg.max_seconds and time.monotonic() - started > cfg.max_seconds:
                 state["stopped"] = f"time budget of {cfg.max_seconds:.0f}s reached in epoch {epoch}"
                 break
@@ -322,11 +338,6 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
             if state["bad_epochs"] >= cfg.patience:
                 state["stopped"] = f"early stop: no better validation score for {cfg.patience} epochs"
         state["epoch"] = epoch
-        if cfg.max_seconds and epoch == 1:
-            # Fit the schedule to the budget: fewer, complete epochs (the learning rate decays to zero) rather
-            # than a run cut off at a high learning rate.
-            affordable = int(cfg.max_seconds // (time.monotonic() - started))
-            state["planned_epochs"] = max(1, min(cfg.epochs, affordable))
         if checkpoint:
             checkpoint.save(model, optimizer, state, best=improved)
     if checkpoint:
@@ -334,8 +345,10 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
     elif best_weights is not None:
         model.load_state_dict(best_weights)
     model.eval()
+    planned = ("all epochs" if state["planned_steps"] == total_steps else
+               f"time budget: {state['planned_steps']} of {total_steps} steps")
     return FitResult(state["best_epoch"], state["best_score"], state["history"], time.monotonic() - started,
-                     state["stopped"] or "all epochs")
+                     state["stopped"] or planned)
 
 
 def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, device: torch.device) -> Path:
@@ -377,6 +390,17 @@ def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, dev
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.update(1)
+            if cfg.max_seconds and state["step"] == TIMING_STEPS[0]:
+                timing_from = time.monotonic()
+            if cfg.max_seconds and state["step"] == TIMING_STEPS[1] and timing_from:
+                # Fit the schedule to the budget: fewer steps whose learning rate still decays to zero, rather
+                # than a run cut off at a high learning rate. 15% is left for validation passes.
+                now = time.monotonic()
+                per_step = (now - timing_from) / (TIMING_STEPS[1] - TIMING_STEPS[0])
+                affordable = state["step"] + int(0.85 * (cfg.max_seconds - (now - started)) / per_step)
+                state["planned_steps"] = max(state["step"] + 1, min(state["planned_steps"], affordable))
+            if state["step"] >= state["planned_steps"]:
+                break
             if cfg.max_seconds and time.monotonic() - started > cfg.max_seconds:
                 stop = True
                 break

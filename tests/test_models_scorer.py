@@ -1,0 +1,250 @@
+"""The saved-model format, the batched scorer, the model registry, the data loaders and the metrics."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.data import DataError, MISSING, load_data, load_file, load_shared, split
+from models.interface import Prediction, load_scorer
+from models.labels import SENTIMENTS, TOPICS
+from models.metrics import head_report
+from models.modeling import FinPulseClassifier, TextEncoder, load_model, save_model
+from models.registry import NotAModelDir, find_model_dir, list_models
+from models.scorer import BatchScorer
+from tests.models_fixtures import make_tiny_base, tiny_set, write_tiny_csv
+
+TEXTS = [
+    "$ACME shares soar to a record after strong results https://t.co/xyz",
+    "Fed holds rates",
+    "Oil &amp; gas producers cut output as crude slides; OPEC+ meets on Sunday to weigh deeper cuts " * 3,
+    "CEO resigns",
+    "Board declares a quarterly dividend",
+    "Stocks rally",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    base = str(make_tiny_base(tmp_path_factory.mktemp("tiny-bert")))
+    model = FinPulseClassifier.from_base(base, seed=5)
+    torch.nn.init.normal_(model.topic_head.weight, std=0.5)  # confident heads: labels depend on the text
+    torch.nn.init.normal_(model.sentiment_head.weight, std=0.5)
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(model, base, out, base_model=base, recipe="test", max_length=48)
+    return out
+
+
+def unbatched_probabilities(loaded, text: str) -> np.ndarray:
+    ids = loaded.text_encoder.ids([text])[0]
+    with torch.no_grad():
+        topic, sentiment = loaded.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    return torch.cat([topic.softmax(-1), sentiment.softmax(-1)], 1)[0].numpy()
+
+
+def test_saved_directory_is_complete_and_self_describing(tiny_model_dir):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert re.fullmatch(r"finpulse-tiny-bert\d*-test-\d{8}-[0-9a-f]{8}", config["model_version"])
+    assert config["topics"] == list(TOPICS) and config["sentiments"] == list(SENTIMENTS)
+    assert config["id2label_sentiment"] == {"0": "bearish", "1": "neutral", "2": "bullish"}
+    assert config["encoder"]["model_type"] == "bert" and config["max_length"] == 48
+    assert {p.name for p in tiny_model_dir.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+def test_save_then_load_gives_identical_outputs(tiny_model_dir, tmp_path):
+    first = load_model(tiny_model_dir)
+    resaved = tmp_path / "again"
+    save_model(first.model, tiny_model_dir, resaved, base_model="tiny", recipe="test", max_length=48)
+    second = load_model(resaved)
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key]), key
+    a = BatchScorer(first.model, first.text_encoder, first.version, device="cpu").probabilities(TEXTS)
+    b = BatchScorer(second.model, second.text_encoder, second.version, device="cpu").probabilities(TEXTS)
+    assert np.array_equal(a.topic, b.topic) and np.array_equal(a.sentiment, b.sentiment)
+
+
+def test_float16_weights_load_close_to_float32(tiny_model_dir, tmp_path):
+    full = load_model(tiny_model_dir)
+    save_model(full.model, tiny_model_dir, tmp_path / "half", base_model="tiny", recipe="test", max_length=48,
+               dtype=torch.float16)
+    half = load_model(tmp_path / "half")
+    assert half.model.topic_head.weight.dtype == torch.float32
+    p_full = BatchScorer(full.model, full.text_encoder, "a", device="cpu").probabilities(TEXTS)
+    p_half = BatchScorer(half.model, half.text_encoder, "b", device="cpu").probabilities(TEXTS)
+    assert np.abs(p_full.topic - p_half.topic).max() < 1e-2
+
+
+def test_scorer_matches_a_plain_unbatched_forward(tiny_model_dir):
+    loaded = load_model(tiny_model_dir)
+    scorer = BatchScorer(loaded.model, loaded.text_encoder, loaded.version, device="cpu", batch_size=4)
+    texts = TEXTS * 3  # several batches of mixed lengths, each padded only to its own longest text
+    probs = scorer.probabilities(texts)
+    for i, text in enumerate(texts):
+        expected = unbatched_probabilities(loaded, text)
+        assert np.allclose(np.concatenate([probs.topic[i], probs.sentiment[i]]), expected, atol=1e-5), text
+    predictions = scorer.score(texts)
+    assert [p.topic for p in predictions] == [TOPICS[int(np.argmax(probs.topic[i]))] for i in range(len(texts))]
+    for p, s in zip(predictions, probs.sentiment):
+        assert p.sentiment_score == pytest.approx(s[SENTIMENTS.index("bullish")] - s[SENTIMENTS.index("bearish")])
+        assert -1.0 <= p.sentiment_score <= 1.0 and 0.0 < p.topic_confidence <= 1.0
+
+
+def test_bad_inputs_are_reported_per_item_and_never_fail_the_batch(tiny_model_dir):
+    scorer = BatchScorer.from_pretrained(tiny_model_dir, device="cpu", batch_size=3)
+    huge = "Markets rally on strong data. " * 3500  # ~100 KB
+    batch = ["", "   \n\t", None, 42, "https://t.co/onlyalink", "Stocks rally", "株価が大幅に上昇した",
+             "Les marchés chutent après l'annonce", huge, "Oil slips"]
+    predictions = scorer.score(batch)
+    assert len(predictions) == len(batch)
+    errors = [p.error for p in predictions]
+    assert errors[0] == errors[1] == "empty text"
+    assert errors[2] == "not a text (NoneType)" and errors[3] == "not a text (int)"
+    assert "no text left" in errors[4]
+    assert all(p.ok for p in predictions[5:])
+    # Truncation is explicit: the huge text scores exactly like its first max_length tokens.
+    loaded = load_model(tiny_model_dir)
+    assert len(loaded.text_encoder.ids([huge])[0]) == loaded.text_encoder.max_length
+    alone = scorer.score([huge])[0]
+    assert (alone.topic, alone.sentiment) == (predictions[8].topic, predictions[8].sentiment)
+
+
+def test_scorer_can_be_shared_by_threads(tiny_model_dir):
+    scorer = BatchScorer.from_pretrained(tiny_model_dir, device="cpu", batch_size=2)
+    expected = scorer.score(TEXTS)
+    results: list[list[Prediction]] = []
+    threads = [threading.Thread(target=lambda: results.append(scorer.score(TEXTS))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 4
+
+
+def test_int8_cpu_path_stays_close_to_float32_on_the_real_encoder():
+    from models.modeling import default_base_model_dir
+    base = str(default_base_model_dir())
+    model = FinPulseClassifier.from_base(base).eval()
+    encoder = TextEncoder.for_base(base, 64)
+    quantized = BatchScorer(FinPulseClassifier.from_base(base).eval(), encoder, "int8", device="cpu",
+                            quantize="int8").model
+    ids, mask = (torch.from_numpy(a) for a in encoder.pad(encoder.ids(TEXTS)))
+    with torch.no_grad():
+        exact, approx = model.pool(ids, mask), quantized.pool(ids, mask)
+    cosine = torch.nn.functional.cosine_similarity(exact, approx)
+    # Dynamic int8 keeps the sentence vectors close (about 0.93-0.95 here; a broken conversion lands near 0).
+    assert cosine.min() > 0.9, cosine
+
+
+def make_model_copy(src: Path, dst: Path, created_at: str) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    config = json.loads((dst / "config.json").read_text())
+    config["created_at"] = created_at
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_registry_picks_the_newest_model_and_skips_other_directories(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("FINPULSE_MODEL_DIR", raising=False)
+    root = tmp_path / "models"
+    old = make_model_copy(tiny_model_dir, root / "b-old", "2026-01-01T00:00:00+00:00")
+    new = make_model_copy(tiny_model_dir, root / "a-new", "2026-06-01T00:00:00+00:00")
+    make_model_copy(tiny_model_dir, root / ".incomplete-run", "2027-01-01T00:00:00+00:00")
+    (root / "notes").mkdir()
+    (root / "notes" / "config.json").write_text('{"model_type": "bert"}')
+    assert [p for p, _ in list_models(root)] == [new, old]
+    assert find_model_dir(None, root) == new
+    assert find_model_dir("b-old", root) == old  # a bare version name
+    monkeypatch.setenv("FINPULSE_MODEL_DIR", str(old))
+    assert find_model_dir(None, root) == old
+    assert find_model_dir(None, tmp_path / "nothing-here") == old
+    monkeypatch.delenv("FINPULSE_MODEL_DIR")
+    assert find_model_dir(None, tmp_path / "nothing-here") is None
+
+
+def test_registry_rejects_directories_that_are_not_models(tiny_model_dir, tmp_path):
+    with pytest.raises(NotAModelDir, match="does not exist"):
+        find_model_dir(str(tmp_path / "missing"))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(NotAModelDir, match="no finpulse_format"):
+        find_model_dir(str(plain))
+    partial = make_model_copy(tiny_model_dir, tmp_path / "partial", "2026-01-01T00:00:00+00:00")
+    (partial / "model.safetensors").unlink()
+    with pytest.raises(NotAModelDir, match="missing model.safetensors"):
+        find_model_dir(str(partial))
+
+
+def test_load_scorer_returns_the_model_scorer_with_its_version(tiny_model_dir, tmp_path):
+    scorer = load_scorer("auto", model_dir=str(tiny_model_dir), device="cpu")
+    assert isinstance(scorer, BatchScorer)
+    assert scorer.model_version == json.loads((tiny_model_dir / "config.json").read_text())["model_version"]
+    with pytest.raises(NotAModelDir):
+        load_scorer("model", model_dir=str(tmp_path))
+
+
+def test_user_files_accept_names_and_ids_and_reject_bad_rows(tmp_path):
+    csv_file = tmp_path / "mine.csv"
+    csv_file.write_text("text,topic,sentiment\nOil up,Energy | Oil,\nFed holds,1,2.0\nShares fall,,Bearish\n")
+    data = load_file(csv_file)
+    assert list(data.topic) == [TOPICS.index("Energy | Oil"), 1, MISSING]
+    assert list(data.sentiment) == [MISSING, SENTIMENTS.index("neutral"), SENTIMENTS.index("bearish")]
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text('{"text": "Stocks soar", "sentiment": "bullish"}\n{"text": "Gold rises", "sentiment": 1}\n')
+    assert list(load_file(jsonl).sentiment) == [SENTIMENTS.index("bullish")] * 2
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,topic\n,Macro\nGDP grows,Weather\nCPI,25\nok text,\n")
+    with pytest.raises(DataError) as err:
+        load_file(bad)
+    message = str(err.value)
+    assert "4 bad row(s)" in message and "row 2: empty text" in message and "unknown topic 'Weather'" in message
+    assert "topic id 25 out of range" in message and "row 5: no topic label" in message
+    with pytest.raises(DataError, match="needs a 'topic' and/or a 'sentiment' column"):
+        (tmp_path / "x.csv").write_text("text,label\nhi,1\n")
+        load_file(tmp_path / "x.csv")
+
+
+def test_shared_layout_loader_and_stratified_split(tmp_path):
+    rows = tiny_set()
+    (tmp_path / "sentiment_train.csv").write_text("text,label\n" + "".join(
+        f'"{t} {i}",{ {"bearish": 0, "bullish": 1, "neutral": 2}[SENTIMENTS[s]] }\n'
+        for i in range(10) for t, s in zip(rows.texts, rows.sentiment) if s >= 0))
+    (tmp_path / "topic_train.csv").write_text("text,label\n" + "".join(
+        f'"{t} {i}",{k}\n' for i in range(10) for t, k in zip(rows.texts, rows.topic) if k >= 0))
+    data = load_data(["shared"], tmp_path)
+    assert len(data) == 170 and (data.sentiment >= 0).sum() == 90
+    assert data.sentiment[0] == SENTIMENTS.index("bullish")  # public id 1 = bullish
+    parts = split(data, 0.2, 0.2, seed=7)
+    assert sorted(np.concatenate(list(parts.values()))) == list(range(len(data)))
+    for head in ("topic", "sentiment"):
+        labels = getattr(data, head)
+        for label in np.unique(labels[labels >= 0]):  # every class is in every slice, in proportion
+            assert (labels[parts["test"]] == label).sum() == round(0.2 * (labels == label).sum())
+    assert all(np.array_equal(parts[k], split(data, 0.2, 0.2, seed=7)[k]) for k in parts)
+    assert not np.array_equal(parts["test"], split(data, 0.2, 0.2, seed=8)["test"])
+    with pytest.raises(DataError, match="no sentiment_train.csv or topic_train.csv"):
+        load_shared(tmp_path / "empty")
+
+
+def test_head_report_matches_hand_computed_metrics():
+    report = head_report(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 1]), ["a", "b", "c"])
+    assert report["accuracy"] == pytest.approx(0.6)
+    assert report["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(0.6667, abs=1e-4),
+                                        "support": 2}
+    assert report["per_class"]["b"]["f1"] == pytest.approx(2 * 0.5 * 1.0 / 1.5, abs=1e-4)
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0.0) / 3)
+    assert report["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
+
+
+def test_tiny_csv_fixture_round_trips_through_the_loader(tmp_path):
+    data = load_file(write_tiny_csv(tmp_path / "t.csv"))
+    reference = tiny_set()
+    assert data.texts == reference.texts
+    assert np.array_equal(data.topic, reference.topic) and np.array_equal(data.sentiment, reference.sentiment)

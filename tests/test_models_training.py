@@ -1,0 +1,170 @@
+"""The classifier's training: the masked two-head loss, the loop itself, checkpoints and resuming, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.data import MISSING, LabeledSet
+from models.labels import SENTIMENTS, TOPICS
+from models.modeling import FinPulseClassifier, TextEncoder
+from models.training import FitConfig, fit, gold_targets, masked_soft_loss
+from tests.models_fixtures import make_tiny_base, tiny_set, write_tiny_csv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> str:
+    return str(make_tiny_base(tmp_path_factory.mktemp("tiny-bert")))
+
+
+def dataset_loss(model, encoder: TextEncoder, data: LabeledSet) -> float:
+    targets = gold_targets(data, class_balance=0.0)
+    ids, mask = encoder.pad(encoder.ids(data.texts))
+    model.eval()
+    with torch.no_grad():
+        topic_logits, sentiment_logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
+    return float(masked_soft_loss(topic_logits, torch.from_numpy(targets.topic), torch.from_numpy(targets.topic_weight))
+                 + masked_soft_loss(sentiment_logits, torch.from_numpy(targets.sentiment),
+                                    torch.from_numpy(targets.sentiment_weight)))
+
+
+def test_masked_loss_learns_each_head_only_from_its_own_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, requires_grad=True)
+    labels = np.array([2, MISSING, 0, MISSING])
+    data = LabeledSet(["a", "b", "c", "d"], np.full(4, MISSING), labels)
+    targets = gold_targets(data, class_balance=0.0)
+    loss = masked_soft_loss(logits, torch.from_numpy(targets.sentiment), torch.from_numpy(targets.sentiment_weight))
+    expected = F.cross_entropy(logits[[0, 2]], torch.tensor([2, 0]))
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert torch.count_nonzero(logits.grad[[1, 3]]) == 0  # unlabeled rows get no gradient
+    assert torch.count_nonzero(logits.grad[[0, 2]]) > 0
+
+
+def test_masked_loss_is_exactly_zero_when_no_row_has_the_label(tiny_base):
+    model = FinPulseClassifier.from_base(tiny_base)
+    encoder = TextEncoder.for_base(tiny_base, 32)
+    topic_only = tiny_set().subset(np.flatnonzero(tiny_set().topic >= 0))
+    targets = gold_targets(topic_only, class_balance=0.5)
+    ids, mask = encoder.pad(encoder.ids(topic_only.texts))
+    topic_logits, sentiment_logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
+    sentiment_loss = masked_soft_loss(sentiment_logits, torch.from_numpy(targets.sentiment),
+                                      torch.from_numpy(targets.sentiment_weight))
+    topic_loss = masked_soft_loss(topic_logits, torch.from_numpy(targets.topic), torch.from_numpy(targets.topic_weight))
+    assert sentiment_loss.item() == 0.0
+    (topic_loss + sentiment_loss).backward()
+    assert torch.count_nonzero(model.sentiment_head.weight.grad) == 0
+    assert torch.count_nonzero(model.topic_head.weight.grad) > 0
+
+
+def test_class_balanced_targets_weight_rare_classes_up():
+    data = LabeledSet(["a"] * 5, np.full(5, MISSING), np.array([1, 1, 1, 1, 0]))
+    targets = gold_targets(data, class_balance=1.0)
+    assert targets.sentiment_weight[4] == pytest.approx(4 * targets.sentiment_weight[0])
+    assert np.all(targets.topic_weight == 0)
+
+
+def test_training_lowers_the_loss_on_a_tiny_set(tiny_base):
+    data = tiny_set()
+    model = FinPulseClassifier.from_base(tiny_base, seed=1)
+    encoder = TextEncoder.for_base(tiny_base, 32)
+    before = dataset_loss(model, encoder, data)
+    cfg = FitConfig(epochs=12, batch_size=4, lr=3e-3, warmup_ratio=0.1, patience=100, class_balance=0.0,
+                    max_length=32, seed=3)
+    result = fit(model, encoder, data, gold_targets(data, 0.0), data, cfg, torch.device("cpu"), name="tiny")
+    after = dataset_loss(model, encoder, data)
+    assert after < 0.5 * before, (before, after, result.history)
+    assert len(result.history) == 12 and result.best_epoch >= 1
+
+
+def final_weights(models_root: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    [model_dir] = [p for p in models_root.iterdir() if not p.name.startswith(".")]
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def train_command(tiny_base: str, data_file: Path, root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "models.cli", "train", "--recipe", "plain", "--data", str(data_file),
+            "--base-model", tiny_base, "--epochs", "5", "--batch-size", "4", "--lr", "1e-3", "--device", "cpu",
+            "--out", str(root / "models"), "--runs-dir", str(root / "runs"), *extra]
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(tiny_base, tmp_path):
+    data_file = write_tiny_csv(tmp_path / "train.csv", repeat=12)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(train_command(tiny_base, data_file, straight), check=True, env=env, capture_output=True)
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(train_command(tiny_base, data_file, interrupted), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    state_files = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        state_files = list((interrupted / "runs").glob("*/fit/state.json"))
+        if state_files and json.loads(state_files[0].read_text() or "{}").get("epoch", 0) >= 1:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = json.loads(state_files[0].read_text())["epoch"]
+    assert 1 <= killed_after < 5, "the run finished before it could be interrupted: make it longer"
+    assert not (interrupted / "models").exists() or not any((interrupted / "models").iterdir())
+
+    subprocess.run(train_command(tiny_base, data_file, interrupted, "--resume"), check=True, env=env,
+                   capture_output=True)
+    resumed, reference = final_weights(interrupted / "models"), final_weights(straight / "models")
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
+    from models.cli import main
+    data_file = write_tiny_csv(tmp_path / "train.csv", repeat=10)
+    assert main(train_command(tiny_base, data_file, tmp_path)[3:]) == 0
+    [model_dir] = list((tmp_path / "models").iterdir())
+    files = {p.name for p in model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training_config.json", "metrics.json",
+            "README.md"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"topic", "sentiment"}
+    assert "held-out test slice" in (model_dir / "README.md").read_text()
+
+    report_file = tmp_path / "eval.json"
+    capsys.readouterr()
+    assert main(["evaluate", str(model_dir), "--out", str(report_file), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "macro-F1" in printed and "confusion" in printed
+    report = json.loads(report_file.read_text())
+    # The rebuilt held-out slice is the one training reported on: same rows, same numbers.
+    for head in ("topic", "sentiment"):
+        assert report[head]["n"] == metrics["test"][head]["n"]
+        assert report[head]["accuracy"] == pytest.approx(metrics["test"][head]["accuracy"])
+        assert len(report[head]["confusion_matrix"]) == len(TOPICS if head == "topic" else SENTIMENTS)
+
+
+def test_train_reports_bad_data_clearly(tmp_path, capsys):
+    from models.cli import main
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,sentiment\nfine text,bullish\nother text,very good\n")
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "m"), "--device", "cpu"]) == 2
+    assert "row 3: unknown sentiment 'very good'" in capsys.readouterr().err
+
+
+def test_cli_recipe_names_match_the_recipes():
+    from models.cli import RECIPE_NAMES
+    from models.recipes import RECIPES
+    assert set(RECIPE_NAMES) == set(RECIPES)
