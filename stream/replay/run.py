@@ -82,6 +82,8 @@ class ReplayRunner:
         self.scoring = Scoring(plan.scorer, plan.names, settings.worker.max_text_chars)
         self.sink = PartSink(plan.out_dir, plan.model_version, plan.config_hash)
         self.counts: Counter[str] = Counter()
+        # Rejections by reason, counted when their batch is done (the next batch is parsed before that).
+        self.rejected: Counter[str] = Counter()
         self.files: list[str] = []
         self.inputs_done = 0          # inputs whose outputs are complete in memory (or written)
         self.checkpointed = 0         # inputs whose outputs are on disk and in Kafka
@@ -103,8 +105,7 @@ class ReplayRunner:
         for aggregator, states in zip(self.aggregators, saved["aggregators"]):
             aggregator.states = {key: KeyWindows.from_dict(state) for key, state in states.items()}
         self.detector.states = defaultdict(dict, saved["detector"])
-        self.scoring.scored = saved["scored"]
-        self.scoring.rejected.update(saved["rejected"])
+        self.rejected.update(saved["rejected"])
         self.alerts = [AlertRecord.from_dict(a) for a in saved["alerts"]]
 
     def _save_checkpoint(self) -> None:
@@ -112,8 +113,8 @@ class ReplayRunner:
             "version": CHECKPOINT_VERSION, "identity": self.plan.identity(), "inputs_done": self.inputs_done,
             "last_input": self.last_input, "counts": dict(self.counts), "files": self.files,
             "aggregators": [{key: s.to_dict() for key, s in a.states.items()} for a in self.aggregators],
-            "detector": dict(self.detector.states), "scored": self.scoring.scored,
-            "rejected": dict(self.scoring.rejected), "alerts": [a.to_dict() for a in self.alerts],
+            "detector": dict(self.detector.states), "rejected": dict(self.rejected),
+            "alerts": [a.to_dict() for a in self.alerts],
         }
         path = self.plan.out_dir / CHECKPOINT
         tmp = path.with_name(f".{CHECKPOINT}.tmp")
@@ -158,28 +159,49 @@ class ReplayRunner:
                 f"{self.checkpointed} in {self.plan.out_dir}. Run the same command again to resume from there.")
 
     async def _replay(self, messages: AsyncIterator[TimedMessage], sender: RecordSender, progress) -> None:
-        batch_size, part_records = self.plan.replay.batch_size, self.plan.replay.part_records
+        batch_size = self.plan.replay.batch_size
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-replay-scorer")
         queue: asyncio.Queue = asyncio.Queue(maxsize=4)
         reader = asyncio.create_task(self._read_batches(messages, batch_size, queue, progress))
+        in_flight = None      # (batch, parsed messages, their predictions' future): scored while the previous is emitted
         try:
-            while (batch := await queue.get()) is not None:
-                parsed = self.scoring.parse([SourceMessage(m.topic, m.partition, m.offset, m.key, m.value)
-                                             for m in batch])
-                texts = [item.text for _, item in parsed[0]]
-                predictions = await loop.run_in_executor(executor, self.scoring.score, texts) if texts else []
-                await self._emit(batch, parsed[0], predictions, sender)
-                self.inputs_done += len(batch)
-                self.last_input = identity_of(batch[-1])
-                progress.update(len(batch))
-                progress.set_postfix_str(f"event time {format_ms(batch[-1].event_ms)}", refresh=False)
-                if self.inputs_done % part_records == 0:
-                    await self._end_part(sender)
+            while True:
+                batch = await queue.get()
+                scoring = None
+                if batch is not None:
+                    valid, rejected = self._parse(batch)
+                    texts = [item.text for _, item in valid]
+                    future = loop.run_in_executor(executor, self.scoring.score, texts) if texts else None
+                    scoring = (batch, valid, rejected, future)
+                if in_flight is not None:
+                    await self._finish_batch(*in_flight, sender, progress)
+                if scoring is None:
+                    break
+                in_flight = scoring
             await reader
         finally:
             reader.cancel()
             executor.shutdown(wait=False, cancel_futures=True)
+
+    def _parse(self, batch: list[TimedMessage]) -> tuple[list, Counter]:
+        """(the valid messages with their items, the rejections by reason) of one batch."""
+        before = Counter(self.scoring.rejected)
+        valid, _ = self.scoring.parse([SourceMessage(m.topic, m.partition, m.offset, m.key, m.value) for m in batch])
+        return valid, self.scoring.rejected - before
+
+    async def _finish_batch(self, batch: list[TimedMessage], valid, rejected: Counter, future, sender: RecordSender,
+                            progress) -> None:
+        predictions = await future if future is not None else []
+        before = Counter(self.scoring.rejected)
+        await self._emit(batch, valid, predictions, sender)
+        self.rejected.update(rejected + (self.scoring.rejected - before))     # + the unscorable ones
+        self.inputs_done += len(batch)
+        self.last_input = identity_of(batch[-1])
+        progress.update(len(batch))
+        progress.set_postfix_str(f"event time {format_ms(batch[-1].event_ms)}", refresh=False)
+        if self.inputs_done % self.plan.replay.part_records == 0:
+            await self._end_part(sender)
 
     async def _read_batches(self, messages: AsyncIterator[TimedMessage], batch_size: int, queue: asyncio.Queue,
                             progress) -> None:
@@ -212,14 +234,17 @@ class ReplayRunner:
         for (message, _), prediction in zip(valid, predictions):
             if prediction.error is not None:
                 continue
-            # Through JSON, as the live aggregator reads it; scored_at is the event time (no wall clock).
-            record = ScoredRecord.from_json(next(outgoing).value)
-            record = dataclasses.replace(record, scored_at=record.event_time, run_id=plan.run_id)
+            # Read back from the worker's JSON, as the live aggregator reads it. The run id is stamped, and
+            # scored_at becomes the event time (no wall clock); the bytes keep ``to_json``'s layout.
+            data = json.loads(next(outgoing).value)
+            data["scored_at"], data["run_id"] = data["event_time"], plan.run_id
+            record = ScoredRecord.from_dict(data)
             records.append(record)
             self.sink.add("scored", scored_row(record, message.topic, message.partition, message.offset))
-            await self._pace(record.event_time)
-            await sender.send(names.scored, record.to_json(), key=record.topic.encode("utf-8"),
-                              event_time=record.event_time)
+            if plan.speed is not None:
+                await self._pace(record.event_time)
+            await sender.send(names.scored, json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
+                              key=record.topic.encode("utf-8"), event_time=record.event_time)
         self.counts["inputs"] += len(batch)
         self.counts["scored"] += len(records)
         if records:
@@ -245,8 +270,6 @@ class ReplayRunner:
                 await sender.send(names.alerts, alert.to_json(), key=state_key(trend), event_time=alert.window_end)
 
     async def _pace(self, event_time) -> None:
-        if self.plan.speed is None:
-            return
         event_ms = epoch_ms(event_time)
         if self._pace_origin is None:
             self._pace_origin = (time.monotonic(), event_ms)
@@ -281,7 +304,7 @@ class ReplayRunner:
         """What the run is, deterministically (no wall-clock times): the outputs' README."""
         plan = self.plan
         counts = dict(sorted(self.counts.items()))
-        counts["rejected"] = dict(sorted(self.scoring.rejected.items()))
+        counts["rejected"] = dict(sorted(self.rejected.items()))
         effective = {"aggregate": dataclasses.asdict(plan.settings.section("aggregate", AggregateSettings)),
                      "detect": dataclasses.asdict(plan.settings.section("detect", DetectSettings))}
         return {**plan.identity(), "output_schema_version": 1, "counts": counts, "files": sorted(self.files),

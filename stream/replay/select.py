@@ -25,6 +25,7 @@ that breaks the bound is still replayed (in a deterministic place) and counted i
 """
 from __future__ import annotations
 
+import asyncio
 import heapq
 import json
 import logging
@@ -152,8 +153,9 @@ class KafkaSelection:
         starts = await consumer.beginning_offsets([tp for tp, _ in tps])
         reported = await consumer.end_offsets([tp for tp, _ in tps])
         ends = await fetch_highwaters(self.kafka.bootstrap_servers, {tp: end - 1 for tp, end in reported.items()})
-        for tp, kind in tps:
-            first = await self._lower_bound(tp, kind, starts[tp], ends[tp])
+        # The partitions are searched at the same time: each probe is one fetch round trip.
+        firsts = await asyncio.gather(*(self._lower_bound(tp, kind, starts[tp], ends[tp]) for tp, kind in tps))
+        for (tp, kind), first in zip(tps, firsts):
             self._cursors.append(_Cursor(tp, kind, first, ends[tp]))
             self.stats.start_offsets[f"{tp.topic}[{tp.partition}]"] = first
             self.stats.candidates += max(0, ends[tp] - first)
