@@ -117,8 +117,7 @@ def _export(args, settings) -> int:
         try:
             async with KafkaSelection(settings.kafka, topics, from_ms, to_ms, disorder) as selection:
                 with tqdm(total=selection.total, unit="msg", desc="export", disable=args.no_progress) as progress:
-                    result = await export_archive(selection, out, from_ms, to_ms, sorted(args.topics.split(",")),
-                                                  progress)
+                    result = await export_archive(selection, out, from_ms, to_ms, sorted(topics), progress)
         except LookupError as exc:
             return _fail("export", exc)
         print(f"exported {result.rows} message(s) to {out} ({len(result.files)} file(s), days "
