@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 
 from models.baseline import NoopScorer
 from models.interface import Prediction, failed
-from stream.app import Scoring, SourceMessage, deliver, finish_batch
+from stream.app import Scoring, SourceMessage, _continued, deliver, finish_batch
 from stream.kafka_io import RecordSender
 from stream.records import DeadLetter, epoch_ms, format_time
 from stream.simulate import Shock, SimMessage, generate
@@ -203,6 +203,45 @@ def test_scoring_core_dead_letters_what_the_scorer_cannot_score_and_fans_out_tic
     assert (letters[2].reason, letters[2].detail) == ("unscorable", "RuntimeError: boom")
     assert letters[3].reason == "invalid_json"
     assert scoring.stats_line() == "scored 1; dead-lettered 3 (invalid_json=1, unscorable=2)"
+
+
+def test_a_message_handoff_continued_after_its_first_step_behaves_as_if_a_task_ran_it():
+    """The worker runs each hand-off's first step directly and lets a task continue it only if it blocked."""
+    async def scenario() -> list:
+        loop = asyncio.get_running_loop()
+        seen: list = []
+
+        async def handoff(gate: asyncio.Future):
+            try:
+                value = await gate
+                await asyncio.sleep(0)
+                return value * 2
+            except ValueError as exc:
+                return f"caught {exc}"
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+
+        def continued(gate):
+            coro = handoff(gate)
+            return asyncio.ensure_future(_continued(coro, coro.send(None)))
+
+        gate = loop.create_future()
+        task = continued(gate)
+        gate.set_result(21)
+        seen.append(await task)                                   # results come back in
+        gate = loop.create_future()
+        task = continued(gate)
+        gate.set_exception(ValueError("bad"))
+        seen.append(await task)                                   # so do exceptions
+        task = continued(loop.create_future())
+        await asyncio.sleep(0)
+        task.cancel()                                             # and cancellation (a rebalance aborting it)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return seen
+
+    assert asyncio.run(scenario()) == [42, "caught bad", "cancelled"]
 
 
 def test_a_batch_finishes_even_when_the_agent_is_cancelled():
