@@ -235,8 +235,35 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-# Steps between which a time-budgeted run measures its speed (after the first, slower steps).
-TIMING_STEPS = (5, 25)
+class StepPlan:
+    """How many optimizer steps a run makes. With a time budget, the speed measured so far (re-measured every
+    ``EVERY`` steps: a shared machine speeds up and slows down) caps the plan so that the learning-rate schedule
+    still decays to zero inside the budget (15% is left for validation passes), rather than the run being cut
+    off at a high learning rate."""
+
+    FIRST_TIMED_STEP = 5  # the first steps are slower (allocations, warm-up)
+    EVERY = 20
+
+    def __init__(self, total: int, max_seconds: float | None, started: float):
+        self.total = self.most = total
+        self.max_seconds = max_seconds
+        self.started = started
+        self._timing_from: float | None = None
+
+    def update(self, step: int) -> None:
+        """Call after each step (``step`` = steps done so far)."""
+        if not self.max_seconds:
+            return
+        if step == self.FIRST_TIMED_STEP:
+            self._timing_from = time.monotonic()
+        elif self._timing_from is not None and (step - self.FIRST_TIMED_STEP) % self.EVERY == 0:
+            now = time.monotonic()
+            per_step = (now - self._timing_from) / (step - self.FIRST_TIMED_STEP)
+            affordable = step + int(0.85 * (self.max_seconds - (now - self.started)) / per_step)
+            self.total = max(step + 1, min(self.most, affordable))
+
+    def out_of_time(self) -> bool:
+        return bool(self.max_seconds) and time.monotonic() - self.started > self.max_seconds
 
 
 def to_device(device: torch.device, *arrays) -> list[torch.Tensor]:
@@ -276,7 +303,7 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
     state = state or {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0,
                       "history": [], "stopped": "", "planned_steps": total_steps}
     best_weights = None
-    timing_from = None
+    plan = StepPlan(state["planned_steps"], cfg.max_seconds, started)
     while not state["stopped"] and state["step"] < state["planned_steps"]:
         epoch = state["epoch"] + 1
         rng = np.random.default_rng([cfg.seed, epoch])
@@ -305,21 +332,15 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
                 loss_sum = loss.item() if not loss_sum else 0.9 * loss_sum + 0.1 * loss.item()
                 bar.set_postfix(loss=f"{loss_sum:.4f}", seq_s=f"{seen / (time.monotonic() - epoch_start):.0f}")
             bar.update(1)
-            if cfg.max_seconds and state["step"] == TIMING_STEPS[0]:
-                timing_from = time.monotonic()
-            if cfg.max_seconds and state["step"] == TIMING_STEPS[1] and timing_from:
-                # Fit the schedule to the budget: fewer steps whose learning rate still decays to zero, rather
-                # than a run cut off at a high learning rate. 15% is left for validation passes.
-                now = time.monotonic()
-                per_step = (now - timing_from) / (TIMING_STEPS[1] - TIMING_STEPS[0])
-                affordable = state["step"] + int(0.85 * (cfg.max_seconds - (now - started)) / per_step)
-                state["planned_steps"] = max(state["step"] + 1, min(state["planned_steps"], affordable))
-            if state["step"] >= state["planned_steps"]:
+            plan.update(state["step"])
+            state["planned_steps"] = plan.total
+            if state["step"] >= plan.total:
                 break
-            if cfg.max_seconds and time.monotonic() - started > cfg.max_seconds:
+            if plan.out_of_time():
                 state["stopped"] = f"time budget of {cfg.max_seconds:.0f}s reached in epoch {epoch}"
                 break
         bar.close()
+        loss_sum = loss_sum or loss.item()  # an epoch shorter than the display interval
         reports = evaluate(BatchScorer(model, text_encoder, "in-training", device=device), val)
         score = selection_score(reports)
         improved = score > state["best_score"]
@@ -366,20 +387,21 @@ def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, dev
     warmup = max(1, int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs))
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    step, stop, planned, epoch = 0, False, cfg.epochs, 0
+    plan = StepPlan(steps_per_epoch * cfg.epochs, cfg.max_seconds, started)
+    step, stop, epoch = 0, False, 0
     model.train()
-    while epoch < planned:
+    while step < plan.total:
         epoch += 1
-        total = steps_per_epoch * planned
         rng = np.random.default_rng([cfg.seed, epoch])
-        bar = progress(steps_per_epoch, f"domain pretraining epoch {epoch}/{planned}")
+        bar = progress(min(steps_per_epoch, plan.total - step),
+                       f"domain pretraining epoch {epoch}/{-(-plan.total // steps_per_epoch)}")
         for batch in bucketed_batches(lengths, cfg.batch_size, rng):
             ids, mask = (torch.from_numpy(a) for a in text_encoder.pad([token_ids[i] for i in batch]))
             inputs, labels = mask_tokens(ids, mask, special, tokenizer.mask_token_id, len(tokenizer), cfg.mask_prob,
                                          generator)
             inputs, mask, labels = to_device(device, inputs, mask, labels)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, total, warmup, "linear")
+                group["lr"] = cfg.lr * lr_factor(step, plan.total, warmup, "linear")
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
@@ -390,18 +412,10 @@ def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, dev
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.update(1)
-            if cfg.max_seconds and state["step"] == TIMING_STEPS[0]:
-                timing_from = time.monotonic()
-            if cfg.max_seconds and state["step"] == TIMING_STEPS[1] and timing_from:
-                # Fit the schedule to the budget: fewer steps whose learning rate still decays to zero, rather
-                # than a run cut off at a high learning rate. 15% is left for validation passes.
-                now = time.monotonic()
-                per_step = (now - timing_from) / (TIMING_STEPS[1] - TIMING_STEPS[0])
-                affordable = state["step"] + int(0.85 * (cfg.max_seconds - (now - started)) / per_step)
-                state["planned_steps"] = max(state["step"] + 1, min(state["planned_steps"], affordable))
-            if state["step"] >= state["planned_steps"]:
+            plan.update(step)
+            if step >= plan.total:
                 break
-            if cfg.max_seconds and time.monotonic() - started > cfg.max_seconds:
+            if plan.out_of_time():
                 stop = True
                 break
         bar.close()
@@ -409,8 +423,6 @@ def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, dev
         if stop:
             print(f"domain pretraining: time budget of {cfg.max_seconds:.0f}s reached in epoch {epoch}", flush=True)
             break
-        if cfg.max_seconds and epoch == 1:  # as in fit: complete epochs that fit the budget
-            planned = max(1, min(cfg.epochs, int(cfg.max_seconds // (time.monotonic() - started))))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.base_model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--length", type=int, default=64, help="GPU ratio: tokens per text (model max at most)")
     parser.add_argument("--no-cpu", action="store_true")
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args(argv)
+    args, _others = parser.parse_known_args(argv)  # the bench runner hands every module the same arguments
     import torch
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
