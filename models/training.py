@@ -41,36 +41,36 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class FitConfig:
+class OptimizerConfig:
+    """What every training loop here shares: AdamW with warm-up and decay over length-bucketed batches."""
     epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
-    schedule: str = "linear"          # linear | cosine
     max_length: int = 64
+    seed: int = 13
+    max_seconds: float | None = None  # a time budget: the step plan shrinks to fit it (see StepPlan)
+
+
+@dataclass
+class FitConfig(OptimizerConfig):
+    schedule: str = "linear"          # linear | cosine
     pooling: str = "mean"
     dropout: float = 0.1
     class_balance: float = 0.5        # class weight = (n_class / mean n)^-class_balance: 0 none, 1 fully inverse
     label_smoothing: float = 0.0
     patience: int = 2                 # epochs without a better validation score before stopping
-    seed: int = 13
     freeze_layers: int = 0            # freeze embeddings + this many lower layers (cheap CPU training)
     grad_clip: float = 1.0
-    max_seconds: float | None = None  # stop (keeping the best epoch so far) once training took this long
 
 
 @dataclass
-class MlmConfig:
+class MlmConfig(OptimizerConfig):
     epochs: int = 12
     batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_length: int = 64
-    mask_prob: float = 0.15
     seed: int = 17
-    max_seconds: float | None = None
+    mask_prob: float = 0.15
 
 
 @dataclass
