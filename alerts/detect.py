@@ -165,7 +165,10 @@ class SpikeDetector:
         warmed = state["n"] >= rule.warmup_windows
         share_sd = max(math.sqrt(state["share_var"]), rule.share_std_floor,
                        math.sqrt(max(state["share"] * (1 - state["share"]), 0.0) / max(trend.count, 1)))
-        score_sd = max(math.sqrt(state["score_var"]), rule.score_std_floor)
+        # The window's own sampling error, from its shares (scores sit near -1, 0 and +1): a baseline learned from few
+        # windows can claim a far smaller spread than one window of a few dozen messages can show by chance.
+        message_var = max(trend.bullish_share + trend.bearish_share - trend.mean_score ** 2, 0.0)
+        score_sd = max(math.sqrt(state["score_var"]), rule.score_std_floor, math.sqrt(message_var / max(trend.count, 1)))
         share_rise = trend.bearish_share - state["share"]
         score_drop = state["score"] - trend.mean_score
         deviation = max(share_rise / share_sd, score_drop / score_sd)

@@ -97,8 +97,9 @@ def test_severity_grows_with_the_deviation():
     severities = []
     for share in (0.45, 0.55, 0.9):
         det = detector(fire_z=4.0, warning_z=6.0, critical_z=10.0)
-        run(det, calm_shares(30))
-        (alert,) = run(det, [share], first_minute=30)
+        # Busy windows: with 200 messages the sampling error is small next to the baseline's own spread.
+        run(det, calm_shares(30), count=200)
+        (alert,) = run(det, [share], first_minute=30, count=200)
         severities.append((alert.deviation, alert.severity))
     assert [s for _, s in severities] == ["info", "warning", "critical"]
     assert severities[0][0] < severities[1][0] < severities[2][0]
@@ -146,3 +147,24 @@ def test_per_key_overrides_apply_and_are_validated():
         DetectSettings(overrides={"topic:*": {"fire_zz": 5.0}})
     with pytest.raises(ConfigError, match="name a key"):
         DetectSettings(overrides={"Energy": {"fire_z": 5.0}})
+
+
+def test_a_small_window_within_its_own_sampling_error_does_not_fire():
+    """Seen in the demo: a ticker learned from calm, steady windows, then one 36-message window whose mean score
+    dropped by 0.32. Its own sampling error (about 0.12 for 36 scores near -1, 0 and +1) explains that; the
+    baseline's window-to-window spread (floored at 0.04) alone would have called it 8 deviations."""
+    import dataclasses
+
+    def window(minute, bearish, bullish, mean, count):
+        return dataclasses.replace(trend(minute, bearish, count=count, key="NVDA", key_type="ticker"),
+                                   bullish_share=bullish, mean_score=mean)
+
+    det = detector(fire_z=5.5)
+    calm = [window(i, 0.185, 0.43, 0.245, 36) for i in range(20)]
+    assert det.feed(calm) == []
+    assert det.feed([window(20, 0.3056, 0.2285, -0.0785, 36)]) == []
+    # The same move over 400 messages is far outside sampling error: it fires.
+    det = detector(fire_z=5.5)
+    det.feed([window(i, 0.185, 0.43, 0.245, 400) for i in range(20)])
+    (alert,) = det.feed([window(20, 0.3056, 0.2285, -0.0785, 400)])
+    assert alert.status == "firing"
