@@ -443,7 +443,7 @@ def run_dispatch(settings: Settings, check: bool = False, status: bool = False) 
     if status:
         return _print_status(settings, names)
     if not config.endpoints:
-        raise ConfigError("no endpoints: add [[alerts.endpoints]] tables to the config (see alerts/example.toml)")
+        raise ConfigError("no endpoints: add [[alerts.endpoints]] tables to the config (see finpulse.example.toml)")
     if check:
         return asyncio.run(_check(config))
     ensure_topics(settings.kafka, [names.alerts, names.deliveries], names.compacted())

@@ -47,3 +47,35 @@ def test_fingerprint_changes_with_settings():
     assert a.fingerprint("detect") != b.fingerprint("detect")
     assert a.fingerprint("detect") == load_settings(None, environ={"FINPULSE_DETECT__THRESHOLD": "3"}).fingerprint("detect")
     assert KafkaSettings().partitions == 4
+
+
+def test_the_example_config_documents_every_setting_with_its_default():
+    """finpulse.example.toml is the reference for users: each section loads, and lists every field its dataclass has,
+    at the default value (the demo-receiver endpoint and its dashboard link are the example's only additions)."""
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    from alerts.detect import DetectSettings
+    from alerts.endpoints import AlertsSettings
+    from dashboard.settings import DashboardSettings
+    from models.settings import ModelSettings
+    from stream.aggregate import AggregateSettings
+    from stream.config import WorkerSettings
+    from stream.replay.plan import ReplaySettings
+
+    path = Path(__file__).resolve().parent.parent / "finpulse.example.toml"
+    document = tomllib.loads(path.read_text())
+    settings = load_settings(path, environ={})
+    sections = {"kafka": KafkaSettings, "worker": WorkerSettings, "aggregate": AggregateSettings, "detect": DetectSettings,
+                "alerts": AlertsSettings, "dashboard": DashboardSettings, "models": ModelSettings, "replay": ReplaySettings}
+    assert set(document) == set(sections)
+    additions = {("alerts", "endpoints"), ("alerts", "dashboard_url"), ("detect", "overrides")}
+    for name, cls in sections.items():
+        loaded = settings.section(name, cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            if (name, f.name) in additions:
+                continue
+            assert f.name in document[name], f"[{name}] {f.name} is missing from finpulse.example.toml"
+            assert getattr(loaded, f.name) == getattr(default, f.name), f"[{name}] {f.name} differs from its default"

@@ -174,14 +174,16 @@ def test_endpoint_config_validation_and_secrets_stay_out_of_reprs(monkeypatch):
 
 
 def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path):
-    text = (REPO / "alerts" / "example.toml").read_text()
-    # Uncomment the example endpoints too: "# name = ..." lines and "# [[alerts.endpoints]]" headers.
-    enabled = re.sub(r"(?m)^# (\[\[alerts\.endpoints\]\]|[a-z_]+ = .*)$", r"\1", text)
+    text = (REPO / "finpulse.example.toml").read_text()
+    # Uncomment the example endpoints too: "# name = ..." lines and "# [[alerts.endpoints]]" headers of [alerts].
+    before, rest = text.split("\n[alerts]\n")
+    alerts, after = rest.split("\n[dashboard]\n")
+    enabled = re.sub(r"(?m)^# (\[\[alerts\.endpoints\]\]|[a-z_]+ = .*)$", r"\1", alerts)
     path = tmp_path / "finpulse.toml"
-    path.write_text(enabled)
+    path.write_text(f"{before}\n[alerts]\n{enabled}\n[dashboard]\n{after}")
     environ = {name: generate_secret() for name in ("FINPULSE_WEBHOOK_SECRET", "FINPULSE_RISK_SECRET_NEW", "FINPULSE_RISK_SECRET_OLD")}
     environ.update(FINPULSE_SLACK_WEBHOOK_URL="https://hooks.slack.com/services/T0/B0/X", FINPULSE_PAGERDUTY_ROUTING_KEY="R" * 32)
-    plain = load_delivery_config(load_settings(REPO / "alerts" / "example.toml", environ={}))
+    plain = load_delivery_config(load_settings(REPO / "finpulse.example.toml", environ={}))
     assert [e.name for e in plain.endpoints] == ["demo-receiver"]
     config = load_delivery_config(load_settings(path, environ={}))
     endpoints = build_endpoints(config, environ)
