@@ -133,11 +133,16 @@ def run_demo(settings, args) -> int:
 
         group.start("receiver", "receiver", "--port", str(args.receiver_port), "--store", str(DEMO_DIR / "received.jsonl"))
         group.start("worker", "worker")
-        history_start = utcnow() - timedelta(minutes=30)
-        history_count = int(30 * 60 * 4)
-        group.start("history", "simulate", "--start", format_time(history_start), "--rate", "4",
+        # The detector judges 1-minute windows with at least 15 messages per topic and learns 10 of them before it
+        # may fire: history at the live rate (about 60 messages per topic-minute) gives every topic a baseline.
+        history_minutes = 20
+        history_start = utcnow() - timedelta(minutes=history_minutes)
+        history_count = int(history_minutes * 60 * args.rate)
+        group.start("history", "simulate", "--start", format_time(history_start), "--rate", str(args.rate),
                     "--count", str(history_count), "--max-speed", "--no-shock", "--seed", "11")
-        group.start("simulator", "simulate", "--rate", str(args.rate), "--shock-at", "150", "--shock-duration", "180")
+        # The live stream starts once the history is scored, so live windows never race the backlog.
+        live_started = False
+        warmup_deadline = time.monotonic() + 15 * 60
         if not args.no_dashboard:
             group.start("dashboard", "dashboard", "--port", str(args.dashboard_port))
 
@@ -146,7 +151,8 @@ FinPulse demo is running (all data is SIMULATED):
   broker     tansu on {broker.bootstrap_servers} (in memory)
   dashboard  {'http://127.0.0.1:%d' % args.dashboard_port if not args.no_dashboard else '(disabled)'}
   receiver   http://127.0.0.1:{args.receiver_port}/webhook  (signed alerts land in {DEMO_DIR / 'received.jsonl'})
-  shock      a negative shock on 'Energy | Oil' starts ~150 s into the live stream and lasts 180 s
+  history    {history_count} messages of the last {history_minutes} minutes are scored first (baselines), then
+  live       {args.rate:g} messages/s; a negative shock on 'Energy | Oil' starts 150 s in and lasts 180 s
   logs       {DEMO_DIR}/*.log
 Ctrl-C stops everything.
 """, flush=True)
@@ -160,10 +166,19 @@ Ctrl-C stops everything.
                 last_status = time.monotonic()
                 try:
                     c = _count_records(broker.bootstrap_servers, [names.news, names.comments, names.scored, names.deadletter, names.alerts])
-                    print(f"[{time.strftime('%H:%M:%S')}] in {c[names.news] + c[names.comments]:>7}  scored {c[names.scored]:>7}  "
-                          f"dead-letter {c[names.deadletter]:>4}  alerts {c[names.alerts]:>3}", flush=True)
                 except Exception as exc:  # the status line is best effort; the processes are what matter
                     print(f"status unavailable: {exc}", flush=True)
+                    continue
+                phase = "live" if live_started else f"history {min(c[names.scored], history_count)}/{history_count}"
+                print(f"[{time.strftime('%H:%M:%S')}] {phase:<20} in {c[names.news] + c[names.comments]:>7}  "
+                      f"scored {c[names.scored]:>7}  dead-letter {c[names.deadletter]:>4}  alerts {c[names.alerts]:>3}",
+                      flush=True)
+                # 98%: tansu's end offsets can lag by a partition's last batch (see _count_records).
+                if not live_started and (c[names.scored] >= 0.98 * history_count or time.monotonic() > warmup_deadline):
+                    live_started = True
+                    print("==> history scored: starting the live SIMULATED stream (shock in 150 s)", flush=True)
+                    group.start("simulator", "simulate", "--rate", str(args.rate), "--shock-at", "150",
+                                "--shock-duration", "180")
             time.sleep(0.5)
         return 0
     finally:
