@@ -140,65 +140,6 @@ def test_int8_cpu_path_stays_close_to_float32_on_the_real_encoder():
     assert cosine.min() > 0.9, cosine
 
 
-VARIED_TEXTS = [
-    *TEXTS,
-    "https://t.co/onlyalink", "   ", "&nbsp;",  # nothing left after the clean-up
-    "www.example.com &amp; http://x.y",
-    "x&nbsp;http://t.co/y after www.example.com/a?b=c, HTTP://UPPER.case and(https://inside) end",
-    "&amp;amp; &amp;lt; &lt;b&gt;bold&lt;/b&gt; &quot;quoted&quot; it&#39;s &apos;x&apos; a&nbsp;b",
-    "CamelCase ALLCAPS don't U.S. 3.5% $12.50 @user_1 #tag _x_ ~`|^ {a} [b] (c)",
-    "tab\tnew\nline\r\nend", "form\x0cfeed\x0bvtab", "ctrl\x00\x01\x1f\x7fchars", "[SEP] in [CLS]the [unk] [PAD]",
-    "Die Aktie steigt um 5 % – Übernahme?", "原油价格下跌 $XOM", "Акции растут", "to the moon 🚀🚀 $TSLA 📈",
-    "café naïve résumé", "a" * 150 + " " + "supercalifragilistic" * 8,
-    "Earnings beat " * 9000,  # about 120 KB: cut to the character budget, then truncated
-    "word " * 60 + "https://t.co/" + "z" * 2000,
-]
-
-
-@pytest.mark.parametrize("max_length", [48, 16])
-def test_piece_tokenizer_gives_the_tokenizers_own_ids(tiny_model_dir, max_length):
-    from models.scorer import PieceTokenizer
-    loaded = load_model(tiny_model_dir)
-    encoder = loaded.text_encoder
-    fast = PieceTokenizer.for_encoder(encoder)
-    assert fast is not None
-    encoder.tokenizer.enable_truncation(max_length)  # as the GPU benchmark does: read on every call
-    expected = encoder.ids(VARIED_TEXTS)
-    assert max(map(len, expected)) == max_length
-    assert fast.ids(VARIED_TEXTS) == expected
-    assert fast.ids(VARIED_TEXTS) == expected  # again, from the cache
-    assert fast.ids(list(reversed(VARIED_TEXTS))) == expected[::-1]
-    # The scorer uses it, with the same result as the native path.
-    scorer = BatchScorer(loaded.model, encoder, "a", device="cpu", batch_size=4)
-    assert scorer.piece_tokenizer is not None
-    with_pieces = scorer.probabilities(VARIED_TEXTS)
-    scorer.piece_tokenizer = None
-    native = scorer.probabilities(VARIED_TEXTS)
-    assert with_pieces.errors == native.errors
-    assert [e is not None for e in native.errors[6:9]] == [True] * 3  # nothing left after the clean-up
-    assert np.array_equal(with_pieces.topic, native.topic) and np.array_equal(with_pieces.sentiment, native.sentiment)
-
-
-def test_piece_tokenizer_is_exact_on_the_real_encoder():
-    from models.modeling import default_base_model_dir
-    from models.scorer import PieceTokenizer
-    encoder = TextEncoder.for_base(str(default_base_model_dir()), 64)
-    fast = PieceTokenizer.for_encoder(encoder)
-    assert fast is not None
-    assert fast.ids(VARIED_TEXTS) == encoder.ids(VARIED_TEXTS)
-
-
-def test_piece_tokenizer_declines_a_tokenizer_it_does_not_know(tiny_model_dir):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from models.scorer import PieceTokenizer
-    encoder = load_model(tiny_model_dir).text_encoder
-    other = Tokenizer.from_str(encoder.tokenizer.to_str())
-    other.pre_tokenizer = pre_tokenizers.Whitespace()
-    assert PieceTokenizer.for_encoder(TextEncoder(other, 48)) is None
-    bpe = Tokenizer(models.BPE())
-    assert PieceTokenizer.for_encoder(TextEncoder(bpe, 48)) is None
-
-
 def make_model_copy(src: Path, dst: Path, created_at: str) -> Path:
     dst.mkdir(parents=True)
     for f in src.iterdir():

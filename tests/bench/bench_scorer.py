@@ -60,24 +60,6 @@ def timed_calls(fn, batches: list, repeats: int) -> list[float]:
     return latencies
 
 
-def tokenize_rates(scorer, texts: list[str], batch: int) -> dict:
-    """Texts/s of the tokenize stage alone (cut, clean, tokenize, pad; 1 thread): the tokenizer's own path
-    (``TextEncoder.ids``) and the scorer's (``PieceTokenizer`` when the tokenizer allows it), warm caches."""
-    encoder = scorer.text_encoder
-    chunks = [list(range(k, min(k + batch, len(texts)))) for k in range(0, len(texts), batch)]
-    stages = {"tokenizer": lambda rows: encoder.pad(encoder.ids([texts[i] for i in rows])),
-              "scorer": lambda rows: scorer._tokenize(texts, rows)}
-    rates = {}
-    for name, stage in stages.items():
-        for rows in chunks:  # warm-up (and fills the piece cache, as a running stream does)
-            stage(rows)
-        began = time.perf_counter()
-        for rows in chunks:
-            stage(rows)
-        rates[name] = round(len(texts) / (time.perf_counter() - began))
-    return rates
-
-
 def bench_cpu(path: Path, batch: int, results: dict) -> None:
     import numpy as np
     import torch
@@ -97,12 +79,19 @@ def bench_cpu(path: Path, batch: int, results: dict) -> None:
                                   "p50_ms": round(1000 * percentile(latencies, 50), 1),
                                   "p99_ms": round(1000 * percentile(latencies, 99), 1),
                                   "threads": torch.get_num_threads()}
-    results["cpu_tokenize_texts_per_s"] = tokenize_rates(scorer, texts, batch)
     agree = np.mean([a == b for a, b in zip(labels["float32"], labels["int8"])])
     results["cpu_int8_label_agreement"] = round(float(agree), 4)
 
 
-def bench_gpu(path: Path, batch: int, length: int, results: dict, oom_check: bool = True) -> None:
+def read_texts(path: str) -> list[str]:
+    """The ``text`` column of a CSV file: real text, whose lengths and vocabulary the synthetic texts only imitate."""
+    import csv
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [row["text"] for row in csv.DictReader(handle) if row.get("text")]
+
+
+def bench_gpu(path: Path, batch: int, length: int, results: dict, oom_check: bool = True,
+              real_texts: list[str] | None = None) -> None:
     import torch
     from models.scorer import BatchScorer
     scorer = BatchScorer.from_pretrained(path, device="cuda", batch_size=batch)
@@ -163,14 +152,12 @@ def bench_gpu(path: Path, batch: int, length: int, results: dict, oom_check: boo
     encoder.ids(chunks[0])
     tokenize_ms = 1000 * (time.perf_counter() - began)
     latencies = timed_calls(scorer.score, chunks, 40)
-    tokenize_stage = tokenize_rates(scorer, texts[: batch * 8], batch)
     results["gpu"] = {
         "device": torch.cuda.get_device_name(), "batch": batch, "length": length,
         "raw_forward_seq_per_s": round(raw_rate), "scorer_seq_per_s": round(scorer_rate),
         "ratio_scorer_to_raw": round(scorer_rate / raw_rate, 3),
         "naive_loop_seq_per_s": round(naive_rate), "ratio_naive_to_raw": round(naive_rate / raw_rate, 3),
         "tokenize_one_batch_ms": round(tokenize_ms, 1), "tokenizer_threads": default_threads,
-        "tokenize_stage_texts_per_s": tokenize_stage, "piece_tokenizer": scorer.piece_tokenizer is not None,
         "scorer_seq_per_s_by_tokenizer_threads": by_threads,
         "p50_batch_ms": round(1000 * percentile(latencies, 50), 2),
         "p99_batch_ms": round(1000 * percentile(latencies, 99), 2),
@@ -181,6 +168,11 @@ def bench_gpu(path: Path, batch: int, length: int, results: dict, oom_check: boo
     began = time.perf_counter()
     scorer.score(mixed)
     results["gpu"]["tweet_like_seq_per_s"] = round(len(mixed) / (time.perf_counter() - began))
+    if real_texts:
+        began = time.perf_counter()
+        scorer.score(real_texts)
+        results["gpu"]["real_texts"] = {"count": len(real_texts),
+                                        "seq_per_s": round(len(real_texts) / (time.perf_counter() - began))}
     print_table(results)  # now: the out-of-memory check below may take a while
     if oom_check:
         results["gpu"]["oom_split"] = oom_split_check(scorer)
@@ -212,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--length", type=int, default=64, help="GPU ratio: tokens per text (model max at most)")
     parser.add_argument("--no-cpu", action="store_true")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--texts", help="GPU: also score the 'text' column of this CSV (real text)")
     args, _others = parser.parse_known_args(argv)  # the bench runner hands every module the same arguments
     import torch
     results: dict = {}
@@ -219,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
         path = model_dir(args.model, Path(tmp))
         results["model"] = path.name
         if torch.cuda.is_available():
-            bench_gpu(path, args.gpu_batch, args.length, results)
+            bench_gpu(path, args.gpu_batch, args.length, results,
+                      real_texts=read_texts(args.texts) if args.texts else None)
         if not args.no_cpu:
             bench_cpu(path, args.cpu_batch, results)
             print_table(results)
@@ -235,8 +229,6 @@ def print_table(results: dict) -> None:
             r = results[name]
             print(f"  {name:<12} batch {r['batch']:>4}: {r['seq_per_s']:>9.1f} seq/s   p50 {r['p50_ms']:>7.1f} ms"
                   f"   p99 {r['p99_ms']:>7.1f} ms   ({r['threads']} threads)")
-    if "cpu_tokenize_texts_per_s" in results:
-        print(f"  tokenize stage alone (texts/s, batch of the row above): {results['cpu_tokenize_texts_per_s']}")
     if "cpu_int8_label_agreement" in results:
         print(f"  int8 vs float32: same labels on {results['cpu_int8_label_agreement']:.1%} of texts")
     if "gpu" in results:
@@ -247,10 +239,10 @@ def print_table(results: dict) -> None:
               f"   [{g['tokenizer_threads']} tokenizer threads; by threads: {g['scorer_seq_per_s_by_tokenizer_threads']}]")
         print(f"    naive loop           {g['naive_loop_seq_per_s']:>9} seq/s   ratio {g['ratio_naive_to_raw']:.3f}")
         print(f"    tweet-length texts   {g['tweet_like_seq_per_s']:>9} seq/s (scorer, mixed lengths)")
+        if "real_texts" in g:
+            print(f"    real texts           {g['real_texts']['seq_per_s']:>9} seq/s (scorer, {g['real_texts']['count']} texts of --texts)")
         print(f"    batch latency        p50 {g['p50_batch_ms']} ms   p99 {g['p99_batch_ms']} ms"
               f"   (tokenizing one batch alone: {g['tokenize_one_batch_ms']} ms)")
-        print(f"    tokenize stage alone {g['tokenize_stage_texts_per_s']} texts/s"
-              f" (piece tokenizer {'on' if g['piece_tokenizer'] else 'off: not a BERT-style tokenizer'})")
 
 
 if __name__ == "__main__":
