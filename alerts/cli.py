@@ -25,6 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="check each endpoint (config, secrets, address guard) and exit")
     mode.add_argument("--status", action="store_true", help="print the delivery states on the deliveries topic and exit")
+    mode.add_argument("--redeliver", action="store_true",
+                      help="re-queue failed deliveries (failed -> pending on the deliveries topic, fresh retry horizon, "
+                           "same webhook-id) and exit; this command sends nothing itself: the running dispatcher "
+                           "(worker or `finpulse dispatch`) sends them within seconds, or the next one to start. "
+                           "Delivered ones are never re-queued")
+    p.add_argument("--endpoint", metavar="NAME", help="with --redeliver: only deliveries to this endpoint")
+    p.add_argument("--alert", metavar="ID", help="with --redeliver: only deliveries of this alert id (its firing and resolve)")
+    p.add_argument("--dry-run", action="store_true", help="with --redeliver: print what would be re-queued, change nothing")
     p.set_defaults(func=_dispatch)
 
 
@@ -34,6 +42,10 @@ def _receiver(args, settings) -> int:
 
 
 def _dispatch(args, settings) -> int:
+    from stream.config import ConfigError
     from .dispatch import run_dispatch
+    if not args.redeliver and (args.endpoint or args.alert or args.dry_run):
+        raise ConfigError("--endpoint, --alert and --dry-run go with --redeliver")
     settings = settings.with_overrides({"alerts": {"group_id": args.group_id}})
-    return run_dispatch(settings, check=args.check, status=args.status)
+    return run_dispatch(settings, check=args.check, status=args.status, redeliver=args.redeliver,
+                        endpoint=args.endpoint, alert_id=args.alert, dry_run=args.dry_run)

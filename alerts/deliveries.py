@@ -7,6 +7,10 @@ offset), ``pending`` again after each failed attempt (attempts, last error, next
 keeps exactly that. A restarted dispatcher rebuilds its state by reading the topic to its true end, so pending
 deliveries survive restarts and acknowledged ones are never sent again.
 
+``failed`` is the one state that can be left again: ``finpulse dispatch --redeliver`` writes ``pending`` once more
+(``requeued``: a fresh retry horizon, ``requeued_at`` set, ``requeues`` counted, same key and webhook id), and the
+dispatcher owning the alert's partition picks it up from the topic (``DeliveryLog.poll``). ``delivered`` is final.
+
 ``read_delivery_states()`` gives the same view to anyone else (the dashboard, tests).
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import ClassVar, Iterable
+from typing import ClassVar, Iterable, Mapping
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -60,8 +64,11 @@ class DeliveryState(_Record):
     delivered_at: datetime | None = None
     webhook_id: str = ""
     seq: int = 0                       # increases with every change of this key: newer wins when merging
+    requeued_at: datetime | None = None  # when `finpulse dispatch --redeliver` last turned it from failed to pending
+    requeues: int = 0                  # how many times it was re-queued
 
-    _time_fields: ClassVar[tuple[str, ...]] = ("created_at", "updated_at", "deadline_at", "next_attempt_at", "delivered_at")
+    _time_fields: ClassVar[tuple[str, ...]] = ("created_at", "updated_at", "deadline_at", "next_attempt_at",
+                                               "delivered_at", "requeued_at")
 
     @property
     def key(self) -> str:
@@ -94,6 +101,16 @@ def new_pending(alert: AlertRecord, endpoint: str, partition: int, offset: int, 
     return DeliveryState(event_id=alert.event_id, endpoint=endpoint, state=PENDING, alert=alert.to_dict(),
                          alerts_partition=partition, alerts_offset=offset, created_at=now, updated_at=now,
                          deadline_at=now + timedelta(seconds=horizon_s), next_attempt_at=now, webhook_id=webhook_id(key))
+
+
+def requeued(state: DeliveryState, horizon_s: float) -> DeliveryState:
+    """A failed delivery made pending again: due now, with a fresh retry horizon; same key, so same webhook id.
+    Only ``failed`` can be re-queued: a delivered one never is."""
+    if state.state != FAILED:
+        raise ValueError(f"only a failed delivery can be re-queued; {state.key} is {state.state}")
+    now = utcnow()
+    return replace(state, state=PENDING, deadline_at=now + timedelta(seconds=horizon_s), next_attempt_at=now,
+                   delivered_at=None, requeued_at=now, requeues=state.requeues + 1)
 
 
 class DeliveryLog:
@@ -166,20 +183,41 @@ class DeliveryLog:
                 return False
         return True
 
-    def _apply(self, raw: bytes | None) -> None:
+    async def poll(self) -> list[DeliveryState]:
+        """Apply what has arrived since the last read, without waiting; return the deliveries it re-queued
+        (written ``pending`` by ``--redeliver`` while this log knew them as failed, or not at all)."""
+        reopened = []
+        batch = await self._reader.getmany(*self._partitions, timeout_ms=0, max_records=5000)
+        for records in batch.values():
+            for record in records:
+                state = self._apply(record.value)
+                if state is not None:
+                    reopened.append(state)
+        return reopened
+
+    def _apply(self, raw: bytes | None) -> DeliveryState | None:
+        """Merge one record; return its state if it re-queued a delivery."""
         if raw is None:
-            return
+            return None
         try:
             state = DeliveryState.from_json(raw)
         except (ValueError, TypeError, KeyError) as exc:
             log.error("skipping an unreadable record on %s: %s", self.topic, exc)
-            return
-        self.merge(state)
+            return None
+        known = self.states.get(state.key)
+        if not self.merge(state) or state.state != PENDING or state.requeued_at is None:
+            return None
+        if known is None or known.terminal or known.requeued_at != state.requeued_at:
+            return state
+        return None
 
-    def merge(self, state: DeliveryState) -> None:
+    def merge(self, state: DeliveryState) -> bool:
+        """Keep ``state`` if it is at least as new as what is known; True if it was kept."""
         known = self.states.get(state.key)
         if known is None or state.seq >= known.seq:
             self.states[state.key] = state
+            return True
+        return False
 
     def get(self, key: str) -> DeliveryState | None:
         return self.states.get(key)
@@ -218,6 +256,31 @@ def read_delivery_states(kafka: KafkaSettings, topic: str, timeout_s: float = 60
         finally:
             await reader.stop()
     return asyncio.run(_read())
+
+
+def redelivery_plan(states: Iterable[DeliveryState], horizons: Mapping[str, float], endpoint: str | None = None,
+                    alert_id: str | None = None) -> tuple[list[DeliveryState], list[tuple[DeliveryState, str]]]:
+    """What ``finpulse dispatch --redeliver`` does with the failed deliveries matching ``endpoint`` / ``alert_id``:
+    the ones to re-queue (each chain's firing before its resolve) and the ones it leaves, with why.
+
+    ``horizons`` are the configured endpoints' retry horizons: a failed delivery to an endpoint that is not
+    configured any more stays failed. So does a firing whose resolve already reached the endpoint: sent now, it
+    would reopen an incident that the endpoint saw closed."""
+    states = list(states)
+    by_key = {s.key: s for s in states}
+    chosen: list[DeliveryState] = []
+    skipped: list[tuple[DeliveryState, str]] = []
+    for state in sorted(states, key=lambda s: (s.endpoint, s.alert_id, s.order)):
+        if state.state != FAILED or (endpoint and state.endpoint != endpoint) or (alert_id and state.alert_id != alert_id):
+            continue
+        resolve = by_key.get(delivery_key(f"{state.alert_id}:resolved", state.endpoint))
+        if state.endpoint not in horizons:
+            skipped.append((state, "the endpoint is not configured"))
+        elif state.alert_status == "firing" and resolve is not None and resolve.state == DELIVERED:
+            skipped.append((state, "its resolve was delivered already (sending the firing now would reopen it)"))
+        else:
+            chosen.append(state)
+    return chosen, skipped
 
 
 def summarize(states: Iterable[DeliveryState]) -> dict[str, int]:

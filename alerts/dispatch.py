@@ -24,6 +24,18 @@ How it works:
   revocation it lets in-flight requests finish and stops the rest.
 - Replays never reach live endpoints: an alert with a ``run_id`` goes only to the endpoint named by
   ``[alerts] replay_endpoint``, and nowhere when none is named.
+- Failed deliveries are sent again on request: ``finpulse dispatch --redeliver`` (``redeliver``) turns the matching
+  ``failed`` records back into ``pending`` ones on the deliveries topic, with a fresh retry horizon, and exits. The
+  dispatcher follows the deliveries topic (``_follow``, between alert batches) and takes the re-queued deliveries
+  of its partitions on like resumed ones: same key, same ``webhook-id``, same chain order. If no dispatcher runs,
+  the next one to start resumes them from the topic.
+
+  Why the command re-queues instead of sending them itself: a delivery belongs to the dispatcher that owns its
+  alert's partition, and only that owner writes its state, which is what keeps one writer per key and a resolve
+  behind its firing. A one-shot sender in the command would be a second writer racing a running dispatcher (or one
+  that starts meanwhile) on the same keys. As a state change on the topic the re-queue survives restarts and shows
+  in ``--status`` and on the dashboard, and the delivery itself goes through the one code path, ``_deliver``.
+  Only ``failed`` can be re-queued, so an acknowledged delivery is never sent again.
 
 Run it inside the Faust worker (``install``) or alone (``finpulse dispatch``).
 """
@@ -48,7 +60,8 @@ from stream.config import ConfigError, Settings
 from stream.records import AlertRecord, format_time, utcnow
 from stream.topics import TopicNames, ensure_topics
 
-from .deliveries import DELIVERED, FAILED, DeliveryLog, DeliveryState, delivery_key, new_pending, read_delivery_states, summarize
+from .deliveries import (DELIVERED, FAILED, DeliveryLog, DeliveryState, delivery_key, new_pending, read_delivery_states,
+                         redelivery_plan, requeued, summarize)
 from .endpoints import (BlockedAddressError, Endpoint, GuardedResolver, build_endpoints, check_address, literal_ip,
                         load_delivery_config, preflight)
 from .formats import DeliveryContext, render
@@ -198,6 +211,7 @@ class Dispatcher:
                 raise RuntimeError("the dispatcher could not take over its partitions") from self._fatal
             for tp, records in batch.items():
                 await self._take(tp, records)
+            await self._follow()
 
     async def _take(self, tp: TopicPartition, records) -> None:
         async with self._adopting:
@@ -221,6 +235,23 @@ class Dispatcher:
             # The partition moved on: its new owner re-reads these alerts and finds their pending records.
             log.warning("could not commit %s@%d (%s); its next owner resumes from the pending records",
                         tp, records[-1].offset + 1, exc)
+
+    async def _follow(self) -> None:
+        """Take on the deliveries that ``--redeliver`` re-queued since the last look (failed → pending)."""
+        async with self._adopting:
+            reopened = await self.log.poll()
+            if not reopened:
+                return
+            # `--redeliver` writes a firing's re-queue (and waits for its ack) before its resolve's, but the two can
+            # sit on different partitions of the deliveries topic: read to the end, so that a resolve never starts
+            # alone and overtakes its firing.
+            await self.log.catch_up()
+            for state in self.log.pending_for(self._owned):
+                self._enqueue(state)  # keys already queued are not queued twice
+        mine = [s for s in reopened if s.alerts_partition in self._owned]
+        if mine:
+            log.info("dispatcher %s took on %d re-queued deliveries: %s", self.group_id, len(mine),
+                     ", ".join(f"{s.event_id} to {s.endpoint}" for s in mine))
 
     def _parse(self, record) -> AlertRecord | None:
         try:
@@ -437,7 +468,8 @@ def install(app, settings: Settings, names: TopicNames | None = None):
 
 # ---------------------------------------------------------------- `finpulse dispatch`
 
-def run_dispatch(settings: Settings, check: bool = False, status: bool = False) -> int:
+def run_dispatch(settings: Settings, check: bool = False, status: bool = False, redeliver: bool = False,
+                 endpoint: str | None = None, alert_id: str | None = None, dry_run: bool = False) -> int:
     names = TopicNames(settings.kafka.topic_prefix)
     config = load_delivery_config(settings)
     if status:
@@ -446,6 +478,9 @@ def run_dispatch(settings: Settings, check: bool = False, status: bool = False) 
         raise ConfigError("no endpoints: add [[alerts.endpoints]] tables to the config (see finpulse.example.toml)")
     if check:
         return asyncio.run(_check(config))
+    if redeliver:
+        asyncio.run(redeliver_failed(settings, names, endpoint=endpoint, alert_id=alert_id, dry_run=dry_run))
+        return 0
     ensure_topics(settings.kafka, [names.alerts, names.deliveries], names.compacted())
     return asyncio.run(_serve(settings, names))
 
@@ -492,5 +527,43 @@ def _print_status(settings: Settings, names: TopicNames) -> int:
     print(f"{names.deliveries}: {len(states)} deliveries {summarize(states.values())}")
     for state in sorted(states.values(), key=lambda s: s.updated_at):
         if not state.terminal or state.state == FAILED:
-            print(f"  {state.state:<9} {state.key}  attempts={state.attempts}  {state.last_error}")
+            requeued_note = f"  re-queued {state.requeues}x, last {format_time(state.requeued_at)}" if state.requeues else ""
+            print(f"  {state.state:<9} {state.key}  attempts={state.attempts}{requeued_note}  {state.last_error}")
     return 0
+
+
+async def redeliver_failed(settings: Settings, names: TopicNames, endpoint: str | None = None,
+                           alert_id: str | None = None, dry_run: bool = False, out=print) -> list[DeliveryState]:
+    """``finpulse dispatch --redeliver``: re-queue the failed deliveries matching ``endpoint`` / ``alert_id``
+    (see ``redelivery_plan``) and return their new pending states; with ``dry_run``, only say what it would do.
+
+    Each re-queue is one record on the deliveries topic, acknowledged before the next (a firing before its
+    resolve). The dispatcher owning the alert's partition delivers them (see the module docstring for why this
+    command does not). Prints endpoint names and alert ids only: never URLs, keys or error texts.
+
+    Run one at a time: two overlapping runs that both read a delivery as failed both write its re-queue, and if the
+    second lands after the dispatcher's ``delivered``, compaction can keep the stale ``pending`` (the merge by
+    ``seq`` ignores it, but a dispatcher started after compaction would send it again, same webhook-id)."""
+    horizons = {e.name: e.retry_horizon_s for e in load_delivery_config(settings).endpoints}
+    log_ = DeliveryLog(settings.kafka, names.deliveries, writable=not dry_run)
+    done: list[DeliveryState] = []
+    try:
+        await log_.start()
+        await log_.catch_up()
+        chosen, skipped = redelivery_plan(log_.states.values(), horizons, endpoint, alert_id)
+        for state, why in skipped:
+            out(f"left failed  {state.endpoint}  {state.alert_id} ({state.alert_status}): {why}")
+        for state in chosen:
+            if not dry_run:
+                done.append(await log_.save(requeued(state, horizons[state.endpoint])))
+            out(f"{'would re-queue' if dry_run else 're-queued'}  {state.endpoint}  {state.alert_id} ({state.alert_status})")
+    finally:
+        await log_.stop()
+    if not chosen:
+        out("no failed delivery matches: nothing re-queued")
+    elif dry_run:
+        out(f"dry run: {len(chosen)} failed deliveries would be re-queued; nothing was written")
+    else:
+        out(f"{len(done)} failed deliveries re-queued on {names.deliveries}: the running dispatcher (worker or "
+            f"`finpulse dispatch`) sends them within seconds; if none runs, the next one to start does")
+    return done

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from alerts.deliveries import DELIVERED, FAILED, PENDING, delivery_key, read_delivery_states, webhook_id
+from alerts.deliveries import (DELIVERED, FAILED, PENDING, delivery_key, new_pending, read_delivery_states,
+                               redelivery_plan, requeued, webhook_id)
 from alerts.dispatch import Dispatcher, classify, full_jitter, parse_retry_after
 from alerts.endpoints import Endpoint, EndpointSettings, blocked_reason, build_endpoints, load_delivery_config
 from alerts.receiver import Receiver, ReceiverOptions
@@ -318,6 +320,30 @@ def test_dispatch_check_reports_refused_endpoints(tmp_path):
     assert env["T_CHECK_SECRET"] not in done.stdout + done.stderr
 
 
+def test_redelivery_plan_requeues_failed_only():
+    """Only failed deliveries are re-queued (firing before resolve), filtered by endpoint and alert id; a delivered
+    one never is, nor a failed one to an endpoint no longer configured, nor a firing whose resolve got through."""
+    def state(alert_id, status, endpoint, final, offset=0):
+        return replace(new_pending(make_alert(status, id=alert_id), endpoint, 0, offset, 60.0), state=final, seq=3)
+    states = [state("a", "resolved", "desk", FAILED, 1), state("a", "firing", "desk", FAILED),
+              state("a", "firing", "ops", DELIVERED), state("b", "firing", "desk", FAILED),
+              state("c", "firing", "pd", FAILED), state("c", "resolved", "pd", DELIVERED, 1),
+              state("d", "firing", "gone", FAILED), state("e", "firing", "desk", PENDING)]
+    horizons = {"desk": 30.0, "ops": 30.0, "pd": 30.0}
+    chosen, skipped = redelivery_plan(states, horizons)
+    assert [s.key for s in chosen] == ["a:firing|desk", "a:resolved|desk", "b:firing|desk"]
+    assert {s.key: why for s, why in skipped} == {"c:firing|pd": "its resolve was delivered already (sending the firing now would reopen it)",
+                                                  "d:firing|gone": "the endpoint is not configured"}
+    assert [s.key for s in redelivery_plan(states, horizons, alert_id="a")[0]] == ["a:firing|desk", "a:resolved|desk"]
+    assert [s.key for s in redelivery_plan(states, horizons, endpoint="ops")[0]] == []
+    again = requeued(chosen[0], 30.0)
+    assert (again.state, again.requeues, again.webhook_id, again.key) == (PENDING, 1, chosen[0].webhook_id, chosen[0].key)
+    assert again.next_attempt_at <= again.deadline_at and (again.deadline_at - again.requeued_at).total_seconds() == 30.0
+    for final in (DELIVERED, PENDING):
+        with pytest.raises(ValueError, match="only a failed delivery"):
+            requeued(replace(chosen[0], state=final), 30.0)
+
+
 # ---------------------------------------------------------------- outages and restarts, with real processes
 
 @pytest.mark.slow
@@ -455,3 +481,91 @@ def test_worker_restart_while_the_receiver_is_down_loses_nothing(fp_settings, to
     assert set(final) == expected
     assert Counter(item["webhook_id"] for item in seen["items"]) == Counter({webhook_id(k): 1 for k in expected})
     assert seen["duplicates"] == {}
+
+
+@pytest.mark.slow
+def test_redeliver_sends_failed_deliveries_again_once_with_their_webhook_id(fp_settings, topics, tmp_path):
+    """Endpoints down past a short retry horizon: every delivery is failed. The receiver comes up; `--redeliver
+    --dry-run` changes nothing; `--redeliver --endpoint desk --alert r1` re-queues that chain and the running
+    dispatcher delivers it once, firing then resolve, with the original webhook ids; the same command again
+    re-queues nothing. The rest, re-queued while no dispatcher runs, is delivered by the next one to start."""
+    secret = generate_secret()
+    port = free_port()
+    endpoints = [{"name": name, "url": f"http://127.0.0.1:{port}/{name}", "secret_env": "T_RD_SECRET",
+                  "allow_private": True, "retry_horizon_s": 1.5} for name in ("desk", "ops")]
+    env = kafka_env(fp_settings, endpoints=endpoints, backoff_initial_s="0.05", backoff_max_s="0.2")
+    env["T_RD_SECRET"] = secret
+    alerts = [make_alert("firing", id="r1"), make_alert("resolved", id="r1"), make_alert("firing", id="r2", key="Topic 2")]
+    everything = {delivery_key(a.event_id, e["name"]) for a in alerts for e in endpoints}
+    chain = [delivery_key("r1:firing", "desk"), delivery_key("r1:resolved", "desk")]
+    procs: list[Proc] = []
+
+    def states():
+        return read_delivery_states(fp_settings.kafka, topics.deliveries)
+
+    def essentials(found):
+        return {k: (v.state, v.seq, v.attempts, v.requeues) for k, v in found.items()}
+
+    def redeliver(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--redeliver", *args], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert secret not in done.stdout + done.stderr and str(port) not in done.stdout
+        return done.stdout
+
+    def delivered(keys):
+        return lambda: (lambda s: all(s[k].state == DELIVERED for k in keys) and s)(states())
+
+    try:
+        produce(fp_settings, topics.alerts, alerts)
+        procs.append(Proc(["dispatch"], env, tmp_path / "dispatch-1.log"))
+        failed = wait_for(lambda: (lambda s: set(s) == everything and all(v.state == FAILED for v in s.values()) and s)(states()),
+                          "every delivery to fail at its retry horizon", timeout_s=60)
+        procs.append(Proc(["receiver", "--port", str(port), "--store", str(tmp_path / "got.jsonl"), "--secret-env", "T_RD_SECRET"],
+                          env, tmp_path / "receiver.log"))
+        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), "the receiver to listen")
+
+        # A dry run lists what it would do and writes nothing.
+        out = redeliver("--dry-run")
+        assert out.count("would re-queue") == len(everything) and "nothing was written" in out
+        assert "would re-queue  desk  r1 (firing)" in out
+        time.sleep(2)
+        assert essentials(states()) == essentials(failed)
+
+        # One chain re-queued: the running dispatcher delivers it, once, in order, with the original webhook ids.
+        out = redeliver("--endpoint", "desk", "--alert", "r1")
+        assert [line for line in out.splitlines() if line.startswith("re-queued")] == [
+            "re-queued  desk  r1 (firing)", "re-queued  desk  r1 (resolved)"]
+        now = wait_for(delivered(chain), "the running dispatcher to deliver the re-queued chain", timeout_s=60)
+        for key in chain:
+            assert now[key].webhook_id == failed[key].webhook_id == webhook_id(key)
+            assert now[key].requeues == 1 and now[key].requeued_at and now[key].deadline_at > failed[key].deadline_at
+        assert all(now[k].state == FAILED for k in everything - set(chain))
+        seen = get_json(f"http://127.0.0.1:{port}/received")
+        assert [item["webhook_id"] for item in seen["items"]] == [failed[k].webhook_id for k in chain]
+
+        # The same command again: nothing left to re-queue there, and delivered ones are never re-queued.
+        out = redeliver("--endpoint", "desk", "--alert", "r1")
+        assert "nothing re-queued" in out and "re-queued  " not in out
+        assert "re-queued" not in redeliver("--alert", "r1", "--endpoint", "desk", "--dry-run").replace("nothing re-queued", "")
+        time.sleep(1)
+        assert essentials(states()) == essentials(now)
+
+        # The rest, re-queued with no dispatcher running: the re-queue is on the topic, the next dispatcher sends it.
+        procs[0].kill()
+        out = redeliver()
+        assert out.count("re-queued  ") == len(everything) - len(chain)
+        assert all(v.state == PENDING for k, v in states().items() if k not in chain)
+        procs.append(Proc(["dispatch"], env, tmp_path / "dispatch-2.log"))
+        final = wait_for(delivered(everything), "the restarted dispatcher to deliver the rest", timeout_s=60)
+        assert "nothing re-queued" in redeliver()
+        seen = get_json(f"http://127.0.0.1:{port}/received")
+        status = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--status"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        for proc in procs:
+            proc.close()
+    assert Counter(item["webhook_id"] for item in seen["items"]) == Counter({webhook_id(k): 1 for k in everything})
+    assert seen["duplicates"] == {}
+    assert all(v.requeues == 1 for v in final.values())
+    assert f"{len(everything)} deliveries {{'delivered': {len(everything)}}}" in status.stdout, status.stdout + status.stderr
