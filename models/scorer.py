@@ -7,7 +7,8 @@ How it stays fast:
   with bf16 autocast, and the probabilities come back through a pinned buffer while the next batch is launched;
 - a batch that runs the GPU out of memory is split in halves (and later batches are made smaller);
 - on a CPU the model runs in float32 (the same held-out scores as bf16 on a GPU), or with ``quantize="int8"``
-  (dynamic quantization of the linear layers: about 1.3-1.5x faster, the same labels for about 96% of texts).
+  (dynamic quantization of the linear layers: about 1.3-1.7x faster; float32's labels for 77-96% of
+  texts depending on the model, measured by ``make bench``: an option, not the default).
 
 How it stays safe: a text that is not a string, is empty, or has nothing left after removing links gets a
 ``Prediction`` with ``error`` set; a batch that fails for any other reason is retried one text at a time, so one
