@@ -7,6 +7,7 @@ process the demo started. Logs go to var/demo/*.log; a status line shows progres
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
@@ -17,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .broker import EmbeddedBroker, free_port
+from .kafka_io import topic_sizes
 from .records import format_time, utcnow
 from .topics import TopicNames, ensure_topics
 
@@ -76,22 +78,6 @@ format = "native"
 secret_env = "FINPULSE_WEBHOOK_SECRET"
 allow_private = true
 """)
-
-
-def _count_records(bootstrap: str, topics: list[str]) -> dict[str, int]:
-    """Sum of partition end offsets per topic: a cheap progress figure (on tansu it can lag by a batch)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=5000)
-    try:
-        counts = {}
-        for topic in topics:
-            parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in parts]
-            counts[topic] = sum(consumer.end_offsets(tps).values()) if tps else 0
-        return counts
-    finally:
-        consumer.close()
 
 
 def run_demo(settings, args) -> int:
@@ -165,7 +151,8 @@ Ctrl-C stops everything.
             if time.monotonic() - last_status > 10:
                 last_status = time.monotonic()
                 try:
-                    c = _count_records(broker.bootstrap_servers, [names.news, names.comments, names.scored, names.deadletter, names.alerts])
+                    c = asyncio.run(topic_sizes(broker.bootstrap_servers, [names.news, names.comments, names.scored,
+                                                                           names.deadletter, names.alerts]))
                 except Exception as exc:  # the status line is best effort; the processes are what matter
                     print(f"status unavailable: {exc}", flush=True)
                     continue
@@ -173,8 +160,7 @@ Ctrl-C stops everything.
                 print(f"[{time.strftime('%H:%M:%S')}] {phase:<20} in {c[names.news] + c[names.comments]:>7}  "
                       f"scored {c[names.scored]:>7}  dead-letter {c[names.deadletter]:>4}  alerts {c[names.alerts]:>3}",
                       flush=True)
-                # 98%: tansu's end offsets can lag by a partition's last batch (see _count_records).
-                if not live_started and (c[names.scored] >= 0.98 * history_count or time.monotonic() > warmup_deadline):
+                if not live_started and (c[names.scored] >= history_count or time.monotonic() > warmup_deadline):
                     live_started = True
                     print("==> history scored: starting the live SIMULATED stream (shock in 150 s)", flush=True)
                     group.start("simulator", "simulate", "--rate", str(args.rate), "--shock-at", "150",

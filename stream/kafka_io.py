@@ -12,7 +12,8 @@
   of a fetch response, not ``end_offsets()``: the embedded tansu broker answers ListOffsets with the base offset of
   the last record batch + 1, which is too low whenever that batch holds more than one record (see
   ``stream.tansu_compat``). Apache Kafka gives the same answer both ways.
-* ``fetch_highwaters``: the true end of given partitions, for code that must know it before reading.
+* ``fetch_highwaters``: the true end of given partitions, for code that must know it before reading;
+  ``topic_sizes``: how many records whole topics hold, by the same true ends.
 """
 from __future__ import annotations
 
@@ -188,16 +189,34 @@ async def fetch_highwaters(bootstrap_servers: str, start_offsets: Mapping[TopicP
     consumer = _consumer(bootstrap_servers)
     await consumer.start()
     try:
-        tps = list(start_offsets)
-        consumer.assign(tps)
-        for tp, offset in start_offsets.items():
-            consumer.seek(tp, max(0, offset))
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.highwater(tp) is None for tp in tps):
-            if time.monotonic() > deadline:
-                missing = [f"{tp.topic}[{tp.partition}]" for tp in tps if consumer.highwater(tp) is None]
-                raise TimeoutError(f"no fetch response within {timeout_s:.0f}s for {', '.join(missing)}")
-            await consumer.getmany(*tps, timeout_ms=100)
-        return {tp: consumer.highwater(tp) for tp in tps}
+        return await _highwaters_from(consumer, start_offsets, timeout_s)
+    finally:
+        await consumer.stop()
+
+
+async def _highwaters_from(consumer: AIOKafkaConsumer, start_offsets: Mapping[TopicPartition, int],
+                           timeout_s: float) -> dict[TopicPartition, int]:
+    tps = list(start_offsets)
+    consumer.assign(tps)
+    for tp, offset in start_offsets.items():
+        consumer.seek(tp, max(0, offset))
+    deadline = time.monotonic() + timeout_s
+    while any(consumer.highwater(tp) is None for tp in tps):
+        if time.monotonic() > deadline:
+            missing = [f"{tp.topic}[{tp.partition}]" for tp in tps if consumer.highwater(tp) is None]
+            raise TimeoutError(f"no fetch response within {timeout_s:.0f}s for {', '.join(missing)}")
+        await consumer.getmany(*tps, timeout_ms=100)
+    return {tp: consumer.highwater(tp) for tp in tps}
+
+
+async def topic_sizes(bootstrap_servers: str, topics: Sequence[str], timeout_s: float = 10.0) -> dict[str, int]:
+    """How many records each topic holds: the sum of its partitions' true ends (all FinPulse topics start at 0)."""
+    consumer = _consumer(bootstrap_servers)
+    await consumer.start()
+    try:
+        tps = [tp for topic in topics for tp in await _partitions(consumer, topic, timeout_s)]
+        reported = await consumer.end_offsets(tps)
+        ends = await _highwaters_from(consumer, {tp: end - 1 for tp, end in reported.items()}, timeout_s)
+        return {topic: sum(max(reported[tp], ends[tp]) for tp in tps if tp.topic == topic) for topic in topics}
     finally:
         await consumer.stop()

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream import tansu_compat
 from stream.config import ConfigError, KafkaSettings
-from stream.kafka_io import RecordSender, fetch_highwaters
+from stream.kafka_io import RecordSender, fetch_highwaters, topic_sizes
 from stream.topics import ensure_topics
 from tests.procs import ManagedProcess
 
@@ -52,6 +52,16 @@ def test_tansu_end_offsets_are_too_low_but_the_fetch_high_watermark_is_right(bro
     fetched = asyncio.run(fetch_highwaters(broker.bootstrap_servers, {tp: end - 1 for tp, end in reported.items()}))
     assert all(fetched[tp] == 50 for tp in reported)               # 50 records per partition
     assert all(end < 50 for end in reported.values()), reported    # ListOffsets says less
+
+
+def test_topic_sizes_count_every_record_where_end_offsets_fall_short(broker):
+    """What `finpulse demo` counts its progress with: the true ends, not the low ones ListOffsets reports."""
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, partitions=PARTITIONS)
+    batched, empty = f"sizes-{uuid.uuid4().hex[:8]}", f"sizes-empty-{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka, [batched, empty])
+    asyncio.run(_produce_in_batches(kafka, batched, 200))
+    assert sum(asyncio.run(_end_offsets(broker.bootstrap_servers, batched)).values()) < 200
+    assert asyncio.run(topic_sizes(broker.bootstrap_servers, [batched, empty])) == {batched: 200, empty: 0}
 
 
 def test_applied_only_for_tansu_or_when_forced(broker):
