@@ -32,14 +32,14 @@ class ModelCard:
         return str(self.metrics.get("model_version") or self.path.name)
 
 
-def find_model(model_dir: str | None) -> Path | None:
+def find_model(model_dir: str | None, models_dir: str | None = None) -> Path | None:
     """The directory the worker would load, or None when no trained model is installed or found."""
     try:
         from models.registry import find_model_dir
     except ImportError:
         return None
     try:
-        found = find_model_dir(model_dir or None)
+        found = find_model_dir(model_dir or None, *([models_dir] if models_dir else []))
     except Exception as exc:  # a configured directory that is not a model: the view says no model, the log why
         log.warning("no usable model directory for the Model view: %s", exc)
         return None

@@ -32,6 +32,7 @@ class Controls:
     tz: str
     range_label: str
     model_dir: str = ""
+    models_dir: str = ""       # [models] models_dir: where the newest model is looked for
 
 
 def md(text: str) -> str:
@@ -242,8 +243,8 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
 # ---------------------------------------------------------------- Model
 
 @st.cache_data(ttl=30, show_spinner=False)
-def cached_model_card(model_dir: str) -> ModelCard | None:
-    path = find_model(model_dir)
+def cached_model_card(model_dir: str, models_dir: str = "") -> ModelCard | None:
+    path = find_model(model_dir, models_dir)
     return read_model_card(path) if path is not None else None
 
 
@@ -268,7 +269,7 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
         st.altair_chart(charts.throughput_line(sh.in_zone(rate, c.tz)), width="stretch", height=220)
 
     st.subheader("Evaluation")
-    card = cached_model_card(c.model_dir)
+    card = cached_model_card(c.model_dir, c.models_dir)
     if card is None:
         st.info(f"No trained model directory was found (run `finpulse train`); the stream is scored by {scoring_now}.")
     else:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import streamlit as st
 
+from models.settings import models_root
 from stream.config import ConfigError, KafkaSettings, Settings, load_settings
 
 from . import shaping as sh
@@ -64,7 +65,7 @@ def _choices(snap, key_type: str) -> tuple:
     return tuple(sh.window_sizes(snap.trends)), tuple(sh.keys_of(snap.trends, key_type))
 
 
-def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str) -> Controls:
+def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str = "") -> Controls:
     """The controls every view shares. A link like ``?key_type=ticker&key=AAPL`` preselects the key type."""
     snap = feed.store.snapshot()
     wanted_type = st.query_params.get("key_type")
@@ -92,7 +93,7 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str) -> Controls:
     st.session_state[_CHOICES] = (tuple(sizes), tuple(options))
     filters = sh.ViewFilters(key_type=key_type, window_s=window_s, span=sh.TIME_RANGES[range_label], keys=tuple(keys),
                              min_count=cfg.min_window_count, baseline_windows=cfg.baseline_windows)
-    return Controls(filters=filters, tz=tz, range_label=range_label, model_dir=model_dir)
+    return Controls(filters=filters, tz=tz, range_label=range_label, model_dir=model_dir, models_dir=models_dir)
 
 
 def live_view(name: str, feed: Feed, controls: Controls, cfg: DashboardSettings) -> None:
@@ -126,7 +127,7 @@ def run(feed: Feed | None = None, page: str | None = None, settings: Settings | 
     if not require_sign_in(cfg):
         return
     feed = feed or feed_for(settings, cfg)
-    controls = sidebar(feed, cfg, settings.worker.model_dir)
+    controls = sidebar(feed, cfg, settings.worker.model_dir, models_root(settings))
     if page is not None:
         live_view(page, feed, controls, cfg)
         return

@@ -40,8 +40,10 @@ def failed(reason: str) -> Prediction:
     return Prediction(topic="", topic_confidence=0.0, sentiment="neutral", sentiment_score=0.0, error=reason)
 
 
-def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = "auto") -> Scorer:
-    """``kind``: "auto" (a trained model if one is found, else the baseline), "model", "baseline" or "noop"."""
+def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = "auto",
+                models_root: str | None = None) -> Scorer:
+    """``kind``: "auto" (a trained model if one is found, else the baseline), "model", "baseline" or "noop".
+    Without ``model_dir`` the newest model under ``models_root`` (``[models] models_dir``) is used."""
     if kind == "noop":
         from .baseline import NoopScorer
         return NoopScorer()
@@ -57,7 +59,7 @@ def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = 
         if kind == "model":
             raise
         find_model_dir = None
-    path = find_model_dir(model_dir) if find_model_dir else None
+    path = find_model_dir(model_dir, *([models_root] if models_root else [])) if find_model_dir else None
     if path is None:
         if kind == "model" or model_dir:
             raise FileNotFoundError(f"no trained FinPulse model found{f' at {model_dir}' if model_dir else ''}: run `finpulse train`")

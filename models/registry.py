@@ -1,7 +1,7 @@
 """Finding the trained model to use.
 
 ``find_model_dir``: an explicit directory (or a model version under the models root) if given, else
-``$FINPULSE_MODEL_DIR``, else the newest valid FinPulse model under ``var/models/`` (by the ``created_at`` in its
+``$FINPULSE_MODEL_DIR``, else the newest valid FinPulse model under the models root (``[models] models_dir``) (by the ``created_at`` in its
 config.json). An explicit directory that is not a FinPulse model is an error that says why; while scanning,
 directories that are not models (or are still being written: training writes to a hidden ``.incomplete-*``
 directory and renames it when done) are skipped.
@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 
 from .modeling import ModelError, read_config
+from .settings import ModelSettings
 
 log = logging.getLogger(__name__)
 MODEL_DIR_ENV = "FINPULSE_MODEL_DIR"
-DEFAULT_MODELS_ROOT = Path("var/models")
+DEFAULT_MODELS_ROOT = Path(ModelSettings.models_dir)
 
 
 class NotAModelDir(ModelError):

@@ -16,3 +16,8 @@ class ModelSettings:
     # "" means the bundled all-MiniLM-L6-v2; any local directory or hub id of a BERT-family encoder works.
     base_model: str = ""
     device: str = "auto"
+
+
+def models_root(settings) -> str:
+    """Where trained models live, from ``[models] models_dir``: every loader of "the newest model" looks there."""
+    return settings.section("models", ModelSettings).models_dir

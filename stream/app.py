@@ -36,6 +36,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
 from models.interface import Prediction, Scorer, failed, load_scorer
+from models.settings import models_root
 
 from .config import Settings
 from .kafka_io import bootstrap_list, kafka_timestamp_ms
@@ -70,6 +71,8 @@ class Outgoing:
     key: bytes | None
     value: bytes
     timestamp_ms: int | None
+    # The input message this record came from (scored records only): replay keeps its position beside the record.
+    source: SourceMessage | None = dataclasses.field(default=None, compare=False)
 
 
 class Scoring:
@@ -137,7 +140,7 @@ class Scoring:
                                             f"bytes (limit {SCORED_RECORD_MAX}): id, url or source is too long"))
                 continue
             timestamp_ms = kafka_timestamp_ms(item.event_time)
-            out.append(Outgoing(names.scored, prediction.topic.encode("utf-8"), value, timestamp_ms))
+            out.append(Outgoing(names.scored, prediction.topic.encode("utf-8"), value, timestamp_ms, message))
             for ticker in item.tickers:
                 out.append(Outgoing(names.scored_by_ticker, ticker.encode("utf-8"), value, timestamp_ms))
             self.scored += 1
@@ -178,6 +181,12 @@ class Scoring:
 
 SendFn = Callable[[Outgoing], Awaitable[asyncio.Future]]
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+
+
+def faust_send(app) -> SendFn:
+    """``send`` for ``deliver`` through a Faust app's producer, with each record's Kafka timestamp."""
+    send = faust_send(app)
+    return send
 
 
 async def deliver(send: SendFn, records: Sequence[Outgoing],
@@ -308,7 +317,7 @@ def create_app(settings: Settings, scorer: Scorer | None = None, extensions: Seq
     kafka, worker = settings.kafka, settings.worker
     names = TopicNames(kafka.topic_prefix)
     if scorer is None:
-        scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device)
+        scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings))
     app = faust.App(
         worker.app_id,
         broker=[f"kafka://{server}" for server in bootstrap_list(kafka.bootstrap_servers)],
@@ -346,11 +355,7 @@ def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) 
     # One thread: the scorer batches internally and may use every core; batches stay in order.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-scorer")
 
-    async def send(record: Outgoing) -> asyncio.Future:
-        # Faust takes seconds and truncates int(seconds * 1000): half a millisecond more makes that exact.
-        timestamp = (record.timestamp_ms + 0.5) / 1000.0 if record.timestamp_ms is not None else None
-        return await app.producer.send(record.topic, record.key, record.value, partition=None,
-                                       timestamp=timestamp, headers=None)
+    send = faust_send(app)
 
     async def process(events) -> None:
         messages = [SourceMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value)

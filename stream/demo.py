@@ -90,9 +90,10 @@ def run_demo(settings, args) -> int:
     if not args.no_train:
         try:
             from models.registry import find_model_dir
+            from models.settings import models_root
         except ImportError:
             find_model_dir = None
-        if find_model_dir and find_model_dir(settings.worker.model_dir or None) is None:
+        if find_model_dir and find_model_dir(settings.worker.model_dir or None, models_root(settings)) is None:
             print("==> no trained model yet: training the quick recipe first (progress below; "
                   "`finpulse train --recipe full` on a GPU trains the real one)", flush=True)
             if group.run("train", "train", "--recipe", "quick") != 0:

@@ -11,6 +11,7 @@ import logging
 from typing import Sequence
 
 from models.interface import Scorer, load_scorer
+from models.settings import models_root
 
 from . import tansu_compat
 from .config import Settings
@@ -31,7 +32,7 @@ def prepare_app(settings: Settings, scorer: Scorer | None = None, extensions: Se
     names = TopicNames(kafka.topic_prefix)
     ensure_topics(kafka, names.all(), names.compacted())
     if scorer is None:
-        scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device)
+        scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings))
     if tansu_compat.apply_if_needed(kafka):
         log.info("broker is tansu: compatibility patch applied (see stream/tansu_compat.py)")
     return create_app(settings, scorer, EXTENSIONS if extensions is None else extensions)

@@ -248,3 +248,15 @@ def test_tiny_csv_fixture_round_trips_through_the_loader(tmp_path):
     reference = tiny_set()
     assert data.texts == reference.texts
     assert np.array_equal(data.topic, reference.topic) and np.array_equal(data.sentiment, reference.sentiment)
+
+
+def test_the_models_dir_setting_is_where_the_worker_looks_for_the_newest_model(tiny_model_dir, tmp_path, monkeypatch):
+    from models.settings import models_root
+    from stream.config import load_settings
+
+    monkeypatch.delenv("FINPULSE_MODEL_DIR", raising=False)
+    root = tmp_path / "elsewhere"
+    make_model_copy(tiny_model_dir, root / "only", "2026-06-01T00:00:00+00:00")
+    settings = load_settings(None, environ={"FINPULSE_MODELS__MODELS_DIR": str(root)})
+    scorer = load_scorer("model", None, "cpu", models_root(settings))
+    assert isinstance(scorer, BatchScorer) and scorer.model_version == json.loads((root / "only" / "config.json").read_text())["model_version"]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.settings import models_root
 from stream.aggregate import AggregateSettings, parse_duration_s
 from stream.config import ConfigError, Settings
 from stream.records import InvalidRecord, epoch_ms, parse_time
@@ -178,7 +179,7 @@ def effective_config(settings: Settings, replay: ReplaySettings) -> tuple[Settin
     return effective, effective.fingerprint()
 
 
-def load_chosen_scorer(kind: str, model_dir: str | None, device: str):
+def load_chosen_scorer(kind: str, model_dir: str | None, device: str, models_dir: str | None = None):
     """The scorer, after checking that an explicit model directory really is a FinPulse model."""
     from models.interface import load_scorer
     if model_dir:
@@ -192,7 +193,7 @@ def load_chosen_scorer(kind: str, model_dir: str | None, device: str):
             raise ReplayError(f"--model {model_dir}: not a FinPulse model directory: {exc}") from None
         kind = "model"
     try:
-        return load_scorer(kind, model_dir, device)
+        return load_scorer(kind, model_dir, device, models_dir)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise ReplayError(f"cannot load the {kind} scorer: {exc}") from None
 
@@ -308,7 +309,8 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
             selection = ArchiveSelection(archive, chosen_topics, from_ms, to_ms)
         except ArchiveError as exc:
             raise ReplayError(f"--archive: {exc}") from None
-    chosen = load_chosen_scorer(scorer or worker.scorer, model_dir or worker.model_dir or None, device or worker.device)
+    chosen = load_chosen_scorer(scorer or worker.scorer, model_dir or worker.model_dir or None, device or worker.device,
+                                models_root(settings))
     out_dir = Path(parquet) if parquet else Path(replay.out_dir) / run_id
     plan = ReplayPlan(run_id=run_id, from_ms=from_ms, to_ms=to_ms, topics=chosen_topics, settings=settings,
                       replay=replay, names=names, out_dir=out_dir, scorer=chosen, config_hash=config_hash,
