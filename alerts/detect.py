@@ -265,7 +265,7 @@ def state_key(trend: TrendRecord) -> bytes:
 
 def install(app, settings, names) -> None:
     """Register the detect agent (consumes final trends, keeps detector state in a table, produces alerts)."""
-    from stream.app import Outgoing, deliver
+    from stream.app import Outgoing, deliver, faust_send
 
     detector = SpikeDetector(settings.section("detect", DetectSettings))
     worker = settings.worker
@@ -273,9 +273,7 @@ def install(app, settings, names) -> None:
     table = app.Table("detect-state", default=None, key_type=bytes, partitions=settings.kafka.partitions,
                       use_partitioner=True, help="spike detector baselines and open episodes per key")
 
-    async def send(record: Outgoing):
-        return await app.producer.send(record.topic, record.key, record.value, partition=None,
-                                       timestamp=record.timestamp_ms / 1000.0, headers=None)
+    send = faust_send(app)
 
     @app.agent(trends, name="detect")
     async def detect(stream):

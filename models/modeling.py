@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import itertools
 import json
 import os
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .data import file_sha256
 from .labels import SENTIMENTS, TOPICS
 from .textprep import NORMALIZATION, char_budget, with_cleanup
 
@@ -196,17 +196,15 @@ class LoadedModel:
 
 
 def make_version(short_name: str, recipe: str, weights_file: Path, when: dt.datetime) -> str:
-    digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:8]
+    digest = file_sha256(weights_file)[:8]
     return f"finpulse-{short_name}-{recipe}-{when:%Y%m%d}-{digest}"
 
 
 def save_model(model: FinPulseClassifier, tokenizer_source: str | Path, out_dir: Path, *, base_model: str,
-               recipe: str, max_length: int, dtype: torch.dtype = torch.float32,
-               extra_files: dict[str, Any] | None = None) -> str:
+               recipe: str, max_length: int, dtype: torch.dtype = torch.float32) -> str:
     """Write the model directory; returns the model version stamped in its config.
 
-    ``tokenizer_source``: a directory (or hub id) the tokenizer is copied from. ``extra_files``: name -> JSON
-    object or str (model card), written alongside.
+    ``tokenizer_source``: a directory (or hub id) the tokenizer is copied from.
     """
     from transformers import AutoTokenizer
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,11 +237,6 @@ def save_model(model: FinPulseClassifier, tokenizer_source: str | Path, out_dir:
         "encoder": {k: v for k, v in encoder_config.items() if _json_safe(v)},
     }
     write_json(out_dir / CONFIG_FILE, config)
-    for name, content in (extra_files or {}).items():
-        if isinstance(content, str):
-            (out_dir / name).write_text(content)
-        else:
-            write_json(out_dir / name, content)
     return version
 
 

@@ -88,7 +88,6 @@ class BatchScorer:
                 warnings.simplefilter("ignore", (UserWarning, DeprecationWarning))
                 model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         self.model = model
-        self.quantized = bool(quantize)
         self._lock = threading.Lock()
 
     @classmethod

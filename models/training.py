@@ -32,8 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import LabeledSet
-from .evaluation import evaluate, selection_score
-from .labels import SENTIMENTS, TOPICS
+from .evaluation import HEADS, evaluate, selection_score
 from .modeling import FinPulseClassifier, TextEncoder, load_pretrained, write_json
 from .scorer import BatchScorer, Probabilities
 
@@ -102,8 +101,8 @@ def class_weights(labels: np.ndarray, n_classes: int, power: float) -> np.ndarra
 
 def gold_targets(data: LabeledSet, class_balance: float, label_smoothing: float = 0.0) -> Targets:
     heads = {}
-    for head, n_classes in (("topic", len(TOPICS)), ("sentiment", len(SENTIMENTS))):
-        labels = getattr(data, head)
+    for head, names in HEADS.items():
+        n_classes, labels = len(names), getattr(data, head)
         has = labels >= 0
         target = np.zeros((len(data), n_classes), dtype=np.float32)
         target[has] = label_smoothing / n_classes
@@ -119,8 +118,8 @@ def distillation_targets(data: LabeledSet, teacher: Probabilities, class_balance
     the teacher's prediction, weighted ``pseudo_weight`` times the class weight of its most likely class."""
     gold = gold_targets(data, class_balance)
     heads = {}
-    for head, n_classes in (("topic", len(TOPICS)), ("sentiment", len(SENTIMENTS))):
-        labels = getattr(data, head)
+    for head, names in HEADS.items():
+        n_classes, labels = len(names), getattr(data, head)
         has = labels >= 0
         soft = getattr(teacher, head).astype(np.float32)
         target = np.where(has[:, None], gold_share * getattr(gold, head) + (1 - gold_share) * soft, soft)

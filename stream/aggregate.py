@@ -412,7 +412,7 @@ def install(app, settings, names) -> None:
 
 def _install_key_type(app, settings, config: AggregateSettings, key_type: str, source_name: str,
                       trends_topic: str) -> None:
-    from .app import Outgoing, deliver
+    from .app import Outgoing, deliver, faust_send
 
     worker = settings.worker
     aggregator = WindowAggregator(config, key_type)
@@ -426,9 +426,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
     # back a state the other has already moved past.
     exclusive = asyncio.Lock()
 
-    async def send(record: Outgoing):
-        return await app.producer.send(record.topic, record.key, record.value, partition=None,
-                                       timestamp=record.timestamp_ms / 1000.0, headers=None)
+    send = faust_send(app)
 
     async def publish(trends: list[TrendRecord]) -> None:
         await deliver(send, [Outgoing(trends_topic, trend_key(t), t.to_json(), epoch_ms(t.window_end)) for t in trends])

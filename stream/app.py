@@ -185,7 +185,11 @@ _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 
 def faust_send(app) -> SendFn:
     """``send`` for ``deliver`` through a Faust app's producer, with each record's Kafka timestamp."""
-    send = faust_send(app)
+    async def send(record: Outgoing) -> asyncio.Future:
+        # Faust takes seconds and truncates int(seconds * 1000): half a millisecond more makes that exact.
+        timestamp = (record.timestamp_ms + 0.5) / 1000.0 if record.timestamp_ms is not None else None
+        return await app.producer.send(record.topic, record.key, record.value, partition=None,
+                                       timestamp=timestamp, headers=None)
     return send
 
 

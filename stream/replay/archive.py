@@ -215,7 +215,8 @@ class ArchiveSelection:
 
     def _read(self, path: Path) -> Iterator[TimedMessage]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=ROWS_PER_GROUP):
-            columns = batch.to_pydict()
+            # Only the columns read as Python objects: the time columns are read as int64 below.
+            columns = {name: batch.column(name).to_pylist() for name in ("kind", "partition", "offset", "key", "value")}
             event_ms = batch.column("event_time").cast(pa.int64()).to_pylist()
             timestamps = batch.column("timestamp").cast(pa.int64()).to_pylist()
             for i, kind in enumerate(columns["kind"]):

@@ -34,7 +34,7 @@ from stream.config import Settings
 from stream.records import InvalidRecord, epoch_ms, parse_time
 
 from .output import read_table
-from .plan import MANIFEST, ReplayError, ReplaySettings, read_json
+from .plan import CHECKPOINT, MANIFEST, ReplayError, ReplaySettings, read_json
 from .report import render_html
 
 HORIZONS = {"1h": pd.Timedelta(hours=1), "1d": pd.Timedelta(days=1)}
@@ -45,7 +45,7 @@ QUANTILES = 5
 
 def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     if not (run_dir / MANIFEST).is_file():
-        hint = " (it is interrupted: run the replay again to finish it)" if (run_dir / "_checkpoint.json").exists() else ""
+        hint = " (it is interrupted: run the replay again to finish it)" if (run_dir / CHECKPOINT).exists() else ""
         raise ReplayError(f"{run_dir} holds no complete replay run: {MANIFEST} is missing{hint}")
     return read_json(run_dir / MANIFEST), read_table(run_dir, "alerts"), read_table(run_dir, "scored")
 

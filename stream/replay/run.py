@@ -50,7 +50,7 @@ from stream.kafka_io import RecordSender
 from stream.records import AlertRecord, ScoredRecord, TrendRecord, epoch_ms
 from stream.topics import ensure_topics
 
-from .output import PartSink, alert_row, scored_row, trend_row
+from .output import OUTPUT_SCHEMA_VERSION, PartSink, alert_row, scored_row, trend_row
 from .plan import CHECKPOINT, MANIFEST, ReplayPlan, endpoint_named, output_topics
 from .select import KafkaSelection, SelectionStats, TimedMessage, format_ms
 
@@ -229,14 +229,14 @@ class ReplayRunner:
 
     async def _emit(self, batch: list[TimedMessage], valid, predictions, sender: RecordSender) -> None:
         plan, names = self.plan, self.plan.names
-        outgoing = iter([o for o in self.scoring.publishable(valid, predictions) if o.topic == names.scored])
         records = []
-        for (message, _), prediction in zip(valid, predictions):
-            if prediction.error is not None:
-                continue
+        for out in self.scoring.publishable(valid, predictions):
+            if out.topic != names.scored:
+                continue    # per-ticker copies, and dead letters (unscorable, oversized record): counted by Scoring
+            message = out.source
             # Read back from the worker's JSON, as the live aggregator reads it. The run id is stamped, and
             # scored_at becomes the event time (no wall clock); the bytes keep ``to_json``'s layout.
-            data = json.loads(next(outgoing).value)
+            data = json.loads(out.value)
             data["scored_at"], data["run_id"] = data["event_time"], plan.run_id
             record = ScoredRecord.from_dict(data)
             records.append(record)
@@ -307,7 +307,7 @@ class ReplayRunner:
         counts["rejected"] = dict(sorted(self.rejected.items()))
         effective = {"aggregate": dataclasses.asdict(plan.settings.section("aggregate", AggregateSettings)),
                      "detect": dataclasses.asdict(plan.settings.section("detect", DetectSettings))}
-        return {**plan.identity(), "output_schema_version": 1, "counts": counts, "files": sorted(self.files),
+        return {**plan.identity(), "output_schema_version": OUTPUT_SCHEMA_VERSION, "counts": counts, "files": sorted(self.files),
                 "topics_out": output_topics(plan.names), "config": effective}
 
     # ------------------------------------------------------------ the test endpoint
