@@ -79,15 +79,18 @@ def head_reports(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return test or found
 
 
+def _numbers(values: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def metric_table(reports: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per head: its scalar numbers (accuracy, macro_f1, n, …)."""
-    rows = [{"head": head, **{k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
-            for head, report in reports.items()]
+    rows = [{"head": head, **_numbers(report)} for head, report in reports.items()]
     return pd.DataFrame(rows)
 
 
 def per_class_table(reports: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    rows = [{"head": head, "class": label, **{k: v for k, v in values.items() if isinstance(v, (int, float))}}
+    rows = [{"head": head, "class": label, **_numbers(values)}
             for head, report in reports.items() if isinstance(report.get("per_class"), dict)
             for label, values in report["per_class"].items() if isinstance(values, dict)]
     return pd.DataFrame(rows)

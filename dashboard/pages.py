@@ -281,8 +281,10 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
         if reports:
             # Small tables as static HTML: a data grid per two-row table would slow the page down for nothing.
             st.table(metric_table(reports).set_index("head").style.format(precision=3))
-            with st.expander("Per-class precision, recall and F1"):
-                st.table(per_class_table(reports).set_index(["head", "class"]).style.format(precision=3))
+            per_class = per_class_table(reports)
+            if not per_class.empty:     # a metrics.json without per_class figures still shows the rest
+                with st.expander("Per-class precision, recall and F1"):
+                    st.table(per_class.set_index(["head", "class"]).style.format(precision=3))
         matrices = confusion_matrices(reports)
         for head, matrix in sorted(matrices.items(), key=lambda item: len(item[1])):
             st.markdown(f"**Confusion matrix: {md(head)}** (rows: true label, columns: predicted)")

@@ -155,7 +155,6 @@ class FinpulseProcess(ManagedProcess):
                  log_level: str = "info", env: dict[str, str] | None = None):
         args = [str(a) for a in args]
         super().__init__([sys.executable, "-m", "stream.cli", "--log-level", log_level, *args], log_dir, name, env)
-        self.args = args
         self.config_path = write_config(settings, self.log_dir / f"{name}.toml")
         self.env["FINPULSE_CONFIG"] = str(self.config_path)
 
@@ -222,8 +221,3 @@ def until_ids(expected: Iterable[str]) -> Callable[[list[ConsumedRecord]], bool]
 
 def json_values(records: Iterable[ConsumedRecord]) -> list[dict]:
     return [json.loads(r.value) for r in records]
-
-
-def distinct_ids(records: Iterable[ConsumedRecord]) -> set[str]:
-    """The ``id`` fields of JSON records (scored records, inputs)."""
-    return {json.loads(r.value)["id"] for r in records}

@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         started = time.monotonic()
         try:
             importlib.import_module(f"{PACKAGE}.bench_{name}").main(list(module_args))
-        except Exception:  # noqa: BLE001 - report it and go on with the other benchmarks
+        except (Exception, SystemExit):  # noqa: BLE001 - report it (an argparse error too) and go on with the others
             traceback.print_exc()
             failed.append(name)
         print(f"===== bench {name}: {'FAILED' if name in failed else 'done'} in {time.monotonic() - started:.0f}s =====",
