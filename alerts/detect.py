@@ -265,7 +265,7 @@ def state_key(trend: TrendRecord) -> bytes:
 
 def install(app, settings, names) -> None:
     """Register the detect agent (consumes final trends, keeps detector state in a table, produces alerts)."""
-    from stream.app import Outgoing, deliver, faust_send
+    from stream.app import Outgoing, deliver, faust_send, finish_batch
 
     detector = SpikeDetector(settings.section("detect", DetectSettings))
     worker = settings.worker
@@ -275,32 +275,36 @@ def install(app, settings, names) -> None:
 
     send = faust_send(app)
 
+    async def process(events) -> None:
+        by_key: dict[bytes, list[TrendRecord]] = defaultdict(list)
+        for event in events:
+            try:
+                trend = TrendRecord.from_json(event.value)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("skipping malformed trend at %s[%d]@%d: %s", event.message.topic,
+                            event.message.partition, event.message.offset, exc)
+                continue
+            if detector.wants(trend):
+                by_key[event.key or state_key(trend)].append(trend)
+        states, raised = {}, []
+        for key_bytes, key_trends in by_key.items():
+            # A copy: the table's value must change only by assignment (which writes the changelog).
+            key_state = states[key_bytes] = copy.deepcopy(table.get(key_bytes) or {})
+            raised += [(key_bytes, alert) for trend in key_trends for alert in detector.observe(key_state, trend)]
+        for _, alert in raised:
+            log.info("alert %s %s: %s", alert.id, alert.status, alert.summary)
+        # Alerts reach the broker before the state that remembers them is written: a crash in between emits
+        # the same alert (same id) again instead of never.
+        await deliver(send, [Outgoing(names.alerts, key, alert.to_json(), epoch_ms(alert.window_end))
+                             for key, alert in raised])
+        for key_bytes, key_state in states.items():
+            table[key_bytes] = key_state      # once per key per batch
+
     @app.agent(trends, name="detect")
     async def detect(stream):
         async for events in stream.take_events(worker.max_batch, within=worker.max_wait_s):
-            by_key: dict[bytes, list[TrendRecord]] = defaultdict(list)
-            for event in events:
-                try:
-                    trend = TrendRecord.from_json(event.value)
-                except (ValueError, TypeError, KeyError) as exc:
-                    log.warning("skipping malformed trend at %s[%d]@%d: %s", event.message.topic,
-                                event.message.partition, event.message.offset, exc)
-                    continue
-                if detector.wants(trend):
-                    by_key[event.key or state_key(trend)].append(trend)
-            states, raised = {}, []
-            for key_bytes, key_trends in by_key.items():
-                # A copy: the table's value must change only by assignment (which writes the changelog).
-                key_state = states[key_bytes] = copy.deepcopy(table.get(key_bytes) or {})
-                raised += [(key_bytes, alert) for trend in key_trends for alert in detector.observe(key_state, trend)]
-            for _, alert in raised:
-                log.info("alert %s %s: %s", alert.id, alert.status, alert.summary)
-            # Alerts reach the broker before the state that remembers them is written: a crash in between emits
-            # the same alert (same id) again instead of never.
-            await deliver(send, [Outgoing(names.alerts, key, alert.to_json(), epoch_ms(alert.window_end))
-                                 for key, alert in raised])
-            for key_bytes, key_state in states.items():
-                table[key_bytes] = key_state      # once per key per batch
-
+            # Alerts published but the state not yet written when a stop lands: the batch must still finish,
+            # or Faust acks it and the restart forgets the episode (and raises the alert again under a new id).
+            await finish_batch(process(events))
 
 __all__ = ["DetectRule", "DetectSettings", "SpikeDetector", "alert_id", "install", "state_key"]

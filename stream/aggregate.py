@@ -412,7 +412,7 @@ def install(app, settings, names) -> None:
 
 def _install_key_type(app, settings, config: AggregateSettings, key_type: str, source_name: str,
                       trends_topic: str) -> None:
-    from .app import Outgoing, deliver, faust_send
+    from .app import Outgoing, deliver, faust_send, finish_batch
 
     worker = settings.worker
     aggregator = WindowAggregator(config, key_type)
@@ -439,30 +439,35 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
             table[key_bytes] = state.to_dict()
             (unsettled.add if state.pending else unsettled.discard)(key_bytes)
 
+    async def process(events) -> None:
+        by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
+        for event in events:
+            sourced = _parse_event(event, key_type)
+            if sourced is not None:
+                by_key[sourced[0]].append(sourced[1])
+        async with exclusive:
+            now = time.time()
+            states, closed = {}, []
+            for key_bytes, sourced_events in by_key.items():
+                key = key_bytes.decode("utf-8")
+                state = states[key_bytes] = KeyWindows.from_dict(table.get(key_bytes))
+                result = aggregator.apply(key, state, sourced_events, now=now)    # once per key per batch
+                closed += result.final
+                partials[key_bytes] |= result.touched.get(key, set())
+                if result.late:
+                    log.warning("%s %s: %d message(s) arrived after their windows closed", key_type, key,
+                                result.late)
+                if result.duplicates:
+                    log.info("%s %s: skipped %d message(s) already applied (redelivered after a restart)",
+                             key_type, key, result.duplicates)
+            await commit(states, closed)
+
     @app.agent(source, name=f"aggregate-{key_type}")
     async def aggregate(stream):
         async for events in stream.take_events(worker.max_batch, within=worker.max_wait_s):
-            by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
-            for event in events:
-                sourced = _parse_event(event, key_type)
-                if sourced is not None:
-                    by_key[sourced[0]].append(sourced[1])
-            async with exclusive:
-                now = time.time()
-                states, closed = {}, []
-                for key_bytes, sourced_events in by_key.items():
-                    key = key_bytes.decode("utf-8")
-                    state = states[key_bytes] = KeyWindows.from_dict(table.get(key_bytes))
-                    result = aggregator.apply(key, state, sourced_events, now=now)    # once per key per batch
-                    closed += result.final
-                    partials[key_bytes] |= result.touched.get(key, set())
-                    if result.late:
-                        log.warning("%s %s: %d message(s) arrived after their windows closed", key_type, key,
-                                    result.late)
-                    if result.duplicates:
-                        log.info("%s %s: skipped %d message(s) already applied (redelivered after a restart)",
-                                 key_type, key, result.duplicates)
-                await commit(states, closed)
+            # A worker stopping mid-batch must not end the body between publishing and the table write: Faust
+            # would ack the batch and its messages would be missing from their windows after the restart.
+            await finish_batch(process(events))
 
     @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
     async def tick():

@@ -240,7 +240,7 @@ async def finish_batch(work: Awaitable[None]) -> None:
                 _exit_without_commit("the batch was cancelled before its outputs were delivered")
             cancelled = True
         except Exception:  # noqa: BLE001 - see the docstring
-            log.critical("scoring a batch failed unexpectedly", exc_info=True)
+            log.critical("a batch failed unexpectedly", exc_info=True)
             _exit_without_commit("a batch failed")
     if cancelled:
         raise asyncio.CancelledError()

@@ -8,6 +8,8 @@ processes, default [aggregate] and [detect] settings.
   at-least-once producer would), then a restart: the final windows (topic and ticker) are those of an uninterrupted
   run on the same input, and both equal the pure ``WindowAggregator`` over the same records (so the tables were
   recovered from their changelog and no message was counted twice).
+- A SIGTERM in the middle of the backlog (batches are publishing trends when it lands) and a restart leave the same
+  final windows: a stopping worker finishes each batch's table writes before Faust acks it.
 """
 from __future__ import annotations
 
@@ -153,10 +155,11 @@ def comparable(trend: TrendRecord) -> dict:
 
 
 def live_final_trends(settings: Settings, tmp_path, expected: dict[str, TrendRecord],
-                      kill_after: int = 0) -> tuple[dict[str, TrendRecord], str]:
+                      kill_after: int = 0, graceful: bool = False) -> tuple[dict[str, TrendRecord], str]:
     """(final trends by window id, the last worker's output) of one live run over the simulated input, which waits
-    as a backlog when the worker starts. With ``kill_after``, the worker is killed (-9) once that many windows
-    closed, part of the input is delivered again, the rest of the input arrives, and a new worker takes over."""
+    as a backlog when the worker starts. With ``kill_after``, the worker is killed (-9; SIGTERM when ``graceful``)
+    once that many windows closed, part of the input is delivered again, the rest of the input arrives, and a new
+    worker takes over."""
     names = TopicNames(settings.kafka.topic_prefix)
     messages = simulated_input()
     produce(settings, messages[:FIRST_PART] if kill_after else messages)
@@ -166,8 +169,11 @@ def live_final_trends(settings: Settings, tmp_path, expected: dict[str, TrendRec
         if kill_after:
             seen = wait_for_records(settings, names.trends, lambda rs: len(finals(rs)) >= kill_after, timeout=300,
                                     what=f"{kill_after} final windows before the kill")
-            worker.kill()
-            assert not done(seen), "the worker finished before it could be killed mid-stream"
+            if graceful:
+                assert worker.stop() == 0, worker.tail()
+            else:
+                worker.kill()
+            assert not done(seen), "the worker finished before it could be stopped mid-stream"
             produce(settings, messages[REDELIVERED] + messages[FIRST_PART:])
             worker = start_worker(settings, tmp_path, "worker-restarted")
         wait_for_records(settings, names.trends, done, timeout=300, what="every expected final window")
@@ -186,3 +192,12 @@ def test_kill_9_and_restart_leaves_the_same_tables_as_an_uninterrupted_run(fp_se
     assert {wid: comparable(t) for wid, t in uninterrupted.items()} == want
     assert {wid: comparable(t) for wid, t in restarted.items()} == want
     assert "already applied" in log      # the redelivered messages did reach the tables, and were skipped
+
+
+def test_sigterm_mid_backlog_and_restart_leaves_the_same_tables(fp_settings, tmp_path):
+    """A graceful stop lands while batches are publishing trends: each batch must still reach its table before
+    Faust acks it, or its messages would be missing from their windows after the restart."""
+    expected = expected_final_trends(fp_settings)
+    restarted, _ = live_final_trends(isolated(fp_settings, tmp_path, "sigterm"), tmp_path, expected,
+                                     kill_after=len(expected) // 4, graceful=True)
+    assert {wid: comparable(t) for wid, t in restarted.items()} == {wid: comparable(t) for wid, t in expected.items()}
