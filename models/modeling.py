@@ -30,6 +30,7 @@ from torch import nn
 from .data import file_sha256
 from .labels import SENTIMENTS, TOPICS
 from .textprep import NORMALIZATION, char_budget, with_cleanup
+from .tokenizer_pool import native_ids
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -169,16 +170,20 @@ class TextEncoder:
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text: cut to the character budget, cleaned and truncated to ``max_length`` tokens."""
         budget = self.max_chars
-        return [e.ids for e in self.tokenizer.encode_batch_fast([t[:budget] for t in texts])]
+        return native_ids(self.tokenizer, [t[:budget] for t in texts])
 
     def pad(self, id_lists: Sequence[Sequence[int]], multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """(ids, attention mask), both (n, width) int64, width the longest rounded up to ``multiple``."""
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-        width = -(-int(lengths.max()) // multiple) * multiple
-        # One flat copy instead of a Python loop over rows: this runs for every scored batch.
         flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
+        return self.pad_flat(flat, lengths, multiple)
+
+    def pad_flat(self, flat: np.ndarray, lengths: np.ndarray, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """``pad`` for every sequence's ids one after the other (``flat``) and the number of ids per sequence."""
+        width = -(-int(lengths.max()) // multiple) * multiple
+        # One masked copy instead of a Python loop over rows: this runs for every scored batch.
         real = np.arange(width) < lengths[:, None]
-        ids = np.full((len(id_lists), width), self.pad_id, dtype=np.int64)
+        ids = np.full((len(lengths), width), self.pad_id, dtype=np.int64)
         ids[real] = flat
         return ids, real.astype(np.int64)
 

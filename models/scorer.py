@@ -2,9 +2,13 @@
 
 How it stays fast:
 - texts are sorted by length and cut into batches, each padded only to its own longest text (to a multiple of 8);
-- background threads clean and tokenize the next batches while the device runs the current one; on a GPU the
-  token ids travel from pinned host memory with non-blocking copies, the forward runs under ``inference_mode``
-  with bf16 autocast, and the probabilities come back through a pinned buffer while the next batch is launched;
+- the next batches are cleaned and tokenized while the device runs the current one: on a GPU by 4 worker
+  processes with a cache of word-piece ids (``models.tokenizer_pool``: the host's CPU, not the GPU, limited the
+  scorer; 0.22-0.38 of the raw forward rate tokenizing in a thread, 0.56-0.77 with the processes on an H100), on
+  a CPU by one background thread (the native tokenizer spreads each batch over the cores the model also needs);
+- on a GPU the token ids travel from pinned host memory with non-blocking copies, the forward runs under
+  ``inference_mode`` with bf16 autocast, and the probabilities come back through a pinned buffer while the next
+  batch is launched;
 - a batch that runs the GPU out of memory is split in halves (and later batches are made smaller);
 - on a CPU the model runs in float32 (the same held-out scores as bf16 on a GPU), or with ``quantize="int8"``
   (dynamic quantization of the linear layers: about 1.3-1.7x faster; float32's labels for 77-96% of
@@ -18,8 +22,10 @@ model's ``max_length`` tokens. ``score`` is serialised by a lock, so one scorer 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,16 +38,27 @@ import torch
 from .interface import Prediction, failed
 from .labels import SENTIMENTS, TOPICS
 from .modeling import FinPulseClassifier, TextEncoder, load_model
+from .tokenizer_pool import BrokenProcessPool, PendingIds, TokenizerPool, flat_ids
 
 log = logging.getLogger(__name__)
 N_TOPICS = len(TOPICS)
 BULLISH, BEARISH = SENTIMENTS.index("bullish"), SENTIMENTS.index("bearish")
 DEFAULT_BATCH = {"cuda": 512, "cpu": 64}
-# Threads tokenizing ahead of the device. One is enough: the tokenizer's native code already spreads each batch
-# over every core (on an H100 host, 1/2/4 threads scored 28k/26k/26k texts/s). A Python cache of per-word ids
-# (identical ids) was 3.5x faster on one core of a 2-core box but slower on the 16-core H100 host (tokenize stage
-# 25k vs 35k texts/s; real tweets 36k vs 53k seq/s end to end), so the native tokenizer stays.
-TOKENIZER_THREADS = 1
+# Tokenizer processes on a GPU host: at most this many, and never all the cores (the scorer's own process needs
+# two: one thread drives the GPU, one gathers and pads the ids). On a 16-core H100 host, batch 1024 x 64 tokens,
+# end to end: 0 processes (native tokenizer in a thread) 29k seq/s; 4 processes 65k; 8 53k; 12 43k; more
+# processes only compete with the scorer's own process for the CPU (4 of them tokenize ~100k texts/s).
+MAX_TOKENIZER_PROCESSES = 4
+NOTHING_LEFT = "no text left after removing links and whitespace"
+# Batches tokenized ahead of the one on the device.
+LOOKAHEAD = 3
+
+
+def default_tokenizer_processes(device: torch.device) -> int:
+    """Worker processes that tokenize for a scorer on ``device``: none on a CPU, where the model needs the cores."""
+    if device.type != "cuda":
+        return 0
+    return max(0, min(MAX_TOKENIZER_PROCESSES, (os.cpu_count() or 1) - 2))
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -73,9 +90,13 @@ class BatchScorer:
 
     def __init__(self, model: FinPulseClassifier, text_encoder: TextEncoder, model_version: str,
                  device: str | torch.device = "auto", batch_size: int | None = None, quantize: str | None = None,
-                 tokenizer_threads: int = TOKENIZER_THREADS):
+                 tokenizer_processes: int | None = None):
+        """``tokenizer_processes``: worker processes that tokenize (0: a thread of this process tokenizes); by
+        default ``default_tokenizer_processes(device)``."""
         self.device = pick_device(device)
-        self.tokenizer_threads = tokenizer_threads
+        self.tokenizer_processes = (default_tokenizer_processes(self.device) if tokenizer_processes is None
+                                    else tokenizer_processes)
+        self._tokenizer_pool: TokenizerPool | None = None
         self.model_version = model_version
         self.text_encoder = text_encoder
         self.batch_size = batch_size or DEFAULT_BATCH[self.device.type]
@@ -107,6 +128,12 @@ class BatchScorer:
     def probabilities(self, texts: Sequence[str]) -> Probabilities:
         with self._lock:
             return self._probabilities(texts)
+
+    def close(self) -> None:
+        """Stop the tokenizer processes (if any); the scorer still works, tokenizing in this process."""
+        with self._lock:
+            self._close_pool()
+            self.tokenizer_processes = 0
 
     # -- engine -----------------------------------------------------------------------------------------------
 
@@ -147,39 +174,79 @@ class BatchScorer:
         return Probabilities(out[:, :N_TOPICS], out[:, N_TOPICS:], errors)
 
     def _tokenized_chunks(self, texts, chunks) -> Iterator[tuple[list[int], _Tokenized | Exception]]:
-        """Yield each chunk tokenized; with several chunks a background thread works ahead of the device."""
-        def job(chunk):
+        """Yield each chunk tokenized, in order, while the next chunks are being tokenized: by the tokenizer
+        processes when there are some (a helper thread gathers and pads their ids), else by the helper thread."""
+        budget = self.text_encoder.max_chars
+        pool = self._pool()
+
+        def start(chunk):
+            cut = [texts[i][:budget] for i in chunk]
+            if pool is None or self._tokenizer_pool is not pool:   # none, or it failed during this call
+                return cut, None
             try:
-                return self._tokenize(texts, chunk)
+                return cut, pool.submit(cut)
+            except (BrokenProcessPool, RuntimeError) as exc:       # RuntimeError: shut down meanwhile
+                self._pool_failed(exc)
+                return cut, None
+
+        def finish(chunk, cut, pending: PendingIds | None):
+            try:
+                if pending is not None:
+                    try:
+                        return self._assemble(chunk, *pending.result())
+                    except BrokenProcessPool as exc:
+                        self._pool_failed(exc)
+                return self._assemble(chunk, *flat_ids(self.text_encoder.tokenizer, cut))
             except Exception as exc:  # noqa: BLE001 - handed back to the caller, which isolates the bad text
                 return exc
 
-        if len(chunks) <= 1:
-            for chunk in chunks:
-                yield chunk, job(chunk)
-            return
-        with ThreadPoolExecutor(max_workers=self.tokenizer_threads, thread_name_prefix="finpulse-tokenize") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-tokenize") as helper:
             ahead: deque = deque()
             next_chunk = 0
             for chunk in chunks:
-                while next_chunk < len(chunks) and len(ahead) < self.tokenizer_threads + 2:
-                    ahead.append(pool.submit(job, chunks[next_chunk]))
+                while next_chunk < len(chunks) and len(ahead) < LOOKAHEAD:
+                    upcoming = chunks[next_chunk]
+                    ahead.append(helper.submit(finish, upcoming, *start(upcoming)))
                     next_chunk += 1
                 yield chunk, ahead.popleft().result()
 
+    def _pool(self) -> TokenizerPool | None:
+        if self._tokenizer_pool is None and self.tokenizer_processes > 0:
+            try:
+                self._tokenizer_pool = TokenizerPool(self.text_encoder.tokenizer, self.tokenizer_processes)
+            except (OSError, RuntimeError) as exc:
+                self._pool_failed(exc)
+                return None
+            weakref.finalize(self, self._tokenizer_pool.close)
+        return self._tokenizer_pool
+
+    def _pool_failed(self, exc: BaseException) -> None:
+        if self.tokenizer_processes:
+            log.warning("tokenizer processes unavailable (%s: %s): tokenizing in the scorer's process from now on",
+                        type(exc).__name__, exc)
+        self.tokenizer_processes = 0
+        self._close_pool()
+
+    def _close_pool(self) -> None:
+        pool, self._tokenizer_pool = self._tokenizer_pool, None
+        if pool is not None:
+            pool.close()
+
     def _tokenize(self, texts: Sequence[str], chunk: list[int]) -> _Tokenized:
-        id_lists = self.text_encoder.ids([texts[i] for i in chunk])
-        specials = self.text_encoder.special_tokens
-        rows, kept, errors = [], [], {}
-        for row, ids in zip(chunk, id_lists):
-            if len(ids) > specials:
-                rows.append(row)
-                kept.append(ids)
-            else:
-                errors[row] = "no text left after removing links and whitespace"
+        cut = [texts[i][:self.text_encoder.max_chars] for i in chunk]
+        return self._assemble(chunk, *flat_ids(self.text_encoder.tokenizer, cut))
+
+    def _assemble(self, chunk: list[int], flat: np.ndarray, lengths: np.ndarray) -> _Tokenized:
+        """Padded id and mask tensors (pinned on a GPU) for the chunk's texts that have something left to read."""
+        readable = lengths > self.text_encoder.special_tokens
+        keep = readable.tolist()
+        errors = {row: NOTHING_LEFT for row, ok in zip(chunk, keep) if not ok}
+        rows = [row for row, ok in zip(chunk, keep) if ok]
         if not rows:
             return _Tokenized([], torch.empty(0), torch.empty(0), errors)
-        ids, mask = self.text_encoder.pad(kept)
+        if errors:
+            flat, lengths = flat[np.repeat(readable, lengths)], lengths[readable]
+        ids, mask = self.text_encoder.pad_flat(flat, lengths)
         ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
         if self.on_gpu:
             ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()

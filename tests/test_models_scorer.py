@@ -17,6 +17,7 @@ from models.metrics import head_report
 from models.modeling import FinPulseClassifier, TextEncoder, load_model, save_model
 from models.registry import NotAModelDir, find_model_dir, list_models
 from models.scorer import BatchScorer
+from models.tokenizer_pool import PieceTokenizer, native_ids
 from tests.models_fixtures import make_tiny_base, tiny_set, write_tiny_csv
 
 TEXTS = [
@@ -123,6 +124,77 @@ def test_scorer_can_be_shared_by_threads(tiny_model_dir):
     for t in threads:
         t.join()
     assert results == [expected] * 4
+
+
+def test_tokenizer_processes_give_the_same_scores_and_survive_losing_a_process(tiny_model_dir):
+    """The GPU scorer tokenizes in worker processes; here they run for a CPU scorer, which must score exactly as
+    one tokenizing in its own process, bad inputs included, and go on in-process when a worker dies."""
+    import os
+    import signal
+    batch = ([None, "Markets rally on strong data. " * 3500] + VARIED_TEXTS) * 3
+    in_process = BatchScorer.from_pretrained(tiny_model_dir, device="cpu", batch_size=8)
+    assert in_process.tokenizer_processes == 0        # the CPU default: the model needs the cores
+    expected = in_process.probabilities(batch)
+    loaded = load_model(tiny_model_dir)
+    pooled = BatchScorer(loaded.model, loaded.text_encoder, loaded.version, device="cpu", batch_size=8,
+                         tokenizer_processes=2)
+    try:
+        got = pooled.probabilities(batch)
+        assert pooled._tokenizer_pool is not None and pooled.tokenizer_processes == 2
+        assert got.errors == expected.errors
+        assert np.array_equal(got.topic, expected.topic) and np.array_equal(got.sentiment, expected.sentiment)
+        for pid in list(pooled._tokenizer_pool._executor._processes):
+            os.kill(pid, signal.SIGKILL)
+        after = pooled.probabilities(batch)
+        assert pooled.tokenizer_processes == 0 and pooled._tokenizer_pool is None
+        assert after.errors == expected.errors and np.array_equal(after.topic, expected.topic)
+    finally:
+        pooled.close()
+
+
+VARIED_TEXTS = [
+    *TEXTS,
+    "https://t.co/onlyalink", "   ", "&nbsp;",  # nothing left after the clean-up
+    "www.example.com &amp; http://x.y",
+    "x&nbsp;http://t.co/y after www.example.com/a?b=c, HTTP://UPPER.case and(https://inside) end",
+    "&amp;amp; &amp;lt; &lt;b&gt;bold&lt;/b&gt; &quot;quoted&quot; it&#39;s &apos;x&apos; a&nbsp;b",
+    "CamelCase ALLCAPS don't U.S. 3.5% $12.50 @user_1 #tag _x_ ~`|^ {a} [b] (c)",
+    "tab\tnew\nline\r\nend", "form\x0cfeed\x0bvtab", "ctrl\x00\x01\x1f\x7fchars", "[SEP] in [CLS]the [unk] [PAD]",
+    "Die Aktie steigt um 5 % – Übernahme?", "原油价格下跌 $XOM", "Акции растут", "to the moon 🚀🚀 $TSLA 📈",
+    "café naïve résumé", "a" * 150 + " " + "supercalifragilistic" * 8,
+    ("Earnings beat " * 9000)[:1024],   # as the scorer hands it over: cut to the character budget
+    "word " * 60 + "https://t.co/" + "z" * 2000,
+]
+
+
+@pytest.mark.parametrize("max_length", [48, 16])
+def test_piece_tokenizer_gives_the_tokenizers_own_ids(tiny_model_dir, max_length):
+    tokenizer = load_model(tiny_model_dir).text_encoder.tokenizer
+    fast = PieceTokenizer.for_tokenizer(tokenizer)
+    assert fast is not None
+    tokenizer.enable_truncation(max_length)  # as the GPU benchmark does: read on every call
+    expected = native_ids(tokenizer, VARIED_TEXTS)
+    assert max(map(len, expected)) == max_length
+    assert fast.ids(VARIED_TEXTS) == expected
+    assert fast.ids(VARIED_TEXTS) == expected  # again, from the cache
+    assert fast.ids(list(reversed(VARIED_TEXTS))) == expected[::-1]
+
+
+def test_piece_tokenizer_is_exact_on_the_real_encoder():
+    from models.modeling import default_base_model_dir
+    tokenizer = TextEncoder.for_base(str(default_base_model_dir()), 64).tokenizer
+    fast = PieceTokenizer.for_tokenizer(tokenizer)
+    assert fast is not None
+    assert fast.ids(VARIED_TEXTS) == native_ids(tokenizer, VARIED_TEXTS)
+
+
+def test_piece_tokenizer_declines_a_tokenizer_it_does_not_know(tiny_model_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tokenizer = load_model(tiny_model_dir).text_encoder.tokenizer
+    other = Tokenizer.from_str(tokenizer.to_str())
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert PieceTokenizer.for_tokenizer(other) is None
+    assert PieceTokenizer.for_tokenizer(Tokenizer(models.BPE())) is None
 
 
 def test_int8_cpu_path_stays_close_to_float32_on_the_real_encoder():
