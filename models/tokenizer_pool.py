@@ -24,6 +24,8 @@ import logging
 import multiprocessing
 import os
 import re
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Sequence
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 # Texts per task: small enough that every process gets work from one batch, large enough that the hand-off
 # (pickling the texts there and the ids back, ~0.1 ms) stays small next to tokenizing them (~10-20 ms).
 TEXTS_PER_TASK = 128
+PARENT_CHECK_S = 1.0
 
 _tokenizer = None   # the worker process's tokenizer
 _pieces = None      # ... and its PieceTokenizer, when the tokenizer is one it knows
@@ -53,13 +56,21 @@ def flat_ids(tokenizer, texts: Sequence[str], pieces: "PieceTokenizer | None" = 
     return flat, lengths
 
 
-def _start_worker(tokenizer_json: str) -> None:
+def _start_worker(tokenizer_json: str, parent_pid: int) -> None:
     # One thread per process: the processes are the parallelism (the native thread pool would oversubscribe).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True, name="watch-parent").start()
     from tokenizers import Tokenizer
     global _tokenizer, _pieces
     _tokenizer = Tokenizer.from_str(tokenizer_json)
     _pieces = PieceTokenizer.for_tokenizer(_tokenizer)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A worker whose parent died without shutting the pool down (kill -9) would wait for work forever."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 def _encode(texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +216,7 @@ class TokenizerPool:
         self.processes = processes
         # spawn, not fork: the parent holds CUDA state and threads that a forked child must not inherit.
         self._executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start_worker, initargs=(tokenizer.to_str(),))
+                                             initializer=_start_worker, initargs=(tokenizer.to_str(), os.getpid()))
 
     def submit(self, texts: Sequence[str]) -> PendingIds:
         """Start tokenizing ``texts`` (already cut to the character budget) in slices across the processes."""

@@ -152,6 +152,50 @@ def test_tokenizer_processes_give_the_same_scores_and_survive_losing_a_process(t
         pooled.close()
 
 
+def test_tokenizer_processes_exit_when_their_parent_is_killed(tiny_model_dir, tmp_path):
+    """kill -9 of a scorer's process leaves no tokenizer process waiting for work forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from models.modeling import load_model\n"
+        "from models.tokenizer_pool import TokenizerPool\n"
+        "if __name__ == '__main__':\n"
+        f"    pool = TokenizerPool(load_model({str(tiny_model_dir)!r}).text_encoder.tokenizer, 2)\n"
+        "    pool.submit(['Stocks rally'] * 64).result()\n"
+        "    print(*pool._executor._processes, flush=True)\n"
+        "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(children) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # An exited child of the killed parent is reaped by init; until then it is a zombie, not a worker.
+        status = Path(f"/proc/{pid}/stat")
+        return status.exists() and status.read_text().split(")")[-1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leftover = [pid for pid in children if alive(pid)]
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftover, "tokenizer processes outlived their killed parent"
+
+
 VARIED_TEXTS = [
     *TEXTS,
     "https://t.co/onlyalink", "   ", "&nbsp;",  # nothing left after the clean-up
