@@ -41,9 +41,10 @@ def failed(reason: str) -> Prediction:
 
 
 def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = "auto",
-                models_root: str | None = None) -> Scorer:
+                models_root: str | None = None, tokenizer_processes: int = -1) -> Scorer:
     """``kind``: "auto" (a trained model if one is found, else the baseline), "model", "baseline" or "noop".
-    Without ``model_dir`` the newest model under ``models_root`` (``[models] models_dir``) is used."""
+    Without ``model_dir`` the newest model under ``models_root`` (``[models] models_dir``) is used.
+    ``tokenizer_processes``: processes that tokenize for a model scorer (-1: the scorer's default)."""
     if kind == "noop":
         from .baseline import NoopScorer
         return NoopScorer()
@@ -66,4 +67,5 @@ def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = 
         from .baseline import KeywordBaselineScorer
         log.warning("no trained model found: scoring with the keyword baseline (run `finpulse train` for the real one)")
         return KeywordBaselineScorer()
-    return BatchScorer.from_pretrained(path, device=device)
+    return BatchScorer.from_pretrained(path, device=device,
+                                       tokenizer_processes=None if tokenizer_processes < 0 else tokenizer_processes)

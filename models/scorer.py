@@ -113,11 +113,11 @@ class BatchScorer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", batch_size: int | None = None,
-                        quantize: str | None = None) -> "BatchScorer":
+                        quantize: str | None = None, tokenizer_processes: int | None = None) -> "BatchScorer":
         loaded = load_model(path)
         log.info("loaded model %s from %s", loaded.version, path)
         return cls(loaded.model, loaded.text_encoder, loaded.version, device=device, batch_size=batch_size,
-                   quantize=quantize)
+                   quantize=quantize, tokenizer_processes=tokenizer_processes)
 
     # -- public API --------------------------------------------------------------------------------------------
 

@@ -35,8 +35,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
-from models.interface import Prediction, Scorer, failed, load_scorer
-from models.settings import models_root
+from models.interface import Prediction, Scorer, failed
 
 from .config import Settings
 from .kafka_io import bootstrap_list, kafka_timestamp_ms
@@ -313,15 +312,14 @@ def speed_up_message_handoff() -> None:
     Consumer.wait_first = wait_first_fast
 
 
-def create_app(settings: Settings, scorer: Scorer | None = None, extensions: Sequence[str] = EXTENSIONS):
-    """The worker's Faust app. ``scorer`` defaults to ``load_scorer`` from ``[worker]``; ``extensions`` are the
-    modules whose ``install(app, settings, names)`` adds their parts (a module missing from this build is skipped)."""
+def create_app(settings: Settings, scorer: Scorer, extensions: Sequence[str] = EXTENSIONS):
+    """The worker's Faust app (``stream.worker.prepare_app`` loads the scorer from ``[worker]``); ``extensions`` are
+    the modules whose ``install(app, settings, names)`` adds their parts (a module missing from this build is
+    skipped)."""
     import faust
 
     kafka, worker = settings.kafka, settings.worker
     names = TopicNames(kafka.topic_prefix)
-    if scorer is None:
-        scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings))
     app = faust.App(
         worker.app_id,
         broker=[f"kafka://{server}" for server in bootstrap_list(kafka.bootstrap_servers)],

@@ -55,6 +55,8 @@ class WorkerSettings:
     scorer: str = "auto"
     model_dir: str = ""
     device: str = "auto"
+    # Processes that tokenize for a GPU scorer; -1: as measured best (4 on a GPU host, none on a CPU).
+    tokenizer_processes: int = -1
     data_dir: str = "var/worker"
     web_port: int = 6066
     log_level: str = "info"

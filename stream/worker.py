@@ -32,7 +32,8 @@ def prepare_app(settings: Settings, scorer: Scorer | None = None, extensions: Se
     names = TopicNames(kafka.topic_prefix)
     ensure_topics(kafka, names.all(), names.compacted())
     if scorer is None:
-        scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings))
+        scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings),
+                             worker.tokenizer_processes)
     if tansu_compat.apply_if_needed(kafka):
         log.info("broker is tansu: compatibility patch applied (see stream/tansu_compat.py)")
     return create_app(settings, scorer, EXTENSIONS if extensions is None else extensions)

@@ -78,6 +78,49 @@ def test_ten_thousand_simulated_messages_are_all_scored(fp_settings, topics, tmp
     assert "score agent stopped: scored 10000; dead-lettered 0" in worker.output()
 
 
+@pytest.mark.slow
+def test_a_worker_scoring_with_a_model_and_tokenizer_processes(fp_settings, topics, tmp_path):
+    """The GPU configuration's moving parts on a CPU: a trained-model scorer whose texts are tokenized by worker
+    processes spawned inside the Faust worker. Every message is scored with the model's version stamped, and
+    SIGTERM still ends the worker cleanly (its tokenizer processes with it)."""
+    from models.modeling import FinPulseClassifier, save_model
+    from tests.models_fixtures import make_tiny_base
+    base = str(make_tiny_base(tmp_path / "tiny-bert"))
+    version = save_model(FinPulseClassifier.from_base(base, seed=3), base, tmp_path / "model", base_model=base,
+                         recipe="test", max_length=48)
+    settings = with_section(fp_settings, "worker", scorer="model", model_dir=str(tmp_path / "model"), device="cpu",
+                            tokenizer_processes=2)
+    expected = {m.id: m for m in simulated(seed=5, count=600)}
+    with start_worker(settings, tmp_path) as worker:
+        asyncio.run(produce(settings, topics, list(expected.values())))
+        scored = wait_for_records(settings, topics.scored, until_ids(expected), timeout=180,
+                                  what="all 600 ids scored by the model")
+        tokenizers = spawned_descendants(worker.proc.pid)
+        assert len(tokenizers) == 2, "the scorer's tokenizer processes are not running"
+        assert worker.stop() == 0, worker.tail()
+    assert "tokenizer processes unavailable" not in worker.output()
+    assert {json.loads(r.value)["model_version"] for r in scored} == {version}
+    assert {json.loads(r.value)["id"] for r in scored} == set(expected)
+    assert "dead-lettered 0" in worker.output()
+
+
+def spawned_descendants(pid: int) -> list[str]:
+    """Process ids of ``pid``'s descendants started by multiprocessing's spawn (from /proc)."""
+    import pathlib
+    parents, commands = {}, {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[stat.parent.name] = stat.read_text().rsplit(")", 1)[1].split()[1]
+            commands[stat.parent.name] = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+    found, frontier = [], {str(pid)}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found += frontier
+    return [p for p in found if b"spawn_main" in commands.get(p, b"")]
+
+
 def scored_count(settings, topics) -> int:
     return len(read_all(settings, topics.scored))
 
