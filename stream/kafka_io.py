@@ -12,8 +12,9 @@
   of a fetch response, not ``end_offsets()``: the embedded tansu broker answers ListOffsets with the base offset of
   the last record batch + 1, which is too low whenever that batch holds more than one record (see
   ``stream.tansu_compat``). Apache Kafka gives the same answer both ways.
-* ``fetch_highwaters``: the true end of given partitions, for code that must know it before reading;
-  ``topic_sizes``: how many records whole topics hold, by the same true ends.
+* ``true_ends``: the true end of given partitions from the ends ``end_offsets()`` reported, for code that must know
+  it before reading (the replay, the tansu shim of Faust's recovery); ``topic_sizes``: how many records whole
+  topics hold, by the same true ends.
 """
 from __future__ import annotations
 
@@ -180,22 +181,29 @@ async def tail_topic_async(bootstrap_servers: str, topic: str, until: Callable[[
         await consumer.stop()
 
 
-async def fetch_highwaters(bootstrap_servers: str, start_offsets: Mapping[TopicPartition, int],
-                           timeout_s: float = 10.0) -> dict[TopicPartition, int]:
-    """The high watermark of each partition, from a fetch starting at ``start_offsets[tp]`` (start near the
-    expected end, e.g. at a possibly-too-low reported end minus one, so the fetch stays small)."""
-    if not start_offsets:
+async def true_ends(bootstrap_servers: str, reported: Mapping[TopicPartition, int],
+                    timeout_s: float = 10.0) -> dict[TopicPartition, int]:
+    """Each partition's true end, given the end ``end_offsets()`` reported for it (possibly too low on tansu)."""
+    if not reported:
         return {}
     consumer = _consumer(bootstrap_servers)
     await consumer.start()
     try:
-        return await _highwaters_from(consumer, start_offsets, timeout_s)
+        return await _true_ends_from(consumer, reported, timeout_s)
     finally:
         await consumer.stop()
 
 
-async def _highwaters_from(consumer: AIOKafkaConsumer, start_offsets: Mapping[TopicPartition, int],
+async def _true_ends_from(consumer: AIOKafkaConsumer, reported: Mapping[TopicPartition, int],
+                          timeout_s: float) -> dict[TopicPartition, int]:
+    """A fetch that starts just below the reported end stays small, and its response carries the high watermark."""
+    fetched = await _fetch_highwaters(consumer, {tp: end - 1 for tp, end in reported.items()}, timeout_s)
+    return {tp: max(end, fetched[tp]) for tp, end in reported.items()}
+
+
+async def _fetch_highwaters(consumer: AIOKafkaConsumer, start_offsets: Mapping[TopicPartition, int],
                            timeout_s: float) -> dict[TopicPartition, int]:
+    """The high watermark of each partition, from a fetch by ``consumer`` starting at ``start_offsets[tp]``."""
     tps = list(start_offsets)
     consumer.assign(tps)
     for tp, offset in start_offsets.items():
@@ -215,8 +223,7 @@ async def topic_sizes(bootstrap_servers: str, topics: Sequence[str], timeout_s: 
     await consumer.start()
     try:
         tps = [tp for topic in topics for tp in await _partitions(consumer, topic, timeout_s)]
-        reported = await consumer.end_offsets(tps)
-        ends = await _highwaters_from(consumer, {tp: end - 1 for tp, end in reported.items()}, timeout_s)
-        return {topic: sum(max(reported[tp], ends[tp]) for tp in tps if tp.topic == topic) for topic in topics}
+        ends = await _true_ends_from(consumer, await consumer.end_offsets(tps), timeout_s)
+        return {topic: sum(ends[tp] for tp in tps if tp.topic == topic) for topic in topics}
     finally:
         await consumer.stop()

@@ -68,7 +68,7 @@ def apply() -> None:
     from aiokafka import TopicPartition
     from faust.transport.drivers import aiokafka as driver
 
-    from .kafka_io import fetch_highwaters
+    from .kafka_io import true_ends
 
     thread_class = driver.AIOKafkaConsumerThread
     if getattr(thread_class._highwaters, "finpulse_tansu_compat", False):
@@ -80,9 +80,9 @@ def apply() -> None:
         if self.consumer.in_transaction or not reported:
             return reported
         bootstrap = ",".join(driver.server_list(self.transport.url, self.transport.default_port))
-        starts = {TopicPartition(tp.topic, tp.partition): (end or 0) - 1 for tp, end in reported.items()}
-        fetched = await fetch_highwaters(bootstrap, starts)
-        corrected = {tp: max(end or 0, fetched[TopicPartition(tp.topic, tp.partition)]) for tp, end in reported.items()}
+        ends = await true_ends(bootstrap, {TopicPartition(tp.topic, tp.partition): end or 0
+                                           for tp, end in reported.items()})
+        corrected = {tp: ends[TopicPartition(tp.topic, tp.partition)] for tp in reported}
         low = {tp: (end, corrected[tp]) for tp, end in reported.items() if corrected[tp] != end}
         if low:
             log.info("tansu compat: corrected %d end offset(s) reported too low: %s", len(low),

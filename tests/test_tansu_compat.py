@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream import tansu_compat
 from stream.config import ConfigError, KafkaSettings
-from stream.kafka_io import RecordSender, fetch_highwaters, topic_sizes
+from stream.kafka_io import RecordSender, topic_sizes, true_ends
 from stream.topics import ensure_topics
 from tests.procs import ManagedProcess
 
@@ -49,7 +49,7 @@ def test_tansu_end_offsets_are_too_low_but_the_fetch_high_watermark_is_right(bro
     ensure_topics(kafka, [topic])
     asyncio.run(_produce_in_batches(kafka, topic, 200))
     reported = asyncio.run(_end_offsets(broker.bootstrap_servers, topic))
-    fetched = asyncio.run(fetch_highwaters(broker.bootstrap_servers, {tp: end - 1 for tp, end in reported.items()}))
+    fetched = asyncio.run(true_ends(broker.bootstrap_servers, reported))
     assert all(fetched[tp] == 50 for tp in reported)               # 50 records per partition
     assert all(end < 50 for end in reported.values()), reported    # ListOffsets says less
 

@@ -39,7 +39,7 @@ from typing import AsyncIterator, Sequence
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.config import KafkaSettings
-from stream.kafka_io import bootstrap_list, fetch_highwaters
+from stream.kafka_io import bootstrap_list, true_ends
 from stream.records import InvalidRecord, epoch_ms, format_time, parse_time
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,7 @@ class KafkaSelection:
             tps.extend((TopicPartition(topic, p), kind) for p in sorted(parts))
         consumer.assign([tp for tp, _ in tps])
         starts = await consumer.beginning_offsets([tp for tp, _ in tps])
-        reported = await consumer.end_offsets([tp for tp, _ in tps])
-        ends = await fetch_highwaters(self.kafka.bootstrap_servers, {tp: end - 1 for tp, end in reported.items()})
+        ends = await true_ends(self.kafka.bootstrap_servers, await consumer.end_offsets([tp for tp, _ in tps]))
         # The partitions are searched at the same time: each probe is one fetch round trip.
         firsts = await asyncio.gather(*(self._lower_bound(tp, kind, starts[tp], ends[tp]) for tp, kind in tps))
         for (tp, kind), first in zip(tps, firsts):
