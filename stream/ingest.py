@@ -43,10 +43,6 @@ _TICKER_SPLIT = re.compile(r"[,;|\s]+")
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 
-def _topic_for(names: TopicNames, kind: Kind) -> str:
-    return names.news if kind == "news" else names.comments
-
-
 async def produce_items(settings: Settings, topic: str, items: Iterable[InputItem], client_id: str) -> int:
     """Produce items (normalised JSON, keyed by id, timestamped with their event time); return how many the broker
     acknowledged."""
@@ -140,7 +136,7 @@ def ingest_file(settings: Settings, path: str | os.PathLike, kind: str, fmt: str
     fmt = _detect_format(path, fmt)
     names = TopicNames(settings.kafka.topic_prefix)
     ensure_topics(settings.kafka, names.all(), names.compacted())
-    topic = _topic_for(names, record_kind)
+    topic = names.input_for(record_kind)
     max_chars = settings.worker.max_text_chars
     report = FileReport()
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
+import itertools
 import random
 import signal
 import time
@@ -367,7 +367,10 @@ def generate(seed: int = 7, start: datetime | None = None, rate: float = 20.0, c
     weights = [WORLD[t][0] for t in topics]
     shock_share = WORLD[shock.topic][0] / sum(weights) if shock else 0.0
     authors = _handles(rng, 400)
-    author_weights = [1.0 / (i + 1) for i in range(len(authors))]      # a few very active accounts
+    # Cumulative weights, summed once: random.choices would sum them on every call, with the same draws.
+    topic_cum = list(itertools.accumulate(weights))
+    sentiments, sentiment_cum = list(BASE_SENTIMENT), list(itertools.accumulate(BASE_SENTIMENT.values()))
+    author_cum = list(itertools.accumulate(1.0 / (i + 1) for i in range(len(authors))))  # a few very active accounts
     recent_comments: dict[str, deque] = {t: deque(maxlen=20) for t in topics}
     run = f"{seed:x}-{int(start.timestamp()):x}"
     t = start
@@ -387,11 +390,11 @@ def generate(seed: int = 7, start: datetime | None = None, rate: float = 20.0, c
         if in_shock and rng.random() < extra_rate / (rate + extra_rate):
             topic = shock.topic
         else:
-            topic = rng.choices(topics, weights)[0]
+            topic = rng.choices(topics, cum_weights=topic_cum)[0]
         if in_shock and topic == shock.topic and rng.random() < shock.strength:
             sentiment = "bearish"
         else:
-            sentiment = rng.choices(list(BASE_SENTIMENT), list(BASE_SENTIMENT.values()))[0]
+            sentiment = rng.choices(sentiments, cum_weights=sentiment_cum)[0]
         company, ticker = rng.choice(WORLD[topic][1])
         fill = {"co": company, "tk": ticker, "pct": rng.choice((2, 3, 4, 5, 6, 8, 9, 12, 15)), "n": rng.randint(5, 40)}
         if rng.random() < comment_share:
@@ -402,7 +405,7 @@ def generate(seed: int = 7, start: datetime | None = None, rate: float = 20.0, c
             if thread and rng.random() < 0.3:
                 parent, parent_author = rng.choice(thread)
                 text = f"@{parent_author} {text}"
-            author = rng.choices(authors, author_weights)[0]
+            author = rng.choices(authors, cum_weights=author_cum)[0]
             thread.append((ident, author))
             payload = {"id": ident, "source": rng.choice(COMMENT_SOURCES), "created_at": format_time(t), "text": text,
                        "author": author, "parent_id": parent}
@@ -526,7 +529,6 @@ async def _produce(settings: Settings, names: TopicNames, messages: Iterator[Sim
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     counts = {"news": 0, "comment": 0, "malformed": 0}
-    topic_of = {"news": names.news, "comment": names.comments}
     wall_start = time.monotonic()
     async with RecordSender(settings.kafka, client_id="finpulse-simulate") as sender:
         with tqdm(total=total, unit="msg", desc="simulate", mininterval=1.0) as progress:
@@ -543,7 +545,7 @@ async def _produce(settings: Settings, names: TopicNames, messages: Iterator[Sim
                         except asyncio.TimeoutError:
                             pass
                 key = message.id.encode("utf-8") if message.id else None
-                await sender.send(topic_of[message.kind], message.value(), key=key, event_time=message.event_time)
+                await sender.send(names.input_for(message.kind), message.value(), key=key, event_time=message.event_time)
                 counts["malformed" if message.expected_reason else message.kind] += 1
                 progress.update()
             await sender.flush()

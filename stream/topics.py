@@ -56,6 +56,10 @@ class TopicNames:
         """Compacted: the delivery state of every (alert event, endpoint), so pending deliveries survive restarts."""
         return f"{self.prefix}.deliveries"
 
+    def input_for(self, kind: str) -> str:
+        """The input topic of a message kind ("news" or "comment")."""
+        return self.news if kind == "news" else self.comments
+
     @property
     def inputs(self) -> tuple[str, str]:
         return (self.news, self.comments)

@@ -123,7 +123,7 @@ def produce(settings: Settings, messages) -> None:
     async def send_all():
         async with RecordSender(settings.kafka, client_id="test-input") as sender:
             for m in messages:
-                await sender.send(names.news if m.kind == "news" else names.comments, m.value(),
+                await sender.send(names.input_for(m.kind), m.value(),
                                   key=m.id.encode(), event_time=m.event_time)
 
     asyncio.run(send_all())

@@ -17,7 +17,6 @@ from stream.kafka_io import RecordSender
 from stream.records import ScoredRecord, format_time
 from stream.replay.output import PartSink, alert_row, scored_row
 from stream.simulate import Shock, generate, shock_truth
-from stream.topics import TopicNames
 from tests.procs import write_config
 from tests.test_formats import make_alert
 
@@ -112,7 +111,7 @@ def test_backtest_of_a_real_replay_finds_the_simulated_shock(fp_settings, topics
     async def produce():
         async with RecordSender(fp_settings.kafka) as sender:
             for m in messages:
-                await sender.send(topics.news if m.kind == "news" else topics.comments, m.value(),
+                await sender.send(topics.input_for(m.kind), m.value(),
                                   key=m.id.encode(), event_time=m.event_time)
     asyncio.run(produce())
     config = write_config(fp_settings.with_overrides({"detect": {"warmup_windows": 3}}), tmp_path / "finpulse.toml")

@@ -28,7 +28,7 @@ from stream.replay.output import read_table
 from stream.simulate import Shock, generate
 from stream.topics import TopicNames, admin_client, ensure_topics
 from tests.procs import (json_values, read_all, run_finpulse, start_finpulse, start_worker, wait_for_records,
-                         with_section, write_config)
+                         write_config)
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 T2 = T0 + timedelta(minutes=7)

@@ -35,10 +35,9 @@ def simulate_args(seed: int, count: int, rate: float = 50.0) -> list[str]:
 
 
 async def produce(settings, topics, messages: list[SimMessage], extra: list[tuple[str, bytes | None]] = ()) -> None:
-    topic_of = {"news": topics.news, "comment": topics.comments}
     async with RecordSender(settings.kafka) as sender:
         for m in messages:
-            await sender.send(topic_of[m.kind], m.value(), key=m.id.encode() if m.id else None, event_time=m.event_time)
+            await sender.send(topics.input_for(m.kind), m.value(), key=m.id.encode() if m.id else None, event_time=m.event_time)
         for topic, value in extra:
             await sender.send(topic, value, key=b"extra")
 
