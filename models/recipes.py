@@ -114,13 +114,14 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     print(f"data: {len(train)} training rows {train.summary()}, {len(val)} validation, {len(test)} held-out test "
           f"(device {device}, run state in {run_dir})", flush=True)
 
+    text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)
     if recipe.teachers:
         rows = {"train": train_rows, "val": val_rows, "test": test_rows}
-        model, stages, comparison = _distill(recipe, base_model, data, rows, device, run_dir, time_budget)
+        model, stages, comparison = _distill(recipe, base_model, text_encoder, data, rows, device, run_dir,
+                                             time_budget)
     else:
-        model, stages = _fit_one(recipe, base_model, train, val, device, run_dir, time_budget)
+        model, stages = _fit_one(recipe, base_model, text_encoder, train, val, device, run_dir, time_budget)
         comparison = {}
-    text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)
     scorer = BatchScorer(model, text_encoder, "candidate", device=device)
     test_reports = evaluate(scorer, test)
     val_reports = evaluate(scorer, val)
@@ -161,19 +162,19 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     return TrainOutcome(final_dir, version, metrics, table)
 
 
-def _fit_one(recipe: Recipe, base: str, train: LabeledSet, val: LabeledSet, device, run_dir: Path,
-             time_budget: float | None):
+def _fit_one(recipe: Recipe, base: str, text_encoder: TextEncoder, train: LabeledSet, val: LabeledSet, device,
+             run_dir: Path, time_budget: float | None):
     cfg = recipe.fit
     if time_budget is not None:
         cfg = dataclasses.replace(cfg, max_seconds=min(time_budget, cfg.max_seconds or time_budget))
     model = FinPulseClassifier.from_base(base, pooling=cfg.pooling, dropout=cfg.dropout, seed=cfg.seed)
-    result = fit(model, TextEncoder.for_base(base, cfg.max_length), train, gold_targets(train, cfg.class_balance,
+    result = fit(model, text_encoder, train, gold_targets(train, cfg.class_balance,
                  cfg.label_smoothing), val, cfg, device, run_dir / "fit", name=recipe.name)
     return model, {"fit": _stage_summary(result)}
 
 
-def _distill(recipe: Recipe, base: str, data: LabeledSet, rows: dict[str, np.ndarray], device, run_dir: Path,
-             time_budget: float | None):
+def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: LabeledSet, rows: dict[str, np.ndarray],
+             device, run_dir: Path, time_budget: float | None):
     cfg = recipe.fit
     train, val, test = (data.subset(rows[part]) for part in ("train", "val", "test"))
     teachers = [("plain", base)] + [("adapted", "dapt")] * recipe.teachers
@@ -188,7 +189,6 @@ def _distill(recipe: Recipe, base: str, data: LabeledSet, rows: dict[str, np.nda
         pretrain_mlm(base, train.texts, dapt_dir, dataclasses.replace(recipe.mlm, max_seconds=allowance), device)
         stages["mlm"] = {"seconds": round(time.monotonic() - began, 1), "texts": len(train)}
 
-    text_encoder = TextEncoder.for_base(base, cfg.max_length)
     # Teachers label every row once (train, validation and test), so later steps only slice these arrays.
     probs: list[dict[str, np.ndarray]] = []
     results = []

@@ -199,13 +199,10 @@ class KeyWindows:
         else:
             self.pending.append([now, t_ms])
 
-    def settle(self, now: float, grace_s: float) -> bool:
-        """Let the watermark advances older than ``grace_s`` take effect; True when ``settled_ms`` moved."""
-        moved = False
+    def settle(self, now: float, grace_s: float) -> None:
+        """Let the watermark advances older than ``grace_s`` take effect."""
         while self.pending and self.pending[0][0] <= now - grace_s:
             self.settled_ms = self.pending.pop(0)[1]
-            moved = True
-        return moved
 
     def claim(self, event: SourcedRecord, t_ms: int, horizon_ms: int) -> bool:
         """Record ``event`` (event time ``t_ms``) as applied; False when it was applied before: an offset already
