@@ -64,6 +64,8 @@ def run_until(at: AppTest, ready, what: str) -> AppTest:
     while True:
         at.run()
         assert not at.exception, [e.value for e in at.exception]
+        # A view that fails is caught and reported on the page (so the rest keeps refreshing): still a failure here.
+        assert not [e.value for e in at.error if "could not be drawn" in e.value], [e.value for e in at.error]
         if ready(at):
             return at
         if time.monotonic() > deadline:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from alerts.signing import generate_secret
 from stream.broker import free_port
 from stream.config import ConfigError, Settings, load_settings
 from stream.records import AlertRecord
+from tests.procs import ManagedProcess
 from tests.test_formats import make_alert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,32 +64,9 @@ def wait_for(predicate, what: str, timeout_s: float = 120.0, every_s: float = 0.
     pytest.fail(f"timed out waiting for {what}")
 
 
-class Proc:
-    """A `finpulse ...` subprocess with its output in a log file."""
-
-    def __init__(self, args: list[str], env: dict, log_path: Path):
-        self.log_path = log_path
-        self.out = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", *args], cwd=REPO, env=env,
-                                     stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def terminate(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-        return self.proc.returncode
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def close(self) -> None:
-        self.kill()
-        self.out.close()
+def finpulse(args: list[str], env: dict, log_dir: Path, name: str) -> ManagedProcess:
+    """A `finpulse ARGS` subprocess with the environment ``kafka_env`` built, its output in ``<log_dir>/<name>.log``."""
+    return ManagedProcess([sys.executable, "-m", "stream.cli", *args], log_dir, name, env=env).start()
 
 
 def get_json(url: str):
@@ -369,10 +346,10 @@ def test_outage_throttling_and_restarts_deliver_everything_exactly_once(fp_setti
     batch1 = [make_alert(status, id=f"b1-{i}", key=f"Topic {i}") for i in range(4) for status in ("firing", "resolved")]
     batch2 = [make_alert(status, id=f"b2-{i}", key=f"Topic {i}") for i in range(2) for status in ("firing", "resolved")]
     expected = {delivery_key(a.event_id, n) for a in batch1 + batch2 for n in names}
-    procs: list[Proc] = []
+    procs: list[ManagedProcess] = []
 
-    def start(name: str, *args: str) -> Proc:
-        procs.append(Proc(list(args), env, tmp_path / f"{name}.log"))
+    def start(name: str, *args: str) -> ManagedProcess:
+        procs.append(finpulse(list(args), env, tmp_path, name))
         return procs[-1]
 
     def states():
@@ -415,13 +392,13 @@ def test_outage_throttling_and_restarts_deliver_everything_exactly_once(fp_setti
         third = start("dispatch-3", "dispatch")
         final = wait_for(lambda: (lambda s: len(s) == len(expected) and all(v.state == DELIVERED for v in s.values()) and s)(states()),
                          "every delivery to be acknowledged")
-        assert third.terminate() == 0, third.text()[-3000:]
+        assert third.stop(60) == 0, third.tail(3000)
         seen = get_json(f"http://127.0.0.1:{port}/received")
     finally:
         for proc in procs:
-            proc.close()
+            proc.kill()
 
-    assert seen is not None, receiver.text()[-3000:]
+    assert seen is not None, receiver.tail(3000)
     stored = [json.loads(line) for line in store.read_text().splitlines()]
     # Every event reached every endpoint exactly once (by webhook-id, which is per event and endpoint).
     assert set(final) == expected
@@ -461,23 +438,23 @@ def test_worker_restart_while_the_receiver_is_down_loses_nothing(fp_settings, to
                 "FINPULSE_WORKER__WEB_PORT": str(free_port())})
     alerts = [make_alert(status, id=f"w-{i}", key=f"Topic {i}") for i in range(3) for status in ("firing", "resolved")]
     expected = {delivery_key(a.event_id, "desk") for a in alerts}
-    procs: list[Proc] = []
+    procs: list[ManagedProcess] = []
     try:
         produce(fp_settings, topics.alerts, alerts)
-        procs.append(Proc(["worker", "--scorer", "noop"], env, tmp_path / "worker-1.log"))
+        procs.append(finpulse(["worker", "--scorer", "noop"], env, tmp_path, "worker-1"))
         wait_for(lambda: (lambda s: len(s) == len(expected) and all(v.attempts >= 1 for v in s.values()
                                                                      if v.alert_status == "firing") and s)(
             read_delivery_states(fp_settings.kafka, topics.deliveries)), "the first worker to try and fail")
         procs[-1].kill()
-        procs.append(Proc(["receiver", "--port", str(port), "--store", str(tmp_path / "got.jsonl"), "--secret-env", "T_W_SECRET"],
-                          env, tmp_path / "receiver.log"))
-        procs.append(Proc(["worker", "--scorer", "noop"], env, tmp_path / "worker-2.log"))
+        procs.append(finpulse(["receiver", "--port", str(port), "--store", str(tmp_path / "got.jsonl"), "--secret-env", "T_W_SECRET"],
+                              env, tmp_path, "receiver"))
+        procs.append(finpulse(["worker", "--scorer", "noop"], env, tmp_path, "worker-2"))
         final = wait_for(lambda: (lambda s: len(s) == len(expected) and all(v.state == DELIVERED for v in s.values()) and s)(
             read_delivery_states(fp_settings.kafka, topics.deliveries)), "the restarted worker to deliver everything")
         seen = get_json(f"http://127.0.0.1:{port}/received")
     finally:
         for proc in procs:
-            proc.close()
+            proc.kill()
     assert set(final) == expected
     assert Counter(item["webhook_id"] for item in seen["items"]) == Counter({webhook_id(k): 1 for k in expected})
     assert seen["duplicates"] == {}
@@ -498,7 +475,7 @@ def test_redeliver_sends_failed_deliveries_again_once_with_their_webhook_id(fp_s
     alerts = [make_alert("firing", id="r1"), make_alert("resolved", id="r1"), make_alert("firing", id="r2", key="Topic 2")]
     everything = {delivery_key(a.event_id, e["name"]) for a in alerts for e in endpoints}
     chain = [delivery_key("r1:firing", "desk"), delivery_key("r1:resolved", "desk")]
-    procs: list[Proc] = []
+    procs: list[ManagedProcess] = []
 
     def states():
         return read_delivery_states(fp_settings.kafka, topics.deliveries)
@@ -518,11 +495,11 @@ def test_redeliver_sends_failed_deliveries_again_once_with_their_webhook_id(fp_s
 
     try:
         produce(fp_settings, topics.alerts, alerts)
-        procs.append(Proc(["dispatch"], env, tmp_path / "dispatch-1.log"))
+        procs.append(finpulse(["dispatch"], env, tmp_path, "dispatch-1"))
         failed = wait_for(lambda: (lambda s: set(s) == everything and all(v.state == FAILED for v in s.values()) and s)(states()),
                           "every delivery to fail at its retry horizon", timeout_s=60)
-        procs.append(Proc(["receiver", "--port", str(port), "--store", str(tmp_path / "got.jsonl"), "--secret-env", "T_RD_SECRET"],
-                          env, tmp_path / "receiver.log"))
+        procs.append(finpulse(["receiver", "--port", str(port), "--store", str(tmp_path / "got.jsonl"), "--secret-env", "T_RD_SECRET"],
+                              env, tmp_path, "receiver"))
         wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), "the receiver to listen")
 
         # A dry run lists what it would do and writes nothing.
@@ -556,7 +533,7 @@ def test_redeliver_sends_failed_deliveries_again_once_with_their_webhook_id(fp_s
         out = redeliver()
         assert out.count("re-queued  ") == len(everything) - len(chain)
         assert all(v.state == PENDING for k, v in states().items() if k not in chain)
-        procs.append(Proc(["dispatch"], env, tmp_path / "dispatch-2.log"))
+        procs.append(finpulse(["dispatch"], env, tmp_path, "dispatch-2"))
         final = wait_for(delivered(everything), "the restarted dispatcher to deliver the rest", timeout_s=60)
         assert "nothing re-queued" in redeliver()
         seen = get_json(f"http://127.0.0.1:{port}/received")
@@ -564,7 +541,7 @@ def test_redeliver_sends_failed_deliveries_again_once_with_their_webhook_id(fp_s
                                 capture_output=True, text=True, timeout=120)
     finally:
         for proc in procs:
-            proc.close()
+            proc.kill()
     assert Counter(item["webhook_id"] for item in seen["items"]) == Counter({webhook_id(k): 1 for k in everything})
     assert seen["duplicates"] == {}
     assert all(v.requeues == 1 for v in final.values())

@@ -22,8 +22,8 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -164,22 +164,18 @@ def appview_times(store: LiveStore, repeats: int = 3) -> dict[str, dict[str, flo
 def browser_times(hours: float, rate: float, repeats: int = 5) -> dict[str, float]:
     """Time to interactive of each view in headless Chromium against a server holding the synthetic store."""
     from stream.broker import free_port, wait_for_port
-    from tests.browser import CHROMIUM_FLAGS, chromium_path
-
-    from playwright.sync_api import sync_playwright
+    from tests.browser import chromium_page
+    from tests.procs import ManagedProcess
 
     port = free_port()
-    env = {**os.environ, "FINPULSE_BENCH_HOURS": str(hours), "FINPULSE_BENCH_RATE": str(rate)}
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", __file__, "--server.headless=true",
-                               f"--server.port={port}", "--server.address=127.0.0.1", "--browser.gatherUsageStats=false",
-                               "--server.fileWatcherType=none"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for_port("127.0.0.1", port, 60, server)
+    server = ManagedProcess([sys.executable, "-m", "streamlit", "run", __file__, "--server.headless=true",
+                             f"--server.port={port}", "--server.address=127.0.0.1", "--browser.gatherUsageStats=false",
+                             "--server.fileWatcherType=none"], tempfile.mkdtemp(prefix="bench-dashboard-"), "streamlit",
+                            env={"FINPULSE_BENCH_HOURS": str(hours), "FINPULSE_BENCH_RATE": str(rate)})
+    with server.start():
+        wait_for_port("127.0.0.1", port, 60, server.proc)
         out = {}
-        with sync_playwright() as driver:
-            browser = driver.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1500, "height": 1200})
+        with chromium_page(1500, 1200) as page:
             # The first visit builds the store in the server: not part of any view's time.
             page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
             page.locator(".st-key-fp-unusual-1").wait_for(timeout=600_000)
@@ -194,11 +190,7 @@ def browser_times(hours: float, rate: float, repeats: int = 5) -> dict[str, floa
                                            "?.getAttribute('data-test-script-state') === 'notRunning'", timeout=120_000)
                     times.append(time.perf_counter() - began)
                 out[view] = statistics.median(times)
-            browser.close()
         return out
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
 
 
 def serve() -> None:

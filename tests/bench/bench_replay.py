@@ -36,7 +36,7 @@ from stream.records import format_time
 from stream.replay.plan import build_plan
 from stream.replay.run import run_replay
 from stream.simulate import Shock, generate
-from stream.kafka_io import read_topic
+from stream.kafka_io import read_topic, topic_sizes
 from stream.records import parse_time
 from stream.topics import TopicNames
 from tests.bench.bench_stream import batch_rate, best_of_alternating, preload, read_scored
@@ -50,13 +50,14 @@ QUIET_S = 7.0     # longer than [aggregate] partial_interval_s: no trend at all 
 def last_window_closed(settings: Settings) -> float:
     """Epoch seconds at which the worker closed its last window, once its trends topic has been quiet a while."""
     topic = TopicNames(settings.kafka.topic_prefix).trends
+    bootstrap = settings.kafka.bootstrap_servers
     seen, quiet_since = -1, time.monotonic()
     while time.monotonic() - quiet_since < QUIET_S:
         time.sleep(1.0)
-        trends = read_topic(settings.kafka.bootstrap_servers, topic)
-        if len(trends) != seen:
-            seen, quiet_since = len(trends), time.monotonic()
-    finals = [json.loads(t.value) for t in trends if json.loads(t.value)["final"]]
+        size = asyncio.run(topic_sizes(bootstrap, [topic]))[topic]   # a count, not a read of the whole topic
+        if size != seen:
+            seen, quiet_since = size, time.monotonic()
+    finals = [json.loads(t.value) for t in read_topic(bootstrap, topic) if json.loads(t.value)["final"]]
     return max(parse_time(t["emitted_at"]) for t in finals).timestamp()
 
 
