@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from torch import nn
 from .data import file_sha256
 from .labels import SENTIMENTS, TOPICS
 from .textprep import NORMALIZATION, char_budget, with_cleanup
-from .tokenizer_pool import native_ids
+from .tokenizer_pool import flatten, native_ids
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -174,9 +173,7 @@ class TextEncoder:
 
     def pad(self, id_lists: Sequence[Sequence[int]], multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """(ids, attention mask), both (n, width) int64, width the longest rounded up to ``multiple``."""
-        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-        flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
-        return self.pad_flat(flat, lengths, multiple)
+        return self.pad_flat(*flatten(id_lists), multiple)
 
     def pad_flat(self, flat: np.ndarray, lengths: np.ndarray, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """``pad`` for every sequence's ids one after the other (``flat``) and the number of ids per sequence."""

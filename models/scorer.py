@@ -179,24 +179,23 @@ class BatchScorer:
         budget = self.text_encoder.max_chars
         pool = self._pool()
 
-        def start(chunk):
-            cut = [texts[i][:budget] for i in chunk]
+        def start(chunk) -> PendingIds | None:
             if pool is None or self._tokenizer_pool is not pool:   # none, or it failed during this call
-                return cut, None
+                return None
             try:
-                return cut, pool.submit(cut)
+                return pool.submit([texts[i][:budget] for i in chunk])
             except (BrokenProcessPool, RuntimeError) as exc:       # RuntimeError: shut down meanwhile
                 self._pool_failed(exc)
-                return cut, None
+                return None
 
-        def finish(chunk, cut, pending: PendingIds | None):
+        def finish(chunk, pending: PendingIds | None):
             try:
                 if pending is not None:
                     try:
                         return self._assemble(chunk, *pending.result())
                     except BrokenProcessPool as exc:
                         self._pool_failed(exc)
-                return self._assemble(chunk, *flat_ids(self.text_encoder.tokenizer, cut))
+                return self._tokenize(texts, chunk)
             except Exception as exc:  # noqa: BLE001 - handed back to the caller, which isolates the bad text
                 return exc
 
@@ -206,7 +205,7 @@ class BatchScorer:
             for chunk in chunks:
                 while next_chunk < len(chunks) and len(ahead) < LOOKAHEAD:
                     upcoming = chunks[next_chunk]
-                    ahead.append(helper.submit(finish, upcoming, *start(upcoming)))
+                    ahead.append(helper.submit(finish, upcoming, start(upcoming)))
                     next_chunk += 1
                 yield chunk, ahead.popleft().result()
 

@@ -50,7 +50,11 @@ def native_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 def flat_ids(tokenizer, texts: Sequence[str], pieces: "PieceTokenizer | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """(every text's ids one after the other, the number of ids per text), as int64 arrays."""
-    id_lists = pieces.ids(texts) if pieces is not None else native_ids(tokenizer, texts)
+    return flatten(pieces.ids(texts) if pieces is not None else native_ids(tokenizer, texts))
+
+
+def flatten(id_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(the lists' ids one after the other, the length of each list), as int64 arrays: what ``pad_flat`` takes."""
     lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
     flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
     return flat, lengths
@@ -229,4 +233,4 @@ class TokenizerPool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["BrokenProcessPool", "PendingIds", "PieceTokenizer", "TokenizerPool", "flat_ids", "native_ids"]
+__all__ = ["BrokenProcessPool", "PendingIds", "PieceTokenizer", "TokenizerPool", "flat_ids", "flatten", "native_ids"]

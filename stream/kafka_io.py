@@ -197,24 +197,17 @@ async def true_ends(bootstrap_servers: str, reported: Mapping[TopicPartition, in
 async def _true_ends_from(consumer: AIOKafkaConsumer, reported: Mapping[TopicPartition, int],
                           timeout_s: float) -> dict[TopicPartition, int]:
     """A fetch that starts just below the reported end stays small, and its response carries the high watermark."""
-    fetched = await _fetch_highwaters(consumer, {tp: end - 1 for tp, end in reported.items()}, timeout_s)
-    return {tp: max(end, fetched[tp]) for tp, end in reported.items()}
-
-
-async def _fetch_highwaters(consumer: AIOKafkaConsumer, start_offsets: Mapping[TopicPartition, int],
-                           timeout_s: float) -> dict[TopicPartition, int]:
-    """The high watermark of each partition, from a fetch by ``consumer`` starting at ``start_offsets[tp]``."""
-    tps = list(start_offsets)
+    tps = list(reported)
     consumer.assign(tps)
-    for tp, offset in start_offsets.items():
-        consumer.seek(tp, max(0, offset))
+    for tp, end in reported.items():
+        consumer.seek(tp, max(0, end - 1))
     deadline = time.monotonic() + timeout_s
     while any(consumer.highwater(tp) is None for tp in tps):
         if time.monotonic() > deadline:
             missing = [f"{tp.topic}[{tp.partition}]" for tp in tps if consumer.highwater(tp) is None]
             raise TimeoutError(f"no fetch response within {timeout_s:.0f}s for {', '.join(missing)}")
         await consumer.getmany(*tps, timeout_ms=100)
-    return {tp: consumer.highwater(tp) for tp in tps}
+    return {tp: max(end, consumer.highwater(tp)) for tp, end in reported.items()}
 
 
 async def topic_sizes(bootstrap_servers: str, topics: Sequence[str], timeout_s: float = 10.0) -> dict[str, int]:
