@@ -5,8 +5,9 @@ shared sets (topic rows and sentiment rows come from different public data sets)
 or both columns look the same to training; each head learns only from the rows that carry its label.
 
 Sources (``--data``): ``shared`` (the two CSVs in the shared data directory), a directory with that layout, a
-user CSV/JSONL file (``text`` plus ``topic`` and/or ``sentiment``: names or integer ids), or ``hub:NAME[:SPLIT]``
-for the public sets by name when the machine is online.
+user CSV/JSONL file (``text`` plus ``topic`` and/or ``sentiment``: names or integer ids), ``hub:NAME[:SPLIT]``
+for the public sets by name when the machine is online, or ``news-probe``: 80 news-wire sentences written for
+FinPulse (``probes/``), an out-of-domain check that no recipe trains on.
 
 ``split`` cuts a set into train/validation/test slices, stratified by head and label and deterministic in the
 seed: validation drives model selection and early stopping, test is only ever reported.
@@ -35,6 +36,8 @@ HUB_SETS = {
                                      {"train": "topic_train.csv", "validation": "topic_valid.csv"}),
 }
 MISSING = -1
+NEWS_PROBE = "news-probe"
+NEWS_PROBE_FILE = Path(__file__).parent / "probes" / "news_sentences.csv"
 
 
 class DataError(ValueError):
@@ -219,6 +222,8 @@ def load_data(specs: Iterable[str], data_dir: Path) -> LabeledSet:
     for spec in specs:
         if spec == "shared":
             sets.append(load_shared(data_dir))
+        elif spec == NEWS_PROBE:
+            sets.append(load_file(NEWS_PROBE_FILE))
         elif spec.startswith("hub:"):
             sets.append(load_hub(spec[4:]))
         elif Path(spec).expanduser().is_dir():
@@ -238,6 +243,8 @@ def fingerprint(specs: Iterable[str], data_dir: Path) -> dict[str, str]:
             folder = data_dir if spec == "shared" else Path(spec).expanduser()
             for name in (SENTIMENT_FILE, TOPIC_FILE):
                 out[name] = file_sha256(folder / name)
+        elif spec == NEWS_PROBE:
+            out[NEWS_PROBE_FILE.name] = file_sha256(NEWS_PROBE_FILE)
         elif not spec.startswith("hub:"):
             out[Path(spec).name] = file_sha256(Path(spec).expanduser())
     return out

@@ -349,6 +349,17 @@ def test_shared_layout_loader_and_stratified_split(tmp_path):
         load_shared(tmp_path / "empty")
 
 
+def test_news_probe_loads_by_name_with_every_topic_and_sentiment(tmp_path):
+    from models.data import NEWS_PROBE, NEWS_PROBE_FILE
+    probe = load_data([NEWS_PROBE], tmp_path / "no data dir needed")
+    assert len(probe) == 80 and probe.sources == [str(NEWS_PROBE_FILE)]
+    assert np.bincount(probe.topic, minlength=len(TOPICS)).tolist() == [4] * len(TOPICS)
+    assert np.bincount(probe.sentiment, minlength=3).tolist() == [32, 24, 24]  # bearish, neutral, bullish
+    # Newswire style is the point of the probe: nothing tweet-shaped may creep in.
+    assert not any(marker in text for text in probe.texts for marker in ("$", "http", "@", "#"))
+    assert len(set(probe.texts)) == 80
+
+
 def test_head_report_matches_hand_computed_metrics():
     report = head_report(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 1]), ["a", "b", "c"])
     assert report["accuracy"] == pytest.approx(0.6)

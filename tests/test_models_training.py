@@ -141,7 +141,12 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert set(metrics["test"]) == {"topic", "sentiment"}
-    assert "held-out test slice" in (model_dir / "README.md").read_text()
+    card = (model_dir / "README.md").read_text()
+    assert "held-out test slice" in card
+    # Every trained model is also measured on the news probe, text unlike anything it trained on.
+    probe = metrics["out_of_domain"]
+    assert probe["rows"] == 80 and probe["topic"]["n"] == 80 and probe["sentiment"]["n"] == 80
+    assert f"| sentiment | 80 | {probe['sentiment']['accuracy']:.4f} |" in card
 
     report_file = tmp_path / "eval.json"
     capsys.readouterr()
