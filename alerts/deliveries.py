@@ -118,6 +118,12 @@ class DeliveryLog:
 
     On tansu ``end_offsets`` can report too low an end, so ``catch_up`` trusts only the high watermark of fetch
     responses received after it started, and returns once every partition's position has reached it.
+
+    Stale records: the records of one key are totally ordered (one key, one partition), so a record older (lower
+    ``seq``) than one read before it was written late, by a ``--redeliver`` that overlapped another (see
+    ``redeliver_failed``). Merging ignores it, but it is now the key's last record, the one compaction keeps. The
+    log notes such keys; the dispatcher owning them writes their newest state again (``stale_keys``,
+    ``reassert``), so the newest state is also the last record.
     """
 
     def __init__(self, kafka: KafkaSettings, topic: str, writable: bool = True):
@@ -125,6 +131,8 @@ class DeliveryLog:
         self.topic = topic
         self.writable = writable
         self.states: dict[str, DeliveryState] = {}
+        self._newest_read_seq: dict[str, int] = {}   # per key, the highest seq read from the topic so far
+        self._stale: set[str] = set()                # keys whose last record read is older than an earlier one
         self._reader: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._partitions: list[TopicPartition] = []
@@ -204,6 +212,11 @@ class DeliveryLog:
         except (ValueError, TypeError, KeyError) as exc:
             log.error("skipping an unreadable record on %s: %s", self.topic, exc)
             return None
+        if state.seq < self._newest_read_seq.get(state.key, -1):
+            self._stale.add(state.key)
+        else:
+            self._newest_read_seq[state.key] = state.seq
+            self._stale.discard(state.key)
         known = self.states.get(state.key)
         if not self.merge(state) or state.state != PENDING or state.requeued_at is None:
             return None
@@ -226,6 +239,18 @@ class DeliveryLog:
         wanted = set(partitions)
         return sorted((s for s in self.states.values() if s.state == PENDING and s.alerts_partition in wanted),
                       key=lambda s: (s.alert_id, s.order))
+
+    def stale_keys(self, partitions: Iterable[int]) -> list[str]:
+        """The keys of alerts from ``partitions`` whose last record on the topic is older than their newest state."""
+        wanted = set(partitions)
+        return sorted(k for k in self._stale if self.states[k].alerts_partition in wanted)
+
+    async def reassert(self, key: str) -> DeliveryState:
+        """Write the newest known state of ``key`` again, so that it is the key's last record."""
+        # The lookup and save's merge run without an await between them: a change made meanwhile by a delivery in
+        # flight cannot be overwritten by an older copy.
+        self._stale.discard(key)
+        return await self.save(self.states[key])
 
     async def save(self, state: DeliveryState) -> DeliveryState:
         """Write one change (seq bumped, updated_at now) and wait for the broker's ack, retrying while it is down."""

@@ -240,6 +240,7 @@ class Dispatcher:
         """Take on the deliveries that ``--redeliver`` re-queued since the last look (failed → pending)."""
         async with self._adopting:
             reopened = await self.log.poll()
+            await self._reassert_stale()
             if not reopened:
                 return
             # `--redeliver` writes a firing's re-queue (and waits for its ack) before its resolve's, but the two can
@@ -252,6 +253,15 @@ class Dispatcher:
         if mine:
             log.info("dispatcher %s took on %d re-queued deliveries: %s", self.group_id, len(mine),
                      ", ".join(f"{s.event_id} to {s.endpoint}" for s in mine))
+
+    async def _reassert_stale(self) -> None:
+        """A record older than the newest state of its delivery landed last (overlapping ``--redeliver`` runs):
+        write the newest state again, or compaction would keep the older record and a later dispatcher act on it."""
+        for key in self.log.stale_keys(self._owned):
+            state = await self.log.reassert(key)
+            log.warning("a late, older record of delivery %s to %s landed after its newest state (%s): wrote that "
+                        "state again so that it stays the delivery's last record", state.event_id, state.endpoint,
+                        state.state)
 
     def _parse(self, record) -> AlertRecord | None:
         try:
@@ -291,6 +301,7 @@ class Dispatcher:
                 resumed = self.log.pending_for(partitions)
                 for state in resumed:
                     self._enqueue(state)
+                await self._reassert_stale()
             log.info("dispatcher %s owns alerts partitions %s; deliveries known %s, %d pending resumed",
                      self.group_id, sorted(self._owned), summarize(self.log.states.values()), len(resumed))
         except Exception as exc:  # a half-adopted partition must not go on silently: stop the dispatcher
@@ -541,9 +552,9 @@ async def redeliver_failed(settings: Settings, names: TopicNames, endpoint: str 
     resolve). The dispatcher owning the alert's partition delivers them (see the module docstring for why this
     command does not). Prints endpoint names and alert ids only: never URLs, keys or error texts.
 
-    Run one at a time: two overlapping runs that both read a delivery as failed both write its re-queue, and if the
-    second lands after the dispatcher's ``delivered``, compaction can keep the stale ``pending`` (the merge by
-    ``seq`` ignores it, but a dispatcher started after compaction would send it again, same webhook-id)."""
+    Two overlapping runs that both read a delivery as failed both write its re-queue; if the second lands after the
+    dispatcher's ``delivered``, merging by ``seq`` ignores it and the dispatcher owning the delivery writes
+    ``delivered`` again (``Dispatcher._reassert_stale``), so compaction keeps the newest state."""
     horizons = {e.name: e.retry_horizon_s for e in load_delivery_config(settings).endpoints}
     log_ = DeliveryLog(settings.kafka, names.deliveries, writable=not dry_run)
     done: list[DeliveryState] = []

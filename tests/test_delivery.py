@@ -20,14 +20,15 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from alerts.deliveries import (DELIVERED, FAILED, PENDING, delivery_key, new_pending, read_delivery_states,
-                               redelivery_plan, requeued, webhook_id)
+from alerts.deliveries import (DELIVERED, FAILED, PENDING, DeliveryState, delivery_key, new_pending,
+                               read_delivery_states, redelivery_plan, requeued, webhook_id)
 from alerts.dispatch import Dispatcher, classify, full_jitter, parse_retry_after
 from alerts.endpoints import Endpoint, EndpointSettings, blocked_reason, build_endpoints, load_delivery_config
 from alerts.receiver import Receiver, ReceiverOptions
 from alerts.signing import generate_secret
 from stream.broker import free_port
 from stream.config import ConfigError, Settings, load_settings
+from stream.kafka_io import read_topic_async
 from stream.records import AlertRecord
 from tests.procs import ManagedProcess
 from tests.test_formats import make_alert
@@ -280,6 +281,60 @@ def test_failures_are_recorded_at_the_horizon_and_at_once_for_client_errors(fp_s
         assert "Cannot connect" in gone.last_error and gone.next_attempt_at is None
         assert wrong.state == FAILED and wrong.attempts == 1 and wrong.last_status == 401 and "bad_signature" in wrong.last_error
     assert receiver.rejected == {"bad_signature": 2} and not receiver.items
+
+
+def test_a_late_older_record_is_answered_with_the_newest_state(fp_settings, topics, monkeypatch):
+    """Two overlapping `--redeliver` runs: the second one's re-queue (an older seq) lands after the dispatcher's
+    `delivered`. The merge ignores it; the owning dispatcher writes `delivered` again, so the last record of the key
+    (the one compaction keeps) is the newest state, and nothing is sent twice."""
+    monkeypatch.setenv("T_STALE_SECRET", generate_secret())
+    produce(fp_settings, topics.alerts, [make_alert("firing", id="st1")])
+    key = delivery_key("st1:firing", "desk")
+
+    async def last_records() -> dict[str, DeliveryState]:
+        """Per key, its last record on the topic (records are in offset order): what compaction would keep."""
+        records = await read_topic_async(fp_settings.kafka.bootstrap_servers, topics.deliveries)
+        return {r.key.decode(): DeliveryState.from_json(r.value) for r in records}
+
+    async def scenario():
+        receiver = Receiver(ReceiverOptions(secrets=[os.environ["T_STALE_SECRET"]], quiet=True))
+        runner = web.AppRunner(receiver.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        settings = fp_settings.with_overrides({"alerts": {"endpoints": [
+            {"name": "desk", "url": f"http://127.0.0.1:{runner.addresses[0][1]}/x", "secret_env": "T_STALE_SECRET",
+             "allow_private": True}]}})
+        dispatcher = Dispatcher(settings, topics)
+        await dispatcher.start()
+        try:
+            for _ in range(300):
+                delivered = dispatcher.log.get(key)
+                if delivered is not None and delivered.state == DELIVERED:
+                    break
+                await asyncio.sleep(0.1)
+            late = replace(delivered, state=PENDING, seq=delivered.seq - 1, delivered_at=None, requeues=1,
+                           requeued_at=delivered.updated_at)
+            producer = AIOKafkaProducer(bootstrap_servers=fp_settings.kafka.bootstrap_servers, acks="all")
+            await producer.start()
+            await producer.send_and_wait(topics.deliveries, late.to_json(), key=key.encode())
+            await producer.stop()
+            for _ in range(300):
+                last = await last_records()
+                if last[key].seq > delivered.seq:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # time to (wrongly) send it again
+            return delivered, last[key], dispatcher.log.get(key), receiver
+        finally:
+            await dispatcher.stop()
+            await runner.cleanup()
+
+    delivered, last, known, receiver = asyncio.run(scenario())
+    assert delivered.state == DELIVERED
+    as_written = DeliveryState.from_json(delivered.to_json())  # times travel at millisecond precision
+    assert last.state == DELIVERED and last.seq == delivered.seq + 1 and last.delivered_at == as_written.delivered_at
+    assert known.state == DELIVERED and known.seq == last.seq
+    assert [item["webhook_id"] for item in receiver.items] == [webhook_id(key)]
 
 
 def test_dispatch_check_reports_refused_endpoints(tmp_path):
