@@ -3,8 +3,8 @@
 Each scenario is a stream from ``stream.simulate.generate`` (20 topics, news and comments), scored by the worker's
 own ``Scoring`` code with a real scorer (the keyword baseline by default, ``--scorer auto`` for the trained model),
 aggregated by ``WindowAggregator`` and judged by ``SpikeDetector`` with their default settings: the same code the
-worker's agents run, without Kafka so that 24 scenarios take a minute or two. Only the detection window size is
-aggregated (the other window sizes do not feed the detector).
+worker's agents run, without Kafka so that 24 scenarios take a minute or two. Topic and ticker windows are both
+aggregated and judged, at the detection window size only (the other window sizes do not feed the detector).
 
 Scenarios (positives must fire once, on their topic, during the event; negatives must not fire at all):
 - sharp shocks: varied topic (busy and quiet ones), strength, duration and extra volume;
@@ -16,6 +16,11 @@ Scoring: a firing alert on the event's topic that starts between one window befo
 true positive (the first one only: a second episode for the same event counts as a false positive, it is flapping);
 every other firing alert is a false positive. Delay = the firing window's end + the allowed lateness (when the
 window closes) - the event's start, in event time.
+
+Ticker alerts are judged the same way, per ticker: the shocked topic's tickers (the simulator's ground truth) may
+each fire once during the event; any other firing ticker alert is a false positive. Ticker recall is the share of
+positive scenarios with at least one of their tickers alerted (a quiet ticker need not reach the detector's
+minimum volume).
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from models.interface import load_scorer
 from stream.aggregate import AggregateSettings, WindowAggregator
 from stream.app import Scoring, SourceMessage
 from stream.records import AlertRecord, ScoredRecord
-from stream.simulate import Shock, SimMessage, generate
+from stream.simulate import WORLD, Shock, SimMessage, generate
 from stream.topics import TopicNames
 
 RATE = 20.0               # messages per event-second, all topics together (the demo's rate)
@@ -58,6 +63,11 @@ class Scenario:
     @property
     def positive(self) -> bool:
         return self.kind in ("shock", "drift")
+
+    @property
+    def tickers(self) -> frozenset[str]:
+        """The shocked topic's tickers: the only ones whose alerts are true."""
+        return frozenset(ticker for _, ticker in WORLD[self.topic][1]) if self.positive else frozenset()
 
     @property
     def event_start(self) -> datetime:
@@ -141,26 +151,41 @@ class Outcome:
     true_positive: AlertRecord | None
     false_positives: list[AlertRecord]
     delay_s: float | None
+    ticker_hits: list[AlertRecord]           # the first firing of each shocked ticker, during the event
+    ticker_false_positives: list[AlertRecord]
+
+
+def in_event(scenario: Scenario, alert: AlertRecord, window_s: int) -> bool:
+    return scenario.event_start - timedelta(seconds=window_s) <= alert.started_at < scenario.event_end
 
 
 def judge(scenario: Scenario, alerts: list[AlertRecord], window_s: int, lateness_s: int) -> Outcome:
-    firing = [a for a in alerts if a.status == "firing"]
+    firing = [a for a in alerts if a.status == "firing" and a.key_type == "topic"]
     hit = None
     if scenario.positive:
-        earliest = scenario.event_start - timedelta(seconds=window_s)
-        hit = next((a for a in firing if a.key == scenario.topic and earliest <= a.started_at < scenario.event_end), None)
+        hit = next((a for a in firing if a.key == scenario.topic and in_event(scenario, a, window_s)), None)
     delay = None if hit is None else (hit.window_end - scenario.event_start).total_seconds() + lateness_s
-    return Outcome(scenario, alerts, hit, [a for a in firing if a is not hit], delay)
+    ticker_hits: dict[str, AlertRecord] = {}
+    ticker_false: list[AlertRecord] = []
+    for alert in (a for a in alerts if a.status == "firing" and a.key_type == "ticker"):
+        if alert.key in scenario.tickers and alert.key not in ticker_hits and in_event(scenario, alert, window_s):
+            ticker_hits[alert.key] = alert
+        else:
+            ticker_false.append(alert)
+    return Outcome(scenario, alerts, hit, [a for a in firing if a is not hit], delay, list(ticker_hits.values()),
+                   ticker_false)
 
 
 def run_scenario(scenario: Scenario, scoring: Scoring, names: TopicNames, aggregate: AggregateSettings,
                  detect: DetectSettings) -> Outcome:
-    aggregator = WindowAggregator(aggregate, "topic")
+    aggregators = [WindowAggregator(aggregate, key_type) for key_type in ("topic", "ticker")]
     detector = SpikeDetector(detect)
     alerts: list[AlertRecord] = []
     for batch in scored_records(scenario, scoring, names):
-        alerts += detector.feed(aggregator.feed(batch).final)
-    alerts += detector.feed(aggregator.flush())
+        for aggregator in aggregators:
+            alerts += detector.feed(aggregator.feed(batch).final)
+    for aggregator in aggregators:
+        alerts += detector.feed(aggregator.flush())
     return judge(scenario, alerts, detect.window_s, aggregate.allowed_lateness_s)
 
 
@@ -168,12 +193,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scorer", default="baseline", choices=["baseline", "auto", "model"])
     parser.add_argument("--limit", type=int, default=0, help="run only the first N scenarios")
+    parser.add_argument("--ticker-min-count", type=int, default=0,
+                        help="judge tickers with this min_count (a [detect.overrides.\"ticker:*\"] setting); 0: the default")
     args = parser.parse_args(argv or [])   # called as main() by the bench runner: defaults
 
     names = TopicNames("bench")
     scorer = load_scorer(args.scorer)
     scoring = Scoring(scorer, names, max_text_chars=20_000)
-    detect = DetectSettings(key_types=["topic"])
+    overrides = {"ticker:*": {"min_count": args.ticker_min_count}} if args.ticker_min_count else {}
+    detect = DetectSettings(key_types=["topic", "ticker"], overrides=overrides)
     aggregate = AggregateSettings(windows=[f"{detect.window_s}s/{detect.window_s}s"])
     scenarios = SCENARIOS[: args.limit] if args.limit else SCENARIOS
     outcomes = [run_scenario(s, scoring, names, aggregate, detect)
@@ -181,13 +209,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"\nAlert quality on {len(outcomes)} SIMULATED scenarios (scorer {scorer.model_version}, "
           f"{detect.window_s}s windows, lateness {aggregate.allowed_lateness_s}s)")
-    print(f"{'scenario':42} {'expect':7} {'detected':9} {'delay s':>8} {'false alerts':>12}")
+    print(f"{'scenario':42} {'expect':7} {'detected':9} {'delay s':>8} {'false alerts':>12} "
+          f"{'tickers hit':>11} {'false ticker alerts':>19}")
     for o in outcomes:
         detected = "yes" if o.true_positive else "no"
         delay = f"{o.delay_s:.0f}" if o.delay_s is not None else "-"
+        tickers = f"{len(o.ticker_hits)}/{len(o.scenario.tickers)}" if o.scenario.positive else "-"
         print(f"{o.scenario.name:42} {'alert' if o.scenario.positive else 'none':7} {detected:9} {delay:>8} "
-              f"{len(o.false_positives):>12}")
-        for alert in o.false_positives:
+              f"{len(o.false_positives):>12} {tickers:>11} {len(o.ticker_false_positives):>19}")
+        for alert in o.false_positives + o.ticker_false_positives:
             print(f"{'':4}false alert: {alert.summary}")
     positives = sum(o.scenario.positive for o in outcomes)
     tp = sum(o.true_positive is not None for o in outcomes)
@@ -201,8 +231,18 @@ def main(argv: list[str] | None = None) -> dict:
         "median_delay_sharp_s": statistics.median([o.delay_s for o in outcomes if o.delay_s is not None
                                                    and o.scenario.kind == "shock"] or [0]),
     }
+    ticker_tp = sum(len(o.ticker_hits) for o in outcomes)
+    ticker_fp = sum(len(o.ticker_false_positives) for o in outcomes)
+    figures.update({
+        "ticker_true_positives": ticker_tp, "ticker_false_positives": ticker_fp,
+        "ticker_precision": round(ticker_tp / (ticker_tp + ticker_fp), 3) if ticker_tp + ticker_fp else 1.0,
+        "ticker_recall": round(sum(bool(o.ticker_hits) for o in outcomes if o.scenario.positive) / positives, 3)
+        if positives else 1.0,
+    })
     print(f"\nprecision {figures['precision']:.3f} (goal >= 0.9)   recall {figures['recall']:.3f} (goal >= 0.9)   "
           f"median detection delay {figures['median_delay_s']} s (sharp shocks {figures['median_delay_sharp_s']} s)")
+    print(f"tickers: precision {figures['ticker_precision']:.3f}   events with a ticker alert "
+          f"{figures['ticker_recall']:.3f}   ({ticker_tp} shocked tickers alerted, {ticker_fp} false ticker alerts)")
     return figures
 
 
