@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--device")
     p.add_argument("--out", help="JSON report path (default var/eval/<version>-<data>.json)")
+    p.add_argument("--errors", type=int, default=0, metavar="N",
+                   help="also list each head's N most confident mistakes (printed and in the JSON report)")
     p.set_defaults(func=_evaluate)
 
 
@@ -93,7 +95,7 @@ def _train(args, settings) -> int:
 def _evaluate(args, settings) -> int:
     import re
     from .data import DataError, default_data_dir, load_data
-    from .evaluation import evaluate, heldout_test
+    from .evaluation import confident_mistakes, format_mistakes, heldout_test, reports_from
     from .metrics import format_report
     from .modeling import ModelError, write_json
     from .registry import find_model_dir
@@ -111,14 +113,19 @@ def _evaluate(args, settings) -> int:
     except (DataError, ModelError) as exc:
         print(f"finpulse evaluate: {exc}", file=sys.stderr)
         return 2
-    reports = evaluate(scorer, data)
+    probs = scorer.probabilities(data.texts)
+    reports = reports_from(probs, data)
     print(f"model {scorer.model_version} on {'; '.join(data.sources)} ({len(data)} rows, device {scorer.device})")
     for head, report in reports.items():
         print(format_report(head, report))
+    mistakes = confident_mistakes(probs, data, args.errors) if args.errors > 0 else {}
+    for head, listed in mistakes.items():
+        print(format_mistakes(head, listed))
     name = "-".join(re.sub(r"[^A-Za-z0-9]+", "_", Path(s.split(" ")[0]).stem)[:40] for s in args.data) if args.data else args.split
     out = Path(args.out or f"var/eval/{scorer.model_version}-{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"model_version": scorer.model_version, "data": data.sources, "rows": len(data), **reports})
+    write_json(out, {"model_version": scorer.model_version, "data": data.sources, "rows": len(data), **reports,
+                     **({"mistakes": mistakes} if mistakes else {})})
     print(f"report written to {out}")
     return 0
 

@@ -43,6 +43,37 @@ def evaluate(scorer: BatchScorer, data: LabeledSet) -> dict[str, Any]:
     return reports_from(scorer.probabilities(data.texts), data)
 
 
+def confident_mistakes(probs: Probabilities, data: LabeledSet, limit: int) -> dict[str, list[dict[str, Any]]]:
+    """Per head, up to ``limit`` wrongly predicted rows, the most confident first: where to look for label noise,
+    wording the model has not met, or a class it over-predicts. Unscorable rows are listed with their error."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for head, labels in HEADS.items():
+        truth = getattr(data, head)
+        if not (truth >= 0).any():
+            continue
+        probabilities = getattr(probs, head)
+        predicted = probabilities.argmax(1)
+        failed = np.array([e is not None for e in probs.errors], dtype=bool)
+        wrong = np.flatnonzero((truth >= 0) & ((predicted != truth) | failed))
+        confidence = np.where(failed[wrong], np.inf, probabilities[wrong, predicted[wrong]])
+        out[head] = [{"row": int(i), "text": data.texts[i], "label": labels[truth[i]],
+                      "predicted": None if failed[i] else labels[predicted[i]],
+                      "confidence": None if failed[i] else round(float(probabilities[i, predicted[i]]), 4),
+                      **({"error": probs.errors[i]} if failed[i] else {})}
+                     for i in wrong[np.argsort(-confidence, kind="stable")][:limit]]
+    return out
+
+
+def format_mistakes(head: str, mistakes: list[dict[str, Any]], width: int = 100) -> str:
+    lines = [f"{head}: the {len(mistakes)} most confident mistakes (label -> predicted, confidence)"]
+    for m in mistakes:
+        text = " ".join(m["text"].split())
+        text = text if len(text) <= width else text[:width - 1] + "…"
+        verdict = f"{m['predicted']} {m['confidence']:.2f}" if m["predicted"] else f"unscorable: {m['error']}"
+        lines.append(f"  {m['label']} -> {verdict}  | {text}")
+    return "\n".join(lines)
+
+
 def selection_score(reports: dict[str, Any]) -> float:
     """Model selection: the mean macro-F1 over the heads that were evaluated."""
     scores = [reports[h]["macro_f1"] for h in HEADS if h in reports]

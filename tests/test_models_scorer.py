@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import DataError, MISSING, load_data, load_file, load_shared, split
+from models.data import DataError, MISSING, LabeledSet, load_data, load_file, load_shared, split
 from models.interface import Prediction, load_scorer
 from models.labels import SENTIMENTS, TOPICS
 from models.metrics import head_report
@@ -358,6 +358,28 @@ def test_news_probe_loads_by_name_with_every_topic_and_sentiment(tmp_path):
     # Newswire style is the point of the probe: nothing tweet-shaped may creep in.
     assert not any(marker in text for text in probe.texts for marker in ("$", "http", "@", "#"))
     assert len(set(probe.texts)) == 80
+
+
+def test_confident_mistakes_lists_wrong_rows_most_confident_first():
+    from models.evaluation import confident_mistakes
+    from models.scorer import Probabilities
+    bear, neutral, bull = (SENTIMENTS.index(s) for s in ("bearish", "neutral", "bullish"))
+    data = LabeledSet(["right", "wrong, unsure", "wrong, sure", "no sentiment label", "cannot score"],
+                      np.full(5, MISSING), np.array([bear, bear, bull, MISSING, neutral]))
+    sentiment = np.zeros((5, 3), dtype=np.float32)   # columns in SENTIMENTS order
+    sentiment[0, bear] = 1.0
+    sentiment[1, [bear, neutral, bull]] = [0.3, 0.6, 0.1]
+    sentiment[2, [bear, neutral, bull]] = [0.9, 0.05, 0.05]
+    sentiment[3, bull] = 1.0
+    probs = Probabilities(np.zeros((5, len(TOPICS)), dtype=np.float32), sentiment, [None] * 4 + ["text too odd"])
+    mistakes = confident_mistakes(probs, data, limit=10)
+    assert list(mistakes) == ["sentiment"]          # no row has a topic label: no topic list
+    listed = mistakes["sentiment"]
+    assert [m["text"] for m in listed] == ["cannot score", "wrong, sure", "wrong, unsure"]
+    assert listed[0]["predicted"] is None and listed[0]["error"] == "text too odd"
+    assert (listed[1]["label"], listed[1]["predicted"], listed[1]["confidence"]) == ("bullish", "bearish", 0.9)
+    assert (listed[2]["label"], listed[2]["predicted"], listed[2]["confidence"]) == ("bearish", "neutral", 0.6)
+    assert [m["text"] for m in confident_mistakes(probs, data, limit=2)["sentiment"]] == ["cannot score", "wrong, sure"]
 
 
 def test_head_report_matches_hand_computed_metrics():

@@ -150,10 +150,13 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
 
     report_file = tmp_path / "eval.json"
     capsys.readouterr()
-    assert main(["evaluate", str(model_dir), "--out", str(report_file), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(model_dir), "--out", str(report_file), "--device", "cpu", "--errors", "2"]) == 0
     printed = capsys.readouterr().out
     assert "macro-F1" in printed and "confusion" in printed
     report = json.loads(report_file.read_text())
+    for head, listed in report["mistakes"].items():
+        assert f"{head}: the {len(listed)} most confident mistakes" in printed
+        assert len(listed) <= 2 and all(m["label"] != m["predicted"] for m in listed)
     # The rebuilt held-out slice is the one training reported on: same rows, same numbers.
     for head in ("topic", "sentiment"):
         assert report[head]["n"] == metrics["test"][head]["n"]
