@@ -222,14 +222,12 @@ def load_data(specs: Iterable[str], data_dir: Path) -> LabeledSet:
     for spec in specs:
         if spec == "shared":
             sets.append(load_shared(data_dir))
-        elif spec == NEWS_PROBE:
-            sets.append(load_file(NEWS_PROBE_FILE))
         elif spec.startswith("hub:"):
             sets.append(load_hub(spec[4:]))
         elif Path(spec).expanduser().is_dir():
             sets.append(load_shared(Path(spec).expanduser()))
         else:
-            sets.append(load_file(Path(spec).expanduser()))
+            sets.append(load_file(_local_file(spec)))
     if not sets:
         raise DataError("no data sources given")
     return LabeledSet.concat(sets)
@@ -243,11 +241,15 @@ def fingerprint(specs: Iterable[str], data_dir: Path) -> dict[str, str]:
             folder = data_dir if spec == "shared" else Path(spec).expanduser()
             for name in (SENTIMENT_FILE, TOPIC_FILE):
                 out[name] = file_sha256(folder / name)
-        elif spec == NEWS_PROBE:
-            out[NEWS_PROBE_FILE.name] = file_sha256(NEWS_PROBE_FILE)
         elif not spec.startswith("hub:"):
-            out[Path(spec).name] = file_sha256(Path(spec).expanduser())
+            path = _local_file(spec)
+            out[path.name] = file_sha256(path)
     return out
+
+
+def _local_file(spec: str) -> Path:
+    """The file behind a file source: the news probe by name, else the path given."""
+    return NEWS_PROBE_FILE if spec == NEWS_PROBE else Path(spec).expanduser()
 
 
 def stratum_keys(data: LabeledSet) -> np.ndarray:

@@ -21,10 +21,15 @@ from .scorer import BatchScorer, Probabilities
 HEADS = {"topic": TOPICS, "sentiment": SENTIMENTS}
 
 
+def _failed(probs: Probabilities) -> np.ndarray:
+    """True for the rows the scorer could not score."""
+    return np.array([e is not None for e in probs.errors], dtype=bool)
+
+
 def reports_from(probs: Probabilities, data: LabeledSet) -> dict[str, Any]:
     """One report per head with labeled rows. Rows the scorer could not score count as wrong (class -1 -> 0 hit)."""
     out: dict[str, Any] = {}
-    failed = np.array([e is not None for e in probs.errors], dtype=bool)
+    failed = _failed(probs)
     for head, labels in HEADS.items():
         truth = getattr(data, head)
         rows = truth >= 0
@@ -47,13 +52,13 @@ def confident_mistakes(probs: Probabilities, data: LabeledSet, limit: int) -> di
     """Per head, up to ``limit`` wrongly predicted rows, the most confident first: where to look for label noise,
     wording the model has not met, or a class it over-predicts. Unscorable rows are listed with their error."""
     out: dict[str, list[dict[str, Any]]] = {}
+    failed = _failed(probs)
     for head, labels in HEADS.items():
         truth = getattr(data, head)
         if not (truth >= 0).any():
             continue
         probabilities = getattr(probs, head)
         predicted = probabilities.argmax(1)
-        failed = np.array([e is not None for e in probs.errors], dtype=bool)
         wrong = np.flatnonzero((truth >= 0) & ((predicted != truth) | failed))
         confidence = np.where(failed[wrong], np.inf, probabilities[wrong, predicted[wrong]])
         out[head] = [{"row": int(i), "text": data.texts[i], "label": labels[truth[i]],

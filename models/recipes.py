@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .data import NEWS_PROBE, LabeledSet, fingerprint, load_data, split, stratified_sample
-from .evaluation import evaluate, reports_from, selection_score
+from .evaluation import HEADS, evaluate, reports_from, selection_score
 from .modeling import FinPulseClassifier, TextEncoder, describe_base, save_model, write_json
 from .scorer import BatchScorer, Probabilities
 from .training import FitConfig, MlmConfig, config_hash, distillation_targets, fit, gold_targets, pretrain_mlm
@@ -271,14 +271,16 @@ def comparison_table(comparison: dict[str, dict[str, float]], test: LabeledSet) 
     return "\n".join(lines)
 
 
+def _head_rows(reports: dict[str, Any]) -> str:
+    """Markdown table rows: head, rows, accuracy, macro-F1."""
+    return "\n".join(f"| {head} | {r['n']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |"
+                     for head, r in reports.items())
+
+
 def model_card(version: str, recipe: Recipe, base: str, training_config: dict, metrics: dict, table: str) -> str:
-    test = metrics["test"]
-    per_head = "\n".join(
-        f"| {head} | {r['n']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |" for head, r in test.items())
+    per_head = _head_rows(metrics["test"])
+    probe_rows = _head_rows({head: metrics["out_of_domain"][head] for head in HEADS})
     data = training_config["data"]
-    probe = metrics["out_of_domain"]
-    probe_rows = "\n".join(f"| {head} | {probe[head]['n']} | {probe[head]['accuracy']:.4f} | {probe[head]['macro_f1']:.4f} |"
-                           for head in ("topic", "sentiment"))
     extra_labels = (" plus the teacher ensemble's soft labels on the other set's texts (cross-task distillation)"
                     if recipe.teachers else "")
     return f"""# {version}

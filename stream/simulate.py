@@ -319,10 +319,15 @@ class ShockTruth:
         return self.start <= t < self.end
 
 
+def topic_tickers(topic: str) -> tuple[str, ...]:
+    """The tickers the simulator's messages on ``topic`` name: a shock on the topic moves these."""
+    return tuple(ticker for _, ticker in WORLD[topic][1])
+
+
 def shock_truth(start: datetime, shock: Shock) -> ShockTruth:
     return ShockTruth(shock.topic, start + timedelta(seconds=shock.at_s),
                       start + timedelta(seconds=shock.at_s + shock.duration_s), shock.strength, shock.volume_factor,
-                      tuple(ticker for _, ticker in WORLD[shock.topic][1]))
+                      topic_tickers(shock.topic))
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from models.interface import load_scorer
 from stream.aggregate import AggregateSettings, WindowAggregator
 from stream.app import Scoring, SourceMessage
 from stream.records import AlertRecord, ScoredRecord
-from stream.simulate import WORLD, Shock, SimMessage, generate
+from stream.simulate import Shock, SimMessage, generate, topic_tickers
 from stream.topics import TopicNames
 
 RATE = 20.0               # messages per event-second, all topics together (the demo's rate)
@@ -67,7 +67,7 @@ class Scenario:
     @property
     def tickers(self) -> frozenset[str]:
         """The shocked topic's tickers: the only ones whose alerts are true."""
-        return frozenset(ticker for _, ticker in WORLD[self.topic][1]) if self.positive else frozenset()
+        return frozenset(topic_tickers(self.topic)) if self.positive else frozenset()
 
     @property
     def event_start(self) -> datetime:
