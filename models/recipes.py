@@ -6,7 +6,9 @@
 - ``full``: for a GPU (about 7 minutes on an H100):
   1. domain-adaptive pretraining: masked-language-model training of the encoder on the training texts of both
      sets (tweets are far from the encoder's pretraining text);
-  2. teachers: one plain model and ``teachers`` models from the adapted encoder, each with its own seed;
+  2. teachers: one plain model and ``teachers`` models from the adapted encoder, each with its own seed; on a GPU
+     they train side by side in separate processes (one small encoder's training loop is bound by Python and
+     kernel launches, not by the GPU, so several loops share one GPU for about the wall time of one);
   3. an ensemble of the teachers (the candidate set with the best validation score) labels every training text
      for *both* heads: cross-task self-training, since each set carries only one head's labels;
   4. one student, trained on the gold labels mixed with the ensemble's soft labels (distillation), is shipped.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import sys
@@ -52,6 +55,7 @@ class Recipe:
     test_fraction: float = 0.1
     val_fraction: float = 0.1
     split_seed: int = 2024
+    parallel: int = 0            # teachers trained at once, each in its own process; 0: all on a GPU, 1 on a CPU
     stage_shares: dict[str, float] = field(default_factory=lambda: {"mlm": 0.15, "teacher": 0.13, "student": 0.33})
 
 
@@ -64,7 +68,8 @@ RECIPES: dict[str, Recipe] = {
     # The README's figures: H100, --time-budget 500 (at 380 the teachers and the student stop early). Batch 128 /
     # lr 2e-4 / 16 student epochs was also tried: a lower validation score, so not the default.
     "full": Recipe("full", FitConfig(epochs=8, batch_size=64, lr=1.5e-4, patience=3),
-                   mlm=MlmConfig(epochs=15, batch_size=128, lr=2e-4), teachers=3, student_epochs=12),
+                   mlm=MlmConfig(epochs=15, batch_size=128, lr=2e-4), teachers=5, student_epochs=12,
+                   stage_shares={"mlm": 0.2, "teacher": 0.1, "student": 0.3}),
 }
 
 
@@ -77,14 +82,19 @@ class TimeBudget:
         self.shares = shares
         self.remaining_plan = list(plan)
 
-    def allowance(self, stage: str) -> float | None:
-        kind = stage.split("-")[0]
-        weights = sum(self.shares[s.split("-")[0]] for s in self.remaining_plan)
-        self.remaining_plan.remove(stage)
+    def allowance(self, *stages: str) -> float | None:
+        """Seconds for ``stages``, run side by side: the time they would have had one after another."""
+        weights = sum(self._share(s) for s in self.remaining_plan)
+        share = sum(self._share(s) for s in stages)
+        for stage in stages:
+            self.remaining_plan.remove(stage)
         if self.total is None:
             return None
         left = self.total - (time.monotonic() - self.started)
-        return max(5.0, left * self.shares[kind] / weights)
+        return max(5.0, left * share / weights)
+
+    def _share(self, stage: str) -> float:
+        return self.shares[stage.split("-")[0]]
 
 
 @dataclass
@@ -194,25 +204,19 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
         stages["mlm"] = {"seconds": round(time.monotonic() - began, 1), "texts": len(train)}
 
     # Teachers label every row once (train, validation and test), so later steps only slice these arrays.
-    probs: list[dict[str, np.ndarray]] = []
-    results = []
-    for i, (kind, init) in enumerate(teachers):
-        teacher_dir = run_dir / f"teacher-{i}"
-        allowance = budget.allowance(f"teacher-{i}")
-        if not (teacher_dir / "probs.npz").is_file():
-            seed = cfg.seed + i
-            model = FinPulseClassifier.from_base(str(dapt_dir) if init == "dapt" else base, pooling=cfg.pooling,
-                                                 dropout=cfg.dropout, seed=seed)
-            fit_cfg = dataclasses.replace(cfg, seed=seed, max_seconds=allowance)
-            result = fit(model, text_encoder, train, gold_targets(train, cfg.class_balance, cfg.label_smoothing),
-                         val, fit_cfg, device, teacher_dir / "checkpoint", name=f"teacher {i} ({kind})")
-            everything = BatchScorer(model, text_encoder, "teacher", device=device).probabilities(data.texts)
-            np.savez(teacher_dir / "probs.npz", topic=everything.topic, sentiment=everything.sentiment)
-            write_json(teacher_dir / "result.json", {"kind": kind, "seed": seed, **_stage_summary(result)})
-            del model
-        probs.append(dict(np.load(teacher_dir / "probs.npz")))
-        results.append(json.loads((teacher_dir / "result.json").read_text()))
-        stages[f"teacher-{i}"] = results[-1]
+    parallel = recipe.parallel or (len(teachers) if device.type == "cuda" else 1)
+    jobs = [TeacherJob(i, kind, str(dapt_dir) if init == "dapt" else base, base,
+                       dataclasses.replace(cfg, seed=cfg.seed + i), data, rows["train"], rows["val"],
+                       run_dir / f"teacher-{i}", str(device))
+            for i, (kind, init) in enumerate(teachers)]
+    for wave in [jobs[i:i + parallel] for i in range(0, len(jobs), parallel)]:
+        allowance = budget.allowance(*(f"teacher-{job.index}" for job in wave))
+        todo = [dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, max_seconds=allowance))
+                for job in wave if not (job.out_dir / "probs.npz").is_file()]
+        run_teachers(todo, parallel)
+    probs = [dict(np.load(job.out_dir / "probs.npz")) for job in jobs]
+    results = [json.loads((job.out_dir / "result.json").read_text()) for job in jobs]
+    stages.update({f"teacher-{job.index}": result for job, result in zip(jobs, results)})
 
     def sliced(members: list[int], part: str) -> Probabilities:
         picked = rows[part]
@@ -248,6 +252,62 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
         f"ensemble: {chosen} ({len(members)})": _headline(reports_from(sliced(members, "test"), test)),
     }
     return student, stages, comparison
+
+
+@dataclass
+class TeacherJob:
+    """One teacher of the distillation pipeline: everything its (possibly separate) process needs."""
+    index: int
+    kind: str                # plain | adapted
+    init: str                # the encoder it starts from
+    base: str                # the base model (its tokenizer)
+    cfg: FitConfig
+    data: LabeledSet         # every row: the teacher labels all of them
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    out_dir: Path
+    device: str
+    threads: int = 0         # CPU threads for this process (0: torch's default)
+
+    @property
+    def name(self) -> str:
+        return f"teacher {self.index} ({self.kind})"
+
+
+def train_teacher(job: TeacherJob) -> None:
+    """Fit one teacher, label every row with it, and leave ``probs.npz`` and ``result.json`` in its directory
+    (their presence marks the teacher done, so a resumed run skips it)."""
+    _quiet_transformers()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    device = torch.device(job.device)
+    text_encoder = TextEncoder.for_base(job.base, job.cfg.max_length)
+    train, val = job.data.subset(job.train_rows), job.data.subset(job.val_rows)
+    model = FinPulseClassifier.from_base(job.init, pooling=job.cfg.pooling, dropout=job.cfg.dropout,
+                                         seed=job.cfg.seed)
+    result = fit(model, text_encoder, train, gold_targets(train, job.cfg.class_balance, job.cfg.label_smoothing),
+                 val, job.cfg, device, job.out_dir / "checkpoint", name=job.name)
+    labeller = BatchScorer(model, text_encoder, "teacher", device=device, tokenizer_processes=0)
+    everything = labeller.probabilities(job.data.texts)
+    write_json(job.out_dir / "result.json", {"kind": job.kind, "seed": job.cfg.seed, **_stage_summary(result)})
+    np.savez(job.out_dir / "probs.npz", topic=everything.topic, sentiment=everything.sentiment)
+
+
+def run_teachers(jobs: list[TeacherJob], parallel: int) -> None:
+    """Train ``jobs``: in this process when one at a time, else each in its own spawned process (CUDA needs
+    spawn), CPU threads split between them. The first failure is raised once every job has ended."""
+    if parallel <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            train_teacher(job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    threads = max(1, (os.cpu_count() or 1) // len(jobs))
+    print(f"training {len(jobs)} teachers side by side ({threads} CPU threads each)", flush=True)
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(train_teacher, dataclasses.replace(job, threads=threads)) for job in jobs]
+    for future in futures:
+        future.result()
 
 
 def _stage_summary(result) -> dict[str, Any]:

@@ -340,7 +340,9 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
                 break
         bar.close()
         loss_sum = loss_sum or loss.item()  # an epoch shorter than the display interval
-        reports = evaluate(BatchScorer(model, text_encoder, "in-training", device=device), val)
+        # A few thousand rows: tokenizer processes started every epoch would cost more than they save.
+        scorer = BatchScorer(model, text_encoder, "in-training", device=device, tokenizer_processes=0)
+        reports = evaluate(scorer, val)
         score = selection_score(reports)
         improved = score > state["best_score"]
         state["history"].append({"epoch": epoch, "loss": round(loss_sum, 5), "val_score": round(score, 5),

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.data import MISSING, LabeledSet
+from models.data import MISSING, LabeledSet, load_data
 from models.labels import SENTIMENTS, TOPICS
 from models.modeling import FinPulseClassifier, TextEncoder
 from models.training import FitConfig, fit, gold_targets, masked_soft_loss
@@ -162,6 +162,38 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
         assert report[head]["n"] == metrics["test"][head]["n"]
         assert report[head]["accuracy"] == pytest.approx(metrics["test"][head]["accuracy"])
         assert len(report[head]["confusion_matrix"]) == len(TOPICS if head == "topic" else SENTIMENTS)
+
+
+def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
+    """The distillation pipeline end to end on the tiny encoder: domain pretraining, a plain and an adapted
+    teacher trained at once in two spawned processes, their ensemble, and the student that is saved."""
+    data_file = write_tiny_csv(tmp_path / "train.csv", repeat=6)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "models.cli", "train", "--recipe", "full", "--data", str(data_file),
+               "--base-model", tiny_base, "--epochs", "2", "--mlm-epochs", "1", "--teachers", "1", "--parallel", "2",
+               "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--out", str(tmp_path / "models"),
+               "--runs-dir", str(tmp_path / "runs")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training 2 teachers side by side" in done.stdout
+    [model_dir] = list((tmp_path / "models").iterdir())
+    stages = json.loads((model_dir / "metrics.json").read_text())["stages"]
+    assert [stages[f"teacher-{i}"]["kind"] for i in range(2)] == ["plain", "adapted"]
+    assert all(stages[f"teacher-{i}"]["best_epoch"] >= 1 for i in range(2))
+    assert stages["ensemble"]["members"] and stages["student"]["best_epoch"] >= 1
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    for i in range(2):
+        probs = np.load(run_dir / f"teacher-{i}" / "probs.npz")
+        assert probs["topic"].shape == (len(load_data([str(data_file)], tmp_path)), len(TOPICS))
+
+
+def test_time_budget_gives_stages_run_side_by_side_the_time_they_would_have_had_in_turn():
+    from models.recipes import TimeBudget
+    budget = TimeBudget(1000.0, {"mlm": 1.0, "teacher": 1.0, "student": 2.0},
+                        ["mlm", "teacher-0", "teacher-1", "student"])
+    assert budget.allowance("mlm") == pytest.approx(200, rel=0.01)
+    assert budget.allowance("teacher-0", "teacher-1") == pytest.approx(500, rel=0.01)  # none spent: 1000 left, 2 of 4 shares
+    assert budget.remaining_plan == ["student"]
 
 
 def test_train_reports_bad_data_clearly(tmp_path, capsys):
