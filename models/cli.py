@@ -39,10 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-limit", type=int, metavar="ROWS", help="train on a stratified sample of this many rows")
     p.add_argument("--teachers", type=int, help="full recipe: adapted-encoder teachers in the ensemble")
     p.add_argument("--mlm-epochs", type=int, help="full recipe: domain pretraining epochs")
-    p.add_argument("--students", type=int, help="full recipe: students trained and averaged into the shipped model")
     p.add_argument("--parallel", type=int, metavar="N",
-                   help="full recipe: teachers (then students) trained at once, each in its own process (default: "
-                        "all on a GPU, one at a time on a CPU)")
+                   help="full recipe: teachers trained at once, each in its own process (default: all on a GPU, "
+                        "one at a time on a CPU)")
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
     p.set_defaults(func=_train)
 
@@ -79,8 +78,6 @@ def _train(args, settings) -> int:
         recipe = dataclasses.replace(recipe, train_limit=args.train_limit)
     if args.teachers is not None:
         recipe = dataclasses.replace(recipe, teachers=args.teachers)
-    if args.students is not None:
-        recipe = dataclasses.replace(recipe, students=args.students)
     if args.parallel is not None:
         recipe = dataclasses.replace(recipe, parallel=args.parallel)
     if recipe.mlm and (args.mlm_epochs is not None or args.max_length):
