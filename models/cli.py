@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teachers", type=int, help="full recipe: adapted-encoder teachers in the ensemble")
     p.add_argument("--mlm-epochs", type=int, help="full recipe: domain pretraining epochs")
     p.add_argument("--parallel", type=int, metavar="N",
-                   help="full recipe: teachers trained at once, each in its own process (default: all on a GPU, "
-                        "one at a time on a CPU)")
+                   help="full recipe: teachers trained at once, each in its own process (default: on a GPU as many "
+                        "as its free memory and the host's cores allow; one at a time on a CPU)")
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
     p.set_defaults(func=_train)
 

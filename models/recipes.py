@@ -55,7 +55,7 @@ class Recipe:
     test_fraction: float = 0.1
     val_fraction: float = 0.1
     split_seed: int = 2024
-    parallel: int = 0            # teachers trained at once, each in its own process; 0: all on a GPU, 1 on a CPU
+    parallel: int = 0            # teachers trained at once, each in its own process (0: teachers_at_once)
     stage_shares: dict[str, float] = field(default_factory=lambda: {"mlm": 0.15, "teacher": 0.13, "student": 0.33})
 
 
@@ -202,9 +202,11 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
         began = time.monotonic()
         pretrain_mlm(base, train.texts, dapt_dir, dataclasses.replace(recipe.mlm, max_seconds=allowance), device)
         stages["mlm"] = {"seconds": round(time.monotonic() - began, 1), "texts": len(train)}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the MLM model's memory, for the teachers' processes
 
     # Teachers label every row once (train, validation and test), so later steps only slice these arrays.
-    parallel = recipe.parallel or (len(teachers) if device.type == "cuda" else 1)
+    parallel = recipe.parallel or teachers_at_once(len(teachers), device)
     jobs = [TeacherJob(i, kind, str(dapt_dir) if init == "dapt" else base, base,
                        dataclasses.replace(cfg, seed=cfg.seed + i), data, rows["train"], rows["val"],
                        run_dir / f"teacher-{i}", str(device))
@@ -294,6 +296,25 @@ def train_teacher(job: TeacherJob) -> None:
     everything = labeller.probabilities(job.data.texts)
     write_json(job.out_dir / "result.json", {"kind": job.kind, "seed": job.cfg.seed, **_stage_summary(result)})
     np.savez(job.out_dir / "probs.npz", topic=everything.topic, sentiment=everything.sentiment)
+
+
+# GPU memory per teacher process, with room to spare for a longer --max-length or a larger --batch-size: six
+# MiniLM teachers (batch 64, 64 tokens) took about 2.3 GiB each on the H100, CUDA context included.
+TEACHER_GPU_BYTES = 5 * 2**30
+
+
+def teachers_at_once(teachers: int, device: torch.device) -> int:
+    """All teachers at once on a GPU with the memory and host cores for them; one at a time on a CPU (where one
+    training loop already uses every core)."""
+    if device.type != "cuda":
+        return 1
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return fitting_processes(teachers, free_bytes, os.cpu_count() or 1)
+
+
+def fitting_processes(jobs: int, free_gpu_bytes: int, cpu_cores: int) -> int:
+    """Each process needs TEACHER_GPU_BYTES of GPU memory and about one core to drive its GPU."""
+    return max(1, min(jobs, free_gpu_bytes // TEACHER_GPU_BYTES, cpu_cores))
 
 
 def run_teachers(jobs: list[TeacherJob], parallel: int) -> None:

@@ -196,6 +196,14 @@ def test_time_budget_gives_stages_run_side_by_side_the_time_they_would_have_had_
     assert budget.remaining_plan == ["student"]
 
 
+def test_teachers_run_side_by_side_only_as_many_as_gpu_memory_and_cores_allow():
+    from models.recipes import TEACHER_GPU_BYTES, fitting_processes
+    assert fitting_processes(6, 79 * 2**30, 16) == 6                  # an H100
+    assert fitting_processes(6, 11 * 2**30, 16) == 11 * 2**30 // TEACHER_GPU_BYTES  # a 12 GB card
+    assert fitting_processes(6, 79 * 2**30, 4) == 4                   # few host cores
+    assert fitting_processes(6, 2**30, 16) == 1                       # too little for two: one at a time
+
+
 def test_train_reports_bad_data_clearly(tmp_path, capsys):
     from models.cli import main
     bad = tmp_path / "bad.csv"
