@@ -293,7 +293,10 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     use_amp = device.type == "cuda"
 
-    checkpoint = Checkpoint(run_dir, config_hash(cfg, len(train), lengths.sum())) if run_dir else None
+    # The time budget is not part of what is trained: a run resumed with another allowance (a --time-budget run
+    # always gets one) continues its checkpoint, on the step plan it saved, instead of starting over.
+    fingerprint = config_hash(dataclasses.replace(cfg, max_seconds=None), len(train), lengths.sum())
+    checkpoint = Checkpoint(run_dir, fingerprint) if run_dir else None
     state = checkpoint.load_state() if checkpoint else None
     if state:
         checkpoint.restore(model, optimizer)

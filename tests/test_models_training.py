@@ -1,6 +1,7 @@
 """The classifier's training: the masked two-head loss, the loop itself, checkpoints and resuming, the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -87,6 +88,20 @@ def test_training_lowers_the_loss_on_a_tiny_set(tiny_base):
     after = dataset_loss(model, encoder, data)
     assert after < 0.5 * before, (before, after, result.history)
     assert len(result.history) == 12 and result.best_epoch >= 1
+
+
+def test_a_run_resumes_under_another_time_allowance(tiny_base, tmp_path, caplog):
+    """A --time-budget run gives each stage a new allowance when it resumes; its checkpoint must still count."""
+    data = tiny_set()
+    encoder = TextEncoder.for_base(tiny_base, 32)
+    cfg = FitConfig(epochs=2, batch_size=4, lr=3e-3, max_length=32, seed=3, max_seconds=600)
+    first = fit(FinPulseClassifier.from_base(tiny_base, seed=1), encoder, data, gold_targets(data, 0.0), data, cfg,
+                torch.device("cpu"), tmp_path / "run", name="tiny")
+    caplog.set_level("INFO", logger="models.training")
+    again = fit(FinPulseClassifier.from_base(tiny_base, seed=1), encoder, data, gold_targets(data, 0.0), data,
+                dataclasses.replace(cfg, max_seconds=420), torch.device("cpu"), tmp_path / "run", name="tiny")
+    assert "tiny: resuming after epoch 2" in caplog.text and "starting over" not in caplog.text
+    assert again.history == first.history and again.best_epoch == first.best_epoch
 
 
 def final_weights(models_root: Path) -> dict[str, torch.Tensor]:
