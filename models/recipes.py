@@ -117,7 +117,8 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     test_rows = stratified_sample(data, parts["test"], recipe.report_limit, recipe.fit.seed)
     train, val, test = data.subset(train_rows), data.subset(val_rows), data.subset(test_rows)
     sha = fingerprint(data_specs, data_dir)
-    run_dir = runs_root / f"{recipe.name}-{config_hash(recipe, base_model, sha)}"
+    # How many teachers train at once does not change what is trained: a resumed run may pick another number.
+    run_dir = runs_root / f"{recipe.name}-{config_hash(dataclasses.replace(recipe, parallel=0), base_model, sha)}"
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

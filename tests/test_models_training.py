@@ -201,6 +201,13 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
         probs = np.load(run_dir / f"teacher-{i}" / "probs.npz")
         assert probs["topic"].shape == (len(load_data([str(data_file)], tmp_path)), len(TOPICS))
 
+    # Resumed one at a time, the run finds its own state: nothing is trained again.
+    command[command.index("--parallel") + 1] = "1"
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    assert "teacher 0 (plain) epoch" not in resumed.stdout and "student epoch" not in resumed.stdout
+
 
 def test_time_budget_gives_stages_run_side_by_side_the_time_they_would_have_had_in_turn():
     from models.recipes import TimeBudget
