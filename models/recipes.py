@@ -216,7 +216,7 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
         allowance = budget.allowance(*(f"teacher-{job.index}" for job in wave))
         todo = [dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, max_seconds=allowance))
                 for job in wave if not (job.out_dir / "probs.npz").is_file()]
-        run_teachers(todo, parallel)
+        run_teachers(todo)
     probs = [dict(np.load(job.out_dir / "probs.npz")) for job in jobs]
     results = [json.loads((job.out_dir / "result.json").read_text()) for job in jobs]
     stages.update({f"teacher-{job.index}": result for job, result in zip(jobs, results)})
@@ -318,10 +318,10 @@ def fitting_processes(jobs: int, free_gpu_bytes: int, cpu_cores: int) -> int:
     return max(1, min(jobs, free_gpu_bytes // TEACHER_GPU_BYTES, cpu_cores))
 
 
-def run_teachers(jobs: list[TeacherJob], parallel: int) -> None:
-    """Train ``jobs``: in this process when one at a time, else each in its own spawned process (CUDA needs
-    spawn), CPU threads split between them. The first failure is raised once every job has ended."""
-    if parallel <= 1 or len(jobs) <= 1:
+def run_teachers(jobs: list[TeacherJob]) -> None:
+    """Train ``jobs`` at once: one in this process, several each in its own spawned process (CUDA needs spawn),
+    CPU threads split between them. The first failure is raised once every job has ended."""
+    if len(jobs) <= 1:
         for job in jobs:
             train_teacher(job)
         return
