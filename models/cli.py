@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-limit", type=int, metavar="ROWS", help="train on a stratified sample of this many rows")
     p.add_argument("--teachers", type=int, help="full recipe: adapted-encoder teachers in the ensemble")
     p.add_argument("--mlm-epochs", type=int, help="full recipe: domain pretraining epochs")
-    p.add_argument("--parallel", type=int, metavar="N",
+    p.add_argument("--parallel", type=_at_least_one, metavar="N",
                    help="full recipe: teachers trained at once, each in its own process (default: on a GPU as many "
                         "as its free memory and the host's cores allow; one at a time on a CPU)")
     p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
@@ -57,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--errors", type=int, default=0, metavar="N",
                    help="also list each head's N most confident mistakes (printed and in the JSON report)")
     p.set_defaults(func=_evaluate)
+
+
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {number}")
+    return number
 
 
 def _train(args, settings) -> int:

@@ -234,6 +234,13 @@ def test_train_reports_bad_data_clearly(tmp_path, capsys):
     assert "row 3: unknown sentiment 'very good'" in capsys.readouterr().err
 
 
+def test_train_refuses_a_parallel_count_below_one(capsys):
+    from models.cli import main
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "full", "--parallel", "0"])
+    assert "--parallel: must be 1 or more, not 0" in capsys.readouterr().err
+
+
 def test_cli_recipe_names_match_the_recipes():
     from models.cli import RECIPE_NAMES
     from models.recipes import RECIPES
