@@ -31,18 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="spread this many seconds over the stages")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the recipe's; full: the teachers' and the student's)")
+    p.add_argument("--batch-size", type=int, help="texts per training step (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default: the recipe's)")
     p.add_argument("--max-length", type=int, help="tokens per text")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
     p.add_argument("--train-limit", type=int, metavar="ROWS", help="train on a stratified sample of this many rows")
     p.add_argument("--teachers", type=int, help="full recipe: adapted-encoder teachers in the ensemble")
     p.add_argument("--mlm-epochs", type=int, help="full recipe: domain pretraining epochs")
     p.add_argument("--parallel", type=_at_least_one, metavar="N",
                    help="full recipe: teachers trained at once, each in its own process (default: on a GPU as many "
                         "as its free memory and the host's cores allow; one at a time on a CPU)")
-    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32",
+                   help="weights as saved (float16: half the size; loaded as float32 either way)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="accuracy, macro-F1, per-class F1 and confusion matrices of a trained model")
@@ -51,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluate on these sources instead (as for train); default: the model's held-out test slice")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="without --data: which held-out slice of the model's training data (default test)")
-    p.add_argument("--data-dir")
-    p.add_argument("--device")
+    p.add_argument("--data-dir", help="the shared data directory (as for train)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
     p.add_argument("--out", help="JSON report path (default var/eval/<version>-<data>.json)")
     p.add_argument("--errors", type=int, default=0, metavar="N",
                    help="also list each head's N most confident mistakes (printed and in the JSON report)")
