@@ -1,4 +1,4 @@
-"""``finpulse train`` and ``finpulse evaluate``: the classifier's command line.
+"""``finpulse train``, ``finpulse evaluate`` and ``finpulse calibrate``: the classifier's command line.
 
 Registered into the ``finpulse`` dispatcher by ``register``; ``python -m models.cli`` runs the same commands
 without the rest of FinPulse installed (as on a bare GPU machine). torch is imported only when a command runs.
@@ -59,6 +59,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also list each head's N most confident mistakes (printed and in the JSON report)")
     p.set_defaults(func=_evaluate)
 
+    p = sub.add_parser("calibrate", help="fit a trained model's confidence temperatures; saves a calibrated copy",
+                       description="Fits one softmax temperature per head by minimising the negative log-likelihood "
+                                   "of labeled rows, then saves a copy of the model with them under a new version "
+                                   "(the worker picks the newest). No label changes; confidences and sentiment "
+                                   "scores come to mean what they say. Models trained now are calibrated already.")
+    p.add_argument("model", nargs="?", help="model directory or version (default: the newest under var/models)")
+    p.add_argument("--data", action="append", metavar="SOURCE",
+                   help="fit on these labeled rows instead (as for train: e.g. a CSV of the text your streams "
+                        "carry); default: the model's validation slice, checked on its held-out test slice")
+    p.add_argument("--data-dir", help="the shared data directory (as for train)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
+    p.add_argument("--out", help="models directory for the copy (default: beside the model)")
+    p.set_defaults(func=_calibrate)
+
 
 def _at_least_one(value: str) -> int:
     number = int(value)
@@ -105,12 +119,12 @@ def _train(args, settings) -> int:
     return 0
 
 
-def _evaluate(args, settings) -> int:
-    import re
+def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...]):
+    """The model ``args.model`` names (else the newest), the labeled sets the command reads (``--data``, or these
+    held-out slices of the model's own training data) and a scorer over the model; None after printing why not."""
     from .data import DataError, default_data_dir, load_data
-    from .evaluation import confident_mistakes, format_mistakes, heldout_test, reports_from
-    from .metrics import format_report
-    from .modeling import ModelError, write_json
+    from .evaluation import heldout_test
+    from .modeling import ModelError
     from .registry import find_model_dir
     from .scorer import BatchScorer
 
@@ -118,14 +132,29 @@ def _evaluate(args, settings) -> int:
     try:
         model_dir = find_model_dir(args.model, ms.models_dir)
         if model_dir is None:
-            print("finpulse evaluate: no trained model found: run `finpulse train` first", file=sys.stderr)
-            return 2
+            raise ModelError("no trained model found: run `finpulse train` first")
         data_dir = default_data_dir(args.data_dir or ms.data_dir or None)
-        data = load_data(args.data, data_dir) if args.data else heldout_test(model_dir, data_dir, args.split)
+        if args.data:
+            sets = [load_data(args.data, data_dir)] * len(slices)
+        else:
+            sets = [heldout_test(model_dir, data_dir, which) for which in slices]
         scorer = BatchScorer.from_pretrained(model_dir, device=args.device or ms.device)
     except (DataError, ModelError) as exc:
-        print(f"finpulse evaluate: {exc}", file=sys.stderr)
+        print(f"finpulse {command}: {exc}", file=sys.stderr)
+        return None
+    return model_dir, sets, scorer
+
+
+def _evaluate(args, settings) -> int:
+    import re
+    from .evaluation import confident_mistakes, format_mistakes, reports_from
+    from .metrics import format_report
+    from .modeling import write_json
+
+    found = _model_sets_scorer("evaluate", args, settings, (args.split,))
+    if found is None:
         return 2
+    _, [data], scorer = found
     probs = scorer.probabilities(data.texts)
     reports = reports_from(probs, data)
     print(f"model {scorer.model_version} on {'; '.join(data.sources)} ({len(data)} rows, device {scorer.device})")
@@ -143,8 +172,38 @@ def _evaluate(args, settings) -> int:
     return 0
 
 
+def _calibrate(args, settings) -> int:
+    from .calibration import calibrated, calibration_report, fit_temperatures, format_calibration, save_calibrated
+    from .evaluation import reports_from
+
+    # Without --data: fit on the model's validation slice, check on its test slice.
+    found = _model_sets_scorer("calibrate", args, settings, ("val", "test"))
+    if found is None:
+        return 2
+    model_dir, [fit_on, check_on], scorer = found
+    scorer.model.temperature = {"topic": 1.0, "sentiment": 1.0}  # fit from the raw logits, whatever it had
+    print(f"calibrating {scorer.model_version} on {'; '.join(fit_on.sources)} ({len(fit_on)} rows)", flush=True)
+    fit_raw = scorer.probabilities(fit_on.texts)
+    temperature = fit_temperatures(fit_raw, fit_on)
+    check_raw = fit_raw if check_on is fit_on else scorer.probabilities(check_on.texts)
+    calibration = {"fitted_on": "; ".join(fit_on.sources),
+                   "measured_on": ("same rows (one parameter per head)" if check_on is fit_on
+                                   else "; ".join(check_on.sources)),
+                   "measured": calibration_report(check_raw, check_on, temperature)}
+    print(format_calibration(calibration["measured"]))
+    test_reports = None if args.data else reports_from(calibrated(check_raw, temperature), check_on)
+    try:
+        path, version = save_calibrated(model_dir, temperature, calibration, test_reports,
+                                        Path(args.out) if args.out else model_dir.parent)
+    except FileExistsError as exc:
+        print(f"finpulse calibrate: {exc}", file=sys.stderr)
+        return 2
+    print(f"calibrated copy saved: {path} (version {version}; the worker loads the newest model)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m models.cli train|evaluate ...`` with settings from the environment and ./finpulse.toml."""
+    """``python -m models.cli train|evaluate|calibrate ...`` with settings from the environment and ./finpulse.toml."""
     import logging
     from stream.config import load_settings
     parser = argparse.ArgumentParser(prog="python -m models.cli")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .calibration import expected_calibration_error, negative_log_likelihood
 from .data import DataError, LabeledSet, fingerprint, load_data, split
 from .labels import SENTIMENTS, TOPICS
 from .metrics import head_report
@@ -40,6 +41,12 @@ def reports_from(probs: Probabilities, data: LabeledSet) -> dict[str, Any]:
         predicted = np.where(failed, (truth + 1) % len(labels), predicted)
         report = head_report(truth[rows], predicted[rows], labels)
         report["unscorable"] = int((failed & rows).sum())
+        scored = rows & ~failed
+        if scored.any():  # how far the confidences can be trusted: see models.calibration
+            head_probs = getattr(probs, head)[scored]
+            report["mean_confidence"] = round(float(head_probs.max(1).mean()), 4)
+            report["ece"] = round(expected_calibration_error(head_probs, truth[scored]), 4)
+            report["nll"] = round(negative_log_likelihood(head_probs, truth[scored]), 4)
         out[head] = report
     return out
 

@@ -40,6 +40,9 @@ def format_report(name: str, report: dict[str, Any]) -> str:
     """A human-readable block: headline numbers, per-class F1 and the confusion matrix."""
     labels = report["labels"]
     lines = [f"{name}: n={report['n']}  accuracy={report['accuracy']:.4f}  macro-F1={report['macro_f1']:.4f}"]
+    if "ece" in report:
+        lines[0] += (f"  mean confidence={report['mean_confidence']:.4f}  ECE={report['ece']:.4f}  "
+                     f"NLL={report['nll']:.4f}")
     width = max(len(label) for label in labels)
     for label in labels:
         c = report["per_class"][label]

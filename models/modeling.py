@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -108,6 +109,9 @@ class FinPulseClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.topic_head = nn.Linear(hidden, n_topics)
         self.sentiment_head = nn.Linear(hidden, n_sentiments)
+        # Per-head softmax temperatures the scorer applies (models.calibration fits them after training);
+        # forward() returns raw logits, which training needs.
+        self.temperature = {"topic": 1.0, "sentiment": 1.0}
 
     @classmethod
     def from_base(cls, base: str, pooling: str = "mean", dropout: float = 0.1, seed: int = 0) -> "FinPulseClassifier":
@@ -197,8 +201,13 @@ class LoadedModel:
         return self.config["model_version"]
 
 
-def make_version(short_name: str, recipe: str, weights_file: Path, when: dt.datetime) -> str:
-    digest = file_sha256(weights_file)[:8]
+def make_version(short_name: str, recipe: str, weights_file: Path, when: dt.datetime,
+                 temperature: dict[str, float] | None = None) -> str:
+    """The version names what a model outputs: its weights and, where it has any, its calibration."""
+    digest = file_sha256(weights_file)
+    if temperature and any(t != 1.0 for t in temperature.values()):
+        digest = hashlib.sha256(f"{digest} {json.dumps(temperature, sort_keys=True)}".encode()).hexdigest()
+    digest = digest[:8]
     return f"finpulse-{short_name}-{recipe}-{when:%Y%m%d}-{digest}"
 
 
@@ -218,7 +227,7 @@ def save_model(model: FinPulseClassifier, tokenizer_source: str | Path, out_dir:
     if not (out_dir / TOKENIZER_FILE).exists():
         raise ModelError(f"tokenizer of {tokenizer_source} has no fast (tokenizer.json) form")
     when = dt.datetime.now(dt.timezone.utc)
-    version = make_version(base_model_short_name(base_model), recipe, out_dir / WEIGHTS_FILE, when)
+    version = make_version(base_model_short_name(base_model), recipe, out_dir / WEIGHTS_FILE, when, model.temperature)
     encoder_config = model.encoder.config.to_dict()
     config = {
         "finpulse_format": FORMAT_VERSION,
@@ -229,6 +238,7 @@ def save_model(model: FinPulseClassifier, tokenizer_source: str | Path, out_dir:
         "base_model": describe_base(base_model),
         "pooling": model.pooling,
         "dropout": model.dropout.p,
+        "temperature": dict(model.temperature),
         "max_length": max_length,
         "text_normalization": NORMALIZATION,
         "weights_dtype": str(dtype).removeprefix("torch."),
@@ -282,7 +292,21 @@ def build_classifier(config: dict[str, Any]) -> FinPulseClassifier:
     encoder_config = dict(config["encoder"])
     model_type = encoder_config.pop("model_type")
     encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **encoder_config))
-    return FinPulseClassifier(encoder, pooling=config["pooling"], dropout=config.get("dropout", 0.1))
+    model = FinPulseClassifier(encoder, pooling=config["pooling"], dropout=config.get("dropout", 0.1))
+    model.temperature = read_temperature(config)
+    return model
+
+
+def read_temperature(config: dict[str, Any]) -> dict[str, float]:
+    """The config's per-head temperatures (models saved before calibration existed have none: 1.0)."""
+    given = config.get("temperature") or {}
+    temperature = {"topic": 1.0, "sentiment": 1.0}
+    for head, value in given.items():
+        if head not in temperature or not isinstance(value, (int, float)) or not 0 < value < 100:
+            raise ModelError(f"{CONFIG_FILE} temperature must map topic and sentiment to positive numbers, "
+                             f"not {given!r}")
+        temperature[head] = float(value)
+    return temperature
 
 
 def load_model(path: str | Path) -> LoadedModel:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .calibration import SCORE_LIMIT, calibrated, calibration_report, calibration_section, fit_temperatures
 from .data import NEWS_PROBE, LabeledSet, fingerprint, load_data, split, stratified_sample
 from .evaluation import HEADS, evaluate, reports_from, selection_score
 from .modeling import FinPulseClassifier, TextEncoder, describe_base, save_model, write_json
@@ -134,8 +135,11 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         model, stages = _fit_one(recipe, base_model, text_encoder, train, val, device, run_dir, time_budget)
         comparison = {}
     scorer = BatchScorer(model, text_encoder, "candidate", device=device)
-    test_reports = evaluate(scorer, test)
-    val_reports = evaluate(scorer, val)
+    val_raw, test_raw = scorer.probabilities(val.texts), scorer.probabilities(test.texts)
+    # Calibrating changes no label, so the reports below hold for the model as saved; only the probabilities move.
+    model.temperature = fit_temperatures(val_raw, val)
+    test_reports = reports_from(calibrated(test_raw, model.temperature), test)
+    val_reports = reports_from(calibrated(val_raw, model.temperature), val)
     probe = load_data([NEWS_PROBE], data_dir)
     probe_reports = evaluate(scorer, probe)
     comparison[f"{recipe.name} model (shipped)"] = _headline(test_reports)
@@ -149,6 +153,8 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         # Reported, never used for selection: the only measure here of text unlike the training tweets.
         "out_of_domain": {"source": probe.sources[0], "rows": len(probe), **probe_reports},
         "comparison_test": comparison,
+        "calibration": {"fitted_on": "validation slice", "measured_on": "held-out test slice",
+                        "measured": calibration_report(test_raw, test, model.temperature)},
         "stages": stages,
     }
     training_config = {
@@ -401,6 +407,7 @@ FinPulse (4 per topic), never trained or selected on; about ±5 points of accura
 
 Reproduce with `finpulse evaluate {version} --data news-probe`.
 
+{calibration_section(metrics["calibration"])}
 ## Data
 
 Sources: {', '.join(data['specs'])} (sha256 in `training_config.json`). Rows: {data['rows']['train']} train,
@@ -414,7 +421,7 @@ different sets of finance-news tweets; each head learned from its own rows{extra
   and HTML entities decoded before reading (`text_normalization` in `config.json`).
 - Texts longer than {recipe.fit.max_length} tokens are truncated. Non-English text is scored but was not in the
   training data.
-- The sentiment score is P(bullish) - P(bearish) from this model's softmax; it is not a calibrated probability.
+{SCORE_LIMIT}
 """
 
 

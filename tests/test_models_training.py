@@ -162,12 +162,17 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     probe = metrics["out_of_domain"]
     assert probe["rows"] == 80 and probe["topic"]["n"] == 80 and probe["sentiment"]["n"] == 80
     assert f"| sentiment | 80 | {probe['sentiment']['accuracy']:.4f} |" in card
+    # Calibrated on the validation slice, measured on the test slice, recorded in config, metrics and card.
+    config = json.loads((model_dir / "config.json").read_text())
+    calibration = metrics["calibration"]["measured"]
+    assert {h: calibration[h]["temperature"] for h in calibration} == config["temperature"]
+    assert "## Calibration" in card and calibration["sentiment"]["n"] == metrics["test"]["sentiment"]["n"]
 
     report_file = tmp_path / "eval.json"
     capsys.readouterr()
     assert main(["evaluate", str(model_dir), "--out", str(report_file), "--device", "cpu", "--errors", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "macro-F1" in printed and "confusion" in printed
+    assert "macro-F1" in printed and "confusion" in printed and "ECE=" in printed
     report = json.loads(report_file.read_text())
     for head, listed in report["mistakes"].items():
         assert f"{head}: the {len(listed)} most confident mistakes" in printed
