@@ -24,9 +24,11 @@ Windows are hopping and epoch-aligned: ``SIZE/STEP`` (defaults 1m/1m, 5m/1m, 1h/
 the largest event time it has seen; a window closes when the watermark passes its end plus the allowed lateness,
 so a late message inside the lateness still counts, and one later than that is dropped (counted as ``late``).
 Live, a watermark advance takes effect only ``close_grace_s`` of wall-clock time later (``WindowAggregator.settle``,
-also run by a 1 s timer, so quiet keys close too): a backlog is consumed partition by partition round-robin, and
-without the grace the partitions that lag in event time would all be late. Without a clock (replay, bench, tests)
-windows close on event time alone, deterministically.
+also run by a 1 s timer): a backlog is consumed partition by partition round-robin, and without the grace the
+partitions that lag in event time would all be late. A key that goes quiet follows the event time of its input
+partition (``StreamClock``; of the slowest active partition once its own is idle), so its windows close, and its
+alerts fire, on time rather than at its next message. Without a clock (replay, bench, tests) windows close on event
+time alone, deterministically (replay's ``flush`` closes what is left at the end of the input).
 
 Exactly-once table effects under at-least-once delivery: each key's state stores the highest applied offset per
 source partition, and the ids of messages applied in the last ``dedupe_horizon_s`` of event time. After a crash
@@ -321,6 +323,17 @@ class WindowAggregator:
         state.settle(now, self.settings.close_grace_s)
         return self._close_settled(key, state)
 
+    def follow_stream(self, state: KeyWindows, stream_ms: int, now: float | None) -> bool:
+        """A key with no new messages follows the stream's event time ``stream_ms``: its watermark moves there when
+        that would close one of its windows (as a message of its own at that time would). Without this a ticker that
+        goes quiet after a bearish minute would hold that minute open, and its alert, until its next message, maybe
+        hours later. True when the watermark moved (the state must be written)."""
+        if state.next_close_ms is None or (state.watermark_ms is not None and stream_ms <= state.watermark_ms) \
+                or state.next_close_ms + self.lateness_ms > stream_ms:
+            return False
+        state.advance(stream_ms, now)
+        return True
+
     def _close_settled(self, key: str, state: KeyWindows) -> list[TrendRecord]:
         if state.next_close_ms is None or state.settled_ms is None \
                 or state.next_close_ms + self.lateness_ms > state.settled_ms:
@@ -398,6 +411,32 @@ def trend_key(trend: TrendRecord) -> bytes:
 # ---------------------------------------------------------------- Faust wiring
 
 SETTLE_TICK_S = 1.0
+# A partition with no message for this long (wall clock) is idle: its quiet keys follow the event time of the
+# active partitions instead of its own, which has stopped.
+IDLE_PARTITION_S = 10.0
+
+
+class StreamClock:
+    """The event time each source partition has reached, for keys that have gone quiet (``follow_stream``).
+
+    A quiet key follows its own partition: records of one partition arrive roughly in event time, so its keys share
+    one clock, and a backlog consumed round-robin cannot push a key past records its partition has not delivered
+    yet. Once its partition is idle, it follows the slowest active partition instead."""
+
+    def __init__(self) -> None:
+        self.event_ms: dict[int, int] = {}
+        self.last_seen: dict[int, float] = {}
+
+    def saw(self, partition: int, t_ms: int, now: float) -> None:
+        if t_ms > self.event_ms.get(partition, -1):
+            self.event_ms[partition] = t_ms
+        self.last_seen[partition] = now
+
+    def time_for(self, partition: int, now: float) -> int | None:
+        active = [self.event_ms[p] for p, seen in self.last_seen.items() if now - seen <= IDLE_PARTITION_S]
+        if partition in self.event_ms and now - self.last_seen[partition] <= IDLE_PARTITION_S:
+            return self.event_ms[partition]
+        return min(active, default=None)
 
 
 def install(app, settings, names) -> None:
@@ -419,6 +458,8 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
     unsettled: set[bytes] = set()                      # keys whose watermark advances still wait out the grace
     partials: dict[bytes, set[str]] = defaultdict(set)  # open windows changed since their last partial trend
     clock = {"last_partials": 0.0, "scanned": False}
+    stream_clock = StreamClock()
+    open_keys: dict[bytes, int] = {}                   # keys with open windows -> the partition they are read from
     # The agent and the timer both read, publish and then write key states: one at a time, or one would write
     # back a state the other has already moved past.
     exclusive = asyncio.Lock()
@@ -435,6 +476,10 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
         for key_bytes, state in states.items():
             table[key_bytes] = state.to_dict()
             (unsettled.add if state.pending else unsettled.discard)(key_bytes)
+            if state.windows and state.offsets:
+                open_keys[key_bytes] = _source_partition(state)
+            else:
+                open_keys.pop(key_bytes, None)
 
     async def process(events) -> None:
         by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
@@ -444,6 +489,9 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 by_key[sourced[0]].append(sourced[1])
         async with exclusive:
             now = time.time()
+            for sourced_events in by_key.values():
+                for sourced in sourced_events:
+                    stream_clock.saw(sourced.partition, epoch_ms(sourced.record.event_time), now)
             states, closed = {}, []
             for key_bytes, sourced_events in by_key.items():
                 key = key_bytes.decode("utf-8")
@@ -470,13 +518,25 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
     async def tick():
         """Close windows whose grace has passed (keys with no new messages too) and publish throttled partials."""
         if not clock["scanned"]:       # after a start, the recovered table may hold keys waiting to settle
-            unsettled.update(key for key, value in table.items() if value and value.get("pending"))
+            for key_bytes, value in table.items():
+                if value and value.get("pending"):
+                    unsettled.add(key_bytes)
+                if value and value.get("windows") and value.get("offsets"):
+                    open_keys[key_bytes] = _source_partition(KeyWindows.from_dict(value))
             clock["scanned"] = True
         async with exclusive:
             now = time.time()
             states, closed = {}, []
-            for key_bytes in list(unsettled):
+            for key_bytes, partition in list(open_keys.items()):
+                stream_ms = stream_clock.time_for(partition, now)
+                if stream_ms is None:
+                    continue
                 state = KeyWindows.from_dict(table.get(key_bytes))
+                if aggregator.follow_stream(state, stream_ms, now):
+                    states[key_bytes] = state
+                    unsettled.add(key_bytes)
+            for key_bytes in list(unsettled):
+                state = states.get(key_bytes) or KeyWindows.from_dict(table.get(key_bytes))
                 waiting = len(state.pending)
                 closed += aggregator.settle(key_bytes.decode("utf-8"), state, now)
                 if len(state.pending) != waiting:
@@ -491,6 +551,11 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 if value:
                     updates += aggregator.open_trends(key_bytes.decode("utf-8"), KeyWindows.from_dict(value), window_ids)
             await publish(updates)
+
+
+def _source_partition(state: KeyWindows) -> int:
+    """The input partition a key is read from (the one with its latest applied offset, should it have moved)."""
+    return int(max(state.offsets, key=state.offsets.get))
 
 
 def _parse_event(event, key_type: str) -> tuple[bytes, SourcedRecord] | None:

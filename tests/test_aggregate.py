@@ -157,3 +157,37 @@ def test_window_settings_are_validated_and_read_from_the_environment():
     for bad in (["5m/2m"], ["soon"], [], ["1m", "60s/30s"]):
         with pytest.raises(ConfigError, match="windows"):
             AggregateSettings(windows=bad)
+
+
+def test_a_quiet_key_follows_the_stream_time_so_its_windows_close_without_a_message_of_its_own():
+    agg = aggregator(close_grace_s=5.0)
+    state = KeyWindows()
+    key = "Energy | Oil"
+    agg.apply(key, state, [SourcedRecord(scored(0, 10, -0.9), 0, 1), SourcedRecord(scored(1, 30, -0.9), 0, 2)],
+              now=100.0)
+    assert not agg.follow_stream(state, stream_ms=_ms(65), now=101.0)     # 09:01:05 < end 09:01:00 + lateness 10 s
+    assert agg.follow_stream(state, stream_ms=_ms(75), now=101.0)
+    assert not agg.follow_stream(state, stream_ms=_ms(75), now=102.0)     # already there: nothing to write
+    assert agg.settle(key, state, now=105.9) == []                        # the close grace holds as for a message
+    closed = agg.settle(key, state, now=106.0)
+    assert [(t.window_start, t.count, t.bearish_share) for t in closed] == [(T0, 2, 1.0)]
+    late = agg.apply(key, state, [SourcedRecord(scored(2, 40), 0, 3)], now=107.0)
+    assert late.late == 1                                                 # its window closed, as for any key
+
+
+def test_stream_clock_follows_a_partition_then_the_slowest_active_one_once_it_is_idle():
+    from stream.aggregate import IDLE_PARTITION_S, StreamClock
+    clock = StreamClock()
+    clock.saw(0, 5_000, now=0.0)
+    clock.saw(1, 9_000, now=0.0)
+    clock.saw(2, 7_000, now=0.0)
+    assert clock.time_for(0, now=1.0) == 5_000          # a backlog: partition 0 lags, its keys wait for it
+    clock.saw(1, 20_000, now=IDLE_PARTITION_S + 1)
+    clock.saw(2, 15_000, now=IDLE_PARTITION_S + 1)
+    assert clock.time_for(0, now=IDLE_PARTITION_S + 2) == 15_000   # partition 0 idle: the slowest active one
+    assert clock.time_for(3, now=IDLE_PARTITION_S + 2) == 15_000   # a partition never seen: the same
+    assert clock.time_for(0, now=3 * IDLE_PARTITION_S) is None     # nothing active: time stands still
+
+
+def _ms(second: float) -> int:
+    return int((T0 + timedelta(seconds=second)).timestamp() * 1000)

@@ -201,3 +201,38 @@ def test_sigterm_mid_backlog_and_restart_leaves_the_same_tables(fp_settings, tmp
     restarted, _ = live_final_trends(isolated(fp_settings, tmp_path, "sigterm"), tmp_path, expected,
                                      kill_after=len(expected) // 4, graceful=True)
     assert {wid: comparable(t) for wid, t in restarted.items()} == {wid: comparable(t) for wid, t in expected.items()}
+
+
+def test_a_topic_that_goes_quiet_still_closes_its_window_while_the_stream_moves_on(fp_settings, tmp_path):
+    """A bearish minute on one topic, then silence on it while another topic's messages keep arriving: the quiet
+    topic's window closes (and could alert) on stream time, not at its own next message."""
+    settings = isolated(fp_settings, tmp_path, "quiet")
+    names = TopicNames(settings.kafka.topic_prefix)
+    quiet, busy = "Energy | Oil", "Fed | Central Banks"
+
+    def scored(i: int, topic: str, second: float) -> ScoredRecord:
+        return ScoredRecord(id=f"q{i}", kind="news", event_time=START + timedelta(seconds=second), text=f"m {i}",
+                            topic=topic, topic_confidence=0.9, sentiment="bearish", sentiment_score=-0.9,
+                            tickers=(), model_version="test", scored_at=START)
+
+    async def send_all():
+        async with RecordSender(settings.kafka, client_id="test-scored") as sender:
+            for i in range(10):
+                await sender.send(names.scored, scored(i, quiet, 5 + 5 * i).to_json(), key=quiet.encode())
+            await sender.flush()
+            # Longer than IDLE_PARTITION_S of wall clock: wherever the two topics' partitions fall, the quiet one's
+            # partition goes idle and follows the busy one's.
+            for step in range(30):
+                await sender.send(names.scored, scored(100 + step, busy, 60 + 10 * step).to_json(), key=busy.encode())
+                await sender.flush()
+                await asyncio.sleep(0.5)
+
+    def quiet_window_closed(records) -> bool:
+        return any(t.key == quiet and t.window_s == 60 and t.window_start == START for t in finals(records).values())
+
+    with start_worker(settings, tmp_path):
+        asyncio.run(send_all())
+        records = wait_for_records(settings, names.trends, quiet_window_closed, timeout=60,
+                                   what="the quiet topic's 09:00 window closed")
+    closed = next(t for t in finals(records).values() if t.key == quiet and t.window_s == 60)
+    assert closed.count == 10 and closed.bearish_share == 1.0
