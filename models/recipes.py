@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import SCORE_LIMIT, calibrated, calibration_report, calibration_section, fit_temperatures
+from .calibration import (SCORE_LIMIT, calibrated, calibration_report, calibration_section, fit_temperatures,
+                          format_calibration)
 from .data import NEWS_PROBE, LabeledSet, fingerprint, load_data, split, stratified_sample
 from .evaluation import HEADS, evaluate, reports_from, selection_score
 from .modeling import FinPulseClassifier, TextEncoder, describe_base, save_model, write_json
@@ -447,4 +448,8 @@ def print_outcome(outcome: TrainOutcome, recipe: Recipe) -> None:
         print("this is the QUICK model (CPU recipe): train the real one on a GPU with `finpulse train --recipe full`",
               flush=True)
     print(outcome.table, flush=True)
+    calibration = outcome.metrics.get("calibration")
+    if calibration:
+        print(f"calibrated on the {calibration['fitted_on']}; on the {calibration['measured_on']}:\n"
+              + format_calibration(calibration["measured"]), flush=True)
     sys.stdout.flush()

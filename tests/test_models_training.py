@@ -149,6 +149,7 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     from models.cli import main
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=10)
     assert main(train_command(tiny_base, data_file, tmp_path)[3:]) == 0
+    assert "calibrated on the validation slice; on the held-out test slice:" in capsys.readouterr().out
     [model_dir] = list((tmp_path / "models").iterdir())
     files = {p.name for p in model_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "training_config.json", "metrics.json",
