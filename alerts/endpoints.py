@@ -13,7 +13,7 @@ guard that keeps webhooks off private networks (SSRF).
 
     [[alerts.endpoints]]
     name = "risk-desk"                          # unique; part of the delivery key
-    url = "https://hooks.example.com/finpulse"  # or url_env = "VAR" when the URL itself is a secret (Slack)
+    url = "https://hooks.example.com/finpulse"  # or url_env = "VAR" when the URL itself is a secret (Slack: required)
     format = "native"                           # native | slack | pagerduty | alertmanager
     secret_env = "FINPULSE_WEBHOOK_SECRET"      # env var(s) holding whsec_ secrets; several keys = rotation
     routing_key_env = ""                        # PagerDuty: env var holding the integration's routing key
@@ -27,8 +27,8 @@ guard that keeps webhooks off private networks (SSRF).
 From the environment: ``FINPULSE_ALERTS__BACKOFF_MAX_S=60`` and so on, and ``FINPULSE_ALERTS__ENDPOINTS`` takes a
 JSON list of endpoint tables (replacing the file's list).
 
-Secrets (signing keys, routing keys, secret URLs) are only ever read from the environment variables named here,
-held in ``Secret`` objects whose repr is ``***``, and scrubbed from any error text before it is logged or stored.
+Secrets (signing keys, routing keys, secret URLs) are only ever read from the environment variables named here
+(``*_env`` settings must look like variable names, see ``stream.config.ENV_NAME``), held in ``Secret`` objects whose repr is ``***``, and scrubbed from any error text before it is logged or stored.
 """
 from __future__ import annotations
 
@@ -226,6 +226,9 @@ def _validate(config: AlertDeliveryConfig) -> None:
             raise ConfigError(f"{where}: a pagerduty endpoint needs routing_key_env (the env var with the routing key)")
         if ep.format == "native" and not ep.secret_env:
             raise ConfigError(f"{where}: a native endpoint is signed, so it needs secret_env (the env var with a whsec_ secret)")
+        if ep.format == "slack" and ep.url:
+            raise ConfigError(f"{where}: a Slack webhook URL carries its token in the path, so it is a secret and never "
+                              f"a value in the config: put it in an environment variable and name that in url_env")
         if ep.url:
             check_url(ep.url, ep.allow_private, where)
         elif not ep.url_env and ep.format != "pagerduty":

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -132,8 +133,29 @@ def build_dataclass(cls: type[SectionT], values: Mapping[str, Any], where: str =
         try:
             kwargs[name] = _coerce(value, hints[name])
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"[{where}] {name} = {value!r}: {exc}") from None
+            shown = "(value not shown)" if _may_hold_secret(name) else repr(value)
+            raise ConfigError(f"[{where}] {name} = {shown}: {exc}") from None
+        if name.endswith("_env"):
+            _check_env_names(name, kwargs[name], where)
     return cls(**kwargs)
+
+
+# Upper case only, as POSIX names its variables: a secret pasted where the name belongs (whsec_…, a PagerDuty key,
+# a Slack URL) is mixed or lower case, and an error saying "variable <name> is not set" would print it.
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def _check_env_names(name: str, value: Any, where: str) -> None:
+    """A ``*_env`` setting holds the NAME of an environment variable; refuse anything else without echoing it."""
+    for var in value if isinstance(value, (list, tuple)) else [value]:
+        if var and not ENV_NAME.fullmatch(var):
+            raise ConfigError(f"[{where}] {name} must name an environment variable (upper-case letters, digits and _, "
+                              f"e.g. FINPULSE_WEBHOOK_SECRET); its value looks like a secret, so it is not shown. "
+                              f"Put the secret in the environment and name that variable here")
+
+
+def _may_hold_secret(key: str) -> bool:
+    return key.lower().endswith("_env") or any(m in key.lower() for m in _SECRET_MARKERS)
 
 
 def _coerce(value: Any, hint: Any) -> Any:

@@ -41,6 +41,18 @@ def test_secrets_are_redacted_but_env_var_names_are_not():
     assert shown["secret"] == "***" and shown["secret_env"] == "MY_VAR"
 
 
+def test_a_secret_where_an_env_var_name_belongs_is_refused_and_never_echoed():
+    """Every `*_env` setting, in any section: a pasted secret is refused, and no error shows it."""
+    from dashboard.settings import DashboardSettings
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # matches [A-Za-z_][A-Za-z0-9_]*: case is what gives it away
+    settings = load_settings(None, environ={"FINPULSE_DASHBOARD__PASSWORD_ENV": secret})
+    with pytest.raises(ConfigError, match="password_env must name an environment variable") as refused:
+        settings.section("dashboard", DashboardSettings)
+    assert secret not in str(refused.value)
+    assert load_settings(None, environ={"FINPULSE_DASHBOARD__PASSWORD_ENV": "MY_PASSWORD"}).section(
+        "dashboard", DashboardSettings).password_env == "MY_PASSWORD"
+
+
 def test_fingerprint_changes_with_settings():
     a = load_settings(None, environ={"FINPULSE_DETECT__THRESHOLD": "3"})
     b = load_settings(None, environ={"FINPULSE_DETECT__THRESHOLD": "4"})

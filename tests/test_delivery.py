@@ -153,6 +153,27 @@ def test_endpoint_config_validation_and_secrets_stay_out_of_reprs(monkeypatch):
     assert slack.scrub(f"error at https://hooks.slack.com/services/T0/B0/TOPSECRETTOKEN with {secret}") == "error at *** with ***"
 
 
+def test_secrets_put_where_env_var_names_belong_are_refused_without_being_printed(tmp_path):
+    """`finpulse dispatch --check` on a config holding secrets themselves in secret_env, routing_key_env and url_env,
+    and a Slack URL inline: each is refused (exit 2), and no output shows any of them."""
+    secrets = {"secret_env": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "routing_key_env": "e93facc04764012d7bfb002500d5d1a6",
+               "url_env": "https://hooks.slack.com/services/T000/B000/XXXXSECRETXXXX"}
+    slack_url = "https://hooks.slack.com/services/T111/B111/INLINESECRETTOKEN"
+    refusals = [("secret_env must name", {"name": "risk", "url": "https://risk.example.com/hook", "secret_env": secrets["secret_env"]}),
+                ("routing_key_env must name", {"name": "pd", "format": "pagerduty", "routing_key_env": secrets["routing_key_env"]}),
+                ("url_env must name", {"name": "slack", "format": "slack", "url_env": secrets["url_env"]}),
+                ("secret_env = (value not shown)", {"name": "risk", "url": "https://risk.example.com/hook", "secret_env": 42}),
+                ("name that in url_env", {"name": "slack", "format": "slack", "url": slack_url})]
+    for expected, endpoint in refusals:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
+        env["FINPULSE_ALERTS__ENDPOINTS"] = json.dumps([endpoint])
+        done = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--check"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        output = done.stdout + done.stderr
+        assert done.returncode == 2 and expected in output and "configuration error" in output, output
+        assert not any(s in output for s in [*secrets.values(), slack_url, "T111", "INLINESECRETTOKEN"]), output
+
+
 def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path):
     text = (REPO / "finpulse.example.toml").read_text()
     # Uncomment the example endpoints too: "# name = ..." lines and "# [[alerts.endpoints]]" headers of [alerts].
