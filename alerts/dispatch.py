@@ -13,7 +13,8 @@ How it works:
   ``webhook-id``, which receivers use to deduplicate (``finpulse receiver`` does).
 - Attempts back off exponentially with full jitter (``[alerts] backoff_initial_s`` doubling up to
   ``backoff_max_s``); a ``Retry-After`` (seconds or HTTP date) on 429/503 replaces the backoff and pauses the whole
-  endpoint. Timeouts, connection errors, 408, 425, 429 and 5xx are retried until the endpoint's
+  endpoint, for at most ``backoff_max_s``. No delivery waits past its retry window: one whose next attempt would
+  come after it is recorded ``failed`` at once. Timeouts, connection errors, 408, 425, 429 and 5xx are retried until the endpoint's
   ``retry_horizon_s``; other answers (4xx, redirects, refused addresses) fail at once. ``failed`` is recorded with
   the attempts and the last error.
 - Order: deliveries of one alert id to one endpoint form a chain, so a resolve never overtakes its firing (the
@@ -357,6 +358,12 @@ class Dispatcher:
         alert = state.alert_record
         while True:
             due = max(state.next_attempt_at.timestamp() if state.next_attempt_at else 0.0, endpoint.not_before)
+            if due > state.deadline_at.timestamp():
+                # Never sleep past the retry window (a pause another delivery's Retry-After set, a resumed delivery).
+                await self._finish(state, FAILED, f"the retry window ended before the next attempt after "
+                                                  f"{state.attempts} attempt(s); last: {state.last_error or 'none'}",
+                                   state.last_status)
+                return True
             if not await _sleep_until(due, stop):
                 return False
             async with self._semaphore:
@@ -373,6 +380,9 @@ class Dispatcher:
                 await self._finish(replace(state, attempts=attempts), FAILED, outcome.error, outcome.status)
                 return True
             delay = outcome.retry_after
+            if delay is not None:
+                # Capped like our own backoff: a Retry-After of a day would hold alerts until they are useless.
+                delay = min(delay, self.options.backoff_max_s)
             if delay is not None and outcome.status in PAUSING_STATUS:
                 endpoint.not_before = max(endpoint.not_before, time.time() + delay)
             if delay is None:

@@ -304,6 +304,40 @@ def test_failures_are_recorded_at_the_horizon_and_at_once_for_client_errors(fp_s
     assert receiver.rejected == {"bad_signature": 2} and not receiver.items
 
 
+def test_a_retry_after_of_a_day_pauses_the_endpoint_for_backoff_max_s_only(fp_settings, topics, monkeypatch):
+    """A 429 with Retry-After: 86400 neither fails the delivery nor pauses the endpoint for a day: the wait is capped
+    at backoff_max_s, so the firing and the resolve queued behind it arrive within seconds."""
+    secret = generate_secret()
+    monkeypatch.setenv("T_RA_SECRET", secret)
+    produce(fp_settings, topics.alerts, [make_alert("firing", id="ra1"), make_alert("resolved", id="ra1")])
+
+    async def scenario():
+        receiver = Receiver(ReceiverOptions(secrets=[secret], throttle=1, retry_after_s=86400, quiet=True))
+        runner = web.AppRunner(receiver.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        settings = fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "endpoints": [
+            {"name": "desk", "url": f"http://127.0.0.1:{runner.addresses[0][1]}/x", "secret_env": "T_RA_SECRET",
+             "allow_private": True, "retry_horizon_s": 600}]}})
+        dispatcher = Dispatcher(settings, topics)
+        await dispatcher.start()
+        try:
+            for _ in range(300):
+                if len(dispatcher.log.states) == 2 and all(s.terminal for s in dispatcher.log.states.values()):
+                    break
+                await asyncio.sleep(0.1)
+            return dict(dispatcher.log.states), receiver
+        finally:
+            await dispatcher.stop()
+            await runner.cleanup()
+
+    states, receiver = asyncio.run(scenario())
+    firing, resolve = states[delivery_key("ra1:firing", "desk")], states[delivery_key("ra1:resolved", "desk")]
+    assert (firing.state, firing.attempts, resolve.state, resolve.attempts) == (DELIVERED, 2, DELIVERED, 1)
+    assert [r["status"] for r in receiver.requests] == [429, 200, 200]
+    assert receiver.requests[1]["at"] - receiver.requests[0]["at"] < 5
+
+
 def test_a_late_older_record_is_answered_with_the_newest_state(fp_settings, topics, monkeypatch):
     """Two overlapping `--redeliver` runs: the second one's re-queue (an older seq) lands after the dispatcher's
     `delivered`. The merge ignores it; the owning dispatcher writes `delivered` again, so the last record of the key
