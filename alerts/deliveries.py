@@ -3,7 +3,8 @@
 
 Every change is a new record: ``pending`` when the dispatcher takes the event on (before it commits the alert's
 offset), ``pending`` again after each failed attempt (attempts, last error, next retry time), then ``delivered`` or
-``failed`` (gave up: not retryable, or past the retry horizon). The latest record per key is the truth; compaction
+``failed`` (gave up: not retryable, or past the retry horizon). ``expired`` is recorded instead of ``pending`` for
+an alert too old to send when the dispatcher takes it on (``[alerts] max_alert_age_s``); it is never sent. The latest record per key is the truth; compaction
 keeps exactly that. A restarted dispatcher rebuilds its state by reading the topic to its true end, so pending
 deliveries survive restarts and acknowledged ones are never sent again.
 
@@ -31,8 +32,8 @@ from stream.records import AlertRecord, _Record, epoch_ms, utcnow
 
 log = logging.getLogger(__name__)
 
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-TERMINAL = frozenset({DELIVERED, FAILED})
+PENDING, DELIVERED, FAILED, EXPIRED = "pending", "delivered", "failed", "expired"
+TERMINAL = frozenset({DELIVERED, FAILED, EXPIRED})
 # A resolve is delivered after its firing, whatever order the two reach the dispatcher in.
 STATUS_ORDER = {"firing": 0, "resolved": 1}
 
@@ -50,13 +51,13 @@ def webhook_id(key: str) -> str:
 class DeliveryState(_Record):
     event_id: str
     endpoint: str
-    state: str                         # pending | delivered | failed
+    state: str                         # pending | delivered | failed | expired
     alert: dict                        # the AlertRecord being delivered (to_dict form)
     alerts_partition: int              # where the alert came from: the dispatcher owning it resumes it
     alerts_offset: int
     created_at: datetime
     updated_at: datetime
-    deadline_at: datetime              # created_at + the endpoint's retry horizon
+    deadline_at: datetime              # the endpoint's retry horizon after the alert was emitted (see new_pending)
     attempts: int = 0
     next_attempt_at: datetime | None = None
     last_error: str = ""               # scrubbed of secrets
@@ -95,12 +96,15 @@ class DeliveryState(_Record):
         return self.state in TERMINAL
 
 
-def new_pending(alert: AlertRecord, endpoint: str, partition: int, offset: int, horizon_s: float) -> DeliveryState:
+def new_pending(alert: AlertRecord, endpoint: str, partition: int, offset: int, horizon_s: float,
+                window_from: datetime | None = None) -> DeliveryState:
+    """A delivery taken on now, retried until ``horizon_s`` after ``window_from`` (default: now)."""
     now = utcnow()
     key = delivery_key(alert.event_id, endpoint)
     return DeliveryState(event_id=alert.event_id, endpoint=endpoint, state=PENDING, alert=alert.to_dict(),
                          alerts_partition=partition, alerts_offset=offset, created_at=now, updated_at=now,
-                         deadline_at=now + timedelta(seconds=horizon_s), next_attempt_at=now, webhook_id=webhook_id(key))
+                         deadline_at=(window_from or now) + timedelta(seconds=horizon_s), next_attempt_at=now,
+                         webhook_id=webhook_id(key))
 
 
 def requeued(state: DeliveryState, horizon_s: float) -> DeliveryState:
@@ -303,6 +307,8 @@ def redelivery_plan(states: Iterable[DeliveryState], horizons: Mapping[str, floa
             skipped.append((state, "the endpoint is not configured"))
         elif state.alert_status == "firing" and resolve is not None and resolve.state == DELIVERED:
             skipped.append((state, "its resolve was delivered already (sending the firing now would reopen it)"))
+        elif state.alert_status == "firing" and resolve is not None and resolve.state == EXPIRED:
+            skipped.append((state, "its resolve expired (sent now, the firing would open an incident nothing closes)"))
         else:
             chosen.append(state)
     return chosen, skipped

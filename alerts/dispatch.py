@@ -17,6 +17,10 @@ How it works:
   come after it is recorded ``failed`` at once. Timeouts, connection errors, 408, 425, 429 and 5xx are retried until the endpoint's
   ``retry_horizon_s``; other answers (4xx, redirects, refused addresses) fail at once. ``failed`` is recorded with
   the attempts and the last error.
+- Age: a live alert's retry window runs from when it was emitted, not from when a dispatcher takes it on, and an
+  alert already older than ``[alerts] max_alert_age_s`` then is recorded ``expired`` and never sent, so a new
+  dispatcher group (which reads the topic from its start) or one back from a long outage sends no stale alerts
+  (``_window``).
 - Order: deliveries of one alert id to one endpoint form a chain, so a resolve never overtakes its firing (the
   detector keys both by alert id, so both come from one partition). A resolve goes to the endpoints its firing
   went to, whatever its severity, so an incident opened by a firing is always closed.
@@ -48,7 +52,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
@@ -61,8 +65,8 @@ from stream.config import ConfigError, Settings
 from stream.records import AlertRecord, format_time, utcnow
 from stream.topics import TopicNames, ensure_topics
 
-from .deliveries import (DELIVERED, FAILED, DeliveryLog, DeliveryState, delivery_key, new_pending, read_delivery_states,
-                         redelivery_plan, requeued, summarize)
+from .deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, DeliveryLog, DeliveryState, delivery_key, new_pending,
+                         read_delivery_states, redelivery_plan, requeued, summarize)
 from .endpoints import (BlockedAddressError, Endpoint, GuardedResolver, build_endpoints, check_address, literal_ip,
                         load_delivery_config, preflight)
 from .formats import DeliveryContext, render
@@ -224,12 +228,20 @@ class Dispatcher:
                 for endpoint in self._targets(alert):
                     if self.log.get(delivery_key(alert.event_id, endpoint.name)) is not None:
                         continue  # taken on already (pending, delivered or failed): never twice
+                    window_from, too_old = self._window(alert, endpoint)
                     state = new_pending(alert, endpoint.name, tp.partition, record.offset,
-                                        endpoint.settings.retry_horizon_s)
+                                        endpoint.settings.retry_horizon_s, window_from)
+                    if too_old:
+                        state = replace(state, state=EXPIRED, next_attempt_at=None, last_error=too_old)
                     self.log.merge(state)  # visible at once: to duplicates and to a resolve later in this batch
                     planned.append(state)
             for state in await asyncio.gather(*(self.log.save(s) for s in planned)):
-                self._enqueue(state)
+                if state.state == PENDING:
+                    self._enqueue(state)
+            expired = sum(s.state == EXPIRED for s in planned)
+            if expired:
+                log.warning("%d alert event(s) older than [alerts] max_alert_age_s (%.0fs) recorded as expired, "
+                            "not sent", expired, self.options.max_alert_age_s)
         try:
             await self._consumer.commit({tp: records[-1].offset + 1})
         except (CommitFailedError, KafkaError) as exc:
@@ -274,6 +286,28 @@ class Dispatcher:
             log.error("%s[%d]@%d is not a valid alert (%s): not delivered; it stays on the topic",
                       record.topic, record.partition, record.offset, exc)
             return None
+
+    def _window(self, alert: AlertRecord, endpoint: Endpoint) -> tuple[datetime, str]:
+        """When the retry window of ``alert`` to ``endpoint`` starts, and why it is not sent at all ('' if it is).
+
+        A live alert's window starts when it was emitted (or now, if the detector's clock runs ahead). Two kinds
+        start now and never expire: a replay's alerts, whose emitted_at is event time, possibly months ago; and a
+        resolve whose firing was delivered or is on its way, since it closes an incident open at the endpoint."""
+        now = utcnow()
+        if alert.run_id:
+            return now, ""
+        if alert.status == "resolved":
+            firing = self.log.get(delivery_key(f"{alert.id}:firing", endpoint.name))
+            if firing is not None and firing.state in (PENDING, DELIVERED):
+                return now, ""
+            if firing is not None and firing.state == EXPIRED:
+                return now, "not sent: its firing expired, so the endpoint never saw the incident open"
+        emitted = min(alert.emitted_at, now)
+        age_s = (now - emitted).total_seconds()
+        if age_s > self.options.max_alert_age_s:
+            return emitted, (f"not sent: emitted {age_s / 3600:.1f} h before it was taken on, more than "
+                             f"[alerts] max_alert_age_s ({self.options.max_alert_age_s / 3600:g} h)")
+        return emitted, ""
 
     def _targets(self, alert: AlertRecord) -> list[Endpoint]:
         if alert.run_id:
@@ -547,7 +581,7 @@ def _print_status(settings: Settings, names: TopicNames) -> int:
     states = read_delivery_states(settings.kafka, names.deliveries)
     print(f"{names.deliveries}: {len(states)} deliveries {summarize(states.values())}")
     for state in sorted(states.values(), key=lambda s: s.updated_at):
-        if not state.terminal or state.state == FAILED:
+        if not state.terminal or state.state in (FAILED, EXPIRED):
             requeued_note = f"  re-queued {state.requeues}x, last {format_time(state.requeued_at)}" if state.requeues else ""
             print(f"  {state.state:<9} {state.key}  attempts={state.attempts}{requeued_note}  {state.last_error}")
     return 0

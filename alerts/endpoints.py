@@ -7,6 +7,7 @@ guard that keeps webhooks off private networks (SSRF).
     backoff_initial_s = 1.0          # first retry after up to this long (full jitter), doubling each attempt
     backoff_max_s = 300.0            # the doubling stops here
     max_concurrency = 16             # requests in flight at once, all endpoints together
+    max_alert_age_s = 21600.0        # older alerts are recorded "expired", not sent (a new dispatcher, a long outage)
     group_id = ""                    # consumer group; default "<worker.app_id>-dispatcher"
     replay_endpoint = ""             # the one endpoint that may receive alerts of replays (run_id set)
     dashboard_url = ""               # links back to the dashboard in Slack/PagerDuty/Alertmanager messages
@@ -22,7 +23,7 @@ guard that keeps webhooks off private networks (SSRF).
     key_types = []                              # e.g. ["topic"]; empty = all
     keys = []                                   # glob patterns on the alert key, e.g. ["Energy*", "AAPL"]; empty = all
     timeout_s = 10.0                            # per request
-    retry_horizon_s = 21600.0                   # give up (state "failed") this long after the alert was first seen
+    retry_horizon_s = 21600.0                   # give up (state "failed") this long after the alert was emitted
 
 From the environment: ``FINPULSE_ALERTS__BACKOFF_MAX_S=60`` and so on, and ``FINPULSE_ALERTS__ENDPOINTS`` takes a
 JSON list of endpoint tables (replacing the file's list).
@@ -75,6 +76,7 @@ class AlertsSettings:
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 300.0
     max_concurrency: int = 16
+    max_alert_age_s: float = 6 * 3600.0
     group_id: str = ""
     replay_endpoint: str = ""
     dashboard_url: str = ""
@@ -238,6 +240,8 @@ def _validate(config: AlertDeliveryConfig) -> None:
         raise ConfigError("[alerts] needs 0 < backoff_initial_s <= backoff_max_s")
     if o.max_concurrency < 1:
         raise ConfigError("[alerts] max_concurrency must be at least 1")
+    if o.max_alert_age_s <= 0:
+        raise ConfigError("[alerts] max_alert_age_s must be positive")
     if o.replay_endpoint and o.replay_endpoint not in seen:
         raise ConfigError(f"[alerts] replay_endpoint {o.replay_endpoint!r} names no endpoint")
 

@@ -13,14 +13,14 @@ import time
 import urllib.request
 from collections import Counter
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from alerts.deliveries import (DELIVERED, FAILED, PENDING, DeliveryState, delivery_key, new_pending,
+from alerts.deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, DeliveryState, delivery_key, new_pending,
                                read_delivery_states, redelivery_plan, requeued, webhook_id)
 from alerts.dispatch import Dispatcher, classify, full_jitter, parse_retry_after
 from alerts.endpoints import Endpoint, EndpointSettings, blocked_reason, build_endpoints, load_delivery_config
@@ -29,14 +29,19 @@ from alerts.signing import generate_secret
 from stream.broker import free_port
 from stream.config import ConfigError, Settings, load_settings
 from stream.kafka_io import read_topic_async
-from stream.records import AlertRecord
+from stream.records import AlertRecord, utcnow
 from tests.procs import ManagedProcess
-from tests.test_formats import make_alert
+from tests.test_formats import make_alert as formats_alert
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- helpers
+
+def make_alert(status: str = "firing", severity: str = "critical", **changes) -> AlertRecord:
+    """The formats tests' alert, emitted now: the dispatcher does not send alerts older than max_alert_age_s."""
+    return formats_alert(status, severity, **{"emitted_at": utcnow(), **changes})
+
 
 def produce(settings: Settings, topic: str, alerts: list[AlertRecord | bytes]) -> None:
     """Put alerts on the topic the way the detector does: keyed so that one episode stays on one partition."""
@@ -261,7 +266,8 @@ def test_routing_filters_replays_and_private_addresses(fp_settings, topics, capl
 
 def test_failures_are_recorded_at_the_horizon_and_at_once_for_client_errors(fp_settings, topics, monkeypatch):
     """A closed port is retried until the retry horizon, then recorded as failed with its attempts and last error;
-    a 401 (the receiver holds another key) fails at once. A failed firing does not block its resolve."""
+    a 401 (the receiver holds another key) fails at once. A failed firing does not block its resolve: it is
+    recorded failed too, without an attempt when its own window ended while it waited behind the firing."""
     monkeypatch.setenv("T_FAIL_SECRET", generate_secret())
     alerts = [make_alert("firing", id="f1"), make_alert("resolved", id="f1")]
     produce(fp_settings, topics.alerts, alerts)
@@ -273,7 +279,8 @@ def test_failures_are_recorded_at_the_horizon_and_at_once_for_client_errors(fp_s
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         common = {"secret_env": "T_FAIL_SECRET", "allow_private": True}
         settings = fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "endpoints": [
-            {"name": "gone", "url": f"http://127.0.0.1:{free_port()}/x", "retry_horizon_s": 1.5, **common},
+            # The horizon runs from when the alerts were emitted: it leaves time for the dispatcher to join its group.
+            {"name": "gone", "url": f"http://127.0.0.1:{free_port()}/x", "retry_horizon_s": 10, **common},
             {"name": "wrong-key", "url": f"http://127.0.0.1:{runner.addresses[0][1]}/x", **common},
         ]}})
         dispatcher = Dispatcher(settings, topics)
@@ -293,13 +300,13 @@ def test_failures_are_recorded_at_the_horizon_and_at_once_for_client_errors(fp_s
     def essentials(found):
         return {k: (v.state, v.attempts, v.last_error, v.last_status, v.seq) for k, v in found.items()}
     assert essentials(read_delivery_states(fp_settings.kafka, topics.deliveries)) == essentials(states)
+    firing, resolve = states[delivery_key("f1:firing", "gone")], states[delivery_key("f1:resolved", "gone")]
+    assert firing.state == FAILED and firing.attempts >= 2 and firing.last_error.startswith("gave up after")
+    assert "Cannot connect" in firing.last_error and firing.next_attempt_at is None
+    assert resolve.state == FAILED and resolve.next_attempt_at is None
+    assert resolve.last_error.startswith(("gave up after", "the retry window ended"))
     for event in ("f1:firing", "f1:resolved"):
-        gone, wrong = states[delivery_key(event, "gone")], states[delivery_key(event, "wrong-key")]
-        # Both horizons ran from when the events were taken on: the resolve, held back until its firing gave up,
-        # still gets its one attempt.
-        assert gone.state == FAILED and gone.attempts >= (2 if event.endswith("firing") else 1)
-        assert gone.last_error.startswith("gave up after")
-        assert "Cannot connect" in gone.last_error and gone.next_attempt_at is None
+        wrong = states[delivery_key(event, "wrong-key")]
         assert wrong.state == FAILED and wrong.attempts == 1 and wrong.last_status == 401 and "bad_signature" in wrong.last_error
     assert receiver.rejected == {"bad_signature": 2} and not receiver.items
 
@@ -336,6 +343,58 @@ def test_a_retry_after_of_a_day_pauses_the_endpoint_for_backoff_max_s_only(fp_se
     assert (firing.state, firing.attempts, resolve.state, resolve.attempts) == (DELIVERED, 2, DELIVERED, 1)
     assert [r["status"] for r in receiver.requests] == [429, 200, 200]
     assert receiver.requests[1]["at"] - receiver.requests[0]["at"] < 5
+
+
+def test_a_new_dispatcher_expires_old_alerts_and_retries_only_within_their_window(fp_settings, topics, monkeypatch):
+    """A new dispatcher group reads the topic from its start: five 5-day-old firing/resolve pairs are recorded
+    expired, never sent; a fresh pair is delivered. A resolve older than max_alert_age_s whose firing reaches the
+    endpoint is still sent (it closes the incident). A retry window runs from the alert's emitted_at: an alert
+    emitted 100 s ago with a 101 s horizon gives up on a closed port within seconds. `--status` lists the expired."""
+    secret = generate_secret()
+    monkeypatch.setenv("T_OLD_SECRET", secret)
+    now = utcnow()
+    old = [make_alert(status, id=f"old{i}", key=f"Topic {i}", emitted_at=now - timedelta(days=5))
+           for i in range(5) for status in ("firing", "resolved")]
+    fresh = [make_alert("firing", id="new1"), make_alert("resolved", id="new1"),
+             make_alert("firing", id="late", key="Late"), make_alert("resolved", id="late", key="Late", emitted_at=now - timedelta(hours=7)),
+             make_alert("firing", id="gone1", key="Gone", emitted_at=now - timedelta(seconds=100))]
+    produce(fp_settings, topics.alerts, old + fresh)
+
+    async def scenario():
+        receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
+        runner = web.AppRunner(receiver.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        common = {"secret_env": "T_OLD_SECRET", "allow_private": True}
+        settings = fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "endpoints": [
+            {"name": "desk", "url": f"http://127.0.0.1:{runner.addresses[0][1]}/x", "keys": ["Topic*", "Energy*", "Late"], **common},
+            {"name": "gone", "url": f"http://127.0.0.1:{free_port()}/x", "keys": ["Gone"], "retry_horizon_s": 101, **common}]}})
+        dispatcher = Dispatcher(settings, topics)
+        await dispatcher.start()
+        try:
+            for _ in range(300):
+                if len(dispatcher.log.states) == 15 and all(s.terminal for s in dispatcher.log.states.values()):
+                    break
+                await asyncio.sleep(0.1)
+            return dict(dispatcher.log.states), receiver
+        finally:
+            await dispatcher.stop()
+            await runner.cleanup()
+
+    states, receiver = asyncio.run(scenario())
+    for alert in old:
+        expired = states[delivery_key(alert.event_id, "desk")]
+        assert expired.state == EXPIRED and expired.attempts == 0
+        assert "max_alert_age_s" in expired.last_error or "its firing expired" in expired.last_error
+    sent = [delivery_key(a.event_id, "desk") for a in fresh[:4]]
+    assert all(states[k].state == DELIVERED for k in sent)
+    assert Counter(item["webhook_id"] for item in receiver.items) == Counter({webhook_id(k): 1 for k in sent})
+    gone = states[delivery_key("gone1:firing", "gone")]
+    assert gone.state == FAILED and gone.deadline_at == DeliveryState.from_json(gone.to_json()).deadline_at
+    assert abs((gone.deadline_at - fresh[4].emitted_at).total_seconds() - 101) < 0.01
+    status = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--status"], cwd=REPO, env=kafka_env(fp_settings),
+                            capture_output=True, text=True, timeout=120)
+    assert "'expired': 10" in status.stdout and status.stdout.count("  expired ") == 10, status.stdout + status.stderr
 
 
 def test_a_late_older_record_is_answered_with_the_newest_state(fp_settings, topics, monkeypatch):
@@ -415,12 +474,14 @@ def test_redelivery_plan_requeues_failed_only():
     states = [state("a", "resolved", "desk", FAILED, 1), state("a", "firing", "desk", FAILED),
               state("a", "firing", "ops", DELIVERED), state("b", "firing", "desk", FAILED),
               state("c", "firing", "pd", FAILED), state("c", "resolved", "pd", DELIVERED, 1),
-              state("d", "firing", "gone", FAILED), state("e", "firing", "desk", PENDING)]
+              state("d", "firing", "gone", FAILED), state("e", "firing", "desk", PENDING),
+              state("f", "firing", "desk", FAILED), state("f", "resolved", "desk", EXPIRED, 1)]
     horizons = {"desk": 30.0, "ops": 30.0, "pd": 30.0}
     chosen, skipped = redelivery_plan(states, horizons)
     assert [s.key for s in chosen] == ["a:firing|desk", "a:resolved|desk", "b:firing|desk"]
     assert {s.key: why for s, why in skipped} == {"c:firing|pd": "its resolve was delivered already (sending the firing now would reopen it)",
-                                                  "d:firing|gone": "the endpoint is not configured"}
+                                                  "d:firing|gone": "the endpoint is not configured",
+                                                  "f:firing|desk": "its resolve expired (sent now, the firing would open an incident nothing closes)"}
     assert [s.key for s in redelivery_plan(states, horizons, alert_id="a")[0]] == ["a:firing|desk", "a:resolved|desk"]
     assert [s.key for s in redelivery_plan(states, horizons, endpoint="ops")[0]] == []
     again = requeued(chosen[0], 30.0)
