@@ -1,5 +1,6 @@
 """Delivery state, kept in Kafka: one ``DeliveryState`` per (alert event, endpoint) on the compacted
-``finpulse.deliveries`` topic, keyed ``"<event_id>|<endpoint>"`` (event_id is ``"<alert id>:<status>"``).
+``finpulse.deliveries`` topic, keyed ``"<event_id>|<endpoint>"`` (event_id is ``"<alert id>:<status>"``, ``"<alert id>@<run id>:<status>"`` for a
+replay's alert, see ``AlertRecord.episode_id``).
 
 Every change is a new record: ``pending`` when the dispatcher takes the event on (before it commits the alert's
 offset), ``pending`` again after each failed attempt (attempts, last error, next retry time), then ``delivered`` or
@@ -302,7 +303,7 @@ def redelivery_plan(states: Iterable[DeliveryState], horizons: Mapping[str, floa
     for state in sorted(states, key=lambda s: (s.endpoint, s.alert_id, s.order)):
         if state.state != FAILED or (endpoint and state.endpoint != endpoint) or (alert_id and state.alert_id != alert_id):
             continue
-        resolve = by_key.get(delivery_key(f"{state.alert_id}:resolved", state.endpoint))
+        resolve = by_key.get(delivery_key(state.alert_record.event_id_of("resolved"), state.endpoint))
         if state.endpoint not in horizons:
             skipped.append((state, "the endpoint is not configured"))
         elif state.alert_status == "firing" and resolve is not None and resolve.state == DELIVERED:

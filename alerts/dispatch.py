@@ -27,8 +27,10 @@ How it works:
 - Pending deliveries belong to the dispatcher that owns the alert's partition. On start and on every rebalance it
   reads the deliveries topic to its true end, then resumes the pending ones of the partitions it was given; on
   revocation it lets in-flight requests finish and stops the rest.
-- Replays never reach live endpoints: an alert with a ``run_id`` goes only to the endpoint named by
-  ``[alerts] replay_endpoint``, and nowhere when none is named.
+- Replays and live alerts stay apart: an alert with a ``run_id`` goes only to the endpoint named by
+  ``[alerts] replay_endpoint`` (nowhere when none is named), and live alerts never go there. A replay's events
+  carry the run id in their event id, webhook-id and PagerDuty dedup_key (``AlertRecord.episode_id``), so a
+  receiver never mistakes one run's alert for another's or for the live one.
 - Failed deliveries are sent again on request: ``finpulse dispatch --redeliver`` (``redeliver``) turns the matching
   ``failed`` records back into ``pending`` ones on the deliveries topic, with a fresh retry horizon, and exits. The
   dispatcher follows the deliveries topic (``_follow``, between alert batches) and takes the re-queued deliveries
@@ -187,6 +189,9 @@ class Dispatcher:
         self._main = asyncio.create_task(self._consume(), name="finpulse-dispatcher")
         log.info("dispatcher %s started: %d endpoint(s) [%s]", self.group_id, len(self.endpoints),
                  ", ".join(repr(e) for e in self.endpoints.values()))
+        if self.options.replay_endpoint:
+            log.info("endpoint %r is [alerts] replay_endpoint: it receives replays' alerts only, no live ones",
+                     self.options.replay_endpoint)
 
     async def wait(self) -> None:
         """Return when the dispatcher stops; raise what broke it, if anything did."""
@@ -297,7 +302,7 @@ class Dispatcher:
         if alert.run_id:
             return now, ""
         if alert.status == "resolved":
-            firing = self.log.get(delivery_key(f"{alert.id}:firing", endpoint.name))
+            firing = self.log.get(delivery_key(alert.event_id_of("firing"), endpoint.name))
             if firing is not None and firing.state in (PENDING, DELIVERED):
                 return now, ""
             if firing is not None and firing.state == EXPIRED:
@@ -320,11 +325,12 @@ class Dispatcher:
                 return []
             return [endpoint] if endpoint.accepts(alert) else []
         if alert.status == "resolved":
-            firing = f"{alert.id}:firing"
+            firing = alert.event_id_of("firing")
             went_to = [e for e in self.endpoints.values() if self.log.get(delivery_key(firing, e.name)) is not None]
             if went_to:
                 return went_to
-        return [e for e in self.endpoints.values() if e.accepts(alert)]
+        # The replay endpoint is the test sink of replays: live alerts there would mix with a backtest's.
+        return [e for e in self.endpoints.values() if e.name != self.options.replay_endpoint and e.accepts(alert)]
 
     # ------------------------------------------------------------ ownership
 
@@ -467,7 +473,7 @@ class Dispatcher:
         return replace(outcome, error=endpoint.scrub(outcome.error)[:ERROR_TEXT_MAX])
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
-        firing = self.log.get(delivery_key(f"{alert.id}:firing", endpoint.name)) if alert.status == "resolved" else None
+        firing = self.log.get(delivery_key(alert.event_id_of("firing"), endpoint.name)) if alert.status == "resolved" else None
         return DeliveryContext(
             webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name, attempt=state.attempts + 1,
             sent_at=format_time(utcnow()), dashboard_url=self.options.dashboard_url,

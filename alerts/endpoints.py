@@ -9,7 +9,7 @@ guard that keeps webhooks off private networks (SSRF).
     max_concurrency = 16             # requests in flight at once, all endpoints together
     max_alert_age_s = 21600.0        # older alerts are recorded "expired", not sent (a new dispatcher, a long outage)
     group_id = ""                    # consumer group; default "<worker.app_id>-dispatcher"
-    replay_endpoint = ""             # the one endpoint that may receive alerts of replays (run_id set)
+    replay_endpoint = ""             # the one endpoint that receives alerts of replays (run_id set), and no live ones
     dashboard_url = ""               # links back to the dashboard in Slack/PagerDuty/Alertmanager messages
 
     [[alerts.endpoints]]

@@ -4,10 +4,10 @@
   signed per Standard Webhooks;
 - ``slack``: an incoming-webhook message (fallback ``text`` plus Block Kit ``blocks``); message excerpts are
   escaped so a headline cannot ping ``<!channel>`` or forge links;
-- ``pagerduty``: an Events API v2 ``trigger`` or ``resolve`` with ``dedup_key`` = the alert id, so the resolve
-  closes the incident the trigger opened;
+- ``pagerduty``: an Events API v2 ``trigger`` or ``resolve`` with ``dedup_key`` = the alert id (``<id>@<run id>``
+  for a replay's alert), so the resolve closes the incident the trigger opened;
 - ``alertmanager``: the list ``POST /api/v2/alerts`` takes. Firing and resolved events carry the same labels
-  (Alertmanager identifies an alert by them), and the resolved one sets ``endsAt``.
+  (Alertmanager identifies an alert by them; a replay's alert adds ``run_id``), and the resolved one sets ``endsAt``.
 
 ``render`` returns the body bytes; signing and sending are the dispatcher's.
 """
@@ -112,7 +112,7 @@ def _slack(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
 
 
 def _pagerduty(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
-    event: dict[str, Any] = {"routing_key": ctx.routing_key, "dedup_key": alert.id}
+    event: dict[str, Any] = {"routing_key": ctx.routing_key, "dedup_key": alert.episode_id}
     if alert.status == "resolved":
         event["event_action"] = "resolve"
         return event
@@ -153,6 +153,8 @@ def _alertmanager(alert: AlertRecord, ctx: DeliveryContext) -> list[dict[str, An
         "alert_id": alert.id,
         "source": "finpulse",
     }
+    if alert.run_id:
+        labels["run_id"] = alert.run_id
     if alert.status == "resolved":
         ends_at = alert.resolved_at or alert.emitted_at
     else:

@@ -371,6 +371,17 @@ class AlertRecord(_Record):
     _time_fields: ClassVar[tuple[str, ...]] = ("window_start", "window_end", "started_at", "emitted_at", "resolved_at")
 
     @property
+    def episode_id(self) -> str:
+        """What receivers deduplicate and group on (webhook-id, PagerDuty dedup_key): the id, plus the run id for a
+        replay's alert, so that replays collide neither with live alerts nor with each other. ``id`` itself leaves
+        the run out (replay output is the same whatever the run id), and a live alert's stays as it always was."""
+        return f"{self.id}@{self.run_id}" if self.run_id else self.id
+
+    @property
     def event_id(self) -> str:
         """Identifies this notification (the episode plus its status): the unit of delivery dedup."""
-        return f"{self.id}:{self.status}"
+        return self.event_id_of(self.status)
+
+    def event_id_of(self, status: str) -> str:
+        """The event id of this episode's ``status`` event (a resolve finds its firing's deliveries by it)."""
+        return f"{self.episode_id}:{status}"

@@ -207,8 +207,10 @@ def test_routing_filters_replays_and_private_addresses(fp_settings, topics, capl
     energy = make_alert("firing", id="en1", severity="critical")
     energy_resolved = make_alert("resolved", id="en1", severity="info")
     ticker = make_alert("firing", id="tk1", key_type="ticker", key="AAPL", severity="info")
-    replayed = make_alert("firing", id="rp1", run_id="bt-1")
-    produce(fp_settings, topics.alerts, [energy, ticker, replayed, energy_resolved])
+    # Two runs replaying the same episode, and that episode live: the receiver deduplicates by webhook-id.
+    replayed, replayed_again = make_alert("firing", id="rp1", run_id="bt-1"), make_alert("firing", id="rp1", run_id="bt-2")
+    live_rp1 = make_alert("firing", id="rp1", key="Rates")
+    produce(fp_settings, topics.alerts, [energy, ticker, replayed, energy_resolved, replayed_again, live_rp1])
 
     async def scenario():
         receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
@@ -229,7 +231,7 @@ def test_routing_filters_replays_and_private_addresses(fp_settings, topics, capl
         dispatcher = Dispatcher(settings, topics)
         await dispatcher.start()
         try:
-            expected_states = 2 + 2 + 3 + 4 + 3   # desk, energy-am, pd, backtest, guarded
+            expected_states = 3 + 2 + 4 + 2 + 4   # desk, energy-am, pd, backtest, guarded
             for _ in range(600):
                 states = dispatcher.log.states.values()
                 if len(dispatcher.log.states) == expected_states and all(s.terminal for s in states):
@@ -244,19 +246,20 @@ def test_routing_filters_replays_and_private_addresses(fp_settings, topics, capl
         receiver, states, endpoints_repr = asyncio.run(scenario())
 
     wanted = {("desk", "en1:firing"), ("desk", "en1:resolved"),    # a resolve follows its firing, whatever its severity
-              ("energy-am", "en1:firing"), ("energy-am", "en1:resolved"),
-              ("pd", "en1:firing"), ("pd", "tk1:firing"), ("pd", "en1:resolved"),
-              ("backtest", "en1:firing"), ("backtest", "tk1:firing"), ("backtest", "en1:resolved"),
-              ("backtest", "rp1:firing")}                           # the replay reaches the replay endpoint only
+              ("desk", "rp1:firing"), ("energy-am", "en1:firing"), ("energy-am", "en1:resolved"),
+              ("pd", "en1:firing"), ("pd", "tk1:firing"), ("pd", "en1:resolved"), ("pd", "rp1:firing"),
+              # Replays reach the replay endpoint only, each run as its own event; live alerts never go there.
+              ("backtest", "rp1@bt-1:firing"), ("backtest", "rp1@bt-2:firing")}
     paths = {"desk": "/desk", "energy-am": "/api/v2/alerts", "pd": "/pd", "backtest": "/backtest"}
     expected = Counter({(webhook_id(delivery_key(event, name)), paths[name]): 1 for name, event in wanted})
     assert Counter((item["webhook_id"], item["path"]) for item in receiver.items) == expected
     am = [i["payload"] for i in receiver.items if i["path"] == "/api/v2/alerts"]
     assert am[0][0]["labels"] == am[1][0]["labels"] and am[1][0]["labels"]["severity"] == "critical"
+    assert not receiver.duplicates
     pd = {i["payload"]["event_action"]: i["payload"] for i in receiver.items if i["path"] == "/pd" and i["payload"]["dedup_key"] == "en1"}
     assert pd["resolve"]["routing_key"] == routing_key and pd["trigger"]["dedup_key"] == pd["resolve"]["dedup_key"] == "en1"
     guarded = {k: s for k, s in states.items() if s.endpoint == "guarded"}
-    assert len(guarded) == 3 and all(s.state == FAILED and s.attempts == 1 and "refused" in s.last_error
+    assert len(guarded) == 4 and all(s.state == FAILED and s.attempts == 1 and "refused" in s.last_error
                                      and "loopback" in s.last_error for s in guarded.values())
     assert all(s.state == DELIVERED for s in states.values() if s.endpoint != "guarded")
     assert not any(s.alert["run_id"] for s in states.values() if s.endpoint != "backtest")

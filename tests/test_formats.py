@@ -104,3 +104,12 @@ def test_headline_and_unknown_format():
     assert "?" in headline(make_alert(observed={}, baseline={}))
     with pytest.raises(ValueError):
         render("teams", make_alert(), ctx())
+
+
+def test_a_replays_alert_is_told_apart_from_the_live_one_by_its_run_id():
+    live, replayed = make_alert(), make_alert(run_id="energy-v2")
+    assert (live.event_id, replayed.event_id) == ("a7f3c2:firing", "a7f3c2@energy-v2:firing")
+    assert rendered("pagerduty", live)["dedup_key"] == "a7f3c2"
+    assert rendered("pagerduty", replayed)["dedup_key"] == "a7f3c2@energy-v2"
+    assert "run_id" not in rendered("alertmanager", live)[0]["labels"]
+    assert rendered("alertmanager", replayed)[0]["labels"]["run_id"] == "energy-v2"
