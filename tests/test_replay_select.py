@@ -12,6 +12,8 @@ import pytest
 from stream.kafka_io import RecordSender
 from stream.records import epoch_ms, format_time
 from stream.replay.select import select_messages, topic_kinds
+from tests.procs import write_config
+from tests.test_replay import finpulse
 
 T0 = datetime(2026, 3, 2, 0, 0, tzinfo=timezone.utc)
 MINUTE_MS = 60_000
@@ -124,3 +126,33 @@ def test_disorder_beyond_the_bound_is_counted_and_still_replayed(fp_settings, to
                                 wanted=("news",))
     assert exact == sorted(exact) and exact_stats.disorder_exceeded == 0
     assert {identity(m) for m in exact} == {identity(m) for m in messages}
+
+
+OUTLIERS = {      # one record among 1001 six seconds apart: where it goes, what it is
+    "published long before, in the middle of the range": (500, lambda t, at: (t.news, 0, news("x", T0.replace(year=2001)), at)),
+    "published long after, in the range": (350, lambda t, at: (t.news, 0, news("x", T0.replace(year=2062)), at)),
+    "malformed, stamped long after, in the range": (400, lambda t, at: (t.news, 0, b"not json",
+                                                                        T0.replace(year=2062))),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTLIERS))
+def test_one_record_far_off_in_time_neither_ends_nor_starts_the_selection(fp_settings, topics, tmp_path, case):
+    """Before, one record whose time was >= to + D ended its partition, and one older than from - D that the start
+    search happened to probe made reading start after it: most of the range was silently dropped."""
+    position, outlier = OUTLIERS[case]
+    rows = [(topics.news, 0, news(f"m{i}", T0 + timedelta(seconds=6 * i)), T0 + timedelta(seconds=6 * i))
+            for i in range(1001)]
+    rows[position] = outlier(topics, rows[position][3])
+    produce(fp_settings, rows)
+    start, end = T0 + timedelta(minutes=30), T0 + timedelta(minutes=60)     # records 300 to 599
+    messages, stats = select(fp_settings, topics, start, end, 900, wanted=("news",))
+    assert {identity(m) for m in messages} == {f"m{i}" for i in range(300, 600) if i != position}
+    assert stats.outliers == (0 if "malformed" in case else 1)
+    assert stats.stopped_early == 1 and stats.read < 700
+
+    code, out, err = finpulse(write_config(fp_settings, tmp_path / "fp.toml"), "export", "--from", format_time(start),
+                              "--to", format_time(end), "--topics", "news", "--out", str(tmp_path / "archive"),
+                              "--max-disorder", "15m", "--no-progress")
+    assert code == 0 and "exported 299 message(s)" in out, out + err
+    assert ("1 record(s) had times far from their neighbours'" in err) == ("malformed" not in case), err

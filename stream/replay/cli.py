@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 
 from .plan import ReplayError
@@ -61,9 +62,15 @@ def _fail(command: str, exc: Exception) -> int:
     return 2
 
 
+def _warn(command: str, warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"finpulse {command}: warning: {warning}", file=sys.stderr)
+
+
 def _replay(args, settings) -> int:
     from .plan import build_plan
     from .run import ReplayInterrupted, run_replay
+    from .select import selection_warnings
     try:
         plan = build_plan(settings, run_id=args.run_id, start=args.start, end=args.end, topics=args.topics,
                           config=args.replay_config, scorer=args.scorer, model_dir=args.model_dir, device=args.device,
@@ -85,6 +92,7 @@ def _replay(args, settings) -> int:
           f"{counts.get('alerts_firing', 0)} alerts firing / {counts.get('alerts_resolved', 0)} resolved "
           f"in {manifest['elapsed_s']:.1f}s ({rate:.0f} msg/s); model {manifest['model_version']}, config "
           f"{manifest['config_hash']}; Parquet in {plan.out_dir}; topics {', '.join(manifest['topics_out'])}")
+    _warn("replay", selection_warnings(counts, plan.replay.max_disorder_s))
     if plan.test_endpoint:
         print(f"test endpoint {plan.test_endpoint}: {counts.get('test_endpoint_delivered', 0)} delivered, "
               f"{counts.get('test_endpoint_failed', 0)} failed, {counts.get('test_endpoint_unfinished', 0)} unfinished")
@@ -102,7 +110,7 @@ def _export(args, settings) -> int:
 
     from .archive import ArchiveError, check_export_dir, export_archive
     from .plan import ReplaySettings, parse_disorder, parse_range, parse_topics
-    from .select import KafkaSelection
+    from .select import KafkaSelection, selection_warnings
 
     try:
         from_ms, to_ms = parse_range(args.start, args.end)
@@ -122,6 +130,7 @@ def _export(args, settings) -> int:
             return _fail("export", exc)
         print(f"exported {result.rows} message(s) to {out} ({len(result.files)} file(s), days "
               f"{', '.join(result.days) or 'none'})")
+        _warn("export", selection_warnings(dataclasses.asdict(selection.stats), disorder))
         return 0
 
     return asyncio.run(export())

@@ -293,7 +293,8 @@ class ReplayRunner:
         self.files.extend(self.sink.write(part))
         self.files = sorted(set(self.files))
         await sender.flush()
-        self.counts["disorder_exceeded"] = self.selection_stats.disorder_exceeded
+        for name in ("disorder_exceeded", "outliers", "stopped_early"):
+            self.counts[name] = getattr(self.selection_stats, name)
         manifest = self.manifest()
         tmp = self.plan.out_dir / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -6,29 +6,33 @@ approximately), so the replay searches the records themselves. A message's event
 rejected like the worker dead-letters it) the Kafka record timestamp stands in.
 
 Timestamps within a partition are not monotonic, so the search assumes a bound ``D`` (``max_disorder_s``) on
-disorder: a record is never more than ``D`` older than a record written before it in the same partition. Then:
+disorder: a record is never more than ``D`` older than a record written before it in the same partition. One
+record can break any bound (a typo, a wrong clock, a malformed message stamped with its write time), so no decision
+rests on one record: a time is only believed when its ``NEIGHBOURS`` agree, and a time that is a stand-in (the
+Kafka timestamp of a malformed message) decides nothing. Then:
 
 * **Lower bound.** Any record with time ``< T1 - D`` proves every record before it has time ``< T1``. A binary
-  search over offsets (one fetch per probe) finds such a record as late as it can; reading starts right after it.
+  search over offsets finds such a record as late as it can; each probe reads ``NEIGHBOURS`` records and believes
+  their median. Reading starts right after the record that proved it.
 * **Upper bound.** A record with time ``>= T2 + D`` proves every later record has time ``>= T2``: reading stops
-  there, or at the partition's end as seen when the replay started (the fetch high watermark, not
-  ``end_offsets``, which tansu reports too low).
+  after ``NEIGHBOURS`` such records in a row, or at the partition's end as seen when the replay started (the fetch
+  high watermark, not ``end_offsets``, which tansu reports too low). A shorter run of late records followed by
+  earlier ones is counted in ``outliers``, as is a record older than its partition's frontier (see below).
 * **Exact filter.** Every message read is kept iff its event time (ms) is in ``[T1, T2)``, so a boundary inside a
   record batch, or a partition whose clock is skewed against the others, changes nothing.
 
 **Merge.** The selected messages come out in the total order (event time, topic, partition, offset). Each
-partition's *frontier* is (the largest time read from it) - ``D``: nothing it yields later is older. A message is
-released once it is older than every live partition's frontier, and the next record is always read from the
-partition with the lowest frontier, so the output is a function of the data alone, never of fetch timing. A record
-that breaks the bound is still replayed (in a deterministic place) and counted in ``disorder_exceeded``: raise
-``max_disorder_s`` when that count is not zero.
+partition's *frontier* is (the median time of its last ``NEIGHBOURS`` records) - ``D``: nothing it yields later is
+older. A message is released once it is older than every live partition's frontier, and the next record is always
+read from the partition with the lowest frontier, so the output is a function of the data alone, never of fetch
+timing. A record that breaks the bound is still replayed (in a deterministic place) and counted in
+``disorder_exceeded``: raise ``max_disorder_s`` when that count is not zero.
 """
 from __future__ import annotations
 
 import asyncio
 import heapq
 import json
-import logging
 import math
 import time
 from collections import deque
@@ -42,10 +46,9 @@ from stream.config import KafkaSettings
 from stream.kafka_io import bootstrap_list, true_ends
 from stream.records import InvalidRecord, epoch_ms, format_time, parse_time
 
-log = logging.getLogger(__name__)
-
 TIME_FIELDS = {"news": "published_at", "comment": "created_at"}
 FETCH_TIMEOUT_S = 30.0
+NEIGHBOURS = 5          # odd: the median of this many records is one of them, and two outliers cannot move it
 
 
 @dataclass(frozen=True, order=True)
@@ -60,6 +63,7 @@ class TimedMessage:
     key: bytes | None = field(compare=False, repr=False)
     value: bytes | None = field(compare=False, repr=False)
     timestamp_ms: int = field(compare=False)    # the Kafka record timestamp
+    fallback: bool = field(default=False, compare=False)    # event_ms is timestamp_ms: its own time is unreadable
 
 
 def format_ms(ms: int) -> str:
@@ -67,12 +71,16 @@ def format_ms(ms: int) -> str:
     return format_time(datetime.fromtimestamp(ms / 1000, tz=timezone.utc))
 
 
-def event_time_ms(value: bytes | None, kind: str, fallback_ms: int) -> int:
-    """The message's own event time in epoch ms, or ``fallback_ms`` (its Kafka timestamp) when unreadable."""
+def event_time_ms(value: bytes | None, kind: str) -> int | None:
+    """The message's own event time in epoch ms, or None when unreadable."""
     try:
         return epoch_ms(parse_time(json.loads(value)[TIME_FIELDS[kind]], TIME_FIELDS[kind]))
     except (TypeError, ValueError, KeyError, IndexError, InvalidRecord, RecursionError, OverflowError):
-        return fallback_ms
+        return None
+
+
+def _median(items):
+    return sorted(items)[len(items) // 2]
 
 
 @dataclass
@@ -82,6 +90,8 @@ class SelectionStats:
     read: int = 0
     selected: int = 0
     disorder_exceeded: int = 0
+    outliers: int = 0            # records far from their neighbours' times, which decided nothing
+    stopped_early: int = 0       # partitions left at a run of records past the range, before their end
     probes: int = 0
     start_offsets: dict[str, int] = field(default_factory=dict)   # "topic[partition]" -> first offset read
 
@@ -95,6 +105,8 @@ class _Cursor:
     stop_offset: int
     frontier_ms: float = -math.inf
     buffer: deque = field(default_factory=deque)
+    recent: deque = field(default_factory=lambda: deque(maxlen=NEIGHBOURS))   # times the frontier is taken from
+    late_run: int = 0            # records in a row at or after the stop bound
 
     @property
     def order(self) -> tuple[float, str, int]:
@@ -160,19 +172,23 @@ class KafkaSelection:
             self.stats.candidates += max(0, ends[tp] - first)
             consumer.seek(tp, first)
 
-    async def _first_at(self, tp: TopicPartition, kind: str, offset: int, end: int) -> TimedMessage | None:
-        """The first record at or after ``offset`` (None at the end)."""
-        if offset >= end:
-            return None
+    async def _records_at(self, tp: TopicPartition, kind: str, offset: int, end: int) -> list[TimedMessage]:
+        """Up to ``NEIGHBOURS`` records from ``offset`` on (fewer near the end)."""
         self._consumer.seek(tp, offset)
         self.stats.probes += 1
+        records: list[TimedMessage] = []
         deadline = time.monotonic() + FETCH_TIMEOUT_S
-        while time.monotonic() < deadline:
-            batch = await self._consumer.getmany(tp, timeout_ms=200, max_records=1)
+        while len(records) < NEIGHBOURS and offset < end:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no record fetched from {tp.topic}[{tp.partition}] at offset {offset} within "
+                                   f"{FETCH_TIMEOUT_S:.0f}s")
+            batch = await self._consumer.getmany(tp, timeout_ms=200, max_records=NEIGHBOURS - len(records))
             for record in batch.get(tp, ()):
-                return _timed(record, kind)
-        raise TimeoutError(f"no record fetched from {tp.topic}[{tp.partition}] at offset {offset} within "
-                           f"{FETCH_TIMEOUT_S:.0f}s")
+                offset = record.offset + 1
+                if record.offset >= end:
+                    break
+                records.append(_timed(record, kind))
+        return records
 
     async def _lower_bound(self, tp: TopicPartition, kind: str, start: int, end: int) -> int:
         """The first offset to read: just after the latest record found with time < from - D (see the docstring)."""
@@ -180,11 +196,12 @@ class KafkaSelection:
         lo, hi = start - 1, end          # lo: a record proven old enough (or before the log); hi: not proven
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            probe = await self._first_at(tp, kind, mid, end)
-            if probe is None or probe.offset >= hi:
-                hi = mid
-            elif probe.event_ms < safe_before:
-                lo = probe.offset
+            probe = [m for m in await self._records_at(tp, kind, mid, end) if not m.fallback]
+            # A record proves it only when the records around it agree (it is their median): one may be a typo.
+            # The median may lie at or past ``hi``: a proof all the same, and the search ends there.
+            median = _median(probe) if probe else None
+            if median is not None and median.event_ms < safe_before:
+                lo = median.offset
             else:
                 hi = mid
         return lo + 1
@@ -221,25 +238,47 @@ class KafkaSelection:
                 continue
             cursor = min(live, key=lambda c: c.order)
             message = await self._pull(cursor)
-            if message is None or message.event_ms >= stop_at:
-                live.remove(cursor)      # everything after a record this late is at or after ``to``
+            if message is None:
+                live.remove(cursor)
                 continue
             stats.read += 1
-            cursor.frontier_ms = max(cursor.frontier_ms, message.event_ms - self.disorder_ms)
+            if not message.fallback:
+                if message.event_ms >= stop_at:
+                    cursor.late_run += 1
+                    if cursor.late_run == NEIGHBOURS:
+                        stats.stopped_early += 1
+                        live.remove(cursor)      # everything after these records is at or after ``to``
+                    continue
+                stats.outliers += cursor.late_run    # the partition came back: those late records were outliers
+                cursor.late_run = 0
+                if message.event_ms < cursor.frontier_ms:
+                    stats.outliers += 1
+                cursor.recent.append(message.event_ms)
+                if len(cursor.recent) == NEIGHBOURS:
+                    cursor.frontier_ms = max(cursor.frontier_ms, _median(cursor.recent) - self.disorder_ms)
             if self.from_ms <= message.event_ms < self.to_ms:
                 if message.event_ms < last_released:
                     stats.disorder_exceeded += 1
                 stats.selected += 1
                 heapq.heappush(heap, message)
-        if stats.disorder_exceeded:
-            log.warning("%d record(s) were more than %.0fs out of order: the selection may be incomplete and their "
-                        "order is not event-time order; raise --max-disorder", stats.disorder_exceeded,
-                        self.disorder_ms / 1000)
+
+
+def selection_warnings(counts: dict, max_disorder_s: float) -> list[str]:
+    """What a person should know about a selection, from its counts (``SelectionStats`` fields or a manifest's)."""
+    warnings = []
+    if counts.get("disorder_exceeded"):
+        warnings.append(f"{counts['disorder_exceeded']} record(s) were more than {max_disorder_s:.0f}s out of order: "
+                        "the selection may be incomplete and their order is not event-time order; raise --max-disorder")
+    if counts.get("outliers"):
+        warnings.append(f"{counts['outliers']} record(s) had times far from their neighbours' (a wrong clock or a "
+                        "typo?): they were replayed if in range, but did not end or start the reading of a partition")
+    return warnings
 
 
 def _timed(record, kind: str) -> TimedMessage:
-    return TimedMessage(event_time_ms(record.value, kind, record.timestamp), record.topic, record.partition,
-                        record.offset, kind, record.key, record.value, record.timestamp)
+    own = event_time_ms(record.value, kind)
+    return TimedMessage(record.timestamp if own is None else own, record.topic, record.partition, record.offset,
+                        kind, record.key, record.value, record.timestamp, fallback=own is None)
 
 
 async def select_messages(kafka: KafkaSettings, topics: dict[str, str], from_ms: int, to_ms: int,
@@ -255,4 +294,5 @@ def topic_kinds(names, wanted: Sequence[str]) -> dict[str, str]:
     return dict(available[w] for w in wanted)
 
 
-__all__ = ["KafkaSelection", "SelectionStats", "TimedMessage", "event_time_ms", "format_ms", "select_messages", "topic_kinds"]
+__all__ = ["KafkaSelection", "SelectionStats", "TimedMessage", "event_time_ms", "format_ms", "select_messages",
+           "selection_warnings", "topic_kinds"]
