@@ -25,6 +25,7 @@ from stream.config import Settings
 from stream.records import AlertRecord, ScoredRecord, TrendRecord, format_time
 from stream.replay.archive import MARKER
 from stream.replay.output import read_table
+from stream.replay.plan import output_topics
 from stream.simulate import Shock, generate
 from stream.topics import TopicNames, admin_client, ensure_topics
 from tests.procs import (json_values, read_all, run_finpulse, start_finpulse, start_worker, wait_for_records,
@@ -242,6 +243,11 @@ def test_identical_runs_and_an_archive_replay_are_byte_identical(dataset, tmp_pa
     assert from_archive["source"] == "archive"
 
 
+def inputs_checkpointed(out_dir: Path) -> int:
+    checkpoint = out_dir / "_checkpoint.json"
+    return json.loads(checkpoint.read_text())["inputs_done"] if checkpoint.exists() else 0
+
+
 def test_ctrl_c_then_rerun_resumes_to_identical_output(dataset, tmp_path):
     """Interrupted by SIGINT after a checkpoint (paced, so it is still running), then run again: it resumes from
     the checkpoint and its Parquet equals an uninterrupted run's, byte for byte."""
@@ -251,7 +257,7 @@ def test_ctrl_c_then_rerun_resumes_to_identical_output(dataset, tmp_path):
     proc = start_finpulse(dataset["settings"], *args, "--speed", "20x", log_dir=tmp_path, name="interrupted")
     try:
         deadline = time.monotonic() + 120
-        while not (out_dir / "_checkpoint.json").exists():
+        while not inputs_checkpointed(out_dir):
             assert proc.running() and time.monotonic() < deadline, proc.tail()
             time.sleep(0.1)
         os.kill(proc.pid, signal.SIGINT)
@@ -270,6 +276,30 @@ def test_ctrl_c_then_rerun_resumes_to_identical_output(dataset, tmp_path):
     assert digests(out_dir) == digests(tmp_path / "reference")
     assert json.loads((out_dir / "manifest.json").read_text())["counts"] == reference["counts"]
     assert not (out_dir / "_checkpoint.json").exists()
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_a_run_that_resumes(dataset, tmp_path):
+    """Interrupted once its topics exist but long before its first part is done (paced at event time): the same
+    command runs it to the end (before, the run id was taken: its topics existed and no checkpoint did)."""
+    out_dir = tmp_path / "early"
+    args = ["replay", *RANGE, "--run-id", "stopped-early", "--parquet", str(out_dir)]
+    run_topics = set(output_topics(TopicNames(dataset["settings"].kafka.topic_prefix).replay("stopped-early")))
+    proc = start_finpulse(dataset["settings"], *args, "--speed", "1x", log_dir=tmp_path, name="interrupted")
+    try:
+        deadline = time.monotonic() + 120
+        while not run_topics <= broker_topics(dataset["settings"]):
+            assert proc.running() and time.monotonic() < deadline, proc.tail()
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 130, proc.tail()
+    finally:
+        proc.stop()
+    assert json.loads((out_dir / "_checkpoint.json").read_text())["inputs_done"] == 0
+
+    code, out, err = finpulse(dataset["config"], *args, "--no-progress")
+    assert code == 0, out + err
+    assert "resuming run stopped-early after input message 0" in out
+    assert json.loads((out_dir / "manifest.json").read_text())["counts"]["inputs"] == len(expected_inputs())
 
 
 # ---------------------------------------------------------------- bad arguments

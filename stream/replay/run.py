@@ -19,7 +19,8 @@ misses messages the live system counted (``windows_cut`` counts those dropped). 
 the part's files are written, the Kafka outputs flushed, and ``_checkpoint.json`` saved: the number of inputs
 done, the identity of the last one, and the aggregator and detector states. Running the same command again reads
 the same ordered selection, skips the inputs already done (reading is cheap; they are not scored again), restores
-the states and continues. The Parquet output is byte-identical to an uninterrupted run's; the output *topics* may
+the states and continues (a run stopped before its first part has a checkpoint too, of no input: it starts
+again). The Parquet output is byte-identical to an uninterrupted run's; the output *topics* may
 hold duplicates of the records produced after the last checkpoint (at-least-once: consumers deduplicate by id,
 ``window_id`` and alert ``event_id``, as they do for the live topics).
 
@@ -128,9 +129,13 @@ class ReplayRunner:
         plan = self.plan
         started = time.monotonic()
         with_deliveries = bool(plan.test_endpoint)
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+        if not plan.resume:
+            # Before the run's topics exist: with them and no checkpoint, the same command would find its run id
+            # taken. This one (no input done) makes it a resume.
+            self._save_checkpoint()
         ensure_topics(plan.settings.kafka, output_topics(plan.names, with_deliveries),
                       compacted=plan.names.compacted())
-        plan.out_dir.mkdir(parents=True, exist_ok=True)
         dispatcher = await self._start_dispatcher() if with_deliveries else None
         progress = None
         try:
