@@ -3,6 +3,7 @@
 go to real ``finpulse receiver`` processes over HTTP; the live comparison runs the real worker."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -22,6 +23,7 @@ from alerts.signing import generate_secret
 from stream.broker import free_port
 from stream.cli import main
 from stream.config import Settings
+from stream.kafka_io import RecordSender
 from stream.records import AlertRecord, ScoredRecord, TrendRecord, format_time
 from stream.replay.archive import MARKER
 from stream.replay.output import read_table
@@ -300,6 +302,36 @@ def test_ctrl_c_before_the_first_checkpoint_leaves_a_run_that_resumes(dataset, t
     assert code == 0, out + err
     assert "resuming run stopped-early after input message 0" in out
     assert json.loads((out_dir / "manifest.json").read_text())["counts"]["inputs"] == len(expected_inputs())
+
+
+def test_resuming_over_a_changed_input_fails_clearly(fp_settings, tmp_path):
+    """Interrupted after a checkpoint; then a message older than those done arrives, so the input is no longer the
+    one the checkpoint covers. The rerun says so and exits 2 (before, the error stayed in the reading task and the
+    replay waited for its next batch forever)."""
+    settings = fp_settings.with_overrides(SECTIONS)
+    simulate(settings, tmp_path, {**SIMULATION, "count": 3000})
+    out_dir = tmp_path / "changed"
+    args = ["replay", *RANGE, "--run-id", "changed", "--parquet", str(out_dir), "--no-progress"]
+    proc = start_finpulse(settings, *args, "--speed", "10x", log_dir=tmp_path, name="interrupted")
+    try:
+        deadline = time.monotonic() + 120
+        while not inputs_checkpointed(out_dir):
+            assert proc.running() and time.monotonic() < deadline, proc.tail()
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 130, proc.tail()
+    finally:
+        proc.stop()
+
+    async def send_a_late_arrival():
+        async with RecordSender(settings.kafka) as sender:
+            value = {"id": "late-arrival", "source": "wire", "published_at": format_time(T0), "headline": "Oil rises"}
+            await sender.send(TopicNames(settings.kafka.topic_prefix).news, json.dumps(value).encode(), event_time=T0)
+
+    asyncio.run(send_a_late_arrival())
+    code, out = run_finpulse(settings, *args, log_dir=tmp_path, name="resumed", timeout=120)
+    assert code == 2 and "finpulse replay: error: the input changed since the checkpoint" in out, out[-3000:]
+    assert inputs_checkpointed(out_dir) and not (out_dir / "manifest.json").exists()
 
 
 # ---------------------------------------------------------------- bad arguments

@@ -85,6 +85,8 @@ def _replay(args, settings) -> int:
     except ReplayInterrupted as exc:
         print(f"finpulse replay: {exc}", file=sys.stderr)
         return 130
+    except ReplayError as exc:
+        return _fail("replay", exc)
     counts = manifest["counts"]
     rate = counts.get("inputs", 0) / manifest["elapsed_s"] if manifest["elapsed_s"] else 0.0
     print(f"replay {plan.run_id}: {counts.get('inputs', 0)} messages -> {counts.get('scored', 0)} scored, "

@@ -44,7 +44,8 @@ MANIFEST = "manifest.json"
 
 
 class ReplayError(ValueError):
-    """A replay, export or backtest that cannot run as asked; the message says why. Nothing was written."""
+    """A replay, export or backtest that cannot run as asked; the message says why. Raised before anything is
+    written, or by a running replay whose input fails (its last checkpoint stays)."""
 
 
 @dataclass

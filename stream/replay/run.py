@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import AsyncIterator, Iterable
 
+from aiokafka.errors import KafkaError
 from tqdm import tqdm
 
 from alerts.detect import DetectSettings, SpikeDetector, state_key
@@ -52,7 +53,7 @@ from stream.records import AlertRecord, ScoredRecord, TrendRecord, epoch_ms
 from stream.topics import ensure_topics
 
 from .output import OUTPUT_SCHEMA_VERSION, PartSink, alert_row, scored_row, trend_row
-from .plan import CHECKPOINT, MANIFEST, ReplayPlan, endpoint_named, output_topics
+from .plan import CHECKPOINT, MANIFEST, ReplayError, ReplayPlan, endpoint_named, output_topics
 from .select import KafkaSelection, SelectionStats, TimedMessage, format_ms
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,8 @@ class ReplayRunner:
         try:
             while True:
                 batch = await queue.get()
+                if isinstance(batch, Exception):
+                    raise batch
                 scoring = None
                 if batch is not None:
                     valid, rejected = self._parse(batch)
@@ -211,23 +214,33 @@ class ReplayRunner:
     async def _read_batches(self, messages: AsyncIterator[TimedMessage], batch_size: int, queue: asyncio.Queue,
                             progress) -> None:
         """Fill ``queue`` with batches (the scorer works on one while the next is read); skip what a checkpoint
-        already covers, checking that the input is the same as when it was made."""
+        already covers, checking that the input is the same as when it was made. A failure goes into the queue
+        too: the replay waits on nothing else, and would wait forever."""
+        try:
+            await self._read_into(messages, batch_size, queue, progress)
+        except (KafkaError, OSError, LookupError) as exc:
+            await queue.put(ReplayError(f"reading the input failed: {exc!r}; run the same command again to resume"))
+        except Exception as exc:  # noqa: BLE001 - ReplayError, or a bug: raised by the replay loop either way
+            await queue.put(exc)
+
+    async def _read_into(self, messages: AsyncIterator[TimedMessage], batch_size: int, queue: asyncio.Queue,
+                         progress) -> None:
         skip, position, batch = self.inputs_done, 0, []
         async for message in messages:
             position += 1
             if position <= skip:
                 progress.update(1)
                 if position == skip and identity_of(message) != self.last_input:
-                    raise RuntimeError(f"the input changed since the checkpoint: message {skip} is now "
-                                       f"{identity_of(message)}, was {self.last_input}; start a new run")
+                    raise ReplayError(f"the input changed since the checkpoint: message {skip} is now "
+                                      f"{identity_of(message)}, was {self.last_input}; start a new run")
                 continue
             batch.append(message)
             if len(batch) == batch_size:
                 await queue.put(batch)
                 batch = []
         if position < skip:
-            raise RuntimeError(f"the input changed since the checkpoint: it now has {position} messages, the "
-                               f"checkpoint covers {skip}; start a new run")
+            raise ReplayError(f"the input changed since the checkpoint: it now has {position} messages, the "
+                              f"checkpoint covers {skip}; start a new run")
         if batch:
             await queue.put(batch)
         await queue.put(None)
