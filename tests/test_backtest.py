@@ -10,6 +10,7 @@ import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from stream.cli import main
@@ -139,6 +140,27 @@ def test_backtest_of_a_real_replay_finds_the_simulated_shock(fp_settings, topics
     html = (tmp_path / "report" / "report.html").read_text()
     assert self_contained(html) and "<svg" in html
     assert f"model {manifest['model_version']} · config {manifest['config_hash']}" in html
+
+
+def test_epoch_times_in_the_csv_files_read_as_their_iso_equivalents(known_run, tmp_path):
+    """Events in epoch seconds and prices in epoch milliseconds, as the docs offer (before: "is not ISO-8601")."""
+    def to_epoch(name: str, columns: tuple[str, ...], scale: int) -> Path:
+        frame = pd.read_csv(tmp_path / name, dtype=str)
+        for column in columns:
+            frame[column] = [str(int(pd.Timestamp(t).timestamp() * scale)) for t in frame[column]]
+        frame.to_csv(tmp_path / f"epoch_{name}", index=False)
+        return tmp_path / f"epoch_{name}"
+
+    events, prices = to_epoch("events.csv", ("start", "end"), 1), to_epoch("prices.csv", ("timestamp",), 1000)
+    reports = {}
+    for kind, files in (("iso", (tmp_path / "events.csv", tmp_path / "prices.csv")), ("epoch", (events, prices))):
+        code, out, err = finpulse("backtest", "--run-id", "known", "--parquet", str(known_run), "--out",
+                                  str(tmp_path / kind), "--events", str(files[0]), "--prices", str(files[1]))
+        assert code == 0, out + err
+        reports[kind] = json.loads((tmp_path / kind / "report.json").read_text())
+    assert "AAPL,1772447400," in events.read_text() and "AAPL,1772445600000," in prices.read_text()   # 10:30, 10:00
+    for section in ("alert_quality", "event_study"):
+        assert reports["epoch"][section] == reports["iso"][section]
 
 
 def test_bad_backtest_inputs_fail_clearly_and_write_nothing(known_run, tmp_path):

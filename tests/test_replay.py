@@ -27,7 +27,7 @@ from stream.kafka_io import RecordSender
 from stream.records import AlertRecord, ScoredRecord, TrendRecord, format_time
 from stream.replay.archive import MARKER
 from stream.replay.output import read_table
-from stream.replay.plan import output_topics
+from stream.replay.plan import output_topics, parse_range
 from stream.simulate import Shock, generate
 from stream.topics import TopicNames, admin_client, ensure_topics
 from tests.procs import (json_values, read_all, run_finpulse, start_finpulse, start_worker, wait_for_records,
@@ -394,6 +394,14 @@ def test_bad_arguments_fail_clearly_before_anything_is_written(dataset, tmp_path
     assert message in err and err.startswith("finpulse replay: error: ")
     assert not (tmp_path / "out").exists()
     assert broker_topics(dataset["settings"]) == topics_before
+
+
+def test_the_range_may_be_written_in_epoch_seconds_or_milliseconds():
+    """As the error message and the docs offer (before, any string had to be ISO-8601)."""
+    seconds = int(T0.timestamp())
+    iso = parse_range(format_time(T0), format_time(T2))
+    assert parse_range(str(seconds), str(int(T2.timestamp() * 1000))) == iso
+    assert parse_range(f" {seconds}.000", f"{int(T2.timestamp())}") == iso
 
 
 def test_run_ids_already_taken_are_refused(dataset, tmp_path):

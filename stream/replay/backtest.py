@@ -31,10 +31,10 @@ import pandas as pd
 
 from stream.aggregate import parse_duration_s
 from stream.config import Settings
-from stream.records import InvalidRecord, epoch_ms, parse_time
+from stream.records import InvalidRecord, epoch_ms
 
 from .output import read_table
-from .plan import CHECKPOINT, MANIFEST, ReplayError, ReplaySettings, read_json
+from .plan import CHECKPOINT, MANIFEST, ReplayError, ReplaySettings, parse_user_time, read_json
 from .report import render_html
 
 HORIZONS = {"1h": pd.Timedelta(hours=1), "1d": pd.Timedelta(days=1)}
@@ -69,7 +69,7 @@ def _times(frame: pd.DataFrame, column: str, file: str) -> pd.Series:
     values = []
     for row, text in enumerate(frame[column], start=2):
         try:
-            values.append(epoch_ms(parse_time(text.strip(), column)))
+            values.append(epoch_ms(parse_user_time(text, column)))
         except InvalidRecord as exc:
             raise ReplayError(f"{file} line {row}: {exc.detail}") from None
     return pd.to_datetime(pd.Series(values, index=frame.index, dtype="int64"), unit="ms", utc=True)

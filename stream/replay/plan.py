@@ -25,6 +25,7 @@ import json
 import re
 import tomllib
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,17 @@ class ReplayPlan:
 
 # ---------------------------------------------------------------- pieces
 
+def parse_user_time(text: str, what: str) -> datetime:
+    """A time a person wrote: ISO-8601, or epoch seconds or milliseconds (``parse_time`` reads an epoch only as a
+    number, as records carry it; here every time arrives as a string)."""
+    text = text.strip()
+    return parse_time(float(text) if re.fullmatch(r"[0-9]+(\.[0-9]*)?", text) else text, what)
+
+
 def parse_range(start: str, end: str) -> tuple[int, int]:
     try:
-        from_ms = epoch_ms(parse_time(start, "--from"))
-        to_ms = epoch_ms(parse_time(end, "--to"))
+        from_ms = epoch_ms(parse_user_time(start, "--from"))
+        to_ms = epoch_ms(parse_user_time(end, "--to"))
     except InvalidRecord as exc:
         raise ReplayError(f"{exc.detail} (write ISO-8601 like 2026-11-22T12:00:00Z, or epoch seconds)") from None
     if to_ms <= from_ms:
@@ -326,4 +334,4 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
 
 
 __all__ = ["CHECKPOINT", "MANIFEST", "ReplayError", "ReplayPlan", "ReplaySettings", "build_plan", "check_run_id",
-           "effective_config", "output_topics", "overlay_config", "parse_range", "parse_topics"]
+           "effective_config", "output_topics", "overlay_config", "parse_range", "parse_topics", "parse_user_time"]
