@@ -142,6 +142,24 @@ def test_backtest_of_a_real_replay_finds_the_simulated_shock(fp_settings, topics
     assert f"model {manifest['model_version']} · config {manifest['config_hash']}" in html
 
 
+def test_events_the_run_could_not_alert_on_are_left_out_of_recall(known_run, tmp_path):
+    """The run replayed 2026-03-02 (a day): an event the day before and one the day after are not misses (before,
+    recall fell from 2/3 to 2/5); one starting within --match-before after the run's end could still be matched
+    by an early alert, so it counts (here: a miss)."""
+    events = (tmp_path / "events.csv").read_text() + (
+        "AAPL,2026-03-01T10:00:00Z,2026-03-01T11:00:00Z\n"
+        "AAPL,2026-03-03T10:00:00Z,2026-03-03T11:00:00Z\n"
+        "AAPL,2026-03-03T00:30:00Z,2026-03-03T01:00:00Z\n")
+    (tmp_path / "more_events.csv").write_text(events)
+    code, out, err = finpulse("backtest", "--run-id", "known", "--parquet", str(known_run), "--events",
+                              str(tmp_path / "more_events.csv"))
+    assert code == 0, out + err
+    quality = json.loads((known_run / "report.json").read_text())["alert_quality"]
+    assert (quality["events_labeled"], quality["events_detected"], quality["events_outside_range"]) == (4, 2, 2)
+    assert quality["recall"] == pytest.approx(2 / 4) and quality["precision"] == pytest.approx(2 / 3)
+    assert "labeled events outside the run (not counted)" in (known_run / "report.html").read_text()
+
+
 def test_epoch_times_in_the_csv_files_read_as_their_iso_equivalents(known_run, tmp_path):
     """Events in epoch seconds and prices in epoch milliseconds, as the docs offer (before: "is not ISO-8601")."""
     def to_epoch(name: str, columns: tuple[str, ...], scale: int) -> Path:

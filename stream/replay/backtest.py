@@ -10,6 +10,8 @@ Alert quality (firing alerts only; an alert's time is its ``emitted_at``, the ev
 would have raised it):
 
 * an alert *matches* an event with the same key when ``start - match_before <= alert time <= end``;
+* only events the run could match count: those whose ``[start - match_before, end]`` overlaps the run's
+  ``[from, to)`` (``events_outside_range`` says how many were left out);
 * **precision** = alerts matching some event / alerts; **recall** = events matched by some alert / events;
 * **lead time** of a detected event = its start - its first matching alert's time (positive: the alert came first).
 
@@ -104,12 +106,18 @@ def key_matches(event_key: str, key_type: str, key: str) -> bool:
     return event_key == key
 
 
-def alert_quality(alerts: pd.DataFrame, events: pd.DataFrame | None, match_before: pd.Timedelta) -> dict[str, Any]:
+def alert_quality(alerts: pd.DataFrame, events: pd.DataFrame | None, match_before: pd.Timedelta,
+                  replayed: tuple[pd.Timestamp, pd.Timestamp]) -> dict[str, Any]:
     firing = alerts[alerts["status"] == "firing"].sort_values(["emitted_at", "id"], kind="stable")
     out: dict[str, Any] = {"alerts_firing": int(len(firing)), "alerts_resolved": int((alerts["status"] == "resolved").sum()),
                            "match_before_s": match_before.total_seconds()}
     if events is None:
         return {**out, "precision": None, "recall": None, "events": [], "alerts": _alert_rows(firing, {})}
+    # An event no alert of the run could match (the run saw none of its time) is not a miss.
+    start, end = replayed
+    matchable = (events["start"] - match_before < end) & (events["end"] >= start)
+    out["events_outside_range"] = int((~matchable).sum())
+    events = events[matchable]
     matched_alerts: dict[str, str] = {}
     rows = []
     for i, event in events.iterrows():
@@ -249,7 +257,8 @@ def run_backtest(settings: Settings, *, run_id: str, run_dir: str | None = None,
         "run_id": run_id, "model_version": manifest["model_version"], "config_hash": manifest["config_hash"],
         "from": manifest["from"], "to": manifest["to"], "source": manifest["source"], "counts": manifest["counts"],
         "inputs": {"events": events, "prices": prices},
-        "alert_quality": alert_quality(alerts, labeled, before),
+        "alert_quality": alert_quality(alerts, labeled, before, (pd.Timestamp(manifest["from"]),
+                                                                 pd.Timestamp(manifest["to"]))),
         "event_study": event_study(price_table, alerts, scored) if price_table is not None else None,
         "sentiment_over_time": sentiment_over_time(scored),
     }

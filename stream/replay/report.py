@@ -170,6 +170,8 @@ def render_html(report: dict[str, Any], alerts: pd.DataFrame, events: pd.DataFra
              _table([{"figure": "alerts firing", "value": quality["alerts_firing"]},
                      {"figure": "precision", "value": _ratio(quality["precision"])},
                      {"figure": "recall", "value": _ratio(quality["recall"])},
+                     {"figure": "labeled events outside the run (not counted)",
+                      "value": quality.get("events_outside_range", 0)},
                      {"figure": "median lead time (s)", "value": (quality.get("lead_time_s") or {}).get("median")}],
                     ["figure", "value"]),
              timeline("Alerts (triangles, by severity) and labeled events (spans)", label, start, end, alerts, events)]
