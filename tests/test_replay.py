@@ -245,6 +245,22 @@ def test_identical_runs_and_an_archive_replay_are_byte_identical(dataset, tmp_pa
     assert from_archive["source"] == "archive"
 
 
+def test_an_archive_short_of_the_range_and_an_empty_selection_are_warned_about(dataset, tmp_path):
+    config, middle = dataset["config"], format_time(T0 + timedelta(minutes=3))
+    code, out, err = finpulse(config, "export", "--from", format_time(T0), "--to", middle, "--out",
+                              str(tmp_path / "archive"), "--no-progress")
+    assert code == 0 and "warning" not in err, out + err
+    code, out, err = finpulse(config, "replay", *RANGE, "--run-id", "half", "--parquet", str(tmp_path / "half"),
+                              "--archive", str(tmp_path / "archive"), "--no-progress")
+    assert code == 0, out + err
+    assert f"warning: the archive holds no export of {middle} to {format_time(T2)}:" in err, err
+
+    code, out, err = finpulse(config, "export", "--from", "2020-01-01T00:00:00Z", "--to", "2020-01-02T00:00:00Z",
+                              "--out", str(tmp_path / "nothing"), "--no-progress")
+    assert code == 0 and "exported 0 message(s)" in out
+    assert "warning: no input message has an event time in [--from, --to)" in err, err
+
+
 def inputs_checkpointed(out_dir: Path) -> int:
     checkpoint = out_dir / "_checkpoint.json"
     return json.loads(checkpoint.read_text())["inputs_done"] if checkpoint.exists() else 0

@@ -29,6 +29,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stream.records import epoch_ms, parse_time
+
 from .parquet import StreamingFile, with_metadata
 from .select import KafkaSelection, TimedMessage, format_ms
 
@@ -148,6 +150,7 @@ async def export_archive(selection: KafkaSelection, root: Path, from_ms: int, to
 
 
 def _record_export(root: Path, export: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)      # an export of no message wrote no day directory
     marker = root / MARKER
     data = read_marker(root) if marker.exists() else {"format": ARCHIVE_FORMAT, "schema_version": SCHEMA_VERSION,
                                                        "exports": []}
@@ -185,6 +188,7 @@ class ArchiveSelection:
         self.topic_of_kind = {kind: topic for topic, kind in topics.items()}
         self.from_ms, self.to_ms = from_ms, to_ms
         self.files_by_day = self._files()
+        self.uncovered = uncovered(read_marker(self.root)["exports"], from_ms, to_ms)
         self.total = sum(pq.ParquetFile(f).metadata.num_rows for files in self.files_by_day.values() for f in files)
 
     def _files(self) -> dict[str, list[Path]]:
@@ -225,6 +229,21 @@ class ArchiveSelection:
                     continue
                 yield TimedMessage(event_ms[i], topic, columns["partition"][i], columns["offset"][i], kind,
                                    columns["key"][i], columns["value"][i], timestamps[i])
+
+
+def uncovered(exports: list[dict], from_ms: int, to_ms: int) -> list[tuple[int, int]]:
+    """The parts of [from_ms, to_ms) that no export in ``exports`` (the marker's list) covered, in order."""
+    gaps, start = [], from_ms
+    for export in sorted(exports, key=lambda e: e["from"]):
+        begin, end = (epoch_ms(parse_time(export[k])) for k in ("from", "to"))
+        if begin > start:
+            gaps.append((start, min(begin, to_ms)))
+        start = max(start, end)
+        if start >= to_ms:
+            break
+    if start < to_ms:
+        gaps.append((start, to_ms))
+    return [(a, b) for a, b in gaps if a < b]
 
 
 def _check_schema(path: Path) -> None:

@@ -9,6 +9,7 @@ import sys
 from .plan import ReplayError
 
 SCORERS = ["auto", "model", "baseline", "noop"]
+NOTHING_SELECTED = "no input message has an event time in [--from, --to): check the range and --topics"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +71,7 @@ def _warn(command: str, warnings: list[str]) -> None:
 def _replay(args, settings) -> int:
     from .plan import build_plan
     from .run import ReplayInterrupted, run_replay
-    from .select import selection_warnings
+    from .select import format_ms, selection_warnings
     try:
         plan = build_plan(settings, run_id=args.run_id, start=args.start, end=args.end, topics=args.topics,
                           config=args.replay_config, scorer=args.scorer, model_dir=args.model_dir, device=args.device,
@@ -78,6 +79,10 @@ def _replay(args, settings) -> int:
                           test_endpoint=args.test_endpoint, max_disorder=args.max_disorder, batch_size=args.batch_size)
     except ReplayError as exc:
         return _fail("replay", exc)
+    if plan.archive is not None and plan.archive.uncovered:
+        gaps = ", ".join(f"{format_ms(a)} to {format_ms(b)}" for a, b in plan.archive.uncovered)
+        _warn("replay", [f"the archive holds no export of {gaps}: messages of that time are missing from this "
+                         "replay (export them first)"])
     if plan.resume:
         print(f"resuming run {plan.run_id} after input message {plan.resume['inputs_done']}", flush=True)
     try:
@@ -95,6 +100,8 @@ def _replay(args, settings) -> int:
           f"in {manifest['elapsed_s']:.1f}s ({rate:.0f} msg/s); model {manifest['model_version']}, config "
           f"{manifest['config_hash']}; Parquet in {plan.out_dir}; topics {', '.join(manifest['topics_out'])}")
     _warn("replay", selection_warnings(counts, plan.replay.max_disorder_s))
+    if not counts.get("inputs"):
+        _warn("replay", [NOTHING_SELECTED])
     if plan.test_endpoint:
         print(f"test endpoint {plan.test_endpoint}: {counts.get('test_endpoint_delivered', 0)} delivered, "
               f"{counts.get('test_endpoint_failed', 0)} failed, {counts.get('test_endpoint_unfinished', 0)} unfinished")
@@ -133,6 +140,8 @@ def _export(args, settings) -> int:
         print(f"exported {result.rows} message(s) to {out} ({len(result.files)} file(s), days "
               f"{', '.join(result.days) or 'none'})")
         _warn("export", selection_warnings(dataclasses.asdict(selection.stats), disorder))
+        if not result.rows:
+            _warn("export", [NOTHING_SELECTED])
         return 0
 
     return asyncio.run(export())
