@@ -197,6 +197,28 @@ def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path):
     assert len(endpoints[1].signing_secrets) == 2 and endpoints[3].url.reveal() == "https://events.pagerduty.com/v2/enqueue"
 
 
+def dispatch_until_settled(topics, receiver: Receiver, deliveries: int, settings_for, polls: int = 600) -> dict:
+    """Serve ``receiver`` on a free port and run a real Dispatcher with ``settings_for(port)`` until ``deliveries``
+    delivery states exist and all are final (or ``polls`` tenths of a second pass); returns the states."""
+    async def scenario():
+        runner = web.AppRunner(receiver.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        dispatcher = Dispatcher(settings_for(runner.addresses[0][1]), topics)
+        await dispatcher.start()
+        try:
+            for _ in range(polls):
+                if len(dispatcher.log.states) == deliveries and all(s.terminal for s in dispatcher.log.states.values()):
+                    break
+                await asyncio.sleep(0.1)
+            return dict(dispatcher.log.states)
+        finally:
+            await dispatcher.stop()
+            await runner.cleanup()
+
+    return asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------- routing, filters, replay isolation, the guard
 
 def test_routing_filters_replays_and_private_addresses(fp_settings, topics, caplog, monkeypatch):
@@ -275,30 +297,14 @@ def test_failures_are_recorded_at_the_horizon_and_at_once_for_client_errors(fp_s
     alerts = [make_alert("firing", id="f1"), make_alert("resolved", id="f1")]
     produce(fp_settings, topics.alerts, alerts)
 
-    async def scenario():
-        receiver = Receiver(ReceiverOptions(secrets=[generate_secret()], quiet=True))
-        runner = web.AppRunner(receiver.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        common = {"secret_env": "T_FAIL_SECRET", "allow_private": True}
-        settings = fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "endpoints": [
+    receiver = Receiver(ReceiverOptions(secrets=[generate_secret()], quiet=True))
+    common = {"secret_env": "T_FAIL_SECRET", "allow_private": True}
+    states = dispatch_until_settled(topics, receiver, 4, lambda port: fp_settings.with_overrides({"alerts": {
+        "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "endpoints": [
             # The horizon runs from when the alerts were emitted: it leaves time for the dispatcher to join its group.
             {"name": "gone", "url": f"http://127.0.0.1:{free_port()}/x", "retry_horizon_s": 10, **common},
-            {"name": "wrong-key", "url": f"http://127.0.0.1:{runner.addresses[0][1]}/x", **common},
-        ]}})
-        dispatcher = Dispatcher(settings, topics)
-        await dispatcher.start()
-        try:
-            for _ in range(600):
-                if len(dispatcher.log.states) == 4 and all(s.terminal for s in dispatcher.log.states.values()):
-                    break
-                await asyncio.sleep(0.1)
-            return dict(dispatcher.log.states), receiver
-        finally:
-            await dispatcher.stop()
-            await runner.cleanup()
-
-    states, receiver = asyncio.run(scenario())
+            {"name": "wrong-key", "url": f"http://127.0.0.1:{port}/x", **common},
+        ]}}))
     # What the dispatcher recorded is what a new reader of the deliveries topic sees.
     def essentials(found):
         return {k: (v.state, v.attempts, v.last_error, v.last_status, v.seq) for k, v in found.items()}
@@ -321,27 +327,11 @@ def test_a_retry_after_of_a_day_pauses_the_endpoint_for_backoff_max_s_only(fp_se
     monkeypatch.setenv("T_RA_SECRET", secret)
     produce(fp_settings, topics.alerts, [make_alert("firing", id="ra1"), make_alert("resolved", id="ra1")])
 
-    async def scenario():
-        receiver = Receiver(ReceiverOptions(secrets=[secret], throttle=1, retry_after_s=86400, quiet=True))
-        runner = web.AppRunner(receiver.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        settings = fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "endpoints": [
-            {"name": "desk", "url": f"http://127.0.0.1:{runner.addresses[0][1]}/x", "secret_env": "T_RA_SECRET",
-             "allow_private": True, "retry_horizon_s": 600}]}})
-        dispatcher = Dispatcher(settings, topics)
-        await dispatcher.start()
-        try:
-            for _ in range(300):
-                if len(dispatcher.log.states) == 2 and all(s.terminal for s in dispatcher.log.states.values()):
-                    break
-                await asyncio.sleep(0.1)
-            return dict(dispatcher.log.states), receiver
-        finally:
-            await dispatcher.stop()
-            await runner.cleanup()
-
-    states, receiver = asyncio.run(scenario())
+    receiver = Receiver(ReceiverOptions(secrets=[secret], throttle=1, retry_after_s=86400, quiet=True))
+    states = dispatch_until_settled(topics, receiver, 2, lambda port: fp_settings.with_overrides({"alerts": {
+        "backoff_initial_s": 0.1, "backoff_max_s": 0.5, "endpoints": [
+            {"name": "desk", "url": f"http://127.0.0.1:{port}/x", "secret_env": "T_RA_SECRET",
+             "allow_private": True, "retry_horizon_s": 600}]}}), polls=300)
     firing, resolve = states[delivery_key("ra1:firing", "desk")], states[delivery_key("ra1:resolved", "desk")]
     assert (firing.state, firing.attempts, resolve.state, resolve.attempts) == (DELIVERED, 2, DELIVERED, 1)
     assert [r["status"] for r in receiver.requests] == [429, 200, 200]
@@ -363,28 +353,13 @@ def test_a_new_dispatcher_expires_old_alerts_and_retries_only_within_their_windo
              make_alert("firing", id="gone1", key="Gone", emitted_at=now - timedelta(seconds=100))]
     produce(fp_settings, topics.alerts, old + fresh)
 
-    async def scenario():
-        receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
-        runner = web.AppRunner(receiver.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        common = {"secret_env": "T_OLD_SECRET", "allow_private": True}
-        settings = fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "endpoints": [
-            {"name": "desk", "url": f"http://127.0.0.1:{runner.addresses[0][1]}/x", "keys": ["Topic*", "Energy*", "Late"], **common},
-            {"name": "gone", "url": f"http://127.0.0.1:{free_port()}/x", "keys": ["Gone"], "retry_horizon_s": 101, **common}]}})
-        dispatcher = Dispatcher(settings, topics)
-        await dispatcher.start()
-        try:
-            for _ in range(300):
-                if len(dispatcher.log.states) == 15 and all(s.terminal for s in dispatcher.log.states.values()):
-                    break
-                await asyncio.sleep(0.1)
-            return dict(dispatcher.log.states), receiver
-        finally:
-            await dispatcher.stop()
-            await runner.cleanup()
-
-    states, receiver = asyncio.run(scenario())
+    receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
+    common = {"secret_env": "T_OLD_SECRET", "allow_private": True}
+    states = dispatch_until_settled(topics, receiver, 15, lambda port: fp_settings.with_overrides({"alerts": {
+        "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "endpoints": [
+            {"name": "desk", "url": f"http://127.0.0.1:{port}/x", "keys": ["Topic*", "Energy*", "Late"], **common},
+            {"name": "gone", "url": f"http://127.0.0.1:{free_port()}/x", "keys": ["Gone"], "retry_horizon_s": 101,
+             **common}]}}), polls=300)
     for alert in old:
         expired = states[delivery_key(alert.event_id, "desk")]
         assert expired.state == EXPIRED and expired.attempts == 0
