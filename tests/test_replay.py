@@ -266,22 +266,29 @@ def inputs_checkpointed(out_dir: Path) -> int:
     return json.loads(checkpoint.read_text())["inputs_done"] if checkpoint.exists() else 0
 
 
-def test_ctrl_c_then_rerun_resumes_to_identical_output(dataset, tmp_path):
-    """Interrupted by SIGINT after a checkpoint (paced, so it is still running), then run again: it resumes from
-    the checkpoint and its Parquet equals an uninterrupted run's, byte for byte."""
-    config = dataset["config"]
-    out_dir = tmp_path / "resumed"
-    args = ["replay", *RANGE, "--run-id", "resumable", "--parquet", str(out_dir)]
-    proc = start_finpulse(dataset["settings"], *args, "--speed", "20x", log_dir=tmp_path, name="interrupted")
+def interrupted_run(settings, args: list[str], speed: str, ready, tmp_path):
+    """``finpulse ARGS --speed SPEED`` (paced, so it is still running), Ctrl-C'd as soon as ``ready()`` holds; it
+    must stop with exit status 130. Returns the stopped process (its output tells what it printed)."""
+    proc = start_finpulse(settings, *args, "--speed", speed, log_dir=tmp_path, name="interrupted")
     try:
         deadline = time.monotonic() + 120
-        while not inputs_checkpointed(out_dir):
+        while not ready():
             assert proc.running() and time.monotonic() < deadline, proc.tail()
             time.sleep(0.1)
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 130, proc.tail()
     finally:
         proc.stop()
+    return proc
+
+
+def test_ctrl_c_then_rerun_resumes_to_identical_output(dataset, tmp_path):
+    """Interrupted by SIGINT after a checkpoint (paced, so it is still running), then run again: it resumes from
+    the checkpoint and its Parquet equals an uninterrupted run's, byte for byte."""
+    config = dataset["config"]
+    out_dir = tmp_path / "resumed"
+    args = ["replay", *RANGE, "--run-id", "resumable", "--parquet", str(out_dir)]
+    proc = interrupted_run(dataset["settings"], args, "20x", lambda: inputs_checkpointed(out_dir), tmp_path)
     assert "Run the same command again to resume" in proc.output()
     assert not (out_dir / "manifest.json").exists()
     done_before = json.loads((out_dir / "_checkpoint.json").read_text())["inputs_done"]
@@ -302,16 +309,7 @@ def test_ctrl_c_before_the_first_checkpoint_leaves_a_run_that_resumes(dataset, t
     out_dir = tmp_path / "early"
     args = ["replay", *RANGE, "--run-id", "stopped-early", "--parquet", str(out_dir)]
     run_topics = set(output_topics(TopicNames(dataset["settings"].kafka.topic_prefix).replay("stopped-early")))
-    proc = start_finpulse(dataset["settings"], *args, "--speed", "1x", log_dir=tmp_path, name="interrupted")
-    try:
-        deadline = time.monotonic() + 120
-        while not run_topics <= broker_topics(dataset["settings"]):
-            assert proc.running() and time.monotonic() < deadline, proc.tail()
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(60) == 130, proc.tail()
-    finally:
-        proc.stop()
+    interrupted_run(dataset["settings"], args, "1x", lambda: run_topics <= broker_topics(dataset["settings"]), tmp_path)
     assert json.loads((out_dir / "_checkpoint.json").read_text())["inputs_done"] == 0
 
     code, out, err = finpulse(dataset["config"], *args, "--no-progress")
@@ -328,16 +326,7 @@ def test_resuming_over_a_changed_input_fails_clearly(fp_settings, tmp_path):
     simulate(settings, tmp_path, {**SIMULATION, "count": 3000})
     out_dir = tmp_path / "changed"
     args = ["replay", *RANGE, "--run-id", "changed", "--parquet", str(out_dir), "--no-progress"]
-    proc = start_finpulse(settings, *args, "--speed", "10x", log_dir=tmp_path, name="interrupted")
-    try:
-        deadline = time.monotonic() + 120
-        while not inputs_checkpointed(out_dir):
-            assert proc.running() and time.monotonic() < deadline, proc.tail()
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(60) == 130, proc.tail()
-    finally:
-        proc.stop()
+    interrupted_run(settings, args, "10x", lambda: inputs_checkpointed(out_dir), tmp_path)
 
     async def send_a_late_arrival():
         async with RecordSender(settings.kafka) as sender:
