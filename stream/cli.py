@@ -48,6 +48,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     })
 
 
+def kafka_errors() -> tuple[type[BaseException], ...]:
+    """What "the broker cannot be reached" raises: both Kafka clients' errors (aiokafka for streams, kafka-python for
+    admin) and our own admin connection's timeout."""
+    from aiokafka.errors import KafkaError as AsyncKafkaError
+    from kafka.errors import KafkaError
+    from .topics import BrokerUnreachable
+    return AsyncKafkaError, KafkaError, BrokerUnreachable
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -67,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args, settings) or 0)
     except ConfigError as exc:
         print(f"finpulse: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except kafka_errors() as exc:
+        # A command that cannot reach the broker says so in one line; the traceback is for --log-level debug.
+        logging.getLogger(__name__).debug("Kafka error", exc_info=True)
+        detail = str(exc) if str(exc).startswith((type(exc).__name__, "Kafka at")) else f"{type(exc).__name__}: {exc}"
+        print(f"finpulse: cannot reach Kafka at {settings.kafka.bootstrap_servers} ({detail}); is the broker running? "
+              "(`--bootstrap-servers`, [kafka] bootstrap_servers)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

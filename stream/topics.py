@@ -89,6 +89,10 @@ class ReplayTopicNames(TopicNames):
         return f"{self.live_prefix}.comments"
 
 
+class BrokerUnreachable(RuntimeError):
+    """No broker answered at the configured bootstrap servers within the time allowed."""
+
+
 def admin_client(kafka: KafkaSettings, timeout_s: float = 30.0) -> KafkaAdminClient:
     """Connect, retrying while the broker starts up."""
     deadline = time.monotonic() + timeout_s
@@ -98,7 +102,7 @@ def admin_client(kafka: KafkaSettings, timeout_s: float = 30.0) -> KafkaAdminCli
                                     request_timeout_ms=10_000)
         except (KafkaError, OSError) as exc:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"Kafka at {kafka.bootstrap_servers} is unreachable: {exc}") from None
+                raise BrokerUnreachable(f"Kafka at {kafka.bootstrap_servers} is unreachable: {exc}") from None
             time.sleep(0.25)
 
 

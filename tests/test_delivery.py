@@ -179,6 +179,20 @@ def test_secrets_put_where_env_var_names_belong_are_refused_without_being_printe
         assert not any(s in output for s in [*secrets.values(), slack_url, "T111", "INLINESECRETTOKEN"]), output
 
 
+
+@pytest.mark.parametrize("command", [["dispatch", "--status"], ["dispatch", "--redeliver"], ["dispatch"]])
+def test_dispatch_commands_say_in_one_line_that_kafka_is_unreachable(command):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
+    env["FINPULSE_ALERTS__ENDPOINTS"] = json.dumps([{"name": "desk", "url": "https://risk.example.com/hook",
+                                                     "secret_env": "T_UNREACHABLE_SECRET"}])
+    env["T_UNREACHABLE_SECRET"] = generate_secret()
+    address = f"127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "--bootstrap-servers", address, *command], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"finpulse: cannot reach Kafka at {address}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path):
     text = (REPO / "finpulse.example.toml").read_text()
     # Uncomment the example endpoints too: "# name = ..." lines and "# [[alerts.endpoints]]" headers of [alerts].

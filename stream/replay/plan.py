@@ -235,10 +235,10 @@ def check_output_dir(out_dir: Path, identity: dict) -> dict | None:
 
 def existing_topics(settings: Settings, topics: list[str]) -> list[str]:
     from kafka.errors import KafkaError
-    from stream.topics import admin_client
+    from stream.topics import BrokerUnreachable, admin_client
     try:
         admin = admin_client(settings.kafka, timeout_s=15)
-    except RuntimeError as exc:
+    except BrokerUnreachable as exc:
         raise ReplayError(str(exc)) from None
     try:
         present = set(admin.list_topics())
