@@ -412,8 +412,9 @@ def trend_key(trend: TrendRecord) -> bytes:
 
 SETTLE_TICK_S = 1.0
 # A partition with no message for this long (wall clock) is idle: its quiet keys follow the event time of the
-# active partitions instead of its own, which has stopped.
-IDLE_PARTITION_S = 10.0
+# active partitions instead of its own, which has stopped. Long enough that a partition merely slow to be fetched
+# under load is not taken for idle (its keys would jump ahead of its unread records, which would then be late).
+IDLE_PARTITION_S = 30.0
 
 
 class StreamClock:

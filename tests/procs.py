@@ -205,6 +205,31 @@ def wait_for_records(settings: Settings, topic: str, until: Callable[[list[Consu
     return records
 
 
+def wait_until_consumed(settings: Settings, topic: str, timeout: float = 120.0) -> None:
+    """Wait until the worker's consumer group has committed every record now in ``topic``: what a downstream agent
+    makes of them (alerts of trends, say) has been produced. Without this, reading its output right after its input
+    is a race the worker loses when the machine is busy."""
+    from kafka import KafkaAdminClient
+    ends: dict[int, int] = {}
+    for record in read_all(settings, topic):
+        ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers, client_id="test-lag")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            offsets = admin.list_group_offsets(settings.worker.app_id).get(settings.worker.app_id, {})
+            committed = {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+            behind = {p: end for p, end in ends.items() if committed.get(p, -1) < end}
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{topic}: the worker has not consumed up to {behind} within {timeout:.0f}s "
+                                     f"(committed {committed})")
+            time.sleep(0.5)
+    finally:
+        admin.close()
+
+
 def until_ids(expected: Iterable[str]) -> Callable[[list[ConsumedRecord]], bool]:
     """A ``wait_for_records`` condition: every expected id has been read. Parses each record once."""
     missing = set(expected)

@@ -26,7 +26,7 @@ from stream.kafka_io import RecordSender
 from stream.records import AlertRecord, ScoredRecord, TrendRecord, format_time, parse_input
 from stream.simulate import Shock, generate, shock_truth
 from stream.topics import TopicNames, ensure_topics
-from tests.procs import json_values, read_all, run_finpulse, start_worker, wait_for_records
+from tests.procs import json_values, read_all, run_finpulse, start_worker, wait_for_records, wait_until_consumed
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +78,7 @@ def run_stream(settings: Settings, tmp_path, *simulate_args: str) -> list[AlertR
         names = TopicNames(settings.kafka.topic_prefix)
         wait_for_records(settings, names.trends, shock_topic_done, timeout=300,
                          what="the shock topic's windows closed past the shock")
+        wait_until_consumed(settings, names.trends)     # the detector has judged those windows
         return [AlertRecord.from_dict(v) for v in json_values(read_all(settings, names.alerts))]
 
 
@@ -222,8 +223,8 @@ def test_a_topic_that_goes_quiet_still_closes_its_window_while_the_stream_moves_
             await sender.flush()
             # Longer than IDLE_PARTITION_S of wall clock: wherever the two topics' partitions fall, the quiet one's
             # partition goes idle and follows the busy one's.
-            for step in range(30):
-                await sender.send(names.scored, scored(100 + step, busy, 60 + 10 * step).to_json(), key=busy.encode())
+            for step in range(80):
+                await sender.send(names.scored, scored(100 + step, busy, 60 + 5 * step).to_json(), key=busy.encode())
                 await sender.flush()
                 await asyncio.sleep(0.5)
 
