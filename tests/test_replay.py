@@ -401,6 +401,15 @@ def test_bad_arguments_fail_clearly_before_anything_is_written(dataset, tmp_path
     assert broker_topics(dataset["settings"]) == topics_before
 
 
+def test_an_unknown_device_is_refused_with_the_arguments(capsys):
+    """Before, --device tpu was accepted and ignored by the baseline scorer, or failed after the input was read."""
+    from stream.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", *RANGE, "--run-id", "dev", "--device", "tpu"])
+    assert exit_info.value.code == 2
+    assert "argument --device: 'tpu' is not auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
 def test_the_range_may_be_written_in_epoch_seconds_or_milliseconds():
     """As the error message and the docs offer (before, any string had to be ISO-8601)."""
     seconds = int(T0.timestamp())

@@ -4,26 +4,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import re
 import sys
 
 from .plan import ReplayError
 
 SCORERS = ["auto", "model", "baseline", "noop"]
+REPLAY_EXAMPLES = """examples:
+  finpulse replay --from 2026-03-02T09:00Z --to 2026-03-02T17:00Z --run-id oil-day
+  finpulse replay --from 2026-03-02T09:00Z --to 2026-03-02T17:00Z --run-id oil-day-new \\
+      --model var/models/<version> --config thresholds.toml    # another model, other [detect] thresholds
+  finpulse replay --from 2026-01-01T00:00Z --to 2026-02-01T00:00Z --run-id jan --archive var/archive
+  finpulse backtest --run-id oil-day --events events.csv --prices prices.csv
+"""
 NOTHING_SELECTED = "no input message has an event time in [--from, --to): check the range and --topics"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replay", help="re-run a past event-time range with a chosen model and thresholds into isolated "
-                                      "outputs (topics finpulse.replay.<run-id>.* and Parquet)")
+                                      "outputs (topics finpulse.replay.<run-id>.* and Parquet)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Re-scores the input messages whose event time lies in [--from, --to) with the model "
+                                   "and thresholds given, and writes scored records, trends and alerts to the run's own "
+                                   "topics and to Parquet (<out_dir>/<run-id>/, with manifest.json). Live topics, "
+                                   "consumer groups and alert endpoints are never touched. Interrupted (Ctrl-C, a "
+                                   "crash), the same command resumes from its last checkpoint.",
+                       epilog=REPLAY_EXAMPLES)
     _range_args(p)
     p.add_argument("--run-id", required=True, help="names the run's topics and output directory ([A-Za-z0-9_-])")
     p.add_argument("--model", dest="model_dir", metavar="DIR", help="a trained model directory (default: as [worker])")
     p.add_argument("--scorer", choices=SCORERS, help="which scorer (default [worker] scorer; --model implies model)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--config", dest="replay_config", metavar="FILE",
                    help="TOML laid over the settings: the replay's [aggregate]/[detect] thresholds")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speed", help="send outputs paced at this multiple of event time, e.g. 10x")
+    pace.add_argument("--speed", help="pace the records sent to the run's topics at this multiple of event time, e.g. "
+                                      "10x (what is computed and written to Parquet is the same)")
     pace.add_argument("--max-speed", action="store_true", help="as fast as possible (the default)")
     p.add_argument("--archive", metavar="DIR", help="read inputs from a `finpulse export` archive instead of Kafka")
     p.add_argument("--parquet", metavar="DIR", help="Parquet output directory (default [replay] out_dir/<run-id>)")
@@ -41,21 +57,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("backtest", help="score a replay run's alerts against labeled events and prices: HTML + JSON report")
-    p.add_argument("--run-id", required=True)
+    p.add_argument("--run-id", required=True, help="the replay run to judge (as given to finpulse replay)")
     p.add_argument("--parquet", metavar="DIR", help="the run's output directory (default [replay] out_dir/<run-id>)")
     p.add_argument("--events", metavar="CSV", help="labeled events: key,start,end (key: AAPL, ticker:AAPL or topic:<label>)")
     p.add_argument("--prices", metavar="CSV", help="prices: ticker,timestamp,price")
     p.add_argument("--out", metavar="DIR", help="where report.html and report.json go (default: the run's directory)")
-    p.add_argument("--match-before", default="1h", help="an alert this long before an event's start still detects it")
+    p.add_argument("--match-before", default="1h",
+                   help="an alert this long before an event's start still detects it (default 1h)")
     p.set_defaults(func=_backtest)
 
 
 def _range_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="start", required=True, metavar="T1", help="event time, ISO-8601 (inclusive)")
-    p.add_argument("--to", dest="end", required=True, metavar="T2", help="event time, ISO-8601 (exclusive)")
+    p.add_argument("--from", dest="start", required=True, metavar="T1",
+                   help="event time, ISO-8601 or epoch seconds/milliseconds (inclusive)")
+    p.add_argument("--to", dest="end", required=True, metavar="T2",
+                   help="event time, ISO-8601 or epoch seconds/milliseconds (exclusive)")
     p.add_argument("--topics", default="news,comments", help="input topics: news, comments or both (default both)")
     p.add_argument("--max-disorder", metavar="DURATION",
                    help="how far out of order timestamps may be within a partition (default [replay] max_disorder_s)")
+
+
+def _device(value: str) -> str:
+    # Checked here, as the scorer would only see it after the input is read (and the baseline never).
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not auto, cpu, cuda or cuda:N")
+    return value
 
 
 def _fail(command: str, exc: Exception) -> int:
