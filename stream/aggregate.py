@@ -328,11 +328,15 @@ class WindowAggregator:
         that would close one of its windows (as a message of its own at that time would). Without this a ticker that
         goes quiet after a bearish minute would hold that minute open, and its alert, until its next message, maybe
         hours later. True when the watermark moved (the state must be written)."""
-        if state.next_close_ms is None or (state.watermark_ms is not None and stream_ms <= state.watermark_ms) \
-                or state.next_close_ms + self.lateness_ms > stream_ms:
+        if not self.would_follow(state.watermark_ms, state.next_close_ms, stream_ms):
             return False
         state.advance(stream_ms, now)
         return True
+
+    def would_follow(self, watermark_ms: int | None, next_close_ms: int | None, stream_ms: int) -> bool:
+        """Whether ``follow_stream`` would move a key with this watermark and earliest open window end."""
+        return next_close_ms is not None and next_close_ms + self.lateness_ms <= stream_ms \
+            and (watermark_ms is None or stream_ms > watermark_ms)
 
     def _close_settled(self, key: str, state: KeyWindows) -> list[TrendRecord]:
         if state.next_close_ms is None or state.settled_ms is None \
@@ -434,10 +438,10 @@ class StreamClock:
         self.last_seen[partition] = now
 
     def time_for(self, partition: int, now: float) -> int | None:
-        active = [self.event_ms[p] for p, seen in self.last_seen.items() if now - seen <= IDLE_PARTITION_S]
         if partition in self.event_ms and now - self.last_seen[partition] <= IDLE_PARTITION_S:
             return self.event_ms[partition]
-        return min(active, default=None)
+        return min((self.event_ms[p] for p, seen in self.last_seen.items() if now - seen <= IDLE_PARTITION_S),
+                   default=None)
 
 
 def install(app, settings, names) -> None:
@@ -460,7 +464,9 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
     partials: dict[bytes, set[str]] = defaultdict(set)  # open windows changed since their last partial trend
     clock = {"last_partials": 0.0, "scanned": False}
     stream_clock = StreamClock()
-    open_keys: dict[bytes, int] = {}                   # keys with open windows -> the partition they are read from
+    # Keys with open windows -> (the partition they are read from, watermark, earliest open window end): what the
+    # timer needs to tell, without loading every key's state each second, which quiet keys follow the stream.
+    open_keys: dict[bytes, tuple[int, int | None, int | None]] = {}
     # The agent and the timer both read, publish and then write key states: one at a time, or one would write
     # back a state the other has already moved past.
     exclusive = asyncio.Lock()
@@ -478,21 +484,25 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
             table[key_bytes] = state.to_dict()
             (unsettled.add if state.pending else unsettled.discard)(key_bytes)
             if state.windows and state.offsets:
-                open_keys[key_bytes] = _source_partition(state)
+                open_keys[key_bytes] = _follow_info(state)
             else:
                 open_keys.pop(key_bytes, None)
 
     async def process(events) -> None:
         by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
+        latest: dict[int, int] = {}                      # partition -> the latest event time in this batch
         for event in events:
             sourced = _parse_event(event, key_type)
             if sourced is not None:
-                by_key[sourced[0]].append(sourced[1])
+                key_bytes, item = sourced
+                by_key[key_bytes].append(item)
+                t_ms = epoch_ms(item.record.event_time)
+                if t_ms > latest.get(item.partition, -1):
+                    latest[item.partition] = t_ms
         async with exclusive:
             now = time.time()
-            for sourced_events in by_key.values():
-                for sourced in sourced_events:
-                    stream_clock.saw(sourced.partition, epoch_ms(sourced.record.event_time), now)
+            for partition, t_ms in latest.items():
+                stream_clock.saw(partition, t_ms, now)
             states, closed = {}, []
             for key_bytes, sourced_events in by_key.items():
                 key = key_bytes.decode("utf-8")
@@ -523,14 +533,14 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 if value and value.get("pending"):
                     unsettled.add(key_bytes)
                 if value and value.get("windows") and value.get("offsets"):
-                    open_keys[key_bytes] = _source_partition(KeyWindows.from_dict(value))
+                    open_keys[key_bytes] = _follow_info(KeyWindows.from_dict(value))
             clock["scanned"] = True
         async with exclusive:
             now = time.time()
             states, closed = {}, []
-            for key_bytes, partition in list(open_keys.items()):
+            for key_bytes, (partition, watermark_ms, next_close_ms) in list(open_keys.items()):
                 stream_ms = stream_clock.time_for(partition, now)
-                if stream_ms is None:
+                if stream_ms is None or not aggregator.would_follow(watermark_ms, next_close_ms, stream_ms):
                     continue
                 state = KeyWindows.from_dict(table.get(key_bytes))
                 if aggregator.follow_stream(state, stream_ms, now):
@@ -554,9 +564,10 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
             await publish(updates)
 
 
-def _source_partition(state: KeyWindows) -> int:
-    """The input partition a key is read from (the one with its latest applied offset, should it have moved)."""
-    return int(max(state.offsets, key=state.offsets.get))
+def _follow_info(state: KeyWindows) -> tuple[int, int | None, int | None]:
+    """(the input partition a key is read from, its watermark, its earliest open window end). The partition is the
+    one with the key's latest applied offset, should the key have moved."""
+    return int(max(state.offsets, key=state.offsets.get)), state.watermark_ms, state.next_close_ms
 
 
 def _parse_event(event, key_type: str) -> tuple[bytes, SourcedRecord] | None:
