@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 
 from .data import LabeledSet
-from .modeling import CONFIG_FILE, WEIGHTS_FILE, make_version, read_config, write_json
+from .modeling import CONFIG_FILE, NEUTRAL_TEMPERATURE, WEIGHTS_FILE, make_version, read_config, write_json
 from .scorer import Probabilities
 
-HEADS = ("topic", "sentiment")
-NEUTRAL = {"topic": 1.0, "sentiment": 1.0}
+HEADS = tuple(NEUTRAL_TEMPERATURE)
 # T is searched on a log grid, then refined around the best point; outside this range the fit is surely wrong
 # (too few rows, or a head that predicts one class for everything).
 T_RANGE = (0.25, 8.0)
@@ -83,16 +82,16 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     return round(float(fine[int(np.argmin([loss(t) for t in fine]))]), 4)
 
 
-def _labeled(probs: Probabilities, data: LabeledSet, head: str) -> tuple[np.ndarray, np.ndarray]:
+def scored_rows(probs: Probabilities, data: LabeledSet, head: str) -> tuple[np.ndarray, np.ndarray]:
     """The head's probabilities and labels on the rows that carry a label and were scored."""
     truth = getattr(data, head)
-    rows = (truth >= 0) & np.array([e is None for e in probs.errors], dtype=bool)
+    rows = (truth >= 0) & ~probs.failed()
     return getattr(probs, head)[rows], truth[rows]
 
 
 def fit_temperatures(probs: Probabilities, data: LabeledSet) -> dict[str, float]:
     """One temperature per head, fitted on ``data`` (the validation slice), from probabilities scored at T = 1."""
-    return {head: fit_temperature(*_labeled(probs, data, head)) for head in HEADS}
+    return {head: fit_temperature(*scored_rows(probs, data, head)) for head in HEADS}
 
 
 def calibrated(probs: Probabilities, temperatures: dict[str, float]) -> Probabilities:
@@ -104,7 +103,7 @@ def calibration_report(raw: Probabilities, data: LabeledSet, temperatures: dict[
     """Per head: the temperature and, on ``data``, confidence, accuracy, ECE and NLL before and after it."""
     out: dict[str, Any] = {}
     for head in HEADS:
-        probs, labels = _labeled(raw, data, head)
+        probs, labels = scored_rows(raw, data, head)
         if not len(labels):
             continue
         scaled = rescale(probs, temperatures[head])

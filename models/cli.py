@@ -175,13 +175,14 @@ def _evaluate(args, settings) -> int:
 def _calibrate(args, settings) -> int:
     from .calibration import calibrated, calibration_report, fit_temperatures, format_calibration, save_calibrated
     from .evaluation import reports_from
+    from .modeling import NEUTRAL_TEMPERATURE
 
     # Without --data: fit on the model's validation slice, check on its test slice.
     found = _model_sets_scorer("calibrate", args, settings, ("val", "test"))
     if found is None:
         return 2
     model_dir, [fit_on, check_on], scorer = found
-    scorer.model.temperature = {"topic": 1.0, "sentiment": 1.0}  # fit from the raw logits, whatever it had
+    scorer.model.temperature = dict(NEUTRAL_TEMPERATURE)  # fit from the raw logits, whatever it had
     print(f"calibrating {scorer.model_version} on {'; '.join(fit_on.sources)} ({len(fit_on)} rows)", flush=True)
     fit_raw = scorer.probabilities(fit_on.texts)
     temperature = fit_temperatures(fit_raw, fit_on)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import expected_calibration_error, negative_log_likelihood
+from .calibration import expected_calibration_error, negative_log_likelihood, scored_rows
 from .data import DataError, LabeledSet, fingerprint, load_data, split
 from .labels import SENTIMENTS, TOPICS
 from .metrics import head_report
@@ -22,15 +22,10 @@ from .scorer import BatchScorer, Probabilities
 HEADS = {"topic": TOPICS, "sentiment": SENTIMENTS}
 
 
-def _failed(probs: Probabilities) -> np.ndarray:
-    """True for the rows the scorer could not score."""
-    return np.array([e is not None for e in probs.errors], dtype=bool)
-
-
 def reports_from(probs: Probabilities, data: LabeledSet) -> dict[str, Any]:
     """One report per head with labeled rows. Rows the scorer could not score count as wrong (class -1 -> 0 hit)."""
     out: dict[str, Any] = {}
-    failed = _failed(probs)
+    failed = probs.failed()
     for head, labels in HEADS.items():
         truth = getattr(data, head)
         rows = truth >= 0
@@ -41,12 +36,11 @@ def reports_from(probs: Probabilities, data: LabeledSet) -> dict[str, Any]:
         predicted = np.where(failed, (truth + 1) % len(labels), predicted)
         report = head_report(truth[rows], predicted[rows], labels)
         report["unscorable"] = int((failed & rows).sum())
-        scored = rows & ~failed
-        if scored.any():  # how far the confidences can be trusted: see models.calibration
-            head_probs = getattr(probs, head)[scored]
+        head_probs, scored_truth = scored_rows(probs, data, head)
+        if len(scored_truth):  # how far the confidences can be trusted: see models.calibration
             report["mean_confidence"] = round(float(head_probs.max(1).mean()), 4)
-            report["ece"] = round(expected_calibration_error(head_probs, truth[scored]), 4)
-            report["nll"] = round(negative_log_likelihood(head_probs, truth[scored]), 4)
+            report["ece"] = round(expected_calibration_error(head_probs, scored_truth), 4)
+            report["nll"] = round(negative_log_likelihood(head_probs, scored_truth), 4)
         out[head] = report
     return out
 
@@ -59,7 +53,7 @@ def confident_mistakes(probs: Probabilities, data: LabeledSet, limit: int) -> di
     """Per head, up to ``limit`` wrongly predicted rows, the most confident first: where to look for label noise,
     wording the model has not met, or a class it over-predicts. Unscorable rows are listed with their error."""
     out: dict[str, list[dict[str, Any]]] = {}
-    failed = _failed(probs)
+    failed = probs.failed()
     for head, labels in HEADS.items():
         truth = getattr(data, head)
         if not (truth >= 0).any():

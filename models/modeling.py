@@ -36,6 +36,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+# Softmax temperature per head: 1.0 is the raw softmax (a model not calibrated, or one saved before calibration).
+NEUTRAL_TEMPERATURE = {"topic": 1.0, "sentiment": 1.0}
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
 POOLINGS = ("mean", "cls")
 
@@ -111,7 +113,7 @@ class FinPulseClassifier(nn.Module):
         self.sentiment_head = nn.Linear(hidden, n_sentiments)
         # Per-head softmax temperatures the scorer applies (models.calibration fits them after training);
         # forward() returns raw logits, which training needs.
-        self.temperature = {"topic": 1.0, "sentiment": 1.0}
+        self.temperature = dict(NEUTRAL_TEMPERATURE)
 
     @classmethod
     def from_base(cls, base: str, pooling: str = "mean", dropout: float = 0.1, seed: int = 0) -> "FinPulseClassifier":
@@ -300,7 +302,7 @@ def build_classifier(config: dict[str, Any]) -> FinPulseClassifier:
 def read_temperature(config: dict[str, Any]) -> dict[str, float]:
     """The config's per-head temperatures (models saved before calibration existed have none: 1.0)."""
     given = config.get("temperature") or {}
-    temperature = {"topic": 1.0, "sentiment": 1.0}
+    temperature = dict(NEUTRAL_TEMPERATURE)
     for head, value in given.items():
         if head not in temperature or not isinstance(value, (int, float)) or not 0 < value < 100:
             raise ModelError(f"{CONFIG_FILE} temperature must map topic and sentiment to positive numbers, "

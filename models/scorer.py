@@ -79,6 +79,10 @@ class Probabilities:
     sentiment: np.ndarray   # (n, 3) float32, in SENTIMENTS order
     errors: list[str | None]
 
+    def failed(self) -> np.ndarray:
+        """True for the rows the scorer could not score."""
+        return np.array([e is not None for e in self.errors], dtype=bool)
+
 
 @dataclass
 class _Tokenized:
