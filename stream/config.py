@@ -155,7 +155,8 @@ def _check_env_names(name: str, value: Any, where: str) -> None:
 
 
 def _may_hold_secret(key: str) -> bool:
-    return key.lower().endswith("_env") or any(m in key.lower() for m in _SECRET_MARKERS)
+    """A setting whose value may be a secret: one named like a secret, or a ``*_env`` a secret was pasted into."""
+    return key.lower().endswith("_env") or _names_a_secret(key)
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -205,11 +206,15 @@ def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, An
 _SECRET_MARKERS = ("secret", "password", "token", "key", "authorization")
 
 
+def _names_a_secret(key: str) -> bool:
+    return any(m in key.lower() for m in _SECRET_MARKERS)
+
+
 def _redact(value: Any, key: str = "") -> Any:
     if isinstance(value, Mapping):
         return {k: _redact(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v, key) for v in value]
-    if any(m in key.lower() for m in _SECRET_MARKERS) and not key.lower().endswith("_env"):
+    if _names_a_secret(key) and not key.lower().endswith("_env"):
         return "***"
     return value
