@@ -48,13 +48,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     })
 
 
-def kafka_errors() -> tuple[type[BaseException], ...]:
-    """What "the broker cannot be reached" raises: both Kafka clients' errors (aiokafka for streams, kafka-python for
-    admin) and our own admin connection's timeout."""
-    from aiokafka.errors import KafkaError as AsyncKafkaError
-    from kafka.errors import KafkaError
+def kafka_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(every Kafka error, those that mean "no broker answered"), of both Kafka clients FinPulse uses (aiokafka for
+    streams, kafka-python for admin) and of our own admin connection's timeout."""
+    import aiokafka.errors as aio
+    import kafka.errors as sync
     from .topics import BrokerUnreachable
-    return AsyncKafkaError, KafkaError, BrokerUnreachable
+    unreachable = (aio.KafkaConnectionError, aio.KafkaTimeoutError, sync.KafkaConnectionError,
+                   sync.KafkaTimeoutError, BrokerUnreachable)
+    return (aio.KafkaError, sync.KafkaError, BrokerUnreachable), unreachable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,12 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"finpulse: configuration error: {exc}", file=sys.stderr)
         return 2
-    except kafka_errors() as exc:
-        # A command that cannot reach the broker says so in one line; the traceback is for --log-level debug.
+    except kafka_errors()[0] as exc:
+        # A Kafka failure is one line; the traceback is for --log-level debug.
         logging.getLogger(__name__).debug("Kafka error", exc_info=True)
         detail = str(exc) if str(exc).startswith((type(exc).__name__, "Kafka at")) else f"{type(exc).__name__}: {exc}"
-        print(f"finpulse: cannot reach Kafka at {settings.kafka.bootstrap_servers} ({detail}); is the broker running? "
-              "(`--bootstrap-servers`, [kafka] bootstrap_servers)", file=sys.stderr)
+        servers = settings.kafka.bootstrap_servers
+        if isinstance(exc, kafka_errors()[1]):
+            print(f"finpulse: cannot reach Kafka at {servers} ({detail}); is the broker running? "
+                  "(`--bootstrap-servers`, [kafka] bootstrap_servers)", file=sys.stderr)
+        else:
+            print(f"finpulse: Kafka at {servers} refused the request: {detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
