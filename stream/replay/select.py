@@ -20,6 +20,10 @@ Kafka timestamp of a malformed message) decides nothing. Then:
   earlier ones is counted in ``outliers``, as is a record older than its partition's frontier (see below).
 * **Exact filter.** Every message read is kept iff its event time (ms) is in ``[T1, T2)``, so a boundary inside a
   record batch, or a partition whose clock is skewed against the others, changes nothing.
+* **Progress total.** A second binary search finds, per partition, the first offset whose neighbours agree on a
+  time ``>= T2 + D``: the records between the two bounds (``candidates``) are about the messages in the range, give
+  or take ``D`` of disorder at each end, not everything up to the partition's end. It only sizes progress bars:
+  reading still stops as described above.
 
 **Merge.** The selected messages come out in the total order (event time, topic, partition, offset). Each
 partition's *frontier* is (the median time of its last ``NEIGHBOURS`` records) - ``D``: nothing it yields later is
@@ -86,7 +90,7 @@ def _median(items):
 @dataclass
 class SelectionStats:
     """What a selection read, for the manifest and the progress bar."""
-    candidates: int = 0          # records between the searched start and the partition end (an upper bound)
+    candidates: int = 0          # records between the searched start and end bounds: about the selection's size
     read: int = 0
     selected: int = 0
     disorder_exceeded: int = 0
@@ -117,7 +121,8 @@ class KafkaSelection:
     """The messages of ``topics`` (name -> kind) with event time in [from_ms, to_ms), merged in event-time order.
 
     ``async with KafkaSelection(...) as selection: async for message in selection: ...``. ``total`` (after entering)
-    is an upper bound on how many records will be read, for progress bars."""
+    is about how many records will be read (the messages in the range, give or take ``max_disorder_s`` of records at
+    each end), for progress bars."""
 
     def __init__(self, kafka: KafkaSettings, topics: dict[str, str], from_ms: int, to_ms: int,
                  max_disorder_s: float):
@@ -166,10 +171,12 @@ class KafkaSelection:
         ends = await true_ends(self.kafka.bootstrap_servers, await consumer.end_offsets([tp for tp, _ in tps]))
         # The partitions are searched at the same time: each probe is one fetch round trip.
         firsts = await asyncio.gather(*(self._lower_bound(tp, kind, starts[tp], ends[tp]) for tp, kind in tps))
-        for (tp, kind), first in zip(tps, firsts):
+        lasts = await asyncio.gather(*(self._upper_bound(tp, kind, first, ends[tp])
+                                       for (tp, kind), first in zip(tps, firsts)))
+        for (tp, kind), first, last in zip(tps, firsts, lasts):
             self._cursors.append(_Cursor(tp, kind, first, ends[tp]))
             self.stats.start_offsets[f"{tp.topic}[{tp.partition}]"] = first
-            self.stats.candidates += max(0, ends[tp] - first)
+            self.stats.candidates += max(0, last - first)
             consumer.seek(tp, first)
 
     async def _records_at(self, tp: TopicPartition, kind: str, offset: int, end: int) -> list[TimedMessage]:
@@ -205,6 +212,20 @@ class KafkaSelection:
             else:
                 hi = mid
         return lo + 1
+
+    async def _upper_bound(self, tp: TopicPartition, kind: str, first: int, end: int) -> int:
+        """About where reading will stop: the first offset found whose neighbours agree on a time >= to + D (or the
+        partition's end). The mirror of ``_lower_bound``, for the progress total only."""
+        stop_at = self.to_ms + self.disorder_ms
+        lo, hi = first - 1, end          # lo: not proven past the range; hi: proven (or the end)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            probe = [m for m in await self._records_at(tp, kind, mid, end) if not m.fallback]
+            if probe and _median(probe).event_ms >= stop_at:
+                hi = mid
+            else:
+                lo = mid
+        return hi
 
     async def _pull(self, cursor: _Cursor) -> TimedMessage | None:
         """The cursor's next record, or None when it is done."""
