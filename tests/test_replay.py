@@ -195,8 +195,9 @@ def test_alerts_reach_only_the_named_test_endpoint(dataset, tmp_path, monkeypatc
     alerts_toml = '[alerts]\nreplay_endpoint = "test-hook"\nbackoff_initial_s = 0.2\nbackoff_max_s = 1.0\n' + "".join(
         f'[[alerts.endpoints]]\nname = "{name}"\nurl = "http://127.0.0.1:{port}/hook"\n'
         f'secret_env = ["T_REPLAY_SECRET"]\nallow_private = true\n' for name, port in ports.items())
-    overlay = tmp_path / "alerts.toml"
-    overlay.write_text(alerts_toml)
+    # Endpoints are not thresholds: they belong in the main configuration, not in replay --config.
+    config = tmp_path / "with-endpoints.toml"
+    config.write_text(dataset["config"].read_text() + "\n" + alerts_toml)
     receivers = {name: start_finpulse(dataset["settings"], "receiver", "--port", str(port), "--store", "",
                                       "--secret-env", "T_REPLAY_SECRET", "--quiet", log_dir=tmp_path, name=name,
                                       env={"T_REPLAY_SECRET": secret})
@@ -204,10 +205,9 @@ def test_alerts_reach_only_the_named_test_endpoint(dataset, tmp_path, monkeypatc
     try:
         for name, proc in receivers.items():
             wait_until_listening(ports[name], proc)
-        replay(dataset["config"], "quiet-run", tmp_path / "quiet", "--config", str(overlay))
-        code, out, err = finpulse(dataset["config"], "replay", *RANGE, "--run-id", "hooked-run", "--parquet",
-                                  str(tmp_path / "hooked"), "--no-progress", "--config", str(overlay),
-                                  "--test-endpoint", "test-hook")
+        replay(config, "quiet-run", tmp_path / "quiet")
+        code, out, err = finpulse(config, "replay", *RANGE, "--run-id", "hooked-run", "--parquet",
+                                  str(tmp_path / "hooked"), "--no-progress", "--test-endpoint", "test-hook")
         assert code == 0, out + err
         seen = {name: get_json(f"http://127.0.0.1:{port}/received") for name, port in ports.items()}
     finally:
@@ -238,7 +238,7 @@ def test_identical_runs_and_an_archive_replay_are_byte_identical(dataset, tmp_pa
     assert len(reference) >= 6 and any(name.startswith("alerts/") for name in reference)
     assert digests(tmp_path / "two") == reference
     assert digests(tmp_path / "three") == reference
-    per_run = ("run_id", "source", "topics_out")
+    per_run = ("run_id", "source", "topics_out", "created_at")
     same = {k: v for k, v in first.items() if k not in per_run}
     assert {k: v for k, v in second.items() if k not in per_run} == same
     assert {k: v for k, v in from_archive.items() if k not in per_run} == same

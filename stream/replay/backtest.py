@@ -10,9 +10,12 @@ Alert quality (firing alerts only; an alert's time is its ``emitted_at``, the ev
 would have raised it):
 
 * an alert *matches* an event with the same key when ``start - match_before <= alert time <= end``;
-* only events the run could match count: those whose ``[start - match_before, end]`` overlaps the run's
-  ``[from, to)`` (``events_outside_range`` says how many were left out);
-* **precision** = alerts matching some event / alerts; **recall** = events matched by some alert / events;
+* only events whose first alert the run could raise count in recall: those that start in the run's
+  ``[from, to + match_before)`` (an event that began earlier, in the warm-up or before it, was alerted on, or not,
+  before the run's range; ``events_outside_range`` says how many were left out), and that no alert of the
+  warm-up matched (``events_alerted_in_warmup``: the run's outputs hold no warm-up alert, see ``run.py``);
+* **precision** = alerts matching some labeled event (counted in recall or not) / alerts; **recall** = counted
+  events matched by some alert / counted events;
 * **lead time** of a detected event = its start - its first matching alert's time (positive: the alert came first).
 
 Event study (with prices): the **forward return** over ``h`` (1h, 1d) from time ``t`` is ``p(t+h) / p(t) - 1``,
@@ -106,26 +109,40 @@ def key_matches(event_key: str, key_type: str, key: str) -> bool:
     return event_key == key
 
 
+def _hits(alerts: pd.DataFrame, event, match_before: pd.Timedelta) -> pd.DataFrame:
+    """The alerts (columns key_type, key, emitted_at) that match ``event``."""
+    same_key = alerts[pd.Series([key_matches(event["key"], kt, k) for kt, k in zip(alerts["key_type"], alerts["key"])],
+                                index=alerts.index, dtype=bool)]
+    return same_key[(same_key["emitted_at"] >= event["start"] - match_before) & (same_key["emitted_at"] <= event["end"])]
+
+
 def alert_quality(alerts: pd.DataFrame, events: pd.DataFrame | None, match_before: pd.Timedelta,
-                  replayed: tuple[pd.Timestamp, pd.Timestamp]) -> dict[str, Any]:
+                  replayed: tuple[pd.Timestamp, pd.Timestamp], held_back: list[dict] = ()) -> dict[str, Any]:
+    """Precision, recall and lead times; ``held_back`` are the warm-up's firing alerts (manifest ``warmup``)."""
     firing = alerts[alerts["status"] == "firing"].sort_values(["emitted_at", "id"], kind="stable")
     out: dict[str, Any] = {"alerts_firing": int(len(firing)), "alerts_resolved": int((alerts["status"] == "resolved").sum()),
                            "match_before_s": match_before.total_seconds()}
     if events is None:
         return {**out, "precision": None, "recall": None, "events": [], "alerts": _alert_rows(firing, {})}
-    # An event no alert of the run could match (the run saw none of its time) is not a miss.
     start, end = replayed
-    matchable = (events["start"] - match_before < end) & (events["end"] >= start)
-    out["events_outside_range"] = int((~matchable).sum())
-    events = events[matchable]
+    warmup_alerts = pd.DataFrame(list(held_back), columns=["key_type", "key", "emitted_at"])
+    warmup_alerts["emitted_at"] = pd.to_datetime(warmup_alerts["emitted_at"], utc=True)
+    # Not misses: an event the run could not raise the first alert of, or whose first alert the warm-up held back.
+    in_range = (events["start"] >= start) & (events["start"] - match_before < end)
+    alerted_in_warmup = pd.Series([len(_hits(warmup_alerts, e, match_before)) > 0 for _, e in events.iterrows()],
+                                  index=events.index, dtype=bool)
+    out["events_outside_range"] = int((~in_range).sum())
+    out["events_alerted_in_warmup"] = int((in_range & alerted_in_warmup).sum())
+    counted = in_range & ~alerted_in_warmup
     matched_alerts: dict[str, str] = {}
     rows = []
     for i, event in events.iterrows():
         label = f"{event['key']} @ {event['start']:%Y-%m-%d %H:%M}"
-        hits = firing[[key_matches(event["key"], kt, k) for kt, k in zip(firing["key_type"], firing["key"])]]
-        hits = hits[(hits["emitted_at"] >= event["start"] - match_before) & (hits["emitted_at"] <= event["end"])]
+        hits = _hits(firing, event, match_before)
         for alert_id in hits["id"]:
             matched_alerts.setdefault(alert_id, label)
+        if not counted[i]:
+            continue
         first = hits.iloc[0] if len(hits) else None
         rows.append({"event": label, "key": event["key"], "start": event["start"], "end": event["end"],
                      "detected": first is not None, "first_alert": None if first is None else first["id"],
@@ -257,8 +274,10 @@ def run_backtest(settings: Settings, *, run_id: str, run_dir: str | None = None,
         "run_id": run_id, "model_version": manifest["model_version"], "config_hash": manifest["config_hash"],
         "from": manifest["from"], "to": manifest["to"], "source": manifest["source"], "counts": manifest["counts"],
         "inputs": {"events": events, "prices": prices},
+        "warmup": manifest.get("warmup"),
         "alert_quality": alert_quality(alerts, labeled, before, (pd.Timestamp(manifest["from"]),
-                                                                 pd.Timestamp(manifest["to"]))),
+                                                                 pd.Timestamp(manifest["to"])),
+                                       (manifest.get("warmup") or {}).get("held_back", [])),
         "event_study": event_study(price_table, alerts, scored) if price_table is not None else None,
         "sentiment_over_time": sentiment_over_time(scored),
     }

@@ -1,4 +1,4 @@
-"""Subcommands owned by ``stream.replay``: ``replay``, ``export`` and ``backtest``."""
+"""Subcommands owned by ``stream.replay``: ``replay``, ``export``, ``backtest`` and ``runs``."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,10 @@ REPLAY_EXAMPLES = """examples:
   finpulse replay --from 2026-03-02T09:00Z --to 2026-03-02T17:00Z --run-id oil-day-new \\
       --model var/models/<version> --config thresholds.toml    # another model, other [detect] thresholds
   finpulse replay --from 2026-01-01T00:00Z --to 2026-02-01T00:00Z --run-id jan --archive var/archive
+  finpulse replay --from 2026-03-02T09:00Z --to 2026-03-02T10:00Z --run-id oil-hour --warmup 2h
   finpulse backtest --run-id oil-day --events events.csv --prices prices.csv
+  finpulse runs                                    # every run: range, warm-up, model, status, counts
+  finpulse runs delete oil-day --yes               # its topics and its Parquet directory
 """
 NOTHING_SELECTED = "no input message has an event time in [--from, --to): check the range and --topics"
 
@@ -27,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Re-scores the input messages whose event time lies in [--from, --to) with the model "
                                    "and thresholds given, and writes scored records, trends and alerts to the run's own "
                                    "topics and to Parquet (<out_dir>/<run-id>/, with manifest.json). Live topics, "
-                                   "consumer groups and alert endpoints are never touched. Interrupted (Ctrl-C, a "
-                                   "crash), the same command resumes from its last checkpoint.",
+                                   "consumer groups and alert endpoints are never touched. Before --from it reads a "
+                                   "warm-up (--warmup) that builds windows and detector baselines as live had them, "
+                                   "and writes nothing of it. Interrupted (Ctrl-C, a crash), the same command resumes "
+                                   "from its last checkpoint.",
                        epilog=REPLAY_EXAMPLES)
     _range_args(p)
     p.add_argument("--run-id", required=True, help="names the run's topics and output directory ([A-Za-z0-9_-])")
@@ -36,7 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scorer", choices=SCORERS, help="which scorer (default [worker] scorer; --model implies model)")
     p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--config", dest="replay_config", metavar="FILE",
-                   help="TOML laid over the settings: the replay's [aggregate]/[detect] thresholds")
+                   help="TOML with the replay's thresholds, laid over the settings: only [aggregate] and [detect] "
+                        "(any other section is refused: the broker, topics and endpoints come from finpulse --config)")
+    p.add_argument("--warmup", metavar="DURATION",
+                   help="read and score this long before --from to build windows and baselines, writing nothing of "
+                        "it: e.g. 30m, 2h, 0 for a cold start (default auto: [detect] warmup_windows x window_s)")
     pace = p.add_mutually_exclusive_group()
     pace.add_argument("--speed", help="pace the records sent to the run's topics at this multiple of event time, e.g. "
                                       "10x (what is computed and written to Parquet is the same)")
@@ -65,6 +74,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--match-before", default="1h",
                    help="an alert this long before an event's start still detects it (default 1h)")
     p.set_defaults(func=_backtest)
+
+    p = sub.add_parser("runs", help="list replay runs (directories and topics), or delete one")
+    p.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
+    p.set_defaults(func=_runs_list)
+    runs = p.add_subparsers(dest="runs_command", metavar="ACTION")
+    p = runs.add_parser("list", help="every run in [replay] out_dir or on the broker (the default)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
+    p.set_defaults(func=_runs_list)
+    p = runs.add_parser("delete", help="delete a run: its topics, its test-endpoint consumer group and its Parquet "
+                                       "directory (never anything that is not that run's)")
+    p.add_argument("run_id", metavar="RUN_ID", help="the run to delete, as given to finpulse replay --run-id")
+    p.add_argument("--parquet", metavar="DIR", help="the run's directory, if not [replay] out_dir/<run-id>")
+    p.add_argument("--yes", action="store_true", help="delete; without it, only say what would be deleted")
+    p.set_defaults(func=_runs_delete)
 
 
 def _range_args(p: argparse.ArgumentParser) -> None:
@@ -97,18 +120,17 @@ def _warn(command: str, warnings: list[str]) -> None:
 def _replay(args, settings) -> int:
     from .plan import build_plan
     from .run import ReplayInterrupted, run_replay
-    from .select import format_ms, selection_warnings
+    from .select import selection_warnings
     try:
         plan = build_plan(settings, run_id=args.run_id, start=args.start, end=args.end, topics=args.topics,
                           config=args.replay_config, scorer=args.scorer, model_dir=args.model_dir, device=args.device,
                           speed=args.speed, archive=args.archive, parquet=args.parquet,
-                          test_endpoint=args.test_endpoint, max_disorder=args.max_disorder, batch_size=args.batch_size)
+                          test_endpoint=args.test_endpoint, max_disorder=args.max_disorder, batch_size=args.batch_size,
+                          warmup=args.warmup)
     except ReplayError as exc:
         return _fail("replay", exc)
-    if plan.archive is not None and plan.archive.uncovered:
-        gaps = ", ".join(f"{format_ms(a)} to {format_ms(b)}" for a, b in plan.archive.uncovered)
-        _warn("replay", [f"the archive holds no export of {gaps}: messages of that time are missing from this "
-                         "replay (export them first)"])
+    if plan.archive is not None:
+        _warn("replay", archive_gap_warnings(plan.archive.uncovered, plan.from_ms))
     if plan.resume:
         print(f"resuming run {plan.run_id} after input message {plan.resume['inputs_done']}", flush=True)
     try:
@@ -120,12 +142,15 @@ def _replay(args, settings) -> int:
         return _fail("replay", exc)
     counts = manifest["counts"]
     rate = counts.get("inputs", 0) / manifest["elapsed_s"] if manifest["elapsed_s"] else 0.0
+    warmup = manifest["warmup"]
     print(f"replay {plan.run_id}: {counts.get('inputs', 0)} messages -> {counts.get('scored', 0)} scored, "
           f"{sum(counts['rejected'].values())} rejected, {counts.get('trends', 0)} windows, "
           f"{counts.get('alerts_firing', 0)} alerts firing / {counts.get('alerts_resolved', 0)} resolved "
-          f"in {manifest['elapsed_s']:.1f}s ({rate:.0f} msg/s); model {manifest['model_version']}, config "
-          f"{manifest['config_hash']}; Parquet in {plan.out_dir}; topics {', '.join(manifest['topics_out'])}")
-    _warn("replay", selection_warnings(counts, plan.replay.max_disorder_s))
+          f"in {manifest['elapsed_s']:.1f}s ({rate:.0f} msg/s); warm-up from {warmup['from']} "
+          f"({warmup['inputs']} messages, {warmup['alerts_held_back']} alert events held back); model "
+          f"{manifest['model_version']}, config {manifest['config_hash']}; Parquet in {plan.out_dir}; topics "
+          f"{', '.join(manifest['topics_out'])}")
+    _warn("replay", selection_warnings(counts, plan.replay.max_disorder_s) + warmup_warnings(manifest))
     if not counts.get("inputs"):
         _warn("replay", [NOTHING_SELECTED])
     if plan.test_endpoint:
@@ -134,6 +159,35 @@ def _replay(args, settings) -> int:
         if counts.get("test_endpoint_failed") or counts.get("test_endpoint_unfinished"):
             return 1
     return 0
+
+
+def archive_gap_warnings(gaps: list[tuple[int, int]], from_ms: int) -> list[str]:
+    """The archive's gaps, those of the warm-up apart from those of the range itself."""
+    from .select import format_ms
+    warnings = []
+    for what, part in (("warm-up", [(a, min(b, from_ms)) for a, b in gaps if a < from_ms]),
+                       ("range", [(max(a, from_ms), b) for a, b in gaps if b > from_ms])):
+        if part:
+            spans = ", ".join(f"{format_ms(a)} to {format_ms(b)}" for a, b in part)
+            missing = "this replay's warm-up lacks them" if what == "warm-up" else "they are missing from this replay"
+            warnings.append(f"the archive holds no export of {spans}: messages of that time are not read, "
+                            f"{missing} (export them first)")
+    return warnings
+
+
+def warmup_warnings(manifest: dict) -> list[str]:
+    """What a person should know about a run's warm-up: the input did not reach back as far as it asked."""
+    warmup = manifest["warmup"]
+    if not warmup["short"]:
+        return []
+    if warmup["first_input"] is None:
+        reach = "no input message lies in it: the run started cold, as with --warmup 0"
+    else:
+        reach = (f"the input reaches back only to {warmup['first_input']} ({warmup['covered_s']}s before "
+                 f"--from)")
+    return [f"the warm-up asked for [{warmup['from']}, {manifest['from']}) ({warmup['rule']}) but {reach}; keys "
+            "whose baselines were not warmed cannot alert until they are, so alerts near --from may be missing or "
+            "differ from what live said"]
 
 
 def _export(args, settings) -> int:
@@ -171,6 +225,37 @@ def _export(args, settings) -> int:
         return 0
 
     return asyncio.run(export())
+
+
+def _runs_list(args, settings) -> int:
+    import json
+
+    from .runs import format_runs, list_runs
+    runs, warnings = list_runs(settings)
+    if args.json:
+        for run in runs:
+            print(json.dumps(dataclasses.asdict(run), sort_keys=True))
+    elif runs:
+        print(format_runs(runs))
+    else:
+        print("no replay runs")
+    _warn("runs", warnings)
+    return 0
+
+
+def _runs_delete(args, settings) -> int:
+    from .runs import delete_run, plan_deletion
+    try:
+        deletion = plan_deletion(settings, args.run_id, args.parquet)
+        if not args.yes:
+            print(f"would delete run {args.run_id}: {'; '.join(deletion.describe())}")
+            print("run again with --yes to delete it")
+            return 1
+        delete_run(settings, deletion)
+    except ReplayError as exc:
+        return _fail("runs delete", exc)
+    print(f"deleted run {args.run_id}: {'; '.join(deletion.describe())}")
+    return 0
 
 
 def _backtest(args, settings) -> int:

@@ -1,9 +1,22 @@
 """Everything a replay (or an export) needs, checked before anything is written: ``ReplayPlan``.
 
 ``build_plan`` turns the command line into a plan or raises ``ReplayError`` with one clear sentence: a bad run id,
-an empty or inverted time range, an unknown topic, a config that does not load, a model directory that is not a
-model, an archive of another schema version, a run id whose topics already exist for another run, a test
-endpoint that is not the one set aside for replays. Only after that does ``run.py`` create topics or files.
+an empty or inverted time range, a bad warm-up, an unknown topic, a thresholds file that does not load or holds more
+than thresholds, a model directory that is not a model, an archive of another schema version, a run id already used
+with other arguments, a test endpoint that is not the one set aside for replays. Only after that does ``run.py``
+create topics or files.
+
+**The thresholds file** (``replay --config FILE``) holds only ``[aggregate]`` and ``[detect]``: what a run computes
+from its scored messages (see ``THRESHOLD_SECTIONS``). Everything else (the broker, topic prefix, model, endpoints,
+``[replay]``) comes from the main configuration (``finpulse --config FILE``, the environment, flags), so a file
+copied from a full ``finpulse.toml`` cannot point a replay at another broker or another FinPulse's topics: any other
+section is refused, naming it.
+
+**Warm-up** (``--warmup DURATION``, default ``auto``). The detector needs ``warmup_windows`` windows of a key before
+it may alert, and every window and baseline starts empty. So a run reads ``[from - warmup, from)`` too, scores and
+aggregates it and lets the detector learn from it, and writes nothing of it (``run.py``). ``auto`` is the longest
+``warmup_windows x window_s`` over ``[detect]`` and its overrides: just enough for a key with a full window every
+minute. The warm-up's start is moved back to a boundary of the judged windows, so its first window is complete.
 
 ``[replay]`` settings (``ReplaySettings``)::
 
@@ -22,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -42,6 +56,10 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 TOPIC_CHOICES = ("news", "comments")
 CHECKPOINT = "_checkpoint.json"
 MANIFEST = "manifest.json"
+
+
+# The sections a replay's thresholds file may hold: they decide what the run computes from its scored messages.
+THRESHOLD_SECTIONS = ("aggregate", "detect")
 
 
 class ReplayError(ValueError):
@@ -78,6 +96,7 @@ class ReplayPlan:
     out_dir: Path
     scorer: Any
     config_hash: str
+    warmup: "Warmup"
     archive: ArchiveSelection | None = None
     speed: float | None = None              # event seconds per wall second; None = as fast as possible
     test_endpoint: str | None = None
@@ -87,12 +106,31 @@ class ReplayPlan:
     def model_version(self) -> str:
         return self.scorer.model_version
 
+    @property
+    def read_from_ms(self) -> int:
+        """Where reading starts: the warm-up's start."""
+        return self.warmup.start_ms
+
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed, and what the manifest says the outputs are."""
         return {"run_id": self.run_id, "from": format_ms(self.from_ms), "to": format_ms(self.to_ms),
+                "warmup_from": format_ms(self.warmup.start_ms),
                 "topics": sorted(self.topics), "source": "archive" if self.archive else "kafka",
                 "model_version": self.model_version, "config_hash": self.config_hash,
                 "batch_size": self.replay.batch_size, "part_records": self.replay.part_records}
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """The warm-up a run reads before ``--from``: ``[start_ms, from)``, of which nothing is written."""
+    asked: str          # "auto" or the --warmup text
+    seconds: int        # the duration asked (auto: computed), before moving the start to a window boundary
+    start_ms: int       # where reading starts (<= from - seconds)
+    rule: str           # how ``seconds`` was chosen, for people
+    window_s: int       # the shortest judged window: a warm-up whose input starts this much late is short
+
+    def describe(self) -> dict[str, Any]:
+        return {"asked": self.asked, "seconds": self.seconds, "rule": self.rule, "from": format_ms(self.start_ms)}
 
 
 # ---------------------------------------------------------------- pieces
@@ -148,6 +186,40 @@ def parse_speed(text: str | None) -> float | None:
     return float(match.group(1))
 
 
+def detect_rules(detect) -> list:
+    """The ``[detect]`` rule and the rule of every override: each threshold set some key may be judged by."""
+    rules = [detect.rule_for(key_type, "") for key_type in detect.key_types]
+    for pattern in detect.overrides:
+        key_type, _, key = pattern.partition(":")
+        rules.append(detect.rule_for(key_type, key))
+    return rules
+
+
+def plan_warmup(text: str | None, from_ms: int, aggregate: AggregateSettings, detect) -> Warmup:
+    """The warm-up for ``--warmup TEXT`` (None or ``auto``: the detector's own need; ``0``: a cold start)."""
+    rules = detect_rules(detect)
+    asked = (text or "auto").strip()
+    if asked == "auto":
+        need = max(rules, key=lambda r: r.warmup_windows * r.window_s)
+        seconds = need.warmup_windows * need.window_s
+        rule = (f"auto: [detect] warmup_windows x window_s = {need.warmup_windows} x {need.window_s}s, the longest "
+                "of [detect] and its overrides")
+    else:
+        try:
+            seconds = parse_duration_s(asked)
+        except ValueError as exc:
+            raise ReplayError(f"--warmup: {exc}, or auto (the detector's warmup_windows x window_s), or 0") from None
+        rule = f"--warmup {asked}"
+    start_ms = from_ms - seconds * 1000
+    if seconds:
+        # Back to a start of every judged window size, so the warm-up's first windows are complete ones.
+        judged = {r.window_s for r in rules}
+        steps = [spec.step_s for spec in aggregate.specs() if spec.size_s in judged]
+        boundary_ms = math.lcm(*steps) * 1000 if steps else 1000
+        start_ms -= start_ms % boundary_ms
+    return Warmup(asked=asked, seconds=seconds, start_ms=start_ms, rule=rule, window_s=min(r.window_s for r in rules))
+
+
 def parse_disorder(text: str | None, default: float) -> float:
     if text is None:
         return default
@@ -158,7 +230,7 @@ def parse_disorder(text: str | None, default: float) -> float:
 
 
 def overlay_config(settings: Settings, path: str | None) -> Settings:
-    """The base settings with the sections of ``path`` (TOML) laid over them: a replay's thresholds."""
+    """The base settings with the thresholds of ``path`` (TOML: ``THRESHOLD_SECTIONS`` only) laid over them."""
     if not path:
         return settings
     file = Path(path)
@@ -171,6 +243,11 @@ def overlay_config(settings: Settings, path: str | None) -> Settings:
     loose = sorted(k for k, v in raw.items() if not isinstance(v, dict))
     if loose:
         raise ReplayError(f"config file {file}: settings must be in sections like [detect]; found {', '.join(loose)}")
+    others = sorted(set(raw) - set(THRESHOLD_SECTIONS))
+    if others:
+        raise ReplayError(f"--config {file} may hold only the replay's thresholds ([aggregate], [detect]); it also has "
+                          f"[{'], ['.join(others)}]: put those in the main configuration (finpulse --config FILE "
+                          "replay ..., or the environment)")
     return Settings(raw=settings.with_overrides(raw).raw, source_file=str(file))
 
 
@@ -214,19 +291,32 @@ def read_json(path: Path) -> dict:
         raise ReplayError(f"{path} is not readable JSON ({exc}): move it away to start the run afresh") from None
 
 
+def _differences(saved: dict, identity: dict) -> str:
+    """``key: <saved> then, <now> now`` for every key of ``identity`` whose value differs in ``saved``."""
+    return "; ".join(f"{k}: {saved.get(k)!r} then, {identity[k]!r} now" for k in identity if saved.get(k) != identity[k])
+
+
+def delete_hint(run_id: str) -> str:
+    return f"delete it first with `finpulse runs delete {run_id} --yes`"
+
+
 def check_output_dir(out_dir: Path, identity: dict) -> dict | None:
     """The checkpoint to resume from, or None for a fresh run. Refuses a finished run, another run's directory,
-    and a checkpoint made with other arguments."""
+    and a checkpoint made with other arguments, saying which differ."""
+    run_id = identity["run_id"]
     if (out_dir / MANIFEST).exists():
-        raise ReplayError(f"run {identity['run_id']!r} is already complete in {out_dir}: choose another --run-id "
-                          "(or --parquet directory)")
+        saved = read_json(out_dir / MANIFEST)
+        differ = _differences(saved, identity)
+        how = f" with other arguments ({differ})" if differ else ""
+        raise ReplayError(f"run {run_id!r} is already complete in {out_dir}{how}: choose another --run-id, or "
+                          f"{delete_hint(run_id)}")
     checkpoint = out_dir / CHECKPOINT
     if checkpoint.exists():
         saved = read_json(checkpoint)
         if saved.get("identity") != identity:
-            diff = sorted(k for k in identity if saved.get("identity", {}).get(k) != identity[k])
-            raise ReplayError(f"{out_dir} holds an interrupted replay with other arguments ({', '.join(diff)} differ): "
-                              "re-run it exactly as before to resume, or choose another --run-id")
+            raise ReplayError(f"{out_dir} holds interrupted run {saved.get('identity', {}).get('run_id')!r} with other "
+                              f"arguments ({_differences(saved.get('identity', {}), identity)}): re-run it exactly as "
+                              f"before to resume, choose another --run-id, or {delete_hint(run_id)}")
         return saved
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ReplayError(f"output directory {out_dir} is not empty and holds no replay checkpoint: choose another")
@@ -249,11 +339,21 @@ def existing_topics(settings: Settings, topics: list[str]) -> list[str]:
     return [t for t in topics if t in present]
 
 
+def live_topics_of(names: TopicNames) -> list[str]:
+    """The topics only a live FinPulse whose prefix is the run's (``<prefix>.replay.<run-id>``) would have."""
+    as_live = TopicNames(names.prefix)
+    return [as_live.news, as_live.comments, as_live.scored_by_ticker, as_live.deadletter]
+
+
+def dispatcher_group(settings: Settings, run_id: str) -> str:
+    """The consumer group of a run's test-endpoint dispatcher."""
+    return f"{settings.kafka.topic_prefix}-replay-{run_id}-dispatcher"
+
+
 def check_topics_free(settings: Settings, names: TopicNames, resuming: bool) -> None:
     """The run's topic names must not belong to a live FinPulse (one whose prefix is ``<prefix>.replay.<run-id>``)
     nor, unless this run is being resumed, to an earlier run with the same id."""
-    as_live = TopicNames(names.prefix)
-    live_only = [as_live.news, as_live.comments, as_live.scored_by_ticker, as_live.deadletter]
+    live_only = live_topics_of(names)
     present = existing_topics(settings, live_only + output_topics(names, with_deliveries=True))
     run_id = names.prefix.rsplit(".", 1)[-1]
     clash = [t for t in present if t in live_only]
@@ -261,8 +361,9 @@ def check_topics_free(settings: Settings, names: TopicNames, resuming: bool) -> 
         raise ReplayError(f"run id {run_id!r} collides with the live topics of a FinPulse using topic prefix "
                           f"{names.prefix!r} ({', '.join(clash)}): choose another --run-id")
     if present and not resuming:
-        raise ReplayError(f"run id {run_id!r} is already used on this broker (topics {', '.join(present)} exist): "
-                          "choose another --run-id")
+        raise ReplayError(f"run id {run_id!r} is already used on this broker (topics {', '.join(present)} exist) and "
+                          f"its checkpoint is not in this run's directory: choose another --run-id, or "
+                          f"{delete_hint(run_id)}")
 
 
 def endpoint_named(config, name: str):
@@ -294,7 +395,7 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
                config: str | None = None, scorer: str | None = None, model_dir: str | None = None,
                device: str | None = None, speed: str | None = None, archive: str | None = None,
                parquet: str | None = None, test_endpoint: str | None = None, max_disorder: str | None = None,
-               batch_size: int | None = None) -> ReplayPlan:
+               batch_size: int | None = None, warmup: str | None = None) -> ReplayPlan:
     """Validate every argument (cheapest checks first) and load the scorer; write nothing."""
     live = TopicNames(settings.kafka.topic_prefix)
     names = check_run_id(run_id, live)
@@ -310,12 +411,15 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
     except (ConfigError, TypeError) as exc:
         raise ReplayError(f"configuration: {exc}") from None
     replay.max_disorder_s = parse_disorder(max_disorder, replay.max_disorder_s)
-    _, config_hash = effective_config(settings, replay)
+    effective, config_hash = effective_config(settings, replay)
+    from alerts.detect import DetectSettings
+    warm = plan_warmup(warmup, from_ms, effective.section("aggregate", AggregateSettings),
+                       effective.section("detect", DetectSettings))
     check_test_endpoint(settings, test_endpoint)
     selection = None
     if archive:
         try:
-            selection = ArchiveSelection(archive, chosen_topics, from_ms, to_ms)
+            selection = ArchiveSelection(archive, chosen_topics, warm.start_ms, to_ms)
         except ArchiveError as exc:
             raise ReplayError(f"--archive: {exc}") from None
     chosen = load_chosen_scorer(scorer or worker.scorer, model_dir or worker.model_dir or None, device or worker.device,
@@ -323,7 +427,7 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
     out_dir = Path(parquet) if parquet else Path(replay.out_dir) / run_id
     plan = ReplayPlan(run_id=run_id, from_ms=from_ms, to_ms=to_ms, topics=chosen_topics, settings=settings,
                       replay=replay, names=names, out_dir=out_dir, scorer=chosen, config_hash=config_hash,
-                      archive=selection, speed=pace, test_endpoint=test_endpoint)
+                      warmup=warm, archive=selection, speed=pace, test_endpoint=test_endpoint)
     plan.resume = check_output_dir(out_dir, plan.identity())
     check_topics_free(settings, names, resuming=plan.resume is not None)
     if not archive:
@@ -333,5 +437,6 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
     return plan
 
 
-__all__ = ["CHECKPOINT", "MANIFEST", "ReplayError", "ReplayPlan", "ReplaySettings", "build_plan", "check_run_id",
-           "effective_config", "output_topics", "overlay_config", "parse_range", "parse_topics", "parse_user_time"]
+__all__ = ["CHECKPOINT", "MANIFEST", "THRESHOLD_SECTIONS", "ReplayError", "ReplayPlan", "ReplaySettings", "Warmup",
+           "build_plan", "check_run_id", "delete_hint", "dispatcher_group", "effective_config", "live_topics_of",
+           "output_topics", "overlay_config", "parse_range", "parse_topics", "parse_user_time", "plan_warmup"]

@@ -155,7 +155,21 @@ def _ratio(value: float | None) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:820px}
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}table{border-collapse:collapse;font-size:12px;margin:8px 0}
 td,th{border:1px solid #ddd;padding:3px 6px;text-align:left}th{background:#f4f4f4}
-.label{color:#555;font-size:12px}.figures td:first-child{font-weight:bold}svg{display:block;margin:10px 0}"""
+.label{color:#555;font-size:12px}.warning{color:#8a4b00;font-size:13px}.figures td:first-child{font-weight:bold}svg{display:block;margin:10px 0}"""
+
+
+def _warmup_note(warmup: dict | None) -> str:
+    """The warm-up the run read before its range, and a warning when the input did not reach back that far."""
+    if not warmup:
+        return '<p class="label">warm-up: none recorded (a run made before warm-ups: it started cold)</p>'
+    note = (f'<p class="label">warm-up from {escape(warmup["from"])} ({escape(warmup["rule"])}): '
+            f'{warmup["inputs"]} messages read, nothing of them in the outputs; {warmup["alerts_held_back"]} alert '
+            "events held back</p>")
+    if warmup["short"]:
+        reach = "no input message" if warmup["first_input"] is None else f'input only from {warmup["first_input"]}'
+        note += (f'<p class="warning">The warm-up was short ({escape(reach)}): keys not warmed up could not alert '
+                 "near the start of the range.</p>")
+    return note
 
 
 def render_html(report: dict[str, Any], alerts: pd.DataFrame, events: pd.DataFrame | None) -> str:
@@ -166,12 +180,15 @@ def render_html(report: dict[str, Any], alerts: pd.DataFrame, events: pd.DataFra
     parts = [f"<h1>FinPulse backtest: run {escape(report['run_id'])}</h1>",
              f'<p class="label">{escape(label)} · event time {escape(report["from"])} to {escape(report["to"])} '
              f'({escape(report["source"])})</p>',
+             _warmup_note(report.get("warmup")),
              "<h2>Alert quality</h2>",
              _table([{"figure": "alerts firing", "value": quality["alerts_firing"]},
                      {"figure": "precision", "value": _ratio(quality["precision"])},
                      {"figure": "recall", "value": _ratio(quality["recall"])},
                      {"figure": "labeled events outside the run (not counted)",
                       "value": quality.get("events_outside_range", 0)},
+                     {"figure": "labeled events alerted on in the warm-up (not counted)",
+                      "value": quality.get("events_alerted_in_warmup", 0)},
                      {"figure": "median lead time (s)", "value": (quality.get("lead_time_s") or {}).get("median")}],
                     ["figure", "value"]),
              timeline("Alerts (triangles, by severity) and labeled events (spans)", label, start, end, alerts, events)]

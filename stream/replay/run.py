@@ -11,9 +11,17 @@ Per batch of ``[replay] batch_size`` messages (in replay order):
    the live topics are, Kafka timestamps = event time; with ``--speed`` their sending is paced by event time) and
    to the current Parquet part.
 
-Only windows wholly inside ``[--from, --to)`` are reported and judged by the detector: a window reaching outside
-misses messages the live system counted (``windows_cut`` counts those dropped). At the end, the windows that end by
-``--to`` are closed: they have all their messages.
+**Warm-up.** The selection starts at the warm-up's start (``plan.warmup``, before ``--from``). Warm-up messages are
+parsed, scored and aggregated like the others, and the detector learns from the warm-up's windows, so windows and
+baselines are where a live worker's would be at ``--from``. None of it is written: no scored record, no window, no
+alert. The outputs hold exactly the scored records of ``[--from, --to)``, the windows wholly inside it, and the
+alerts of episodes that started in it (the resolve of an episode that fired in the warm-up is left out with its
+firing). What the warm-up read, and the alerts it held back, are counted in the manifest's ``warmup``.
+
+A window that starts before the warm-up or ends after ``--to`` misses messages the live system counted: it is
+neither reported nor judged (``windows_cut``). A window that straddles ``--from`` is complete when the warm-up
+covers it: it is judged (the detector learns from it), not reported. At the end, the windows that end by ``--to``
+are closed: they have all their messages.
 
 **Resuming after Ctrl-C** (checkpoint + deterministic re-read). After each part (``[replay] part_records`` inputs)
 the part's files are written, the Kafka outputs flushed, and ``_checkpoint.json`` saved: the number of inputs
@@ -39,6 +47,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import AsyncIterator, Iterable
 
@@ -49,15 +58,15 @@ from alerts.detect import DetectSettings, SpikeDetector, state_key
 from stream.aggregate import AggregateSettings, KeyWindows, WindowAggregator, trend_key
 from stream.app import Scoring, SourceMessage
 from stream.kafka_io import RecordSender
-from stream.records import AlertRecord, ScoredRecord, TrendRecord, epoch_ms
+from stream.records import AlertRecord, ScoredRecord, TrendRecord, epoch_ms, format_time, utcnow
 from stream.topics import ensure_topics
 
 from .output import OUTPUT_SCHEMA_VERSION, PartSink, alert_row, scored_row, trend_row
-from .plan import CHECKPOINT, MANIFEST, ReplayError, ReplayPlan, endpoint_named, output_topics
+from .plan import CHECKPOINT, MANIFEST, ReplayError, ReplayPlan, dispatcher_group, endpoint_named, output_topics
 from .select import KafkaSelection, SelectionStats, TimedMessage, format_ms
 
 log = logging.getLogger(__name__)
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class ReplayInterrupted(Exception):
@@ -66,6 +75,34 @@ class ReplayInterrupted(Exception):
 
 def identity_of(message: TimedMessage) -> list:
     return [message.event_ms, message.topic, message.partition, message.offset]
+
+
+@dataclass
+class WarmupTally:
+    """What the warm-up read and computed; none of it is in the outputs. ``held_back`` lists the firing alerts the
+    warm-up raised (id, key, emitted_at): the backtest leaves out the labeled events they already alerted on."""
+    inputs: int = 0
+    scored: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    windows: int = 0                  # windows the detector learned from: closed in the warm-up or straddling --from
+    alerts_held_back: int = 0         # alert events (firing, resolved) of episodes that started in the warm-up
+    first_input_ms: int | None = None
+    held_back: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "rejected": dict(sorted(self.rejected.items()))}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "WarmupTally":
+        return cls(**{**saved, "rejected": Counter(saved["rejected"])})
+
+
+@dataclass
+class _Share:
+    """The warm-up's or the range's messages of one batch, parsed: the valid ones with their items, the rejections."""
+    messages: list[TimedMessage]
+    valid: list
+    rejected: Counter
 
 
 class ReplayRunner:
@@ -91,6 +128,8 @@ class ReplayRunner:
         self.checkpointed = 0         # inputs whose outputs are on disk and in Kafka
         self.last_input: list | None = None
         self.alerts: list[AlertRecord] = []
+        self.warmup = WarmupTally()
+        self.created_at = format_time(utcnow())
         self.selection_stats = SelectionStats()
         self.seconds = 0.0
         self._pace_origin: tuple[float, int] | None = None
@@ -109,6 +148,8 @@ class ReplayRunner:
         self.detector.states = defaultdict(dict, saved["detector"])
         self.rejected.update(saved["rejected"])
         self.alerts = [AlertRecord.from_dict(a) for a in saved["alerts"]]
+        self.warmup = WarmupTally.from_dict(saved["warmup"])
+        self.created_at = saved["created_at"]
 
     def _save_checkpoint(self) -> None:
         state = {
@@ -116,7 +157,7 @@ class ReplayRunner:
             "last_input": self.last_input, "counts": dict(self.counts), "files": self.files,
             "aggregators": [{key: s.to_dict() for key, s in a.states.items()} for a in self.aggregators],
             "detector": dict(self.detector.states), "rejected": dict(self.rejected),
-            "alerts": [a.to_dict() for a in self.alerts],
+            "alerts": [a.to_dict() for a in self.alerts], "warmup": self.warmup.to_dict(), "created_at": self.created_at,
         }
         path = self.plan.out_dir / CHECKPOINT
         tmp = path.with_name(f".{CHECKPOINT}.tmp")
@@ -143,6 +184,7 @@ class ReplayRunner:
             async with RecordSender(plan.settings.kafka, client_id=f"finpulse-replay-{plan.run_id}") as sender:
                 async with _open_source(plan) as source:
                     self.selection_stats = getattr(source, "stats", self.selection_stats)
+                    # The total counts the warm-up's messages too: it is about what will be read.
                     progress = tqdm(total=source.total, unit="msg", desc=f"replay {plan.run_id}", dynamic_ncols=True,
                                     mininterval=0.5, disable=not self.show_progress)
                     await self._replay(_as_async(source), sender, progress)
@@ -178,10 +220,10 @@ class ReplayRunner:
                     raise batch
                 scoring = None
                 if batch is not None:
-                    valid, rejected = self._parse(batch)
-                    texts = [item.text for _, item in valid]
+                    shares = self._parse(batch)
+                    texts = [item.text for share in shares for _, item in share.valid]
                     future = loop.run_in_executor(executor, self.scoring.score, texts) if texts else None
-                    scoring = (batch, valid, rejected, future)
+                    scoring = (batch, shares, future)
                 if in_flight is not None:
                     await self._finish_batch(*in_flight, sender, progress)
                 if scoring is None:
@@ -192,22 +234,41 @@ class ReplayRunner:
             reader.cancel()
             executor.shutdown(wait=False, cancel_futures=True)
 
-    def _parse(self, batch: list[TimedMessage]) -> tuple[list, Counter]:
-        """(the valid messages with their items, the rejections by reason) of one batch."""
-        before = Counter(self.scoring.rejected)
-        valid, _ = self.scoring.parse([SourceMessage(m.topic, m.partition, m.offset, m.key, m.value) for m in batch])
-        return valid, self.scoring.rejected - before
+    def _parse(self, batch: list[TimedMessage]) -> tuple[_Share, _Share]:
+        """The warm-up's and the range's messages of one batch, parsed (apart: their rejections are counted apart)."""
+        shares = []
+        for in_warmup in (True, False):
+            messages = [m for m in batch if (m.event_ms < self.plan.from_ms) == in_warmup]
+            before = Counter(self.scoring.rejected)
+            valid, _ = self.scoring.parse([SourceMessage(m.topic, m.partition, m.offset, m.key, m.value)
+                                           for m in messages])
+            shares.append(_Share(messages, valid, self.scoring.rejected - before))
+        return shares[0], shares[1]
 
-    async def _finish_batch(self, batch: list[TimedMessage], valid, rejected: Counter, future, sender: RecordSender,
-                            progress) -> None:
+    async def _finish_batch(self, batch: list[TimedMessage], shares: tuple[_Share, _Share], future,
+                            sender: RecordSender, progress) -> None:
         predictions = await future if future is not None else []
-        before = Counter(self.scoring.rejected)
-        await self._emit(batch, valid, predictions, sender)
-        self.rejected.update(rejected + (self.scoring.rejected - before))     # + the unscorable ones
+        warm, live = shares
+        warm_records = self._scored(warm, predictions[:len(warm.valid)])
+        live_records = self._scored(live, predictions[len(warm.valid):])
+        if warm.messages:
+            tally = self.warmup
+            tally.inputs += len(warm.messages)
+            tally.scored += len(warm_records)
+            tally.rejected.update(warm.rejected)
+            first = min(m.event_ms for m in warm.messages)
+            tally.first_input_ms = first if tally.first_input_ms is None else min(tally.first_input_ms, first)
+        self.rejected.update(live.rejected)
+        await self._emit(live, live_records, sender)
+        records = [record for record, _, _ in warm_records + live_records]
+        if records:
+            for aggregator in self.aggregators:
+                await self._windows_closed(aggregator.feed(records).final, sender)
         self.inputs_done += len(batch)
         self.last_input = identity_of(batch[-1])
         progress.update(len(batch))
-        progress.set_postfix_str(f"event time {format_ms(batch[-1].event_ms)}", refresh=False)
+        phase = "warm-up, " if batch[-1].event_ms < self.plan.from_ms else ""
+        progress.set_postfix_str(f"{phase}event time {format_ms(batch[-1].event_ms)}", refresh=False)
         if self.inputs_done % self.plan.replay.part_records == 0:
             await self._end_part(sender)
 
@@ -245,47 +306,66 @@ class ReplayRunner:
             await queue.put(batch)
         await queue.put(None)
 
-    async def _emit(self, batch: list[TimedMessage], valid, predictions, sender: RecordSender) -> None:
-        plan, names = self.plan, self.plan.names
-        records = []
-        for out in self.scoring.publishable(valid, predictions):
-            if out.topic != names.scored:
+    def _scored(self, share: _Share, predictions) -> list[tuple[ScoredRecord, dict, SourceMessage]]:
+        """(scored record, its JSON fields, its input message) for each of ``share``'s valid messages the scorer
+        could score; the others are added to the share's rejections."""
+        before = Counter(self.scoring.rejected)
+        scored = []
+        for out in self.scoring.publishable(share.valid, predictions):
+            if out.topic != self.plan.names.scored:
                 continue    # per-ticker copies, and dead letters (unscorable, oversized record): counted by Scoring
-            message = out.source
             # Read back from the worker's JSON, as the live aggregator reads it. The run id is stamped, and
             # scored_at becomes the event time (no wall clock); the bytes keep ``to_json``'s layout.
             data = json.loads(out.value)
-            data["scored_at"], data["run_id"] = data["event_time"], plan.run_id
-            record = ScoredRecord.from_dict(data)
-            records.append(record)
+            data["scored_at"], data["run_id"] = data["event_time"], self.plan.run_id
+            scored.append((ScoredRecord.from_dict(data), data, out.source))
+        share.rejected.update(self.scoring.rejected - before)
+        return scored
+
+    async def _emit(self, share: _Share, scored, sender: RecordSender) -> None:
+        """The range's scored records, to Parquet and the run's topic."""
+        plan, names = self.plan, self.plan.names
+        for record, data, message in scored:
             self.sink.add("scored", scored_row(record, message.topic, message.partition, message.offset))
             if plan.speed is not None:
                 await self._pace(record.event_time)
             await sender.send(names.scored, json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
                               key=record.topic.encode("utf-8"), event_time=record.event_time)
-        self.counts["inputs"] += len(batch)
-        self.counts["scored"] += len(records)
-        if records:
-            for aggregator in self.aggregators:
-                await self._windows_closed(aggregator.feed(records).final, sender)
+        self.counts["inputs"] += len(share.messages)
+        self.counts["scored"] += len(scored)
 
     async def _windows_closed(self, trends: Iterable[TrendRecord], sender: RecordSender) -> None:
-        names = self.plan.names
+        plan, names = self.plan, self.plan.names
         for trend in trends:
-            if epoch_ms(trend.window_start) < self.plan.from_ms or epoch_ms(trend.window_end) > self.plan.to_ms:
+            start_ms = epoch_ms(trend.window_start)
+            if start_ms < plan.read_from_ms or epoch_ms(trend.window_end) > plan.to_ms:
                 self.counts["windows_cut"] += 1
                 continue
             # When a live worker would close it at the earliest: deterministic, unlike the wall clock.
             trend = dataclasses.replace(trend, emitted_at=trend.window_end + self.lateness)
-            self.counts["trends"] += 1
-            self.sink.add("trends", trend_row(trend))
-            await sender.send(names.trends, trend.to_json(), key=trend_key(trend), event_time=trend.window_end)
+            reported = start_ms >= plan.from_ms
+            if reported:
+                self.counts["trends"] += 1
+                self.sink.add("trends", trend_row(trend))
+                await sender.send(names.trends, trend.to_json(), key=trend_key(trend), event_time=trend.window_end)
+            else:
+                self.warmup.windows += 1
             self._clock = trend.emitted_at
             for alert in self.detector.feed([trend]):
-                self.counts[f"alerts_{alert.status}"] += 1
-                self.alerts.append(alert)
-                self.sink.add("alerts", alert_row(alert))
-                await sender.send(names.alerts, alert.to_json(), key=state_key(trend), event_time=alert.window_end)
+                if reported and epoch_ms(alert.started_at) >= plan.from_ms:
+                    self.counts[f"alerts_{alert.status}"] += 1
+                    self.alerts.append(alert)
+                    self.sink.add("alerts", alert_row(alert))
+                    await sender.send(names.alerts, alert.to_json(), key=state_key(trend), event_time=alert.window_end)
+                else:
+                    self._hold_back(alert)
+
+    def _hold_back(self, alert: AlertRecord) -> None:
+        """An alert of an episode that started in the warm-up: counted, and its firing remembered for the backtest."""
+        self.warmup.alerts_held_back += 1
+        if alert.status == "firing":
+            self.warmup.held_back.append({"id": alert.id, "key_type": alert.key_type, "key": alert.key,
+                                          "emitted_at": format_time(alert.emitted_at)})
 
     async def _pace(self, event_time) -> None:
         event_ms = epoch_ms(event_time)
@@ -320,14 +400,27 @@ class ReplayRunner:
         (self.plan.out_dir / CHECKPOINT).unlink(missing_ok=True)
 
     def manifest(self) -> dict:
-        """What the run is, deterministically (no wall-clock times): the outputs' README."""
+        """What the run is: the outputs' README. Deterministic but for ``created_at`` (when the run was first
+        started, wall clock)."""
         plan = self.plan
         counts = dict(sorted(self.counts.items()))
         counts["rejected"] = dict(sorted(self.rejected.items()))
         effective = {"aggregate": dataclasses.asdict(plan.settings.section("aggregate", AggregateSettings)),
                      "detect": dataclasses.asdict(plan.settings.section("detect", DetectSettings))}
         return {**plan.identity(), "output_schema_version": OUTPUT_SCHEMA_VERSION, "counts": counts, "files": sorted(self.files),
-                "topics_out": output_topics(plan.names), "config": effective}
+                "topics_out": output_topics(plan.names), "config": effective, "warmup": self._warmup_summary(),
+                "created_at": self.created_at}
+
+    def _warmup_summary(self) -> dict:
+        """The warm-up asked for, how far back the input really reached, and what it read (``WarmupTally``)."""
+        warmup, tally = self.plan.warmup, self.warmup
+        first = tally.first_input_ms
+        # Short when the input starts a whole judged window after the warm-up's start, or has nothing in it.
+        short = warmup.seconds > 0 and (first is None or first - warmup.start_ms >= warmup.window_s * 1000)
+        covered_s = 0 if first is None else (self.plan.from_ms - max(first, warmup.start_ms)) // 1000
+        tally_fields = {k: v for k, v in tally.to_dict().items() if k not in ("first_input_ms", "held_back")}
+        return {**warmup.describe(), "first_input": None if first is None else format_ms(first),
+                "covered_s": covered_s, "short": short, **tally_fields, "held_back": tally.held_back}
 
     # ------------------------------------------------------------ the test endpoint
 
@@ -338,7 +431,7 @@ class ReplayRunner:
         endpoint = endpoint_named(load_delivery_config(plan.settings), plan.test_endpoint)
         only_test = plan.settings.with_overrides({"alerts": {
             "endpoints": [dataclasses.asdict(endpoint)], "replay_endpoint": plan.test_endpoint,
-            "group_id": f"{plan.settings.kafka.topic_prefix}-replay-{plan.run_id}-dispatcher"}})
+            "group_id": dispatcher_group(plan.settings, plan.run_id)}})
         dispatcher = Dispatcher(only_test, plan.names)
         await dispatcher.start()
         return dispatcher
@@ -381,7 +474,7 @@ class _ArchiveSource:
 def _open_source(plan: ReplayPlan):
     if plan.archive is not None:
         return _ArchiveSource(plan.archive)
-    return KafkaSelection(plan.settings.kafka, plan.topics, plan.from_ms, plan.to_ms, plan.replay.max_disorder_s)
+    return KafkaSelection(plan.settings.kafka, plan.topics, plan.read_from_ms, plan.to_ms, plan.replay.max_disorder_s)
 
 
 async def _as_async(source) -> AsyncIterator[TimedMessage]:
