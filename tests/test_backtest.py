@@ -160,6 +160,33 @@ def test_events_the_run_could_not_alert_on_are_left_out_of_recall(known_run, tmp
     assert "labeled events outside the run (not counted)" in (known_run / "report.html").read_text()
 
 
+def test_events_of_the_warm_up_are_left_out_of_recall(known_run, tmp_path):
+    """The run read a warm-up from 23:00 the day before. An event that began in the warm-up (and lasts into the run)
+    was alerted on, or not, before the run's range: not a miss (before, it counted as one). Nor is an event whose
+    alert the warm-up raised and held back: the outputs cannot show it. An alert matching a left-out event still
+    counts as a true alert in precision."""
+    manifest = json.loads((known_run / "manifest.json").read_text())
+    manifest["warmup"] = {"from": "2026-03-01T23:00:00.000Z", "rule": "--warmup 1h", "inputs": 40, "short": False,
+                          "first_input": "2026-03-01T23:00:01.000Z", "alerts_held_back": 1,
+                          "held_back": [{"id": "nvda", "key_type": "ticker", "key": "NVDA",
+                                         "emitted_at": "2026-03-01T23:50:00.000Z"}]}
+    (known_run / "manifest.json").write_text(json.dumps(manifest))
+    events = (tmp_path / "events.csv").read_text() + (
+        "MSFT,2026-03-01T23:30:00Z,2026-03-02T16:00:00Z\n"      # began in the warm-up; the 15:00 MSFT alert matches it
+        "NVDA,2026-03-02T00:20:00Z,2026-03-02T00:40:00Z\n")     # in range, but alerted on in the warm-up
+    (tmp_path / "warm_events.csv").write_text(events)
+    code, out, err = finpulse("backtest", "--run-id", "known", "--parquet", str(known_run), "--events",
+                              str(tmp_path / "warm_events.csv"))
+    assert code == 0, out + err
+    quality = json.loads((known_run / "report.json").read_text())["alert_quality"]
+    assert (quality["events_labeled"], quality["events_detected"]) == (3, 2)
+    assert (quality["events_outside_range"], quality["events_alerted_in_warmup"]) == (1, 1)
+    assert quality["recall"] == pytest.approx(2 / 3) and quality["precision"] == pytest.approx(3 / 3)
+    html = (known_run / "report.html").read_text()
+    assert "labeled events alerted on in the warm-up (not counted)" in html
+    assert "warm-up from 2026-03-01T23:00:00.000Z (--warmup 1h): 40 messages read" in html
+
+
 def test_epoch_times_in_the_csv_files_read_as_their_iso_equivalents(known_run, tmp_path):
     """Events in epoch seconds and prices in epoch milliseconds, as the docs offer (before: "is not ISO-8601")."""
     def to_epoch(name: str, columns: tuple[str, ...], scale: int) -> Path:

@@ -222,6 +222,95 @@ def test_alerts_reach_only_the_named_test_endpoint(dataset, tmp_path, monkeypatc
     assert seen["test-hook"]["rejected"] == {} and len(seen["test-hook"]["requests"]) == len(alerts)
 
 
+# ---------------------------------------------------------------- warm-up
+
+# The shock starts at 09:03. A run from 09:02 starting cold judges 09:02-09:04 with no baseline (warmup_windows = 3):
+# it learns the shock's windows as normal and never alerts. Two minutes of warm-up (09:00-09:02) make its baseline
+# what a live worker's was at 09:02, and the shock fires at 09:03, as it did live.
+WARM_FROM = T0 + timedelta(minutes=2)
+WARM_RANGE = ["--from", format_time(WARM_FROM), "--to", format_time(T2)]
+
+
+def warm_replay(config: Path, run_id: str, out_dir: Path, *args: str) -> tuple[dict, str]:
+    code, out, err = finpulse(config, "replay", *WARM_RANGE, "--run-id", run_id, "--parquet", str(out_dir),
+                              "--no-progress", *args)
+    assert code == 0, out + err
+    return json.loads((out_dir / "manifest.json").read_text()), err
+
+
+def shock_firings(out_dir: Path) -> pd.DataFrame:
+    alerts = read_table(out_dir, "alerts")
+    return alerts[(alerts["key"] == SHOCK.topic) & (alerts["status"] == "firing")]
+
+
+def test_a_warm_up_finds_the_alert_near_from_that_a_cold_start_misses_and_writes_nothing_of_itself(dataset, tmp_path):
+    settings, config = dataset["settings"], dataset["config"]
+    cold, _ = warm_replay(config, "cold", tmp_path / "cold", "--warmup", "0")
+    warm, warnings = warm_replay(config, "warm", tmp_path / "warm", "--warmup", "2m")
+
+    assert shock_firings(tmp_path / "cold").empty
+    fired = shock_firings(tmp_path / "warm")
+    assert list(fired["window_start"]) == [pd.Timestamp(T0 + timedelta(seconds=SHOCK.at_s))]
+    assert "warning" not in warnings, warnings
+    assert warm["warmup"]["from"] == format_time(T0) and 119 <= warm["warmup"]["covered_s"] <= 120   # first input
+    assert not warm["warmup"]["short"] and warm["warmup"]["inputs"] > 1000 and warm["warmup"]["windows"] > 0
+    assert cold["warmup"]["inputs"] == 0 and cold["warmup_from"] == cold["from"]
+
+    # Nothing of the warm-up in the outputs: the scored records and windows are exactly the cold run's (every
+    # window wholly inside the range has all its messages either way; they close in other batches, so in another
+    # order); only the alerts differ.
+    in_range = [m for m in expected_inputs() if m.event_time >= WARM_FROM]
+    scored = read_table(tmp_path / "warm", "scored")
+    assert set(scored["id"]) == {m.id for m in in_range if not m.expected_reason}
+    assert warm["counts"]["inputs"] == cold["counts"]["inputs"] == len(in_range)
+    assert warm["counts"]["rejected"] == cold["counts"]["rejected"]
+    pd.testing.assert_frame_equal(read_table(tmp_path / "warm", "scored"), read_table(tmp_path / "cold", "scored"))
+    window = ["key_type", "key", "window_s", "window_start"]
+    trends, cold_trends = (read_table(tmp_path / run, "trends").sort_values(window).reset_index(drop=True)
+                           for run in ("warm", "cold"))
+    pd.testing.assert_frame_equal(trends, cold_trends)
+    assert (trends["window_start"] >= pd.Timestamp(WARM_FROM)).all()
+    assert (read_table(tmp_path / "warm", "alerts")["started_at"] >= pd.Timestamp(WARM_FROM)).all()
+    out = TopicNames(settings.kafka.topic_prefix).replay("warm")
+    assert {r["id"] for r in json_values(read_all(settings, out.scored))} == set(scored["id"])
+    assert all(TrendRecord.from_dict(t).window_start >= WARM_FROM for t in json_values(read_all(settings, out.trends)))
+    assert sorted(a["id"] for a in json_values(read_all(settings, out.alerts))) == \
+        sorted(read_table(tmp_path / "warm", "alerts")["id"])
+
+
+def test_a_warm_up_the_input_does_not_reach_is_warned_about_and_recorded(dataset, tmp_path):
+    """The default warm-up (auto: warmup_windows x window_s = 3 min, from 08:59) reaches back before the input's
+    first message (09:00): the run says so, and records how far the input did reach."""
+    manifest, warnings = warm_replay(dataset["config"], "auto-warm", tmp_path / "auto")
+    warmup = manifest["warmup"]
+    assert (warmup["asked"], warmup["seconds"], warmup["from"]) == ("auto", 180, format_time(T0 - timedelta(minutes=1)))
+    assert warmup["short"] and warmup["first_input"].startswith("2026-03-02T09:00:0") and warmup["covered_s"] <= 120
+    assert "warmup_windows x window_s = 3 x 60s" in warmup["rule"]
+    assert "warning: the warm-up asked for [2026-03-02T08:59:00.000Z, 2026-03-02T09:02:00.000Z)" in warnings
+    assert "the input reaches back only to 2026-03-02T09:00:0" in warnings
+    assert len(shock_firings(tmp_path / "auto")) == 1      # two minutes were there: enough here
+
+
+def test_ctrl_c_in_the_warm_up_then_rerun_resumes_to_identical_output(dataset, tmp_path):
+    """Its first checkpoint (1024 inputs) falls inside the warm-up (1200 messages): resumed from there, the run
+    equals an uninterrupted one, warm-up record included. The same command with another warm-up is refused."""
+    out_dir = tmp_path / "warm-resumed"
+    args = ["replay", *WARM_RANGE, "--run-id", "warm-resumable", "--parquet", str(out_dir), "--warmup", "2m"]
+    interrupted_run(dataset["settings"], args, "5x", lambda: inputs_checkpointed(out_dir), tmp_path)
+    checkpoint = json.loads((out_dir / "_checkpoint.json").read_text())
+    assert checkpoint["inputs_done"] == 1024 and checkpoint["warmup"]["inputs"] == 1024
+
+    code, out, err = finpulse(dataset["config"], *args[:-1], "1m", "--no-progress")
+    assert code == 2 and "holds interrupted run 'warm-resumable' with other arguments (warmup_from: " in err, err
+    code, out, err = finpulse(dataset["config"], *args, "--no-progress")
+    assert code == 0 and "resuming run warm-resumable after input message 1024" in out, out + err
+    reference, _ = warm_replay(dataset["config"], "warm-reference", tmp_path / "reference", "--warmup", "2m")
+    assert digests(out_dir) == digests(tmp_path / "reference")
+    resumed = json.loads((out_dir / "manifest.json").read_text())
+    assert resumed["counts"] == reference["counts"] and resumed["warmup"] == reference["warmup"]
+    assert len(shock_firings(out_dir)) == 1
+
+
 # ---------------------------------------------------------------- reproducibility
 
 def test_identical_runs_and_an_archive_replay_are_byte_identical(dataset, tmp_path):
@@ -379,6 +468,7 @@ BAD_ARGUMENTS = {
     "archive of other columns": ([*RANGE, "--archive", "{tmp}/archive"], _archive_with_other_columns,
                                  "does not have the archive schema"),
     "bad speed": ([*RANGE, "--speed", "fast"], None, "--speed 'fast'"),
+    "bad warm-up": ([*RANGE, "--warmup", "a while"], None, "--warmup: 'a while' is not a duration"),
     "bad thresholds": ([*RANGE, "--config", "{tmp}/bad.toml"], None, "resolve_z < fire_z"),
     "test endpoint not set aside": ([*RANGE, "--test-endpoint", "desk"], None, "names no endpoint"),
 }
