@@ -7,7 +7,11 @@ thresholds over a past event-time range, reproducibly and without touching anyth
   and runs the live ``WindowAggregator`` and ``SpikeDetector`` with the chosen thresholds (``run.py``). Outputs go to
   ``<prefix>.replay.<ID>.{scored,trends,alerts}`` (created up front) and Parquet in ``var/replay/<ID>/``
   (``output.py``); alerts reach a webhook only with ``--test-endpoint NAME``, and only the endpoint set aside as
-  ``[alerts] replay_endpoint``. Resumable after Ctrl-C. Bad arguments fail before anything is written (``plan.py``).
+  ``[alerts] replay_endpoint``. Before ``T1`` it reads a warm-up (``--warmup``, default: the detector's own need)
+  that builds windows and baselines and writes nothing. ``--config FILE`` holds only ``[aggregate]``/``[detect]``.
+  Resumable after Ctrl-C. Bad arguments fail before anything is written (``plan.py``).
+* ``finpulse runs`` lists the runs (directories and topics); ``finpulse runs delete ID --yes`` deletes one's topics,
+  dispatcher group and directory, and refuses anything that is not that run's (``runs.py``).
 * ``finpulse export --from T1 --to T2 --out DIR`` archives the input topics to Parquet by event-time day
   (``archive.py``); ``replay --archive DIR`` reads them back in the same order as from Kafka, past retention.
 * ``finpulse backtest --run-id ID [--events events.csv] [--prices prices.csv]`` reports alert precision, recall and
@@ -17,7 +21,8 @@ thresholds over a past event-time range, reproducibly and without touching anyth
 
 1. *Same input order.* Messages are processed in one total order, (event time, topic, partition, offset), which
    the Kafka merge and the archive reader both produce whatever the fetch timing (``select.py``). Same inputs means
-   the same messages in the range (and disorder within ``[replay] max_disorder_s``, else a warning says so).
+   the same messages in the range and its warm-up (and disorder within ``[replay] max_disorder_s``, else a warning
+   says so).
 2. *Same computation.* The scorer sees the same batches (``[replay] batch_size`` messages cut from the ordered
    input, also after a resume) and is deterministic for a given batch on a given device and library version; the
    aggregator and detector are pure functions of their input sequence.

@@ -213,7 +213,10 @@ def delete_run(settings: Settings, deletion: Deletion) -> None:
         if deletion.topics:
             admin.delete_topics(deletion.topics)
         if deletion.group:
-            admin.delete_groups([deletion.group])
+            refused = {g: answer for g, answer in dict(admin.delete_groups([deletion.group])).items() if answer != "OK"}
+            if refused:
+                raise ReplayError(f"the broker refused to delete consumer group {deletion.group}: {refused}; the "
+                                  "run's topics are deleted, its directory is kept")
     except KafkaError as exc:
         raise ReplayError(f"the broker refused to delete run {deletion.run_id!r}'s topics or group: {exc}") from None
     finally:
