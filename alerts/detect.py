@@ -20,6 +20,11 @@ How it decides, per key and per detection window size (``window_s``, 60 s by def
   same id) after ``resolve_windows`` consecutive windows below ``resolve_z`` (hysteresis); then no new episode may
   start for ``cooldown_s``. Severity grows with the deviation: info, then warning at ``warning_z``, critical at
   ``critical_z``.
+* Escalation: while the episode is open, a window that spikes at a higher severity than any sent for the episode
+  emits one more ``firing`` alert, same id, with that window's figures and ``escalated_from`` the severity it rose
+  from: at most one per severity, never one downwards. The resolve carries the highest severity reached. The
+  highest severity sent is part of the key's state, so a restart or a replay emits the same escalation again
+  (same event id, ``<id>:firing:<severity>``), never a second one.
 * The alert id is a hash of (key type, key, window size, episode start window), so a replay or a restarted worker
   emits the same id for the same episode. Duplicate or older windows (re-emitted after a crash) are ignored.
 
@@ -39,7 +44,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
 
 from stream.config import ConfigError, build_dataclass
-from stream.records import AlertRecord, TrendRecord, epoch_ms, utcnow
+from stream.records import AlertRecord, TrendRecord, epoch_ms, severity_rank, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -182,19 +187,26 @@ class SpikeDetector:
             calm = not enough or deviation < rule.resolve_z
             episode["calm"] = episode["calm"] + 1 if calm else 0
             episode["peak"] = max(episode["peak"], deviation)
-            if episode["calm"] < rule.resolve_windows:
-                return []
-            state["episode"] = None
-            state["cooldown_until_ms"] = epoch_ms(trend.window_end) + rule.cooldown_s * 1000
-            self._learn(state, trend, rule, stats)
-            return [self._resolved(episode, state, trend, stats)]
+            if episode["calm"] >= rule.resolve_windows:
+                state["episode"] = None
+                state["cooldown_until_ms"] = epoch_ms(trend.window_end) + rule.cooldown_s * 1000
+                self._learn(state, trend, rule, stats)
+                return [self._resolved(episode, state, trend, stats)]
+            # Remembered in the state, which is written after the alerts: a restart re-emits the same escalation.
+            sent = _episode_severity(episode)
+            if spiking and severity_rank(_severity(deviation, rule)) > severity_rank(sent):
+                alert = self._alert(state, trend, rule, stats, AlertRecord.from_dict(episode["firing"]).started_at,
+                                    escalated_from=sent)
+                episode["severity"] = alert.severity
+                return [alert]
+            return []
         if spiking:
             cooldown = state["cooldown_until_ms"]
             if cooldown is not None and start_ms < cooldown:
                 return []
-            alert = self._firing(state, trend, rule, stats)
+            alert = self._alert(state, trend, rule, stats, trend.window_start)
             state["episode"] = {"id": alert.id, "started_ms": start_ms, "calm": 0, "peak": deviation,
-                                "firing": alert.to_dict()}
+                                "severity": alert.severity, "firing": alert.to_dict()}
             return [alert]
         self._learn(state, trend, rule, stats)
         return []
@@ -224,21 +236,24 @@ class SpikeDetector:
         return {"bearish_share": round(trend.bearish_share, 4), "mean_score": round(trend.mean_score, 4),
                 "count": trend.count}
 
-    def _firing(self, state: dict[str, Any], trend: TrendRecord, rule: DetectRule,
-                stats: dict[str, float]) -> AlertRecord:
+    def _alert(self, state: dict[str, Any], trend: TrendRecord, rule: DetectRule, stats: dict[str, float],
+               started_at: datetime, escalated_from: str = "") -> AlertRecord:
+        """The firing that opens an episode starting with ``trend``, or, with ``escalated_from``, an escalation of
+        the open episode that started at ``started_at``: either way this window's figures."""
         deviation = stats["deviation"]
-        severity = "critical" if deviation >= rule.critical_z else "warning" if deviation >= rule.warning_z else "info"
-        summary = (f"Negative spike on {trend.key_type} {trend.key}: bearish share {trend.bearish_share:.0%} vs "
+        severity = _severity(deviation, rule)
+        what = (f"Escalated from {escalated_from} to {severity} on" if escalated_from else "Negative spike on")
+        summary = (f"{what} {trend.key_type} {trend.key}: bearish share {trend.bearish_share:.0%} vs "
                    f"baseline {state['share']:.0%} ± {stats['share_sd']:.0%}, mean score {trend.mean_score:+.2f} vs "
                    f"{state['score']:+.2f}, {deviation:.1f} sd over {trend.count} messages in the "
                    f"{trend.window_s}s window from {trend.window_start:%H:%M:%S} UTC")
         return AlertRecord(
-            id=alert_id(trend.key_type, trend.key, trend.window_s, trend.window_start), status="firing",
+            id=alert_id(trend.key_type, trend.key, trend.window_s, started_at), status="firing",
             key_type=trend.key_type, key=trend.key, window_s=trend.window_s, window_start=trend.window_start,
             window_end=trend.window_end, severity=severity, observed=self._observed(trend),
-            baseline=self._baseline(state, stats), deviation=round(deviation, 3), started_at=trend.window_start,
+            baseline=self._baseline(state, stats), deviation=round(deviation, 3), started_at=started_at,
             emitted_at=self.clock(), messages=tuple(trend.most_negative[: rule.top_messages]), summary=summary,
-            model_version=trend.model_version, run_id=self.run_id)
+            model_version=trend.model_version, run_id=self.run_id, escalated_from=escalated_from)
 
     def _resolved(self, episode: dict[str, Any], state: dict[str, Any], trend: TrendRecord,
                   stats: dict[str, float]) -> AlertRecord:
@@ -248,8 +263,18 @@ class SpikeDetector:
                    f"(baseline {state['share']:.0%}) after {_minutes(lasted)}; peak {episode['peak']:.1f} sd")
         return dataclasses.replace(
             firing, status="resolved", window_start=trend.window_start, window_end=trend.window_end,
-            observed=self._observed(trend), baseline=self._baseline(state, stats), deviation=round(stats["deviation"], 3),
-            emitted_at=self.clock(), resolved_at=trend.window_end, summary=summary, model_version=trend.model_version)
+            severity=_episode_severity(episode), observed=self._observed(trend), baseline=self._baseline(state, stats),
+            deviation=round(stats["deviation"], 3), emitted_at=self.clock(), resolved_at=trend.window_end,
+            summary=summary, model_version=trend.model_version)
+
+
+def _severity(deviation: float, rule: DetectRule) -> str:
+    return "critical" if deviation >= rule.critical_z else "warning" if deviation >= rule.warning_z else "info"
+
+
+def _episode_severity(episode: dict[str, Any]) -> str:
+    """The highest severity sent for the episode (states written before escalation existed hold only the firing)."""
+    return episode.get("severity") or episode["firing"]["severity"]
 
 
 def _minutes(delta: timedelta) -> str:

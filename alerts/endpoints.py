@@ -44,11 +44,11 @@ from urllib.parse import urlsplit
 from aiohttp.resolver import ThreadedResolver
 
 from stream.config import ConfigError, Settings, build_dataclass
+from stream.records import SEVERITIES, severity_rank
 
 from .signing import decode_secret, split_secrets
 
 FORMATS = ("native", "slack", "pagerduty", "alertmanager")
-SEVERITIES = ("info", "warning", "critical")
 KEY_TYPES = ("topic", "ticker")
 PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
@@ -303,8 +303,7 @@ class Endpoint:
     def accepts(self, alert) -> bool:
         """Whether this endpoint's severity and key filters let ``alert`` through."""
         s = self.settings
-        rank = SEVERITIES.index(alert.severity) if alert.severity in SEVERITIES else len(SEVERITIES) - 1
-        if rank < SEVERITIES.index(s.min_severity):
+        if severity_rank(alert.severity) < SEVERITIES.index(s.min_severity):
             return False
         if s.key_types and alert.key_type not in s.key_types:
             return False

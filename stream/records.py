@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal, Mapping
 
 Kind = Literal["news", "comment"]
 SENTIMENTS = ("bearish", "neutral", "bullish")
+SEVERITIES = ("info", "warning", "critical")   # alert severities, lowest first
 
 REJECT_REASONS = (
     "invalid_utf8",
@@ -348,7 +349,9 @@ class TrendRecord(_Record):
 
 @dataclass(frozen=True)
 class AlertRecord(_Record):
-    """A negative-spike alert. ``id`` is stable for one episode: the firing and the resolved event share it."""
+    """A negative-spike alert event. ``id`` is stable for one episode: its firing, its escalations and its resolve
+    share it. An escalation is a ``firing`` event with ``escalated_from`` set: the episode reached a higher severity
+    than any sent before for it (``escalated_from``, the highest one until then)."""
     id: str
     status: str               # firing | resolved
     key_type: str
@@ -356,7 +359,7 @@ class AlertRecord(_Record):
     window_s: int
     window_start: datetime
     window_end: datetime
-    severity: str             # info | warning | critical
+    severity: str             # one of SEVERITIES; a resolve carries the highest the episode reached
     observed: dict            # {"bearish_share", "mean_score", "count"}
     baseline: dict            # {"bearish_share", "bearish_share_std", "mean_score", "mean_score_std"}
     deviation: float          # how many baseline standard deviations the window moved (the larger of the two signals)
@@ -367,8 +370,14 @@ class AlertRecord(_Record):
     summary: str = ""
     model_version: str = ""
     run_id: str = ""
+    escalated_from: str = ""  # an escalation: the severity it rose from; empty for every other event
 
     _time_fields: ClassVar[tuple[str, ...]] = ("window_start", "window_end", "started_at", "emitted_at", "resolved_at")
+
+    @property
+    def event_kind(self) -> str:
+        """``firing`` (opens the episode), ``escalation`` or ``resolved``: what counts episodes counts ``firing``."""
+        return "escalation" if self.escalated_from else self.status
 
     @property
     def episode_id(self) -> str:
@@ -379,9 +388,25 @@ class AlertRecord(_Record):
 
     @property
     def event_id(self) -> str:
-        """Identifies this notification (the episode plus its status): the unit of delivery dedup."""
-        return self.event_id_of(self.status)
+        """Identifies this notification: the unit of delivery dedup. ``<episode>:firing`` and ``<episode>:resolved``
+        as always; an escalation names the severity it reached, ``<episode>:firing:critical``."""
+        return alert_event_id(self.episode_id, self.status, self.severity if self.escalated_from else "")
 
     def event_id_of(self, status: str) -> str:
-        """The event id of this episode's ``status`` event (a resolve finds its firing's deliveries by it)."""
-        return f"{self.episode_id}:{status}"
+        """The event id of this episode's firing or resolve (a resolve finds its firing's deliveries by it)."""
+        return alert_event_id(self.episode_id, status)
+
+    def firing_event_ids(self) -> tuple[str, ...]:
+        """The event ids this episode's firing and every escalation it could have had are sent under, lowest first."""
+        return (self.event_id_of("firing"),
+                *(alert_event_id(self.episode_id, "firing", severity) for severity in SEVERITIES[1:]))
+
+
+def alert_event_id(episode_id: str, status: str, escalated_to: str = "") -> str:
+    """``<episode>:<status>``, or ``<episode>:firing:<severity>`` for the escalation that reached ``escalated_to``."""
+    return f"{episode_id}:{status}:{escalated_to}" if escalated_to else f"{episode_id}:{status}"
+
+
+def severity_rank(severity: str) -> int:
+    """0 for info up to 2 for critical; an unknown severity ranks as the highest, so it is never filtered away."""
+    return SEVERITIES.index(severity) if severity in SEVERITIES else len(SEVERITIES) - 1

@@ -44,7 +44,7 @@ def detector(**settings) -> SpikeDetector:
 def test_a_spike_fires_once_and_resolves_after_calm_windows_with_the_same_id():
     det = detector(resolve_windows=2)
     assert run(det, calm_shares(30)) == []
-    alerts = run(det, [0.8, 0.85, 0.7, 0.26, 0.24, 0.25], first_minute=30)
+    alerts = run(det, [0.8, 0.78, 0.7, 0.26, 0.24, 0.25], first_minute=30)   # no worse than the first: no escalation
     assert [a.status for a in alerts] == ["firing", "resolved"]
     firing, resolved = alerts
     assert firing.id == resolved.id == alert_id("topic", KEY, 60, T0 + timedelta(minutes=30))
@@ -168,3 +168,89 @@ def test_a_small_window_within_its_own_sampling_error_does_not_fire():
     det.feed([window(i, 0.185, 0.43, 0.245, 400) for i in range(20)])
     (alert,) = det.feed([window(20, 0.3056, 0.2285, -0.0785, 400)])
     assert alert.status == "firing"
+
+
+# ---------------------------------------------------------------- escalation
+
+def escalating_detector(warmed: bool = True) -> SpikeDetector:
+    """Severity bands at 4 / 6 / 10 deviations; warmed on 30 calm windows of 200 messages (busy windows: the
+    deviation is the baseline's, so each share below lands in one band)."""
+    det = detector(fire_z=4.0, warning_z=6.0, critical_z=10.0, resolve_windows=2)
+    if warmed:
+        assert run(det, calm_shares(30), count=200) == []
+    return det
+
+
+def test_a_worsening_episode_escalates_once_per_band_and_never_down():
+    det = escalating_detector()
+    # info, info again, warning, info (lower: nothing), critical, critical again, warning (lower), then calm.
+    alerts = run(det, [0.45, 0.46, 0.55, 0.45, 0.9, 0.95, 0.55, 0.25, 0.25], first_minute=30, count=200)
+    assert [(a.event_kind, a.severity, a.escalated_from, a.window_start.minute) for a in alerts] == [
+        ("firing", "info", "", 30), ("escalation", "warning", "info", 32), ("escalation", "critical", "warning", 34),
+        ("resolved", "critical", "", 38)]
+    firing, to_warning, to_critical, resolved = alerts
+    assert firing.id == to_warning.id == to_critical.id == resolved.id
+    assert {a.status for a in alerts[:3]} == {"firing"}
+    assert to_warning.started_at == to_critical.started_at == firing.started_at == T0 + timedelta(minutes=30)
+    # Each event is its own notification; the first firing keeps the id it always had.
+    assert [a.event_id for a in alerts] == [f"{firing.id}:firing", f"{firing.id}:firing:warning",
+                                            f"{firing.id}:firing:critical", f"{firing.id}:resolved"]
+    # An escalation describes its own window.
+    assert to_critical.observed["bearish_share"] == 0.9 and to_critical.messages[0]["id"] == "m34"
+    assert to_critical.deviation > to_warning.deviation > firing.deviation
+    assert to_critical.summary.startswith(f"Escalated from warning to critical on topic {KEY}")
+    assert "peak" in resolved.summary and resolved.escalated_from == ""
+
+
+def test_an_episode_that_fires_critical_never_escalates_and_a_new_episode_starts_over():
+    det = escalating_detector()
+    first = run(det, [0.9, 0.95, 0.25, 0.25], first_minute=30, count=200)
+    assert [(a.event_kind, a.severity) for a in first] == [("firing", "critical"), ("resolved", "critical")]
+    later = run(det, [0.25] * 10 + [0.42, 0.9], first_minute=34, count=200)
+    assert [(a.event_kind, a.severity, a.escalated_from) for a in later] == [
+        ("firing", "info", ""), ("escalation", "critical", "info")]     # straight from info to critical: one event
+    assert later[0].id != first[0].id
+
+
+def test_a_thin_window_does_not_escalate():
+    det = escalating_detector()
+    assert [a.severity for a in run(det, [0.45], first_minute=30, count=200)] == ["info"]
+    assert run(det, [0.95], first_minute=31, count=10) == []         # under min_count: no judgement either way
+    assert [a.event_kind for a in run(det, [0.9], first_minute=32, count=200)] == ["escalation"]
+
+
+def test_escalation_is_restart_safe_and_a_replay_feed_gives_the_same_events():
+    shares = calm_shares(30) + [0.45, 0.55, 0.9, 0.9, 0.25, 0.25]
+    trends = [trend(i, s, count=200) for i, s in enumerate(shares)]
+
+    def events(alerts):
+        return [(a.event_id, a.severity, a.escalated_from, a.window_start) for a in alerts]
+
+    uninterrupted = escalating_detector(warmed=False).feed(trends)
+    assert [a.event_kind for a in uninterrupted] == ["firing", "escalation", "escalation", "resolved"]
+    assert events(escalating_detector(warmed=False).feed(trends)) == events(uninterrupted)    # a replay: the same
+
+    # The state written after the escalation to warning (minute 31) survives; the worker dies before writing the
+    # state of minute 32, whose escalation to critical was already published: the restarted one publishes it again.
+    first = escalating_detector(warmed=False)
+    published = first.feed(trends[:32])
+    saved = json.loads(json.dumps(first.states))       # the table value, via its changelog
+    published += first.feed(trends[32:33])
+    restored = escalating_detector(warmed=False)
+    restored.states.update(saved)
+    again = restored.feed(trends[28:])                 # redelivered trends overlap
+    assert events(again)[0] == events(published)[-1]   # the same event (same event id) again, not a new one
+    assert events(published[:-1] + again) == events(uninterrupted)
+    # A state saved after the escalation remembers it: nothing is sent twice.
+    resumed = escalating_detector(warmed=False)
+    resumed.states.update(json.loads(json.dumps(first.states)))
+    assert events(resumed.feed(trends[30:])) == events(uninterrupted[3:])
+
+
+def test_a_state_saved_before_escalation_existed_escalates_from_its_firing_severity():
+    det = escalating_detector()
+    (firing,) = run(det, [0.45], first_minute=30, count=200)
+    episode = det.states[f"topic:{KEY}"]["60"]["episode"]
+    del episode["severity"]                                       # what an older worker wrote
+    (escalation,) = run(det, [0.9], first_minute=31, count=200)
+    assert (escalation.escalated_from, escalation.severity, escalation.id) == ("info", "critical", firing.id)
