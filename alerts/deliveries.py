@@ -1,6 +1,7 @@
 """Delivery state, kept in Kafka: one ``DeliveryState`` per (alert event, endpoint) on the compacted
-``finpulse.deliveries`` topic, keyed ``"<event_id>|<endpoint>"`` (event_id is ``"<alert id>:<status>"``, ``"<alert id>@<run id>:<status>"`` for a
-replay's alert, see ``AlertRecord.episode_id``).
+``finpulse.deliveries`` topic, keyed ``"<event_id>|<endpoint>"`` (event_id is ``"<alert id>:<status>"``, or
+``"<alert id>:firing:<severity>"`` for an escalation, with ``"<alert id>@<run id>"`` in place of the alert id for a
+replay's alert: see ``AlertRecord.event_id``).
 
 Every change is a new record: ``pending`` when the dispatcher takes the event on (before it commits the alert's
 offset), ``pending`` again after each failed attempt (attempts, last error, next retry time), then ``delivered`` or
@@ -29,13 +30,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from stream.config import KafkaSettings
-from stream.records import AlertRecord, _Record, epoch_ms, utcnow
+from stream.records import AlertRecord, _Record, epoch_ms, severity_rank, utcnow
 
 log = logging.getLogger(__name__)
 
 PENDING, DELIVERED, FAILED, EXPIRED = "pending", "delivered", "failed", "expired"
 TERMINAL = frozenset({DELIVERED, FAILED, EXPIRED})
-# A resolve is delivered after its firing, whatever order the two reach the dispatcher in.
+# A resolve is delivered after its firing and escalations, whatever order they reach the dispatcher in (those come
+# from one partition, so their offsets order them).
 STATUS_ORDER = {"firing": 0, "resolved": 1}
 
 
@@ -87,6 +89,10 @@ class DeliveryState(_Record):
     @property
     def alert_status(self) -> str:
         return self.alert.get("status", "")
+
+    @property
+    def alert_severity(self) -> str:
+        return self.alert.get("severity", "")
 
     @property
     def order(self) -> tuple[int, int]:
@@ -294,8 +300,9 @@ def redelivery_plan(states: Iterable[DeliveryState], horizons: Mapping[str, floa
     the ones to re-queue (each chain's firing before its resolve) and the ones it leaves, with why.
 
     ``horizons`` are the configured endpoints' retry horizons: a failed delivery to an endpoint that is not
-    configured any more stays failed. So does a firing whose resolve already reached the endpoint: sent now, it
-    would reopen an incident that the endpoint saw closed."""
+    configured any more stays failed. So does a firing (or escalation) whose resolve already reached the endpoint:
+    sent now, it would reopen an incident that the endpoint saw closed; and one that a higher escalation overtook
+    there: sent now, it would lower the incident's severity."""
     states = list(states)
     by_key = {s.key: s for s in states}
     chosen: list[DeliveryState] = []
@@ -303,13 +310,21 @@ def redelivery_plan(states: Iterable[DeliveryState], horizons: Mapping[str, floa
     for state in sorted(states, key=lambda s: (s.endpoint, s.alert_id, s.order)):
         if state.state != FAILED or (endpoint and state.endpoint != endpoint) or (alert_id and state.alert_id != alert_id):
             continue
-        resolve = by_key.get(delivery_key(state.alert_record.event_id_of("resolved"), state.endpoint))
+        alert = state.alert_record
+        resolve = by_key.get(delivery_key(alert.event_id_of("resolved"), state.endpoint))
+        overtaken_by = [other.alert_severity for other in (by_key.get(delivery_key(e, state.endpoint))
+                                                            for e in alert.firing_event_ids())
+                        if other is not None and other.state == DELIVERED
+                        and severity_rank(other.alert_severity) > severity_rank(alert.severity)]
         if state.endpoint not in horizons:
             skipped.append((state, "the endpoint is not configured"))
         elif state.alert_status == "firing" and resolve is not None and resolve.state == DELIVERED:
             skipped.append((state, "its resolve was delivered already (sending the firing now would reopen it)"))
         elif state.alert_status == "firing" and resolve is not None and resolve.state == EXPIRED:
             skipped.append((state, "its resolve expired (sent now, the firing would open an incident nothing closes)"))
+        elif state.alert_status == "firing" and overtaken_by:
+            skipped.append((state, f"an escalation to {overtaken_by[-1]} was delivered already (sending this now "
+                                   "would lower the incident's severity)"))
         else:
             chosen.append(state)
     return chosen, skipped

@@ -21,9 +21,14 @@ How it works:
   alert already older than ``[alerts] max_alert_age_s`` then is recorded ``expired`` and never sent, so a new
   dispatcher group (which reads the topic from its start) or one back from a long outage sends no stale alerts
   (``_window``).
-- Order: deliveries of one alert id to one endpoint form a chain, so a resolve never overtakes its firing (the
-  detector keys both by alert id, so both come from one partition). A resolve goes to the endpoints its firing
-  went to, whatever its severity, so an incident opened by a firing is always closed.
+- Who gets what (``route``): a firing goes to the endpoints whose filters accept it. An escalation (a firing of a
+  higher severity, same alert id) goes to those whose filters accept it now, including one whose ``min_severity``
+  skipped the firing, and to every endpoint given the episode before, so that each learns it got worse. A resolve
+  goes to every endpoint given the episode's firing or an escalation, whatever its severity, so an incident opened
+  is always closed.
+- Order: deliveries of one alert id to one endpoint form a chain (firing, escalations, resolve), so neither an
+  escalation nor a resolve overtakes what came before it (the detector keys every event of a key alike, so they
+  come from one partition, in order).
 - Pending deliveries belong to the dispatcher that owns the alert's partition. On start and on every rebalance it
   reads the deliveries topic to its true end, then resumes the pending ones of the partitions it was given; on
   revocation it lets in-flight requests finish and stops the rest.
@@ -56,6 +61,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
+from typing import Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -64,7 +70,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from stream.config import ConfigError, Settings
-from stream.records import AlertRecord, format_time, utcnow
+from stream.records import AlertRecord, format_time, severity_rank, utcnow
 from stream.topics import TopicNames, ensure_topics
 
 from .deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, DeliveryLog, DeliveryState, delivery_key, new_pending,
@@ -302,10 +308,10 @@ class Dispatcher:
         if alert.run_id:
             return now, ""
         if alert.status == "resolved":
-            firing = self.log.get(delivery_key(alert.event_id_of("firing"), endpoint.name))
-            if firing is not None and firing.state in (PENDING, DELIVERED):
+            given = self._given(alert, endpoint.name)
+            if any(s.state in (PENDING, DELIVERED) for s in given):
                 return now, ""
-            if firing is not None and firing.state == EXPIRED:
+            if given and all(s.state == EXPIRED for s in given):
                 return now, "not sent: its firing expired, so the endpoint never saw the incident open"
         emitted = min(alert.emitted_at, now)
         age_s = (now - emitted).total_seconds()
@@ -323,14 +329,17 @@ class Dispatcher:
                     log.warning("ignoring alerts of replay run %s: replays never go to live endpoints "
                                 "(name a test endpoint in [alerts] replay_endpoint)", alert.run_id)
                 return []
-            return [endpoint] if endpoint.accepts(alert) else []
-        if alert.status == "resolved":
-            firing = alert.event_id_of("firing")
-            went_to = [e for e in self.endpoints.values() if self.log.get(delivery_key(firing, e.name)) is not None]
-            if went_to:
-                return went_to
-        # The replay endpoint is the test sink of replays: live alerts there would mix with a backtest's.
-        return [e for e in self.endpoints.values() if e.name != self.options.replay_endpoint and e.accepts(alert)]
+            candidates = [endpoint]
+        else:
+            # The replay endpoint is the test sink of replays: live alerts there would mix with a backtest's.
+            candidates = [e for e in self.endpoints.values() if e.name != self.options.replay_endpoint]
+        return route(alert, candidates, lambda e: bool(self._given(alert, e.name)))
+
+    def _given(self, alert: AlertRecord, endpoint: str) -> list[DeliveryState]:
+        """The deliveries of the firing and escalations of ``alert``'s episode to ``endpoint`` taken on so far (in
+        any state), lowest severity first."""
+        found = (self.log.get(delivery_key(event_id, endpoint)) for event_id in alert.firing_event_ids())
+        return [state for state in found if state is not None]
 
     # ------------------------------------------------------------ ownership
 
@@ -473,12 +482,30 @@ class Dispatcher:
         return replace(outcome, error=endpoint.scrub(outcome.error)[:ERROR_TEXT_MAX])
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
-        firing = self.log.get(delivery_key(alert.event_id_of("firing"), endpoint.name)) if alert.status == "resolved" else None
+        # What this endpoint was sent of the episode before this event: a resolve follows all of it, a firing or an
+        # escalation only the lower severities. An expired delivery was never sent.
+        before = [s.alert_severity for s in self._given(alert, endpoint.name) if s.state != EXPIRED
+                  and (alert.status == "resolved" or severity_rank(s.alert_severity) < severity_rank(alert.severity))]
         return DeliveryContext(
             webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name, attempt=state.attempts + 1,
             sent_at=format_time(utcnow()), dashboard_url=self.options.dashboard_url,
             routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
-            firing_severity=firing.alert.get("severity", "") if firing else "")
+            sent_severities=tuple(dict.fromkeys(before)))
+
+
+def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpoint], bool]) -> list[Endpoint]:
+    """Which of ``candidates`` take ``alert`` on; ``given(endpoint)`` says whether the endpoint was given a firing or
+    an escalation of the alert's episode already (see the module docstring).
+
+    A resolve whose episode reached none of them (its firing came before they were configured) goes to those whose
+    filters accept it, as a firing would."""
+    if alert.status == "resolved":
+        went_to = [e for e in candidates if given(e)]
+        if went_to:
+            return went_to
+    elif alert.escalated_from:
+        return [e for e in candidates if e.accepts(alert) or given(e)]
+    return [e for e in candidates if e.accepts(alert)]
 
 
 async def _sleep_until(when: float, stop: asyncio.Event) -> bool:

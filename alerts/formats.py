@@ -1,13 +1,18 @@
 """How one alert event looks on the wire for each kind of endpoint.
 
 - ``native``: FinPulse's own JSON, ``{"type", "timestamp", "data": <the AlertRecord>, "delivery": {...}}``, always
-  signed per Standard Webhooks;
+  signed per Standard Webhooks. ``type`` is ``finpulse.alert.firing``, ``.escalated`` or ``.resolved``; an
+  escalation's ``data`` has ``status`` "firing", the new ``severity`` and ``escalated_from``;
 - ``slack``: an incoming-webhook message (fallback ``text`` plus Block Kit ``blocks``); message excerpts are
-  escaped so a headline cannot ping ``<!channel>`` or forge links;
+  escaped so a headline cannot ping ``<!channel>`` or forge links; an escalation says from what to what;
 - ``pagerduty``: an Events API v2 ``trigger`` or ``resolve`` with ``dedup_key`` = the alert id (``<id>@<run id>``
-  for a replay's alert), so the resolve closes the incident the trigger opened;
-- ``alertmanager``: the list ``POST /api/v2/alerts`` takes. Firing and resolved events carry the same labels
-  (Alertmanager identifies an alert by them; a replay's alert adds ``run_id``), and the resolved one sets ``endsAt``.
+  for a replay's alert), so the resolve closes the incident the trigger opened. An escalation is another
+  ``trigger`` with the same ``dedup_key`` and the new severity: PagerDuty updates the open alert;
+- ``alertmanager``: the list ``POST /api/v2/alerts`` takes. Alertmanager identifies an alert by its labels and
+  routes on ``severity``, so severity stays a label, and the other labels (``alert_id``, key, window; ``run_id``
+  for a replay) stay the same for every event of the episode. An escalation ends the label sets of the severities
+  this endpoint was sent before (``endsAt`` = the escalating window's end) and starts the new one, in one post; the
+  resolve ends every label set the endpoint was sent (``DeliveryContext.sent_severities``), so nothing stays open.
 
 ``render`` returns the body bytes; signing and sending are the dispatcher's.
 """
@@ -15,13 +20,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Callable
 from urllib.parse import quote
 
 from stream.records import AlertRecord, format_time
 
-EVENT_TYPES = {"firing": "finpulse.alert.firing", "resolved": "finpulse.alert.resolved"}
+EVENT_TYPES = {"firing": "finpulse.alert.firing", "escalation": "finpulse.alert.escalated",
+               "resolved": "finpulse.alert.resolved"}
 PAGERDUTY_SEVERITY = {"info": "info", "warning": "warning", "critical": "critical"}
 ALERTMANAGER_ALERTNAME = "FinPulseNegativeSentimentSpike"
 # FinPulse sends each state once, while Alertmanager resolves an alert it has not heard about for resolve_timeout
@@ -41,7 +47,9 @@ class DeliveryContext:
     sent_at: str = ""
     dashboard_url: str = ""
     routing_key: str = ""          # PagerDuty only; put in the body, never logged
-    firing_severity: str = ""      # the severity the firing event was sent with (labels must not change)
+    # The severities of the episode's earlier firing and escalations taken on for this endpoint, lowest first:
+    # the Alertmanager label sets this event must end.
+    sent_severities: tuple[str, ...] = ()
 
 
 def render(fmt: str, alert: AlertRecord, ctx: DeliveryContext) -> bytes:
@@ -55,8 +63,9 @@ def render(fmt: str, alert: AlertRecord, ctx: DeliveryContext) -> bytes:
 def headline(alert: AlertRecord) -> str:
     """One line a human reads first: status, severity, what moved and by how much."""
     obs, base = alert.observed or {}, alert.baseline or {}
-    state = "RESOLVED" if alert.status == "resolved" else "FIRING"
-    return (f"{state} [{alert.severity}] negative sentiment spike on {alert.key_type} {alert.key}: bearish share "
+    state = {"resolved": "RESOLVED", "escalation": "ESCALATED"}.get(alert.event_kind, "FIRING")
+    severity = f"{alert.escalated_from} → {alert.severity}" if alert.escalated_from else alert.severity
+    return (f"{state} [{severity}] negative sentiment spike on {alert.key_type} {alert.key}: bearish share "
             f"{_pct(obs.get('bearish_share'))} vs baseline {_pct(base.get('bearish_share'))}, mean score "
             f"{_num(obs.get('mean_score'))} vs {_num(base.get('mean_score'))} ({_window(alert.window_s)} window)")
 
@@ -71,7 +80,7 @@ def dashboard_link(alert: AlertRecord, dashboard_url: str) -> str:
 
 def _native(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
     return {
-        "type": EVENT_TYPES.get(alert.status, f"finpulse.alert.{alert.status}"),
+        "type": EVENT_TYPES.get(alert.event_kind, f"finpulse.alert.{alert.status}"),
         "timestamp": format_time(alert.emitted_at),
         "data": alert.to_dict(),
         "delivery": {"webhook_id": ctx.webhook_id, "event_id": ctx.event_id, "endpoint": ctx.endpoint,
@@ -83,9 +92,11 @@ def _slack(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
     obs, base = alert.observed or {}, alert.baseline or {}
     resolved = alert.status == "resolved"
     icon = ":large_green_circle:" if resolved else {"critical": ":red_circle:", "warning": ":large_orange_circle:"}.get(alert.severity, ":large_blue_circle:")
-    title = f"{'Resolved' if resolved else 'Negative sentiment spike'}: {alert.key_type} {alert.key}"
+    what = ("Resolved" if resolved else f"Escalated from {alert.escalated_from} to {alert.severity}"
+            if alert.escalated_from else "Negative sentiment spike")
+    title = f"{what}: {alert.key_type} {alert.key}"
     fields = [
-        ("Severity", alert.severity),
+        ("Severity", f"{alert.escalated_from} → {alert.severity}" if alert.escalated_from else alert.severity),
         ("Window", f"{_window(alert.window_s)} from {format_time(alert.window_start)}"),
         ("Bearish share", f"{_pct(obs.get('bearish_share'))} (baseline {_pct(base.get('bearish_share'))})"),
         ("Mean score", f"{_num(obs.get('mean_score'))} (baseline {_num(base.get('mean_score'))})"),
@@ -132,6 +143,7 @@ def _pagerduty(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
             "most_negative": [{"id": m.get("id"), "score": m.get("sentiment_score"), "text": m.get("text")}
                               for m in alert.messages[:SLACK_EXCERPTS]],
             "model_version": alert.model_version,
+            **({"escalated_from": alert.escalated_from} if alert.escalated_from else {}),
         },
     }
     event["client"] = "FinPulse"
@@ -143,10 +155,21 @@ def _pagerduty(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
 
 
 def _alertmanager(alert: AlertRecord, ctx: DeliveryContext) -> list[dict[str, Any]]:
+    if alert.status == "resolved":
+        ended = ctx.sent_severities or (alert.severity,)
+        return [_alertmanager_entry(alert, severity, alert.resolved_at or alert.emitted_at, ctx) for severity in ended]
+    # An escalation ends the label sets sent before: Alertmanager would keep them firing until their far endsAt.
+    superseded = [_alertmanager_entry(alert, severity, alert.window_end, ctx)
+                  for severity in ctx.sent_severities if severity != alert.severity]
+    return superseded + [_alertmanager_entry(alert, alert.severity, alert.started_at + ALERTMANAGER_FIRING_TTL, ctx)]
+
+
+def _alertmanager_entry(alert: AlertRecord, severity: str, ends_at: datetime, ctx: DeliveryContext) -> dict[str, Any]:
+    """The episode's alert under the label set of ``severity``; the rest of the labels never change."""
     obs, base = alert.observed or {}, alert.baseline or {}
     labels = {
         "alertname": ALERTMANAGER_ALERTNAME,
-        "severity": ctx.firing_severity or alert.severity,
+        "severity": severity,
         "key_type": alert.key_type,
         "key": alert.key,
         "window": f"{alert.window_s}s",
@@ -155,29 +178,30 @@ def _alertmanager(alert: AlertRecord, ctx: DeliveryContext) -> list[dict[str, An
     }
     if alert.run_id:
         labels["run_id"] = alert.run_id
-    if alert.status == "resolved":
-        ends_at = alert.resolved_at or alert.emitted_at
-    else:
-        ends_at = alert.started_at + ALERTMANAGER_FIRING_TTL
+    annotations = {
+        "summary": headline(alert),
+        "description": alert.summary or headline(alert),
+        "observed_bearish_share": _fixed(obs.get("bearish_share")),
+        "baseline_bearish_share": _fixed(base.get("bearish_share")),
+        "observed_mean_score": _fixed(obs.get("mean_score")),
+        "baseline_mean_score": _fixed(base.get("mean_score")),
+        "deviation": f"{alert.deviation:.2f}",
+        "message_count": str(obs.get("count", "")),
+    }
+    if alert.escalated_from:
+        annotations["escalated_from"] = alert.escalated_from
+    if alert.status == "firing" and severity != alert.severity:
+        annotations["superseded_by"] = alert.severity
     entry: dict[str, Any] = {
         "labels": labels,
-        "annotations": {
-            "summary": headline(alert),
-            "description": alert.summary or headline(alert),
-            "observed_bearish_share": _fixed(obs.get("bearish_share")),
-            "baseline_bearish_share": _fixed(base.get("bearish_share")),
-            "observed_mean_score": _fixed(obs.get("mean_score")),
-            "baseline_mean_score": _fixed(base.get("mean_score")),
-            "deviation": f"{alert.deviation:.2f}",
-            "message_count": str(obs.get("count", "")),
-        },
+        "annotations": annotations,
         "startsAt": format_time(alert.started_at),
         "endsAt": format_time(ends_at),
     }
     link = dashboard_link(alert, ctx.dashboard_url)
     if link:
         entry["generatorURL"] = link
-    return [entry]
+    return entry
 
 
 _RENDERERS: dict[str, Callable[[AlertRecord, DeliveryContext], Any]] = {

@@ -146,7 +146,10 @@ def describe_payload(payload) -> str:
         observed = data.get("observed") or {}
         share = observed.get("bearish_share")
         share_text = f" bearish {share:.0%}" if isinstance(share, (int, float)) else ""
-        return (f"{str(data.get('status', '?')).upper()} [{data.get('severity', '?')}] {data.get('key_type', '?')} "
+        escalated_from = data.get("escalated_from")
+        state = "ESCALATED" if escalated_from else str(data.get("status", "?")).upper()
+        severity = f"{escalated_from} → {data.get('severity', '?')}" if escalated_from else data.get("severity", "?")
+        return (f"{state} [{severity}] {data.get('key_type', '?')} "
                 f"{data.get('key', '?')!r}{share_text} (alert {data.get('id', '?')})")
     return f"{type(payload).__name__} payload, {len(json.dumps(payload))} bytes"
 

@@ -22,14 +22,15 @@ from aiokafka import AIOKafkaProducer
 
 from alerts.deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, DeliveryState, delivery_key, new_pending,
                                read_delivery_states, redelivery_plan, requeued, webhook_id)
-from alerts.dispatch import Dispatcher, classify, full_jitter, parse_retry_after
+from alerts.dispatch import Dispatcher, classify, full_jitter, parse_retry_after, route
 from alerts.endpoints import Endpoint, EndpointSettings, blocked_reason, build_endpoints, load_delivery_config
+from alerts.formats import ALERTMANAGER_FIRING_TTL
 from alerts.receiver import Receiver, ReceiverOptions
 from alerts.signing import generate_secret
 from stream.broker import free_port
 from stream.config import ConfigError, Settings, load_settings
 from stream.kafka_io import read_topic_async
-from stream.records import AlertRecord, utcnow
+from stream.records import AlertRecord, format_time, utcnow
 from tests.procs import ManagedProcess
 from tests.test_formats import make_alert as formats_alert
 
@@ -303,6 +304,82 @@ def test_routing_filters_replays_and_private_addresses(fp_settings, topics, capl
     assert routing_key not in endpoints_repr and secret not in endpoints_repr
 
 
+def test_route_sends_an_escalation_to_whoever_was_given_the_episode_even_if_its_filters_now_refuse_it(monkeypatch):
+    """The filters of an endpoint can change while an episode is open (a config reload between the firing and the
+    escalation): what the endpoint was given still decides that it hears of the escalation and of the resolve."""
+    monkeypatch.setenv("T_ROUTE_ONLY_SECRET", generate_secret())
+    desk, pager = (Endpoint(EndpointSettings(name=name, url="https://risk.example.com/x", secret_env=["T_ROUTE_ONLY_SECRET"],
+                                             keys=["Rates*"], min_severity=severity))
+                   for name, severity in (("desk", "info"), ("pager", "critical")))
+    up = make_alert("firing", id="r1", severity="critical", escalated_from="info")
+    assert route(up, [desk, pager], given=lambda e: False) == []
+    assert route(up, [desk, pager], given=lambda e: e is desk) == [desk]
+    assert route(make_alert("resolved", id="r1"), [desk, pager], given=lambda e: e is desk) == [desk]
+    assert route(make_alert("firing", id="r1"), [desk, pager], given=lambda e: True) == []   # a firing: filters only
+    rates = make_alert("firing", id="r2", key="Rates | Fed", severity="critical", escalated_from="warning")
+    assert route(rates, [desk, pager], given=lambda e: False) == [desk, pager]
+
+
+def test_an_escalation_reaches_who_now_accepts_it_and_who_got_the_firing_in_order(fp_settings, topics, monkeypatch):
+    """An episode fires as info, escalates to warning, then to critical, then resolves. A critical-only pager gets
+    the escalation to critical and the resolve, not the info firing; an info desk gets all four in order; a
+    warning-and-up PagerDuty service is triggered by the warning escalation, re-triggered at critical (same
+    dedup_key) and resolved; Alertmanager sees the old severity's label set ended as the new one starts, and the
+    resolve ends them all."""
+    secret, routing_key = generate_secret(), "PDROUTINGKEYESCALATE0"
+    monkeypatch.setenv("T_ESC_SECRET", secret)
+    monkeypatch.setenv("T_ESC_PD_KEY", routing_key)
+    fired = make_alert("firing", id="esc1", severity="info")
+    episode = [fired,
+               make_alert("firing", id="esc1", severity="warning", escalated_from="info"),
+               make_alert("firing", id="esc1", severity="critical", escalated_from="warning"),
+               make_alert("resolved", id="esc1", severity="critical")]
+    produce(fp_settings, topics.alerts, episode)
+
+    receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
+    common = {"secret_env": "T_ESC_SECRET", "allow_private": True}
+    states = dispatch_until_settled(topics, receiver, 4 + 2 + 3 + 4, lambda port: fp_settings.with_overrides({"alerts": {
+        "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "endpoints": [
+            {"name": "desk", "url": f"http://127.0.0.1:{port}/desk", **common},
+            {"name": "pager", "url": f"http://127.0.0.1:{port}/pager", "min_severity": "critical", **common},
+            {"name": "pd", "url": f"http://127.0.0.1:{port}/pd", "format": "pagerduty", "min_severity": "warning",
+             "routing_key_env": "T_ESC_PD_KEY", **common},
+            {"name": "am", "url": f"http://127.0.0.1:{port}/am", "format": "alertmanager", **common}]}}))
+    events = ["esc1:firing", "esc1:firing:warning", "esc1:firing:critical", "esc1:resolved"]
+    assert [a.event_id for a in episode] == events
+    wanted = {"desk": events, "pager": events[2:], "pd": events[1:], "am": events}
+    assert set(states) == {delivery_key(e, name) for name, evs in wanted.items() for e in evs}
+    assert all(s.state == DELIVERED for s in states.values())
+
+    def arrived(path):
+        return [item for item in receiver.items if item["path"] == path]
+    for name, evs in wanted.items():
+        # In order on each endpoint, each once, each under its own webhook-id.
+        assert [i["webhook_id"] for i in arrived(f"/{name}")] == [webhook_id(delivery_key(e, name)) for e in evs]
+    assert not receiver.duplicates
+    desk = [i["payload"] for i in arrived("/desk")]
+    assert [p["type"] for p in desk] == ["finpulse.alert.firing", "finpulse.alert.escalated",
+                                         "finpulse.alert.escalated", "finpulse.alert.resolved"]
+    assert [(p["data"]["severity"], p["data"]["escalated_from"]) for p in desk] == [
+        ("info", ""), ("warning", "info"), ("critical", "warning"), ("critical", "")]
+    pager = [i["payload"] for i in arrived("/pager")]
+    assert [(p["type"], p["data"]["severity"]) for p in pager] == [("finpulse.alert.escalated", "critical"),
+                                                                     ("finpulse.alert.resolved", "critical")]
+    pd = [i["payload"] for i in arrived("/pd")]
+    assert [(p["event_action"], p.get("payload", {}).get("severity")) for p in pd] == [
+        ("trigger", "warning"), ("trigger", "critical"), ("resolve", None)]
+    assert {p["dedup_key"] for p in pd} == {"esc1"} and all(p["routing_key"] == routing_key for p in pd)
+    still_firing = format_time(fired.started_at + ALERTMANAGER_FIRING_TTL)     # a firing's far end
+    am = [[(entry["labels"]["severity"], entry["endsAt"] != still_firing) for entry in i["payload"]] for i in arrived("/am")]
+    # (severity label, ended): each post ends the label sets sent before and opens the new one; the resolve ends all.
+    assert am == [[("info", False)], [("info", True), ("warning", False)],
+                  [("info", True), ("warning", True), ("critical", False)],
+                  [("info", True), ("warning", True), ("critical", True)]]
+    identity = {k: v for k, v in arrived("/am")[0]["payload"][0]["labels"].items() if k != "severity"}
+    assert all({k: v for k, v in e["labels"].items() if k != "severity"} == identity
+               for i in arrived("/am") for e in i["payload"])
+
+
 def test_failures_are_recorded_at_the_horizon_and_at_once_for_client_errors(fp_settings, topics, monkeypatch):
     """A closed port is retried until the retry horizon, then recorded as failed with its attempts and last error;
     a 401 (the receiver holds another key) fails at once. A failed firing does not block its resolve: it is
@@ -461,19 +538,30 @@ def test_dispatch_check_reports_refused_endpoints(tmp_path):
 def test_redelivery_plan_requeues_failed_only():
     """Only failed deliveries are re-queued (firing before resolve), filtered by endpoint and alert id; a delivered
     one never is, nor a failed one to an endpoint no longer configured, nor a firing whose resolve got through."""
-    def state(alert_id, status, endpoint, final, offset=0):
-        return replace(new_pending(make_alert(status, id=alert_id), endpoint, 0, offset, 60.0), state=final, seq=3)
+    def state(alert_id, event, endpoint, final, offset=0):
+        """``event``: firing, resolved, or firing:<severity> for an escalation from info."""
+        status, _, escalated_to = event.partition(":")
+        alert = (make_alert(status, id=alert_id, severity=escalated_to, escalated_from="info") if escalated_to
+                 else make_alert(status, id=alert_id, severity="info"))
+        return replace(new_pending(alert, endpoint, 0, offset, 60.0), state=final, seq=3)
     states = [state("a", "resolved", "desk", FAILED, 1), state("a", "firing", "desk", FAILED),
               state("a", "firing", "ops", DELIVERED), state("b", "firing", "desk", FAILED),
               state("c", "firing", "pd", FAILED), state("c", "resolved", "pd", DELIVERED, 1),
               state("d", "firing", "gone", FAILED), state("e", "firing", "desk", PENDING),
-              state("f", "firing", "desk", FAILED), state("f", "resolved", "desk", EXPIRED, 1)]
+              state("f", "firing", "desk", FAILED), state("f", "resolved", "desk", EXPIRED, 1),
+              # g escalated to critical, which reached desk: its failed info firing stays failed; h's escalation
+              # to warning failed while its critical one is still failed too: both go, in order.
+              state("g", "firing", "desk", FAILED), state("g", "firing:critical", "desk", DELIVERED, 1),
+              state("h", "firing:warning", "desk", FAILED, 1), state("h", "firing:critical", "desk", FAILED, 2)]
     horizons = {"desk": 30.0, "ops": 30.0, "pd": 30.0}
     chosen, skipped = redelivery_plan(states, horizons)
-    assert [s.key for s in chosen] == ["a:firing|desk", "a:resolved|desk", "b:firing|desk"]
+    assert [s.key for s in chosen] == ["a:firing|desk", "a:resolved|desk", "b:firing|desk",
+                                       "h:firing:warning|desk", "h:firing:critical|desk"]
     assert {s.key: why for s, why in skipped} == {"c:firing|pd": "its resolve was delivered already (sending the firing now would reopen it)",
                                                   "d:firing|gone": "the endpoint is not configured",
-                                                  "f:firing|desk": "its resolve expired (sent now, the firing would open an incident nothing closes)"}
+                                                  "f:firing|desk": "its resolve expired (sent now, the firing would open an incident nothing closes)",
+                                                  "g:firing|desk": "an escalation to critical was delivered already "
+                                                                   "(sending this now would lower the incident's severity)"}
     assert [s.key for s in redelivery_plan(states, horizons, alert_id="a")[0]] == ["a:firing|desk", "a:resolved|desk"]
     assert [s.key for s in redelivery_plan(states, horizons, endpoint="ops")[0]] == []
     again = requeued(chosen[0], 30.0)

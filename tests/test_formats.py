@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from alerts.formats import ALERTMANAGER_ALERTNAME, DeliveryContext, headline, render
+from alerts.receiver import describe_payload
 from stream.records import AlertRecord, format_time
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
@@ -84,8 +85,8 @@ def test_pagerduty_trigger_and_resolve_share_the_dedup_key():
 
 def test_alertmanager_labels_are_stable_from_firing_to_resolved():
     firing = rendered("alertmanager", make_alert(severity="critical"))
-    # The detector may resolve with another severity: the resolve reuses the one the firing was sent with.
-    resolved = rendered("alertmanager", make_alert("resolved", severity="info"), ctx(firing_severity="critical"))
+    # The resolve ends the label sets the endpoint was sent, whatever severity it carries itself.
+    resolved = rendered("alertmanager", make_alert("resolved", severity="info"), ctx(sent_severities=("critical",)))
     assert isinstance(firing, list) and len(firing) == 1
     assert firing[0]["labels"] == resolved[0]["labels"]
     assert firing[0]["labels"]["alertname"] == ALERTMANAGER_ALERTNAME and firing[0]["labels"]["severity"] == "critical"
@@ -113,3 +114,76 @@ def test_a_replays_alert_is_told_apart_from_the_live_one_by_its_run_id():
     assert rendered("pagerduty", replayed)["dedup_key"] == "a7f3c2@energy-v2"
     assert "run_id" not in rendered("alertmanager", live)[0]["labels"]
     assert rendered("alertmanager", replayed)[0]["labels"]["run_id"] == "energy-v2"
+
+
+# ---------------------------------------------------------------- escalation
+
+def escalation(**changes) -> AlertRecord:
+    """The episode ``a7f3c2`` (fired as info) escalated to critical by a later, worse window."""
+    return make_alert(severity="critical", escalated_from="info", window_start=T0 + timedelta(minutes=10),
+                      window_end=T0 + timedelta(minutes=15), emitted_at=T0 + timedelta(minutes=15, seconds=2),
+                      summary="Escalated from info to critical on topic Energy | Oil", **changes)
+
+
+def test_an_escalation_is_its_own_event_of_the_same_episode():
+    up = escalation()
+    assert (up.status, up.event_kind, up.episode_id) == ("firing", "escalation", "a7f3c2")
+    assert up.event_id == "a7f3c2:firing:critical" and up.event_id_of("firing") == make_alert().event_id
+    assert up.firing_event_ids() == ("a7f3c2:firing", "a7f3c2:firing:warning", "a7f3c2:firing:critical")
+    replayed = escalation(run_id="energy-v2")
+    assert replayed.event_id == "a7f3c2@energy-v2:firing:critical"
+    assert AlertRecord.from_json(up.to_json()) == up
+    # A record written before escalation existed reads as a plain firing.
+    older = {k: v for k, v in make_alert().to_dict().items() if k != "escalated_from"}
+    assert AlertRecord.from_dict(older).event_kind == "firing"
+
+
+def test_native_and_the_receiver_say_an_escalation_explicitly():
+    body = rendered("native", escalation(), ctx(event_id="a7f3c2:firing:critical"))
+    assert body["type"] == "finpulse.alert.escalated"
+    assert body["data"]["status"] == "firing" and body["data"]["severity"] == "critical"
+    assert body["data"]["escalated_from"] == "info" and body["delivery"]["event_id"] == "a7f3c2:firing:critical"
+    assert rendered("native", make_alert())["data"]["escalated_from"] == ""
+    assert describe_payload(body).startswith("ESCALATED [info → critical] topic 'Energy | Oil'")
+    assert describe_payload(rendered("native", make_alert())).startswith("FIRING [critical]")
+
+
+def test_headline_and_slack_say_from_what_to_what():
+    assert headline(escalation()).startswith("ESCALATED [info → critical] negative sentiment spike on topic Energy | Oil")
+    body = rendered("slack", escalation())
+    assert body["text"].startswith("ESCALATED [info → critical]")
+    assert body["blocks"][0]["text"]["text"] == "Escalated from info to critical: topic Energy | Oil"
+    fields = {f["text"].split("\n")[0]: f["text"].split("\n")[1] for f in body["blocks"][1]["fields"]}
+    assert fields["*Severity*"] == "info → critical"
+    assert "Refinery fire" in json.dumps(body)          # the worse window's messages
+
+
+def test_pagerduty_escalation_is_a_trigger_on_the_same_dedup_key_with_the_new_severity():
+    first = rendered("pagerduty", make_alert(severity="info"), ctx(routing_key="R0UT1NGKEY"))
+    up = rendered("pagerduty", escalation(), ctx(routing_key="R0UT1NGKEY"))
+    assert (up["event_action"], up["dedup_key"]) == ("trigger", first["dedup_key"])
+    assert (first["payload"]["severity"], up["payload"]["severity"]) == ("info", "critical")
+    assert up["payload"]["summary"].startswith("ESCALATED [info → critical]")
+    assert up["payload"]["custom_details"]["escalated_from"] == "info"
+    assert "escalated_from" not in first["payload"]["custom_details"]
+
+
+def test_alertmanager_escalation_ends_the_old_severity_and_the_resolve_ends_every_one_sent():
+    firing = rendered("alertmanager", make_alert(severity="info"))
+    up = rendered("alertmanager", escalation(), ctx(sent_severities=("info",)))
+    assert len(up) == 2
+    ended, opened = up
+    # Only severity tells the two label sets apart: the alert's identity (alert_id, key, window) stays.
+    assert ended["labels"] == firing[0]["labels"]
+    assert opened["labels"] == {**firing[0]["labels"], "severity": "critical"}
+    assert ended["endsAt"] == format_time(T0 + timedelta(minutes=15)) and ended["annotations"]["superseded_by"] == "critical"
+    assert opened["endsAt"] == firing[0]["endsAt"] and opened["startsAt"] == firing[0]["startsAt"]
+    assert opened["annotations"]["escalated_from"] == "info"
+    # An endpoint that skipped the info firing (min_severity) gets the critical alert only.
+    (alone,) = rendered("alertmanager", escalation(), ctx())
+    assert alone["labels"] == opened["labels"]
+    resolved = rendered("alertmanager", make_alert("resolved", severity="critical"), ctx(sent_severities=("info", "critical")))
+    assert [r["labels"]["severity"] for r in resolved] == ["info", "critical"]
+    assert {r["endsAt"] for r in resolved} == {format_time(T0 + timedelta(minutes=30))}
+    (only_critical,) = rendered("alertmanager", make_alert("resolved", severity="critical"), ctx(sent_severities=("critical",)))
+    assert only_critical["labels"] == opened["labels"]
