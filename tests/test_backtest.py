@@ -44,14 +44,19 @@ def scored(ident: str, when: datetime, score: float, tickers: tuple[str, ...]) -
 
 @pytest.fixture
 def known_run(tmp_path) -> Path:
-    """Three firing alerts (two match labeled events, one does not) and one resolve; AAPL/MSFT prices on an hourly
+    """Three alert episodes (two match labeled events, one does not), two of them escalated, and one resolve;
+    AAPL/MSFT prices on an hourly
     grid; ten AAPL mentions, the bearish ones just before a fall, the bullish ones just before a rise."""
     run = tmp_path / "known"
     sink = PartSink(run, "m-1", "cfg123")
     for alert in (make_alert(id="aapl", key_type="ticker", key="AAPL", emitted_at=at(10), severity="warning"),
+                  make_alert(id="aapl", key_type="ticker", key="AAPL", emitted_at=at(10.25), severity="critical",
+                             escalated_from="warning"),
                   make_alert("resolved", id="aapl", key_type="ticker", key="AAPL", emitted_at=at(11.5)),
                   make_alert(id="oil", key_type="topic", key="Energy | Oil", emitted_at=at(12) + timedelta(minutes=10)),
-                  make_alert(id="msft", key_type="ticker", key="MSFT", emitted_at=at(15))):
+                  make_alert(id="msft", key_type="ticker", key="MSFT", emitted_at=at(15), severity="info"),
+                  make_alert(id="msft", key_type="ticker", key="MSFT", emitted_at=at(15.5), severity="warning",
+                             escalated_from="info")):
         sink.add("alerts", alert_row(alert))
     for i, score in enumerate((-0.9, -0.8, -0.6, -0.5, 0.0, 0.1, 0.5, 0.6, 0.8, 0.9)):
         record = scored(f"m{i}", at(10) if score < 0 else at(11), score, ("AAPL",))
@@ -78,13 +83,16 @@ def test_precision_recall_lead_time_and_event_study_have_the_known_values(known_
     assert code == 0, out + err
     report = json.loads((known_run / "report.json").read_text())
     quality = report["alert_quality"]
-    assert (quality["alerts_firing"], quality["alerts_resolved"]) == (3, 1)
+    # Escalations are events of their episodes, not more alerts: they count neither as hits nor as false ones.
+    assert (quality["alerts_firing"], quality["alerts_escalated"], quality["alerts_resolved"]) == (3, 2, 1)
     assert quality["precision"] == pytest.approx(2 / 3) and quality["recall"] == pytest.approx(2 / 3)
     leads = {e["key"]: e["lead_time_s"] for e in quality["events"]}
     assert leads == {"AAPL": 1800.0, "topic:Energy | Oil": -600.0, "ticker:TSLA": None}
     assert quality["lead_time_s"]["mean"] == pytest.approx(600.0)
     assert {a["id"]: a["matched_event"] is not None for a in quality["alerts"]} == {"aapl": True, "oil": True,
                                                                                    "msft": False}
+    assert [(a["id"], a["fired_as"], a["severity"], a["escalations"]) for a in quality["alerts"]] == [
+        ("aapl", "warning", "critical", 1), ("oil", "critical", "critical", 0), ("msft", "info", "warning", 1)]
     study = report["event_study"]
     after = study["after_bearish_alerts"]
     assert after["1h"]["n"] == 2 and after["1h"]["mean"] == pytest.approx((-0.01 + 0.01) / 2)
@@ -232,3 +240,22 @@ def test_bad_backtest_inputs_fail_clearly_and_write_nothing(known_run, tmp_path)
         code, out, err = finpulse(*args)
         assert code == 2 and message in err, (extra, out + err)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_run_written_before_escalations_existed_still_reads(known_run, tmp_path):
+    """Alert parts without the escalated_from column (output schema 1), next to a part with it (a run resumed by a
+    newer FinPulse): every old row reads as no escalation, and the backtest counts its episodes as before."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from stream.replay.output import SCHEMAS, read_table
+
+    old_schema = pa.schema([f for f in SCHEMAS["alerts"] if f.name != "escalated_from"])
+    old = [{**alert_row(make_alert(id="old", key="Rates", emitted_at=at(13))), "config_hash": "cfg123"}]
+    pq.write_table(pa.Table.from_pylist(old, schema=old_schema), known_run / "alerts" / "part-00001.parquet")
+    alerts = read_table(known_run, "alerts")
+    assert alerts.loc[alerts["id"] == "old", "escalated_from"].tolist() == [""]
+    assert (alerts["escalated_from"] != "").sum() == 2
+    code, out, err = finpulse("backtest", "--run-id", "known", "--parquet", str(known_run))
+    assert code == 0, out + err
+    quality = json.loads((known_run / "report.json").read_text())["alert_quality"]
+    assert (quality["alerts_firing"], quality["alerts_escalated"]) == (4, 2)

@@ -6,8 +6,10 @@ Inputs: the run's Parquet outputs (``var/replay/<run-id>/``, which must be compl
   ``topic:Energy | Oil``, or a bare key (``AAPL``) that matches either kind. Times are ISO-8601 (or epoch).
 * ``--prices prices.csv`` with columns ``ticker,timestamp,price``.
 
-Alert quality (firing alerts only; an alert's time is its ``emitted_at``, the event time at which the live system
-would have raised it):
+Alert quality counts alert episodes, not events: an episode is its firing (an escalation of it or its resolve is
+not another alert), at the firing's ``emitted_at``, the event time at which the live system would have raised it,
+with the highest severity it reached (``severity``), the one it fired with (``fired_as``) and how many times it
+escalated (``escalations``):
 
 * an alert *matches* an event with the same key when ``start - match_before <= alert time <= end``;
 * only events whose first alert the run could raise count in recall: those that start in the run's
@@ -20,8 +22,8 @@ would have raised it):
 
 Event study (with prices): the **forward return** over ``h`` (1h, 1d) from time ``t`` is ``p(t+h) / p(t) - 1``,
 with ``p(x)`` the last price at or before ``x``; it is left out when the prices do not reach ``t+h``. It is
-reported after every firing alert on a ticker (mean, median, share negative, against all price times as a
-baseline), and for scored messages that name a ticker, by quintile of their sentiment score.
+reported after every alert episode on a ticker, from its firing (mean, median, share negative, against all price
+times as a baseline), and for scored messages that name a ticker, by quintile of their sentiment score.
 
 Every figure is labeled with the run's model version and config hash (from ``manifest.json``).
 """
@@ -36,7 +38,7 @@ import pandas as pd
 
 from stream.aggregate import parse_duration_s
 from stream.config import Settings
-from stream.records import InvalidRecord, epoch_ms
+from stream.records import SEVERITIES, InvalidRecord, epoch_ms, severity_rank
 
 from .output import read_table
 from .plan import CHECKPOINT, MANIFEST, ReplayError, ReplaySettings, parse_user_time, read_json
@@ -116,11 +118,26 @@ def _hits(alerts: pd.DataFrame, event, match_before: pd.Timedelta) -> pd.DataFra
     return same_key[(same_key["emitted_at"] >= event["start"] - match_before) & (same_key["emitted_at"] <= event["end"])]
 
 
+def episodes(alerts: pd.DataFrame) -> pd.DataFrame:
+    """One row per alert episode: its firing event, with ``severity`` the highest the episode reached, ``fired_as``
+    the severity it fired with and ``escalations`` how many escalation events it had; by firing time."""
+    firing = alerts[alerts["status"] == "firing"]
+    opened = firing[firing["escalated_from"] == ""]
+    rank = firing["severity"].map(severity_rank)
+    highest = rank.groupby(firing["id"]).max().map(lambda r: SEVERITIES[r])
+    escalations = (firing["escalated_from"] != "").groupby(firing["id"]).sum()
+    return (opened.assign(fired_as=opened["severity"], severity=opened["id"].map(highest),
+                          escalations=opened["id"].map(escalations).astype(int))
+            .sort_values(["emitted_at", "id"], kind="stable").reset_index(drop=True))
+
+
 def alert_quality(alerts: pd.DataFrame, events: pd.DataFrame | None, match_before: pd.Timedelta,
                   replayed: tuple[pd.Timestamp, pd.Timestamp], held_back: list[dict] = ()) -> dict[str, Any]:
-    """Precision, recall and lead times; ``held_back`` are the warm-up's firing alerts (manifest ``warmup``)."""
-    firing = alerts[alerts["status"] == "firing"].sort_values(["emitted_at", "id"], kind="stable")
-    out: dict[str, Any] = {"alerts_firing": int(len(firing)), "alerts_resolved": int((alerts["status"] == "resolved").sum()),
+    """Precision, recall and lead times, per episode; ``held_back`` are the warm-up's firing alerts (manifest
+    ``warmup``)."""
+    firing = episodes(alerts)
+    out: dict[str, Any] = {"alerts_firing": int(len(firing)), "alerts_escalated": int((firing["escalations"] > 0).sum()),
+                           "alerts_resolved": int((alerts["status"] == "resolved").sum()),
                            "match_before_s": match_before.total_seconds()}
     if events is None:
         return {**out, "precision": None, "recall": None, "events": [], "alerts": _alert_rows(firing, {})}
@@ -158,7 +175,8 @@ def alert_quality(alerts: pd.DataFrame, events: pd.DataFrame | None, match_befor
 
 def _alert_rows(firing: pd.DataFrame, matched: dict[str, str]) -> list[dict]:
     return [{"id": a["id"], "key_type": a["key_type"], "key": a["key"], "severity": a["severity"],
-             "emitted_at": a["emitted_at"], "deviation": a["deviation"], "matched_event": matched.get(a["id"])}
+             "fired_as": a["fired_as"], "escalations": a["escalations"], "emitted_at": a["emitted_at"],
+             "deviation": a["deviation"], "matched_event": matched.get(a["id"])}
             for _, a in firing.iterrows()]
 
 
@@ -204,7 +222,8 @@ def _asof(points: pd.DataFrame, prices: pd.DataFrame, on: str) -> pd.Series:
 
 def event_study(prices: pd.DataFrame, alerts: pd.DataFrame, scored: pd.DataFrame) -> dict[str, Any]:
     tickers = set(prices["ticker"])
-    firing = alerts[(alerts["status"] == "firing") & (alerts["key_type"] == "ticker") & alerts["key"].isin(tickers)]
+    firing = episodes(alerts)
+    firing = firing[(firing["key_type"] == "ticker") & firing["key"].isin(tickers)]
     after = forward_returns(prices, pd.DataFrame({"ticker": firing["key"], "time": firing["emitted_at"]}))
     baseline = forward_returns(prices, pd.DataFrame({"ticker": prices["ticker"], "time": prices["timestamp"]}))
     study: dict[str, Any] = {"tickers_with_prices": sorted(tickers), "after_bearish_alerts": {}, "all_price_times": {}}
@@ -286,7 +305,7 @@ def run_backtest(settings: Settings, *, run_id: str, run_dir: str | None = None,
     target.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(target / "report.json"), "html": str(target / "report.html")}
     Path(paths["json"]).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    Path(paths["html"]).write_text(render_html(report, alerts, labeled))
+    Path(paths["html"]).write_text(render_html(report, episodes(alerts), labeled))
     return {**report, "paths": paths}
 
 
@@ -306,5 +325,5 @@ def sentiment_over_time(scored: pd.DataFrame) -> dict[str, Any]:
                                        for t, row in series.iterrows() if row["count"]]}
 
 
-__all__ = ["alert_quality", "event_study", "forward_returns", "key_matches", "load_events", "load_prices",
+__all__ = ["alert_quality", "episodes", "event_study", "forward_returns", "key_matches", "load_events", "load_prices",
            "run_backtest"]

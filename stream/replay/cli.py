@@ -145,7 +145,8 @@ def _replay(args, settings) -> int:
     warmup = manifest["warmup"]
     print(f"replay {plan.run_id}: {counts.get('inputs', 0)} messages -> {counts.get('scored', 0)} scored, "
           f"{sum(counts['rejected'].values())} rejected, {counts.get('trends', 0)} windows, "
-          f"{counts.get('alerts_firing', 0)} alerts firing / {counts.get('alerts_resolved', 0)} resolved "
+          f"{counts.get('alerts_firing', 0)} alerts fired / {counts.get('alerts_escalation', 0)} escalated / "
+          f"{counts.get('alerts_resolved', 0)} resolved "
           f"in {manifest['elapsed_s']:.1f}s ({rate:.0f} msg/s); warm-up from {warmup['from']} "
           f"({warmup['inputs']} messages, {warmup['alerts_held_back']} alert events held back); model "
           f"{manifest['model_version']}, config {manifest['config_hash']}; Parquet in {plan.out_dir}; topics "

@@ -4,7 +4,8 @@ Layout of ``<out_dir>`` (default ``var/replay/<run-id>/``)::
 
     scored/part-00000.parquet   one row per scored message, in replay order (event time, topic, partition, offset)
     trends/part-00000.parquet   one row per closed window, in the order the windows closed
-    alerts/part-00000.parquet   one row per alert event (firing, resolved)
+    alerts/part-00000.parquet   one row per alert event (firing, escalation, resolved; ``escalated_from`` tells an
+                                escalation: count episodes by the rows where it is empty and status is firing)
     manifest.json               what the run was (range, topics, model version, config hash, counts, files)
 
 Part ``k`` holds the rows produced while replaying input messages ``[k*P, (k+1)*P)`` (``P`` =
@@ -26,7 +27,7 @@ from stream.records import AlertRecord, ScoredRecord, TrendRecord, epoch_ms
 
 from .parquet import with_metadata, write_atomic
 
-OUTPUT_SCHEMA_VERSION = 1
+OUTPUT_SCHEMA_VERSION = 2     # 2: alerts have escalated_from
 TABLES = ("scored", "trends", "alerts")
 TIME = pa.timestamp("ms", tz="UTC")
 
@@ -58,7 +59,7 @@ SCHEMAS = {
         pa.field("deviation", pa.float64(), nullable=False), pa.field("observed", pa.string()),
         pa.field("baseline", pa.string()), pa.field("started_at", TIME, nullable=False),
         pa.field("emitted_at", TIME, nullable=False), pa.field("resolved_at", TIME), pa.field("summary", pa.string()),
-        pa.field("messages", pa.string()), *_PROVENANCE]),
+        pa.field("messages", pa.string()), pa.field("escalated_from", pa.string(), nullable=False), *_PROVENANCE]),
 }
 
 
@@ -92,7 +93,7 @@ def alert_row(alert: AlertRecord) -> dict[str, Any]:
             "severity": alert.severity, "deviation": alert.deviation, "observed": _json(alert.observed),
             "baseline": _json(alert.baseline), "started_at": _ms(alert.started_at), "emitted_at": _ms(alert.emitted_at),
             "resolved_at": _ms(alert.resolved_at), "summary": alert.summary, "messages": _json(list(alert.messages)),
-            "model_version": alert.model_version}
+            "escalated_from": alert.escalated_from, "model_version": alert.model_version}
 
 
 ROW_OF: dict[str, Callable[..., dict[str, Any]]] = {"trends": trend_row, "alerts": alert_row}
@@ -135,4 +136,8 @@ def read_table(out_dir: Path, name: str):
     files = sorted((Path(out_dir) / name).glob("part-*.parquet"))
     if not files:
         return SCHEMAS[name].empty_table().to_pandas()
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    frame = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pandas()
+    if name == "alerts":
+        # Parts written before escalations existed have no escalated_from: none of their alerts is an escalation.
+        frame["escalated_from"] = frame["escalated_from"].fillna("") if "escalated_from" in frame else ""
+    return frame

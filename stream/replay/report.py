@@ -94,10 +94,10 @@ def line_chart(title: str, label: str, times: Sequence[pd.Timestamp], values: Se
     return _svg(height, body, title)
 
 
-def timeline(title: str, label: str, start: pd.Timestamp, end: pd.Timestamp, alerts: pd.DataFrame,
+def timeline(title: str, label: str, start: pd.Timestamp, end: pd.Timestamp, firing: pd.DataFrame,
              events: pd.DataFrame | None) -> str:
-    """One row per key: labeled events as shaded spans, firing alerts as markers coloured by severity."""
-    firing = alerts[alerts["status"] == "firing"]
+    """One row per key: labeled events as shaded spans, alert episodes (``backtest.episodes``) as markers at their
+    firing, coloured by the highest severity they reached."""
     keys = list(dict.fromkeys([f"{t}:{k}" for t, k in zip(firing["key_type"], firing["key"])]
                               + ([] if events is None else list(events["key"]))))[:MAX_TIMELINE_KEYS]
     height = PAD_T + ROW_H * max(1, len(keys)) + PAD_B
@@ -172,8 +172,9 @@ def _warmup_note(warmup: dict | None) -> str:
     return note
 
 
-def render_html(report: dict[str, Any], alerts: pd.DataFrame, events: pd.DataFrame | None) -> str:
-    """The report as one HTML document (``report`` is the JSON-able report; ``alerts``/``events`` are frames)."""
+def render_html(report: dict[str, Any], episodes: pd.DataFrame, events: pd.DataFrame | None) -> str:
+    """The report as one HTML document (``report`` is the JSON-able report; ``episodes`` (one row per alert
+    episode, ``backtest.episodes``) and ``events`` are frames)."""
     label = f"model {report['model_version']} · config {report['config_hash']} · run {report['run_id']}"
     quality = report["alert_quality"]
     start, end = pd.Timestamp(report["from"]), pd.Timestamp(report["to"])
@@ -182,7 +183,8 @@ def render_html(report: dict[str, Any], alerts: pd.DataFrame, events: pd.DataFra
              f'({escape(report["source"])})</p>',
              _warmup_note(report.get("warmup")),
              "<h2>Alert quality</h2>",
-             _table([{"figure": "alerts firing", "value": quality["alerts_firing"]},
+             _table([{"figure": "alerts (episodes)", "value": quality["alerts_firing"]},
+                     {"figure": "of which escalated", "value": quality["alerts_escalated"]},
                      {"figure": "precision", "value": _ratio(quality["precision"])},
                      {"figure": "recall", "value": _ratio(quality["recall"])},
                      {"figure": "labeled events outside the run (not counted)",
@@ -191,15 +193,16 @@ def render_html(report: dict[str, Any], alerts: pd.DataFrame, events: pd.DataFra
                       "value": quality.get("events_alerted_in_warmup", 0)},
                      {"figure": "median lead time (s)", "value": (quality.get("lead_time_s") or {}).get("median")}],
                     ["figure", "value"]),
-             timeline("Alerts (triangles, by severity) and labeled events (spans)", label, start, end, alerts, events)]
+             timeline("Alerts (triangles, by highest severity) and labeled events (spans)", label, start, end, episodes,
+                      events)]
     if quality["events"]:
         detected = [e for e in quality["events"] if e["lead_time_s"] is not None]
         parts.append(bar_chart("Lead time per detected event, minutes (positive: the alert came first)", label, [e["event"][:22] for e in detected],
                                [("lead time (min)", [e["lead_time_s"] / 60 for e in detected])],
                                fmt=lambda v: f"{v:+.1f}"))
         parts.append(_table(quality["events"], ["event", "detected", "first_alert", "first_alert_at", "lead_time_s", "alerts"]))
-    parts += ["<h2>Alerts</h2>", _table(quality["alerts"], ["id", "key_type", "key", "severity", "emitted_at",
-                                                               "deviation", "matched_event"])]
+    parts += ["<h2>Alerts</h2>", _table(quality["alerts"], ["id", "key_type", "key", "severity", "fired_as",
+                                                               "escalations", "emitted_at", "deviation", "matched_event"])]
     study = report.get("event_study")
     if study:
         parts.append("<h2>Event study: forward returns</h2>")

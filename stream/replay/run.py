@@ -353,7 +353,7 @@ class ReplayRunner:
             self._clock = trend.emitted_at
             for alert in self.detector.feed([trend]):
                 if reported and epoch_ms(alert.started_at) >= plan.from_ms:
-                    self.counts[f"alerts_{alert.status}"] += 1
+                    self.counts[f"alerts_{alert.event_kind}"] += 1     # alerts_firing counts episodes
                     self.alerts.append(alert)
                     self.sink.add("alerts", alert_row(alert))
                     await sender.send(names.alerts, alert.to_json(), key=state_key(trend), event_time=alert.window_end)
@@ -361,9 +361,10 @@ class ReplayRunner:
                     self._hold_back(alert)
 
     def _hold_back(self, alert: AlertRecord) -> None:
-        """An alert of an episode that started in the warm-up: counted, and its firing remembered for the backtest."""
+        """An alert event of an episode that started in the warm-up: counted, and its firing remembered for the
+        backtest (an escalation or resolve of it is not another episode)."""
         self.warmup.alerts_held_back += 1
-        if alert.status == "firing":
+        if alert.event_kind == "firing":
             self.warmup.held_back.append({"id": alert.id, "key_type": alert.key_type, "key": alert.key,
                                           "emitted_at": format_time(alert.emitted_at)})
 

@@ -12,9 +12,10 @@ Scenarios (positives must fire once, on their topic, during the event; negatives
 - volume bursts that are not negative: one topic at 3-8x its volume with its usual sentiment mix;
 - pure noise: no event.
 
-Scoring: a firing alert on the event's topic that starts between one window before the event and its end is a
-true positive (the first one only: a second episode for the same event counts as a false positive, it is flapping);
-every other firing alert is a false positive. Delay = the firing window's end + the allowed lateness (when the
+Scoring counts episodes: an alert is an episode's firing (its escalations and its resolve are not more alerts). A
+firing alert on the event's topic that starts between one window before the event and its end is a true positive
+(the first one only: a second episode for the same event counts as a false positive, it is flapping); every other
+firing alert is a false positive. Delay = the firing window's end + the allowed lateness (when the
 window closes) - the event's start, in event time.
 
 Ticker alerts are judged the same way, per ticker: the shocked topic's tickers (the simulator's ground truth) may
@@ -160,14 +161,14 @@ def in_event(scenario: Scenario, alert: AlertRecord, window_s: int) -> bool:
 
 
 def judge(scenario: Scenario, alerts: list[AlertRecord], window_s: int, lateness_s: int) -> Outcome:
-    firing = [a for a in alerts if a.status == "firing" and a.key_type == "topic"]
+    firing = [a for a in alerts if a.event_kind == "firing" and a.key_type == "topic"]
     hit = None
     if scenario.positive:
         hit = next((a for a in firing if a.key == scenario.topic and in_event(scenario, a, window_s)), None)
     delay = None if hit is None else (hit.window_end - scenario.event_start).total_seconds() + lateness_s
     ticker_hits: dict[str, AlertRecord] = {}
     ticker_false: list[AlertRecord] = []
-    for alert in (a for a in alerts if a.status == "firing" and a.key_type == "ticker"):
+    for alert in (a for a in alerts if a.event_kind == "firing" and a.key_type == "ticker"):
         if alert.key in scenario.tickers and alert.key not in ticker_hits and in_event(scenario, alert, window_s):
             ticker_hits[alert.key] = alert
         else:
@@ -223,8 +224,11 @@ def main(argv: list[str] | None = None) -> dict:
     tp = sum(o.true_positive is not None for o in outcomes)
     fp = sum(len(o.false_positives) for o in outcomes)
     delays = [o.delay_s for o in outcomes if o.delay_s is not None]
+    escalated = sum(1 for o in outcomes if o.true_positive is not None
+                    and any(a.event_kind == "escalation" and a.id == o.true_positive.id for a in o.alerts))
     figures = {
         "scenarios": len(outcomes), "positives": positives, "true_positives": tp, "false_positives": fp,
+        "true_positives_escalated": escalated,
         "precision": round(tp / (tp + fp), 3) if tp + fp else 1.0,
         "recall": round(tp / positives, 3) if positives else 1.0,
         "median_delay_s": statistics.median(delays) if delays else None,
@@ -240,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         if positives else 1.0,
     })
     print(f"\nprecision {figures['precision']:.3f} (goal >= 0.9)   recall {figures['recall']:.3f} (goal >= 0.9)   "
-          f"median detection delay {figures['median_delay_s']} s (sharp shocks {figures['median_delay_sharp_s']} s)")
+          f"median detection delay {figures['median_delay_s']} s (sharp shocks {figures['median_delay_sharp_s']} s); "
+          f"{escalated} of {tp} detected events escalated while firing")
     print(f"tickers: precision {figures['ticker_precision']:.3f}   events with a ticker alert "
           f"{figures['ticker_recall']:.3f}   ({ticker_tp} shocked tickers alerted, {ticker_fp} false ticker alerts)")
     return figures
