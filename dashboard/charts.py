@@ -52,7 +52,7 @@ def signal_with_band(series: pd.DataFrame, metric: str, title: str, markers: pd.
                  alt.Tooltip("count:Q", title="messages")])
     layers = [band, baseline, line]
     if not markers.empty:
-        marks = markers.assign(colour=markers["severity"].where(markers["status"] == "firing", "resolved"))
+        marks = markers.assign(colour=markers["severity"].where(markers["status"] != "resolved", "resolved"))
         layers.append(alt.Chart(marks).mark_rule(strokeWidth=2).encode(
             x="time:T", color=alt.Color("colour:N", scale=SEVERITY_COLORS, title="alert"),
             tooltip=[alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"), "status:N", "severity:N", "summary:N"]))

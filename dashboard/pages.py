@@ -89,10 +89,12 @@ def unusual_line(rank: int, row: pd.Series) -> str:
 
 
 def alert_line(row: pd.Series, tz: str) -> str:
+    """One episode: its highest severity, its state, and how it escalated if it did."""
     badge = SEVERITY_BADGE.get(row["severity"], md(str(row["severity"])))
     state = (f"firing since {fmt_time(row['episode_start'], tz)}" if row["firing"]
              else f"resolved {fmt_time(row['resolved_at'] if pd.notna(row['resolved_at']) else row['emitted_at'], tz)}")
-    return (f"{badge} **{md(str(row['key']))}** ({row['key_type']}) — {state} · {row['deviation']:.1f}σ  \n"
+    escalated = f" · escalated from {row['fired_as']}" if row["escalation"] else ""
+    return (f"{badge} **{md(str(row['key']))}** ({row['key_type']}) — {state}{escalated} · {row['deviation']:.1f}σ  \n"
             f"{md(str(row['summary']))}")
 
 
@@ -205,11 +207,12 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     cols[2].metric("Failed deliveries", failed)
     shown = sh.in_zone(table, c.tz)
     st.dataframe(shown, key="fp-alert-table", hide_index=True,
-                 column_order=["status", "severity", "key_type", "key", "episode_start", "resolved_at", "deviation",
+                 column_order=["status", "severity", "escalation", "key_type", "key", "episode_start", "resolved_at", "deviation",
                                "observed_bearish_share", "baseline_bearish_share", "deliveries", "summary"],
                  column_config={"episode_start": st.column_config.DatetimeColumn("started", format="YYYY-MM-DD HH:mm:ss"),
                                 "resolved_at": st.column_config.DatetimeColumn("resolved", format="YYYY-MM-DD HH:mm:ss"),
                                 "deviation": st.column_config.NumberColumn("σ", format="%.1f"),
+                                "escalation": st.column_config.TextColumn("escalated"),
                                 "observed_bearish_share": st.column_config.NumberColumn("bearish", format="percent"),
                                 "baseline_bearish_share": st.column_config.NumberColumn("usual", format="percent"),
                                 "key_type": "type"})

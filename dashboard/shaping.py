@@ -89,16 +89,26 @@ def key_windows(trends: pd.DataFrame, f: ViewFilters, span_limited: bool = True)
 
 
 def current_alerts(alerts: pd.DataFrame) -> pd.DataFrame:
-    """One row per alert episode in its latest state, firing ones first, then by severity and recency."""
+    """One row per alert episode in its latest state (its newest event: the firing, its latest escalation or its
+    resolve), firing ones first, then by severity and recency. ``severity`` is the highest the episode reached,
+    ``fired_as`` the one it fired with and ``escalation`` says how it rose ("info → critical"; empty if it did not)."""
     if alerts.empty:
-        return alerts.assign(firing=pd.Series(dtype=bool), severity_rank=pd.Series(dtype=int))
-    latest = (alerts.assign(_resolved=alerts["status"] == "resolved")
-              .sort_values(["emitted_at", "_resolved"], kind="stable")
-              .drop_duplicates("id", keep="last").drop(columns="_resolved"))
+        return alerts.assign(firing=pd.Series(dtype=bool), severity_rank=pd.Series(dtype=int),
+                             fired_as=pd.Series(dtype=str), escalation=pd.Series(dtype=str))
+    events = alerts.assign(_resolved=alerts["status"] == "resolved").sort_values(["emitted_at", "_resolved"], kind="stable")
+    latest = events.drop_duplicates("id", keep="last").drop(columns="_resolved")
+    rank = events["severity"].map(SEVERITY_RANK).fillna(0).astype(int)
+    highest = events.loc[rank.groupby(events["id"]).idxmax(), ["id", "severity"]].set_index("id")["severity"]
+    # What it fired with: its firing, or what its first escalation rose from once the firing left the kept window.
+    starts = events[(events["status"] == "firing")].assign(
+        _from=lambda f: f["severity"].where(f["escalated_from"] == "", f["escalated_from"]))
+    fired_as = starts.drop_duplicates("id", keep="first").set_index("id")["_from"]
     started = alerts.groupby("id")["window_start"].min()
-    latest = latest.assign(firing=latest["status"] == "firing",
-                           severity_rank=latest["severity"].map(SEVERITY_RANK).fillna(0).astype(int),
-                           episode_start=latest["id"].map(started))
+    latest = latest.assign(severity=latest["id"].map(highest), fired_as=latest["id"].map(fired_as).fillna(latest["severity"]),
+                           firing=latest["status"] == "firing", episode_start=latest["id"].map(started))
+    rose = latest["fired_as"].map(SEVERITY_RANK).fillna(0) < latest["severity"].map(SEVERITY_RANK).fillna(0)
+    latest = latest.assign(escalation=np.where(rose, latest["fired_as"] + " → " + latest["severity"], ""),
+                           severity_rank=latest["severity"].map(SEVERITY_RANK).fillna(0).astype(int))
     return latest.sort_values(["firing", "severity_rank", "emitted_at"], ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -218,12 +228,14 @@ def key_series(trends: pd.DataFrame, key_type: str, key: str, window_s: int | No
 
 
 def alert_markers(alerts: pd.DataFrame, key_type: str, key: str, since: pd.Timestamp | None) -> pd.DataFrame:
-    """When each alert episode of this key fired (and resolved), for rules on the drill-down charts."""
+    """When each alert episode of this key fired, escalated and resolved, for rules on the drill-down charts.
+    ``status`` is firing, escalated or resolved."""
     columns = ["time", "status", "severity", "summary", "id"]
     if alerts.empty:
         return pd.DataFrame(columns=columns)
     mine = alerts[(alerts["key_type"] == key_type) & (alerts["key"] == key)]
-    marks = mine.assign(time=mine["window_start"].where(mine["status"] == "firing", mine["emitted_at"]))
+    marks = mine.assign(time=mine["window_start"].where(mine["status"] == "firing", mine["emitted_at"]),
+                        status=mine["status"].where(mine["escalated_from"] == "", "escalated"))
     if since is not None:
         marks = marks[marks["time"] >= since]
     return marks[columns].sort_values("time").reset_index(drop=True)

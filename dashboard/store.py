@@ -8,7 +8,8 @@ What is kept (see ``DashboardSettings``):
 - trends: one row per window (``window_id``); a final window beats a partial one, otherwise the latest emitted;
 - window_messages: the MessageRefs of each window, one row per message, replaced when the window is re-emitted;
 - scored: one row per message id (at-least-once duplicates collapse);
-- alerts: one row per (alert id, status), the latest emitted;
+- alerts: one row per alert event (``event_id``: an episode's firing, each escalation, its resolve), the latest
+  emitted;
 - deliveries: one row per compacted key ``<event_id>|<endpoint>``; a tombstone removes it.
 Every kind is bounded by ``retention_hours`` back from its newest record and by a row cap.
 Malformed records are counted in ``bad_records`` and skipped: one bad record never hides the others.
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pandas as pd
+
+from stream.records import alert_event_id
 
 from .settings import DashboardSettings
 
@@ -35,7 +38,7 @@ ALERT_COLUMNS = ("id", "status", "event_id", "key_type", "key", "window_s", "win
                  "severity", "deviation", "observed_bearish_share", "observed_mean_score", "observed_count",
                  "baseline_bearish_share", "baseline_bearish_share_std", "baseline_mean_score",
                  "baseline_mean_score_std", "started_at", "emitted_at", "resolved_at", "summary", "model_version",
-                 "messages")
+                 "messages", "escalated_from")
 DELIVERY_COLUMNS = ("delivery_key", "event_id", "alert_id", "endpoint", "status", "attempts", "last_error",
                     "updated_at")
 
@@ -149,10 +152,12 @@ def alert_row(data: dict[str, Any]) -> dict[str, Any]:
         raise BadRecord("a replay record on a live topic")
     observed = data.get("observed") if isinstance(data.get("observed"), dict) else {}
     baseline = data.get("baseline") if isinstance(data.get("baseline"), dict) else {}
+    severity, escalated_from = str(data.get("severity") or "info"), str(data.get("escalated_from") or "")
     row = {c: data.get(c) for c in ALERT_COLUMNS}
     row.update({
-        "id": str(data["id"]), "status": str(data["status"]), "event_id": f"{data['id']}:{data['status']}",
-        "window_s": int(_number(data.get("window_s"), 0)), "severity": str(data.get("severity") or "info"),
+        "id": str(data["id"]), "status": str(data["status"]),
+        "event_id": alert_event_id(str(data["id"]), str(data["status"]), severity if escalated_from else ""),
+        "window_s": int(_number(data.get("window_s"), 0)), "severity": severity, "escalated_from": escalated_from,
         "deviation": _number(data.get("deviation")),
         "observed_bearish_share": _number(observed.get("bearish_share")),
         "observed_mean_score": _number(observed.get("mean_score")),
@@ -177,7 +182,8 @@ def delivery_row(key: str, data: dict[str, Any]) -> dict[str, Any]:
     attempts = _number(data.get("attempts"), 0)
     return {
         "delivery_key": key or f"{event_id}|{data.get('endpoint', '')}", "event_id": event_id,
-        "alert_id": str(data.get("alert_id") or event_id.rpartition(":")[0] or event_id),
+        # The episode: event ids are <episode>:<status>[:<severity>], and no alert or run id holds a colon.
+        "alert_id": str(data.get("alert_id") or event_id.partition(":")[0]),
         "endpoint": str(data.get("endpoint") or endpoint_from_key or "?"),
         "status": str(data.get("status") or "unknown"), "attempts": int(attempts),
         "last_error": str(data.get("last_error") or ""), "updated_at": data.get("updated_at"),
@@ -255,7 +261,7 @@ class LiveStore:
             "scored": _Kind(SCORED_COLUMNS, lambda old, new: _bound(
                 _merge(old, new, ["id"], ["scored_at"]), "event_time", span, cfg.max_scored_rows)),
             "alerts": _Kind(ALERT_COLUMNS, lambda old, new: _bound(
-                _merge(old, new, ["id", "status"], ["emitted_at"]), "emitted_at", span, cfg.max_alert_rows)),
+                _merge(old, new, ["event_id"], ["emitted_at"]), "emitted_at", span, cfg.max_alert_rows)),
             # Arrival order is the compacted topic's order within a key, so the last row per key wins.
             "deliveries": _Kind(DELIVERY_COLUMNS, lambda old, new: pd.concat([old, new], ignore_index=True)
                                 .drop_duplicates("delivery_key", keep="last").tail(cfg.max_delivery_rows)

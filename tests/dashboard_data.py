@@ -9,11 +9,12 @@ alert on another key, and delivery states for both endpoints of the firing alert
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from kafka import KafkaProducer
 
+from alerts.detect import alert_id
 from models.labels import TOPICS
 from stream.config import Settings
 from stream.records import AlertRecord, MessageRef, ScoredRecord, TrendRecord, epoch_ms, format_time
@@ -101,9 +102,9 @@ def _add_alerts(out: Synthetic, last_start: datetime, window_s: int, shock_key: 
     shock_trend = next(t for t in out.trends if t.key == shock_key and t.window_start == shock_start)
     key_type = shock_trend.key_type
     firing = AlertRecord(
-        id=f"{key_type}:{shock_key}:{window_s}:{format_time(shock_start)}", status="firing", key_type=key_type,
+        id=alert_id(key_type, shock_key, window_s, shock_start), status="firing", key_type=key_type,
         key=shock_key, window_s=window_s, window_start=shock_start, window_end=shock_trend.window_end,
-        severity="critical", observed={"bearish_share": shock_trend.bearish_share, "mean_score": shock_trend.mean_score,
+        severity="warning", observed={"bearish_share": shock_trend.bearish_share, "mean_score": shock_trend.mean_score,
                                        "count": shock_trend.count},
         baseline={"bearish_share": 0.2, "bearish_share_std": 0.05, "mean_score": 0.15, "mean_score_std": 0.1},
         deviation=round((shock_trend.bearish_share - 0.2) / 0.05, 2), started_at=shock_start,
@@ -112,21 +113,29 @@ def _add_alerts(out: Synthetic, last_start: datetime, window_s: int, shock_key: 
     other = next(t for t in topics if t != shock_key)
     old_start = shock_start - timedelta(seconds=12 * window_s)
     old = AlertRecord(
-        id=f"topic:{other}:{window_s}:{format_time(old_start)}", status="firing", key_type="topic", key=other,
+        id=alert_id("topic", other, window_s, old_start), status="firing", key_type="topic", key=other,
         window_s=window_s, window_start=old_start, window_end=old_start + timedelta(seconds=window_s), severity="warning",
         observed={"bearish_share": 0.5, "mean_score": -0.2, "count": 20},
         baseline={"bearish_share": 0.2, "bearish_share_std": 0.08, "mean_score": 0.1, "mean_score_std": 0.1},
         deviation=3.75, started_at=old_start, emitted_at=old_start + timedelta(seconds=window_s),
         summary=f"{other}: bearish share 50% vs 20% usual", model_version=model_version)
     resolved_at = old_start + timedelta(seconds=4 * window_s)
+    # The shock fires as a warning and escalates to critical with its next window.
+    worse = next(t for t in out.trends if t.key == shock_key and t.window_start == shock_start + timedelta(seconds=window_s))
+    escalation = replace(
+        firing, severity="critical", escalated_from="warning", window_start=worse.window_start,
+        window_end=worse.window_end, emitted_at=worse.window_end, messages=worse.most_negative,
+        deviation=round(firing.deviation * 1.5, 2), summary=f"Escalated from warning to critical on {shock_key}")
     out.alerts += [old, AlertRecord(**{**old.__dict__, "status": "resolved", "emitted_at": resolved_at,
-                                       "resolved_at": resolved_at}), firing]
-    for status, endpoint, error in (("delivered", "risk-webhook", ""),
-                                    ("failed", "pagerduty", "HTTP 503 from events.pagerduty.example")):
-        out.deliveries[f"{firing.event_id}|{endpoint}"] = {
-            "event_id": firing.event_id, "alert_id": firing.id, "endpoint": endpoint, "status": status,
+                                       "resolved_at": resolved_at}), firing, escalation]
+    # The desk got the firing and the escalation; the critical-only pager only the escalation, and it failed.
+    for event, status, endpoint, error in ((firing, "delivered", "risk-webhook", ""),
+                                           (escalation, "delivered", "risk-webhook", ""),
+                                           (escalation, "failed", "pagerduty", "HTTP 503 from events.pagerduty.example")):
+        out.deliveries[f"{event.event_id}|{endpoint}"] = {
+            "event_id": event.event_id, "endpoint": endpoint, "status": status,
             "attempts": 1 if status == "delivered" else 5, "last_error": error,
-            "updated_at": format_time(firing.emitted_at + timedelta(seconds=2))}
+            "updated_at": format_time(event.emitted_at + timedelta(seconds=2))}
 
 
 def produce(settings: Settings, data: Synthetic) -> None:

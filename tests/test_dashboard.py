@@ -120,7 +120,9 @@ def test_overview_puts_the_shocked_topic_first_with_its_alert(fp_settings, produ
     first = next(m for m in _markdown(at) if m.startswith("**1. "))
     assert "Energy \\| Oil" in first and "alert firing" in first and "critical" in first
     alerts = [m for m in _markdown(at) if "firing since" in m or "resolved" in m]
-    assert "Energy \\| Oil" in alerts[0] and "critical" in alerts[0]
+    # The shock fired as a warning and escalated: one alert, shown at its highest severity.
+    assert "Energy \\| Oil" in alerts[0] and "critical" in alerts[0] and "escalated from warning" in alerts[0]
+    assert sum("Energy \\| Oil" in m for m in alerts) == 1
     assert any("Earnings" in m and "resolved" in m for m in alerts)
     assert {m.label for m in at.metric} >= {"Latest data", "Firing alerts", "Messages in newest window"}
     assert next(m for m in at.metric if m.label == "Firing alerts").value == "1"
@@ -168,14 +170,18 @@ def test_alerts_view_links_deliveries_and_messages(fp_settings, produced, monkey
     assert next(m for m in at.metric if m.label == "Firing").value == "1"
     assert next(m for m in at.metric if m.label == "Resolved").value == "1"
     table = at.dataframe[0].value  # the alert table, its deliveries, its messages
-    shock = table[table["key"] == SHOCK_TOPIC].iloc[0]
+    (shock,) = [row for _, row in table.iterrows() if row["key"] == SHOCK_TOPIC]     # one row per episode
+    assert (shock["severity"], shock["escalation"]) == ("critical", "warning → critical")
     assert "risk-webhook: delivered" in shock["deliveries"] and "pagerduty: failed (5 tries)" in shock["deliveries"]
-    deliveries = at.dataframe[1].value.set_index("endpoint")
-    assert deliveries.loc["pagerduty", "status"] == "failed" and "503" in deliveries.loc["pagerduty", "last_error"]
-    assert deliveries.loc["risk-webhook", "status"] == "delivered"
-    firing = next(a for a in produced.alerts if a.key == SHOCK_TOPIC)
-    messages = at.dataframe[2].value
-    assert set(messages["id"]) == {m["id"] for m in firing.messages}
+    deliveries = at.dataframe[1].value.set_index(["event_id", "endpoint"])
+    firing, escalation = (a for a in produced.alerts if a.key == SHOCK_TOPIC)
+    assert deliveries.loc[(escalation.event_id, "pagerduty"), "status"] == "failed"
+    assert "503" in deliveries.loc[(escalation.event_id, "pagerduty"), "last_error"]
+    assert deliveries.loc[(firing.event_id, "risk-webhook"), "status"] == "delivered"
+    assert deliveries.loc[(escalation.event_id, "risk-webhook"), "status"] == "delivered"
+    assert len(deliveries) == 3
+    messages = at.dataframe[2].value      # behind the firing and behind the escalation
+    assert set(messages["id"]) == {m["id"] for m in firing.messages + escalation.messages}
     assert any("drilldown?key_type=topic&key=Energy+%7C+Oil" in m for m in _markdown(at))
 
     resolved_id = next(a.id for a in produced.alerts if a.status == "resolved")
@@ -278,7 +284,13 @@ def test_store_dedupes_alerts_and_messages_and_applies_delivery_tombstones():
     assert not store.add("alerts", b"{not json")
     assert not store.add("scored", json.dumps({"id": "x"}))
     snap = store.snapshot()
-    assert len(snap.alerts) == 3 and not snap.alerts.duplicated(["id", "status"]).any()
+    assert len(snap.alerts) == 4 and snap.alerts["event_id"].is_unique      # firing and escalation are two events
+    assert set(snap.deliveries["alert_id"]) == {a.id for a in data.alerts if a.key == SHOCK_TOPIC}
+    (episode,) = sh.current_alerts(snap.alerts).query("key == @SHOCK_TOPIC").itertuples()
+    assert (episode.status, episode.severity, episode.fired_as, episode.escalation) == \
+        ("firing", "critical", "warning", "warning → critical")
+    marks = sh.alert_markers(snap.alerts, "topic", SHOCK_TOPIC, None)
+    assert list(zip(marks["status"], marks["severity"])) == [("firing", "warning"), ("escalated", "critical")]
     assert len(snap.scored) == 100 and snap.scored["id"].is_unique
     assert snap.scored["event_time"].min() >= max(m.event_time for m in data.scored[:100]) - timedelta(hours=1)
     assert doomed not in set(snap.deliveries["delivery_key"])
