@@ -1,4 +1,4 @@
-"""alerts: decide and deliver. Detect negative spikes in closed windows against each key's own baseline, and
-deliver each alert to risk teams' endpoints (signed webhooks, Slack, PagerDuty, Alertmanager) exactly once per
-endpoint, retrying until acknowledged.
+"""alerts: decide and deliver. Detect negative spikes in closed windows against each key's own baseline (an episode
+fires, escalates as it worsens, resolves), and deliver each alert event to risk teams' endpoints (signed webhooks,
+Slack, PagerDuty, Alertmanager) exactly once per endpoint, in order, retrying until acknowledged.
 """

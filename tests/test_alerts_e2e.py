@@ -23,7 +23,7 @@ from models.baseline import KeywordBaselineScorer
 from stream.aggregate import AggregateSettings, WindowAggregator
 from stream.config import Settings
 from stream.kafka_io import RecordSender
-from stream.records import AlertRecord, ScoredRecord, TrendRecord, format_time, parse_input
+from stream.records import AlertRecord, ScoredRecord, TrendRecord, format_time, parse_input, severity_rank
 from stream.simulate import Shock, generate, shock_truth
 from stream.topics import TopicNames, ensure_topics
 from tests.procs import json_values, read_all, run_finpulse, start_worker, wait_for_records, wait_until_consumed
@@ -85,10 +85,14 @@ def run_stream(settings: Settings, tmp_path, *simulate_args: str) -> list[AlertR
 def test_a_negative_shock_fires_one_alert_for_its_topic_and_resolves(fp_settings, tmp_path):
     alerts = run_stream(fp_settings, tmp_path)
     topic_alerts = [a for a in alerts if a.key_type == "topic"]
-    firing = [a for a in topic_alerts if a.status == "firing"]
-    assert [(a.key, a.status) for a in topic_alerts] == [(TRUTH.topic, "firing"), (TRUTH.topic, "resolved")], \
+    # One episode: its firing, then perhaps escalations as the shock deepens (each to a higher severity), its resolve.
+    kinds = [(a.key, a.event_kind) for a in topic_alerts]
+    assert [k for k in kinds if k[1] != "escalation"] == [(TRUTH.topic, "firing"), (TRUTH.topic, "resolved")], \
         [a.summary for a in topic_alerts]
-    (alert,) = firing
+    assert kinds[0][1] == "firing" and kinds[-1][1] == "resolved", [a.summary for a in topic_alerts]
+    severities = [severity_rank(a.severity) for a in topic_alerts if a.status == "firing"]
+    assert severities == sorted(set(severities)) and len({a.id for a in topic_alerts}) == 1
+    (alert,) = [a for a in topic_alerts if a.event_kind == "firing"]
     window = timedelta(seconds=alert.window_s)
     assert TRUTH.start - window <= alert.window_start <= TRUTH.start + window
     assert alert.observed["bearish_share"] > alert.baseline["bearish_share"] + 0.2
