@@ -317,7 +317,7 @@ def install(app, settings, names) -> None:
             key_state = states[key_bytes] = copy.deepcopy(table.get(key_bytes) or {})
             raised += [(key_bytes, alert) for trend in key_trends for alert in detector.observe(key_state, trend)]
         for _, alert in raised:
-            log.info("alert %s %s: %s", alert.id, alert.status, alert.summary)
+            log.info("alert %s %s: %s", alert.id, alert.event_kind, alert.summary)
         # Alerts reach the broker before the state that remembers them is written: a crash in between emits
         # the same alert (same id) again instead of never.
         await deliver(send, [Outgoing(names.alerts, key, alert.to_json(), epoch_ms(alert.window_end))

@@ -303,7 +303,8 @@ class Dispatcher:
 
         A live alert's window starts when it was emitted (or now, if the detector's clock runs ahead). Two kinds
         start now and never expire: a replay's alerts, whose emitted_at is event time, possibly months ago; and a
-        resolve whose firing was delivered or is on its way, since it closes an incident open at the endpoint."""
+        resolve whose firing or an escalation was delivered or is on its way, since it closes an incident open at
+        the endpoint. A resolve whose every firing and escalation there expired is not sent either."""
         now = utcnow()
         if alert.run_id:
             return now, ""

@@ -99,16 +99,17 @@ def current_alerts(alerts: pd.DataFrame) -> pd.DataFrame:
     latest = events.drop_duplicates("id", keep="last").drop(columns="_resolved")
     rank = events["severity"].map(SEVERITY_RANK).fillna(0).astype(int)
     highest = events.loc[rank.groupby(events["id"]).idxmax(), ["id", "severity"]].set_index("id")["severity"]
-    # What it fired with: its firing, or what its first escalation rose from once the firing left the kept window.
-    starts = events[(events["status"] == "firing")].assign(
-        _from=lambda f: f["severity"].where(f["escalated_from"] == "", f["escalated_from"]))
-    fired_as = starts.drop_duplicates("id", keep="first").set_index("id")["_from"]
+    # What it fired with: its firing's severity, or what its first kept escalation rose from (the firing may have
+    # left the kept window already).
+    firings = events[events["status"] == "firing"]
+    fired_as = firings["escalated_from"].where(firings["escalated_from"] != "", firings["severity"]).groupby(firings["id"]).first()
     started = alerts.groupby("id")["window_start"].min()
     latest = latest.assign(severity=latest["id"].map(highest), fired_as=latest["id"].map(fired_as).fillna(latest["severity"]),
                            firing=latest["status"] == "firing", episode_start=latest["id"].map(started))
-    rose = latest["fired_as"].map(SEVERITY_RANK).fillna(0) < latest["severity"].map(SEVERITY_RANK).fillna(0)
+    severity_rank = latest["severity"].map(SEVERITY_RANK).fillna(0).astype(int)
+    rose = latest["fired_as"].map(SEVERITY_RANK).fillna(0) < severity_rank
     latest = latest.assign(escalation=np.where(rose, latest["fired_as"] + " → " + latest["severity"], ""),
-                           severity_rank=latest["severity"].map(SEVERITY_RANK).fillna(0).astype(int))
+                           severity_rank=severity_rank)
     return latest.sort_values(["firing", "severity_rank", "emitted_at"], ascending=False, kind="stable").reset_index(drop=True)
 
 
