@@ -146,9 +146,12 @@ ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 def _check_env_names(name: str, value: Any, where: str) -> None:
-    """A ``*_env`` setting holds the NAME of an environment variable; refuse anything else without echoing it."""
+    """A ``*_env`` setting holds the NAME of an environment variable (or a list of them, or a table whose values are
+    names, like ``headers_env``); refuse anything else without echoing it."""
+    if isinstance(value, Mapping):
+        value = list(value.values())
     for var in value if isinstance(value, (list, tuple)) else [value]:
-        if var and not ENV_NAME.fullmatch(var):
+        if var and not (isinstance(var, str) and ENV_NAME.fullmatch(var)):
             raise ConfigError(f"[{where}] {name} must name an environment variable (upper-case letters, digits and _, "
                               f"e.g. FINPULSE_WEBHOOK_SECRET); its value looks like a secret, so it is not shown. "
                               f"Put the secret in the environment and name that variable here")
@@ -156,7 +159,7 @@ def _check_env_names(name: str, value: Any, where: str) -> None:
 
 def _may_hold_secret(key: str) -> bool:
     """A setting whose value may be a secret: one named like a secret, or a ``*_env`` a secret was pasted into."""
-    return key.lower().endswith("_env") or _names_a_secret(key)
+    return key.lower().endswith("_env") or names_a_secret(key)
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -206,7 +209,8 @@ def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, An
 _SECRET_MARKERS = ("secret", "password", "token", "key", "authorization")
 
 
-def _names_a_secret(key: str) -> bool:
+def names_a_secret(key: str) -> bool:
+    """Whether a setting (or header) named ``key`` holds a secret by its name: its value is redacted and never echoed."""
     return any(m in key.lower() for m in _SECRET_MARKERS)
 
 
@@ -215,6 +219,6 @@ def _redact(value: Any, key: str = "") -> Any:
         return {k: _redact(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v, key) for v in value]
-    if _names_a_secret(key) and not key.lower().endswith("_env"):
+    if names_a_secret(key) and not key.lower().endswith("_env"):
         return "***"
     return value
