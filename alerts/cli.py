@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dispatch", help="deliver alerts to the [alerts] endpoints (the worker does this too when endpoints are configured)")
     p.add_argument("--group-id", help="consumer group (default [alerts] group_id, else <worker.app_id>-dispatcher)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true", help="check each endpoint (config, secrets, address guard) and exit")
+    mode.add_argument("--check", action="store_true", help="check each endpoint (config, secrets, address guard; the TLS handshake of https ones, through their proxy) and exit")
     mode.add_argument("--status", action="store_true", help="print the delivery states on the deliveries topic and exit")
     mode.add_argument("--redeliver", action="store_true",
                       help="re-queue failed deliveries (failed -> pending on the deliveries topic, fresh retry horizon, "

@@ -17,6 +17,17 @@ How it works:
   come after it is recorded ``failed`` at once. Timeouts, connection errors, 408, 425, 429 and 5xx are retried until the endpoint's
   ``retry_horizon_s``; other answers (4xx, redirects, refused addresses) fail at once. ``failed`` is recorded with
   the attempts and the last error.
+- Isolation: a request takes a slot of its endpoint's ``max_concurrency`` before one of the shared
+  ``[alerts] max_concurrency``, so an endpoint whose requests hang until their timeout holds at most its own number
+  of shared slots, never those the healthy endpoints need. After ``breaker_failures`` consecutive failed attempts
+  (retryable failures: timeouts, connection errors, 408/425/429/5xx) the endpoint's circuit breaker opens
+  (``alerts.breaker``): the endpoint is paused like a Retry-After pauses it, its deliveries wait instead of each
+  hammering a dead service, and one probe at a time tries it, the pause doubling from ``backoff_initial_s`` up to
+  ``backoff_max_s``, until it answers. Waiting costs a delivery no attempt; its retry window still ends it
+  (``failed``, "the retry window ended before the next attempt").
+- Transport (``alerts.transport``): per endpoint TLS trust and client certificate, extra headers and an HTTP proxy.
+  A certificate that fails verification fails the delivery at once, saying what to set. Through a proxy the
+  target's host is resolved and checked by the address guard before the request is handed over.
 - Age: a live alert's retry window runs from when it was emitted, not from when a dispatcher takes it on, and an
   alert already older than ``[alerts] max_alert_age_s`` then is recorded ``expired`` and never sent, so a new
   dispatcher group (which reads the topic from its start) or one back from a long outage sends no stale alerts
@@ -62,7 +73,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Callable
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -75,10 +85,12 @@ from stream.topics import TopicNames, ensure_topics
 
 from .deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, DeliveryLog, DeliveryState, delivery_key, new_pending,
                          read_delivery_states, redelivery_plan, requeued, summarize)
-from .endpoints import (BlockedAddressError, Endpoint, GuardedResolver, build_endpoints, check_address, literal_ip,
+from .breaker import CircuitBreaker
+from .endpoints import (BlockedAddressError, Endpoint, GuardedResolver, build_endpoints, checked_address, literal_ip,
                         load_delivery_config, preflight)
 from .formats import DeliveryContext, render
 from .signing import signature_headers
+from .transport import certificate_failure, host_and_port
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +179,9 @@ class Dispatcher:
         self._owned: set[int] = set()
         self._consumer: AIOKafkaConsumer | None = None
         self._sessions: dict[bool, aiohttp.ClientSession] = {}
-        self._semaphore: asyncio.Semaphore | None = None
+        self._shared_slots: asyncio.Semaphore | None = None
+        self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
         self._main: asyncio.Task | None = None
         self._fatal: BaseException | None = None
         self._ignored_runs: set[str] = set()
@@ -179,7 +193,15 @@ class Dispatcher:
 
     async def start(self) -> None:
         await self.log.start()
-        self._semaphore = asyncio.Semaphore(self.options.max_concurrency)
+        self._shared_slots = asyncio.Semaphore(self.options.max_concurrency)
+        for endpoint in self.endpoints.values():
+            self._endpoint_slots[endpoint.name] = asyncio.Semaphore(endpoint.settings.max_concurrency)
+            self._breakers[endpoint.name] = CircuitBreaker(endpoint.name, endpoint.settings.breaker_failures,
+                                                           self.options.backoff_initial_s, self.options.backoff_max_s)
+            if len(self.endpoints) > 1 and endpoint.settings.max_concurrency >= self.options.max_concurrency:
+                log.warning("endpoint %s may use all %d shared request slots ([alerts] max_concurrency): if its "
+                            "requests hang, the other endpoints wait for them; give it a smaller max_concurrency",
+                            endpoint.name, self.options.max_concurrency)
         # Endpoints that may not reach private networks get a connector whose resolver refuses them.
         self._sessions = {
             False: aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=GuardedResolver()), trust_env=False),
@@ -416,12 +438,23 @@ class Dispatcher:
                 return True
             if not await _sleep_until(due, stop):
                 return False
-            async with self._semaphore:
+            breaker = self._breakers[endpoint.name]
+            # The endpoint's own slot first: while its requests hang, its other deliveries queue here, holding none
+            # of the shared slots the healthy endpoints need.
+            async with self._endpoint_slots[endpoint.name], self._shared_slots:
                 if stop.is_set():
                     return False
                 if endpoint.not_before > time.time():
-                    continue  # a Retry-After paused the endpoint while this attempt waited for a slot
-                outcome = await self._attempt(endpoint, state, alert)
+                    continue  # a Retry-After or the breaker paused the endpoint while this attempt waited for a slot
+                with breaker.admission() as admitted:
+                    if admitted:
+                        outcome = await self._attempt(endpoint, state, alert)
+                        self._count(endpoint, breaker, outcome)
+            if not admitted:
+                # The breaker is open and another delivery is probing the endpoint: wait for its answer.
+                if not await _wait_for(breaker.probe_over, stop):
+                    return False
+                continue
             attempts = state.attempts + 1
             if outcome.ok:
                 await self._finish(replace(state, attempts=attempts), DELIVERED, "", outcome.status)
@@ -437,6 +470,8 @@ class Dispatcher:
                 endpoint.not_before = max(endpoint.not_before, time.time() + delay)
             if delay is None:
                 delay = full_jitter(attempts, self.options.backoff_initial_s, self.options.backoff_max_s)
+            # Not before the endpoint's pause (a Retry-After, the breaker) ends: that is when it can go out.
+            delay = max(delay, endpoint.not_before - time.time())
             next_at = utcnow() + timedelta(seconds=delay)
             if next_at > state.deadline_at:
                 await self._finish(replace(state, attempts=attempts), FAILED,
@@ -447,6 +482,13 @@ class Dispatcher:
                                                 last_status=outcome.status, next_attempt_at=next_at))
             log.warning("delivery %s to %s: attempt %d failed (%s); next in %.2fs", state.event_id, endpoint.name,
                         attempts, outcome.error, delay)
+
+    def _count(self, endpoint: Endpoint, breaker: CircuitBreaker, outcome: Outcome) -> None:
+        """Tell the endpoint's breaker what an attempt came to; pause the endpoint while the breaker is open."""
+        failed = not outcome.ok and outcome.retryable
+        answered = outcome.ok or (outcome.status is not None and not outcome.retryable)
+        if breaker.record(failed, answered, outcome.error):
+            endpoint.not_before = max(endpoint.not_before, time.time() + breaker.pause_s)
 
     async def _finish(self, state: DeliveryState, final: str, error: str, status: int | None) -> None:
         await self.log.save(replace(state, state=final, last_error=error, last_status=status, next_attempt_at=None,
@@ -459,22 +501,42 @@ class Dispatcher:
 
     async def _attempt(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> Outcome:
         url = endpoint.url.reveal()
+        host, port = host_and_port(url)
+        guarded = not endpoint.settings.allow_private
         try:
             body = render(endpoint.format, alert, self._context(endpoint, state, alert))
-            headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+            # The endpoint's headers first: ours (framing, signature) always win; config checks refuse clashes anyway.
+            headers = {**endpoint.request_headers(), "Content-Type": "application/json", "User-Agent": USER_AGENT}
             if endpoint.signing_secrets:
                 headers.update(signature_headers(state.webhook_id, body, [s.reveal() for s in endpoint.signing_secrets]))
-            host = urlsplit(url).hostname or ""
-            literal = literal_ip(host)
-            if literal and not endpoint.settings.allow_private:
-                check_address(host, literal)
-            session = self._sessions[endpoint.settings.allow_private]
-            async with session.post(url, data=body, headers=headers, allow_redirects=False,
+            if guarded and (endpoint.proxy is not None or literal_ip(host)):
+                # The guarded session's resolver checks the hosts it resolves; a literal IP is never resolved, and
+                # through a proxy the proxy resolves the target: check it here, before anything is sent.
+                await checked_address(host, port)
+            # A proxy may be on a private network (the operator configured it): the guarded resolver would refuse it.
+            session = self._sessions[not guarded or endpoint.proxy is not None]
+            proxy = endpoint.proxy
+            if proxy is not None and not url.startswith("https:"):
+                # An http request goes to the proxy as it is, so the proxy's credentials travel in it; aiohttp sends
+                # proxy_headers with a CONNECT (https targets) only, and there they stay between us and the proxy.
+                headers.update(proxy.headers())
+            async with session.post(url, data=body, headers=headers, allow_redirects=False, ssl=endpoint.tls,
+                                    proxy=proxy.url if proxy else None, proxy_headers=proxy.headers() if proxy else None,
                                     timeout=aiohttp.ClientTimeout(total=endpoint.settings.timeout_s)) as response:
                 answer = await response.content.read(200)
                 outcome = classify(response.status, response.headers.get("Retry-After"), answer)
         except BlockedAddressError as exc:
             outcome = Outcome(ok=False, retryable=False, error=str(exc))
+        except aiohttp.ClientConnectorCertificateError as exc:
+            # A configuration error: retrying cannot help.
+            outcome = Outcome(ok=False, retryable=False, error=f"{certificate_failure(exc, host)}; not retried: fix "
+                                                               f"the config, then `finpulse dispatch --redeliver`")
+        except aiohttp.ClientHttpProxyError as exc:
+            # The proxy refused the tunnel: wrong credentials (407) will not get better by retrying.
+            wrong_credentials = exc.status == 407
+            outcome = Outcome(ok=False, retryable=not wrong_credentials,
+                              error=f"the proxy answered the CONNECT with {exc.status} {exc.message}"
+                                    + ("; not retried: check the credentials in proxy_env" if wrong_credentials else ""))
         except aiohttp.ClientConnectorError as exc:
             blocked = isinstance(exc.os_error, BlockedAddressError)
             outcome = Outcome(ok=False, retryable=not blocked, error=str(exc.os_error) if blocked else f"{type(exc).__name__}: {exc}")
@@ -507,6 +569,18 @@ def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpo
     elif alert.escalated_from:
         return [e for e in candidates if e.accepts(alert) or given(e)]
     return [e for e in candidates if e.accepts(alert)]
+
+
+async def _wait_for(event: asyncio.Event, stop: asyncio.Event) -> bool:
+    """Wait until ``event`` is set; False if ``stop`` was set first."""
+    stopping = asyncio.ensure_future(stop.wait())
+    happening = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({stopping, happening}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        happening.cancel()
+    return not stop.is_set()
 
 
 async def _sleep_until(when: float, stop: asyncio.Event) -> bool:
@@ -602,7 +676,7 @@ async def _check(config) -> int:
     endpoints = build_endpoints(config)
     for endpoint in endpoints:
         try:
-            verdict = await preflight(endpoint.url.reveal(), endpoint.settings.allow_private)
+            verdict = await preflight(endpoint)
         except OSError as exc:
             verdict = f"REFUSED: {endpoint.scrub(str(exc))}"
             problems += 1

@@ -1,5 +1,5 @@
-"""Where alerts are delivered: the ``[alerts]`` settings, secrets from the environment, and the
-guard that keeps webhooks off private networks (SSRF).
+"""Where alerts are delivered: the ``[alerts]`` settings, secrets from the environment, the guard that keeps
+webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (``preflight``).
 
 ``[alerts]`` (``AlertsSettings``) holds the dispatcher's options and the list of endpoints::
 
@@ -24,12 +24,38 @@ guard that keeps webhooks off private networks (SSRF).
     keys = []                                   # glob patterns on the alert key, e.g. ["Energy*", "AAPL"]; empty = all
     timeout_s = 10.0                            # per request
     retry_horizon_s = 21600.0                   # give up (state "failed") this long after the alert was emitted
+    max_concurrency = 4                         # this endpoint's requests in flight at once (within [alerts]'s)
+    breaker_failures = 5                        # consecutive failed attempts that pause the endpoint; 0 = never
+    ca_file = ""                                # PEM bundle of CA certificates trusted for this endpoint too
+    client_cert_file = ""                       # mTLS: PEM client certificate (its key in it, or in:)
+    client_key_file = ""                        # PEM private key of the client certificate
+    client_key_password_env = ""                # env var holding the key's passphrase when it is encrypted
+    headers = {}                                # static, non-secret headers, e.g. { "X-Team" = "risk" }
+    headers_env = {}                            # header -> env var holding its value, e.g. { "Authorization" = "VAR" }
+    proxy = ""                                  # http(s)://host:port of an HTTP proxy; "" = direct
+    proxy_env = ""                              # or: env var holding the proxy URL (when it carries credentials)
+
+Isolation: a request first takes one of its endpoint's ``max_concurrency`` slots, then one of the shared
+``[alerts] max_concurrency`` ones, so an endpoint whose requests hang holds at most its own number of shared slots
+and the others keep theirs. After ``breaker_failures`` consecutive failed attempts (timeouts, connection errors,
+408/425/429/5xx) the endpoint is paused like a Retry-After pauses it: its deliveries wait, and one probe at a time
+tries it, with the pause doubling from ``backoff_initial_s`` up to ``backoff_max_s``, until it answers
+(``alerts.breaker``). Each delivery keeps its own retry window: one whose window ends while the endpoint is paused
+is recorded ``failed``.
+
+Transport (``alerts.transport``): ``ca_file``, the client certificate, ``headers``/``headers_env`` and
+``proxy``/``proxy_env``. Headers that frame or sign the request (Content-Type, Host, User-Agent, webhook-*...) are
+refused; static headers that look like secrets (Authorization, *-Key, *-Token...) too: they go in ``headers_env``.
+With a proxy the address guard still holds: the target's host is resolved and checked before the request is handed
+to the proxy (the proxy itself may be on a private network: the operator configured it).
 
 From the environment: ``FINPULSE_ALERTS__BACKOFF_MAX_S=60`` and so on, and ``FINPULSE_ALERTS__ENDPOINTS`` takes a
 JSON list of endpoint tables (replacing the file's list).
 
-Secrets (signing keys, routing keys, secret URLs) are only ever read from the environment variables named here
-(``*_env`` settings must look like variable names, see ``stream.config.ENV_NAME``), held in ``Secret`` objects whose repr is ``***``, and scrubbed from any error text before it is logged or stored.
+Secrets (signing keys, routing keys, secret URLs, secret headers, proxy URLs with credentials, key passphrases)
+are only ever read from the environment variables named here (``*_env`` settings must look like variable names, see
+``stream.config.ENV_NAME``), held in ``Secret`` objects whose repr is ``***``, and scrubbed from any error text
+before it is logged or stored.
 """
 from __future__ import annotations
 
@@ -47,6 +73,7 @@ from stream.config import ConfigError, Settings, build_dataclass
 from stream.records import SEVERITIES, severity_rank
 
 from .signing import decode_secret, split_secrets
+from .transport import Proxy, check_connection, check_headers, check_proxy_url, host_and_port, tls_context
 
 FORMATS = ("native", "slack", "pagerduty", "alertmanager")
 KEY_TYPES = ("topic", "ticker")
@@ -67,6 +94,16 @@ class EndpointSettings:
     keys: list[str] = field(default_factory=list)
     timeout_s: float = 10.0
     retry_horizon_s: float = 6 * 3600.0
+    max_concurrency: int = 4
+    breaker_failures: int = 5
+    ca_file: str = ""
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    client_key_password_env: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    headers_env: dict[str, str] = field(default_factory=dict)
+    proxy: str = ""
+    proxy_env: str = ""
 
 
 @dataclass
@@ -178,17 +215,33 @@ class GuardedResolver(ThreadedResolver):
         return results
 
 
-async def preflight(url: str, allow_private: bool) -> str:
-    """Resolve a URL's host now and say whether it may be used: 'ok', 'ok (private allowed)' or raise."""
-    host = urlsplit(url).hostname or ""
-    if allow_private:
-        return "ok (private addresses allowed)"
+async def checked_address(host: str, port: int) -> str:
+    """An address of ``host`` after checking every one it resolves to (a literal IP is checked as it is); raises
+    BlockedAddressError for a refused one, OSError when it does not resolve."""
     literal = literal_ip(host)
     if literal:
         check_address(host, literal)
-        return "ok"
-    await GuardedResolver().resolve(host, 0, socket.AF_UNSPEC)
-    return "ok"
+        return literal
+    results = await GuardedResolver().resolve(host, port, socket.AF_UNSPEC)
+    return results[0]["host"]
+
+
+async def preflight(endpoint: "Endpoint") -> str:
+    """What `finpulse dispatch --check` says of an endpoint, or raise OSError saying what is wrong.
+
+    The target's host is resolved and checked by the address guard, as a delivery does (with a proxy too). An https
+    endpoint is then connected to the way a delivery would be, directly or through its proxy, up to the end of the
+    TLS handshake (its certificate verified with ``ca_file``, the client certificate offered); no request is sent.
+    An http endpoint behind a proxy gets the proxy connected to."""
+    settings = endpoint.settings
+    url = endpoint.url.reveal()
+    host, port = host_and_port(url)
+    address = None if settings.allow_private else await checked_address(host, port)
+    verdict = "ok (private addresses allowed)" if settings.allow_private else "ok"
+    tls = endpoint.tls if url.startswith("https:") else None
+    if tls is None and endpoint.proxy is None:
+        return verdict
+    return f"{verdict}; " + await check_connection(host, port, address, tls, endpoint.proxy, settings.timeout_s)
 
 
 # ---------------------------------------------------------------- loading and validation
@@ -222,6 +275,15 @@ def _validate(config: AlertDeliveryConfig) -> None:
             raise ConfigError(f"{where}: key_types {bad_types} unknown (use {', '.join(KEY_TYPES)})")
         if ep.timeout_s <= 0 or ep.retry_horizon_s <= 0:
             raise ConfigError(f"{where}: timeout_s and retry_horizon_s must be positive")
+        if ep.max_concurrency < 1 or ep.breaker_failures < 0:
+            raise ConfigError(f"{where}: max_concurrency must be at least 1, breaker_failures at least 0 (0 = off)")
+        if ep.client_key_file and not ep.client_cert_file:
+            raise ConfigError(f"{where}: client_key_file needs client_cert_file (the certificate it belongs to)")
+        check_headers(ep.headers, ep.headers_env, where)
+        if ep.proxy and ep.proxy_env:
+            raise ConfigError(f"{where}: set proxy or proxy_env, not both")
+        if ep.proxy:
+            check_proxy_url(ep.proxy, where)
         if ep.url and ep.url_env:
             raise ConfigError(f"{where}: set url or url_env, not both")
         if ep.format == "pagerduty" and not ep.routing_key_env:
@@ -297,6 +359,20 @@ class Endpoint:
                     raise ConfigError(f"{where}: ${var}: {exc}") from None
                 self.signing_secrets.append(Secret(secret))
         self.routing_key = Secret(_env(environ, settings.routing_key_env, where)) if settings.routing_key_env else None
+        password = _env(environ, settings.client_key_password_env, where) if settings.client_key_password_env else None
+        self.tls = tls_context(settings.ca_file, settings.client_cert_file, settings.client_key_file, password, where)
+        self.headers = dict(settings.headers)
+        self.secret_headers = {name: Secret(_env(environ, var, where)) for name, var in settings.headers_env.items()}
+        for name, value in self.secret_headers.items():
+            if "\r" in value.reveal() or "\n" in value.reveal():
+                raise ConfigError(f"{where}: the value of header {name} (from ${settings.headers_env[name]}) must be "
+                                  f"one line")
+        proxy_url = _env(environ, settings.proxy_env, where) if settings.proxy_env else settings.proxy
+        if settings.proxy_env:
+            check_proxy_url(proxy_url, f"{where} (proxy from ${settings.proxy_env})", from_env=True)
+        self.proxy = Proxy.from_url(proxy_url) if proxy_url else None
+        self._proxy_secrets = [Secret(proxy_url), Secret(urlsplit(proxy_url).password or ""),
+                               Secret(self.proxy.authorization if self.proxy else "")]
         # The earliest time the next request to this endpoint may go out (a Retry-After pauses the whole endpoint).
         self.not_before = 0.0
 
@@ -311,13 +387,19 @@ class Endpoint:
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret of this endpoint replaced by ***: error messages can echo URLs or keys."""
-        for secret in (self.url, self.routing_key, *self.signing_secrets):
+        for secret in (self.url, self.routing_key, *self.signing_secrets, *self.secret_headers.values(),
+                       *self._proxy_secrets):
             if secret is not None and secret.reveal():
                 text = text.replace(secret.reveal(), "***")
         return text
 
+    def request_headers(self) -> dict[str, str]:
+        """The endpoint's own headers, static and secret, for one request (the dispatcher adds its own after)."""
+        return {**self.headers, **{name: value.reveal() for name, value in self.secret_headers.items()}}
+
     def __repr__(self) -> str:
-        return f"Endpoint(name={self.name!r}, format={self.format!r}, url={self.display_url!r})"
+        via = f", proxy={self.proxy.url!r}" if self.proxy else ""
+        return f"Endpoint(name={self.name!r}, format={self.format!r}, url={self.display_url!r}{via})"
 
 
 def _env(environ: Mapping[str, str], var: str, where: str) -> str:

@@ -194,8 +194,14 @@ def test_dispatch_commands_say_in_one_line_that_kafka_is_unreachable(command):
     assert f"finpulse: cannot reach Kafka at {address}" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
-def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path):
-    text = (REPO / "finpulse.example.toml").read_text()
+def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path, pki):
+    # The example's certificate files, made real: the test CA's and its client certificate.
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for example, made in (("bank-root-ca.pem", "ca.pem"), ("finpulse-client.pem", "client.pem"),
+                          ("finpulse-client.key", "client.key")):
+        (tls / example).write_bytes(pki[made].read_bytes())
+    text = (REPO / "finpulse.example.toml").read_text().replace("/etc/finpulse/tls/", f"{tls}/")
     # Uncomment the example endpoints too: "# name = ..." lines and "# [[alerts.endpoints]]" headers of [alerts].
     before, rest = text.split("\n[alerts]\n")
     alerts, after = rest.split("\n[dashboard]\n")
@@ -203,13 +209,18 @@ def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path):
     path = tmp_path / "finpulse.toml"
     path.write_text(f"{before}\n[alerts]\n{enabled}\n[dashboard]\n{after}")
     environ = {name: generate_secret() for name in ("FINPULSE_WEBHOOK_SECRET", "FINPULSE_RISK_SECRET_NEW", "FINPULSE_RISK_SECRET_OLD")}
-    environ.update(FINPULSE_SLACK_WEBHOOK_URL="https://hooks.slack.com/services/T0/B0/X", FINPULSE_PAGERDUTY_ROUTING_KEY="R" * 32)
+    environ.update(FINPULSE_SLACK_WEBHOOK_URL="https://hooks.slack.com/services/T0/B0/X", FINPULSE_PAGERDUTY_ROUTING_KEY="R" * 32,
+                   RISK_GATEWAY_AUTH="Bearer gateway-token", FINPULSE_RISK_PROXY_URL="http://finpulse:pw@proxy.bank.internal:3128")
     plain = load_delivery_config(load_settings(REPO / "finpulse.example.toml", environ={}))
     assert [e.name for e in plain.endpoints] == ["demo-receiver"]
     config = load_delivery_config(load_settings(path, environ={}))
     endpoints = build_endpoints(config, environ)
-    assert [e.name for e in endpoints] == ["demo-receiver", "risk-desk", "slack-markets", "pagerduty-risk", "alertmanager"]
-    assert len(endpoints[1].signing_secrets) == 2 and endpoints[3].url.reveal() == "https://events.pagerduty.com/v2/enqueue"
+    assert [e.name for e in endpoints] == ["demo-receiver", "risk-desk", "risk-gateway", "slack-markets", "pagerduty-risk",
+                                           "alertmanager"]
+    assert len(endpoints[1].signing_secrets) == 2 and endpoints[4].url.reveal() == "https://events.pagerduty.com/v2/enqueue"
+    gateway = endpoints[2]
+    assert gateway.request_headers() == {"X-Team": "risk", "Authorization": "Bearer gateway-token"}
+    assert gateway.proxy.url == "http://proxy.bank.internal:3128" and gateway.tls is not True
 
 
 def dispatch_until_settled(topics, receiver: Receiver, deliveries: int, settings_for, polls: int = 600) -> dict:
