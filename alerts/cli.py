@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-after-date", action="store_true", help="send Retry-After as an HTTP date instead of seconds")
     p.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="answer every request this late (a slow endpoint)")
     p.add_argument("--quiet", action="store_true", help="do not print each request")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve https with this certificate (chain) file, e.g. one an internal CA signed")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert (default: in the certificate file)")
+    p.add_argument("--client-ca", metavar="PEM", help="require a client certificate signed by these CAs (mTLS; needs --tls-cert)")
     p.set_defaults(func=_receiver)
 
     p = sub.add_parser("dispatch", help="deliver alerts to the [alerts] endpoints (the worker does this too when endpoints are configured)")

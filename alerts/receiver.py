@@ -15,6 +15,9 @@ Failure injection for demos and tests: ``--fail-first N`` answers the first N re
 ``--throttle N`` answers the next N with 429 and ``Retry-After`` (``--retry-after`` seconds, or an HTTP date with
 ``--retry-after-date``); ``--delay S`` answers every request S seconds late (a slow endpoint). Ids seen in an existing ``--store`` file count as seen after a restart.
 
+TLS for trying an endpoint's transport settings (``ca_file``, mTLS) end to end: ``--tls-cert`` (and ``--tls-key``)
+serves https; ``--client-ca`` also requires a client certificate signed by those CAs.
+
 ``GET /received`` returns what was stored plus counters and a log of every request (time, path, status, id).
 It is unauthenticated: keep the receiver on 127.0.0.1 (the default) unless the network is yours.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -174,9 +178,28 @@ def run_receiver(args) -> int:
     if options.store:
         options.store.parent.mkdir(parents=True, exist_ok=True)
     receiver = Receiver(options)
-    where = f"http://{args.host}:{args.port}"
-    web.run_app(receiver.app(), host=args.host, port=args.port, access_log=None,
-                print=lambda *_: print(f"receiver listening on {where} (POST any path; GET {where}/received); "
+    tls = server_tls(args.tls_cert, args.tls_key, args.client_ca)
+    where = f"{'https' if tls else 'http'}://{args.host}:{args.port}"
+    mtls = " (client certificates required)" if args.client_ca else ""
+    web.run_app(receiver.app(), host=args.host, port=args.port, access_log=None, ssl_context=tls,
+                print=lambda *_: print(f"receiver listening on {where}{mtls} (POST any path; GET {where}/received); "
                                        f"storing to {options.store or 'memory only'}", flush=True))
     return 0
 
+
+def server_tls(cert_file: str | None, key_file: str | None, client_ca: str | None) -> ssl.SSLContext | None:
+    """The receiver's TLS: None (plain http) without a certificate; with ``client_ca``, client certificates signed by
+    those CAs are required."""
+    if not cert_file:
+        if key_file or client_ca:
+            raise ConfigError("--tls-key and --client-ca need --tls-cert")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_file, key_file or None)
+        if client_ca:
+            context.load_verify_locations(cafile=client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the receiver's TLS files ({exc})") from None
+    return context

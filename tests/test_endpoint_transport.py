@@ -4,6 +4,7 @@ receivers on 127.0.0.1 (certificates from a test CA made with the openssl CLI), 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import ssl
@@ -19,10 +20,11 @@ from alerts.breaker import CircuitBreaker
 from alerts.deliveries import DELIVERED, FAILED, PENDING, delivery_key, webhook_id
 from alerts.dispatch import Dispatcher
 from alerts.endpoints import Endpoint, load_delivery_config
-from alerts.receiver import Receiver, ReceiverOptions
+from alerts.receiver import Receiver, ReceiverOptions, server_tls
 from alerts.signing import HEADER_ID, generate_secret
 from stream.config import ConfigError, Settings
-from tests.test_delivery import REPO, make_alert
+from stream.broker import free_port
+from tests.test_delivery import REPO, finpulse, make_alert
 
 GATEWAY_TOKEN = "Bearer gw-7f3c9a1e5b2d4c6e8f0a"
 PROXY_PASSWORD = "pr0xy-s3cret-pw"
@@ -30,13 +32,9 @@ PROXY_PASSWORD = "pr0xy-s3cret-pw"
 
 # ---------------------------------------------------------------- real parts: a test CA, servers, a proxy
 
-def server_tls(pki, require_client_cert: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki["server.pem"], pki["server.key"])
-    if require_client_cert:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(pki["ca.pem"])
-    return context
+def server_tls_of(pki, require_client_cert: bool) -> ssl.SSLContext:
+    """The TLS of `finpulse receiver --tls-cert --tls-key [--client-ca]`, with the test CA's server certificate."""
+    return server_tls(str(pki["server.pem"]), str(pki["server.key"]), str(pki["ca.pem"]) if require_client_cert else None)
 
 
 async def serve(app: web.Application, tls: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
@@ -217,7 +215,7 @@ def test_custom_ca_client_certificate_headers_and_proxy_deliver_for_real(fp_sett
     async def scenario():
         receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
         headers: list[dict] = []
-        tls_runner, tls_port = await serve(recording_headers(receiver, headers), server_tls(pki, require_client_cert=True))
+        tls_runner, tls_port = await serve(recording_headers(receiver, headers), server_tls_of(pki, require_client_cert=True))
         plain_runner, plain_port = await serve(recording_headers(receiver, headers))
         proxy = await ForwardProxy(credentials=encode_basic_auth("finpulse", PROXY_PASSWORD)).start()
         monkeypatch.setenv("T_TLS_PROXY", f"http://finpulse:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}")
@@ -294,13 +292,17 @@ def test_custom_ca_client_certificate_headers_and_proxy_deliver_for_real(fp_sett
 def test_dispatch_check_reports_tls_problems_and_what_to_set(pki, tmp_path):
     """`finpulse dispatch --check` connects to https endpoints (directly or through their proxy) up to the end of
     the TLS handshake: a verified one says so; a missing ca_file and a missing client certificate are reported,
-    saying what to set (exit 1)."""
+    saying what to set (exit 1). The mTLS endpoint is a real `finpulse receiver --tls-cert --client-ca`."""
     secret = generate_secret()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
+    env["T_CHK_SECRET"] = secret
+    mtls_port = free_port()
+    receiver = finpulse(["receiver", "--port", str(mtls_port), "--store", "", "--secret-env", "T_CHK_SECRET",
+                         "--tls-cert", str(pki["server.pem"]), "--tls-key", str(pki["server.key"]),
+                         "--client-ca", str(pki["ca.pem"])], env, tmp_path, "receiver")
 
     async def scenario():
-        app = web.Application()
-        mtls_runner, mtls_port = await serve(app, server_tls(pki, require_client_cert=True))
-        tls_runner, tls_port = await serve(web.Application(), server_tls(pki, require_client_cert=False))
+        tls_runner, tls_port = await serve(web.Application(), server_tls_of(pki, require_client_cert=False))
         proxy = await ForwardProxy().start()
         ca, client = {"ca_file": str(pki["ca.pem"])}, {"client_cert_file": str(pki["client.pem"]),
                                                        "client_key_file": str(pki["client.key"])}
@@ -312,8 +314,7 @@ def test_dispatch_check_reports_tls_problems_and_what_to_set(pki, tmp_path):
             {"name": "no-ca", "url": f"https://localhost:{tls_port}/x", **common},
             {"name": "no-client-cert", "url": f"https://localhost:{mtls_port}/x", **ca, **common},
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
-        env.update(T_CHK_SECRET=secret, FINPULSE_ALERTS__ENDPOINTS=__import__("json").dumps(endpoints))
+        env["FINPULSE_ALERTS__ENDPOINTS"] = json.dumps(endpoints)
         try:
             check = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "stream.cli", "dispatch", "--check", cwd=REPO, env=env,
@@ -322,10 +323,13 @@ def test_dispatch_check_reports_tls_problems_and_what_to_set(pki, tmp_path):
             return check.returncode, out.decode(), err.decode(), proxy.seen
         finally:
             await proxy.stop()
-            await mtls_runner.cleanup()
             await tls_runner.cleanup()
 
-    returncode, out, err, proxied = asyncio.run(scenario())
+    try:
+        receiver.wait_for(f"receiver listening on https://127.0.0.1:{mtls_port} (client certificates required)")
+        returncode, out, err, proxied = asyncio.run(scenario())
+    finally:
+        receiver.kill()
     assert returncode == 1, out + err
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     assert "TLS verified" in lines["verified"], out
