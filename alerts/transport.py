@@ -170,9 +170,11 @@ async def _connect(host: str, port: int, address: str | None, tls, proxy: Proxy 
         auth = "".join(f"{k}: {v}\r\n" for k, v in proxy.headers().items())
         writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode())
         answer = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0].decode("latin-1")
-        if answer.split()[1:2] != ["200"]:
+        status = answer.split()[1:2]
+        if status != ["200"]:
             writer.close()
-            raise ConnectionError(f"proxy {proxy.url} refused the tunnel to {target}: {answer}")
+            hint = ": check the credentials in the proxy URL (proxy_env)" if status == ["407"] else ""
+            raise ConnectionError(f"proxy {proxy.url} refused the tunnel to {target} ({answer}){hint}")
         await writer.start_tls(context, server_hostname=host)
     try:
         if context is None:

@@ -291,8 +291,8 @@ def test_custom_ca_client_certificate_headers_and_proxy_deliver_for_real(fp_sett
 
 def test_dispatch_check_reports_tls_problems_and_what_to_set(pki, tmp_path):
     """`finpulse dispatch --check` connects to https endpoints (directly or through their proxy) up to the end of
-    the TLS handshake: a verified one says so; a missing ca_file and a missing client certificate are reported,
-    saying what to set (exit 1). The mTLS endpoint is a real `finpulse receiver --tls-cert --client-ca`."""
+    the TLS handshake: a verified one says so; a missing ca_file, a missing client certificate and a proxy that
+    wants a login are reported, saying what to set (exit 1). The mTLS endpoint is a real `finpulse receiver --tls-cert --client-ca`."""
     secret = generate_secret()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
     env["T_CHK_SECRET"] = secret
@@ -304,6 +304,7 @@ def test_dispatch_check_reports_tls_problems_and_what_to_set(pki, tmp_path):
     async def scenario():
         tls_runner, tls_port = await serve(web.Application(), server_tls_of(pki, require_client_cert=False))
         proxy = await ForwardProxy().start()
+        guarded_proxy = await ForwardProxy(credentials=encode_basic_auth("finpulse", PROXY_PASSWORD)).start()
         ca, client = {"ca_file": str(pki["ca.pem"])}, {"client_cert_file": str(pki["client.pem"]),
                                                        "client_key_file": str(pki["client.key"])}
         common = {"secret_env": "T_CHK_SECRET", "allow_private": True}
@@ -313,6 +314,8 @@ def test_dispatch_check_reports_tls_problems_and_what_to_set(pki, tmp_path):
              **ca, **common},
             {"name": "no-ca", "url": f"https://localhost:{tls_port}/x", **common},
             {"name": "no-client-cert", "url": f"https://localhost:{mtls_port}/x", **ca, **common},
+            {"name": "no-proxy-login", "url": f"https://localhost:{tls_port}/x",
+             "proxy": f"http://127.0.0.1:{guarded_proxy.port}", **ca, **common},
         ]
         env["FINPULSE_ALERTS__ENDPOINTS"] = json.dumps(endpoints)
         try:
@@ -323,6 +326,7 @@ def test_dispatch_check_reports_tls_problems_and_what_to_set(pki, tmp_path):
             return check.returncode, out.decode(), err.decode(), proxy.seen
         finally:
             await proxy.stop()
+            await guarded_proxy.stop()
             await tls_runner.cleanup()
 
     try:
@@ -336,6 +340,7 @@ def test_dispatch_check_reports_tls_problems_and_what_to_set(pki, tmp_path):
     assert "TLS verified through proxy" in lines["tunnelled"] and proxied[0]["method"] == "CONNECT", out
     assert "REFUSED" in lines["no-ca"] and "failed verification" in lines["no-ca"] and "ca_file" in lines["no-ca"], out
     assert "REFUSED" in lines["no-client-cert"] and "client_cert_file" in lines["no-client-cert"], out
+    assert "REFUSED" in lines["no-proxy-login"] and "407" in lines["no-proxy-login"] and "proxy_env" in lines["no-proxy-login"], out
     assert secret not in out + err
 
 
