@@ -2,15 +2,15 @@
 
 Readable in light and dark themes: axis, label and title colours are left to Streamlit's theme; data colours are
 mid-tone schemes that keep their contrast on both backgrounds (red-blue diverging for sentiment, with red as
-negative; fixed severity colours for alert markers). Text drawn on cells picks black or white from the cell value.
+negative; fixed severity colours for alert episodes). Text drawn on cells picks black or white from the cell value.
 """
 from __future__ import annotations
 
 import altair as alt
 import pandas as pd
 
-SEVERITY_COLORS = alt.Scale(domain=["critical", "warning", "info", "resolved"],
-                            range=["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c"])
+SEVERITY_ORDER = ["critical", "warning", "info"]
+SEVERITY_COLORS = alt.Scale(domain=SEVERITY_ORDER, range=["#d62728", "#ff7f0e", "#1f77b4"])
 KIND_COLORS = alt.Scale(domain=["news", "comments"], range=["#4c78a8", "#f58518"])
 _TIME_AXIS = alt.Axis(format="%H:%M", labelOverlap=True, title=None)
 
@@ -38,8 +38,11 @@ def volume_bars(volume: pd.DataFrame) -> alt.Chart:
     ).properties(height=160)
 
 
-def signal_with_band(series: pd.DataFrame, metric: str, title: str, markers: pd.DataFrame, fmt: str) -> alt.LayerChart:
-    """One signal of one key over time, its baseline (dashed) and ±2σ band, and alert markers as rules."""
+def signal_with_band(series: pd.DataFrame, metric: str, title: str, episodes: pd.DataFrame, markers: pd.DataFrame,
+                     fmt: str) -> alt.LayerChart:
+    """One signal of one key over time, its baseline (dashed) and ±2σ band, each alert episode as a shaded span
+    (coloured by the highest severity it reached, from its first window to the window that resolved it, or to now),
+    and a rule where it fired and where it escalated (coloured by the severity of that event; escalations dashed)."""
     base = alt.Chart(series).encode(x=alt.X("window_start:T", axis=_TIME_AXIS))
     band = base.mark_area(opacity=0.18, color="#888888").encode(
         y=alt.Y(f"{metric}_low:Q", title=title), y2=f"{metric}_high:Q")
@@ -50,13 +53,27 @@ def signal_with_band(series: pd.DataFrame, metric: str, title: str, markers: pd.
                  alt.Tooltip(f"{metric}:Q", format=fmt, title=title),
                  alt.Tooltip(f"{metric}_baseline:Q", format=fmt, title="baseline"),
                  alt.Tooltip("count:Q", title="messages")])
-    layers = [band, baseline, line]
-    if not markers.empty:
-        marks = markers.assign(colour=markers["severity"].where(markers["status"] != "resolved", "resolved"))
-        layers.append(alt.Chart(marks).mark_rule(strokeWidth=2).encode(
-            x="time:T", color=alt.Color("colour:N", scale=SEVERITY_COLORS, title="alert"),
-            tooltip=[alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"), "status:N", "severity:N", "summary:N"]))
-    return alt.layer(*layers).properties(height=220)
+    if episodes.empty:
+        return alt.layer(band, baseline, line).properties(height=220)
+    # Only the severities on this chart in the legend, under it, so a narrow chart keeps its width for the data.
+    present = set(episodes["severity"]) | set(markers["severity"])
+    colour = alt.Color("severity:N", scale=SEVERITY_COLORS, title="alert",
+                       legend=alt.Legend(orient="bottom", values=[s for s in SEVERITY_ORDER if s in present]))
+    span_tooltip = [alt.Tooltip("started:T", format="%Y-%m-%d %H:%M", title="fired"),
+                    alt.Tooltip("resolved_at:T", format="%Y-%m-%d %H:%M", title="resolved"), "status:N",
+                    alt.Tooltip("severity:N", title="highest severity"), alt.Tooltip("fired_as:N", title="fired as"),
+                    alt.Tooltip("escalation:N", title="escalated"),
+                    alt.Tooltip("deviation:Q", format=".1f", title="deviation (σ)"), "summary:N"]
+    spans = alt.Chart(episodes).mark_rect(opacity=0.16).encode(x="time:T", x2="time_end:T", color=colour,
+                                                                tooltip=span_tooltip)
+    rules = alt.Chart(markers).mark_rule(strokeWidth=2).encode(
+        x="time:T", color=colour,
+        strokeDash=alt.StrokeDash("event:N", scale=alt.Scale(domain=["fired", "escalated"], range=[[1, 0], [5, 3]]),
+                                  legend=None),
+        tooltip=[alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"), "event:N", "severity:N",
+                 alt.Tooltip("escalated_from:N", title="escalated from"),
+                 alt.Tooltip("deviation:Q", format=".1f", title="deviation (σ)"), "summary:N"])
+    return alt.layer(spans, band, baseline, line, rules).properties(height=220)
 
 
 def kind_split_bar(split: pd.DataFrame) -> alt.Chart:

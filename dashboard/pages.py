@@ -3,11 +3,15 @@
 Each ``render_*`` takes the store snapshot, the feed status, the sidebar's ``Controls`` and the dashboard settings,
 asks ``shaping`` for every number and ``charts`` for every chart, and only lays them out. Elements the browser
 test looks for carry stable keys (``fp-unusual-<rank>``, ``fp-alert-<rank>``).
+
+Views link to each other in the same tab (``view_link``): a ranked key opens its drill-down, an alert opens the
+Alerts view on that alert. The link's query parameters (``?key_type=ticker&key=AAPL``, ``?alert=<id>``) select
+once (``follow_link``); the sidebar's choices survive the jump.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 from urllib.parse import urlencode
 
 import pandas as pd
@@ -21,6 +25,11 @@ from .model_card import (ModelCard, confusion_matrices, find_model, head_reports
 from .settings import DashboardSettings
 from .store import Snapshot
 
+# Streamlit draws a page link on one line, cut with an ellipsis; a ranked key's line must wrap instead, or a laptop
+# screen loses its numbers and its alert badge.
+PAGE_STYLE = """<style>
+[class*="st-key-fp-unusual-"] [data-testid="stPageLink-NavLink"] * { white-space: normal; overflow: visible; }
+</style>"""
 SEVERITY_BADGE = {"critical": ":red-badge[critical]", "warning": ":orange-badge[warning]", "info": ":blue-badge[info]"}
 LINK = st.column_config.LinkColumn("link", display_text="open")
 SCORE = st.column_config.NumberColumn("score", format="%+.2f")
@@ -33,6 +42,8 @@ class Controls:
     range_label: str
     model_dir: str = ""
     models_dir: str = ""       # [models] models_dir: where the newest model is looked for
+    # view name -> its st.Page, for links that stay in the app; empty when one view is drawn without navigation.
+    pages: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 def md(text: str) -> str:
@@ -54,8 +65,30 @@ def window_label(seconds: int | None) -> str:
     return f"{seconds // 3600} h" if seconds % 3600 == 0 else f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
 
 
-def drilldown_href(key_type: str, key: str) -> str:
-    return "drilldown?" + urlencode({"key_type": key_type, "key": key})
+def view_link(c: Controls, view: str, label: str, params: dict[str, str], icon: str | None = None) -> None:
+    """A link to another view that opens in this tab and keeps the sidebar's choices (``label`` is markdown).
+    Without navigation (one view drawn alone) it is a plain link to the same address."""
+    if view in c.pages:
+        st.page_link(c.pages[view], label=label, query_params=params, icon=icon, width="stretch")
+    else:
+        st.markdown(f"[{label}]({view}?{urlencode(params)})")
+
+
+_FOLLOWED = "fp_followed_links"
+
+
+def follow_link(param: str, state_key: str, allowed) -> None:
+    """Select what a link's ``?param=value`` names, once per visit of a view: the query string stays while the
+    view reruns, and from then on the widget's own changes win."""
+    wanted, followed = st.query_params.get(param), st.session_state.setdefault(_FOLLOWED, {})
+    if wanted is not None and followed.get(param) != wanted and wanted in allowed:
+        st.session_state[state_key] = wanted
+        followed[param] = wanted
+
+
+def forget_links() -> None:
+    """A new visit of a view (a link or the menu) follows its link again."""
+    st.session_state.pop(_FOLLOWED, None)
 
 
 def csv_download(frame: pd.DataFrame, tz: str, name: str, key: str) -> None:
@@ -76,6 +109,31 @@ def feed_banner(status: FeedStatus, snap: Snapshot) -> bool:
                 "waiting for the worker to publish windows. This page refreshes by itself.",
                 icon=":material/hourglass_empty:")
     return not snap.empty
+
+
+def freshness_strip(snap: Snapshot, status: FeedStatus, cfg: DashboardSettings, tz: str) -> None:
+    """One line on every view: is this live, how old is it, and which model scored it."""
+    updated = sh.last_update(snap)
+    fresh = sh.freshness(updated, pd.Timestamp.now(tz="UTC"), cfg.stale_after_s, status.worker_lag)
+    if fresh is None:
+        return
+    versions = sh.model_versions(snap.scored, snap.trends)
+    model = ""
+    if not versions.empty and versions["model_version"].iloc[0]:
+        model = f" · scored by `{versions['model_version'].iloc[0]}`"
+        if len(versions) > 1:
+            model += f" (earlier data: {', '.join(f'`{v}`' for v in versions['model_version'].iloc[1:4])})"
+    as_of = fmt_time(updated, tz, with_date=True)
+    with st.container(key="fp-freshness"):
+        if not status.reachable:
+            st.caption(f":orange[●] Not updating while Kafka is unreachable: data as of {as_of} "
+                       f"({sh.duration(fresh.age_s)} ago){model}")
+        elif fresh.stale:
+            st.warning(f"{fresh.text} Last update: {as_of}.", icon=":material/schedule:")
+            if model:
+                st.caption(model.removeprefix(" · "))
+        else:
+            st.caption(f":green[●] {fresh.text} ({as_of}){model}")
 
 
 # ---------------------------------------------------------------- Overview
@@ -105,7 +163,7 @@ def render_overview(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashbo
         st.info(f"No {f.key_type} windows in {c.range_label.lower()} yet.")
         return
     ranking = sh.unusual_now(snap.trends, snap.alerts, f)
-    alerts_now = sh.current_alerts(snap.alerts)
+    alerts_now = sh.alert_table(snap.alerts, snap.deliveries, sh.span_start(snap, f.span), f.keys)
     firing = alerts_now[alerts_now["firing"]] if not alerts_now.empty else alerts_now
     order = ranking["key"].tolist()
 
@@ -120,17 +178,20 @@ def render_overview(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashbo
     with left:
         st.subheader(f"Most unusual {f.key_type}s now")
         st.caption(f"Newest {window_label(sh.resolve_window(snap.trends, f.window_s))} window against each {f.key_type}'s own last "
-                   f"{f.baseline_windows} windows, in standard deviations toward negative.")
+                   f"{f.baseline_windows} windows, in standard deviations toward negative. Click one for its "
+                   "charts and messages.")
         for rank, (_, row) in enumerate(ranking.head(10).iterrows(), start=1):
             with st.container(key=f"fp-unusual-{rank}"):
-                st.markdown(unusual_line(rank, row))
+                view_link(c, "drilldown", unusual_line(rank, row), {"key_type": f.key_type, "key": str(row["key"])})
     with right:
         st.subheader("Alerts")
         if alerts_now.empty:
-            st.caption("No alerts so far.")
+            st.caption(f"No alerts in {c.range_label.lower()}: none fired, and none is firing.")
         for rank, (_, row) in enumerate(alerts_now.head(8).iterrows(), start=1):
             with st.container(key=f"fp-alert-{rank}", border=True):
                 st.markdown(alert_line(row, c.tz))
+                view_link(c, "alerts", "Messages behind this alert", {"alert": str(row["id"])},
+                          icon=":material/article:")
 
     st.subheader(f"Mean sentiment per {f.key_type}")
     st.altair_chart(charts.sentiment_heatmap(sh.in_zone(sh.heatmap(windows, order), c.tz), order), width="stretch")
@@ -142,8 +203,9 @@ def render_overview(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashbo
 # ---------------------------------------------------------------- Drill-down
 
 def message_table(frame: pd.DataFrame, tz: str, key: str) -> None:
-    st.dataframe(sh.in_zone(frame, tz), key=key, hide_index=True,
-                 column_order=["event_time", "kind", "sentiment_score", "url", "text"],
+    """The message text right after its time and score, full width: on a laptop screen the text is what must show."""
+    st.dataframe(sh.in_zone(frame, tz), key=key, hide_index=True, width="stretch",
+                 column_order=["event_time", "sentiment_score", "text", "kind", "url"],
                  column_config={"event_time": st.column_config.DatetimeColumn("time", format="YYYY-MM-DD HH:mm:ss"),
                                 "sentiment_score": SCORE, "url": LINK, "text": st.column_config.TextColumn("message", width="large")})
 
@@ -154,41 +216,41 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
     if not keys:
         st.info(f"No {f.key_type} windows yet.")
         return
+    follow_link("key", "fp_drill_key", keys)
     if st.session_state.get("fp_drill_key") not in keys:
-        wanted = st.query_params.get("key")
         ranking = sh.unusual_now(snap.trends, snap.alerts, f)
-        st.session_state["fp_drill_key"] = wanted if wanted in keys else (ranking["key"].iloc[0] if not ranking.empty else keys[0])
+        st.session_state["fp_drill_key"] = ranking["key"].iloc[0] if not ranking.empty else keys[0]
     key = st.selectbox(f.key_type.capitalize(), keys, key="fp_drill_key")
     series = sh.key_series(snap.trends, f.key_type, key, f.window_s, f.span, f.baseline_windows)
     if series.empty:
         st.info(f"No {window_label(sh.resolve_window(snap.trends, f.window_s))} windows for {key} in {c.range_label.lower()}.")
         return
     since = series["window_start"].min()
-    markers = sh.in_zone(sh.alert_markers(snap.alerts, f.key_type, key, since), c.tz)
+    until = series["window_end"].max()
+    episodes = sh.in_zone(sh.alert_episodes(snap.alerts, f.key_type, key, since, until), c.tz)
+    markers = sh.in_zone(sh.alert_markers(snap.alerts, f.key_type, key, since, until), c.tz)
     shown = sh.in_zone(series, c.tz)
     left, right = st.columns(2)
     with left:
         st.subheader("Mean sentiment")
-        st.altair_chart(charts.signal_with_band(shown, "mean_score", "mean sentiment", markers, "+.2f"), width="stretch",
-                        height=260)
+        st.altair_chart(charts.signal_with_band(shown, "mean_score", "mean sentiment", episodes, markers, "+.2f"),
+                        width="stretch", height=280)
     with right:
         st.subheader("Bearish share")
-        st.altair_chart(charts.signal_with_band(shown, "bearish_share", "bearish share", markers, ".0%"), width="stretch",
-                        height=260)
-    st.caption("Dashed: the baseline (mean of the previous final windows); band: ±2 standard deviations; "
-               "vertical rules: alerts.")
+        st.altair_chart(charts.signal_with_band(shown, "bearish_share", "bearish share", episodes, markers, ".0%"),
+                        width="stretch", height=280)
+    st.caption("Dashed: the baseline (mean of the previous final windows); grey band: ±2 standard deviations; "
+               "shaded spans: alert episodes, from the window that fired to the one that resolved (or now), in the "
+               "colour of the highest severity each reached; rules where each fired (solid) and escalated (dashed).")
     split = sh.kind_split(series)
     st.subheader("News and comments")
     st.altair_chart(charts.kind_split_bar(split), width="stretch")
     st.caption(" · ".join(f"{r.kind}: {r.messages} ({r.share:.0%})" for r in split.itertuples()))
     negative, positive = sh.key_messages(snap, f.key_type, key, since)
-    left, right = st.columns(2)
-    with left:
-        st.subheader("Most negative messages")
-        message_table(negative, c.tz, "fp-negative")
-    with right:
-        st.subheader("Most positive messages")
-        message_table(positive, c.tz, "fp-positive")
+    st.subheader("Most negative messages")
+    message_table(negative, c.tz, "fp-negative")
+    st.subheader("Most positive messages")
+    message_table(positive, c.tz, "fp-positive")
     csv_download(series, c.tz, f"{f.key_type}-{key}", "fp-csv-drilldown")
 
 
@@ -205,27 +267,31 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     cols[1].metric("Resolved", int((~table["firing"]).sum()))
     failed = int((snap.deliveries["status"] == "failed").sum()) if not snap.deliveries.empty else 0
     cols[2].metric("Failed deliveries", failed)
-    shown = sh.in_zone(table, c.tz)
+    # Shares as whole percents, like everywhere else on the page ("63%", not "62.86%").
+    shown = sh.in_zone(table, c.tz).assign(observed_bearish_share=table["observed_bearish_share"] * 100,
+                                           baseline_bearish_share=table["baseline_bearish_share"] * 100)
     st.dataframe(shown, key="fp-alert-table", hide_index=True,
                  column_order=["status", "severity", "escalation", "key_type", "key", "episode_start", "resolved_at", "deviation",
                                "observed_bearish_share", "baseline_bearish_share", "deliveries", "summary"],
                  column_config={"episode_start": st.column_config.DatetimeColumn("started", format="YYYY-MM-DD HH:mm:ss"),
                                 "resolved_at": st.column_config.DatetimeColumn("resolved", format="YYYY-MM-DD HH:mm:ss"),
-                                "deviation": st.column_config.NumberColumn("σ", format="%.1f"),
+                                "deviation": st.column_config.NumberColumn("deviation", format="%.1f σ"),
                                 "escalation": st.column_config.TextColumn("escalated"),
-                                "observed_bearish_share": st.column_config.NumberColumn("bearish", format="percent"),
-                                "baseline_bearish_share": st.column_config.NumberColumn("usual", format="percent"),
+                                "observed_bearish_share": st.column_config.NumberColumn("bearish", format="%.0f%%"),
+                                "baseline_bearish_share": st.column_config.NumberColumn("usual", format="%.0f%%"),
                                 "key_type": "type"})
     csv_download(table, c.tz, "alerts", "fp-csv-alerts")
 
     labels = {row.id: f"{row.severity} · {row.key} · {row.status}" for row in table.itertuples()}
+    follow_link("alert", "fp_alert", labels)
     chosen = st.selectbox("Alert", list(labels), format_func=labels.get, key="fp_alert")
     row = table[table["id"] == chosen].iloc[0]
     st.markdown(alert_line(row, c.tz))
-    st.markdown(f"[Open {md(str(row['key']))} in the drill-down]({drilldown_href(row['key_type'], row['key'])})")
+    view_link(c, "drilldown", f"Open {md(str(row['key']))} in the drill-down",
+              {"key_type": str(row["key_type"]), "key": str(row["key"])}, icon=":material/troubleshoot:")
     cols = st.columns(3)
     cols[0].metric("Bearish share", f"{row['observed_bearish_share']:.0%}",
-                   f"{row['observed_bearish_share'] - row['baseline_bearish_share']:+.0%} vs usual", delta_color="inverse")
+                   f"{(row['observed_bearish_share'] - row['baseline_bearish_share']) * 100:+.0f} pts vs usual", delta_color="inverse")
     cols[1].metric("Mean sentiment", f"{row['observed_mean_score']:+.2f}",
                    f"{row['observed_mean_score'] - row['baseline_mean_score']:+.2f} vs usual")
     cols[2].metric("Messages in window", int(row["observed_count"]) if pd.notna(row["observed_count"]) else "—")
@@ -234,7 +300,9 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     if deliveries.empty:
         st.caption("No delivery recorded for this alert yet.")
     else:
-        st.dataframe(sh.in_zone(deliveries, c.tz), key="fp-deliveries", hide_index=True)
+        st.dataframe(sh.in_zone(deliveries, c.tz), key="fp-deliveries", hide_index=True,
+                     column_config={"event_id": "event", "attempts": "tries", "last_error": "last error",
+                                    "updated_at": st.column_config.DatetimeColumn("updated", format="YYYY-MM-DD HH:mm:ss")})
     st.subheader("Messages behind this alert")
     messages = sh.alert_messages(snap.alerts, chosen)
     if messages.empty:

@@ -40,12 +40,16 @@ class DashboardSettings:
     min_window_count: int = 5
     # How many earlier windows of a key form its baseline on the charts and in the unusualness ranking.
     baseline_windows: int = 30
+    # Nothing new published for this long (worker wall clock: window updates, alerts, scored messages) and every
+    # view says the data is stale, and why when Kafka tells (the worker's unprocessed input). The worker
+    # republishes open windows every few seconds while messages flow, so quiet streams are the only false alarm.
+    stale_after_s: float = 120.0
 
 
 def dashboard_settings(settings: Settings) -> DashboardSettings:
     section = settings.section("dashboard", DashboardSettings)
     if section.auth not in AUTH_MODES:
         raise ConfigError(f"[dashboard] auth = {section.auth!r}: use one of {', '.join(AUTH_MODES)}")
-    if section.refresh_s <= 0 or section.retention_hours <= 0:
-        raise ConfigError("[dashboard] refresh_s and retention_hours must be positive")
+    if section.refresh_s <= 0 or section.retention_hours <= 0 or section.stale_after_s <= 0:
+        raise ConfigError("[dashboard] refresh_s, retention_hours and stale_after_s must be positive")
     return section

@@ -59,6 +59,56 @@ def newest_time(snap: Snapshot) -> pd.Timestamp | None:
     return max(present) if present else None
 
 
+def last_update(snap: Snapshot) -> pd.Timestamp | None:
+    """When the worker last published anything the store holds, on the worker's wall clock (a window update, an
+    alert or a scored message), unlike ``newest_time``'s event times: this is what says whether data still flows."""
+    candidates = [snap.trends["emitted_at"].max() if not snap.trends.empty else None,
+                  snap.alerts["emitted_at"].max() if not snap.alerts.empty else None,
+                  snap.scored["scored_at"].max() if not snap.scored.empty else None]
+    present = [c for c in candidates if c is not None and pd.notna(c)]
+    return max(present) if present else None
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """Whether the page shows live data: ``stale`` once nothing new was published for ``stale_after_s``."""
+    stale: bool
+    age_s: float
+    text: str
+
+
+def duration(seconds: float) -> str:
+    """'8 s', '14 min', '3 h 05 min': how long ago, to the precision an analyst reads at a glance."""
+    seconds = max(0, int(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def freshness(updated: pd.Timestamp | None, now: pd.Timestamp, stale_after_s: float,
+              worker_lag: dict[str, int] | None) -> Freshness | None:
+    """How old the newest published data is and, when it is too old, the likely reason (None: no data at all).
+
+    The worker's consumer-group lag tells the two usual causes apart: input waiting unprocessed means the worker
+    is stopped or stuck; no input waiting means nothing new is arriving (ingest or the sources are quiet)."""
+    if updated is None or pd.isna(updated):
+        return None
+    age = max(0.0, (now - updated).total_seconds())   # a worker clock slightly ahead is not "in the future"
+    if age < stale_after_s:
+        return Freshness(False, age, f"Live: last update {duration(age)} ago")
+    waiting = None if worker_lag is None else sum(worker_lag.values())
+    if waiting:
+        reason = (f"{waiting:,} input messages are waiting that the worker has not processed: it looks stopped or "
+                  "stuck (is `finpulse worker` running?).")
+    elif waiting == 0:
+        reason = "The worker has processed all its input, so no new messages are arriving: check the ingest feeds."
+    else:
+        reason = "The worker's progress cannot be read from Kafka right now."
+    return Freshness(True, age, f"No new data for {duration(age)}: the page shows the state as of that time. {reason}")
+
+
 def resolve_window(trends: pd.DataFrame, window_s: int | None) -> int | None:
     sizes = window_sizes(trends)
     if not sizes:
@@ -228,15 +278,49 @@ def key_series(trends: pd.DataFrame, key_type: str, key: str, window_s: int | No
     return series.reset_index(drop=True)
 
 
-def alert_markers(alerts: pd.DataFrame, key_type: str, key: str, since: pd.Timestamp | None) -> pd.DataFrame:
-    """When each alert episode of this key fired, escalated and resolved, for rules on the drill-down charts.
-    ``status`` is firing, escalated or resolved."""
-    columns = ["time", "status", "severity", "summary", "id"]
-    if alerts.empty:
+def _alerts_of(alerts: pd.DataFrame, key_type: str, key: str) -> pd.DataFrame:
+    return alerts[(alerts["key_type"] == key_type) & (alerts["key"] == key)] if not alerts.empty else alerts
+
+
+def alert_episodes(alerts: pd.DataFrame, key_type: str, key: str, since: pd.Timestamp | None,
+                   until: pd.Timestamp) -> pd.DataFrame:
+    """This key's alert episodes that overlap ``since``..``until``, for shading on the drill-down charts.
+
+    An episode runs from its first window's start to the end of the window that resolved it; one still firing
+    runs to ``until`` (the newest window shown). ``severity`` is the highest it reached (``current_alerts``), so an
+    escalation darkens the whole span. ``time``/``time_end`` are clipped to the shown range so the shading never
+    stretches the axis; ``started``/``resolved_at`` keep the true times for the tooltip. An episode that began
+    before the range but was still on inside it is shown: its start is not what matters, its overlap is.
+    """
+    columns = ["id", "time", "time_end", "started", "resolved_at", "status", "severity", "fired_as", "escalation",
+               "deviation", "summary"]
+    mine = _alerts_of(alerts, key_type, key)
+    if mine.empty:
         return pd.DataFrame(columns=columns)
-    mine = alerts[(alerts["key_type"] == key_type) & (alerts["key"] == key)]
-    marks = mine.assign(time=mine["window_start"].where(mine["status"] == "firing", mine["emitted_at"]),
-                        status=mine["status"].where(mine["escalated_from"] == "", "escalated"))
+    episodes = current_alerts(mine)
+    # A resolved event's window is the one that resolved it, so its end stands in for a missing resolved_at.
+    resolved = episodes["resolved_at"].fillna(episodes["window_end"])
+    ended = resolved.mask(episodes["firing"], until)
+    out = episodes.assign(started=episodes["episode_start"], time=episodes["episode_start"], time_end=ended)
+    if since is not None:
+        out = out[out["time_end"] >= since]
+        out = out.assign(time=out["time"].clip(lower=since))
+    out = out[out["time"] <= until]
+    return out[columns].sort_values("time").reset_index(drop=True)
+
+
+def alert_markers(alerts: pd.DataFrame, key_type: str, key: str, since: pd.Timestamp | None,
+                  until: pd.Timestamp) -> pd.DataFrame:
+    """Where this key's alert episodes fired and escalated within ``since``..``until``, for rules on the
+    drill-down charts (the resolve is where an episode's shaded span ends). ``event`` is fired or escalated, at the
+    start of the window that caused it; ``severity`` is the one that event carried."""
+    columns = ["id", "time", "event", "severity", "escalated_from", "deviation", "summary"]
+    mine = _alerts_of(alerts, key_type, key)
+    mine = mine[mine["status"] == "firing"] if not mine.empty else mine
+    if mine.empty:
+        return pd.DataFrame(columns=columns)
+    marks = mine.assign(time=mine["window_start"], event=np.where(mine["escalated_from"] == "", "fired", "escalated"))
+    marks = marks[marks["time"] <= until]
     if since is not None:
         marks = marks[marks["time"] >= since]
     return marks[columns].sort_values("time").reset_index(drop=True)
@@ -293,15 +377,19 @@ def delivery_summary(deliveries: pd.DataFrame) -> pd.Series:
 
 def alert_table(alerts: pd.DataFrame, deliveries: pd.DataFrame, since: pd.Timestamp | None,
                 keys: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Alert episodes (latest state) that were firing within the span, with their delivery status per endpoint."""
+    """Alert episodes (latest state) still firing or updated within the span, with their delivery status per
+    endpoint."""
     table = current_alerts(alerts)
     if table.empty:
         return table.assign(deliveries=pd.Series(dtype=str))
     if since is not None:
-        table = table[table["emitted_at"] >= since]
+        # A firing episode's only event may be older than the range: it is still on, so it is always listed.
+        table = table[table["firing"] | (table["emitted_at"] >= since)]
     if keys:
         table = table[table["key"].isin(keys)]
-    return table.assign(deliveries=table["id"].map(delivery_summary(deliveries)).fillna("no delivery yet")).reset_index(drop=True)
+    # object first: with no deliveries at all the mapped column is float NaN, which a text fill would not suit.
+    summary = table["id"].map(delivery_summary(deliveries)).astype(object).fillna("no delivery yet")
+    return table.assign(deliveries=summary).reset_index(drop=True)
 
 
 def alert_deliveries(deliveries: pd.DataFrame, alert_id: str) -> pd.DataFrame:

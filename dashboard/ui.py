@@ -21,7 +21,8 @@ from stream.config import ConfigError, KafkaSettings, Settings, load_settings
 from . import shaping as sh
 from .auth import require_sign_in
 from .live import FeedStatus, LiveFeed
-from .pages import VIEWS, Controls, feed_banner, window_label
+from .pages import (PAGE_STYLE, VIEWS, Controls, feed_banner, follow_link, forget_links, freshness_strip,
+                    window_label)
 from .settings import DashboardSettings, dashboard_settings
 from .store import LiveStore
 
@@ -65,12 +66,11 @@ def _choices(snap, key_type: str) -> tuple:
     return tuple(sh.window_sizes(snap.trends)), tuple(sh.keys_of(snap.trends, key_type))
 
 
-def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str = "") -> Controls:
-    """The controls every view shares. A link like ``?key_type=ticker&key=AAPL`` preselects the key type."""
+def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str = "",
+            pages: dict | None = None) -> Controls:
+    """The controls every view shares. A link like ``?key_type=ticker&key=AAPL`` selects the key type."""
     snap = feed.store.snapshot()
-    wanted_type = st.query_params.get("key_type")
-    if "fp_key_type" not in st.session_state and wanted_type in KEY_TYPES:
-        st.session_state["fp_key_type"] = wanted_type
+    follow_link("key_type", "fp_key_type", KEY_TYPES)
     with st.sidebar:
         st.title("FinPulse")
         range_label = st.selectbox("Time range", list(sh.TIME_RANGES), index=1, key="fp_range")
@@ -93,7 +93,8 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
     st.session_state[_CHOICES] = (tuple(sizes), tuple(options))
     filters = sh.ViewFilters(key_type=key_type, window_s=window_s, span=sh.TIME_RANGES[range_label], keys=tuple(keys),
                              min_count=cfg.min_window_count, baseline_windows=cfg.baseline_windows)
-    return Controls(filters=filters, tz=tz, range_label=range_label, model_dir=model_dir, models_dir=models_dir)
+    return Controls(filters=filters, tz=tz, range_label=range_label, model_dir=model_dir, models_dir=models_dir,
+                    pages=pages or {})
 
 
 def live_view(name: str, feed: Feed, controls: Controls, cfg: DashboardSettings) -> None:
@@ -107,6 +108,7 @@ def live_view(name: str, feed: Feed, controls: Controls, cfg: DashboardSettings)
         if not feed_banner(feed.status, snap):
             return
         try:
+            freshness_strip(snap, feed.status, cfg, controls.tz)
             render(snap, feed.status, controls, cfg)
         except Exception as exc:  # one broken view must not take the page down or print a traceback on it
             log.exception("dashboard view %s failed", name)
@@ -118,6 +120,7 @@ def live_view(name: str, feed: Feed, controls: Controls, cfg: DashboardSettings)
 def run(feed: Feed | None = None, page: str | None = None, settings: Settings | None = None) -> None:
     """Draw the dashboard. ``page`` draws one view without navigation; ``feed`` replaces the Kafka feed."""
     st.set_page_config(page_title="FinPulse", page_icon=":material/monitoring:", layout="wide")
+    st.html(PAGE_STYLE)
     try:
         settings = settings or load_settings()
         cfg = dashboard_settings(settings)
@@ -127,9 +130,8 @@ def run(feed: Feed | None = None, page: str | None = None, settings: Settings | 
     if not require_sign_in(cfg):
         return
     feed = feed or feed_for(settings, cfg)
-    controls = sidebar(feed, cfg, settings.worker.model_dir, models_root(settings))
     if page is not None:
-        live_view(page, feed, controls, cfg)
+        live_view(page, feed, sidebar(feed, cfg, settings.worker.model_dir, models_root(settings)), cfg)
         return
 
     def page_for(name: str):
@@ -138,6 +140,12 @@ def run(feed: Feed | None = None, page: str | None = None, settings: Settings | 
         draw.__name__ = f"view_{name}"
         return draw
 
-    pages = [st.Page(page_for(name), title=title, icon=icon, url_path=name, default=(name == "overview"))
-             for name, (title, icon, _) in VIEWS.items()]
-    st.navigation(pages, position="top").run()
+    pages = {name: st.Page(page_for(name), title=title, icon=icon, url_path=name, default=(name == "overview"))
+             for name, (title, icon, _) in VIEWS.items()}
+    current = st.navigation(list(pages.values()), position="top")
+    if st.session_state.get("fp_view") != current.url_path:
+        st.session_state["fp_view"] = current.url_path
+        forget_links()
+    # The views link to each other through these pages, so the sidebar is drawn knowing them.
+    controls = sidebar(feed, cfg, settings.worker.model_dir, models_root(settings), pages)
+    current.run()

@@ -7,15 +7,19 @@ sleeping a fixed time; nothing here asserts on timings.
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import numpy as np
 import pandas as pd
 import pytest
+from kafka import KafkaProducer
 from streamlit.testing.v1 import AppTest
 
+from dashboard import charts
 from dashboard import shaping as sh
 from dashboard.cli import settings_environ, streamlit_command
 from dashboard.model_card import confusion_matrices, head_reports, metric_table
@@ -52,6 +56,17 @@ def _view_script(page: str) -> None:
 
 def _markdown(at: AppTest) -> list[str]:
     return [m.value for m in at.markdown]
+
+
+def _links(at: AppTest) -> list[tuple[str, str, dict[str, str]]]:
+    """Each in-app link as (label, target view, query parameters)."""
+    return [(link.value, link.proto.page, {k: v[0] for k, v in parse_qs(link.proto.query_string).items()})
+            for link in at.page_link]
+
+
+def _ranked(at: AppTest) -> list[str]:
+    """The Overview's ranking lines: links to the drill-down in the app, markdown links when a view is drawn alone."""
+    return [text for text in [label for label, _, _ in _links(at)] + _markdown(at) if re.match(r"\[?\*\*\d+\. ", text)]
 
 
 def _chart_specs(at: AppTest) -> list[dict]:
@@ -116,14 +131,21 @@ def model_dir(tmp_path) -> Path:
 def test_overview_puts_the_shocked_topic_first_with_its_alert(fp_settings, produced, monkeypatch):
     _env_for(monkeypatch, fp_settings)
     at = AppTest.from_file(APP, default_timeout=60)
-    run_until(at, lambda a: any(m.startswith("**1. ") for m in _markdown(a)), "the unusual ranking")
-    first = next(m for m in _markdown(at) if m.startswith("**1. "))
+    run_until(at, lambda a: any(m.startswith("**1. ") for m in _ranked(a)), "the unusual ranking")
+    first = _ranked(at)[0]
     assert "Energy \\| Oil" in first and "alert firing" in first and "critical" in first
     alerts = [m for m in _markdown(at) if "firing since" in m or "resolved" in m]
     # The shock fired as a warning and escalated: one alert, shown at its highest severity.
     assert "Energy \\| Oil" in alerts[0] and "critical" in alerts[0] and "escalated from warning" in alerts[0]
     assert sum("Energy \\| Oil" in m for m in alerts) == 1
     assert any("Earnings" in m and "resolved" in m for m in alerts)
+    # One click from a ranked key to its drill-down, and from an alert to the messages behind it, in this tab.
+    links = _links(at)
+    assert (first, "drilldown", {"key_type": "topic", "key": SHOCK_TOPIC}) in links
+    firing = next(a for a in produced.alerts if a.key == SHOCK_TOPIC)
+    assert ("Messages behind this alert", "alerts", {"alert": firing.id}) in links
+    assert any(c.value.startswith(":green[●] Live: last update") and "finpulse-minilm-test" in c.value
+               for c in at.caption)
     assert {m.label for m in at.metric} >= {"Latest data", "Firing alerts", "Messages in newest window"}
     assert next(m for m in at.metric if m.label == "Firing alerts").value == "1"
     assert [spec["mark"]["type"] for spec in _chart_specs(at)] == ["rect", "bar"]  # heatmap, volume bars
@@ -133,17 +155,17 @@ def test_overview_puts_the_shocked_topic_first_with_its_alert(fp_settings, produ
 def test_overview_filters_tickers_and_converts_time_zone(fp_settings, produced, monkeypatch):
     _env_for(monkeypatch, fp_settings, timezone="Asia/Tokyo")
     at = AppTest.from_file(APP, default_timeout=60)
-    run_until(at, lambda a: any(m.startswith("**1. ") for m in _markdown(a)), "the unusual ranking")
+    run_until(at, lambda a: any(m.startswith("**1. ") for m in _ranked(a)), "the unusual ranking")
     at.radio(key="fp_key_type").set_value("ticker").run()
     at.multiselect(key="fp_keys_ticker").set_value(["MSFT"]).run()
-    ranked = [m for m in _markdown(at) if m.startswith("**")  and "σ" in m]
+    ranked = _ranked(at)
     assert len(ranked) == 1 and "MSFT" in ranked[0]
     newest = max(t.emitted_at for t in produced.trends)  # the open window, published "now"
     shown = next(m for m in at.metric if m.label == "Latest data").value
     assert shown == newest.astimezone(__import__("zoneinfo").ZoneInfo("Asia/Tokyo")).strftime("%H:%M:%S")
 
 
-def test_drilldown_shows_band_markers_messages_and_split(fp_settings, produced, monkeypatch):
+def test_drilldown_shows_band_episodes_messages_and_split(fp_settings, produced, monkeypatch):
     _env_for(monkeypatch, fp_settings)
     at = AppTest.from_function(_view_script, args=("drilldown",), default_timeout=60)
     at.query_params["key_type"] = "topic"
@@ -151,7 +173,9 @@ def test_drilldown_shows_band_markers_messages_and_split(fp_settings, produced, 
     run_until(at, lambda a: len(_chart_specs(a)) >= 3, "the drill-down charts")
     assert at.selectbox(key="fp_drill_key").value == SHOCK_TOPIC
     layered = [c for c in _chart_specs(at) if "layer" in c]
-    assert len(layered) == 2 and all(len(c["layer"]) == 4 for c in layered)  # band, baseline, signal, alert rules
+    # the alert episode shaded under band, baseline and signal, and a rule where it fired
+    assert len(layered) == 2 and all([layer["mark"]["type"] for layer in c["layer"]] ==
+                                     ["rect", "area", "line", "line", "rule"] for c in layered)
     negative = at.dataframe[0].value  # most negative, then most positive
     assert len(negative) == 5 and negative["sentiment_score"].is_monotonic_increasing
     assert (negative["sentiment_score"] < -0.3).all()
@@ -159,14 +183,24 @@ def test_drilldown_shows_band_markers_messages_and_split(fp_settings, produced, 
     assert any(c.value.startswith("news: ") for c in at.caption)
 
     at.selectbox(key="fp_drill_key").set_value("Earnings").run()
-    markers = [len(c["layer"]) for c in _chart_specs(at) if "layer" in c]
-    assert markers == [4, 4]  # Earnings' fired and resolved episode is on its charts as well
+    layers = [len(c["layer"]) for c in _chart_specs(at) if "layer" in c]
+    assert layers == [5, 5]  # Earnings' fired and resolved episode is on its charts as well
 
 
 def test_alerts_view_links_deliveries_and_messages(fp_settings, produced, monkeypatch):
     _env_for(monkeypatch, fp_settings)
     at = AppTest.from_function(_view_script, args=("alerts",), default_timeout=60)
+    resolved_id = next(a.id for a in produced.alerts if a.status == "resolved")
+    firing = next(a for a in produced.alerts if a.key == SHOCK_TOPIC)
+    at.query_params["alert"] = resolved_id       # as the Overview's "Messages behind this alert" link opens it
     run_until(at, lambda a: any(m.label == "Firing" for m in a.metric) and a.dataframe, "the alert table")
+    assert at.selectbox(key="fp_alert").value == resolved_id
+    assert any("resolved" in m and "Earnings" in m for m in _markdown(at))
+    assert any("No delivery recorded" in c.value for c in at.caption)
+    at.selectbox(key="fp_alert").set_value(firing.id).run()
+    assert at.selectbox(key="fp_alert").value == firing.id   # the link selected once; the analyst's choice wins
+    at.run()
+    assert at.selectbox(key="fp_alert").value == firing.id
     assert next(m for m in at.metric if m.label == "Firing").value == "1"
     assert next(m for m in at.metric if m.label == "Resolved").value == "1"
     table = at.dataframe[0].value  # the alert table, its deliveries, its messages
@@ -183,11 +217,6 @@ def test_alerts_view_links_deliveries_and_messages(fp_settings, produced, monkey
     messages = at.dataframe[2].value      # behind the firing and behind the escalation
     assert set(messages["id"]) == {m["id"] for m in firing.messages + escalation.messages}
     assert any("drilldown?key_type=topic&key=Energy+%7C+Oil" in m for m in _markdown(at))
-
-    resolved_id = next(a.id for a in produced.alerts if a.status == "resolved")
-    at.selectbox(key="fp_alert").set_value(resolved_id).run()
-    assert any("resolved" in m and "Earnings" in m for m in _markdown(at))
-    assert any("No delivery recorded" in c.value for c in at.caption)
 
 
 def test_model_view_shows_version_metrics_confusion_and_lag(fp_settings, produced, model_dir, monkeypatch):
@@ -216,8 +245,32 @@ def test_unreachable_kafka_says_so_and_recovers_when_it_appears(monkeypatch, tmp
         names = TopicNames("late")
         ensure_topics(settings.kafka, names.all(), names.compacted())
         produce(settings, synthesize(utcnow()))
-        run_until(at, lambda a: any(m.startswith("**1. ") for m in _markdown(a)), "data after Kafka came up")
+        run_until(at, lambda a: any(m.startswith("**1. ") for m in _ranked(a)), "data after Kafka came up")
         assert not any("unreachable" in w.value for w in at.warning)
+
+
+def test_stale_data_says_how_old_and_whether_the_worker_is_behind(fp_settings, monkeypatch):
+    """The broker answers but nothing new was published for 30 minutes: every view says so, and the worker group's
+    lag tells "no input arriving" from "input waiting that the worker does not process" (a stopped worker)."""
+    produce(fp_settings, synthesize(utcnow() - timedelta(minutes=30)))
+    _env_for(monkeypatch, fp_settings, stale_after_s=120)
+    at = AppTest.from_function(_view_script, args=("overview",), default_timeout=60)
+
+    def warned(what: str):
+        return lambda a: any(what in w.value for w in a.warning)
+
+    run_until(at, warned("check the ingest feeds"), "the stale-data warning with no input waiting")
+    stale = next(w.value for w in at.warning if "No new data for" in w.value)
+    assert "No new data for 30 min" in stale and not any("Live:" in c.value for c in at.caption)
+    producer = KafkaProducer(bootstrap_servers=fp_settings.kafka.bootstrap_servers)
+    try:
+        for i in range(7):
+            producer.send(TopicNames(fp_settings.kafka.topic_prefix).news, json.dumps({"id": f"n{i}"}).encode())
+        producer.flush(30)
+    finally:
+        producer.close()
+    run_until(at, warned("input messages are waiting that the worker has not processed"), "the stopped-worker hint")
+    assert _ranked(at)  # the last known state is still shown under the warning
 
 
 def test_empty_topics_are_reported_plainly(fp_settings, monkeypatch):
@@ -237,7 +290,7 @@ def test_password_gate_shows_nothing_before_sign_in(fp_settings, produced, monke
     assert any(e.value == "Wrong password." for e in at.error) and not at.metric
     at.text_input(key="fp_password").input("correct horse battery staple")
     at.button[0].click()
-    run_until(at, lambda a: any(m.startswith("**1. ") for m in _markdown(a)), "data after signing in")
+    run_until(at, lambda a: any(m.startswith("**1. ") for m in _ranked(a)), "data after signing in")
 
 
 def test_password_mode_without_a_password_fails_closed(fp_settings, produced, monkeypatch):
@@ -289,8 +342,8 @@ def test_store_dedupes_alerts_and_messages_and_applies_delivery_tombstones():
     (episode,) = sh.current_alerts(snap.alerts).query("key == @SHOCK_TOPIC").itertuples()
     assert (episode.status, episode.severity, episode.fired_as, episode.escalation) == \
         ("firing", "critical", "warning", "warning → critical")
-    marks = sh.alert_markers(snap.alerts, "topic", SHOCK_TOPIC, None)
-    assert list(zip(marks["status"], marks["severity"])) == [("firing", "warning"), ("escalated", "critical")]
+    marks = sh.alert_markers(snap.alerts, "topic", SHOCK_TOPIC, None, snap.alerts["emitted_at"].max())
+    assert list(zip(marks["event"], marks["severity"])) == [("fired", "warning"), ("escalated", "critical")]
     assert len(snap.scored) == 100 and snap.scored["id"].is_unique
     assert snap.scored["event_time"].min() >= max(m.event_time for m in data.scored[:100]) - timedelta(hours=1)
     assert doomed not in set(snap.deliveries["delivery_key"])
@@ -370,3 +423,76 @@ def test_auth_mode_follows_the_configured_secret_sources():
     assert auth_mode(DashboardSettings(auth="password"), environ={}, oidc=False) == "password"  # fails closed later
     assert password_matches("s3cret", "s3cret") and not password_matches("s3cre", "s3cret")
     assert not password_matches("", "")  # no password configured never lets anyone in
+
+
+def _alerts_snapshot():
+    data = synthesize(utcnow())
+    store = _store()
+    for t in data.trends:
+        store.add("trends", t.to_json())
+    for a in data.alerts:
+        store.add("alerts", a.to_json())
+    return data, store.snapshot()
+
+
+def test_alert_episodes_span_from_firing_to_resolution_or_now_at_their_highest_severity():
+    data, snap = _alerts_snapshot()
+    newest = snap.trends["window_end"].max()
+    firing, escalation = (a for a in data.alerts if a.key == SHOCK_TOPIC)
+    shock = sh.alert_episodes(snap.alerts, "topic", SHOCK_TOPIC, None, newest)
+    assert len(shock) == 1 and shock["time"].iloc[0] == firing.window_start and shock["time_end"].iloc[0] == newest
+    # One span for the episode, in the colour of the severity it escalated to.
+    assert list(shock.loc[0, ["status", "severity", "fired_as"]]) == ["firing", "critical", "warning"]
+    marks = sh.alert_markers(snap.alerts, "topic", SHOCK_TOPIC, None, newest)
+    assert list(zip(marks["time"], marks["event"], marks["severity"], marks["escalated_from"])) == [
+        (firing.window_start, "fired", "warning", ""), (escalation.window_start, "escalated", "critical", "warning")]
+    resolved = next(a for a in data.alerts if a.status == "resolved")
+    earnings = sh.alert_episodes(snap.alerts, "topic", resolved.key, None, newest)
+    assert (earnings["time"].iloc[0], earnings["time_end"].iloc[0]) == (resolved.started_at, resolved.resolved_at)
+    assert list(sh.alert_markers(snap.alerts, "topic", resolved.key, None, newest)["event"]) == ["fired"]
+    # A range that starts inside the firing episode still shows it, clipped to the range, with its escalation's rule
+    # but not its fired rule; one that starts after the resolved episode ended shows neither that episode nor rules.
+    since = pd.Timestamp(firing.window_start) + pd.Timedelta(seconds=30)
+    clipped = sh.alert_episodes(snap.alerts, "topic", SHOCK_TOPIC, since, newest)
+    assert clipped["time"].iloc[0] == since and clipped["started"].iloc[0] == firing.window_start
+    assert list(sh.alert_markers(snap.alerts, "topic", SHOCK_TOPIC, since, newest)["event"]) == ["escalated"]
+    assert sh.alert_episodes(snap.alerts, "topic", resolved.key, since, newest).empty
+    assert sh.alert_markers(snap.alerts, "topic", resolved.key, since, newest).empty
+    assert sh.alert_episodes(snap.alerts, "topic", "Macro", None, newest).empty
+
+    # On the chart: the span coloured by its highest severity, a solid rule where it fired, a dashed one where it rose.
+    series = sh.key_series(snap.trends, "topic", SHOCK_TOPIC, None, None, 30)
+    spec = charts.signal_with_band(series, "bearish_share", "bearish share", shock, marks, ".0%").to_dict()
+    spans, rules = spec["layer"][0], spec["layer"][-1]
+    assert (spans["mark"]["type"], rules["mark"]["type"]) == ("rect", "rule")
+    assert [row["severity"] for row in spec["datasets"][spans["data"]["name"]]] == ["critical"]
+    assert [(row["event"], row["severity"]) for row in spec["datasets"][rules["data"]["name"]]] == \
+        [("fired", "warning"), ("escalated", "critical")]
+    assert rules["encoding"]["strokeDash"]["field"] == "event"
+    assert spans["encoding"]["color"]["legend"]["values"] == ["critical", "warning"]
+
+
+def test_alert_table_keeps_firing_episodes_that_fired_before_the_range():
+    data, snap = _alerts_snapshot()
+    firing = next(a for a in data.alerts if a.key == SHOCK_TOPIC)
+    latest = max(a.emitted_at for a in data.alerts if a.key == SHOCK_TOPIC)   # its escalation
+    since = pd.Timestamp(latest) + pd.Timedelta(minutes=1)   # "last 15 minutes" after a long episode
+    table = sh.alert_table(snap.alerts, snap.deliveries, since)
+    assert list(table["id"]) == [firing.id]      # still firing: listed; the resolved one ended before the range
+    assert sh.alert_table(snap.alerts, snap.deliveries, since, keys=("Earnings",)).empty
+
+
+def test_freshness_says_live_or_stale_and_the_likely_reason():
+    now = pd.Timestamp("2026-03-02T12:00:00Z")
+    live = sh.freshness(now - pd.Timedelta(seconds=8), now, 120, {"news": 3})
+    assert not live.stale and live.text == "Live: last update 8 s ago"
+    ahead = sh.freshness(now + pd.Timedelta(seconds=2), now, 120, None)   # a worker clock a little ahead
+    assert not ahead.stale and ahead.age_s == 0
+    stopped = sh.freshness(now - pd.Timedelta(minutes=14), now, 120, {"news": 3_000, "comments": 400})
+    assert stopped.stale and stopped.text.startswith("No new data for 14 min")
+    assert "3,400 input messages are waiting" in stopped.text
+    assert "check the ingest feeds" in sh.freshness(now - pd.Timedelta(hours=3), now, 120, {"news": 0}).text
+    assert "cannot be read" in sh.freshness(now - pd.Timedelta(hours=3), now, 120, None).text
+    assert sh.freshness(None, now, 120, None) is None
+    assert [sh.duration(s) for s in (0, 89, 90, 3_000, 5_400, 11_100)] == ["0 s", "89 s", "2 min", "50 min",
+                                                                            "1 h 30 min", "3 h 05 min"]
