@@ -295,6 +295,13 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     cols[1].metric("Mean sentiment", f"{row['observed_mean_score']:+.2f}",
                    f"{row['observed_mean_score'] - row['baseline_mean_score']:+.2f} vs usual")
     cols[2].metric("Messages in window", int(row["observed_count"]) if pd.notna(row["observed_count"]) else "—")
+    # What the analyst came for first; the delivery state (for the risk team) after it.
+    st.subheader("Messages behind this alert")
+    messages = sh.alert_messages(snap.alerts, chosen)
+    if messages.empty:
+        st.caption("The alert carries no messages.")
+    else:
+        message_table(messages, c.tz, "fp-alert-messages")
     st.subheader("Delivery per endpoint")
     deliveries = sh.alert_deliveries(snap.deliveries, chosen)
     if deliveries.empty:
@@ -303,12 +310,6 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
         st.dataframe(sh.in_zone(deliveries, c.tz), key="fp-deliveries", hide_index=True,
                      column_config={"event_id": "event", "attempts": "tries", "last_error": "last error",
                                     "updated_at": st.column_config.DatetimeColumn("updated", format="YYYY-MM-DD HH:mm:ss")})
-    st.subheader("Messages behind this alert")
-    messages = sh.alert_messages(snap.alerts, chosen)
-    if messages.empty:
-        st.caption("The alert carries no messages.")
-    else:
-        message_table(messages, c.tz, "fp-alert-messages")
 
 
 # ---------------------------------------------------------------- Model

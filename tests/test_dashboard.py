@@ -203,19 +203,19 @@ def test_alerts_view_links_deliveries_and_messages(fp_settings, produced, monkey
     assert at.selectbox(key="fp_alert").value == firing.id
     assert next(m for m in at.metric if m.label == "Firing").value == "1"
     assert next(m for m in at.metric if m.label == "Resolved").value == "1"
-    table = at.dataframe[0].value  # the alert table, its deliveries, its messages
+    table = at.dataframe[0].value  # the alert table, its messages, its deliveries
     (shock,) = [row for _, row in table.iterrows() if row["key"] == SHOCK_TOPIC]     # one row per episode
     assert (shock["severity"], shock["escalation"]) == ("critical", "warning → critical")
     assert "risk-webhook: delivered" in shock["deliveries"] and "pagerduty: failed (5 tries)" in shock["deliveries"]
-    deliveries = at.dataframe[1].value.set_index(["event_id", "endpoint"])
     firing, escalation = (a for a in produced.alerts if a.key == SHOCK_TOPIC)
+    messages = at.dataframe[1].value      # behind the firing and behind the escalation
+    assert set(messages["id"]) == {m["id"] for m in firing.messages + escalation.messages}
+    deliveries = at.dataframe[2].value.set_index(["event_id", "endpoint"])
     assert deliveries.loc[(escalation.event_id, "pagerduty"), "status"] == "failed"
     assert "503" in deliveries.loc[(escalation.event_id, "pagerduty"), "last_error"]
     assert deliveries.loc[(firing.event_id, "risk-webhook"), "status"] == "delivered"
     assert deliveries.loc[(escalation.event_id, "risk-webhook"), "status"] == "delivered"
     assert len(deliveries) == 3
-    messages = at.dataframe[2].value      # behind the firing and behind the escalation
-    assert set(messages["id"]) == {m["id"] for m in firing.messages + escalation.messages}
     assert any("drilldown?key_type=topic&key=Energy+%7C+Oil" in m for m in _markdown(at))
 
 
