@@ -44,9 +44,13 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
 
 from stream.config import ConfigError, build_dataclass
+from stream.metrics import counter
 from stream.records import AlertRecord, TrendRecord, epoch_ms, severity_rank, utcnow
 
 log = logging.getLogger(__name__)
+
+ALERTS_EMITTED = counter("finpulse_alerts_emitted_total", "Alert events published, by kind (firing, escalation, "
+                         "resolved) and severity.", ["kind", "severity"])
 
 
 @dataclass
@@ -322,6 +326,8 @@ def install(app, settings, names) -> None:
         # the same alert (same id) again instead of never.
         await deliver(send, [Outgoing(names.alerts, key, alert.to_json(), epoch_ms(alert.window_end))
                              for key, alert in raised])
+        for _, alert in raised:
+            ALERTS_EMITTED.labels(alert.event_kind, alert.severity).inc()
         for key_bytes, key_state in states.items():
             table[key_bytes] = key_state      # once per key per batch
 

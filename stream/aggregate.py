@@ -52,6 +52,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .config import ConfigError
+from .metrics import counter
 from .records import MessageRef, ScoredRecord, TrendRecord, epoch_ms, excerpt, format_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ KEY_TYPES = ("topic", "ticker")
 REF_EXCERPT_CHARS = 200
 _DURATION = re.compile(r"^\s*(\d+)\s*([smh]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+WINDOWS_CLOSED = counter("finpulse_windows_closed_total", "Windows closed and published as final trends, by key type "
+                         "(topic, ticker) and window length in seconds.", ["key_type", "window_s"])
+LATE_MESSAGES = counter("finpulse_late_messages_total", "Scored messages that arrived after their windows had closed "
+                        "(counted in no window), by key type.", ["key_type"])
 
 
 def parse_duration_s(text: str | int) -> int:
@@ -480,6 +486,8 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
         """Closed windows reach the broker before the states that no longer hold them are written: a crash in
         between re-emits the same trends (harmless) instead of losing them."""
         await publish(closed)
+        for trend in closed:
+            WINDOWS_CLOSED.labels(key_type, str(trend.window_s)).inc()
         for key_bytes, state in states.items():
             table[key_bytes] = state.to_dict()
             (unsettled.add if state.pending else unsettled.discard)(key_bytes)
@@ -511,6 +519,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 closed += result.final
                 partials[key_bytes] |= result.touched.get(key, set())
                 if result.late:
+                    LATE_MESSAGES.labels(key_type).inc(result.late)
                     log.warning("%s %s: %d message(s) arrived after their windows closed", key_type, key,
                                 result.late)
                 if result.duplicates:

@@ -28,6 +28,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from models.interface import Prediction, Scorer, failed
 
 from .config import Settings
+from . import ops
 from .kafka_io import bootstrap_list, kafka_timestamp_ms
+from .metrics import REGISTRY, SIZE_BUCKETS, Family, counter_family, gauge, histogram
 from .records import (DeadLetter, InputItem, InvalidRecord, Kind, ScoredRecord, excerpt, parse_input, utcnow)
 from .topics import TopicNames
 
@@ -53,6 +56,14 @@ DEAD_LETTER_KEY_MAX = 64_000
 SCORED_RECORD_MAX = 512_000
 STATS_INTERVAL_S = 30.0
 SEND_RETRY_MAX_S = 30.0
+
+SCORER_BATCH_TEXTS = histogram("finpulse_scorer_batch_texts", "Texts per scorer call (a micro-batch's valid messages).",
+                               buckets=SIZE_BUCKETS)
+SCORER_LATENCY = histogram("finpulse_scorer_latency_seconds", "Wall time of one scorer call, in seconds (the hand-off "
+                           "to the scorer thread included).")
+BATCH_DURATION = histogram("finpulse_score_batch_duration_seconds", "One micro-batch of the scoring agent, in seconds: "
+                           "parse, score, publish, until the broker has every output.")
+MODEL_INFO = gauge("finpulse_model_info", "The model version the worker scores with (value 1).", ["model_version"])
 
 
 @dataclass(frozen=True)
@@ -84,13 +95,16 @@ class Scoring:
         self.max_text_chars = max_text_chars
         self.clock = clock
         self.kinds: dict[str, Kind] = {names.news: "news", names.comments: "comment"}
-        self.scored = 0
-        self.rejected: Counter[str] = Counter()
+        # By input topic (and reason): read at scrape time by the worker's metrics, so scoring pays nothing more.
+        self.consumed: Counter[str] = Counter()
+        self.scored: Counter[str] = Counter()
+        self.rejected: Counter[tuple[str, str]] = Counter()
 
     def parse(self, messages: Sequence[SourceMessage]) -> tuple[list[tuple[SourceMessage, InputItem]], list[Outgoing]]:
         """(valid messages with their parsed items, dead letters for the others)."""
         valid, dead = [], []
         for message in messages:
+            self.consumed[message.topic] += 1
             try:
                 item = parse_input(message.value or b"", self.kinds[message.topic], self.max_text_chars)
             except InvalidRecord as exc:
@@ -142,11 +156,11 @@ class Scoring:
             out.append(Outgoing(names.scored, prediction.topic.encode("utf-8"), value, timestamp_ms, message))
             for ticker in item.tickers:
                 out.append(Outgoing(names.scored_by_ticker, ticker.encode("utf-8"), value, timestamp_ms))
-            self.scored += 1
+            self.scored[message.topic] += 1
         return out
 
     def dead_letter(self, message: SourceMessage, reason: str, detail: str) -> Outgoing:
-        self.rejected[reason] += 1
+        self.rejected[(message.topic, reason)] += 1
         original, key = message.value or b"", message.key
         if len(original) > DEAD_LETTER_ORIGINAL_MAX:
             detail = f"{detail} (original is {len(original)} bytes: the first {DEAD_LETTER_ORIGINAL_MAX} are kept)"
@@ -174,8 +188,22 @@ class Scoring:
         return Outgoing(record.topic, None, smaller.to_json(), record.timestamp_ms)
 
     def stats_line(self) -> str:
-        reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(self.rejected.items())) or "none"
-        return f"scored {self.scored}; dead-lettered {sum(self.rejected.values())} ({reasons})"
+        by_reason: Counter[str] = Counter()
+        for (_, reason), count in self.rejected.items():
+            by_reason[reason] += count
+        reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(by_reason.items())) or "none"
+        return f"scored {sum(self.scored.values())}; dead-lettered {sum(by_reason.values())} ({reasons})"
+
+    def metric_families(self) -> list[Family]:
+        """The counts so far as Prometheus counters (``stream.metrics``)."""
+        return [
+            counter_family("finpulse_messages_consumed_total", "Input messages taken by the scoring agent, by input "
+                           "topic.", ["topic"], self.consumed),
+            counter_family("finpulse_messages_scored_total", "Input messages scored and published, by input topic.",
+                           ["topic"], self.scored),
+            counter_family("finpulse_messages_dead_lettered_total", "Input messages sent to the dead-letter topic "
+                           "instead of being scored, by input topic and reason.", ["topic", "reason"], self.rejected),
+        ]
 
 
 SendFn = Callable[[Outgoing], Awaitable[asyncio.Future]]
@@ -336,6 +364,8 @@ def create_app(settings: Settings, scorer: Scorer, extensions: Sequence[str] = E
     )
     speed_up_message_handoff()
     install_scoring(app, settings, names, scorer)
+    ops.install_worker(app, scorer.model_version,
+                       {names.news, names.comments, names.scored, names.scored_by_ticker, names.trends})
     for module_name in extensions:
         try:
             module = importlib.import_module(module_name)
@@ -360,14 +390,19 @@ def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) 
     send = faust_send(app)
 
     async def process(events) -> None:
+        started = time.perf_counter()
         messages = [SourceMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value)
                     for e in events]
         valid, outputs = scoring.parse(messages)
         if valid:
             texts = [item.text for _, item in valid]
+            scoring_started = time.perf_counter()
             predictions = await asyncio.get_running_loop().run_in_executor(executor, scoring.score, texts)
+            SCORER_LATENCY.observe(time.perf_counter() - scoring_started)
+            SCORER_BATCH_TEXTS.observe(len(texts))
             outputs.extend(scoring.publishable(valid, predictions))
         await deliver(send, outputs, scoring.without_original)
+        BATCH_DURATION.observe(time.perf_counter() - started)
 
     @app.agent(inputs, name="score")
     async def score(stream):
@@ -386,6 +421,8 @@ def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) 
             last_logged["line"] = line
             log.info("%s (model %s)", line, scorer.model_version)
 
+    MODEL_INFO.labels(scorer.model_version).set(1)
+    REGISTRY.add_collector(scoring.metric_families)
     log.info("scoring with %s; batches of up to %d within %.2fs", scorer.model_version, worker.max_batch,
              worker.max_wait_s)
     return scoring

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -19,8 +20,10 @@ from stream.kafka_io import RecordSender
 from stream.records import DeadLetter, epoch_ms, format_time
 from stream.simulate import Shock, SimMessage, generate
 from stream.topics import TopicNames
-from tests.procs import (json_values, read_all, run_finpulse, start_finpulse, start_worker, until_ids,
-                         wait_for_records, with_section)
+from stream.broker import free_port
+from tests.exposition import probe, scrape
+from tests.procs import (WORKER_READY, json_values, read_all, run_finpulse, start_finpulse, start_worker, until_ids,
+                         wait_for_records, wait_until_consumed, with_section)
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 BASELINE_VERSION = "baseline-keywords-1"
@@ -192,6 +195,74 @@ def test_malformed_inputs_are_dead_lettered_with_their_reason_and_the_rest_score
     reasons = Counter(reason for (_, reason), n in expected_reasons.items() for _ in range(n))
     counts = ", ".join(f"{reason}={n}" for reason, n in sorted(reasons.items()))
     assert f"dead-lettered {sum(reasons.values())} ({counts})" in worker.output()
+
+
+@pytest.mark.slow
+def test_a_workers_metrics_count_what_it_scored_and_dead_lettered_and_readyz_waits_for_its_group(fp_settings, topics,
+                                                                                               tmp_path):
+    """A real worker's /readyz answers 503 (naming the consumer group) until it has joined, then 200; after it
+    scored and dead-lettered known messages, its /metrics (a valid exposition) counts exactly those, by input topic
+    and reason, and its consumer lag comes down to 0."""
+    max_chars = 500
+    port = free_port()
+    # A long session timeout makes tansu's group join take seconds: the web server answers well before it.
+    settings = with_section(with_section(fp_settings, "worker", max_text_chars=max_chars, web_port=port),
+                            "kafka", session_timeout_s=12.0)
+    base = f"http://127.0.0.1:{port}"
+    messages = simulated(seed=31, count=600, malformed_share=0.3, max_text_chars=max_chars)
+    good = {m.id: m for m in messages if not m.expected_reason}
+    bad = [m for m in messages if m.expected_reason]
+    with start_finpulse(settings, "worker", log_dir=tmp_path, name="worker") as worker:
+        answers = []
+        deadline = time.monotonic() + 120
+        while not answers or answers[-1][0] != 200:
+            status, body = probe(f"{base}/readyz", timeout=2)
+            if status is not None:
+                answers.append((status, body, WORKER_READY in worker.output()))
+            assert worker.running() and time.monotonic() < deadline, worker.tail()
+            time.sleep(0.1)
+        status, body, ready_logged = answers[0]
+        assert status == 503 and not ready_logged, answers[0]
+        assert body["status"] == "not ready" and "consumer_group" in body["reason"], body
+        assert body["checks"]["model"] == {"ok": True, "detail": f"{BASELINE_VERSION} loaded"}
+        status, body, _ = answers[-1]
+        assert WORKER_READY in worker.output()
+        assert {name: check["ok"] for name, check in body["checks"].items()} == {
+            "consumer_group": True, "broker": True, "model": True}
+        assert probe(f"{base}/healthz")[0] == 200
+
+        asyncio.run(produce(settings, topics, messages))
+        wait_for_records(settings, topics.scored, until_ids(good), timeout=180, what="every valid id scored")
+        wait_for_records(settings, topics.deadletter, lambda rs: len(rs) >= len(bad), timeout=60,
+                         what="every malformed message dead-lettered")
+        for topic in topics.inputs:
+            wait_until_consumed(settings, topic)
+        deadline = time.monotonic() + 60
+        while True:          # the ends come with the next fetch, the committed offsets with the next commit
+            metrics = scrape(f"{base}/metrics")
+            lag = {dict(labels)["topic"]: value for labels, value in metrics.series("finpulse_consumer_lag_messages").items()}
+            if all(lag.get(topic) == 0 for topic in topics.inputs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert worker.stop() == 0, worker.tail()
+
+    assert all(lag.get(topic) == 0 for topic in topics.inputs), lag
+    consumed = Counter(topics.input_for(m.kind) for m in messages)
+    scored = Counter(topics.input_for(m.kind) for m in good.values())
+    dead = Counter((topics.input_for(m.kind), m.expected_reason) for m in bad)
+    assert metrics.series("finpulse_messages_consumed_total") == {
+        frozenset({("topic", topic)}): n for topic, n in consumed.items()}
+    assert metrics.series("finpulse_messages_scored_total") == {
+        frozenset({("topic", topic)}): n for topic, n in scored.items()}
+    assert metrics.series("finpulse_messages_dead_lettered_total") == {
+        frozenset({("topic", topic), ("reason", reason)}): n for (topic, reason), n in dead.items()}
+    assert metrics.value("finpulse_scorer_batch_texts_sum") == len(good)
+    calls = metrics.value("finpulse_scorer_batch_texts_count")
+    assert 1 <= calls == metrics.value("finpulse_scorer_latency_seconds_count")
+    assert metrics.value("finpulse_score_batch_duration_seconds_count") >= calls
+    assert metrics.value("finpulse_model_info", model_version=BASELINE_VERSION) == 1
+    assert metrics.types["finpulse_windows_closed_total"] == "counter"
+    assert metrics.value("process_resident_memory_bytes") > 0
 
 
 @pytest.mark.slow
