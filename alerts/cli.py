@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("dispatch", help="deliver alerts to the [alerts] endpoints (the worker does this too when endpoints are configured)")
     p.add_argument("--group-id", help="consumer group (default [alerts] group_id, else <worker.app_id>-dispatcher)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve /metrics, /healthz and /readyz on this port (default [alerts] metrics_port, 6068; 0: none)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="check each endpoint (config, secrets, address guard; the TLS handshake of https ones, through their proxy) and exit")
     mode.add_argument("--status", action="store_true", help="print the delivery states on the deliveries topic and exit")
@@ -49,6 +51,6 @@ def _dispatch(args, settings) -> int:
     from .dispatch import run_dispatch
     if not args.redeliver and (args.endpoint or args.alert or args.dry_run):
         raise ConfigError("--endpoint, --alert and --dry-run go with --redeliver")
-    settings = settings.with_overrides({"alerts": {"group_id": args.group_id}})
+    settings = settings.with_overrides({"alerts": {"group_id": args.group_id, "metrics_port": args.metrics_port}})
     return run_dispatch(settings, check=args.check, status=args.status, redeliver=args.redeliver,
                         endpoint=args.endpoint, alert_id=args.alert, dry_run=args.dry_run)

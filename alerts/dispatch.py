@@ -69,6 +69,7 @@ import logging
 import random
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -80,6 +81,8 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from stream.config import ConfigError, Settings
+from stream.metrics import REGISTRY, Family, counter, gauge_family, histogram
+from stream.ops import LAG_HELP, READINESS, OpsServer
 from stream.records import AlertRecord, format_time, severity_rank, utcnow
 from stream.topics import TopicNames, ensure_topics
 
@@ -98,6 +101,14 @@ USER_AGENT = "FinPulse-Dispatcher/1"
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 PAUSING_STATUS = frozenset({429, 503})
 ERROR_TEXT_MAX = 300
+
+DELIVERIES = counter("finpulse_deliveries_total", "Deliveries that reached a final state, by endpoint and state "
+                     "(delivered, failed, expired).", ["endpoint", "state"])
+ATTEMPTS = counter("finpulse_delivery_attempts_total", "Requests to endpoints, by endpoint and outcome (success; "
+                   "retryable: timeouts, connection errors, 408/425/429/5xx; permanent: any other refusal).",
+                   ["endpoint", "outcome"])
+ATTEMPT_DURATION = histogram("finpulse_delivery_attempt_duration_seconds", "One request to an endpoint, in seconds, "
+                             "until its answer or failure.", ["endpoint"])
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,8 @@ class Dispatcher:
         self._main: asyncio.Task | None = None
         self._fatal: BaseException | None = None
         self._ignored_runs: set[str] = set()
+        self._in_flight: Counter[str] = Counter()
+        self._adopted = False     # the group assigned partitions (maybe none) and their deliveries were read
         # Records of a newly assigned partition can arrive while its adoption is still reading the deliveries
         # topic: taking alerts on waits for that, or it could miss that an event was taken on already.
         self._adopting = asyncio.Lock()
@@ -192,9 +205,15 @@ class Dispatcher:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        READINESS.add("dispatcher", self._readiness)
+        REGISTRY.add_collector(self._metric_families)
         await self.log.start()
         self._shared_slots = asyncio.Semaphore(self.options.max_concurrency)
         for endpoint in self.endpoints.values():
+            for final in (DELIVERED, FAILED, EXPIRED):      # every series from 0, so that rate() sees the first one
+                DELIVERIES.labels(endpoint.name, final)
+            for outcome in ("success", "retryable", "permanent"):
+                ATTEMPTS.labels(endpoint.name, outcome)
             self._endpoint_slots[endpoint.name] = asyncio.Semaphore(endpoint.settings.max_concurrency)
             self._breakers[endpoint.name] = CircuitBreaker(endpoint.name, endpoint.settings.breaker_failures,
                                                            self.options.backoff_initial_s, self.options.backoff_max_s)
@@ -238,7 +257,75 @@ class Dispatcher:
         for session in self._sessions.values():
             await session.close()
         await self.log.stop()
+        READINESS.remove("dispatcher", self._readiness)
+        REGISTRY.remove_collector(self._metric_families)
         log.info("dispatcher %s stopped", self.group_id)
+
+    # ------------------------------------------------------------ what operators see (stream.ops)
+
+    def _readiness(self) -> tuple[bool, str]:
+        if self._fatal is not None:
+            return False, f"could not take over its partitions: {self._fatal}"
+        if self._main is None:
+            return False, "starting"
+        if self._main.done():
+            return False, "stopped"
+        if not self._adopted:
+            return False, (f"joining consumer group {self.group_id} and reading {self.names.deliveries} to its end")
+        if self._consumer._coordinator.coordinator_id is None:
+            return False, "the Kafka group coordinator is unknown: the broker does not answer"
+        return True, f"group {self.group_id} owns alerts partitions {sorted(self._owned)}"
+
+    def _metric_families(self) -> list[Family]:
+        """Read at scrape time: in-flight requests, pending deliveries and the oldest one's age, breaker state and
+        pauses per endpoint, and the alerts topic's lag."""
+        now = time.time()
+        names = list(self.endpoints)
+        pending: Counter[str] = Counter({name: 0 for name in names})
+        oldest = {name: 0.0 for name in names}
+        for state in self.log.states.values():
+            if state.state == PENDING and state.alerts_partition in self._owned:
+                pending[state.endpoint] += 1
+                waiting_s = now - (state.requeued_at or state.created_at).timestamp()
+                oldest[state.endpoint] = max(oldest.get(state.endpoint, 0.0), waiting_s)
+        families = [
+            gauge_family("finpulse_deliveries_in_flight", "Requests to the endpoint in flight now.", ["endpoint"],
+                         {name: self._in_flight[name] for name in names}),
+            gauge_family("finpulse_deliveries_pending", "Deliveries taken on and not yet final (waiting for an "
+                         "attempt, a retry or an earlier event of their alert), of the partitions this dispatcher "
+                         "owns.", ["endpoint"], pending),
+            gauge_family("finpulse_delivery_oldest_pending_age_seconds", "How long the oldest pending delivery has "
+                         "waited since it was taken on (or re-queued); 0 when none is pending.", ["endpoint"], oldest),
+            gauge_family("finpulse_endpoint_breaker_open", "1 while the endpoint's circuit breaker is open (its "
+                         "deliveries wait; one probe at a time tries it), else 0.", ["endpoint"],
+                         {name: int(breaker.is_open) for name, breaker in self._breakers.items()}),
+            gauge_family("finpulse_endpoint_consecutive_failures", "Consecutive failed attempts to the endpoint (the "
+                         "breaker opens at breaker_failures).", ["endpoint"],
+                         {name: breaker.failures for name, breaker in self._breakers.items()}),
+            gauge_family("finpulse_endpoint_paused_seconds", "Seconds until the endpoint may be tried again (a "
+                         "Retry-After or the open breaker); 0 when it is not paused.", ["endpoint"],
+                         {name: max(0.0, round(e.not_before - now, 3)) for name, e in self.endpoints.items()}),
+        ]
+        lag = self._alerts_lag()
+        if lag is not None:
+            families.append(gauge_family("finpulse_consumer_lag_messages", LAG_HELP, ["topic"], {self.names.alerts: lag}))
+        return families
+
+    def _alerts_lag(self) -> int | None:
+        """The alerts not yet taken on: end minus position over the owned partitions whose both are known. (The
+        dispatcher commits right after taking a batch on, so its position is its committed offset but for a moment.)"""
+        subscription = self._consumer._subscription.subscription if self._consumer is not None else None
+        if subscription is None or subscription.assignment is None:
+            return None
+        total, known = 0, False
+        for tp in subscription.assignment.tps:
+            # What aiokafka's own highwater() reads, and the position beside it (no request: both from the last fetch).
+            tp_state = subscription.assignment.state_value(tp)
+            if tp_state is None or tp_state.highwater is None or not tp_state.has_valid_position:
+                continue
+            total += max(0, tp_state.highwater - tp_state.position)
+            known = True
+        return total if known else None
 
     # ------------------------------------------------------------ taking alerts on
 
@@ -266,6 +353,7 @@ class Dispatcher:
                                         endpoint.settings.retry_horizon_s, window_from)
                     if too_old:
                         state = replace(state, state=EXPIRED, next_attempt_at=None, last_error=too_old)
+                        DELIVERIES.labels(endpoint.name, EXPIRED).inc()
                     self.log.merge(state)  # visible at once: to duplicates and to a resolve later in this batch
                     planned.append(state)
             for state in await asyncio.gather(*(self.log.save(s) for s in planned)):
@@ -375,6 +463,7 @@ class Dispatcher:
                 for state in resumed:
                     self._enqueue(state)
                 await self._reassert_stale()
+                self._adopted = True
             log.info("dispatcher %s owns alerts partitions %s; deliveries known %s, %d pending resumed",
                      self.group_id, sorted(self._owned), summarize(self.log.states.values()), len(resumed))
         except Exception as exc:  # a half-adopted partition must not go on silently: stop the dispatcher
@@ -448,7 +537,7 @@ class Dispatcher:
                     continue  # a Retry-After or the breaker paused the endpoint while this attempt waited for a slot
                 with breaker.admission() as admitted:
                     if admitted:
-                        outcome = await self._attempt(endpoint, state, alert)
+                        outcome = await self._measured_attempt(endpoint, state, alert)
                         self._count(endpoint, breaker, outcome)
             if not admitted:
                 # The breaker is open and another delivery is probing the endpoint: wait for its answer.
@@ -493,11 +582,25 @@ class Dispatcher:
     async def _finish(self, state: DeliveryState, final: str, error: str, status: int | None) -> None:
         await self.log.save(replace(state, state=final, last_error=error, last_status=status, next_attempt_at=None,
                                     delivered_at=utcnow() if final == DELIVERED else None))
+        DELIVERIES.labels(state.endpoint, final).inc()
         if final == DELIVERED:
             log.info("delivered %s to %s (attempt %d)", state.event_id, state.endpoint, state.attempts)
         else:
             log.error("delivery %s to %s failed after %d attempt(s): %s", state.event_id, state.endpoint,
                       state.attempts, error)
+
+    async def _measured_attempt(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> Outcome:
+        """``_attempt``, counted: in flight while it runs, then its duration and outcome."""
+        self._in_flight[endpoint.name] += 1
+        started = time.monotonic()
+        try:
+            outcome = await self._attempt(endpoint, state, alert)
+        finally:
+            self._in_flight[endpoint.name] -= 1
+        ATTEMPT_DURATION.labels(endpoint.name).observe(time.monotonic() - started)
+        ATTEMPTS.labels(endpoint.name, "success" if outcome.ok else "retryable" if outcome.retryable
+                        else "permanent").inc()
+        return outcome
 
     async def _attempt(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> Outcome:
         url = endpoint.url.reveal()
@@ -650,6 +753,19 @@ def run_dispatch(settings: Settings, check: bool = False, status: bool = False, 
 
 async def _serve(settings: Settings, names: TopicNames) -> int:
     dispatcher = Dispatcher(settings, names)
+    options = dispatcher.options
+    # Up before the dispatcher starts, so that a probe sees "not ready" rather than nothing while it joins.
+    server = OpsServer(options.metrics_host, options.metrics_port) if options.metrics_port else None
+    if server is not None:
+        await server.start()
+    try:
+        return await _dispatch_until_stopped(dispatcher, names)
+    finally:
+        if server is not None:
+            await server.stop()
+
+
+async def _dispatch_until_stopped(dispatcher: Dispatcher, names: TopicNames) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

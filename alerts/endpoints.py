@@ -11,6 +11,8 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
     group_id = ""                    # consumer group; default "<worker.app_id>-dispatcher"
     replay_endpoint = ""             # the one endpoint that receives alerts of replays (run_id set), and no live ones
     dashboard_url = ""               # links back to the dashboard in Slack/PagerDuty/Alertmanager messages
+    metrics_port = 6068              # `finpulse dispatch` alone: /metrics, /healthz, /readyz here (0 = none)
+    metrics_host = "0.0.0.0"         # the interface they listen on
 
     [[alerts.endpoints]]
     name = "risk-desk"                          # unique; part of the delivery key
@@ -117,6 +119,10 @@ class AlertsSettings:
     group_id: str = ""
     replay_endpoint: str = ""
     dashboard_url: str = ""
+    # `finpulse dispatch` alone serves /metrics, /healthz and /readyz here (0: not at all); inside the worker they
+    # are on the worker's web server ([worker] web_port) instead.
+    metrics_port: int = 6068
+    metrics_host: str = "0.0.0.0"
 
 
 @dataclass
@@ -304,6 +310,8 @@ def _validate(config: AlertDeliveryConfig) -> None:
         raise ConfigError("[alerts] max_concurrency must be at least 1")
     if o.max_alert_age_s <= 0:
         raise ConfigError("[alerts] max_alert_age_s must be positive")
+    if not 0 <= o.metrics_port <= 65535:
+        raise ConfigError("[alerts] metrics_port must be a TCP port (0 = no metrics server)")
     if o.replay_endpoint and o.replay_endpoint not in seen:
         raise ConfigError(f"[alerts] replay_endpoint {o.replay_endpoint!r} names no endpoint")
 

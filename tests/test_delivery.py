@@ -31,6 +31,7 @@ from stream.broker import free_port
 from stream.config import ConfigError, Settings, load_settings
 from stream.kafka_io import read_topic_async
 from stream.records import AlertRecord, format_time, utcnow
+from tests.exposition import probe, scrape
 from tests.procs import ManagedProcess
 from tests.test_formats import make_alert as formats_alert
 
@@ -85,12 +86,13 @@ def get_json(url: str):
 
 
 def kafka_env(settings: Settings, **alerts) -> dict[str, str]:
-    """The process environment that points `finpulse` at the test's broker, topics and [alerts] settings."""
+    """The process environment that points `finpulse` at the test's broker, topics and [alerts] settings; a
+    `finpulse dispatch` serves its metrics on a free port of its own (``FINPULSE_ALERTS__METRICS_PORT``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
     kafka, worker = settings.kafka, settings.worker
     env.update({"FINPULSE_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
                 "FINPULSE_KAFKA__TOPIC_PREFIX": kafka.topic_prefix, "FINPULSE_WORKER__APP_ID": worker.app_id,
-                "PYTHONUNBUFFERED": "1"})
+                "FINPULSE_ALERTS__METRICS_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"})
     for name, value in alerts.items():
         env[f"FINPULSE_ALERTS__{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     return env
@@ -687,6 +689,77 @@ def test_outage_throttling_and_restarts_deliver_everything_exactly_once(fp_setti
     status = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--status"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert f"{len(expected)} deliveries {{'delivered': {len(expected)}}}" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.slow
+def test_a_dispatchers_metrics_count_its_deliveries_and_show_the_endpoint_that_is_down(fp_settings, topics, tmp_path):
+    """`finpulse dispatch` alone serves /metrics and probes. One alert to three endpoints: one takes it
+    (delivered), one refuses it for good (a wrong signing key: 401, failed), one is down (connection refused:
+    pending, its breaker open after one failure). The counters say exactly that; the gauges show the pending
+    delivery, its age, the open breaker and the pause; the alerts topic's lag comes down to 0."""
+    secret = generate_secret()
+    port = free_port()
+    endpoints = [
+        {"name": "desk", "url": f"http://127.0.0.1:{port}/desk", "secret_env": "T_M_SECRET", "allow_private": True},
+        {"name": "wrong-key", "url": f"http://127.0.0.1:{port}/wrong", "secret_env": "T_M_WRONG",
+         "allow_private": True},
+        {"name": "down", "url": f"http://127.0.0.1:{free_port()}/down", "secret_env": "T_M_SECRET",
+         "allow_private": True, "breaker_failures": 1},
+    ]
+    # The down endpoint's next try is 30 s away: its one attempt stays the only one while the test looks.
+    env = kafka_env(fp_settings, endpoints=endpoints, backoff_initial_s="30", backoff_max_s="60")
+    env.update(T_M_SECRET=secret, T_M_WRONG=generate_secret())
+    base = f"http://127.0.0.1:{env['FINPULSE_ALERTS__METRICS_PORT']}"
+    names = [e["name"] for e in endpoints]
+    alert = make_alert("firing", id="m1")
+    procs: list[ManagedProcess] = []
+
+    def settled():
+        s = read_delivery_states(fp_settings.kafka, topics.deliveries)
+        return {k.split("|")[1]: (v.state, v.attempts) for k, v in s.items()} == {
+            "desk": (DELIVERED, 1), "wrong-key": (FAILED, 1), "down": (PENDING, 1)}
+
+    try:
+        procs.append(finpulse(["receiver", "--port", str(port), "--store", "", "--secret-env", "T_M_SECRET", "--quiet"],
+                              env, tmp_path, "receiver"))
+        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), "the receiver to listen")
+        produce(fp_settings, topics.alerts, [alert])
+        dispatcher = finpulse(["dispatch"], env, tmp_path, "dispatch")
+        procs.append(dispatcher)
+        wait_for(settled, "one delivered, one failed and one pending delivery", timeout_s=60)
+        metrics = wait_for(lambda: (lambda m: m.series("finpulse_consumer_lag_messages") == {
+            frozenset({("topic", topics.alerts)}): 0} and m)(scrape(f"{base}/metrics")), "the alerts lag to read 0")
+        ready = probe(f"{base}/readyz")
+        alive = probe(f"{base}/healthz")
+        received = get_json(f"http://127.0.0.1:{port}/received")
+        assert dispatcher.stop() == 0, dispatcher.tail()
+    finally:
+        for proc in procs:
+            proc.kill()
+
+    assert received["count"] == 1 and received["rejected"] == {"bad_signature": 1}
+
+    def by_endpoint(name: str) -> dict[str, float]:
+        return {dict(labels)["endpoint"]: value for labels, value in metrics.series(name).items()}
+
+    assert metrics.series("finpulse_deliveries_total") == {
+        frozenset({("endpoint", e), ("state", s)}): int((e, s) in {("desk", DELIVERED), ("wrong-key", FAILED)})
+        for e in names for s in (DELIVERED, FAILED, EXPIRED)}
+    assert metrics.series("finpulse_delivery_attempts_total") == {
+        frozenset({("endpoint", e), ("outcome", o)}): int((e, o) in {("desk", "success"), ("wrong-key", "permanent"),
+                                                                      ("down", "retryable")})
+        for e in names for o in ("success", "retryable", "permanent")}
+    assert {e: metrics.value("finpulse_delivery_attempt_duration_seconds_count", endpoint=e) for e in names} == {
+        e: 1 for e in names}
+    assert by_endpoint("finpulse_deliveries_in_flight") == {e: 0 for e in names}
+    assert by_endpoint("finpulse_deliveries_pending") == {"desk": 0, "wrong-key": 0, "down": 1}
+    assert by_endpoint("finpulse_endpoint_breaker_open") == {"desk": 0, "wrong-key": 0, "down": 1}
+    assert by_endpoint("finpulse_endpoint_consecutive_failures") == {"desk": 0, "wrong-key": 0, "down": 1}
+    oldest, paused = by_endpoint("finpulse_delivery_oldest_pending_age_seconds"), by_endpoint("finpulse_endpoint_paused_seconds")
+    assert oldest["desk"] == oldest["wrong-key"] == 0 and 0 < oldest["down"] < 120
+    assert paused["desk"] == paused["wrong-key"] == 0 and 0 < paused["down"] <= 30
+    assert ready[0] == 200 and ready[1]["checks"]["dispatcher"]["ok"] is True, ready
+    assert alive[0] == 200
 
 
 @pytest.mark.slow
