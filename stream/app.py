@@ -95,10 +95,11 @@ class Scoring:
         self.max_text_chars = max_text_chars
         self.clock = clock
         self.kinds: dict[str, Kind] = {names.news: "news", names.comments: "comment"}
+        self.rejected: Counter[str] = Counter()          # dead letters by reason (replay's tallies use it)
         # By input topic (and reason): read at scrape time by the worker's metrics, so scoring pays nothing more.
         self.consumed: Counter[str] = Counter()
         self.scored: Counter[str] = Counter()
-        self.rejected: Counter[tuple[str, str]] = Counter()
+        self.dead_lettered: Counter[tuple[str, str]] = Counter()
 
     def parse(self, messages: Sequence[SourceMessage]) -> tuple[list[tuple[SourceMessage, InputItem]], list[Outgoing]]:
         """(valid messages with their parsed items, dead letters for the others)."""
@@ -160,7 +161,8 @@ class Scoring:
         return out
 
     def dead_letter(self, message: SourceMessage, reason: str, detail: str) -> Outgoing:
-        self.rejected[(message.topic, reason)] += 1
+        self.rejected[reason] += 1
+        self.dead_lettered[(message.topic, reason)] += 1
         original, key = message.value or b"", message.key
         if len(original) > DEAD_LETTER_ORIGINAL_MAX:
             detail = f"{detail} (original is {len(original)} bytes: the first {DEAD_LETTER_ORIGINAL_MAX} are kept)"
@@ -188,11 +190,8 @@ class Scoring:
         return Outgoing(record.topic, None, smaller.to_json(), record.timestamp_ms)
 
     def stats_line(self) -> str:
-        by_reason: Counter[str] = Counter()
-        for (_, reason), count in self.rejected.items():
-            by_reason[reason] += count
-        reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(by_reason.items())) or "none"
-        return f"scored {sum(self.scored.values())}; dead-lettered {sum(by_reason.values())} ({reasons})"
+        reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(self.rejected.items())) or "none"
+        return f"scored {sum(self.scored.values())}; dead-lettered {sum(self.rejected.values())} ({reasons})"
 
     def metric_families(self) -> list[Family]:
         """The counts so far as Prometheus counters (``stream.metrics``)."""
@@ -202,7 +201,8 @@ class Scoring:
             counter_family("finpulse_messages_scored_total", "Input messages scored and published, by input topic.",
                            ["topic"], self.scored),
             counter_family("finpulse_messages_dead_lettered_total", "Input messages sent to the dead-letter topic "
-                           "instead of being scored, by input topic and reason.", ["topic", "reason"], self.rejected),
+                           "instead of being scored, by input topic and reason.", ["topic", "reason"],
+                           self.dead_lettered),
         ]
 
 
