@@ -70,6 +70,11 @@ class DeliveryState(_Record):
     seq: int = 0                       # increases with every change of this key: newer wins when merging
     requeued_at: datetime | None = None  # when `finpulse dispatch --redeliver` last turned it from failed to pending
     requeues: int = 0                  # how many times it was re-queued
+    # Grouped endpoints (``alerts.grouping``). A member (one alert event) names the group notification that carries
+    # it, "" while it waits for one; a group notification has no alert and lists its members' keys, in order.
+    group: str = ""
+    members: tuple[str, ...] = ()
+    group_label: str = ""              # a group notification's group, e.g. "key_type=topic"
 
     _time_fields: ClassVar[tuple[str, ...]] = ("created_at", "updated_at", "deadline_at", "next_attempt_at",
                                                "delivered_at", "requeued_at")
@@ -102,6 +107,11 @@ class DeliveryState(_Record):
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def is_group(self) -> bool:
+        """A group notification (many alert events in one request), not one alert event's delivery."""
+        return bool(self.members)
+
 
 def new_pending(alert: AlertRecord, endpoint: str, partition: int, offset: int, horizon_s: float,
                 window_from: datetime | None = None) -> DeliveryState:
@@ -120,8 +130,9 @@ def requeued(state: DeliveryState, horizon_s: float) -> DeliveryState:
     if state.state != FAILED:
         raise ValueError(f"only a failed delivery can be re-queued; {state.key} is {state.state}")
     now = utcnow()
+    # A member of a failed group notification leaves it: it goes out in a new group (or alone), never in the old one.
     return replace(state, state=PENDING, deadline_at=now + timedelta(seconds=horizon_s), next_attempt_at=now,
-                   delivered_at=None, requeued_at=now, requeues=state.requeues + 1)
+                   delivered_at=None, requeued_at=now, requeues=state.requeues + 1, group="")
 
 
 class DeliveryLog:
@@ -300,7 +311,8 @@ def redelivery_plan(states: Iterable[DeliveryState], horizons: Mapping[str, floa
     the ones to re-queue (each chain's firing before its resolve) and the ones it leaves, with why.
 
     ``horizons`` are the configured endpoints' retry horizons: a failed delivery to an endpoint that is not
-    configured any more stays failed. So does a firing (or escalation) whose resolve already reached the endpoint:
+    configured any more stays failed. A failed group notification is never re-queued itself: its failed members
+    are, each like a delivery of its own, and go out in a new group. So does a firing (or escalation) whose resolve already reached the endpoint:
     sent now, it would reopen an incident that the endpoint saw closed; and one that a higher escalation overtook
     there: sent now, it would lower the incident's severity."""
     states = list(states)
@@ -308,6 +320,8 @@ def redelivery_plan(states: Iterable[DeliveryState], horizons: Mapping[str, floa
     chosen: list[DeliveryState] = []
     skipped: list[tuple[DeliveryState, str]] = []
     for state in sorted(states, key=lambda s: (s.endpoint, s.alert_id, s.order)):
+        if state.is_group:
+            continue  # a failed group notification stays failed: its members are re-queued one by one
         if state.state != FAILED or (endpoint and state.endpoint != endpoint) or (alert_id and state.alert_id != alert_id):
             continue
         alert = state.alert_record
@@ -330,9 +344,12 @@ def redelivery_plan(states: Iterable[DeliveryState], horizons: Mapping[str, floa
     return chosen, skipped
 
 
-def summarize(states: Iterable[DeliveryState]) -> dict[str, int]:
+def summarize(states: Iterable[DeliveryState], groups: bool = False) -> dict[str, int]:
+    """Count by state the alert events' deliveries, or with ``groups`` the group notifications."""
     out: dict[str, int] = {}
     for state in states:
+        if state.is_group != groups:
+            continue
         out[state.state] = out.get(state.state, 0) + 1
     return dict(sorted(out.items()))
 

@@ -89,9 +89,10 @@ from stream.topics import TopicNames, ensure_topics
 from .deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, DeliveryLog, DeliveryState, delivery_key, new_pending,
                          read_delivery_states, redelivery_plan, requeued, summarize)
 from .breaker import CircuitBreaker
+from .grouping import member_order, new_group
 from .endpoints import (BlockedAddressError, Endpoint, GuardedResolver, build_endpoints, checked_address, literal_ip,
                         load_delivery_config, preflight)
-from .formats import DeliveryContext, render
+from .formats import DeliveryContext, GroupContext, render, render_group
 from .signing import signature_headers
 from .transport import certificate_failure, host_and_port
 
@@ -164,6 +165,17 @@ class _Chain:
     task: asyncio.Task | None = None
 
 
+@dataclass
+class _Group:
+    """The alert events of one group of a grouped endpoint that wait for their notification (Alertmanager's
+    aggregation group): member delivery keys, when the group last notified, and the timer of its next flush."""
+    endpoint: str
+    label: str
+    waiting: list[str] = field(default_factory=list)
+    last_flush: float | None = None
+    timer: asyncio.Task | None = None
+
+
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, dispatcher: "Dispatcher"):
         self.dispatcher = dispatcher
@@ -187,6 +199,7 @@ class Dispatcher:
         self.group_id = self.options.group_id or f"{settings.worker.app_id}-dispatcher"
         self.log = DeliveryLog(self.kafka, self.names.deliveries)
         self._chains: dict[tuple[str, str], _Chain] = {}
+        self._groups: dict[tuple[str, str], _Group] = {}   # (endpoint, group label) of grouped endpoints
         self._owned: set[int] = set()
         self._consumer: AIOKafkaConsumer | None = None
         self._sessions: dict[bool, aiohttp.ClientSession] = {}
@@ -245,6 +258,9 @@ class Dispatcher:
         await self._main
 
     async def stop(self) -> None:
+        for group in self._groups.values():
+            if group.timer is not None:
+                group.timer.cancel()
         if self._main is not None and not self._main.done():
             self._main.cancel()
             try:
@@ -284,7 +300,8 @@ class Dispatcher:
         pending: Counter[str] = Counter({name: 0 for name in names})
         oldest = {name: 0.0 for name in names}
         for state in self.log.states.values():
-            if state.state == PENDING and state.alerts_partition in self._owned:
+            # Alert events only: a group notification's members are pending themselves.
+            if state.state == PENDING and not state.is_group and state.alerts_partition in self._owned:
                 pending[state.endpoint] += 1
                 waiting_s = now - (state.requeued_at or state.created_at).timestamp()
                 oldest[state.endpoint] = max(oldest.get(state.endpoint, 0.0), waiting_s)
@@ -459,6 +476,7 @@ class Dispatcher:
             async with self._adopting:
                 self._owned |= partitions
                 await self.log.catch_up()
+                await self._settle_members(partitions)
                 resumed = self.log.pending_for(partitions)
                 for state in resumed:
                     self._enqueue(state)
@@ -475,6 +493,12 @@ class Dispatcher:
         leaving = {ck: chain for ck, chain in self._chains.items() if chain.partition in partitions}
         for chain in leaving.values():
             chain.stop.set()
+        # Waiting group members of those partitions are the new owner's to group (they are on the topic).
+        for group in self._groups.values():
+            group.waiting = [k for k in group.waiting if self.log.get(k).alerts_partition not in partitions]
+            if not group.waiting and group.timer is not None:
+                group.timer.cancel()
+                group.timer = None
         await asyncio.gather(*(c.task for c in leaving.values() if c.task is not None), return_exceptions=True)
         for ck in leaving:
             self._chains.pop(ck, None)
@@ -482,7 +506,14 @@ class Dispatcher:
     def _enqueue(self, state: DeliveryState) -> None:
         if state.alerts_partition not in self._owned:
             return  # another dispatcher owns it now and resumes it from the deliveries topic
-        ck = (state.endpoint, state.alert_id)
+        if state.group:
+            return  # a member of a group notification: the group sends it and records its outcome
+        endpoint = self.endpoints.get(state.endpoint)
+        if not state.is_group and endpoint is not None and endpoint.grouping is not None:
+            self._hold(state, endpoint)
+            return
+        # One chain per alert id (its firing, escalations and resolve in order), or per group notification.
+        ck = (state.endpoint, state.event_id if state.is_group else state.alert_id)
         chain = self._chains.get(ck)
         if chain is None:
             chain = self._chains[ck] = _Chain(partition=state.alerts_partition)
@@ -505,6 +536,98 @@ class Dispatcher:
             if not chain.keys and self._chains.get(ck) is chain:
                 del self._chains[ck]
 
+    # ------------------------------------------------------------ grouping (alerts.grouping)
+
+    def _hold(self, state: DeliveryState, endpoint: Endpoint) -> None:
+        """Put an alert event of a grouped endpoint in its group, to go out with the group's next notification."""
+        label = endpoint.grouping.label(state.alert_record)
+        group = self._groups.get((endpoint.name, label))
+        if group is None:
+            group = self._groups[(endpoint.name, label)] = _Group(endpoint.name, label,
+                                                                 last_flush=self._last_notified(endpoint.name, label))
+        if state.key not in group.waiting:
+            group.waiting.append(state.key)
+        self._schedule(group)
+
+    def _last_notified(self, endpoint: str, label: str) -> float | None:
+        """When the group last notified, by the deliveries topic (a restarted dispatcher keeps group_interval_s)."""
+        times = [s.created_at.timestamp() for s in self.log.states.values()
+                 if s.is_group and s.endpoint == endpoint and s.group_label == label]
+        return max(times, default=None)
+
+    def _schedule(self, group: _Group) -> None:
+        endpoint = self.endpoints.get(group.endpoint)
+        if not group.waiting or endpoint is None or (group.timer is not None and not group.timer.done()):
+            return
+        when = endpoint.grouping.next_flush(time.time(), group.last_flush)
+        group.timer = asyncio.create_task(self._flush_at(group, when), name=f"group {group.endpoint} {group.label}")
+
+    async def _flush_at(self, group: _Group, when: float) -> None:
+        await asyncio.sleep(max(0.0, when - time.time()))
+        try:
+            async with self._adopting:
+                group.timer = None
+                await self._flush(group)
+        except Exception:
+            log.exception("grouping %s for %s stopped; its events resume when the dispatcher restarts or "
+                          "rebalances", group.label, group.endpoint)
+
+    async def _flush(self, group: _Group) -> None:
+        """Send what waits in ``group`` as one notification: record it (its member keys), then each member naming
+        it, then deliver it. Events whose episode still has an earlier event on its way to the endpoint wait for the
+        group's next notification, so that neither an escalation nor a resolve overtakes what came before it."""
+        claimed = {key for s in self.log.states.values() if s.is_group and s.state == PENDING for key in s.members}
+        waiting = [self.log.get(key) for key in group.waiting]
+        ready = sorted((s for s in waiting if s.state == PENDING and not s.group and s.key not in claimed
+                        and s.alerts_partition in self._owned), key=member_order)
+        chosen: list[DeliveryState] = []
+        held: list[str] = []
+        too_late: list[DeliveryState] = []
+        for state in ready:
+            if self._after_unsent(state, {c.key for c in chosen}):
+                held.append(state.key)
+            elif state.deadline_at <= utcnow():
+                too_late.append(state)
+            else:
+                chosen.append(state)
+        group.waiting = held
+        for state in too_late:
+            await self._finish(state, FAILED, "the retry window ended while it waited for its group notification", None)
+        if not chosen:
+            return
+        notification = await self.log.save(new_group(group.endpoint, group.label, chosen))
+        await asyncio.gather(*(self.log.save(replace(m, group=notification.key)) for m in chosen))
+        group.last_flush = notification.created_at.timestamp()
+        log.info("group %s of %s: %d alert event(s) in notification %s%s", group.label, group.endpoint, len(chosen),
+                 notification.event_id, f"; {len(held)} wait for an earlier event of their episode" if held else "")
+        self._enqueue(notification)
+
+    def _after_unsent(self, state: DeliveryState, going_with: set[str]) -> bool:
+        """Whether an earlier event of ``state``'s episode is still on its way to the endpoint, and not in the
+        same notification."""
+        return any(earlier.state == PENDING and earlier.key not in going_with and earlier.order < state.order
+                   for earlier in self._given(state.alert_record, state.endpoint))
+
+    def _regroup(self, endpoint: str) -> None:
+        """A delivery to ``endpoint`` ended: groups holding events back for it may notify now."""
+        for group in self._groups.values():
+            if group.endpoint == endpoint:
+                self._schedule(group)
+
+    async def _settle_members(self, partitions: set[int]) -> None:
+        """A dispatcher stopped between a group notification's outcome and its members' records: give the members
+        of ``partitions`` that name a finished notification its outcome."""
+        for state in self.log.pending_for(partitions):
+            notification = self.log.get(state.group) if state.group else None
+            if notification is not None and notification.terminal:
+                await self.log.save(self._member_outcome(state, notification))
+
+    @staticmethod
+    def _member_outcome(member: DeliveryState, notification: DeliveryState) -> DeliveryState:
+        return replace(member, state=notification.state, attempts=notification.attempts, group=notification.key,
+                       last_error=notification.last_error, last_status=notification.last_status,
+                       next_attempt_at=None, delivered_at=notification.delivered_at)
+
     # ------------------------------------------------------------ delivering
 
     async def _deliver(self, key: str, stop: asyncio.Event) -> bool:
@@ -516,7 +639,6 @@ class Dispatcher:
         if endpoint is None:
             await self._finish(state, FAILED, f"endpoint {state.endpoint!r} is no longer configured", None)
             return True
-        alert = state.alert_record
         while True:
             due = max(state.next_attempt_at.timestamp() if state.next_attempt_at else 0.0, endpoint.not_before)
             if due > state.deadline_at.timestamp():
@@ -537,7 +659,7 @@ class Dispatcher:
                     continue  # a Retry-After or the breaker paused the endpoint while this attempt waited for a slot
                 with breaker.admission() as admitted:
                     if admitted:
-                        outcome = await self._measured_attempt(endpoint, state, alert)
+                        outcome = await self._measured_attempt(endpoint, state)
                         self._count(endpoint, breaker, outcome)
             if not admitted:
                 # The breaker is open and another delivery is probing the endpoint: wait for its answer.
@@ -580,21 +702,28 @@ class Dispatcher:
             endpoint.not_before = max(endpoint.not_before, time.time() + breaker.pause_s)
 
     async def _finish(self, state: DeliveryState, final: str, error: str, status: int | None) -> None:
-        await self.log.save(replace(state, state=final, last_error=error, last_status=status, next_attempt_at=None,
-                                    delivered_at=utcnow() if final == DELIVERED else None))
-        DELIVERIES.labels(state.endpoint, final).inc()
+        state = await self.log.save(replace(state, state=final, last_error=error, last_status=status,
+                                            next_attempt_at=None, delivered_at=utcnow() if final == DELIVERED else None))
+        # Deliveries are counted per alert event: a group notification's outcome is its members'.
+        DELIVERIES.labels(state.endpoint, final).inc(len(state.members) if state.is_group else 1)
+        what = f"group notification {state.event_id} ({len(state.members)} events)" if state.is_group else state.event_id
         if final == DELIVERED:
-            log.info("delivered %s to %s (attempt %d)", state.event_id, state.endpoint, state.attempts)
+            log.info("delivered %s to %s (attempt %d)", what, state.endpoint, state.attempts)
         else:
-            log.error("delivery %s to %s failed after %d attempt(s): %s", state.event_id, state.endpoint,
-                      state.attempts, error)
+            log.error("delivery %s to %s failed after %d attempt(s): %s", what, state.endpoint, state.attempts, error)
+        if state.is_group:
+            # After the notification's own record: a stop in between leaves members that _settle_members completes.
+            members = [self.log.get(key) for key in state.members]
+            await asyncio.gather(*(self.log.save(self._member_outcome(m, state)) for m in members
+                                   if m is not None and not m.terminal))
+        self._regroup(state.endpoint)
 
-    async def _measured_attempt(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> Outcome:
+    async def _measured_attempt(self, endpoint: Endpoint, state: DeliveryState) -> Outcome:
         """``_attempt``, counted: in flight while it runs, then its duration and outcome."""
         self._in_flight[endpoint.name] += 1
         started = time.monotonic()
         try:
-            outcome = await self._attempt(endpoint, state, alert)
+            outcome = await self._attempt(endpoint, state)
         finally:
             self._in_flight[endpoint.name] -= 1
         ATTEMPT_DURATION.labels(endpoint.name).observe(time.monotonic() - started)
@@ -602,12 +731,28 @@ class Dispatcher:
                         else "permanent").inc()
         return outcome
 
-    async def _attempt(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> Outcome:
+    def _render(self, endpoint: Endpoint, state: DeliveryState) -> bytes:
+        if not state.is_group:
+            alert = state.alert_record
+            return render(endpoint.format, alert, self._context(endpoint, state, alert))
+        members = [self.log.get(key) for key in state.members]
+        group = GroupContext(webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name,
+                             label=state.group_label, attempt=state.attempts + 1, sent_at=format_time(utcnow()),
+                             dashboard_url=self.options.dashboard_url)
+        # Each member as it would have gone alone: its own event id and webhook-id, this attempt's number.
+        return render_group(endpoint.format, group, [
+            (m.alert_record, self._context(endpoint, replace(m, attempts=state.attempts), m.alert_record))
+            for m in members])
+
+    async def _attempt(self, endpoint: Endpoint, state: DeliveryState) -> Outcome:
         url = endpoint.url.reveal()
         host, port = host_and_port(url)
         guarded = not endpoint.settings.allow_private
         try:
-            body = render(endpoint.format, alert, self._context(endpoint, state, alert))
+            try:
+                body = self._render(endpoint, state)
+            except ValueError as exc:  # a group notification whose endpoint's format no longer takes groups
+                return Outcome(ok=False, retryable=False, error=f"{exc}; not retried")
             # The endpoint's headers first: ours (framing, signature) always win; config checks refuse clashes anyway.
             headers = {**endpoint.request_headers(), "Content-Type": "application/json", "User-Agent": USER_AGENT}
             if endpoint.signing_secrets:
@@ -803,11 +948,16 @@ async def _check(config) -> int:
 
 def _print_status(settings: Settings, names: TopicNames) -> int:
     states = read_delivery_states(settings.kafka, names.deliveries)
-    print(f"{names.deliveries}: {len(states)} deliveries {summarize(states.values())}")
+    deliveries = sum(not s.is_group for s in states.values())
+    print(f"{names.deliveries}: {deliveries} deliveries {summarize(states.values())}")
+    groups = summarize(states.values(), groups=True)
+    if groups:
+        print(f"  of them in {sum(groups.values())} group notifications {groups}")
     for state in sorted(states.values(), key=lambda s: s.updated_at):
         if not state.terminal or state.state in (FAILED, EXPIRED):
             requeued_note = f"  re-queued {state.requeues}x, last {format_time(state.requeued_at)}" if state.requeues else ""
-            print(f"  {state.state:<9} {state.key}  attempts={state.attempts}{requeued_note}  {state.last_error}")
+            grouped = f"  ({len(state.members)} events, group {state.group_label})" if state.is_group else ""
+            print(f"  {state.state:<9} {state.key}{grouped}  attempts={state.attempts}{requeued_note}  {state.last_error}")
     return 0
 
 

@@ -36,6 +36,9 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
     headers_env = {}                            # header -> env var holding its value, e.g. { "Authorization" = "VAR" }
     proxy = ""                                  # http(s)://host:port of an HTTP proxy; "" = direct
     proxy_env = ""                              # or: env var holding the proxy URL (when it carries credentials)
+    group_by = []                               # e.g. ["key_type"]: one notification per group (alerts.grouping)
+    group_wait_s = 30.0                         # with group_by: a new group's first event waits this long for others
+    group_interval_s = 300.0                    # with group_by: a group notifies again at most this often
 
 Isolation: a request first takes one of its endpoint's ``max_concurrency`` slots, then one of the shared
 ``[alerts] max_concurrency`` ones, so an endpoint whose requests hang holds at most its own number of shared slots
@@ -44,6 +47,9 @@ and the others keep theirs. After ``breaker_failures`` consecutive failed attemp
 tries it, with the pause doubling from ``backoff_initial_s`` up to ``backoff_max_s``, until it answers
 (``alerts.breaker``). Each delivery keeps its own retry window: one whose window ends while the endpoint is paused
 is recorded ``failed``.
+
+Grouping (``alerts.grouping``): with ``group_by`` the endpoint gets one notification per group of alert events
+instead of one per event; not for pagerduty.
 
 Transport (``alerts.transport``): ``ca_file``, the client certificate, ``headers``/``headers_env`` and
 ``proxy``/``proxy_env``. Headers that frame or sign the request (Content-Type, Host, User-Agent, webhook-*...) are
@@ -74,6 +80,7 @@ from aiohttp.resolver import ThreadedResolver
 from stream.config import ConfigError, Settings, build_dataclass
 from stream.records import SEVERITIES, severity_rank
 
+from .grouping import GroupPolicy, check_grouping
 from .signing import decode_secret, split_secrets
 from .transport import Proxy, check_connection, check_headers, check_proxy_url, host_and_port, tls_context
 
@@ -106,6 +113,9 @@ class EndpointSettings:
     headers_env: dict[str, str] = field(default_factory=dict)
     proxy: str = ""
     proxy_env: str = ""
+    group_by: list[str] = field(default_factory=list)
+    group_wait_s: float | None = None
+    group_interval_s: float | None = None
 
 
 @dataclass
@@ -286,6 +296,7 @@ def _validate(config: AlertDeliveryConfig) -> None:
         if ep.client_key_file and not ep.client_cert_file:
             raise ConfigError(f"{where}: client_key_file needs client_cert_file (the certificate it belongs to)")
         check_headers(ep.headers, ep.headers_env, where)
+        check_grouping(ep, where)
         if ep.proxy and ep.proxy_env:
             raise ConfigError(f"{where}: set proxy or proxy_env, not both")
         if ep.proxy:
@@ -381,6 +392,7 @@ class Endpoint:
         self.proxy = Proxy.from_url(proxy_url) if proxy_url else None
         self._proxy_secrets = [Secret(proxy_url), Secret(urlsplit(proxy_url).password or ""),
                                Secret(self.proxy.authorization if self.proxy else "")]
+        self.grouping = GroupPolicy.of(settings)
         # The earliest time the next request to this endpoint may go out (a Retry-After pauses the whole endpoint).
         self.not_before = 0.0
 

@@ -14,7 +14,19 @@
   this endpoint was sent before (``endsAt`` = the escalating window's end) and starts the new one, in one post; the
   resolve ends every label set the endpoint was sent (``DeliveryContext.sent_severities``), so nothing stays open.
 
-``render`` returns the body bytes; signing and sending are the dispatcher's.
+Grouped endpoints (``alerts.grouping``) get one notification for many alert events, ``render_group``:
+
+- ``native``: ``{"type": "finpulse.alert.group", "timestamp", "group": {"label", "count", "counts"}, "alerts":
+  [...], "delivery": {...}}``; each item of ``alerts`` is exactly the native body that event would have had alone
+  (its own ``type``, ``data`` and ``delivery.event_id`` / ``delivery.webhook_id``), in emission order, so a
+  receiver can keep deduplicating per event while the request's webhook-id is the group's;
+- ``slack``: one message: the counts, then one line per event, most severe first and resolves last, at most
+  ``SLACK_GROUP_LINES`` of them and "+N more";
+- ``alertmanager``: one POST whose list holds every event's entries (Alertmanager groups them again by its own
+  route's ``group_by``);
+- ``pagerduty``: not grouped (the config refuses it): Events v2 takes one event per dedup_key.
+
+``render`` and ``render_group`` return the body bytes; signing and sending are the dispatcher's.
 """
 from __future__ import annotations
 
@@ -24,7 +36,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 from urllib.parse import quote
 
-from stream.records import AlertRecord, format_time
+from stream.records import AlertRecord, format_time, severity_rank
 
 EVENT_TYPES = {"firing": "finpulse.alert.firing", "escalation": "finpulse.alert.escalated",
                "resolved": "finpulse.alert.resolved"}
@@ -34,6 +46,7 @@ ALERTMANAGER_ALERTNAME = "FinPulseNegativeSentimentSpike"
 # (5 min by default). A firing alert therefore states a far end; the resolved event replaces it with the real one.
 ALERTMANAGER_FIRING_TTL = timedelta(hours=24)
 SLACK_EXCERPTS = 3
+SLACK_GROUP_LINES = 10  # one headline is about 200 characters: ten stay inside a section's 3000
 PAGERDUTY_SUMMARY_MAX = 1024
 
 
@@ -52,12 +65,37 @@ class DeliveryContext:
     sent_severities: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class GroupContext:
+    """What a grouped notification carries beyond its members: its own identity and its group."""
+    webhook_id: str
+    event_id: str
+    endpoint: str
+    label: str                     # e.g. "key_type=topic", or "all"
+    attempt: int = 1
+    sent_at: str = ""
+    dashboard_url: str = ""
+
+
 def render(fmt: str, alert: AlertRecord, ctx: DeliveryContext) -> bytes:
     try:
         renderer = _RENDERERS[fmt]
     except KeyError:
         raise ValueError(f"unknown format {fmt!r} (known: {', '.join(_RENDERERS)})") from None
-    return json.dumps(renderer(alert, ctx), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _body(renderer(alert, ctx))
+
+
+def render_group(fmt: str, group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> bytes:
+    """One notification for ``members`` (each event with the context it would have had alone), in their order."""
+    try:
+        renderer = _GROUP_RENDERERS[fmt]
+    except KeyError:
+        raise ValueError(f"format {fmt!r} takes no grouped notifications (grouped: {', '.join(_GROUP_RENDERERS)})") from None
+    return _body(renderer(group, members))
+
+
+def _body(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def headline(alert: AlertRecord) -> str:
@@ -88,10 +126,16 @@ def _native(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
     }
 
 
+def _slack_icon(alert: AlertRecord) -> str:
+    if alert.status == "resolved":
+        return ":large_green_circle:"
+    return {"critical": ":red_circle:", "warning": ":large_orange_circle:"}.get(alert.severity, ":large_blue_circle:")
+
+
 def _slack(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
     obs, base = alert.observed or {}, alert.baseline or {}
     resolved = alert.status == "resolved"
-    icon = ":large_green_circle:" if resolved else {"critical": ":red_circle:", "warning": ":large_orange_circle:"}.get(alert.severity, ":large_blue_circle:")
+    icon = _slack_icon(alert)
     what = ("Resolved" if resolved else f"Escalated from {alert.escalated_from} to {alert.severity}"
             if alert.escalated_from else "Negative sentiment spike")
     title = f"{what}: {alert.key_type} {alert.key}"
@@ -206,6 +250,58 @@ def _alertmanager_entry(alert: AlertRecord, severity: str, ends_at: datetime, ct
 
 _RENDERERS: dict[str, Callable[[AlertRecord, DeliveryContext], Any]] = {
     "native": _native, "slack": _slack, "pagerduty": _pagerduty, "alertmanager": _alertmanager,
+}
+
+
+# ---------------------------------------------------------------- grouped notifications
+
+def _counts(alerts: list[AlertRecord]) -> dict[str, int]:
+    """How many firings, escalations and resolves, in that order, leaving out the kinds that are absent."""
+    kinds = [a.event_kind for a in alerts]
+    return {kind: kinds.count(kind) for kind in ("firing", "escalation", "resolved") if kind in kinds}
+
+
+def _native_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> dict[str, Any]:
+    alerts = [alert for alert, _ in members]
+    return {
+        "type": "finpulse.alert.group",
+        "timestamp": format_time(max(a.emitted_at for a in alerts)),
+        "group": {"label": group.label, "count": len(alerts), "counts": _counts(alerts)},
+        "alerts": [_native(alert, ctx) for alert, ctx in members],
+        "delivery": {"webhook_id": group.webhook_id, "event_id": group.event_id, "endpoint": group.endpoint,
+                     "attempt": group.attempt, "sent_at": group.sent_at},
+    }
+
+
+def _slack_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> dict[str, Any]:
+    alerts = [alert for alert, _ in members]
+    # Most severe first, resolves last; sorted() is stable, so emission order stays within a rank.
+    ranked = sorted(alerts, key=lambda a: (a.status == "resolved", -severity_rank(a.severity)))
+    counts = ", ".join(f"{n} {'escalated' if kind == 'escalation' else kind}" for kind, n in _counts(alerts).items())
+    title = f"FinPulse: {len(alerts)} alert events" + ("" if group.label == "all" else f" ({group.label})")
+    lines = [f"{_slack_icon(a)} {_slack_escape(headline(a))}" for a in ranked[:SLACK_GROUP_LINES]]
+    if len(ranked) > SLACK_GROUP_LINES:
+        lines.append(f"+{len(ranked) - SLACK_GROUP_LINES} more")
+    context = f"FinPulse group notification `{_slack_escape(group.event_id)}`"
+    if group.dashboard_url:
+        context += f" · <{group.dashboard_url.rstrip('/')}/|open the dashboard>"
+    return {
+        "text": _slack_escape(f"{title}: {counts}; most severe: {headline(ranked[0])}"),
+        "blocks": [
+            {"type": "header", "text": {"type": "plain_text", "text": _cut(title, 150), "emoji": True}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": _cut(_slack_escape(counts), 3000)}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": _cut("\n".join(lines), 3000)}},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": _cut(context, 3000)}]},
+        ],
+    }
+
+
+def _alertmanager_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> list[dict[str, Any]]:
+    return [entry for alert, ctx in members for entry in _alertmanager(alert, ctx)]
+
+
+_GROUP_RENDERERS: dict[str, Callable[[GroupContext, list[tuple[AlertRecord, DeliveryContext]]], Any]] = {
+    "native": _native_group, "slack": _slack_group, "alertmanager": _alertmanager_group,
 }
 
 

@@ -145,6 +145,10 @@ class Receiver:
 
 def describe_payload(payload) -> str:
     """One readable line for a native FinPulse payload; a size for anything else."""
+    if isinstance(payload, dict) and payload.get("type") == "finpulse.alert.group":
+        group = payload.get("group") or {}
+        counts = ", ".join(f"{n} {kind}" for kind, n in (group.get("counts") or {}).items())
+        return f"GROUP {group.get('label', '?')} of {group.get('count', '?')}: {counts}"
     if isinstance(payload, dict) and isinstance(payload.get("data"), dict):
         data = payload["data"]
         observed = data.get("observed") or {}
