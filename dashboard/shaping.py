@@ -393,7 +393,7 @@ def alert_table(alerts: pd.DataFrame, deliveries: pd.DataFrame, since: pd.Timest
 
 
 def alert_deliveries(deliveries: pd.DataFrame, alert_id: str) -> pd.DataFrame:
-    columns = ["event_id", "endpoint", "status", "attempts", "last_error", "updated_at"]
+    columns = ["event_id", "endpoint", "status", "attempts", "last_error", "group", "updated_at"]
     if deliveries.empty:
         return pd.DataFrame(columns=columns)
     return deliveries.loc[deliveries["alert_id"] == alert_id, columns].sort_values(["event_id", "endpoint"]).reset_index(drop=True)

@@ -10,7 +10,9 @@ What is kept (see ``DashboardSettings``):
 - scored: one row per message id (at-least-once duplicates collapse);
 - alerts: one row per alert event (``event_id``: an episode's firing, each escalation, its resolve), the latest
   emitted;
-- deliveries: one row per compacted key ``<event_id>|<endpoint>``; a tombstone removes it.
+- deliveries: one row per compacted key ``<event_id>|<endpoint>``, one alert event to one endpoint (with the group
+  notification that carried it, for a grouped endpoint); a tombstone removes it. Group notification records are
+  left out: their members carry the state, per episode.
 Every kind is bounded by ``retention_hours`` back from its newest record and by a row cap.
 Malformed records are counted in ``bad_records`` and skipped: one bad record never hides the others.
 """
@@ -40,7 +42,7 @@ ALERT_COLUMNS = ("id", "status", "event_id", "key_type", "key", "window_s", "win
                  "baseline_mean_score_std", "started_at", "emitted_at", "resolved_at", "summary", "model_version",
                  "messages", "escalated_from")
 DELIVERY_COLUMNS = ("delivery_key", "event_id", "alert_id", "endpoint", "status", "attempts", "last_error",
-                    "updated_at")
+                    "group", "updated_at")
 
 _TIME_COLUMNS = {"window_start", "window_end", "emitted_at", "event_time", "scored_at", "started_at",
                  "resolved_at", "updated_at"}
@@ -173,8 +175,11 @@ def alert_row(data: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def delivery_row(key: str, data: dict[str, Any]) -> dict[str, Any]:
-    """The dispatcher's delivery state; every field is read defensively, falling back on the compacted key."""
+def delivery_row(key: str, data: dict[str, Any]) -> dict[str, Any] | None:
+    """The dispatcher's delivery state; every field is read defensively, falling back on the compacted key. None for
+    a group notification (it lists its members, whose own records map to their episodes)."""
+    if data.get("members"):
+        return None
     event_from_key, _, endpoint_from_key = key.rpartition("|")
     event_id = str(data.get("event_id") or event_from_key or "")
     if not event_id:
@@ -185,8 +190,10 @@ def delivery_row(key: str, data: dict[str, Any]) -> dict[str, Any]:
         # The episode: event ids are <episode>:<status>[:<severity>], and no alert or run id holds a colon.
         "alert_id": str(data.get("alert_id") or event_id.partition(":")[0]),
         "endpoint": str(data.get("endpoint") or endpoint_from_key or "?"),
-        "status": str(data.get("status") or "unknown"), "attempts": int(attempts),
-        "last_error": str(data.get("last_error") or ""), "updated_at": data.get("updated_at"),
+        # The dispatcher writes "state" (DeliveryState); "status" is read too, as older tools wrote it.
+        "status": str(data.get("state") or data.get("status") or "unknown"), "attempts": int(attempts),
+        "last_error": str(data.get("last_error") or ""), "group": str(data.get("group") or "").rpartition("|")[0],
+        "updated_at": data.get("updated_at"),
     }
 
 
@@ -286,7 +293,8 @@ class LiveStore:
             elif kind == "alerts":
                 rows = {"alerts": [alert_row(data)]}
             elif kind == "deliveries":
-                rows = {"deliveries": [delivery_row(key_text, data)]}
+                row = delivery_row(key_text, data)
+                rows = {"deliveries": [row] if row is not None else []}
             else:
                 raise ValueError(f"unknown record kind {kind!r}")
         except BadRecord:

@@ -133,7 +133,7 @@ def _add_alerts(out: Synthetic, last_start: datetime, window_s: int, shock_key: 
                                            (escalation, "delivered", "risk-webhook", ""),
                                            (escalation, "failed", "pagerduty", "HTTP 503 from events.pagerduty.example")):
         out.deliveries[f"{event.event_id}|{endpoint}"] = {
-            "event_id": event.event_id, "endpoint": endpoint, "status": status,
+            "event_id": event.event_id, "endpoint": endpoint, "state": status,
             "attempts": 1 if status == "delivered" else 5, "last_error": error,
             "updated_at": format_time(event.emitted_at + timedelta(seconds=2))}
 

@@ -330,7 +330,7 @@ def test_store_dedupes_alerts_and_messages_and_applies_delivery_tombstones():
     for m in data.scored + data.scored[:10]:
         store.add("scored", m.to_json())
     for key, state in data.deliveries.items():
-        store.add("deliveries", json.dumps({**state, "status": "pending"}), key)
+        store.add("deliveries", json.dumps({**state, "state": "pending"}), key)
         store.add("deliveries", json.dumps(state), key)
     doomed = next(iter(data.deliveries))
     store.add("deliveries", None, doomed)
@@ -496,3 +496,24 @@ def test_freshness_says_live_or_stale_and_the_likely_reason():
     assert sh.freshness(None, now, 120, None) is None
     assert [sh.duration(s) for s in (0, 89, 90, 3_000, 5_400, 11_100)] == ["0 s", "89 s", "2 min", "50 min",
                                                                             "1 h 30 min", "3 h 05 min"]
+
+
+def test_store_maps_grouped_deliveries_to_their_episodes_and_leaves_group_notifications_out():
+    """The dispatcher's own records (DeliveryState): a group notification lists its members and is left out; each
+    member maps to its episode, with the dispatcher's state and the notification that carried it."""
+    from dataclasses import replace as changed
+
+    from alerts.deliveries import DELIVERED, new_pending
+    from alerts.grouping import new_group
+
+    data = synthesize(utcnow())
+    firings = [a for a in data.alerts if a.status == "firing"][:2]
+    members = [new_pending(a, "slack", 0, n, 600.0) for n, a in enumerate(firings)]
+    notification = changed(new_group("slack", "all", members), state=DELIVERED)
+    store = _store()
+    for state in [notification, *(changed(m, state=DELIVERED, group=notification.key) for m in members)]:
+        assert store.add("deliveries", state.to_json(), state.key)
+    table = store.snapshot().deliveries
+    assert list(table["event_id"]) == [a.event_id for a in firings]
+    assert set(table["status"]) == {"delivered"} and set(table["group"]) == {notification.event_id}
+    assert list(table["alert_id"]) == [a.id for a in firings]

@@ -225,9 +225,9 @@ def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path, p
     assert gateway.proxy.url == "http://proxy.bank.internal:3128" and gateway.tls is not True
 
 
-def dispatch_until_settled(topics, receiver: Receiver, deliveries: int, settings_for, polls: int = 600) -> dict:
-    """Serve ``receiver`` on a free port and run a real Dispatcher with ``settings_for(port)`` until ``deliveries``
-    delivery states exist and all are final (or ``polls`` tenths of a second pass); returns the states."""
+def serve_and_dispatch(topics, settings_for, receiver: Receiver, steps):
+    """Serve ``receiver`` on a free port, run a real Dispatcher with ``settings_for(port)`` and await
+    ``steps(dispatcher)`` while it runs; returns what ``steps`` returns."""
     async def scenario():
         runner = web.AppRunner(receiver.app())
         await runner.setup()
@@ -235,16 +235,23 @@ def dispatch_until_settled(topics, receiver: Receiver, deliveries: int, settings
         dispatcher = Dispatcher(settings_for(runner.addresses[0][1]), topics)
         await dispatcher.start()
         try:
-            for _ in range(polls):
-                if len(dispatcher.log.states) == deliveries and all(s.terminal for s in dispatcher.log.states.values()):
-                    break
-                await asyncio.sleep(0.1)
-            return dict(dispatcher.log.states)
+            return await steps(dispatcher)
         finally:
             await dispatcher.stop()
             await runner.cleanup()
-
     return asyncio.run(scenario())
+
+
+def dispatch_until_settled(topics, receiver: Receiver, deliveries: int, settings_for, polls: int = 600) -> dict:
+    """Run a real Dispatcher against ``receiver`` (``serve_and_dispatch``) until ``deliveries`` delivery states
+    exist and all are final (or ``polls`` tenths of a second pass); returns the states."""
+    async def settle(dispatcher):
+        for _ in range(polls):
+            if len(dispatcher.log.states) == deliveries and all(s.terminal for s in dispatcher.log.states.values()):
+                break
+            await asyncio.sleep(0.1)
+        return dict(dispatcher.log.states)
+    return serve_and_dispatch(topics, settings_for, receiver, settle)
 
 
 # ---------------------------------------------------------------- routing, filters, replay isolation, the guard

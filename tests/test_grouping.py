@@ -12,11 +12,9 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
-from aiohttp import web
 
 from alerts.deliveries import (DELIVERED, FAILED, PENDING, delivery_key, new_pending, read_delivery_states,
                                redelivery_plan, requeued, webhook_id)
-from alerts.dispatch import Dispatcher
 from alerts.endpoints import load_delivery_config
 from alerts.formats import SLACK_GROUP_LINES, DeliveryContext, GroupContext, render_group
 from alerts.grouping import GroupPolicy, new_group
@@ -26,7 +24,8 @@ from stream.broker import free_port
 from stream.config import ConfigError, Settings
 from stream.records import AlertRecord
 from tests.procs import ManagedProcess
-from tests.test_delivery import REPO, finpulse, get_json, kafka_env, make_alert, produce, wait_for
+from tests.test_delivery import (REPO, finpulse, get_json, kafka_env, make_alert, produce, serve_and_dispatch,
+                                 wait_for)
 
 
 # ---------------------------------------------------------------- config
@@ -115,24 +114,7 @@ def test_alertmanager_group_is_one_list_and_pagerduty_takes_no_group():
 
 # ---------------------------------------------------------------- delivery end to end
 
-def serve_and_dispatch(topics, settings_for, receiver: Receiver, steps):
-    """Serve ``receiver``, run a real Dispatcher with ``settings_for(port)`` and run ``steps(dispatcher)`` (an
-    async function) while it runs; returns what ``steps`` returns."""
-    async def scenario():
-        runner = web.AppRunner(receiver.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        dispatcher = Dispatcher(settings_for(runner.addresses[0][1]), topics)
-        await dispatcher.start()
-        try:
-            return await steps(dispatcher)
-        finally:
-            await dispatcher.stop()
-            await runner.cleanup()
-    return asyncio.run(scenario())
-
-
-async def settled(dispatcher: Dispatcher, keys: set[str], polls: int = 900) -> dict:
+async def settled(dispatcher, keys: set[str], polls: int = 900) -> dict:
     """Wait until every delivery in ``keys`` is delivered (and every group notification is final)."""
     for _ in range(polls):
         states = dispatcher.log.states
