@@ -14,6 +14,11 @@ deliveries survive restarts and acknowledged ones are never sent again.
 (``requeued``: a fresh retry horizon, ``requeued_at`` set, ``requeues`` counted, same key and webhook id), and the
 dispatcher owning the alert's partition picks it up from the topic (``DeliveryLog.poll``). ``delivered`` is final.
 
+Grouped endpoints (``alerts.grouping``) add one record per group notification, keyed ``"group:<hash>|<endpoint>"``:
+no alert, ``members`` (its members' delivery keys, in order), ``group_label``, its own webhook id and retry window.
+Each member's own record names it in ``group`` ("" while the member waits for a notification); its final state is
+the notification's (see ``alerts.dispatch`` for the order of the writes and what a restart does).
+
 ``read_delivery_states()`` gives the same view to anyone else (the dashboard, tests).
 """
 from __future__ import annotations

@@ -40,6 +40,22 @@ How it works:
 - Order: deliveries of one alert id to one endpoint form a chain (firing, escalations, resolve), so neither an
   escalation nor a resolve overtakes what came before it (the detector keys every event of a key alike, so they
   come from one partition, in order).
+- Grouping (``alerts.grouping``, an endpoint with ``group_by``): an event taken on for such an endpoint is recorded
+  ``pending`` like any other, then waits in its group (``_Group``, in memory) until the group's next flush
+  (``group_wait_s`` / ``group_interval_s``). A flush (``_flush``) records, in this order, each step acknowledged
+  before the next: (1) the group notification, one key listing its members' keys (``new_group``); (2) each member,
+  naming it (``DeliveryState.group``); then delivers the notification like any delivery (retries, breaker, its own
+  ``webhook-id``), and on its outcome writes (3) the notification's final state, (4) each member's, the same.
+  A stop after (1) leaves members that a pending notification lists: they are never grouped again (``claimed``),
+  and the notification is resumed and resent with the same webhook-id. A stop after (3) leaves pending members of a
+  finished notification: ``_settle_members`` gives them its outcome on adoption. So an event is in at most one
+  acknowledged notification, and nothing waiting is lost: waiting members are pending records, grouped again by
+  whoever owns their partition. A notification belongs to the owner of its members' lowest alerts partition (its
+  chain stops when that partition is revoked); its members are written only by it once it lists them. An event
+  whose episode has an earlier event still pending at the endpoint (in another notification, another group, or
+  held) is held for the group's next flush (``_after_unsent``), so order holds as for single deliveries; a firing
+  and its resolve in one flush go in one notification, in order. ``--redeliver`` re-queues a failed notification's
+  failed members, not the notification: re-queued, a member leaves it and is grouped anew.
 - Pending deliveries belong to the dispatcher that owns the alert's partition. On start and on every rebalance it
   reads the deliveries topic to its true end, then resumes the pending ones of the partitions it was given; on
   revocation it lets in-flight requests finish and stops the rest.
