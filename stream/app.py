@@ -95,7 +95,6 @@ class Scoring:
         self.max_text_chars = max_text_chars
         self.clock = clock
         self.kinds: dict[str, Kind] = {names.news: "news", names.comments: "comment"}
-        self.rejected: Counter[str] = Counter()          # dead letters by reason (replay's tallies use it)
         # By input topic (and reason): read at scrape time by the worker's metrics, so scoring pays nothing more.
         self.consumed: Counter[str] = Counter()
         self.scored: Counter[str] = Counter()
@@ -161,7 +160,6 @@ class Scoring:
         return out
 
     def dead_letter(self, message: SourceMessage, reason: str, detail: str) -> Outgoing:
-        self.rejected[reason] += 1
         self.dead_lettered[(message.topic, reason)] += 1
         original, key = message.value or b"", message.key
         if len(original) > DEAD_LETTER_ORIGINAL_MAX:
@@ -189,9 +187,18 @@ class Scoring:
                                              f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset})")
         return Outgoing(record.topic, None, smaller.to_json(), record.timestamp_ms)
 
+    @property
+    def rejected(self) -> Counter[str]:
+        """Dead letters by reason, all input topics together (the stats line and replay's tallies)."""
+        by_reason: Counter[str] = Counter()
+        for (_, reason), count in self.dead_lettered.items():
+            by_reason[reason] += count
+        return by_reason
+
     def stats_line(self) -> str:
-        reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(self.rejected.items())) or "none"
-        return f"scored {sum(self.scored.values())}; dead-lettered {sum(self.rejected.values())} ({reasons})"
+        rejected = self.rejected
+        reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(rejected.items())) or "none"
+        return f"scored {sum(self.scored.values())}; dead-lettered {sum(rejected.values())} ({reasons})"
 
     def metric_families(self) -> list[Family]:
         """The counts so far as Prometheus counters (``stream.metrics``)."""
