@@ -1,8 +1,19 @@
-"""Subcommands owned by ``alerts``: ``finpulse receiver`` (the demo/test webhook receiver) and ``finpulse dispatch``
-(the alert dispatcher on its own, outside the Faust worker)."""
+"""Subcommands owned by ``alerts``: ``finpulse receiver`` (the demo/test webhook receiver), ``finpulse dispatch``
+(the alert dispatcher on its own, outside the Faust worker) and ``finpulse silence`` (withhold notifications for a
+while)."""
 from __future__ import annotations
 
 import argparse
+import getpass
+
+SILENCE_EXAMPLES = """examples:
+  finpulse silence add --match "topic=Energy | Oil" --for 4h --comment "OPEC meeting, expected volatility"
+  finpulse silence add --match ticker=TSLA --match severity!=critical --starts 2026-12-03T21:00Z --for 2h \\
+      --comment "earnings call: only critical pages"
+  finpulse silence add --match endpoint=risk-slack --for 30m --comment "channel migration"
+  finpulse silence list
+  finpulse silence expire sil_4f2a9c1be3d0
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +51,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="with --redeliver: print what would be re-queued, change nothing")
     p.set_defaults(func=_dispatch)
 
+    p = sub.add_parser("silence", help="withhold alert notifications matching some fields for a while (add, list, expire)",
+                       description="Silences, as in Alertmanager: alerts still fire, are stored and shown; their "
+                                   "notifications are withheld while a silence matching them is in force. An episode "
+                                   "still firing when its silence ends is sent then.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SILENCE_EXAMPLES)
+    actions = p.add_subparsers(dest="silence_action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="add a silence; prints its id")
+    add.add_argument("--match", action="append", default=[], metavar="NAME=VALUE", required=True,
+                     help="key, key_type, severity or endpoint, with = != =~ (whole-value regex) or !~; topic=LABEL and "
+                          "ticker=SYMBOL are shorthands. Repeat: every matcher must match")
+    until = add.add_mutually_exclusive_group(required=True)
+    until.add_argument("--for", dest="duration", metavar="DURATION", help="how long from its start: 90m, 4h, 2d")
+    until.add_argument("--until", metavar="TIME", help="when it ends: ISO-8601 (naive means UTC)")
+    add.add_argument("--starts", metavar="TIME", help="when it starts (default now): ISO-8601")
+    add.add_argument("--comment", required=True, help="why: the earnings call, the vendor outage, a ticket")
+    add.add_argument("--author", default=_login_name(), help="who (default: your login name)")
+    listing = actions.add_parser("list", help="the silences in force and those to come (--all: the ended ones too)")
+    listing.add_argument("--all", action="store_true", help="include silences that have ended")
+    expire = actions.add_parser("expire", help="end a silence now")
+    expire.add_argument("silence_id", metavar="ID")
+    p.set_defaults(func=_silence)
+
 
 def _receiver(args, settings) -> int:
     from .receiver import run_receiver
@@ -54,3 +87,15 @@ def _dispatch(args, settings) -> int:
     settings = settings.with_overrides({"alerts": {"group_id": args.group_id, "metrics_port": args.metrics_port}})
     return run_dispatch(settings, check=args.check, status=args.status, redeliver=args.redeliver,
                         endpoint=args.endpoint, alert_id=args.alert, dry_run=args.dry_run)
+
+
+def _silence(args, settings) -> int:
+    from .silences import run_silence
+    return run_silence(args, settings)
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in the environment nor in the password database
+        return ""

@@ -6,11 +6,14 @@ replay's alert: see ``AlertRecord.event_id``).
 Every change is a new record: ``pending`` when the dispatcher takes the event on (before it commits the alert's
 offset), ``pending`` again after each failed attempt (attempts, last error, next retry time), then ``delivered`` or
 ``failed`` (gave up: not retryable, or past the retry horizon). ``expired`` is recorded instead of ``pending`` for
-an alert too old to send when the dispatcher takes it on (``[alerts] max_alert_age_s``); it is never sent. The latest record per key is the truth; compaction
+an alert too old to send when the dispatcher takes it on (``[alerts] max_alert_age_s``); it is never sent.
+``silenced`` is recorded instead of ``pending`` for an event that a silence (``alerts.silences``) withholds from the
+endpoint, naming it in ``silence``; it is left once only, when the silence has ended and the episode is still open
+there (``unsilenced``: pending again, a fresh retry window). The latest record per key is the truth; compaction
 keeps exactly that. A restarted dispatcher rebuilds its state by reading the topic to its true end, so pending
 deliveries survive restarts and acknowledged ones are never sent again.
 
-``failed`` is the one state that can be left again: ``finpulse dispatch --redeliver`` writes ``pending`` once more
+Besides ``silenced`` (above), ``failed`` is the one final state that can be left again: ``finpulse dispatch --redeliver`` writes ``pending`` once more
 (``requeued``: a fresh retry horizon, ``requeued_at`` set, ``requeues`` counted, same key and webhook id), and the
 dispatcher owning the alert's partition picks it up from the topic (``DeliveryLog.poll``). ``delivered`` is final.
 
@@ -39,8 +42,8 @@ from stream.records import AlertRecord, _Record, epoch_ms, severity_rank, utcnow
 
 log = logging.getLogger(__name__)
 
-PENDING, DELIVERED, FAILED, EXPIRED = "pending", "delivered", "failed", "expired"
-TERMINAL = frozenset({DELIVERED, FAILED, EXPIRED})
+PENDING, DELIVERED, FAILED, EXPIRED, SILENCED = "pending", "delivered", "failed", "expired", "silenced"
+TERMINAL = frozenset({DELIVERED, FAILED, EXPIRED, SILENCED})
 # A resolve is delivered after its firing and escalations, whatever order they reach the dispatcher in (those come
 # from one partition, so their offsets order them).
 STATUS_ORDER = {"firing": 0, "resolved": 1}
@@ -59,7 +62,7 @@ def webhook_id(key: str) -> str:
 class DeliveryState(_Record):
     event_id: str
     endpoint: str
-    state: str                         # pending | delivered | failed | expired
+    state: str                         # pending | delivered | failed | expired | silenced
     alert: dict                        # the AlertRecord being delivered (to_dict form)
     alerts_partition: int              # where the alert came from: the dispatcher owning it resumes it
     alerts_offset: int
@@ -80,9 +83,11 @@ class DeliveryState(_Record):
     group: str = ""
     members: tuple[str, ...] = ()
     group_label: str = ""              # a group notification's group, e.g. "key_type=topic"
+    silence: str = ""                  # silenced: the id of the silence that withheld it
+    unsilenced_at: datetime | None = None  # when it was taken on again because its silence had ended
 
     _time_fields: ClassVar[tuple[str, ...]] = ("created_at", "updated_at", "deadline_at", "next_attempt_at",
-                                               "delivered_at", "requeued_at")
+                                               "delivered_at", "requeued_at", "unsilenced_at")
 
     @property
     def key(self) -> str:
@@ -138,6 +143,16 @@ def requeued(state: DeliveryState, horizon_s: float) -> DeliveryState:
     # A member of a failed group notification leaves it: it goes out in a new group (or alone), never in the old one.
     return replace(state, state=PENDING, deadline_at=now + timedelta(seconds=horizon_s), next_attempt_at=now,
                    delivered_at=None, requeued_at=now, requeues=state.requeues + 1, group="")
+
+
+def unsilenced(state: DeliveryState, horizon_s: float) -> DeliveryState:
+    """A silenced delivery taken on after its silence ended: pending, due now, with a fresh retry window (the
+    event is old by then, but the incident it opens is still open)."""
+    if state.state != SILENCED:
+        raise ValueError(f"only a silenced delivery can be taken on again; {state.key} is {state.state}")
+    now = utcnow()
+    return replace(state, state=PENDING, deadline_at=now + timedelta(seconds=horizon_s), next_attempt_at=now,
+                   unsilenced_at=now, last_error="")
 
 
 class DeliveryLog:

@@ -56,6 +56,16 @@ How it works:
   held) is held for the group's next flush (``_after_unsent``), so order holds as for single deliveries; a firing
   and its resolve in one flush go in one notification, in order. ``--redeliver`` re-queues a failed notification's
   failed members, not the notification: re-queued, a member leaves it and is grouped anew.
+- Silences (``alerts.silences``, on the compacted ``finpulse.silences`` topic, read to its end at start and followed
+  between alert batches): an event that a silence in force at its emission covers for an endpoint is recorded
+  ``silenced`` (naming the silence) instead of ``pending``, and never sent; deciding at emission makes every
+  dispatcher decide alike, now or after a restart. A resolve is never withheld from an endpoint given an event of
+  its episode, and always from one whose every event of it was silenced (``_silenced``). When a silence ends, the
+  owner of the alert's partition takes on the highest silenced firing or escalation of each episode it held that is
+  still open at the endpoint (no resolve recorded there, nothing of that severity sent, no other silence covering it
+  now): ``silenced`` becomes ``pending`` with a fresh retry window (``unsilenced``) and it goes out like any other,
+  in its chain. Adoption does the same, so an end missed while no dispatcher ran is acted on by the next one.
+  Replays' alerts are never silenced.
 - Pending deliveries belong to the dispatcher that owns the alert's partition. On start and on every rebalance it
   reads the deliveries topic to its true end, then resumes the pending ones of the partitions it was given; on
   revocation it lets in-flight requests finish and stops the rest.
@@ -102,14 +112,15 @@ from stream.ops import LAG_HELP, READINESS, OpsServer
 from stream.records import AlertRecord, format_time, severity_rank, utcnow
 from stream.topics import TopicNames, ensure_topics
 
-from .deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, DeliveryLog, DeliveryState, delivery_key, new_pending,
-                         read_delivery_states, redelivery_plan, requeued, summarize)
+from .deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, SILENCED, DeliveryLog, DeliveryState, delivery_key,
+                         new_pending, read_delivery_states, redelivery_plan, requeued, summarize, unsilenced)
 from .breaker import CircuitBreaker
 from .grouping import member_order, new_group
 from .endpoints import (BlockedAddressError, Endpoint, GuardedResolver, build_endpoints, checked_address, literal_ip,
                         load_delivery_config, preflight)
 from .formats import DeliveryContext, GroupContext, render, render_group
 from .signing import signature_headers
+from .silences import SilenceBook, read_silences
 from .transport import certificate_failure, host_and_port
 
 log = logging.getLogger(__name__)
@@ -120,7 +131,8 @@ PAUSING_STATUS = frozenset({429, 503})
 ERROR_TEXT_MAX = 300
 
 DELIVERIES = counter("finpulse_deliveries_total", "Deliveries that reached a final state, by endpoint and state "
-                     "(delivered, failed, expired).", ["endpoint", "state"])
+                     "(delivered, failed, expired, silenced; one sent when its silence ended counts again as "
+                     "delivered or failed).", ["endpoint", "state"])
 ATTEMPTS = counter("finpulse_delivery_attempts_total", "Requests to endpoints, by endpoint and outcome (success; "
                    "retryable: timeouts, connection errors, 408/425/429/5xx; permanent: any other refusal).",
                    ["endpoint", "outcome"])
@@ -214,6 +226,9 @@ class Dispatcher:
         self.endpoints: dict[str, Endpoint] = {e.name: e for e in build_endpoints(self.config, environ)}
         self.group_id = self.options.group_id or f"{settings.worker.app_id}-dispatcher"
         self.log = DeliveryLog(self.kafka, self.names.deliveries)
+        # Replays have no silences topic: a backtest's alerts all reach its test endpoint.
+        self.silences = SilenceBook(self.kafka, self.names.silences) if self.names.silences else None
+        self._silences_seen_at = utcnow()   # silences that ended before this were acted on
         self._chains: dict[tuple[str, str], _Chain] = {}
         self._groups: dict[tuple[str, str], _Group] = {}   # (endpoint, group label) of grouped endpoints
         self._owned: set[int] = set()
@@ -237,9 +252,11 @@ class Dispatcher:
         READINESS.add("dispatcher", self._readiness)
         REGISTRY.add_collector(self._metric_families)
         await self.log.start()
+        if self.silences is not None:
+            await self.silences.start()
         self._shared_slots = asyncio.Semaphore(self.options.max_concurrency)
         for endpoint in self.endpoints.values():
-            for final in (DELIVERED, FAILED, EXPIRED):      # every series from 0, so that rate() sees the first one
+            for final in (DELIVERED, FAILED, EXPIRED, SILENCED):  # every series from 0, so rate() sees the first one
                 DELIVERIES.labels(endpoint.name, final)
             for outcome in ("success", "retryable", "permanent"):
                 ATTEMPTS.labels(endpoint.name, outcome)
@@ -289,6 +306,8 @@ class Dispatcher:
         for session in self._sessions.values():
             await session.close()
         await self.log.stop()
+        if self.silences is not None:
+            await self.silences.stop()
         READINESS.remove("dispatcher", self._readiness)
         REGISTRY.remove_collector(self._metric_families)
         log.info("dispatcher %s stopped", self.group_id)
@@ -339,6 +358,9 @@ class Dispatcher:
                          "Retry-After or the open breaker); 0 when it is not paused.", ["endpoint"],
                          {name: max(0.0, round(e.not_before - now, 3)) for name, e in self.endpoints.items()}),
         ]
+        if self.silences is not None:
+            families.append(gauge_family("finpulse_silences_active", "Silences in force now (finpulse silence list).",
+                                         [], {(): self.silences.active_count(utcnow())}))
         lag = self._alerts_lag()
         if lag is not None:
             families.append(gauge_family("finpulse_consumer_lag_messages", LAG_HELP, ["topic"], {self.names.alerts: lag}))
@@ -384,14 +406,22 @@ class Dispatcher:
                     window_from, too_old = self._window(alert, endpoint)
                     state = new_pending(alert, endpoint.name, tp.partition, record.offset,
                                         endpoint.settings.retry_horizon_s, window_from)
+                    silence, why = self._silenced(alert, endpoint) if not too_old else ("", "")
                     if too_old:
                         state = replace(state, state=EXPIRED, next_attempt_at=None, last_error=too_old)
                         DELIVERIES.labels(endpoint.name, EXPIRED).inc()
+                    elif why:
+                        state = replace(state, state=SILENCED, next_attempt_at=None, silence=silence, last_error=why)
+                        DELIVERIES.labels(endpoint.name, SILENCED).inc()
                     self.log.merge(state)  # visible at once: to duplicates and to a resolve later in this batch
                     planned.append(state)
             for state in await asyncio.gather(*(self.log.save(s) for s in planned)):
                 if state.state == PENDING:
                     self._enqueue(state)
+            silenced = [s for s in planned if s.state == SILENCED]
+            if silenced:
+                log.info("%d alert event(s) silenced, not sent: %s", len(silenced),
+                         ", ".join(f"{s.event_id} to {s.endpoint} ({s.silence})" for s in silenced))
             expired = sum(s.state == EXPIRED for s in planned)
             if expired:
                 log.warning("%d alert event(s) older than [alerts] max_alert_age_s (%.0fs) recorded as expired, "
@@ -408,6 +438,7 @@ class Dispatcher:
         async with self._adopting:
             reopened = await self.log.poll()
             await self._reassert_stale()
+            await self._after_silences()
             if not reopened:
                 return
             # `--redeliver` writes a firing's re-queue (and waits for its ack) before its resolve's, but the two can
@@ -485,6 +516,69 @@ class Dispatcher:
         found = (self.log.get(delivery_key(event_id, endpoint)) for event_id in alert.firing_event_ids())
         return [state for state in found if state is not None]
 
+    # ------------------------------------------------------------ silences (alerts.silences)
+
+    def _silenced(self, alert: AlertRecord, endpoint: Endpoint) -> tuple[str, str]:
+        """Whether a silence withholds ``alert`` from ``endpoint``: (silence id, why), or ("", "") to send it.
+
+        Decided at the alert's emission, so that whichever dispatcher takes it on, whenever, decides alike. A
+        replay's alert is never silenced (a backtest must see everything). A resolve is never withheld from an
+        endpoint given an event of its episode (an incident opened there is always closed), and always from one
+        whose every event of the episode was silenced (there is nothing to close)."""
+        if self.silences is None or alert.run_id:
+            return "", ""
+        if alert.status == "resolved":
+            given = self._given(alert, endpoint.name)
+            if given and not any(s.state in (PENDING, DELIVERED, FAILED) for s in given):
+                held = [s.silence for s in given if s.state == SILENCED]
+                if held:
+                    return held[-1], "silenced: every event of its episode was silenced at this endpoint"
+            if given:
+                return "", ""
+        silence = self.silences.silencing(alert, endpoint.name, min(alert.emitted_at, utcnow()))
+        if silence is None:
+            return "", ""
+        return silence.id, (f"silenced by {silence.id} until {format_time(silence.ends_at)} "
+                            f"({silence.created_by}: {silence.comment})")[:ERROR_TEXT_MAX]
+
+    async def _after_silences(self, force: bool = False) -> None:
+        """Once a silence has ended (expired, or expired early), an episode it held that is still open at an
+        endpoint goes out there: its highest silenced firing or escalation is taken on again (``unsilenced``),
+        as Alertmanager notifies what still fires after a silence. Runs when silences change or one ends, and on
+        adoption, so a restarted dispatcher does the same from the topics."""
+        if self.silences is None:
+            return
+        now = utcnow()
+        changed = await self.silences.poll()
+        ended = any(self._silences_seen_at < s.ends_at <= now for s in self.silences.silences.values())
+        self._silences_seen_at = now
+        if not (force or changed or ended):
+            return
+        highest: dict[tuple[str, str], DeliveryState] = {}
+        for state in self.log.states.values():
+            if (state.state == SILENCED and state.alert_status == "firing" and not state.is_group
+                    and state.alerts_partition in self._owned):
+                ck = (state.endpoint, state.alert_id)
+                if ck not in highest or severity_rank(state.alert_severity) > severity_rank(highest[ck].alert_severity):
+                    highest[ck] = state
+        for (endpoint_name, _), state in sorted(highest.items()):
+            endpoint = self.endpoints.get(endpoint_name)
+            alert = state.alert_record
+            silence = self.silences.silences.get(state.silence)
+            if endpoint is None or (silence is not None and silence.active(now)):
+                continue
+            if self.silences.silencing(alert, endpoint_name, now) is not None:
+                continue  # another silence covers it now: it waits for that one to end
+            if self.log.get(delivery_key(alert.event_id_of("resolved"), endpoint_name)) is not None:
+                continue  # the episode is over: nothing to open now
+            sent = [s for s in self._given(alert, endpoint_name) if s.state in (PENDING, DELIVERED)]
+            if any(severity_rank(s.alert_severity) >= severity_rank(alert.severity) for s in sent):
+                continue  # the endpoint has this severity of the episode already
+            state = await self.log.save(unsilenced(state, endpoint.settings.retry_horizon_s))
+            log.info("silence %s is over: %s to %s goes out now (its episode is still open)", state.silence,
+                     state.event_id, endpoint_name)
+            self._enqueue(state)
+
     # ------------------------------------------------------------ ownership
 
     async def _adopt(self, partitions: set[int]) -> None:
@@ -496,6 +590,7 @@ class Dispatcher:
                 resumed = self.log.pending_for(partitions)
                 for state in resumed:
                     self._enqueue(state)
+                await self._after_silences(force=True)
                 await self._reassert_stale()
                 self._adopted = True
             log.info("dispatcher %s owns alerts partitions %s; deliveries known %s, %d pending resumed",
@@ -810,8 +905,8 @@ class Dispatcher:
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
         # What this endpoint was sent of the episode before this event: a resolve follows all of it, a firing or an
-        # escalation only the lower severities. An expired delivery was never sent.
-        before = [s.alert_severity for s in self._given(alert, endpoint.name) if s.state != EXPIRED
+        # escalation only the lower severities. An expired or silenced delivery was never sent.
+        before = [s.alert_severity for s in self._given(alert, endpoint.name) if s.state not in (EXPIRED, SILENCED)
                   and (alert.status == "resolved" or severity_rank(s.alert_severity) < severity_rank(alert.severity))]
         return DeliveryContext(
             webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name, attempt=state.attempts + 1,
@@ -908,7 +1003,7 @@ def run_dispatch(settings: Settings, check: bool = False, status: bool = False, 
     if redeliver:
         asyncio.run(redeliver_failed(settings, names, endpoint=endpoint, alert_id=alert_id, dry_run=dry_run))
         return 0
-    ensure_topics(settings.kafka, [names.alerts, names.deliveries], names.compacted())
+    ensure_topics(settings.kafka, [names.alerts, names.deliveries, names.silences], names.compacted())
     return asyncio.run(_serve(settings, names))
 
 
@@ -969,6 +1064,10 @@ def _print_status(settings: Settings, names: TopicNames) -> int:
     groups = summarize(states.values(), groups=True)
     if groups:
         print(f"  of them in {sum(groups.values())} group notifications {groups}")
+    now = utcnow()
+    silences = asyncio.run(read_silences(settings.kafka, names.silences)).values()
+    print(f"{names.silences}: {sum(s.active(now) for s in silences)} in force, "
+          f"{sum(now < s.starts_at for s in silences)} to come (`finpulse silence list`)")
     for state in sorted(states.values(), key=lambda s: s.updated_at):
         if not state.terminal or state.state in (FAILED, EXPIRED):
             requeued_note = f"  re-queued {state.requeues}x, last {format_time(state.requeued_at)}" if state.requeues else ""

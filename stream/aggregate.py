@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 
 KEY_TYPES = ("topic", "ticker")
 REF_EXCERPT_CHARS = 200
-_DURATION = re.compile(r"^\s*(\d+)\s*([smh]?)\s*$")
-_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 WINDOWS_CLOSED = counter("finpulse_windows_closed_total", "Windows closed and published as final trends, by key type "
                          "(topic, ticker) and window length in seconds.", ["key_type", "window_s"])
@@ -69,12 +69,12 @@ LATE_MESSAGES = counter("finpulse_late_messages_total", "Scored messages that ar
 
 
 def parse_duration_s(text: str | int) -> int:
-    """``90``, ``"90s"``, ``"5m"``, ``"1h"`` -> seconds."""
+    """``90``, ``"90s"``, ``"5m"``, ``"1h"``, ``"2d"`` -> seconds."""
     if isinstance(text, int):
         return text
     match = _DURATION.match(str(text))
     if not match:
-        raise ValueError(f"{text!r} is not a duration like 60, 60s, 5m or 1h")
+        raise ValueError(f"{text!r} is not a duration like 60, 60s, 5m, 1h or 2d")
     return int(match.group(1)) * _UNIT_S[match.group(2)]
 
 

@@ -137,18 +137,35 @@ async def _read_until_caught_up(consumer: AIOKafkaConsumer, tps: Sequence[TopicP
     return False
 
 
-async def read_topic_async(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> list[ConsumedRecord]:
-    """Every record now in ``topic``, all partitions, in partition then offset order."""
+async def open_reader(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> AIOKafkaConsumer:
+    """A started consumer (no group) assigned every partition of ``topic``, at the beginning; the caller stops it."""
     consumer = _consumer(bootstrap_servers)
     await consumer.start()
     try:
         tps = await _partitions(consumer, topic, timeout_s)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        out: list[ConsumedRecord] = []
-        if not await _read_until_caught_up(consumer, tps, time.monotonic() + timeout_s, out.extend):
-            raise TimeoutError(f"could not read {topic} to its end within {timeout_s:.0f}s ({len(out)} records read)")
-        return sorted(out, key=lambda r: (r.partition, r.offset))
+        return consumer
+    except BaseException:
+        await consumer.stop()
+        raise
+
+
+async def read_to_end(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30.0) -> list[ConsumedRecord]:
+    """What ``consumer`` (from ``open_reader``) has not read yet of ``topic``, to its true end (the fetch high
+    watermark: tansu's end_offsets can be too low), in partition then offset order."""
+    out: list[ConsumedRecord] = []
+    tps = sorted(consumer.assignment())
+    if not await _read_until_caught_up(consumer, tps, time.monotonic() + timeout_s, out.extend):
+        raise TimeoutError(f"could not read {topic} to its end within {timeout_s:.0f}s ({len(out)} records read)")
+    return sorted(out, key=lambda r: (r.partition, r.offset))
+
+
+async def read_topic_async(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> list[ConsumedRecord]:
+    """Every record now in ``topic``, all partitions, in partition then offset order."""
+    consumer = await open_reader(bootstrap_servers, topic, timeout_s)
+    try:
+        return await read_to_end(consumer, topic, timeout_s)
     finally:
         await consumer.stop()
 

@@ -56,6 +56,11 @@ class TopicNames:
         """Compacted: the delivery state of every (alert event, endpoint), so pending deliveries survive restarts."""
         return f"{self.prefix}.deliveries"
 
+    @property
+    def silences(self) -> str:
+        """Compacted: the silences risk teams set (``alerts.silences``), one record per silence id."""
+        return f"{self.prefix}.silences"
+
     def input_for(self, kind: str) -> str:
         """The input topic of a message kind ("news" or "comment")."""
         return self.news if kind == "news" else self.comments
@@ -65,11 +70,12 @@ class TopicNames:
         return (self.news, self.comments)
 
     def all(self) -> tuple[str, ...]:
-        return (self.news, self.comments, self.scored, self.scored_by_ticker, self.deadletter,
-                self.trends, self.alerts, self.deliveries)
+        names = (self.news, self.comments, self.scored, self.scored_by_ticker, self.deadletter,
+                 self.trends, self.alerts, self.deliveries, self.silences)
+        return tuple(name for name in names if name)
 
     def compacted(self) -> frozenset[str]:
-        return frozenset({self.deliveries})
+        return frozenset(name for name in (self.deliveries, self.silences) if name)
 
     def replay(self, run_id: str) -> "TopicNames":
         """Isolated outputs of a replay run: finpulse.replay.<run-id>.scored etc. Inputs stay the live ones."""
@@ -87,6 +93,11 @@ class ReplayTopicNames(TopicNames):
     @property
     def comments(self) -> str:
         return f"{self.live_prefix}.comments"
+
+    @property
+    def silences(self) -> str:
+        """None (""): silences are for live notifications; a backtest's alerts all reach its test endpoint."""
+        return ""
 
 
 class BrokerUnreachable(RuntimeError):

@@ -20,8 +20,8 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from alerts.deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, DeliveryState, delivery_key, new_pending,
-                               read_delivery_states, redelivery_plan, requeued, webhook_id)
+from alerts.deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, SILENCED, DeliveryState, delivery_key,
+                               new_pending, read_delivery_states, redelivery_plan, requeued, webhook_id)
 from alerts.dispatch import Dispatcher, classify, full_jitter, parse_retry_after, route
 from alerts.endpoints import Endpoint, EndpointSettings, blocked_reason, build_endpoints, load_delivery_config
 from alerts.formats import ALERTMANAGER_FIRING_TTL
@@ -751,7 +751,8 @@ def test_a_dispatchers_metrics_count_its_deliveries_and_show_the_endpoint_that_i
 
     assert metrics.series("finpulse_deliveries_total") == {
         frozenset({("endpoint", e), ("state", s)}): int((e, s) in {("desk", DELIVERED), ("wrong-key", FAILED)})
-        for e in names for s in (DELIVERED, FAILED, EXPIRED)}
+        for e in names for s in (DELIVERED, FAILED, EXPIRED, SILENCED)}
+    assert metrics.value("finpulse_silences_active") == 0
     assert metrics.series("finpulse_delivery_attempts_total") == {
         frozenset({("endpoint", e), ("outcome", o)}): int((e, o) in {("desk", "success"), ("wrong-key", "permanent"),
                                                                       ("down", "retryable")})
