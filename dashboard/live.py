@@ -3,7 +3,7 @@
 
 It reads without a consumer group (every dashboard replica sees every partition and commits nothing), starting
 ``retention_hours`` back (by record timestamp) on the time-ordered topics and from the beginning of the compacted
-deliveries topic. Scored messages start no further back than the store's row cap needs. When Kafka is unreachable
+deliveries and silences topics. Scored messages start no further back than the store's row cap needs. When Kafka is unreachable
 or a topic is missing, the thread says so in ``FeedStatus.message`` and retries with backoff, resuming from the
 offsets it had reached; it never raises into the page.
 """
@@ -59,7 +59,7 @@ class LiveFeed:
         self.worker_group = worker_group
         self.names = TopicNames(kafka.topic_prefix)
         self.kinds = {self.names.trends: "trends", self.names.alerts: "alerts", self.names.scored: "scored",
-                      self.names.deliveries: "deliveries"}
+                      self.names.deliveries: "deliveries", self.names.silences: "silences"}
         self.store = LiveStore(cfg)
         self.status = FeedStatus(bootstrap_servers=kafka.bootstrap_servers)
         self._positions: dict[TopicPartition, int] = {}
@@ -161,7 +161,7 @@ class LiveFeed:
 
     def _start_offset(self, consumer: KafkaConsumer, tp: TopicPartition) -> int:
         begin = consumer.beginning_offsets([tp])[tp]
-        if tp.topic == self.names.deliveries:
+        if tp.topic in (self.names.deliveries, self.names.silences):
             return begin  # compacted state: read it all
         end = consumer.end_offsets([tp])[tp]
         start = begin

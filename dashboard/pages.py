@@ -256,7 +256,23 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
 
 # ---------------------------------------------------------------- Alerts
 
+def show_silences(snap: Snapshot, tz: str) -> None:
+    """The silences risk teams set (`finpulse silence`): alerts they match still show here, unnotified."""
+    silences = sh.silences_in_force(snap.silences, pd.Timestamp.now(tz="UTC"))
+    if silences.empty:
+        return
+    in_force = int((silences["state"] == "in force").sum())
+    with st.expander(f":material/notifications_off: {in_force} silence(s) in force, {len(silences) - in_force} to come: "
+                     "the alerts they match are shown here but not notified", expanded=in_force > 0):
+        st.dataframe(sh.in_zone(silences, tz), key="fp-silences", hide_index=True,
+                     column_order=["state", "matchers", "starts_at", "ends_at", "created_by", "comment", "id"],
+                     column_config={"starts_at": st.column_config.DatetimeColumn("from", format="YYYY-MM-DD HH:mm"),
+                                    "ends_at": st.column_config.DatetimeColumn("until", format="YYYY-MM-DD HH:mm"),
+                                    "created_by": "by", "comment": "why"})
+
+
 def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: DashboardSettings) -> None:
+    show_silences(snap, c.tz)
     since = sh.span_start(snap, c.filters.span)
     table = sh.alert_table(snap.alerts, snap.deliveries, since, c.filters.keys)
     if table.empty:

@@ -392,6 +392,13 @@ def alert_table(alerts: pd.DataFrame, deliveries: pd.DataFrame, since: pd.Timest
     return table.assign(deliveries=summary).reset_index(drop=True)
 
 
+def silences_in_force(silences: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
+    """The silences not over yet (in force, or to come), ending first first, with a ``state`` column."""
+    current = silences[silences["ends_at"] > now]
+    return (current.assign(state=(current["starts_at"] > now).map({True: "to come", False: "in force"}))
+            .sort_values(["ends_at", "id"]).reset_index(drop=True))
+
+
 def alert_deliveries(deliveries: pd.DataFrame, alert_id: str) -> pd.DataFrame:
     columns = ["event_id", "endpoint", "status", "attempts", "last_error", "group", "updated_at"]
     if deliveries.empty:

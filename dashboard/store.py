@@ -12,7 +12,8 @@ What is kept (see ``DashboardSettings``):
   emitted;
 - deliveries: one row per compacted key ``<event_id>|<endpoint>``, one alert event to one endpoint (with the group
   notification that carried it, for a grouped endpoint); a tombstone removes it. Group notification records are
-  left out: their members carry the state, per episode.
+  left out: their members carry the state, per episode;
+- silences: one row per silence id (``alerts.silences``), the latest written; all of them (a handful).
 Every kind is bounded by ``retention_hours`` back from its newest record and by a row cap.
 Malformed records are counted in ``bad_records`` and skipped: one bad record never hides the others.
 """
@@ -43,12 +44,13 @@ ALERT_COLUMNS = ("id", "status", "event_id", "key_type", "key", "window_s", "win
                  "messages", "escalated_from")
 DELIVERY_COLUMNS = ("delivery_key", "event_id", "alert_id", "endpoint", "status", "attempts", "last_error",
                     "group", "updated_at")
+SILENCE_COLUMNS = ("id", "matchers", "starts_at", "ends_at", "created_by", "comment", "updated_at")
 
 _TIME_COLUMNS = {"window_start", "window_end", "emitted_at", "event_time", "scored_at", "started_at",
-                 "resolved_at", "updated_at"}
+                 "resolved_at", "updated_at", "starts_at", "ends_at"}
 # Columns that must parse for a row to be usable at all.
 _REQUIRED_TIMES = {"trends": ("window_start", "window_end"), "scored": ("event_time",), "alerts": ("window_end",),
-                   "window_messages": (), "deliveries": ()}
+                   "window_messages": (), "deliveries": (), "silences": ("starts_at", "ends_at")}
 # Pending rows above this are folded in straight away, so a catch-up read never piles up unbounded.
 _PENDING_LIMIT = 20_000
 
@@ -70,6 +72,7 @@ class Snapshot:
     scored: pd.DataFrame
     alerts: pd.DataFrame
     deliveries: pd.DataFrame
+    silences: pd.DataFrame = field(default_factory=lambda: empty_frame(SILENCE_COLUMNS))
     version: int = 0
     bad_records: int = 0
 
@@ -197,6 +200,15 @@ def delivery_row(key: str, data: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def silence_row(data: dict[str, Any]) -> dict[str, Any]:
+    _need(data, "id", "matchers", "starts_at", "ends_at")
+    matchers = data["matchers"] if isinstance(data["matchers"], list) else [data["matchers"]]
+    return {"id": str(data["id"]), "matchers": ", ".join(str(m) for m in matchers),
+            "starts_at": data["starts_at"], "ends_at": data["ends_at"],
+            "created_by": str(data.get("created_by") or ""), "comment": str(data.get("comment") or ""),
+            "updated_at": data.get("updated_at") or data["starts_at"]}
+
+
 # ---------------------------------------------------------------- folding rows into bounded frames
 
 def _frame(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> pd.DataFrame:
@@ -273,12 +285,14 @@ class LiveStore:
             "deliveries": _Kind(DELIVERY_COLUMNS, lambda old, new: pd.concat([old, new], ignore_index=True)
                                 .drop_duplicates("delivery_key", keep="last").tail(cfg.max_delivery_rows)
                                 .reset_index(drop=True)),
+            "silences": _Kind(SILENCE_COLUMNS, lambda old, new: _merge(old, new, ["id"], ["updated_at"])
+                              .reset_index(drop=True)),
         }
 
     # -------------------------------------------------------- writing (consumer thread)
 
     def add(self, kind: str, value: bytes | str | dict | None, key: bytes | str | None = None) -> bool:
-        """Queue one record of ``kind`` (trends, scored, alerts, deliveries); False when it was malformed."""
+        """Queue one record of ``kind`` (trends, scored, alerts, deliveries, silences); False when it was malformed."""
         key_text = key.decode("utf-8", "replace") if isinstance(key, bytes) else (key or "")
         try:
             if kind == "deliveries" and value is None:
@@ -295,6 +309,8 @@ class LiveStore:
             elif kind == "deliveries":
                 row = delivery_row(key_text, data)
                 rows = {"deliveries": [row] if row is not None else []}
+            elif kind == "silences":
+                rows = {"silences": [silence_row(data)]}
             else:
                 raise ValueError(f"unknown record kind {kind!r}")
         except BadRecord:
@@ -349,7 +365,8 @@ class LiveStore:
                 k = self._kinds
                 self._snapshot = Snapshot(trends=k["trends"].frame, window_messages=k["window_messages"].frame,
                                           scored=k["scored"].frame, alerts=k["alerts"].frame,
-                                          deliveries=k["deliveries"].frame, version=self._version,
+                                          deliveries=k["deliveries"].frame, silences=k["silences"].frame,
+                                          version=self._version,
                                           bad_records=self.bad_records)
                 self._snapshot_version = self._version
             return self._snapshot

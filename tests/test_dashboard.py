@@ -6,6 +6,7 @@ sleeping a fixed time; nothing here asserts on timings.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -24,6 +25,7 @@ from dashboard import shaping as sh
 from dashboard.cli import settings_environ, streamlit_command
 from dashboard.model_card import confusion_matrices, head_reports, metric_table
 from dashboard.settings import DashboardSettings
+from alerts.silences import expired_now, new_silence, write_silence
 from dashboard.store import LiveStore
 from models.labels import SENTIMENTS, TOPICS
 from models.metrics import head_report
@@ -217,6 +219,30 @@ def test_alerts_view_links_deliveries_and_messages(fp_settings, produced, monkey
     assert deliveries.loc[(escalation.event_id, "risk-webhook"), "status"] == "delivered"
     assert len(deliveries) == 3
     assert any("drilldown?key_type=topic&key=Energy+%7C+Oil" in m for m in _markdown(at))
+
+
+def test_alerts_view_lists_the_silences_in_force_and_to_come(fp_settings, produced, monkeypatch):
+    """Silences written as `finpulse silence` writes them: the one in force and the one to come are listed with who
+    and why; an expired one is not."""
+    now = utcnow()
+    oil = new_silence(["topic=Energy | Oil"], now - timedelta(minutes=5), now + timedelta(hours=4), "ana", "OPEC meeting")
+    later = new_silence(["ticker=XOM"], now + timedelta(days=1), now + timedelta(days=1, hours=1), "bo", "earnings call")
+    over = new_silence(["key=Rates"], now - timedelta(minutes=5), now + timedelta(hours=1), "cy", "was noise")
+
+    async def write():
+        for silence in (oil, later, over, expired_now(over)):
+            await write_silence(fp_settings.kafka, TopicNames(fp_settings.kafka.topic_prefix).silences, silence)
+    asyncio.run(write())
+    _env_for(monkeypatch, fp_settings)
+    at = AppTest.from_function(_view_script, args=("alerts",), default_timeout=60)
+    run_until(at, lambda a: any("silence(s) in force" in e.label for e in a.expander), "the silences")
+    (expander,) = [e for e in at.expander if "silence(s) in force" in e.label]
+    assert "1 silence(s) in force, 1 to come" in expander.label
+    listed = at.dataframe[0].value       # the silences come first on the page
+    assert list(listed["id"]) == [oil.id, later.id]
+    assert list(listed["state"]) == ["in force", "to come"]
+    assert listed.iloc[0]["matchers"] == "key_type=topic, key=Energy | Oil" and listed.iloc[0]["comment"] == "OPEC meeting"
+    assert listed.iloc[1]["created_by"] == "bo"
 
 
 def test_model_view_shows_version_metrics_confusion_and_lag(fp_settings, produced, model_dir, monkeypatch):
