@@ -14,7 +14,8 @@ from dataclasses import replace
 import pytest
 
 from alerts.deliveries import (DELIVERED, FAILED, PENDING, delivery_key, new_pending, read_delivery_states,
-                               redelivery_plan, requeued, webhook_id)
+                               redelivery_plan, requeued, summarize, webhook_id)
+from alerts.dispatch import redeliver_failed
 from alerts.endpoints import load_delivery_config
 from alerts.formats import SLACK_GROUP_LINES, DeliveryContext, GroupContext, render_group
 from alerts.grouping import GroupPolicy, new_group
@@ -271,3 +272,50 @@ def test_redelivery_requeues_the_members_of_a_failed_group_not_the_group():
     chosen, skipped = redelivery_plan(members_ + [notification], {"desk": 60.0})
     assert [s.key for s in chosen] == [m.key for m in members_] and not skipped
     assert all(requeued(m, 60.0).group == "" for m in chosen)
+
+
+def test_redelivered_members_of_a_failed_group_go_out_in_a_new_group(fp_settings, topics, monkeypatch):
+    """The receiver refuses the first group notification (it verifies with another secret: 401, not retried), so
+    the notification fails with its members. Once the receiver is fixed, `--redeliver` re-queues the members, not
+    the notification: the running dispatcher groups them anew and sends a new notification (its own key and
+    webhook-id), each member under its own unchanged event id and webhook-id; the old notification stays failed."""
+    secret = generate_secret()
+    monkeypatch.setenv("T_GROUP_SECRET", secret)
+    receiver = Receiver(ReceiverOptions(secrets=[generate_secret()], quiet=True))     # the wrong one, for now
+    storm = [make_alert("firing", id=f"rd{n}", key=f"Topic {n}") for n in range(3)]
+    keys = {delivery_key(a.event_id, "desk") for a in storm}
+    produce(fp_settings, topics.alerts, storm)
+
+    def settings_for(port):
+        return fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "endpoints": [
+            {"name": "desk", "url": f"http://127.0.0.1:{port}/desk", "secret_env": "T_GROUP_SECRET",
+             "allow_private": True, "group_by": ["key_type"], "group_wait_s": 0.5, "group_interval_s": 0.5}]}})
+
+    async def until(dispatcher, done, what):
+        for _ in range(900):
+            if done(dispatcher.log.states):
+                return dict(dispatcher.log.states)
+            await asyncio.sleep(0.1)
+        pytest.fail(f"timed out waiting for {what}")
+
+    async def steps(dispatcher):
+        failed = await until(dispatcher, lambda s: all(k in s and s[k].state == FAILED for k in keys), "the group to fail")
+        receiver.options = replace(receiver.options, secrets=[secret])                 # the receiver is fixed
+        requeued_states = await redeliver_failed(settings_for(0), topics, out=lambda line: None)
+        final = await until(dispatcher, lambda s: all(s[k].state == DELIVERED for k in keys), "the new group")
+        return failed, requeued_states, final
+
+    failed, requeued_states, final = serve_and_dispatch(topics, settings_for, receiver, steps)
+    (old,) = [s for s in failed.values() if s.is_group]
+    assert old.state == FAILED and set(old.members) == keys and all(failed[k].group == old.key for k in keys)
+    assert sorted(s.key for s in requeued_states) == sorted(keys)              # the members, not the notification
+    groups = {k: s for k, s in final.items() if s.is_group}
+    (new,) = [s for k, s in groups.items() if k != old.key]
+    assert groups[old.key].state == FAILED and new.state == DELIVERED and new.webhook_id != old.webhook_id
+    assert set(new.members) == keys and all(final[k].group == new.key and final[k].requeues == 1 for k in keys)
+    assert summarize(final.values(), groups=True) == {"delivered": 1, "failed": 1}
+    (arrived,) = receiver.items                                                  # the refused one was not stored
+    assert arrived["webhook_id"] == new.webhook_id
+    assert sorted((i["delivery"]["event_id"], i["delivery"]["webhook_id"]) for i in arrived["payload"]["alerts"]) == sorted(
+        (a.event_id, webhook_id(delivery_key(a.event_id, "desk"))) for a in storm)
+    assert receiver.rejected and not receiver.duplicates
