@@ -6,7 +6,8 @@ test looks for carry stable keys (``fp-unusual-<rank>``, ``fp-alert-<rank>``).
 
 Views link to each other in the same tab (``view_link``): a ranked key opens its drill-down, an alert opens the
 Alerts view on that alert. The link's query parameters (``?key_type=ticker&key=AAPL``, ``?alert=<id>``) select
-once (``follow_link``); the sidebar's choices survive the jump.
+once (``follow_link``); the sidebar's choices survive the jump. Every choice that defines a view is kept in the
+page's address (``keep_in_address``), so a reload or a link sent to a colleague shows the same view.
 """
 from __future__ import annotations
 
@@ -77,13 +78,46 @@ def view_link(c: Controls, view: str, label: str, params: dict[str, str], icon: 
 _FOLLOWED = "fp_followed_links"
 
 
-def follow_link(param: str, state_key: str, allowed) -> None:
+def follow_link(param: str, state_key: str, allowed, value_of=None) -> str:
     """Select what a link's ``?param=value`` names, once per visit of a view: the query string stays while the
-    view reruns, and from then on the widget's own changes win."""
+    view reruns, and from then on the widget's own changes win. ``value_of`` turns the address's text into the
+    widget's value (default: the text itself). Returns a note when the address names something not offered now
+    (an aged-out key, a mistyped range), else ""."""
     wanted, followed = st.query_params.get(param), st.session_state.setdefault(_FOLLOWED, {})
-    if wanted is not None and followed.get(param) != wanted and wanted in allowed:
-        st.session_state[state_key] = wanted
-        followed[param] = wanted
+    if wanted is None or followed.get(param) == wanted:
+        return ""
+    if wanted not in allowed:
+        return f"{param}={wanted!r}"   # not followed: it may be offered once the data arrives
+    st.session_state[state_key] = value_of(wanted) if value_of else wanted
+    followed[param] = wanted
+    return ""
+
+
+def follow_list(param: str, state_key: str, allowed) -> str:
+    """``follow_link`` for a multi-valued choice (``?keys=XOM&keys=CVX``): the values offered now are selected,
+    the others named in the returned note."""
+    wanted, followed = tuple(st.query_params.get_all(param)), st.session_state.setdefault(_FOLLOWED, {})
+    if not wanted or followed.get(param) == wanted:
+        return ""
+    followed[param] = wanted
+    st.session_state[state_key] = [w for w in wanted if w in allowed]
+    missing = [w for w in wanted if w not in allowed]
+    return f"{param}={', '.join(missing)!r}" if missing else ""
+
+
+def keep_in_address(param: str, value, default=None) -> None:
+    """Write a choice into the page's address, defaults left out, so that a reload or a shared link shows the same
+    view. What the address says is what the widget says, so it is marked followed: following it changes nothing."""
+    multi = isinstance(value, (list, tuple))
+    values = [str(v) for v in value] if multi else [] if value is None or value == default else [str(value)]
+    if multi and list(value) == list(default or ()):
+        values = []
+    if st.query_params.get_all(param) != values:
+        if values:
+            st.query_params[param] = values if multi else values[0]
+        else:
+            del st.query_params[param]
+    st.session_state.setdefault(_FOLLOWED, {})[param] = tuple(values) if multi else (values[0] if values else None)
 
 
 def forget_links() -> None:
@@ -221,6 +255,7 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
         ranking = sh.unusual_now(snap.trends, snap.alerts, f)
         st.session_state["fp_drill_key"] = ranking["key"].iloc[0] if not ranking.empty else keys[0]
     key = st.selectbox(f.key_type.capitalize(), keys, key="fp_drill_key")
+    keep_in_address("key", key)
     series = sh.key_series(snap.trends, f.key_type, key, f.window_s, f.span, f.baseline_windows)
     if series.empty:
         st.info(f"No {window_label(sh.resolve_window(snap.trends, f.window_s))} windows for {key} in {c.range_label.lower()}.")
@@ -301,6 +336,7 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     labels = {row.id: f"{row.severity} · {row.key} · {row.status}" for row in table.itertuples()}
     follow_link("alert", "fp_alert", labels)
     chosen = st.selectbox("Alert", list(labels), format_func=labels.get, key="fp_alert")
+    keep_in_address("alert", chosen)
     row = table[table["id"] == chosen].iloc[0]
     st.markdown(alert_line(row, c.tz))
     view_link(c, "drilldown", f"Open {md(str(row['key']))} in the drill-down",

@@ -21,13 +21,18 @@ from stream.config import ConfigError, KafkaSettings, Settings, load_settings
 from . import shaping as sh
 from .auth import require_sign_in
 from .live import FeedStatus, LiveFeed
-from .pages import (PAGE_STYLE, VIEWS, Controls, feed_banner, follow_link, forget_links, freshness_strip,
-                    window_label)
+from .pages import (PAGE_STYLE, VIEWS, Controls, feed_banner, follow_link, follow_list, forget_links, freshness_strip,
+                    keep_in_address, window_label)
 from .settings import DashboardSettings, dashboard_settings
 from .store import LiveStore
 
 log = logging.getLogger(__name__)
 KEY_TYPES = {"topic": "Topics", "ticker": "Tickers"}
+# The time range in the page's address: short codes, so that links stay readable.
+RANGE_CODES = {"15m": "Last 15 minutes", "1h": "Last hour", "6h": "Last 6 hours", "24h": "Last 24 hours",
+               "all": "Everything kept"}
+CODE_OF_RANGE = {label: code for code, label in RANGE_CODES.items()}
+DEFAULT_RANGE = "Last hour"
 _CHOICES = "fp_sidebar_choices"
 
 
@@ -68,13 +73,24 @@ def _choices(snap, key_type: str) -> tuple:
 
 def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str = "",
             pages: dict | None = None) -> Controls:
-    """The controls every view shares. A link like ``?key_type=ticker&key=AAPL`` selects the key type."""
+    """The controls every view shares. Each is kept in the page's address (``?range=6h&key_type=ticker&keys=XOM&
+    tz=Europe/London``, defaults left out), and an address that names them selects them: a reload or a shared link
+    shows the same view. A value the address names that is not offered (a mistyped range, a ticker aged out) is
+    left out, and the sidebar says so."""
     snap = feed.store.snapshot()
-    follow_link("key_type", "fp_key_type", KEY_TYPES)
+    sizes = sh.window_sizes(snap.trends)
+    zones, default_zone = _timezones(cfg)
+    notes = [follow_link("range", "fp_range", RANGE_CODES, RANGE_CODES.get),
+             follow_link("key_type", "fp_key_type", KEY_TYPES),
+             follow_link("tz", "fp_tz", set(zones))]
+    if sizes:  # before the first windows arrive, a window in the address waits for them
+        notes.append(follow_link("window", "fp_window", {str(size) for size in sizes}, int))
+    # Defaults through the state, not the widgets' index: a widget given both warns on the page.
+    st.session_state.setdefault("fp_range", DEFAULT_RANGE)
+    st.session_state.setdefault("fp_tz", default_zone)
     with st.sidebar:
         st.title("FinPulse")
-        range_label = st.selectbox("Time range", list(sh.TIME_RANGES), index=1, key="fp_range")
-        sizes = sh.window_sizes(snap.trends)
+        range_label = st.selectbox("Time range", list(sh.TIME_RANGES), key="fp_range")
         if sizes and st.session_state.get("fp_window") not in sizes:
             st.session_state["fp_window"] = sizes[0]  # the first windows arrived, or the chosen size aged out
         window_s = st.selectbox("Window", sizes, format_func=window_label, key="fp_window",
@@ -82,14 +98,25 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
         key_type = st.radio("Show", list(KEY_TYPES), format_func=KEY_TYPES.get, key="fp_key_type", horizontal=True)
         options = sh.keys_of(snap.trends, key_type)
         keys_state = f"fp_keys_{key_type}"
+        if options:
+            notes.append(follow_list("keys", keys_state, set(options)))
         if keys_state in st.session_state:
             # Keys can age out of the store; a stale choice must not break the widget.
             st.session_state[keys_state] = [k for k in st.session_state[keys_state] if k in options]
         keys = st.multiselect(f"Only these {key_type}s", options, key=keys_state, placeholder=f"all {key_type}s")
-        zones, default_zone = _timezones(cfg)
-        tz = st.selectbox("Time zone", zones, index=zones.index(default_zone), key="fp_tz")
+        tz = st.selectbox("Time zone", zones, key="fp_tz")
+        ignored = [note for note in notes if note]
+        if ignored:
+            st.caption(f":material/link_off: The address asked for {'; '.join(ignored)}: not available now, so "
+                       "left out.")
         st.caption(f"Refreshes every {cfg.refresh_s:g} s · keeps {cfg.retention_hours:g} h · "
                    f"feed: {feed.status.state}")
+    if sizes:  # not before the data is there: the address may name windows and keys still on their way
+        keep_in_address("range", CODE_OF_RANGE[range_label], default=CODE_OF_RANGE[DEFAULT_RANGE])
+        keep_in_address("key_type", key_type, default="topic")
+        keep_in_address("tz", tz, default=default_zone)
+        keep_in_address("window", window_s, default=sizes[0])
+        keep_in_address("keys", list(keys), default=[])
     st.session_state[_CHOICES] = (tuple(sizes), tuple(options))
     filters = sh.ViewFilters(key_type=key_type, window_s=window_s, span=sh.TIME_RANGES[range_label], keys=tuple(keys),
                              min_count=cfg.min_window_count, baseline_windows=cfg.baseline_windows)

@@ -189,6 +189,57 @@ def test_drilldown_shows_band_episodes_messages_and_split(fp_settings, produced,
     assert layers == [5, 5]  # Earnings' fired and resolved episode is on its charts as well
 
 
+def _address(at: AppTest) -> dict[str, list[str]]:
+    """The page's query string as the app left it: name -> values (AppTest keeps one list per name)."""
+    return {name: list(values) if isinstance(values, (list, tuple)) else [values]
+            for name, values in at.query_params.items() if values}
+
+
+def test_the_address_keeps_the_view_and_opening_it_again_shows_the_same(fp_settings, produced, monkeypatch):
+    """An analyst's choices go into the address (defaults left out); the address opened in a new session selects
+    the same range, key type, keys, zone and drill-down key."""
+    _env_for(monkeypatch, fp_settings)
+    at = AppTest.from_function(_view_script, args=("drilldown",), default_timeout=60)
+    run_until(at, lambda a: len(_chart_specs(a)) >= 3, "the drill-down charts")
+    assert set(_address(at)) == {"key"}              # every sidebar choice is its default: none is written
+    at.selectbox(key="fp_range").set_value("Last 6 hours").run()
+    at.radio(key="fp_key_type").set_value("ticker").run()
+    at.multiselect(key="fp_keys_ticker").set_value(["XOM", "AAPL"]).run()
+    at.selectbox(key="fp_tz").set_value("Europe/London").run()
+    at.selectbox(key="fp_drill_key").set_value("MSFT").run()
+    address = _address(at)
+    assert {k: v for k, v in address.items()} == {"range": ["6h"], "key_type": ["ticker"], "keys": ["XOM", "AAPL"],
+                                                   "tz": ["Europe/London"], "key": ["MSFT"]}
+
+    shared = AppTest.from_function(_view_script, args=("drilldown",), default_timeout=60)
+    for name, values in address.items():
+        shared.query_params[name] = values if len(values) > 1 else values[0]
+    run_until(shared, lambda a: len(_chart_specs(a)) >= 3, "the drill-down charts from the address")
+    assert shared.selectbox(key="fp_range").value == "Last 6 hours"
+    assert shared.radio(key="fp_key_type").value == "ticker"
+    assert shared.multiselect(key="fp_keys_ticker").value == ["XOM", "AAPL"]
+    assert shared.selectbox(key="fp_tz").value == "Europe/London"
+    assert shared.selectbox(key="fp_drill_key").value == "MSFT"
+    assert _address(shared) == address
+    assert not shared.warning and not shared.exception
+
+
+def test_an_address_naming_what_is_not_there_falls_back_and_says_so(fp_settings, produced, monkeypatch):
+    _env_for(monkeypatch, fp_settings)
+    at = AppTest.from_function(_view_script, args=("overview",), default_timeout=60)
+    at.query_params["range"] = "99y"
+    at.query_params["key_type"] = "ticker"
+    at.query_params["keys"] = ["XOM", "NOPE"]
+    at.query_params["tz"] = "Mars/Olympus"
+    run_until(at, lambda a: any("keys=" in c.value for c in a.caption), "the note, once the tickers are in")
+    assert at.selectbox(key="fp_range").value == "Last hour" and at.selectbox(key="fp_tz").value != "Mars/Olympus"
+    assert at.multiselect(key="fp_keys_ticker").value == ["XOM"]
+    (note,) = [c.value for c in at.caption if "not available now" in c.value]
+    assert "range='99y'" in note and "tz='Mars/Olympus'" in note and "keys='NOPE'" in note
+    assert not at.exception
+    assert _address(at) == {"key_type": ["ticker"], "keys": ["XOM"]}       # the address now says what is shown
+
+
 def test_alerts_view_links_deliveries_and_messages(fp_settings, produced, monkeypatch):
     _env_for(monkeypatch, fp_settings)
     at = AppTest.from_function(_view_script, args=("alerts",), default_timeout=60)

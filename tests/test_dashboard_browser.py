@@ -7,10 +7,12 @@ with a firing alert, that the page redrew itself without reloading, and keeps sc
 dark theme) in the artifacts directory.
 
 The second plays an analyst on a laptop screen following a move through the views with clicks alone, over records
-produced straight into the broker (``tests.dashboard_data``), and keeps screenshots at that width.
+produced straight into the broker (``tests.dashboard_data``), keeps screenshots at that width, and opens the
+address it ends on in a new session, which must show the same view.
 """
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -120,4 +122,14 @@ def test_on_a_laptop_an_alert_leads_to_its_messages_and_drilldown_in_one_click_e
             assert "Traceback" not in page.locator("body").inner_text()
             page.wait_for_timeout(1500)
             page.screenshot(path=f"{artifacts_dir}/dashboard-laptop-drilldown.png", full_page=True)
+            # The address says what is shown, sidebar choices included: it is the link an analyst sends.
+            page.wait_for_url(re.compile(r"/drilldown\?.*range=6h"), timeout=WAIT_MS)
+            link = page.url
+        assert "key=Energy+%7C+Oil" in link or "key=Energy%20%7C%20Oil" in link, link
+        with chromium_page(1280, 800) as colleague:       # a new session opens the link
+            colleague.goto(link, wait_until="domcontentloaded")
+            expect(colleague.get_by_role("combobox", name="Topic", exact=True)).to_have_value(SHOCK_TOPIC,
+                                                                                            timeout=WAIT_MS)
+            expect(colleague.locator(".st-key-fp_range input")).to_have_value("Last 6 hours")
+            assert "Traceback" not in colleague.locator("body").inner_text()
         assert dashboard.running(), dashboard.tail()
