@@ -28,6 +28,7 @@ from stream.records import AlertRecord, ScoredRecord, TrendRecord, format_time
 from stream.replay.archive import MARKER
 from stream.replay.output import read_table
 from stream.replay.plan import output_topics, parse_range
+from stream.replay.runs import format_runs, read_run_dir
 from stream.simulate import Shock, generate
 from stream.topics import TopicNames, admin_client, ensure_topics
 from tests.procs import (json_values, read_all, run_finpulse, start_finpulse, start_worker, wait_for_records,
@@ -167,6 +168,44 @@ def test_two_threshold_sets_differ_only_in_alerts(dataset, tmp_path):
     pd.testing.assert_frame_equal(without_provenance(alerts_a[alerts_a["key"] != SHOCK.topic]),
                                   without_provenance(alerts_b))
     assert topic_counts(settings, list(names.all())) == live_before
+
+
+def test_a_threshold_trial_on_an_earlier_runs_scores_equals_a_full_replay(dataset, tmp_path):
+    """--scores-from: run A scores everything with the default thresholds; run C takes A's scores and applies
+    strict ones; its Parquet is byte-identical to B's, a full replay with the strict thresholds. Only what A has no
+    score for (its warm-up, which a replay never writes) is scored again."""
+    config = dataset["config"]
+    strict = tmp_path / "strict.toml"
+    strict.write_text(f'[detect.overrides."topic:{SHOCK.topic}"]\nfire_z = 1000.0\n')
+    a, _ = warm_replay(config, "reuse-a", tmp_path / "a", "--warmup", "2m")
+    b, _ = warm_replay(config, "reuse-b", tmp_path / "b", "--warmup", "2m", "--config", str(strict))
+    c, _ = warm_replay(config, "reuse-c", tmp_path / "c", "--warmup", "2m", "--config", str(strict),
+                       "--scores-from", str(tmp_path / "a"))
+    assert shock_firings(tmp_path / "a").shape[0] == 1 and shock_firings(tmp_path / "c").empty   # the trial mattered
+    assert digests(tmp_path / "c") == digests(tmp_path / "b") and digests(tmp_path / "c")
+    assert c["scores_from"] == "reuse-a" and c["model_version"] == a["model_version"] == b["model_version"]
+    assert c["counts"]["scores_reused"] == a["counts"]["scored"]
+    assert c["counts"]["scores_computed"] == c["warmup"]["scored"] > 0
+    assert {k: v for k, v in c["counts"].items() if not k.startswith("scores_")} == b["counts"]
+    listed = read_run_dir(tmp_path / "c")
+    assert listed.scores_from == "reuse-a" and f"{a['model_version']} (scores of reuse-a)" in format_runs([listed])
+
+    # The trial judged beside the run it came from: one table, the threshold that differs, each run's figures.
+    events = tmp_path / "events.csv"
+    events.write_text(f"key,start,end\ntopic:{SHOCK.topic},{format_time(T0 + timedelta(seconds=SHOCK.at_s))},"
+                      f"{format_time(T0 + timedelta(seconds=SHOCK.at_s + SHOCK.duration_s))}\n")
+    code, out, err = finpulse(config, "backtest", "--run-id", str(tmp_path / "a"), "--run-id", str(tmp_path / "c"),
+                              "--events", str(events), "--out", str(tmp_path / "cmp"))
+    assert code == 0, out + err
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    threshold = f"detect.overrides.topic:{SHOCK.topic}.fire_z"
+    assert comparison["differing"] == [threshold]
+    first, trial = comparison["runs"]
+    assert (first["run_id"], first["settings"][threshold], first["recall"]) == ("reuse-a", None, 1.0)
+    assert (trial["run_id"], trial["settings"][threshold], trial["recall"]) == ("reuse-c", 1000.0, 0.0)
+    assert trial["scores_from"] == "reuse-a" and first["alerts"] > trial["alerts"]
+    assert out.splitlines()[0].startswith(f"RUN ID   {threshold}  ALERTS")
+    assert "(scores of reuse-a)" in out.splitlines()[2]
 
 
 def get_json(url: str) -> dict:
@@ -454,6 +493,12 @@ def _not_a_model(root: Path) -> None:
     (root / "config.json").write_text('{"hello": "world"}')
 
 
+def _run_of_a_missing_model(root: Path) -> None:
+    root.mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps({"run_id": "elsewhere", "model_version": "finpulse-minilm-gone",
+                                                    "files": []}))
+
+
 BAD_ARGUMENTS = {
     "to before from": (["--from", format_time(T2), "--to", format_time(T0)], None, "must be after --from"),
     "empty range": (["--from", format_time(T0), "--to", format_time(T0)], None, "is empty"),
@@ -471,6 +516,10 @@ BAD_ARGUMENTS = {
     "bad warm-up": ([*RANGE, "--warmup", "a while"], None, "--warmup: 'a while' is not a duration"),
     "bad thresholds": ([*RANGE, "--config", "{tmp}/bad.toml"], None, "resolve_z < fire_z"),
     "test endpoint not set aside": ([*RANGE, "--test-endpoint", "desk"], None, "names no endpoint"),
+    "scores of no run": ([*RANGE, "--scores-from", "never-ran"], None, "--scores-from never-ran: no finished run"),
+    "scores and a scorer": ([*RANGE, "--scores-from", "x", "--scorer", "baseline"], None, "--scorer does not go with it"),
+    "scores of a model not here": ([*RANGE, "--scores-from", "{tmp}/model"], _run_of_a_missing_model,
+                                   "its model finpulse-minilm-gone is not in"),
 }
 
 

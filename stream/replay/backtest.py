@@ -291,6 +291,7 @@ def run_backtest(settings: Settings, *, run_id: str, run_dir: str | None = None,
     price_table = load_prices(prices) if prices else None
     report = {
         "run_id": run_id, "model_version": manifest["model_version"], "config_hash": manifest["config_hash"],
+        "config": manifest.get("config"), "scores_from": manifest.get("scores_from"),
         "from": manifest["from"], "to": manifest["to"], "source": manifest["source"], "counts": manifest["counts"],
         "inputs": {"events": events, "prices": prices},
         "warmup": manifest.get("warmup"),
@@ -307,6 +308,71 @@ def run_backtest(settings: Settings, *, run_id: str, run_dir: str | None = None,
     Path(paths["json"]).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     Path(paths["html"]).write_text(render_html(report, episodes(alerts), labeled))
     return {**report, "paths": paths}
+
+
+def compare_runs(settings: Settings, run_ids: list[str], *, events: str | None = None, prices: str | None = None,
+                 out: str | None = None, match_before: str = "1h") -> dict[str, Any]:
+    """``finpulse backtest --run-id A --run-id B ...`` (run ids, or run directories): each run's report (written in
+    its own directory, as for one run), and one table of them side by side: what differs in their thresholds, their alert episodes, precision,
+    recall, median lead time and false alerts per day. Written as ``comparison.json`` in ``out`` when given."""
+    if len(set(run_ids)) != len(run_ids):
+        raise ReplayError("a run is named twice: give each --run-id once")
+    reports = []
+    for given in run_ids:
+        # A run id under [replay] out_dir, or the directory of a run written elsewhere (replay --parquet).
+        directory = Path(given) if (Path(given) / MANIFEST).is_file() else None
+        run_id = json.loads((directory / MANIFEST).read_text()).get("run_id", given) if directory else given
+        reports.append(run_backtest(settings, run_id=run_id, run_dir=str(directory) if directory else None,
+                                    events=events, prices=prices, match_before=match_before))
+    flat = [_flatten(report.get("config") or {}) for report in reports]
+    differing = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1)
+    rows = []
+    for report, settings_of_run in zip(reports, flat):
+        quality = report["alert_quality"]
+        days = (pd.Timestamp(report["to"]) - pd.Timestamp(report["from"])) / pd.Timedelta(days=1)
+        false_alerts = sum(1 for a in quality["alerts"] if not a["matched_event"]) if events else None
+        rows.append({"run_id": report["run_id"], "model_version": report["model_version"],
+                     "scores_from": report.get("scores_from"), "settings": {k: settings_of_run.get(k) for k in differing},
+                     "alerts": quality["alerts_firing"], "escalated": quality["alerts_escalated"],
+                     "precision": quality["precision"], "recall": quality["recall"],
+                     "median_lead_time_s": (quality.get("lead_time_s") or {}).get("median"),
+                     "false_alerts_per_day": None if false_alerts is None else false_alerts / days,
+                     "report": report["paths"]["html"]})
+    comparison = _jsonable({"events": events, "match_before": match_before, "differing": differing, "runs": rows})
+    if out:
+        target = Path(out)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "comparison.json").write_text(json.dumps(comparison, indent=2, sort_keys=True) + "\n")
+        comparison["path"] = str(target / "comparison.json")
+    return comparison
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"detect": {"fire_z": 5.5}}`` -> ``{"detect.fire_z": 5.5}`` (overrides flatten the same way)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):     # an empty one (no overrides) adds nothing: a run without reads as None
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def format_comparison(comparison: dict) -> str:
+    """The comparison as an aligned text table, one row per run."""
+    def number(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+    header = ("RUN ID", *comparison["differing"], "ALERTS", "ESCALATED", "PRECISION", "RECALL", "MEDIAN LEAD",
+              "FALSE/DAY", "MODEL")
+    rows = [header] + [(r["run_id"], *(json.dumps(r["settings"][k]) for k in comparison["differing"]),
+                        str(r["alerts"]), str(r["escalated"]), number(r["precision"], ".2f"), number(r["recall"], ".2f"),
+                        "-" if r["median_lead_time_s"] is None else f"{r['median_lead_time_s']:+.0f}s",
+                        number(r["false_alerts_per_day"], ".1f"),
+                        r["model_version"] + (f" (scores of {r['scores_from']})" if r["scores_from"] else ""))
+                       for r in comparison["runs"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 # Bucket sizes for the sentiment line, by the span of the run: about 30 to 200 points.

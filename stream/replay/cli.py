@@ -14,9 +14,12 @@ REPLAY_EXAMPLES = """examples:
   finpulse replay --from 2026-03-02T09:00Z --to 2026-03-02T17:00Z --run-id oil-day
   finpulse replay --from 2026-03-02T09:00Z --to 2026-03-02T17:00Z --run-id oil-day-new \\
       --model var/models/<version> --config thresholds.toml    # another model, other [detect] thresholds
+  finpulse replay --from 2026-03-02T09:00Z --to 2026-03-02T17:00Z --run-id oil-day-z4 \
+      --scores-from oil-day --config z4.toml      # other thresholds on oil-day's scores: no re-scoring
   finpulse replay --from 2026-01-01T00:00Z --to 2026-02-01T00:00Z --run-id jan --archive var/archive
   finpulse replay --from 2026-03-02T09:00Z --to 2026-03-02T10:00Z --run-id oil-hour --warmup 2h
   finpulse backtest --run-id oil-day --events events.csv --prices prices.csv
+  finpulse backtest --run-id oil-day --run-id oil-day-z4 --events events.csv    # side by side
   finpulse runs                                    # every run: range, warm-up, model, status, counts
   finpulse runs delete oil-day --yes               # its topics and its Parquet directory
 """
@@ -39,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", required=True, help="names the run's topics and output directory ([A-Za-z0-9_-])")
     p.add_argument("--model", dest="model_dir", metavar="DIR", help="a trained model directory (default: as [worker])")
     p.add_argument("--scorer", choices=SCORERS, help="which scorer (default [worker] scorer; --model implies model)")
+    p.add_argument("--scores-from", metavar="RUN_ID",
+                   help="reuse the scores of that earlier run (its id, or its directory) instead of scoring again (a "
+                        "threshold trial: give --config); messages it has none for, like the warm-up, are scored by "
+                        "its model")
     p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--config", dest="replay_config", metavar="FILE",
                    help="TOML with the replay's thresholds, laid over the settings: only [aggregate] and [detect] "
@@ -66,7 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("backtest", help="score a replay run's alerts against labeled events and prices: HTML + JSON report")
-    p.add_argument("--run-id", required=True, help="the replay run to judge (as given to finpulse replay)")
+    p.add_argument("--run-id", required=True, action="append", dest="run_ids", metavar="RUN_ID",
+                   help="the replay run to judge (as given to finpulse replay); give several to compare them side by "
+                        "side (each gets its own report too)")
     p.add_argument("--parquet", metavar="DIR", help="the run's output directory (default [replay] out_dir/<run-id>)")
     p.add_argument("--events", metavar="CSV", help="labeled events: key,start,end (key: AAPL, ticker:AAPL or topic:<label>)")
     p.add_argument("--prices", metavar="CSV", help="prices: ticker,timestamp,price")
@@ -126,7 +135,7 @@ def _replay(args, settings) -> int:
                           config=args.replay_config, scorer=args.scorer, model_dir=args.model_dir, device=args.device,
                           speed=args.speed, archive=args.archive, parquet=args.parquet,
                           test_endpoint=args.test_endpoint, max_disorder=args.max_disorder, batch_size=args.batch_size,
-                          warmup=args.warmup)
+                          warmup=args.warmup, scores_from=args.scores_from)
     except ReplayError as exc:
         return _fail("replay", exc)
     if plan.archive is not None:
@@ -151,6 +160,9 @@ def _replay(args, settings) -> int:
           f"({warmup['inputs']} messages, {warmup['alerts_held_back']} alert events held back); model "
           f"{manifest['model_version']}, config {manifest['config_hash']}; Parquet in {plan.out_dir}; topics "
           f"{', '.join(manifest['topics_out'])}")
+    if plan.reused is not None:
+        print(f"scores of run {plan.reused.source_run} reused for {counts.get('scores_reused', 0)} messages; "
+              f"{counts.get('scores_computed', 0)} it had none for were scored by {plan.model_version}")
     _warn("replay", selection_warnings(counts, plan.replay.max_disorder_s) + warmup_warnings(manifest))
     if not counts.get("inputs"):
         _warn("replay", [NOTHING_SELECTED])
@@ -260,11 +272,21 @@ def _runs_delete(args, settings) -> int:
 
 
 def _backtest(args, settings) -> int:
-    from .backtest import run_backtest
+    from .backtest import compare_runs, format_comparison, run_backtest
     try:
-        report = run_backtest(settings, run_id=args.run_id, run_dir=args.parquet, events=args.events,
+        if len(args.run_ids) > 1:
+            if args.parquet:
+                raise ReplayError("--parquet names one run's directory: comparing runs reads them from [replay] out_dir")
+            comparison = compare_runs(settings, args.run_ids, events=args.events, prices=args.prices, out=args.out,
+                                      match_before=args.match_before)
+            print(format_comparison(comparison))
+            if "path" in comparison:
+                print(f"comparison: {comparison['path']}; each run's report in its own directory")
+            return 0
+        (run_id,) = args.run_ids
+        report = run_backtest(settings, run_id=run_id, run_dir=args.parquet, events=args.events,
                               prices=args.prices, out=args.out, match_before=args.match_before)
     except ReplayError as exc:
         return _fail("backtest", exc)
-    print(f"backtest {args.run_id}: {report['paths']['html']} and {report['paths']['json']}")
+    print(f"backtest {run_id}: {report['paths']['html']} and {report['paths']['json']}")
     return 0

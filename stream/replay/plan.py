@@ -101,6 +101,7 @@ class ReplayPlan:
     speed: float | None = None              # event seconds per wall second; None = as fast as possible
     test_endpoint: str | None = None
     resume: dict | None = None              # the checkpoint to continue from
+    reused: Any = None                      # ReusedScores (--scores-from): the source run's predictions by id
 
     @property
     def model_version(self) -> str:
@@ -117,7 +118,8 @@ class ReplayPlan:
                 "warmup_from": format_ms(self.warmup.start_ms),
                 "topics": sorted(self.topics), "source": "archive" if self.archive else "kafka",
                 "model_version": self.model_version, "config_hash": self.config_hash,
-                "batch_size": self.replay.batch_size, "part_records": self.replay.part_records}
+                "batch_size": self.replay.batch_size, "part_records": self.replay.part_records,
+                **({"scores_from": self.reused.source_run} if self.reused is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,36 @@ def load_chosen_scorer(kind: str, model_dir: str | None, device: str, models_dir
         raise ReplayError(f"cannot load the {kind} scorer: {exc}") from None
 
 
+def scores_from_run(source_run: str, run_id: str, out_root: Path, scorer: str | None, model_dir: str | None,
+                    device: str, models_dir: str | None):
+    """(ReusedScores, the scorer for what the source lacks) for ``--scores-from``: the source's model version,
+    by name for the baseline and no-op scorers, else its directory under ``models_dir`` (or ``--model``)."""
+    from models.baseline import KeywordBaselineScorer, NoopScorer
+
+    from .reuse import ReusedScores
+    if scorer:
+        raise ReplayError("--scores-from takes the model of the run it reuses: --scorer does not go with it")
+    if source_run == run_id:
+        raise ReplayError("--scores-from names this run itself: give the run whose scores to reuse")
+    # A run id under [replay] out_dir, or the directory of a run written elsewhere (--parquet).
+    given = Path(source_run)
+    source_dir = given if (given / MANIFEST).is_file() else out_root / source_run
+    reused = ReusedScores.load(source_dir, source_run)
+    version = reused.model_version
+    by_name = {s.model_version: s for s in (KeywordBaselineScorer, NoopScorer)}
+    if version in by_name and not model_dir:
+        return reused, by_name[version]()
+    path = model_dir or str(Path(models_dir or "var/models") / version)
+    if not Path(path).is_dir():
+        raise ReplayError(f"--scores-from {source_run}: its model {version} is not in {Path(path).parent}: messages "
+                          f"the run has no score for (its warm-up, a wider range) are scored by that model; give its "
+                          f"directory with --model DIR")
+    fallback = load_chosen_scorer("model", path, device, models_dir)
+    if fallback.model_version != version:
+        raise ReplayError(f"--model {path} is {fallback.model_version}, but run {source_run} was scored by {version}")
+    return reused, fallback
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -395,7 +427,7 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
                config: str | None = None, scorer: str | None = None, model_dir: str | None = None,
                device: str | None = None, speed: str | None = None, archive: str | None = None,
                parquet: str | None = None, test_endpoint: str | None = None, max_disorder: str | None = None,
-               batch_size: int | None = None, warmup: str | None = None) -> ReplayPlan:
+               batch_size: int | None = None, warmup: str | None = None, scores_from: str | None = None) -> ReplayPlan:
     """Validate every argument (cheapest checks first) and load the scorer; write nothing."""
     live = TopicNames(settings.kafka.topic_prefix)
     names = check_run_id(run_id, live)
@@ -422,12 +454,17 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
             selection = ArchiveSelection(archive, chosen_topics, warm.start_ms, to_ms)
         except ArchiveError as exc:
             raise ReplayError(f"--archive: {exc}") from None
-    chosen = load_chosen_scorer(scorer or worker.scorer, model_dir or worker.model_dir or None, device or worker.device,
-                                models_root(settings))
+    reused = None
+    if scores_from:
+        reused, chosen = scores_from_run(scores_from, run_id, Path(replay.out_dir), scorer, model_dir,
+                                         device or worker.device, models_root(settings))
+    else:
+        chosen = load_chosen_scorer(scorer or worker.scorer, model_dir or worker.model_dir or None,
+                                    device or worker.device, models_root(settings))
     out_dir = Path(parquet) if parquet else Path(replay.out_dir) / run_id
     plan = ReplayPlan(run_id=run_id, from_ms=from_ms, to_ms=to_ms, topics=chosen_topics, settings=settings,
                       replay=replay, names=names, out_dir=out_dir, scorer=chosen, config_hash=config_hash,
-                      warmup=warm, archive=selection, speed=pace, test_endpoint=test_endpoint)
+                      warmup=warm, archive=selection, speed=pace, test_endpoint=test_endpoint, reused=reused)
     plan.resume = check_output_dir(out_dir, plan.identity())
     check_topics_free(settings, names, resuming=plan.resume is not None)
     if not archive:

@@ -221,8 +221,8 @@ class ReplayRunner:
                 scoring = None
                 if batch is not None:
                     shares = self._parse(batch)
-                    texts = [item.text for share in shares for _, item in share.valid]
-                    future = loop.run_in_executor(executor, self.scoring.score, texts) if texts else None
+                    items = [item for share in shares for _, item in share.valid]
+                    future = loop.run_in_executor(executor, self._predict, items) if items else None
                     scoring = (batch, shares, future)
                 if in_flight is not None:
                     await self._finish_batch(*in_flight, sender, progress)
@@ -233,6 +233,12 @@ class ReplayRunner:
         finally:
             reader.cancel()
             executor.shutdown(wait=False, cancel_futures=True)
+
+    def _predict(self, items: list) -> list:
+        """The model's predictions, or with ``--scores-from`` the source run's (the model's where it has none)."""
+        if self.plan.reused is None:
+            return self.scoring.score([item.text for item in items])
+        return self.plan.reused.predict(items, self.scoring.score)
 
     def _parse(self, batch: list[TimedMessage]) -> tuple[_Share, _Share]:
         """The warm-up's and the range's messages of one batch, parsed (apart: their rejections are counted apart)."""
@@ -259,6 +265,11 @@ class ReplayRunner:
             first = min(m.event_ms for m in warm.messages)
             tally.first_input_ms = first if tally.first_input_ms is None else min(tally.first_input_ms, first)
         self.rejected.update(live.rejected)
+        if self.plan.reused is not None:
+            items = [item for share in shares for _, item in share.valid]
+            reused = self.plan.reused.covered(items)
+            self.counts["scores_reused"] += reused
+            self.counts["scores_computed"] += len(items) - reused
         await self._emit(live, live_records, sender)
         records = [record for record, _, _ in warm_records + live_records]
         if records:

@@ -48,6 +48,7 @@ class RunInfo:
     end: str | None = None
     warmup_s: int | None = None
     model_version: str | None = None
+    scores_from: str | None = None   # the run whose scores it reused (finpulse replay --scores-from)
     inputs: int | None = None        # messages of [from, to) done so far
     scored: int | None = None
     alerts_firing: int | None = None
@@ -75,7 +76,8 @@ def read_run_dir(directory: Path) -> RunInfo | None:
     counts = saved.get("counts", {})
     return RunInfo(run_id=str(identity.get("run_id", directory.name)), status=status, directory=str(directory),
                    start=identity.get("from"), end=identity.get("to"), warmup_s=_warmup_of(identity),
-                   model_version=identity.get("model_version"), inputs=counts.get("inputs", 0),
+                   model_version=identity.get("model_version"), scores_from=identity.get("scores_from"),
+                   inputs=counts.get("inputs", 0),
                    scored=counts.get("scored", 0), alerts_firing=counts.get("alerts_firing", 0),
                    created_at=saved.get("created_at") or _mtime(source))
 
@@ -229,7 +231,8 @@ def format_runs(runs: list[RunInfo]) -> str:
     """The runs as an aligned text table."""
     header = ("RUN ID", "STATUS", "FROM", "TO", "WARM-UP", "MODEL", "INPUTS", "SCORED", "ALERTS", "TOPICS", "CREATED")
     rows = [header] + [(r.run_id, r.status, r.start or "-", r.end or "-",
-                        "-" if r.warmup_s is None else f"{r.warmup_s}s", r.model_version or "-",
+                        "-" if r.warmup_s is None else f"{r.warmup_s}s",
+                        (r.model_version or "-") + (f" (scores of {r.scores_from})" if r.scores_from else ""),
                         *("-" if v is None else str(v) for v in (r.inputs, r.scored, r.alerts_firing)),
                         str(len(r.topics)), r.created_at or "-") for r in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

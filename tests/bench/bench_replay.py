@@ -18,6 +18,9 @@ Each side runs ``--repeat`` times, alternating, and each side's best run counts 
 ``--scorer`` picks the scorer for both (default ``baseline``: the stream overheads dominate, the hard case for
 replay; ``auto``/``model``: the newest trained model, where scoring dominates both).
 
+Then a threshold trial (``--scores-from``) on the last replay's scores, same inputs: its rate as a ratio to the full
+replay's, which is what a threshold sweep saves per run.
+
     python -m tests.bench replay [-- --messages 20000 --scorer baseline --json out.json]
 """
 from __future__ import annotations
@@ -113,8 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
         figures["live_end_to_end_per_s"], figures["replay_per_s"] = best_of_alternating(
             args.repeat, ("live worker, end to end", live_run), ("replay", replay_run))
         figures["live_scoring_per_s"] = max(scoring_rates)
+        # A threshold trial on the last replay's scores (--scores-from), on the same inputs: what a sweep costs.
+        last = max(prepared)
+        trial = run_replay(build_plan(prepared[last], run_id="bench-trial", start=format_time(START),
+                                      end=format_time(end), scores_from=f"bench{last}"), show_progress=False)
+        figures["trial_per_s"] = trial["counts"]["inputs"] / trial["elapsed_s"]
     figures["ratio_replay_to_live"] = round(figures["replay_per_s"] / figures["live_end_to_end_per_s"], 3)
     figures["ratio_replay_to_live_scoring"] = round(figures["replay_per_s"] / figures["live_scoring_per_s"], 3)
+    figures["ratio_trial_to_replay"] = round(figures["trial_per_s"] / figures["replay_per_s"], 3)
     ok = figures["ratio_replay_to_live"] >= TARGET
     print(f"\n{'':40}{'msg/s':>10}\n"
           f"{'live worker, end to end':40}{figures['live_end_to_end_per_s']:>10,.0f}\n"
@@ -122,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'replay (whole run, start-up included)':40}{figures['replay_per_s']:>10,.0f}\n"
           f"replay / live end to end = {figures['ratio_replay_to_live']:.2f} (goal >= {TARGET}: "
           f"{'met' if ok else 'NOT met'}); replay / live scoring stage = "
-          f"{figures['ratio_replay_to_live_scoring']:.2f}; model {figures.get('model_version')}", flush=True)
+          f"{figures['ratio_replay_to_live_scoring']:.2f}; model {figures.get('model_version')}\n"
+          f"threshold trial on those scores (--scores-from): {figures['trial_per_s']:,.0f} msg/s = "
+          f"{figures['ratio_trial_to_replay']:.2f} x the full replay", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return figures
