@@ -7,7 +7,7 @@ import argparse
 import getpass
 
 SILENCE_EXAMPLES = """examples:
-  finpulse silence add --match "topic=Energy | Oil" --for 4h --comment "OPEC meeting, expected volatility"
+  finpulse silence add --match "about=Energy | Oil" --for 4h --comment "OPEC meeting: the topic and its tickers"
   finpulse silence add --match ticker=TSLA --match severity!=critical --starts 2026-12-03T21:00Z --for 2h \\
       --comment "earnings call: only critical pages"
   finpulse silence add --match endpoint=risk-slack --for 30m --comment "channel migration"
@@ -59,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="silence_action", metavar="ACTION", required=True)
     add = actions.add_parser("add", help="add a silence; prints its id")
     add.add_argument("--match", action="append", default=[], metavar="NAME=VALUE", required=True,
-                     help="key, key_type, severity or endpoint, with = != =~ (whole-value regex) or !~; topic=LABEL and "
-                          "ticker=SYMBOL are shorthands. Repeat: every matcher must match")
+                     help="key, key_type, severity, about (the topic a topic or ticker alert is about) or endpoint, "
+                          "with = != =~ (whole-value regex) or !~; topic=LABEL and ticker=SYMBOL are shorthands for a "
+                          "key of that type. Repeat: every matcher must match")
     until = add.add_mutually_exclusive_group(required=True)
     until.add_argument("--for", dest="duration", metavar="DURATION", help="how long from its start: 90m, 4h, 2d")
     until.add_argument("--until", metavar="TIME", help="when it ends: ISO-8601 (naive means UTC)")

@@ -199,8 +199,9 @@ class SpikeDetector:
             # Remembered in the state, which is written after the alerts: a restart re-emits the same escalation.
             sent = _episode_severity(episode)
             if spiking and severity_rank(_severity(deviation, rule)) > severity_rank(sent):
-                alert = self._alert(state, trend, rule, stats, AlertRecord.from_dict(episode["firing"]).started_at,
-                                    escalated_from=sent)
+                firing = AlertRecord.from_dict(episode["firing"])
+                alert = self._alert(state, trend, rule, stats, firing.started_at, escalated_from=sent,
+                                    topic=firing.topic)
                 episode["severity"] = alert.severity
                 return [alert]
             return []
@@ -241,9 +242,10 @@ class SpikeDetector:
                 "count": trend.count}
 
     def _alert(self, state: dict[str, Any], trend: TrendRecord, rule: DetectRule, stats: dict[str, float],
-               started_at: datetime, escalated_from: str = "") -> AlertRecord:
+               started_at: datetime, escalated_from: str = "", topic: str | None = None) -> AlertRecord:
         """The firing that opens an episode starting with ``trend``, or, with ``escalated_from``, an escalation of
-        the open episode that started at ``started_at``: either way this window's figures."""
+        the open episode that started at ``started_at``: either way this window's figures. ``topic``: the episode's
+        (an escalation keeps its firing's, so that every event of the episode is about one topic)."""
         deviation = stats["deviation"]
         severity = _severity(deviation, rule)
         what = (f"Escalated from {escalated_from} to {severity} on" if escalated_from else "Negative spike on")
@@ -257,7 +259,8 @@ class SpikeDetector:
             window_end=trend.window_end, severity=severity, observed=self._observed(trend),
             baseline=self._baseline(state, stats), deviation=round(deviation, 3), started_at=started_at,
             emitted_at=self.clock(), messages=tuple(trend.most_negative[: rule.top_messages]), summary=summary,
-            model_version=trend.model_version, run_id=self.run_id, escalated_from=escalated_from)
+            model_version=trend.model_version, run_id=self.run_id, escalated_from=escalated_from,
+            topic=topic if topic is not None else (trend.key if trend.key_type == "topic" else trend.topic))
 
     def _resolved(self, episode: dict[str, Any], state: dict[str, Any], trend: TrendRecord,
                   stats: dict[str, float]) -> AlertRecord:

@@ -103,9 +103,15 @@ def headline(alert: AlertRecord) -> str:
     obs, base = alert.observed or {}, alert.baseline or {}
     state = {"resolved": "RESOLVED", "escalation": "ESCALATED"}.get(alert.event_kind, "FIRING")
     severity = f"{alert.escalated_from} → {alert.severity}" if alert.escalated_from else alert.severity
-    return (f"{state} [{severity}] negative sentiment spike on {alert.key_type} {alert.key}: bearish share "
+    return (f"{state} [{severity}] negative sentiment spike on {subject(alert)}: bearish share "
             f"{_pct(obs.get('bearish_share'))} vs baseline {_pct(base.get('bearish_share'))}, mean score "
             f"{_num(obs.get('mean_score'))} vs {_num(base.get('mean_score'))} ({_window(alert.window_s)} window)")
+
+
+def subject(alert: AlertRecord) -> str:
+    """What the alert is on: ``topic Energy | Oil``, or ``ticker XOM (Energy | Oil)`` with the story behind it."""
+    about = f" ({alert.topic})" if alert.key_type == "ticker" and alert.topic else ""
+    return f"{alert.key_type} {alert.key}{about}"
 
 
 def dashboard_link(alert: AlertRecord, dashboard_url: str) -> str:
@@ -138,7 +144,7 @@ def _slack(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
     icon = _slack_icon(alert)
     what = ("Resolved" if resolved else f"Escalated from {alert.escalated_from} to {alert.severity}"
             if alert.escalated_from else "Negative sentiment spike")
-    title = f"{what}: {alert.key_type} {alert.key}"
+    title = f"{what}: {subject(alert)}"
     fields = [
         ("Severity", f"{alert.escalated_from} → {alert.severity}" if alert.escalated_from else alert.severity),
         ("Window", f"{_window(alert.window_s)} from {format_time(alert.window_start)}"),
@@ -187,6 +193,7 @@ def _pagerduty(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
             "most_negative": [{"id": m.get("id"), "score": m.get("sentiment_score"), "text": m.get("text")}
                               for m in alert.messages[:SLACK_EXCERPTS]],
             "model_version": alert.model_version,
+            **({"topic": alert.about_topic} if alert.about_topic else {}),
             **({"escalated_from": alert.escalated_from} if alert.escalated_from else {}),
         },
     }
@@ -220,6 +227,9 @@ def _alertmanager_entry(alert: AlertRecord, severity: str, ends_at: datetime, ct
         "alert_id": alert.id,
         "source": "finpulse",
     }
+    if alert.topic:
+        # Routes can match the story a ticker moves with; fixed for the episode (its firing's), like every label.
+        labels["topic"] = alert.topic
     if alert.run_id:
         labels["run_id"] = alert.run_id
     annotations = {

@@ -28,7 +28,7 @@ from .deliveries import PENDING, DeliveryState, delivery_key, webhook_id
 GROUP_BY = ("key_type", "severity", "topic", "all")
 DEFAULT_GROUP_WAIT_S = 30.0
 DEFAULT_GROUP_INTERVAL_S = 300.0
-NO_TOPIC = "-"  # the topic label of a ticker alert
+NO_TOPIC = "-"  # the topic label of an alert that names none (ticker alerts emitted before they carried one)
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,7 @@ class GroupPolicy:
         """The group of ``alert``, as text: ``"all"``, or ``"key_type=topic"``, ``"severity=critical,topic=Rates"``..."""
         if self.group_by == ("all",):
             return "all"
-        values = {"key_type": alert.key_type, "severity": alert.severity,
-                  "topic": alert.key if alert.key_type == "topic" else NO_TOPIC}
+        values = {"key_type": alert.key_type, "severity": alert.severity, "topic": alert.about_topic or NO_TOPIC}
         return ",".join(f"{name}={values[name]}" for name in self.group_by)
 
     def next_flush(self, now: float, last_flush: float | None) -> float:

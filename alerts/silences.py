@@ -2,7 +2,8 @@
 
 A risk team knows ahead of time when FinPulse would page them for nothing (an earnings call on a ticker, an OPEC
 meeting for "Energy | Oil", a vendor outage). A silence names the alerts it covers by matchers on the alert's
-fields (``key``, ``key_type``, ``severity``) and on the endpoint (``endpoint``), all of which must match; it runs
+fields (``key``, ``key_type``, ``severity``, ``about``: the topic a topic or ticker alert is about) and on the
+endpoint (``endpoint``), all of which must match; it runs
 from ``starts_at`` to ``ends_at`` and says who made it and why. A silenced alert is still an alert (the topic, the
 dashboard and replays have it); only its notification is withheld (see ``alerts.dispatch`` for what the dispatcher
 records and sends when a silence ends).
@@ -26,8 +27,9 @@ from stream.config import ConfigError, KafkaSettings
 from stream.kafka_io import bootstrap_list, open_reader, read_to_end, read_topic_async
 from stream.records import SEVERITIES, AlertRecord, _Record, epoch_ms, format_time, utcnow
 
-# The fields a matcher may name: the alert's own, and the endpoint the notification would go to.
-MATCHABLE = ("key", "key_type", "severity", "endpoint")
+# The fields a matcher may name: the alert's own (``about``: the topic it is about, a ticker alert's too), and the
+# endpoint the notification would go to.
+MATCHABLE = ("key", "key_type", "severity", "about", "endpoint")
 # Shorthands a risk team types: ``topic=Energy | Oil`` is ``key_type=topic`` and ``key=Energy | Oil``.
 KEY_TYPE_SHORTHANDS = ("topic", "ticker")
 OPERATORS = ("!=", "=~", "!~", "=")       # longest first: "!=" must not parse as "=" with a name ending in "!"
@@ -112,7 +114,8 @@ class Silence(_Record):
         return "pending" if at < self.starts_at else "active" if at < self.ends_at else "expired"
 
     def matches(self, alert: AlertRecord, endpoint: str) -> bool:
-        fields = {"key": alert.key, "key_type": alert.key_type, "severity": alert.severity, "endpoint": endpoint}
+        fields = {"key": alert.key, "key_type": alert.key_type, "severity": alert.severity,
+                  "about": alert.about_topic, "endpoint": endpoint}
         return all(m.matches(fields) for m in self.parsed())
 
 

@@ -322,7 +322,7 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     shown = sh.in_zone(table, c.tz).assign(observed_bearish_share=table["observed_bearish_share"] * 100,
                                            baseline_bearish_share=table["baseline_bearish_share"] * 100)
     st.dataframe(shown, key="fp-alert-table", hide_index=True,
-                 column_order=["status", "severity", "escalation", "key_type", "key", "episode_start", "resolved_at", "deviation",
+                 column_order=["status", "severity", "escalation", "key_type", "key", "topic", "episode_start", "resolved_at", "deviation",
                                "observed_bearish_share", "baseline_bearish_share", "deliveries", "summary"],
                  column_config={"episode_start": st.column_config.DatetimeColumn("started", format="YYYY-MM-DD HH:mm:ss"),
                                 "resolved_at": st.column_config.DatetimeColumn("resolved", format="YYYY-MM-DD HH:mm:ss"),
@@ -330,7 +330,7 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
                                 "escalation": st.column_config.TextColumn("escalated"),
                                 "observed_bearish_share": st.column_config.NumberColumn("bearish", format="%.0f%%"),
                                 "baseline_bearish_share": st.column_config.NumberColumn("usual", format="%.0f%%"),
-                                "key_type": "type"})
+                                "key_type": "type", "topic": "about"})
     csv_download(table, c.tz, "alerts", "fp-csv-alerts")
 
     labels = {row.id: f"{row.severity} · {row.key} · {row.status}" for row in table.itertuples()}

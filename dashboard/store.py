@@ -41,7 +41,7 @@ ALERT_COLUMNS = ("id", "status", "event_id", "key_type", "key", "window_s", "win
                  "severity", "deviation", "observed_bearish_share", "observed_mean_score", "observed_count",
                  "baseline_bearish_share", "baseline_bearish_share_std", "baseline_mean_score",
                  "baseline_mean_score_std", "started_at", "emitted_at", "resolved_at", "summary", "model_version",
-                 "messages", "escalated_from")
+                 "messages", "escalated_from", "topic")
 DELIVERY_COLUMNS = ("delivery_key", "event_id", "alert_id", "endpoint", "status", "attempts", "last_error",
                     "group", "updated_at")
 SILENCE_COLUMNS = ("id", "matchers", "starts_at", "ends_at", "created_by", "comment", "updated_at")
@@ -173,6 +173,8 @@ def alert_row(data: dict[str, Any]) -> dict[str, Any]:
         "baseline_mean_score_std": _number(baseline.get("mean_score_std")),
         "emitted_at": data.get("emitted_at") or data["window_end"],
         "summary": str(data.get("summary") or ""), "model_version": str(data.get("model_version") or ""),
+        # What it is about: a topic alert's key, a ticker alert's dominant topic ("" for older ticker alerts).
+        "topic": str(data.get("topic") or (data["key"] if data["key_type"] == "topic" else "")),
         "messages": tuple(m for m in (data.get("messages") or ()) if isinstance(m, dict)),
     })
     return row

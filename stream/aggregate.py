@@ -188,14 +188,14 @@ class KeyWindows:
             return cls()
         # Copies, so that mutating this state never changes a value the table still holds.
         return cls(data.get("watermark_ms"), dict(data.get("offsets", {})), dict(data.get("recent_ids", {})),
-                   {k: {**w, "negative": list(w["negative"])} for k, w in data.get("windows", {}).items()},
+                   {k: _copy_window(w) for k, w in data.get("windows", {}).items()},
                    data.get("settled_ms"), [list(p) for p in data.get("pending", [])])
 
     def to_dict(self) -> dict[str, Any]:
         return {"watermark_ms": self.watermark_ms, "settled_ms": self.settled_ms,
                 "pending": [list(p) for p in self.pending], "offsets": dict(self.offsets),
                 "recent_ids": dict(self.recent_ids),
-                "windows": {k: {**w, "negative": list(w["negative"])} for k, w in self.windows.items()}}
+                "windows": {k: _copy_window(w) for k, w in self.windows.items()}}
 
     def advance(self, t_ms: int, now: float | None) -> None:
         """The watermark moves to ``t_ms``: at once (no wall clock given) or once it is ``close_grace_s`` old."""
@@ -227,6 +227,20 @@ class KeyWindows:
 
     def forget_ids_before(self, t_ms: int) -> None:
         self.recent_ids = {i: t for i, t in self.recent_ids.items() if t >= t_ms}
+
+
+def _copy_window(window: dict[str, Any]) -> dict[str, Any]:
+    """A window's counters, with copies of its mutable parts (a ticker window's ``topics`` counts: windows written
+    before tickers kept them have none)."""
+    copy = {**window, "negative": list(window["negative"])}
+    if "topics" in window:
+        copy["topics"] = dict(window["topics"])
+    return copy
+
+
+def dominant_topic(topics: dict[str, int]) -> str:
+    """The topic most messages were classified as; on a tie the first by name, so live and replay agree."""
+    return min(topics.items(), key=lambda item: (-item[1], item[0]))[0] if topics else ""
 
 
 def window_key(size_s: int, start_ms: int) -> str:
@@ -377,6 +391,10 @@ class WindowAggregator:
         else:
             window["comments"] += 1
         window["model_version"] = record.model_version
+        if self.key_type == "ticker" and record.topic:
+            # Which story moves the ticker: its alert names the topic most of the window's messages are about.
+            topics = window.setdefault("topics", {})
+            topics[record.topic] = topics.get(record.topic, 0) + 1
         limit = self.settings.top_negative
         negative = window["negative"]
         if record.sentiment_score >= 0 or limit == 0:
@@ -403,7 +421,8 @@ class WindowAggregator:
             mean_score=round(window["score_sum"] / count, 6), bearish_share=round(window["bearish"] / count, 6),
             bullish_share=round(window["bullish"] / count, 6), news_count=window["news"],
             comment_count=window["comments"], final=final, model_version=window["model_version"],
-            emitted_at=self.clock(), most_negative=tuple(window["negative"]), run_id=self.run_id)
+            emitted_at=self.clock(), most_negative=tuple(window["negative"]), run_id=self.run_id,
+            topic=dominant_topic(window.get("topics", {})))
 
 
 def _window_order(wid: str) -> tuple[int, int, int]:

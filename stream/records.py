@@ -339,6 +339,7 @@ class TrendRecord(_Record):
     emitted_at: datetime
     most_negative: tuple[dict, ...] = ()   # MessageRef dicts
     run_id: str = ""
+    topic: str = ""           # a ticker window: the topic most of its messages were classified as (ties: first by name)
 
     _time_fields: ClassVar[tuple[str, ...]] = ("window_start", "window_end", "emitted_at")
 
@@ -371,6 +372,12 @@ class AlertRecord(_Record):
     model_version: str = ""
     run_id: str = ""
     escalated_from: str = ""  # an escalation: the severity it rose from; empty for every other event
+    topic: str = ""           # what it is about: a topic alert's key; a ticker alert's dominant topic when it fired
+
+    @property
+    def about_topic(self) -> str:
+        """The topic the alert is about ("" when unknown: a ticker alert emitted before tickers carried one)."""
+        return self.key if self.key_type == "topic" else self.topic
 
     _time_fields: ClassVar[tuple[str, ...]] = ("window_start", "window_end", "started_at", "emitted_at", "resolved_at")
 

@@ -112,6 +112,36 @@ def test_ticker_windows_count_a_message_under_each_of_its_tickers():
     assert counts == {"XOM": 2, "CVX": 1}
 
 
+def test_a_ticker_window_names_the_topic_most_of_its_messages_are_about():
+    agg = aggregator("ticker")
+    agg.feed([scored(0, 1, tickers=("XOM",)), scored(1, 2, tickers=("XOM",), topic="Macro"),
+              scored(2, 3, tickers=("XOM", "AAPL")), scored(3, 4, tickers=("AAPL",), topic="Earnings"),
+              scored(4, 5, tickers=("MSFT",), topic="Macro"), scored(5, 6, tickers=("MSFT",), topic="Earnings")])
+    # A partial trend, then the state written to the table and read back (as a restarted worker does), then final.
+    (partial,) = [t for t in agg.open_trends("XOM", agg.states["XOM"])]
+    assert partial.topic == "Energy | Oil"
+    agg.states = {k: KeyWindows.from_dict(json.loads(json.dumps(s.to_dict()))) for k, s in agg.states.items()}
+    topics = {t.key: t.topic for t in agg.flush()}
+    # XOM: 2 of 3 Energy | Oil; AAPL and MSFT tie 1-1: the first by name.
+    assert topics == {"XOM": "Energy | Oil", "AAPL": "Earnings", "MSFT": "Earnings"}
+    topic_agg = aggregator("topic")
+    topic_agg.feed([scored(0, 1, tickers=("XOM",))])
+    (topic_trend,) = topic_agg.flush()
+    assert topic_trend.topic == "" and "topics" not in json.dumps(topic_agg.states["Energy | Oil"].to_dict())
+
+
+def test_a_ticker_window_written_before_topics_were_counted_still_closes():
+    agg = aggregator("ticker")
+    agg.feed([scored(0, 1, tickers=("XOM",))])
+    old = agg.states["XOM"].to_dict()
+    for window in old["windows"].values():
+        del window["topics"]
+    agg.states = {"XOM": KeyWindows.from_dict(old)}
+    agg.feed([scored(1, 2, tickers=("XOM",), topic="Macro")])
+    (trend,) = agg.flush()
+    assert (trend.count, trend.topic) == (2, "Macro")      # it counts what it saw since
+
+
 def sourced(records: list[ScoredRecord], partition: int = 0, first_offset: int = 0) -> list[SourcedRecord]:
     return [SourcedRecord(r, partition, first_offset + n) for n, r in enumerate(records)]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -200,6 +201,19 @@ def test_a_worsening_episode_escalates_once_per_band_and_never_down():
     assert to_critical.deviation > to_warning.deviation > firing.deviation
     assert to_critical.summary.startswith(f"Escalated from warning to critical on topic {KEY}")
     assert "peak" in resolved.summary and resolved.escalated_from == ""
+
+
+def test_a_ticker_alert_names_its_windows_topic_and_keeps_the_firings_for_the_whole_episode():
+    det = escalating_detector()
+    assert run(det, calm_shares(30), count=200, key="XOM", key_type="ticker") == []
+    shares = [0.45, 0.9, 0.25, 0.25]
+    stories = ["Energy | Oil", "Macro", "Macro", "Macro"]    # the escalating window is mostly about Macro
+    alerts = det.feed(replace(trend(30 + i, share, count=200, key="XOM", key_type="ticker"), topic=story)
+                      for i, (share, story) in enumerate(zip(shares, stories)))
+    assert [(a.event_kind, a.topic) for a in alerts] == [("firing", "Energy | Oil"), ("escalation", "Energy | Oil"),
+                                                         ("resolved", "Energy | Oil")]
+    (topic_alert,) = run(escalating_detector(), [0.9], first_minute=30, count=200)
+    assert topic_alert.topic == KEY == topic_alert.about_topic
 
 
 def test_an_episode_that_fires_critical_never_escalates_and_a_new_episode_starts_over():

@@ -107,6 +107,18 @@ def test_headline_and_unknown_format():
         render("teams", make_alert(), ctx())
 
 
+def test_a_ticker_alert_says_which_topic_moves_the_ticker_in_every_format():
+    xom = make_alert(key_type="ticker", key="XOM", topic="Energy | Oil")
+    assert "negative sentiment spike on ticker XOM (Energy | Oil):" in headline(xom)
+    assert rendered("slack", xom)["blocks"][0]["text"]["text"] == "Negative sentiment spike: ticker XOM (Energy | Oil)"
+    assert rendered("pagerduty", xom, ctx(routing_key="R" * 32))["payload"]["custom_details"]["topic"] == "Energy | Oil"
+    assert rendered("alertmanager", xom)[0]["labels"]["topic"] == "Energy | Oil"
+    assert rendered("native", xom)["data"]["topic"] == "Energy | Oil"
+    # One from before alerts carried a topic: no topic label appears (labels never change within an episode).
+    older = make_alert(key_type="ticker", key="XOM")
+    assert "topic" not in rendered("alertmanager", older)[0]["labels"] and "spike on ticker XOM:" in headline(older)
+
+
 def test_a_replays_alert_is_told_apart_from_the_live_one_by_its_run_id():
     live, replayed = make_alert(), make_alert(run_id="energy-v2")
     assert (live.event_id, replayed.event_id) == ("a7f3c2:firing", "a7f3c2@energy-v2:firing")

@@ -55,8 +55,12 @@ def test_group_labels_and_when_a_group_notifies():
     assert GroupPolicy.of(endpoint_config()) is None                       # off unless group_by is set
     policy = GroupPolicy.of(endpoint_config(group_by=["key_type", "topic"], group_wait_s=5, group_interval_s=60))
     assert policy.label(make_alert(key="Energy | Oil")) == "key_type=topic,topic=Energy | Oil"
-    # A ticker alert carries no topic: its window counts every message naming the ticker, whatever the topic.
+    # A ticker alert is about the topic most of its window's messages were; one from before alerts said is about none.
+    assert policy.label(make_alert(key_type="ticker", key="XOM", topic="Energy | Oil")) == "key_type=ticker,topic=Energy | Oil"
     assert policy.label(make_alert(key_type="ticker", key="XOM")) == "key_type=ticker,topic=-"
+    by_topic = GroupPolicy.of(endpoint_config(group_by=["topic"]))
+    assert by_topic.label(make_alert(key="Energy | Oil")) == by_topic.label(
+        make_alert(key_type="ticker", key="XOM", topic="Energy | Oil")) == "topic=Energy | Oil"
     assert GroupPolicy.of(endpoint_config(group_by=["all"])).label(make_alert(key_type="ticker")) == "all"
     assert GroupPolicy.of(endpoint_config(group_by=["severity"])).label(make_alert(severity="warning")) == "severity=warning"
     defaults = GroupPolicy.of(endpoint_config(group_by=["severity"]))

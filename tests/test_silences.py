@@ -39,6 +39,11 @@ def test_matchers_match_as_alertmanagers_do():
     assert silence.matches(make_alert(key="Energy | Oil", severity="warning"), "risk")
     assert not silence.matches(make_alert(key="Energy | Oil", severity="critical"), "risk")
     assert not silence.matches(make_alert(key_type="ticker", key="Energy | Oil", severity="warning"), "risk")
+    # about= covers a topic's own alerts and those of the tickers its stories move.
+    story = new_silence(["about=Energy | Oil"], utcnow(), utcnow() + timedelta(hours=1), "ana", "OPEC")
+    assert story.matches(make_alert(key="Energy | Oil"), "risk")
+    assert story.matches(make_alert(key_type="ticker", key="XOM", topic="Energy | Oil"), "risk")
+    assert not story.matches(make_alert(key_type="ticker", key="AAPL", topic="Earnings"), "risk")
     ended = expired_now(silence)
     assert ended.ends_at <= utcnow() and not ended.active(utcnow()) and ended.id == silence.id
 
