@@ -450,6 +450,12 @@ def test_heatmap_buckets_stay_bounded_and_weighted():
     assert cells["count"].sum() == windows["count"].sum()
 
 
+def test_every_time_range_has_a_code_for_the_address():
+    from dashboard.ui import CODE_OF_RANGE, DEFAULT_RANGE
+    assert set(CODE_OF_RANGE) == set(sh.TIME_RANGES) and DEFAULT_RANGE in sh.TIME_RANGES
+    assert len(set(CODE_OF_RANGE.values())) == len(CODE_OF_RANGE)
+
+
 def test_in_zone_shows_the_chosen_wall_clock():
     frame = pd.DataFrame({"t": pd.to_datetime(["2026-01-01T12:00:00Z"], utc=True)})
     assert str(sh.in_zone(frame, "America/New_York")["t"].iloc[0]) == "2026-01-01 07:00:00"
