@@ -1065,6 +1065,7 @@ def _print_status(settings: Settings, names: TopicNames) -> int:
     if groups:
         print(f"  of them in {sum(groups.values())} group notifications {groups}")
     now = utcnow()
+    ensure_topics(settings.kafka, [names.silences], names.compacted())   # a deployment from before silences has none
     silences = asyncio.run(read_silences(settings.kafka, names.silences)).values()
     print(f"{names.silences}: {sum(s.active(now) for s in silences)} in force, "
           f"{sum(now < s.starts_at for s in silences)} to come (`finpulse silence list`)")
