@@ -9,13 +9,16 @@ thresholds over a past event-time range, reproducibly and without touching anyth
   (``output.py``); alerts reach a webhook only with ``--test-endpoint NAME``, and only the endpoint set aside as
   ``[alerts] replay_endpoint``. Before ``T1`` it reads a warm-up (``--warmup``, default: the detector's own need)
   that builds windows and baselines and writes nothing. ``--config FILE`` holds only ``[aggregate]``/``[detect]``.
-  Resumable after Ctrl-C. Bad arguments fail before anything is written (``plan.py``).
+  Resumable after Ctrl-C. Bad arguments fail before anything is written (``plan.py``). ``--scores-from RUN``
+  takes each message's prediction from an earlier run instead of the model (``reuse.py``): a threshold trial at a
+  fraction of the cost, with the outputs a full replay would write.
 * ``finpulse runs`` lists the runs (directories and topics); ``finpulse runs delete ID --yes`` deletes one's topics,
   dispatcher group and directory, and refuses anything that is not that run's (``runs.py``).
 * ``finpulse export --from T1 --to T2 --out DIR`` archives the input topics to Parquet by event-time day
   (``archive.py``); ``replay --archive DIR`` reads them back in the same order as from Kafka, past retention.
 * ``finpulse backtest --run-id ID [--events events.csv] [--prices prices.csv]`` reports alert precision, recall and
-  lead time against labeled events, and an event study of forward returns (``backtest.py``, ``report.py``).
+  lead time against labeled events, and an event study of forward returns (``backtest.py``, ``report.py``); with
+  several ``--run-id`` it also compares them side by side.
 
 **Reproducibility: byte-identical Parquet.** The same inputs, model and config give byte-identical Parquet files:
 
