@@ -260,7 +260,7 @@ class SpikeDetector:
             baseline=self._baseline(state, stats), deviation=round(deviation, 3), started_at=started_at,
             emitted_at=self.clock(), messages=tuple(trend.most_negative[: rule.top_messages]), summary=summary,
             model_version=trend.model_version, run_id=self.run_id, escalated_from=escalated_from,
-            topic=topic if topic is not None else (trend.key if trend.key_type == "topic" else trend.topic))
+            topic=topic if topic is not None else trend.about_topic)
 
     def _resolved(self, episode: dict[str, Any], state: dict[str, Any], trend: TrendRecord,
                   stats: dict[str, float]) -> AlertRecord:

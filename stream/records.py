@@ -344,6 +344,11 @@ class TrendRecord(_Record):
     _time_fields: ClassVar[tuple[str, ...]] = ("window_start", "window_end", "emitted_at")
 
     @property
+    def about_topic(self) -> str:
+        """The topic the window is about: a topic window's key, a ticker window's dominant topic ("" if unknown)."""
+        return self.key if self.key_type == "topic" else self.topic
+
+    @property
     def window_id(self) -> str:
         return f"{self.key_type}:{self.key}:{self.window_s}:{format_time(self.window_start)}"
 

@@ -145,6 +145,15 @@ def test_replay_scores_aggregates_and_alerts_into_isolated_topics_and_parquet(da
         f"{r.key_type}:{r.key}:{r.window_s}:{format_time(r.window_start)}" for r in trends.itertuples()}
     assert sorted((a["id"], a["status"]) for a in on_topics[out.alerts]) == sorted(zip(alerts["id"], alerts["status"]))
     assert all(a["run_id"] == "basic" for a in on_topics[out.alerts])
+    # What each trend and alert is about, in the Parquet as on the topics: a topic row's key, a ticker row's
+    # dominant topic.
+    assert (trends[trends["key_type"] == "topic"]["topic"] == trends[trends["key_type"] == "topic"]["key"]).all()
+    about = {TrendRecord.from_dict(t).window_id: t["topic"] for t in on_topics[out.trends] if t["key_type"] == "ticker"}
+    ticker_trends = trends[trends["key_type"] == "ticker"]
+    assert len(ticker_trends) and ticker_trends["topic"].notna().all()
+    assert {f"{r.key_type}:{r.key}:{r.window_s}:{format_time(r.window_start)}": r.topic
+            for r in ticker_trends.itertuples()} == about
+    assert (shock["topic"] == SHOCK.topic).all() and alerts["topic"].notna().all()
     assert topic_counts(settings, list(names.all())) == live_before
 
 

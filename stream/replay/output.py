@@ -6,6 +6,9 @@ Layout of ``<out_dir>`` (default ``var/replay/<run-id>/``)::
     trends/part-00000.parquet   one row per closed window, in the order the windows closed
     alerts/part-00000.parquet   one row per alert event (firing, escalation, resolved; ``escalated_from`` tells an
                                 escalation: count episodes by the rows where it is empty and status is firing)
+
+``topic`` in trends and alerts is what a row is about: a topic row's own key, a ticker row's dominant topic (the
+topic most of its window's messages were classified as); null where unknown (parts written before schema 3).
     manifest.json               what the run was (range, topics, model version, config hash, counts, files)
 
 Part ``k`` holds the rows produced while replaying input messages ``[k*P, (k+1)*P)`` (``P`` =
@@ -27,7 +30,7 @@ from stream.records import AlertRecord, ScoredRecord, TrendRecord, epoch_ms
 
 from .parquet import with_metadata, write_atomic
 
-OUTPUT_SCHEMA_VERSION = 2     # 2: alerts have escalated_from
+OUTPUT_SCHEMA_VERSION = 3     # 2: alerts have escalated_from; 3: trends and alerts have topic
 TABLES = ("scored", "trends", "alerts")
 TIME = pa.timestamp("ms", tz="UTC")
 
@@ -45,6 +48,7 @@ SCHEMAS = {
         pa.field("input_offset", pa.int64(), nullable=False), *_PROVENANCE]),
     "trends": pa.schema([
         pa.field("key_type", pa.string(), nullable=False), pa.field("key", pa.string(), nullable=False),
+        pa.field("topic", pa.string()),
         pa.field("window_s", pa.int32(), nullable=False), pa.field("window_start", TIME, nullable=False),
         pa.field("window_end", TIME, nullable=False), pa.field("count", pa.int64(), nullable=False),
         pa.field("mean_score", pa.float64(), nullable=False), pa.field("bearish_share", pa.float64(), nullable=False),
@@ -54,6 +58,7 @@ SCHEMAS = {
     "alerts": pa.schema([
         pa.field("id", pa.string(), nullable=False), pa.field("status", pa.string(), nullable=False),
         pa.field("key_type", pa.string(), nullable=False), pa.field("key", pa.string(), nullable=False),
+        pa.field("topic", pa.string()),
         pa.field("window_s", pa.int32(), nullable=False), pa.field("window_start", TIME, nullable=False),
         pa.field("window_end", TIME, nullable=False), pa.field("severity", pa.string(), nullable=False),
         pa.field("deviation", pa.float64(), nullable=False), pa.field("observed", pa.string()),
@@ -80,7 +85,7 @@ def scored_row(record: ScoredRecord, topic: str, partition: int, offset: int) ->
 
 
 def trend_row(trend: TrendRecord) -> dict[str, Any]:
-    return {"key_type": trend.key_type, "key": trend.key, "window_s": trend.window_s,
+    return {"key_type": trend.key_type, "key": trend.key, "topic": trend.about_topic or None, "window_s": trend.window_s,
             "window_start": _ms(trend.window_start), "window_end": _ms(trend.window_end), "count": trend.count,
             "mean_score": trend.mean_score, "bearish_share": trend.bearish_share, "bullish_share": trend.bullish_share,
             "news_count": trend.news_count, "comment_count": trend.comment_count, "emitted_at": _ms(trend.emitted_at),
@@ -89,7 +94,7 @@ def trend_row(trend: TrendRecord) -> dict[str, Any]:
 
 def alert_row(alert: AlertRecord) -> dict[str, Any]:
     return {"id": alert.id, "status": alert.status, "key_type": alert.key_type, "key": alert.key,
-            "window_s": alert.window_s, "window_start": _ms(alert.window_start), "window_end": _ms(alert.window_end),
+            "topic": alert.about_topic or None, "window_s": alert.window_s, "window_start": _ms(alert.window_start), "window_end": _ms(alert.window_end),
             "severity": alert.severity, "deviation": alert.deviation, "observed": _json(alert.observed),
             "baseline": _json(alert.baseline), "started_at": _ms(alert.started_at), "emitted_at": _ms(alert.emitted_at),
             "resolved_at": _ms(alert.resolved_at), "summary": alert.summary, "messages": _json(list(alert.messages)),
