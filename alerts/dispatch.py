@@ -59,7 +59,8 @@ How it works:
 - Silences (``alerts.silences``, on the compacted ``finpulse.silences`` topic, read to its end at start and followed
   between alert batches): an event that a silence in force at its emission covers for an endpoint is recorded
   ``silenced`` (naming the silence) instead of ``pending``, and never sent; deciding at emission makes every
-  dispatcher decide alike, now or after a restart. A resolve is never withheld from an endpoint given an event of
+  dispatcher decide alike, now or after a restart. An event still on its way when a silence begins (retrying, or
+  waiting for its group) is checked again before each attempt and silenced then (``_silenced_on_the_way``). A resolve is never withheld from an endpoint given an event of
   its episode, and always from one whose every event of it was silenced (``_silenced``). When a silence ends, the
   owner of the alert's partition takes on the highest silenced firing or escalation of each episode it held that is
   still open at the endpoint (no resolve recorded there, nothing of that severity sent, no other silence covering it
@@ -406,7 +407,7 @@ class Dispatcher:
                     window_from, too_old = self._window(alert, endpoint)
                     state = new_pending(alert, endpoint.name, tp.partition, record.offset,
                                         endpoint.settings.retry_horizon_s, window_from)
-                    silence, why = self._silenced(alert, endpoint) if not too_old else ("", "")
+                    silence, why = self._silenced(alert, endpoint.name) if not too_old else ("", "")
                     if too_old:
                         state = replace(state, state=EXPIRED, next_attempt_at=None, last_error=too_old)
                         DELIVERIES.labels(endpoint.name, EXPIRED).inc()
@@ -518,28 +519,47 @@ class Dispatcher:
 
     # ------------------------------------------------------------ silences (alerts.silences)
 
-    def _silenced(self, alert: AlertRecord, endpoint: Endpoint) -> tuple[str, str]:
+    def _silenced(self, alert: AlertRecord, endpoint: str, at: datetime | None = None) -> tuple[str, str]:
         """Whether a silence withholds ``alert`` from ``endpoint``: (silence id, why), or ("", "") to send it.
 
-        Decided at the alert's emission, so that whichever dispatcher takes it on, whenever, decides alike. A
-        replay's alert is never silenced (a backtest must see everything). A resolve is never withheld from an
-        endpoint given an event of its episode (an incident opened there is always closed), and always from one
-        whose every event of the episode was silenced (there is nothing to close)."""
+        Decided at the alert's emission (``at`` None), so that whichever dispatcher takes it on, whenever, decides
+        alike; and again before each attempt of an event still on its way (``at`` now), so that a silence added
+        during an incident also stops what is still being retried. A replay's alert is never silenced (a backtest
+        must see everything). A resolve is never withheld from an endpoint given an event of its episode (an
+        incident opened there is always closed), and always from one whose every event of the episode was silenced
+        (there is nothing to close)."""
         if self.silences is None or alert.run_id:
             return "", ""
         if alert.status == "resolved":
-            given = self._given(alert, endpoint.name)
+            given = self._given(alert, endpoint)
             if given and not any(s.state in (PENDING, DELIVERED, FAILED) for s in given):
                 held = [s.silence for s in given if s.state == SILENCED]
                 if held:
                     return held[-1], "silenced: every event of its episode was silenced at this endpoint"
             if given:
                 return "", ""
-        silence = self.silences.silencing(alert, endpoint.name, min(alert.emitted_at, utcnow()))
+        silence = self.silences.silencing(alert, endpoint, at or min(alert.emitted_at, utcnow()))
         if silence is None:
             return "", ""
         return silence.id, (f"silenced by {silence.id} until {format_time(silence.ends_at)} "
                             f"({silence.created_by}: {silence.comment})")[:ERROR_TEXT_MAX]
+
+    async def _silenced_on_the_way(self, state: DeliveryState, regroup: bool = True) -> bool:
+        """An event not delivered yet that a silence covers now is recorded ``silenced`` instead of sent (True):
+        a silence added while an alert is still being retried (its endpoint down, a Retry-After, waiting in its
+        group) stops it, and it goes out when the silence ends if its episode is still open, as any silenced one."""
+        if state.is_group:
+            return False    # a group notification made already goes out whole: its members were checked when made
+        silence, why = self._silenced(state.alert_record, state.endpoint, at=utcnow())
+        if not why:
+            return False
+        await self.log.save(replace(state, state=SILENCED, next_attempt_at=None, silence=silence, last_error=why))
+        DELIVERIES.labels(state.endpoint, SILENCED).inc()
+        log.info("alert event %s to %s silenced on its way (after %d attempt(s)): %s", state.event_id,
+                 state.endpoint, state.attempts, why)
+        if regroup:
+            self._regroup(state.endpoint)   # events of its group held back behind it may go now
+        return True
 
     async def _after_silences(self, force: bool = False) -> None:
         """Once a silence has ended (expired, or expired early), an episode it held that is still open at an
@@ -695,6 +715,8 @@ class Dispatcher:
         held: list[str] = []
         too_late: list[DeliveryState] = []
         for state in ready:
+            if await self._silenced_on_the_way(state, regroup=False):
+                continue
             if self._after_unsent(state, {c.key for c in chosen}):
                 held.append(state.key)
             elif state.deadline_at <= utcnow():
@@ -760,6 +782,8 @@ class Dispatcher:
                 return True
             if not await _sleep_until(due, stop):
                 return False
+            if await self._silenced_on_the_way(state):
+                return True
             breaker = self._breakers[endpoint.name]
             # The endpoint's own slot first: while its requests hang, its other deliveries queue here, holding none
             # of the shared slots the healthy endpoints need.

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from alerts.deliveries import DELIVERED, SILENCED, delivery_key, read_delivery_states, webhook_id
+from alerts.deliveries import DELIVERED, FAILED, PENDING, SILENCED, delivery_key, read_delivery_states, webhook_id
 from alerts.receiver import Receiver, ReceiverOptions
 from alerts.signing import generate_secret
 from alerts.silences import Matcher, expired_now, new_silence, read_silences, write_silence
@@ -210,3 +210,82 @@ def test_a_resolve_is_never_withheld_from_an_endpoint_that_has_the_incident_open
     assert states[delivery_key("rt:firing:critical", "risk")].state == SILENCED
     assert states[delivery_key("rt:resolved", "risk")].state == DELIVERED
     assert [i["payload"]["type"] for i in receiver.items] == ["finpulse.alert.firing", "finpulse.alert.resolved"]
+
+
+def attempts_at(receiver: Receiver, path: str) -> int:
+    return sum(r["path"] == path for r in receiver.requests)
+
+
+def test_a_silence_added_during_an_incident_stops_what_is_still_on_its_way(fp_settings, topics, monkeypatch):
+    """Silences are checked again before every attempt and when a group notification is made, not only at an
+    event's emission. risk is down: Rates' firing is retried there, its resolve waits behind it; a silence on Rates
+    written meanwhile makes the firing `silenced` (no further attempt), and the resolve after it (nothing to close). desk groups (group_wait_s 10): Metals waits in its
+    group when a silence on Metals begins, and the group sends nothing. The silence on Rates ends while a second
+    Rates episode is open: that episode's firing goes out once risk is back up."""
+    secret = generate_secret()
+    monkeypatch.setenv("T_SIL_SECRET", secret)
+    receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True, fail_first=10 ** 6))
+
+    def settings_for(port):
+        common = {"secret_env": "T_SIL_SECRET", "allow_private": True}
+        return fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "backoff_max_s": 0.3, "endpoints": [
+            {"name": "risk", "url": f"http://127.0.0.1:{port}/risk", "breaker_failures": 1000, "keys": ["Rates"],
+             **common},
+            {"name": "desk", "url": f"http://127.0.0.1:{port}/desk", "group_by": ["key_type"], "group_wait_s": 10.0,
+             "keys": ["Metals"], **common}]}})
+
+    async def produce_now(alerts):
+        await asyncio.to_thread(produce, fp_settings, topics.alerts, alerts)
+
+    async def state_of(dispatcher, event_id, endpoint, wanted=None):
+        key = delivery_key(event_id, endpoint)
+        for _ in range(1200):
+            if (s := dispatcher.log.get(key)) is not None and (wanted is None or s.state in wanted):
+                return s
+            await asyncio.sleep(0.05)
+        pytest.fail(f"{event_id} to {endpoint} never reached {wanted}: {dispatcher.log.get(key)}")
+
+    async def seen(dispatcher, silence):
+        for _ in range(1200):
+            if silence.id in dispatcher.silences.silences:
+                return
+            await asyncio.sleep(0.05)
+        pytest.fail(f"the dispatcher never read silence {silence.id}")
+
+    async def steps(dispatcher):
+        await produce_now([make_alert("firing", id="rt", key="Rates"), make_alert("firing", id="me", key="Metals")])
+        for _ in range(1200):
+            if attempts_at(receiver, "/risk") >= 3:       # risk fails: the firing is being retried
+                break
+            await asyncio.sleep(0.05)
+        await produce_now([make_alert("resolved", id="rt", key="Rates")])     # it waits behind its firing
+        await state_of(dispatcher, "rt:resolved", "risk", {PENDING})
+        await state_of(dispatcher, "me:firing", "desk")
+        now = utcnow()
+        rates = new_silence(["key=Rates"], now, now + timedelta(hours=1), "ana", "known noise")
+        metals = new_silence(["key=Metals"], now, now + timedelta(hours=1), "ana", "known noise")
+        for silence in (rates, metals):
+            await write_silence(fp_settings.kafka, topics.silences, silence)
+        await seen(dispatcher, metals)
+        rates_firing = await state_of(dispatcher, "rt:firing", "risk", {SILENCED})
+        attempts_then = attempts_at(receiver, "/risk")
+        metals_firing = await state_of(dispatcher, "me:firing", "desk", {SILENCED})
+        rates_resolve = await state_of(dispatcher, "rt:resolved", "risk", {SILENCED, DELIVERED, FAILED})
+        # A second Rates episode inside the silence; the silence ends; risk comes back.
+        await produce_now([make_alert("firing", id="rt2", key="Rates")])
+        await state_of(dispatcher, "rt2:firing", "risk", {SILENCED})
+        attempts_before_end = attempts_at(receiver, "/risk")
+        receiver._fail_left = 0       # risk is back up
+        await write_silence(fp_settings.kafka, topics.silences, expired_now(rates))
+        reopened = await state_of(dispatcher, "rt2:firing", "risk", {DELIVERED})
+        return rates_firing, attempts_then, metals_firing, rates_resolve, attempts_before_end, reopened
+
+    rates_firing, attempts_then, metals_firing, rates_resolve, attempts_before_end, reopened = serve_and_dispatch(
+        topics, settings_for, receiver, steps)
+    assert rates_firing.attempts >= 3 and "silenced by " + rates_firing.silence in rates_firing.last_error
+    assert attempts_before_end == attempts_then          # no attempt of Rates after its silence was seen
+    assert metals_firing.silence and metals_firing.attempts == 0 and not metals_firing.group
+    assert rates_resolve.state == SILENCED and rates_resolve.attempts == 0    # risk never saw the incident open
+    assert reopened.unsilenced_at is not None
+    assert [(i["path"], i["webhook_id"]) for i in receiver.items] == [("/risk", webhook_id(delivery_key("rt2:firing", "risk")))]
+    assert attempts_at(receiver, "/desk") == 0
