@@ -117,7 +117,7 @@ def subject(alert: AlertRecord) -> str:
 def dashboard_link(alert: AlertRecord, dashboard_url: str) -> str:
     if not dashboard_url:
         return ""
-    return f"{dashboard_url.rstrip('/')}/?alert={quote(alert.id, safe='')}"
+    return f"{dashboard_url.rstrip('/')}/alerts?alert={quote(alert.id, safe='')}"
 
 
 # ---------------------------------------------------------------- formats
@@ -294,7 +294,7 @@ def _slack_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryC
         lines.append(f"+{len(ranked) - SLACK_GROUP_LINES} more")
     context = f"FinPulse group notification `{_slack_escape(group.event_id)}`"
     if group.dashboard_url:
-        context += f" · <{group.dashboard_url.rstrip('/')}/|open the dashboard>"
+        context += f" · <{group.dashboard_url.rstrip('/')}/alerts|open the alerts>"
     return {
         "text": _slack_escape(f"{title}: {counts}; most severe: {headline(ranked[0])}"),
         "blocks": [

@@ -93,6 +93,12 @@ def follow_link(param: str, state_key: str, allowed, value_of=None) -> str:
     return ""
 
 
+def link_to_follow(param: str) -> str | None:
+    """What the address names for ``param`` that no view has followed yet (None: nothing new)."""
+    wanted = st.query_params.get(param)
+    return None if wanted is None or st.session_state.get(_FOLLOWED, {}).get(param) == wanted else wanted
+
+
 def follow_list(param: str, state_key: str, allowed) -> str:
     """``follow_link`` for a multi-valued choice (``?keys=XOM&keys=CVX``): the values offered now are selected,
     the others named in the returned note."""

@@ -392,6 +392,25 @@ def alert_table(alerts: pd.DataFrame, deliveries: pd.DataFrame, since: pd.Timest
     return table.assign(deliveries=summary).reset_index(drop=True)
 
 
+def range_showing(snap: Snapshot, alert_id: str, ranges: dict[str, pd.Timedelta | None], current: str) -> str:
+    """The time range whose Alerts view lists ``alert_id``: ``current`` when it does, else the shortest of ``ranges``
+    that does; "" when the store does not hold the alert (not arrived yet, or aged out)."""
+    table = current_alerts(snap.alerts)
+    found = table[table["id"] == alert_id]
+    if found.empty:
+        return ""
+    episode = found.iloc[0]
+
+    def lists_it(span: pd.Timedelta | None) -> bool:
+        since = span_start(snap, span)
+        return bool(episode["firing"]) or since is None or episode["emitted_at"] >= since
+
+    if current in ranges and lists_it(ranges[current]):
+        return current
+    by_length = sorted(ranges, key=lambda label: (ranges[label] is None, ranges[label] or pd.Timedelta(0)))
+    return next(label for label in by_length if lists_it(ranges[label]))
+
+
 def silences_in_force(silences: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
     """The silences not over yet (in force, or to come), ending first first, with a ``state`` column."""
     current = silences[silences["ends_at"] > now]

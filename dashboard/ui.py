@@ -22,7 +22,7 @@ from . import shaping as sh
 from .auth import require_sign_in
 from .live import FeedStatus, LiveFeed
 from .pages import (PAGE_STYLE, VIEWS, Controls, feed_banner, follow_link, follow_list, forget_links, freshness_strip,
-                    keep_in_address, window_label)
+                    keep_in_address, link_to_follow, window_label)
 from .settings import DashboardSettings, dashboard_settings
 from .store import LiveStore
 
@@ -34,6 +34,7 @@ RANGE_CODES = {"15m": "Last 15 minutes", "1h": "Last hour", "6h": "Last 6 hours"
 CODE_OF_RANGE = {label: code for code, label in RANGE_CODES.items()}
 DEFAULT_RANGE = "Last hour"
 _CHOICES = "fp_sidebar_choices"
+_WIDENED = "fp_range_widened"
 
 
 class Feed(Protocol):
@@ -88,6 +89,11 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
     # Defaults through the state, not the widgets' index: a widget given both warns on the page.
     st.session_state.setdefault("fp_range", DEFAULT_RANGE)
     st.session_state.setdefault("fp_tz", default_zone)
+    widen_to = _range_for_linked_alert(snap)
+    if widen_to:   # once: the link is followed in this run, and the analyst can narrow the range again
+        st.session_state[_WIDENED] = (widen_to, f"Time range widened from {st.session_state['fp_range'].lower()} to "
+                                                f"{widen_to.lower()} to show the alert the link names.")
+        st.session_state["fp_range"] = widen_to
     with st.sidebar:
         st.title("FinPulse")
         range_label = st.selectbox("Time range", list(sh.TIME_RANGES), key="fp_range")
@@ -105,6 +111,9 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
             st.session_state[keys_state] = [k for k in st.session_state[keys_state] if k in options]
         keys = st.multiselect(f"Only these {key_type}s", options, key=keys_state, placeholder=f"all {key_type}s")
         tz = st.selectbox("Time zone", zones, key="fp_tz")
+        widened = st.session_state.get(_WIDENED)
+        if widened and widened[0] == range_label:
+            st.caption(f":material/unfold_more: {widened[1]}")
         ignored = [note for note in notes if note]
         if ignored:
             st.caption(f":material/link_off: The address asked for {'; '.join(ignored)}: not available now, so "
@@ -124,13 +133,25 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
                     pages=pages or {})
 
 
+def _range_for_linked_alert(snap) -> str:
+    """A link to an alert (a webhook's "open in FinPulse", a colleague's address) shows that alert: when the time
+    range would leave its episode out (it ended before the range begins), the shortest range that lists it, else ""
+    (the link followed already, the alert not in the store yet, or listed as it is)."""
+    alert_id = link_to_follow("alert")
+    if alert_id is None:
+        return ""
+    current = st.session_state.get("fp_range", DEFAULT_RANGE)
+    showing = sh.range_showing(snap, alert_id, sh.TIME_RANGES, current)
+    return showing if showing != current else ""
+
+
 def live_view(name: str, feed: Feed, controls: Controls, cfg: DashboardSettings) -> None:
     title, _, render = VIEWS[name]
 
     @st.fragment(run_every=cfg.refresh_s)
     def body() -> None:
         snap = feed.store.snapshot()
-        if _choices(snap, controls.filters.key_type) != st.session_state.get(_CHOICES):
+        if _choices(snap, controls.filters.key_type) != st.session_state.get(_CHOICES) or _range_for_linked_alert(snap):
             st.rerun(scope="app")
         if not feed_banner(feed.status, snap):
             return
@@ -170,6 +191,9 @@ def run(feed: Feed | None = None, page: str | None = None, settings: Settings | 
     pages = {name: st.Page(page_for(name), title=title, icon=icon, url_path=name, default=(name == "overview"))
              for name, (title, icon, _) in VIEWS.items()}
     current = st.navigation(list(pages.values()), position="top")
+    if "alert" in st.query_params and current.url_path == pages["overview"].url_path:
+        # A link to an alert opens the Alerts view; webhooks before 2026-12 linked to the root address.
+        st.switch_page(pages["alerts"], query_params=st.query_params.to_dict())
     if st.session_state.get("fp_view") != current.url_path:
         st.session_state["fp_view"] = current.url_path
         forget_links()

@@ -272,6 +272,43 @@ def test_alerts_view_links_deliveries_and_messages(fp_settings, produced, monkey
     assert any("drilldown?key_type=topic&key=Energy+%7C+Oil" in m for m in _markdown(at))
 
 
+def test_a_link_to_an_alert_that_ended_before_the_range_widens_the_range_once(fp_settings, monkeypatch):
+    """A webhook's "open in FinPulse" link (``?alert=ID``) to an episode that resolved about two hours ago: the
+    default last hour would not list it, so the range becomes the last 6 hours (the shortest that does) and the
+    sidebar says why; narrowing it again is the analyst's choice, and it stays."""
+    data = synthesize(utcnow(), minutes=240, window_s=600)
+    produce(fp_settings, data)
+    resolve = next(a for a in data.alerts if a.status == "resolved")
+    newest = max(t.emitted_at for t in data.trends)
+    assert timedelta(hours=1) < newest - resolve.emitted_at < timedelta(hours=6)
+    _env_for(monkeypatch, fp_settings)
+    at = AppTest.from_function(_view_script, args=("alerts",), default_timeout=60)
+    at.query_params["alert"] = resolve.id
+    run_until(at, lambda a: any(s.key == "fp_alert" and s.value == resolve.id for s in a.selectbox), "the linked alert")
+    assert at.selectbox(key="fp_range").value == "Last 6 hours"
+    assert any("widened from last hour to last 6 hours" in c.value for c in at.caption)
+    assert _address(at) == {"range": ["6h"], "alert": [resolve.id]}
+
+    at.selectbox(key="fp_range").set_value("Last hour").run()
+    at.run()
+    assert at.selectbox(key="fp_range").value == "Last hour"
+    assert at.selectbox(key="fp_alert").options == [f"critical · {SHOCK_TOPIC} · firing"]     # the old one left out
+    assert not any("widened" in c.value for c in at.caption)
+    assert not at.exception
+
+
+def test_a_link_to_the_root_address_naming_an_alert_opens_the_alerts_view(fp_settings, produced, monkeypatch):
+    """Webhooks sent before December 2026 link to ``/?alert=ID``: the whole app (with its navigation) opens the
+    Alerts view on that alert rather than the Overview."""
+    _env_for(monkeypatch, fp_settings)
+    resolved_id = next(a.id for a in produced.alerts if a.status == "resolved")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["alert"] = resolved_id
+    run_until(at, lambda a: any(s.key == "fp_alert" and s.value == resolved_id for s in a.selectbox),
+              "the Alerts view on the linked alert")
+    assert not _ranked(at)      # not the Overview
+
+
 def test_alerts_view_lists_the_silences_in_force_and_to_come(fp_settings, produced, monkeypatch):
     """Silences written as `finpulse silence` writes them: the one in force and the one to come are listed with who
     and why; an expired one is not."""

@@ -133,3 +133,26 @@ def test_on_a_laptop_an_alert_leads_to_its_messages_and_drilldown_in_one_click_e
             expect(colleague.locator(".st-key-fp_range input")).to_have_value("Last 6 hours")
             assert "Traceback" not in colleague.locator("body").inner_text()
         assert dashboard.running(), dashboard.tail()
+
+
+def test_a_webhook_link_opens_its_alert_even_on_a_cold_dashboard(fp_settings, tmp_path):
+    """A risk analyst follows the link in a webhook sent before December 2026 (``/?alert=ID``, the root address) to
+    an episode that resolved about two hours ago, while the dashboard has no data yet: once the records arrive, the
+    page shows the Alerts view on that alert, its range widened to the last 6 hours, and the address says so."""
+    data = synthesize(utcnow(), minutes=240, window_s=600, shock_key=SHOCK_TOPIC)
+    resolve = next(a for a in data.alerts if a.status == "resolved")
+    port = free_port()
+    with start_finpulse(fp_settings, "dashboard", "--port", str(port), "--refresh", "1",
+                        log_dir=tmp_path) as dashboard:
+        wait_for_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard)
+        with chromium_page(1280, 800) as page:
+            page.goto(f"http://127.0.0.1:{port}/?alert={resolve.id}", wait_until="domcontentloaded")
+            page.wait_for_url(re.compile(r"/alerts\?"), timeout=WAIT_MS)
+            produce(fp_settings, data)
+            expect(page.locator(".st-key-fp_alert input")).to_have_value(f"warning · {resolve.key} · resolved",
+                                                                         timeout=WAIT_MS)
+            expect(page.locator(".st-key-fp_range input")).to_have_value("Last 6 hours")
+            expect(page.get_by_text("Time range widened from last hour to last 6 hours")).to_be_visible()
+            page.wait_for_url(re.compile(r"/alerts\?.*range=6h"), timeout=WAIT_MS)
+            assert "Traceback" not in page.locator("body").inner_text()
+        assert dashboard.running(), dashboard.tail()

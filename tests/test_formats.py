@@ -60,7 +60,7 @@ def test_slack_message_escapes_untrusted_text_and_links_to_the_dashboard():
     assert "<!channel>" not in everything and "&lt;!channel&gt;" in everything
     assert "<https://evil.example" not in everything
     assert "Refinery fire" in everything and "Crude collapses" in everything
-    assert "<http://127.0.0.1:8501/?alert=a7f3c2|open in dashboard>" in blocks[-1]["elements"][0]["text"]
+    assert "<http://127.0.0.1:8501/alerts?alert=a7f3c2|open in dashboard>" in blocks[-1]["elements"][0]["text"]
     fields = {f["text"].split("\n")[0]: f["text"].split("\n")[1] for f in blocks[1]["fields"]}
     assert fields["*Bearish share*"] == "71% (baseline 22%)" and fields["*Severity*"] == "critical"
     assert all(len(b.get("text", {}).get("text", "")) <= 3000 for b in blocks)
@@ -76,7 +76,7 @@ def test_pagerduty_trigger_and_resolve_share_the_dedup_key():
     assert payload["severity"] == "critical" and payload["source"] == "finpulse/topic/Energy | Oil"
     assert len(payload["summary"]) <= 1024 and payload["timestamp"] == format_time(T0 + timedelta(minutes=5))
     assert payload["custom_details"]["observed"]["count"] == 120
-    assert trigger["links"][0]["href"] == "http://127.0.0.1:8501/?alert=a7f3c2"
+    assert trigger["links"][0]["href"] == "http://127.0.0.1:8501/alerts?alert=a7f3c2"
     resolve = rendered("pagerduty", make_alert("resolved"), ctx(routing_key="R0UT1NGKEY"))
     assert resolve == {"routing_key": "R0UT1NGKEY", "dedup_key": "a7f3c2", "event_action": "resolve"}
     long = rendered("pagerduty", make_alert(key="X" * 2000))
@@ -93,7 +93,7 @@ def test_alertmanager_labels_are_stable_from_firing_to_resolved():
     assert firing[0]["startsAt"] == resolved[0]["startsAt"] == format_time(T0 + timedelta(minutes=5))
     assert resolved[0]["endsAt"] == format_time(T0 + timedelta(minutes=30))
     assert firing[0]["endsAt"] > resolved[0]["endsAt"]   # firing: far in the future, until the resolve arrives
-    assert firing[0]["generatorURL"] == "http://127.0.0.1:8501/?alert=a7f3c2"
+    assert firing[0]["generatorURL"] == "http://127.0.0.1:8501/alerts?alert=a7f3c2"
     assert firing[0]["annotations"]["observed_bearish_share"] == "0.710"
     assert all(isinstance(v, str) for v in {**firing[0]["labels"], **firing[0]["annotations"]}.values())
     assert "generatorURL" not in rendered("alertmanager", make_alert(), ctx(dashboard_url=""))[0]

@@ -106,7 +106,7 @@ def test_slack_group_lists_the_most_severe_first_with_a_cap():
     assert len(lines) == SLACK_GROUP_LINES + 1 and lines[-1] == "+2 more"   # the resolve is among the rest
     assert body["blocks"][0]["text"]["text"] == "FinPulse: 12 alert events (key_type=topic)"
     assert body["blocks"][1]["text"]["text"] == "11 firing, 1 resolved"
-    assert "<!channel>" not in json.dumps(body) and "open the dashboard" in json.dumps(body)
+    assert "<!channel>" not in json.dumps(body) and "/alerts|open the alerts>" in json.dumps(body)
 
 
 def test_alertmanager_group_is_one_list_and_pagerduty_takes_no_group():
