@@ -81,12 +81,12 @@ _FOLLOWED = "fp_followed_links"
 def follow_link(param: str, state_key: str, allowed, value_of=None) -> str:
     """Select what a link's ``?param=value`` names, once per visit of a view: the query string stays while the
     view reruns, and from then on the widget's own changes win. ``value_of`` turns the address's text into the
-    widget's value (default: the text itself). Returns a note when the address names something not offered now
+    widget's value (default: the text itself); ``allowed`` is what is offered, or a test of the text. Returns a note when the address names something not offered now
     (an aged-out key, a mistyped range), else ""."""
     wanted, followed = st.query_params.get(param), st.session_state.setdefault(_FOLLOWED, {})
     if wanted is None or followed.get(param) == wanted:
         return ""
-    if wanted not in allowed:
+    if not (allowed(wanted) if callable(allowed) else wanted in allowed):
         return f"{param}={wanted!r}"   # not followed: it may be offered once the data arrives
     st.session_state[state_key] = value_of(wanted) if value_of else wanted
     followed[param] = wanted
@@ -203,7 +203,7 @@ def render_overview(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashbo
         st.info(f"No {f.key_type} windows in {c.range_label.lower()} yet.")
         return
     ranking = sh.unusual_now(snap.trends, snap.alerts, f)
-    alerts_now = sh.alert_table(snap.alerts, snap.deliveries, sh.span_start(snap, f.span), f.keys)
+    alerts_now = sh.alert_table(snap.alerts, snap.deliveries, sh.range_start(snap, f), f.keys, f.until)
     firing = alerts_now[alerts_now["firing"]] if not alerts_now.empty else alerts_now
     order = ranking["key"].tolist()
 
@@ -216,7 +216,8 @@ def render_overview(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashbo
 
     left, right = st.columns([3, 2], gap="large")
     with left:
-        st.subheader(f"Most unusual {f.key_type}s now")
+        st.subheader(f"Most unusual {f.key_type}s " + ("now" if f.until is None else
+                                                         f"at {fmt_time(f.until, c.tz, with_date=True)}"))
         st.caption(f"Newest {window_label(sh.resolve_window(snap.trends, f.window_s))} window against each {f.key_type}'s own last "
                    f"{f.baseline_windows} windows, in standard deviations toward negative. Click one for its "
                    "charts and messages.")
@@ -262,7 +263,7 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
         st.session_state["fp_drill_key"] = ranking["key"].iloc[0] if not ranking.empty else keys[0]
     key = st.selectbox(f.key_type.capitalize(), keys, key="fp_drill_key")
     keep_in_address("key", key)
-    series = sh.key_series(snap.trends, f.key_type, key, f.window_s, f.span, f.baseline_windows)
+    series = sh.key_series(snap.trends, f.key_type, key, f.window_s, f.span, f.baseline_windows, f.until)
     if series.empty:
         st.info(f"No {window_label(sh.resolve_window(snap.trends, f.window_s))} windows for {key} in {c.range_label.lower()}.")
         return
@@ -287,7 +288,7 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
     st.subheader("News and comments")
     st.altair_chart(charts.kind_split_bar(split), width="stretch")
     st.caption(" · ".join(f"{r.kind}: {r.messages} ({r.share:.0%})" for r in split.itertuples()))
-    negative, positive = sh.key_messages(snap, f.key_type, key, since)
+    negative, positive = sh.key_messages(snap, f.key_type, key, since, until=f.until)
     st.subheader("Most negative messages")
     message_table(negative, c.tz, "fp-negative")
     st.subheader("Most positive messages")
@@ -314,8 +315,8 @@ def show_silences(snap: Snapshot, tz: str) -> None:
 
 def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: DashboardSettings) -> None:
     show_silences(snap, c.tz)
-    since = sh.span_start(snap, c.filters.span)
-    table = sh.alert_table(snap.alerts, snap.deliveries, since, c.filters.keys)
+    since = sh.range_start(snap, c.filters)
+    table = sh.alert_table(snap.alerts, snap.deliveries, since, c.filters.keys, c.filters.until)
     if table.empty:
         st.info(f"No alerts in {c.range_label.lower()}.")
         return
@@ -392,8 +393,7 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
     cols[1].metric("Dashboard lag (records)", sum(status.dashboard_lag.values()) if status.dashboard_lag else 0)
     cols[2].metric("Dashboard reads per second", f"{status.read_rate_per_s:.0f}")
 
-    since = sh.span_start(snap, c.filters.span)
-    rate = sh.throughput(snap.trends, since)
+    rate = sh.throughput(snap.trends, sh.range_start(snap, c.filters), c.filters.until)
     if not rate.empty:
         st.subheader("Throughput")
         st.altair_chart(charts.throughput_line(sh.in_zone(rate, c.tz)), width="stretch", height=220)

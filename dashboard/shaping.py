@@ -32,10 +32,16 @@ MIN_SPREAD = 0.02
 class ViewFilters:
     key_type: str = "topic"            # topic | ticker
     window_s: int | None = None        # None: the smallest window size present
-    span: pd.Timedelta | None = pd.Timedelta(hours=1)
+    span: pd.Timedelta | None = pd.Timedelta(hours=1)    # how long the range is (None: everything kept)
     keys: tuple[str, ...] = ()         # empty: every key
     min_count: int = 5
     baseline_windows: int = 30
+    # A fixed range ends here and begins ``span`` earlier; None: the range follows the data (the last ``span``).
+    until: pd.Timestamp | None = None
+
+    @classmethod
+    def fixed(cls, start: pd.Timestamp, end: pd.Timestamp, **others) -> "ViewFilters":
+        return cls(span=end - start, until=end, **others)
 
 
 # ---------------------------------------------------------------- choices offered by the controls
@@ -117,9 +123,26 @@ def resolve_window(trends: pd.DataFrame, window_s: int | None) -> int | None:
 
 
 def span_start(snap: Snapshot, span: pd.Timedelta | None) -> pd.Timestamp | None:
-    """Where the chosen time range begins on the data clock (None: everything kept)."""
+    """Where a range of the last ``span`` begins on the data clock (None: everything kept)."""
     newest = newest_time(snap)
     return None if newest is None or span is None else newest - span
+
+
+def range_start(snap: Snapshot, f: ViewFilters) -> pd.Timestamp | None:
+    """Where the chosen time range begins: a fixed range's start, else ``span_start``."""
+    return f.until - f.span if f.until is not None else span_start(snap, f.span)
+
+
+def windows_in_range(frame: pd.DataFrame, span: pd.Timedelta | None, until: pd.Timestamp | None) -> pd.DataFrame:
+    """The windows of ``frame`` in the range: those overlapping a fixed range ``[until - span, until)``; else those
+    ending within ``span`` of the newest one (every one when ``span`` is None)."""
+    if frame.empty:
+        return frame
+    if until is not None:
+        return frame[(frame["window_end"] > until - span) & (frame["window_start"] < until)]
+    if span is None:
+        return frame
+    return frame[frame["window_end"] >= frame["window_end"].max() - span]
 
 
 # ---------------------------------------------------------------- overview
@@ -133,8 +156,10 @@ def key_windows(trends: pd.DataFrame, f: ViewFilters, span_limited: bool = True)
     if f.keys:
         mask &= trends["key"].isin(f.keys)
     frame = trends[mask]
-    if span_limited and f.span is not None and not frame.empty:
-        frame = frame[frame["window_end"] >= frame["window_end"].max() - f.span]
+    if span_limited:
+        frame = windows_in_range(frame, f.span, f.until)
+    elif f.until is not None:
+        frame = frame[frame["window_start"] < f.until]    # nothing after a fixed range: it is "now" there
     return frame.sort_values(["key", "window_start"], kind="stable")
 
 
@@ -190,6 +215,10 @@ def unusual_now(trends: pd.DataFrame, alerts: pd.DataFrame, f: ViewFilters) -> p
     out["unusual"] = out[["z_bearish", "z_score"]].max(axis=1, skipna=True)
 
     live = current_alerts(alerts)
+    if f.until is not None and not live.empty:
+        # At the end of a fixed range: the episodes that were on then, not those on now.
+        ended = live["resolved_at"].fillna(live["emitted_at"]).where(~live["firing"])
+        live = live.assign(firing=(live["episode_start"] < f.until) & (ended.isna() | (ended >= f.until)))
     window_s = resolve_window(trends, f.window_s)
     live = live[live["firing"] & (live["key_type"] == f.key_type) & (live["window_s"] == window_s)] if not live.empty else live
     out["firing"] = out.index.isin(live["key"]) if not live.empty else False
@@ -258,7 +287,7 @@ def volume(windows: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- drill-down
 
 def key_series(trends: pd.DataFrame, key_type: str, key: str, window_s: int | None, span: pd.Timedelta | None,
-               baseline_windows: int = 30) -> pd.DataFrame:
+               baseline_windows: int = 30, until: pd.Timestamp | None = None) -> pd.DataFrame:
     """One key's windows with a baseline band (mean ± 2 std of its previous final windows) for both signals.
 
     The band is computed over the whole kept history and then cut to the span, so the first windows shown still
@@ -273,9 +302,7 @@ def key_series(trends: pd.DataFrame, key_type: str, key: str, window_s: int | No
         series[f"{metric}_baseline"] = base
         series[f"{metric}_low"] = base - 2 * spread
         series[f"{metric}_high"] = base + 2 * spread
-    if span is not None and not series.empty:
-        series = series[series["window_end"] >= series["window_end"].max() - span]
-    return series.reset_index(drop=True)
+    return windows_in_range(series, span, until).reset_index(drop=True)
 
 
 def _alerts_of(alerts: pd.DataFrame, key_type: str, key: str) -> pd.DataFrame:
@@ -326,7 +353,8 @@ def alert_markers(alerts: pd.DataFrame, key_type: str, key: str, since: pd.Times
     return marks[columns].sort_values("time").reset_index(drop=True)
 
 
-def key_messages(snap: Snapshot, key_type: str, key: str, since: pd.Timestamp | None, n: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
+def key_messages(snap: Snapshot, key_type: str, key: str, since: pd.Timestamp | None, n: int = 5,
+                 until: pd.Timestamp | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The most negative and most positive recent messages about one key, with scores and links.
 
     Scored messages are the first source; the windows' own most-negative lists fill in for keys whose messages
@@ -349,6 +377,8 @@ def key_messages(snap: Snapshot, key_type: str, key: str, since: pd.Timestamp | 
     pool = pd.concat([f for f in (about, refs) if not f.empty], ignore_index=True) if not (about.empty and refs.empty) else about
     if since is not None and not pool.empty:
         pool = pool[pool["event_time"] >= since]
+    if until is not None and not pool.empty:
+        pool = pool[pool["event_time"] < until]
     pool = pool.drop_duplicates("id", keep="first")
     negative = pool.nsmallest(n, "sentiment_score").reset_index(drop=True)
     positive = pool[pool["sentiment_score"] > 0].nlargest(n, "sentiment_score").reset_index(drop=True)
@@ -376,13 +406,17 @@ def delivery_summary(deliveries: pd.DataFrame) -> pd.Series:
 
 
 def alert_table(alerts: pd.DataFrame, deliveries: pd.DataFrame, since: pd.Timestamp | None,
-                keys: tuple[str, ...] = ()) -> pd.DataFrame:
+                keys: tuple[str, ...] = (), until: pd.Timestamp | None = None) -> pd.DataFrame:
     """Alert episodes (latest state) still firing or updated within the span, with their delivery status per
-    endpoint."""
+    endpoint. In a fixed range (``until``): the episodes that were on at some time in it (begun before its end,
+    not resolved before its start)."""
     table = current_alerts(alerts)
     if table.empty:
         return table.assign(deliveries=pd.Series(dtype=str))
-    if since is not None:
+    if until is not None:
+        ended = table["resolved_at"].fillna(table["emitted_at"]).where(~table["firing"])
+        table = table[(table["episode_start"] < until) & (ended.isna() | (ended >= since))]
+    elif since is not None:
         # A firing episode's only event may be older than the range: it is still on, so it is always listed.
         table = table[table["firing"] | (table["emitted_at"] >= since)]
     if keys:
@@ -464,7 +498,7 @@ def scoring_rate(scored: pd.DataFrame, over: pd.Timedelta = pd.Timedelta(minutes
     return float((scored["scored_at"] > newest - over).sum() / over.total_seconds())
 
 
-def throughput(trends: pd.DataFrame, since: pd.Timestamp | None) -> pd.DataFrame:
+def throughput(trends: pd.DataFrame, since: pd.Timestamp | None, until: pd.Timestamp | None = None) -> pd.DataFrame:
     """Messages per minute over time, from the closed topic windows (every message has exactly one topic)."""
     topics = trends[(trends["key_type"] == "topic") & trends["final"]] if not trends.empty else trends
     if topics.empty:
@@ -473,6 +507,8 @@ def throughput(trends: pd.DataFrame, since: pd.Timestamp | None) -> pd.DataFrame
     topics = topics[topics["window_s"] == window_s]
     if since is not None:
         topics = topics[topics["window_end"] >= since]
+    if until is not None:
+        topics = topics[topics["window_start"] < until]
     per_window = topics.groupby("window_start", as_index=False)["count"].sum()
     per_window["messages_per_min"] = per_window["count"] * 60.0 / window_s
     return per_window.rename(columns={"window_start": "time"})[["time", "messages_per_min"]]

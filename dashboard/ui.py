@@ -11,8 +11,10 @@ import json
 import logging
 import zoneinfo
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Protocol
 
+import pandas as pd
 import streamlit as st
 
 from models.settings import models_root
@@ -29,12 +31,15 @@ from .store import LiveStore
 log = logging.getLogger(__name__)
 KEY_TYPES = {"topic": "Topics", "ticker": "Tickers"}
 # The time range in the page's address: short codes, so that links stay readable.
+FIXED_RANGE = "Fixed range"
 RANGE_CODES = {"15m": "Last 15 minutes", "1h": "Last hour", "6h": "Last 6 hours", "24h": "Last 24 hours",
-               "all": "Everything kept"}
+               "all": "Everything kept", "fixed": FIXED_RANGE}
 CODE_OF_RANGE = {label: code for code, label in RANGE_CODES.items()}
 DEFAULT_RANGE = "Last hour"
 _CHOICES = "fp_sidebar_choices"
 _WIDENED = "fp_range_widened"
+_FIXED_TZ = "fp_fixed_tz"     # the zone the From/To widgets' wall-clock values are in
+ADDRESS_TIME = "%Y-%m-%dT%H:%MZ"
 
 
 class Feed(Protocol):
@@ -84,11 +89,15 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
     notes = [follow_link("range", "fp_range", RANGE_CODES, RANGE_CODES.get),
              follow_link("key_type", "fp_key_type", KEY_TYPES),
              follow_link("tz", "fp_tz", set(zones))]
+    st.session_state.setdefault("fp_tz", default_zone)
+    _keep_fixed_range_in_zone(st.session_state["fp_tz"])
+    notes += [follow_link(param, f"fp_fixed_{param}", lambda text: address_time(text) is not None,
+                          lambda text: wall_clock(address_time(text), st.session_state["fp_tz"]))
+              for param in ("from", "to")]
     if sizes:  # before the first windows arrive, a window in the address waits for them
         notes.append(follow_link("window", "fp_window", {str(size) for size in sizes}, int))
     # Defaults through the state, not the widgets' index: a widget given both warns on the page.
     st.session_state.setdefault("fp_range", DEFAULT_RANGE)
-    st.session_state.setdefault("fp_tz", default_zone)
     widen_to = _range_for_linked_alert(snap)
     if widen_to:   # once: the link is followed in this run, and the analyst can narrow the range again
         st.session_state[_WIDENED] = (widen_to, f"Time range widened from {st.session_state['fp_range'].lower()} to "
@@ -96,7 +105,8 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
         st.session_state["fp_range"] = widen_to
     with st.sidebar:
         st.title("FinPulse")
-        range_label = st.selectbox("Time range", list(sh.TIME_RANGES), key="fp_range")
+        range_label = st.selectbox("Time range", [*sh.TIME_RANGES, FIXED_RANGE], key="fp_range")
+        fixed = _fixed_range_inputs(snap) if range_label == FIXED_RANGE else None
         if sizes and st.session_state.get("fp_window") not in sizes:
             st.session_state["fp_window"] = sizes[0]  # the first windows arrived, or the chosen size aged out
         window_s = st.selectbox("Window", sizes, format_func=window_label, key="fp_window",
@@ -122,15 +132,71 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
                    f"feed: {feed.status.state}")
     if sizes:  # not before the data is there: the address may name windows and keys still on their way
         keep_in_address("range", CODE_OF_RANGE[range_label], default=CODE_OF_RANGE[DEFAULT_RANGE])
+        keep_in_address("from", fixed and fixed[0].strftime(ADDRESS_TIME))
+        keep_in_address("to", fixed and fixed[1].strftime(ADDRESS_TIME))
         keep_in_address("key_type", key_type, default="topic")
         keep_in_address("tz", tz, default=default_zone)
         keep_in_address("window", window_s, default=sizes[0])
         keep_in_address("keys", list(keys), default=[])
     st.session_state[_CHOICES] = (tuple(sizes), tuple(options))
-    filters = sh.ViewFilters(key_type=key_type, window_s=window_s, span=sh.TIME_RANGES[range_label], keys=tuple(keys),
-                             min_count=cfg.min_window_count, baseline_windows=cfg.baseline_windows)
+    shared = dict(key_type=key_type, window_s=window_s, keys=tuple(keys), min_count=cfg.min_window_count,
+                  baseline_windows=cfg.baseline_windows)
+    if fixed:
+        filters = sh.ViewFilters.fixed(*fixed, **shared)
+        range_label = " – ".join(t.tz_convert(tz).strftime("%Y-%m-%d %H:%M") for t in fixed)
+    else:
+        filters = sh.ViewFilters(span=sh.TIME_RANGES.get(range_label, sh.TIME_RANGES[DEFAULT_RANGE]), **shared)
+        range_label = range_label if range_label in sh.TIME_RANGES else DEFAULT_RANGE
     return Controls(filters=filters, tz=tz, range_label=range_label, model_dir=model_dir, models_dir=models_dir,
                     pages=pages or {})
+
+
+def address_time(text: str) -> pd.Timestamp | None:
+    """A time as the address writes it (``2026-12-03T09:30Z``; any ISO-8601 time, UTC when it names no zone)."""
+    try:
+        when = pd.Timestamp(text)
+    except (ValueError, TypeError):
+        return None
+    if pd.isna(when):
+        return None
+    return when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
+
+
+def wall_clock(when: pd.Timestamp, tz: str) -> datetime:
+    """What the From/To widgets hold: ``when`` as a naive wall-clock time in ``tz``."""
+    return when.tz_convert(tz).tz_localize(None).to_pydatetime()
+
+
+def _from_wall_clock(value: datetime, tz: str) -> pd.Timestamp:
+    return pd.Timestamp(value).tz_localize(tz, ambiguous=True, nonexistent="shift_forward").tz_convert("UTC")
+
+
+def _keep_fixed_range_in_zone(tz: str) -> None:
+    """The From/To widgets hold wall-clock times: when the time zone changes, move them so that the range stays
+    the same instants."""
+    before = st.session_state.get(_FIXED_TZ)
+    if before and before != tz:
+        for name in ("fp_fixed_from", "fp_fixed_to"):
+            if st.session_state.get(name) is not None:
+                st.session_state[name] = wall_clock(_from_wall_clock(st.session_state[name], before), tz)
+    st.session_state[_FIXED_TZ] = tz
+
+
+def _fixed_range_inputs(snap) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+    """From/To for a fixed range, in the chosen zone (first shown: the last hour of the data). Returns the range
+    in UTC, or None (and says why) when it ends before it begins."""
+    tz = st.session_state["fp_tz"]
+    if st.session_state.get("fp_fixed_from") is None or st.session_state.get("fp_fixed_to") is None:
+        end = (sh.newest_time(snap) or pd.Timestamp.now(tz="UTC")).ceil("min")
+        st.session_state["fp_fixed_from"] = wall_clock(end - pd.Timedelta(hours=1), tz)
+        st.session_state["fp_fixed_to"] = wall_clock(end, tz)
+    start = st.datetime_input("From", key="fp_fixed_from", step=timedelta(minutes=1), format="YYYY-MM-DD")
+    end = st.datetime_input("To", key="fp_fixed_to", step=timedelta(minutes=1), format="YYYY-MM-DD")
+    if start is None or end is None or end <= start:
+        st.caption(":orange[The range must end after it begins:] showing the last hour instead.")
+        return None
+    st.caption(f"Times in {tz}. A fixed range does not follow new data.")
+    return _from_wall_clock(start, tz), _from_wall_clock(end, tz)
 
 
 def _range_for_linked_alert(snap) -> str:
@@ -138,9 +204,9 @@ def _range_for_linked_alert(snap) -> str:
     range would leave its episode out (it ended before the range begins), the shortest range that lists it, else ""
     (the link followed already, the alert not in the store yet, or listed as it is)."""
     alert_id = link_to_follow("alert")
-    if alert_id is None:
-        return ""
     current = st.session_state.get("fp_range", DEFAULT_RANGE)
+    if alert_id is None or current == FIXED_RANGE:     # a fixed range is a deliberate choice: left as it is
+        return ""
     showing = sh.range_showing(snap, alert_id, sh.TIME_RANGES, current)
     return showing if showing != current else ""
 

@@ -309,6 +309,55 @@ def test_a_link_to_the_root_address_naming_an_alert_opens_the_alerts_view(fp_set
     assert not _ranked(at)      # not the Overview
 
 
+def test_a_fixed_range_shows_what_was_on_then_and_its_address_opens_it_in_another_zone(fp_settings, produced,
+                                                                                     monkeypatch):
+    """An analyst looks back at the earlier Earnings episode: a fixed range from before it fired to before the
+    Energy shock. The Alerts view lists that episode and not the shock (which began after the range); the address
+    holds the range in UTC; a colleague in Tokyo opens it and sees the same instants in Tokyo time; switching the
+    zone in a session keeps the instants too."""
+    _env_for(monkeypatch, fp_settings)
+    earnings = next(a for a in produced.alerts if a.status == "resolved")
+    shock = next(a for a in produced.alerts if a.key == SHOCK_TOPIC)
+    start, end = earnings.started_at - timedelta(minutes=2), shock.started_at - timedelta(minutes=1)
+    address = {"range": "fixed", "from": start.strftime("%Y-%m-%dT%H:%MZ"), "to": end.strftime("%Y-%m-%dT%H:%MZ")}
+    at = AppTest.from_function(_view_script, args=("alerts",), default_timeout=60)
+    for name, value in address.items():
+        at.query_params[name] = value
+    run_until(at, lambda a: any(s.key == "fp_alert" for s in a.selectbox), "the alert table")
+    assert at.selectbox(key="fp_range").value == "Fixed range"
+    assert at.datetime_input(key="fp_fixed_from").value == start.replace(second=0, microsecond=0, tzinfo=None)
+    assert at.selectbox(key="fp_alert").options == [f"warning · {earnings.key} · resolved"]   # not the shock
+    assert {k: v[0] for k, v in _address(at).items() if k != "alert"} == address
+    assert any("A fixed range does not follow new data" in c.value for c in at.caption)
+
+    at.selectbox(key="fp_tz").set_value("Asia/Tokyo").run()
+    assert at.datetime_input(key="fp_fixed_from").value == (start + timedelta(hours=9)).replace(
+        second=0, microsecond=0, tzinfo=None)
+    assert {k: v[0] for k, v in _address(at).items() if k != "alert"} == {**address, "tz": "Asia/Tokyo"}
+
+    colleague = AppTest.from_function(_view_script, args=("alerts",), default_timeout=60)
+    for name, value in {**address, "tz": "Asia/Tokyo"}.items():
+        colleague.query_params[name] = value
+    run_until(colleague, lambda a: any(s.key == "fp_alert" for s in a.selectbox), "the alert table from the link")
+    assert colleague.datetime_input(key="fp_fixed_to").value == (end + timedelta(hours=9)).replace(
+        second=0, microsecond=0, tzinfo=None)
+    assert colleague.selectbox(key="fp_alert").options == [f"warning · {earnings.key} · resolved"]
+    assert not colleague.warning and not colleague.exception
+
+    # The other views draw the same range: the Overview ranks what was unusual at its end, where Earnings was over.
+    overview = AppTest.from_function(_view_script, args=("overview",), default_timeout=60)
+    for name, value in address.items():
+        overview.query_params[name] = value
+    run_until(overview, lambda a: bool(_ranked(a)), "the ranking of the fixed range")
+    assert any("Most unusual topics at " in h.value for h in overview.subheader)
+    assert next(m for m in overview.metric if m.label == "Firing alerts").value == "0"
+    drilldown = AppTest.from_function(_view_script, args=("drilldown",), default_timeout=60)
+    for name, value in {**address, "key": SHOCK_TOPIC}.items():
+        drilldown.query_params[name] = value
+    run_until(drilldown, lambda a: len(_chart_specs(a)) >= 3, "the drill-down charts of the fixed range")
+    assert not drilldown.exception
+
+
 def test_alerts_view_lists_the_silences_in_force_and_to_come(fp_settings, produced, monkeypatch):
     """Silences written as `finpulse silence` writes them: the one in force and the one to come are listed with who
     and why; an expired one is not."""
@@ -488,8 +537,8 @@ def test_heatmap_buckets_stay_bounded_and_weighted():
 
 
 def test_every_time_range_has_a_code_for_the_address():
-    from dashboard.ui import CODE_OF_RANGE, DEFAULT_RANGE
-    assert set(CODE_OF_RANGE) == set(sh.TIME_RANGES) and DEFAULT_RANGE in sh.TIME_RANGES
+    from dashboard.ui import CODE_OF_RANGE, DEFAULT_RANGE, FIXED_RANGE
+    assert set(CODE_OF_RANGE) == {*sh.TIME_RANGES, FIXED_RANGE} and DEFAULT_RANGE in sh.TIME_RANGES
     assert len(set(CODE_OF_RANGE.values())) == len(CODE_OF_RANGE)
 
 
@@ -600,6 +649,32 @@ def test_alert_table_keeps_firing_episodes_that_fired_before_the_range():
     table = sh.alert_table(snap.alerts, snap.deliveries, since)
     assert list(table["id"]) == [firing.id]      # still firing: listed; the resolved one ended before the range
     assert sh.alert_table(snap.alerts, snap.deliveries, since, keys=("Earnings",)).empty
+
+
+def test_a_fixed_range_keeps_the_windows_alerts_and_messages_of_its_own_time():
+    """A fixed range from before the earlier Earnings episode to its middle: windows overlapping it only, the
+    episodes on at some time in it (Earnings; not the later shock), and the unusual ranking judged at its end, where
+    Earnings was firing and the shock had not begun."""
+    data, snap = _alerts_snapshot()
+    earnings = next(a for a in data.alerts if a.status == "resolved")
+    shock = next(a for a in data.alerts if a.key == SHOCK_TOPIC)
+    start = pd.Timestamp(earnings.started_at) - pd.Timedelta(minutes=5)
+    end = pd.Timestamp(earnings.started_at) + pd.Timedelta(minutes=2)
+    f = sh.ViewFilters.fixed(start, end, window_s=60)
+    windows = sh.key_windows(snap.trends, f)
+    assert len(windows) and (windows["window_end"] > start).all() and (windows["window_start"] < end).all()
+    assert windows["window_start"].min() <= start and windows["window_end"].max() >= end    # the range is covered
+    assert sh.range_start(snap, f) == start
+    table = sh.alert_table(snap.alerts, snap.deliveries, sh.range_start(snap, f), until=f.until)
+    assert list(table["id"]) == [earnings.id]
+    ranking = sh.unusual_now(snap.trends, snap.alerts, f).set_index("key")
+    assert ranking.loc[earnings.key, "firing"] and not ranking.loc[SHOCK_TOPIC, "firing"]
+    assert (ranking["window_start"] < end).all()
+    # Live, the shock is firing and Earnings is not.
+    live = sh.unusual_now(snap.trends, snap.alerts, sh.ViewFilters(window_s=60)).set_index("key")
+    assert live.loc[SHOCK_TOPIC, "firing"] and not live.loc[earnings.key, "firing"]
+    series = sh.key_series(snap.trends, "topic", shock.key, 60, f.span, 30, f.until)
+    assert len(series) and (series["window_start"] < end).all() and series["bearish_share_baseline"].notna().any()
 
 
 def test_freshness_says_live_or_stale_and_the_likely_reason():

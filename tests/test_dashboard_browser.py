@@ -156,3 +156,32 @@ def test_a_webhook_link_opens_its_alert_even_on_a_cold_dashboard(fp_settings, tm
             page.wait_for_url(re.compile(r"/alerts\?.*range=6h"), timeout=WAIT_MS)
             assert "Traceback" not in page.locator("body").inner_text()
         assert dashboard.running(), dashboard.tail()
+
+
+def test_a_fixed_range_link_shows_that_time_in_the_readers_zone(fp_settings, artifacts_dir, tmp_path):
+    """A link to a fixed range (UTC in the address) opened in Chromium: the From/To inputs show it in the link's
+    zone, the Alerts view lists the episode that was on then and not the later shock."""
+    data = synthesize(utcnow(), shock_key=SHOCK_TOPIC)
+    produce(fp_settings, data)
+    earnings = next(a for a in data.alerts if a.status == "resolved")
+    shock = next(a for a in data.alerts if a.key == SHOCK_TOPIC)
+    start, end = earnings.started_at - timedelta(minutes=2), shock.started_at - timedelta(minutes=1)
+    utc = "%Y-%m-%dT%H:%MZ"
+    port = free_port()
+    with start_finpulse(fp_settings, "dashboard", "--port", str(port), log_dir=tmp_path) as dashboard:
+        wait_for_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard)
+        with chromium_page(1280, 800) as page:
+            page.goto(f"http://127.0.0.1:{port}/alerts?range=fixed&from={start.strftime(utc)}&to={end.strftime(utc)}"
+                      f"&tz=Asia/Tokyo", wait_until="domcontentloaded")
+            expect(page.locator(".st-key-fp_alert input")).to_have_value(f"warning · {earnings.key} · resolved",
+                                                                         timeout=WAIT_MS)
+            tokyo = (start + timedelta(hours=9)).strftime("%Y-%m-%dT%H:%M")
+            expect(page.locator(".st-key-fp_fixed_from input")).to_have_value(re.compile(re.escape(tokyo)))
+            expect(page.get_by_text("Times in Asia/Tokyo. A fixed range does not follow new data.")).to_be_visible()
+            page.locator(".st-key-fp_alert [data-testid=stSelectbox]").click()
+            expect(page.get_by_role("option")).to_have_count(1)      # the shock began after the range
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(1000)
+            page.screenshot(path=f"{artifacts_dir}/dashboard-laptop-fixed-range.png", full_page=True)
+            assert "Traceback" not in page.locator("body").inner_text()
+        assert dashboard.running(), dashboard.tail()
