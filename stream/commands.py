@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", default="60s", help="poll interval, e.g. 30s, 5m (default 60s)")
     p.add_argument("--once", action="store_true", help="poll each feed once and exit")
     p.add_argument("--state", default="var/rss-state.json", help="where seen ids and ETag/Last-Modified are kept")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve /metrics, /healthz and /readyz on this port while polling (default [ingest] "
+                        "metrics_port, 6067; 0: none; never with --once)")
     p.set_defaults(func=_ingest_rss)
 
     p = sub.add_parser("simulate", help="produce a SIMULATED mixed stream of news and comments (with an optional negative shock)")
@@ -87,7 +90,8 @@ def _ingest_file(args, settings) -> int:
 
 def _ingest_rss(args, settings) -> int:
     from .ingest import ingest_rss
-    return ingest_rss(settings, args.urls, every=args.every, once=args.once, state_path=args.state)
+    return ingest_rss(settings, args.urls, every=args.every, once=args.once, state_path=args.state,
+                      metrics_port=args.metrics_port)
 
 
 def _simulate(args, settings) -> int:

@@ -10,7 +10,10 @@ with the Kafka timestamp set to its event time. A command returns only once the 
   is 1 so scripts notice.
 * ``ingest_rss``: polls feeds (``--every``), maps entries to news items, and remembers in a state file which
   entries it has produced (by guid, else link), so a restart never produces an entry twice. It sends the feed's
-  ETag/Last-Modified back (If-None-Match/If-Modified-Since), so an unchanged feed costs a 304.
+  ETag/Last-Modified back (If-None-Match/If-Modified-Since), so an unchanged feed costs a 304. While it polls (not
+  with ``--once``) it serves ``/metrics``, ``/healthz`` and ``/readyz`` (``[ingest] metrics_port``, ``stream.ops``):
+  polls and entries per feed and outcome, and when each feed last answered, so a feed that went quiet or broke is
+  an alert of its own, not a hole in the trends nobody explains.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from urllib.parse import urlparse
 
 from .config import ConfigError, Settings
 from .kafka_io import RecordSender
+from .metrics import counter, gauge
 from .records import InputItem, InvalidRecord, Kind, NewsItem, parse_input, utcnow
 from .topics import TopicNames, ensure_topics
 
@@ -160,6 +164,19 @@ def ingest_file(settings: Settings, path: str | os.PathLike, kind: str, fmt: str
 
 # ---------------------------------------------------------------- RSS / Atom
 
+@dataclass
+class IngestSettings:
+    """``[ingest]``: what ``finpulse ingest rss`` serves while it polls."""
+    metrics_port: int = 6067        # /metrics, /healthz, /readyz (0 = none); --metrics-port
+    metrics_host: str = "0.0.0.0"
+
+
+RSS_POLLS = counter("finpulse_rss_polls_total", "Feed fetches by outcome: ok (new content), not_modified (304) or "
+                    "failed (unreachable, HTTP error, unparsable).", ["feed", "outcome"])
+RSS_ENTRIES = counter("finpulse_rss_entries_total", "Feed entries by outcome: produced to the news topic, "
+                      "already_seen (produced before), skipped (no key, or not a valid news item).", ["feed", "outcome"])
+RSS_LAST_OK = gauge("finpulse_rss_last_success_timestamp_seconds", "When each feed last answered (200 or 304), "
+                    "in Unix seconds: alert on time() minus this.", ["feed"])
 SEEN_LIMIT = 50_000          # entries remembered per state file (oldest forgotten first)
 RSS_BODY_CHARS = 4_000       # feed summaries can be whole articles: the classifier reads the start anyway
 _TAG = re.compile(r"<[^>]+>")
@@ -260,8 +277,15 @@ def poll_feed(url: str, state: FeedState, max_text_chars: int) -> PollResult:
     return result
 
 
+def feed_label(url: str) -> str:
+    """A feed as metrics name it: scheme, host and path. Query strings and user info are left out, since feed URLs
+    can carry access tokens."""
+    parts = urlparse(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
 def ingest_rss(settings: Settings, urls: list[str], every: str = "60s", once: bool = False,
-               state_path: str | os.PathLike = "var/rss-state.json") -> int:
+               state_path: str | os.PathLike = "var/rss-state.json", metrics_port: int | None = None) -> int:
     """``finpulse ingest rss``: poll until stopped (or once). Exit code 1 when a feed failed on the last poll."""
     from .aggregate import parse_duration_s
 
@@ -271,30 +295,80 @@ def ingest_rss(settings: Settings, urls: list[str], every: str = "60s", once: bo
         raise ConfigError(f"--every: {exc}") from None
     if interval_s <= 0:
         raise ConfigError("--every must be positive")
+    options = settings.section("ingest", IngestSettings)
+    port = options.metrics_port if metrics_port is None else metrics_port
+    if not 0 <= port <= 65535:
+        raise ConfigError("[ingest] metrics_port must be a TCP port (0 = no metrics server)")
     names = TopicNames(settings.kafka.topic_prefix)
     ensure_topics(settings.kafka, names.all(), names.compacted())
     state = FeedState.load(state_path)
-    stopping = {"now": False}
-    if not once:
-        signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
-    while True:
-        failed = 0
-        for url in urls:
-            result = poll_feed(url, state, settings.worker.max_text_chars)
-            if result.error:
-                failed += 1
-                print(f"{url}: fetch failed: {result.error}", file=sys.stderr, flush=True)
-                continue
-            produced = asyncio.run(produce_items(settings, names.news, [item for _, item in result.new],
-                                                 "finpulse-rss")) if result.new else 0
-            state.seen.update(dict.fromkeys(key for key, _ in result.new))   # only once the broker has them
-            state.save()
-            note = "not modified" if result.status == 304 else f"{produced} new, {result.already_seen} already seen"
-            print(f"{url}: {note}" + (f", {result.rejected} skipped" if result.rejected else ""), flush=True)
-        if once or stopping["now"]:
-            return 1 if failed else 0
-        deadline = time.monotonic() + interval_s
-        while time.monotonic() < deadline and not stopping["now"]:
-            time.sleep(min(1.0, deadline - time.monotonic()))
-        if stopping["now"]:
-            return 0
+    poller = _FeedPoller(settings, names, urls, state)
+    return asyncio.run(poller.run(interval_s, once, None if once or not port else
+                                  (options.metrics_host, port)))
+
+
+class _FeedPoller:
+    """The polling loop of ``ingest_rss``, counted for ``/metrics`` and ``/readyz``."""
+
+    def __init__(self, settings: Settings, names: TopicNames, urls: list[str], state: FeedState):
+        self.settings, self.names, self.urls, self.state = settings, names, urls, state
+        self.last_error: dict[str, str] = {}        # feed url -> why its last poll failed ("" when it answered)
+
+    def readiness(self) -> tuple[bool, str]:
+        if len(self.last_error) < len(self.urls):
+            return False, f"first poll under way ({len(self.last_error)} of {len(self.urls)} feeds polled)"
+        failing = [f"{feed_label(url)}: {error}" for url, error in self.last_error.items() if error]
+        if len(failing) == len(self.urls):
+            return False, "every feed failed its last poll: " + "; ".join(failing)
+        return True, f"{len(self.urls) - len(failing)} of {len(self.urls)} feeds answered their last poll" + (
+            f" (failing: {'; '.join(failing)})" if failing else "")
+
+    async def run(self, interval_s: float, once: bool, serve: tuple[str, int] | None) -> int:
+        from .ops import READINESS, OpsServer
+
+        stop = asyncio.Event()
+        if not once:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        server = OpsServer(*serve, setting="[ingest] metrics_port (--metrics-port)") if serve else None
+        if server is not None:
+            await server.start()
+            READINESS.add("feeds", self.readiness)
+        try:
+            while True:
+                failed = 0
+                for url in self.urls:
+                    failed += not await self.poll(url)
+                if once or stop.is_set():
+                    return 1 if failed else 0
+                try:
+                    await asyncio.wait_for(stop.wait(), interval_s)
+                    return 0
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if server is not None:
+                READINESS.remove("feeds", self.readiness)
+                await server.stop()
+
+    async def poll(self, url: str) -> bool:
+        """Poll one feed and produce its new entries; False when the fetch failed."""
+        feed = feed_label(url)
+        result = await asyncio.to_thread(poll_feed, url, self.state, self.settings.worker.max_text_chars)
+        if result.error:
+            RSS_POLLS.labels(feed, "failed").inc()
+            self.last_error[url] = result.error
+            print(f"{url}: fetch failed: {result.error}", file=sys.stderr, flush=True)
+            return False
+        items = [item for _, item in result.new]
+        produced = await produce_items(self.settings, self.names.news, items, "finpulse-rss") if items else 0
+        self.state.seen.update(dict.fromkeys(key for key, _ in result.new))   # only once the broker has them
+        self.state.save()
+        RSS_POLLS.labels(feed, "not_modified" if result.status == 304 else "ok").inc()
+        for outcome, count in (("produced", produced), ("already_seen", result.already_seen),
+                               ("skipped", result.rejected)):
+            RSS_ENTRIES.labels(feed, outcome).inc(count)
+        RSS_LAST_OK.labels(feed).set(time.time())
+        self.last_error[url] = ""
+        note = "not modified" if result.status == 304 else f"{produced} new, {result.already_seen} already seen"
+        print(f"{url}: {note}" + (f", {result.rejected} skipped" if result.rejected else ""), flush=True)
+        return True

@@ -3,7 +3,8 @@
 (200 when every readiness check passes; 503 with a JSON reason otherwise).
 
 The worker serves them on Faust's own web server (``[worker] web_port``, ``install_views``); ``finpulse dispatch``
-on a small server of its own (``OpsServer``, ``[alerts] metrics_port``). The parts of a process register what
+and ``finpulse ingest rss`` on a small server of their own (``OpsServer``, ``[alerts] metrics_port``,
+``[ingest] metrics_port``). The parts of a process register what
 readiness means for them in ``READINESS``: the worker its consumer group, broker and model (``install_worker``), a
 dispatcher its group, its delivery state and the broker (``alerts.dispatch``). A part that stops removes its checks.
 """
@@ -80,13 +81,14 @@ def readyz_response() -> web.Response:
 ROUTES = {"/metrics": metrics_response, "/healthz": healthz_response, "/readyz": readyz_response}
 
 
-# ---------------------------------------------------------------- a server of its own (`finpulse dispatch`)
+# ---------------------------------------------------------------- a server of its own (dispatch, ingest rss)
 
 class OpsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` for a process without Faust's web server."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, setting: str = "[alerts] metrics_port (--metrics-port)"):
         self.host, self.port = host, port
+        self.setting = setting      # where the port comes from, for the message when it is taken
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -100,7 +102,7 @@ class OpsServer:
         except OSError as exc:
             await self._runner.cleanup()
             raise ConfigError(f"cannot serve metrics and probes on {self.host}:{self.port} ({exc.strerror or exc}): "
-                              f"choose another [alerts] metrics_port (--metrics-port), or 0 for none") from None
+                              f"choose another {self.setting}, or 0 for none") from None
         log.info("metrics and probes on http://%s:%d (/metrics, /healthz, /readyz)", self.host, self.port)
 
     async def stop(self) -> None:

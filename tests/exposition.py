@@ -37,7 +37,7 @@ class Exposition:
     def value(self, name: str, **labels: str) -> float:
         key = (name, frozenset(labels.items()))
         if key not in self.samples:
-            near = sorted(dict(k[1]) for k in self.samples if k[0] == name)
+            near = sorted((dict(k[1]) for k in self.samples if k[0] == name), key=lambda labels: sorted(labels.items()))
             raise KeyError(f"no sample {name}{labels}; that name has: {near}")
         return self.samples[key]
 

@@ -74,12 +74,14 @@ def test_the_example_config_documents_every_setting_with_its_default():
     from models.settings import ModelSettings
     from stream.aggregate import AggregateSettings
     from stream.config import WorkerSettings
+    from stream.ingest import IngestSettings
     from stream.replay.plan import ReplaySettings
 
     path = Path(__file__).resolve().parent.parent / "finpulse.example.toml"
     document = tomllib.loads(path.read_text())
     settings = load_settings(path, environ={})
-    sections = {"kafka": KafkaSettings, "worker": WorkerSettings, "aggregate": AggregateSettings, "detect": DetectSettings,
+    sections = {"kafka": KafkaSettings, "worker": WorkerSettings, "ingest": IngestSettings,
+                "aggregate": AggregateSettings, "detect": DetectSettings,
                 "alerts": AlertsSettings, "dashboard": DashboardSettings, "models": ModelSettings, "replay": ReplaySettings}
     assert set(document) == set(sections)
     additions = {("alerts", "endpoints"), ("alerts", "dashboard_url"), ("detect", "overrides")}

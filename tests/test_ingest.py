@@ -90,7 +90,7 @@ class FeedServer:
     """A real HTTP server for one feed, honouring If-None-Match / If-Modified-Since, recording each request."""
 
     def __init__(self):
-        self.body, self.version, self.conditional = rss(ITEMS), 1, True
+        self.body, self.version, self.conditional, self.failing = rss(ITEMS), 1, True, False
         self.requests: list[dict[str, str | None]] = []
         server = self
 
@@ -100,6 +100,10 @@ class FeedServer:
                 modified = format_datetime(T0 + timedelta(hours=server.version), usegmt=True)
                 server.requests.append({"if_none_match": self.headers.get("If-None-Match"),
                                         "if_modified_since": self.headers.get("If-Modified-Since")})
+                if server.failing:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
                 if server.conditional and self.headers.get("If-None-Match") == etag:
                     self.send_response(304)
                     self.end_headers()
@@ -162,6 +166,59 @@ def test_rss_unreachable_feed_is_reported_not_fatal(fp_settings, tmp_path, capsy
     code = ingest_rss(fp_settings, [f"http://127.0.0.1:{free_port()}/none.xml"], once=True,
                       state_path=tmp_path / "s.json")
     assert code == 1 and "fetch failed" in capsys.readouterr().err
+
+
+def test_rss_poller_serves_metrics_and_readiness_per_feed(fp_settings, topics, tmp_path):
+    """`finpulse ingest rss` polling every second, scraped over HTTP: the first poll produces the three entries,
+    the next ones are 304s; when the feed breaks, failed polls are counted and /readyz turns 503 naming the feed,
+    which metrics show without the access token of its URL. SIGTERM stops it cleanly."""
+    import time
+    import urllib.request
+
+    from stream.broker import free_port
+    from tests.exposition import probe, scrape
+    from tests.procs import start_finpulse
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def until(what, check, timeout_s=60):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                found = check()
+            except (OSError, KeyError):
+                found = None
+            if found:
+                return found
+            time.sleep(0.2)
+        pytest.fail(f"never saw {what}; output: {proc.tail()}")
+
+    with FeedServer() as feed:
+        label = feed.url
+        proc = start_finpulse(fp_settings, "ingest", "rss", feed.url + "?token=s3cr3t", "--every", "1s",
+                              "--metrics-port", str(port), "--state", str(tmp_path / "state.json"), log_dir=tmp_path)
+        try:
+            m = until("a 304 after the first poll", lambda: (e := scrape(f"{base}/metrics")).value(
+                "finpulse_rss_polls_total", feed=label, outcome="not_modified") >= 1 and e)
+            assert m.value("finpulse_rss_polls_total", feed=label, outcome="ok") == 1
+            assert m.value("finpulse_rss_entries_total", feed=label, outcome="produced") == len(ITEMS)
+            assert m.types["finpulse_rss_last_success_timestamp_seconds"] == "gauge"
+            assert m.value("finpulse_rss_last_success_timestamp_seconds", feed=label) > time.time() - 60
+            assert len(read_all(fp_settings, topics.news)) == len(ITEMS)
+            status, body = probe(f"{base}/readyz")
+            assert status == 200 and body["checks"]["feeds"]["ok"], body
+
+            feed.failing = True
+            until("a failed poll", lambda: scrape(f"{base}/metrics").value(
+                "finpulse_rss_polls_total", feed=label, outcome="failed") >= 1)
+            status, body = until("readiness turning 503", lambda: (r := probe(f"{base}/readyz"))[0] == 503 and r)
+            assert label in body["reason"] and "503" in body["reason"]
+            with urllib.request.urlopen(f"{base}/metrics") as response:
+                assert "s3cr3t" not in response.read().decode()
+        finally:
+            code = proc.stop()
+        assert code == 0, proc.tail()
 
 
 # ---------------------------------------------------------------- simulate
