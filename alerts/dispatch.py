@@ -66,7 +66,9 @@ How it works:
   still open at the endpoint (no resolve recorded there, nothing of that severity sent, no other silence covering it
   now): ``silenced`` becomes ``pending`` with a fresh retry window (``unsilenced``) and it goes out like any other,
   in its chain. Adoption does the same, so an end missed while no dispatcher ran is acted on by the next one.
-  Replays' alerts are never silenced.
+  Replays' alerts are never silenced. Inhibition (``alerts.inhibition``) rides on the same path: an event that a
+  firing alert mutes by an ``[[alerts.inhibit]]`` rule is recorded ``silenced`` with ``inhibited:<alert id>``, and
+  goes out when that alert resolves if its episode is still open.
 - Pending deliveries belong to the dispatcher that owns the alert's partition. On start and on every rebalance it
   reads the deliveries topic to its true end, then resumes the pending ones of the partitions it was given; on
   revocation it lets in-flight requests finish and stops the rest.
@@ -121,6 +123,7 @@ from .endpoints import (BlockedAddressError, Endpoint, GuardedResolver, build_en
                         load_delivery_config, preflight)
 from .formats import DeliveryContext, GroupContext, render, render_group
 from .signing import signature_headers
+from .inhibition import INHIBITED, FiringAlerts, parse_rules
 from .silences import SilenceBook, read_silences
 from .transport import certificate_failure, host_and_port
 
@@ -229,7 +232,11 @@ class Dispatcher:
         self.log = DeliveryLog(self.kafka, self.names.deliveries)
         # Replays have no silences topic: a backtest's alerts all reach its test endpoint.
         self.silences = SilenceBook(self.kafka, self.names.silences) if self.names.silences else None
+        # Inhibition too is for live alerts only; it reads the alerts topic for what fires (alerts.inhibition).
+        self.inhibit_rules = parse_rules(self.options.inhibit) if self.silences is not None else []
+        self.firing = FiringAlerts(self.kafka, self.names.alerts) if self.inhibit_rules else None
         self._silences_seen_at = utcnow()   # silences that ended before this were acted on
+        self._inhibitors_ended_seen = 0
         self._chains: dict[tuple[str, str], _Chain] = {}
         self._groups: dict[tuple[str, str], _Group] = {}   # (endpoint, group label) of grouped endpoints
         self._owned: set[int] = set()
@@ -255,6 +262,8 @@ class Dispatcher:
         await self.log.start()
         if self.silences is not None:
             await self.silences.start()
+        if self.firing is not None:
+            await self.firing.start()
         self._shared_slots = asyncio.Semaphore(self.options.max_concurrency)
         for endpoint in self.endpoints.values():
             for final in (DELIVERED, FAILED, EXPIRED, SILENCED):  # every series from 0, so rate() sees the first one
@@ -309,6 +318,8 @@ class Dispatcher:
         await self.log.stop()
         if self.silences is not None:
             await self.silences.stop()
+        if self.firing is not None:
+            await self.firing.stop()
         READINESS.remove("dispatcher", self._readiness)
         REGISTRY.remove_collector(self._metric_families)
         log.info("dispatcher %s stopped", self.group_id)
@@ -396,6 +407,8 @@ class Dispatcher:
 
     async def _take(self, tp: TopicPartition, records) -> None:
         async with self._adopting:
+            if self.firing is not None:
+                await self.firing.poll()    # a source alert written just before its targets mutes them
             planned: list[DeliveryState] = []
             for record in records:
                 alert = self._parse(record)
@@ -539,10 +552,15 @@ class Dispatcher:
             if given:
                 return "", ""
         silence = self.silences.silencing(alert, endpoint, at or min(alert.emitted_at, utcnow()))
-        if silence is None:
+        if silence is not None:
+            return silence.id, (f"silenced by {silence.id} until {format_time(silence.ends_at)} "
+                                f"({silence.created_by}: {silence.comment})")[:ERROR_TEXT_MAX]
+        muted = self.firing.muting(self.inhibit_rules, alert, endpoint) if self.firing is not None else None
+        if muted is None:
             return "", ""
-        return silence.id, (f"silenced by {silence.id} until {format_time(silence.ends_at)} "
-                            f"({silence.created_by}: {silence.comment})")[:ERROR_TEXT_MAX]
+        source, rule = muted
+        return INHIBITED + source.id, (f"inhibited by firing alert {source.id} ({source.key_type} {source.key}, "
+                                       f"{source.severity}): {rule}")[:ERROR_TEXT_MAX]
 
     async def _silenced_on_the_way(self, state: DeliveryState, regroup: bool = True) -> bool:
         """An event not delivered yet that a silence covers now is recorded ``silenced`` instead of sent (True):
@@ -572,6 +590,10 @@ class Dispatcher:
         changed = await self.silences.poll()
         ended = any(self._silences_seen_at < s.ends_at <= now for s in self.silences.silences.values())
         self._silences_seen_at = now
+        if self.firing is not None:
+            await self.firing.poll()
+            ended |= self.firing.ended != self._inhibitors_ended_seen     # a muting alert resolved
+            self._inhibitors_ended_seen = self.firing.ended
         if not (force or changed or ended):
             return
         highest: dict[tuple[str, str], DeliveryState] = {}
@@ -584,19 +606,17 @@ class Dispatcher:
         for (endpoint_name, _), state in sorted(highest.items()):
             endpoint = self.endpoints.get(endpoint_name)
             alert = state.alert_record
-            silence = self.silences.silences.get(state.silence)
-            if endpoint is None or (silence is not None and silence.active(now)):
-                continue
-            if self.silences.silencing(alert, endpoint_name, now) is not None:
-                continue  # another silence covers it now: it waits for that one to end
+            if endpoint is None or self._silenced(alert, endpoint_name, at=now)[1]:
+                continue  # its silence, another one or an inhibition still holds it: it waits for that to end
             if self.log.get(delivery_key(alert.event_id_of("resolved"), endpoint_name)) is not None:
                 continue  # the episode is over: nothing to open now
             sent = [s for s in self._given(alert, endpoint_name) if s.state in (PENDING, DELIVERED)]
             if any(severity_rank(s.alert_severity) >= severity_rank(alert.severity) for s in sent):
                 continue  # the endpoint has this severity of the episode already
             state = await self.log.save(unsilenced(state, endpoint.settings.retry_horizon_s))
-            log.info("silence %s is over: %s to %s goes out now (its episode is still open)", state.silence,
-                     state.event_id, endpoint_name)
+            log.info("%s is over: %s to %s goes out now (its episode is still open)",
+                     f"the firing of {state.silence.removeprefix(INHIBITED)} that muted it"
+                     if state.silence.startswith(INHIBITED) else f"silence {state.silence}", state.event_id, endpoint_name)
             self._enqueue(state)
 
     # ------------------------------------------------------------ ownership

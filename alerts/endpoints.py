@@ -14,6 +14,11 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
     metrics_port = 6068              # `finpulse dispatch` alone: /metrics, /healthz, /readyz here (0 = none)
     metrics_host = "0.0.0.0"         # the interface they listen on
 
+    [[alerts.inhibit]]               # while a topic alert fires, its tickers' alerts about it are not notified
+    source = ["key_type=topic"]
+    target = ["key_type=ticker"]
+    equal = ["about"]
+
     [[alerts.endpoints]]
     name = "risk-desk"                          # unique; part of the delivery key
     url = "https://hooks.example.com/finpulse"  # or url_env = "VAR" when the URL itself is a secret (Slack: required)
@@ -133,6 +138,8 @@ class AlertsSettings:
     # are on the worker's web server ([worker] web_port) instead.
     metrics_port: int = 6068
     metrics_host: str = "0.0.0.0"
+    # Inhibition rules (alerts.inhibition): [[alerts.inhibit]] source / target / equal.
+    inhibit: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -325,6 +332,8 @@ def _validate(config: AlertDeliveryConfig) -> None:
         raise ConfigError("[alerts] metrics_port must be a TCP port (0 = no metrics server)")
     if o.replay_endpoint and o.replay_endpoint not in seen:
         raise ConfigError(f"[alerts] replay_endpoint {o.replay_endpoint!r} names no endpoint")
+    from .inhibition import parse_rules
+    parse_rules(o.inhibit)
 
 
 def check_url(url: str, allow_private: bool, where: str) -> None:

@@ -114,9 +114,14 @@ class Silence(_Record):
         return "pending" if at < self.starts_at else "active" if at < self.ends_at else "expired"
 
     def matches(self, alert: AlertRecord, endpoint: str) -> bool:
-        fields = {"key": alert.key, "key_type": alert.key_type, "severity": alert.severity,
-                  "about": alert.about_topic, "endpoint": endpoint}
+        fields = alert_fields(alert, endpoint)
         return all(m.matches(fields) for m in self.parsed())
+
+
+def alert_fields(alert: AlertRecord, endpoint: str = "") -> dict[str, str]:
+    """What matchers see of an alert event going to ``endpoint``."""
+    return {"key": alert.key, "key_type": alert.key_type, "severity": alert.severity, "about": alert.about_topic,
+            "endpoint": endpoint}
 
 
 def new_silence(matchers: Iterable[str], starts_at: datetime, ends_at: datetime, created_by: str,

@@ -137,14 +137,24 @@ async def _read_until_caught_up(consumer: AIOKafkaConsumer, tps: Sequence[TopicP
     return False
 
 
-async def open_reader(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> AIOKafkaConsumer:
-    """A started consumer (no group) assigned every partition of ``topic``, at the beginning; the caller stops it."""
+async def open_reader(bootstrap_servers: str, topic: str, timeout_s: float = 30.0,
+                      from_ms: int | None = None) -> AIOKafkaConsumer:
+    """A started consumer (no group) assigned every partition of ``topic``, at the beginning, or at the first record
+    written at or after ``from_ms`` (the broker's timestamps: on tansu, when it wrote the batch); the caller stops
+    it."""
     consumer = _consumer(bootstrap_servers)
     await consumer.start()
     try:
         tps = await _partitions(consumer, topic, timeout_s)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        if from_ms is not None:
+            found = await consumer.offsets_for_times({tp: from_ms for tp in tps})
+            for tp, at in found.items():
+                if at is None:
+                    await consumer.seek_to_end(tp)   # nothing that recent (tansu's end may be low: a few re-read)
+                else:
+                    consumer.seek(tp, at.offset)
         return consumer
     except BaseException:
         await consumer.stop()

@@ -63,7 +63,8 @@ def test_fingerprint_changes_with_settings():
 
 def test_the_example_config_documents_every_setting_with_its_default():
     """finpulse.example.toml is the reference for users: each section loads, and lists every field its dataclass has,
-    at the default value (the demo-receiver endpoint and its dashboard link are the example's only additions)."""
+    at the default value (the demo-receiver endpoint, its dashboard link and an inhibition rule are the example's only
+    additions)."""
     import dataclasses
     import tomllib
     from pathlib import Path
@@ -84,7 +85,7 @@ def test_the_example_config_documents_every_setting_with_its_default():
                 "aggregate": AggregateSettings, "detect": DetectSettings,
                 "alerts": AlertsSettings, "dashboard": DashboardSettings, "models": ModelSettings, "replay": ReplaySettings}
     assert set(document) == set(sections)
-    additions = {("alerts", "endpoints"), ("alerts", "dashboard_url"), ("detect", "overrides")}
+    additions = {("alerts", "endpoints"), ("alerts", "dashboard_url"), ("alerts", "inhibit"), ("detect", "overrides")}
     for name, cls in sections.items():
         loaded = settings.section(name, cls)
         default = cls()
