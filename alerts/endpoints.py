@@ -21,8 +21,8 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
 
     [[alerts.endpoints]]
     name = "risk-desk"                          # unique; part of the delivery key
-    url = "https://hooks.example.com/finpulse"  # or url_env = "VAR" when the URL itself is a secret (Slack: required)
-    format = "native"                           # native | slack | pagerduty | alertmanager
+    url = "https://hooks.example.com/finpulse"  # or url_env = "VAR" when the URL itself is a secret (Slack, Teams: required)
+    format = "native"                           # native | slack | teams | pagerduty | alertmanager
     secret_env = "FINPULSE_WEBHOOK_SECRET"      # env var(s) holding whsec_ secrets; several keys = rotation
     routing_key_env = ""                        # PagerDuty: env var holding the integration's routing key
     allow_private = false                       # true: may target private/loopback/link-local addresses
@@ -89,7 +89,7 @@ from .grouping import GroupPolicy, check_grouping
 from .signing import decode_secret, split_secrets
 from .transport import Proxy, check_connection, check_headers, check_proxy_url, host_and_port, tls_context
 
-FORMATS = ("native", "slack", "pagerduty", "alertmanager")
+FORMATS = ("native", "slack", "teams", "pagerduty", "alertmanager")
 KEY_TYPES = ("topic", "ticker")
 PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
@@ -314,9 +314,11 @@ def _validate(config: AlertDeliveryConfig) -> None:
             raise ConfigError(f"{where}: a pagerduty endpoint needs routing_key_env (the env var with the routing key)")
         if ep.format == "native" and not ep.secret_env:
             raise ConfigError(f"{where}: a native endpoint is signed, so it needs secret_env (the env var with a whsec_ secret)")
-        if ep.format == "slack" and ep.url:
-            raise ConfigError(f"{where}: a Slack webhook URL carries its token in the path, so it is a secret and never "
-                              f"a value in the config: put it in an environment variable and name that in url_env")
+        if ep.format in ("slack", "teams") and ep.url:
+            what = ("a Slack webhook URL carries its token in the path" if ep.format == "slack" else
+                    "a Teams Workflows webhook URL carries its signature (sig=) in the query")
+            raise ConfigError(f"{where}: {what}, so it is a secret and never a value in the config: put it in an "
+                              f"environment variable and name that in url_env")
         if ep.url:
             check_url(ep.url, ep.allow_private, where)
         elif not ep.url_env and ep.format != "pagerduty":

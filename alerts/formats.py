@@ -8,6 +8,10 @@
 - ``pagerduty``: an Events API v2 ``trigger`` or ``resolve`` with ``dedup_key`` = the alert id (``<id>@<run id>``
   for a replay's alert), so the resolve closes the incident the trigger opened. An escalation is another
   ``trigger`` with the same ``dedup_key`` and the new severity: PagerDuty updates the open alert;
+- ``teams``: a Microsoft Teams message for a Workflows webhook ("When a Teams webhook request is received"): one
+  Adaptive Card (1.4) with the headline in the severity's colour, the figures as a FactSet, the most negative
+  messages and an "Open in FinPulse" button. Text that comes from the data (messages, keys, summaries) goes in
+  ``TextRun`` elements, which Teams never reads as Markdown, so a headline cannot forge a link;
 - ``alertmanager``: the list ``POST /api/v2/alerts`` takes. Alertmanager identifies an alert by its labels and
   routes on ``severity``, so severity stays a label, and the other labels (``alert_id``, key, window; ``run_id``
   for a replay) stay the same for every event of the episode. An escalation ends the label sets of the severities
@@ -22,6 +26,7 @@ Grouped endpoints (``alerts.grouping``) get one notification for many alert even
   receiver can keep deduplicating per event while the request's webhook-id is the group's;
 - ``slack``: one message: the counts, then one line per event, most severe first and resolves last, at most
   ``SLACK_GROUP_LINES`` of them and "+N more";
+- ``teams``: one card: the counts, then one line per event as for Slack;
 - ``alertmanager``: one POST whose list holds every event's entries (Alertmanager groups them again by its own
   route's ``group_by``);
 - ``pagerduty``: not grouped (the config refuses it): Events v2 takes one event per dedup_key.
@@ -258,8 +263,57 @@ def _alertmanager_entry(alert: AlertRecord, severity: str, ends_at: datetime, ct
     return entry
 
 
+def _teams_colour(alert: AlertRecord) -> str:
+    if alert.status == "resolved":
+        return "Good"
+    return {"critical": "Attention", "warning": "Warning"}.get(alert.severity, "Accent")
+
+
+def _plain_text(text: str, **style: Any) -> dict[str, Any]:
+    """Text from the data, shown as it is: a TextRun is never read as Markdown (no links, no emphasis)."""
+    return {"type": "RichTextBlock", "inlines": [{"type": "TextRun", "text": str(text), **style}]}
+
+
+def _teams_card(body: list[dict[str, Any]], link: str, link_title: str) -> dict[str, Any]:
+    card: dict[str, Any] = {"$schema": "http://adaptivecards.io/schemas/adaptive-card.json", "type": "AdaptiveCard",
+                            "version": "1.4", "body": body, "msteams": {"width": "Full"}}
+    if link:
+        card["actions"] = [{"type": "Action.OpenUrl", "title": link_title, "url": link}]
+    return {"type": "message", "attachments": [
+        {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}]}
+
+
+def _teams(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
+    obs, base = alert.observed or {}, alert.baseline or {}
+    resolved = alert.status == "resolved"
+    what = ("Resolved" if resolved else f"Escalated from {alert.escalated_from} to {alert.severity}"
+            if alert.escalated_from else "Negative sentiment spike")
+    facts = [
+        ("Severity", f"{alert.escalated_from} → {alert.severity}" if alert.escalated_from else alert.severity),
+        ("Window", f"{_window(alert.window_s)} from {format_time(alert.window_start)}"),
+        ("Bearish share", f"{_pct(obs.get('bearish_share'))} (baseline {_pct(base.get('bearish_share'))})"),
+        ("Mean score", f"{_num(obs.get('mean_score'))} (baseline {_num(base.get('mean_score'))})"),
+        ("Messages", str(obs.get("count", "?"))),
+        ("Deviation", f"{alert.deviation:.1f} σ"),
+        ("Started", format_time(alert.started_at)),
+    ]
+    if resolved and alert.resolved_at:
+        facts.append(("Resolved", format_time(alert.resolved_at)))
+    body: list[dict[str, Any]] = [
+        _plain_text(f"{what}: {subject(alert)}", weight="Bolder", size="Medium", color=_teams_colour(alert)),
+        _plain_text(alert.summary or headline(alert)),
+        {"type": "FactSet", "facts": [{"title": name, "value": value} for name, value in facts]},
+    ]
+    excerpts = [m for m in alert.messages[:SLACK_EXCERPTS] if m.get("text")]
+    if excerpts and not resolved:
+        body.append({"type": "TextBlock", "text": "Most negative messages", "weight": "Bolder", "spacing": "Medium"})
+        body += [_plain_text(f"{_num(m.get('sentiment_score'))}  {m['text']}") for m in excerpts]
+    body.append(_plain_text(f"FinPulse alert {alert.id}", isSubtle=True, size="Small"))
+    return _teams_card(body, dashboard_link(alert, ctx.dashboard_url), "Open in FinPulse")
+
+
 _RENDERERS: dict[str, Callable[[AlertRecord, DeliveryContext], Any]] = {
-    "native": _native, "slack": _slack, "pagerduty": _pagerduty, "alertmanager": _alertmanager,
+    "native": _native, "slack": _slack, "teams": _teams, "pagerduty": _pagerduty, "alertmanager": _alertmanager,
 }
 
 
@@ -306,12 +360,26 @@ def _slack_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryC
     }
 
 
+def _teams_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> dict[str, Any]:
+    alerts = [alert for alert, _ in members]
+    ranked = sorted(alerts, key=lambda a: (a.status == "resolved", -severity_rank(a.severity)))
+    counts = ", ".join(f"{n} {'escalated' if kind == 'escalation' else kind}" for kind, n in _counts(alerts).items())
+    title = f"FinPulse: {len(alerts)} alert events" + ("" if group.label == "all" else f" ({group.label})")
+    body = [_plain_text(title, weight="Bolder", size="Medium", color=_teams_colour(ranked[0])), _plain_text(counts)]
+    body += [_plain_text(headline(a), color=_teams_colour(a)) for a in ranked[:SLACK_GROUP_LINES]]
+    if len(ranked) > SLACK_GROUP_LINES:
+        body.append(_plain_text(f"+{len(ranked) - SLACK_GROUP_LINES} more"))
+    body.append(_plain_text(f"FinPulse group notification {group.event_id}", isSubtle=True, size="Small"))
+    link = f"{group.dashboard_url.rstrip('/')}/alerts" if group.dashboard_url else ""
+    return _teams_card(body, link, "Open the alerts")
+
+
 def _alertmanager_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> list[dict[str, Any]]:
     return [entry for alert, ctx in members for entry in _alertmanager(alert, ctx)]
 
 
 _GROUP_RENDERERS: dict[str, Callable[[GroupContext, list[tuple[AlertRecord, DeliveryContext]]], Any]] = {
-    "native": _native_group, "slack": _slack_group, "alertmanager": _alertmanager_group,
+    "native": _native_group, "slack": _slack_group, "teams": _teams_group, "alertmanager": _alertmanager_group,
 }
 
 

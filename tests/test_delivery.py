@@ -167,11 +167,13 @@ def test_secrets_put_where_env_var_names_belong_are_refused_without_being_printe
     secrets = {"secret_env": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "routing_key_env": "e93facc04764012d7bfb002500d5d1a6",
                "url_env": "https://hooks.slack.com/services/T000/B000/XXXXSECRETXXXX"}
     slack_url = "https://hooks.slack.com/services/T111/B111/INLINESECRETTOKEN"
+    teams_url = "https://prod-01.westeurope.logic.azure.com/workflows/abc/triggers/manual/paths/invoke?sig=TEAMSSIG123"
     refusals = [("secret_env must name", {"name": "risk", "url": "https://risk.example.com/hook", "secret_env": secrets["secret_env"]}),
                 ("routing_key_env must name", {"name": "pd", "format": "pagerduty", "routing_key_env": secrets["routing_key_env"]}),
                 ("url_env must name", {"name": "slack", "format": "slack", "url_env": secrets["url_env"]}),
                 ("secret_env = (value not shown)", {"name": "risk", "url": "https://risk.example.com/hook", "secret_env": 42}),
-                ("name that in url_env", {"name": "slack", "format": "slack", "url": slack_url})]
+                ("name that in url_env", {"name": "slack", "format": "slack", "url": slack_url}),
+                ("carries its signature (sig=)", {"name": "teams", "format": "teams", "url": teams_url})]
     for expected, endpoint in refusals:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
         env["FINPULSE_ALERTS__ENDPOINTS"] = json.dumps([endpoint])
@@ -179,7 +181,7 @@ def test_secrets_put_where_env_var_names_belong_are_refused_without_being_printe
                               capture_output=True, text=True, timeout=120)
         output = done.stdout + done.stderr
         assert done.returncode == 2 and expected in output and "configuration error" in output, output
-        assert not any(s in output for s in [*secrets.values(), slack_url, "T111", "INLINESECRETTOKEN"]), output
+        assert not any(s in output for s in [*secrets.values(), slack_url, "T111", "INLINESECRETTOKEN", "TEAMSSIG123"]), output
 
 
 
@@ -212,14 +214,15 @@ def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path, p
     path.write_text(f"{before}\n[alerts]\n{enabled}\n[dashboard]\n{after}")
     environ = {name: generate_secret() for name in ("FINPULSE_WEBHOOK_SECRET", "FINPULSE_RISK_SECRET_NEW", "FINPULSE_RISK_SECRET_OLD")}
     environ.update(FINPULSE_SLACK_WEBHOOK_URL="https://hooks.slack.com/services/T0/B0/X", FINPULSE_PAGERDUTY_ROUTING_KEY="R" * 32,
+                   FINPULSE_TEAMS_WEBHOOK_URL="https://prod-01.westeurope.logic.azure.com/workflows/w/invoke?sig=S",
                    RISK_GATEWAY_AUTH="Bearer gateway-token", FINPULSE_RISK_PROXY_URL="http://finpulse:pw@proxy.bank.internal:3128")
     plain = load_delivery_config(load_settings(REPO / "finpulse.example.toml", environ={}))
     assert [e.name for e in plain.endpoints] == ["demo-receiver"]
     config = load_delivery_config(load_settings(path, environ={}))
     endpoints = build_endpoints(config, environ)
-    assert [e.name for e in endpoints] == ["demo-receiver", "risk-desk", "risk-gateway", "slack-markets", "pagerduty-risk",
-                                           "alertmanager"]
-    assert len(endpoints[1].signing_secrets) == 2 and endpoints[4].url.reveal() == "https://events.pagerduty.com/v2/enqueue"
+    assert [e.name for e in endpoints] == ["demo-receiver", "risk-desk", "risk-gateway", "slack-markets", "teams-risk",
+                                           "pagerduty-risk", "alertmanager"]
+    assert len(endpoints[1].signing_secrets) == 2 and endpoints[5].url.reveal() == "https://events.pagerduty.com/v2/enqueue"
     gateway = endpoints[2]
     assert gateway.request_headers() == {"X-Team": "risk", "Authorization": "Bearer gateway-token"}
     assert gateway.proxy.url == "http://proxy.bank.internal:3128" and gateway.tls is not True

@@ -68,6 +68,52 @@ def test_slack_message_escapes_untrusted_text_and_links_to_the_dashboard():
     assert resolved["text"].startswith("RESOLVED") and "Refinery fire" not in json.dumps(resolved)
 
 
+def _card(body: dict) -> dict:
+    (attachment,) = body["attachments"]
+    assert body["type"] == "message" and attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
+    card = attachment["content"]
+    assert card["type"] == "AdaptiveCard" and card["version"] == "1.4"
+    return card
+
+
+def _elements(card: dict) -> list[dict]:
+    """Every text element of the card, as (type, text, style): TextRuns inside RichTextBlocks, TextBlocks, facts."""
+    out = []
+    for element in card["body"]:
+        if element["type"] == "RichTextBlock":
+            out += [run for run in element["inlines"]]
+        elif element["type"] == "TextBlock":
+            out.append(element)
+        elif element["type"] == "FactSet":
+            out += [{"type": "Fact", "text": f"{f['title']}: {f['value']}"} for f in element["facts"]]
+    return out
+
+
+def test_teams_card_shows_untrusted_text_as_plain_runs_and_links_to_the_alert():
+    alert = make_alert()
+    card = _card(rendered("teams", alert))
+    texts = _elements(card)
+    title = texts[0]
+    assert (title["type"], title["text"], title["color"]) == ("TextRun", "Negative sentiment spike: topic Energy | Oil",
+                                                             "Attention")
+    assert "Severity: critical" in [t["text"] for t in texts] and "Bearish share: 71% (baseline 22%)" in [
+        t["text"] for t in texts]
+    # Message text (a forged Slack link, a Markdown link) only ever in TextRuns, which Teams never reads as Markdown.
+    hostile = make_alert(messages=({"id": "n1", "text": "Click [here](https://evil.example) **now**", "sentiment_score": -0.9},))
+    runs = [t for t in _elements(_card(rendered("teams", hostile))) if "evil.example" in t["text"]]
+    assert runs and all(t["type"] == "TextRun" for t in runs)
+    assert card["actions"] == [{"type": "Action.OpenUrl", "title": "Open in FinPulse",
+                                "url": "http://127.0.0.1:8501/alerts?alert=a7f3c2"}]
+    resolved = _card(rendered("teams", make_alert("resolved")))
+    assert _elements(resolved)[0]["color"] == "Good" and _elements(resolved)[0]["text"].startswith("Resolved: ")
+    assert not any("Refinery" in t["text"] for t in _elements(resolved))        # no excerpts on a resolve
+    escalated = _card(rendered("teams", make_alert(severity="critical", escalated_from="warning")))
+    assert _elements(escalated)[0]["text"] == "Escalated from warning to critical: topic Energy | Oil"
+    ticker = _card(rendered("teams", make_alert(key_type="ticker", key="XOM", topic="Energy | Oil")))
+    assert _elements(ticker)[0]["text"].endswith("ticker XOM (Energy | Oil)")
+    assert "actions" not in _card(rendered("teams", alert, ctx(dashboard_url="")))
+
+
 def test_pagerduty_trigger_and_resolve_share_the_dedup_key():
     trigger = rendered("pagerduty", make_alert(), ctx(routing_key="R0UT1NGKEY"))
     assert trigger["event_action"] == "trigger" and trigger["dedup_key"] == "a7f3c2"
@@ -199,3 +245,31 @@ def test_alertmanager_escalation_ends_the_old_severity_and_the_resolve_ends_ever
     assert {r["endsAt"] for r in resolved} == {format_time(T0 + timedelta(minutes=30))}
     (only_critical,) = rendered("alertmanager", make_alert("resolved", severity="critical"), ctx(sent_severities=("critical",)))
     assert only_critical["labels"] == opened["labels"]
+
+
+def test_a_teams_endpoint_gets_the_card_over_http(fp_settings, topics, monkeypatch):
+    """A real dispatcher posting to a real receiver standing in for the Teams Workflows URL (given in url_env, as
+    the config requires: the real one carries its signature in the query)."""
+    from alerts.deliveries import DELIVERED, delivery_key
+    from alerts.receiver import Receiver, ReceiverOptions
+    from alerts.signing import generate_secret
+    from tests.test_delivery import dispatch_until_settled, produce
+    from tests.test_delivery import make_alert as fresh_alert
+
+    secret = generate_secret()
+    monkeypatch.setenv("T_TEAMS_SECRET", secret)
+    receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
+
+    def settings_for(port):
+        monkeypatch.setenv("T_TEAMS_URL", f"http://127.0.0.1:{port}/teams?sig=abc")
+        return fp_settings.with_overrides({"alerts": {"dashboard_url": "http://dash.example", "endpoints": [
+            {"name": "teams", "format": "teams", "url_env": "T_TEAMS_URL", "secret_env": "T_TEAMS_SECRET",
+             "allow_private": True}]}})
+
+    produce(fp_settings, topics.alerts, [fresh_alert("firing", id="tm", key="Rates", severity="warning")])
+    states = dispatch_until_settled(topics, receiver, 1, settings_for)
+    assert states[delivery_key("tm:firing", "teams")].state == DELIVERED
+    (item,) = receiver.items
+    card = _card(item["payload"])
+    assert _elements(card)[0]["text"] == "Negative sentiment spike: topic Rates" and _elements(card)[0]["color"] == "Warning"
+    assert card["actions"][0]["url"] == "http://dash.example/alerts?alert=tm"

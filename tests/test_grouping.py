@@ -109,6 +109,19 @@ def test_slack_group_lists_the_most_severe_first_with_a_cap():
     assert "<!channel>" not in json.dumps(body) and "/alerts|open the alerts>" in json.dumps(body)
 
 
+def test_teams_group_is_one_card_most_severe_first_with_a_cap():
+    from tests.test_formats import _card, _elements
+
+    alerts = ([make_alert("firing", id=f"i{n}", severity="info", key=f"Topic {n}") for n in range(SLACK_GROUP_LINES)]
+              + [make_alert("resolved", id="r1", key="Calm"), make_alert("firing", id="c1", key="Crash")])
+    card = _card(json.loads(render_group("teams", GROUP, members(alerts))))
+    texts = [t["text"] for t in _elements(card)]
+    assert texts[0] == "FinPulse: 12 alert events (key_type=topic)" and texts[1] == "11 firing, 1 resolved"
+    assert texts[2].startswith("FIRING [critical]") and "Crash" in texts[2]
+    assert texts[2 + SLACK_GROUP_LINES] == "+2 more"
+    assert card["actions"][0]["url"] == "http://127.0.0.1:8501/alerts"
+
+
 def test_alertmanager_group_is_one_list_and_pagerduty_takes_no_group():
     alerts = [make_alert("firing", id="a1"), make_alert("firing", id="a2", key="Rates")]
     body = json.loads(render_group("alertmanager", GROUP, members(alerts)))
