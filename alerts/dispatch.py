@@ -119,8 +119,8 @@ from .deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, SILENCED, Delivery
                          new_pending, read_delivery_states, redelivery_plan, requeued, summarize, unsilenced)
 from .breaker import CircuitBreaker
 from .grouping import member_order, new_group
-from .endpoints import (BlockedAddressError, Endpoint, GuardedResolver, build_endpoints, checked_address, literal_ip,
-                        load_delivery_config, preflight)
+from .endpoints import (AlertsSettings, BlockedAddressError, Endpoint, GuardedResolver, build_endpoints,
+                        checked_address, literal_ip, load_delivery_config, preflight)
 from .formats import DeliveryContext, GroupContext, render, render_group
 from .signing import signature_headers
 from .inhibition import INHIBITED, FiringAlerts, parse_rules
@@ -1113,6 +1113,10 @@ def _print_status(settings: Settings, names: TopicNames) -> int:
     silences = asyncio.run(read_silences(settings.kafka, names.silences)).values()
     print(f"{names.silences}: {sum(s.active(now) for s in silences)} in force, "
           f"{sum(now < s.starts_at for s in silences)} to come (`finpulse silence list`)")
+    rules = parse_rules(settings.section("alerts", AlertsSettings).inhibit)
+    muted = sum(s.silence.startswith(INHIBITED) for s in states.values() if s.state == SILENCED)
+    print(f"inhibition: {len(rules)} rule(s){''.join(f'; {rule}' for rule in rules)}; {muted} alert event(s) muted "
+          f"by one (counted in silenced)")
     for state in sorted(states.values(), key=lambda s: s.updated_at):
         if not state.terminal or state.state in (FAILED, EXPIRED):
             requeued_note = f"  re-queued {state.requeues}x, last {format_time(state.requeued_at)}" if state.requeues else ""

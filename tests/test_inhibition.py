@@ -4,7 +4,10 @@ recorded."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +16,7 @@ from alerts.inhibition import INHIBITED, InhibitRule, parse_rules
 from alerts.receiver import Receiver, ReceiverOptions
 from alerts.signing import generate_secret
 from stream.config import ConfigError
-from tests.test_delivery import make_alert, produce, serve_and_dispatch
+from tests.test_delivery import REPO, kafka_env, make_alert, produce, serve_and_dispatch
 
 TOPIC_MUTES_ITS_TICKERS = {"source": ["key_type=topic"], "target": ["key_type=ticker"], "equal": ["about"]}
 
@@ -101,3 +104,11 @@ def test_a_muted_ticker_alert_is_recorded_not_sent_and_goes_out_when_its_topic_a
     # Energy's resolve and XOM's firing go out side by side (one chain each): either may arrive first.
     assert sent[:2] == [hook["en:firing"], hook["aapl:firing"]] and sent[-1] == hook["xom:resolved"]
     assert sorted(sent[2:4]) == sorted([hook["en:resolved"], hook["xom:firing"]]) and len(sent) == 5
+
+    # `dispatch --status` names the rule and counts what it muted and is still muted (none: XOM went out).
+    env = {**kafka_env(fp_settings), "FINPULSE_ALERTS__INHIBIT": json.dumps([TOPIC_MUTES_ITS_TICKERS])}
+    status = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--status"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert ("inhibition: 1 rule(s); source [key_type=topic] mutes target [key_type=ticker] with equal about; "
+            "0 alert event(s) muted") in status.stdout
