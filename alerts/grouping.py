@@ -101,10 +101,14 @@ def member_order(state: DeliveryState) -> tuple:
 def new_group(endpoint: str, label: str, members: Sequence[DeliveryState]) -> DeliveryState:
     """The pending group notification carrying ``members`` (pending deliveries of one endpoint, in order).
 
-    Its key hashes the members' keys, so it is stable for what it carries. It belongs to the dispatcher owning the
-    lowest alerts partition among its members; its retry window ends with the earliest of theirs."""
+    Its key hashes the members' keys (and how often each was re-queued), so it is stable for what it carries, and
+    members re-queued by ``--redeliver`` go out under a new key and webhook-id even when they are grouped together
+    again exactly as before: the failed notification keeps its record, and a receiver that saw its webhook-id does
+    not drop the new one as a duplicate. It belongs to the dispatcher owning the lowest alerts partition among its
+    members; its retry window ends with the earliest of theirs."""
     keys = tuple(m.key for m in members)
-    event_id = "group:" + hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()[:24]
+    carried = (f"{m.key}#{m.requeues}" if m.requeues else m.key for m in members)
+    event_id = "group:" + hashlib.sha256("\n".join(carried).encode("utf-8")).hexdigest()[:24]
     home = min(members, key=lambda m: (m.alerts_partition, m.alerts_offset))
     now = utcnow()
     return DeliveryState(event_id=event_id, endpoint=endpoint, state=PENDING, alert={},

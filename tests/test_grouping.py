@@ -289,6 +289,11 @@ def test_redelivery_requeues_the_members_of_a_failed_group_not_the_group():
     chosen, skipped = redelivery_plan(members_ + [notification], {"desk": 60.0})
     assert [s.key for s in chosen] == [m.key for m in members_] and not skipped
     assert all(requeued(m, 60.0).group == "" for m in chosen)
+    # Grouped together again exactly as before, they go out as a new notification: its own key and webhook-id (the
+    # failed one keeps its record; a receiver that saw the old webhook-id must not drop the new one as a duplicate).
+    again = new_group("desk", "all", [requeued(m, 60.0) for m in chosen])
+    assert again.key != notification.key and again.webhook_id != notification.webhook_id
+    assert new_group("desk", "all", [replace(m, group="") for m in members_]).key == notification.key  # stable
 
 
 def test_redelivered_members_of_a_failed_group_go_out_in_a_new_group(fp_settings, topics, monkeypatch):
