@@ -119,6 +119,27 @@ def subject(alert: AlertRecord) -> str:
     return f"{alert.key_type} {alert.key}{about}"
 
 
+def card_title(alert: AlertRecord) -> str:
+    """A chat card's title: what happened, on what."""
+    what = ("Resolved" if alert.status == "resolved" else
+            f"Escalated from {alert.escalated_from} to {alert.severity}" if alert.escalated_from else
+            "Negative sentiment spike")
+    return f"{what}: {subject(alert)}"
+
+
+def figures(alert: AlertRecord) -> list[tuple[str, str]]:
+    """The figures a chat card lists, as (name, value)."""
+    obs, base = alert.observed or {}, alert.baseline or {}
+    return [
+        ("Severity", f"{alert.escalated_from} → {alert.severity}" if alert.escalated_from else alert.severity),
+        ("Window", f"{_window(alert.window_s)} from {format_time(alert.window_start)}"),
+        ("Bearish share", f"{_pct(obs.get('bearish_share'))} (baseline {_pct(base.get('bearish_share'))})"),
+        ("Mean score", f"{_num(obs.get('mean_score'))} (baseline {_num(base.get('mean_score'))})"),
+        ("Messages", str(obs.get("count", "?"))),
+        ("Deviation", f"{alert.deviation:.1f} σ"),
+    ]
+
+
 def dashboard_link(alert: AlertRecord, dashboard_url: str) -> str:
     if not dashboard_url:
         return ""
@@ -144,20 +165,10 @@ def _slack_icon(alert: AlertRecord) -> str:
 
 
 def _slack(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
-    obs, base = alert.observed or {}, alert.baseline or {}
     resolved = alert.status == "resolved"
     icon = _slack_icon(alert)
-    what = ("Resolved" if resolved else f"Escalated from {alert.escalated_from} to {alert.severity}"
-            if alert.escalated_from else "Negative sentiment spike")
-    title = f"{what}: {subject(alert)}"
-    fields = [
-        ("Severity", f"{alert.escalated_from} → {alert.severity}" if alert.escalated_from else alert.severity),
-        ("Window", f"{_window(alert.window_s)} from {format_time(alert.window_start)}"),
-        ("Bearish share", f"{_pct(obs.get('bearish_share'))} (baseline {_pct(base.get('bearish_share'))})"),
-        ("Mean score", f"{_num(obs.get('mean_score'))} (baseline {_num(base.get('mean_score'))})"),
-        ("Messages", str(obs.get("count", "?"))),
-        ("Deviation", f"{alert.deviation:.1f} σ"),
-    ]
+    title = card_title(alert)
+    fields = figures(alert)
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": _cut(title, 150), "emoji": True}},
         {"type": "section", "text": {"type": "mrkdwn", "text": _cut(f"{icon} {_slack_escape(alert.summary or headline(alert))}", 3000)},
@@ -284,23 +295,12 @@ def _teams_card(body: list[dict[str, Any]], link: str, link_title: str) -> dict[
 
 
 def _teams(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
-    obs, base = alert.observed or {}, alert.baseline or {}
     resolved = alert.status == "resolved"
-    what = ("Resolved" if resolved else f"Escalated from {alert.escalated_from} to {alert.severity}"
-            if alert.escalated_from else "Negative sentiment spike")
-    facts = [
-        ("Severity", f"{alert.escalated_from} → {alert.severity}" if alert.escalated_from else alert.severity),
-        ("Window", f"{_window(alert.window_s)} from {format_time(alert.window_start)}"),
-        ("Bearish share", f"{_pct(obs.get('bearish_share'))} (baseline {_pct(base.get('bearish_share'))})"),
-        ("Mean score", f"{_num(obs.get('mean_score'))} (baseline {_num(base.get('mean_score'))})"),
-        ("Messages", str(obs.get("count", "?"))),
-        ("Deviation", f"{alert.deviation:.1f} σ"),
-        ("Started", format_time(alert.started_at)),
-    ]
+    facts = [*figures(alert), ("Started", format_time(alert.started_at))]
     if resolved and alert.resolved_at:
         facts.append(("Resolved", format_time(alert.resolved_at)))
     body: list[dict[str, Any]] = [
-        _plain_text(f"{what}: {subject(alert)}", weight="Bolder", size="Medium", color=_teams_colour(alert)),
+        _plain_text(card_title(alert), weight="Bolder", size="Medium", color=_teams_colour(alert)),
         _plain_text(alert.summary or headline(alert)),
         {"type": "FactSet", "facts": [{"title": name, "value": value} for name, value in facts]},
     ]

@@ -24,10 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from aiokafka import AIOKafkaConsumer
-
 from stream.config import ConfigError, KafkaSettings
-from stream.kafka_io import open_reader, read_to_end
+from stream.kafka_io import FollowedTopic
 from stream.records import AlertRecord
 
 from .silences import Matcher, alert_fields
@@ -93,47 +91,30 @@ def parse_rules(tables: Iterable) -> list[InhibitRule]:
     return [InhibitRule.parse(table, f"[[alerts.inhibit]] {i}") for i, table in enumerate(tables)]
 
 
-class FiringAlerts:
+class FiringAlerts(FollowedTopic):
     """The live alerts topic as the episodes firing now (latest event of an alert id not a resolve), read from
     ``LOOKBACK_S`` back at start and followed (``poll``)."""
 
     def __init__(self, kafka: KafkaSettings, topic: str):
-        self.kafka, self.topic = kafka, topic
+        super().__init__(kafka.bootstrap_servers, topic)
         self.firing: dict[str, AlertRecord] = {}
         self.ended = 0          # episodes seen resolving since start: a muted episode may go out now
-        self._reader: AIOKafkaConsumer | None = None
 
-    async def start(self) -> None:
-        self._reader = await open_reader(self.kafka.bootstrap_servers, self.topic,
-                                         from_ms=int((time.time() - LOOKBACK_S) * 1000))
-        for record in await read_to_end(self._reader, self.topic):
-            self._apply(record.value)
+    def from_ms(self) -> int:
+        return int((time.time() - LOOKBACK_S) * 1000)
 
-    async def stop(self) -> None:
-        if self._reader is not None:
-            await self._reader.stop()
-            self._reader = None
-
-    async def poll(self) -> None:
-        """Apply the alert events written since the last look, without waiting."""
-        if self._reader is None:
-            return
-        batch = await self._reader.getmany(timeout_ms=0, max_records=1000)
-        for records in batch.values():
-            for record in records:
-                self._apply(record.value)
-
-    def _apply(self, raw: bytes | None) -> None:
+    def apply(self, raw: bytes | None) -> AlertRecord | None:
         try:
             alert = AlertRecord.from_json(raw)
         except (ValueError, TypeError, KeyError, AttributeError):
-            return      # the dispatcher reports malformed alerts; here they mute nothing
+            return None     # the dispatcher reports malformed alerts; here they mute nothing
         if alert.run_id:
-            return
+            return None
         if alert.status == "resolved":
             self.ended += self.firing.pop(alert.id, None) is not None
         else:
             self.firing[alert.id] = alert
+        return alert
 
     def muting(self, rules: list[InhibitRule], alert: AlertRecord, endpoint: str) -> tuple[AlertRecord, InhibitRule] | None:
         """The firing alert (and its rule) that mutes ``alert`` for ``endpoint``, the earliest fired; None if none."""

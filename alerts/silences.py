@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import ClassVar, Iterable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from stream.config import ConfigError, KafkaSettings
-from stream.kafka_io import bootstrap_list, open_reader, read_to_end, read_topic_async
+from stream.kafka_io import FollowedTopic, bootstrap_list, read_topic_async
 from stream.records import SEVERITIES, AlertRecord, _Record, epoch_ms, format_time, utcnow
 
 # The fields a matcher may name: the alert's own (``about``: the topic it is about, a ticker alert's too), and the
@@ -158,35 +158,16 @@ def expired_now(silence: Silence) -> Silence:
     return replace(silence, ends_at=max(now, silence.starts_at), updated_at=now)
 
 
-class SilenceBook:
+class SilenceBook(FollowedTopic):
     """The silences topic as a dict of latest silences, read to its end at start and followed (``poll``).
 
     One consumer assigned every partition, no group: every dispatcher reads every silence."""
 
     def __init__(self, kafka: KafkaSettings, topic: str):
-        self.kafka = kafka
-        self.topic = topic
+        super().__init__(kafka.bootstrap_servers, topic)
         self.silences: dict[str, Silence] = {}
-        self._reader: AIOKafkaConsumer | None = None
 
-    async def start(self) -> None:
-        self._reader = await open_reader(self.kafka.bootstrap_servers, self.topic)
-        for record in await read_to_end(self._reader, self.topic):
-            self._apply(record.value)
-
-    async def stop(self) -> None:
-        if self._reader is not None:
-            await self._reader.stop()
-            self._reader = None
-
-    async def poll(self) -> list[Silence]:
-        """Apply the silences written since the last look, without waiting; return them."""
-        if self._reader is None:
-            return []
-        batch = await self._reader.getmany(timeout_ms=0, max_records=1000)
-        return [s for records in batch.values() for r in records if (s := self._apply(r.value)) is not None]
-
-    def _apply(self, raw: bytes | None) -> Silence | None:
+    def apply(self, raw: bytes | None) -> Silence | None:
         if raw is None:
             return None
         try:
@@ -213,7 +194,7 @@ class SilenceBook:
 async def read_silences(kafka: KafkaSettings, topic: str) -> dict[str, Silence]:
     book = SilenceBook(kafka, topic)
     for record in await read_topic_async(kafka.bootstrap_servers, topic):
-        book._apply(record.value)
+        book.apply(record.value)
     return book.silences
 
 

@@ -180,6 +180,41 @@ async def read_topic_async(bootstrap_servers: str, topic: str, timeout_s: float 
         await consumer.stop()
 
 
+class FollowedTopic:
+    """Every partition of a small topic, no consumer group: read to its true end at ``start`` (from the beginning, or
+    from ``from_ms()``) and followed with ``poll``, which never waits. A subclass says what a record means
+    (``apply``): the silences in force, the alerts firing."""
+
+    def __init__(self, bootstrap_servers: str, topic: str):
+        self.bootstrap_servers, self.topic = bootstrap_servers, topic
+        self._reader: AIOKafkaConsumer | None = None
+
+    def from_ms(self) -> int | None:
+        return None
+
+    def apply(self, raw: bytes | None):
+        """Take one record's value into account; return what it was (None: nothing this reader keeps)."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self._reader = await open_reader(self.bootstrap_servers, self.topic, from_ms=self.from_ms())
+        for record in await read_to_end(self._reader, self.topic):
+            self.apply(record.value)
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
+
+    async def poll(self) -> list:
+        """Apply the records written since the last look, without waiting; return what they were."""
+        if self._reader is None:
+            return []
+        batch = await self._reader.getmany(timeout_ms=0, max_records=1000)
+        applied = [self.apply(record.value) for records in batch.values() for record in records]
+        return [value for value in applied if value is not None]
+
+
 def read_topic(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> list[ConsumedRecord]:
     """Synchronous ``read_topic_async`` (for tools and tests that have no event loop)."""
     return asyncio.run(read_topic_async(bootstrap_servers, topic, timeout_s))

@@ -150,7 +150,7 @@ def test_headline_and_unknown_format():
                                       "71% vs baseline 22%, mean score -0.52 vs +0.04 (5 min window)")
     assert "?" in headline(make_alert(observed={}, baseline={}))
     with pytest.raises(ValueError):
-        render("teams", make_alert(), ctx())
+        render("carrier-pigeon", make_alert(), ctx())
 
 
 def test_a_ticker_alert_says_which_topic_moves_the_ticker_in_every_format():
