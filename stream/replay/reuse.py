@@ -11,6 +11,9 @@ version under ``[models] models_dir`` (or given with ``--model``), or is the bas
 from __future__ import annotations
 
 import json
+import sqlite3
+import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,15 +24,23 @@ from models.interface import Prediction
 from .plan import MANIFEST, ReplayError
 
 PREDICTION_COLUMNS = ["id", "topic", "topic_confidence", "sentiment", "sentiment_score", "model_version"]
+_FIELDS = ("topic", "topic_confidence", "sentiment", "sentiment_score")
+_LOOKUP_CHUNK = 500         # ids per query: well under SQLite's limit on bound parameters
 
 
 class ReusedScores:
-    """Predictions by message id from a source run; ``predict`` fills the gaps with the model's own."""
+    """Predictions by message id from a source run; ``predict`` fills the gaps with the model's own.
 
-    def __init__(self, source_run: str, model_version: str, predictions: dict[str, Prediction]):
+    The source's predictions go into an index on disk (SQLite, in a temporary directory removed when the replay
+    ends), not into memory: a month of input is as easy to reuse as an hour. Lookups come from the scoring thread
+    and the event loop, one at a time."""
+
+    def __init__(self, source_run: str, model_version: str, index: sqlite3.Connection, workdir=None):
         self.source_run = source_run
         self.model_version = model_version
-        self.predictions = predictions
+        self._index = index
+        self._workdir = workdir         # a TemporaryDirectory: removed with this object
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, source_dir: Path, source_run: str) -> "ReusedScores":
@@ -48,22 +59,38 @@ class ReusedScores:
             raise ReplayError(f"--scores-from {source_run}: that run reused the scores of "
                               f"{manifest['scores_from']}; use --scores-from {manifest['scores_from']}")
         version, source_run = manifest.get("model_version") or "", manifest.get("run_id") or source_run
-        predictions: dict[str, Prediction] = {}
+        workdir = tempfile.TemporaryDirectory(prefix="finpulse-scores-from-")
+        index = sqlite3.connect(Path(workdir.name) / "scores.sqlite", check_same_thread=False)
+        index.execute("PRAGMA journal_mode = OFF")     # a scratch index: rebuilt by the next run if need be
+        index.execute("PRAGMA synchronous = OFF")
+        index.execute("CREATE TABLE scores (id TEXT PRIMARY KEY, topic TEXT, topic_confidence REAL, sentiment TEXT, "
+                      "sentiment_score REAL) WITHOUT ROWID")
         for name in sorted(f for f in manifest.get("files", []) if f.startswith("scored/")):
-            table = pq.read_table(source_dir / name, columns=PREDICTION_COLUMNS)
-            columns = table.to_pydict()
-            if any(v != version for v in set(columns["model_version"])):
-                raise ReplayError(f"--scores-from {source_run}: {name} holds scores of another model than its "
-                                  f"manifest's {version}")
-            for i, message_id in enumerate(columns["id"]):
-                predictions[message_id] = Prediction(
-                    topic=columns["topic"][i], topic_confidence=columns["topic_confidence"][i],
-                    sentiment=columns["sentiment"][i], sentiment_score=columns["sentiment_score"][i])
-        return cls(source_run, version, predictions)
+            for batch in pq.ParquetFile(source_dir / name).iter_batches(batch_size=65_536, columns=PREDICTION_COLUMNS):
+                columns = batch.to_pydict()
+                if any(v != version for v in set(columns["model_version"])):
+                    raise ReplayError(f"--scores-from {source_run}: {name} holds scores of another model than its "
+                                      f"manifest's {version}")
+                index.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)",
+                                  zip(columns["id"], *(columns[field] for field in _FIELDS)))
+        index.commit()
+        return cls(source_run, version, index, workdir)
+
+    def _lookup(self, ids: Sequence[str]) -> dict[str, Prediction]:
+        found: dict[str, Prediction] = {}
+        with self._lock:
+            for start in range(0, len(ids), _LOOKUP_CHUNK):
+                chunk = list(ids[start:start + _LOOKUP_CHUNK])
+                rows = self._index.execute(f"SELECT id, {', '.join(_FIELDS)} FROM scores WHERE id IN "
+                                           f"({', '.join('?' * len(chunk))})", chunk)
+                for message_id, *values in rows:
+                    found[message_id] = Prediction(**dict(zip(_FIELDS, values)))
+        return found
 
     def predict(self, items: Sequence, score: Callable[[list[str]], list[Prediction]]) -> list[Prediction]:
         """One prediction per item (``InputItem``: ``id``, ``text``), in order: the source's, else ``score``'s."""
-        found: list[Prediction | None] = [self.predictions.get(item.id) for item in items]
+        known = self._lookup([item.id for item in items])
+        found: list[Prediction | None] = [known.get(item.id) for item in items]
         missing = [i for i, prediction in enumerate(found) if prediction is None]
         if missing:
             for i, prediction in zip(missing, score([items[i].text for i in missing])):
@@ -72,4 +99,5 @@ class ReusedScores:
 
     def covered(self, items: Sequence) -> int:
         """How many of ``items`` the source run has a prediction for."""
-        return sum(item.id in self.predictions for item in items)
+        known = self._lookup([item.id for item in items])
+        return sum(item.id in known for item in items)
