@@ -144,7 +144,7 @@ def test_endpoint_config_validation_and_secrets_stay_out_of_reprs(monkeypatch):
             config(url=url)
         assert config(url=url, allow_private=True).endpoints[0].allow_private
     assert config(url="https://93.184.216.34/hook")
-    for bad, match in ((dict(url="ftp://example.com/x"), "http"), (dict(url="https://x.example", format="teams"), "format"),
+    for bad, match in ((dict(url="ftp://example.com/x"), "http"), (dict(url="https://x.example", format="carrier-pigeon"), "format"),
                        (dict(url="https://x.example", min_severity="high"), "min_severity"),
                        (dict(format="pagerduty"), "routing_key_env"), (dict(), "url"),
                        (dict(url="https://x.example", name="a|b"), "name")):
