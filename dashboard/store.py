@@ -195,8 +195,11 @@ def delivery_row(key: str, data: dict[str, Any]) -> dict[str, Any] | None:
         # The episode: event ids are <episode>:<status>[:<severity>], and no alert or run id holds a colon.
         "alert_id": str(data.get("alert_id") or event_id.partition(":")[0]),
         "endpoint": str(data.get("endpoint") or endpoint_from_key or "?"),
-        # The dispatcher writes "state" (DeliveryState); "status" is read too, as older tools wrote it.
-        "status": str(data.get("state") or data.get("status") or "unknown"), "attempts": int(attempts),
+        # The dispatcher writes "state" (DeliveryState); "status" is read too, as older tools wrote it. An event an
+        # inhibition rule muted is recorded silenced with silence "inhibited:<alert id>" (alerts.inhibition): shown
+        # as such, since no silence a risk team set is behind it.
+        "status": ("inhibited" if str(data.get("silence") or "").startswith("inhibited:") else
+                   str(data.get("state") or data.get("status") or "unknown")), "attempts": int(attempts),
         "last_error": str(data.get("last_error") or ""), "group": str(data.get("group") or "").rpartition("|")[0],
         "updated_at": data.get("updated_at"),
     }

@@ -712,3 +712,7 @@ def test_store_maps_grouped_deliveries_to_their_episodes_and_leaves_group_notifi
     assert list(table["event_id"]) == [a.event_id for a in firings]
     assert set(table["status"]) == {"delivered"} and set(table["group"]) == {notification.event_id}
     assert list(table["alert_id"]) == [a.id for a in firings]
+    # A muted one says so: no silence a risk team set is behind it.
+    muted = changed(members[0], state="silenced", silence="inhibited:" + firings[1].id, group="")
+    assert store.add("deliveries", muted.to_json(), muted.key)
+    assert store.snapshot().deliveries.set_index("event_id").loc[firings[0].event_id, "status"] == "inhibited"
