@@ -60,8 +60,9 @@ How it works:
   between alert batches): an event that a silence in force at its emission covers for an endpoint is recorded
   ``silenced`` (naming the silence) instead of ``pending``, and never sent; deciding at emission makes every
   dispatcher decide alike, now or after a restart. An event still on its way when a silence begins (retrying, or
-  waiting for its group) is checked again before each attempt and silenced then (``_silenced_on_the_way``). A resolve is never withheld from an endpoint given an event of
-  its episode, and always from one whose every event of it was silenced (``_silenced``). When a silence ends, the
+  waiting for its group) is checked again before each attempt and silenced then (``_silenced_on_the_way``). A
+  resolve is never withheld from an endpoint given an event of its episode, and always from one whose every event
+  of it was silenced (``_silenced``). When a silence ends, the
   owner of the alert's partition takes on the highest silenced firing or escalation of each episode it held that is
   still open at the endpoint (no resolve recorded there, nothing of that severity sent, no other silence covering it
   now): ``silenced`` becomes ``pending`` with a fresh retry window (``unsilenced``) and it goes out like any other,
@@ -233,7 +234,7 @@ class Dispatcher:
         # Replays have no silences topic: a backtest's alerts all reach its test endpoint.
         self.silences = SilenceBook(self.kafka, self.names.silences) if self.names.silences else None
         # Inhibition too is for live alerts only; it reads the alerts topic for what fires (alerts.inhibition).
-        self.inhibit_rules = parse_rules(self.options.inhibit) if self.silences is not None else []
+        self.inhibit_rules = self.config.inhibit_rules if self.silences is not None else []
         self.firing = FiringAlerts(self.kafka, self.names.alerts) if self.inhibit_rules else None
         self._silences_seen_at = utcnow()   # silences that ended before this were acted on
         self._inhibitors_ended_seen = 0
@@ -614,9 +615,10 @@ class Dispatcher:
             if any(severity_rank(s.alert_severity) >= severity_rank(alert.severity) for s in sent):
                 continue  # the endpoint has this severity of the episode already
             state = await self.log.save(unsilenced(state, endpoint.settings.retry_horizon_s))
-            log.info("%s is over: %s to %s goes out now (its episode is still open)",
-                     f"the firing of {state.silence.removeprefix(INHIBITED)} that muted it"
-                     if state.silence.startswith(INHIBITED) else f"silence {state.silence}", state.event_id, endpoint_name)
+            held_by = (f"the firing of {state.silence.removeprefix(INHIBITED)} that muted it"
+                       if state.silence.startswith(INHIBITED) else f"silence {state.silence}")
+            log.info("%s is over: %s to %s goes out now (its episode is still open)", held_by, state.event_id,
+                     endpoint_name)
             self._enqueue(state)
 
     # ------------------------------------------------------------ ownership

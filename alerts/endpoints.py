@@ -21,7 +21,7 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
 
     [[alerts.endpoints]]
     name = "risk-desk"                          # unique; part of the delivery key
-    url = "https://hooks.example.com/finpulse"  # or url_env = "VAR" when the URL itself is a secret (Slack, Teams: required)
+    url = "https://hooks.example.com/finpulse"  # or url_env = "VAR" when the URL is a secret (Slack, Teams: required)
     format = "native"                           # native | slack | teams | pagerduty | alertmanager
     secret_env = "FINPULSE_WEBHOOK_SECRET"      # env var(s) holding whsec_ secrets; several keys = rotation
     routing_key_env = ""                        # PagerDuty: env var holding the integration's routing key
@@ -147,6 +147,7 @@ class AlertDeliveryConfig:
     """The validated ``[alerts]`` section."""
     endpoints: list[EndpointSettings]
     options: AlertsSettings
+    inhibit_rules: list = field(default_factory=list)     # alerts.inhibition.InhibitRule, parsed from options
 
 
 # ---------------------------------------------------------------- secrets
@@ -335,7 +336,7 @@ def _validate(config: AlertDeliveryConfig) -> None:
     if o.replay_endpoint and o.replay_endpoint not in seen:
         raise ConfigError(f"[alerts] replay_endpoint {o.replay_endpoint!r} names no endpoint")
     from .inhibition import parse_rules
-    parse_rules(o.inhibit)
+    config.inhibit_rules = parse_rules(o.inhibit)
 
 
 def check_url(url: str, allow_private: bool, where: str) -> None:

@@ -13,7 +13,7 @@ mutes a ticker alert while a topic alert about the same topic fires. The fields 
 ``key_type``, ``severity``, ``about``; ``endpoint`` on the target side); an alert never mutes itself.
 
 What fires is read by ``FiringAlerts`` from the alerts topic itself (every partition, no consumer group, from
-``LOOKBACK`` back), so a dispatcher sees the source alerts of every partition, whoever delivers them. The dispatcher
+``LOOKBACK_S`` back), so a dispatcher sees the source alerts of every partition, whoever delivers them. The dispatcher
 decides as for silences (``alerts.dispatch``): an inhibited event is recorded ``silenced``, naming the alert that
 muted it (``inhibited:<alert id>``), checked again before each attempt; when the source resolves, a muted episode
 still open goes out then. Replays are never inhibited.

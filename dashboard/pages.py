@@ -81,8 +81,8 @@ _FOLLOWED = "fp_followed_links"
 def follow_link(param: str, state_key: str, allowed, value_of=None) -> str:
     """Select what a link's ``?param=value`` names, once per visit of a view: the query string stays while the
     view reruns, and from then on the widget's own changes win. ``value_of`` turns the address's text into the
-    widget's value (default: the text itself); ``allowed`` is what is offered, or a test of the text. Returns a note when the address names something not offered now
-    (an aged-out key, a mistyped range), else ""."""
+    widget's value (default: the text itself); ``allowed`` is what is offered, or a test of the text. Returns a
+    note when the address names something not offered now (an aged-out key, a mistyped range), else ""."""
     wanted, followed = st.query_params.get(param), st.session_state.setdefault(_FOLLOWED, {})
     if wanted is None or followed.get(param) == wanted:
         return ""

@@ -217,8 +217,7 @@ def unusual_now(trends: pd.DataFrame, alerts: pd.DataFrame, f: ViewFilters) -> p
     live = current_alerts(alerts)
     if f.until is not None and not live.empty:
         # At the end of a fixed range: the episodes that were on then, not those on now.
-        ended = live["resolved_at"].fillna(live["emitted_at"]).where(~live["firing"])
-        live = live.assign(firing=(live["episode_start"] < f.until) & (ended.isna() | (ended >= f.until)))
+        live = live.assign(firing=listed_episodes(live, f.until, f.until))
     window_s = resolve_window(trends, f.window_s)
     live = live[live["firing"] & (live["key_type"] == f.key_type) & (live["window_s"] == window_s)] if not live.empty else live
     out["firing"] = out.index.isin(live["key"]) if not live.empty else False
@@ -413,17 +412,24 @@ def alert_table(alerts: pd.DataFrame, deliveries: pd.DataFrame, since: pd.Timest
     table = current_alerts(alerts)
     if table.empty:
         return table.assign(deliveries=pd.Series(dtype=str))
-    if until is not None:
-        ended = table["resolved_at"].fillna(table["emitted_at"]).where(~table["firing"])
-        table = table[(table["episode_start"] < until) & (ended.isna() | (ended >= since))]
-    elif since is not None:
-        # A firing episode's only event may be older than the range: it is still on, so it is always listed.
-        table = table[table["firing"] | (table["emitted_at"] >= since)]
+    table = table[listed_episodes(table, since, until)]
     if keys:
         table = table[table["key"].isin(keys)]
     # object first: with no deliveries at all the mapped column is float NaN, which a text fill would not suit.
     summary = table["id"].map(delivery_summary(deliveries)).astype(object).fillna("no delivery yet")
     return table.assign(deliveries=summary).reset_index(drop=True)
+
+
+def listed_episodes(episodes: pd.DataFrame, since: pd.Timestamp | None, until: pd.Timestamp | None) -> pd.Series:
+    """Which episodes (``current_alerts`` rows) a range lists. Following the data: those still firing (a firing
+    episode's only event may be older than the range) or updated since ``since``. Fixed (``until``): those on at
+    some time in it, begun before its end and not resolved before ``since``."""
+    if until is not None:
+        ended = episodes["resolved_at"].fillna(episodes["emitted_at"]).where(~episodes["firing"])
+        return (episodes["episode_start"] < until) & (ended.isna() | (ended >= since))
+    if since is None:
+        return pd.Series(True, index=episodes.index)
+    return episodes["firing"] | (episodes["emitted_at"] >= since)
 
 
 def range_showing(snap: Snapshot, alert_id: str, ranges: dict[str, pd.Timedelta | None], current: str) -> str:
@@ -433,11 +439,9 @@ def range_showing(snap: Snapshot, alert_id: str, ranges: dict[str, pd.Timedelta 
     found = table[table["id"] == alert_id]
     if found.empty:
         return ""
-    episode = found.iloc[0]
 
     def lists_it(span: pd.Timedelta | None) -> bool:
-        since = span_start(snap, span)
-        return bool(episode["firing"]) or since is None or episode["emitted_at"] >= since
+        return bool(listed_episodes(found, span_start(snap, span), None).iloc[0])
 
     if current in ranges and lists_it(ranges[current]):
         return current
