@@ -27,7 +27,9 @@ Live, a watermark advance takes effect only ``close_grace_s`` of wall-clock time
 also run by a 1 s timer): a backlog is consumed partition by partition round-robin, and without the grace the
 partitions that lag in event time would all be late. A key that goes quiet follows the event time of its input
 partition (``StreamClock``; of the slowest active partition once its own is idle), so its windows close, and its
-alerts fire, on time rather than at its next message. Without a clock (replay, bench, tests) windows close on event
+alerts fire, on time rather than at its next message. The timer that closes them takes stock of the keys it owns
+from the table after every start and rebalance: keys recovered from the changelog (a restart, or partitions taken
+over from a worker that left) may never see another message. Without a clock (replay, bench, tests) windows close on event
 time alone, deterministically (replay's ``flush`` closes what is left at the end of the input).
 
 Exactly-once table effects under at-least-once delivery: each key's state stores the highest applied offset per
@@ -487,7 +489,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
     source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     unsettled: set[bytes] = set()                      # keys whose watermark advances still wait out the grace
     partials: dict[bytes, set[str]] = defaultdict(set)  # open windows changed since their last partial trend
-    clock = {"last_partials": 0.0, "scanned": False}
+    clock = {"last_partials": 0.0, "stock_taken_at": -1}
     stream_clock = StreamClock()
     # Keys with open windows -> (the partition they are read from, watermark, earliest open window end): what the
     # timer needs to tell, without loading every key's state each second, which quiet keys follow the stream.
@@ -553,16 +555,41 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
             # would ack the batch and its messages would be missing from their windows after the restart.
             await finish_batch(process(events))
 
+    def take_stock() -> None:
+        """Which keys this worker owns now wait to settle, have open windows, or owe a partial trend: read from the
+        table after every start and rebalance. The keys come from the recovered changelog as much as from this
+        process (a restart, or partitions taken over from another worker, whose keys may never see another
+        message), and only keys of partitions assigned to this worker count (a memory store keeps the keys it wrote
+        itself after their partition moved on)."""
+        owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
+        unsettled.clear()
+        open_keys.clear()
+        mine = set()
+        for key_bytes, value in table.items():
+            if not value or not value.get("offsets"):
+                continue
+            state = KeyWindows.from_dict(value)
+            info = _follow_info(state)
+            if info[0] not in owned:
+                continue
+            mine.add(key_bytes)
+            if state.pending:
+                unsettled.add(key_bytes)
+            if state.windows:
+                open_keys[key_bytes] = info
+        for key_bytes in set(partials) - mine:
+            del partials[key_bytes]
+
     @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
     async def tick():
         """Close windows whose grace has passed (keys with no new messages too) and publish throttled partials."""
-        if not clock["scanned"]:       # after a start, the recovered table may hold keys waiting to settle
-            for key_bytes, value in table.items():
-                if value and value.get("pending"):
-                    unsettled.add(key_bytes)
-                if value and value.get("windows") and value.get("offsets"):
-                    open_keys[key_bytes] = _follow_info(KeyWindows.from_dict(value))
-            clock["scanned"] = True
+        if app.rebalancing:
+            # Partitions are moving and tables being recovered: writing a key now could be overwritten by its
+            # changelog, or belong to another worker by the time it lands.
+            return
+        if clock["stock_taken_at"] != app.rebalancing_count:      # a start or a rebalance since the last look
+            take_stock()
+            clock["stock_taken_at"] = app.rebalancing_count
         async with exclusive:
             now = time.time()
             states, closed = {}, []
