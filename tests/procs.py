@@ -230,6 +230,57 @@ def wait_until_consumed(settings: Settings, topic: str, timeout: float = 120.0) 
         admin.close()
 
 
+def consumer_lag(settings: Settings, topics: Iterable[str]) -> str:
+    """Where the worker's consumer group stands on ``topics``: per partition, committed offset / true end, and for a
+    partition behind its end, what a fresh fetch from the committed offset returns. For failure messages: it tells a
+    stream that stalled inside the worker from records the broker will not serve."""
+    from kafka import KafkaAdminClient
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers, client_id="test-lag")
+    try:
+        offsets = admin.list_group_offsets(settings.worker.app_id).get(settings.worker.app_id, {})
+    finally:
+        admin.close()
+    lines = []
+    for topic in topics:
+        ends: dict[int, int] = {}
+        for record in read_all(settings, topic):
+            ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+        committed = {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+        parts = []
+        for p in sorted(set(ends) | set(committed)):
+            at, end = committed.get(p, -1), ends.get(p, 0)
+            probe = f" (a fetch from {at} gives {_fetch_from(settings, topic, p, at)})" if 0 <= at < end else ""
+            parts.append(f"[{p}] {at}/{end}{probe}")
+        lines.append(f"{topic}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def _fetch_from(settings: Settings, topic: str, partition: int, offset: int) -> str:
+    from aiokafka import TopicPartition
+    from stream.kafka_io import _consumer
+
+    async def fetch() -> str:
+        consumer = _consumer(settings.kafka.bootstrap_servers)
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, partition)
+            consumer.assign([tp])
+            consumer.seek(tp, offset)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                records = (await consumer.getmany(tp, timeout_ms=500)).get(tp, [])
+                if records:
+                    return f"{len(records)} records from offset {records[0].offset}"
+            return f"nothing in 5s (high watermark {consumer.highwater(tp)})"
+        finally:
+            await consumer.stop()
+
+    try:
+        return asyncio.run(fetch())
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not hide the failure it explains
+        return f"an error: {exc!r}"
+
+
 def until_ids(expected: Iterable[str]) -> Callable[[list[ConsumedRecord]], bool]:
     """A ``wait_for_records`` condition: every expected id has been read. Parses each record once."""
     missing = set(expected)

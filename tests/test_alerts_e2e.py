@@ -14,6 +14,7 @@ processes, default [aggregate] and [detect] settings.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -26,7 +27,8 @@ from stream.kafka_io import RecordSender
 from stream.records import AlertRecord, ScoredRecord, TrendRecord, format_time, parse_input, severity_rank
 from stream.simulate import Shock, generate, shock_truth
 from stream.topics import TopicNames, ensure_topics
-from tests.procs import json_values, read_all, run_finpulse, start_worker, wait_for_records, wait_until_consumed
+from tests.procs import (consumer_lag, json_values, read_all, run_finpulse, start_worker, wait_for_records,
+                         wait_until_consumed)
 
 pytestmark = pytest.mark.slow
 
@@ -181,10 +183,30 @@ def live_final_trends(settings: Settings, tmp_path, expected: dict[str, TrendRec
             assert not done(seen), "the worker finished before it could be stopped mid-stream"
             produce(settings, messages[REDELIVERED] + messages[FIRST_PART:])
             worker = start_worker(settings, tmp_path, "worker-restarted")
-        wait_for_records(settings, names.trends, done, timeout=300, what="every expected final window")
+        try:
+            wait_for_records(settings, names.trends, done, timeout=300, what="every expected final window")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{missing_windows(expected, finals(read_all(settings, names.trends)))}\n"
+                                 f"committed/end: {consumer_lag(settings, _stream_topics(names))}\n"
+                                 f"the worker's log ends:\n{worker.tail(6000)}") from None
     finally:
         worker.stop()
     return finals(read_all(settings, names.trends)), worker.output()
+
+
+def missing_windows(expected: dict[str, TrendRecord], got: dict[str, TrendRecord]) -> str:
+    """Which expected final windows were not published, by key: the earliest and how many (a failure message)."""
+    by_key: dict[str, list[TrendRecord]] = {}
+    for wid in sorted(set(expected) - set(got)):
+        trend = expected[wid]
+        by_key.setdefault(f"{trend.key_type}:{trend.key}", []).append(trend)
+    lines = [f"{key}: {len(trends)} window(s) from {min(t.window_start for t in trends):%H:%M:%S}"
+             for key, trends in sorted(by_key.items())]
+    return f"missing final windows ({sum(len(t) for t in by_key.values())}):\n" + "\n".join(lines)
+
+
+def _stream_topics(names: TopicNames) -> list[str]:
+    return [names.news, names.comments, names.scored, names.scored_by_ticker]
 
 
 def test_kill_9_and_restart_leaves_the_same_tables_as_an_uninterrupted_run(fp_settings, tmp_path):
@@ -241,3 +263,53 @@ def test_a_topic_that_goes_quiet_still_closes_its_window_while_the_stream_moves_
                                    what="the quiet topic's 09:00 window closed")
     closed = next(t for t in finals(records).values() if t.key == quiet and t.window_s == 60)
     assert closed.count == 10 and closed.bearish_share == 1.0
+
+
+def test_windows_a_worker_takes_over_in_a_rebalance_close_though_their_keys_stay_quiet(fp_settings, tmp_path):
+    """Two workers share the partitions. Each topic gets a minute of messages and one a minute and a half later,
+    which closes the first minute once the close grace has passed; worker a's grace is an hour, so its topics'
+    windows are still waiting when it is killed. Worker b takes a's partitions over in the rebalance and must close
+    them, though those topics never see another message: b has to learn about them from the recovered table."""
+    from models.labels import TOPICS
+    names = TopicNames(fp_settings.kafka.topic_prefix)
+    labels = list(TOPICS[:12])      # spread over the partitions: some are a's, some b's
+
+    def scored(label: str, i: int, second: float) -> ScoredRecord:
+        return ScoredRecord(id=f"{label}-{i}", kind="news", event_time=START + timedelta(seconds=second),
+                            text=f"m {i}", topic=label, topic_confidence=0.9, sentiment="bearish",
+                            sentiment_score=-0.5, tickers=(), model_version="test", scored_at=START)
+
+    async def send_all():
+        async with RecordSender(fp_settings.kafka, client_id="test-scored") as sender:
+            for label in labels:
+                for i, second in enumerate([5, 20, 35, 50, 100]):
+                    await sender.send(names.scored, scored(label, i, second).to_json(), key=label.encode())
+
+    def closed_labels(records) -> set[str]:
+        return {t.key for t in finals(records).values() if t.window_s == 60 and t.window_start == START}
+
+    slow_to_close = fp_settings.with_overrides({"aggregate": {"close_grace_s": 3600}})
+    quick_to_close = fp_settings.with_overrides({"aggregate": {"close_grace_s": 1}})
+    a = start_worker(slow_to_close, tmp_path, "worker-a")
+    try:
+        with start_worker(quick_to_close, tmp_path, "worker-b") as b:
+            a.wait_for("Worker ready", count=2, timeout=90)      # a rebalanced to share with b
+            asyncio.run(send_all())
+            wait_until_consumed(fp_settings, names.scored)
+            # b's own topics close within a tick or two; a's wait out its hour.
+            wait_for_records(fp_settings, names.trends, lambda rs: bool(closed_labels(rs)), timeout=30,
+                             what="b closed its own topics' first minute")
+            time.sleep(3)
+            waiting_on_a = set(labels) - closed_labels(read_all(fp_settings, names.trends))
+            assert waiting_on_a, "every topic fell on b's partitions: the test cannot tell a takeover from b's own"
+            readies = b.output().count("Worker ready")
+            a.kill()
+            b.wait_for("Worker ready", count=readies + 1, timeout=90)     # b has a's partitions now
+            records = wait_for_records(fp_settings, names.trends, lambda rs: closed_labels(rs) >= set(labels),
+                                       timeout=60, what="every topic's first minute closed after the takeover")
+    finally:
+        a.stop()
+    assert waiting_on_a and closed_labels(records) == set(labels)
+    for trend in finals(records).values():
+        if trend.window_s == 60 and trend.window_start == START:
+            assert trend.count == 4 and trend.bearish_share == 1.0, trend
