@@ -16,7 +16,8 @@
 Then each module of ``EXTENSIONS`` that is part of this build gets ``install(app, settings, names)`` to register
 its own agents/tables/services (aggregation windows, spike detection, alert delivery).
 
-``speed_up_message_handoff`` removes most of Faust's per-message task overhead (see its docstring).
+``speed_up_message_handoff`` removes most of Faust's per-message task overhead (see its docstring), and
+``stream.offset_guard`` keeps Faust from committing past records that reached it out of order.
 ``Scoring`` is the Faust-free core of steps 1-3, so benchmarks can run exactly the same work outside Faust.
 ``faust -A stream.app:app worker`` works too: the module-level ``app`` is built on first access from
 ``load_settings()`` (see ``stream.worker.prepare_app``).
@@ -39,7 +40,7 @@ from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from models.interface import Prediction, Scorer, failed
 
 from .config import Settings
-from . import ops
+from . import offset_guard, ops
 from .kafka_io import bootstrap_list, kafka_timestamp_ms
 from .metrics import REGISTRY, SIZE_BUCKETS, Family, counter_family, gauge, histogram
 from .records import (DeadLetter, InputItem, InvalidRecord, Kind, ScoredRecord, excerpt, parse_input, utcnow)
@@ -370,6 +371,8 @@ def create_app(settings: Settings, scorer: Scorer, extensions: Sequence[str] = E
         web_port=worker.web_port or 6066,
     )
     speed_up_message_handoff()
+    offset_guard.install(app, set(names.all()) - set(names.compacted()))
+    log_assignments(app, names)
     install_scoring(app, settings, names, scorer)
     ops.install_worker(app, scorer.model_version,
                        {names.news, names.comments, names.scored, names.scored_by_ticker, names.trends})
@@ -383,6 +386,21 @@ def create_app(settings: Settings, scorer: Scorer, extensions: Sequence[str] = E
             raise
         module.install(app, settings, names)
     return app
+
+
+def log_assignments(app, names: TopicNames) -> None:
+    """Log which partitions of FinPulse's own topics this worker takes on each rebalance: with several workers (or a
+    restart that the group has not yet noticed), it tells who was reading what."""
+    own = set(names.all())
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender, assigned, **kwargs) -> None:
+        by_topic: dict[str, list[int]] = {}
+        for tp in assigned:
+            if tp.topic in own:
+                by_topic.setdefault(tp.topic.removeprefix(names.prefix + "."), []).append(tp.partition)
+        listed = " ".join(f"{topic}{sorted(parts)}" for topic, parts in sorted(by_topic.items())) or "none"
+        log.info("partitions assigned (generation %s): %s", app.consumer_generation_id, listed)
 
 
 def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) -> Scoring:
