@@ -22,8 +22,8 @@ from stream.simulate import Shock, SimMessage, generate
 from stream.topics import TopicNames
 from stream.broker import free_port
 from tests.exposition import probe, scrape
-from tests.procs import (WORKER_READY, json_values, read_all, run_finpulse, start_finpulse, start_worker, until_ids,
-                         wait_for_records, wait_until_consumed, with_section)
+from tests.procs import (WORKER_READY, consumer_lag, json_values, read_all, run_finpulse, start_finpulse, start_worker,
+                         until_ids, wait_for_records, wait_until_consumed, with_section)
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 BASELINE_VERSION = "baseline-keywords-1"
@@ -127,6 +127,14 @@ def scored_count(settings, topics) -> int:
     return len(read_all(settings, topics.scored))
 
 
+def unscored(settings, topics) -> str:
+    """Where the input messages that have no scored record sit (a failure message)."""
+    scored = {json.loads(r.value)["id"] for r in read_all(settings, topics.scored)}
+    where = sorted(f"{r.topic.rsplit('.', 1)[-1]}[{r.partition}]@{r.offset}" for topic in (topics.news, topics.comments)
+                   for r in read_all(settings, topic) if r.key is not None and r.key.decode() not in scored)
+    return f"{len(where)} input message(s) not scored: {', '.join(where[:30])}{' ...' if len(where) > 30 else ''}"
+
+
 @pytest.mark.slow
 def test_sigterm_and_kill_9_mid_stream_then_restart_scores_every_message(fp_settings, topics, tmp_path):
     """A live stream (paced by the wall clock) while the worker is stopped with SIGTERM, restarted, killed with
@@ -150,8 +158,15 @@ def test_sigterm_and_kill_9_mid_stream_then_restart_scores_every_message(fp_sett
 
         workers.append(start_worker(fp_settings, tmp_path, "worker-3"))
         assert simulator.wait(180) == 0, simulator.tail()
-        scored = wait_for_records(fp_settings, topics.scored, until_ids(expected), timeout=240,
-                                  what="every id scored after the restarts")
+        try:
+            scored = wait_for_records(fp_settings, topics.scored, until_ids(expected), timeout=240,
+                                      what="every id scored after the restarts")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{unscored(fp_settings, topics)}\n"
+                                 f"committed/end: {consumer_lag(fp_settings, [topics.news, topics.comments])}\n"
+                                 + "".join(f"{w.name}: {line}\n" for w in workers for line in w.output().splitlines()
+                                           if "partitions assigned" in line or "score agent stopped" in line)
+                                 + f"the worker's log ends:\n{workers[-1].tail(6000)}") from None
         assert workers[2].stop() == 0
     finally:
         for worker in workers:
