@@ -19,7 +19,14 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
+from .metrics import counter
+
 log = logging.getLogger(__name__)
+
+OFFSET_JUMPS = counter("finpulse_offset_jumps_total", "Records that reached the worker from beyond the next offset "
+                       "expected on their partition, by topic and what was done: reread (the partition is read again "
+                       "from the expected offset) or skipped (the records in between are no longer on the broker).",
+                       ["topic", "outcome"])
 
 REREADS = 3
 
@@ -56,7 +63,9 @@ class OffsetGuard:
             at, times = self.retried.get(tp, (expected, 0))
             if at != expected or times < REREADS:
                 self.retried[tp] = (expected, times + 1 if at == expected else 1)
+                OFFSET_JUMPS.labels(tp.topic, "reread").inc()
                 return expected
+            OFFSET_JUMPS.labels(tp.topic, "skipped").inc()
             log.error("%s[%d]: records %d-%d are not on the broker (deleted by retention?): reading on from %d",
                       tp.topic, tp.partition, expected, offset - 1, offset)
         if expected is None or offset >= expected:

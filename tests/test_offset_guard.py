@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
-from stream.offset_guard import REREADS, OffsetGuard
+from stream.offset_guard import OFFSET_JUMPS, REREADS, OffsetGuard
 
 
 class TP(NamedTuple):
@@ -37,6 +37,7 @@ def test_a_reread_below_the_expected_offset_is_left_to_faust_and_the_first_recor
 
 def test_records_gone_from_the_broker_are_read_for_a_few_times_then_skipped_with_an_error(caplog):
     guard = OffsetGuard({"p.news"})
+    skipped_before = OFFSET_JUMPS.labels("p.news", "skipped").value
     for _ in range(REREADS):
         guard.sought(NEWS, 100)
         assert guard.admit(NEWS, 5000) == 100
@@ -44,6 +45,7 @@ def test_records_gone_from_the_broker_are_read_for_a_few_times_then_skipped_with
     with caplog.at_level(logging.ERROR):
         assert guard.admit(NEWS, 5000) is None    # the same jump again: retention deleted them
     assert "records 100-4999 are not on the broker" in caplog.text
+    assert OFFSET_JUMPS.labels("p.news", "skipped").value == skipped_before + 1
     assert guard.admit(NEWS, 5001) is None
     assert guard.admit(NEWS, 5003) == 5002        # and a later jump is caught again
 
