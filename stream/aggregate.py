@@ -29,8 +29,8 @@ partitions that lag in event time would all be late. A key that goes quiet follo
 partition (``StreamClock``; of the slowest active partition once its own is idle), so its windows close, and its
 alerts fire, on time rather than at its next message. The timer that closes them takes stock of the keys it owns
 from the table after every start and rebalance: keys recovered from the changelog (a restart, or partitions taken
-over from a worker that left) may never see another message. Without a clock (replay, bench, tests) windows close on event
-time alone, deterministically (replay's ``flush`` closes what is left at the end of the input).
+over from a worker that left) may never see another message. Without a clock (replay, bench, tests) windows close
+on event time alone, deterministically (replay's ``flush`` closes what is left at the end of the input).
 
 Exactly-once table effects under at-least-once delivery: each key's state stores the highest applied offset per
 source partition, and the ids of messages applied in the last ``dedupe_horizon_s`` of event time. After a crash
