@@ -41,10 +41,12 @@ def failed(reason: str) -> Prediction:
 
 
 def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = "auto",
-                models_root: str | None = None, tokenizer_processes: int = -1) -> Scorer:
+                models_root: str | None = None, tokenizer_processes: int = -1, quantize: str = "") -> Scorer:
     """``kind``: "auto" (a trained model if one is found, else the baseline), "model", "baseline" or "noop".
     Without ``model_dir`` the newest model under ``models_root`` (``[models] models_dir``) is used.
-    ``tokenizer_processes``: processes that tokenize for a model scorer (-1: the scorer's default)."""
+    ``tokenizer_processes``: processes that tokenize for a model scorer (-1: the scorer's default).
+    ``quantize``: "int8" runs a model scorer quantized on the CPU (``models.quantization``; device "auto" means the
+    CPU then); "" float32."""
     if kind == "noop":
         from .baseline import NoopScorer
         return NoopScorer()
@@ -67,5 +69,7 @@ def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = 
         from .baseline import KeywordBaselineScorer
         log.warning("no trained model found: scoring with the keyword baseline (run `finpulse train` for the real one)")
         return KeywordBaselineScorer()
-    return BatchScorer.from_pretrained(path, device=device,
+    if quantize and device == "auto":
+        device = "cpu"
+    return BatchScorer.from_pretrained(path, device=device, quantize=quantize or None,
                                        tokenizer_processes=None if tokenizer_processes < 0 else tokenizer_processes)
