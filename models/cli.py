@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="without --data: which held-out slice of the model's training data (default test)")
     p.add_argument("--data-dir", help="the shared data directory (as for train)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="evaluate the model as the worker's --quantize int8 runs it (on the CPU), beside float32: "
+                        "how often the labels agree and what it costs in accuracy")
     p.add_argument("--out", help="JSON report path (default var/eval/<version>-<data>.json)")
     p.add_argument("--errors", type=int, default=0, metavar="N",
                    help="also list each head's N most confident mistakes (printed and in the JSON report)")
@@ -119,7 +122,7 @@ def _train(args, settings) -> int:
     return 0
 
 
-def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...]):
+def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...], device: str | None = None):
     """The model ``args.model`` names (else the newest), the labeled sets the command reads (``--data``, or these
     held-out slices of the model's own training data) and a scorer over the model; None after printing why not."""
     from .data import DataError, default_data_dir, load_data
@@ -138,7 +141,7 @@ def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...]):
             sets = [load_data(args.data, data_dir)] * len(slices)
         else:
             sets = [heldout_test(model_dir, data_dir, which) for which in slices]
-        scorer = BatchScorer.from_pretrained(model_dir, device=args.device or ms.device)
+        scorer = BatchScorer.from_pretrained(model_dir, device=device or args.device or ms.device)
     except (DataError, ModelError) as exc:
         print(f"finpulse {command}: {exc}", file=sys.stderr)
         return None
@@ -147,19 +150,36 @@ def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...]):
 
 def _evaluate(args, settings) -> int:
     import re
-    from .evaluation import confident_mistakes, format_mistakes, reports_from
+    from .evaluation import confident_mistakes, float32_comparison, format_mistakes, reports_from
     from .metrics import format_report
     from .modeling import write_json
+    from .scorer import BatchScorer
 
-    found = _model_sets_scorer("evaluate", args, settings, (args.split,))
+    if args.quantize and (args.device or "cpu") != "cpu":
+        print(f"finpulse evaluate: --quantize {args.quantize} runs on the CPU: leave out --device {args.device}",
+              file=sys.stderr)
+        return 2
+    found = _model_sets_scorer("evaluate", args, settings, (args.split,), device="cpu" if args.quantize else None)
     if found is None:
         return 2
     _, [data], scorer = found
     probs = scorer.probabilities(data.texts)
     reports = reports_from(probs, data)
+    versus_float32 = {}
+    if args.quantize:
+        exact, exact_reports = probs, reports
+        scorer = BatchScorer(scorer.model, scorer.text_encoder, scorer.model_version, device="cpu",
+                             quantize=args.quantize)
+        probs = scorer.probabilities(data.texts)
+        reports = reports_from(probs, data)
+        versus_float32 = float32_comparison(probs, exact, reports, exact_reports)
     print(f"model {scorer.model_version} on {'; '.join(data.sources)} ({len(data)} rows, device {scorer.device})")
     for head, report in reports.items():
         print(format_report(head, report))
+    for head, compared in versus_float32.items():
+        print(f"{head} vs float32: same label on {compared['same_label']:.1%} of texts; accuracy "
+              f"{compared['accuracy']:.3f} vs {compared['float32_accuracy']:.3f}, macro-F1 {compared['macro_f1']:.3f} "
+              f"vs {compared['float32_macro_f1']:.3f}")
     mistakes = confident_mistakes(probs, data, args.errors) if args.errors > 0 else {}
     for head, listed in mistakes.items():
         print(format_mistakes(head, listed))
@@ -167,7 +187,8 @@ def _evaluate(args, settings) -> int:
     out = Path(args.out or f"var/eval/{scorer.model_version}-{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"model_version": scorer.model_version, "data": data.sources, "rows": len(data), **reports,
-                     **({"mistakes": mistakes} if mistakes else {})})
+                     **({"mistakes": mistakes} if mistakes else {}),
+                     **({"versus_float32": versus_float32} if versus_float32 else {})})
     print(f"report written to {out}")
     return 0
 

@@ -49,6 +49,20 @@ def evaluate(scorer: BatchScorer, data: LabeledSet) -> dict[str, Any]:
     return reports_from(scorer.probabilities(data.texts), data)
 
 
+def float32_comparison(probs: Probabilities, exact: Probabilities, reports: dict[str, Any],
+                       exact_reports: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per head: how often a quantized model (``probs``) gives float32's label (``exact``) over every text both
+    scored, and both models' accuracy and macro-F1 on the labeled rows."""
+    both = ~(probs.failed() | exact.failed())
+    out = {}
+    for head in reports:
+        same = getattr(probs, head).argmax(1) == getattr(exact, head).argmax(1)
+        out[head] = {"same_label": round(float(same[both].mean()) if both.any() else 0.0, 4),
+                     "accuracy": reports[head]["accuracy"], "float32_accuracy": exact_reports[head]["accuracy"],
+                     "macro_f1": reports[head]["macro_f1"], "float32_macro_f1": exact_reports[head]["macro_f1"]}
+    return out
+
+
 def confident_mistakes(probs: Probabilities, data: LabeledSet, limit: int) -> dict[str, list[dict[str, Any]]]:
     """Per head, up to ``limit`` wrongly predicted rows, the most confident first: where to look for label noise,
     wording the model has not met, or a class it over-predicts. Unscorable rows are listed with their error."""

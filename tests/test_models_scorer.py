@@ -281,6 +281,23 @@ def test_an_int8_scorer_says_so_in_its_version_and_stays_on_the_cpu(tiny_model_d
         BatchScorer(loaded.model, loaded.text_encoder, loaded.version, device="cpu", quantize="int4")
 
 
+def test_evaluate_with_quantize_reports_int8_beside_float32(tiny_model_dir, tmp_path, capsys):
+    from models.cli import main
+    data = write_tiny_csv(tmp_path / "labeled.csv")
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(tiny_model_dir), "--data", str(data), "--quantize", "int8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["model_version"].endswith("+int8")
+    for head in ("topic", "sentiment"):
+        compared = report["versus_float32"][head]
+        assert 0.0 <= compared["same_label"] <= 1.0
+        assert compared["accuracy"] == report[head]["accuracy"]
+        assert f"{head} vs float32: same label on {compared['same_label']:.1%} of texts" in printed
+    assert main(["evaluate", str(tiny_model_dir), "--data", str(data), "--quantize", "int8", "--device", "cuda"]) == 2
+    assert "runs on the CPU" in capsys.readouterr().err
+
+
 def make_model_copy(src: Path, dst: Path, created_at: str) -> Path:
     dst.mkdir(parents=True)
     for f in src.iterdir():
