@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scorer", choices=["auto", "model", "baseline", "noop"], help="which scorer (default [worker] scorer)")
     p.add_argument("--model", dest="model_dir", metavar="DIR", help="a trained model directory (default: newest found)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--quantize", choices=["int8"], help="score with the model quantized to int8 on the CPU: about "
+                   "1.7x faster, float32's labels for 96-97%% of texts (default [worker] quantize: float32)")
     p.add_argument("--max-batch", type=int)
     p.add_argument("--max-wait", type=float, dest="max_wait_s", metavar="SECONDS")
     p.add_argument("--data-dir", help="where the worker keeps local state")
@@ -79,7 +81,7 @@ def _topics(args, settings) -> int:
 
 def _worker(args, settings) -> int:
     from .worker import run_worker
-    overrides = {k: getattr(args, k) for k in ("scorer", "model_dir", "device", "max_batch", "max_wait_s", "data_dir", "web_port", "app_id")}
+    overrides = {k: getattr(args, k) for k in ("scorer", "model_dir", "device", "quantize", "max_batch", "max_wait_s", "data_dir", "web_port", "app_id")}
     return run_worker(settings.with_overrides({"worker": overrides}))
 
 

@@ -14,7 +14,7 @@ from models.interface import Scorer, load_scorer
 from models.settings import models_root
 
 from . import tansu_compat
-from .config import Settings
+from .config import ConfigError, Settings
 from .topics import TopicNames, ensure_topics
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,15 @@ def prepare_app(settings: Settings, scorer: Scorer | None = None, extensions: Se
     for noisy in ("kafka", "aiokafka"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).getEffectiveLevel()))
     names = TopicNames(kafka.topic_prefix)
+    if worker.quantize not in ("", "int8"):  # refused before anything touches Kafka
+        raise ConfigError(f"[worker] quantize = {worker.quantize!r}: use \"int8\" (CPU only) or \"\" for float32")
     ensure_topics(kafka, names.all(), names.compacted())
     if scorer is None:
-        scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings),
-                             worker.tokenizer_processes)
+        try:
+            scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings),
+                                 worker.tokenizer_processes, worker.quantize)
+        except ValueError as exc:   # e.g. int8 asked for with device = "cuda"
+            raise ConfigError(str(exc)) from None
     if tansu_compat.apply_if_needed(kafka):
         log.info("broker is tansu: compatibility patch applied (see stream/tansu_compat.py)")
     return create_app(settings, scorer, EXTENSIONS if extensions is None else extensions)

@@ -281,6 +281,22 @@ def test_an_int8_scorer_says_so_in_its_version_and_stays_on_the_cpu(tiny_model_d
         BatchScorer(loaded.model, loaded.text_encoder, loaded.version, device="cpu", quantize="int4")
 
 
+def test_the_worker_refuses_an_unknown_quantization_before_it_touches_kafka(tiny_model_dir):
+    """`finpulse worker` with [worker] quantize = "int4" and no broker at all: a configuration error naming the setting
+    (exit 2), not a Kafka error; and int8 with device "auto" means the CPU."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
+    env.update(FINPULSE_WORKER__QUANTIZE="int4", FINPULSE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:9")
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "worker", "--model", str(tiny_model_dir)],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "configuration error: [worker] quantize = 'int4'" in output, output
+    scorer = load_scorer("model", str(tiny_model_dir), device="auto", quantize="int8")
+    assert scorer.device.type == "cpu" and scorer.model_version.endswith("+int8")
+
+
 def test_evaluate_with_quantize_reports_int8_beside_float32(tiny_model_dir, tmp_path, capsys):
     from models.cli import main
     data = write_tiny_csv(tmp_path / "labeled.csv")

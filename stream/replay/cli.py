@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "threshold trial: give --config); messages it has none for, like the warm-up, are scored by "
                         "its model")
     p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--quantize", choices=["int8", "none"],
+                   help="score with the model quantized to int8 on the CPU, or not (default: as [worker] quantize); "
+                        "the version stamped on the outputs says which (<version>+int8)")
     p.add_argument("--config", dest="replay_config", metavar="FILE",
                    help="TOML with the replay's thresholds, laid over the settings: only [aggregate] and [detect] "
                         "(any other section is refused: the broker, topics and endpoints come from finpulse --config)")
@@ -135,7 +138,8 @@ def _replay(args, settings) -> int:
                           config=args.replay_config, scorer=args.scorer, model_dir=args.model_dir, device=args.device,
                           speed=args.speed, archive=args.archive, parquet=args.parquet,
                           test_endpoint=args.test_endpoint, max_disorder=args.max_disorder, batch_size=args.batch_size,
-                          warmup=args.warmup, scores_from=args.scores_from)
+                          warmup=args.warmup, scores_from=args.scores_from,
+                          quantize={"none": ""}.get(args.quantize, args.quantize))
     except ReplayError as exc:
         return _fail("replay", exc)
     if plan.archive is not None:
