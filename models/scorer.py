@@ -11,8 +11,8 @@ How it stays fast:
   batch is launched;
 - a batch that runs the GPU out of memory is split in halves (and later batches are made smaller);
 - on a CPU the model runs in float32 (the same held-out scores as bf16 on a GPU), or with ``quantize="int8"``
-  (``models.quantization``: about 1.7x faster, float32's labels for 96-97% of texts and the same held-out
-  accuracy within half a point; an option, not the default, and stamped on the version: ``<version>+int8``).
+  (``models.quantization``: about 1.2x faster, float32's labels for 96-97% of texts and the same held-out
+  accuracy within a point; an option, not the default, and stamped on the version: ``<version>+int8``).
 
 What it returns: each head's softmax at the temperature the model was calibrated to (``models.calibration``), so a
 topic confidence of 0.9 is right about 9 times in 10 on text like the training data.

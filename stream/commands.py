@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", dest="model_dir", metavar="DIR", help="a trained model directory (default: newest found)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--quantize", choices=["int8"], help="score with the model quantized to int8 on the CPU: about "
-                   "1.7x faster, float32's labels for 96-97%% of texts (default [worker] quantize: float32)")
+                   "1.2x faster, float32's labels for 96-97%% of texts (default [worker] quantize: float32)")
     p.add_argument("--max-batch", type=int)
     p.add_argument("--max-wait", type=float, dest="max_wait_s", metavar="SECONDS")
     p.add_argument("--data-dir", help="where the worker keeps local state")

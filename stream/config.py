@@ -58,7 +58,7 @@ class WorkerSettings:
     device: str = "auto"
     # Processes that tokenize for a GPU scorer; -1: as measured best (4 on a GPU host, none on a CPU).
     tokenizer_processes: int = -1
-    # "int8": a CPU-only host scores about 1.7x faster with float32's labels for 96-97% of texts (models.quantization).
+    # "int8": a CPU-only host scores about 1.2x faster with float32's labels for 96-97% of texts (models.quantization).
     quantize: str = ""
     data_dir: str = "var/worker"
     web_port: int = 6066
