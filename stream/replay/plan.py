@@ -314,8 +314,9 @@ def scores_from_run(source_run: str, run_id: str, out_root: Path, scorer: str | 
         raise ReplayError(f"--scores-from {source_run}: its model {version} is not in {Path(path).parent}: messages "
                           f"the run has no score for (its warm-up, a wider range) are scored by that model; give its "
                           f"directory with --model DIR")
-    fallback = load_chosen_scorer("model", path, "cpu" if version != base_version(version) else device, models_dir,
-                                  quantize=INT8 if version != base_version(version) else "")
+    quantized = version != base_version(version)
+    fallback = load_chosen_scorer("model", path, "cpu" if quantized else device, models_dir,
+                                  quantize=INT8 if quantized else "")
     if fallback.model_version != version:
         raise ReplayError(f"--model {path} is {fallback.model_version}, but run {source_run} was scored by {version}")
     return reused, fallback
