@@ -277,9 +277,10 @@ def to_device(device: torch.device, *arrays) -> list[torch.Tensor]:
 
 
 def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet, targets: Targets,
-        val: LabeledSet, cfg: FitConfig, device: torch.device, run_dir: Path | None = None,
+        val: LabeledSet | None, cfg: FitConfig, device: torch.device, run_dir: Path | None = None,
         name: str = "train") -> FitResult:
-    """Train ``model`` in place and leave it holding its best validation epoch's weights."""
+    """Train ``model`` in place and leave it holding its best validation epoch's weights; without ``val`` (a refit
+    on every labeled row, whose epochs were chosen by a run that held a validation slice out) its last epoch's."""
     started = time.monotonic()
     model.to(device)
     model.freeze_lower(cfg.freeze_layers)
@@ -343,17 +344,21 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
                 break
         bar.close()
         loss_sum = loss_sum or loss.item()  # an epoch shorter than the display interval
-        # A few thousand rows: tokenizer processes started every epoch would cost more than they save.
-        scorer = BatchScorer(model, text_encoder, "in-training", device=device, tokenizer_processes=0)
-        reports = evaluate(scorer, val)
-        score = selection_score(reports)
-        improved = score > state["best_score"]
-        state["history"].append({"epoch": epoch, "loss": round(loss_sum, 5), "val_score": round(score, 5),
-                                 **{f"val_{h}_{m}": round(r[m], 5) for h, r in reports.items()
-                                    for m in ("accuracy", "macro_f1")},
+        if val is None:
+            score, improved, measured = -1.0, True, {}
+            print(f"{name} epoch {epoch}: loss {loss_sum:.4f}", flush=True)
+        else:
+            # A few thousand rows: tokenizer processes started every epoch would cost more than they save.
+            scorer = BatchScorer(model, text_encoder, "in-training", device=device, tokenizer_processes=0)
+            reports = evaluate(scorer, val)
+            score = selection_score(reports)
+            improved = score > state["best_score"]
+            measured = {"val_score": round(score, 5), **{f"val_{h}_{m}": round(r[m], 5) for h, r in reports.items()
+                                                          for m in ("accuracy", "macro_f1")}}
+            print(f"{name} epoch {epoch}: loss {loss_sum:.4f}  val " + "  ".join(
+                f"{h} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f}" for h, r in reports.items()), flush=True)
+        state["history"].append({"epoch": epoch, "loss": round(loss_sum, 5), **measured,
                                  "seconds": round(time.monotonic() - epoch_start, 1)})
-        print(f"{name} epoch {epoch}: loss {loss_sum:.4f}  val " + "  ".join(
-            f"{h} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f}" for h, r in reports.items()), flush=True)
         if improved:
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
             if not checkpoint:
