@@ -18,8 +18,15 @@ RECIPE_NAMES = ("quick", "plain", "full")  # models.recipes.RECIPES, named here 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune the topic + sentiment classifier (writes var/models/<version>/)",
                        description="Recipes: quick (CPU, <10 min, for a first run), plain (one fine-tuned model), "
-                                   "full (GPU: domain pretraining, teacher ensemble, cross-task distillation).")
-    p.add_argument("--recipe", choices=RECIPE_NAMES, default="quick")
+                                   "full (GPU: domain pretraining, teacher ensemble, cross-task distillation). "
+                                   "--refit MODEL trains MODEL's recipe again on every labeled row, for the model "
+                                   "to ship.")
+    p.add_argument("--recipe", choices=RECIPE_NAMES, help="default quick")
+    p.add_argument("--refit", metavar="MODEL",
+                   help="train this model's recipe again on every labeled row, its validation and test slices "
+                        "included, with the epochs, ensemble and temperatures it chose; its held-out figures become "
+                        "the new model's (the same data, recipe and base model; none of the options that change "
+                        "them may be given)")
     p.add_argument("--data", action="append", metavar="SOURCE",
                    help="'shared' (default), a directory like the shared one, a CSV/JSONL file with text + topic "
                         "and/or sentiment, or hub:twitter-financial-news-{sentiment,topic}[:split] (online); repeatable")
@@ -93,7 +100,9 @@ def _train(args, settings) -> int:
     from .scorer import pick_device
 
     ms = settings.section("models", ModelSettings)
-    recipe = RECIPES[args.recipe]
+    if args.refit:
+        return _refit(args, ms)
+    recipe = RECIPES[args.recipe or "quick"]
     fit_overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                                         "max_length": args.max_length, "seed": args.seed}.items() if v is not None}
     recipe = dataclasses.replace(recipe, fit=dataclasses.replace(recipe.fit, **fit_overrides))
@@ -116,6 +125,43 @@ def _train(args, settings) -> int:
             device=pick_device(args.device or ms.device), resume=args.resume, time_budget=args.time_budget,
             save_dtype=getattr(torch, args.save_dtype), command=shlex.join(["finpulse", *sys.argv[1:]]))
     except (DataError, ModelError) as exc:
+        print(f"finpulse train: {exc}", file=sys.stderr)
+        return 2
+    print_outcome(outcome, recipe)
+    return 0
+
+
+# What a refit takes from its reference: options that would train something else are refused, not ignored.
+REFIT_FIXED = ("recipe", "data", "base_model", "epochs", "batch_size", "lr", "max_length", "seed", "train_limit",
+               "teachers", "mlm_epochs")
+
+
+def _refit(args, ms: ModelSettings) -> int:
+    import dataclasses
+    import torch
+    from .data import DataError, default_data_dir
+    from .modeling import ModelError
+    from .recipes import RefitError, load_refit, print_outcome, run_recipe
+    from .registry import find_model_dir
+    from .scorer import pick_device
+
+    given = ["--" + name.replace("_", "-") for name in REFIT_FIXED if getattr(args, name) is not None]
+    if given:
+        print(f"finpulse train: --refit trains the reference's recipe on its data: leave out {', '.join(given)}",
+              file=sys.stderr)
+        return 2
+    try:
+        refit = load_refit(find_model_dir(args.refit, args.out or ms.models_dir))  # a version: under --out
+        recipe = refit.recipe if args.parallel is None else dataclasses.replace(refit.recipe, parallel=args.parallel)
+        print(f"refitting {refit.reference} (recipe {recipe.name}) on every labeled row; epochs per stage "
+              f"{refit.epochs}", flush=True)
+        outcome = run_recipe(
+            recipe, data_specs=refit.data_specs, data_dir=default_data_dir(args.data_dir or ms.data_dir or None),
+            base_model=refit.base_model, models_root=Path(args.out or ms.models_dir),
+            runs_root=Path(args.runs_dir or ms.runs_dir), device=pick_device(args.device or ms.device),
+            resume=args.resume, time_budget=args.time_budget, save_dtype=getattr(torch, args.save_dtype),
+            command=shlex.join(["finpulse", *sys.argv[1:]]), refit=refit)
+    except (DataError, ModelError, RefitError) as exc:
         print(f"finpulse train: {exc}", file=sys.stderr)
         return 2
     print_outcome(outcome, recipe)

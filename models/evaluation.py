@@ -106,6 +106,10 @@ def heldout_test(model_dir: Path, data_dir: Path, which: str = "test") -> Labele
     if not config_path.is_file():
         raise DataError(f"{model_dir} has no training_config.json: pass --data FILE to evaluate on your own data")
     config = json.loads(config_path.read_text())
+    if config.get("refit_of"):
+        raise DataError(f"{model_dir.name} was trained on every labeled row (a refit of {config['refit_of']}): no "
+                        f"slice of its data was held out, and its held-out figures are {config['refit_of']}'s. "
+                        "Pass --data with text it never saw (news-probe, or a labeled file of yours)")
     data_cfg = config["data"]
     specs = data_cfg["specs"]
     recorded = data_cfg.get("sha256", {})

@@ -16,6 +16,11 @@
 Every recipe splits the data the same way: a stratified test slice that nothing sees until the final report, a
 validation slice for early stopping and model selection, and the rest for training. Runs keep their state under
 ``var/runs/`` and resume with ``--resume``.
+
+A **refit** (``finpulse train --refit MODEL``) trains MODEL's recipe again on every labeled row, its validation and
+test slices included: a quarter more rows for the model that ships. Nothing is left to choose with, so it takes
+MODEL's choices (each stage's best epoch, the ensemble's members, the student's encoder, the temperatures), and
+nothing is left to measure on, so its held-out figures are MODEL's, said so wherever they are shown.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import torch
 
 from .calibration import (SCORE_LIMIT, calibrated, calibration_report, calibration_section, fit_temperatures,
                           format_calibration)
-from .data import NEWS_PROBE, LabeledSet, fingerprint, load_data, split, stratified_sample
+from .data import NEWS_PROBE, DataError, LabeledSet, fingerprint, load_data, split, stratified_sample
 from .evaluation import HEADS, evaluate, reports_from, selection_score
 from .modeling import FinPulseClassifier, TextEncoder, describe_base, save_model, write_json
 from .scorer import BatchScorer, Probabilities
@@ -107,63 +112,137 @@ class TrainOutcome:
     table: str
 
 
+@dataclass
+class Refit:
+    """A reference model's recipe and the choices its held-out slices made, for a refit on every labeled row."""
+    reference: str                 # the reference model's version
+    recipe: Recipe
+    base_model: str
+    data_specs: list[str]
+    data_sha256: dict[str, str]
+    epochs: dict[str, int]         # stage ("fit", "teacher-N", "student") -> its best epoch in the reference run
+    members: list[int]             # distillation: the teachers of the chosen ensemble
+    adapted_student: bool          # distillation: the student starts from the domain-adapted encoder
+    temperature: dict[str, float]
+    metrics: dict[str, Any]        # the reference's metrics.json: its held-out figures become the refit's
+
+
+class RefitError(ValueError):
+    """A model that cannot be refitted, and why."""
+
+
+def load_refit(model_dir: Path) -> Refit:
+    from .modeling import read_config
+    config = read_config(model_dir)
+    try:
+        training = json.loads((model_dir / "training_config.json").read_text())
+        metrics = json.loads((model_dir / "metrics.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise RefitError(f"{model_dir} has no readable training_config.json and metrics.json ({exc}): only a model "
+                         "trained by `finpulse train` can be refitted") from None
+    version = config["model_version"]
+    if training.get("refit_of"):
+        raise RefitError(f"{version} is itself a refit on every labeled row: refit its reference, "
+                         f"{training['refit_of']}, which held its validation and test slices out")
+    if "calibration" not in metrics or "stages" not in metrics:
+        raise RefitError(f"{version} was trained before refits existed (no calibration or stage record in its "
+                         "metrics.json): train its recipe again, then refit that model")
+    recipe = _recipe_from(training["recipe"])
+    stages = metrics["stages"]
+    if recipe.teachers:
+        epochs = {name: stage["best_epoch"] for name, stage in stages.items() if name.startswith("teacher-")}
+        epochs["student"] = stages["student"]["best_epoch"]
+        members = list(stages["ensemble"]["members"])
+        adapted = stages["ensemble"]["student_init"] == "adapted encoder"
+    else:
+        epochs, members, adapted = {"fit": stages["fit"]["best_epoch"]}, [], False
+    return Refit(version, recipe, training["base_model"], training["data"]["specs"], training["data"]["sha256"],
+                 epochs, members, adapted, dict(config["temperature"]), metrics)
+
+
+def _recipe_from(recorded: dict[str, Any]) -> Recipe:
+    """The Recipe a training_config.json recorded (fields added since are left at their defaults)."""
+    def known(cls, values: dict[str, Any]) -> dict[str, Any]:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return {k: v for k, v in values.items() if k in names}
+    values = known(Recipe, recorded)
+    values["fit"] = FitConfig(**known(FitConfig, recorded["fit"]))
+    values["mlm"] = MlmConfig(**known(MlmConfig, recorded["mlm"])) if recorded.get("mlm") else None
+    return Recipe(**values)
+
+
 def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_model: str, models_root: Path,
                runs_root: Path, device: torch.device, resume: bool = False, time_budget: float | None = None,
-               save_dtype: torch.dtype = torch.float32, command: str = "") -> TrainOutcome:
+               save_dtype: torch.dtype = torch.float32, command: str = "", refit: Refit | None = None) -> TrainOutcome:
+    """``refit``: train on every labeled row with the reference's choices (``recipe``, ``data_specs`` and
+    ``base_model`` then are the reference's, as ``finpulse train --refit`` passes them)."""
     started = time.monotonic()
     _quiet_transformers()
     data = load_data(data_specs, data_dir)
-    parts = split(data, recipe.test_fraction, recipe.val_fraction, recipe.split_seed)
-    train_rows = stratified_sample(data, parts["train"], recipe.train_limit, recipe.fit.seed)
-    val_rows = stratified_sample(data, parts["val"], recipe.val_limit, recipe.fit.seed)
-    test_rows = stratified_sample(data, parts["test"], recipe.report_limit, recipe.fit.seed)
-    train, val, test = data.subset(train_rows), data.subset(val_rows), data.subset(test_rows)
     sha = fingerprint(data_specs, data_dir)
+    if refit:
+        if refit.data_sha256 != sha:
+            raise DataError(f"the training data in {data_dir} differs from what {refit.reference} was trained on "
+                            "(sha256 mismatch): its choices and held-out figures would not hold for a refit")
+        train_rows = stratified_sample(data, np.arange(len(data)), recipe.train_limit, recipe.fit.seed)
+        val_rows = test_rows = np.array([], dtype=np.int64)
+    else:
+        parts = split(data, recipe.test_fraction, recipe.val_fraction, recipe.split_seed)
+        train_rows = stratified_sample(data, parts["train"], recipe.train_limit, recipe.fit.seed)
+        val_rows = stratified_sample(data, parts["val"], recipe.val_limit, recipe.fit.seed)
+        test_rows = stratified_sample(data, parts["test"], recipe.report_limit, recipe.fit.seed)
+    train, val, test = data.subset(train_rows), data.subset(val_rows), data.subset(test_rows)
     # How many teachers train at once does not change what is trained: a resumed run may pick another number.
-    run_dir = runs_root / f"{recipe.name}-{config_hash(dataclasses.replace(recipe, parallel=0), base_model, sha)}"
+    what = config_hash(dataclasses.replace(recipe, parallel=0), base_model, sha, *([refit.reference] if refit else []))
+    run_dir = runs_root / f"{recipe.name}-{'refit-' if refit else ''}{what}"
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"data: {len(train)} training rows {train.summary()}, {len(val)} validation, {len(test)} held-out test "
-          f"(device {device}, run state in {run_dir})", flush=True)
+    held_out = (f"nothing held out (a refit of {refit.reference})" if refit
+                else f"{len(val)} validation, {len(test)} held-out test")
+    print(f"data: {len(train)} training rows {train.summary()}, {held_out} (device {device}, run state in "
+          f"{run_dir})", flush=True)
 
     text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)
     if recipe.teachers:
         rows = {"train": train_rows, "val": val_rows, "test": test_rows}
         model, stages, comparison = _distill(recipe, base_model, text_encoder, data, rows, device, run_dir,
-                                             time_budget)
+                                             time_budget, refit)
     else:
-        model, stages = _fit_one(recipe, base_model, text_encoder, train, val, device, run_dir, time_budget)
+        model, stages = _fit_one(recipe, base_model, text_encoder, train, None if refit else val, device, run_dir,
+                                 time_budget, refit)
         comparison = {}
     scorer = BatchScorer(model, text_encoder, "candidate", device=device)
-    val_raw, test_raw = scorer.probabilities(val.texts), scorer.probabilities(test.texts)
-    # Calibrating changes no label, so the reports below hold for the model as saved; only the probabilities move.
-    model.temperature = fit_temperatures(val_raw, val)
-    test_reports = reports_from(calibrated(test_raw, model.temperature), test)
-    val_reports = reports_from(calibrated(val_raw, model.temperature), val)
     probe = load_data([NEWS_PROBE], data_dir)
-    probe_reports = evaluate(scorer, probe)
-    comparison[f"{recipe.name} model (shipped)"] = _headline(test_reports)
-
-    metrics = {
-        "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
-                        f"label, split seed {recipe.split_seed}; never used for training, early stopping or "
-                        "model selection" + (f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else "")),
-        "test": test_reports,
-        "validation": val_reports,
-        # Reported, never used for selection: the only measure here of text unlike the training tweets.
-        "out_of_domain": {"source": probe.sources[0], "rows": len(probe), **probe_reports},
-        "comparison_test": comparison,
-        "calibration": {"fitted_on": "validation slice", "measured_on": "held-out test slice",
-                        "measured": calibration_report(test_raw, test, model.temperature)},
-        "stages": stages,
-    }
+    if refit:
+        model.temperature = dict(refit.temperature)
+        metrics = _refit_metrics(refit)
+    else:
+        val_raw, test_raw = scorer.probabilities(val.texts), scorer.probabilities(test.texts)
+        # Calibrating changes no label, so the reports below hold for the model as saved; only the probabilities move.
+        model.temperature = fit_temperatures(val_raw, val)
+        test_reports = reports_from(calibrated(test_raw, model.temperature), test)
+        comparison[f"{recipe.name} model (shipped)"] = _headline(test_reports)
+        metrics = {
+            "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
+                            f"label, split seed {recipe.split_seed}; never used for training, early stopping or "
+                            "model selection" + (f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else "")),
+            "test": test_reports,
+            "validation": reports_from(calibrated(val_raw, model.temperature), val),
+            "comparison_test": comparison,
+            "calibration": {"fitted_on": "validation slice", "measured_on": "held-out test slice",
+                            "measured": calibration_report(test_raw, test, model.temperature)},
+        }
+    # Reported, never used for selection: the only measure here of text unlike the training tweets.
+    metrics["out_of_domain"] = {"source": probe.sources[0], "rows": len(probe), **evaluate(scorer, probe)}
+    metrics["stages"] = stages
     training_config = {
         "recipe": dataclasses.asdict(recipe),
         "base_model": base_model,
         "data": {"specs": data_specs, "sha256": sha, "test_fraction": recipe.test_fraction,
                  "val_fraction": recipe.val_fraction, "split_seed": recipe.split_seed,
                  "rows": {"train": len(train), "val": len(val), "test": len(test)}},
+        **({"refit_of": refit.reference} if refit else {}),
         "device": str(device), "time_budget_s": time_budget, "seconds": round(time.monotonic() - started, 1),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": _version("transformers")},
@@ -171,10 +250,11 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     }
     tmp_dir = models_root / f".incomplete-{run_dir.name}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    version = save_model(model, base_model, tmp_dir, base_model=base_model, recipe=recipe.name,
+    version = save_model(model, base_model, tmp_dir, base_model=base_model,
+                         recipe=f"{recipe.name}-refit" if refit else recipe.name,
                          max_length=recipe.fit.max_length, dtype=save_dtype)
     metrics["model_version"] = version
-    table = comparison_table(comparison, test)
+    table = comparison_table(metrics["comparison_test"], metrics["test"], refit.reference if refit else None)
     write_json(tmp_dir / "training_config.json", training_config)
     write_json(tmp_dir / "metrics.json", metrics)
     (tmp_dir / "README.md").write_text(model_card(version, recipe, base_model, training_config, metrics, table))
@@ -184,9 +264,28 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     return TrainOutcome(final_dir, version, metrics, table)
 
 
-def _fit_one(recipe: Recipe, base: str, text_encoder: TextEncoder, train: LabeledSet, val: LabeledSet, device,
-             run_dir: Path, time_budget: float | None):
+def _refit_metrics(refit: Refit) -> dict[str, Any]:
+    """The reference's held-out figures, labeled as the reference's: this model has no held-out rows of its own."""
+    reference, calibration = refit.metrics, refit.metrics["calibration"]
+    return {
+        "measured_on": (f"{refit.reference}, the same recipe with its validation and test slices held out; this "
+                        f"model is its refit on every labeled row, so no row is left to measure it on. "
+                        f"{refit.reference}'s figures were measured on its {reference['measured_on']}"),
+        "refit_of": refit.reference,
+        "test": reference["test"],
+        "comparison_test": reference.get("comparison_test", {}),
+        "calibration": {**calibration,
+                        "fitted_on": f"{calibration['fitted_on']} of {refit.reference} (taken over by this refit, "
+                                     "which trained on those rows)",
+                        "measured_on": f"{calibration['measured_on']} of {refit.reference}"},
+    }
+
+
+def _fit_one(recipe: Recipe, base: str, text_encoder: TextEncoder, train: LabeledSet, val: LabeledSet | None,
+             device, run_dir: Path, time_budget: float | None, refit: Refit | None = None):
     cfg = recipe.fit
+    if refit:
+        cfg = dataclasses.replace(cfg, epochs=refit.epochs["fit"])
     if time_budget is not None:
         cfg = dataclasses.replace(cfg, max_seconds=min(time_budget, cfg.max_seconds or time_budget))
     model = FinPulseClassifier.from_base(base, pooling=cfg.pooling, dropout=cfg.dropout, seed=cfg.seed)
@@ -196,7 +295,7 @@ def _fit_one(recipe: Recipe, base: str, text_encoder: TextEncoder, train: Labele
 
 
 def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: LabeledSet, rows: dict[str, np.ndarray],
-             device, run_dir: Path, time_budget: float | None):
+             device, run_dir: Path, time_budget: float | None, refit: Refit | None = None):
     cfg = recipe.fit
     train, val, test = (data.subset(rows[part]) for part in ("train", "val", "test"))
     teachers = [("plain", base)] + [("adapted", "dapt")] * recipe.teachers
@@ -216,8 +315,9 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
     # Teachers label every row once (train, validation and test), so later steps only slice these arrays.
     parallel = recipe.parallel or teachers_at_once(len(teachers), device)
     jobs = [TeacherJob(i, kind, str(dapt_dir) if init == "dapt" else base, base,
-                       dataclasses.replace(cfg, seed=cfg.seed + i), data, rows["train"], rows["val"],
-                       run_dir / f"teacher-{i}", str(device))
+                       dataclasses.replace(cfg, seed=cfg.seed + i,
+                                           epochs=refit.epochs[f"teacher-{i}"] if refit else cfg.epochs),
+                       data, rows["train"], rows["val"], run_dir / f"teacher-{i}", str(device))
             for i, (kind, init) in enumerate(teachers)]
     for wave in [jobs[i:i + parallel] for i in range(0, len(jobs), parallel)]:
         allowance = budget.allowance(*(f"teacher-{job.index}" for job in wave))
@@ -234,15 +334,20 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
                              np.mean([probs[m]["sentiment"][picked] for m in members], axis=0), [None] * len(picked))
 
     adapted = [i for i, (kind, _) in enumerate(teachers) if kind == "adapted"]
-    candidates = {"all teachers": list(range(len(teachers))), "adapted-encoder teachers": adapted}
-    val_scores = {name: selection_score(reports_from(sliced(m, "val"), val)) for name, m in candidates.items()}
-    chosen = max(val_scores, key=val_scores.get)
-    members = candidates[chosen]
-    best_adapted = max(adapted, key=lambda i: results[i]["best_score"])
-    use_adapted = results[best_adapted]["best_score"] >= results[0]["best_score"]
-    stages["ensemble"] = {"candidates_val_score": val_scores, "chosen": chosen, "members": members,
-                          "student_init": "adapted encoder" if use_adapted else "base encoder"}
-    print(f"ensemble: {chosen} (validation score {val_scores[chosen]:.4f}); student starts from the "
+    if refit:
+        members, use_adapted, chosen = refit.members, refit.adapted_student, f"{refit.reference}'s choice"
+        stages["ensemble"] = {"chosen": chosen, "members": members}
+    else:
+        candidates = {"all teachers": list(range(len(teachers))), "adapted-encoder teachers": adapted}
+        val_scores = {name: selection_score(reports_from(sliced(m, "val"), val)) for name, m in candidates.items()}
+        chosen = max(val_scores, key=val_scores.get)
+        members = candidates[chosen]
+        best_adapted = max(adapted, key=lambda i: results[i]["best_score"])
+        use_adapted = results[best_adapted]["best_score"] >= results[0]["best_score"]
+        stages["ensemble"] = {"candidates_val_score": val_scores, "chosen": chosen, "members": members}
+        chosen = f"{chosen} (validation score {val_scores[chosen]:.4f})"
+    stages["ensemble"]["student_init"] = "adapted encoder" if use_adapted else "base encoder"
+    print(f"ensemble: {chosen}, teachers {members}; student starts from the "
           f"{'adapted' if use_adapted else 'base'} encoder", flush=True)
 
     targets = distillation_targets(train, sliced(members, "train"), cfg.class_balance, recipe.gold_share,
@@ -250,14 +355,16 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
     # Distillation keeps improving to the end of its schedule, so the student is not stopped early: a noisy
     # validation dip would cut it off at a high learning rate (measured: stopped at epoch 8 of 12, 0.852 on
     # validation; run to the end, 0.860-0.869).
-    seed, epochs = cfg.seed + 100, recipe.student_epochs or cfg.epochs
+    seed, epochs = cfg.seed + 100, refit.epochs["student"] if refit else recipe.student_epochs or cfg.epochs
     student = FinPulseClassifier.from_base(str(dapt_dir) if use_adapted else base, pooling=cfg.pooling,
                                            dropout=cfg.dropout, seed=seed)
-    result = fit(student, text_encoder, train, targets, val,
+    result = fit(student, text_encoder, train, targets, None if refit else val,
                  dataclasses.replace(cfg, seed=seed, epochs=epochs, patience=epochs,
                                      max_seconds=budget.allowance("student")), device,
                  run_dir / "student", name="student")
     stages["student"] = _stage_summary(result)
+    if refit:
+        return student, stages, {}
 
     comparison = {
         "plain fine-tune (teacher 0)": _headline(reports_from(sliced([0], "test"), test)),
@@ -295,7 +402,8 @@ def train_teacher(job: TeacherJob) -> None:
         torch.set_num_threads(job.threads)
     device = torch.device(job.device)
     text_encoder = TextEncoder.for_base(job.base, job.cfg.max_length)
-    train, val = job.data.subset(job.train_rows), job.data.subset(job.val_rows)
+    train = job.data.subset(job.train_rows)
+    val = job.data.subset(job.val_rows) if len(job.val_rows) else None  # a refit: its epochs are given
     model = FinPulseClassifier.from_base(job.init, pooling=job.cfg.pooling, dropout=job.cfg.dropout,
                                          seed=job.cfg.seed)
     result = fit(model, text_encoder, train, gold_targets(train, job.cfg.class_balance, job.cfg.label_smoothing),
@@ -343,7 +451,9 @@ def run_teachers(jobs: list[TeacherJob]) -> None:
 
 
 def _stage_summary(result) -> dict[str, Any]:
-    return {"best_epoch": result.best_epoch, "best_score": round(result.best_score, 5), "stopped": result.stopped,
+    # best_score stays below 0 when nothing was validated (a refit): there is no score to report then.
+    return {"best_epoch": result.best_epoch,
+            "best_score": round(result.best_score, 5) if result.best_score >= 0 else None, "stopped": result.stopped,
             "seconds": round(result.seconds, 1), "history": result.history}
 
 
@@ -352,10 +462,14 @@ def _headline(reports: dict[str, Any]) -> dict[str, float]:
             for metric in ("accuracy", "macro_f1")}
 
 
-def comparison_table(comparison: dict[str, dict[str, float]], test: LabeledSet) -> str:
-    n = test.summary()
-    lines = [f"held-out test slice ({n['sentiment_rows']} sentiment rows, {n['topic_rows']} topic rows; "
-             "never used for training or selection)",
+def comparison_table(comparison: dict[str, dict[str, float]], test_reports: dict[str, Any],
+                     refit_of: str | None = None) -> str:
+    """The models a run compared on its held-out test slice; for a refit, its reference's run (``refit_of``)."""
+    n = {head: test_reports[head]["n"] if head in test_reports else 0 for head in HEADS}
+    counts = f"{n['sentiment']} sentiment rows, {n['topic']} topic rows"
+    lines = [f"{refit_of}'s held-out test slice ({counts}; never used by {refit_of} for training or selection; "
+             "the refit trained on it)" if refit_of else
+             f"held-out test slice ({counts}; never used for training or selection)",
              f"{'model':<44} {'sent acc':>8} {'sent F1':>8} {'topic acc':>9} {'topic F1':>8}"]
     for name, row in comparison.items():
         cells = [row.get(k) for k in ("sentiment_accuracy", "sentiment_macro_f1", "topic_accuracy", "topic_macro_f1")]
@@ -375,6 +489,18 @@ def model_card(version: str, recipe: Recipe, base: str, training_config: dict, m
     data = training_config["data"]
     extra_labels = (" plus the teacher ensemble's soft labels on the other set's texts (cross-task distillation)"
                     if recipe.teachers else "")
+    reference = training_config.get("refit_of")
+    if reference:
+        where = (f"`metrics.json` (`test`, copied from {reference}). `finpulse evaluate {reference}` reproduces them; "
+                 f"this model trained on that slice, so `finpulse evaluate {version}` needs `--data` (text it never "
+                 "saw, e.g. `news-probe`).")
+        rows = (f"{data['rows']['train']}: every labeled row (a refit of {reference}, with its epochs, ensemble and "
+                "temperatures; nothing held out)")
+    else:
+        where = (f"`metrics.json` (`test`; `validation` holds the slice used for early stopping and model "
+                 f"selection). Reproduce with `finpulse evaluate {version}` (it rebuilds the same test slice from "
+                 "`training_config.json` and checks the data files' sha256).")
+        rows = f"{data['rows']['train']} train, {data['rows']['val']} validation, {data['rows']['test']} test"
     return f"""# {version}
 
 FinPulse's topic-and-sentiment classifier: one encoder, two heads (20 finance topics; bearish / neutral /
@@ -389,9 +515,7 @@ bullish). Recipe `{recipe.name}`, base encoder {describe_base(base)}, trained on
 |---|---|---|---|
 {per_head}
 
-Per-class F1 and confusion matrices: `metrics.json` (`test`; `validation` holds the slice used for early
-stopping and model selection). Reproduce with `finpulse evaluate {version}` (it rebuilds the same test slice from
-`training_config.json` and checks the data files' sha256).
+Per-class F1 and confusion matrices: {where}
 
 ```
 {table}
@@ -411,9 +535,9 @@ Reproduce with `finpulse evaluate {version} --data news-probe`.
 {calibration_section(metrics["calibration"])}
 ## Data
 
-Sources: {', '.join(data['specs'])} (sha256 in `training_config.json`). Rows: {data['rows']['train']} train,
-{data['rows']['val']} validation, {data['rows']['test']} test. Topic labels and sentiment labels come from two
-different sets of finance-news tweets; each head learned from its own rows{extra_labels}.
+Sources: {', '.join(data['specs'])} (sha256 in `training_config.json`). Rows: {rows}. Topic labels and
+sentiment labels come from two different sets of finance-news tweets; each head learned from its own
+rows{extra_labels}.
 
 ## Limits
 
@@ -444,6 +568,10 @@ def _version(package: str) -> str:
 
 def print_outcome(outcome: TrainOutcome, recipe: Recipe) -> None:
     print(f"\nmodel saved: {outcome.model_dir}  (version {outcome.version})", flush=True)
+    reference = outcome.metrics.get("refit_of")
+    if reference:
+        print(f"a refit of {reference} on every labeled row: nothing was held out, so the held-out figures below "
+              f"are {reference}'s", flush=True)
     if recipe.name == "quick":
         print("this is the QUICK model (CPU recipe): train the real one on a GPU with `finpulse train --recipe full`",
               flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,6 +186,52 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
         assert len(report[head]["confusion_matrix"]) == len(TOPICS if head == "topic" else SENTIMENTS)
 
 
+def test_a_refit_trains_on_every_labeled_row_with_its_references_choices(tiny_base, tmp_path, capsys):
+    """The model to ship: the reference's recipe on all rows, its best epoch, its temperatures and, since no row
+    is left to measure the refit on, its held-out figures, named as the reference's."""
+    from models.cli import main
+    data_file = write_tiny_csv(tmp_path / "train.csv", repeat=10)
+    assert main(train_command(tiny_base, data_file, tmp_path, "--epochs", "3")[3:]) == 0
+    [reference_dir] = list((tmp_path / "models").iterdir())
+    reference = json.loads((reference_dir / "metrics.json").read_text())
+    reference_config = json.loads((reference_dir / "config.json").read_text())
+    # Seeded: its validation score peaks before the last of its 3 epochs, so the refit's length shows whose it is.
+    assert reference["stages"]["fit"]["best_epoch"] < 3
+    out = ["--out", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"]
+
+    # Options that would train something else than the reference's recipe are refused, not ignored.
+    capsys.readouterr()
+    assert main(["train", "--refit", str(reference_dir), "--epochs", "9", "--recipe", "full", *out]) == 2
+    assert "leave out --recipe, --epochs" in capsys.readouterr().err
+
+    assert main(["train", "--refit", reference_dir.name, *out]) == 0
+    printed = capsys.readouterr().out
+    assert f"a refit of {reference_config['model_version']} on every labeled row" in printed
+    [refit_dir] = [d for d in (tmp_path / "models").iterdir() if d != reference_dir]
+    training = json.loads((refit_dir / "training_config.json").read_text())
+    metrics = json.loads((refit_dir / "metrics.json").read_text())
+    config = json.loads((refit_dir / "config.json").read_text())
+    assert training["refit_of"] == metrics["refit_of"] == reference_config["model_version"]
+    assert "-plain-refit-" in config["model_version"]
+    assert training["data"]["rows"] == {"train": len(load_data([str(data_file)], tmp_path)), "val": 0, "test": 0}
+    history = metrics["stages"]["fit"]["history"]
+    assert len(history) == reference["stages"]["fit"]["best_epoch"] and "val_score" not in history[-1]
+    assert config["temperature"] == reference_config["temperature"]
+    assert metrics["test"] == reference["test"] and reference_config["model_version"] in metrics["measured_on"]
+    assert metrics["out_of_domain"]["rows"] == 80  # text it never saw is still measured on the refit itself
+    card = (refit_dir / "README.md").read_text()
+    assert f"{reference_config['model_version']}'s held-out test slice" in card and "every labeled row" in card
+
+    # Its held-out slice is gone: evaluating without --data says where its figures come from instead.
+    assert main(["evaluate", str(refit_dir), "--device", "cpu"]) == 2
+    assert f"a refit of {reference_config['model_version']}" in capsys.readouterr().err
+    assert main(["evaluate", str(refit_dir), "--device", "cpu", "--data", "news-probe",
+                 "--out", str(tmp_path / "probe.json")]) == 0
+    # A refit is not a reference: its own choices were borrowed.
+    assert main(["train", "--refit", str(refit_dir), *out]) == 2
+    assert f"refit its reference, {reference_config['model_version']}" in capsys.readouterr().err
+
+
 def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     """The distillation pipeline end to end on the tiny encoder: domain pretraining, a plain and an adapted
     teacher trained at once in two spawned processes, their ensemble, and the student that is saved."""
@@ -206,6 +253,19 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     for i in range(2):
         probs = np.load(run_dir / f"teacher-{i}" / "probs.npz")
         assert probs["topic"].shape == (len(load_data([str(data_file)], tmp_path)), len(TOPICS))
+
+    # Its refit trains each teacher for the epochs the reference chose, and the reference's ensemble.
+    refit = subprocess.run([sys.executable, "-m", "models.cli", "train", "--refit", str(model_dir), "--device", "cpu",
+                            "--out", str(tmp_path / "refits"), "--runs-dir", str(tmp_path / "runs")],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert refit.returncode == 0, refit.stderr[-3000:]
+    [refit_dir] = list((tmp_path / "refits").iterdir())
+    refit_stages = json.loads((refit_dir / "metrics.json").read_text())["stages"]
+    for stage in ("teacher-0", "teacher-1", "student"):
+        assert len(refit_stages[stage]["history"]) == stages[stage]["best_epoch"]
+    assert refit_stages["ensemble"] == {"chosen": f"{model_dir.name}'s choice", "members": stages["ensemble"]["members"],
+                                        "student_init": stages["ensemble"]["student_init"]}
+    shutil.rmtree(next(d for d in (tmp_path / "runs").iterdir() if "-refit-" in d.name))
 
     # Resumed one at a time, the run finds its own state: nothing is trained again.
     command[command.index("--parallel") + 1] = "1"
