@@ -407,6 +407,9 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
                    f" (version {card.version}; the messages shown were scored by {scoring_now})"))
         if card.problem:
             st.warning(card.problem)
+        if card.metrics.get("refit_of"):
+            st.caption(f"Held-out figures of {md(str(card.metrics['refit_of']))}: this model is its refit on every "
+                       "labeled row, so no row was left to measure it on (its model card says more).")
         reports = head_reports(card.metrics)
         if reports:
             # Small tables as static HTML: a data grid per two-row table would slow the page down for nothing.

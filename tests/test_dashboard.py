@@ -395,6 +395,19 @@ def test_model_view_shows_version_metrics_confusion_and_lag(fp_settings, produce
     assert table.loc["topic", "accuracy"] == 1.0 and 0.7 < table.loc["sentiment", "accuracy"] < 0.95
     assert sum("layer" in s and s["layer"][0]["mark"]["type"] == "rect" for s in _chart_specs(at)) == 2  # both heads' matrices
     assert any("model card" in e.label.lower() for e in at.expander)
+    assert not any("refit" in c.value for c in at.caption)
+
+
+def test_model_view_names_the_reference_whose_figures_a_refit_shows(fp_settings, produced, model_dir, monkeypatch):
+    metrics_file = model_dir / "metrics.json"
+    metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()),
+                                        "refit_of": "finpulse-minilm-full-20261204-0a1b2c3d"}))
+    _env_for(monkeypatch, fp_settings)
+    monkeypatch.setenv("FINPULSE_WORKER__MODEL_DIR", str(model_dir))
+    at = AppTest.from_function(_view_script, args=("model",), default_timeout=60)
+    run_until(at, lambda a: len(a.table) > 0, "the evaluation table")
+    assert any(c.value.startswith("Held-out figures of finpulse-minilm-full-20261204-0a1b2c3d: this model is its "
+                                  "refit") for c in at.caption)
 
 
 def test_unreachable_kafka_says_so_and_recovers_when_it_appears(monkeypatch, tmp_path):
