@@ -273,7 +273,8 @@ def _refit_metrics(refit: Refit) -> dict[str, Any]:
                         f"{refit.reference}'s figures were measured on its {reference['measured_on']}"),
         "refit_of": refit.reference,
         "test": reference["test"],
-        "comparison_test": reference.get("comparison_test", {}),
+        "comparison_test": {name.replace("(shipped)", "(the reference)"): row
+                            for name, row in reference.get("comparison_test", {}).items()},
         "calibration": {**calibration,
                         "fitted_on": f"{calibration['fitted_on']} of {refit.reference} (taken over by this refit, "
                                      "which trained on those rows)",

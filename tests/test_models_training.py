@@ -221,6 +221,7 @@ def test_a_refit_trains_on_every_labeled_row_with_its_references_choices(tiny_ba
     assert metrics["out_of_domain"]["rows"] == 80  # text it never saw is still measured on the refit itself
     card = (refit_dir / "README.md").read_text()
     assert f"{reference_config['model_version']}'s held-out test slice" in card and "every labeled row" in card
+    assert "plain model (the reference)" in card and "(shipped)" not in card
 
     # Its held-out slice is gone: evaluating without --data says where its figures come from instead.
     assert main(["evaluate", str(refit_dir), "--device", "cpu"]) == 2
