@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .labels import SENTIMENTS, SENTIMENTS_BY_DATASET_ID, TOPICS
+from .labels import SENTIMENT_SYNONYMS, SENTIMENTS, SENTIMENTS_BY_DATASET_ID, TOPICS
 
 SENTIMENT_FILE = "sentiment_train.csv"
 TOPIC_FILE = "topic_train.csv"
@@ -182,6 +182,8 @@ def parse_label(head: str, value) -> int:
             return SENTIMENTS.index(SENTIMENTS_BY_DATASET_ID[number])
         raise ValueError(f"{head} id {number} out of range")
     lowered = {n.lower(): i for i, n in enumerate(names)}
+    if head == "sentiment":
+        lowered.update({synonym: SENTIMENTS.index(name) for synonym, name in SENTIMENT_SYNONYMS.items()})
     if text.lower() in lowered:
         return lowered[text.lower()]
     raise ValueError(f"unknown {head} {text!r}")

@@ -10,3 +10,7 @@ TOPICS: tuple[str, ...] = (
 # The public sentiment set's integer labels: 0 bearish, 1 bullish, 2 neutral.
 SENTIMENTS_BY_DATASET_ID: tuple[str, ...] = ("bearish", "bullish", "neutral")
 SENTIMENTS: tuple[str, ...] = ("bearish", "neutral", "bullish")
+
+# Finance sentiment sets labeled from an investor's point of view (Financial PhraseBank, FiQA and most others) say
+# positive / negative: the same judgement as bullish / bearish, so files labeled either way load as they are.
+SENTIMENT_SYNONYMS: dict[str, str] = {"positive": "bullish", "negative": "bearish"}

@@ -457,6 +457,18 @@ def test_tiny_csv_fixture_round_trips_through_the_loader(tmp_path):
     assert np.array_equal(data.topic, reference.topic) and np.array_equal(data.sentiment, reference.sentiment)
 
 
+def test_sentiment_files_labeled_positive_and_negative_load_as_bullish_and_bearish(tmp_path):
+    """Finance news sets such as Financial PhraseBank label sentiment positive / negative / neutral."""
+    news = tmp_path / "news.csv"
+    news.write_text("text,sentiment\nProfit rose.,positive\nSales fell.,Negative\nThe board met.,neutral\n"
+                    "Shares jumped.,bullish\n")
+    data = load_file(news)
+    assert [SENTIMENTS[i] for i in data.sentiment] == ["bullish", "bearish", "neutral", "bullish"]
+    news.write_text("text,sentiment\nProfit rose.,positive\nThe board met.,mixed\n")
+    with pytest.raises(DataError, match="row 3: unknown sentiment 'mixed'"):
+        load_file(news)
+
+
 def test_the_models_dir_setting_is_where_the_worker_looks_for_the_newest_model(tiny_model_dir, tmp_path, monkeypatch):
     from models.settings import models_root
     from stream.config import load_settings
