@@ -91,17 +91,56 @@ def _at_least_one(value: str) -> int:
     return number
 
 
+# What a refit takes from its reference: options that would train something else are refused, not ignored.
+REFIT_FIXED = ("recipe", "data", "base_model", "epochs", "batch_size", "lr", "max_length", "seed", "train_limit",
+               "teachers", "mlm_epochs")
+
+
 def _train(args, settings) -> int:
     import dataclasses
     import torch
     from .data import DataError, default_data_dir
     from .modeling import ModelError, resolve_base_model
-    from .recipes import RECIPES, print_outcome, run_recipe
+    from .recipes import RefitError, load_refit, print_outcome, run_recipe
+    from .registry import find_model_dir
     from .scorer import pick_device
 
     ms = settings.section("models", ModelSettings)
-    if args.refit:
-        return _refit(args, ms)
+    given = ["--" + name.replace("_", "-") for name in REFIT_FIXED if getattr(args, name) is not None]
+    if args.refit and given:
+        print(f"finpulse train: --refit trains the reference's recipe on its data: leave out {', '.join(given)}",
+              file=sys.stderr)
+        return 2
+    try:
+        refit = None
+        if args.refit:
+            refit = load_refit(find_model_dir(args.refit, args.out or ms.models_dir))  # a version: under --out
+            recipe, data_specs, base_model = refit.recipe, refit.data_specs, refit.base_model
+            print(f"refitting {refit.reference} (recipe {recipe.name}) on every labeled row; epochs per stage "
+                  f"{refit.epochs}", flush=True)
+        else:
+            recipe, data_specs = _recipe_from_flags(args), args.data or ["shared"]
+            base_model = resolve_base_model(args.base_model or ms.base_model or None)
+        if args.parallel is not None:
+            recipe = dataclasses.replace(recipe, parallel=args.parallel)
+        outcome = run_recipe(
+            recipe, data_specs=data_specs, data_dir=default_data_dir(args.data_dir or ms.data_dir or None),
+            base_model=base_model, models_root=Path(args.out or ms.models_dir),
+            runs_root=Path(args.runs_dir or ms.runs_dir), device=pick_device(args.device or ms.device),
+            resume=args.resume, time_budget=args.time_budget, save_dtype=getattr(torch, args.save_dtype),
+            command=shlex.join(["finpulse", *sys.argv[1:]]), refit=refit)
+    except (DataError, ModelError, RefitError) as exc:
+        print(f"finpulse train: {exc}", file=sys.stderr)
+        return 2
+    print_outcome(outcome, recipe)
+    return 0
+
+
+def _recipe_from_flags(args):
+    """The named recipe (default quick) with the flags that change what it trains."""
+    import dataclasses
+    from .recipes import RECIPES
+
     recipe = RECIPES[args.recipe or "quick"]
     fit_overrides = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                                         "max_length": args.max_length, "seed": args.seed}.items() if v is not None}
@@ -112,60 +151,10 @@ def _train(args, settings) -> int:
         recipe = dataclasses.replace(recipe, train_limit=args.train_limit)
     if args.teachers is not None:
         recipe = dataclasses.replace(recipe, teachers=args.teachers)
-    if args.parallel is not None:
-        recipe = dataclasses.replace(recipe, parallel=args.parallel)
     if recipe.mlm and (args.mlm_epochs is not None or args.max_length):
         recipe = dataclasses.replace(recipe, mlm=dataclasses.replace(
             recipe.mlm, **{k: v for k, v in {"epochs": args.mlm_epochs, "max_length": args.max_length}.items() if v}))
-    try:
-        outcome = run_recipe(
-            recipe, data_specs=args.data or ["shared"], data_dir=default_data_dir(args.data_dir or ms.data_dir or None),
-            base_model=resolve_base_model(args.base_model or ms.base_model or None),
-            models_root=Path(args.out or ms.models_dir), runs_root=Path(args.runs_dir or ms.runs_dir),
-            device=pick_device(args.device or ms.device), resume=args.resume, time_budget=args.time_budget,
-            save_dtype=getattr(torch, args.save_dtype), command=shlex.join(["finpulse", *sys.argv[1:]]))
-    except (DataError, ModelError) as exc:
-        print(f"finpulse train: {exc}", file=sys.stderr)
-        return 2
-    print_outcome(outcome, recipe)
-    return 0
-
-
-# What a refit takes from its reference: options that would train something else are refused, not ignored.
-REFIT_FIXED = ("recipe", "data", "base_model", "epochs", "batch_size", "lr", "max_length", "seed", "train_limit",
-               "teachers", "mlm_epochs")
-
-
-def _refit(args, ms: ModelSettings) -> int:
-    import dataclasses
-    import torch
-    from .data import DataError, default_data_dir
-    from .modeling import ModelError
-    from .recipes import RefitError, load_refit, print_outcome, run_recipe
-    from .registry import find_model_dir
-    from .scorer import pick_device
-
-    given = ["--" + name.replace("_", "-") for name in REFIT_FIXED if getattr(args, name) is not None]
-    if given:
-        print(f"finpulse train: --refit trains the reference's recipe on its data: leave out {', '.join(given)}",
-              file=sys.stderr)
-        return 2
-    try:
-        refit = load_refit(find_model_dir(args.refit, args.out or ms.models_dir))  # a version: under --out
-        recipe = refit.recipe if args.parallel is None else dataclasses.replace(refit.recipe, parallel=args.parallel)
-        print(f"refitting {refit.reference} (recipe {recipe.name}) on every labeled row; epochs per stage "
-              f"{refit.epochs}", flush=True)
-        outcome = run_recipe(
-            recipe, data_specs=refit.data_specs, data_dir=default_data_dir(args.data_dir or ms.data_dir or None),
-            base_model=refit.base_model, models_root=Path(args.out or ms.models_dir),
-            runs_root=Path(args.runs_dir or ms.runs_dir), device=pick_device(args.device or ms.device),
-            resume=args.resume, time_budget=args.time_budget, save_dtype=getattr(torch, args.save_dtype),
-            command=shlex.join(["finpulse", *sys.argv[1:]]), refit=refit)
-    except (DataError, ModelError, RefitError) as exc:
-        print(f"finpulse train: {exc}", file=sys.stderr)
-        return 2
-    print_outcome(outcome, recipe)
-    return 0
+    return recipe
 
 
 def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...], device: str | None = None):

@@ -167,10 +167,17 @@ def _from_frame(frame, source: str) -> LabeledSet:
     return LabeledSet(texts, labels["topic"], labels["sentiment"], [source])
 
 
+# Label name (any case) -> index, per head: built once, not per row loaded.
+LABEL_INDEX: dict[str, dict[str, int]] = {
+    "topic": {name.lower(): i for i, name in enumerate(TOPICS)},
+    "sentiment": {**{name: SENTIMENTS.index(meant) for name, meant in SENTIMENT_SYNONYMS.items()},
+                  **{name.lower(): i for i, name in enumerate(SENTIMENTS)}},
+}
+
+
 def parse_label(head: str, value) -> int:
     """A label cell -> index into TOPICS/SENTIMENTS; empty -> MISSING. Integer sentiment ids follow the public set
     (0 bearish, 1 bullish, 2 neutral); topic ids are the public set's 0-19."""
-    names = TOPICS if head == "topic" else SENTIMENTS
     if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
         return MISSING
     text = str(value).strip()
@@ -181,12 +188,10 @@ def parse_label(head: str, value) -> int:
         if head == "sentiment" and 0 <= number < len(SENTIMENTS_BY_DATASET_ID):
             return SENTIMENTS.index(SENTIMENTS_BY_DATASET_ID[number])
         raise ValueError(f"{head} id {number} out of range")
-    lowered = {n.lower(): i for i, n in enumerate(names)}
-    if head == "sentiment":
-        lowered.update({synonym: SENTIMENTS.index(name) for synonym, name in SENTIMENT_SYNONYMS.items()})
-    if text.lower() in lowered:
-        return lowered[text.lower()]
-    raise ValueError(f"unknown {head} {text!r}")
+    index = LABEL_INDEX[head].get(text.lower())
+    if index is None:
+        raise ValueError(f"unknown {head} {text!r}")
+    return index
 
 
 def _as_integer(text: str) -> int | None:
