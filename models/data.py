@@ -6,7 +6,7 @@ or both columns look the same to training; each head learns only from the rows t
 
 Sources (``--data``): ``shared`` (the two CSVs in the shared data directory), a directory with that layout, a
 user CSV/JSONL file (``text`` plus ``topic`` and/or ``sentiment``: names or integer ids), ``hub:NAME[:SPLIT]``
-for the public sets by name when the machine is online, or ``news-probe``: 80 news-wire sentences written for
+for the public sets by name when the machine is online, or ``news-probe``: 200 news-wire sentences written for
 FinPulse (``probes/``), an out-of-domain check that no recipe trains on.
 
 ``split`` cuts a set into train/validation/test slices, stratified by head and label and deterministic in the

@@ -42,6 +42,7 @@ from .calibration import (SCORE_LIMIT, calibrated, calibration_report, calibrati
                           format_calibration)
 from .data import NEWS_PROBE, DataError, LabeledSet, fingerprint, load_data, split, stratified_sample
 from .evaluation import HEADS, evaluate, reports_from, selection_score
+from .metrics import accuracy_standard_error
 from .modeling import FinPulseClassifier, TextEncoder, describe_base, save_model, write_json
 from .scorer import BatchScorer, Probabilities
 from .training import FitConfig, MlmConfig, config_hash, distillation_targets, fit, gold_targets, pretrain_mlm
@@ -487,6 +488,8 @@ def _head_rows(reports: dict[str, Any]) -> str:
 def model_card(version: str, recipe: Recipe, base: str, training_config: dict, metrics: dict, table: str) -> str:
     per_head = _head_rows(metrics["test"])
     probe_rows = _head_rows({head: metrics["out_of_domain"][head] for head in HEADS})
+    probe_n = metrics["out_of_domain"]["rows"]
+    probe_margin = round(accuracy_standard_error(probe_n) * 100)
     data = training_config["data"]
     extra_labels = (" plus the teacher ensemble's soft labels on the other set's texts (cross-task distillation)"
                     if recipe.teachers else "")
@@ -524,8 +527,9 @@ Per-class F1 and confusion matrices: {where}
 
 ## Beyond tweets
 
-The training data are tweets. `news-probe` (`models/probes/`) is 80 newswire-style finance sentences written for
-FinPulse (4 per topic), never trained or selected on; about ±5 points of accuracy at 80 rows:
+The training data are tweets. `news-probe` (`models/probes/`) is {probe_n} newswire-style finance sentences written
+for FinPulse (every topic, every sentiment), never trained or selected on; about ±{probe_margin} points of accuracy
+at {probe_n} rows (one standard error):
 
 | head | rows | accuracy | macro-F1 |
 |---|---|---|---|

@@ -410,12 +410,12 @@ def test_shared_layout_loader_and_stratified_split(tmp_path):
 def test_news_probe_loads_by_name_with_every_topic_and_sentiment(tmp_path):
     from models.data import NEWS_PROBE, NEWS_PROBE_FILE
     probe = load_data([NEWS_PROBE], tmp_path / "no data dir needed")
-    assert len(probe) == 80 and probe.sources == [str(NEWS_PROBE_FILE)]
-    assert np.bincount(probe.topic, minlength=len(TOPICS)).tolist() == [4] * len(TOPICS)
-    assert np.bincount(probe.sentiment, minlength=3).tolist() == [32, 24, 24]  # bearish, neutral, bullish
+    assert len(probe) == 200 and probe.sources == [str(NEWS_PROBE_FILE)]
+    assert np.bincount(probe.topic, minlength=len(TOPICS)).tolist() == [10] * len(TOPICS)
+    assert np.bincount(probe.sentiment, minlength=3).tolist() == [72, 64, 64]  # bearish, neutral, bullish
     # Newswire style is the point of the probe: nothing tweet-shaped may creep in.
     assert not any(marker in text for text in probe.texts for marker in ("$", "http", "@", "#"))
-    assert len(set(probe.texts)) == 80
+    assert len(set(probe.texts)) == 200
 
 
 def test_confident_mistakes_lists_wrong_rows_most_confident_first():

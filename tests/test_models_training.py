@@ -162,8 +162,9 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     assert "held-out test slice" in card
     # Every trained model is also measured on the news probe, text unlike anything it trained on.
     probe = metrics["out_of_domain"]
-    assert probe["rows"] == 80 and probe["topic"]["n"] == 80 and probe["sentiment"]["n"] == 80
-    assert f"| sentiment | 80 | {probe['sentiment']['accuracy']:.4f} |" in card
+    assert probe["rows"] == 200 and probe["topic"]["n"] == 200 and probe["sentiment"]["n"] == 200
+    assert f"| sentiment | 200 | {probe['sentiment']['accuracy']:.4f} |" in card
+    assert "about ±3 points of accuracy\nat 200 rows" in card
     # Calibrated on the validation slice, measured on the test slice, recorded in config, metrics and card.
     config = json.loads((model_dir / "config.json").read_text())
     calibration = metrics["calibration"]["measured"]
@@ -218,7 +219,7 @@ def test_a_refit_trains_on_every_labeled_row_with_its_references_choices(tiny_ba
     assert len(history) == reference["stages"]["fit"]["best_epoch"] and "val_score" not in history[-1]
     assert config["temperature"] == reference_config["temperature"]
     assert metrics["test"] == reference["test"] and reference_config["model_version"] in metrics["measured_on"]
-    assert metrics["out_of_domain"]["rows"] == 80  # text it never saw is still measured on the refit itself
+    assert metrics["out_of_domain"]["rows"] == 200  # text it never saw is still measured on the refit itself
     card = (refit_dir / "README.md").read_text()
     assert f"{reference_config['model_version']}'s held-out test slice" in card and "every labeled row" in card
     assert "plain model (the reference)" in card and "(shipped)" not in card
