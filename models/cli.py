@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", action="append", metavar="SOURCE",
                    help="'shared' (default), a directory like the shared one, a CSV/JSONL file with text + topic "
                         "and/or sentiment, or hub:twitter-financial-news-{sentiment,topic}[:split] (online); repeatable")
+    p.add_argument("--weight", action="append", metavar="SOURCE=W",
+                   help="each row of this --data source counts W times in training (e.g. a few hundred labeled "
+                        "sentences of the text your streams carry: --weight my_news.csv=10); repeatable")
     p.add_argument("--data-dir", help="the shared data directory (default [models] data_dir, $FINPULSE_DATA_DIR, "
                                       "../shared/data/finance)")
     p.add_argument("--base-model", help="local directory or hub id of a BERT-family encoder (default all-MiniLM-L6-v2)")
@@ -92,14 +95,14 @@ def _at_least_one(value: str) -> int:
 
 
 # What a refit takes from its reference: options that would train something else are refused, not ignored.
-REFIT_FIXED = ("recipe", "data", "base_model", "epochs", "batch_size", "lr", "max_length", "seed", "train_limit",
-               "teachers", "mlm_epochs")
+REFIT_FIXED = ("recipe", "data", "weight", "base_model", "epochs", "batch_size", "lr", "max_length", "seed",
+               "train_limit", "teachers", "mlm_epochs")
 
 
 def _train(args, settings) -> int:
     import dataclasses
     import torch
-    from .data import DataError, default_data_dir
+    from .data import DataError, default_data_dir, parse_weights
     from .modeling import ModelError, resolve_base_model
     from .recipes import RefitError, load_refit, print_outcome, run_recipe
     from .registry import find_model_dir
@@ -116,10 +119,12 @@ def _train(args, settings) -> int:
         if args.refit:
             refit = load_refit(find_model_dir(args.refit, args.out or ms.models_dir))  # a version: under --out
             recipe, data_specs, base_model = refit.recipe, refit.data_specs, refit.base_model
+            data_weights = refit.data_weights
             print(f"refitting {refit.reference} (recipe {recipe.name}) on every labeled row; epochs per stage "
                   f"{refit.epochs}", flush=True)
         else:
             recipe, data_specs = _recipe_from_flags(args), args.data or ["shared"]
+            data_weights = parse_weights(args.weight or [])
             base_model = resolve_base_model(args.base_model or ms.base_model or None)
         if args.parallel is not None:
             recipe = dataclasses.replace(recipe, parallel=args.parallel)
@@ -128,7 +133,7 @@ def _train(args, settings) -> int:
             base_model=base_model, models_root=Path(args.out or ms.models_dir),
             runs_root=Path(args.runs_dir or ms.runs_dir), device=pick_device(args.device or ms.device),
             resume=args.resume, time_budget=args.time_budget, save_dtype=getattr(torch, args.save_dtype),
-            command=shlex.join(["finpulse", *sys.argv[1:]]), refit=refit)
+            command=shlex.join(["finpulse", *sys.argv[1:]]), refit=refit, data_weights=data_weights)
     except (DataError, ModelError, RefitError) as exc:
         print(f"finpulse train: {exc}", file=sys.stderr)
         return 2

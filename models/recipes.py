@@ -120,6 +120,7 @@ class Refit:
     recipe: Recipe
     base_model: str
     data_specs: list[str]
+    data_weights: dict[str, float]  # --weight: source -> the weight of its rows
     data_sha256: dict[str, str]
     epochs: dict[str, int]         # stage ("fit", "teacher-N", "student") -> its best epoch in the reference run
     members: list[int]             # distillation: the teachers of the chosen ensemble
@@ -157,7 +158,8 @@ def load_refit(model_dir: Path) -> Refit:
         adapted = stages["ensemble"]["student_init"] == "adapted encoder"
     else:
         epochs, members, adapted = {"fit": stages["fit"]["best_epoch"]}, [], False
-    return Refit(version, recipe, training["base_model"], training["data"]["specs"], training["data"]["sha256"],
+    data = training["data"]
+    return Refit(version, recipe, training["base_model"], data["specs"], data.get("weights", {}), data["sha256"],
                  epochs, members, adapted, dict(config["temperature"]), metrics)
 
 
@@ -174,12 +176,14 @@ def _recipe_from(recorded: dict[str, Any]) -> Recipe:
 
 def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_model: str, models_root: Path,
                runs_root: Path, device: torch.device, resume: bool = False, time_budget: float | None = None,
-               save_dtype: torch.dtype = torch.float32, command: str = "", refit: Refit | None = None) -> TrainOutcome:
-    """``refit``: train on every labeled row with the reference's choices (``recipe``, ``data_specs`` and
-    ``base_model`` then are the reference's, as ``finpulse train --refit`` passes them)."""
+               save_dtype: torch.dtype = torch.float32, command: str = "", refit: Refit | None = None,
+               data_weights: dict[str, float] | None = None) -> TrainOutcome:
+    """``refit``: train on every labeled row with the reference's choices (``recipe``, ``data_specs``,
+    ``data_weights`` and ``base_model`` then are the reference's, as ``finpulse train --refit`` passes them)."""
     started = time.monotonic()
     _quiet_transformers()
-    data = load_data(data_specs, data_dir)
+    data_weights = dict(data_weights or {})
+    data = load_data(data_specs, data_dir, data_weights)
     sha = fingerprint(data_specs, data_dir)
     if refit:
         if refit.data_sha256 != sha:
@@ -194,15 +198,17 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         test_rows = stratified_sample(data, parts["test"], recipe.report_limit, recipe.fit.seed)
     train, val, test = data.subset(train_rows), data.subset(val_rows), data.subset(test_rows)
     # How many teachers train at once does not change what is trained: a resumed run may pick another number.
-    what = config_hash(dataclasses.replace(recipe, parallel=0), base_model, sha, *([refit.reference] if refit else []))
+    what = config_hash(dataclasses.replace(recipe, parallel=0), base_model, sha,
+                       *([data_weights] if data_weights else []), *([refit.reference] if refit else []))
     run_dir = runs_root / f"{recipe.name}-{'refit-' if refit else ''}{what}"
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     held_out = (f"nothing held out (a refit of {refit.reference})" if refit
                 else f"{len(val)} validation, {len(test)} held-out test")
-    print(f"data: {len(train)} training rows {train.summary()}, {held_out} (device {device}, run state in "
-          f"{run_dir})", flush=True)
+    weighted = "".join(f", rows of {spec} weigh {weight:g}" for spec, weight in data_weights.items())
+    print(f"data: {len(train)} training rows {train.summary()}{weighted}, {held_out} (device {device}, run state "
+          f"in {run_dir})", flush=True)
 
     text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)
     if recipe.teachers:
@@ -240,7 +246,7 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     training_config = {
         "recipe": dataclasses.asdict(recipe),
         "base_model": base_model,
-        "data": {"specs": data_specs, "sha256": sha, "test_fraction": recipe.test_fraction,
+        "data": {"specs": data_specs, "weights": data_weights, "sha256": sha, "test_fraction": recipe.test_fraction,
                  "val_fraction": recipe.val_fraction, "split_seed": recipe.split_seed,
                  "rows": {"train": len(train), "val": len(val), "test": len(test)}},
         **({"refit_of": refit.reference} if refit else {}),
@@ -485,6 +491,13 @@ def _head_rows(reports: dict[str, Any]) -> str:
                      for head, r in reports.items())
 
 
+def _sources(data: dict[str, Any]) -> str:
+    """The data sources a training_config records, each weighted one with its weight."""
+    weights = data.get("weights") or {}
+    return ", ".join(f"{spec} (each row weighs {weights[spec]:g})" if spec in weights else spec
+                     for spec in data["specs"])
+
+
 def model_card(version: str, recipe: Recipe, base: str, training_config: dict, metrics: dict, table: str) -> str:
     per_head = _head_rows(metrics["test"])
     probe_rows = _head_rows({head: metrics["out_of_domain"][head] for head in HEADS})
@@ -540,7 +553,7 @@ Reproduce with `finpulse evaluate {version} --data news-probe`.
 {calibration_section(metrics["calibration"])}
 ## Data
 
-Sources: {', '.join(data['specs'])} (sha256 in `training_config.json`). Rows: {rows}. Topic labels and
+Sources: {_sources(data)} (sha256 in `training_config.json`). Rows: {rows}. Topic labels and
 sentiment labels come from two different sets of finance-news tweets; each head learned from its own
 rows{extra_labels}.
 

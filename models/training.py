@@ -1,9 +1,10 @@
 """Fine-tuning the two-head classifier, and domain-adaptive masked-language-model pretraining of its encoder.
 
 ``fit`` trains on per-row *target distributions* with per-row weights, one pair per head. A gold label is a
-one-hot target weighted by its class weight (class-balanced loss); a head a row has no label for gets weight 0,
-so the two heads learn only from their own rows (the masked loss); a teacher's soft prediction is just another
-target, which is how distillation and cross-task self-training use the same loop.
+one-hot target weighted by its class weight (class-balanced loss) times its source's weight (``--weight``); a head
+a row has no label for gets weight 0, so the two heads learn only from their own rows (the masked loss); a
+teacher's soft prediction is just another target, which is how distillation and cross-task self-training use the
+same loop.
 
 The loop: AdamW (no decay on biases and norms), linear warm-up then linear or cosine decay, bf16 autocast on a
 GPU (float32 on a CPU), gradient clipping, length-bucketed batches (little padding), early stopping on validation
@@ -108,7 +109,7 @@ def gold_targets(data: LabeledSet, class_balance: float, label_smoothing: float 
         target[has] = label_smoothing / n_classes
         target[np.flatnonzero(has), labels[has]] += 1.0 - label_smoothing
         weight = np.where(has, class_weights(labels, n_classes, class_balance)[np.maximum(labels, 0)], 0.0)
-        heads[head] = (target, weight.astype(np.float32))
+        heads[head] = (target, (weight * data.weight).astype(np.float32))
     return Targets(heads["topic"][0], heads["topic"][1], heads["sentiment"][0], heads["sentiment"][1])
 
 
@@ -124,7 +125,7 @@ def distillation_targets(data: LabeledSet, teacher: Probabilities, class_balance
         soft = getattr(teacher, head).astype(np.float32)
         target = np.where(has[:, None], gold_share * getattr(gold, head) + (1 - gold_share) * soft, soft)
         weights = class_weights(labels, n_classes, class_balance)
-        weight = np.where(has, getattr(gold, f"{head}_weight"), pseudo_weight * weights[soft.argmax(1)])
+        weight = np.where(has, getattr(gold, f"{head}_weight"), pseudo_weight * weights[soft.argmax(1)] * data.weight)
         heads[head] = (target.astype(np.float32), weight.astype(np.float32))
     return Targets(heads["topic"][0], heads["topic"][1], heads["sentiment"][0], heads["sentiment"][1])
 

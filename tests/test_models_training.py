@@ -20,7 +20,7 @@ from models.data import MISSING, LabeledSet, load_data
 from models.labels import SENTIMENTS, TOPICS
 from models.modeling import FinPulseClassifier, TextEncoder
 from models.training import FitConfig, fit, gold_targets, masked_soft_loss
-from tests.models_fixtures import make_tiny_base, tiny_set, write_tiny_csv
+from tests.models_fixtures import SENTIMENT_ROWS, make_tiny_base, tiny_set, write_tiny_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,46 @@ def test_class_balanced_targets_weight_rare_classes_up():
     targets = gold_targets(data, class_balance=1.0)
     assert targets.sentiment_weight[4] == pytest.approx(4 * targets.sentiment_weight[0])
     assert np.all(targets.topic_weight == 0)
+
+
+def test_a_weighted_source_decides_what_the_model_learns_where_sources_disagree(tiny_base, tmp_path):
+    """Two files label the same texts bullish and bearish: the model learns the one whose rows weigh more."""
+    from models.data import DataError, parse_weights
+    from models.scorer import BatchScorer, Probabilities
+    from models.training import distillation_targets
+    texts = [text for text, _ in SENTIMENT_ROWS]
+    files = {}
+    for label in ("bullish", "bearish"):
+        files[label] = tmp_path / f"{label}.csv"
+        files[label].write_text("text,sentiment\n" + "".join(f'"{t}",{label}\n' for t in texts))
+    specs = [str(files["bullish"]), str(files["bearish"])]
+    encoder = TextEncoder.for_base(tiny_base, 32)
+    cfg = FitConfig(epochs=10, batch_size=6, lr=3e-3, warmup_ratio=0.1, patience=100, class_balance=0.0,
+                    max_length=32, seed=3)
+    learned = {}
+    for heavier in ("bullish", "bearish"):
+        data = load_data(specs, tmp_path, parse_weights([f"{files[heavier]}=4"]))
+        assert sorted(set(data.weight.tolist())) == [1.0, 4.0] and data.weight.sum() == 5 * len(texts)
+        targets = gold_targets(data, 0.0)
+        assert targets.sentiment_weight.tolist() == data.weight.tolist()
+        model = FinPulseClassifier.from_base(tiny_base, seed=1)
+        fit(model, encoder, data, targets, None, cfg, torch.device("cpu"), name=heavier)
+        sentiment = BatchScorer(model, encoder, "w", device="cpu").probabilities(texts).sentiment
+        learned[heavier] = [SENTIMENTS[i] for i in sentiment.argmax(1)]
+    assert learned["bullish"] == ["bullish"] * len(texts) and learned["bearish"] == ["bearish"] * len(texts)
+
+    # A teacher's soft labels for the head a row lacks weigh as much as the row.
+    data = load_data(specs, tmp_path, {specs[1]: 3.0})
+    teacher = Probabilities(np.full((len(data), len(TOPICS)), 1 / len(TOPICS), np.float32),
+                            np.full((len(data), 3), 1 / 3, np.float32), [None] * len(data))
+    pseudo = distillation_targets(data, teacher, 0.0, 0.5, 0.5).topic_weight
+    assert pseudo.tolist() == [0.5] * len(texts) + [1.5] * len(texts)
+    # Weights that cannot mean anything are refused with the way to write them.
+    for bad in (["my.csv"], ["my.csv=0"], ["my.csv=-2"], ["my.csv=ten"], ["=3"], ["my.csv=5000"]):
+        with pytest.raises(DataError, match="use SOURCE=W"):
+            parse_weights(bad)
+    with pytest.raises(DataError, match="not a --data source"):
+        load_data(specs, tmp_path, {"other.csv": 2.0})
 
 
 def test_training_lowers_the_loss_on_a_tiny_set(tiny_base):
@@ -192,7 +232,7 @@ def test_a_refit_trains_on_every_labeled_row_with_its_references_choices(tiny_ba
     is left to measure the refit on, its held-out figures, named as the reference's."""
     from models.cli import main
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=10)
-    assert main(train_command(tiny_base, data_file, tmp_path, "--epochs", "3")[3:]) == 0
+    assert main(train_command(tiny_base, data_file, tmp_path, "--epochs", "3", "--weight", f"{data_file}=2")[3:]) == 0
     [reference_dir] = list((tmp_path / "models").iterdir())
     reference = json.loads((reference_dir / "metrics.json").read_text())
     reference_config = json.loads((reference_dir / "config.json").read_text())
@@ -202,8 +242,9 @@ def test_a_refit_trains_on_every_labeled_row_with_its_references_choices(tiny_ba
 
     # Options that would train something else than the reference's recipe are refused, not ignored.
     capsys.readouterr()
-    assert main(["train", "--refit", str(reference_dir), "--epochs", "9", "--recipe", "full", *out]) == 2
-    assert "leave out --recipe, --epochs" in capsys.readouterr().err
+    assert main(["train", "--refit", str(reference_dir), "--epochs", "9", "--recipe", "full", "--weight", "x=2",
+                 *out]) == 2
+    assert "leave out --recipe, --weight, --epochs" in capsys.readouterr().err
 
     assert main(["train", "--refit", reference_dir.name, *out]) == 0
     printed = capsys.readouterr().out
@@ -215,6 +256,8 @@ def test_a_refit_trains_on_every_labeled_row_with_its_references_choices(tiny_ba
     assert training["refit_of"] == metrics["refit_of"] == reference_config["model_version"]
     assert "-plain-refit-" in config["model_version"]
     assert training["data"]["rows"] == {"train": len(load_data([str(data_file)], tmp_path)), "val": 0, "test": 0}
+    assert training["data"]["weights"] == {str(data_file): 2.0}  # the reference's, as every other choice
+    assert f"{data_file} (each row weighs 2)" in (refit_dir / "README.md").read_text()
     history = metrics["stages"]["fit"]["history"]
     assert len(history) == reference["stages"]["fit"]["best_epoch"] and "val_score" not in history[-1]
     assert config["temperature"] == reference_config["temperature"]
