@@ -504,6 +504,9 @@ def model_card(version: str, recipe: Recipe, base: str, training_config: dict, m
     probe_n = metrics["out_of_domain"]["rows"]
     probe_margin = round(accuracy_standard_error(probe_n) * 100)
     data = training_config["data"]
+    provenance = ("Topic labels and sentiment labels come from two different sets of finance-news tweets; each head "
+                  "learned from its own rows" if data["specs"] == ["shared"] else
+                  "Each head learned from the rows that carry its label")
     extra_labels = (" plus the teacher ensemble's soft labels on the other set's texts (cross-task distillation)"
                     if recipe.teachers else "")
     reference = training_config.get("refit_of")
@@ -540,9 +543,9 @@ Per-class F1 and confusion matrices: {where}
 
 ## Beyond tweets
 
-The training data are tweets. `news-probe` (`models/probes/`) is {probe_n} newswire-style finance sentences written
-for FinPulse (every topic, every sentiment), never trained or selected on; about ±{probe_margin} points of accuracy
-at {probe_n} rows (one standard error):
+The shared training data are tweets. `news-probe` (`models/probes/`) is {probe_n} newswire-style finance sentences
+written for FinPulse (every topic, every sentiment), never trained or selected on; about ±{probe_margin} points of
+accuracy at {probe_n} rows (one standard error):
 
 | head | rows | accuracy | macro-F1 |
 |---|---|---|---|
@@ -553,9 +556,7 @@ Reproduce with `finpulse evaluate {version} --data news-probe`.
 {calibration_section(metrics["calibration"])}
 ## Data
 
-Sources: {_sources(data)} (sha256 in `training_config.json`). Rows: {rows}. Topic labels and
-sentiment labels come from two different sets of finance-news tweets; each head learned from its own
-rows{extra_labels}.
+Sources: {_sources(data)} (sha256 in `training_config.json`). Rows: {rows}. {provenance}{extra_labels}.
 
 ## Limits
 
