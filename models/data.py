@@ -5,7 +5,8 @@ shared sets (topic rows and sentiment rows come from different public data sets)
 or both columns look the same to training; each head learns only from the rows that carry its label.
 
 Sources (``--data``): ``shared`` (the two CSVs in the shared data directory), a directory with that layout, a
-user CSV/JSONL file (``text`` plus ``topic`` and/or ``sentiment``: names or integer ids), ``hub:NAME[:SPLIT]``
+user CSV/JSONL file (``text`` plus ``topic`` and/or ``sentiment``: names or integer ids; or a public set's file as
+published, ``text,label``, named like it: ``sent_valid.csv``, ``topic_valid.csv``), ``hub:NAME[:SPLIT]``
 for the public sets by name when the machine is online, or ``news-probe``: 200 news-wire sentences written for
 FinPulse (``probes/``), an out-of-domain check that no recipe trains on.
 
@@ -100,9 +101,12 @@ def load_shared(data_dir: Path) -> LabeledSet:
     sentiment_csv, topic_csv = data_dir / SENTIMENT_FILE, data_dir / TOPIC_FILE
     missing = [p.name for p in (sentiment_csv, topic_csv) if not p.is_file()]
     if missing:
-        raise DataError(f"no {' or '.join(missing)} in {data_dir}: point --data-dir or ${DATA_DIR_ENV} at the "
-                        "shared finance data, pass your own file with --data FILE, or (online) "
-                        "--data hub:twitter-financial-news-sentiment --data hub:twitter-financial-news-topic")
+        others = sorted(p.name for p in data_dir.glob("*.csv") if p.name not in (SENTIMENT_FILE, TOPIC_FILE))
+        hint = (f"it holds {', '.join(others[:6])}: pass each file on its own (--data {data_dir / others[0]})"
+                if others else f"point --data-dir or ${DATA_DIR_ENV} at the shared finance data, pass your own "
+                "file with --data FILE, or (online) --data hub:twitter-financial-news-sentiment "
+                "--data hub:twitter-financial-news-topic")
+        raise DataError(f"no {' or '.join(missing)} in {data_dir}: {hint}")
     _check_topic_names(data_dir / "labels.json")
     sentiment = _read_id_csv(sentiment_csv, "sentiment")
     topic = _read_id_csv(topic_csv, "topic")
@@ -143,7 +147,22 @@ def load_file(path: Path) -> LabeledSet:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path} cannot be parsed: {exc}") from None
+    if "label" in frame.columns and not {"topic", "sentiment"} & set(frame.columns):
+        frame = frame.rename(columns={"label": _label_column_head(path)})
     return _from_frame(frame, str(path))
+
+
+# A public set's files as published (text,label; sent_train.csv, sent_valid.csv, topic_valid.csv, ...) say which
+# head their label column is for by their name only.
+PUBLISHED_NAME_HEADS = (("sent", "sentiment"), ("topic", "topic"))
+
+
+def _label_column_head(path: Path) -> str:
+    for prefix, head in PUBLISHED_NAME_HEADS:
+        if path.name.lower().startswith(prefix):
+            return head
+    raise DataError(f"{path}: a 'label' column, but for which head? Rename it to 'sentiment' or 'topic' (names, or "
+                    "the public sets' ids: sentiment 0 bearish / 1 bullish / 2 neutral, topic 0-19)")
 
 
 def _from_frame(frame, source: str) -> LabeledSet:

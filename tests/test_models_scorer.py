@@ -381,8 +381,30 @@ def test_user_files_accept_names_and_ids_and_reject_bad_rows(tmp_path):
     assert "4 bad row(s)" in message and "row 2: empty text" in message and "unknown topic 'Weather'" in message
     assert "topic id 25 out of range" in message and "row 5: no topic label" in message
     with pytest.raises(DataError, match="needs a 'topic' and/or a 'sentiment' column"):
-        (tmp_path / "x.csv").write_text("text,label\nhi,1\n")
+        (tmp_path / "x.csv").write_text("text,score\nhi,1\n")
         load_file(tmp_path / "x.csv")
+
+
+def test_the_public_sets_files_load_as_published_and_a_bare_label_column_is_refused(tmp_path):
+    """The public validation splits come as text,label files: their name says the head, as the sets name them."""
+    published = tmp_path / "published"
+    published.mkdir()
+    (published / "sent_valid.csv").write_text("text,label\nShares sink,0\nStocks soar,1\nFed meets,2\n")
+    (published / "topic_valid.csv").write_text("text,label\nFed holds rates,1\nOil jumps,7\n")
+    data = load_data([str(published / "sent_valid.csv"), str(published / "topic_valid.csv")], tmp_path)
+    assert [SENTIMENTS[i] for i in data.sentiment[:3]] == ["bearish", "bullish", "neutral"]
+    assert list(data.topic[3:]) == [1, 7] and list(data.sentiment[3:]) == [MISSING] * 2
+    assert list(data.topic[:3]) == [MISSING] * 3
+    # Sentiment ids past 2 are not sentiment: the file name does not turn a bad file into topic rows.
+    (tmp_path / "sent_bad.csv").write_text("text,label\nOil jumps,7\n")
+    with pytest.raises(DataError, match="sentiment id 7 out of range"):
+        load_file(tmp_path / "sent_bad.csv")
+    (tmp_path / "mine.csv").write_text("text,label\nhi,1\n")
+    with pytest.raises(DataError, match="a 'label' column, but for which head\\? Rename it to 'sentiment' or 'topic'"):
+        load_file(tmp_path / "mine.csv")
+    # A directory of them is not the shared layout: the error names its files and how to pass one.
+    with pytest.raises(DataError, match=r"it holds sent_valid.csv, topic_valid.csv: pass each file on its own"):
+        load_data([str(published)], tmp_path)
 
 
 def test_shared_layout_loader_and_stratified_split(tmp_path):
