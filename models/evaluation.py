@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .calibration import expected_calibration_error, negative_log_likelihood, scored_rows
-from .data import DataError, LabeledSet, fingerprint, load_data, split
+from .data import SPLIT_SCHEME, DataError, LabeledSet, fingerprint, load_data, split
 from .labels import SENTIMENTS, TOPICS
 from .metrics import head_report
 from .scorer import BatchScorer, Probabilities
@@ -116,6 +116,9 @@ def heldout_test(model_dir: Path, data_dir: Path, which: str = "test") -> Labele
     if recorded and recorded != fingerprint(specs, data_dir):
         raise DataError(f"the training data in {data_dir} differs from what {model_dir.name} was trained on "
                         "(sha256 mismatch): its held-out slice cannot be rebuilt; pass --data FILE instead")
+    if len(specs) > 1 and data_cfg.get("split") != SPLIT_SCHEME:
+        raise DataError(f"{model_dir.name} was trained on several sources before FinPulse split each source on its "
+                        "own: its held-out slice cannot be rebuilt; pass --data FILE instead")
     data = load_data(specs, data_dir)
     parts = split(data, data_cfg["test_fraction"], data_cfg["val_fraction"], data_cfg["split_seed"])
     sliced = data.subset(parts[which])

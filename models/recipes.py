@@ -40,7 +40,7 @@ import torch
 
 from .calibration import (SCORE_LIMIT, calibrated, calibration_report, calibration_section, fit_temperatures,
                           format_calibration)
-from .data import NEWS_PROBE, DataError, LabeledSet, fingerprint, load_data, split, stratified_sample
+from .data import NEWS_PROBE, SPLIT_SCHEME, DataError, LabeledSet, fingerprint, load_data, split, stratified_sample
 from .evaluation import HEADS, evaluate, reports_from, selection_score
 from .metrics import accuracy_standard_error
 from .modeling import FinPulseClassifier, TextEncoder, describe_base, save_model, write_json
@@ -247,7 +247,7 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         "recipe": dataclasses.asdict(recipe),
         "base_model": base_model,
         "data": {"specs": data_specs, "weights": data_weights, "sha256": sha, "test_fraction": recipe.test_fraction,
-                 "val_fraction": recipe.val_fraction, "split_seed": recipe.split_seed,
+                 "val_fraction": recipe.val_fraction, "split_seed": recipe.split_seed, "split": SPLIT_SCHEME,
                  "rows": {"train": len(train), "val": len(val), "test": len(test)}},
         **({"refit_of": refit.reference} if refit else {}),
         "device": str(device), "time_budget_s": time_budget, "seconds": round(time.monotonic() - started, 1),

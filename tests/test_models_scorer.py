@@ -407,13 +407,18 @@ def test_the_public_sets_files_load_as_published_and_a_bare_label_column_is_refu
         load_data([str(published)], tmp_path)
 
 
-def test_shared_layout_loader_and_stratified_split(tmp_path):
+def write_shared_layout(folder: Path) -> None:
+    """The tiny fixture ten times over, written as the shared data directory's two text,label files."""
     rows = tiny_set()
-    (tmp_path / "sentiment_train.csv").write_text("text,label\n" + "".join(
+    (folder / "sentiment_train.csv").write_text("text,label\n" + "".join(
         f'"{t} {i}",{ {"bearish": 0, "bullish": 1, "neutral": 2}[SENTIMENTS[s]] }\n'
         for i in range(10) for t, s in zip(rows.texts, rows.sentiment) if s >= 0))
-    (tmp_path / "topic_train.csv").write_text("text,label\n" + "".join(
+    (folder / "topic_train.csv").write_text("text,label\n" + "".join(
         f'"{t} {i}",{k}\n' for i in range(10) for t, k in zip(rows.texts, rows.topic) if k >= 0))
+
+
+def test_shared_layout_loader_and_stratified_split(tmp_path):
+    write_shared_layout(tmp_path)
     data = load_data(["shared"], tmp_path)
     assert len(data) == 170 and (data.sentiment >= 0).sum() == 90
     assert data.sentiment[0] == SENTIMENTS.index("bullish")  # public id 1 = bullish
@@ -427,6 +432,23 @@ def test_shared_layout_loader_and_stratified_split(tmp_path):
     assert not np.array_equal(parts["test"], split(data, 0.2, 0.2, seed=8)["test"])
     with pytest.raises(DataError, match="no sentiment_train.csv or topic_train.csv"):
         load_shared(tmp_path / "empty")
+
+
+def test_adding_a_source_leaves_the_other_sources_slices_as_they_were(tmp_path):
+    """Held-out figures stay comparable when a file of yours joins the shared sets: each source is split alone."""
+    write_shared_layout(tmp_path)
+    shared_only = split(load_data(["shared"], tmp_path), 0.2, 0.2, seed=7)
+    n_shared = len(load_data(["shared"], tmp_path))
+    mine = tmp_path / "mine.csv"  # same topics as the shared rows: the old split mixed them into one stratum
+    mine.write_text("text,topic,sentiment\n" + "".join(f"Sentence {i},{i % 4},{'bullish' if i % 2 else 'bearish'}\n"
+                                                       for i in range(40)))
+    both = load_data(["shared", str(mine)], tmp_path)
+    assert list(both.origin[:n_shared]) == [0] * n_shared and set(both.origin[n_shared:]) == {1}
+    parts = split(both, 0.2, 0.2, seed=7)
+    for name in parts:
+        assert np.array_equal(parts[name][parts[name] < n_shared], shared_only[name])
+    mine_test = parts["test"][parts["test"] >= n_shared]
+    assert len(mine_test) == 8 and set(both.topic[mine_test]) == {0, 1, 2, 3}  # mine is stratified on its own
 
 
 def test_news_probe_loads_by_name_with_every_topic_and_sentiment(tmp_path):

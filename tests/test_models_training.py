@@ -227,6 +227,16 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
         assert report[head]["n"] == metrics["test"][head]["n"]
         assert report[head]["accuracy"] == pytest.approx(metrics["test"][head]["accuracy"])
         assert len(report[head]["confusion_matrix"]) == len(TOPICS if head == "topic" else SENTIMENTS)
+    # A model trained on several sources before each source was split on its own cannot have its slice rebuilt.
+    training_file = model_dir / "training_config.json"
+    training = json.loads(training_file.read_text())
+    assert training["data"]["split"] == "per-source"
+    training["data"].update(specs=[str(data_file), "news-probe"], sha256={})
+    del training["data"]["split"]
+    training_file.write_text(json.dumps(training))
+    capsys.readouterr()
+    assert main(["evaluate", str(model_dir), "--device", "cpu"]) == 2
+    assert "before FinPulse split each source on its own" in capsys.readouterr().err
 
 
 def test_a_refit_trains_on_every_labeled_row_with_its_references_choices(tiny_base, tmp_path, capsys):
