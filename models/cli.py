@@ -28,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the new model's (the same data, recipe and base model; none of the options that change "
                         "them may be given)")
     p.add_argument("--data", action="append", metavar="SOURCE",
-                   help="'shared' (default), a directory like the shared one, a CSV/JSONL file with text + topic "
-                        "and/or sentiment, or hub:twitter-financial-news-{sentiment,topic}[:split] (online); repeatable")
+                   help="'shared' (the tweets), 'news-train' (400 newswire sentences written for FinPulse), a "
+                        "directory like the shared one, a CSV/JSONL file with text + topic and/or sentiment, or "
+                        "hub:twitter-financial-news-{sentiment,topic}[:split] (online); repeatable; default: shared "
+                        "and news-train")
     p.add_argument("--weight", action="append", metavar="SOURCE=W",
                    help="each row of this --data source counts W times in training (e.g. a few hundred labeled "
                         "sentences of the text your streams carry: --weight my_news.csv=10); repeatable")
@@ -102,7 +104,7 @@ REFIT_FIXED = ("recipe", "data", "weight", "base_model", "epochs", "batch_size",
 def _train(args, settings) -> int:
     import dataclasses
     import torch
-    from .data import DataError, default_data_dir, parse_weights
+    from .data import DEFAULT_TRAINING_SOURCES, DataError, default_data_dir, parse_weights
     from .modeling import ModelError, resolve_base_model
     from .recipes import RefitError, load_refit, print_outcome, run_recipe
     from .registry import find_model_dir
@@ -123,7 +125,7 @@ def _train(args, settings) -> int:
             print(f"refitting {refit.reference} (recipe {recipe.name}) on every labeled row; epochs per stage "
                   f"{refit.epochs}", flush=True)
         else:
-            recipe, data_specs = _recipe_from_flags(args), args.data or ["shared"]
+            recipe, data_specs = _recipe_from_flags(args), args.data or list(DEFAULT_TRAINING_SOURCES)
             data_weights = parse_weights(args.weight or [])
             base_model = resolve_base_model(args.base_model or ms.base_model or None)
         if args.parallel is not None:

@@ -7,8 +7,9 @@ or both columns look the same to training; each head learns only from the rows t
 Sources (``--data``): ``shared`` (the two CSVs in the shared data directory), a directory with that layout, a
 user CSV/JSONL file (``text`` plus ``topic`` and/or ``sentiment``: names or integer ids; or a public set's file as
 published, ``text,label``, named like it: ``sent_valid.csv``, ``topic_valid.csv``), ``hub:NAME[:SPLIT]``
-for the public sets by name when the machine is online, or ``news-probe``: 200 news-wire sentences written for
-FinPulse (``probes/``), an out-of-domain check that no recipe trains on.
+for the public sets by name when the machine is online, ``news-train``: 400 newswire sentences written for FinPulse
+(``datasets/``) that every recipe trains on by default, or ``news-probe``: 200 more (``probes/``), an out-of-domain
+check that no recipe trains on.
 
 A source can be weighted (``--weight SOURCE=W``): each of its rows counts W times in the training loss. A few
 hundred labeled sentences of the text a deployment reads would otherwise be lost among 21,000 tweets.
@@ -43,6 +44,10 @@ HUB_SETS = {
 MISSING = -1
 NEWS_PROBE = "news-probe"
 NEWS_PROBE_FILE = Path(__file__).parent / "probes" / "news_sentences.csv"
+NEWS_TRAIN = "news-train"
+NEWS_TRAIN_FILE = Path(__file__).parent / "datasets" / "news_train.csv"
+# What `finpulse train` learns from without --data: the tweets, and newswire sentences so it reads news too.
+DEFAULT_TRAINING_SOURCES = ("shared", NEWS_TRAIN)
 
 
 class DataError(ValueError):
@@ -311,8 +316,8 @@ def fingerprint(specs: Iterable[str], data_dir: Path) -> dict[str, str]:
 
 
 def _local_file(spec: str) -> Path:
-    """The file behind a file source: the news probe by name, else the path given."""
-    return NEWS_PROBE_FILE if spec == NEWS_PROBE else Path(spec).expanduser()
+    """The file behind a file source: the packaged news sets by name, else the path given."""
+    return {NEWS_PROBE: NEWS_PROBE_FILE, NEWS_TRAIN: NEWS_TRAIN_FILE}.get(spec) or Path(spec).expanduser()
 
 
 def stratum_keys(data: LabeledSet) -> np.ndarray:
@@ -341,10 +346,22 @@ def split(data: LabeledSet, test_fraction: float, val_fraction: float, seed: int
     return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
 
 
+# A --data source with fewer rows than this share of a sample's limit is kept whole: sampled down in proportion
+# with the tweets, a few hundred labeled sentences would shrink to a few dozen.
+SMALL_SOURCE_SHARE = 0.1
+
+
 def stratified_sample(data: LabeledSet, index: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """At most ``limit`` rows of ``index``, keeping each stratum's share (every stratum keeps at least one row)."""
+    """At most ``limit`` rows of ``index``, keeping each stratum's share (every stratum keeps at least one row), and
+    every row of the sources that are small beside ``limit`` (they take their place in it)."""
     if limit <= 0 or len(index) <= limit:
         return index
+    origins, counts = np.unique(data.origin[index], return_counts=True)
+    small = origins[counts < SMALL_SOURCE_SHARE * limit]
+    whole = np.isin(data.origin[index], small)
+    if whole.any() and not whole.all() and whole.sum() < limit:
+        rest = stratified_sample(data, index[~whole], limit - int(whole.sum()), seed)
+        return np.sort(np.concatenate([index[whole], rest]))
     rng = np.random.default_rng(seed)
     keys = stratum_keys(data)[index]
     chosen = []

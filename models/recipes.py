@@ -40,7 +40,8 @@ import torch
 
 from .calibration import (SCORE_LIMIT, calibrated, calibration_report, calibration_section, fit_temperatures,
                           format_calibration)
-from .data import NEWS_PROBE, SPLIT_SCHEME, DataError, LabeledSet, fingerprint, load_data, split, stratified_sample
+from .data import (DEFAULT_TRAINING_SOURCES, NEWS_PROBE, NEWS_TRAIN, SPLIT_SCHEME, DataError, LabeledSet, fingerprint,
+                   load_data, split, stratified_sample)
 from .evaluation import HEADS, evaluate, reports_from, selection_score
 from .metrics import accuracy_standard_error
 from .modeling import FinPulseClassifier, TextEncoder, describe_base, save_model, write_json
@@ -228,13 +229,15 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         val_raw, test_raw = scorer.probabilities(val.texts), scorer.probabilities(test.texts)
         # Calibrating changes no label, so the reports below hold for the model as saved; only the probabilities move.
         model.temperature = fit_temperatures(val_raw, val)
-        test_reports = reports_from(calibrated(test_raw, model.temperature), test)
+        test_probs = calibrated(test_raw, model.temperature)
+        test_reports = reports_from(test_probs, test)
         comparison[f"{recipe.name} model (shipped)"] = _headline(test_reports)
         metrics = {
             "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
                             f"label, split seed {recipe.split_seed}; never used for training, early stopping or "
                             "model selection" + (f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else "")),
             "test": test_reports,
+            **({"test_by_source": _reports_by_source(test_probs, test, data_specs)} if len(data_specs) > 1 else {}),
             "validation": reports_from(calibrated(val_raw, model.temperature), val),
             "comparison_test": comparison,
             "calibration": {"fitted_on": "validation slice", "measured_on": "held-out test slice",
@@ -280,6 +283,7 @@ def _refit_metrics(refit: Refit) -> dict[str, Any]:
                         f"{refit.reference}'s figures were measured on its {reference['measured_on']}"),
         "refit_of": refit.reference,
         "test": reference["test"],
+        **({"test_by_source": reference["test_by_source"]} if "test_by_source" in reference else {}),
         "comparison_test": {name.replace("(shipped)", "(the reference)"): row
                             for name, row in reference.get("comparison_test", {}).items()},
         "calibration": {**calibration,
@@ -465,6 +469,16 @@ def _stage_summary(result) -> dict[str, Any]:
             "seconds": round(result.seconds, 1), "history": result.history}
 
 
+def _reports_by_source(probs: Probabilities, test: LabeledSet, specs: list[str]) -> dict[str, Any]:
+    """The test slice's reports on each --data source's rows alone: the tweets' figures stay comparable to a model
+    trained on tweets only (each source is split on its own, so they are the same rows)."""
+    by_source = {}
+    for origin, spec in enumerate(specs):
+        rows = np.flatnonzero(test.origin == origin)
+        by_source[spec] = reports_from(probs.subset(rows), test.subset(rows))
+    return by_source
+
+
 def _headline(reports: dict[str, Any]) -> dict[str, float]:
     return {f"{head}_{metric}": round(report[metric], 4) for head, report in reports.items()
             for metric in ("accuracy", "macro_f1")}
@@ -485,9 +499,9 @@ def comparison_table(comparison: dict[str, dict[str, float]], test_reports: dict
     return "\n".join(lines)
 
 
-def _head_rows(reports: dict[str, Any]) -> str:
-    """Markdown table rows: head, rows, accuracy, macro-F1."""
-    return "\n".join(f"| {head} | {r['n']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |"
+def _head_rows(reports: dict[str, Any], of: str = "") -> str:
+    """Markdown table rows: head (``of`` after it), rows, accuracy, macro-F1."""
+    return "\n".join(f"| {head}{of} | {r['n']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |"
                      for head, r in reports.items())
 
 
@@ -499,14 +513,19 @@ def _sources(data: dict[str, Any]) -> str:
 
 
 def model_card(version: str, recipe: Recipe, base: str, training_config: dict, metrics: dict, table: str) -> str:
-    per_head = _head_rows(metrics["test"])
+    per_head = "\n".join([_head_rows(metrics["test"])] + [
+        _head_rows(reports, f", {spec} rows") for spec, reports in metrics.get("test_by_source", {}).items()])
     probe_rows = _head_rows({head: metrics["out_of_domain"][head] for head in HEADS})
     probe_n = metrics["out_of_domain"]["rows"]
     probe_margin = round(accuracy_standard_error(probe_n) * 100)
     data = training_config["data"]
-    provenance = ("Topic labels and sentiment labels come from two different sets of finance-news tweets; each head "
-                  "learned from its own rows" if data["specs"] == ["shared"] else
-                  "Each head learned from the rows that carry its label")
+    tweets = ("Topic labels and sentiment labels come from two different sets of finance-news tweets; each head "
+              "learned from its own rows")
+    provenance = {("shared",): tweets,
+                  DEFAULT_TRAINING_SOURCES: f"{tweets}. The `{NEWS_TRAIN}` sentences (`models/datasets/`) carry both"
+                  }.get(tuple(data["specs"]), "Each head learned from the rows that carry its label")
+    probe_caveat = (f" This model also trained on `{NEWS_TRAIN}`, newswire sentences written by the same team as "
+                    "the probe: expect less on news written elsewhere." if NEWS_TRAIN in data["specs"] else "")
     extra_labels = (" plus the teacher ensemble's soft labels on the other set's texts (cross-task distillation)"
                     if recipe.teachers else "")
     reference = training_config.get("refit_of")
@@ -545,7 +564,7 @@ Per-class F1 and confusion matrices: {where}
 
 The shared training data are tweets. `news-probe` (`models/probes/`) is {probe_n} newswire-style finance sentences
 written for FinPulse (every topic, every sentiment), never trained or selected on; about ±{probe_margin} points of
-accuracy at {probe_n} rows (one standard error):
+accuracy at {probe_n} rows (one standard error).{probe_caveat}
 
 | head | rows | accuracy | macro-F1 |
 |---|---|---|---|
@@ -595,6 +614,9 @@ def print_outcome(outcome: TrainOutcome, recipe: Recipe) -> None:
         print("this is the QUICK model (CPU recipe): train the real one on a GPU with `finpulse train --recipe full`",
               flush=True)
     print(outcome.table, flush=True)
+    for spec, reports in outcome.metrics.get("test_by_source", {}).items():
+        print(f"  of which {spec}: " + ", ".join(f"{head} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f} (n={r['n']})"
+                                                 for head, r in reports.items()), flush=True)
     calibration = outcome.metrics.get("calibration")
     if calibration:
         print(f"calibrated on the {calibration['fitted_on']}; on the {calibration['measured_on']}:\n"

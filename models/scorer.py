@@ -83,6 +83,9 @@ class Probabilities:
         """True for the rows the scorer could not score."""
         return np.array([e is not None for e in self.errors], dtype=bool)
 
+    def subset(self, rows: np.ndarray) -> "Probabilities":
+        return Probabilities(self.topic[rows], self.sentiment[rows], [self.errors[i] for i in rows])
+
 
 @dataclass
 class _Tokenized:

@@ -68,3 +68,13 @@ def make_tiny_base(out: Path) -> Path:
     AutoModel.from_config(config).save_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(default_base_model_dir())).save_pretrained(str(out))
     return out
+
+
+def write_shared_layout(folder: Path) -> None:
+    """The tiny fixture ten times over, written as the shared data directory's two text,label files."""
+    rows = tiny_set()
+    (folder / "sentiment_train.csv").write_text("text,label\n" + "".join(
+        f'"{t} {i}",{ {"bearish": 0, "bullish": 1, "neutral": 2}[SENTIMENTS[s]] }\n'
+        for i in range(10) for t, s in zip(rows.texts, rows.sentiment) if s >= 0))
+    (folder / "topic_train.csv").write_text("text,label\n" + "".join(
+        f'"{t} {i}",{k}\n' for i in range(10) for t, k in zip(rows.texts, rows.topic) if k >= 0))

@@ -18,7 +18,7 @@ from models.modeling import FinPulseClassifier, TextEncoder, load_model, save_mo
 from models.registry import NotAModelDir, find_model_dir, list_models
 from models.scorer import BatchScorer
 from models.tokenizer_pool import PieceTokenizer, native_ids
-from tests.models_fixtures import make_tiny_base, tiny_set, write_tiny_csv
+from tests.models_fixtures import make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
 
 TEXTS = [
     "$ACME shares soar to a record after strong results https://t.co/xyz",
@@ -407,16 +407,6 @@ def test_the_public_sets_files_load_as_published_and_a_bare_label_column_is_refu
         load_data([str(published)], tmp_path)
 
 
-def write_shared_layout(folder: Path) -> None:
-    """The tiny fixture ten times over, written as the shared data directory's two text,label files."""
-    rows = tiny_set()
-    (folder / "sentiment_train.csv").write_text("text,label\n" + "".join(
-        f'"{t} {i}",{ {"bearish": 0, "bullish": 1, "neutral": 2}[SENTIMENTS[s]] }\n'
-        for i in range(10) for t, s in zip(rows.texts, rows.sentiment) if s >= 0))
-    (folder / "topic_train.csv").write_text("text,label\n" + "".join(
-        f'"{t} {i}",{k}\n' for i in range(10) for t, k in zip(rows.texts, rows.topic) if k >= 0))
-
-
 def test_shared_layout_loader_and_stratified_split(tmp_path):
     write_shared_layout(tmp_path)
     data = load_data(["shared"], tmp_path)
@@ -449,6 +439,39 @@ def test_adding_a_source_leaves_the_other_sources_slices_as_they_were(tmp_path):
         assert np.array_equal(parts[name][parts[name] < n_shared], shared_only[name])
     mine_test = parts["test"][parts["test"] >= n_shared]
     assert len(mine_test) == 8 and set(both.topic[mine_test]) == {0, 1, 2, 3}  # mine is stratified on its own
+
+
+def test_a_sample_keeps_every_row_of_a_small_source():
+    """The quick recipe samples its training rows: 30 sentences of yours are not cut to 6 beside 1,000 tweets."""
+    from models.data import stratified_sample
+    tweets = LabeledSet([f"t{i}" for i in range(1000)], np.arange(1000) % 20, np.full(1000, MISSING))
+    mine = LabeledSet([f"m{i}" for i in range(30)], np.arange(30) % 20, np.arange(30) % 3, origin=np.ones(30))
+    both = LabeledSet.concat([tweets, mine])
+    chosen = stratified_sample(both, np.arange(len(both)), 400, seed=3)
+    assert 380 <= len(chosen) <= 400 and set(range(1000, 1030)) <= set(chosen)  # strata round their shares
+    assert np.bincount(both.topic[chosen[chosen < 1000]], minlength=20).min() >= 18  # the rest still stratified
+    # Large beside the limit, a source is sampled like the others; a single source samples as it always did.
+    assert (stratified_sample(both, np.arange(len(both)), 200, seed=3) >= 1000).sum() < 30
+    assert np.array_equal(stratified_sample(tweets, np.arange(1000), 400, seed=3),
+                          stratified_sample(both, np.arange(1000), 400, seed=3))
+
+
+def test_news_train_loads_by_name_and_shares_no_sentence_with_the_probe(tmp_path):
+    """The newswire sentences every recipe trains on by default, and the probe that measures them, stay apart."""
+    from models.data import DEFAULT_TRAINING_SOURCES, NEWS_PROBE, NEWS_TRAIN, NEWS_TRAIN_FILE
+    assert DEFAULT_TRAINING_SOURCES == ("shared", NEWS_TRAIN)
+    news = load_data([NEWS_TRAIN], tmp_path / "no data dir needed")
+    assert len(news) == 400 and news.sources == [str(NEWS_TRAIN_FILE)]
+    assert np.bincount(news.topic, minlength=len(TOPICS)).tolist() == [20] * len(TOPICS)
+    assert np.bincount(news.sentiment, minlength=3).tolist() == [140, 120, 140]  # bearish, neutral, bullish
+    assert not any(marker in text for text in news.texts for marker in ("$", "http", "@", "#"))
+    assert len(set(news.texts)) == 400
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z]+", text.lower()))
+    probe = [words(t) for t in load_data([NEWS_PROBE], tmp_path).texts]
+    closest = max(len(a & b) / len(a | b) for a in map(words, news.texts) for b in probe)
+    assert closest < 0.75  # boilerplate (dividend dates) comes closest, at about 0.7
 
 
 def test_news_probe_loads_by_name_with_every_topic_and_sentiment(tmp_path):

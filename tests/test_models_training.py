@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.data import MISSING, LabeledSet, load_data
+from models.data import MISSING, LabeledSet, load_data, split
 from models.labels import SENTIMENTS, TOPICS
 from models.modeling import FinPulseClassifier, TextEncoder
 from models.training import FitConfig, fit, gold_targets, masked_soft_loss
-from tests.models_fixtures import SENTIMENT_ROWS, make_tiny_base, tiny_set, write_tiny_csv
+from tests.models_fixtures import SENTIMENT_ROWS, make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,6 +237,38 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(model_dir), "--device", "cpu"]) == 2
     assert "before FinPulse split each source on its own" in capsys.readouterr().err
+
+
+def test_by_default_a_recipe_trains_on_the_tweets_and_the_news_sentences_and_reports_each(tiny_base, tmp_path,
+                                                                                           capsys):
+    """Without --data: the shared sets and news-train; the held-out figures are given per source as well, the
+    tweets' on the very rows a tweets-only model is measured on."""
+    from models.cli import main
+    data_dir = tmp_path / "shared"
+    data_dir.mkdir()
+    write_shared_layout(data_dir)
+    assert main(["train", "--recipe", "plain", "--data-dir", str(data_dir), "--base-model", tiny_base, "--epochs", "1",
+                 "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "models"),
+                 "--runs-dir", str(tmp_path / "runs")]) == 0
+    printed = capsys.readouterr().out
+    [model_dir] = list((tmp_path / "models").iterdir())
+    training = json.loads((model_dir / "training_config.json").read_text())
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert training["data"]["specs"] == ["shared", "news-train"]
+    by_source = metrics["test_by_source"]
+    assert list(by_source) == ["shared", "news-train"]
+    tweets_only = load_data(["shared"], data_dir)
+    tweets_test = tweets_only.subset(split(tweets_only, 0.1, 0.1, 2024)["test"])
+    for head in ("topic", "sentiment"):
+        assert by_source["shared"][head]["n"] == (getattr(tweets_test, head) >= 0).sum()
+        assert by_source["news-train"][head]["n"] == 40  # 10% of 400, both labels on every row
+        assert by_source["shared"][head]["n"] + 40 == metrics["test"][head]["n"]
+    news = by_source["news-train"]["sentiment"]
+    assert f"of which news-train: topic acc {by_source['news-train']['topic']['accuracy']:.4f}" in printed
+    card = (model_dir / "README.md").read_text()
+    assert f"| sentiment, news-train rows | 40 | {news['accuracy']:.4f} | {news['macro_f1']:.4f} |" in card
+    assert "sets of finance-news tweets" in card and "The `news-train` sentences (`models/datasets/`) carry both" in card
+    assert "also trained on `news-train`, newswire sentences written by the same team as the probe" in " ".join(card.split())
 
 
 def test_a_refit_trains_on_every_labeled_row_with_its_references_choices(tiny_base, tmp_path, capsys):
