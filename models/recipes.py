@@ -579,8 +579,8 @@ Sources: {_sources(data)} (sha256 in `training_config.json`). Rows: {rows}. {pro
 
 ## Limits
 
-- The held-out figures are on tweets from the same sources as the training data; the public validation splits of
-  those data sets were not used here. On other text expect lower scores (see "Beyond tweets"). Links are removed
+- The held-out figures are on text from the same sources as the training data (each source's rows alone where
+  the table lists them); the public validation splits of the tweet data sets were not used here. On other text expect lower scores (see "Beyond tweets"). Links are removed
   and HTML entities decoded before reading (`text_normalization` in `config.json`).
 - Texts longer than {recipe.fit.max_length} tokens are truncated. Non-English text is scored but was not in the
   training data.
