@@ -456,33 +456,34 @@ def test_a_sample_keeps_every_row_of_a_small_source():
                           stratified_sample(both, np.arange(1000), 400, seed=3))
 
 
-def test_news_train_loads_by_name_and_shares_no_sentence_with_the_probe(tmp_path):
+def packaged_news_set(name: str, rows: int, sentiments: list[int]) -> LabeledSet:
+    """A news set shipped in the package, loaded by name, checked for size, balance and newswire style."""
+    news = load_data([name], Path("no data dir needed"))
+    assert len(news) == rows and len(set(news.texts)) == rows
+    assert np.bincount(news.topic, minlength=len(TOPICS)).tolist() == [rows // len(TOPICS)] * len(TOPICS)
+    assert np.bincount(news.sentiment, minlength=3).tolist() == sentiments  # bearish, neutral, bullish
+    # Newswire style is the point: nothing tweet-shaped (cashtags, links, handles, hashtags) may creep in.
+    assert not any(re.search(r"\$[A-Za-z]|http|@|#", text) for text in news.texts)
+    return news
+
+
+def test_news_probe_loads_by_name_with_every_topic_and_sentiment():
+    from models.data import NEWS_PROBE, NEWS_PROBE_FILE
+    assert packaged_news_set(NEWS_PROBE, 400, [131, 147, 122]).sources == [str(NEWS_PROBE_FILE)]
+
+
+def test_news_train_loads_by_name_and_shares_no_sentence_with_the_probe():
     """The newswire sentences every recipe trains on by default, and the probe that measures them, stay apart."""
     from models.data import DEFAULT_TRAINING_SOURCES, NEWS_PROBE, NEWS_TRAIN, NEWS_TRAIN_FILE
     assert DEFAULT_TRAINING_SOURCES == ("shared", NEWS_TRAIN)
-    news = load_data([NEWS_TRAIN], tmp_path / "no data dir needed")
-    assert len(news) == 400 and news.sources == [str(NEWS_TRAIN_FILE)]
-    assert np.bincount(news.topic, minlength=len(TOPICS)).tolist() == [20] * len(TOPICS)
-    assert np.bincount(news.sentiment, minlength=3).tolist() == [140, 120, 140]  # bearish, neutral, bullish
-    assert not any(marker in text for text in news.texts for marker in ("$", "http", "@", "#"))
-    assert len(set(news.texts)) == 400
+    news = packaged_news_set(NEWS_TRAIN, 400, [140, 120, 140])
+    assert news.sources == [str(NEWS_TRAIN_FILE)]
 
     def words(text: str) -> set[str]:
         return set(re.findall(r"[a-z]+", text.lower()))
-    probe = [words(t) for t in load_data([NEWS_PROBE], tmp_path).texts]
+    probe = [words(t) for t in load_data([NEWS_PROBE], Path("no data dir needed")).texts]
     closest = max(len(a & b) / len(a | b) for a in map(words, news.texts) for b in probe)
     assert closest < 0.75  # boilerplate (dividend dates) comes closest, at about 0.7
-
-
-def test_news_probe_loads_by_name_with_every_topic_and_sentiment(tmp_path):
-    from models.data import NEWS_PROBE, NEWS_PROBE_FILE
-    probe = load_data([NEWS_PROBE], tmp_path / "no data dir needed")
-    assert len(probe) == 200 and probe.sources == [str(NEWS_PROBE_FILE)]
-    assert np.bincount(probe.topic, minlength=len(TOPICS)).tolist() == [10] * len(TOPICS)
-    assert np.bincount(probe.sentiment, minlength=3).tolist() == [72, 64, 64]  # bearish, neutral, bullish
-    # Newswire style is the point of the probe: nothing tweet-shaped may creep in.
-    assert not any(marker in text for text in probe.texts for marker in ("$", "http", "@", "#"))
-    assert len(set(probe.texts)) == 200
 
 
 def test_confident_mistakes_lists_wrong_rows_most_confident_first():
