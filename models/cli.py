@@ -6,6 +6,7 @@ without the rest of FinPulse installed (as on a bare GPU machine). torch is impo
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -192,7 +193,8 @@ def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...], de
 
 def _evaluate(args, settings) -> int:
     import re
-    from .evaluation import confident_mistakes, float32_comparison, format_mistakes, reports_from
+    from .evaluation import (confident_mistakes, float32_comparison, format_mistakes, format_source_reports,
+                             reports_by_source, reports_from)
     from .metrics import format_report
     from .modeling import write_json
     from .scorer import BatchScorer
@@ -204,7 +206,8 @@ def _evaluate(args, settings) -> int:
     found = _model_sets_scorer("evaluate", args, settings, (args.split,), device="cpu" if args.quantize else None)
     if found is None:
         return 2
-    _, [data], scorer = found
+    model_dir, [data], scorer = found
+    specs = args.data or json.loads((model_dir / "training_config.json").read_text())["data"]["specs"]
     probs = scorer.probabilities(data.texts)
     reports = reports_from(probs, data)
     versus_float32 = {}
@@ -218,6 +221,9 @@ def _evaluate(args, settings) -> int:
     print(f"model {scorer.model_version} on {'; '.join(data.sources)} ({len(data)} rows, device {scorer.device})")
     for head, report in reports.items():
         print(format_report(head, report))
+    by_source = reports_by_source(probs, data, specs) if len(specs) > 1 else {}
+    for spec, source_reports in by_source.items():
+        print(format_source_reports(spec, source_reports))
     for head, compared in versus_float32.items():
         print(f"{head} vs float32: same label on {compared['same_label']:.1%} of texts; accuracy "
               f"{compared['accuracy']:.3f} vs {compared['float32_accuracy']:.3f}, macro-F1 {compared['macro_f1']:.3f} "
@@ -229,6 +235,7 @@ def _evaluate(args, settings) -> int:
     out = Path(args.out or f"var/eval/{scorer.model_version}-{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"model_version": scorer.model_version, "data": data.sources, "rows": len(data), **reports,
+                     **({"by_source": by_source} if by_source else {}),
                      **({"mistakes": mistakes} if mistakes else {}),
                      **({"versus_float32": versus_float32} if versus_float32 else {})})
     print(f"report written to {out}")

@@ -94,6 +94,21 @@ def format_mistakes(head: str, mistakes: list[dict[str, Any]], width: int = 100)
     return "\n".join(lines)
 
 
+def reports_by_source(probs: Probabilities, data: LabeledSet, specs: list[str]) -> dict[str, Any]:
+    """The reports on each --data source's rows alone (``data.origin``: the position in ``specs``): a model trained
+    on tweets and news is measured on its tweets as a tweets-only model is (each source is split on its own)."""
+    by_source = {}
+    for origin, spec in enumerate(specs):
+        rows = np.flatnonzero(data.origin == origin)
+        by_source[spec] = reports_from(probs.subset(rows), data.subset(rows))
+    return by_source
+
+
+def format_source_reports(spec: str, reports: dict[str, Any]) -> str:
+    return f"  of which {spec}: " + ", ".join(f"{head} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f} (n={r['n']})"
+                                             for head, r in reports.items())
+
+
 def selection_score(reports: dict[str, Any]) -> float:
     """Model selection: the mean macro-F1 over the heads that were evaluated."""
     scores = [reports[h]["macro_f1"] for h in HEADS if h in reports]

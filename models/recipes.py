@@ -42,7 +42,7 @@ from .calibration import (SCORE_LIMIT, calibrated, calibration_report, calibrati
                           format_calibration)
 from .data import (DEFAULT_TRAINING_SOURCES, NEWS_PROBE, NEWS_TRAIN, SPLIT_SCHEME, DataError, LabeledSet, fingerprint,
                    load_data, split, stratified_sample)
-from .evaluation import HEADS, evaluate, reports_from, selection_score
+from .evaluation import HEADS, evaluate, format_source_reports, reports_by_source, reports_from, selection_score
 from .metrics import accuracy_standard_error
 from .modeling import FinPulseClassifier, TextEncoder, describe_base, save_model, write_json
 from .scorer import BatchScorer, Probabilities
@@ -237,7 +237,7 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
                             f"label, split seed {recipe.split_seed}; never used for training, early stopping or "
                             "model selection" + (f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else "")),
             "test": test_reports,
-            **({"test_by_source": _reports_by_source(test_probs, test, data_specs)} if len(data_specs) > 1 else {}),
+            **({"test_by_source": reports_by_source(test_probs, test, data_specs)} if len(data_specs) > 1 else {}),
             "validation": reports_from(calibrated(val_raw, model.temperature), val),
             "comparison_test": comparison,
             "calibration": {"fitted_on": "validation slice", "measured_on": "held-out test slice",
@@ -469,16 +469,6 @@ def _stage_summary(result) -> dict[str, Any]:
             "seconds": round(result.seconds, 1), "history": result.history}
 
 
-def _reports_by_source(probs: Probabilities, test: LabeledSet, specs: list[str]) -> dict[str, Any]:
-    """The test slice's reports on each --data source's rows alone: the tweets' figures stay comparable to a model
-    trained on tweets only (each source is split on its own, so they are the same rows)."""
-    by_source = {}
-    for origin, spec in enumerate(specs):
-        rows = np.flatnonzero(test.origin == origin)
-        by_source[spec] = reports_from(probs.subset(rows), test.subset(rows))
-    return by_source
-
-
 def _headline(reports: dict[str, Any]) -> dict[str, float]:
     return {f"{head}_{metric}": round(report[metric], 4) for head, report in reports.items()
             for metric in ("accuracy", "macro_f1")}
@@ -615,8 +605,7 @@ def print_outcome(outcome: TrainOutcome, recipe: Recipe) -> None:
               flush=True)
     print(outcome.table, flush=True)
     for spec, reports in outcome.metrics.get("test_by_source", {}).items():
-        print(f"  of which {spec}: " + ", ".join(f"{head} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f} (n={r['n']})"
-                                                 for head, r in reports.items()), flush=True)
+        print(format_source_reports(spec, reports), flush=True)
     calibration = outcome.metrics.get("calibration")
     if calibration:
         print(f"calibrated on the {calibration['fitted_on']}; on the {calibration['measured_on']}:\n"

@@ -269,6 +269,16 @@ def test_by_default_a_recipe_trains_on_the_tweets_and_the_news_sentences_and_rep
     assert f"| sentiment, news-train rows | 40 | {news['accuracy']:.4f} | {news['macro_f1']:.4f} |" in card
     assert "sets of finance-news tweets" in card and "The `news-train` sentences (`models/datasets/`) carry both" in card
     assert "also trained on `news-train`, newswire sentences written by the same team as the probe" in " ".join(card.split())
+    # `finpulse evaluate` rebuilds the held-out slice and gives each source's figures too, the same as training's.
+    report_file = tmp_path / "eval.json"
+    assert main(["evaluate", str(model_dir), "--data-dir", str(data_dir), "--device", "cpu",
+                 "--out", str(report_file)]) == 0
+    assert "of which shared: topic acc" in capsys.readouterr().out
+    report = json.loads(report_file.read_text())
+    for spec in ("shared", "news-train"):
+        for head in ("topic", "sentiment"):
+            assert report["by_source"][spec][head]["n"] == by_source[spec][head]["n"]
+            assert report["by_source"][spec][head]["accuracy"] == pytest.approx(by_source[spec][head]["accuracy"])
 
 
 def test_a_refit_trains_on_every_labeled_row_with_its_references_choices(tiny_base, tmp_path, capsys):
