@@ -8,7 +8,7 @@ Sources (``--data``): ``shared`` (the two CSVs in the shared data directory), a 
 user CSV/JSONL file (``text`` plus ``topic`` and/or ``sentiment``: names or integer ids; or a public set's file as
 published, ``text,label``, named like it: ``sent_valid.csv``, ``topic_valid.csv``), ``hub:NAME[:SPLIT]``
 for the public sets by name when the machine is online, ``news-train``: 400 newswire sentences written for FinPulse
-(``datasets/``) that every recipe trains on by default, or ``news-probe``: 200 more (``probes/``), an out-of-domain
+(``datasets/``) that every recipe trains on by default, or ``news-probe``: 400 more (``probes/``), an out-of-domain
 check that no recipe trains on.
 
 A source can be weighted (``--weight SOURCE=W``): each of its rows counts W times in the training loss. A few

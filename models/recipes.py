@@ -514,8 +514,8 @@ def model_card(version: str, recipe: Recipe, base: str, training_config: dict, m
     provenance = {("shared",): tweets,
                   DEFAULT_TRAINING_SOURCES: f"{tweets}. The `{NEWS_TRAIN}` sentences (`models/datasets/`) carry both"
                   }.get(tuple(data["specs"]), "Each head learned from the rows that carry its label")
-    probe_caveat = (f" This model also trained on `{NEWS_TRAIN}`, newswire sentences written by the same team as "
-                    "the probe: expect less on news written elsewhere." if NEWS_TRAIN in data["specs"] else "")
+    probe_caveat = (f" This model also trained on `{NEWS_TRAIN}`, newswire sentences written for FinPulse like the "
+                    "probe: expect less on news written and labeled elsewhere." if NEWS_TRAIN in data["specs"] else "")
     extra_labels = (" plus the teacher ensemble's soft labels on the other set's texts (cross-task distillation)"
                     if recipe.teachers else "")
     reference = training_config.get("refit_of")
@@ -570,8 +570,9 @@ Sources: {_sources(data)} (sha256 in `training_config.json`). Rows: {rows}. {pro
 ## Limits
 
 - The held-out figures are on text from the same sources as the training data (each source's rows alone where
-  the table lists them); the public validation splits of the tweet data sets were not used here. On other text expect lower scores (see "Beyond tweets"). Links are removed
-  and HTML entities decoded before reading (`text_normalization` in `config.json`).
+  the table lists them); the public validation splits of the tweet data sets were not used here. On other text
+  expect lower scores (see "Beyond tweets"). Links are removed and HTML entities decoded before reading
+  (`text_normalization` in `config.json`).
 - Texts longer than {recipe.fit.max_length} tokens are truncated. Non-English text is scored but was not in the
   training data.
 {SCORE_LIMIT}

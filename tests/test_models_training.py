@@ -268,7 +268,7 @@ def test_by_default_a_recipe_trains_on_the_tweets_and_the_news_sentences_and_rep
     card = (model_dir / "README.md").read_text()
     assert f"| sentiment, news-train rows | 40 | {news['accuracy']:.4f} | {news['macro_f1']:.4f} |" in card
     assert "sets of finance-news tweets" in card and "The `news-train` sentences (`models/datasets/`) carry both" in card
-    assert "also trained on `news-train`, newswire sentences written by the same team as the probe" in " ".join(card.split())
+    assert "also trained on `news-train`, newswire sentences written for FinPulse like the probe" in " ".join(card.split())
     # `finpulse evaluate` rebuilds the held-out slice and gives each source's figures too, the same as training's.
     report_file = tmp_path / "eval.json"
     assert main(["evaluate", str(model_dir), "--data-dir", str(data_dir), "--device", "cpu",
