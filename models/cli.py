@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the new model's (the same data, recipe and base model; none of the options that change "
                         "them may be given)")
     p.add_argument("--data", action="append", metavar="SOURCE",
-                   help="'shared' (the tweets), 'news-train' (400 newswire sentences written for FinPulse), a "
+                   help="'shared' (the tweets), 'news-train' (788 newswire sentences written for FinPulse), a "
                         "directory like the shared one, a CSV/JSONL file with text + topic and/or sentiment, or "
                         "hub:twitter-financial-news-{sentiment,topic}[:split] (online); repeatable; default: shared "
                         "and news-train")

@@ -7,7 +7,7 @@ or both columns look the same to training; each head learns only from the rows t
 Sources (``--data``): ``shared`` (the two CSVs in the shared data directory), a directory with that layout, a
 user CSV/JSONL file (``text`` plus ``topic`` and/or ``sentiment``: names or integer ids; or a public set's file as
 published, ``text,label``, named like it: ``sent_valid.csv``, ``topic_valid.csv``), ``hub:NAME[:SPLIT]``
-for the public sets by name when the machine is online, ``news-train``: 400 newswire sentences written for FinPulse
+for the public sets by name when the machine is online, ``news-train``: 788 newswire sentences written for FinPulse
 (``datasets/``) that every recipe trains on by default, or ``news-probe``: 400 more (``probes/``), an out-of-domain
 check that no recipe trains on.
 

@@ -261,12 +261,12 @@ def test_by_default_a_recipe_trains_on_the_tweets_and_the_news_sentences_and_rep
     tweets_test = tweets_only.subset(split(tweets_only, 0.1, 0.1, 2024)["test"])
     for head in ("topic", "sentiment"):
         assert by_source["shared"][head]["n"] == (getattr(tweets_test, head) >= 0).sum()
-        assert by_source["news-train"][head]["n"] == 40  # 10% of 400, both labels on every row
-        assert by_source["shared"][head]["n"] + 40 == metrics["test"][head]["n"]
+        assert by_source["news-train"][head]["n"] == 80  # 10% of 788 (rounded per topic), both labels on every row
+        assert by_source["shared"][head]["n"] + 80 == metrics["test"][head]["n"]
     news = by_source["news-train"]["sentiment"]
     assert f"of which news-train: topic acc {by_source['news-train']['topic']['accuracy']:.4f}" in printed
     card = (model_dir / "README.md").read_text()
-    assert f"| sentiment, news-train rows | 40 | {news['accuracy']:.4f} | {news['macro_f1']:.4f} |" in card
+    assert f"| sentiment, news-train rows | 80 | {news['accuracy']:.4f} | {news['macro_f1']:.4f} |" in card
     assert "sets of finance-news tweets" in card and "The `news-train` sentences (`models/datasets/`) carry both" in card
     assert "also trained on `news-train`, newswire sentences written for FinPulse like the probe" in " ".join(card.split())
     # `finpulse evaluate` rebuilds the held-out slice and gives each source's figures too, the same as training's.
