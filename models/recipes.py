@@ -3,7 +3,7 @@
 - ``quick``: for a first run on a laptop CPU (under 10 minutes on 2 cores, loading included): a stratified
   subset, short sequences, the lower half of the encoder frozen, one epoch under a time budget.
 - ``plain``: one two-head model fine-tuned on all the training rows (the reference the full recipe must beat).
-- ``full``: for a GPU (under 6 minutes on an H100):
+- ``full``: for a GPU (5-6 minutes on an H100 or H200):
   1. domain-adaptive pretraining: masked-language-model training of the encoder on the training texts of both
      sets (tweets are far from the encoder's pretraining text);
   2. teachers: one plain model and ``teachers`` models from the adapted encoder, each with its own seed; on a GPU
@@ -74,8 +74,9 @@ RECIPES: dict[str, Recipe] = {
                                        warmup_ratio=0.06, patience=1, max_seconds=400),
                     train_limit=8000, val_limit=500, report_limit=1000),
     "plain": Recipe("plain", FitConfig(epochs=6)),
-    # The README's figures: H100, 338 s (every stage runs to the end of its schedule; --time-budget 500 leaves
-    # room). Batch 128 / lr 2e-4 / 16 student epochs was also tried: a lower validation score, so not the default.
+    # The README's figures: H100, 338 s; H200 with news-train, 297 s (every stage runs to the end of its schedule;
+    # --time-budget 500 leaves room). Batch 128 / lr 2e-4 / 16 student epochs was also tried: a lower validation
+    # score, so not the default.
     "full": Recipe("full", FitConfig(epochs=8, batch_size=64, lr=1.5e-4, patience=3),
                    mlm=MlmConfig(epochs=15, batch_size=128, lr=2e-4), teachers=5, student_epochs=12,
                    stage_shares={"mlm": 0.2, "teacher": 0.1, "student": 0.3}),
