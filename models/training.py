@@ -260,7 +260,9 @@ class StepPlan:
             now = time.monotonic()
             per_step = (now - self._timing_from) / (step - self.FIRST_TIMED_STEP)
             affordable = step + int(0.85 * (self.max_seconds - (now - self.started)) / per_step)
-            self.total = max(step + 1, min(self.most, affordable))
+            # At least one more step while any is planned, never more than planned: a re-measure on the last
+            # step must not add one (it ran a phantom one-step epoch past the schedule's end).
+            self.total = min(self.most, max(step + 1, affordable))
 
     def out_of_time(self) -> bool:
         return bool(self.max_seconds) and time.monotonic() - self.started > self.max_seconds

@@ -374,6 +374,27 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     assert "teacher 0 (plain) epoch" not in resumed.stdout and "student epoch" not in resumed.stdout
 
 
+def test_a_time_budget_shrinks_the_step_plan_but_never_adds_a_step(monkeypatch):
+    import models.training as training
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    # 45 steps: the last one is a step where the speed is re-measured (5 + 2 x 20).
+    plan = training.StepPlan(45, max_seconds=1000.0, started=0.0)
+    step = 0
+    while step < plan.total:
+        clock[0] += 0.5
+        step += 1
+        plan.update(step)
+    assert (step, plan.total) == (45, 45)
+    # Slow steps against a short budget: the plan shrinks so the schedule ends inside the budget.
+    clock[0], plan, step = 0.0, training.StepPlan(1000, max_seconds=30.0, started=0.0), 0
+    while step < plan.total:
+        clock[0] += 0.5
+        step += 1
+        plan.update(step)
+    assert 40 <= step <= 60 and clock[0] <= 30.0
+
+
 def test_time_budget_gives_stages_run_side_by_side_the_time_they_would_have_had_in_turn():
     from models.recipes import TimeBudget
     budget = TimeBudget(1000.0, {"mlm": 1.0, "teacher": 1.0, "student": 2.0},
