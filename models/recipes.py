@@ -510,15 +510,17 @@ def model_card(version: str, recipe: Recipe, base: str, training_config: dict, m
     probe_n = metrics["out_of_domain"]["rows"]
     probe_margin = round(accuracy_standard_error(probe_n) * 100)
     data = training_config["data"]
+    # The distilled soft labels belong to the tweets' heads: each set's texts get the head it lacks.
+    soft_labels = (" plus the teacher ensemble's soft labels on the other set's texts (cross-task distillation)"
+                   if recipe.teachers else "")
     tweets = ("Topic labels and sentiment labels come from two different sets of finance-news tweets; each head "
-              "learned from its own rows")
+              f"learned from its own rows{soft_labels}")
     provenance = {("shared",): tweets,
-                  DEFAULT_TRAINING_SOURCES: f"{tweets}. The `{NEWS_TRAIN}` sentences (`models/datasets/`) carry both"
-                  }.get(tuple(data["specs"]), "Each head learned from the rows that carry its label")
+                  DEFAULT_TRAINING_SOURCES: f"{tweets}. The `{NEWS_TRAIN}` sentences (`models/datasets/`) carry both "
+                                            "labels",
+                  }.get(tuple(data["specs"]), f"Each head learned from the rows that carry its label{soft_labels}")
     probe_caveat = (f" This model also trained on `{NEWS_TRAIN}`, newswire sentences written for FinPulse like the "
                     "probe: expect less on news written and labeled elsewhere." if NEWS_TRAIN in data["specs"] else "")
-    extra_labels = (" plus the teacher ensemble's soft labels on the other set's texts (cross-task distillation)"
-                    if recipe.teachers else "")
     reference = training_config.get("refit_of")
     if reference:
         where = (f"`metrics.json` (`test`, copied from {reference}). `finpulse evaluate {reference}` reproduces them; "
@@ -566,7 +568,7 @@ Reproduce with `finpulse evaluate {version} --data news-probe`.
 {calibration_section(metrics["calibration"])}
 ## Data
 
-Sources: {_sources(data)} (sha256 in `training_config.json`). Rows: {rows}. {provenance}{extra_labels}.
+Sources: {_sources(data)} (sha256 in `training_config.json`). Rows: {rows}. {provenance}.
 
 ## Limits
 

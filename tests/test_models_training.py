@@ -267,7 +267,8 @@ def test_by_default_a_recipe_trains_on_the_tweets_and_the_news_sentences_and_rep
     assert f"of which news-train: topic acc {by_source['news-train']['topic']['accuracy']:.4f}" in printed
     card = (model_dir / "README.md").read_text()
     assert f"| sentiment, news-train rows | 80 | {news['accuracy']:.4f} | {news['macro_f1']:.4f} |" in card
-    assert "sets of finance-news tweets" in card and "The `news-train` sentences (`models/datasets/`) carry both" in card
+    assert "sets of finance-news tweets; each head learned from its own rows." in card
+    assert "The `news-train` sentences (`models/datasets/`) carry both labels." in card
     assert "also trained on `news-train`, newswire sentences written for FinPulse like the probe" in " ".join(card.split())
     # `finpulse evaluate` rebuilds the held-out slice and gives each source's figures too, the same as training's.
     report_file = tmp_path / "eval.json"
@@ -348,6 +349,9 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     assert [stages[f"teacher-{i}"]["kind"] for i in range(2)] == ["plain", "adapted"]
     assert all(stages[f"teacher-{i}"]["best_epoch"] >= 1 for i in range(2))
     assert stages["ensemble"]["members"] and stages["student"]["best_epoch"] >= 1
+    card = " ".join((model_dir / "README.md").read_text().split())
+    assert ("Each head learned from the rows that carry its label plus the teacher ensemble's soft labels on the other "
+            "set's texts (cross-task distillation).") in card
     [run_dir] = list((tmp_path / "runs").iterdir())
     for i in range(2):
         probs = np.load(run_dir / f"teacher-{i}" / "probs.npz")
