@@ -521,6 +521,9 @@ def model_card(version: str, recipe: Recipe, base: str, training_config: dict, m
                   }.get(tuple(data["specs"]), f"Each head learned from the rows that carry its label{soft_labels}")
     probe_caveat = (f" This model also trained on `{NEWS_TRAIN}`, newswire sentences written for FinPulse like the "
                     "probe: expect less on news written and labeled elsewhere." if NEWS_TRAIN in data["specs"] else "")
+    # bf16 autocast on a GPU moves a borderline row now and then: say so before a CPU rerun disagrees by one.
+    precision_note = (" Scored on the GPU in bfloat16; `finpulse evaluate` on a CPU (float32) can differ "
+                      "by a row or two." if str(training_config["device"]).startswith("cuda") else "")
     reference = training_config.get("refit_of")
     if reference:
         where = (f"`metrics.json` (`test`, copied from {reference}). `finpulse evaluate {reference}` reproduces them; "
@@ -541,7 +544,7 @@ bullish). Recipe `{recipe.name}`, base encoder {describe_base(base)}, trained on
 
 ## What was measured, on what
 
-{metrics['measured_on']}.
+{metrics['measured_on']}.{precision_note}
 
 | head | rows | accuracy | macro-F1 |
 |---|---|---|---|
