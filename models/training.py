@@ -22,6 +22,7 @@ import math
 import shutil
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,33 +237,36 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 class StepPlan:
-    """How many optimizer steps a run makes. With a time budget, the speed measured so far (re-measured every
-    ``EVERY`` steps: a shared machine speeds up and slows down) caps the plan so that the learning-rate schedule
-    still decays to zero inside the budget (15% is left for validation passes), rather than the run being cut
-    off at a high learning rate."""
+    """How many optimizer steps a run makes. With a time budget, the speed of the last ``WINDOW`` steps
+    (re-measured every ``EVERY`` steps: a shared machine speeds up and slows down) caps the plan so that the
+    learning-rate schedule still decays to zero inside the budget (15% is left for validation passes), rather than
+    the run being cut off at a high learning rate."""
 
     FIRST_TIMED_STEP = 5  # the first steps are slower (allocations, warm-up)
     EVERY = 20
+    # Recent steps only: a GPU's first epoch runs at a third of its later speed (each new batch shape is met for
+    # the first time), and an average since the start kept the plan cut for epochs after the speed-up.
+    WINDOW = 100
 
     def __init__(self, total: int, max_seconds: float | None, started: float):
         self.total = self.most = total
         self.max_seconds = max_seconds
         self.started = started
-        self._timing_from: float | None = None
+        self._marks: deque[tuple[int, float]] = deque(maxlen=self.WINDOW // self.EVERY + 1)  # (step, time)
 
     def update(self, step: int) -> None:
         """Call after each step (``step`` = steps done so far)."""
-        if not self.max_seconds:
+        if not self.max_seconds or step < self.FIRST_TIMED_STEP or (step - self.FIRST_TIMED_STEP) % self.EVERY:
             return
-        if step == self.FIRST_TIMED_STEP:
-            self._timing_from = time.monotonic()
-        elif self._timing_from is not None and (step - self.FIRST_TIMED_STEP) % self.EVERY == 0:
-            now = time.monotonic()
-            per_step = (now - self._timing_from) / (step - self.FIRST_TIMED_STEP)
+        now = time.monotonic()
+        if self._marks:
+            first_step, first_time = self._marks[0]
+            per_step = (now - first_time) / (step - first_step)
             affordable = step + int(0.85 * (self.max_seconds - (now - self.started)) / per_step)
             # At least one more step while any is planned, never more than planned: a re-measure on the last
             # step must not add one (it ran a phantom one-step epoch past the schedule's end).
             self.total = min(self.most, max(step + 1, affordable))
+        self._marks.append((step, now))
 
     def out_of_time(self) -> bool:
         return bool(self.max_seconds) and time.monotonic() - self.started > self.max_seconds

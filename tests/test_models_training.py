@@ -397,6 +397,17 @@ def test_a_time_budget_shrinks_the_step_plan_but_never_adds_a_step(monkeypatch):
         step += 1
         plan.update(step)
     assert 40 <= step <= 60 and clock[0] <= 30.0
+    # A slow first epoch (a GPU meeting each batch shape for the first time), then three times the speed: the plan
+    # is cut while steps are slow and back to the whole schedule soon after the speed-up, which fits the budget.
+    clock[0], plan, step, plan_after_speed_up = 0.0, training.StepPlan(2565, max_seconds=91.0, started=0.0), 0, []
+    while step < plan.total:
+        clock[0] += 1 / 14 if step < 171 else 1 / 42.5
+        step += 1
+        plan.update(step)
+        plan_after_speed_up.append(plan.total)
+    assert plan_after_speed_up[170] < 1500
+    assert plan_after_speed_up[171 + plan.WINDOW + 2 * plan.EVERY] == 2565
+    assert step == 2565 and clock[0] <= 91.0
 
 
 def test_time_budget_gives_stages_run_side_by_side_the_time_they_would_have_had_in_turn():
