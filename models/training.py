@@ -244,8 +244,8 @@ class StepPlan:
 
     FIRST_TIMED_STEP = 5  # the first steps are slower (allocations, warm-up)
     EVERY = 20
-    # Recent steps only: a GPU's first epoch runs at a third of its later speed (each new batch shape is met for
-    # the first time), and an average since the start kept the plan cut for epochs after the speed-up.
+    # Recent steps only: the MLM stage's first epoch on an H200 ran at a third of its later speed (warm-up, new
+    # batch shapes), and an average since the start kept the plan cut for epochs after the speed-up.
     WINDOW = 100
 
     def __init__(self, total: int, max_seconds: float | None, started: float):
