@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from models.data import MISSING, LabeledSet
-from models.labels import SENTIMENTS, TOPICS
+from models.labels import SENTIMENTS, SENTIMENTS_BY_DATASET_ID, TOPICS
 
 SENTIMENT_ROWS = [
     ("$ACME shares soar to a record after strong results", "bullish"),
@@ -74,7 +74,7 @@ def write_shared_layout(folder: Path) -> None:
     """The tiny fixture ten times over, written as the shared data directory's two text,label files."""
     rows = tiny_set()
     (folder / "sentiment_train.csv").write_text("text,label\n" + "".join(
-        f'"{t} {i}",{ {"bearish": 0, "bullish": 1, "neutral": 2}[SENTIMENTS[s]] }\n'
+        f'"{t} {i}",{SENTIMENTS_BY_DATASET_ID.index(SENTIMENTS[s])}\n'
         for i in range(10) for t, s in zip(rows.texts, rows.sentiment) if s >= 0))
     (folder / "topic_train.csv").write_text("text,label\n" + "".join(
         f'"{t} {i}",{k}\n' for i in range(10) for t, k in zip(rows.texts, rows.topic) if k >= 0))
