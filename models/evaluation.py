@@ -3,7 +3,8 @@
 ``evaluate`` scores every text of a ``LabeledSet`` and reports each head on the rows that carry its label.
 ``heldout_test`` rebuilds the test slice a model was trained without, from its ``training_config.json`` (same
 data files, checked by sha256, same split seed and fractions), so ``finpulse evaluate MODEL`` reports on data the
-model never saw.
+model never saw. A model whose slices were drawn before twins were kept together (``models.data.split``) is
+scored on its slice less the rows whose text it trained on.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from .calibration import expected_calibration_error, negative_log_likelihood, scored_rows
-from .data import SPLIT_SCHEME, DataError, LabeledSet, fingerprint, load_data, split
+from .data import (PARTS, SPLIT_SCHEME, SPLIT_SCHEME_BEFORE_TWINS, DataError, LabeledSet, fingerprint, load_data, split,
+                   without_twins_of)
 from .labels import SENTIMENTS, TOPICS
 from .metrics import head_report
 from .scorer import BatchScorer, Probabilities
@@ -131,11 +133,20 @@ def heldout_test(model_dir: Path, data_dir: Path, which: str = "test") -> Labele
     if recorded and recorded != fingerprint(specs, data_dir):
         raise DataError(f"the training data in {data_dir} differs from what {model_dir.name} was trained on "
                         "(sha256 mismatch): its held-out slice cannot be rebuilt; pass --data FILE instead")
-    if len(specs) > 1 and data_cfg.get("split") != SPLIT_SCHEME:
+    # A single source's slices were the same under every scheme before twins were kept together.
+    scheme = data_cfg.get("split", SPLIT_SCHEME_BEFORE_TWINS if len(specs) == 1 else None)
+    if scheme not in (SPLIT_SCHEME, SPLIT_SCHEME_BEFORE_TWINS):
         raise DataError(f"{model_dir.name} was trained on several sources before FinPulse split each source on its "
                         "own: its held-out slice cannot be rebuilt; pass --data FILE instead")
     data = load_data(specs, data_dir)
-    parts = split(data, data_cfg["test_fraction"], data_cfg["val_fraction"], data_cfg["split_seed"])
-    sliced = data.subset(parts[which])
-    sliced.sources = [f"{which} slice of {', '.join(specs)} (seed {data_cfg['split_seed']})"]
+    parts = split(data, data_cfg["test_fraction"], data_cfg["val_fraction"], data_cfg["split_seed"],
+                  twins_together=scheme == SPLIT_SCHEME)
+    rows, note = parts[which], ""
+    if scheme == SPLIT_SCHEME_BEFORE_TWINS:
+        # Its training rows held twins of some of these: scoring them would score text the model trained on.
+        rows = without_twins_of(data, rows, np.concatenate([parts[p] for p in PARTS[:PARTS.index(which)]]))
+        note = (f"; {len(parts[which]) - len(rows)} of its {len(parts[which])} rows left out: the same text as a "
+                "row the model trained on")
+    sliced = data.subset(rows)
+    sliced.sources = [f"{which} slice of {', '.join(specs)} (seed {data_cfg['split_seed']}{note})"]
     return sliced

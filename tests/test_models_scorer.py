@@ -17,6 +17,7 @@ from models.metrics import head_report
 from models.modeling import FinPulseClassifier, TextEncoder, load_model, save_model
 from models.registry import NotAModelDir, find_model_dir, list_models
 from models.scorer import BatchScorer
+from models.textprep import twin_key
 from models.tokenizer_pool import PieceTokenizer, native_ids
 from tests.models_fixtures import make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
 
@@ -439,6 +440,59 @@ def test_adding_a_source_leaves_the_other_sources_slices_as_they_were(tmp_path):
         assert np.array_equal(parts[name][parts[name] < n_shared], shared_only[name])
     mine_test = parts["test"][parts["test"] >= n_shared]
     assert len(mine_test) == 8 and set(both.topic[mine_test]) == {0, 1, 2, 3}  # mine is stratified on its own
+
+
+def test_twin_key_sets_links_case_punctuation_and_entities_aside():
+    from models.textprep import twin_key
+    posted = "Big U.S. banks see loan growth slowing  https://t.co/3qcf9IJcYu  https://t.co/JSZVc7YNGl"
+    assert twin_key(posted) == twin_key("big U.S. banks see loan-growth slowing! https://t.co/oa8MWcGngI")
+    assert twin_key("S&amp;P 500 slips") == twin_key("S&P 500 slips") == "s p 500 slips"
+    assert twin_key("Fed holds rates (1)") != twin_key("Fed holds rates (2)")
+
+
+def twins_fixture() -> tuple[LabeledSet, list[list[int]]]:
+    """120 topic rows over 4 topics; 30 of them are headlines posted twice or three times with other links."""
+    texts, topics, groups = [], [], []
+    for i in range(90):
+        copies = 1 if i >= 30 else 2 + i % 2
+        groups.append(list(range(len(texts), len(texts) + copies)))
+        for copy in range(copies):
+            texts.append(f"Headline number {i} about markets https://t.co/{i}x{copy}")
+            topics.append(i % 4)
+    return LabeledSet(texts, np.array(topics), np.full(len(texts), MISSING)), [g for g in groups if len(g) > 1]
+
+
+def test_the_split_keeps_twins_in_one_slice_the_first_any_of_them_drew():
+    """A headline posted twice is one text to the model: with one copy trained on, the other is no test of it."""
+    data, groups = twins_fixture()
+    part_of = lambda parts: {int(i): name for name, rows in parts.items() for i in rows}  # noqa: E731
+    before = part_of(split(data, 0.2, 0.2, seed=7, twins_together=False))
+    assert sum(len({before[i] for i in g}) > 1 for g in groups) >= 10  # the stratified draw scatters them
+    after = part_of(split(data, 0.2, 0.2, seed=7))
+    assert sorted(after) == list(range(len(data)))
+    order = ["train", "val", "test"]
+    for group in groups:
+        assert {after[i] for i in group} == {min((before[i] for i in group), key=order.index)}
+    assert all(after[i] == before[i] for i in range(len(data)) if not any(i in g for g in groups))
+
+
+def test_a_model_split_before_twins_is_evaluated_without_the_text_it_trained_on(tmp_path):
+    """Models trained before twins were kept together keep their slices, less the rows whose text they trained on."""
+    from models.evaluation import heldout_test
+    data, _ = twins_fixture()
+    data_file = tmp_path / "headlines.csv"
+    data_file.write_text("text,topic\n" + "".join(f'"{t}",{TOPICS[k]}\n' for t, k in zip(data.texts, data.topic)))
+    settings = {"specs": [str(data_file)], "sha256": {}, "test_fraction": 0.2, "val_fraction": 0.2, "split_seed": 7}
+    for scheme in ("per-source-twins-together", "per-source"):
+        (tmp_path / "training_config.json").write_text(json.dumps({"data": {**settings, "split": scheme}}))
+        old = split(data, 0.2, 0.2, seed=7, twins_together=scheme != "per-source")
+        seen = {twin_key(data.texts[i]) for i in np.concatenate([old["train"], old["val"]])}
+        honest = [data.texts[i] for i in old["test"] if twin_key(data.texts[i]) not in seen]
+        sliced = heldout_test(tmp_path, tmp_path)
+        assert sliced.texts == honest
+        left_out = len(old["test"]) - len(honest)
+        assert (left_out > 0) == (scheme == "per-source")
+        assert (f"{left_out} of its {len(old['test'])} rows left out" in sliced.sources[0]) == (left_out > 0)
 
 
 def test_a_sample_keeps_every_row_of_a_small_source():

@@ -230,7 +230,7 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     # A model trained on several sources before each source was split on its own cannot have its slice rebuilt.
     training_file = model_dir / "training_config.json"
     training = json.loads(training_file.read_text())
-    assert training["data"]["split"] == "per-source"
+    assert training["data"]["split"] == "per-source-twins-together"
     training["data"].update(specs=[str(data_file), "news-probe"], sha256={})
     del training["data"]["split"]
     training_file.write_text(json.dumps(training))
