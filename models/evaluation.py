@@ -145,8 +145,8 @@ def heldout_test(model_dir: Path, data_dir: Path, which: str = "test") -> Labele
     if scheme == SPLIT_SCHEME_BEFORE_TWINS:
         # Its training rows held twins of some of these: scoring them would score text the model trained on.
         rows = without_twins_of(data, rows, np.concatenate([parts[p] for p in PARTS[:PARTS.index(which)]]))
-        note = (f"; {len(parts[which]) - len(rows)} of its {len(parts[which])} rows left out: the same text as a "
-                "row the model trained on")
+        note = (f"; {len(parts[which]) - len(rows)} of its {len(parts[which])} rows left out: twins of rows it was "
+                "trained or selected on")
     sliced = data.subset(rows)
     sliced.sources = [f"{which} slice of {', '.join(specs)} (seed {data_cfg['split_seed']}{note})"]
     return sliced
