@@ -17,7 +17,7 @@ hundred labeled sentences of the text a deployment reads would otherwise be lost
 ``split`` cuts a set into train/validation/test slices, stratified by head and label and deterministic in the
 seed: validation drives model selection and early stopping, test is only ever reported. Each source is split on
 its own, so adding a file of yours leaves the shared sets' slices (and the figures measured on them) as they were,
-unless it repeats their texts: twins (the same text but for links, case and punctuation) share one slice.
+unless it repeats their texts: twins (the same post but for links, case, punctuation or a prefix) share one slice.
 """
 from __future__ import annotations
 
@@ -329,7 +329,7 @@ def stratum_keys(data: LabeledSet) -> np.ndarray:
 
 
 # Recorded with a model, so its slices can be rebuilt. "per-source": each source split on its own, twins left where
-# they fell (under it, 329 of the tweets' 1,779 topic test rows had a twin in training or validation). Models
+# they fell (under it, 383 of the tweets' 1,779 topic test rows had a twin in training or validation). Models
 # trained on several sources before "per-source" have none: their slices cannot be rebuilt by this code.
 SPLIT_SCHEME = "per-source-twins-together"
 SPLIT_SCHEME_BEFORE_TWINS = "per-source"
@@ -340,11 +340,11 @@ def split(data: LabeledSet, test_fraction: float, val_fraction: float, seed: int
           twins_together: bool = True) -> dict[str, np.ndarray]:
     """Disjoint train/val/test row indices, stratified by head and label, deterministic in ``seed``.
 
-    ``twins_together``: rows with the same ``twin_key`` (the same headline posted again with another link; the
-    topic tweets hold 1,171 such groups) all go to the first of train, val, test that any of them drew, so no
-    test or validation row is a text the model trained on. Twins only move to an earlier slice, so the test slice
-    is the one drawn without this rule less its rows with a twin in training or validation (the tweets' topic test
-    slice: 1,450 rows instead of 1,779), and a model split that way is measured on these same rows."""
+    ``twins_together``: twins (``twin_groups``: the same headline posted again with another link, or behind a
+    cashtag prefix) all go to the first of train, val, test that any of them drew, so no test or validation row is
+    a text the model trained on. Twins only move to an earlier slice, so the test slice is the one drawn without
+    this rule less its rows with a twin in training or validation (the tweets' topic test slice: 1,396 rows
+    instead of 1,779), and a model split that way is measured on these same rows."""
     rng = np.random.default_rng(seed)
     keys = stratum_keys(data)
     part_of = np.empty(len(data), dtype=np.int64)
@@ -356,8 +356,8 @@ def split(data: LabeledSet, test_fraction: float, val_fraction: float, seed: int
         part_of[rows[n_test:n_test + n_val]] = PARTS.index("val")
         part_of[rows[n_test + n_val:]] = PARTS.index("train")
     if twins_together and len(data):
-        _, group = np.unique([twin_key(text) for text in data.texts], return_inverse=True)
-        earliest = np.full(group.max() + 1, len(PARTS))
+        group = twin_groups(data.texts)
+        earliest = np.full(len(data), len(PARTS))
         np.minimum.at(earliest, group, part_of)
         part_of = earliest[group]
     return {name: np.flatnonzero(part_of == i) for i, name in enumerate(PARTS)}
@@ -365,8 +365,42 @@ def split(data: LabeledSet, test_fraction: float, val_fraction: float, seed: int
 
 def without_twins_of(data: LabeledSet, rows: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """``rows`` less those with a twin among ``seen``: a slice drawn before twins were kept together, made honest."""
-    seen_keys = {twin_key(data.texts[i]) for i in seen}
-    return np.array([i for i in rows if twin_key(data.texts[i]) not in seen_keys], dtype=np.int64)
+    group = twin_groups(data.texts)
+    return rows[~np.isin(group[rows], group[seen])]
+
+
+# A post inside a longer one is the same post (behind a cashtag prefix or "UPDATE 1-", before a "-sources" suffix)
+# when it has at least this many words; shorter, a common phrase would join posts that only share it.
+MIN_CONTAINED_WORDS = 6
+
+
+def twin_groups(texts: Sequence[str]) -> np.ndarray:
+    """A group id per text (the index of one of its members): texts with the same ``twin_key`` are twins, and so
+    are two whose keys hold one another whole, word for word; twins of twins share the group."""
+    keys = [twin_key(text) for text in texts]
+    first: dict[str, int] = {}
+    parent = [first.setdefault(key, i) for i, key in enumerate(keys)]
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # A key inside another is found through its first MIN_CONTAINED_WORDS words, indexed wherever they occur.
+    holders: dict[str, list[int]] = {}
+    for key, i in first.items():
+        words = key.split()
+        for start in range(len(words) - MIN_CONTAINED_WORDS + 1):
+            holders.setdefault(" ".join(words[start:start + MIN_CONTAINED_WORDS]), []).append(i)
+    for key, i in first.items():
+        words = key.split()
+        if len(words) < MIN_CONTAINED_WORDS:
+            continue
+        for j in holders[" ".join(words[:MIN_CONTAINED_WORDS])]:
+            if f" {key} " in f" {keys[j]} ":
+                parent[root(i)] = root(j)
+    return np.array([root(i) for i in range(len(keys))], dtype=np.int64)
 
 
 # A --data source with fewer rows than this share of a sample's limit is kept whole: sampled down in proportion

@@ -236,9 +236,9 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         comparison[f"{recipe.name} model (shipped)"] = _headline(test_reports)
         metrics = {
             "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
-                            f"label, split seed {recipe.split_seed}, less the rows whose twin (the same text but for "
-                            "links, case and punctuation) fell in training or validation; never used for training, "
-                            "early stopping or model selection" + (f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else "")),
+                            f"label, split seed {recipe.split_seed}, less the rows whose twin (the same post but for "
+                            "links, case, punctuation or a prefix) fell in training or validation; never used for "
+                            "training, early stopping or model selection" + (f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else "")),
             "test": test_reports,
             **({"test_by_source": reports_by_source(test_probs, test, data_specs)} if len(data_specs) > 1 else {}),
             "validation": reports_from(calibrated(val_raw, model.temperature), val),

@@ -36,9 +36,9 @@ def with_cleanup(tokenizer):
 
 
 def twin_key(text: str) -> str:
-    """What a text says once links, entities, case, punctuation and spacing are set aside. Rows with the same key
-    are twins: the same headline posted twice with different t.co links, which the model reads as one text. The
-    data split keeps twins in one slice (``models.data.split``), or a test row would be a row trained on."""
+    """What a text says once links, entities, case, punctuation and spacing are set aside: the same headline posted
+    twice with different t.co links has one key, and the model reads it as one text. The data split keeps such
+    twins in one slice (``models.data.twin_groups``), or a test row would be a row trained on."""
     text = re.sub(LINK_PATTERN, " ", text)
     for entity, char in ENTITIES.items():
         text = text.replace(entity, char)

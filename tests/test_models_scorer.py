@@ -17,7 +17,6 @@ from models.metrics import head_report
 from models.modeling import FinPulseClassifier, TextEncoder, load_model, save_model
 from models.registry import NotAModelDir, find_model_dir, list_models
 from models.scorer import BatchScorer
-from models.textprep import twin_key
 from models.tokenizer_pool import PieceTokenizer, native_ids
 from tests.models_fixtures import make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
 
@@ -451,15 +450,27 @@ def test_twin_key_sets_links_case_punctuation_and_entities_aside():
 
 
 def twins_fixture() -> tuple[LabeledSet, list[list[int]]]:
-    """120 topic rows over 4 topics; 30 of them are headlines posted twice or three times with other links."""
+    """120 topic rows over 4 topics; 30 headlines are posted two or three times, with other links, behind a
+    cashtag, or with a source's suffix. The other 60 share a five-word phrase ("shares of the company rose"):
+    too short to make them one post."""
     texts, topics, groups = [], [], []
     for i in range(90):
         copies = 1 if i >= 30 else 2 + i % 2
         groups.append(list(range(len(texts), len(texts) + copies)))
         for copy in range(copies):
-            texts.append(f"Headline number {i} about markets https://t.co/{i}x{copy}")
+            headline = f"Headline {i}: shares of the company rose on day {i}"
+            texts.append([f"{headline} https://t.co/{i}x", f"$TICK - {headline}", f"{headline} -sources"][copy])
             topics.append(i % 4)
     return LabeledSet(texts, np.array(topics), np.full(len(texts), MISSING)), [g for g in groups if len(g) > 1]
+
+
+def test_twin_groups_join_reposts_not_posts_that_share_a_phrase():
+    from models.data import twin_groups
+    data, groups = twins_fixture()
+    group = twin_groups(data.texts)
+    assert all(len(set(group[g])) == 1 for g in groups)
+    assert len(set(group)) == 90
+    assert len(set(twin_groups(["Stocks rally", "stocks rally!", "Stocks rally as oil jumps on supply fears"]))) == 2
 
 
 def test_the_split_keeps_twins_in_one_slice_the_first_any_of_them_drew():
@@ -478,17 +489,19 @@ def test_the_split_keeps_twins_in_one_slice_the_first_any_of_them_drew():
 
 def test_a_model_split_before_twins_is_evaluated_without_the_text_it_trained_on(tmp_path):
     """Models trained before twins were kept together keep their slices, less the rows whose text they trained on."""
+    from models.data import twin_groups
     from models.evaluation import heldout_test
     data, _ = twins_fixture()
     data_file = tmp_path / "headlines.csv"
     data_file.write_text("text,topic\n" + "".join(f'"{t}",{TOPICS[k]}\n' for t, k in zip(data.texts, data.topic)))
     settings = {"specs": [str(data_file)], "sha256": {}, "test_fraction": 0.2, "val_fraction": 0.2, "split_seed": 7}
+    group = twin_groups(data.texts)
     slices = []
     for scheme in ("per-source-twins-together", "per-source"):
         (tmp_path / "training_config.json").write_text(json.dumps({"data": {**settings, "split": scheme}}))
         old = split(data, 0.2, 0.2, seed=7, twins_together=scheme != "per-source")
-        seen = {twin_key(data.texts[i]) for i in np.concatenate([old["train"], old["val"]])}
-        honest = [data.texts[i] for i in old["test"] if twin_key(data.texts[i]) not in seen]
+        seen = set(group[np.concatenate([old["train"], old["val"]])])
+        honest = [data.texts[i] for i in old["test"] if group[i] not in seen]
         sliced = heldout_test(tmp_path, tmp_path)
         assert sliced.texts == honest
         left_out = len(old["test"]) - len(honest)
