@@ -387,17 +387,17 @@ def twin_groups(texts: Sequence[str]) -> np.ndarray:
             i = parent[i]
         return i
 
-    # A key inside another is found through its first MIN_CONTAINED_WORDS words, indexed wherever they occur.
-    holders: dict[str, list[int]] = {}
-    for key, i in first.items():
+    # A key inside another is found through its first MIN_CONTAINED_WORDS words: where else does that run occur?
+    def runs(key: str) -> list[str]:
         words = key.split()
-        for start in range(len(words) - MIN_CONTAINED_WORDS + 1):
-            holders.setdefault(" ".join(words[start:start + MIN_CONTAINED_WORDS]), []).append(i)
+        return [" ".join(words[at:at + MIN_CONTAINED_WORDS]) for at in range(len(words) - MIN_CONTAINED_WORDS + 1)]
+    holders: dict[str, list[int]] = {found[0]: [] for found in map(runs, first) if found}
     for key, i in first.items():
-        words = key.split()
-        if len(words) < MIN_CONTAINED_WORDS:
-            continue
-        for j in holders[" ".join(words[:MIN_CONTAINED_WORDS])]:
+        for run in runs(key):
+            if run in holders:  # only runs that open some key: memory stays in proportion to the rows
+                holders[run].append(i)
+    for key, i in first.items():
+        for j in holders.get(" ".join(key.split()[:MIN_CONTAINED_WORDS]), []):
             if f" {key} " in f" {keys[j]} ":
                 parent[root(i)] = root(j)
     return np.array([root(i) for i in range(len(keys))], dtype=np.int64)
