@@ -199,6 +199,10 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         train_rows = stratified_sample(data, parts["train"], recipe.train_limit, recipe.fit.seed)
         val_rows = stratified_sample(data, parts["val"], recipe.val_limit, recipe.fit.seed)
         test_rows = stratified_sample(data, parts["test"], recipe.report_limit, recipe.fit.seed)
+        for name, rows in (("validation", val_rows), ("test", test_rows)):
+            if not len(rows):
+                raise DataError(f"too few distinct texts to hold out a {name} slice ({len(data)} rows; twins, the same "
+                                "post but for links, case, punctuation or a prefix, share one slice): add labeled rows")
     train, val, test = data.subset(train_rows), data.subset(val_rows), data.subset(test_rows)
     # How many teachers train at once does not change what is trained: a resumed run may pick another number.
     what = config_hash(dataclasses.replace(recipe, parallel=0), base_model, sha,

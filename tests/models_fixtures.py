@@ -43,17 +43,21 @@ def tiny_set() -> LabeledSet:
 
 
 def write_tiny_csv(path: Path, repeat: int = 1) -> Path:
-    """A user-format CSV (text, topic, sentiment as names) of the tiny set, ``repeat`` times."""
+    """A user-format CSV (text, topic, sentiment as names) of the tiny set, ``repeat`` times: each copy numbered
+    after its first word, so that no copy holds another whole (the split would keep such twins in one slice)."""
     import csv
+
+    def numbered(text: str, copy: int) -> str:
+        first, rest = text.split(" ", 1)
+        return f"{first} ({copy}) {rest}" if copy else text
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["text", "topic", "sentiment"])
         for copy in range(repeat):
-            suffix = f" ({copy})" if copy else ""
             for text, label in SENTIMENT_ROWS:
-                writer.writerow([text + suffix, "", label])
+                writer.writerow([numbered(text, copy), "", label])
             for text, label in TOPIC_ROWS:
-                writer.writerow([text + suffix, label, ""])
+                writer.writerow([numbered(text, copy), label, ""])
     return path
 
 

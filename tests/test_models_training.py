@@ -433,6 +433,12 @@ def test_train_reports_bad_data_clearly(tmp_path, capsys):
     bad.write_text("text,sentiment\nfine text,bullish\nother text,very good\n")
     assert main(["train", "--data", str(bad), "--out", str(tmp_path / "m"), "--device", "cpu"]) == 2
     assert "row 3: unknown sentiment 'very good'" in capsys.readouterr().err
+    # One headline posted 40 times with other links is one text: nothing can be held out to measure on.
+    reposts = tmp_path / "reposts.csv"
+    reposts.write_text("text,sentiment\n" + "".join(f"Shares of the company soar on results https://t.co/{i},bullish\n"
+                                                    for i in range(40)))
+    assert main(["train", "--data", str(reposts), "--out", str(tmp_path / "m"), "--device", "cpu"]) == 2
+    assert "too few distinct texts to hold out a validation slice (40 rows; twins" in capsys.readouterr().err
 
 
 def test_train_refuses_a_parallel_count_below_one(capsys):
