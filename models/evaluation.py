@@ -4,7 +4,7 @@
 ``heldout_test`` rebuilds the test slice a model was trained without, from its ``training_config.json`` (same
 data files, checked by sha256, same split seed and fractions), so ``finpulse evaluate MODEL`` reports on data the
 model never saw. A model whose slices were drawn before twins were kept together (``models.data.split``) is
-scored on its slice less the rows whose text it trained on.
+scored on its slice less the twins of rows it was trained or selected on.
 """
 from __future__ import annotations
 

@@ -15,8 +15,7 @@
 
 Every recipe splits the data the same way: a stratified test slice that nothing sees until the final report, a
 validation slice for early stopping and model selection, and the rest for training; a text posted twice lands in
-one slice (``models.data.split``). Runs keep their state under
-``var/runs/`` and resume with ``--resume``.
+one slice (``models.data.split``). Runs keep their state under ``var/runs/`` and resume with ``--resume``.
 
 A **refit** (``finpulse train --refit MODEL``) trains MODEL's recipe again on every labeled row, its validation and
 test slices included: a quarter more rows for the model that ships. Nothing is left to choose with, so it takes
