@@ -382,31 +382,28 @@ def test_a_time_budget_shrinks_the_step_plan_but_never_adds_a_step(monkeypatch):
     import models.training as training
     clock = [0.0]
     monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+
+    def run(total: int, max_seconds: float, seconds_per_step) -> tuple[int, list[int]]:
+        """Steps a plan on the fake clock until it is done: (steps made, the plan after each step)."""
+        clock[0], plan, step, plans = 0.0, training.StepPlan(total, max_seconds=max_seconds, started=0.0), 0, []
+        while step < plan.total:
+            clock[0] += seconds_per_step(step)
+            step += 1
+            plan.update(step)
+            plans.append(plan.total)
+        return step, plans
+
     # 45 steps: the last one is a step where the speed is re-measured (5 + 2 x 20).
-    plan = training.StepPlan(45, max_seconds=1000.0, started=0.0)
-    step = 0
-    while step < plan.total:
-        clock[0] += 0.5
-        step += 1
-        plan.update(step)
-    assert (step, plan.total) == (45, 45)
+    step, plans = run(45, 1000.0, lambda step: 0.5)
+    assert (step, plans[-1]) == (45, 45)
     # Slow steps against a short budget: the plan shrinks so the schedule ends inside the budget.
-    clock[0], plan, step = 0.0, training.StepPlan(1000, max_seconds=30.0, started=0.0), 0
-    while step < plan.total:
-        clock[0] += 0.5
-        step += 1
-        plan.update(step)
+    step, _ = run(1000, 30.0, lambda step: 0.5)
     assert 40 <= step <= 60 and clock[0] <= 30.0
     # A slow first epoch (a GPU meeting each batch shape for the first time), then three times the speed: the plan
     # is cut while steps are slow and back to the whole schedule soon after the speed-up, which fits the budget.
-    clock[0], plan, step, plan_after_speed_up = 0.0, training.StepPlan(2565, max_seconds=91.0, started=0.0), 0, []
-    while step < plan.total:
-        clock[0] += 1 / 14 if step < 171 else 1 / 42.5
-        step += 1
-        plan.update(step)
-        plan_after_speed_up.append(plan.total)
+    step, plan_after_speed_up = run(2565, 91.0, lambda step: 1 / 14 if step < 171 else 1 / 42.5)
     assert plan_after_speed_up[170] < 1500
-    assert plan_after_speed_up[171 + plan.WINDOW + 2 * plan.EVERY] == 2565
+    assert plan_after_speed_up[171 + training.StepPlan.WINDOW + 2 * training.StepPlan.EVERY] == 2565
     assert step == 2565 and clock[0] <= 91.0
 
 
