@@ -87,6 +87,11 @@ class LabeledSet:
                           np.concatenate([s.sentiment for s in sets]), [src for s in sets for src in s.sources],
                           np.concatenate([s.weight for s in sets]), np.concatenate([s.origin for s in sets]))
 
+    def weighed(self, origins: Sequence[int] | np.ndarray, factor: float) -> "LabeledSet":
+        """A copy in which the rows of these sources (``origin``) count ``factor`` times as much in training."""
+        weight = np.where(np.isin(self.origin, origins), self.weight * factor, self.weight)
+        return LabeledSet(self.texts, self.topic, self.sentiment, list(self.sources), weight, self.origin)
+
     def summary(self) -> dict[str, int]:
         return {"rows": len(self), "topic_rows": int((self.topic >= 0).sum()),
                 "sentiment_rows": int((self.sentiment >= 0).sum())}
@@ -408,15 +413,25 @@ def twin_groups(texts: Sequence[str]) -> np.ndarray:
 SMALL_SOURCE_SHARE = 0.1
 
 
+def kept_whole(data: LabeledSet, index: np.ndarray, limit: int) -> np.ndarray:
+    """The sources (``origin`` values) of ``index`` that a sample of ``limit`` rows keeps whole: those small beside
+    ``limit``, where there is a sample to make and a larger source to sample from."""
+    if limit <= 0 or len(index) <= limit:
+        return np.array([], dtype=np.int64)
+    origins, counts = np.unique(data.origin[index], return_counts=True)
+    small = counts < SMALL_SOURCE_SHARE * limit
+    if small.all() or counts[small].sum() >= limit:
+        return np.array([], dtype=np.int64)
+    return origins[small]
+
+
 def stratified_sample(data: LabeledSet, index: np.ndarray, limit: int, seed: int) -> np.ndarray:
     """At most ``limit`` rows of ``index``, keeping each stratum's share (every stratum keeps at least one row), and
     every row of the sources that are small beside ``limit`` (they take their place in it)."""
     if limit <= 0 or len(index) <= limit:
         return index
-    origins, counts = np.unique(data.origin[index], return_counts=True)
-    small = origins[counts < SMALL_SOURCE_SHARE * limit]
-    whole = np.isin(data.origin[index], small)
-    if whole.any() and not whole.all() and whole.sum() < limit:
+    whole = np.isin(data.origin[index], kept_whole(data, index, limit))
+    if whole.any():
         rest = stratified_sample(data, index[~whole], limit - int(whole.sum()), seed)
         return np.sort(np.concatenate([index[whole], rest]))
     rng = np.random.default_rng(seed)

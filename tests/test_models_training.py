@@ -239,6 +239,48 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     assert "before FinPulse split each source on its own" in capsys.readouterr().err
 
 
+def test_a_sample_weighs_up_the_rows_of_the_small_sources_it_keeps_whole():
+    """The quick recipe sees each row once or twice: the news sentences it keeps whole beside 16,000 sampled tweets
+    count double, on top of any --weight, and a recipe that does not sample weighs nothing up."""
+    from models.recipes import RECIPES, training_sample
+    tweets = LabeledSet([f"t{i}" for i in range(1000)], np.arange(1000) % 20, np.full(1000, MISSING))
+    news = LabeledSet([f"n{i}" for i in range(30)], np.arange(30) % 20, np.arange(30) % 3, origin=np.ones(30),
+                      weight=np.full(30, 3.0))
+    data, pool, specs = LabeledSet.concat([tweets, news]), np.arange(1030), ["shared", "news-train"]
+    quick = dataclasses.replace(RECIPES["quick"], train_limit=400)
+    assert quick.kept_whole_weight == 2
+    weighted, rows, kept = training_sample(quick, data, pool, specs)
+    assert kept == {"news-train": 2.0} and set(range(1000, 1030)) <= set(rows) and len(rows) <= 400
+    assert weighted.weight[:1000].tolist() == [1.0] * 1000 and weighted.weight[1000:].tolist() == [6.0] * 30
+    assert data.weight[1000:].tolist() == [3.0] * 30  # a weighed copy: the loaded set is left as it was
+    # Nothing kept whole (no sample to make, or the source is not small beside it), or no weight asked: as loaded.
+    for recipe in (RECIPES["plain"], dataclasses.replace(quick, train_limit=200),
+                   dataclasses.replace(quick, kept_whole_weight=1.0)):
+        weighted, rows, kept = training_sample(recipe, data, pool, specs)
+        assert kept == {} and weighted.weight.tolist() == data.weight.tolist()
+    weighted, rows, kept = training_sample(RECIPES["plain"], data, pool, specs)
+    assert rows.tolist() == pool.tolist()
+
+
+def test_the_quick_recipe_records_and_shows_the_weight_of_the_sources_it_keeps_whole(tiny_base, tmp_path, capsys):
+    from models.cli import main
+    tweets = write_tiny_csv(tmp_path / "tweets.csv", repeat=30)
+    mine = tmp_path / "mine.csv"
+    mine.write_text("text,sentiment\n" + "".join(f"Quarterly note {i}: {word} outlook,{label}\n" for i, (word, label)
+                                                  in enumerate([("brighter", "bullish"), ("darker", "bearish"),
+                                                                ("unchanged", "neutral")] * 4)))
+    assert main(["train", "--recipe", "quick", "--data", str(tweets), "--data", str(mine), "--weight", f"{mine}=1.5",
+                 "--train-limit", "300", "--base-model", tiny_base, "--device", "cpu", "--out",
+                 str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert f"rows of {mine} weigh 2 times more (kept whole by the 300-row sample)" in capsys.readouterr().out
+    [model_dir] = list((tmp_path / "models").iterdir())
+    training = json.loads((model_dir / "training_config.json").read_text())
+    assert training["data"]["kept_whole_weights"] == {str(mine): 2.0}
+    assert training["data"]["weights"] == {str(mine): 1.5} and training["recipe"]["kept_whole_weight"] == 2.0
+    card = " ".join((model_dir / "README.md").read_text().split())
+    assert f"Sources: {tweets}, {mine} (each row weighs 3; kept whole by the sample)" in card
+
+
 def test_by_default_a_recipe_trains_on_the_tweets_and_the_news_sentences_and_reports_each(tiny_base, tmp_path,
                                                                                            capsys):
     """Without --data: the shared sets and news-train; the held-out figures are given per source as well, the
