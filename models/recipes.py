@@ -74,9 +74,9 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     # 2 idle CPU cores: about 95 rows/s, so its two epochs of 16,000 rows end inside the 400 s budget; on busy
-    # cores the budget cuts the schedule short. Measured (README): 8,000 rows scored 2-4 points lower on the tweets;
+    # cores the budget cuts the schedule short. Measured (README): 8,000 rows scored 1-4 points lower on the tweets;
     # every row (the budget cut it to 1.5 epochs) or unfreezing the lower layers no better than 16,000; without the
-    # news sentences' double weight, 3-4 points lower on the news probe.
+    # news sentences' double weight, 3-5 points lower on the news probe.
     "quick": Recipe("quick", FitConfig(epochs=2, batch_size=32, lr=3e-4, max_length=48, freeze_layers=3,
                                        warmup_ratio=0.06, patience=1, max_seconds=400),
                     train_limit=16000, kept_whole_weight=2.0, val_limit=500, report_limit=1000),
@@ -266,8 +266,9 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     training_config = {
         "recipe": dataclasses.asdict(recipe),
         "base_model": base_model,
-        "data": {"specs": data_specs, "weights": data_weights, "kept_whole_weights": kept_whole_weights, "sha256": sha, "test_fraction": recipe.test_fraction,
-                 "val_fraction": recipe.val_fraction, "split_seed": recipe.split_seed, "split": SPLIT_SCHEME,
+        "data": {"specs": data_specs, "weights": data_weights, "kept_whole_weights": kept_whole_weights, "sha256": sha,
+                 "test_fraction": recipe.test_fraction, "val_fraction": recipe.val_fraction,
+                 "split_seed": recipe.split_seed, "split": SPLIT_SCHEME,
                  "rows": {"train": len(train), "val": len(val), "test": len(test)}},
         **({"refit_of": refit.reference} if refit else {}),
         "device": str(device), "time_budget_s": time_budget, "seconds": round(time.monotonic() - started, 1),
