@@ -94,8 +94,8 @@ def run_demo(settings, args) -> int:
         except ImportError:
             find_model_dir = None
         if find_model_dir and find_model_dir(settings.worker.model_dir or None, models_root(settings)) is None:
-            print("==> no trained model yet: training the quick recipe first (progress below; "
-                  "`finpulse train --recipe full` on a GPU trains the real one)", flush=True)
+            print("==> no trained model yet: training the quick recipe first (about 6 minutes on 2 CPU cores, at "
+                  "most 10; progress below; `finpulse train --recipe full` on a GPU trains the real one)", flush=True)
             if group.run("train", "train", "--recipe", "quick") != 0:
                 print("quick training failed: the demo continues with the keyword baseline scorer", flush=True)
 
