@@ -258,11 +258,11 @@ def test_a_sample_weighs_up_the_rows_of_the_small_sources_it_keeps_whole():
                    dataclasses.replace(quick, kept_whole_weight=1.0)):
         weighted, rows, kept = training_sample(recipe, data, pool, specs)
         assert kept == {} and weighted.weight.tolist() == data.weight.tolist()
-    weighted, rows, kept = training_sample(RECIPES["plain"], data, pool, specs)
-    assert rows.tolist() == pool.tolist()
+        assert (rows.tolist() == pool.tolist()) == (recipe is RECIPES["plain"])  # only the plain recipe takes all
 
 
 def test_the_quick_recipe_records_and_shows_the_weight_of_the_sources_it_keeps_whole(tiny_base, tmp_path, capsys):
+    """Said as it trains, recorded in training_config.json (beside --weight, which it multiplies) and in the card."""
     from models.cli import main
     tweets = write_tiny_csv(tmp_path / "tweets.csv", repeat=30)
     mine = tmp_path / "mine.csv"
