@@ -385,9 +385,9 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
         best_adapted = max(adapted, key=lambda i: results[i]["best_score"])
         use_adapted = results[best_adapted]["best_score"] >= results[0]["best_score"]
         stages["ensemble"] = {"candidates_val_score": val_scores, "chosen": chosen, "members": members}
-        chosen = f"{chosen} (validation score {val_scores[chosen]:.4f})"
     stages["ensemble"]["student_init"] = "adapted encoder" if use_adapted else "base encoder"
-    print(f"ensemble: {chosen}, teachers {members}; student starts from the "
+    scored = f" (validation score {val_scores[chosen]:.4f})" if not refit else ""
+    print(f"ensemble: {chosen}{scored}, teachers {members}; student starts from the "
           f"{'adapted' if use_adapted else 'base'} encoder", flush=True)
 
     targets = distillation_targets(train, sliced(members, "train"), cfg.class_balance, recipe.gold_share,
@@ -409,7 +409,7 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
     comparison = {
         "plain fine-tune (teacher 0)": _headline(reports_from(sliced([0], "test"), test)),
         "adapted-encoder teacher (best val)": _headline(reports_from(sliced([best_adapted], "test"), test)),
-        f"ensemble: {chosen} ({len(members)})": _headline(reports_from(sliced(members, "test"), test)),
+        f"ensemble of {len(members)} ({chosen})": _headline(reports_from(sliced(members, "test"), test)),
     }
     return student, stages, comparison
 

@@ -387,8 +387,14 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "training 2 teachers side by side" in done.stdout
     [model_dir] = list((tmp_path / "models").iterdir())
-    stages = json.loads((model_dir / "metrics.json").read_text())["stages"]
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    stages = metrics["stages"]
     assert [stages[f"teacher-{i}"]["kind"] for i in range(2)] == ["plain", "adapted"]
+    # The comparison names the ensemble by its size and the candidate set the validation slice chose.
+    chosen = stages["ensemble"]["chosen"]
+    assert f"ensemble of {len(stages['ensemble']['members'])} ({chosen})" in metrics["comparison_test"]
+    assert f"ensemble: {chosen} (validation score {stages['ensemble']['candidates_val_score'][chosen]:.4f})" \
+        in done.stdout
     assert all(stages[f"teacher-{i}"]["best_epoch"] >= 1 for i in range(2))
     assert stages["ensemble"]["members"] and stages["student"]["best_epoch"] >= 1
     card = " ".join((model_dir / "README.md").read_text().split())
