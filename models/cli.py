@@ -107,7 +107,8 @@ def _train(args, settings) -> int:
     import torch
     from .data import DEFAULT_TRAINING_SOURCES, DataError, default_data_dir, parse_weights
     from .modeling import ModelError, resolve_base_model
-    from .recipes import RefitError, load_refit, print_outcome, run_recipe
+    from .card import print_outcome
+    from .recipes import RefitError, load_refit, run_recipe
     from .registry import find_model_dir
     from .scorer import pick_device
 
