@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,18 @@ def _sources(data: dict[str, Any]) -> str:
                      if weight(spec) != 1 else spec for spec in data["specs"])
 
 
+def cut_by_time(stages: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The stages a time budget stopped before the end of their schedule (a CPU slower than the recipe assumes)."""
+    return {name: stage for name, stage in stages.items()
+            if stage.get("stopped", "").startswith("time budget") and stage.get("steps", 0) < stage.get("scheduled_steps", 0)}
+
+
+def _time_cut_note(stages: dict[str, Any]) -> str:
+    cut = cut_by_time(stages)
+    return "".join(f" A time budget stopped {name} after {stage['steps']} of its {stage['scheduled_steps']} steps."
+                   for name, stage in cut.items())
+
+
 def model_card(version: str, recipe: Recipe, base: str, training_config: dict, metrics: dict, table: str) -> str:
     per_head = "\n".join([_head_rows(metrics["test"])] + [
         _head_rows(reports, f", {spec} rows") for spec, reports in metrics.get("test_by_source", {}).items()])
@@ -86,7 +99,7 @@ def model_card(version: str, recipe: Recipe, base: str, training_config: dict, m
 
 FinPulse's topic-and-sentiment classifier: one encoder, two heads (20 finance topics; bearish / neutral /
 bullish). Recipe `{recipe.name}`, base encoder {describe_base(base)}, trained on
-{training_config['device']} in {training_config['seconds']:.0f} s.
+{training_config['device']} in {training_config['seconds']:.0f} s.{_time_cut_note(metrics['stages'])}
 
 ## What was measured, on what
 
@@ -140,6 +153,15 @@ def print_outcome(outcome: TrainOutcome, recipe: Recipe) -> None:
               f"are {reference}'s", flush=True)
     if recipe.name == "quick":
         print("this is the QUICK model (CPU recipe): train the real one on a GPU with `finpulse train --recipe full`",
+              flush=True)
+    cut = cut_by_time(outcome.metrics.get("stages", {}))
+    for name, stage in cut.items():
+        print(f"the time budget stopped {name} after {stage['steps']} of its {stage['scheduled_steps']} steps: this "
+              "machine trains slower than the recipe assumes, and the model is the weaker for it", flush=True)
+    if len(cut) == 1 and len(outcome.metrics["stages"]) == 1:
+        [stage] = cut.values()
+        needed = math.ceil(stage["seconds"] * stage["scheduled_steps"] / max(1, stage["steps"]) / 100) * 100
+        print(f"  to train the whole schedule here: finpulse train --recipe {recipe.name} --time-budget {needed}",
               flush=True)
     print(outcome.table, flush=True)
     for spec, reports in outcome.metrics.get("test_by_source", {}).items():

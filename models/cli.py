@@ -43,7 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs-dir", help="training state directory (default [models] runs_dir, var/runs)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="spread this many seconds over the stages")
+    p.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS",
+                   help="spread this many seconds of training over the stages, shrinking their schedules to fit (replaces "
+                        "the recipe's own budget: the quick recipe's is 400 s, so on a slow CPU a longer one lets it "
+                        "finish)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the recipe's; full: the teachers' and the student's)")
     p.add_argument("--batch-size", type=int, help="texts per training step (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak AdamW learning rate (default: the recipe's)")
@@ -95,6 +98,13 @@ def _at_least_one(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {number}")
     return number
+
+
+def _positive_seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {value}")
+    return seconds
 
 
 # What a refit takes from its reference: options that would train something else are refused, not ignored.

@@ -319,13 +319,20 @@ def _refit_metrics(refit: Refit) -> dict[str, Any]:
     }
 
 
-def _fit_one(recipe: Recipe, base: str, text_encoder: TextEncoder, train: LabeledSet, val: LabeledSet | None,
-             device, run_dir: Path, time_budget: float | None, refit: Refit | None = None):
+def fit_config(recipe: Recipe, time_budget: float | None, refit: Refit | None = None) -> FitConfig:
+    """The one-model recipes' FitConfig for this run. ``--time-budget`` replaces the recipe's own budget (the quick
+    recipe's 400 s) either way: on a slow CPU, a longer one lets it finish its schedule."""
     cfg = recipe.fit
     if refit:
         cfg = dataclasses.replace(cfg, epochs=refit.epochs["fit"])
     if time_budget is not None:
-        cfg = dataclasses.replace(cfg, max_seconds=min(time_budget, cfg.max_seconds or time_budget))
+        cfg = dataclasses.replace(cfg, max_seconds=time_budget)
+    return cfg
+
+
+def _fit_one(recipe: Recipe, base: str, text_encoder: TextEncoder, train: LabeledSet, val: LabeledSet | None,
+             device, run_dir: Path, time_budget: float | None, refit: Refit | None = None):
+    cfg = fit_config(recipe, time_budget, refit)
     model = FinPulseClassifier.from_base(base, pooling=cfg.pooling, dropout=cfg.dropout, seed=cfg.seed)
     result = fit(model, text_encoder, train, gold_targets(train, cfg.class_balance,
                  cfg.label_smoothing), val, cfg, device, run_dir / "fit", name=recipe.name)
@@ -492,7 +499,8 @@ def _stage_summary(result) -> dict[str, Any]:
     # best_score stays below 0 when nothing was validated (a refit): there is no score to report then.
     return {"best_epoch": result.best_epoch,
             "best_score": round(result.best_score, 5) if result.best_score >= 0 else None, "stopped": result.stopped,
-            "seconds": round(result.seconds, 1), "history": result.history}
+            "seconds": round(result.seconds, 1), "steps": result.steps, "scheduled_steps": result.scheduled_steps,
+            "history": result.history}
 
 
 def _headline(reports: dict[str, Any]) -> dict[str, float]:

@@ -90,6 +90,8 @@ class FitResult:
     history: list[dict[str, Any]]
     seconds: float
     stopped: str
+    steps: int = 0             # optimizer steps taken
+    scheduled_steps: int = 0   # the schedule's steps before any time budget shrank it
 
 
 def class_weights(labels: np.ndarray, n_classes: int, power: float) -> np.ndarray:
@@ -385,7 +387,7 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
     planned = ("all epochs" if state["planned_steps"] == total_steps else
                f"time budget: {state['planned_steps']} of {total_steps} steps")
     return FitResult(state["best_epoch"], state["best_score"], state["history"], time.monotonic() - started,
-                     state["stopped"] or planned)
+                     state["stopped"] or planned, state["step"], total_steps)
 
 
 def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, device: torch.device) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -281,6 +282,26 @@ def test_the_quick_recipe_records_and_shows_the_weight_of_the_sources_it_keeps_w
     assert f"Sources: {tweets}, {mine} (each row weighs 3; kept whole by the sample)" in card
 
 
+def test_a_run_its_time_budget_cut_short_says_so_and_how_much_time_the_whole_schedule_needs(tiny_base, tmp_path,
+                                                                                            capsys):
+    """A CPU slower than the recipe assumes gets a weaker model: training says so, with the budget that would
+    train the whole schedule there, and the card records it. (1 ms: no step of even the tiny encoder is faster.)"""
+    from models.cli import main
+    tweets = write_tiny_csv(tmp_path / "tweets.csv", repeat=30)
+    assert main(["train", "--recipe", "quick", "--data", str(tweets), "--time-budget", "0.001", "--base-model",
+                 tiny_base, "--device", "cpu", "--out", str(tmp_path / "models"), "--runs-dir",
+                 str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    [model_dir] = list((tmp_path / "models").iterdir())
+    fit_stage = json.loads((model_dir / "metrics.json").read_text())["stages"]["fit"]
+    assert fit_stage["steps"] == 1 and fit_stage["scheduled_steps"] > 1
+    assert (f"the time budget stopped fit after 1 of its {fit_stage['scheduled_steps']} steps: this machine trains "
+            "slower than the recipe assumes") in out
+    assert re.search(r"to train the whole schedule here: finpulse train --recipe quick --time-budget [1-9]\d*00\n", out)
+    card = " ".join((model_dir / "README.md").read_text().split())
+    assert f"A time budget stopped fit after 1 of its {fit_stage['scheduled_steps']} steps." in card
+
+
 def test_by_default_a_recipe_trains_on_the_tweets_and_the_news_sentences_and_reports_each(tiny_base, tmp_path,
                                                                                            capsys):
     """Without --data: the shared sets and news-train; the held-out figures are given per source as well, the
@@ -491,6 +512,18 @@ def test_train_refuses_a_parallel_count_below_one(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--recipe", "full", "--parallel", "0"])
     assert "--parallel: must be 1 or more, not 0" in capsys.readouterr().err
+
+
+def test_a_time_budget_replaces_the_recipes_own_so_a_slow_cpu_can_finish_the_quick_recipe(capsys):
+    from models.cli import main
+    from models.recipes import RECIPES, fit_config
+    quick = RECIPES["quick"]
+    assert fit_config(quick, None).max_seconds == quick.fit.max_seconds == 400
+    assert fit_config(quick, 1200).max_seconds == 1200 and fit_config(quick, 100).max_seconds == 100
+    assert fit_config(RECIPES["plain"], None).max_seconds is None
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "quick", "--time-budget", "0"])
+    assert "--time-budget: must be a number of seconds above 0, not 0" in capsys.readouterr().err
 
 
 def test_cli_recipe_names_match_the_recipes():
