@@ -52,8 +52,8 @@ def _sources(data: dict[str, Any]) -> str:
 
 def cut_by_time(stages: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The stages a time budget stopped before the end of their schedule (a CPU slower than the recipe assumes)."""
-    return {name: stage for name, stage in stages.items()
-            if stage.get("stopped", "").startswith("time budget") and stage.get("steps", 0) < stage.get("scheduled_steps", 0)}
+    return {name: stage for name, stage in stages.items() if stage.get("stopped", "").startswith("time budget")
+            and stage.get("steps", 0) < stage.get("scheduled_steps", 0)}
 
 
 def _time_cut_note(stages: dict[str, Any]) -> str:

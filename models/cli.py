@@ -44,9 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
     p.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS",
-                   help="spread this many seconds of training over the stages, shrinking their schedules to fit (replaces "
-                        "the recipe's own budget: the quick recipe's is 400 s, so on a slow CPU a longer one lets it "
-                        "finish)")
+                   help="spread this many seconds of training over the stages, shrinking their schedules to fit "
+                        "(replaces the recipe's own budget: the quick recipe's is 400 s, so on a slow CPU a longer "
+                        "one lets it finish)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the recipe's; full: the teachers' and the student's)")
     p.add_argument("--batch-size", type=int, help="texts per training step (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak AdamW learning rate (default: the recipe's)")
