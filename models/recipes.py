@@ -71,8 +71,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # 2 idle CPU cores: about 95 rows/s, so its two epochs of 16,000 rows end inside the 400 s budget; on busy
-    # cores the budget cuts the schedule short. Measured (README): 8,000 rows scored 1-4 points lower on the tweets;
+    # 2 idle CPU cores: about 95 rows/s, so its two epochs of 16,000 rows end inside the 400 s budget; on busy or
+    # slower cores the budget cuts the schedule short and training says so (at 32 rows/s: 397 of 1,000 steps). Measured (README): 8,000 rows scored 1-4 points lower on the tweets;
     # every row (the budget cut it to 1.5 epochs) or unfreezing the lower layers no better than 16,000; without the
     # news sentences' double weight, 3-5 points lower on the news probe.
     "quick": Recipe("quick", FitConfig(epochs=2, batch_size=32, lr=3e-4, max_length=48, freeze_layers=3,
