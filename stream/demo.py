@@ -8,6 +8,7 @@ process the demo started. Logs go to var/demo/*.log; a status line shows progres
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import signal
@@ -58,6 +59,15 @@ class ProcessGroup:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def _time_left(first: tuple[float, int] | None, now: float, done: int, total: int) -> str:
+    """The status line's "~N min left", at the rate scored since ``first`` (time, count): a slow CPU scores the
+    history for minutes, and a count alone does not say how many."""
+    if first is None or done <= first[1] or done >= total:
+        return ""
+    per_second = (done - first[1]) / max(1e-9, now - first[0])
+    return f" ~{math.ceil((total - done) / per_second / 60)} min left"
 
 
 def _demo_config(path: Path, bootstrap: str, receiver_port: int, prefix: str) -> None:
@@ -144,6 +154,7 @@ FinPulse demo is running (all data is SIMULATED):
 Ctrl-C stops everything.
 """, flush=True)
         last_status = 0.0
+        first_scored: tuple[float, int] | None = None  # (time, count) when the worker's first scores showed
         while not stop["now"]:
             dead = [(n, rc) for n, rc in group.dead() if n != "history"]
             if dead:
@@ -157,8 +168,12 @@ Ctrl-C stops everything.
                 except Exception as exc:  # the status line is best effort; the processes are what matter
                     print(f"status unavailable: {exc}", flush=True)
                     continue
-                phase = "live" if live_started else f"history {min(c[names.scored], history_count)}/{history_count}"
-                print(f"[{time.strftime('%H:%M:%S')}] {phase:<20} in {c[names.news] + c[names.comments]:>7}  "
+                scored = min(c[names.scored], history_count)
+                if first_scored is None and scored:
+                    first_scored = (time.monotonic(), scored)
+                phase = "live" if live_started else (f"history {scored}/{history_count}"
+                                                     + _time_left(first_scored, time.monotonic(), scored, history_count))
+                print(f"[{time.strftime('%H:%M:%S')}] {phase:<32} in {c[names.news] + c[names.comments]:>7}  "
                       f"scored {c[names.scored]:>7}  dead-letter {c[names.deadletter]:>4}  alerts {c[names.alerts]:>3}",
                       flush=True)
                 if not live_started and (c[names.scored] >= history_count or time.monotonic() > warmup_deadline):
