@@ -72,9 +72,10 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     # 2 idle CPU cores: about 95 rows/s, so its two epochs of 16,000 rows end inside the 400 s budget; on busy or
-    # slower cores the budget cuts the schedule short and training says so (at 32 rows/s: 397 of 1,000 steps). Measured (README): 8,000 rows scored 1-4 points lower on the tweets;
-    # every row (the budget cut it to 1.5 epochs) or unfreezing the lower layers no better than 16,000; without the
-    # news sentences' double weight, 3-5 points lower on the news probe.
+    # slower cores the budget cuts the schedule short and training says so (at 32 rows/s: 397 of 1,000 steps).
+    # Measured (README): 8,000 rows scored 1-4 points lower on the tweets; every row (the budget cut it to 1.5
+    # epochs) or unfreezing the lower layers no better than 16,000; without the news sentences' double weight, 3-5
+    # points lower on the news probe.
     "quick": Recipe("quick", FitConfig(epochs=2, batch_size=32, lr=3e-4, max_length=48, freeze_layers=3,
                                        warmup_ratio=0.06, patience=1, max_seconds=400),
                     train_limit=16000, kept_whole_weight=2.0, val_limit=500, report_limit=1000),
