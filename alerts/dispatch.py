@@ -23,7 +23,7 @@ How it works:
   (retryable failures: timeouts, connection errors, 408/425/429/5xx) the endpoint's circuit breaker opens
   (``alerts.breaker``): the endpoint is paused like a Retry-After pauses it, its deliveries wait instead of each
   hammering a dead service, and one probe at a time tries it, the pause doubling from ``backoff_initial_s`` up to
-  ``backoff_max_s``, until it answers. Waiting costs a delivery no attempt; its retry window still ends it
+  ``backoff_max_s``, until it answers; the waiting deliveries take turns to probe, in the order they came. Waiting costs a delivery no attempt; its retry window still ends it
   (``failed``, "the retry window ended before the next attempt").
 - Transport (``alerts.transport``): per endpoint TLS trust and client certificate, extra headers and an HTTP proxy.
   A certificate that fails verification fails the delivery at once, saying what to set. Through a proxy the
@@ -794,6 +794,15 @@ class Dispatcher:
         if endpoint is None:
             await self._finish(state, FAILED, f"endpoint {state.endpoint!r} is no longer configured", None)
             return True
+        breaker = self._breakers[endpoint.name]
+        try:
+            return await self._attempt_until_done(state, endpoint, breaker, stop)
+        finally:
+            breaker.leave(key)  # ended or stopped: its turn to probe passes to the next in line
+
+    async def _attempt_until_done(self, state: DeliveryState, endpoint: Endpoint, breaker: CircuitBreaker,
+                                  stop: asyncio.Event) -> bool:
+        """``_deliver``'s attempts, each after its backoff, the endpoint's pause and its turn on an open breaker."""
         while True:
             due = max(state.next_attempt_at.timestamp() if state.next_attempt_at else 0.0, endpoint.not_before)
             if due > state.deadline_at.timestamp():
@@ -806,7 +815,6 @@ class Dispatcher:
                 return False
             if await self._silenced_on_the_way(state):
                 return True
-            breaker = self._breakers[endpoint.name]
             # The endpoint's own slot first: while its requests hang, its other deliveries queue here, holding none
             # of the shared slots the healthy endpoints need.
             async with self._endpoint_slots[endpoint.name], self._shared_slots:
@@ -814,13 +822,15 @@ class Dispatcher:
                     return False
                 if endpoint.not_before > time.time():
                     continue  # a Retry-After or the breaker paused the endpoint while this attempt waited for a slot
-                with breaker.admission() as admitted:
+                with breaker.admission(state.key) as admitted:
                     if admitted:
                         outcome = await self._measured_attempt(endpoint, state)
                         self._count(endpoint, breaker, outcome)
+                    else:
+                        turn_changed = breaker.turn_changed
             if not admitted:
-                # The breaker is open and another delivery is probing the endpoint: wait for its answer.
-                if not await _wait_for(breaker.probe_over, stop):
+                # The breaker is open, and another delivery's probe is out or it is another's turn: wait for a change.
+                if not await _wait_for(turn_changed, stop):
                     return False
                 continue
             attempts = state.attempts + 1

@@ -48,8 +48,8 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
 Isolation: a request first takes one of its endpoint's ``max_concurrency`` slots, then one of the shared
 ``[alerts] max_concurrency`` ones, so an endpoint whose requests hang holds at most its own number of shared slots
 and the others keep theirs. After ``breaker_failures`` consecutive failed attempts (timeouts, connection errors,
-408/425/429/5xx) the endpoint is paused like a Retry-After pauses it: its deliveries wait, and one probe at a time
-tries it, with the pause doubling from ``backoff_initial_s`` up to ``backoff_max_s``, until it answers
+408/425/429/5xx) the endpoint is paused like a Retry-After pauses it: its deliveries wait, and take turns to probe
+it one at a time, with the pause doubling from ``backoff_initial_s`` up to ``backoff_max_s``, until it answers
 (``alerts.breaker``). Each delivery keeps its own retry window: one whose window ends while the endpoint is paused
 is recorded ``failed``.
 

@@ -417,19 +417,20 @@ def test_the_breaker_counts_consecutive_failures_and_admits_one_probe_at_a_time(
         assert not breaker.record(failed=False, answered=False)  # a refused address says nothing either way
         assert breaker.record(failed=True, answered=False, error="HTTP 503") and breaker.is_open
         assert breaker.pause_s == 1.0
-        with breaker.admission() as probe:
-            with breaker.admission() as second:
-                assert probe and not second and not breaker.probe_over.is_set()
+        turn_changed = breaker.turn_changed
+        with breaker.admission("a") as probe:
+            with breaker.admission("b") as second:
+                assert probe and not second and not turn_changed.is_set()
             assert breaker.record(failed=True, answered=False)  # the probe failed: still open, a longer pause
-        assert breaker.probe_over.is_set() and breaker.pause_s == 2.0
+        assert turn_changed.is_set() and not breaker.turn_changed.is_set() and breaker.pause_s == 2.0
         for _ in range(5):
             breaker.record(failed=True, answered=False)
         assert breaker.pause_s == 5.0
-        with breaker.admission() as probe:
+        with breaker.admission("b") as probe:
             assert probe
             assert not breaker.record(failed=False, answered=True)
         assert not breaker.is_open
-        with breaker.admission() as first, breaker.admission() as second:
+        with breaker.admission("a") as first, breaker.admission("b") as second:
             assert first and second  # closed: no limit from the breaker
     messages = [r.getMessage() for r in caplog.records]
     assert len([m for m in messages if "3 consecutive failed attempts (last: HTTP 503)" in m]) == 1, messages
@@ -438,11 +439,42 @@ def test_the_breaker_counts_consecutive_failures_and_admits_one_probe_at_a_time(
     assert not any(never.record(failed=True, answered=False) for _ in range(50))
 
 
+def test_an_open_breaker_hands_the_probe_round_in_the_order_deliveries_came():
+    """While open, the deliveries take turns: one that arrives out of its turn is refused and keeps its place, one
+    that has probed queues again at the back, one that ends gives up its turn, and closing lets everyone through."""
+    breaker = CircuitBreaker("desk", threshold=1, initial_pause_s=1.0, max_pause_s=5.0)
+    breaker.record(failed=True, answered=False)
+
+    def probes(delivery: str) -> bool:
+        with breaker.admission(delivery) as admitted:
+            if admitted:
+                breaker.record(failed=True, answered=False)
+            return admitted
+
+    with breaker.admission("a") as probe:  # a probes; b, c and d come while its probe is out
+        assert probe and [probes(d) for d in "bcd"] == [False] * 3
+        breaker.record(failed=True, answered=False)
+    assert breaker.waiting == ["b", "c", "d"]
+    assert [probes(d) for d in "acb"] == [False, False, True]  # a is behind d now; c waits for b
+    assert breaker.waiting == ["c", "d", "a"]
+    assert [probes(d) for d in "bdc"] == [False, False, True]
+    breaker.leave("d")  # d's retry window ended: a is next
+    assert breaker.waiting == ["a", "b"] and probes("a") and breaker.waiting == ["b"]
+    turn_changed = breaker.turn_changed
+    with breaker.admission("b") as probe:
+        assert probe and not probes("c")
+        breaker.record(failed=False, answered=True)  # up again: nobody waits for a turn any more
+    assert turn_changed.is_set() and breaker.waiting == [] and not breaker.is_open
+    with breaker.admission("c") as first, breaker.admission("a") as second:
+        assert first and second
+
+
 def test_the_breaker_pauses_a_failing_endpoint_and_probes_it_one_request_at_a_time(fp_settings, topics, monkeypatch, caplog):
     """Four deliveries go to an endpoint together; it answers 503 (slowly). Its breaker (breaker_failures = 1)
     opens at the first failure, logged once. From then on, while the endpoint is down, its requests come strictly
-    one at a time: the other deliveries wait for each probe instead of retrying on their own. Once it is up, the
-    next probe closes the breaker (logged once) and every delivery arrives, once."""
+    one at a time: the other deliveries wait for each probe instead of retrying on their own, and take turns to
+    probe, in a fixed round. Once it is up, the next probe closes the breaker (logged once) and every delivery
+    arrives, once."""
     secret = generate_secret()
     monkeypatch.setenv("T_BRK_SECRET", secret)
     alerts = [make_alert("firing", id=f"b{i}", key=f"Topic {i}") for i in range(4)]
@@ -453,10 +485,12 @@ def test_the_breaker_pauses_a_failing_endpoint_and_probes_it_one_request_at_a_ti
         answered_up: list[int] = []
         down = [True]
         got: list[str] = []
+        senders: list[str] = []  # the delivery of each request, in the order they arrived
 
         async def flaky(request):
             number = sum(kind == "arrive" for kind, _ in events)
             events.append(("arrive", number))
+            senders.append(request.headers[HEADER_ID])
             try:
                 if down[0]:
                     await asyncio.sleep(0.3)  # held a while: requests sent concurrently would overlap here
@@ -471,23 +505,25 @@ def test_the_breaker_pauses_a_failing_endpoint_and_probes_it_one_request_at_a_ti
         app.router.add_post("/{path:.*}", flaky)
         runner, port = await serve(app)
         settings = fp_settings.with_overrides({"alerts": {
-            "backoff_initial_s": 0.2, "backoff_max_s": 0.4, "max_concurrency": 8, "endpoints": [
+            # Backoff and pause both 0.2 s, under the 0.3 s a request is held: every delivery of the first wave is
+            # in line before the first probe ends, which makes the round's order that of the line.
+            "backoff_initial_s": 0.2, "backoff_max_s": 0.2, "max_concurrency": 8, "endpoints": [
                 {"name": "flaky", "url": f"http://127.0.0.1:{port}/x", "secret_env": "T_BRK_SECRET",
                  "allow_private": True, "max_concurrency": 4, "breaker_failures": 1, "retry_horizon_s": 600}]}})
         dispatcher = Dispatcher(settings, topics)
         await dispatcher.start()
         try:
-            probed = await until(lambda: sum(kind == "arrive" for kind, _ in events) >= 4 + 3)
+            probed = await until(lambda: sum(kind == "arrive" for kind, _ in events) >= 4 + 2 * 4)
             down[0] = False
             await until(lambda: len(dispatcher.log.states) == 4
                         and all(s.state == DELIVERED for s in dispatcher.log.states.values()))
-            return probed, events, answered_up, got, dict(dispatcher.log.states)
+            return probed, events, answered_up, got, senders, dict(dispatcher.log.states)
         finally:
             await dispatcher.stop()
             await runner.cleanup()
 
     with caplog.at_level(logging.INFO, logger="alerts"):
-        probed, events, answered_up, got, states = asyncio.run(scenario())
+        probed, events, answered_up, got, senders, states = asyncio.run(scenario())
     assert probed and all(s.state == DELIVERED for s in states.values()), states
     assert Counter(got) == Counter({webhook_id(delivery_key(a.event_id, "flaky")): 1 for a in alerts})
     # The first wave: four requests in flight together, all answered before any other request arrives.
@@ -496,8 +532,11 @@ def test_the_breaker_pauses_a_failing_endpoint_and_probes_it_one_request_at_a_ti
     # Then, until the probe that found the endpoint up has left: strictly one request at a time.
     closing_probe = answered_up[0]
     probes = events[8:events.index(("leave", closing_probe)) + 1]
-    assert len(probes) >= 2 * 4, events  # three probes while down, then the closing one
+    assert len(probes) >= 2 * (2 * 4 + 1), events  # two rounds of probes while down, then the closing one
     assert probes == [(kind, n) for n in range(4, closing_probe + 1) for kind in ("arrive", "leave")], events
+    # The probes go round: each delivery once, then again in the same order.
+    first_round, second_round = senders[4:8], senders[8:12]
+    assert len(set(first_round)) == 4 and second_round == first_round, senders
     opened = [r for r in caplog.records if "consecutive failed attempts" in r.getMessage()]
     closed = [r for r in caplog.records if "answers again" in r.getMessage()]
     assert len(opened) == 1 and len(closed) == 1, caplog.text
