@@ -179,11 +179,13 @@ def freshness_strip(snap: Snapshot, status: FeedStatus, cfg: DashboardSettings, 
 # ---------------------------------------------------------------- Overview
 
 def unusual_line(rank: int, row: pd.Series) -> str:
+    """A ranked key, with both measures it is ranked by next to their usual values: either can be what moved."""
     unusual = "not enough history" if pd.isna(row["unusual"]) else f"{row['unusual']:+.1f}σ"
-    usual = "" if pd.isna(row["baseline_bearish_share"]) else f" (usual {row['baseline_bearish_share']:.0%})"
+    usual_bearish = "" if pd.isna(row["baseline_bearish_share"]) else f" (usual {row['baseline_bearish_share']:.0%})"
+    usual_score = "" if pd.isna(row["baseline_mean_score"]) else f" (usual {row['baseline_mean_score']:+.2f})"
     alert = f" · {SEVERITY_BADGE.get(row['severity'], row['severity'])} alert firing" if row["firing"] else ""
-    return (f"**{rank}. {md(str(row['key']))}** — {unusual} · bearish {row['bearish_share']:.0%}{usual} · "
-            f"sentiment {row['mean_score']:+.2f} · {int(row['count'])} msgs{alert}")
+    return (f"**{rank}. {md(str(row['key']))}** — {unusual} · bearish {row['bearish_share']:.0%}{usual_bearish} · "
+            f"sentiment {row['mean_score']:+.2f}{usual_score} · {int(row['count'])} msgs{alert}")
 
 
 def alert_line(row: pd.Series, tz: str) -> str:

@@ -24,6 +24,7 @@ from dashboard import charts
 from dashboard import shaping as sh
 from dashboard.cli import settings_environ, streamlit_command
 from dashboard.model_card import confusion_matrices, head_reports, metric_table
+from dashboard.pages import unusual_line
 from dashboard.settings import DashboardSettings
 from alerts.silences import expired_now, new_silence, write_silence
 from dashboard.store import LiveStore
@@ -536,6 +537,14 @@ def test_unusual_ranking_uses_each_keys_own_history():
     ranking = sh.unusual_now(snap.trends, snap.alerts, sh.ViewFilters())
     assert ranking["key"].iloc[0] == "Macro" and ranking["unusual"].iloc[0] > 2
     assert not ranking["firing"].any()
+    # Its line shows both measures it is ranked by next to their usual values.
+    top = ranking.iloc[0]
+    assert unusual_line(1, top) == (f"**1. Macro** — {top['unusual']:+.1f}σ · bearish {top['bearish_share']:.0%} (usual "
+                                    f"{top['baseline_bearish_share']:.0%}) · sentiment {top['mean_score']:+.2f} (usual "
+                                    f"{top['baseline_mean_score']:+.2f}) · {int(top['count'])} msgs")
+    newcomer = top.copy()
+    newcomer[["unusual", "baseline_bearish_share", "baseline_mean_score"]] = np.nan
+    assert "not enough history" in unusual_line(2, newcomer) and "usual" not in unusual_line(2, newcomer)
 
 
 def test_heatmap_buckets_stay_bounded_and_weighted():
