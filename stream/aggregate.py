@@ -22,15 +22,18 @@ Two layers:
 
 Windows are hopping and epoch-aligned: ``SIZE/STEP`` (defaults 1m/1m, 5m/1m, 1h/5m). Each key has a watermark,
 the largest event time it has seen; a window closes when the watermark passes its end plus the allowed lateness,
-so a late message inside the lateness still counts, and one later than that is dropped (counted as ``late``).
-Live, a watermark advance takes effect only ``close_grace_s`` of wall-clock time later (``WindowAggregator.settle``,
-also run by a 1 s timer): a backlog is consumed partition by partition round-robin, and without the grace the
-partitions that lag in event time would all be late. A key that goes quiet follows the event time of its input
-partition (``StreamClock``; of the slowest active partition once its own is idle), so its windows close, and its
-alerts fire, on time rather than at its next message. The timer that closes them takes stock of the keys it owns
-from the table after every start and rebalance: keys recovered from the changelog (a restart, or partitions taken
-over from a worker that left) may never see another message. Without a clock (replay, bench, tests) windows close
-on event time alone, deterministically (replay's ``flush`` closes what is left at the end of the input).
+so a late message inside the lateness still counts, and one later than that is dropped from the windows that
+closed (counted as ``late``). Live, two things hold the watermark back in a backlog, where the partitions are not
+read in event time: a watermark advance takes effect only ``close_grace_s`` of wall-clock time later
+(``WindowAggregator.settle``, also run by a 1 s timer), so scored partitions consumed round-robin are not late;
+and a record moves its key's watermark no further than the input watermark it carries (``stream.input_watermark``),
+so when the scoring agent reads the news minutes of event time ahead of the comments, the windows wait for the
+comments. A key that goes quiet follows the event time of its input partition (``StreamClock``; of the slowest
+active partition once its own is idle), so its windows close, and its alerts fire, on time rather than at its next
+message. The timer that closes them takes stock of the keys it owns from the table after every start and
+rebalance: keys recovered from the changelog (a restart, or partitions taken over from a worker that left) may
+never see another message. Without a clock (replay, bench, tests) windows close on event time alone,
+deterministically (replay's ``flush`` closes what is left at the end of the input).
 
 Exactly-once table effects under at-least-once delivery: each key's state stores the highest applied offset per
 source partition, and the ids of messages applied in the last ``dedupe_horizon_s`` of event time. After a crash
@@ -54,6 +57,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .config import ConfigError
+from .input_watermark import read_stamp
 from .metrics import counter
 from .records import MessageRef, ScoredRecord, TrendRecord, epoch_ms, excerpt, format_time, utcnow
 
@@ -66,8 +70,8 @@ _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 WINDOWS_CLOSED = counter("finpulse_windows_closed_total", "Windows closed and published as final trends, by key type "
                          "(topic, ticker) and window length in seconds.", ["key_type", "window_s"])
-LATE_MESSAGES = counter("finpulse_late_messages_total", "Scored messages that arrived after their windows had closed "
-                        "(counted in no window), by key type.", ["key_type"])
+LATE_MESSAGES = counter("finpulse_late_messages_total", "Scored messages that arrived after one or more of their "
+                        "windows had closed (missing from those, counted in the others), by key type.", ["key_type"])
 
 
 def parse_duration_s(text: str | int) -> int:
@@ -134,10 +138,19 @@ class AggregateSettings:
 
 @dataclass(frozen=True)
 class SourcedRecord:
-    """A scored record and where it was read from. ``offset=-1`` (a file, a test): only the id dedupe applies."""
+    """A scored record and where it was read from. ``offset=-1`` (a file, a test): only the id dedupe applies.
+    ``input_watermark_ms``: the scoring agent's input watermark when it published the record (``None``: not
+    stamped); the key's watermark moves no further than that (``stream.input_watermark``)."""
     record: ScoredRecord
     partition: int = -1
     offset: int = -1
+    input_watermark_ms: int | None = None
+
+    @property
+    def watermark_ms(self) -> int:
+        """How far in event time this record may move its key's watermark."""
+        t_ms = epoch_ms(self.record.event_time)
+        return t_ms if self.input_watermark_ms is None else min(t_ms, self.input_watermark_ms)
 
 
 @dataclass
@@ -147,7 +160,7 @@ class Applied:
     touched: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # key -> open window ids changed
     applied: int = 0
     duplicates: int = 0
-    late: int = 0        # too late for every window it belonged to
+    late: int = 0        # too late for at least one window it belonged to (counted in the others)
 
     def merge(self, other: "Applied") -> None:
         self.final.extend(other.final)
@@ -309,11 +322,12 @@ class WindowAggregator:
             if not state.claim(event, t_ms, horizon_ms):
                 result.duplicates += 1
                 continue
-            if state.watermark_ms is None or t_ms > state.watermark_ms:
-                state.advance(t_ms, now)
+            moved_to = event.watermark_ms
+            if state.watermark_ms is None or moved_to > state.watermark_ms:
+                state.advance(moved_to, now)
                 if now is None:
                     result.final.extend(self._close_settled(key, state))
-            counted = False
+            counted = missed = False
             for spec in self.specs:
                 for start in spec.starts_ms(t_ms):
                     wid = window_key(spec.size_s, start)
@@ -321,6 +335,7 @@ class WindowAggregator:
                     if window is None:
                         end_ms = start + spec.size_s * 1000
                         if state.settled_ms is not None and end_ms + self.lateness_ms <= state.settled_ms:
+                            missed = True
                             break  # this window (and every older one) has closed
                         window = state.windows[wid] = _new_window()
                         if state.next_close_ms is None or end_ms < state.next_close_ms:
@@ -329,7 +344,7 @@ class WindowAggregator:
                     touched.add(wid)
                     counted = True
             result.applied += counted
-            result.late += not counted
+            result.late += missed
         if state.watermark_ms is not None:
             state.forget_ids_before(state.watermark_ms - horizon_ms)
         touched.intersection_update(state.windows)
@@ -519,13 +534,13 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
 
     async def process(events) -> None:
         by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
-        latest: dict[int, int] = {}                      # partition -> the latest event time in this batch
+        latest: dict[int, int] = {}  # partition -> the latest event time in this batch (as far as the stamps allow)
         for event in events:
             sourced = _parse_event(event, key_type)
             if sourced is not None:
                 key_bytes, item = sourced
                 by_key[key_bytes].append(item)
-                t_ms = epoch_ms(item.record.event_time)
+                t_ms = item.watermark_ms
                 if t_ms > latest.get(item.partition, -1):
                     latest[item.partition] = t_ms
         async with exclusive:
@@ -541,7 +556,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 partials[key_bytes] |= result.touched.get(key, set())
                 if result.late:
                     LATE_MESSAGES.labels(key_type).inc(result.late)
-                    log.warning("%s %s: %d message(s) arrived after their windows closed", key_type, key,
+                    log.warning("%s %s: %d message(s) arrived after one or more of their windows closed", key_type, key,
                                 result.late)
                 if result.duplicates:
                     log.info("%s %s: skipped %d message(s) already applied (redelivered after a restart)",
@@ -643,7 +658,7 @@ def _parse_event(event, key_type: str) -> tuple[bytes, SourcedRecord] | None:
                         message.partition, message.offset)
             return None
         key = derived[0].encode("utf-8")
-    return key, SourcedRecord(record, message.partition, message.offset)
+    return key, SourcedRecord(record, message.partition, message.offset, read_stamp(message.headers))
 
 
 __all__ = ["AggregateSettings", "Applied", "KeyWindows", "SourcedRecord", "WindowAggregator", "WindowSpec",

@@ -35,15 +35,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
-from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.errors import IllegalStateError, MessageSizeTooLargeError, RecordTooLargeError
 
 from models.interface import Prediction, Scorer, failed
 
 from .config import Settings
-from . import offset_guard, ops
+from . import input_watermark, offset_guard, ops
 from .kafka_io import bootstrap_list, kafka_timestamp_ms
 from .metrics import REGISTRY, SIZE_BUCKETS, Family, counter_family, gauge, histogram
-from .records import (DeadLetter, InputItem, InvalidRecord, Kind, ScoredRecord, excerpt, parse_input, utcnow)
+from .records import (DeadLetter, InputItem, InvalidRecord, Kind, ScoredRecord, epoch_ms, excerpt, parse_input,
+                      utcnow)
 from .topics import TopicNames
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Outgoing:
     timestamp_ms: int | None
     # The input message this record came from (scored records only): replay keeps its position beside the record.
     source: SourceMessage | None = dataclasses.field(default=None, compare=False)
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class Scoring:
@@ -132,10 +134,12 @@ class Scoring:
             log.exception("scorer failed on a batch of %d: scoring its texts one by one", len(texts))
             return [self.score([text])[0] for text in texts]
 
-    def publishable(self, valid: Sequence[tuple[SourceMessage, InputItem]],
-                    predictions: Sequence[Prediction]) -> list[Outgoing]:
-        """Scored records (by topic and by ticker) and ``unscorable`` dead letters for one scored batch."""
+    def publishable(self, valid: Sequence[tuple[SourceMessage, InputItem]], predictions: Sequence[Prediction],
+                    input_watermark_ms: int | None = None) -> list[Outgoing]:
+        """Scored records (by topic and by ticker, stamped with the input watermark: ``stream.input_watermark``)
+        and ``unscorable`` dead letters for one scored batch."""
         out: list[Outgoing] = []
+        headers = input_watermark.stamp(input_watermark_ms)
         scored_at = self.clock()
         version = self.scorer.model_version
         names = self.names
@@ -154,9 +158,9 @@ class Scoring:
                                             f"bytes (limit {SCORED_RECORD_MAX}): id, url or source is too long"))
                 continue
             timestamp_ms = kafka_timestamp_ms(item.event_time)
-            out.append(Outgoing(names.scored, prediction.topic.encode("utf-8"), value, timestamp_ms, message))
+            out.append(Outgoing(names.scored, prediction.topic.encode("utf-8"), value, timestamp_ms, message, headers))
             for ticker in item.tickers:
-                out.append(Outgoing(names.scored_by_ticker, ticker.encode("utf-8"), value, timestamp_ms))
+                out.append(Outgoing(names.scored_by_ticker, ticker.encode("utf-8"), value, timestamp_ms, None, headers))
             self.scored[message.topic] += 1
         return out
 
@@ -224,7 +228,7 @@ def faust_send(app) -> SendFn:
         # Faust takes seconds and truncates int(seconds * 1000): half a millisecond more makes that exact.
         timestamp = (record.timestamp_ms + 0.5) / 1000.0 if record.timestamp_ms is not None else None
         return await app.producer.send(record.topic, record.key, record.value, partition=None,
-                                       timestamp=timestamp, headers=None)
+                                       timestamp=timestamp, headers=list(record.headers) or None)
     return send
 
 
@@ -413,19 +417,36 @@ def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) 
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finpulse-scorer")
 
     send = faust_send(app)
+    progress = input_watermark.InputProgress()
+
+    def highwater(topic: str, partition: int) -> int | None:
+        """The partition's end from the last fetch; None once it is no longer ours (revoked in a rebalance)."""
+        from faust.types import TP
+        tp = TP(topic, partition)
+        if tp not in app.consumer.assignment():
+            return None
+        try:
+            return app.consumer.highwater(tp)
+        except IllegalStateError:  # revoked between the two calls
+            return None
 
     async def process(events) -> None:
         started = time.perf_counter()
         messages = [SourceMessage(e.message.topic, e.message.partition, e.message.offset, e.key, e.value)
                     for e in events]
         valid, outputs = scoring.parse(messages)
+        now = time.monotonic()
+        for message in messages:  # every message read moves its partition on; the valid ones say to what time
+            progress.saw(message.topic, message.partition, message.offset, None, now)
+        for message, item in valid:
+            progress.saw(message.topic, message.partition, message.offset, epoch_ms(item.event_time), now)
         if valid:
             texts = [item.text for _, item in valid]
             scoring_started = time.perf_counter()
             predictions = await asyncio.get_running_loop().run_in_executor(executor, scoring.score, texts)
             SCORER_LATENCY.observe(time.perf_counter() - scoring_started)
             SCORER_BATCH_TEXTS.observe(len(texts))
-            outputs.extend(scoring.publishable(valid, predictions))
+            outputs.extend(scoring.publishable(valid, predictions, progress.low_watermark_ms(highwater, now)))
         await deliver(send, outputs, scoring.without_original)
         BATCH_DURATION.observe(time.perf_counter() - started)
 

@@ -97,6 +97,12 @@ class ConsumedRecord:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def _consumed(message) -> ConsumedRecord:
+    return ConsumedRecord(message.topic, message.partition, message.offset, message.key, message.value,
+                          message.timestamp, tuple(message.headers or ()))
 
 
 def _consumer(bootstrap_servers: str) -> AIOKafkaConsumer:
@@ -122,8 +128,7 @@ async def _read_until_caught_up(consumer: AIOKafkaConsumer, tps: Sequence[TopicP
     response for it has arrived). Returns False when ``deadline`` passes first."""
     while time.monotonic() < deadline:
         batches = await consumer.getmany(*tps, timeout_ms=200)
-        records = [ConsumedRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
-                   for msgs in batches.values() for m in msgs]
+        records = [_consumed(m) for msgs in batches.values() for m in msgs]
         if records:
             on_batch(records)
         caught_up = True
@@ -236,7 +241,7 @@ async def tail_topic_async(bootstrap_servers: str, topic: str, until: Callable[[
         while not met and time.monotonic() < deadline:
             batches = await consumer.getmany(*tps, timeout_ms=250)
             for msgs in batches.values():
-                out.extend(ConsumedRecord(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp) for m in msgs)
+                out.extend(_consumed(m) for m in msgs)
             met = until(out)
         return out, met
     finally:

@@ -84,6 +84,37 @@ def test_close_grace_keeps_windows_open_for_lagging_partitions_for_a_few_wall_cl
     assert late.late == 1
 
 
+def test_a_key_waits_for_the_input_watermark_its_records_carry():
+    """A backlog in which the news is read minutes of event time ahead of the comments: records stamped with the
+    comments' progress keep the key's windows open for the comments however long (wall clock) they take; once
+    every input has caught up (no stamp), the windows close with everything."""
+    agg = aggregator(close_grace_s=5.0)
+    state = KeyWindows()
+    key = "Energy | Oil"
+
+    def at(second: float) -> int:
+        return int((T0 + timedelta(seconds=second)).timestamp() * 1000)
+
+    ahead = agg.apply(key, state, [SourcedRecord(scored(0, 185), input_watermark_ms=at(10))], now=100.0)
+    assert ahead.final == [] and agg.settle(key, state, now=160.0) == []
+    behind = agg.apply(key, state, [SourcedRecord(scored(1, 20, kind="comment"), input_watermark_ms=at(20)),
+                                    SourcedRecord(scored(2, 70, kind="comment"), input_watermark_ms=at(70))], now=160.0)
+    assert behind.late == 0 and behind.applied == 2
+    caught_up = agg.apply(key, state, [SourcedRecord(scored(3, 190, kind="comment"))], now=170.0)
+    closed = caught_up.final + agg.settle(key, state, now=175.0)
+    assert [(t.window_start.minute, t.news_count, t.comment_count) for t in closed] == [(0, 0, 1), (1, 0, 1)]
+    later = agg.apply(key, state, [SourcedRecord(scored(4, 400))], now=180.0).final + agg.settle(key, state, now=185.0)
+    assert [(t.window_start.minute, t.news_count, t.comment_count) for t in later] == [(3, 1, 1)]
+
+
+def test_a_message_too_late_for_one_of_its_windows_counts_as_late():
+    agg = aggregator(windows=["1m/1m", "5m/5m"])
+    agg.feed([scored(0, 10), scored(1, 75)])      # watermark 75 s: 09:00's minute closed (60 s + 10 s)
+    late = agg.feed([scored(2, 30)])
+    assert late.applied == 1 and late.late == 1   # in its five minutes, not in its minute
+    assert {(t.window_s, t.count) for t in agg.flush()} == {(300, 3), (60, 1)}
+
+
 def test_final_windows_do_not_depend_on_batch_boundaries():
     records = [scored(i, i * 3.7 % 400 + (i // 50) * 60, (i % 7 - 3) / 3, topic=("A", "B")[i % 2])
                for i in range(300)]

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 from models.baseline import NoopScorer
 from models.interface import Prediction, failed
 from stream.app import Scoring, SourceMessage, _continued, deliver, finish_batch
+from stream.input_watermark import read_stamp
 from stream.kafka_io import RecordSender
 from stream.records import DeadLetter, epoch_ms, format_time
 from stream.simulate import Shock, SimMessage, generate
@@ -78,6 +79,12 @@ def test_ten_thousand_simulated_messages_are_all_scored(fp_settings, topics, tmp
         per_record[value["id"]] += 1
     assert per_record == Counter({r["id"]: len(r["tickers"]) for r in json_values(scored) if r["tickers"]})
     assert "score agent stopped: scored 10000; dead-lettered 0" in worker.output()
+    # Scored while input partitions still had a backlog, records carry how far the slowest of those was read
+    # (stream.input_watermark), never past the newest event time of the input.
+    stamps = [read_stamp(r.headers) for r in scored + by_ticker]
+    newest = max(epoch_ms(m.event_time) for m in expected.values())
+    assert any(s is not None for s in stamps), "a backlog of 10,000 was read without an input watermark"
+    assert all(s <= newest for s in stamps if s is not None)
 
 
 @pytest.mark.slow
