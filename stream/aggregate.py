@@ -468,16 +468,31 @@ class StreamClock:
 
     A quiet key follows its own partition: records of one partition arrive roughly in event time, so its keys share
     one clock, and a backlog consumed round-robin cannot push a key past records its partition has not delivered
-    yet. Once its partition is idle, it follows the slowest active partition instead."""
+    yet. Once its partition is idle, it follows the slowest active partition instead.
+
+    A partition's clock goes as far as its records' input watermarks allow (``stream.input_watermark``), and on to
+    its newest record once the scoring agent has caught up with its input (``input_caught_up``): otherwise, after a
+    backlog with no message since, the keys would stay held at the last stamps."""
 
     def __init__(self) -> None:
         self.event_ms: dict[int, int] = {}
+        self.newest_ms: dict[int, int] = {}
         self.last_seen: dict[int, float] = {}
 
-    def saw(self, partition: int, t_ms: int, now: float) -> None:
+    def saw(self, partition: int, t_ms: int, now: float, newest_ms: int | None = None) -> None:
+        """Records of ``partition`` arrived: they move its keys up to ``t_ms``; the newest was at ``newest_ms``."""
         if t_ms > self.event_ms.get(partition, -1):
             self.event_ms[partition] = t_ms
+        if newest_ms is not None and newest_ms > self.newest_ms.get(partition, -1):
+            self.newest_ms[partition] = newest_ms
         self.last_seen[partition] = now
+
+    def input_caught_up(self) -> None:
+        """A record arrived that the scoring agent published with no input backlog: every older input message was
+        published before it, so each partition's clock may move on to its newest record."""
+        for partition, newest in self.newest_ms.items():
+            if newest > self.event_ms.get(partition, -1):
+                self.event_ms[partition] = newest
 
     def time_for(self, partition: int, now: float) -> int | None:
         if partition in self.event_ms and now - self.last_seen[partition] <= IDLE_PARTITION_S:
@@ -534,19 +549,23 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
 
     async def process(events) -> None:
         by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
-        latest: dict[int, int] = {}  # partition -> the latest event time in this batch (as far as the stamps allow)
+        moves_to: dict[int, int] = {}  # partition -> how far this batch moves its clock (as far as the stamps allow)
+        newest: dict[int, int] = {}    # partition -> the newest event time in this batch
+        caught_up = False
         for event in events:
             sourced = _parse_event(event, key_type)
             if sourced is not None:
                 key_bytes, item = sourced
                 by_key[key_bytes].append(item)
-                t_ms = item.watermark_ms
-                if t_ms > latest.get(item.partition, -1):
-                    latest[item.partition] = t_ms
+                moves_to[item.partition] = max(item.watermark_ms, moves_to.get(item.partition, -1))
+                newest[item.partition] = max(epoch_ms(item.record.event_time), newest.get(item.partition, -1))
+                caught_up |= item.input_watermark_ms is None
         async with exclusive:
             now = time.time()
-            for partition, t_ms in latest.items():
-                stream_clock.saw(partition, t_ms, now)
+            for partition, t_ms in moves_to.items():
+                stream_clock.saw(partition, t_ms, now, newest[partition])
+            if caught_up:
+                stream_clock.input_caught_up()
             states, closed = {}, []
             for key_bytes, sourced_events in by_key.items():
                 key = key_bytes.decode("utf-8")

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from stream.aggregate import AggregateSettings, KeyWindows, SourcedRecord, WindowAggregator
+from stream.aggregate import AggregateSettings, KeyWindows, SourcedRecord, StreamClock, WindowAggregator
 from stream.config import ConfigError, Settings
 from stream.records import ScoredRecord, TrendRecord
 
@@ -105,6 +105,19 @@ def test_a_key_waits_for_the_input_watermark_its_records_carry():
     assert [(t.window_start.minute, t.news_count, t.comment_count) for t in closed] == [(0, 0, 1), (1, 0, 1)]
     later = agg.apply(key, state, [SourcedRecord(scored(4, 400))], now=180.0).final + agg.settle(key, state, now=185.0)
     assert [(t.window_start.minute, t.news_count, t.comment_count) for t in later] == [(3, 1, 1)]
+
+
+def test_after_a_backlog_a_partitions_clock_moves_on_to_its_newest_record_once_the_input_caught_up():
+    """Records stamped behind hold their partition's clock; the first one published with the input caught up (no
+    stamp) lets every partition's clock move on to its newest record, so quiet keys close their windows even if
+    no message follows the backlog."""
+    clock = StreamClock()
+    clock.saw(0, 10_000, now=1.0, newest_ms=185_000)    # news at 185 s, stamped with the comments' 10 s
+    clock.saw(1, 70_000, now=1.0, newest_ms=90_000)
+    assert clock.time_for(0, now=2.0) == 10_000 and clock.time_for(1, now=2.0) == 70_000
+    clock.saw(1, 95_000, now=3.0, newest_ms=95_000)     # unstamped: the scoring agent had read all its input
+    clock.input_caught_up()
+    assert clock.time_for(0, now=4.0) == 185_000 and clock.time_for(1, now=4.0) == 95_000
 
 
 def test_a_message_too_late_for_one_of_its_windows_counts_as_late():

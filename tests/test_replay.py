@@ -586,10 +586,9 @@ def test_run_ids_already_taken_are_refused(dataset, tmp_path):
 
 # ---------------------------------------------------------------- against the live worker
 
-# Live, messages must arrive about in event-time order, as they do in production: a backlog read at full speed
-# from several partitions runs their event times apart by more than the allowed lateness, and the live windows
-# drop what comes late (a replay, reading in event-time order, drops nothing). So the simulator is paced by the
-# wall clock here, and the windows are seconds long so that warm-up, shock and recovery fit in about a minute.
+# Live, the input waits as a backlog read at full speed, as after an outage: the worker does not read it in
+# event-time order, and its windows must still count what a replay, reading in event-time order, counts (close
+# grace, stream.input_watermark). The windows are seconds long so that warm-up, shock and recovery fit in 85 s.
 LIVE_SECTIONS = {
     "aggregate": {"windows": ["10s/10s", "30s/10s"], "allowed_lateness_s": 10},
     "detect": {"window_s": 10, "min_count": 8, "warmup_windows": 3, "cooldown_s": 30},
@@ -606,14 +605,14 @@ def window_id(row) -> str:
 
 @pytest.mark.slow
 def test_replay_reproduces_what_the_live_worker_said(fp_settings, topics, tmp_path):
-    """The real worker scores, aggregates and alerts on a simulated stream arriving in real time; a replay of the
+    """The real worker scores, aggregates and alerts on a simulated stream read as a backlog; a replay of the
     range over the same input topics gives the same scored records (ids, labels, scores), the same closed windows
     and the same alerts (ids and statuses) for every window the live worker closed."""
     settings = fp_settings.with_overrides(LIVE_SECTIONS)
     config = write_config(settings, tmp_path / "finpulse.toml")
     end = T0 + timedelta(seconds=70)
     with start_worker(settings, tmp_path):
-        simulate(settings, tmp_path, LIVE_SIMULATION, LIVE_SHOCK, max_speed=False)
+        simulate(settings, tmp_path, LIVE_SIMULATION, LIVE_SHOCK, max_speed=True)
         code, out, err = finpulse(config, "replay", *LIVE_RANGE, "--run-id", "versus-live", "--parquet",
                                   str(tmp_path / "replay"), "--no-progress")
         assert code == 0, out + err
@@ -622,14 +621,14 @@ def test_replay_reproduces_what_the_live_worker_said(fp_settings, topics, tmp_pa
         replay_alerts = read_table(tmp_path / "replay", "alerts")
         live_scored = wait_for_records(settings, topics.scored, timeout=120, what="every valid message scored",
                                        until=lambda rs: set(replayed["id"]) <= {json.loads(r.value)["id"] for r in rs})
-        # A key's window closes when a message of that key arrives 10 s (the lateness) after its end: the stream
-        # runs 15 s past the range, so each topic's windows up to 20 s before the range's end have surely closed.
-        topic_windows = {window_id(r) for r in replay_trends.itertuples()
-                         if r.key_type == "topic" and r.window_end <= pd.Timestamp(end - timedelta(seconds=20))}
+        # A window closes once the stream is 10 s (the lateness) past its end: the stream runs 15 s past the range,
+        # so every window (topics and tickers) up to 20 s before the range's end closes.
+        must_close = {window_id(r) for r in replay_trends.itertuples()
+                      if r.window_end <= pd.Timestamp(end - timedelta(seconds=20))}
         live_trends = wait_for_records(
-            settings, topics.trends, timeout=120, what="the replayed topic windows closed live",
-            until=lambda rs: topic_windows <= {TrendRecord.from_json(r.value).window_id for r in rs
-                                               if json.loads(r.value)["final"]})
+            settings, topics.trends, timeout=120, what="the replayed windows closed live",
+            until=lambda rs: must_close <= {TrendRecord.from_json(r.value).window_id for r in rs
+                                            if json.loads(r.value)["final"]})
         closed = {}
         for record in live_trends:
             trend = TrendRecord.from_json(record.value)
@@ -664,9 +663,10 @@ def test_replay_reproduces_what_the_live_worker_said(fp_settings, topics, tmp_pa
         assert other.sentiment_score == pytest.approx(row.sentiment_score, abs=1e-6)
         assert other.model_version == row.model_version
     replay_by_window = {window_id(r): r for r in replay_trends.itertuples()}
-    assert len(closed) >= 0.8 * len(replay_by_window)
+    assert must_close <= set(closed) and len(must_close) >= 0.6 * len(replay_by_window)
     for wid, trend in closed.items():
         mine = replay_by_window[wid]
         assert (trend.count, trend.news_count, trend.comment_count) == (mine.count, mine.news_count, mine.comment_count), wid
-        assert trend.mean_score == pytest.approx(mine.mean_score, abs=1e-6)
-        assert trend.bearish_share == pytest.approx(mine.bearish_share, abs=1e-6)
+        # Both are rounded to 6 decimals after summing in their own order: one rounding step apart at most.
+        assert trend.mean_score == pytest.approx(mine.mean_score, abs=2e-6)
+        assert trend.bearish_share == pytest.approx(mine.bearish_share, abs=2e-6)
