@@ -81,7 +81,8 @@ class CircuitBreaker:
             self.failures += 1
             if self.threshold and self.failures == self.threshold:
                 log.warning("endpoint %s: %d consecutive failed attempts (last: %s): paused; its deliveries wait, and "
-                            "take turns to probe it, one at a time, until it answers", self.endpoint, self.failures, error)
+                            "take turns to probe it, one at a time, until it answers",
+                            self.endpoint, self.failures, error)
             return self.is_open
         if answered:
             if self.is_open:

@@ -23,8 +23,9 @@ How it works:
   (retryable failures: timeouts, connection errors, 408/425/429/5xx) the endpoint's circuit breaker opens
   (``alerts.breaker``): the endpoint is paused like a Retry-After pauses it, its deliveries wait instead of each
   hammering a dead service, and one probe at a time tries it, the pause doubling from ``backoff_initial_s`` up to
-  ``backoff_max_s``, until it answers; the waiting deliveries take turns to probe, in the order they came. Waiting costs a delivery no attempt; its retry window still ends it
-  (``failed``, "the retry window ended before the next attempt").
+  ``backoff_max_s``, until it answers; the waiting deliveries take turns to probe, in the order they came. Waiting
+  costs a delivery no attempt; its retry window still ends it (``failed``, "the retry window ended before the next
+  attempt").
 - Transport (``alerts.transport``): per endpoint TLS trust and client certificate, extra headers and an HTTP proxy.
   A certificate that fails verification fails the delivery at once, saying what to set. Through a proxy the
   target's host is resolved and checked by the address guard before the request is handed over.

@@ -539,9 +539,10 @@ def test_unusual_ranking_uses_each_keys_own_history():
     assert not ranking["firing"].any()
     # Its line shows both measures it is ranked by next to their usual values.
     top = ranking.iloc[0]
-    assert unusual_line(1, top) == (f"**1. Macro** — {top['unusual']:+.1f}σ · bearish {top['bearish_share']:.0%} (usual "
-                                    f"{top['baseline_bearish_share']:.0%}) · sentiment {top['mean_score']:+.2f} (usual "
-                                    f"{top['baseline_mean_score']:+.2f}) · {int(top['count'])} msgs")
+    assert unusual_line(1, top) == (
+        f"**1. Macro** — {top['unusual']:+.1f}σ · bearish {top['bearish_share']:.0%} (usual "
+        f"{top['baseline_bearish_share']:.0%}) · sentiment {top['mean_score']:+.2f} (usual "
+        f"{top['baseline_mean_score']:+.2f}) · {int(top['count'])} msgs")
     newcomer = top.copy()
     newcomer[["unusual", "baseline_bearish_share", "baseline_mean_score"]] = np.nan
     assert "not enough history" in unusual_line(2, newcomer) and "usual" not in unusual_line(2, newcomer)
