@@ -53,6 +53,7 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -146,11 +147,14 @@ class SourcedRecord:
     offset: int = -1
     input_watermark_ms: int | None = None
 
+    @cached_property
+    def event_ms(self) -> int:
+        return epoch_ms(self.record.event_time)
+
     @property
     def watermark_ms(self) -> int:
         """How far in event time this record may move its key's watermark."""
-        t_ms = epoch_ms(self.record.event_time)
-        return t_ms if self.input_watermark_ms is None else min(t_ms, self.input_watermark_ms)
+        return self.event_ms if self.input_watermark_ms is None else min(self.event_ms, self.input_watermark_ms)
 
 
 @dataclass
@@ -318,7 +322,7 @@ class WindowAggregator:
         horizon_ms = self.settings.dedupe_horizon_s * 1000
         for event in events:
             record = event.record
-            t_ms = epoch_ms(record.event_time)
+            t_ms = event.event_ms
             if not state.claim(event, t_ms, horizon_ms):
                 result.duplicates += 1
                 continue
@@ -558,7 +562,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 key_bytes, item = sourced
                 by_key[key_bytes].append(item)
                 moves_to[item.partition] = max(item.watermark_ms, moves_to.get(item.partition, -1))
-                newest[item.partition] = max(epoch_ms(item.record.event_time), newest.get(item.partition, -1))
+                newest[item.partition] = max(item.event_ms, newest.get(item.partition, -1))
                 caught_up |= item.input_watermark_ms is None
         async with exclusive:
             now = time.time()

@@ -436,10 +436,10 @@ def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) 
                     for e in events]
         valid, outputs = scoring.parse(messages)
         now = time.monotonic()
-        for message in messages:  # every message read moves its partition on; the valid ones say to what time
-            progress.saw(message.topic, message.partition, message.offset, None, now)
-        for message, item in valid:
-            progress.saw(message.topic, message.partition, message.offset, epoch_ms(item.event_time), now)
+        # Every message read moves its partition on; the valid ones also say to what event time.
+        event_ms = {(m.topic, m.partition, m.offset): epoch_ms(item.event_time) for m, item in valid}
+        for m in messages:
+            progress.saw(m.topic, m.partition, m.offset, event_ms.get((m.topic, m.partition, m.offset)), now)
         if valid:
             texts = [item.text for _, item in valid]
             scoring_started = time.perf_counter()
