@@ -384,16 +384,17 @@ def cached_model_card(model_dir: str, models_dir: str = "") -> ModelCard | None:
 def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: DashboardSettings) -> None:
     versions = sh.model_versions(snap.scored, snap.trends)
     scoring_now = versions["model_version"].iloc[0] if not versions.empty else "—"
+    # A line of its own, not a metric: a metric's large figure cuts a version name short.
+    st.markdown(f"**Model scoring now:** `{scoring_now.replace('`', '')}`")
     cols = st.columns(3)
-    cols[0].metric("Model scoring now", scoring_now)
-    cols[1].metric("Scored per second (last minute)", f"{sh.scoring_rate(snap.scored):.1f}")
-    cols[2].metric("Dead-lettered inputs", "—" if status.deadletter_count is None else status.deadletter_count)
-    cols = st.columns(3)
+    cols[0].metric("Scored per second (last minute)", f"{sh.scoring_rate(snap.scored):.1f}")
+    cols[1].metric("Dead-lettered inputs", "—" if status.deadletter_count is None else status.deadletter_count)
     worker_lag = None if status.worker_lag is None else sum(status.worker_lag.values())
-    cols[0].metric("Worker lag (input records)", "—" if worker_lag is None else worker_lag,
+    cols[2].metric("Worker lag (input records)", "—" if worker_lag is None else worker_lag,
                    help="Input records the worker's consumer group has not committed yet.")
-    cols[1].metric("Dashboard lag (records)", sum(status.dashboard_lag.values()) if status.dashboard_lag else 0)
-    cols[2].metric("Dashboard reads per second", f"{status.read_rate_per_s:.0f}")
+    cols = st.columns(3)
+    cols[0].metric("Dashboard lag (records)", sum(status.dashboard_lag.values()) if status.dashboard_lag else 0)
+    cols[1].metric("Dashboard reads per second", f"{status.read_rate_per_s:.0f}")
 
     rate = sh.throughput(snap.trends, sh.range_start(snap, c.filters), c.filters.until)
     if not rate.empty:
