@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import pandas as pd
@@ -34,7 +35,7 @@ TREND_COLUMNS = ("window_id", "key_type", "key", "window_s", "window_start", "wi
                  "bearish_share", "bullish_share", "news_count", "comment_count", "final", "model_version",
                  "emitted_at")
 MESSAGE_COLUMNS = ("window_id", "key_type", "key", "window_s", "window_end", "id", "text", "sentiment_score",
-                   "kind", "url", "event_time")
+                   "kind", "url", "event_time", "final", "emitted_at")
 SCORED_COLUMNS = ("id", "kind", "event_time", "text", "topic", "topic_confidence", "sentiment", "sentiment_score",
                   "tickers", "model_version", "scored_at", "source", "url")
 ALERT_COLUMNS = ("id", "status", "event_id", "key_type", "key", "window_s", "window_start", "window_end",
@@ -53,6 +54,7 @@ _REQUIRED_TIMES = {"trends": ("window_start", "window_end"), "scored": ("event_t
                    "window_messages": (), "deliveries": (), "silences": ("starts_at", "ends_at")}
 # Pending rows above this are folded in straight away, so a catch-up read never piles up unbounded.
 _PENDING_LIMIT = 20_000
+_NEVER = datetime.min.replace(tzinfo=timezone.utc)
 
 
 class BadRecord(ValueError):
@@ -112,8 +114,8 @@ def _number(value: Any, default: float = float("nan")) -> float:
         return default
 
 
-def trend_rows(data: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A TrendRecord as one trends row plus its message rows."""
+def trend_row(data: dict[str, Any]) -> dict[str, Any]:
+    """A TrendRecord as one trends row (its messages: ``message_rows``)."""
     _need(data, "key_type", "key", "window_s", "window_start", "window_end")
     if data.get("run_id"):
         raise BadRecord("a replay record on a live topic")
@@ -128,13 +130,27 @@ def trend_rows(data: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any
         "final": bool(data.get("final", False)), "model_version": str(data.get("model_version") or ""),
         "emitted_at": data.get("emitted_at") or data["window_end"],
     }
-    refs = [{
-        "window_id": window_id, "key_type": row["key_type"], "key": row["key"], "window_s": window_s,
-        "window_end": data["window_end"], "id": str(ref.get("id", "")), "text": str(ref.get("text", "")),
-        "sentiment_score": _number(ref.get("sentiment_score")), "kind": str(ref.get("kind") or ""),
-        "url": str(ref.get("url") or ""), "event_time": ref.get("event_time") or None,
-    } for ref in (data.get("most_negative") or ()) if isinstance(ref, dict)]
-    return row, refs
+    return row
+
+
+def message_rows(trend: dict[str, Any], refs: Any) -> list[dict[str, Any]]:
+    """The window_messages rows of a trends row: the MessageRefs its record carried (``most_negative``)."""
+    shared = {name: trend[name] for name in ("window_id", "key_type", "key", "window_s", "window_end", "final",
+                                             "emitted_at")}
+    return [{**shared, "id": str(ref.get("id", "")), "text": str(ref.get("text", "")),
+             "sentiment_score": _number(ref.get("sentiment_score")), "kind": str(ref.get("kind") or ""),
+             "url": str(ref.get("url") or ""), "event_time": ref.get("event_time") or None}
+            for ref in (refs or ()) if isinstance(ref, dict)]
+
+
+def _precedence(trend: dict[str, Any]) -> tuple[bool, datetime]:
+    """Which of a window's records the dashboard keeps: a final one beats a partial one, then the latest emitted.
+    Records of one window can arrive out of order (read from two partitions or topics), so arrival cannot decide."""
+    try:
+        emitted = datetime.fromisoformat(str(trend["emitted_at"]))
+    except ValueError:
+        emitted = _NEVER
+    return bool(trend["final"]), emitted if emitted.tzinfo else emitted.replace(tzinfo=timezone.utc)
 
 
 def scored_row(data: dict[str, Any]) -> dict[str, Any]:
@@ -243,6 +259,16 @@ def _merge(old: pd.DataFrame, new: pd.DataFrame, key: list[str], order: list[str
     return pd.concat([old, new], ignore_index=True)
 
 
+def _replace_messages(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """A window's messages are those of its record the trends frame keeps (``_precedence``): new rows replace a
+    window's old ones unless the old came from a record that takes precedence."""
+    touched = old["window_id"].isin(new["window_id"]) if not old.empty else None
+    both = pd.concat([old[touched], new], ignore_index=True) if touched is not None else new
+    rank = both["final"].astype("int64") * 2**62 + both["emitted_at"].astype("int64").clip(lower=0)
+    kept = both[rank == rank.groupby(both["window_id"]).transform("max")]
+    return pd.concat([old[~touched], kept], ignore_index=True) if touched is not None else kept
+
+
 def _bound(frame: pd.DataFrame, time_column: str, span: pd.Timedelta, max_rows: int) -> pd.DataFrame:
     if frame.empty:
         return frame
@@ -275,13 +301,13 @@ class LiveStore:
         self._snapshot_version = -1
         self._snapshot: Snapshot | None = None
         self.bad_records = 0
-        self._pending_refs: dict[str, list[dict[str, Any]]] = {}
+        # Per window, the record its messages will come from: (precedence, trends row, its raw MessageRefs).
+        self._pending_refs: dict[str, tuple[tuple[bool, datetime], dict[str, Any], Any]] = {}
         self._kinds = {
             "trends": _Kind(TREND_COLUMNS, lambda old, new: _bound(
                 _merge(old, new, ["window_id"], ["final", "emitted_at"]), "window_end", span, cfg.max_trend_rows)),
             "window_messages": _Kind(MESSAGE_COLUMNS, lambda old, new: _bound(
-                pd.concat([old[~old["window_id"].isin(new["window_id"])], new], ignore_index=True) if not old.empty else new,
-                "window_end", span, cfg.max_window_message_rows)),
+                _replace_messages(old, new), "window_end", span, cfg.max_window_message_rows)),
             "scored": _Kind(SCORED_COLUMNS, lambda old, new: _bound(
                 _merge(old, new, ["id"], ["scored_at"]), "event_time", span, cfg.max_scored_rows)),
             "alerts": _Kind(ALERT_COLUMNS, lambda old, new: _bound(
@@ -305,7 +331,7 @@ class LiveStore:
                 return True
             data = _decode(value)
             if kind == "trends":
-                row, refs = trend_rows(data)
+                row = trend_row(data)
                 rows = {"trends": [row]}
             elif kind == "scored":
                 rows = {"scored": [scored_row(data)]}
@@ -326,8 +352,11 @@ class LiveStore:
             for name, new in rows.items():
                 self._kinds[name].pending.extend(new)
             if kind == "trends":
-                # A re-emitted window replaces its messages, so only its latest list waits here.
-                self._pending_refs[row["window_id"]] = refs
+                # A re-emitted window replaces its messages, so only the list that takes precedence waits here
+                # (its rows are built when folded: most records of a busy window are superseded before then).
+                precedence, held = _precedence(row), self._pending_refs.get(row["window_id"])
+                if held is None or precedence >= held[0]:
+                    self._pending_refs[row["window_id"]] = (precedence, row, data.get("most_negative"))
             self._version += 1
             if len(self._pending_refs) > _PENDING_LIMIT or any(len(k.pending) > _PENDING_LIMIT for k in self._kinds.values()):
                 self._fold_pending_locked()
@@ -343,7 +372,8 @@ class LiveStore:
 
     def _fold_pending_locked(self) -> None:
         if self._pending_refs:
-            self._kinds["window_messages"].pending = [r for refs in self._pending_refs.values() for r in refs]
+            self._kinds["window_messages"].pending = [
+                r for _, row, refs in self._pending_refs.values() for r in message_rows(row, refs)]
             self._pending_refs = {}
         for name, kind in self._kinds.items():
             if not kind.pending:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -387,9 +388,10 @@ def test_model_view_shows_version_metrics_confusion_and_lag(fp_settings, produce
     _env_for(monkeypatch, fp_settings)
     monkeypatch.setenv("FINPULSE_WORKER__MODEL_DIR", str(model_dir))
     at = AppTest.from_function(_view_script, args=("model",), default_timeout=60)
-    run_until(at, lambda a: any(m.label == "Model scoring now" and m.value != "—" for m in a.metric), "the model version")
+    run_until(at, lambda a: any(m.value.startswith("**Model scoring now:** `finpulse") for m in a.markdown),
+              "the model version")
+    assert "**Model scoring now:** `finpulse-minilm-test`" in [m.value for m in at.markdown]
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Model scoring now"] == "finpulse-minilm-test"
     assert metrics["Worker lag (input records)"] == "0"   # no input yet, and the feed could ask the broker
     assert metrics["Dead-lettered inputs"] == "0"
     table = at.table[0].value  # headline metrics per head
@@ -497,6 +499,27 @@ def test_store_keeps_final_windows_over_partials_and_bounds_time_and_rows():
     assert snap.trends["window_end"].min() >= snap.trends["window_end"].max() - pd.Timedelta(minutes=30)
     row = snap.trends[snap.trends["window_id"] == final_version.window_id].iloc[0]
     assert bool(row["final"]) and row["count"] == 999
+
+
+@pytest.mark.parametrize("folded_between", [False, True], ids=["one fold", "folded between"])
+def test_a_windows_messages_come_from_the_record_its_row_does_in_any_arrival_order(folded_between):
+    """A window's partial and final records can arrive out of order (the dashboard reads many partitions): its
+    messages must follow the record the trends row keeps, not the one read last."""
+    data = synthesize(utcnow(), minutes=10, topics=(SHOCK_TOPIC, "Earnings"), tickers=())
+    partial = next(t for t in data.trends if not t.final and t.most_negative)
+    ref = {**partial.most_negative[0], "id": "only-in-the-final"}
+    final = replace(partial, final=True, most_negative=(ref,), emitted_at=partial.emitted_at + timedelta(seconds=5))
+    newer_partial = replace(partial, emitted_at=final.emitted_at + timedelta(seconds=5))
+    store = _store()
+    store.add("trends", partial.to_json())
+    store.add("trends", final.to_json())
+    if folded_between:
+        store.snapshot()
+    store.add("trends", newer_partial.to_json())    # emitted later, but a partial: the final still wins
+    snap = store.snapshot()
+    row = snap.trends[snap.trends["window_id"] == final.window_id].iloc[0]
+    messages = snap.window_messages[snap.window_messages["window_id"] == final.window_id]
+    assert bool(row["final"]) and list(messages["id"]) == ["only-in-the-final"]
 
 
 def test_store_dedupes_alerts_and_messages_and_applies_delivery_tombstones():
