@@ -3,7 +3,9 @@
 
 It reads without a consumer group (every dashboard replica sees every partition and commits nothing), starting
 ``retention_hours`` back (by record timestamp) on the time-ordered topics and from the beginning of the compacted
-deliveries and silences topics. Scored messages start no further back than the store's row cap needs. When Kafka is unreachable
+deliveries and silences topics. Scored messages start no further back than the store's row cap needs, and the open
+windows' running figures (``finpulse.open-windows``) no further back than a window still open can have been
+published (``open_lookback_s``: the longest window and its lateness, about an hour). When Kafka is unreachable
 or a topic is missing, the thread says so in ``FeedStatus.message`` and retries with backoff, resuming from the
 offsets it had reached; it never raises into the page.
 """
@@ -53,13 +55,16 @@ class FeedStatus:
 class LiveFeed:
     """Start once per process (``start()``); read ``store.snapshot()`` and ``status`` from any session."""
 
-    def __init__(self, kafka: KafkaSettings, cfg: DashboardSettings, worker_group: str):
+    def __init__(self, kafka: KafkaSettings, cfg: DashboardSettings, worker_group: str, open_lookback_s: float):
         self.kafka = kafka
         self.cfg = cfg
         self.worker_group = worker_group
+        self.open_lookback_s = open_lookback_s
         self.names = TopicNames(kafka.topic_prefix)
-        self.kinds = {self.names.trends: "trends", self.names.alerts: "alerts", self.names.scored: "scored",
-                      self.names.deliveries: "deliveries", self.names.silences: "silences"}
+        # Closed and open windows land in the same frame: the store keeps a window's final record over its partials.
+        self.kinds = {self.names.trends: "trends", self.names.open_windows: "trends", self.names.alerts: "alerts",
+                      self.names.scored: "scored", self.names.deliveries: "deliveries",
+                      self.names.silences: "silences"}
         self.store = LiveStore(cfg)
         self.status = FeedStatus(bootstrap_servers=kafka.bootstrap_servers)
         self._positions: dict[TopicPartition, int] = {}
@@ -129,6 +134,8 @@ class LiveFeed:
             for tp, records in batches.items():
                 kind = self.kinds[tp.topic]
                 for record in records:
+                    if record.value is None and tp.topic == self.names.open_windows:
+                        continue     # a closed window's tombstone: its final record is on the trends topic
                     self.store.add(kind, record.value, record.key)
                 self._positions[tp] = records[-1].offset + 1
                 records_read[kind] = records_read.get(kind, 0) + len(records)
@@ -165,7 +172,10 @@ class LiveFeed:
             return begin  # compacted state: read it all
         end = consumer.end_offsets([tp])[tp]
         start = begin
-        since_ms = int((time.time() - self.cfg.retention_hours * 3600) * 1000)
+        lookback_s = self.cfg.retention_hours * 3600
+        if tp.topic == self.names.open_windows:
+            lookback_s = min(lookback_s, self.open_lookback_s)
+        since_ms = int((time.time() - lookback_s) * 1000)
         try:
             found = consumer.offsets_for_times({tp: since_ms}).get(tp)
             # None: nothing written since then. An end offset reported too low only means a few extra records.

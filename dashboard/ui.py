@@ -18,6 +18,7 @@ import pandas as pd
 import streamlit as st
 
 from models.settings import models_root
+from stream.aggregate import AggregateSettings
 from stream.config import ConfigError, KafkaSettings, Settings, load_settings
 
 from . import shaping as sh
@@ -52,15 +53,15 @@ def _release(feed: LiveFeed) -> None:
 
 
 @st.cache_resource(show_spinner=False, on_release=_release)
-def shared_feed(kafka_json: str, dashboard_json: str, worker_group: str) -> LiveFeed:
+def shared_feed(kafka_json: str, dashboard_json: str, worker_group: str, open_lookback_s: float) -> LiveFeed:
     """One background consumer per process and configuration (the arguments are the cache key)."""
     kafka = KafkaSettings(**json.loads(kafka_json))
-    return LiveFeed(kafka, DashboardSettings(**json.loads(dashboard_json)), worker_group).start()
+    return LiveFeed(kafka, DashboardSettings(**json.loads(dashboard_json)), worker_group, open_lookback_s).start()
 
 
-def feed_for(settings: Settings, cfg: DashboardSettings) -> LiveFeed:
+def feed_for(settings: Settings, cfg: DashboardSettings, open_lookback_s: float) -> LiveFeed:
     return shared_feed(json.dumps(asdict(settings.kafka), sort_keys=True), json.dumps(asdict(cfg), sort_keys=True),
-                       settings.worker.app_id)
+                       settings.worker.app_id, open_lookback_s)
 
 
 def _timezones(cfg: DashboardSettings) -> tuple[list[str], str]:
@@ -238,12 +239,14 @@ def run(feed: Feed | None = None, page: str | None = None, settings: Settings | 
     try:
         settings = settings or load_settings()
         cfg = dashboard_settings(settings)
+        # How far back the open windows' figures are read: the worker's windows say (see LiveFeed).
+        open_lookback_s = settings.section("aggregate", AggregateSettings).open_span_s()
     except ConfigError as exc:
         st.error(f"FinPulse's configuration cannot be used: {exc}")
         return
     if not require_sign_in(cfg):
         return
-    feed = feed or feed_for(settings, cfg)
+    feed = feed or feed_for(settings, cfg, open_lookback_s)
     if page is not None:
         live_view(page, feed, sidebar(feed, cfg, settings.worker.model_dir, models_root(settings)), cfg)
         return

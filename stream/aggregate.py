@@ -1,4 +1,5 @@
-"""Rolling per-topic and per-ticker windows over scored records, in event time, published to ``finpulse.trends``.
+"""Rolling per-topic and per-ticker windows over scored records, in event time: closed windows are published to
+``finpulse.trends``, the running figures of open ones to ``finpulse.open-windows`` (for the dashboard).
 
 Two layers:
 
@@ -55,12 +56,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from .config import ConfigError
 from .input_watermark import read_stamp
 from .metrics import counter
 from .records import MessageRef, ScoredRecord, TrendRecord, epoch_ms, excerpt, format_time, utcnow
+from .topics import TopicNames
+
+if TYPE_CHECKING:
+    from .app import Outgoing   # the Faust side, imported when the agents are installed
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +111,8 @@ class AggregateSettings:
     allowed_lateness_s: int = 30
     # How many of the most negative messages each window keeps (they end up in alerts).
     top_negative: int = 5
-    # Open windows are republished (final=false) at most this often per key, so the dashboard is live.
+    # Open windows are republished (final=false, to finpulse.open-windows) at most this often per key, so the
+    # dashboard is live.
     partial_interval_s: float = 5.0
     # Message ids are remembered this long (event time) to skip re-scored duplicates; see the module docstring.
     dedupe_horizon_s: int = 600
@@ -120,6 +126,12 @@ class AggregateSettings:
                               "must be >= 0")
         if self.partial_interval_s <= 0:
             raise ConfigError("[aggregate] partial_interval_s must be > 0")
+
+    def open_span_s(self) -> float:
+        """How long ago, at most, the newest partial of a window still open was published, while the stream keeps
+        up: the longest window, its lateness and grace, and one partial interval."""
+        longest = max(spec.size_s for spec in self.specs())
+        return longest + self.allowed_lateness_s + self.close_grace_s + self.partial_interval_s
 
     def specs(self) -> tuple[WindowSpec, ...]:
         specs = []
@@ -509,12 +521,25 @@ def install(app, settings, names) -> None:
     """Register the topic and ticker aggregation agents (and their tables) on the worker's Faust app."""
     config = settings.section("aggregate", AggregateSettings)
     for key_type, source in (("topic", names.scored), ("ticker", names.scored_by_ticker)):
-        _install_key_type(app, settings, config, key_type, source, names.trends)
+        _install_key_type(app, settings, config, key_type, source, names)
+
+
+def trend_outgoing(trend: TrendRecord, names: TopicNames) -> list[Outgoing]:
+    """What publishing a trend writes: a closed window to ``trends``, with a tombstone for its partials on
+    ``open-windows``; an open window's running figures to ``open-windows``, keyed by window id (so compaction keeps
+    the latest) and stamped with the time published (what the dashboard's read of recent partials searches by)."""
+    from .app import Outgoing
+
+    window_key = trend.window_id.encode("utf-8")
+    if not trend.final:
+        return [Outgoing(names.open_windows, window_key, trend.to_json(), None)]
+    return [Outgoing(names.trends, trend_key(trend), trend.to_json(), epoch_ms(trend.window_end)),
+            Outgoing(names.open_windows, window_key, None, None)]
 
 
 def _install_key_type(app, settings, config: AggregateSettings, key_type: str, source_name: str,
-                      trends_topic: str) -> None:
-    from .app import Outgoing, deliver, faust_send, finish_batch
+                      names: TopicNames) -> None:
+    from .app import deliver, faust_send, finish_batch
 
     worker = settings.worker
     aggregator = WindowAggregator(config, key_type)
@@ -535,7 +560,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
     send = faust_send(app)
 
     async def publish(trends: list[TrendRecord]) -> None:
-        await deliver(send, [Outgoing(trends_topic, trend_key(t), t.to_json(), epoch_ms(t.window_end)) for t in trends])
+        await deliver(send, [out for trend in trends for out in trend_outgoing(trend, names)])
 
     async def commit(states: dict[bytes, KeyWindows], closed: list[TrendRecord]) -> None:
         """Closed windows reach the broker before the states that no longer hold them are written: a crash in

@@ -81,8 +81,8 @@ class SourceMessage:
 class Outgoing:
     topic: str
     key: bytes | None
-    value: bytes
-    timestamp_ms: int | None
+    value: bytes | None       # None: a tombstone (a compacted topic forgets the key)
+    timestamp_ms: int | None  # None: the time it is sent
     # The input message this record came from (scored records only): replay keeps its position beside the record.
     source: SourceMessage | None = dataclasses.field(default=None, compare=False)
     headers: tuple[tuple[str, bytes], ...] = ()

@@ -16,6 +16,7 @@ from kafka import KafkaProducer
 
 from alerts.detect import alert_id
 from models.labels import TOPICS
+from stream.aggregate import trend_outgoing
 from stream.config import Settings
 from stream.records import AlertRecord, MessageRef, ScoredRecord, TrendRecord, epoch_ms, format_time
 from stream.topics import TopicNames
@@ -146,7 +147,8 @@ def produce(settings: Settings, data: Synthetic) -> None:
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, linger_ms=20)
     try:
         for t in data.trends:
-            producer.send(names.trends, t.to_json(), key=f"{t.key_type}:{t.key}".encode(), timestamp_ms=epoch_ms(t.emitted_at))
+            for out in trend_outgoing(t, names):
+                producer.send(out.topic, out.value, key=out.key, timestamp_ms=out.timestamp_ms)
         for a in data.alerts:
             producer.send(names.alerts, a.to_json(), key=a.id.encode(), timestamp_ms=epoch_ms(a.emitted_at))
         for s in data.scored:

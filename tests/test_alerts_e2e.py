@@ -263,6 +263,13 @@ def test_a_topic_that_goes_quiet_still_closes_its_window_while_the_stream_moves_
                                    what="the quiet topic's 09:00 window closed")
     closed = next(t for t in finals(records).values() if t.key == quiet and t.window_s == 60)
     assert closed.count == 10 and closed.bearish_share == 1.0
+    # The trends topic holds closed windows only; the open ones' running figures went to open-windows, keyed by
+    # window id, and the window's closing wrote a tombstone there after them (compaction then drops them all).
+    assert all(TrendRecord.from_dict(v).final for v in json_values(read_all(settings, names.trends)))
+    on_open = [r for r in read_all(settings, names.open_windows) if r.key == closed.window_id.encode()]
+    assert len(on_open) >= 2 and on_open[-1].value is None, [r.value for r in on_open]
+    running = [TrendRecord.from_json(r.value) for r in on_open[:-1]]
+    assert all(not t.final and 0 < t.count <= 10 for t in running)
 
 
 def test_windows_a_worker_takes_over_in_a_rebalance_close_though_their_keys_stay_quiet(fp_settings, tmp_path):
