@@ -297,7 +297,7 @@ def state_key(trend: TrendRecord) -> bytes:
 
 def install(app, settings, names) -> None:
     """Register the detect agent (consumes final trends, keeps detector state in a table, produces alerts)."""
-    from stream.app import Outgoing, deliver, faust_send, finish_batch
+    from stream.app import Outgoing, deliver, faust_send, finish_batch, micro_batches
 
     detector = SpikeDetector(settings.section("detect", DetectSettings))
     worker = settings.worker
@@ -336,7 +336,7 @@ def install(app, settings, names) -> None:
 
     @app.agent(trends, name="detect")
     async def detect(stream):
-        async for events in stream.take_events(worker.max_batch, within=worker.max_wait_s):
+        async for events in micro_batches(app, stream, worker):
             # Alerts published but the state not yet written when a stop lands: the batch must still finish,
             # or Faust acks it and the restart forgets the episode (and raises the alert again under a new id).
             await finish_batch(process(events))

@@ -6,7 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from stream.aggregate import AggregateSettings, KeyWindows, SourcedRecord, StreamClock, WindowAggregator
+from stream.aggregate import (AggregateSettings, KeyWindows, PartialSchedule, SourcedRecord, StreamClock,
+                              WindowAggregator)
 from stream.config import ConfigError, Settings
 from stream.records import ScoredRecord, TrendRecord
 
@@ -265,3 +266,20 @@ def test_stream_clock_follows_a_partition_then_the_slowest_active_one_once_it_is
 
 def _ms(second: float) -> int:
     return int((T0 + timedelta(seconds=second)).timestamp() * 1000)
+
+
+def test_partials_are_republished_at_most_every_interval_or_sixtieth_of_their_window():
+    minute, five, hour = "60:1000", "300:1000", "3600:1000"
+    schedule = PartialSchedule(interval_s=5.0)
+    schedule.note(b"Oil", [minute, five, hour])
+    schedule.note(b"Gold", [])                         # nothing changed: nothing to publish
+    assert schedule.due(0.0) == {b"Oil": {minute, five, hour}} and not schedule
+    schedule.note(b"Oil", [minute, five, hour])
+    assert schedule.due(4.0) == {}                     # within the interval
+    assert schedule.due(5.0) == {b"Oil": {minute, five}}   # five minutes / 60 = 5 s; the hour waits for 60 s
+    assert schedule.due(59.0) == {}
+    assert schedule.due(60.0) == {b"Oil": {hour}} and not schedule
+    assert schedule.due(200.0) == {} and schedule.next_at == {}   # entries go once their time passed unchanged
+    schedule.note(b"Oil", [hour])
+    schedule.keep_only({b"Gold"})                      # the key moved to another worker
+    assert schedule.due(300.0) == {}
