@@ -385,6 +385,7 @@ def create_app(settings: Settings, scorer: Scorer, extensions: Sequence[str] = E
         broker_heartbeat_interval=kafka.heartbeat_interval_s,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,   # fewer re-scored messages after a crash (Faust's default is 2.8 s)
+        consumer_max_fetch_size=worker.fetch_bytes_per_partition,
         datadir=worker.data_dir,
         web_enabled=worker.web_port > 0,
         web_port=worker.web_port or 6066,

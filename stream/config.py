@@ -50,6 +50,10 @@ class WorkerSettings:
     app_id: str = "finpulse-worker"
     max_batch: int = 256
     max_wait_s: float = 0.5
+    # The most one fetch takes from one partition. Small, so that in a backlog the input partitions take turns: a
+    # window waits for the slowest partition with a backlog (stream.input_watermark), and at Kafka's 1 MB each
+    # partition's prefetched thousands of messages were scored in turn, one partition unread for minutes.
+    fetch_bytes_per_partition: int = 64 * 1024
     # Longer texts are dead-lettered as oversized rather than silently cut (the scorer truncates tokens anyway).
     max_text_chars: int = 20_000
     # "auto" (newest trained model, else baseline) | "model" | "baseline" | "noop"

@@ -32,6 +32,8 @@ def prepare_app(settings: Settings, scorer: Scorer | None = None, extensions: Se
     names = TopicNames(kafka.topic_prefix)
     if worker.quantize not in ("", "int8"):  # refused before anything touches Kafka
         raise ConfigError(f"[worker] quantize = {worker.quantize!r}: use \"int8\" (CPU only) or \"\" for float32")
+    if worker.fetch_bytes_per_partition <= 0:
+        raise ConfigError("[worker] fetch_bytes_per_partition must be positive (a larger record still comes whole)")
     ensure_topics(kafka, names.all(), names.compacted())
     if scorer is None:
         try:

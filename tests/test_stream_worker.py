@@ -423,3 +423,6 @@ def test_worker_rejects_bad_configuration_clearly(fp_settings, tmp_path):
     code, out = run_finpulse(with_section(fp_settings, "kafka", tansu_compat="sometimes"), "worker",
                              log_dir=tmp_path, timeout=60)
     assert code == 2 and "tansu_compat" in out
+    code, out = run_finpulse(with_section(fp_settings, "worker", fetch_bytes_per_partition=0), "worker",
+                             log_dir=tmp_path, timeout=60)
+    assert code == 2 and "fetch_bytes_per_partition must be positive" in out
