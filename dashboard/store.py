@@ -89,9 +89,11 @@ class Snapshot:
 
 # ---------------------------------------------------------------- parsing one record into rows
 
-def _decode(value: bytes | str | dict) -> dict[str, Any]:
+def _decode(value: bytes | str | dict | None) -> dict[str, Any]:
     if isinstance(value, dict):
         return value
+    if value is None:
+        raise BadRecord("no value (a tombstone)")
     try:
         data = json.loads(value)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -267,8 +267,8 @@ async def micro_batches(app, stream, worker: WorkerSettings) -> AsyncIterator[li
     """The agents' batches: ``stream.take_events`` (always with ``within``), and Faust's monitor told that the stream
     took events from their partitions. ``take_events`` reads the channel past the stream's sensors, so Faust's stall
     check saw no event processed at all and, through any backlog longer than ``stream_processing_timeout`` (5 min),
-    logged "Stream has not started processing" for every partition every few seconds: 329 false errors in one
-    ``make demo``."""
+    logged "Stream has not started processing" for every partition every few seconds until the backlog ended,
+    however much the agents had processed."""
     async for events in stream.take_events(worker.max_batch, within=worker.max_wait_s):
         inbound = getattr(app.monitor, "stream_inbound_time", None)
         if inbound is not None:
