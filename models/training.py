@@ -6,10 +6,11 @@ a row has no label for gets weight 0, so the two heads learn only from their own
 teacher's soft prediction is just another target, which is how distillation and cross-task self-training use the
 same loop.
 
-The loop: AdamW (no decay on biases and norms), linear warm-up then linear or cosine decay, bf16 autocast on a
-GPU (float32 on a CPU), gradient clipping, length-bucketed batches (little padding), early stopping on validation
-macro-F1, an optional time budget, and a checkpoint after every epoch (weights, optimizer state, progress) from
-which an interrupted run resumes exactly: each epoch's shuffling and dropout are seeded from (seed, epoch).
+The loop: AdamW (no decay on biases and norms; optionally layer-wise learning rates), linear warm-up then linear
+or cosine decay, bf16 autocast on a GPU (float32 on a CPU), gradient clipping, length-bucketed batches (little
+padding), optionally a moving average of the weights, early stopping on validation macro-F1, an optional time
+budget, and a checkpoint after every epoch (weights, average, optimizer state, progress) from which an interrupted
+run resumes exactly: each epoch's shuffling and dropout are seeded from (seed, epoch).
 Checkpoints are safetensors plus JSON, like the models themselves.
 """
 from __future__ import annotations
@@ -19,10 +20,11 @@ import hashlib
 import json
 import logging
 import math
-import shutil
+import re
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,8 @@ class FitConfig(OptimizerConfig):
     patience: int = 2                 # epochs without a better validation score before stopping
     freeze_layers: int = 0            # freeze embeddings + this many lower layers (cheap CPU training)
     grad_clip: float = 1.0
+    layer_decay: float = 1.0          # layer-wise rates: each layer down from the heads gets this times the one above
+    ema_decay: float = 0.0            # > 0: validate and keep an exponential moving average of the weights
 
 
 @dataclass
@@ -161,13 +165,73 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+def layer_depth(name: str, layers: int) -> int:
+    """How far below the top a parameter sits: the heads and pooler 0, the last transformer layer 1, ...,
+    the embeddings ``layers + 1``."""
+    if "embeddings." in name:
+        return layers + 1
+    found = re.search(r"\.layer\.(\d+)\.", name)
+    return layers - int(found.group(1)) if found else 0
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   layer_decay: float = 1.0) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases and norms. Each group carries an ``lr_scale`` that the training loops
+    multiply the scheduled rate by: ``layer_decay`` ** depth (``layer_depth``), 1 for every group by default."""
+    layers = model.encoder.config.num_hidden_layers if layer_decay != 1.0 else 0
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+            depth = layer_depth(name, layers) if layer_decay != 1.0 else 0
+            decays = param.ndim >= 2
+            group = groups.setdefault((depth, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                        "lr_scale": layer_decay ** depth})
+            group["params"].append(param)
+    return torch.optim.AdamW(list(groups.values()), lr=lr, fused=device.type == "cuda")
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class WeightAverage:
+    """An exponential moving average of the trainable weights (Polyak averaging), the weights validated and kept
+    when ``ema_decay`` is set: fine-tuning on noisy labels ends in a wide basin that single steps jump around in.
+    The decay ramps up from 0 ((1 + step) / (10 + step)) so the first steps' weights are not kept for long."""
+
+    FILE = "average.safetensors"
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+
+    def update(self, step: int) -> None:
+        weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.shadow.values()), [p.detach() for p in self.params.values()], weight)
+
+    @contextmanager
+    def applied(self):
+        """The model holds the averaged weights inside the block, its own again after it."""
+        live = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(live[n])
+
+    def save(self, directory: Path) -> None:
+        save_file({n: t.cpu().contiguous() for n, t in self.shadow.items()}, str(directory / self.FILE))
+
+    def restore(self, directory: Path) -> None:
+        for n, t in load_file(str(directory / self.FILE)).items():
+            self.shadow[n].copy_(t)
 
 
 def progress(total: int, desc: str) -> tqdm:
@@ -199,24 +263,35 @@ class Checkpoint:
             return None
         return state
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], best: bool) -> None:
+    def save_best(self, model: nn.Module) -> None:
+        """The weights just validated (the average's, where one is kept), before the epoch's ``save``."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(self.dir / "last.safetensors"))
-        if best:
-            shutil.copyfile(self.dir / "last.safetensors", self.dir / "best.safetensors")
+        save_file(_weights(model), str(self.dir / "best.safetensors"))
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+             average: WeightAverage | None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_file(_weights(model), str(self.dir / "last.safetensors"))
+        if average:
+            average.save(self.dir)
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(self.dir / "optimizer.safetensors"))
         write_json(self.dir / "optimizer.json", meta)
         write_json(self.dir / "state.json", {**state, "fingerprint": self.fingerprint})
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None) -> None:
         model.load_state_dict(load_file(str(self.dir / "last.safetensors")))
+        if average:
+            average.restore(self.dir)
         meta = json.loads((self.dir / "optimizer.json").read_text())
         optimizer.load_state_dict(_unflatten_optimizer(load_file(str(self.dir / "optimizer.safetensors")), meta))
 
     def load_best(self, model: nn.Module) -> None:
         model.load_state_dict(load_file(str(self.dir / "best.safetensors")))
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -300,7 +375,8 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device, cfg.layer_decay)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     use_amp = device.type == "cuda"
 
     # The time budget is not part of what is trained: a run resumed with another allowance (a --time-budget run
@@ -309,7 +385,7 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
     checkpoint = Checkpoint(run_dir, fingerprint) if run_dir else None
     state = checkpoint.load_state() if checkpoint else None
     if state:
-        checkpoint.restore(model, optimizer)
+        checkpoint.restore(model, optimizer, average)
         log.info("%s: resuming after epoch %d (best %.4f at epoch %d)", name, state["epoch"], state["best_score"],
                  state["best_epoch"])
     state = state or {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0,
@@ -327,8 +403,8 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
         for batch in bucketed_batches(lengths, cfg.batch_size, rng):
             ids_t, mask_t, rows = to_device(device, *text_encoder.pad([token_ids[i] for i in batch]), batch)
             batch_targets = {k: v[rows] for k, v in tensors.items()}
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(state["step"], state["planned_steps"], warmup, cfg.schedule)
+            set_learning_rate(optimizer, cfg.lr * lr_factor(state["step"], state["planned_steps"], warmup,
+                                                            cfg.schedule))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 topic_logits, sentiment_logits = model(ids_t, mask_t)
             loss = (masked_soft_loss(topic_logits, batch_targets["topic"], batch_targets["topic_weight"])
@@ -338,6 +414,8 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
             optimizer.step()
+            if average:
+                average.update(state["step"])
             state["step"] += 1
             seen += len(batch)
             if state["step"] % 20 == 0 or seen == len(train):
@@ -353,32 +431,36 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
                 break
         bar.close()
         loss_sum = loss_sum or loss.item()  # an epoch shorter than the display interval
-        if val is None:
-            score, improved, measured = -1.0, True, {}
-            print(f"{name} epoch {epoch}: loss {loss_sum:.4f}", flush=True)
-        else:
-            # A few thousand rows: tokenizer processes started every epoch would cost more than they save.
-            scorer = BatchScorer(model, text_encoder, "in-training", device=device, tokenizer_processes=0)
-            reports = evaluate(scorer, val)
-            score = selection_score(reports)
-            improved = score > state["best_score"]
-            measured = {"val_score": round(score, 5), **{f"val_{h}_{m}": round(r[m], 5) for h, r in reports.items()
-                                                          for m in ("accuracy", "macro_f1")}}
-            print(f"{name} epoch {epoch}: loss {loss_sum:.4f}  val " + "  ".join(
-                f"{h} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f}" for h, r in reports.items()), flush=True)
+        with average.applied() if average else nullcontext():
+            if val is None:
+                score, improved, measured = -1.0, True, {}
+                print(f"{name} epoch {epoch}: loss {loss_sum:.4f}", flush=True)
+            else:
+                # A few thousand rows: tokenizer processes started every epoch would cost more than they save.
+                scorer = BatchScorer(model, text_encoder, "in-training", device=device, tokenizer_processes=0)
+                reports = evaluate(scorer, val)
+                score = selection_score(reports)
+                improved = score > state["best_score"]
+                measured = {"val_score": round(score, 5),
+                            **{f"val_{h}_{m}": round(r[m], 5) for h, r in reports.items()
+                               for m in ("accuracy", "macro_f1")}}
+                print(f"{name} epoch {epoch}: loss {loss_sum:.4f}  val " + "  ".join(
+                    f"{h} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f}" for h, r in reports.items()), flush=True)
+            if improved and checkpoint:
+                checkpoint.save_best(model)
+            elif improved:
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state["history"].append({"epoch": epoch, "loss": round(loss_sum, 5), **measured,
                                  "seconds": round(time.monotonic() - epoch_start, 1)})
         if improved:
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
-            if not checkpoint:
-                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             state["bad_epochs"] += 1
             if state["bad_epochs"] >= cfg.patience:
                 state["stopped"] = f"early stop: no better validation score for {cfg.patience} epochs"
         state["epoch"] = epoch
         if checkpoint:
-            checkpoint.save(model, optimizer, state, best=improved)
+            checkpoint.save(model, optimizer, state, average)
     if checkpoint:
         checkpoint.load_best(model)
     elif best_weights is not None:
@@ -418,8 +500,7 @@ def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, dev
             inputs, labels = mask_tokens(ids, mask, special, tokenizer.mask_token_id, len(tokenizer), cfg.mask_prob,
                                          generator)
             inputs, mask, labels = to_device(device, inputs, mask, labels)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, plan.total, warmup, "linear")
+            set_learning_rate(optimizer, cfg.lr * lr_factor(step, plan.total, warmup, "linear"))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)

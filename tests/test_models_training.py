@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from models.data import MISSING, LabeledSet, load_data, split
 from models.labels import SENTIMENTS, TOPICS
 from models.modeling import FinPulseClassifier, TextEncoder
-from models.training import FitConfig, fit, gold_targets, masked_soft_loss
+from models.training import (Checkpoint, FitConfig, WeightAverage, fit, gold_targets, make_optimizer,
+                             masked_soft_loss, set_learning_rate)
 from tests.models_fixtures import SENTIMENT_ROWS, make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -530,3 +531,71 @@ def test_cli_recipe_names_match_the_recipes():
     from models.cli import RECIPE_NAMES
     from models.recipes import RECIPES
     assert set(RECIPE_NAMES) == set(RECIPES)
+
+
+def test_layer_wise_learning_rates_shrink_from_the_heads_down_to_the_embeddings(tiny_base):
+    model = FinPulseClassifier.from_base(tiny_base, seed=1)
+    layers = model.encoder.config.num_hidden_layers
+    optimizer = make_optimizer(model, 1e-3, 0.01, torch.device("cpu"), layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale_of[id(named["topic_head.weight"])] == scale_of[id(named["sentiment_head.bias"])] == 1.0
+    assert scale_of[id(named[f"encoder.encoder.layer.{layers - 1}.output.dense.weight"])] == 0.5
+    assert scale_of[id(named["encoder.encoder.layer.0.output.dense.weight"])] == 0.5 ** layers
+    assert scale_of[id(named["encoder.embeddings.word_embeddings.weight"])] == 0.5 ** (layers + 1)
+    set_learning_rate(optimizer, 2e-3)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == sorted({2e-3 * 0.5 ** d for d in range(layers + 2)})
+    assert all(g["weight_decay"] == (0.01 if g["params"][0].ndim >= 2 else 0.0) for g in optimizer.param_groups)
+    # Off (the default): every group at the scheduled rate.
+    assert {g["lr_scale"] for g in make_optimizer(model, 1e-3, 0.01, torch.device("cpu")).param_groups} == {1.0}
+
+
+def test_the_weight_average_follows_the_weights_and_is_only_applied_inside_its_block():
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update(step=100)  # past the ramp: decay 0.9
+    expected = 0.9 * start + 0.1 * model.weight.detach()
+    live = model.weight.detach().clone()
+    with average.applied():
+        assert torch.allclose(model.weight, expected)
+    assert torch.equal(model.weight, live)
+    average.update(step=0)  # the ramp: (1 + 0) / (10 + 0) = 0.1 of the old average kept
+    assert torch.allclose(average.shadow["weight"], 0.1 * expected + 0.9 * live)
+
+
+def test_a_run_with_a_weight_average_keeps_the_average_and_resumes_to_the_same_model(tiny_base, tmp_path,
+                                                                                     monkeypatch):
+    data = tiny_set()
+    encoder = TextEncoder.for_base(tiny_base, 32)
+    cfg = FitConfig(epochs=3, batch_size=4, lr=3e-3, max_length=32, seed=3, patience=100, ema_decay=0.8,
+                    layer_decay=0.8)
+
+    def run(run_dir: Path) -> FinPulseClassifier:
+        model = FinPulseClassifier.from_base(tiny_base, seed=1)
+        fit(model, encoder, data, gold_targets(data, 0.0), data, cfg, torch.device("cpu"), run_dir, name="tiny")
+        return model
+
+    straight = run(tmp_path / "straight")
+    best = (tmp_path / "straight" / "best.safetensors")
+    last = (tmp_path / "straight" / "last.safetensors")
+    from safetensors.torch import load_file
+    kept, live = load_file(str(best)), load_file(str(last))
+    # What the model ends with is the validated average, not the last step's weights.
+    assert all(torch.equal(v, kept[k]) for k, v in straight.state_dict().items())
+    assert not all(torch.equal(live[k], kept[k]) for k in kept)
+
+    save = Checkpoint.save
+
+    def crash_after_the_first_epoch(self, model, optimizer, state, average):
+        save(self, model, optimizer, state, average)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Checkpoint, "save", crash_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "interrupted")
+    monkeypatch.setattr(Checkpoint, "save", save)
+    resumed = run(tmp_path / "interrupted")
+    assert all(torch.equal(v, straight.state_dict()[k]) for k, v in resumed.state_dict().items())
