@@ -178,11 +178,12 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
                    layer_decay: float = 1.0) -> torch.optim.AdamW:
     """AdamW without weight decay on biases and norms. Each group carries an ``lr_scale`` that the training loops
     multiply the scheduled rate by: ``layer_decay`` ** depth (``layer_depth``), 1 for every group by default."""
+    # Off, every group sits at depth 0 (and the MLM model, which has no `.encoder`, is never asked for its layers).
     layers = model.encoder.config.num_hidden_layers if layer_decay != 1.0 else 0
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            depth = layer_depth(name, layers) if layer_decay != 1.0 else 0
+            depth = layer_depth(name, layers) if layers else 0
             decays = param.ndim >= 2
             group = groups.setdefault((depth, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
                                                         "lr_scale": layer_decay ** depth})
