@@ -29,8 +29,10 @@ read in event time: a watermark advance takes effect only ``close_grace_s`` of w
 (``WindowAggregator.settle``, also run by a 1 s timer), so scored partitions consumed round-robin are not late;
 and a record moves its key's watermark no further than the input watermark it carries (``stream.input_watermark``),
 so when the scoring agent reads the news minutes of event time ahead of the comments, the windows wait for the
-comments. A key that goes quiet follows the event time of its input partition (``StreamClock``; of the slowest
-active partition once its own is idle), so its windows close, and its alerts fire, on time rather than at its next
+comments. While the scoring agent drains a backlog (its records say how many messages wait), open windows are not
+republished, for they close seconds after they open; once it has drained, every window still open is republished.
+A key that goes quiet follows the event time of its input partition (``StreamClock``; of the slowest active
+partition once its own is idle), so its windows close, and its alerts fire, on time rather than at its next
 message. The timer that closes them takes stock of the keys it owns from the table after every start and
 rebalance: keys recovered from the changelog (a restart, or partitions taken over from a worker that left) may
 never see another message. Without a clock (replay, bench, tests) windows close on event time alone,
@@ -59,7 +61,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from .config import ConfigError
-from .input_watermark import read_stamp
+from .input_watermark import draining, read_stamp
 from .metrics import counter
 from .records import MessageRef, ScoredRecord, TrendRecord, epoch_ms, excerpt, format_time, utcnow
 from .topics import TopicNames
@@ -153,11 +155,13 @@ class AggregateSettings:
 class SourcedRecord:
     """A scored record and where it was read from. ``offset=-1`` (a file, a test): only the id dedupe applies.
     ``input_watermark_ms``: the scoring agent's input watermark when it published the record (``None``: not
-    stamped); the key's watermark moves no further than that (``stream.input_watermark``)."""
+    stamped); the key's watermark moves no further than that. ``input_backlog``: how many input messages the
+    scoring agent had unread then (``stream.input_watermark``)."""
     record: ScoredRecord
     partition: int = -1
     offset: int = -1
     input_watermark_ms: int | None = None
+    input_backlog: int = 0
 
     @cached_property
     def event_ms(self) -> int:
@@ -398,8 +402,11 @@ class WindowAggregator:
         return self._close(key, state, until_ms=state.settled_ms)
 
     def open_trends(self, key: str, state: KeyWindows, window_ids: Iterable[str] | None = None) -> list[TrendRecord]:
-        """Partial (final=False) trends of ``key``'s open windows (those named, or all)."""
+        """Partial (final=False) trends of ``key``'s open windows (those named, or all), but for those its watermark
+        has passed (plus lateness): they wait out the close grace only, and their final trend comes within it."""
         ids = state.windows.keys() if window_ids is None else [w for w in window_ids if w in state.windows]
+        if state.watermark_ms is not None:
+            ids = [wid for wid in ids if _window_order(wid)[0] + self.lateness_ms > state.watermark_ms]
         return [self._trend(key, wid, state.windows[wid], final=False) for wid in sorted(ids, key=_window_order)]
 
     def _close(self, key: str, state: KeyWindows, until_ms: int | None) -> list[TrendRecord]:
@@ -593,7 +600,9 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
     source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     unsettled: set[bytes] = set()                      # keys whose watermark advances still wait out the grace
     partials = PartialSchedule(config.partial_interval_s)   # open windows changed since their last partial trend
-    clock = {"last_partials": 0.0, "stock_taken_at": -1}
+    # held_since: when the last record came that the scoring agent published while draining a backlog (None: not
+    # draining). Open windows are not republished then: they close seconds after they open (stream.input_watermark).
+    clock = {"last_partials": 0.0, "stock_taken_at": -1, "held_since": None}
     stream_clock = StreamClock()
     # Keys with open windows -> (the partition they are read from, watermark, earliest open window end): what the
     # timer needs to tell, without loading every key's state each second, which quiet keys follow the stream.
@@ -621,11 +630,19 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
             else:
                 open_keys.pop(key_bytes, None)
 
+    def resume_partials() -> None:
+        """A backlog has drained: the windows still open are republished, whether or not a message touches them."""
+        clock["held_since"] = None
+        for key_bytes in open_keys:
+            value = table.get(key_bytes)
+            if value:
+                partials.note(key_bytes, value["windows"])
+
     async def process(events) -> None:
         by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
         moves_to: dict[int, int] = {}  # partition -> how far this batch moves its clock (as far as the stamps allow)
         newest: dict[int, int] = {}    # partition -> the newest event time in this batch
-        caught_up = False
+        caught_up, backlog = False, 0
         for event in events:
             sourced = _parse_event(event, key_type)
             if sourced is not None:
@@ -634,8 +651,12 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 moves_to[item.partition] = max(item.watermark_ms, moves_to.get(item.partition, -1))
                 newest[item.partition] = max(item.event_ms, newest.get(item.partition, -1))
                 caught_up |= item.input_watermark_ms is None
+                backlog = max(backlog, item.input_backlog)
+        behind = draining(backlog, worker.max_batch)
         async with exclusive:
             now = time.time()
+            if behind:
+                clock["held_since"] = now
             for partition, t_ms in moves_to.items():
                 stream_clock.saw(partition, t_ms, now, newest[partition])
             if caught_up:
@@ -646,7 +667,8 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 state = states[key_bytes] = KeyWindows.from_dict(table.get(key_bytes))
                 result = aggregator.apply(key, state, sourced_events, now=now)    # once per key per batch
                 closed += result.final
-                partials.note(key_bytes, result.touched.get(key, ()))
+                if clock["held_since"] is None:
+                    partials.note(key_bytes, result.touched.get(key, ()))
                 if result.late:
                     LATE_MESSAGES.labels(key_type).inc(result.late)
                     log.warning("%s %s: %d message(s) arrived after one or more of their windows closed", key_type, key,
@@ -655,6 +677,8 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                     log.info("%s %s: skipped %d message(s) already applied (redelivered after a restart)",
                              key_type, key, result.duplicates)
             await commit(states, closed)
+            if clock["held_since"] is not None and not behind:
+                resume_partials()
 
     @app.agent(source, name=f"aggregate-{key_type}")
     async def aggregate(stream):
@@ -715,7 +739,9 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 if len(state.pending) != waiting:
                     states[key_bytes] = state
             await commit(states, closed)
-        if now - clock["last_partials"] >= config.partial_interval_s and partials:
+            if clock["held_since"] is not None and now - clock["held_since"] > IDLE_PARTITION_S:
+                resume_partials()      # the input stopped while draining (the scorer failed, say)
+        if clock["held_since"] is None and now - clock["last_partials"] >= config.partial_interval_s and partials:
             clock["last_partials"] = now
             updates = []
             for key_bytes, window_ids in partials.due(now).items():
@@ -749,7 +775,8 @@ def _parse_event(event, key_type: str) -> tuple[bytes, SourcedRecord] | None:
                         message.partition, message.offset)
             return None
         key = derived[0].encode("utf-8")
-    return key, SourcedRecord(record, message.partition, message.offset, read_stamp(message.headers))
+    lag = read_stamp(message.headers)
+    return key, SourcedRecord(record, message.partition, message.offset, lag.watermark_ms, lag.backlog)
 
 
 __all__ = ["AggregateSettings", "Applied", "KeyWindows", "SourcedRecord", "WindowAggregator", "WindowSpec",

@@ -135,11 +135,11 @@ class Scoring:
             return [self.score([text])[0] for text in texts]
 
     def publishable(self, valid: Sequence[tuple[SourceMessage, InputItem]], predictions: Sequence[Prediction],
-                    input_watermark_ms: int | None = None) -> list[Outgoing]:
-        """Scored records (by topic and by ticker, stamped with the input watermark: ``stream.input_watermark``)
-        and ``unscorable`` dead letters for one scored batch."""
+                    input_lag: input_watermark.InputLag = input_watermark.InputLag()) -> list[Outgoing]:
+        """Scored records (by topic and by ticker, stamped with the input's lag: ``stream.input_watermark``) and
+        ``unscorable`` dead letters for one scored batch."""
         out: list[Outgoing] = []
-        headers = input_watermark.stamp(input_watermark_ms)
+        headers = input_watermark.stamp(input_lag)
         scored_at = self.clock()
         version = self.scorer.model_version
         names = self.names
@@ -462,7 +462,7 @@ def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) 
             predictions = await asyncio.get_running_loop().run_in_executor(executor, scoring.score, texts)
             SCORER_LATENCY.observe(time.perf_counter() - scoring_started)
             SCORER_BATCH_TEXTS.observe(len(texts))
-            outputs.extend(scoring.publishable(valid, predictions, progress.low_watermark_ms(highwater, now)))
+            outputs.extend(scoring.publishable(valid, predictions, progress.lag(highwater, now)))
         await deliver(send, outputs, scoring.without_original)
         BATCH_DURATION.observe(time.perf_counter() - started)
 

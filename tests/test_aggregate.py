@@ -85,6 +85,20 @@ def test_close_grace_keeps_windows_open_for_lagging_partitions_for_a_few_wall_cl
     assert late.late == 1
 
 
+def test_windows_that_only_wait_out_the_close_grace_are_not_republished():
+    """Their final trend comes within the grace: running figures of them would be read by nobody."""
+    agg = aggregator(close_grace_s=5.0)
+    state = KeyWindows()
+    key = "Energy | Oil"
+    agg.apply(key, state, [SourcedRecord(scored(0, 10)), SourcedRecord(scored(1, 65))], now=100.0)
+    assert [t.window_start.minute for t in agg.open_trends(key, state)] == [0, 1]   # 09:00 may still take a late one
+    agg.apply(key, state, [SourcedRecord(scored(2, 75))], now=101.0)     # past 09:01 + 10 s lateness: 09:00 is done
+    assert [t.window_start.minute for t in agg.open_trends(key, state)] == [1]
+    minute_0 = f"60:{int(T0.timestamp() * 1000)}"
+    assert agg.open_trends(key, state, [minute_0]) == []
+    assert [t.window_start.minute for t in agg.settle(key, state, now=106.0)] == [0]
+
+
 def test_a_key_waits_for_the_input_watermark_its_records_carry():
     """A backlog in which the news is read minutes of event time ahead of the comments: records stamped with the
     comments' progress keep the key's windows open for the comments however long (wall clock) they take; once
