@@ -114,8 +114,9 @@ class AggregateSettings:
     # How many of the most negative messages each window keeps (they end up in alerts).
     top_negative: int = 5
     # Open windows are republished (final=false, to finpulse.open-windows) at most this often per key, so the
-    # dashboard is live.
+    # dashboard is live; and at least this often when unchanged, so a dashboard starting up reads only that far back.
     partial_interval_s: float = 5.0
+    partial_refresh_s: float = 300.0
     # Message ids are remembered this long (event time) to skip re-scored duplicates; see the module docstring.
     dedupe_horizon_s: int = 600
     # Live only: wall-clock seconds a window stays open after the watermark passed it (see WindowAggregator.settle).
@@ -126,14 +127,16 @@ class AggregateSettings:
         if min(self.allowed_lateness_s, self.top_negative, self.dedupe_horizon_s, self.close_grace_s) < 0:
             raise ConfigError("[aggregate] allowed_lateness_s, top_negative, dedupe_horizon_s and close_grace_s "
                               "must be >= 0")
-        if self.partial_interval_s <= 0:
-            raise ConfigError("[aggregate] partial_interval_s must be > 0")
+        if self.partial_interval_s <= 0 or self.partial_refresh_s < self.partial_interval_s:
+            raise ConfigError("[aggregate] partial_interval_s must be > 0, and partial_refresh_s no shorter")
 
     def open_span_s(self) -> float:
         """How long ago, at most, the newest partial of a window still open was published, while the stream keeps
-        up: the longest window, its lateness and grace, and one partial interval."""
+        up: one refresh (or the longest window, its lateness and grace, if that is shorter), and the partial
+        interval and timer tick that may delay a publication."""
         longest = max(spec.size_s for spec in self.specs())
-        return longest + self.allowed_lateness_s + self.close_grace_s + self.partial_interval_s
+        lasts = min(self.partial_refresh_s, longest + self.allowed_lateness_s + self.close_grace_s)
+        return lasts + self.partial_interval_s + SETTLE_TICK_S
 
     def specs(self) -> tuple[WindowSpec, ...]:
         specs = []
@@ -475,16 +478,22 @@ class PartialSchedule:
     """Which open windows' running figures to republish now. A changed window is republished at most every
     ``interval_s``, or every 1/``UPDATES_PER_WINDOW`` of its length when that is longer: an hour window once a
     minute. Measured in ``make demo`` with every window every 5 s, the 1h/5m windows (twelve open per key) made
-    63% of the partial records, each moving its figures by at most 1/720 of the window."""
+    63% of the partial records, each moving its figures by at most 1/720 of the window.
+
+    A window published ``refresh_s`` ago is republished, changed or not, so that a dashboard starting up finds
+    every open window in the last ``refresh_s`` (and a bit) of ``finpulse.open-windows`` rather than in the last
+    hour, a quiet key's hour window being published once, perhaps 50 minutes ago."""
     UPDATES_PER_WINDOW = 60
 
-    def __init__(self, interval_s: float):
+    def __init__(self, interval_s: float, refresh_s: float = float("inf")):
         self.interval_s = interval_s
+        self.refresh_s = refresh_s
         self.changed: dict[bytes, set[str]] = defaultdict(set)   # key -> open windows changed since last published
         self.next_at: dict[tuple[bytes, str], float] = {}        # (key, window) -> when it may be published again
+        self.published_at: dict[tuple[bytes, str], float] = {}   # (key, window) -> when last published, till closed
 
     def __bool__(self) -> bool:
-        return bool(self.changed)
+        return bool(self.changed or self.published_at)
 
     def note(self, key: bytes, window_ids: Iterable[str]) -> None:
         ids = set(window_ids)
@@ -495,9 +504,18 @@ class PartialSchedule:
         """Forget the keys this worker no longer owns."""
         for key in set(self.changed) - keys:
             del self.changed[key]
+        self.published_at = {kw: at for kw, at in self.published_at.items() if kw[0] in keys}
+
+    def forget(self, key: bytes, window_ids: Iterable[str]) -> None:
+        """These windows closed: no more refreshes."""
+        for wid in window_ids:
+            self.published_at.pop((key, wid), None)
 
     def due(self, now: float) -> dict[bytes, set[str]]:
-        """The changed windows to publish now, per key; they count as published."""
+        """The changed windows, and those due a refresh, to publish now, per key; they count as published."""
+        for (key, wid), at in self.published_at.items():
+            if now - at >= self.refresh_s:
+                self.changed[key].add(wid)
         out: dict[bytes, set[str]] = {}
         for key in list(self.changed):
             waiting = self.changed[key]
@@ -511,6 +529,7 @@ class PartialSchedule:
             for wid in ready:
                 size_s = int(wid.split(":", 1)[0])
                 self.next_at[(key, wid)] = now + max(self.interval_s, size_s / self.UPDATES_PER_WINDOW)
+                self.published_at[(key, wid)] = now
         # A window whose time has come and that has not changed needs no entry: its next change is due at once.
         self.next_at = {kw: at for kw, at in self.next_at.items() if at > now or kw[1] in self.changed.get(kw[0], ())}
         return out
@@ -599,7 +618,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                       use_partitioner=True, help=f"open windows per {key_type}")
     source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     unsettled: set[bytes] = set()                      # keys whose watermark advances still wait out the grace
-    partials = PartialSchedule(config.partial_interval_s)   # open windows changed since their last partial trend
+    partials = PartialSchedule(config.partial_interval_s, config.partial_refresh_s)   # which open windows to republish
     # held_since: when the last record came that the scoring agent published while draining a backlog (None: not
     # draining). Open windows are not republished then: they close seconds after they open (stream.input_watermark).
     clock = {"last_partials": 0.0, "stock_taken_at": -1, "held_since": None}
@@ -709,6 +728,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 unsettled.add(key_bytes)
             if state.windows:
                 open_keys[key_bytes] = info
+                partials.note(key_bytes, state.windows)    # its figures now, then refreshed from here on
         partials.keep_only(mine)
 
     @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
@@ -745,7 +765,8 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
             clock["last_partials"] = now
             updates = []
             for key_bytes, window_ids in partials.due(now).items():
-                value = table.get(key_bytes)
+                value = table.get(key_bytes) or {}
+                partials.forget(key_bytes, window_ids - value.get("windows", {}).keys())
                 if value:
                     updates += aggregator.open_trends(key_bytes.decode("utf-8"), KeyWindows.from_dict(value), window_ids)
             await publish(updates)

@@ -287,13 +287,33 @@ def test_partials_are_republished_at_most_every_interval_or_sixtieth_of_their_wi
     schedule = PartialSchedule(interval_s=5.0)
     schedule.note(b"Oil", [minute, five, hour])
     schedule.note(b"Gold", [])                         # nothing changed: nothing to publish
-    assert schedule.due(0.0) == {b"Oil": {minute, five, hour}} and not schedule
+    assert schedule.due(0.0) == {b"Oil": {minute, five, hour}} and not schedule.changed
     schedule.note(b"Oil", [minute, five, hour])
     assert schedule.due(4.0) == {}                     # within the interval
     assert schedule.due(5.0) == {b"Oil": {minute, five}}   # five minutes / 60 = 5 s; the hour waits for 60 s
     assert schedule.due(59.0) == {}
-    assert schedule.due(60.0) == {b"Oil": {hour}} and not schedule
+    assert schedule.due(60.0) == {b"Oil": {hour}} and not schedule.changed
     assert schedule.due(200.0) == {} and schedule.next_at == {}   # entries go once their time passed unchanged
     schedule.note(b"Oil", [hour])
     schedule.keep_only({b"Gold"})                      # the key moved to another worker
     assert schedule.due(300.0) == {}
+
+
+def test_open_windows_are_refreshed_though_unchanged_until_they_close():
+    minute, hour = "60:1000", "3600:1000"
+    schedule = PartialSchedule(interval_s=5.0, refresh_s=300.0)
+    schedule.note(b"Oil", [minute, hour])
+    assert schedule.due(0.0) == {b"Oil": {minute, hour}}
+    assert schedule and schedule.due(299.0) == {}       # nothing changed: nothing yet
+    assert schedule.due(300.0) == {b"Oil": {minute, hour}}
+    schedule.forget(b"Oil", [minute])                   # it closed
+    assert schedule.due(600.0) == {b"Oil": {hour}}
+    schedule.keep_only(set())
+    assert not schedule and schedule.due(900.0) == {}
+
+
+def test_a_dashboard_reads_open_windows_back_one_refresh_or_the_longest_window():
+    assert AggregateSettings().open_span_s() == 300 + 5 + 1
+    assert AggregateSettings(windows=["1m/1m"]).open_span_s() == 60 + 30 + 5 + 5 + 1
+    with pytest.raises(ConfigError, match="partial_refresh_s"):
+        AggregateSettings(partial_refresh_s=1.0)

@@ -318,6 +318,39 @@ def test_a_topic_that_goes_quiet_still_closes_its_window_while_the_stream_moves_
     assert all(not t.final and 0 < t.count <= 10 for t in running)
 
 
+def test_an_open_window_is_republished_unchanged_and_by_a_restarted_worker(fp_settings, tmp_path):
+    """A dashboard starting up reads only the last ``partial_refresh_s`` of open windows, so each one must appear
+    there though nothing changes it: refreshed while it stays open, and republished by a restarted worker, which
+    learns of it from the recovered table."""
+    settings = fp_settings.with_overrides({"aggregate": {"partial_interval_s": 1, "partial_refresh_s": 2}})
+    names = TopicNames(settings.kafka.topic_prefix)
+    key = "Energy | Oil"
+    window_id = f"topic:{key}:60:{format_time(START)}".encode()
+
+    async def send_all():
+        async with RecordSender(settings.kafka, client_id="test-scored") as sender:
+            for i in range(3):
+                record = ScoredRecord(id=f"r{i}", kind="news", event_time=START + timedelta(seconds=5 + 5 * i),
+                                      text=f"m {i}", topic=key, topic_confidence=0.9, sentiment="bearish",
+                                      sentiment_score=-0.9, tickers=(), model_version="test", scored_at=START)
+                await sender.send(names.scored, record.to_json(), key=key.encode())
+
+    def published(records) -> list[TrendRecord]:
+        return [TrendRecord.from_json(r.value) for r in records if r.key == window_id and r.value is not None]
+
+    with start_worker(settings, tmp_path, "worker"):
+        asyncio.run(send_all())
+        first = published(wait_for_records(settings, names.open_windows, lambda rs: len(published(rs)) >= 4,
+                                           timeout=60, what="the window published, then refreshed three times"))
+    assert all(t.count == 3 for t in first)     # no message came after the first three: the same figures
+    restarted_at = datetime.now(timezone.utc)
+    with start_worker(settings, tmp_path, "worker-restarted"):
+        since_restart = lambda rs: [t for t in published(rs) if t.emitted_at > restarted_at]   # noqa: E731
+        again = since_restart(wait_for_records(settings, names.open_windows, since_restart, timeout=60,
+                                               what="the window published by the restarted worker"))
+    assert again[0].count == 3
+
+
 def test_windows_a_worker_takes_over_in_a_rebalance_close_though_their_keys_stay_quiet(fp_settings, tmp_path):
     """Two workers share the partitions. Each topic gets a minute of messages and one a minute and a half later,
     which closes the first minute once the close grace has passed; worker a's grace is an hour, so its topics'
