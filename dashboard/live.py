@@ -5,7 +5,8 @@ It reads without a consumer group (every dashboard replica sees every partition 
 ``retention_hours`` back (by record timestamp) on the time-ordered topics and from the beginning of the compacted
 deliveries and silences topics. Scored messages start no further back than the store's row cap needs, and the open
 windows' running figures (``finpulse.open-windows``) no further back than a window still open can have been
-published (``open_lookback_s``: the longest window and its lateness, about an hour). When Kafka is unreachable
+published (``open_lookback_s``: every open window is republished at least every ``[aggregate] partial_refresh_s``,
+so about 5 minutes). When Kafka is unreachable
 or a topic is missing, the thread says so in ``FeedStatus.message`` and retries with backoff, resuming from the
 offsets it had reached; it never raises into the page.
 """
