@@ -482,7 +482,10 @@ class PartialSchedule:
 
     A window published ``refresh_s`` ago is republished, changed or not, so that a dashboard starting up finds
     every open window in the last ``refresh_s`` (and a bit) of ``finpulse.open-windows`` rather than in the last
-    hour, a quiet key's hour window being published once, perhaps 50 minutes ago."""
+    hour, a quiet key's hour window being published once, perhaps 50 minutes ago.
+
+    While the scoring agent drains a backlog (``hold``), nothing is noted or due: the windows close seconds after
+    they open (``stream.input_watermark``). Once it has drained (``resume``), every window still open is noted."""
     UPDATES_PER_WINDOW = 60
 
     def __init__(self, interval_s: float, refresh_s: float = float("inf")):
@@ -491,11 +494,23 @@ class PartialSchedule:
         self.changed: dict[bytes, set[str]] = defaultdict(set)   # key -> open windows changed since last published
         self.next_at: dict[tuple[bytes, str], float] = {}        # (key, window) -> when it may be published again
         self.published_at: dict[tuple[bytes, str], float] = {}   # (key, window) -> when last published, till closed
+        self.held_since: float | None = None   # when the last record published while draining a backlog came
 
     def __bool__(self) -> bool:
-        return bool(self.changed or self.published_at)
+        return self.held_since is None and bool(self.changed or self.published_at)
+
+    def hold(self, now: float) -> None:
+        self.held_since = now
+
+    def resume(self, open_windows: Iterable[tuple[bytes, Iterable[str]]]) -> None:
+        """The backlog has drained: ``open_windows`` ((key, window ids) of every window still open) are due."""
+        self.held_since = None
+        for key, window_ids in open_windows:
+            self.note(key, window_ids)
 
     def note(self, key: bytes, window_ids: Iterable[str]) -> None:
+        if self.held_since is not None:
+            return
         ids = set(window_ids)
         if ids:
             self.changed[key] |= ids
@@ -619,9 +634,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
     source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     unsettled: set[bytes] = set()                      # keys whose watermark advances still wait out the grace
     partials = PartialSchedule(config.partial_interval_s, config.partial_refresh_s)   # which open windows to republish
-    # held_since: when the last record came that the scoring agent published while draining a backlog (None: not
-    # draining). Open windows are not republished then: they close seconds after they open (stream.input_watermark).
-    clock = {"last_partials": 0.0, "stock_taken_at": -1, "held_since": None}
+    clock = {"last_partials": 0.0, "stock_taken_at": -1}
     stream_clock = StreamClock()
     # Keys with open windows -> (the partition they are read from, watermark, earliest open window end): what the
     # timer needs to tell, without loading every key's state each second, which quiet keys follow the stream.
@@ -651,11 +664,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
 
     def resume_partials() -> None:
         """A backlog has drained: the windows still open are republished, whether or not a message touches them."""
-        clock["held_since"] = None
-        for key_bytes in open_keys:
-            value = table.get(key_bytes)
-            if value:
-                partials.note(key_bytes, value["windows"])
+        partials.resume((key_bytes, (table.get(key_bytes) or {}).get("windows", ())) for key_bytes in open_keys)
 
     async def process(events) -> None:
         by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
@@ -675,7 +684,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
         async with exclusive:
             now = time.time()
             if behind:
-                clock["held_since"] = now
+                partials.hold(now)
             for partition, t_ms in moves_to.items():
                 stream_clock.saw(partition, t_ms, now, newest[partition])
             if caught_up:
@@ -686,8 +695,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 state = states[key_bytes] = KeyWindows.from_dict(table.get(key_bytes))
                 result = aggregator.apply(key, state, sourced_events, now=now)    # once per key per batch
                 closed += result.final
-                if clock["held_since"] is None:
-                    partials.note(key_bytes, result.touched.get(key, ()))
+                partials.note(key_bytes, result.touched.get(key, ()))
                 if result.late:
                     LATE_MESSAGES.labels(key_type).inc(result.late)
                     log.warning("%s %s: %d message(s) arrived after one or more of their windows closed", key_type, key,
@@ -696,7 +704,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                     log.info("%s %s: skipped %d message(s) already applied (redelivered after a restart)",
                              key_type, key, result.duplicates)
             await commit(states, closed)
-            if clock["held_since"] is not None and not behind:
+            if partials.held_since is not None and not behind:
                 resume_partials()
 
     @app.agent(source, name=f"aggregate-{key_type}")
@@ -759,9 +767,9 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 if len(state.pending) != waiting:
                     states[key_bytes] = state
             await commit(states, closed)
-            if clock["held_since"] is not None and now - clock["held_since"] > IDLE_PARTITION_S:
+            if partials.held_since is not None and now - partials.held_since > IDLE_PARTITION_S:
                 resume_partials()      # the input stopped while draining (the scorer failed, say)
-        if clock["held_since"] is None and now - clock["last_partials"] >= config.partial_interval_s and partials:
+        if now - clock["last_partials"] >= config.partial_interval_s and partials:
             clock["last_partials"] = now
             updates = []
             for key_bytes, window_ids in partials.due(now).items():
