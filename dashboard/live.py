@@ -6,7 +6,12 @@ It reads without a consumer group (every dashboard replica sees every partition 
 deliveries and silences topics. Scored messages start no further back than the store's row cap needs, and the open
 windows' running figures (``finpulse.open-windows``) no further back than a window still open can have been
 published (``open_lookback_s``: every open window is republished at least every ``[aggregate] partial_refresh_s``,
-so about 5 minutes). When Kafka is unreachable
+so about 5 minutes).
+
+What the topics held when the feed first reached them is its *history*: until it has read all of it
+(``FeedStatus.loaded``), the views draw nothing but its progress, because a ranking drawn from part of it judges
+the newest windows against the wrong ones (the records come oldest first, so a partly read history has old
+windows and, from the open-windows topic, the newest, without those in between). When Kafka is unreachable
 or a topic is missing, the thread says so in ``FeedStatus.message`` and retries with backoff, resuming from the
 offsets it had reached; it never raises into the page.
 """
@@ -46,6 +51,10 @@ class FeedStatus:
     # Input records the worker's consumer group has not committed yet, per input topic (None: unknown).
     worker_lag: dict[str, int] | None = None
     deadletter_count: int | None = None
+    # Records of the history read so far and in all (None until the first fetch says where the topics end).
+    history_read: tuple[int, int] | None = None
+    # The whole history has been read: from now on the views draw (and stay drawn whatever comes after).
+    loaded: bool = False
     updated_at: float = 0.0
 
     @property
@@ -69,6 +78,9 @@ class LiveFeed:
         self.store = LiveStore(cfg)
         self.status = FeedStatus(bootstrap_servers=kafka.bootstrap_servers)
         self._positions: dict[TopicPartition, int] = {}
+        # Each partition's history: from where reading started to its end when the first fetch answered.
+        self._history_start: dict[TopicPartition, int] = {}
+        self._history_end: dict[TopicPartition, int] = {}
         self._admin: KafkaAdminClient | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="finpulse-dashboard-feed", daemon=True)
@@ -141,6 +153,8 @@ class LiveFeed:
                 self._positions[tp] = records[-1].offset + 1
                 records_read[kind] = records_read.get(kind, 0) + len(records)
                 read_count += len(records)
+            if not self.status.loaded:
+                self._measure_history(consumer, assigned)
             elapsed = time.monotonic() - read_since
             if elapsed >= 2.0:
                 self._set(records_read=dict(records_read), read_rate_per_s=read_count / elapsed)
@@ -159,7 +173,10 @@ class LiveFeed:
         if wanted != assigned:
             consumer.assign(sorted(wanted))
             for tp in wanted - assigned:
-                consumer.seek(tp, self._positions.get(tp) if tp in self._positions else self._start_offset(consumer, tp))
+                if tp not in self._positions:
+                    self._positions[tp] = self._start_offset(consumer, tp)
+                self._history_start.setdefault(tp, self._positions[tp])
+                consumer.seek(tp, self._positions[tp])
         if missing:
             self._set(state="waiting", message=f"waiting for topic(s) {', '.join(missing)} to exist on "
                       f"{self.kafka.bootstrap_servers} (is the worker running?)")
@@ -187,6 +204,25 @@ class LiveFeed:
             partitions = len(consumer.partitions_for_topic(tp.topic) or ()) or 1
             start = max(start, end - self.cfg.max_scored_rows // partitions)
         return start
+
+    def _measure_history(self, consumer: KafkaConsumer, assigned: set[TopicPartition]) -> None:
+        """How much of the history is read. A partition's end is its fetch high watermark when the first fetch
+        answers (``end_offsets`` can report too low an end on tansu); the feed is loaded once every assigned
+        partition's end is known and reached."""
+        read = total = 0
+        ends_known = bool(assigned)
+        for tp in assigned:
+            if tp not in self._history_end:
+                high = consumer.highwater(tp)
+                if high is None:
+                    ends_known = False
+                    continue
+                self._history_end[tp] = high
+            start, end = self._history_start[tp], self._history_end[tp]
+            total += max(0, end - start)
+            # The consumer's position, not the last record's offset + 1: it also steps over compacted-away offsets.
+            read += max(0, min(end, consumer.position(tp)) - start)
+        self._set(history_read=(read, total), loaded=ends_known and read == total)
 
     def _measure_lag(self, consumer: KafkaConsumer, assigned: set[TopicPartition]) -> None:
         lag: dict[str, int] = {}

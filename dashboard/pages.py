@@ -139,16 +139,31 @@ def csv_download(frame: pd.DataFrame, tz: str, name: str, key: str) -> None:
 
 
 def feed_banner(status: FeedStatus, snap: Snapshot) -> bool:
-    """Say plainly what is wrong with the feed, if anything; True when there is data to draw."""
+    """Say plainly what is wrong with the feed, if anything; True when there is data to draw. Nothing is drawn
+    before the feed has read its history (``FeedStatus.loaded``): only how far it has got."""
     if status.state == "unreachable":
         st.warning(status.message, icon=":material/cloud_off:")
     elif status.state in ("waiting", "connecting") and snap.empty:
         st.info(status.message, icon=":material/hourglass_empty:")
-    if snap.empty and status.state in ("live", "waiting"):
+    if not status.loaded:
+        if status.reachable and status.history_read and status.history_read[1]:
+            history_progress(status)
+        return False
+    if snap.empty and status.reachable:
         st.info(f"Connected to {status.bootstrap_servers}, but FinPulse's output topics are empty so far: "
                 "waiting for the worker to publish windows. This page refreshes by itself.",
                 icon=":material/hourglass_empty:")
     return not snap.empty
+
+
+def history_progress(status: FeedStatus) -> None:
+    read, total = status.history_read
+    left = ""
+    if status.read_rate_per_s > 0:
+        left = f", about {sh.duration((total - read) / status.read_rate_per_s)} left"
+    st.progress(read / total, text=f"Reading what FinPulse published before this dashboard started: {read:,} of "
+                f"{total:,} records{left}. The views appear once it is all read, so that nothing is ranked or "
+                "charted from part of it.")
 
 
 def freshness_strip(snap: Snapshot, status: FeedStatus, cfg: DashboardSettings, tz: str) -> None:

@@ -86,6 +86,12 @@ class Snapshot:
         return int(sum(f.memory_usage(deep=True).sum() for f in
                        (self.trends, self.window_messages, self.scored, self.alerts, self.deliveries)))
 
+    @classmethod
+    def nothing(cls) -> "Snapshot":
+        return cls(trends=empty_frame(TREND_COLUMNS), window_messages=empty_frame(MESSAGE_COLUMNS),
+                   scored=empty_frame(SCORED_COLUMNS), alerts=empty_frame(ALERT_COLUMNS),
+                   deliveries=empty_frame(DELIVERY_COLUMNS))
+
 
 # ---------------------------------------------------------------- parsing one record into rows
 

@@ -27,7 +27,7 @@ from .live import FeedStatus, LiveFeed
 from .pages import (PAGE_STYLE, VIEWS, Controls, feed_banner, follow_link, follow_list, forget_links, freshness_strip,
                     keep_in_address, link_to_follow, window_label)
 from .settings import DashboardSettings, dashboard_settings
-from .store import LiveStore
+from .store import LiveStore, Snapshot
 
 log = logging.getLogger(__name__)
 KEY_TYPES = {"topic": "Topics", "ticker": "Tickers"}
@@ -46,6 +46,15 @@ ADDRESS_TIME = "%Y-%m-%dT%H:%MZ"
 class Feed(Protocol):
     store: LiveStore
     status: FeedStatus
+
+
+_NOTHING = Snapshot.nothing()
+
+
+def shown_snapshot(feed: Feed) -> Snapshot:
+    """What the sidebar and the views draw from: nothing until the feed has read its history (a link's keys and
+    window wait for it rather than being dropped as "not available"), then the store's newest snapshot."""
+    return feed.store.snapshot() if feed.status.loaded else _NOTHING
 
 
 def _release(feed: LiveFeed) -> None:
@@ -84,7 +93,7 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
     tz=Europe/London``, defaults left out), and an address that names them selects them: a reload or a shared link
     shows the same view. A value the address names that is not offered (a mistyped range, a ticker aged out) is
     left out, and the sidebar says so."""
-    snap = feed.store.snapshot()
+    snap = shown_snapshot(feed)
     sizes = sh.window_sizes(snap.trends)
     zones, default_zone = _timezones(cfg)
     notes = [follow_link("range", "fp_range", RANGE_CODES, RANGE_CODES.get),
@@ -130,7 +139,7 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
             st.caption(f":material/link_off: The address asked for {'; '.join(ignored)}: not available now, so "
                        "left out.")
         st.caption(f"Refreshes every {cfg.refresh_s:g} s · keeps {cfg.retention_hours:g} h · "
-                   f"feed: {feed.status.state}")
+                   f"feed: {feed.status.state}{'' if feed.status.loaded else ', reading its history'}")
     if sizes:  # not before the data is there: the address may name windows and keys still on their way
         keep_in_address("range", CODE_OF_RANGE[range_label], default=CODE_OF_RANGE[DEFAULT_RANGE])
         keep_in_address("from", fixed and fixed[0].strftime(ADDRESS_TIME))
@@ -217,7 +226,7 @@ def live_view(name: str, feed: Feed, controls: Controls, cfg: DashboardSettings)
 
     @st.fragment(run_every=cfg.refresh_s)
     def body() -> None:
-        snap = feed.store.snapshot()
+        snap = shown_snapshot(feed)
         if _choices(snap, controls.filters.key_type) != st.session_state.get(_CHOICES) or _range_for_linked_alert(snap):
             st.rerun(scope="app")
         if not feed_banner(feed.status, snap):

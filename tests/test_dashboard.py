@@ -35,7 +35,7 @@ from stream.broker import EmbeddedBroker, free_port
 from stream.config import Settings
 from stream.records import utcnow
 from stream.topics import TopicNames, ensure_topics
-from tests.dashboard_data import SHOCK_TOPIC, produce, synthesize
+from tests.dashboard_data import SHOCK_TOPIC, TICKERS, Synthetic, produce, synthesize
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 WAIT_S = 60
@@ -240,6 +240,39 @@ def test_an_address_naming_what_is_not_there_falls_back_and_says_so(fp_settings,
     assert "range='99y'" in note and "tz='Mars/Olympus'" in note and "keys='NOPE'" in note
     assert not at.exception
     assert _address(at) == {"key_type": ["ticker"], "keys": ["XOM"]}       # the address now says what is shown
+
+
+def test_a_dashboard_draws_nothing_from_part_of_its_history(fp_settings, monkeypatch):
+    """Opened on a day of windows (41,760 of them, read oldest first), the dashboard shows how far it has read
+    and no view until it is all in: its first ranking is the one the whole day gives, not one judged against part
+    of it, and a link naming a ticker whose windows come last keeps it rather than dropping it as "not there"."""
+    produce(fp_settings, synthesize(utcnow(), minutes=24 * 60, topics=TOPICS, tickers=TICKERS[:9], rate_per_s=4))
+    late = synthesize(utcnow(), tickers=(TICKERS[9],))
+    produce(fp_settings, Synthetic(trends=[t for t in late.trends if t.key == TICKERS[9]]))
+    _env_for(monkeypatch, fp_settings)
+    overview = AppTest.from_file(APP, default_timeout=60)
+    linked = AppTest.from_function(_view_script, args=("overview",), default_timeout=60)
+    linked.query_params["key_type"] = "ticker"
+    linked.query_params["keys"] = TICKERS[9]
+    progress: list[str] = []
+
+    def ranked_while_the_link_waits(at: AppTest) -> bool:
+        progress.extend(p.proto.text for p in at.get("progress"))
+        linked.run()
+        assert not [c.value for c in linked.caption if "not available now" in c.value]
+        return bool(_ranked(at))
+
+    first = _ranked(run_until(overview, ranked_while_the_link_waits, "the unusual ranking"))
+    assert progress and all(text.startswith("Reading what FinPulse published before this dashboard started")
+                            for text in progress), progress
+    counts = [tuple(int(n.replace(",", "")) for n in re.findall(r"([\d,]+) of ([\d,]+) records", text)[0])
+              for text in progress]
+    assert all(read < total for read, total in counts) and len({total for _, total in counts}) == 1, counts
+    assert "Energy \\| Oil" in first[0] and not any("not enough history" in line for line in first), first
+    time.sleep(3)      # had the first ranking been drawn from part of the day, the rest would be in by now
+    assert _ranked(run_until(overview, lambda a: bool(_ranked(a)), "the ranking again")) == first
+    run_until(linked, lambda a: a.multiselect(key="fp_keys_ticker").value == [TICKERS[9]], "the linked ticker")
+    assert _address(linked) == {"key_type": ["ticker"], "keys": [TICKERS[9]]}
 
 
 def test_alerts_view_links_deliveries_and_messages(fp_settings, produced, monkeypatch):

@@ -50,7 +50,8 @@ class StaticFeed:
 
     def __init__(self, store: LiveStore):
         self.store = store
-        self.status = FeedStatus(state="live", message="benchmark store", bootstrap_servers="(none)")
+        self.status = FeedStatus(state="live", message="benchmark store", bootstrap_servers="(none)",
+                                 loaded=True)
 
 
 def synthetic_day(hours: float, rate: float, end: datetime, seed: int = 5):
