@@ -484,8 +484,10 @@ class PartialSchedule:
     every open window in the last ``refresh_s`` (and a bit) of ``finpulse.open-windows`` rather than in the last
     hour, a quiet key's hour window being published once, perhaps 50 minutes ago.
 
-    While the scoring agent drains a backlog (``hold``), nothing is noted or due: the windows close seconds after
-    they open (``stream.input_watermark``). Once it has drained (``resume``), every window still open is noted."""
+    While the scoring agent drains a backlog (``hold``), only windows the clock has not passed are noted or due: the
+    others close seconds after they open, as the watermark races through them (``stream.input_watermark``), while
+    a window still open by the clock is live, be it a scorer at its limit during a burst of news or the hour
+    window a backlog ends in. Once it has drained (``resume``), every window still open is noted."""
     UPDATES_PER_WINDOW = 60
 
     def __init__(self, interval_s: float, refresh_s: float = float("inf")):
@@ -497,7 +499,7 @@ class PartialSchedule:
         self.held_since: float | None = None   # when the last record published while draining a backlog came
 
     def __bool__(self) -> bool:
-        return self.held_since is None and bool(self.changed or self.published_at)
+        return bool(self.changed or self.published_at)
 
     def hold(self, now: float) -> None:
         self.held_since = now
@@ -509,9 +511,9 @@ class PartialSchedule:
             self.note(key, window_ids)
 
     def note(self, key: bytes, window_ids: Iterable[str]) -> None:
-        if self.held_since is not None:
-            return
         ids = set(window_ids)
+        if self.held_since is not None:
+            ids = {wid for wid in ids if _window_order(wid)[0] > self.held_since * 1000}
         if ids:
             self.changed[key] |= ids
 
@@ -535,12 +537,15 @@ class PartialSchedule:
         for key in list(self.changed):
             waiting = self.changed[key]
             ready = {wid for wid in waiting if self.next_at.get((key, wid), 0.0) <= now}
-            if not ready:
-                continue
-            out[key] = ready
+            if self.held_since is not None:    # noted in time, but the clock has passed it since
+                ready = {wid for wid in ready if _window_order(wid)[0] > now * 1000}
+                waiting -= {wid for wid in waiting if _window_order(wid)[0] <= now * 1000}
             waiting -= ready
             if not waiting:
                 del self.changed[key]
+            if not ready:
+                continue
+            out[key] = ready
             for wid in ready:
                 size_s = int(wid.split(":", 1)[0])
                 self.next_at[(key, wid)] = now + max(self.interval_s, size_s / self.UPDATES_PER_WINDOW)

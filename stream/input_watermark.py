@@ -23,7 +23,9 @@ figures for the dashboard, and in a backlog those windows close seconds after th
 are read by nobody and only fill ``finpulse.open-windows`` (about 42,000 of them for the demo's history, beside
 3,100 closed windows). The watermark stamp cannot tell a backlog: live records carry it whenever a
 partition has a message or two unread. A scorer that keeps up has at most what arrived while it scored one batch
-waiting; more than ``BACKLOG_BATCHES`` full batches waiting means it is draining a backlog (``draining``).
+waiting; more than ``BACKLOG_BATCHES`` full batches waiting means it is draining a backlog (``draining``). A queue
+is not always history, though (a burst of news can outrun the scorer): the aggregation agents still publish the
+running figures of windows the clock has not passed (``stream.aggregate.PartialSchedule``).
 """
 from __future__ import annotations
 

@@ -312,6 +312,21 @@ def test_open_windows_are_refreshed_though_unchanged_until_they_close():
     assert not schedule and schedule.due(900.0) == {}
 
 
+def test_while_a_backlog_drains_only_windows_the_clock_has_not_passed_are_noted():
+    passed, current = "60:1000", "600:1000"            # windows ending 61 s and 601 s after the epoch
+    schedule = PartialSchedule(interval_s=5.0)
+    schedule.hold(100.0)
+    schedule.note(b"Oil", [passed, current])
+    assert schedule.due(100.0) == {b"Oil": {current}}   # live: published while the backlog drains
+    schedule.note(b"Oil", [passed])
+    assert schedule.due(110.0) == {}                    # history the watermark races through: not
+    schedule.hold(50.0)
+    schedule.note(b"Oil", [passed])                     # noted in time, due once the clock has passed it: not
+    assert schedule.due(70.0) == {} and not schedule.changed
+    schedule.resume([(b"Oil", [passed, current])])      # drained: every window still open
+    assert schedule.due(111.0) == {b"Oil": {passed, current}}
+
+
 def test_a_dashboard_reads_open_windows_back_one_refresh_or_the_longest_window():
     assert AggregateSettings().open_span_s() == 300 + 5 + 1
     assert AggregateSettings(windows=["1m/1m"]).open_span_s() == 60 + 30 + 5 + 5 + 1

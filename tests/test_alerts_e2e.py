@@ -24,7 +24,9 @@ from models.baseline import KeywordBaselineScorer
 from stream.aggregate import AggregateSettings, WindowAggregator
 from stream.config import Settings
 from stream.kafka_io import RecordSender
-from stream.records import AlertRecord, ScoredRecord, TrendRecord, format_time, parse_input, severity_rank
+from stream.input_watermark import BACKLOG_HEADER
+from stream.records import (AlertRecord, ScoredRecord, TrendRecord, format_time, parse_input, parse_time,
+                            severity_rank)
 from stream.simulate import Shock, generate, shock_truth
 from stream.topics import TopicNames, ensure_topics
 from tests.procs import (consumer_lag, json_values, read_all, run_finpulse, start_worker, wait_for_records,
@@ -237,6 +239,34 @@ def test_a_backlog_publishes_no_running_figures_of_the_windows_it_closes(fp_sett
     newest, last_event = latest(records), max(m.event_time for m in simulated_input())
     surely_open = [wid for wid, t in still_open.items() if t.window_end + LATENESS > last_event]
     assert len(surely_open) > 50 and all(newest[wid] is not None for wid in surely_open)
+
+
+def test_a_scorer_at_its_limit_still_publishes_the_running_figures_of_windows_open_by_the_clock(fp_settings,
+                                                                                               tmp_path):
+    """A burst of news the scorer cannot keep up with (20,000 messages of the last 35 s, far more than 4 batches
+    waiting) is not history: the windows it fills are still open by the clock, and their running figures are
+    published while the scorer works through the queue. Windows the clock has passed get none until it has."""
+    settings = fp_settings.with_overrides({"worker": {"max_batch": 2},      # a queue: over 4 x 2 unread
+                                           "aggregate": {"windows": ["1m/1m", "10m/1m"], "partial_interval_s": 1}})
+    names = TopicNames(settings.kafka.topic_prefix)
+    burst = list(generate(seed=5, start=datetime.now(timezone.utc) - timedelta(seconds=35), rate=600, count=20_000,
+                          shock=None))
+    produce(settings, burst)
+    with start_worker(settings, tmp_path):
+        for topic in (names.news, names.comments):
+            wait_until_consumed(settings, topic, timeout=300)
+        scored = wait_for_records(settings, names.scored, lambda r: len(r) >= len(burst), timeout=120,
+                                  what="every message scored")
+        time.sleep(2)     # the last partials
+        records = read_all(settings, names.open_windows)
+    queued = [parse_time(value["scored_at"]) for record, value in zip(scored, json_values(scored))
+              if int(dict(record.headers).get(BACKLOG_HEADER, b"0")) > 4 * 2]
+    assert len(queued) > len(burst) / 2, f"the scorer kept up ({len(queued)} records scored with a queue)"
+    partials = [TrendRecord.from_json(r.value) for r in records if r.value is not None]
+    while_queued = [t for t in partials if t.emitted_at < max(queued) - timedelta(seconds=2)]
+    assert len(while_queued) > 100, f"{len(while_queued)} of {len(partials)} running figures came while it queued"
+    # (emitted_at is read a moment after the schedule's clock)
+    assert all(t.window_end + timedelta(seconds=1) > t.emitted_at for t in while_queued)
 
 
 def missing_windows(expected: dict[str, TrendRecord], got: dict[str, TrendRecord]) -> str:
