@@ -51,7 +51,7 @@ class FeedStatus:
     # Input records the worker's consumer group has not committed yet, per input topic (None: unknown).
     worker_lag: dict[str, int] | None = None
     deadletter_count: int | None = None
-    # Records of the history read so far and in all (None until the first fetch says where the topics end).
+    # Records of the history read so far and in all (None until the first fetches say where every partition ends).
     history_read: tuple[int, int] | None = None
     # The whole history has been read: from now on the views draw (and stay drawn whatever comes after).
     loaded: bool = False
@@ -222,7 +222,8 @@ class LiveFeed:
             total += max(0, end - start)
             # The consumer's position, not the last record's offset + 1: it also steps over compacted-away offsets.
             read += max(0, min(end, consumer.position(tp)) - start)
-        self._set(history_read=(read, total), loaded=ends_known and read == total)
+        # Until every end is known the total would grow: no figure rather than a wrong one.
+        self._set(history_read=(read, total) if ends_known else None, loaded=ends_known and read == total)
 
     def _measure_lag(self, consumer: KafkaConsumer, assigned: set[TopicPartition]) -> None:
         lag: dict[str, int] = {}

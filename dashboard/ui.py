@@ -39,6 +39,7 @@ CODE_OF_RANGE = {label: code for code, label in RANGE_CODES.items()}
 DEFAULT_RANGE = "Last hour"
 _CHOICES = "fp_sidebar_choices"
 _WIDENED = "fp_range_widened"
+_DEFAULT_WINDOW = "fp_default_window"   # the window size picked for the analyst, not by them
 _FIXED_TZ = "fp_fixed_tz"     # the zone the From/To widgets' wall-clock values are in
 ADDRESS_TIME = "%Y-%m-%dT%H:%MZ"
 
@@ -117,8 +118,12 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
         st.title("FinPulse")
         range_label = st.selectbox("Time range", [*sh.TIME_RANGES, FIXED_RANGE], key="fp_range")
         fixed = _fixed_range_inputs(snap) if range_label == FIXED_RANGE else None
-        if sizes and st.session_state.get("fp_window") not in sizes:
-            st.session_state["fp_window"] = sizes[0]  # the first windows arrived, or the chosen size aged out
+        chosen = st.session_state.get("fp_window")
+        if sizes and (chosen not in sizes or (chosen == st.session_state.get(_DEFAULT_WINDOW) != sizes[0]
+                                              and "window" not in st.query_params)):
+            # The first windows arrived, the chosen size aged out, or a smaller size than the default picked so
+            # far arrived (the running figures of longer windows can come first): the smallest, till one is chosen.
+            st.session_state["fp_window"] = st.session_state[_DEFAULT_WINDOW] = sizes[0]
         window_s = st.selectbox("Window", sizes, format_func=window_label, key="fp_window",
                                 disabled=not sizes, placeholder="no windows yet")
         key_type = st.radio("Show", list(KEY_TYPES), format_func=KEY_TYPES.get, key="fp_key_type", horizontal=True)
