@@ -474,6 +474,10 @@ def _window_order(wid: str) -> tuple[int, int, int]:
     return (start_ms + size_s * 1000, size_s, start_ms)
 
 
+def _open_by_clock(wid: str, now_s: float) -> bool:
+    return _window_order(wid)[0] > now_s * 1000
+
+
 class PartialSchedule:
     """Which open windows' running figures to republish now. A changed window is republished at most every
     ``interval_s``, or every 1/``UPDATES_PER_WINDOW`` of its length when that is longer: an hour window once a
@@ -513,7 +517,7 @@ class PartialSchedule:
     def note(self, key: bytes, window_ids: Iterable[str]) -> None:
         ids = set(window_ids)
         if self.held_since is not None:
-            ids = {wid for wid in ids if _window_order(wid)[0] > self.held_since * 1000}
+            ids = {wid for wid in ids if _open_by_clock(wid, self.held_since)}
         if ids:
             self.changed[key] |= ids
 
@@ -536,10 +540,9 @@ class PartialSchedule:
         out: dict[bytes, set[str]] = {}
         for key in list(self.changed):
             waiting = self.changed[key]
-            ready = {wid for wid in waiting if self.next_at.get((key, wid), 0.0) <= now}
             if self.held_since is not None:    # noted in time, but the clock has passed it since
-                ready = {wid for wid in ready if _window_order(wid)[0] > now * 1000}
-                waiting -= {wid for wid in waiting if _window_order(wid)[0] <= now * 1000}
+                waiting -= {wid for wid in waiting if not _open_by_clock(wid, now)}
+            ready = {wid for wid in waiting if self.next_at.get((key, wid), 0.0) <= now}
             waiting -= ready
             if not waiting:
                 del self.changed[key]
