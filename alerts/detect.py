@@ -333,6 +333,7 @@ def install(app, settings, names) -> None:
             ALERTS_EMITTED.labels(alert.event_kind, alert.severity).inc()
         for key_bytes, key_state in states.items():
             table[key_bytes] = key_state      # once per key per batch
+        await table.writes_delivered()
 
     @app.agent(trends, name="detect")
     async def detect(stream):

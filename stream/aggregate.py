@@ -669,6 +669,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 open_keys[key_bytes] = _follow_info(state)
             else:
                 open_keys.pop(key_bytes, None)
+        await table.writes_delivered()
 
     def resume_partials() -> None:
         """A backlog has drained: the windows still open are republished, whether or not a message touches them."""
@@ -747,16 +748,8 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 partials.note(key_bytes, state.windows)    # its figures now, then refreshed from here on
         partials.keep_only(mine)
 
-    @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
-    async def tick():
-        """Close windows whose grace has passed (keys with no new messages too) and publish throttled partials."""
-        if app.rebalancing:
-            # Partitions are moving and tables being recovered: writing a key now could be overwritten by its
-            # changelog, or belong to another worker by the time it lands.
-            return
-        if clock["stock_taken_at"] != app.rebalancing_count:      # a start or a rebalance since the last look
-            take_stock()
-            clock["stock_taken_at"] = app.rebalancing_count
+    async def close_what_is_due() -> float:
+        """Close the windows whose grace has passed (keys with no new messages too); returns the time it used."""
         async with exclusive:
             now = time.time()
             states, closed = {}, []
@@ -777,6 +770,21 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
             await commit(states, closed)
             if partials.held_since is not None and now - partials.held_since > IDLE_PARTITION_S:
                 resume_partials()      # the input stopped while draining (the scorer failed, say)
+        return now
+
+    @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
+    async def tick():
+        """Close windows whose grace has passed (keys with no new messages too) and publish throttled partials."""
+        if app.rebalancing:
+            # Partitions are moving and tables being recovered: writing a key now could be overwritten by its
+            # changelog, or belong to another worker by the time it lands.
+            return
+        if clock["stock_taken_at"] != app.rebalancing_count:      # a start or a rebalance since the last look
+            take_stock()
+            clock["stock_taken_at"] = app.rebalancing_count
+        # A stop landing between the closed windows' publishing and their table writes reaching the changelog
+        # would leave those writes queued on a stopping producer: the closing finishes first, like a batch.
+        now = await finish_batch(close_what_is_due())
         if now - clock["last_partials"] >= config.partial_interval_s and partials:
             clock["last_partials"] = now
             updates = []

@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from aiokafka.errors import IllegalStateError, MessageSizeTooLargeError, RecordTooLargeError
 
@@ -48,6 +48,7 @@ from .records import (DeadLetter, InputItem, InvalidRecord, Kind, ScoredRecord, 
 from .topics import TopicNames
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EXTENSIONS = ("stream.aggregate", "alerts.detect", "alerts.dispatch")
 # A dead letter carries at most this much of the original value and key (base64 grows them by a third and a
@@ -278,11 +279,12 @@ async def micro_batches(app, stream, worker: WorkerSettings) -> AsyncIterator[li
         yield events
 
 
-async def finish_batch(work: Awaitable[None]) -> None:
-    """Run one batch's work to its end even when the agent is cancelled (worker shutdown, rebalance):
+async def finish_batch(work: Awaitable[T]) -> T:
+    """Run one batch's work to its end even when the agent (or timer) is cancelled (worker shutdown, rebalance):
     ``take_events`` acks the batch as soon as the loop body ends, so the body must not end before every output is
-    delivered. The cancellation is re-raised once the batch is done. An unexpected error ends the process at once,
-    before Faust can commit the batch's offsets: a restart reads the batch again (a crash, not a loss)."""
+    delivered, table writes included (``stream.confirmed_table``). The cancellation is re-raised once the batch is
+    done; otherwise its result is returned. An unexpected error ends the process at once, before Faust can commit
+    the batch's offsets: a restart reads the batch again (a crash, not a loss)."""
     task = asyncio.ensure_future(work)
     cancelled = False
     while True:
@@ -298,6 +300,7 @@ async def finish_batch(work: Awaitable[None]) -> None:
             _exit_without_commit("a batch failed")
     if cancelled:
         raise asyncio.CancelledError()
+    return task.result()
 
 
 def _exit_without_commit(why: str) -> None:
@@ -373,6 +376,8 @@ def create_app(settings: Settings, scorer: Scorer, extensions: Sequence[str] = E
     skipped)."""
     import faust
 
+    from .confirmed_table import ConfirmedTable
+
     kafka, worker = settings.kafka, settings.worker
     names = TopicNames(kafka.topic_prefix)
     app = faust.App(
@@ -389,6 +394,7 @@ def create_app(settings: Settings, scorer: Scorer, extensions: Sequence[str] = E
         datadir=worker.data_dir,
         web_enabled=worker.web_port > 0,
         web_port=worker.web_port or 6066,
+        Table=ConfirmedTable,     # the agents wait for their table writes before a batch is acked
     )
     speed_up_message_handoff()
     offset_guard.install(app, set(names.all()) - set(names.compacted()))
