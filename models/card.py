@@ -160,7 +160,8 @@ def print_outcome(outcome: TrainOutcome, recipe: Recipe) -> None:
               "machine trains slower than the recipe assumes, and the model is the weaker for it", flush=True)
     if len(cut) == 1 and len(outcome.metrics["stages"]) == 1:
         [stage] = cut.values()
-        needed = math.ceil(stage["seconds"] * stage["scheduled_steps"] / max(1, stage["steps"]) / 100) * 100
+        # In whole hundreds of seconds, and at least one: a stage shorter than 0.05 s is recorded as 0.0 s.
+        needed = max(1, math.ceil(stage["seconds"] * stage["scheduled_steps"] / max(1, stage["steps"]) / 100)) * 100
         print(f"  to train the whole schedule here: finpulse train --recipe {recipe.name} --time-budget {needed}",
               flush=True)
     print(outcome.table, flush=True)

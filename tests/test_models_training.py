@@ -303,6 +303,17 @@ def test_a_run_its_time_budget_cut_short_says_so_and_how_much_time_the_whole_sch
     assert f"A time budget stopped fit after 1 of its {fit_stage['scheduled_steps']} steps." in card
 
 
+@pytest.mark.parametrize("seconds, steps, budget", [(0.0, 1, 100), (0.4, 2, 100), (3.01, 1, 1000)])
+def test_the_budget_that_would_train_the_whole_schedule_is_whole_hundreds_of_seconds_and_never_zero(
+        capsys, seconds, steps, budget):
+    """A stage is recorded to 0.1 s, so one quick step reads 0.0 s: the advice still names a budget that trains."""
+    from models.card import print_outcome
+    from models.recipes import RECIPES, TrainOutcome
+    stage = {"seconds": seconds, "steps": steps, "scheduled_steps": 300, "stopped": "time budget (0.001 s)"}
+    print_outcome(TrainOutcome(Path("models/m"), "m", {"stages": {"fit": stage}}, "table"), RECIPES["quick"])
+    assert f"finpulse train --recipe quick --time-budget {budget}\n" in capsys.readouterr().out
+
+
 def test_by_default_a_recipe_trains_on_the_tweets_and_the_news_sentences_and_reports_each(tiny_base, tmp_path,
                                                                                            capsys):
     """Without --data: the shared sets and news-train; the held-out figures are given per source as well, the
