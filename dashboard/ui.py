@@ -143,8 +143,9 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
         if ignored:
             st.caption(f":material/link_off: The address asked for {'; '.join(ignored)}: not available now, so "
                        "left out.")
-        st.caption(f"Refreshes every {cfg.refresh_s:g} s · keeps {cfg.retention_hours:g} h · "
-                   f"feed: {feed.status.state}{'' if feed.status.loaded else ', reading its history'}")
+        # Not the feed's state: the sidebar is drawn again only when its choices change, so it would go stale
+        # (a page opened while connecting said "connecting" all through its history); the view body shows it.
+        st.caption(f"Refreshes every {cfg.refresh_s:g} s · keeps {cfg.retention_hours:g} h")
     if sizes:  # not before the data is there: the address may name windows and keys still on their way
         keep_in_address("range", CODE_OF_RANGE[range_label], default=CODE_OF_RANGE[DEFAULT_RANGE])
         keep_in_address("from", fixed and fixed[0].strftime(ADDRESS_TIME))
