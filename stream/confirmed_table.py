@@ -39,11 +39,6 @@ class ConfirmedTable(faust.Table):
         self._unconfirmed.append((fut, (partition, key, value, key_serializer, value_serializer)))
         return fut
 
-    @property
-    def unconfirmed(self) -> int:
-        """Changelog records queued and not yet known to be on the broker."""
-        return len(self._unconfirmed)
-
     async def writes_delivered(self) -> None:
         """Wait until the broker has every changelog record queued so far. A refused record is queued again (after
         a backoff) with the records refused beside it; the writer holds the table meanwhile (the agents and timers
