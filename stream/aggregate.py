@@ -42,11 +42,12 @@ Exactly-once table effects under at-least-once delivery: each key's state stores
 source partition, and the ids of messages applied in the last ``dedupe_horizon_s`` of event time. After a crash
 Faust re-delivers from the last committed offset; events at or below the stored offset are skipped (a batch ends,
 and is acked, only once the broker has its table writes, ``stream.confirmed_table``: a committed offset is never
-ahead of the recovered state). The id set also skips the duplicates an upstream re-scoring produces at new
-offsets. The one documented gap: a duplicate whose event time is older than the horizon (relative to the key's
-watermark) counts again in the windows still open for it, i.e. only in windows longer than the horizon. Final trends re-emitted after a crash are identical (downstream
-deduplicates by ``TrendRecord.window_id``). Closed windows are published, and acknowledged by the broker, before
-the table values that no longer hold them are written, so a crash re-emits a final trend rather than losing it.
+ahead of the recovered state). The id set also skips the duplicates an upstream re-scoring produces at new offsets.
+The one documented gap: a duplicate whose event time is older than the horizon (relative to the key's watermark)
+counts again in the windows still open for it, i.e. only in windows longer than the horizon. Final trends re-emitted
+after a crash are identical (downstream deduplicates by ``TrendRecord.window_id``). Closed windows are published,
+and acknowledged by the broker, before the table values that no longer hold them are written, so a crash re-emits a
+final trend rather than losing it.
 """
 from __future__ import annotations
 
