@@ -47,7 +47,8 @@ def test_a_batch_ends_only_once_the_broker_has_its_table_writes(broker, tmp_path
     changelog = f"{app_id}-{TABLE}-changelog"
     ensure_topics(kafka, [changelog, f"{app_id}-source"])
     asyncio.run(_produce(kafka, f"{app_id}-source"))
-    cmd = [sys.executable, "-m", "tests.test_confirmed_table", broker.bootstrap_servers, app_id, mode, tmp_path / "data"]
+    cmd = [sys.executable, "-m", "tests.test_confirmed_table", broker.bootstrap_servers, app_id, mode,
+           tmp_path / "data"]
     worker = ManagedProcess(cmd, tmp_path, f"writer-{mode}").start()
     try:
         worker.wait_for(f"WRITTEN {WRITES} ", timeout=180)
