@@ -154,8 +154,10 @@ def load_file(path: Path) -> LabeledSet:
     try:
         if suffix == ".csv":
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        elif suffix in (".jsonl", ".json", ".ndjson"):
-            frame = pd.read_json(path, lines=suffix != ".json", dtype=False)
+        elif suffix == ".json":
+            frame = pd.read_json(path, dtype=False)
+        elif suffix in (".jsonl", ".ndjson"):
+            frame, line_numbers = _read_json_lines(path)
         else:
             raise DataError(f"{path}: use a .csv or .jsonl file")
     except ValueError as exc:
@@ -164,7 +166,36 @@ def load_file(path: Path) -> LabeledSet:
         raise DataError(f"{path} cannot be parsed: {exc}") from None
     if "label" in frame.columns and not {"topic", "sentiment"} & set(frame.columns):
         frame = frame.rename(columns={"label": _label_column_head(path)})
-    return _from_frame(frame, str(path))
+    return _from_frame(frame, str(path), line_numbers if suffix in (".jsonl", ".ndjson") else None)
+
+
+def _read_json_lines(path: Path):
+    """A JSONL file as a frame and each row's line number, blank lines skipped. A line that is not a JSON object
+    is named by its number (pandas' own reader says only where in the file its parser stopped)."""
+    import pandas as pd
+    records, line_numbers, problems = [], [], []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                problems.append(f"line {number}: not JSON ({exc.msg} at column {exc.colno})")
+                continue
+            if not isinstance(record, dict):
+                problems.append(f"line {number}: a JSON {type(record).__name__}, not an object with a 'text' field")
+                continue
+            records.append(record)
+            line_numbers.append(number)
+    if problems:
+        raise _bad_rows(str(path), problems)
+    return pd.DataFrame.from_records(records), line_numbers
+
+
+def _bad_rows(source: str, problems: list[str]) -> DataError:
+    shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+    return DataError(f"{source}: {len(problems)} bad row(s), nothing loaded: {shown}")
 
 
 # A public set's files as published (text,label; sent_train.csv, sent_valid.csv, topic_valid.csv, ...) say which
@@ -180,7 +211,8 @@ def _label_column_head(path: Path) -> str:
                     "the public sets' ids: sentiment 0 bearish / 1 bullish / 2 neutral, topic 0-19)")
 
 
-def _from_frame(frame, source: str) -> LabeledSet:
+def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None) -> LabeledSet:
+    """``line_numbers``: each row's line in its file, for the errors (default: a CSV's, after its header)."""
     if "text" not in frame.columns:
         raise DataError(f"{source}: no 'text' column (columns: {', '.join(map(str, frame.columns))})")
     heads = [h for h in ("topic", "sentiment") if h in frame.columns]
@@ -190,9 +222,9 @@ def _from_frame(frame, source: str) -> LabeledSet:
     problems: list[str] = []
     texts = []
     for row, record in enumerate(frame.to_dict("records")):
-        line = row + 2 if source.endswith(".csv") else row + 1
+        line = line_numbers[row] if line_numbers is not None else row + 2
         text = record["text"]
-        row_problems = [] if isinstance(text, str) and text.strip() else ["empty text"]
+        row_problems = [_text_problem(text)] if _text_problem(text) else []
         texts.append(text if isinstance(text, str) else "")
         for head in heads:
             try:
@@ -203,9 +235,16 @@ def _from_frame(frame, source: str) -> LabeledSet:
             row_problems.append(f"no {' or '.join(heads)} label")
         problems += [f"row {line}: {p}" for p in row_problems]
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise DataError(f"{source}: {len(problems)} bad row(s), nothing loaded: {shown}")
+        raise _bad_rows(source, problems)
     return LabeledSet(texts, labels["topic"], labels["sentiment"], [source])
+
+
+def _text_problem(text) -> str | None:
+    if isinstance(text, str):
+        return None if text.strip() else "empty text"
+    if text is None or isinstance(text, float) and np.isnan(text):   # JSON null, or a record without the field
+        return "empty text"
+    return f"text is not a string: {str(text)[:40]!r} ({type(text).__name__})"
 
 
 # Label name (any case) -> index, per head: built once, not per row loaded.

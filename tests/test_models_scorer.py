@@ -373,6 +373,14 @@ def test_user_files_accept_names_and_ids_and_reject_bad_rows(tmp_path):
     jsonl = tmp_path / "mine.jsonl"
     jsonl.write_text('{"text": "Stocks soar", "sentiment": "bullish"}\n{"text": "Gold rises", "sentiment": 1}\n')
     assert list(load_file(jsonl).sentiment) == [SENTIMENTS.index("bullish")] * 2
+    # A JSONL error names its line (blank lines count), whether the line is not JSON or its row is bad.
+    jsonl.write_text('{"text": "Stocks soar", "sentiment": 1}\n\n[1, 2]\n{"text": "Gold", "sentiment": 1\n')
+    with pytest.raises(DataError, match=r"2 bad row\(s\), nothing loaded: line 3: a JSON list, not an object with "
+                       r"a 'text' field; line 4: not JSON \(Expecting ',' delimiter at column 32\)"):
+        load_file(jsonl)
+    jsonl.write_text('{"text": "Stocks soar", "sentiment": 1}\n\n{"text": 5, "sentiment": 1}\n{"sentiment": 0}\n')
+    with pytest.raises(DataError, match=r"row 3: text is not a string: '5' \(int\); row 4: empty text$"):
+        load_file(jsonl)
     bad = tmp_path / "bad.csv"
     bad.write_text("text,topic\n,Macro\nGDP grows,Weather\nCPI,25\nok text,\n")
     with pytest.raises(DataError) as err:
