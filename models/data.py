@@ -151,11 +151,13 @@ def load_file(path: Path) -> LabeledSet:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
+    line_numbers = None      # a CSV's rows are numbered by _from_frame
     try:
         if suffix == ".csv":
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         elif suffix == ".json":
             frame = pd.read_json(path, dtype=False)
+            line_numbers = range(1, len(frame) + 1)     # a JSON array's rows, by their place in it
         elif suffix in (".jsonl", ".ndjson"):
             frame, line_numbers = _read_json_lines(path)
         else:
@@ -166,7 +168,7 @@ def load_file(path: Path) -> LabeledSet:
         raise DataError(f"{path} cannot be parsed: {exc}") from None
     if "label" in frame.columns and not {"topic", "sentiment"} & set(frame.columns):
         frame = frame.rename(columns={"label": _label_column_head(path)})
-    return _from_frame(frame, str(path), line_numbers if suffix in (".jsonl", ".ndjson") else None)
+    return _from_frame(frame, str(path), line_numbers)
 
 
 def _read_json_lines(path: Path):
@@ -224,7 +226,8 @@ def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None) -
     for row, record in enumerate(frame.to_dict("records")):
         line = line_numbers[row] if line_numbers is not None else row + 2
         text = record["text"]
-        row_problems = [_text_problem(text)] if _text_problem(text) else []
+        text_problem = _text_problem(text)
+        row_problems = [text_problem] if text_problem else []
         texts.append(text if isinstance(text, str) else "")
         for head in heads:
             try:
