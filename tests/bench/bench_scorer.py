@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
                       real_texts=read_texts(args.texts) if args.texts else None)
         if not args.no_cpu:
             bench_cpu(path, args.cpu_batch, results)
-            print_table(results)
+    print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
