@@ -182,6 +182,19 @@ def _recipe_from(recorded: dict[str, Any]) -> Recipe:
     return Recipe(**values)
 
 
+def refuse_an_untrained_head(train: LabeledSet, data_specs: list[str]) -> None:
+    """A head with no training row keeps its random weights, and the model would still be saved where the worker
+    loads the newest one: every scored message would get a random topic (or sentiment), silently."""
+    counts = train.summary()
+    for head, other in (("topic", "sentiment"), ("sentiment", "topic")):
+        if not counts[f"{head}_rows"]:
+            raise DataError(
+                f"no {head} label in the training rows of {', '.join(data_specs)}: the {head} head would stay "
+                f"untrained and the model would give every message a random {head}. To teach the model your "
+                f"{other} labels, train them beside the labeled tweets, which carry both heads: --data shared "
+                f"--data news-train --data FILE, and --weight FILE=W to make your rows count W times")
+
+
 def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_model: str, models_root: Path,
                runs_root: Path, device: torch.device, resume: bool = False, time_budget: float | None = None,
                save_dtype: torch.dtype = torch.float32, command: str = "", refit: Refit | None = None,
@@ -211,6 +224,7 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
                 raise DataError(f"too few distinct texts to hold out a {name} slice ({len(data)} rows; twins, the same "
                                 "post but for links, case, punctuation or a prefix, share one slice): add labeled rows")
     train, val, test = data.subset(train_rows), data.subset(val_rows), data.subset(test_rows)
+    refuse_an_untrained_head(train, data_specs)
     # How many teachers train at once does not change what is trained: a resumed run may pick another number.
     what = config_hash(dataclasses.replace(recipe, parallel=0), base_model, sha,
                        *([data_weights] if data_weights else []), *([refit.reference] if refit else []))

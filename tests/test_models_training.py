@@ -517,6 +517,16 @@ def test_train_reports_bad_data_clearly(tmp_path, capsys):
                                                     for i in range(40)))
     assert main(["train", "--data", str(reposts), "--out", str(tmp_path / "m"), "--device", "cpu"]) == 2
     assert "too few distinct texts to hold out a validation slice (40 rows; twins" in capsys.readouterr().err
+    # Sentiment labels alone would leave the topic head random, in a model the worker would load: no model.
+    sentiment_only = tmp_path / "sentiment_only.csv"
+    sentiment_only.write_text("text,sentiment\n" + "".join(f"Company {i} shares {word} after its update,{label}\n"
+                                                            for i in range(60) for word, label in
+                                                            [(("sink", "rise", "hold")[i % 3],
+                                                              ("bearish", "bullish", "neutral")[i % 3])]))
+    assert main(["train", "--data", str(sentiment_only), "--out", str(tmp_path / "m"), "--device", "cpu"]) == 2
+    assert (f"no topic label in the training rows of {sentiment_only}: the topic head would stay untrained"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "m").exists() or not list((tmp_path / "m").iterdir())
 
 
 def test_train_refuses_a_parallel_count_below_one(capsys):
