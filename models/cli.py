@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="models directory (default [models] models_dir, var/models)")
     p.add_argument("--runs-dir", help="training state directory (default [models] runs_dir, var/runs)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
+    p.add_argument("--cpu-precision", choices=["auto", "float32", "bf16"],
+                   help="on a CPU, train under bf16 autocast as on a GPU, or in float32; auto: bf16 where the CPU has "
+                        "bfloat16 instructions (1.4x faster with AMX, the same held-out scores) (default [models] "
+                        "cpu_precision: auto)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
     p.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS",
                    help="spread this many seconds of training over the stages, shrinking their schedules to fit "
@@ -70,9 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="without --data: which held-out slice of the model's training data (default test)")
     p.add_argument("--data-dir", help="the shared data directory (as for train)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
-    p.add_argument("--quantize", choices=["int8"],
-                   help="evaluate the model as the worker's --quantize int8 runs it (on the CPU), beside float32: "
-                        "how often the labels agree and what it costs in accuracy")
+    p.add_argument("--cpu-precision", choices=["bf16", "int8"],
+                   help="evaluate the model as the worker runs it in this precision on the CPU, beside float32: how "
+                        "often the labels agree and what it costs in accuracy (default: float32 alone)")
     p.add_argument("--out", help="JSON report path (default var/eval/<version>-<data>.json)")
     p.add_argument("--errors", type=int, default=0, metavar="N",
                    help="also list each head's N most confident mistakes (printed and in the JSON report)")
@@ -118,7 +122,8 @@ def _train(args, settings) -> int:
     from .data import DEFAULT_TRAINING_SOURCES, DataError, default_data_dir, parse_weights
     from .modeling import ModelError, resolve_base_model
     from .card import print_outcome
-    from .recipes import RefitError, load_refit, run_recipe
+    from .precision import resolve_cpu_precision
+    from .recipes import RefitError, load_refit, run_recipe, with_cpu_precision
     from .registry import find_model_dir
     from .scorer import pick_device
 
@@ -142,6 +147,7 @@ def _train(args, settings) -> int:
             base_model = resolve_base_model(args.base_model or ms.base_model or None)
         if args.parallel is not None:
             recipe = dataclasses.replace(recipe, parallel=args.parallel)
+        recipe = with_cpu_precision(recipe, resolve_cpu_precision(args.cpu_precision or ms.cpu_precision))
         outcome = run_recipe(
             recipe, data_specs=data_specs, data_dir=default_data_dir(args.data_dir or ms.data_dir or None),
             base_model=base_model, models_root=Path(args.out or ms.models_dir),
@@ -210,11 +216,11 @@ def _evaluate(args, settings) -> int:
     from .modeling import write_json
     from .scorer import BatchScorer
 
-    if args.quantize and (args.device or "cpu") != "cpu":
-        print(f"finpulse evaluate: --quantize {args.quantize} runs on the CPU: leave out --device {args.device}",
-              file=sys.stderr)
+    if args.cpu_precision and (args.device or "cpu") != "cpu":
+        print(f"finpulse evaluate: --cpu-precision {args.cpu_precision} runs on the CPU: leave out --device "
+              f"{args.device}", file=sys.stderr)
         return 2
-    found = _model_sets_scorer("evaluate", args, settings, (args.split,), device="cpu" if args.quantize else None)
+    found = _model_sets_scorer("evaluate", args, settings, (args.split,), device="cpu" if args.cpu_precision else None)
     if found is None:
         return 2
     model_dir, [data], scorer = found
@@ -222,14 +228,16 @@ def _evaluate(args, settings) -> int:
     probs = scorer.probabilities(data.texts)
     reports = reports_from(probs, data)
     versus_float32 = {}
-    if args.quantize:
+    if args.cpu_precision:
         exact, exact_reports = probs, reports
         scorer = BatchScorer(scorer.model, scorer.text_encoder, scorer.model_version, device="cpu",
-                             quantize=args.quantize)
+                             cpu_precision=args.cpu_precision)
         probs = scorer.probabilities(data.texts)
         reports = reports_from(probs, data)
         versus_float32 = float32_comparison(probs, exact, reports, exact_reports)
-    print(f"model {scorer.model_version} on {'; '.join(data.sources)} ({len(data)} rows, device {scorer.device})")
+    precision = f", {args.cpu_precision}" if args.cpu_precision else ""
+    print(f"model {scorer.model_version} on {'; '.join(data.sources)} ({len(data)} rows, device {scorer.device}"
+          f"{precision})")
     for head, report in reports.items():
         print(format_report(head, report))
     by_source = reports_by_source(probs, data, specs) if len(specs) > 1 else {}
@@ -243,9 +251,12 @@ def _evaluate(args, settings) -> int:
     for head, listed in mistakes.items():
         print(format_mistakes(head, listed))
     name = "-".join(re.sub(r"[^A-Za-z0-9]+", "_", Path(s.split(" ")[0]).stem)[:40] for s in args.data) if args.data else args.split
-    out = Path(args.out or f"var/eval/{scorer.model_version}-{name}.json")
+    # int8 is in the version already; bf16 is not (its labels are float32's but for a row or two).
+    stamp = "+bf16" if args.cpu_precision == "bf16" else ""
+    out = Path(args.out or f"var/eval/{scorer.model_version}{stamp}-{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"model_version": scorer.model_version, "data": data.sources, "rows": len(data), **reports,
+    write_json(out, {"model_version": scorer.model_version, "cpu_precision": args.cpu_precision or "float32",
+                     "data": data.sources, "rows": len(data), **reports,
                      **({"by_source": by_source} if by_source else {}),
                      **({"mistakes": mistakes} if mistakes else {}),
                      **({"versus_float32": versus_float32} if versus_float32 else {})})

@@ -53,8 +53,8 @@ def evaluate(scorer: BatchScorer, data: LabeledSet) -> dict[str, Any]:
 
 def float32_comparison(probs: Probabilities, exact: Probabilities, reports: dict[str, Any],
                        exact_reports: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per head: how often a quantized model (``probs``) gives float32's label (``exact``) over every text both
-    scored, and both models' accuracy and macro-F1 on the labeled rows."""
+    """Per head: how often a model run in a lower precision (``probs``) gives float32's label (``exact``) over
+    every text both scored, and both models' accuracy and macro-F1 on the labeled rows."""
     both = ~(probs.failed() | exact.failed())
     out = {}
     for head in reports:

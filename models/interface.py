@@ -11,7 +11,11 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
+from . import precision
+
 log = logging.getLogger(__name__)
+# The choices of [worker] cpu_precision and the --cpu-precision flags (models.precision says what each does).
+CPU_PRECISIONS = precision.CPU_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,12 @@ def failed(reason: str) -> Prediction:
 
 
 def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = "auto",
-                models_root: str | None = None, tokenizer_processes: int = -1, quantize: str = "") -> Scorer:
+                models_root: str | None = None, tokenizer_processes: int = -1, cpu_precision: str = "auto") -> Scorer:
     """``kind``: "auto" (a trained model if one is found, else the baseline), "model", "baseline" or "noop".
     Without ``model_dir`` the newest model under ``models_root`` (``[models] models_dir``) is used.
     ``tokenizer_processes``: processes that tokenize for a model scorer (-1: the scorer's default).
-    ``quantize``: "int8" runs a model scorer quantized on the CPU (``models.quantization``; device "auto" means the
-    CPU then); "" float32."""
+    ``cpu_precision``: how a model scorer computes on a CPU (``models.precision``): "auto" (bf16 where the CPU
+    has bfloat16 instructions, else float32), "float32", "bf16" or "int8" (device "auto" means the CPU then)."""
     if kind == "noop":
         from .baseline import NoopScorer
         return NoopScorer()
@@ -69,7 +73,8 @@ def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = 
         from .baseline import KeywordBaselineScorer
         log.warning("no trained model found: scoring with the keyword baseline (run `finpulse train` for the real one)")
         return KeywordBaselineScorer()
-    if quantize and device == "auto":
+    cpu_precision = precision.resolve_cpu_precision(cpu_precision)
+    if cpu_precision == precision.INT8 and device == "auto":
         device = "cpu"
-    return BatchScorer.from_pretrained(path, device=device, quantize=quantize or None,
+    return BatchScorer.from_pretrained(path, device=device, cpu_precision=cpu_precision,
                                        tokenizer_processes=None if tokenizer_processes < 0 else tokenizer_processes)

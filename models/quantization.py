@@ -32,7 +32,6 @@ import warnings
 import torch
 from torch import nn
 
-INT8 = "int8"
 # Appended to the model version on every record an int8 scorer stamps: its labels can differ from float32's.
 INT8_SUFFIX = "+int8"
 

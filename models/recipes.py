@@ -44,6 +44,7 @@ from .data import (NEWS_PROBE, SPLIT_SCHEME, DataError, LabeledSet, fingerprint,
                    stratified_sample)
 from .evaluation import evaluate, reports_by_source, reports_from, selection_score
 from .modeling import FinPulseClassifier, TextEncoder, save_model, write_json
+from .precision import describe
 from .scorer import BatchScorer, Probabilities
 from .training import FitConfig, MlmConfig, config_hash, distillation_targets, fit, gold_targets, pretrain_mlm
 
@@ -182,6 +183,13 @@ def _recipe_from(recorded: dict[str, Any]) -> Recipe:
     return Recipe(**values)
 
 
+def with_cpu_precision(recipe: Recipe, cpu_precision: str) -> Recipe:
+    """``recipe`` training in ``cpu_precision`` on a CPU: every stage (domain pretraining, teachers, student)."""
+    fit = dataclasses.replace(recipe.fit, cpu_precision=cpu_precision)
+    mlm = recipe.mlm and dataclasses.replace(recipe.mlm, cpu_precision=cpu_precision)
+    return dataclasses.replace(recipe, fit=fit, mlm=mlm)
+
+
 def refuse_an_untrained_head(train: LabeledSet, data_specs: list[str]) -> None:
     """A head with no training row keeps its random weights, and the model would still be saved where the worker
     loads the newest one: every scored message would get a random topic (or sentiment), silently."""
@@ -237,8 +245,8 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     weighted = "".join(f", rows of {spec} weigh {weight:g}" for spec, weight in data_weights.items())
     weighted += "".join(f", rows of {spec} weigh {weight:g} times more (kept whole by the {recipe.train_limit}-row "
                         "sample)" for spec, weight in kept_whole_weights.items())
-    print(f"data: {len(train)} training rows {train.summary()}{weighted}, {held_out} (device {device}, run state "
-          f"in {run_dir})", flush=True)
+    print(f"data: {len(train)} training rows {train.summary()}{weighted}, {held_out} (device "
+          f"{describe(device, recipe.fit.cpu_precision)}, run state in {run_dir})", flush=True)
 
     text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)
     if recipe.teachers:

@@ -16,6 +16,9 @@ class ModelSettings:
     # "" means the bundled all-MiniLM-L6-v2; any local directory or hub id of a BERT-family encoder works.
     base_model: str = ""
     device: str = "auto"
+    # Training on a CPU (models.precision): "auto" = bf16 autocast where the CPU has bfloat16 instructions, else
+    # "float32"; or either of those.
+    cpu_precision: str = "auto"
 
 
 def models_root(settings) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from models.interface import Scorer, load_scorer
+from models.interface import CPU_PRECISIONS, Scorer, load_scorer
 from models.settings import models_root
 
 from . import tansu_compat
@@ -30,15 +30,16 @@ def prepare_app(settings: Settings, scorer: Scorer | None = None, extensions: Se
     for noisy in ("kafka", "aiokafka"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).getEffectiveLevel()))
     names = TopicNames(kafka.topic_prefix)
-    if worker.quantize not in ("", "int8"):  # refused before anything touches Kafka
-        raise ConfigError(f"[worker] quantize = {worker.quantize!r}: use \"int8\" (CPU only) or \"\" for float32")
+    if worker.cpu_precision not in CPU_PRECISIONS:  # refused before anything touches Kafka
+        raise ConfigError(f"[worker] cpu_precision = {worker.cpu_precision!r}: use one of "
+                          f"{', '.join(CPU_PRECISIONS)}")
     if worker.fetch_bytes_per_partition <= 0:
         raise ConfigError("[worker] fetch_bytes_per_partition must be positive (a larger record still comes whole)")
     ensure_topics(kafka, names.all(), names.compacted())
     if scorer is None:
         try:
             scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings),
-                                 worker.tokenizer_processes, worker.quantize)
+                                 worker.tokenizer_processes, worker.cpu_precision)
         except ValueError as exc:   # e.g. int8 asked for with device = "cuda"
             raise ConfigError(str(exc)) from None
     if tansu_compat.apply_if_needed(kafka):

@@ -247,7 +247,7 @@ def test_int8_cpu_path_stays_close_to_float32_on_the_real_encoder():
     model = FinPulseClassifier.from_base(base).eval()
     encoder = TextEncoder.for_base(base, 64)
     quantized = BatchScorer(FinPulseClassifier.from_base(base).eval(), encoder, "int8", device="cpu",
-                            quantize="int8").model
+                            cpu_precision="int8").model
     ids, mask = (torch.from_numpy(a) for a in encoder.pad(encoder.ids(TEXTS)))
     with torch.no_grad():
         exact, approx = model.pool(ids, mask), quantized.pool(ids, mask)
@@ -273,44 +273,70 @@ def test_int8_keeps_the_feed_forward_down_projections_in_float32():
 
 def test_an_int8_scorer_says_so_in_its_version_and_stays_on_the_cpu(tiny_model_dir):
     loaded = load_model(tiny_model_dir)
-    scorer = BatchScorer(loaded.model, loaded.text_encoder, loaded.version, device="cpu", quantize="int8")
+    scorer = BatchScorer(loaded.model, loaded.text_encoder, loaded.version, device="cpu", cpu_precision="int8")
     assert scorer.model_version == loaded.version + "+int8"   # on every record the worker stamps
     predictions = scorer.score(TEXTS + [""])
     assert [p.ok for p in predictions] == [True] * len(TEXTS) + [False]
-    with pytest.raises(ValueError, match="only quantization"):
-        BatchScorer(loaded.model, loaded.text_encoder, loaded.version, device="cpu", quantize="int4")
+    with pytest.raises(ValueError, match="cpu precision 'int4': use float32, bf16 or int8"):
+        BatchScorer(loaded.model, loaded.text_encoder, loaded.version, device="cpu", cpu_precision="int4")
 
 
-def test_the_worker_refuses_an_unknown_quantization_before_it_touches_kafka(tiny_model_dir):
-    """`finpulse worker` with [worker] quantize = "int4" and no broker at all: a configuration error naming the setting
-    (exit 2), not a Kafka error; and int8 with device "auto" means the CPU."""
+def test_bf16_on_the_cpu_runs_as_on_a_gpu_and_stays_close_to_float32_on_the_real_encoder():
+    from models.modeling import default_base_model_dir
+    base = str(default_base_model_dir())
+    model = FinPulseClassifier.from_base(base, seed=5).eval()
+    torch.nn.init.normal_(model.topic_head.weight, std=0.5)  # confident heads: labels depend on the text
+    torch.nn.init.normal_(model.sentiment_head.weight, std=0.5)
+    encoder = TextEncoder.for_base(base, 64)
+    exact = BatchScorer(model, encoder, "v1", device="cpu").probabilities(TEXTS)
+    bf16 = BatchScorer(model, encoder, "v1", device="cpu", cpu_precision="bf16")
+    assert bf16.model_version == "v1"   # not stamped: float32's labels but for a row or two, as bf16 on a GPU
+    approx = bf16.probabilities(TEXTS)
+    assert approx.errors == exact.errors
+    differences = np.abs(np.concatenate([approx.topic - exact.topic, approx.sentiment - exact.sentiment], 1))
+    # Above 0: it really ran in bf16 (float32 twice is bit-identical); a broken cast lands far above the bound.
+    assert 0 < differences.max() < 0.05, differences.max()
+    assert (approx.sentiment.argmax(1) == exact.sentiment.argmax(1)).mean() >= 0.9
+
+
+def test_the_worker_refuses_an_unknown_cpu_precision_before_it_touches_kafka(tiny_model_dir):
+    """`finpulse worker` with [worker] cpu_precision = "int4" and no broker at all: a configuration error naming the
+    setting (exit 2), not a Kafka error; int8 with device "auto" means the CPU; "auto" is bf16 only where the CPU
+    has bfloat16 instructions."""
+    from models.precision import native_bf16
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
-    env.update(FINPULSE_WORKER__QUANTIZE="int4", FINPULSE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:9")
+    env.update(FINPULSE_WORKER__CPU_PRECISION="int4", FINPULSE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:9")
     done = subprocess.run([sys.executable, "-m", "stream.cli", "worker", "--model", str(tiny_model_dir)],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr
-    assert done.returncode == 2 and "configuration error: [worker] quantize = 'int4'" in output, output
-    scorer = load_scorer("model", str(tiny_model_dir), device="auto", quantize="int8")
+    assert done.returncode == 2 and "configuration error: [worker] cpu_precision = 'int4'" in output, output
+    scorer = load_scorer("model", str(tiny_model_dir), device="auto", cpu_precision="int8")
     assert scorer.device.type == "cpu" and scorer.model_version.endswith("+int8")
+    scorer = load_scorer("model", str(tiny_model_dir), device="cpu")
+    assert scorer.cpu_precision == ("bf16" if native_bf16() else "float32")
 
 
-def test_evaluate_with_quantize_reports_int8_beside_float32(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_evaluate_in_a_cpu_precision_reports_it_beside_float32(tiny_model_dir, tmp_path, capsys, precision):
     from models.cli import main
     data = write_tiny_csv(tmp_path / "labeled.csv")
     out = tmp_path / "eval.json"
-    assert main(["evaluate", str(tiny_model_dir), "--data", str(data), "--quantize", "int8", "--out", str(out)]) == 0
+    assert main(["evaluate", str(tiny_model_dir), "--data", str(data), "--cpu-precision", precision,
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["model_version"].endswith("+int8")
+    assert report["cpu_precision"] == precision and f"device cpu, {precision})" in printed
+    assert report["model_version"].endswith("+int8") == (precision == "int8")
     for head in ("topic", "sentiment"):
         compared = report["versus_float32"][head]
         assert 0.0 <= compared["same_label"] <= 1.0
         assert compared["accuracy"] == report[head]["accuracy"]
         assert f"{head} vs float32: same label on {compared['same_label']:.1%} of texts" in printed
-    assert main(["evaluate", str(tiny_model_dir), "--data", str(data), "--quantize", "int8", "--device", "cuda"]) == 2
+    assert main(["evaluate", str(tiny_model_dir), "--data", str(data), "--cpu-precision", precision,
+                 "--device", "cuda"]) == 2
     assert "runs on the CPU" in capsys.readouterr().err
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from models.data import MISSING, LabeledSet, load_data, split
 from models.labels import SENTIMENTS, TOPICS
 from models.modeling import FinPulseClassifier, TextEncoder
+from models.precision import resolve_cpu_precision
 from models.training import (Checkpoint, FitConfig, WeightAverage, fit, gold_targets, make_optimizer,
                              masked_soft_loss, set_learning_rate)
 from tests.models_fixtures import SENTIMENT_ROWS, make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
@@ -120,17 +121,22 @@ def test_a_weighted_source_decides_what_the_model_learns_where_sources_disagree(
         load_data(specs, tmp_path, {"other.csv": 2.0})
 
 
-def test_training_lowers_the_loss_on_a_tiny_set(tiny_base):
+def test_training_lowers_the_loss_on_a_tiny_set_in_float32_and_in_bf16(tiny_base):
     data = tiny_set()
-    model = FinPulseClassifier.from_base(tiny_base, seed=1)
     encoder = TextEncoder.for_base(tiny_base, 32)
-    before = dataset_loss(model, encoder, data)
-    cfg = FitConfig(epochs=12, batch_size=4, lr=3e-3, warmup_ratio=0.1, patience=100, class_balance=0.0,
-                    max_length=32, seed=3)
-    result = fit(model, encoder, data, gold_targets(data, 0.0), data, cfg, torch.device("cpu"), name="tiny")
-    after = dataset_loss(model, encoder, data)
-    assert after < 0.5 * before, (before, after, result.history)
-    assert len(result.history) == 12 and result.best_epoch >= 1
+    trained = {}
+    for precision in ("float32", "bf16"):
+        model = FinPulseClassifier.from_base(tiny_base, seed=1)
+        before = dataset_loss(model, encoder, data)
+        cfg = FitConfig(epochs=12, batch_size=4, lr=3e-3, warmup_ratio=0.1, patience=100, class_balance=0.0,
+                        max_length=32, seed=3, cpu_precision=precision)
+        result = fit(model, encoder, data, gold_targets(data, 0.0), data, cfg, torch.device("cpu"), name="tiny")
+        after = dataset_loss(model, encoder, data)
+        assert after < 0.5 * before, (precision, before, after, result.history)
+        assert len(result.history) == 12 and result.best_epoch >= 1
+        trained[precision] = model.topic_head.weight.detach()
+    # bf16 autocast really changed the arithmetic (float32 twice is bit-identical: the resume tests rely on it).
+    assert not torch.equal(trained["float32"], trained["bf16"])
 
 
 def test_a_run_resumes_under_another_time_allowance(tiny_base, tmp_path, caplog):
@@ -192,8 +198,14 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     from models.cli import main
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=10)
     assert main(train_command(tiny_base, data_file, tmp_path)[3:]) == 0
-    assert "calibrated on the validation slice; on the held-out test slice:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "calibrated on the validation slice; on the held-out test slice:" in printed
     [model_dir] = list((tmp_path / "models").iterdir())
+    # [models] cpu_precision = auto: bf16 autocast where this CPU has bfloat16 instructions; said and recorded.
+    precision = resolve_cpu_precision("auto")
+    assert f"(device cpu, {'bf16 autocast' if precision == 'bf16' else 'float32'}, run state in" in printed
+    training = json.loads((model_dir / "training_config.json").read_text())
+    assert training["recipe"]["fit"]["cpu_precision"] == precision
     files = {p.name for p in model_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "training_config.json", "metrics.json",
             "README.md"} <= files

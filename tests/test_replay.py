@@ -527,8 +527,8 @@ BAD_ARGUMENTS = {
     "test endpoint not set aside": ([*RANGE, "--test-endpoint", "desk"], None, "names no endpoint"),
     "scores of no run": ([*RANGE, "--scores-from", "never-ran"], None, "--scores-from never-ran: no finished run"),
     "scores and a scorer": ([*RANGE, "--scores-from", "x", "--scorer", "baseline"], None, "--scorer does not go with it"),
-    "scores and a quantization": ([*RANGE, "--scores-from", "x", "--quantize", "int8"], None,
-                                  "--quantize does not go with it"),
+    "scores and a cpu precision": ([*RANGE, "--scores-from", "x", "--cpu-precision", "int8"], None,
+                                   "--cpu-precision does not go with it"),
     "scores of a model not here": ([*RANGE, "--scores-from", "{tmp}/model"], _run_of_a_missing_model,
                                    "its model finpulse-minilm-gone is not in"),
 }

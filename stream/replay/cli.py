@@ -7,6 +7,8 @@ import dataclasses
 import re
 import sys
 
+from models.interface import CPU_PRECISIONS
+
 from .plan import ReplayError
 
 SCORERS = ["auto", "model", "baseline", "noop"]
@@ -47,9 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "threshold trial: give --config); messages it has none for, like the warm-up, are scored by "
                         "its model")
     p.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--quantize", choices=["int8", "none"],
-                   help="score with the model quantized to int8 on the CPU, or not (default: as [worker] quantize); "
-                        "the version stamped on the outputs says which (<version>+int8)")
+    p.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
+                   help="how the model computes on a CPU (default: as [worker] cpu_precision); int8 is stamped on "
+                        "the outputs' model version (<version>+int8)")
     p.add_argument("--config", dest="replay_config", metavar="FILE",
                    help="TOML with the replay's thresholds, laid over the settings: only [aggregate] and [detect] "
                         "(any other section is refused: the broker, topics and endpoints come from finpulse --config)")
@@ -139,7 +141,7 @@ def _replay(args, settings) -> int:
                           speed=args.speed, archive=args.archive, parquet=args.parquet,
                           test_endpoint=args.test_endpoint, max_disorder=args.max_disorder, batch_size=args.batch_size,
                           warmup=args.warmup, scores_from=args.scores_from,
-                          quantize={"none": ""}.get(args.quantize, args.quantize))
+                          cpu_precision=args.cpu_precision)
     except ReplayError as exc:
         return _fail("replay", exc)
     if plan.archive is not None:

@@ -268,7 +268,7 @@ def effective_config(settings: Settings, replay: ReplaySettings) -> tuple[Settin
 
 
 def load_chosen_scorer(kind: str, model_dir: str | None, device: str, models_dir: str | None = None,
-                       quantize: str = ""):
+                       cpu_precision: str = "auto"):
     """The scorer, after checking that an explicit model directory really is a FinPulse model."""
     from models.interface import load_scorer
     if model_dir:
@@ -282,23 +282,24 @@ def load_chosen_scorer(kind: str, model_dir: str | None, device: str, models_dir
             raise ReplayError(f"--model {model_dir}: not a FinPulse model directory: {exc}") from None
         kind = "model"
     try:
-        return load_scorer(kind, model_dir, device, models_dir, quantize=quantize)
+        return load_scorer(kind, model_dir, device, models_dir, cpu_precision=cpu_precision)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise ReplayError(f"cannot load the {kind} scorer: {exc}") from None
 
 
 def scores_from_run(source_run: str, run_id: str, out_root: Path, scorer: str | None, model_dir: str | None,
-                    device: str, models_dir: str | None, quantize: str | None = None):
+                    device: str, models_dir: str | None, cpu_precision: str | None = None):
     """(ReusedScores, the scorer for what the source lacks) for ``--scores-from``: the source's model version,
-    by name for the baseline and no-op scorers, else its directory under ``models_dir`` (or ``--model``), quantized
-    as the source's was (``...+int8``)."""
+    by name for the baseline and no-op scorers, else its directory under ``models_dir`` (or ``--model``), in int8
+    where the source's was (``...+int8``)."""
     from models.baseline import KeywordBaselineScorer, NoopScorer
-    from models.quantization import INT8, base_version
+    from models.precision import AUTO, INT8
+    from models.quantization import base_version
 
     from .reuse import ReusedScores
-    if scorer or quantize:
-        raise ReplayError(f"--scores-from takes the model of the run it reuses: --{'scorer' if scorer else 'quantize'} "
-                          "does not go with it")
+    if scorer or cpu_precision:
+        raise ReplayError(f"--scores-from takes the model of the run it reuses: "
+                          f"--{'scorer' if scorer else 'cpu-precision'} does not go with it")
     if source_run == run_id:
         raise ReplayError("--scores-from names this run itself: give the run whose scores to reuse")
     # A run id under [replay] out_dir, or the directory of a run written elsewhere (--parquet).
@@ -316,7 +317,7 @@ def scores_from_run(source_run: str, run_id: str, out_root: Path, scorer: str | 
                           f"directory with --model DIR")
     quantized = version != base_version(version)
     fallback = load_chosen_scorer("model", path, "cpu" if quantized else device, models_dir,
-                                  quantize=INT8 if quantized else "")
+                                  cpu_precision=INT8 if quantized else AUTO)
     if fallback.model_version != version:
         raise ReplayError(f"--model {path} is {fallback.model_version}, but run {source_run} was scored by {version}")
     return reused, fallback
@@ -434,7 +435,7 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
                device: str | None = None, speed: str | None = None, archive: str | None = None,
                parquet: str | None = None, test_endpoint: str | None = None, max_disorder: str | None = None,
                batch_size: int | None = None, warmup: str | None = None, scores_from: str | None = None,
-               quantize: str | None = None) -> ReplayPlan:
+               cpu_precision: str | None = None) -> ReplayPlan:
     """Validate every argument (cheapest checks first) and load the scorer; write nothing."""
     live = TopicNames(settings.kafka.topic_prefix)
     names = check_run_id(run_id, live)
@@ -464,11 +465,11 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
     reused = None
     if scores_from:
         reused, chosen = scores_from_run(scores_from, run_id, Path(replay.out_dir), scorer, model_dir,
-                                         device or worker.device, models_root(settings), quantize)
+                                         device or worker.device, models_root(settings), cpu_precision)
     else:
         chosen = load_chosen_scorer(scorer or worker.scorer, model_dir or worker.model_dir or None,
                                     device or worker.device, models_root(settings),
-                                    worker.quantize if quantize is None else quantize)
+                                    cpu_precision or worker.cpu_precision)
     out_dir = Path(parquet) if parquet else Path(replay.out_dir) / run_id
     plan = ReplayPlan(run_id=run_id, from_ms=from_ms, to_ms=to_ms, topics=chosen_topics, settings=settings,
                       replay=replay, names=names, out_dir=out_dir, scorer=chosen, config_hash=config_hash,

@@ -1,8 +1,9 @@
 """Benchmark of the batched scorer (models.scorer.BatchScorer).
 
 Measured in one run, on the same model:
-- CPU: end-to-end throughput (texts in, Predictions out) at the worker's batch size, float32 and int8, p50/p99
-  latency of one batch, and how often int8 and float32 agree on the labels.
+- CPU: end-to-end throughput (texts in, Predictions out) at the worker's batch size in each CPU precision
+  (float32, bf16 autocast, int8; ``models.precision``), p50/p99 latency of one batch, and how often bf16 and int8
+  give float32's labels. bf16 is fast only on a CPU with bfloat16 instructions (the table says if this one has).
 - GPU (when there is one): the scorer's end-to-end throughput (cleaning, tokenization, transfers, forward, results
   back on the CPU as Predictions) as a ratio to a raw forward pass of the same model on ids already on the GPU, at
   the same batch size and sequence length (goal >= 0.5); a naive tokenize-then-forward loop for reference;
@@ -63,12 +64,13 @@ def timed_calls(fn, batches: list, repeats: int) -> list[float]:
 def bench_cpu(path: Path, batch: int, results: dict) -> None:
     import numpy as np
     import torch
+    from models.precision import BF16, FLOAT32, INT8, native_bf16
     from models.scorer import BatchScorer
     texts = synthetic_texts(batch * 8, 4, 30, seed=1)
     batches = [texts[i:i + batch] for i in range(0, len(texts), batch)]
     labels = {}
-    for name, quantize in (("float32", None), ("int8", "int8")):
-        scorer = BatchScorer.from_pretrained(path, device="cpu", batch_size=batch, quantize=quantize)
+    for name in (FLOAT32, BF16, INT8):
+        scorer = BatchScorer.from_pretrained(path, device="cpu", batch_size=batch, cpu_precision=name)
         scorer.score(batches[0])  # warm-up
         began = time.perf_counter()
         predictions = scorer.score(texts)
@@ -79,8 +81,10 @@ def bench_cpu(path: Path, batch: int, results: dict) -> None:
                                   "p50_ms": round(1000 * percentile(latencies, 50), 1),
                                   "p99_ms": round(1000 * percentile(latencies, 99), 1),
                                   "threads": torch.get_num_threads()}
-    agree = np.mean([a == b for a, b in zip(labels["float32"], labels["int8"])])
-    results["cpu_int8_label_agreement"] = round(float(agree), 4)
+    for name in (BF16, INT8):
+        agree = np.mean([a == b for a, b in zip(labels[FLOAT32], labels[name])])
+        results[f"cpu_{name}_label_agreement"] = round(float(agree), 4)
+    results["cpu_native_bf16"] = native_bf16()
 
 
 def read_texts(path: str) -> list[str]:
@@ -235,15 +239,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_table(results: dict) -> None:
     print(f"\nscorer benchmark (model {results['model']})", flush=True)
-    for name in ("cpu_float32", "cpu_int8"):
+    for name in ("cpu_float32", "cpu_bf16", "cpu_int8"):
         if name in results:
             r = results[name]
             print(f"  {name:<12} batch {r['batch']:>4}: {r['seq_per_s']:>9.1f} seq/s   p50 {r['p50_ms']:>7.1f} ms"
                   f"   p99 {r['p99_ms']:>7.1f} ms   ({r['threads']} threads)")
-    if "cpu_int8_label_agreement" in results:
-        ratio = results["cpu_int8"]["seq_per_s"] / results["cpu_float32"]["seq_per_s"]
-        print(f"  int8 vs float32: {ratio:.2f}x the rate, same labels on {results['cpu_int8_label_agreement']:.1%} "
-              "of texts (held-out accuracy of each: `finpulse evaluate --quantize int8`)")
+    for name in ("bf16", "int8"):
+        if f"cpu_{name}_label_agreement" in results:
+            ratio = results[f"cpu_{name}"]["seq_per_s"] / results["cpu_float32"]["seq_per_s"]
+            print(f"  {name} vs float32: {ratio:.2f}x the rate, same labels on "
+                  f"{results[f'cpu_{name}_label_agreement']:.1%} of texts (held-out accuracy of each: `finpulse "
+                  f"evaluate --cpu-precision {name}`)")
+    if "cpu_native_bf16" in results:
+        print(f"  this CPU {'has' if results['cpu_native_bf16'] else 'lacks'} bfloat16 instructions: [worker] "
+              f"cpu_precision = auto scores in {'bf16' if results['cpu_native_bf16'] else 'float32'}")
     if "gpu" in results:
         g = results["gpu"]
         print(f"  GPU {g['device']}, batch {g['batch']} x {g['length']} tokens:")
