@@ -36,7 +36,7 @@ def native_bf16() -> bool:
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     try:
         return any(check() for check in checks if check is not None)
-    except RuntimeError:   # a torch build without these probes: assume not
+    except RuntimeError:   # a probe that cannot read this CPU's features: assume none
         return False
 
 
@@ -56,7 +56,7 @@ def describe(device, cpu_precision: str) -> str:
 
 
 def resolve_cpu_precision(choice: str) -> str:
-    """``choice`` (one of CPU_PRECISIONS) as the scorer runs it: ``auto`` becomes bf16 or float32."""
+    """``choice`` (one of CPU_PRECISIONS) as the scorer or the trainer runs it: ``auto`` becomes bf16 or float32."""
     if choice not in CPU_PRECISIONS:
         raise ValueError(f"cpu precision {choice!r}: use one of {', '.join(CPU_PRECISIONS)}")
     if choice == AUTO:

@@ -56,7 +56,7 @@ class OptimizerConfig:
     seed: int = 13
     max_seconds: float | None = None  # a time budget: the step plan shrinks to fit it (see StepPlan)
     # On a CPU: "bf16" trains under bf16 autocast as a GPU does (models.precision; `finpulse train` picks it where
-    # the CPU has bfloat16 instructions: 1.4x faster end to end, the same held-out scores), else float32.
+    # the CPU has bfloat16 instructions: 1.5x faster end to end, the same held-out scores), else float32.
     cpu_precision: str = "float32"
 
 
