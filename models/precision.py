@@ -50,9 +50,15 @@ def runs_bf16(device, cpu_precision: str) -> bool:
     return device.type == "cuda" or device.type == "cpu" and cpu_precision == BF16
 
 
+def effective(device, cpu_precision: str) -> str:
+    """What the model computes in on ``device``: bf16 (autocast), float32 or int8."""
+    return BF16 if runs_bf16(device, cpu_precision) else cpu_precision
+
+
 def describe(device, cpu_precision: str) -> str:
     """Device and precision as logs and progress lines say them, e.g. "cpu, bf16 autocast"."""
-    return f"{device}, {'bf16 autocast' if runs_bf16(device, cpu_precision) else cpu_precision}"
+    precision = effective(device, cpu_precision)
+    return f"{device}, {'bf16 autocast' if precision == BF16 else precision}"
 
 
 def resolve_cpu_precision(choice: str) -> str:

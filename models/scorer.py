@@ -42,7 +42,7 @@ import torch
 from .interface import Prediction, failed
 from .labels import SENTIMENTS, TOPICS
 from .modeling import FinPulseClassifier, TextEncoder, load_model
-from .precision import BF16, FLOAT32, INT8, autocast, describe
+from .precision import BF16, FLOAT32, INT8, autocast, describe, effective
 from .quantization import INT8_SUFFIX, quantize_int8
 from .tokenizer_pool import BrokenProcessPool, PendingIds, TokenizerPool, flat_ids
 
@@ -137,6 +137,11 @@ class BatchScorer:
     @property
     def runs_as(self) -> str:
         return describe(self.device, self.cpu_precision)
+
+    @property
+    def precision(self) -> str:
+        """What the model computes in here: bf16 (autocast, on a GPU or as asked on a CPU), float32 or int8."""
+        return effective(self.device, self.cpu_precision)
 
     # -- public API --------------------------------------------------------------------------------------------
 

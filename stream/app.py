@@ -66,7 +66,8 @@ SCORER_LATENCY = histogram("finpulse_scorer_latency_seconds", "Wall time of one 
                            "to the scorer thread included).")
 BATCH_DURATION = histogram("finpulse_score_batch_duration_seconds", "One micro-batch of the scoring agent, in seconds: "
                            "parse, score, publish, until the broker has every output.")
-MODEL_INFO = gauge("finpulse_model_info", "The model version the worker scores with (value 1).", ["model_version"])
+MODEL_INFO = gauge("finpulse_model_info", "The model version the worker scores with, on which device and in which "
+                   "precision (value 1).", ["model_version", "device", "precision"])
 
 
 @dataclass(frozen=True)
@@ -489,7 +490,9 @@ def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) 
             last_logged["line"] = line
             log.info("%s (model %s)", line, scorer.model_version)
 
-    MODEL_INFO.labels(scorer.model_version).set(1)
+    # The keyword and no-op scorers run no model: their device and precision are "-".
+    MODEL_INFO.labels(scorer.model_version, str(getattr(scorer, "device", "-")),
+                      getattr(scorer, "precision", "-")).set(1)
     REGISTRY.add_collector(scoring.metric_families)
     log.info("scoring with %s; batches of up to %d within %.2fs", scorer.model_version, worker.max_batch,
              worker.max_wait_s)

@@ -275,6 +275,7 @@ def test_an_int8_scorer_says_so_in_its_version_and_stays_on_the_cpu(tiny_model_d
     loaded = load_model(tiny_model_dir)
     scorer = BatchScorer(loaded.model, loaded.text_encoder, loaded.version, device="cpu", cpu_precision="int8")
     assert scorer.model_version == loaded.version + "+int8"   # on every record the worker stamps
+    assert scorer.precision == "int8"
     predictions = scorer.score(TEXTS + [""])
     assert [p.ok for p in predictions] == [True] * len(TEXTS) + [False]
     with pytest.raises(ValueError, match="cpu precision 'int4': use float32, bf16 or int8"):
@@ -291,6 +292,7 @@ def test_bf16_on_the_cpu_runs_as_on_a_gpu_and_stays_close_to_float32_on_the_real
     exact = BatchScorer(model, encoder, "v1", device="cpu").probabilities(TEXTS)
     bf16 = BatchScorer(model, encoder, "v1", device="cpu", cpu_precision="bf16")
     assert bf16.model_version == "v1"   # not stamped: float32's labels but for a row or two, as bf16 on a GPU
+    assert bf16.precision == "bf16" and bf16.runs_as == "cpu, bf16 autocast"   # the worker's log and metric
     approx = bf16.probabilities(TEXTS)
     assert approx.errors == exact.errors
     differences = np.abs(np.concatenate([approx.topic - exact.topic, approx.sentiment - exact.sentiment], 1))

@@ -110,6 +110,10 @@ def test_a_worker_scoring_with_a_model_and_tokenizer_processes(fp_settings, topi
         assert len(tokenizers) == 2, "the scorer's tokenizer processes are not running"
         assert worker.stop() == 0, worker.tail()
     assert "tokenizer processes unavailable" not in worker.output()
+    # [worker] cpu_precision = auto: bf16 autocast where this CPU has bfloat16 instructions, else float32.
+    from models.precision import resolve_cpu_precision
+    runs = "bf16 autocast" if resolve_cpu_precision("auto") == "bf16" else "float32"
+    assert f"loaded model {version} from {tmp_path / 'model'} (on cpu, {runs})" in worker.output()
     assert {json.loads(r.value)["model_version"] for r in scored} == {version}
     assert {json.loads(r.value)["id"] for r in scored} == set(expected)
     assert "dead-lettered 0" in worker.output()
@@ -284,7 +288,7 @@ def test_a_workers_metrics_count_what_it_scored_and_dead_lettered_and_readyz_wai
     calls = metrics.value("finpulse_scorer_batch_texts_count")
     assert 1 <= calls == metrics.value("finpulse_scorer_latency_seconds_count")
     assert metrics.value("finpulse_score_batch_duration_seconds_count") >= calls
-    assert metrics.value("finpulse_model_info", model_version=BASELINE_VERSION) == 1
+    assert metrics.value("finpulse_model_info", model_version=BASELINE_VERSION, device="-", precision="-") == 1
     assert metrics.types["finpulse_windows_closed_total"] == "counter"
     assert metrics.value("process_resident_memory_bytes") > 0
 
