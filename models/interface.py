@@ -44,6 +44,12 @@ def failed(reason: str) -> Prediction:
     return Prediction(topic="", topic_confidence=0.0, sentiment="neutral", sentiment_score=0.0, error=reason)
 
 
+def runs_on(scorer: Scorer) -> tuple[str, str]:
+    """(device, precision) a scorer computes on, e.g. ("cpu", "bf16"); ("-", "-") for one that runs no model (the
+    keyword baseline, the no-op scorer)."""
+    return str(getattr(scorer, "device", "-")), getattr(scorer, "precision", "-")
+
+
 def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = "auto",
                 models_root: str | None = None, tokenizer_processes: int = -1, cpu_precision: str = "auto") -> Scorer:
     """``kind``: "auto" (a trained model if one is found, else the baseline), "model", "baseline" or "noop".

@@ -37,7 +37,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from aiokafka.errors import IllegalStateError, MessageSizeTooLargeError, RecordTooLargeError
 
-from models.interface import Prediction, Scorer, failed
+from models.interface import Prediction, Scorer, failed, runs_on
 
 from .config import Settings, WorkerSettings
 from . import input_watermark, offset_guard, ops
@@ -490,9 +490,7 @@ def install_scoring(app, settings: Settings, names: TopicNames, scorer: Scorer) 
             last_logged["line"] = line
             log.info("%s (model %s)", line, scorer.model_version)
 
-    # The keyword and no-op scorers run no model: their device and precision are "-".
-    MODEL_INFO.labels(scorer.model_version, str(getattr(scorer, "device", "-")),
-                      getattr(scorer, "precision", "-")).set(1)
+    MODEL_INFO.labels(scorer.model_version, *runs_on(scorer)).set(1)
     REGISTRY.add_collector(scoring.metric_families)
     log.info("scoring with %s; batches of up to %d within %.2fs", scorer.model_version, worker.max_batch,
              worker.max_wait_s)

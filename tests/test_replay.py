@@ -126,6 +126,7 @@ def test_replay_scores_aggregates_and_alerts_into_isolated_topics_and_parquet(da
     assert manifest["counts"]["inputs"] == len(inputs)
     assert sum(manifest["counts"]["rejected"].values()) == len(inputs) - len(valid)
     assert (scored["model_version"] == "baseline-keywords-1").all()
+    assert manifest["scored_on"] == {"device": "-", "precision": "-"}     # the keyword baseline runs no model
     assert (scored["config_hash"] == manifest["config_hash"]).all()
     assert list(scored["event_time"]) == sorted(scored["event_time"])
     trends = read_table(tmp_path / "basic", "trends")

@@ -27,8 +27,9 @@ thresholds over a past event-time range, reproducibly and without touching anyth
    the same messages in the range and its warm-up (and disorder within ``[replay] max_disorder_s``, else a warning
    says so).
 2. *Same computation.* The scorer sees the same batches (``[replay] batch_size`` messages cut from the ordered
-   input, also after a resume) and is deterministic for a given batch on a given device and library version; the
-   aggregator and detector are pure functions of their input sequence.
+   input, also after a resume) and is deterministic for a given batch on a given device, precision and library
+   version (the manifest's ``scored_on``: ``[worker] cpu_precision = auto`` is bf16 on a CPU with bfloat16
+   instructions, float32 on one without); the aggregator and detector are pure functions of their input sequence.
 3. *No wall clock.* Rows hold no wall-clock time: ``scored_at`` is not written (it equals the event time on the
    replay topics), and ``emitted_at`` is event time (a window's end plus the allowed lateness). The run id is not
    in the rows (it names the directory and is in ``manifest.json``), so the run id does not matter either.

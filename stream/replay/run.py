@@ -55,6 +55,7 @@ from aiokafka.errors import KafkaError
 from tqdm import tqdm
 
 from alerts.detect import DetectSettings, SpikeDetector, state_key
+from models.interface import runs_on
 from stream.aggregate import AggregateSettings, KeyWindows, WindowAggregator, trend_key
 from stream.app import Scoring, SourceMessage
 from stream.kafka_io import RecordSender
@@ -419,9 +420,11 @@ class ReplayRunner:
         counts["rejected"] = dict(sorted(self.rejected.items()))
         effective = {"aggregate": dataclasses.asdict(plan.settings.section("aggregate", AggregateSettings)),
                      "detect": dataclasses.asdict(plan.settings.section("detect", DetectSettings))}
-        return {**plan.identity(), "output_schema_version": OUTPUT_SCHEMA_VERSION, "counts": counts, "files": sorted(self.files),
-                "topics_out": output_topics(plan.names), "config": effective, "warmup": self._warmup_summary(),
-                "created_at": self.created_at}
+        # How the scores were computed: bf16 or float32 moves a row or two in a thousand.
+        scored_on = dict(zip(("device", "precision"), runs_on(plan.scorer)))
+        return {**plan.identity(), "output_schema_version": OUTPUT_SCHEMA_VERSION, "counts": counts,
+                "files": sorted(self.files), "topics_out": output_topics(plan.names), "config": effective,
+                "scored_on": scored_on, "warmup": self._warmup_summary(), "created_at": self.created_at}
 
     def _warmup_summary(self) -> dict:
         """The warm-up asked for, how far back the input really reached, and what it read (``WarmupTally``)."""
