@@ -43,9 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs-dir", help="training state directory (default [models] runs_dir, var/runs)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
     p.add_argument("--cpu-precision", choices=["auto", "float32", "bf16"],
-                   help="on a CPU, train under bf16 autocast as on a GPU, or in float32; auto: bf16 where the CPU has "
-                        "bfloat16 instructions (1.5x faster with AMX, the same held-out scores) (default [models] "
-                        "cpu_precision: auto)")
+                   help="on a CPU, train under bf16 autocast as on a GPU (1.5x faster with AMX, the same held-out "
+                        "scores, but --resume can end a few bits off the uninterrupted run), or in float32; auto: bf16 "
+                        "where the CPU has bfloat16 instructions (default [models] cpu_precision: float32)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
     p.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS",
                    help="spread this many seconds of training over the stages, shrinking their schedules to fit "
