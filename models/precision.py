@@ -45,16 +45,12 @@ def native_bf16() -> bool:
 def autocast(device, cpu_precision: str):
     """The context a forward pass runs in: bf16 autocast on a GPU, and on a CPU when ``cpu_precision`` is bf16."""
     import torch
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=runs_bf16(device, cpu_precision))
-
-
-def runs_bf16(device, cpu_precision: str) -> bool:
-    return device.type == "cuda" or device.type == "cpu" and cpu_precision == BF16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=effective(device, cpu_precision) == BF16)
 
 
 def effective(device, cpu_precision: str) -> str:
-    """What the model computes in on ``device``: bf16 (autocast), float32 or int8."""
-    return BF16 if runs_bf16(device, cpu_precision) else cpu_precision
+    """What the model computes in on ``device``: bf16 (autocast: always on a GPU), float32 or int8."""
+    return BF16 if device.type == "cuda" else cpu_precision
 
 
 def describe(device, cpu_precision: str) -> str:
