@@ -479,7 +479,10 @@ def train_teacher(job: TeacherJob) -> None:
     labeller = BatchScorer(model, text_encoder, "teacher", device=device, tokenizer_processes=0)
     everything = labeller.probabilities(job.data.texts)
     write_json(job.out_dir / "result.json", {"kind": job.kind, "seed": job.cfg.seed, **_stage_summary(result)})
-    np.savez(job.out_dir / "probs.npz", topic=everything.topic, sentiment=everything.sentiment)
+    partial = job.out_dir / "probs.npz.partial"
+    with partial.open("wb") as handle:
+        np.savez(handle, topic=everything.topic, sentiment=everything.sentiment)
+    partial.replace(job.out_dir / "probs.npz")  # last and whole: it marks the teacher done
 
 
 # GPU memory per teacher process, with room to spare for a longer --max-length or a larger --batch-size: six

@@ -11,7 +11,8 @@ or cosine decay, bf16 autocast on a GPU (on a CPU: ``cpu_precision``), gradient 
 (little padding), optionally a moving average of the weights, early stopping on validation macro-F1, an optional time
 budget, and a checkpoint after every epoch (weights, average, optimizer state, progress) from which an interrupted
 run resumes exactly: each epoch's shuffling and dropout are seeded from (seed, epoch).
-Checkpoints are safetensors plus JSON, like the models themselves.
+Checkpoints are safetensors plus JSON, like the models themselves, and a run killed while writing one resumes from
+the one before.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import sys
 import time
 from collections import deque
@@ -252,47 +255,77 @@ def config_hash(*parts: Any) -> str:
 
 
 class Checkpoint:
-    """Per-epoch state of one training run in ``run_dir``: safetensors for tensors, JSON for the rest."""
+    """Per-epoch state of one training run in ``run_dir``: safetensors for tensors, JSON for the rest.
+
+    Each epoch's files go to a directory of their own (``epoch-N``) and ``state.json``, replaced atomically once
+    they are all written, names the one to resume from. A run killed while writing a checkpoint resumes from the
+    epoch before, never from one epoch's weights with another's optimizer and progress (measured before this was
+    so: killed between the two files, the resumed run trained an extra epoch and ended a different model)."""
 
     def __init__(self, run_dir: Path, fingerprint: str):
         self.dir = run_dir
         self.fingerprint = fingerprint
+        self.current: Path | None = None  # the complete epoch directory state.json names
 
     def load_state(self) -> dict[str, Any] | None:
         path = self.dir / "state.json"
-        if not path.is_file():
-            return None
-        state = json.loads(path.read_text())
-        if state.get("fingerprint") != self.fingerprint:
+        state = json.loads(path.read_text()) if path.is_file() else None
+        if state and state.get("fingerprint") != self.fingerprint:
             log.warning("checkpoint in %s is from another configuration: starting over", self.dir)
-            return None
+            state = None
+        elif state and not (self.dir / state.get("checkpoint", "-")).is_dir():
+            log.warning("checkpoint in %s is from an older FinPulse: starting over", self.dir)
+            state = None
+        self.current = self.dir / state["checkpoint"] if state else None
+        self._remove_others()  # what a killed run left half written
         return state
 
-    def save_best(self, model: nn.Module) -> None:
+    def save_best(self, model: nn.Module, epoch: int) -> None:
         """The weights just validated (the average's, where one is kept), before the epoch's ``save``."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_file(_weights(model), str(self.dir / "best.safetensors"))
+        save_file(_weights(model), str(self._epoch_dir(epoch) / "best.safetensors"))
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
              average: WeightAverage | None) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_file(_weights(model), str(self.dir / "last.safetensors"))
+        epoch_dir = self._epoch_dir(state["epoch"])
+        save_file(_weights(model), str(epoch_dir / "last.safetensors"))
         if average:
-            average.save(self.dir)
+            average.save(epoch_dir)
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(self.dir / "optimizer.safetensors"))
-        write_json(self.dir / "optimizer.json", meta)
-        write_json(self.dir / "state.json", {**state, "fingerprint": self.fingerprint})
+        save_file(tensors, str(epoch_dir / "optimizer.safetensors"))
+        write_json(epoch_dir / "optimizer.json", meta)
+        if not (epoch_dir / "best.safetensors").exists():
+            _link_or_copy(self.current / "best.safetensors", epoch_dir / "best.safetensors")
+        write_json(self.dir / "state.json", {**state, "checkpoint": epoch_dir.name, "fingerprint": self.fingerprint})
+        self.current = epoch_dir
+        self._remove_others()
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None) -> None:
-        model.load_state_dict(load_file(str(self.dir / "last.safetensors")))
+        model.load_state_dict(load_file(str(self.current / "last.safetensors")))
         if average:
-            average.restore(self.dir)
-        meta = json.loads((self.dir / "optimizer.json").read_text())
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(self.dir / "optimizer.safetensors")), meta))
+            average.restore(self.current)
+        meta = json.loads((self.current / "optimizer.json").read_text())
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(self.current / "optimizer.safetensors")), meta))
 
     def load_best(self, model: nn.Module) -> None:
-        model.load_state_dict(load_file(str(self.dir / "best.safetensors")))
+        model.load_state_dict(load_file(str(self.current / "best.safetensors")))
+
+    def _epoch_dir(self, epoch: int) -> Path:
+        path = self.dir / f"epoch-{epoch}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _remove_others(self) -> None:
+        for path in self.dir.glob("epoch-*"):
+            if path != self.current:
+                shutil.rmtree(path)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """An unchanged best model costs no copy where the file system has hard links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -451,7 +484,7 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
                 print(f"{name} epoch {epoch}: loss {loss_sum:.4f}  val " + "  ".join(
                     f"{h} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f}" for h, r in reports.items()), flush=True)
             if improved and checkpoint:
-                checkpoint.save_best(model)
+                checkpoint.save_best(model, epoch)
             elif improved:
                 best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state["history"].append({"epoch": epoch, "loss": round(loss_sum, 5), **measured,
@@ -526,9 +559,13 @@ def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, dev
         if stop:
             print(f"domain pretraining: time budget of {cfg.max_seconds:.0f}s reached in epoch {epoch}", flush=True)
             break
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.base_model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    # Whole or not at all: a resumed recipe takes an existing out_dir as this stage done.
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.base_model.save_pretrained(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.replace(out_dir)
     return out_dir
 
 

@@ -193,6 +193,48 @@ def test_an_interrupted_run_resumes_to_the_same_model(tiny_base, tmp_path):
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
+# A real SIGKILL at an exact point: the process writes the named checkpoint file for the second time, then dies.
+KILLED_AFTER_WRITING = """
+import os, signal, sys
+import models.training as training
+from models.cli import main
+save_file, written = training.save_file, []
+def save_then_die(tensors, filename, *args, **kwargs):
+    save_file(tensors, filename, *args, **kwargs)
+    written.append(os.path.basename(filename))
+    if written.count(sys.argv[1]) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+training.save_file = save_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("last_file_written", ["last.safetensors", "optimizer.safetensors"])
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tiny_base, tmp_path,
+                                                                             last_file_written):
+    """Killed between the files of epoch 2's checkpoint, the run resumes after epoch 1 and ends where an
+    uninterrupted run does (before each epoch had a directory of its own, it resumed on epoch 2's weights with
+    epoch 1's optimizer and progress, and trained a different model)."""
+    data_file = write_tiny_csv(tmp_path / "train.csv", repeat=12)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(train_command(tiny_base, data_file, straight), check=True, env=env, capture_output=True)
+    command = train_command(tiny_base, data_file, killed)
+    died = subprocess.run([sys.executable, "-c", KILLED_AFTER_WRITING, last_file_written, *command[3:]], env=env,
+                          capture_output=True)
+    assert died.returncode == -signal.SIGKILL
+    [run_dir] = (killed / "runs").glob("*/fit")
+    assert json.loads((run_dir / "state.json").read_text())["epoch"] == 1
+    resumed = subprocess.run(train_command(tiny_base, data_file, killed, "--resume"), check=True, env=env,
+                             capture_output=True, text=True)
+    assert "resuming after epoch 1" in resumed.stderr
+    resumed_weights, reference = final_weights(killed / "models"), final_weights(straight / "models")
+    assert all(torch.equal(resumed_weights[k], reference[k]) for k in reference)
+    # Nothing half written is left behind.
+    final_state = json.loads((run_dir / "state.json").read_text())
+    assert final_state["epoch"] > 2 and list(run_dir.glob("epoch-*")) == [run_dir / final_state["checkpoint"]]
+
+
 def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     from models.cli import main
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=10)
@@ -620,8 +662,8 @@ def test_a_run_with_a_weight_average_keeps_the_average_and_resumes_to_the_same_m
         return model
 
     straight = run(tmp_path / "straight")
-    best = (tmp_path / "straight" / "best.safetensors")
-    last = (tmp_path / "straight" / "last.safetensors")
+    checkpoint = tmp_path / "straight" / json.loads((tmp_path / "straight" / "state.json").read_text())["checkpoint"]
+    best, last = checkpoint / "best.safetensors", checkpoint / "last.safetensors"
     from safetensors.torch import load_file
     kept, live = load_file(str(best)), load_file(str(last))
     # What the model ends with is the validated average, not the last step's weights.
