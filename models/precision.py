@@ -1,7 +1,6 @@
 """How the model computes on a CPU when it scores (``[worker] cpu_precision``, default auto) and trains
-(``[models] cpu_precision``, default float32: bf16 training was as good and 1.5x faster, but a run interrupted and
-resumed did not always end bit-identical to the uninterrupted one, in 1 of 4 tries); a GPU always runs bf16
-autocast.
+(``[models] cpu_precision``, default float32: bf16 training was as good and 1.5x faster, but not always
+bit-reproducible, 1 run in 10 on a busy CPU; bf16 scoring was); a GPU always runs bf16 autocast.
 
 - ``float32``: the reference every held-out figure is measured in.
 - ``bf16``: bf16 autocast, as on a GPU: matrix multiplies in bfloat16, softmax and layer norms in float32, the

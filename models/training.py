@@ -59,7 +59,7 @@ class OptimizerConfig:
     seed: int = 13
     max_seconds: float | None = None  # a time budget: the step plan shrinks to fit it (see StepPlan)
     # On a CPU: "bf16" trains under bf16 autocast as a GPU does (models.precision; `finpulse train --cpu-precision`:
-    # 1.5x faster with AMX, the same held-out scores, but a resumed run is not always bit-identical), or float32.
+    # 1.5x faster with AMX, the same held-out scores, but not always bit-reproducible), or float32.
     cpu_precision: str = "float32"
 
 
