@@ -123,7 +123,7 @@ def _train(args, settings) -> int:
     from .modeling import ModelError, resolve_base_model
     from .card import print_outcome
     from .precision import resolve_cpu_precision
-    from .recipes import RefitError, load_refit, run_recipe, with_cpu_precision
+    from .recipes import RefitError, TeacherProcessDied, load_refit, run_recipe, with_cpu_precision
     from .registry import find_model_dir
     from .scorer import pick_device
 
@@ -154,7 +154,7 @@ def _train(args, settings) -> int:
             runs_root=Path(args.runs_dir or ms.runs_dir), device=pick_device(args.device or ms.device),
             resume=args.resume, time_budget=args.time_budget, save_dtype=getattr(torch, args.save_dtype),
             command=shlex.join(["finpulse", *sys.argv[1:]]), refit=refit, data_weights=data_weights)
-    except (DataError, ModelError, RefitError) as exc:
+    except (DataError, ModelError, RefitError, TeacherProcessDied) as exc:
         print(f"finpulse train: {exc}", file=sys.stderr)
         return 2
     print_outcome(outcome, recipe)

@@ -142,6 +142,10 @@ class RefitError(ValueError):
     """A model that cannot be refitted, and why."""
 
 
+class TeacherProcessDied(RuntimeError):
+    """Teachers trained side by side that ended without a result, and how to go on."""
+
+
 def load_refit(model_dir: Path) -> Refit:
     from .modeling import read_config
     config = read_config(model_dir)
@@ -513,10 +517,19 @@ def run_teachers(jobs: list[TeacherJob]) -> None:
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     threads = max(1, (os.cpu_count() or 1) // len(jobs))
     print(f"training {len(jobs)} teachers side by side ({threads} CPU threads each)", flush=True)
     with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(train_teacher, dataclasses.replace(job, threads=threads)) for job in jobs]
+    # One process killed (most often by the kernel, for memory) breaks the pool: the others are stopped too.
+    unfinished = [job.index for job, future in zip(jobs, futures) if isinstance(future.exception(), BrokenProcessPool)]
+    if unfinished:
+        raise TeacherProcessDied(
+            f"a teacher process ended abruptly (killed; most often for want of memory): "
+            f"{'teachers' if len(unfinished) > 1 else 'teacher'} {', '.join(map(str, unfinished))} did not finish. Finished teachers and every teacher's last complete "
+            f"epoch are kept: run the same command again with --resume to go on from there, with --parallel "
+            f"{max(1, len(jobs) // 2)} to train fewer at once")
     for future in futures:
         future.result()
 

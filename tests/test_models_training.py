@@ -521,6 +521,41 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     assert "teacher 0 (plain) epoch" not in resumed.stdout and "student epoch" not in resumed.stdout
 
 
+def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path):
+    """A teacher process killed (as the kernel's out-of-memory killer does) stops the others; the run ends with a
+    message that says which teachers did not finish and how to go on, not a BrokenProcessPool traceback, and
+    --resume then finishes it."""
+    data_file = write_tiny_csv(tmp_path / "train.csv", repeat=6)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "models.cli", "train", "--recipe", "full", "--data", str(data_file),
+               "--base-model", tiny_base, "--epochs", "4", "--mlm-epochs", "1", "--teachers", "1", "--parallel", "2",
+               "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--out", str(tmp_path / "models"),
+               "--runs-dir", str(tmp_path / "runs")]
+    with (tmp_path / "stderr").open("w") as stderr:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        for line in proc.stdout:
+            if "teachers side by side" in line:
+                break
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline, teachers = time.monotonic() + 30, []
+        while len(teachers) < 2 and time.monotonic() < deadline:
+            teachers = [int(pid) for pid in children.read_text().split()
+                        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(teachers[0], signal.SIGKILL)
+        proc.communicate(timeout=120)
+    printed = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 2, printed[-3000:]
+    assert "finpulse train: a teacher process ended abruptly" in printed and "Traceback" not in printed
+    assert "did not finish" in printed and "again with --resume" in printed and "--parallel 1" in printed
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "domain pretraining" not in resumed.stdout  # the finished stage is not trained again
+    [model_dir] = list((tmp_path / "models").iterdir())
+    assert (model_dir / "model.safetensors").is_file()
+
+
 def test_a_time_budget_shrinks_the_step_plan_but_never_adds_a_step(monkeypatch):
     import models.training as training
     clock = [0.0]
