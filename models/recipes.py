@@ -525,11 +525,11 @@ def run_teachers(jobs: list[TeacherJob]) -> None:
     # One process killed (most often by the kernel, for memory) breaks the pool: the others are stopped too.
     unfinished = [job.index for job, future in zip(jobs, futures) if isinstance(future.exception(), BrokenProcessPool)]
     if unfinished:
+        which = f"teacher{'s' if len(unfinished) > 1 else ''} {', '.join(map(str, unfinished))}"
         raise TeacherProcessDied(
-            f"a teacher process ended abruptly (killed; most often for want of memory): "
-            f"{'teachers' if len(unfinished) > 1 else 'teacher'} {', '.join(map(str, unfinished))} did not finish. Finished teachers and every teacher's last complete "
-            f"epoch are kept: run the same command again with --resume to go on from there, with --parallel "
-            f"{max(1, len(jobs) // 2)} to train fewer at once")
+            f"a teacher process ended abruptly (killed; most often for want of memory): {which} did not finish. "
+            f"Finished teachers and every teacher's last complete epoch are kept: run the same command again with "
+            f"--resume to go on from there, with --parallel {max(1, len(jobs) // 2)} to train fewer at once")
     for future in futures:
         future.result()
 
