@@ -469,15 +469,20 @@ def test_a_refit_trains_on_every_labeled_row_with_its_references_choices(tiny_ba
     assert f"refit its reference, {reference_config['model_version']}" in capsys.readouterr().err
 
 
+def full_recipe_command(tiny_base: str, data_file: Path, root: Path, epochs: int) -> list[str]:
+    """The full recipe, shrunk: one epoch of domain pretraining, two teachers at once, ``epochs`` for each."""
+    return [sys.executable, "-m", "models.cli", "train", "--recipe", "full", "--data", str(data_file),
+            "--base-model", tiny_base, "--epochs", str(epochs), "--mlm-epochs", "1", "--teachers", "1",
+            "--parallel", "2", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--out", str(root / "models"),
+            "--runs-dir", str(root / "runs")]
+
+
 def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     """The distillation pipeline end to end on the tiny encoder: domain pretraining, a plain and an adapted
     teacher trained at once in two spawned processes, their ensemble, and the student that is saved."""
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=6)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "models.cli", "train", "--recipe", "full", "--data", str(data_file),
-               "--base-model", tiny_base, "--epochs", "2", "--mlm-epochs", "1", "--teachers", "1", "--parallel", "2",
-               "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--out", str(tmp_path / "models"),
-               "--runs-dir", str(tmp_path / "runs")]
+    command = full_recipe_command(tiny_base, data_file, tmp_path, epochs=2)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "training 2 teachers side by side" in done.stdout
@@ -527,10 +532,7 @@ def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path
     --resume then finishes it."""
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=6)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "models.cli", "train", "--recipe", "full", "--data", str(data_file),
-               "--base-model", tiny_base, "--epochs", "4", "--mlm-epochs", "1", "--teachers", "1", "--parallel", "2",
-               "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--out", str(tmp_path / "models"),
-               "--runs-dir", str(tmp_path / "runs")]
+    command = full_recipe_command(tiny_base, data_file, tmp_path, epochs=4)
     with (tmp_path / "stderr").open("w") as stderr:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         for line in proc.stdout:
