@@ -379,7 +379,8 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
     allowance = budget.allowance("mlm")
     if not (dapt_dir / "config.json").is_file():
         began = time.monotonic()
-        pretrain_mlm(base, train.texts, dapt_dir, dataclasses.replace(recipe.mlm, max_seconds=allowance), device)
+        pretrain_mlm(base, train.texts, dapt_dir, dataclasses.replace(recipe.mlm, max_seconds=allowance), device,
+                     run_dir / "mlm")
         stages["mlm"] = {"seconds": round(time.monotonic() - began, 1), "texts": len(train)}
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the MLM model's memory, for the teachers' processes

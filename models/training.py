@@ -293,7 +293,8 @@ class Checkpoint:
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(epoch_dir / "optimizer.safetensors"))
         write_json(epoch_dir / "optimizer.json", meta)
-        if not (epoch_dir / "best.safetensors").exists():
+        if self.current and (self.current / "best.safetensors").exists() and \
+                not (epoch_dir / "best.safetensors").exists():
             _link_or_copy(self.current / "best.safetensors", epoch_dir / "best.safetensors")
         write_json(self.dir / "state.json", {**state, "checkpoint": epoch_dir.name, "fingerprint": self.fingerprint})
         self.current = epoch_dir
@@ -329,7 +330,14 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """The state dict as safetensors takes it: tied weights (a masked-LM head's decoder and the embeddings) are
+    one tensor under two names, which it refuses, so the second name gets a copy."""
+    weights, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        weights[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen.add(tensor.data_ptr())
+    return weights
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -509,56 +517,71 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
                      state["stopped"] or planned, state["step"], total_steps)
 
 
-def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, device: torch.device) -> Path:
+def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, device: torch.device,
+                 run_dir: Path | None = None) -> Path:
     """Domain-adaptive pretraining: masked-language-model training of ``base`` on ``texts``; writes the adapted
-    encoder (and its tokenizer) to ``out_dir`` and returns it."""
+    encoder (and its tokenizer) to ``out_dir`` and returns it. With ``run_dir``, a checkpoint after every epoch
+    from which an interrupted run resumes exactly, as ``fit``'s does."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     started = time.monotonic()
     tokenizer = load_pretrained(AutoTokenizer, base)
+    # An encoder saved without its masked-LM head (all-MiniLM-L6-v2 is) gets a new one, drawn from the seeded RNG.
+    torch.manual_seed(cfg.seed)
     model = load_pretrained(AutoModelForMaskedLM, base, dtype=torch.float32).to(device)
     text_encoder = TextEncoder(tokenizer.backend_tokenizer, cfg.max_length)
     token_ids = text_encoder.ids(texts)
     lengths = np.array([len(x) for x in token_ids])
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     steps_per_epoch = -(-len(texts) // cfg.batch_size)
-    warmup = max(1, int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    plan = StepPlan(steps_per_epoch * cfg.epochs, cfg.max_seconds, started)
-    step, stop, epoch = 0, False, 0
+    fingerprint = config_hash(dataclasses.replace(cfg, max_seconds=None), len(texts), lengths.sum())
+    checkpoint = Checkpoint(run_dir, fingerprint) if run_dir else None
+    state = checkpoint.load_state() if checkpoint else None
+    if state:
+        checkpoint.restore(model, optimizer, None)
+        log.info("domain pretraining: resuming after epoch %d", state["epoch"])
+    state = state or {"epoch": 0, "step": 0, "stopped": "", "planned_steps": total_steps}
+    plan = StepPlan(state["planned_steps"], cfg.max_seconds, started)
     model.train()
-    while step < plan.total:
-        epoch += 1
+    while not state["stopped"] and state["step"] < state["planned_steps"]:
+        epoch = state["epoch"] + 1
         rng = np.random.default_rng([cfg.seed, epoch])
-        bar = progress(min(steps_per_epoch, plan.total - step),
-                       f"domain pretraining epoch {epoch}/{-(-plan.total // steps_per_epoch)}")
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout: the same after a resume
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # which tokens are masked: likewise
+        bar = progress(min(steps_per_epoch, state["planned_steps"] - state["step"]),
+                       f"domain pretraining epoch {epoch}/{-(-state['planned_steps'] // steps_per_epoch)}")
         for batch in bucketed_batches(lengths, cfg.batch_size, rng):
             ids, mask = (torch.from_numpy(a) for a in text_encoder.pad([token_ids[i] for i in batch]))
             inputs, labels = mask_tokens(ids, mask, special, tokenizer.mask_token_id, len(tokenizer), cfg.mask_prob,
                                          generator)
             inputs, mask, labels = to_device(device, inputs, mask, labels)
-            set_learning_rate(optimizer, cfg.lr * lr_factor(step, plan.total, warmup, "linear"))
+            set_learning_rate(optimizer, cfg.lr * lr_factor(state["step"], state["planned_steps"], warmup, "linear"))
             with autocast(device, cfg.cpu_precision):
                 loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            step += 1
-            if step % 20 == 0:
+            state["step"] += 1
+            if state["step"] % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.update(1)
-            plan.update(step)
-            if step >= plan.total:
+            plan.update(state["step"])
+            state["planned_steps"] = plan.total
+            if state["step"] >= plan.total:
                 break
             if plan.out_of_time():
-                stop = True
+                state["stopped"] = f"time budget of {cfg.max_seconds:.0f}s reached in epoch {epoch}"
                 break
         bar.close()
         print(f"domain pretraining epoch {epoch}: MLM loss {loss.item():.3f}", flush=True)
-        if stop:
-            print(f"domain pretraining: time budget of {cfg.max_seconds:.0f}s reached in epoch {epoch}", flush=True)
-            break
+        if state["stopped"]:
+            print(f"domain pretraining: {state['stopped']}", flush=True)
+        state["epoch"] = epoch
+        if checkpoint:
+            checkpoint.save(model, optimizer, state, None)
     # Whole or not at all: a resumed recipe takes an existing out_dir as this stage done.
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

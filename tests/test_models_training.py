@@ -558,6 +558,36 @@ def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path
     assert (model_dir / "model.safetensors").is_file()
 
 
+def test_domain_pretraining_killed_mid_checkpoint_resumes_to_the_same_encoder(tiny_base, tmp_path):
+    """The full recipe's first stage resumes from its last complete epoch too (it started over before), and ends
+    in the adapted encoder an uninterrupted run writes."""
+    data_file = write_tiny_csv(tmp_path / "train.csv", repeat=6)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    def command(root: Path) -> list[str]:
+        full = full_recipe_command(tiny_base, data_file, root, epochs=1)
+        full[full.index("--mlm-epochs") + 1] = "3"
+        return full
+    subprocess.run(command(straight), check=True, env=env, capture_output=True)
+    # Teachers train in spawned processes, which the injected kill does not reach: it is the MLM stage's.
+    died = subprocess.run([sys.executable, "-c", KILLED_AFTER_WRITING, "last.safetensors", *command(killed)[3:]],
+                          env=env, capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL and "domain pretraining epoch 2: MLM loss" in died.stdout
+    [run_dir] = (killed / "runs").iterdir()
+    assert json.loads((run_dir / "mlm" / "state.json").read_text())["epoch"] == 1
+    assert not (run_dir / "dapt").exists()
+
+    resumed = subprocess.run(command(killed) + ["--resume"], check=True, env=env, capture_output=True, text=True)
+    assert "domain pretraining: resuming after epoch 1" in resumed.stderr
+    assert "domain pretraining epoch 1:" not in resumed.stdout and "domain pretraining epoch 3:" in resumed.stdout
+    from safetensors.torch import load_file
+    [straight_run] = (straight / "runs").iterdir()
+    adapted, reference = (load_file(str(r / "dapt" / "model.safetensors")) for r in (run_dir, straight_run))
+    assert adapted.keys() == reference.keys()
+    assert all(torch.equal(adapted[k], reference[k]) for k in reference)
+
+
 def test_a_time_budget_shrinks_the_step_plan_but_never_adds_a_step(monkeypatch):
     import models.training as training
     clock = [0.0]
