@@ -560,7 +560,7 @@ def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path
 
 def test_domain_pretraining_killed_mid_checkpoint_resumes_to_the_same_encoder(tiny_base, tmp_path):
     """The full recipe's first stage resumes from its last complete epoch too (it started over before), and ends
-    in the adapted encoder an uninterrupted run writes."""
+    in the adapted encoder an uninterrupted run writes; the recipe then ends in the same model."""
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=6)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -586,6 +586,9 @@ def test_domain_pretraining_killed_mid_checkpoint_resumes_to_the_same_encoder(ti
     adapted, reference = (load_file(str(r / "dapt" / "model.safetensors")) for r in (run_dir, straight_run))
     assert adapted.keys() == reference.keys()
     assert all(torch.equal(adapted[k], reference[k]) for k in reference)
+    # And so does all that follows: teachers in their own processes, their ensemble, the student that is saved.
+    student, reference_student = final_weights(killed / "models"), final_weights(straight / "models")
+    assert all(torch.equal(student[k], reference_student[k]) for k in reference_student)
 
 
 def test_a_time_budget_shrinks_the_step_plan_but_never_adds_a_step(monkeypatch):
