@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
     p.add_argument("--cpu-precision", choices=["auto", "float32", "bf16"],
                    help="on a CPU, train under bf16 autocast as on a GPU (1.5x faster with AMX, the same held-out "
-                        "scores, but --resume can end a few bits off the uninterrupted run), or in float32; auto: bf16 "
+                        "scores, but not always bit-reproducible), or in float32; auto: bf16 "
                         "where the CPU has bfloat16 instructions (default [models] cpu_precision: float32)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
     p.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS",
