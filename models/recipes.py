@@ -511,28 +511,71 @@ def fitting_processes(jobs: int, free_gpu_bytes: int, cpu_cores: int) -> int:
 
 def run_teachers(jobs: list[TeacherJob]) -> None:
     """Train ``jobs`` at once: one in this process, several each in its own spawned process (CUDA needs spawn),
-    CPU threads split between them. The first failure is raised once every job has ended."""
+    CPU threads split between them. Every process runs to its end, whatever befalls the others; then a process that
+    died (most often killed by the kernel, for memory) is reported, or else the first failure is raised.
+
+    Each process gets its job and reports back on its own pipe; they share no queue or lock that a process killed at
+    the wrong moment could leave held. (``ProcessPoolExecutor``, used before, shares its call queue, and once kept a
+    run going past two minutes after one of its teachers was killed.)"""
     if len(jobs) <= 1:
         for job in jobs:
             train_teacher(job)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing.connection import wait
+    context = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // len(jobs))
     print(f"training {len(jobs)} teachers side by side ({threads} CPU threads each)", flush=True)
-    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(train_teacher, dataclasses.replace(job, threads=threads)) for job in jobs]
-    # One process killed (most often by the kernel, for memory) breaks the pool: the others are stopped too.
-    unfinished = [job.index for job, future in zip(jobs, futures) if isinstance(future.exception(), BrokenProcessPool)]
-    if unfinished:
-        which = f"teacher{'s' if len(unfinished) > 1 else ''} {', '.join(map(str, unfinished))}"
+    running, outcomes = {}, {}
+    try:
+        for job in jobs:
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_teacher_process, args=(dataclasses.replace(job, threads=threads), send),
+                                      name=job.name)
+            process.start()
+            send.close()  # the child holds the only writing end: its exit, however abrupt, ends the pipe
+            running[receive] = (job, process)
+        while running:
+            for receive in wait(list(running)):
+                job, process = running.pop(receive)
+                try:
+                    outcomes[job.index] = receive.recv()
+                except EOFError:  # it ended without a word: killed
+                    outcomes[job.index] = None
+                process.join()
+    finally:
+        for _, process in running.values():  # interrupted here (Ctrl-C): no teacher is left training unseen
+            process.kill()
+            process.join()
+    died = [job.index for job in jobs if outcomes[job.index] is None]
+    if died:
+        which = f"teacher{'s' if len(died) > 1 else ''} {', '.join(map(str, died))}"
         raise TeacherProcessDied(
             f"a teacher process ended abruptly (killed; most often for want of memory): {which} did not finish. "
             f"Finished teachers and every teacher's last complete epoch are kept: run the same command again with "
             f"--resume to go on from there, with --parallel {max(1, len(jobs) // 2)} to train fewer at once")
-    for future in futures:
-        future.result()
+    for job in jobs:
+        if outcomes[job.index] != "done":
+            error, remote_traceback = outcomes[job.index]
+            raise error from RuntimeError(f"in {job.name}'s process:\n{remote_traceback}")
+
+
+def _teacher_process(job: TeacherJob, report) -> None:
+    """A teacher process's body: train, then report "done" or the exception and its traceback (raised by the
+    parent, as a future's would be)."""
+    try:
+        train_teacher(job)
+    except BaseException as error:  # noqa: BLE001 - it travels to the parent, which raises it
+        import pickle
+        import traceback
+        text = traceback.format_exc()
+        try:
+            pickle.dumps(error)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        report.send((error, text))
+    else:
+        report.send("done")
 
 
 def _stage_summary(result) -> dict[str, Any]:

@@ -526,10 +526,29 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     assert "teacher 0 (plain) epoch" not in resumed.stdout and "student epoch" not in resumed.stdout
 
 
+def test_a_teacher_that_fails_in_its_process_raises_its_own_error_after_the_others_finish(tiny_base, tmp_path,
+                                                                                         monkeypatch):
+    """Teachers side by side: one that raises (here, an encoder that is not there) is raised in the parent as its own
+    error type, so the CLI prints its message; the other still finishes and keeps its labels for --resume."""
+    from models.modeling import ModelError
+    from models.recipes import TeacherJob, run_teachers
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # for the spawned processes
+    data = tiny_set()
+    rows = np.arange(len(data.texts))
+    cfg = FitConfig(epochs=1, batch_size=8, lr=1e-3)
+    jobs = [TeacherJob(i, "plain", init, tiny_base, cfg, data, rows, rows, tmp_path / f"teacher-{i}", "cpu")
+            for i, init in enumerate([tiny_base, str(tmp_path / "no-such-encoder")])]
+    with pytest.raises(ModelError, match="no-such-encoder") as raised:
+        run_teachers(jobs)
+    assert "in teacher 1 (plain)'s process" in str(raised.value.__cause__)
+    assert (tmp_path / "teacher-0" / "probs.npz").is_file() and not (tmp_path / "teacher-1" / "probs.npz").exists()
+
+
 def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path):
-    """A teacher process killed (as the kernel's out-of-memory killer does) stops the others; the run ends with a
-    message that says which teachers did not finish and how to go on, not a BrokenProcessPool traceback, and
-    --resume then finishes it."""
+    """A teacher process killed (as the kernel's out-of-memory killer does) as soon as it starts leaves the others to
+    finish; the run ends with a message that says which teacher did not finish and how to go on, not a traceback,
+    and --resume then trains only that one."""
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=6)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     command = full_recipe_command(tiny_base, data_file, tmp_path, epochs=4)
@@ -548,12 +567,15 @@ def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path
     printed = (tmp_path / "stderr").read_text()
     assert proc.returncode == 2, printed[-3000:]
     assert "finpulse train: a teacher process ended abruptly" in printed and "Traceback" not in printed
-    assert "did not finish" in printed and "again with --resume" in printed and "--parallel 1" in printed
+    assert "again with --resume" in printed and "--parallel 1" in printed
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    [finished] = [i for i in range(2) if (run_dir / f"teacher-{i}" / "probs.npz").is_file()]
+    assert f"teacher {1 - finished} did not finish" in printed
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
     resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "domain pretraining" not in resumed.stdout  # the finished stage is not trained again
+    assert "domain pretraining" not in resumed.stdout and f"teacher {finished} (" not in resumed.stdout
     [model_dir] = list((tmp_path / "models").iterdir())
     assert (model_dir / "model.safetensors").is_file()
 
