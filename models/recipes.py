@@ -44,6 +44,7 @@ from .data import (NEWS_PROBE, SPLIT_SCHEME, DataError, LabeledSet, fingerprint,
                    stratified_sample)
 from .evaluation import evaluate, reports_by_source, reports_from, selection_score
 from .modeling import FinPulseClassifier, TextEncoder, save_model, write_json
+from .parent_watch import exit_with_parent
 from .precision import describe
 from .scorer import BatchScorer, Probabilities
 from .training import FitConfig, MlmConfig, config_hash, distillation_targets, fit, gold_targets, pretrain_mlm
@@ -530,8 +531,8 @@ def run_teachers(jobs: list[TeacherJob]) -> None:
     try:
         for job in jobs:
             receive, send = context.Pipe(duplex=False)
-            process = context.Process(target=_teacher_process, args=(dataclasses.replace(job, threads=threads), send),
-                                      name=job.name)
+            process = context.Process(target=_teacher_process, name=job.name,
+                                      args=(dataclasses.replace(job, threads=threads), send, os.getpid()))
             process.start()
             send.close()  # the child holds the only writing end: its exit, however abrupt, ends the pipe
             running[receive] = (job, process)
@@ -560,9 +561,10 @@ def run_teachers(jobs: list[TeacherJob]) -> None:
             raise error from RuntimeError(f"in {job.name}'s process:\n{remote_traceback}")
 
 
-def _teacher_process(job: TeacherJob, report) -> None:
+def _teacher_process(job: TeacherJob, report, parent_pid: int) -> None:
     """A teacher process's body: train, then report "done" or the exception and its traceback (raised by the
-    parent, as a future's would be)."""
+    parent, as a future's would be). It ends with its parent: a resumed run must not find it still writing."""
+    exit_with_parent(parent_pid)
     try:
         train_teacher(job)
     except BaseException as error:  # noqa: BLE001 - it travels to the parent, which raises it

@@ -24,21 +24,19 @@ import logging
 import multiprocessing
 import os
 import re
-import threading
-import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Sequence
 
 import numpy as np
 
+from .parent_watch import exit_with_parent
 from .textprep import ENTITIES, LINK_PATTERN
 
 log = logging.getLogger(__name__)
 # Texts per task: small enough that every process gets work from one batch, large enough that the hand-off
 # (pickling the texts there and the ids back, ~0.1 ms) stays small next to tokenizing them (~10-20 ms).
 TEXTS_PER_TASK = 128
-PARENT_CHECK_S = 1.0
 
 _tokenizer = None   # the worker process's tokenizer
 _pieces = None      # ... and its PieceTokenizer, when the tokenizer is one it knows
@@ -63,18 +61,11 @@ def flatten(id_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
 def _start_worker(tokenizer_json: str, parent_pid: int) -> None:
     # One thread per process: the processes are the parallelism (the native thread pool would oversubscribe).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True, name="watch-parent").start()
+    exit_with_parent(parent_pid)
     from tokenizers import Tokenizer
     global _tokenizer, _pieces
     _tokenizer = Tokenizer.from_str(tokenizer_json)
     _pieces = PieceTokenizer.for_tokenizer(_tokenizer)
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """A worker whose parent died without shutting the pool down (kill -9) would wait for work forever."""
-    while os.getppid() == parent_pid:
-        time.sleep(PARENT_CHECK_S)
-    os._exit(0)
 
 
 def _encode(texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:

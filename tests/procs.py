@@ -148,6 +148,26 @@ class ManagedProcess:
         self.stop()
 
 
+def orphans_left(pids: Iterable[int], timeout: float) -> list[int]:
+    """Of ``pids`` (children of a killed parent), those still running after ``timeout`` s; they are killed then."""
+    pids = list(pids)
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return state != "Z"  # an orphan that exited is a zombie until init reaps it
+
+    deadline = time.monotonic() + timeout
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leftover = [pid for pid in pids if running(pid)]
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    return leftover
+
+
 class FinpulseProcess(ManagedProcess):
     """``python -m stream.cli --log-level L ARGS...`` with ``settings`` in its own TOML config file."""
 

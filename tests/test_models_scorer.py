@@ -19,6 +19,7 @@ from models.registry import NotAModelDir, find_model_dir, list_models
 from models.scorer import BatchScorer
 from models.tokenizer_pool import PieceTokenizer, native_ids
 from tests.models_fixtures import make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
+from tests.procs import orphans_left
 
 TEXTS = [
     "$ACME shares soar to a record after strong results https://t.co/xyz",
@@ -154,11 +155,8 @@ def test_tokenizer_processes_give_the_same_scores_and_survive_losing_a_process(t
 
 def test_tokenizer_processes_exit_when_their_parent_is_killed(tiny_model_dir, tmp_path):
     """kill -9 of a scorer's process leaves no tokenizer process waiting for work forever."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
     script = tmp_path / "parent.py"
     script.write_text(
         "import sys, time\n"
@@ -177,23 +175,7 @@ def test_tokenizer_processes_exit_when_their_parent_is_killed(tiny_model_dir, tm
     finally:
         parent.kill()
         parent.wait()
-
-    def alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        # An exited child of the killed parent is reaped by init; until then it is a zombie, not a worker.
-        status = Path(f"/proc/{pid}/stat")
-        return status.exists() and status.read_text().split(")")[-1].split()[0] != "Z"
-
-    deadline = time.monotonic() + 15
-    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    leftover = [pid for pid in children if alive(pid)]
-    for pid in leftover:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftover, "tokenizer processes outlived their killed parent"
+    assert not orphans_left(children, timeout=15), "tokenizer processes outlived their killed parent"
 
 
 VARIED_TEXTS = [

@@ -23,6 +23,7 @@ from models.modeling import FinPulseClassifier, TextEncoder
 from models.training import (Checkpoint, FitConfig, WeightAverage, fit, gold_targets, make_optimizer,
                              masked_soft_loss, set_learning_rate)
 from tests.models_fixtures import SENTIMENT_ROWS, make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
+from tests.procs import orphans_left
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -545,6 +546,41 @@ def test_a_teacher_that_fails_in_its_process_raises_its_own_error_after_the_othe
     assert (tmp_path / "teacher-0" / "probs.npz").is_file() and not (tmp_path / "teacher-1" / "probs.npz").exists()
 
 
+def test_teacher_processes_end_with_their_killed_parent(tiny_base, tmp_path):
+    """kill -9 of `finpulse train` stops its teachers too: left running, they would go on writing into the run
+    directory that the resumed run uses, and finish there."""
+    data_file = write_tiny_csv(tmp_path / "train.csv", repeat=30)  # epochs of about a second: the kill lands early
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(full_recipe_command(tiny_base, data_file, tmp_path, epochs=40), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        teachers = started_teachers(proc)
+        for line in proc.stdout:
+            if "teacher 0 (plain) epoch 1:" in line or "teacher 1 (adapted) epoch 1:" in line:
+                break  # training, with 39 epochs to go
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not orphans_left(teachers, timeout=120), "teacher processes outlived their killed parent"
+    [run_dir] = list((tmp_path / "runs").iterdir())
+    finished = [i for i in range(2) if (run_dir / f"teacher-{i}" / "probs.npz").exists()]
+    assert not finished, f"teachers {finished} went on training after their parent was killed"
+
+
+def started_teachers(proc: subprocess.Popen) -> list[int]:
+    """The pids of the full recipe's two teacher processes, once both have started."""
+    for line in proc.stdout:
+        if "teachers side by side" in line:
+            break
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline, teachers = time.monotonic() + 30, []
+    while len(teachers) < 2 and time.monotonic() < deadline:
+        teachers = [int(pid) for pid in children.read_text().split()
+                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(teachers) == 2, "the teacher processes did not start"
+    return teachers
+
+
 def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path):
     """A teacher process killed (as the kernel's out-of-memory killer does) as soon as it starts leaves the others to
     finish; the run ends with a message that says which teacher did not finish and how to go on, not a traceback,
@@ -554,15 +590,7 @@ def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path
     command = full_recipe_command(tiny_base, data_file, tmp_path, epochs=4)
     with (tmp_path / "stderr").open("w") as stderr:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        for line in proc.stdout:
-            if "teachers side by side" in line:
-                break
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-        deadline, teachers = time.monotonic() + 30, []
-        while len(teachers) < 2 and time.monotonic() < deadline:
-            teachers = [int(pid) for pid in children.read_text().split()
-                        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        os.kill(teachers[0], signal.SIGKILL)
+        os.kill(started_teachers(proc)[0], signal.SIGKILL)
         proc.communicate(timeout=120)
     printed = (tmp_path / "stderr").read_text()
     assert proc.returncode == 2, printed[-3000:]
