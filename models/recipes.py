@@ -28,9 +28,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import platform
 import shutil
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -568,8 +570,6 @@ def _teacher_process(job: TeacherJob, report, parent_pid: int) -> None:
     try:
         train_teacher(job)
     except BaseException as error:  # noqa: BLE001 - it travels to the parent, which raises it
-        import pickle
-        import traceback
         text = traceback.format_exc()
         try:
             pickle.dumps(error)
