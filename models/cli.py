@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "scores, but not always bit-reproducible), or in float32; auto: bf16 "
                         "where the CPU has bfloat16 instructions (default [models] cpu_precision: float32)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
+    p.add_argument("--keep-run-state", action="store_true", default=None,
+                   help="keep the run's checkpoints once the model is saved (default [models] keep_run_state: they "
+                        "are removed, as they only serve --resume)")
     p.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS",
                    help="spread this many seconds of training over the stages, shrinking their schedules to fit "
                         "(replaces the recipe's own budget: the quick recipe's is 400 s, so on a slow CPU a longer "
@@ -152,7 +155,8 @@ def _train(args, settings) -> int:
             recipe, data_specs=data_specs, data_dir=default_data_dir(args.data_dir or ms.data_dir or None),
             base_model=base_model, models_root=Path(args.out or ms.models_dir),
             runs_root=Path(args.runs_dir or ms.runs_dir), device=pick_device(args.device or ms.device),
-            resume=args.resume, time_budget=args.time_budget, save_dtype=getattr(torch, args.save_dtype),
+            resume=args.resume, keep_run_state=bool(args.keep_run_state or ms.keep_run_state),
+            time_budget=args.time_budget, save_dtype=getattr(torch, args.save_dtype),
             command=shlex.join(["finpulse", *sys.argv[1:]]), refit=refit, data_weights=data_weights)
     except (DataError, ModelError, RefitError, TeacherProcessDied) as exc:
         print(f"finpulse train: {exc}", file=sys.stderr)

@@ -194,6 +194,31 @@ def test_an_interrupted_run_resumes_to_the_same_model(tiny_base, tmp_path):
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
+def test_a_finished_run_keeps_only_a_note_of_its_model(tiny_base, tmp_path):
+    """Once the model is saved, the run's checkpoints (there only for --resume) go; --resume of the finished run
+    names its model and trains nothing; with the model removed since, it trains the same model again."""
+    data_file = write_tiny_csv(tmp_path / "train.csv", repeat=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    subprocess.run(train_command(tiny_base, data_file, tmp_path), check=True, env=env, capture_output=True)
+    [run_dir] = (tmp_path / "runs").iterdir()
+    [model_dir] = (tmp_path / "models").iterdir()
+    assert [p.name for p in run_dir.iterdir()] == ["finished.json"]
+    assert json.loads((run_dir / "finished.json").read_text())["model_dir"] == str(model_dir.resolve())
+    first = final_weights(tmp_path / "models")
+
+    again = subprocess.run(train_command(tiny_base, data_file, tmp_path, "--resume"), check=True, env=env,
+                           capture_output=True, text=True)
+    assert "this run finished already" in again.stdout and f"model saved: {model_dir}" in again.stdout
+    assert "epoch 1" not in again.stdout + again.stderr
+
+    shutil.rmtree(model_dir)
+    retrained = subprocess.run(train_command(tiny_base, data_file, tmp_path, "--resume"), check=True, env=env,
+                               capture_output=True, text=True)
+    assert "its model" in retrained.stdout and "is gone: training it again" in retrained.stdout
+    second = final_weights(tmp_path / "models")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 # A real SIGKILL at an exact point: the process writes the named checkpoint file for the second time, then dies.
 KILLED_AFTER_WRITING = """
 import os, signal, sys
@@ -226,8 +251,8 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_one_before(tin
     assert died.returncode == -signal.SIGKILL
     [run_dir] = (killed / "runs").glob("*/fit")
     assert json.loads((run_dir / "state.json").read_text())["epoch"] == 1
-    resumed = subprocess.run(train_command(tiny_base, data_file, killed, "--resume"), check=True, env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(train_command(tiny_base, data_file, killed, "--resume", "--keep-run-state"), check=True,
+                             env=env, capture_output=True, text=True)
     assert "resuming after epoch 1" in resumed.stderr
     resumed_weights, reference = final_weights(killed / "models"), final_weights(straight / "models")
     assert all(torch.equal(resumed_weights[k], reference[k]) for k in reference)
@@ -483,7 +508,7 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     teacher trained at once in two spawned processes, their ensemble, and the student that is saved."""
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=6)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    command = full_recipe_command(tiny_base, data_file, tmp_path, epochs=2)
+    command = full_recipe_command(tiny_base, data_file, tmp_path, epochs=2) + ["--keep-run-state"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "training 2 teachers side by side" in done.stdout
@@ -517,14 +542,16 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
         assert len(refit_stages[stage]["history"]) == stages[stage]["best_epoch"]
     assert refit_stages["ensemble"] == {"chosen": f"{model_dir.name}'s choice", "members": stages["ensemble"]["members"],
                                         "student_init": stages["ensemble"]["student_init"]}
-    shutil.rmtree(next(d for d in (tmp_path / "runs").iterdir() if "-refit-" in d.name))
+    [refit_run] = [d for d in (tmp_path / "runs").iterdir() if "-refit-" in d.name]
+    assert [p.name for p in refit_run.iterdir()] == ["finished.json"]  # its checkpoints went once it was saved
 
-    # Resumed one at a time, the run finds its own state: nothing is trained again.
+    # Resumed one at a time, the run finds itself finished: nothing is trained again.
     command[command.index("--parallel") + 1] = "1"
     resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert len(list((tmp_path / "runs").iterdir())) == 1
+    assert len(list((tmp_path / "runs").iterdir())) == 2 and "this run finished already" in resumed.stdout
     assert "teacher 0 (plain) epoch" not in resumed.stdout and "student epoch" not in resumed.stdout
+    assert f"model saved: {model_dir}" in resumed.stdout
 
 
 def test_a_teacher_that_fails_in_its_process_raises_its_own_error_after_the_others_finish(tiny_base, tmp_path,
@@ -606,6 +633,7 @@ def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path
     assert "domain pretraining" not in resumed.stdout and f"teacher {finished} (" not in resumed.stdout
     [model_dir] = list((tmp_path / "models").iterdir())
     assert (model_dir / "model.safetensors").is_file()
+    assert [p.name for p in run_dir.iterdir()] == ["finished.json"]  # every stage's checkpoints went
 
 
 def test_domain_pretraining_killed_mid_checkpoint_resumes_to_the_same_encoder(tiny_base, tmp_path):
@@ -616,7 +644,7 @@ def test_domain_pretraining_killed_mid_checkpoint_resumes_to_the_same_encoder(ti
     straight, killed = tmp_path / "straight", tmp_path / "killed"
 
     def command(root: Path) -> list[str]:
-        full = full_recipe_command(tiny_base, data_file, root, epochs=1)
+        full = full_recipe_command(tiny_base, data_file, root, epochs=1) + ["--keep-run-state"]
         full[full.index("--mlm-epochs") + 1] = "3"
         return full
     subprocess.run(command(straight), check=True, env=env, capture_output=True)
