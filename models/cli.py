@@ -161,6 +161,10 @@ def _train(args, settings) -> int:
     except (DataError, ModelError, RefitError, TeacherProcessDied) as exc:
         print(f"finpulse train: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nfinpulse train: interrupted. Every stage's last complete epoch is kept: run the same command again "
+              "with --resume to go on from there", file=sys.stderr)
+        return 130
     print_outcome(outcome, recipe)
     return 0
 

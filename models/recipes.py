@@ -553,6 +553,9 @@ def fitting_processes(jobs: int, free_gpu_bytes: int, cpu_cores: int) -> int:
     return max(1, min(jobs, free_gpu_bytes // TEACHER_GPU_BYTES, cpu_cores))
 
 
+TEACHER_EXIT_S = 5.0  # an interrupted run waits this long for its teachers to end before it kills them
+
+
 def run_teachers(jobs: list[TeacherJob]) -> None:
     """Train ``jobs`` at once: one in this process, several each in its own spawned process (CUDA needs spawn),
     CPU threads split between them. Every process runs to its end, whatever befalls the others; then a process that
@@ -588,9 +591,14 @@ def run_teachers(jobs: list[TeacherJob]) -> None:
                     outcomes[job.index] = None
                 process.join()
     finally:
-        for _, process in running.values():  # interrupted here (Ctrl-C): no teacher is left training unseen
-            process.kill()
-            process.join()
+        # Interrupted here (Ctrl-C): no teacher is left training unseen. The same Ctrl-C reached the teachers (one
+        # process group), so each gets a moment to end on its own and release what it holds; then it is killed.
+        deadline = time.monotonic() + TEACHER_EXIT_S
+        for _, process in running.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
     died = [job.index for job in jobs if outcomes[job.index] is None]
     if died:
         which = f"teacher{'s' if len(died) > 1 else ''} {', '.join(map(str, died))}"

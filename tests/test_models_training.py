@@ -594,6 +594,27 @@ def test_teacher_processes_end_with_their_killed_parent(tiny_base, tmp_path):
     assert not finished, f"teachers {finished} went on training after their parent was killed"
 
 
+def test_ctrl_c_stops_the_teachers_and_says_how_to_go_on(tiny_base, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while teachers train side by side: the run ends at once with
+    exit 130 and a way on, not a traceback, and no teacher is left running."""
+    data_file = write_tiny_csv(tmp_path / "train.csv", repeat=30)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    with (tmp_path / "stderr").open("w") as stderr:
+        proc = subprocess.Popen(full_recipe_command(tiny_base, data_file, tmp_path, epochs=40), env=env,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+        teachers = started_teachers(proc)
+        for line in proc.stdout:
+            if " epoch 1:" in line:
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=60)
+    printed = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 130, printed[-3000:]
+    assert "finpulse train: interrupted" in printed and "--resume" in printed
+    assert "Traceback" not in printed and "leaked" not in printed
+    assert not orphans_left(teachers, timeout=5)
+
+
 def started_teachers(proc: subprocess.Popen) -> list[int]:
     """The pids of the full recipe's two teacher processes, once both have started."""
     for line in proc.stdout:
