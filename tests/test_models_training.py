@@ -26,6 +26,8 @@ from tests.models_fixtures import SENTIMENT_ROWS, make_tiny_base, tiny_set, writ
 from tests.procs import orphans_left
 
 REPO = Path(__file__).resolve().parents[1]
+# For the training CLI run as a subprocess: this checkout's packages, and no reach for the hub.
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +158,7 @@ def test_a_run_resumes_under_another_time_allowance(tiny_base, tmp_path, caplog)
 # For the runs compared bit for bit: one CPU thread. A float32 run on several threads ended a few bits off now and
 # then on a loaded machine (the MLM resume test: once in five CI runs, 1 in 4 under two busy loops); the tests check
 # that a resume restores every bit of the state, not how torch splits its sums between threads.
-BIT_EXACT_ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+BIT_EXACT_ENV = {**CLI_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def final_weights(models_root: Path) -> dict[str, torch.Tensor]:
@@ -204,7 +206,7 @@ def test_a_finished_run_keeps_only_a_note_of_its_model(tiny_base, tmp_path):
     """Once the model is saved, the run's checkpoints (there only for --resume) go; --resume of the finished run
     names its model and trains nothing; with the model removed since, it trains the same model again."""
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = CLI_ENV
     subprocess.run(train_command(tiny_base, data_file, tmp_path), check=True, env=env, capture_output=True)
     [run_dir] = (tmp_path / "runs").iterdir()
     [model_dir] = (tmp_path / "models").iterdir()
@@ -513,7 +515,7 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     """The distillation pipeline end to end on the tiny encoder: domain pretraining, a plain and an adapted
     teacher trained at once in two spawned processes, their ensemble, and the student that is saved."""
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=6)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = CLI_ENV
     command = full_recipe_command(tiny_base, data_file, tmp_path, epochs=2) + ["--keep-run-state"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -583,7 +585,7 @@ def test_teacher_processes_end_with_their_killed_parent(tiny_base, tmp_path):
     """kill -9 of `finpulse train` stops its teachers too: left running, they would go on writing into the run
     directory that the resumed run uses, and finish there."""
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=30)  # epochs of about a second: the kill lands early
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = CLI_ENV
     proc = subprocess.Popen(full_recipe_command(tiny_base, data_file, tmp_path, epochs=40), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -604,7 +606,7 @@ def test_ctrl_c_stops_the_teachers_and_says_how_to_go_on(tiny_base, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) while teachers train side by side: the run ends at once with
     exit 130 and a way on, not a traceback, and no teacher is left running."""
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=30)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = CLI_ENV
     with (tmp_path / "stderr").open("w") as stderr:
         proc = subprocess.Popen(full_recipe_command(tiny_base, data_file, tmp_path, epochs=40), env=env,
                                 stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
@@ -640,7 +642,7 @@ def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path
     finish; the run ends with a message that says which teacher did not finish and how to go on, not a traceback,
     and --resume then trains only that one."""
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=6)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = CLI_ENV
     command = full_recipe_command(tiny_base, data_file, tmp_path, epochs=4)
     with (tmp_path / "stderr").open("w") as stderr:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
