@@ -126,9 +126,10 @@ def _train(args, settings) -> int:
     from .modeling import ModelError, resolve_base_model
     from .card import print_outcome
     from .precision import resolve_cpu_precision
-    from .recipes import RefitError, TeacherProcessDied, load_refit, run_recipe, with_cpu_precision
+    from .recipes import RefitError, load_refit, run_recipe, with_cpu_precision
     from .registry import find_model_dir
     from .scorer import pick_device
+    from .teachers import TeacherProcessDied
 
     ms = settings.section("models", ModelSettings)
     given = ["--" + name.replace("_", "-") for name in REFIT_FIXED if getattr(args, name) is not None]

@@ -97,6 +97,14 @@ def load_pretrained(loader, base: str, **kwargs):
                          f"config.json, weights and tokenizer files. Detail: {exc}") from None
 
 
+def quiet_transformers() -> None:
+    """Our own progress bars and summaries say what happens; transformers' per-load reports (e.g. the unused
+    pooler missing from an adapted encoder) and weight-loading bars would drown them."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 class FinPulseClassifier(nn.Module):
     """Encoder -> pooled vector -> dropout -> (topic logits, sentiment logits)."""
 

@@ -8,8 +8,7 @@
   1. domain-adaptive pretraining: masked-language-model training of the encoder on the training texts of both
      sets (tweets are far from the encoder's pretraining text);
   2. teachers: one plain model and ``teachers`` models from the adapted encoder, each with its own seed; on a GPU
-     they train side by side in separate processes (one small encoder's training loop is bound by Python and
-     kernel launches, not by the GPU, so several loops share one GPU for about the wall time of one);
+     they train side by side, each in its own process (``models.teachers``);
   3. an ensemble of the teachers (the candidate set with the best validation score) labels every training text
      for *both* heads: cross-task self-training, since each set carries only one head's labels;
   4. one student, trained on the gold labels mixed with the ensemble's soft labels (distillation), is shipped.
@@ -28,12 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pickle
 import platform
 import shutil
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,10 +42,10 @@ from .card import comparison_table, model_card
 from .data import (NEWS_PROBE, SPLIT_SCHEME, DataError, LabeledSet, fingerprint, kept_whole, load_data, split,
                    stratified_sample)
 from .evaluation import evaluate, reports_by_source, reports_from, selection_score
-from .modeling import FinPulseClassifier, TextEncoder, save_model, write_json
-from .parent_watch import exit_with_parent
+from .modeling import FinPulseClassifier, TextEncoder, quiet_transformers, save_model, write_json
 from .precision import describe
 from .scorer import BatchScorer, Probabilities
+from .teachers import TeacherJob, run_teachers, teachers_at_once
 from .training import FitConfig, MlmConfig, config_hash, distillation_targets, fit, gold_targets, pretrain_mlm
 
 
@@ -146,10 +142,6 @@ class RefitError(ValueError):
     """A model that cannot be refitted, and why."""
 
 
-class TeacherProcessDied(RuntimeError):
-    """Teachers trained side by side that ended without a result, and how to go on."""
-
-
 def load_refit(model_dir: Path) -> Refit:
     from .modeling import read_config
     config = read_config(model_dir)
@@ -219,7 +211,7 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     """``refit``: train on every labeled row with the reference's choices (``recipe``, ``data_specs``,
     ``data_weights`` and ``base_model`` then are the reference's, as ``finpulse train --refit`` passes them)."""
     started = time.monotonic()
-    _quiet_transformers()
+    quiet_transformers()
     data_weights = dict(data_weights or {})
     data = load_data(data_specs, data_dir, data_weights)
     sha = fingerprint(data_specs, data_dir)
@@ -407,7 +399,7 @@ def _fit_one(recipe: Recipe, base: str, text_encoder: TextEncoder, train: Labele
     model = FinPulseClassifier.from_base(base, pooling=cfg.pooling, dropout=cfg.dropout, seed=cfg.seed)
     result = fit(model, text_encoder, train, gold_targets(train, cfg.class_balance,
                  cfg.label_smoothing), val, cfg, device, run_dir / "fit", name=recipe.name)
-    return model, {"fit": _stage_summary(result)}
+    return model, {"fit": result.summary()}
 
 
 def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: LabeledSet, rows: dict[str, np.ndarray],
@@ -479,7 +471,7 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
                  dataclasses.replace(cfg, seed=seed, epochs=epochs, patience=epochs,
                                      max_seconds=budget.allowance("student")), device,
                  run_dir / "student", name="student")
-    stages["student"] = _stage_summary(result)
+    stages["student"] = result.summary()
     if refit:
         return student, stages, {}
 
@@ -491,163 +483,9 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
     return student, stages, comparison
 
 
-@dataclass
-class TeacherJob:
-    """One teacher of the distillation pipeline: everything its (possibly separate) process needs."""
-    index: int
-    kind: str                # plain | adapted
-    init: str                # the encoder it starts from
-    base: str                # the base model (its tokenizer)
-    cfg: FitConfig
-    data: LabeledSet         # every row: the teacher labels all of them
-    train_rows: np.ndarray
-    val_rows: np.ndarray
-    out_dir: Path
-    device: str
-    threads: int = 0         # CPU threads for this process (0: torch's default)
-
-    @property
-    def name(self) -> str:
-        return f"teacher {self.index} ({self.kind})"
-
-
-def train_teacher(job: TeacherJob) -> None:
-    """Fit one teacher, label every row with it, and leave ``probs.npz`` and ``result.json`` in its directory
-    (their presence marks the teacher done, so a resumed run skips it)."""
-    _quiet_transformers()
-    if job.threads:
-        torch.set_num_threads(job.threads)
-    device = torch.device(job.device)
-    text_encoder = TextEncoder.for_base(job.base, job.cfg.max_length)
-    train = job.data.subset(job.train_rows)
-    val = job.data.subset(job.val_rows) if len(job.val_rows) else None  # a refit: its epochs are given
-    model = FinPulseClassifier.from_base(job.init, pooling=job.cfg.pooling, dropout=job.cfg.dropout,
-                                         seed=job.cfg.seed)
-    result = fit(model, text_encoder, train, gold_targets(train, job.cfg.class_balance, job.cfg.label_smoothing),
-                 val, job.cfg, device, job.out_dir / "checkpoint", name=job.name)
-    labeller = BatchScorer(model, text_encoder, "teacher", device=device, tokenizer_processes=0)
-    everything = labeller.probabilities(job.data.texts)
-    write_json(job.out_dir / "result.json", {"kind": job.kind, "seed": job.cfg.seed, **_stage_summary(result)})
-    partial = job.out_dir / "probs.npz.partial"
-    with partial.open("wb") as handle:
-        np.savez(handle, topic=everything.topic, sentiment=everything.sentiment)
-    partial.replace(job.out_dir / "probs.npz")  # last and whole: it marks the teacher done
-
-
-# GPU memory per teacher process, with room to spare for a longer --max-length or a larger --batch-size: six
-# MiniLM teachers (batch 64, 64 tokens) took about 2.3 GiB each on the H100, CUDA context included.
-TEACHER_GPU_BYTES = 5 * 2**30
-
-
-def teachers_at_once(teachers: int, device: torch.device) -> int:
-    """All teachers at once on a GPU with the memory and host cores for them; one at a time on a CPU (where one
-    training loop already uses every core)."""
-    if device.type != "cuda":
-        return 1
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    return fitting_processes(teachers, free_bytes, os.cpu_count() or 1)
-
-
-def fitting_processes(jobs: int, free_gpu_bytes: int, cpu_cores: int) -> int:
-    """Each process needs TEACHER_GPU_BYTES of GPU memory and about one core to drive its GPU."""
-    return max(1, min(jobs, free_gpu_bytes // TEACHER_GPU_BYTES, cpu_cores))
-
-
-TEACHER_EXIT_S = 5.0  # an interrupted run waits this long for its teachers to end before it kills them
-
-
-def run_teachers(jobs: list[TeacherJob]) -> None:
-    """Train ``jobs`` at once: one in this process, several each in its own spawned process (CUDA needs spawn),
-    CPU threads split between them. Every process runs to its end, whatever befalls the others; then a process that
-    died (most often killed by the kernel, for memory) is reported, or else the first failure is raised.
-
-    Each process gets its job and reports back on its own pipe; they share no queue or lock that a process killed at
-    the wrong moment could leave held. (``ProcessPoolExecutor``, used before, shares its call queue, and once kept a
-    run going past two minutes after one of its teachers was killed.)"""
-    if len(jobs) <= 1:
-        for job in jobs:
-            train_teacher(job)
-        return
-    import multiprocessing
-    from multiprocessing.connection import wait
-    context = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // len(jobs))
-    print(f"training {len(jobs)} teachers side by side ({threads} CPU threads each)", flush=True)
-    running, outcomes = {}, {}
-    try:
-        for job in jobs:
-            receive, send = context.Pipe(duplex=False)
-            process = context.Process(target=_teacher_process, name=job.name,
-                                      args=(dataclasses.replace(job, threads=threads), send, os.getpid()))
-            process.start()
-            send.close()  # the child holds the only writing end: its exit, however abrupt, ends the pipe
-            running[receive] = (job, process)
-        while running:
-            for receive in wait(list(running)):
-                job, process = running.pop(receive)
-                try:
-                    outcomes[job.index] = receive.recv()
-                except EOFError:  # it ended without a word: killed
-                    outcomes[job.index] = None
-                process.join()
-    finally:
-        # Interrupted here (Ctrl-C): no teacher is left training unseen. The same Ctrl-C reached the teachers (one
-        # process group), so each gets a moment to end on its own and release what it holds; then it is killed.
-        deadline = time.monotonic() + TEACHER_EXIT_S
-        for _, process in running.values():
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join()
-    died = [job.index for job in jobs if outcomes[job.index] is None]
-    if died:
-        which = f"teacher{'s' if len(died) > 1 else ''} {', '.join(map(str, died))}"
-        raise TeacherProcessDied(
-            f"a teacher process ended abruptly (killed; most often for want of memory): {which} did not finish. "
-            f"Finished teachers and every teacher's last complete epoch are kept: run the same command again with "
-            f"--resume to go on from there, with --parallel {max(1, len(jobs) // 2)} to train fewer at once")
-    for job in jobs:
-        if outcomes[job.index] != "done":
-            error, remote_traceback = outcomes[job.index]
-            raise error from RuntimeError(f"in {job.name}'s process:\n{remote_traceback}")
-
-
-def _teacher_process(job: TeacherJob, report, parent_pid: int) -> None:
-    """A teacher process's body: train, then report "done" or the exception and its traceback (raised by the
-    parent, as a future's would be). It ends with its parent: a resumed run must not find it still writing."""
-    exit_with_parent(parent_pid)
-    try:
-        train_teacher(job)
-    except BaseException as error:  # noqa: BLE001 - it travels to the parent, which raises it
-        text = traceback.format_exc()
-        try:
-            pickle.dumps(error)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
-            error = RuntimeError(f"{type(error).__name__}: {error}")
-        report.send((error, text))
-    else:
-        report.send("done")
-
-
-def _stage_summary(result) -> dict[str, Any]:
-    # best_score stays below 0 when nothing was validated (a refit): there is no score to report then.
-    return {"best_epoch": result.best_epoch,
-            "best_score": round(result.best_score, 5) if result.best_score >= 0 else None, "stopped": result.stopped,
-            "seconds": round(result.seconds, 1), "steps": result.steps, "scheduled_steps": result.scheduled_steps,
-            "history": result.history}
-
-
 def _headline(reports: dict[str, Any]) -> dict[str, float]:
     return {f"{head}_{metric}": round(report[metric], 4) for head, report in reports.items()
             for metric in ("accuracy", "macro_f1")}
-
-
-def _quiet_transformers() -> None:
-    """Our own progress bars and summaries say what happens; transformers' per-load reports (e.g. the unused
-    pooler missing from an adapted encoder) and weight-loading bars would drown them."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def _version(package: str) -> str:

@@ -104,6 +104,14 @@ class FitResult:
     steps: int = 0             # optimizer steps taken
     scheduled_steps: int = 0   # the schedule's steps before any time budget shrank it
 
+    def summary(self) -> dict[str, Any]:
+        """As the run's metrics record a stage. best_score stays below 0 when nothing was validated (a refit):
+        there is no score to report then."""
+        score = round(self.best_score, 5) if self.best_score >= 0 else None
+        return {"best_epoch": self.best_epoch, "best_score": score, "stopped": self.stopped,
+                "seconds": round(self.seconds, 1), "steps": self.steps, "scheduled_steps": self.scheduled_steps,
+                "history": self.history}
+
 
 def class_weights(labels: np.ndarray, n_classes: int, power: float) -> np.ndarray:
     counts = np.bincount(labels[labels >= 0], minlength=n_classes).astype(float)

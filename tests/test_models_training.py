@@ -567,7 +567,7 @@ def test_a_teacher_that_fails_in_its_process_raises_its_own_error_after_the_othe
     """Teachers side by side: one that raises (here, an encoder that is not there) is raised in the parent as its own
     error type, so the CLI prints its message; the other still finishes and keeps its labels for --resume."""
     from models.modeling import ModelError
-    from models.recipes import TeacherJob, run_teachers
+    from models.teachers import TeacherJob, run_teachers
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # for the spawned processes
     data = tiny_set()
@@ -737,7 +737,7 @@ def test_time_budget_gives_stages_run_side_by_side_the_time_they_would_have_had_
 
 
 def test_teachers_run_side_by_side_only_as_many_as_gpu_memory_and_cores_allow():
-    from models.recipes import TEACHER_GPU_BYTES, fitting_processes
+    from models.teachers import TEACHER_GPU_BYTES, fitting_processes
     assert fitting_processes(6, 79 * 2**30, 16) == 6                  # an H100
     assert fitting_processes(6, 11 * 2**30, 16) == 11 * 2**30 // TEACHER_GPU_BYTES  # a 12 GB card
     assert fitting_processes(6, 79 * 2**30, 4) == 4                   # few host cores
