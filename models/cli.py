@@ -1,4 +1,4 @@
-"""``finpulse train``, ``finpulse evaluate`` and ``finpulse calibrate``: the classifier's command line.
+"""``finpulse train``, ``evaluate``, ``calibrate`` and ``score``: the classifier's command line.
 
 Registered into the ``finpulse`` dispatcher by ``register``; ``python -m models.cli`` runs the same commands
 without the rest of FinPulse installed (as on a bare GPU machine). torch is imported only when a command runs.
@@ -11,6 +11,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import score_files
+from .precision import CPU_PRECISIONS
 from .settings import ModelSettings
 
 RECIPE_NAMES = ("quick", "plain", "full")  # models.recipes.RECIPES, named here so `--help` needs no torch
@@ -98,6 +100,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
     p.add_argument("--out", help="models directory for the copy (default: beside the model)")
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("score", help="what the classifier says of texts: given here, or a file of them (lines, CSV "
+                                     "or JSONL)",
+                       description="Scores texts with a trained model as the worker does: topic, its confidence, "
+                                   "sentiment and a score in [-1, 1] (P(bullish) - P(bearish)), stamped with the "
+                                   "model version. Texts given as arguments print as a table; a file is read and "
+                                   "scored in chunks, each row written out with its own fields and the prediction's "
+                                   "(JSONL by default, or CSV). A row that cannot be scored gets an error and the "
+                                   "rest go on.")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to score (else --input, or standard input)")
+    p.add_argument("--input", "-i", metavar="FILE",
+                   help="a file of texts: one a line (.txt), CSV or JSONL with a text field; - for standard input")
+    p.add_argument("--input-format", choices=score_files.INPUT_FORMATS,
+                   help="lines, csv or jsonl (default: from the file's suffix, else lines)")
+    p.add_argument("--text-field", default="text", help="the CSV column or JSON field to score (default text)")
+    p.add_argument("--out", "-o", metavar="FILE", help="write here instead of standard output (whole or not at all)")
+    p.add_argument("--format", choices=score_files.OUTPUT_FORMATS,
+                   help="table, jsonl or csv (default: table for texts given as arguments, else from --out's "
+                        "suffix, else jsonl)")
+    p.add_argument("--model", help="model directory or version (default: the newest under var/models)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
+    p.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default="auto",
+                   help="how the model computes on a CPU (default auto, as the worker's default: bf16 where the CPU "
+                        "has bfloat16 instructions, else float32); int8 stamps <version>+int8")
+    p.set_defaults(func=_score)
 
 
 def _at_least_one(value: str) -> int:
@@ -301,6 +328,44 @@ def _calibrate(args, settings) -> int:
         print(f"finpulse calibrate: {exc}", file=sys.stderr)
         return 2
     print(f"calibrated copy saved: {path} (version {version}; the worker loads the newest model)")
+    return 0
+
+
+def _score(args, settings) -> int:
+    import time
+    from .interface import load_scorer
+
+    if args.texts and args.input:
+        print("finpulse score: give texts or --input, not both", file=sys.stderr)
+        return 2
+    if not args.texts and not args.input and sys.stdin.isatty():
+        print("finpulse score: nothing to score: give texts, --input FILE, or pipe texts in", file=sys.stderr)
+        return 2
+    ms = settings.section("models", ModelSettings)
+    try:
+        scorer = load_scorer("model", args.model, device=args.device or ms.device, models_root=ms.models_dir,
+                             cpu_precision=args.cpu_precision)
+    except (FileNotFoundError, RuntimeError) as exc:  # no model, not a model (ModelError), no such device
+        print(f"finpulse score: {exc}", file=sys.stderr)
+        return 2
+    input_format = score_files.format_of(args.input, args.input_format, score_files.INPUT_FORMATS, "lines")
+    output_format = args.format or ("table" if args.texts else
+                                    score_files.format_of(args.out, None, ("jsonl", "csv"), "jsonl"))
+    started = time.monotonic()
+    try:
+        written, failed = score_files.score_into(scorer, args.texts, args.input, input_format, args.text_field,
+                                                 args.out, output_format)
+    except score_files.ScoreInputError as exc:
+        print(f"finpulse score: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        scorer.close()
+    seconds = time.monotonic() - started
+    if not args.texts:
+        print(f"scored {written:,} texts in {seconds:.1f} s ({written / max(seconds, 1e-9):,.0f}/s)"
+              f"{f', written to {args.out}' if args.out else ''}", file=sys.stderr)
+    if failed and output_format != "table":  # a table says so on the row
+        print(f"{failed:,} of {written:,} texts could not be scored: their error field says why", file=sys.stderr)
     return 0
 
 

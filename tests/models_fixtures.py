@@ -74,6 +74,17 @@ def make_tiny_base(out: Path) -> Path:
     return out
 
 
+def save_tiny_model(base: Path, out: Path) -> Path:
+    """A FinPulse model directory over the tiny base, its heads drawn wide so that labels depend on the text."""
+    import torch
+    from models.modeling import FinPulseClassifier, save_model
+    model = FinPulseClassifier.from_base(str(base), seed=5)
+    torch.nn.init.normal_(model.topic_head.weight, std=0.5)
+    torch.nn.init.normal_(model.sentiment_head.weight, std=0.5)
+    save_model(model, str(base), out, base_model=str(base), recipe="test", max_length=48)
+    return out
+
+
 def write_shared_layout(folder: Path) -> None:
     """The tiny fixture ten times over, written as the shared data directory's two text,label files."""
     rows = tiny_set()

@@ -18,7 +18,7 @@ from models.modeling import FinPulseClassifier, TextEncoder, load_model, save_mo
 from models.registry import NotAModelDir, find_model_dir, list_models
 from models.scorer import BatchScorer
 from models.tokenizer_pool import PieceTokenizer, native_ids
-from tests.models_fixtures import make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
+from tests.models_fixtures import make_tiny_base, save_tiny_model, tiny_set, write_shared_layout, write_tiny_csv
 from tests.procs import orphans_left
 
 TEXTS = [
@@ -33,13 +33,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    base = str(make_tiny_base(tmp_path_factory.mktemp("tiny-bert")))
-    model = FinPulseClassifier.from_base(base, seed=5)
-    torch.nn.init.normal_(model.topic_head.weight, std=0.5)  # confident heads: labels depend on the text
-    torch.nn.init.normal_(model.sentiment_head.weight, std=0.5)
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    save_model(model, base, out, base_model=base, recipe="test", max_length=48)
-    return out
+    return save_tiny_model(make_tiny_base(tmp_path_factory.mktemp("tiny-bert")),
+                           tmp_path_factory.mktemp("models") / "tiny")
 
 
 def unbatched_probabilities(loaded, text: str) -> np.ndarray:

@@ -1,0 +1,213 @@
+"""``finpulse score``: the classifier on texts outside the stream. An analyst types a headline to see what the model
+makes of it; a data engineer scores a file (one text a line, CSV or JSONL with a text field) without Kafka.
+
+A file is read and scored in chunks, so memory stays flat whatever its size, and each input row comes out as one
+output row, in order: its own fields, then what the worker stamps on a scored record (``PREDICTION_FIELDS``).
+A row that cannot be scored (empty, not a text, a JSONL line that is not JSON) gets ``error`` and the rest go on.
+An input field named like a prediction field (a labeled file's ``topic``) is kept as ``input_<name>``.
+An output file is written whole or not at all: it appears under its name only once every row is in it.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any, Iterator, Sequence
+
+from .interface import Prediction
+
+PREDICTION_FIELDS = ("topic", "topic_confidence", "sentiment", "sentiment_score", "model_version", "error")
+INPUT_FORMATS = ("lines", "csv", "jsonl")
+OUTPUT_FORMATS = ("table", "jsonl", "csv")
+CHUNK = 2048  # rows read and scored at a time: the scorer batches and pipelines inside each chunk
+
+
+class ScoreInputError(ValueError):
+    """Input that cannot be read at all (a missing file or text column), said plainly."""
+
+
+class Row:
+    """One input row: its fields as read, the text to score, and why it cannot be scored (if it cannot)."""
+    __slots__ = ("fields", "text", "error")
+
+    def __init__(self, fields: dict[str, Any], text: Any, error: str | None = None):
+        self.fields, self.text, self.error = fields, text, error
+
+
+def format_of(path: str | None, given: str | None, choices: Sequence[str], default: str) -> str:
+    """``given``, else the one ``path``'s suffix names (if it is one of ``choices``), else ``default``."""
+    if given:
+        return given
+    suffix = Path(path).suffix.lower() if path and path != "-" else ""
+    guessed = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "lines"}.get(suffix)
+    return guessed if guessed in choices else default
+
+
+def read_rows(handle: IO[str], input_format: str, text_field: str, name: str) -> Iterator[Row]:
+    """Rows of an open text file, in order (``name`` says which file in errors)."""
+    if input_format == "lines":
+        for line in handle:
+            text = line.rstrip("\r\n")
+            yield Row({"text": text}, text)
+    elif input_format == "csv":
+        reader = csv.DictReader(handle, restkey="extra_values")  # a row longer than the header
+        if reader.fieldnames is None:
+            return
+        if text_field not in reader.fieldnames:
+            raise ScoreInputError(f"{name} has no {text_field!r} column (its columns: {', '.join(reader.fieldnames)}):"
+                                  f" name the one to score with --text-field")
+        for fields in reader:
+            yield Row(fields, fields[text_field])
+    else:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                fields = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield Row({}, None, f"line {number}: not JSON ({exc.msg} at column {exc.colno})")
+                continue
+            if not isinstance(fields, dict):
+                yield Row({}, None, f"line {number}: not a JSON object")
+            elif text_field not in fields:
+                yield Row(fields, None, f"line {number}: no {text_field!r} field")
+            else:
+                yield Row(fields, fields[text_field])
+
+
+def _utf8(rows: Iterator[Row], name: str) -> Iterator[Row]:
+    """``rows``, with a file that is not UTF-8 said plainly (the decoder reads ahead: "near", not "at")."""
+    read = 0
+    try:
+        for row in rows:
+            read += 1
+            yield row
+    except UnicodeDecodeError as exc:
+        raise ScoreInputError(f"{name} is not UTF-8 text ({exc.reason}) near row {read + 1:,}") from None
+
+
+def chunks(rows: Iterator[Row], size: int | None = None) -> Iterator[list[Row]]:
+    size = size or CHUNK
+    chunk: list[Row] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def score_rows(scorer, rows: list[Row]) -> list[dict[str, Any]]:
+    """Each row's own fields (a clashing name as ``input_<name>``), then its prediction's."""
+    readable = [i for i, row in enumerate(rows) if row.error is None]
+    predictions: list[Prediction | None] = [None] * len(rows)
+    for i, prediction in zip(readable, scorer.score([rows[i].text for i in readable])):
+        predictions[i] = prediction
+    out = []
+    for row, prediction in zip(rows, predictions):
+        record = {(f"input_{k}" if k in PREDICTION_FIELDS else k): v for k, v in row.fields.items()}
+        if prediction is None or not prediction.ok:
+            record.update(dict.fromkeys(PREDICTION_FIELDS[:-2]), model_version=scorer.model_version,
+                          error=row.error or prediction.error)
+        else:
+            predicted = asdict(prediction)
+            record.update({k: predicted[k] for k in PREDICTION_FIELDS[:-2]}, model_version=scorer.model_version,
+                          error=None)
+            record["topic_confidence"] = round(record["topic_confidence"], 4)
+            record["sentiment_score"] = round(record["sentiment_score"], 4)
+        out.append(record)
+    return out
+
+
+class Writer:
+    """Writes scored rows as JSONL, CSV (the input's columns when it was CSV, else its text) or a table for a
+    terminal."""
+
+    def __init__(self, handle: IO[str], output_format: str, input_columns: list[str] | None, text_field: str):
+        self.handle, self.format, self.text_field = handle, output_format, text_field
+        self.input_columns = input_columns
+        self._csv: csv.DictWriter | None = None
+        if output_format == "table":
+            self.width = max(40, min(200, _terminal_columns()) - 40)
+            handle.write(f"{'score':>6}  {'sentiment':<9}  {'topic (confidence)':<34}  text\n")
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if self.format == "jsonl":
+            self.handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        elif self.format == "csv":
+            if self._csv is None:
+                columns = self.input_columns or [self.text_field]
+                renamed = [f"input_{c}" if c in PREDICTION_FIELDS else c for c in columns]
+                self._csv = csv.DictWriter(self.handle, renamed + list(PREDICTION_FIELDS), extrasaction="ignore")
+                self._csv.writeheader()
+            self._csv.writerows(records)
+        else:
+            for r in records:
+                text = " ".join(str(r.get(self.text_field, "")).split())
+                text = text if len(text) <= self.width else text[:self.width - 1] + "…"
+                if r["error"]:
+                    self.handle.write(f"{'-':>6}  {'-':<9}  {'cannot score: ' + r['error']:<34}  {text}\n")
+                else:
+                    topic = f"{r['topic']} ({r['topic_confidence']:.2f})"
+                    self.handle.write(f"{r['sentiment_score']:>+6.2f}  {r['sentiment']:<9}  {topic:<34}  {text}\n")
+
+
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return 120
+
+
+def score_into(scorer, texts: Sequence[str], input_path: str | None, input_format: str, text_field: str,
+               out_path: str | None, output_format: str) -> tuple[int, int]:
+    """Score ``texts``, or the rows of ``input_path`` ("-": standard input), into ``out_path`` (None: standard
+    output); returns (rows written, rows that could not be scored). Progress goes to standard error."""
+    from tqdm import tqdm
+    if texts:  # one a line, as a file of lines would give them
+        input_path, input_format = None, "lines"
+    if input_format == "lines":
+        text_field = "text"
+    partial = Path(f"{out_path}.partial") if out_path else None
+    written = failed = 0
+    with contextlib.ExitStack() as stack:
+        if texts:
+            source, name = io.StringIO("".join(" ".join(t.splitlines()) + "\n" for t in texts)), "the command line"
+        elif input_path in (None, "-"):
+            source, name = sys.stdin, "standard input"
+        else:
+            try:
+                source = stack.enter_context(open(input_path, newline="", encoding="utf-8"))
+            except OSError as exc:
+                raise ScoreInputError(f"cannot read {input_path}: {exc.strerror}") from None
+            name = input_path
+        if partial:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            sink = stack.enter_context(partial.open("w", newline="", encoding="utf-8"))
+            stack.callback(lambda: partial.unlink(missing_ok=True))  # left only by a failure: done, it is renamed
+        else:
+            sink = sys.stdout
+        rows = _utf8(read_rows(source, input_format, text_field, name), name)
+        first = next(rows, None)
+        columns = list(first.fields) if first is not None and input_format == "csv" else None
+        writer = Writer(sink, output_format, columns, text_field)
+        interactive = sys.stderr.isatty()
+        bar = stack.enter_context(tqdm(desc="scoring", unit=" texts", file=sys.stderr, disable=bool(texts),
+                                       dynamic_ncols=True, leave=False, mininterval=0.5 if interactive else 15.0))
+        for chunk in chunks(itertools.chain([first] if first is not None else [], rows)):
+            records = score_rows(scorer, chunk)
+            writer.write(records)
+            written += len(records)
+            failed += sum(r["error"] is not None for r in records)
+            bar.update(len(records))
+        sink.flush()
+        if partial:
+            partial.replace(out_path)
+    return written, failed

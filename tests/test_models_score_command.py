@@ -1,0 +1,135 @@
+"""``finpulse score``: texts given as arguments, files of lines, CSV and JSONL, standard input; bad rows and bad
+files."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models import score_files
+from models.cli import main
+from models.scorer import BatchScorer
+from tests.models_fixtures import make_tiny_base, save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+HEADLINES = ["Shares of Foo jump 20% after an earnings beat", "Oil slides as OPEC+ talks stall",
+             "Board declares a quarterly dividend of 50 cents", "Fed holds rates; markets shrug",
+             "CEO resigns after accounting probe", "Bank appoints a new chairman"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(make_tiny_base(tmp_path_factory.mktemp("tiny-bert")),
+                           tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    """What the worker's scorer says of each headline: every path of the command must say the same."""
+    scorer = BatchScorer.from_pretrained(model_dir, device="cpu")
+    return scorer.model_version, dict(zip(HEADLINES, scorer.score(HEADLINES)))
+
+
+def score(model_dir: Path, *args: str) -> int:
+    return main(["score", "--model", str(model_dir), "--device", "cpu", "--cpu-precision", "float32", *args])
+
+
+def test_texts_given_as_arguments_print_a_table_row_each_in_order(model_dir, expected, capsys):
+    assert score(model_dir, HEADLINES[0], "   ", HEADLINES[1]) == 0
+    header, first, blank, second = capsys.readouterr().out.splitlines()
+    assert header.split() == ["score", "sentiment", "topic", "(confidence)", "text"]
+    for line, text in ((first, HEADLINES[0]), (second, HEADLINES[1])):
+        prediction = expected[1][text]
+        assert line.split()[:2] == [f"{prediction.sentiment_score:+.2f}", prediction.sentiment]
+        assert f"{prediction.topic} ({prediction.topic_confidence:.2f})" in line and line.endswith(text)
+    assert "cannot score: empty text" in blank
+
+
+def test_a_csv_keeps_its_columns_and_order_and_a_labeled_column_is_kept_beside_the_prediction(model_dir, expected,
+                                                                                              tmp_path, capsys):
+    source = tmp_path / "headlines.csv"
+    with source.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text", "topic"])
+        writer.writerows([[i, text, "Energy | Oil"] for i, text in enumerate(HEADLINES)] + [[99, "", "Dividend"]])
+    out = tmp_path / "out" / "scored.csv"
+    assert score(model_dir, "--input", str(source), "--out", str(out)) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["id", "text", "input_topic", *score_files.PREDICTION_FIELDS]
+    assert [r["id"] for r in rows] == [str(i) for i in range(len(HEADLINES))] + ["99"]
+    version, predictions = expected
+    for row in rows[:-1]:
+        prediction = predictions[row["text"]]
+        assert row["input_topic"] == "Energy | Oil" and row["topic"] == prediction.topic
+        assert row["sentiment"] == prediction.sentiment and row["model_version"] == version and not row["error"]
+        assert float(row["sentiment_score"]) == pytest.approx(prediction.sentiment_score, abs=1e-4)
+    assert rows[-1]["error"] == "empty text" and rows[-1]["topic"] == "" and rows[-1]["input_topic"] == "Dividend"
+    assert [p.name for p in out.parent.iterdir()] == ["scored.csv"]
+    err = capsys.readouterr().err
+    assert f"scored {len(rows)} texts" in err and "1 of 7 texts could not be scored" in err
+
+
+def test_jsonl_rows_that_cannot_be_read_get_an_error_and_the_others_are_scored(model_dir, expected, tmp_path,
+                                                                              capsys):
+    source = tmp_path / "posts.jsonl"
+    source.write_text("\n".join([json.dumps({"id": 1, "body": HEADLINES[2], "user": "ana"}), "", "{not json",
+                                 "[1, 2]", json.dumps({"id": 4}), json.dumps({"id": 5, "body": 7}),
+                                 json.dumps({"id": 6, "body": HEADLINES[3]})]) + "\n")
+    assert score(model_dir, "--input", str(source), "--text-field", "body") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r.get("id") for r in rows] == [1, None, None, 4, 5, 6]
+    assert rows[0]["user"] == "ana" and rows[0]["topic"] == expected[1][HEADLINES[2]].topic
+    assert rows[-1]["sentiment"] == expected[1][HEADLINES[3]].sentiment and rows[-1]["error"] is None
+    assert [r["error"] for r in rows[1:5]] == ["line 3: not JSON (Expecting property name enclosed in double quotes "
+                                               "at column 2)", "line 4: not a JSON object",
+                                               "line 5: no 'body' field", "not a text (int)"]
+    assert all(r["topic"] is None and r["model_version"] == expected[0] for r in rows[1:5])
+
+
+def test_a_file_is_scored_in_chunks_to_the_same_result(model_dir, tmp_path, capsys, monkeypatch):
+    source = tmp_path / "many.txt"
+    source.write_text("".join(f"{HEADLINES[i % len(HEADLINES)]} #{i}\n" for i in range(25)))
+    assert score(model_dir, "--input", str(source)) == 0
+    whole = capsys.readouterr().out
+    monkeypatch.setattr(score_files, "CHUNK", 4)
+    assert score(model_dir, "--input", str(source)) == 0
+    chunked = capsys.readouterr().out
+    assert chunked == whole and len(whole.splitlines()) == 25
+    assert [json.loads(line)["text"] for line in chunked.splitlines()] == source.read_text().splitlines()
+
+
+def test_a_file_that_cannot_be_read_is_refused_and_leaves_no_output(model_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "scored.jsonl"
+    no_text = tmp_path / "labels.csv"
+    no_text.write_text("headline,label\nStocks rally,bullish\n")
+    assert score(model_dir, "--input", str(no_text), "--out", str(out)) == 2
+    assert "has no 'text' column (its columns: headline, label): name the one to score with --text-field" in \
+        capsys.readouterr().err
+    # Not UTF-8 after rows already scored and written: the output file does not appear half written.
+    monkeypatch.setattr(score_files, "CHUNK", 2)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(("Stocks rally\n" * 3000).encode() + "Caf\u00e9 chain beats estimates\n".encode("latin-1"))
+    assert score(model_dir, "--input", str(latin1), "--out", str(out)) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    assert list(tmp_path.glob("scored*")) == []
+    assert score(model_dir, "--input", str(tmp_path / "missing.txt")) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["score", "--model", str(tmp_path), "Stocks rally"]) == 2
+    assert "finpulse score:" in capsys.readouterr().err
+
+
+def test_standard_input_is_scored_line_by_line_by_the_finpulse_command(model_dir, expected):
+    done = subprocess.run([sys.executable, "-m", "models.cli", "score", "--model", str(model_dir), "--device", "cpu",
+                           "--cpu-precision", "float32", "--format", "csv"], input="\n".join(HEADLINES[:3]) + "\n",
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(done.stdout.splitlines()))
+    assert [r["text"] for r in rows] == HEADLINES[:3]
+    assert [r["topic"] for r in rows] == [expected[1][t].topic for t in HEADLINES[:3]]
+    assert "scored 3 texts" in done.stderr
