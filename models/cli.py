@@ -1,4 +1,4 @@
-"""``finpulse train``, ``evaluate``, ``calibrate`` and ``score``: the classifier's command line.
+"""``finpulse train``, ``evaluate``, ``calibrate``, ``score`` and ``models``: the classifier's command line.
 
 Registered into the ``finpulse`` dispatcher by ``register``; ``python -m models.cli`` runs the same commands
 without the rest of FinPulse installed (as on a bare GPU machine). torch is imported only when a command runs.
@@ -119,12 +119,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=score_files.OUTPUT_FORMATS,
                    help="table, jsonl or csv (default: table for texts given as arguments, else from --out's "
                         "suffix, else jsonl)")
-    p.add_argument("--model", help="model directory or version (default: the newest under var/models)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
-    p.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default="auto",
-                   help="how the model computes on a CPU (default auto, as the worker's default: bf16 where the CPU "
+    p.add_argument("--model", help="model directory or version (default: the one the worker loads: [worker] "
+                                   "model_dir, else the newest under [models] models_dir)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [worker] device)")
+    p.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
+                   help="how the model computes on a CPU (default [worker] cpu_precision, auto: bf16 where the CPU "
                         "has bfloat16 instructions, else float32); int8 stamps <version>+int8")
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("models", help="the trained models, newest first: held-out and news-probe figures, size, and "
+                                      "the one the worker loads")
+    p.add_argument("--json", action="store_true", help="one JSON list, for scripts")
+    p.set_defaults(func=_models)
 
 
 def _at_least_one(value: str) -> int:
@@ -341,10 +347,10 @@ def _score(args, settings) -> int:
     if not args.texts and not args.input and sys.stdin.isatty():
         print("finpulse score: nothing to score: give texts, --input FILE, or pipe texts in", file=sys.stderr)
         return 2
-    ms = settings.section("models", ModelSettings)
+    ms, worker = settings.section("models", ModelSettings), settings.worker
     try:
-        scorer = load_scorer("model", args.model, device=args.device or ms.device, models_root=ms.models_dir,
-                             cpu_precision=args.cpu_precision)
+        scorer = load_scorer("model", args.model or worker.model_dir or None, device=args.device or worker.device,
+                             models_root=ms.models_dir, cpu_precision=args.cpu_precision or worker.cpu_precision)
     except (FileNotFoundError, RuntimeError) as exc:  # no model, not a model (ModelError), no such device
         print(f"finpulse score: {exc}", file=sys.stderr)
         return 2
@@ -366,6 +372,44 @@ def _score(args, settings) -> int:
               f"{f', written to {args.out}' if args.out else ''}", file=sys.stderr)
     if failed and output_format != "table":  # a table says so on the row
         print(f"{failed:,} of {written:,} texts could not be scored: their error field says why", file=sys.stderr)
+    return 0
+
+
+def _models(args, settings) -> int:
+    from .modeling import ModelError
+    from .registry import find_model_dir, model_summaries
+
+    root = settings.section("models", ModelSettings).models_dir
+    summaries = model_summaries(root)
+    try:
+        loaded = find_model_dir(settings.worker.model_dir or None, root)
+    except ModelError as exc:  # [worker] model_dir names something that is not a model
+        print(f"finpulse models: the worker's model: {exc}", file=sys.stderr)
+        loaded = None
+    for summary in summaries:
+        summary["worker_loads"] = loaded is not None and Path(summary["path"]).resolve() == loaded.resolve()
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+        return 0
+    if not summaries:
+        print(f"no trained model in {root}: run `finpulse train`")
+        return 0
+
+    def pair(figures: dict, head: str) -> str:
+        accuracy, f1 = figures.get(f"{head}_accuracy"), figures.get(f"{head}_macro_f1")
+        return f"{accuracy:.3f} / {f1:.3f}" if accuracy is not None and f1 is not None else "-"
+    width = max(len(s["version"]) for s in summaries)
+    print(f"  {'version':<{width}}  {'recipe':<12} {'created (UTC)':<16}  {'held out: sentiment':<19}  "
+          f"{'topic':<13}  {'news probe: sentiment':<21}  {'topic':<13}  {'MB':>6}")
+    for s in summaries:
+        recipe = s["recipe"] + (", refit" if s["refit_of"] else "")
+        print(f"{'*' if s['worker_loads'] else ' '} {s['version']:<{width}}  {recipe:<12} "
+              f"{s['created_at'][:16].replace('T', ' '):<16}  {pair(s['held_out'], 'sentiment'):<19}  "
+              f"{pair(s['held_out'], 'topic'):<13}  {pair(s['news_probe'], 'sentiment'):<21}  "
+              f"{pair(s['news_probe'], 'topic'):<13}  {s['megabytes']:>6.1f}")
+    print(f"accuracy / macro-F1; * the worker loads it. {root}")
+    if any(s["refit_of"] for s in summaries):
+        print("a refit trained on every labeled row: its held-out figures are its reference's (--json: refit_of)")
     return 0
 
 

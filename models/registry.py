@@ -8,6 +8,7 @@ directory and renames it when done) are skipped.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -60,3 +61,28 @@ def find_model_dir(explicit: str | None = None, root: str | Path = DEFAULT_MODEL
         return path
     models = list_models(root)
     return models[0][0] if models else None
+
+
+
+def model_summaries(root: str | Path = DEFAULT_MODELS_ROOT) -> list[dict]:
+    """What ``finpulse models`` lists: each model under ``root``, newest first, with its held-out figures (a
+    refit's are its reference's: ``refit_of`` says so), its news probe figures and its size on disk."""
+    summaries = []
+    for path, config in list_models(root):
+        try:
+            metrics = json.loads((path / "metrics.json").read_text())
+        except (OSError, ValueError):
+            metrics = {}
+        summaries.append({
+            "version": config.get("model_version", path.name), "path": str(path), "recipe": config.get("recipe", ""),
+            "created_at": config.get("created_at", ""), "refit_of": metrics.get("refit_of"),
+            "held_out": _headline(metrics.get("test")), "news_probe": _headline(metrics.get("out_of_domain")),
+            "megabytes": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)})
+    return summaries
+
+
+def _headline(reports: dict | None) -> dict[str, float]:
+    """Accuracy and macro-F1 of each head in a metrics.json section, as far as it has them."""
+    return {f"{head}_{metric}": round(reports[head][metric], 4) for head in ("sentiment", "topic")
+            for metric in ("accuracy", "macro_f1")
+            if isinstance((reports or {}).get(head), dict) and metric in reports[head]}

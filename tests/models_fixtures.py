@@ -5,6 +5,7 @@ transformer is small. Nothing here reads the shared data set.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,17 @@ def save_tiny_model(base: Path, out: Path) -> Path:
     torch.nn.init.normal_(model.sentiment_head.weight, std=0.5)
     save_model(model, str(base), out, base_model=str(base), recipe="test", max_length=48)
     return out
+
+
+def make_model_copy(src: Path, dst: Path, created_at: str) -> Path:
+    """A copy of the model directory ``src`` that says it was created at ``created_at``."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    config = json.loads((dst / "config.json").read_text())
+    config["created_at"] = created_at
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
 
 
 def write_shared_layout(folder: Path) -> None:

@@ -18,7 +18,8 @@ from models.modeling import FinPulseClassifier, TextEncoder, load_model, save_mo
 from models.registry import NotAModelDir, find_model_dir, list_models
 from models.scorer import BatchScorer
 from models.tokenizer_pool import PieceTokenizer, native_ids
-from tests.models_fixtures import make_tiny_base, save_tiny_model, tiny_set, write_shared_layout, write_tiny_csv
+from tests.models_fixtures import (make_model_copy, make_tiny_base, save_tiny_model, tiny_set, write_shared_layout,
+                                   write_tiny_csv)
 from tests.procs import orphans_left
 
 TEXTS = [
@@ -317,16 +318,6 @@ def test_evaluate_in_a_cpu_precision_reports_it_beside_float32(tiny_model_dir, t
     assert main(["evaluate", str(tiny_model_dir), "--data", str(data), "--cpu-precision", precision,
                  "--device", "cuda"]) == 2
     assert "runs on the CPU" in capsys.readouterr().err
-
-
-def make_model_copy(src: Path, dst: Path, created_at: str) -> Path:
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    config = json.loads((dst / "config.json").read_text())
-    config["created_at"] = created_at
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
 
 
 def test_registry_picks_the_newest_model_and_skips_other_directories(tiny_model_dir, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""``finpulse score``: texts given as arguments, files of lines, CSV and JSONL, standard input; bad rows and bad
-files."""
+"""``finpulse score`` (texts given as arguments, files of lines, CSV and JSONL, standard input; bad rows and bad
+files) and ``finpulse models`` (what is trained, how good, which one the worker loads)."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,7 @@ import pytest
 from models import score_files
 from models.cli import main
 from models.scorer import BatchScorer
-from tests.models_fixtures import make_tiny_base, save_tiny_model
+from tests.models_fixtures import make_model_copy, make_tiny_base, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINES = ["Shares of Foo jump 20% after an earnings beat", "Oil slides as OPEC+ talks stall",
@@ -123,13 +123,45 @@ def test_a_file_that_cannot_be_read_is_refused_and_leaves_no_output(model_dir, t
     assert "finpulse score:" in capsys.readouterr().err
 
 
-def test_standard_input_is_scored_line_by_line_by_the_finpulse_command(model_dir, expected):
-    done = subprocess.run([sys.executable, "-m", "models.cli", "score", "--model", str(model_dir), "--device", "cpu",
-                           "--cpu-precision", "float32", "--format", "csv"], input="\n".join(HEADLINES[:3]) + "\n",
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr
-    rows = list(csv.DictReader(done.stdout.splitlines()))
+def test_standard_input_is_scored_line_by_line_as_the_worker_is_configured_to(model_dir, expected):
+    def score_stdin(*flags: str, **env: str) -> list[dict]:
+        done = subprocess.run([sys.executable, "-m", "models.cli", "score", "--format", "csv", *flags],
+                              input="\n".join(HEADLINES[:3]) + "\n", capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **env})
+        assert done.returncode == 0, done.stderr
+        assert "scored 3 texts" in done.stderr
+        return list(csv.DictReader(done.stdout.splitlines()))
+    rows = score_stdin("--model", str(model_dir), "--device", "cpu", "--cpu-precision", "float32")
     assert [r["text"] for r in rows] == HEADLINES[:3]
     assert [r["topic"] for r in rows] == [expected[1][t].topic for t in HEADLINES[:3]]
-    assert "scored 3 texts" in done.stderr
+    # No flags: the worker's model and CPU precision, from its settings.
+    rows = score_stdin(FINPULSE_WORKER__MODEL_DIR=str(model_dir), FINPULSE_WORKER__CPU_PRECISION="int8")
+    assert {r["model_version"] for r in rows} == {expected[0] + "+int8"}
+
+
+def test_models_lists_newest_first_with_figures_and_marks_the_one_the_worker_loads(model_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    root = tmp_path / "models"
+    older = make_model_copy(model_dir, root / "a-older", "2026-01-01T00:00:00+00:00")
+    newer = make_model_copy(model_dir, root / "b-newer", "2026-02-01T09:30:00+00:00")
+    (root / ".incomplete-c").mkdir()  # a model still being written: not listed
+    report = {"sentiment": {"accuracy": 0.861, "macro_f1": 0.822}, "topic": {"accuracy": 0.9051, "macro_f1": 0.9}}
+    (newer / "metrics.json").write_text(json.dumps({"refit_of": "v-ref", "test": report,
+                                                    "out_of_domain": {"sentiment": report["sentiment"]}}))
+    monkeypatch.setenv("FINPULSE_MODELS__MODELS_DIR", str(root))
+    monkeypatch.delenv("FINPULSE_WORKER__MODEL_DIR", raising=False)
+    monkeypatch.delenv("FINPULSE_MODEL_DIR", raising=False)
+
+    assert main(["models"]) == 0
+    header, first, second, *notes = capsys.readouterr().out.splitlines()
+    assert first.startswith("* ") and "2026-02-01 09:30" in first and "test, refit" in first
+    assert second.startswith("  ") and "2026-01-01 00:00" in second and "refit" not in second
+    assert "0.861 / 0.822" in first and "0.905 / 0.900" in first and first.count(" - ") == 1  # probe topic: none
+    assert "a refit" in notes[-1]
+
+    monkeypatch.setenv("FINPULSE_WORKER__MODEL_DIR", str(older))  # the worker pinned to a model: so marked
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(m["path"], m["worker_loads"]) for m in listed] == [(str(newer), False), (str(older), True)]
+    assert listed[0]["held_out"]["topic_accuracy"] == 0.9051 and listed[1]["held_out"] == {}
+    assert listed[0]["megabytes"] > 0
