@@ -379,13 +379,17 @@ def _models(args, settings) -> int:
     from .modeling import ModelError
     from .registry import find_model_dir, model_summaries
 
-    root = settings.section("models", ModelSettings).models_dir
+    root, worker = settings.section("models", ModelSettings).models_dir, settings.worker
     summaries = model_summaries(root)
-    try:
-        loaded = find_model_dir(settings.worker.model_dir or None, root)
-    except ModelError as exc:  # [worker] model_dir names something that is not a model
-        print(f"finpulse models: the worker's model: {exc}", file=sys.stderr)
-        loaded = None
+    loaded = None
+    if worker.scorer in ("baseline", "noop"):
+        print(f"the worker is set to the {worker.scorer} scorer ([worker] scorer): it loads none of these",
+              file=sys.stderr)
+    else:
+        try:
+            loaded = find_model_dir(worker.model_dir or None, root)
+        except ModelError as exc:  # [worker] model_dir names something that is not a model
+            print(f"finpulse models: the worker's model: {exc}", file=sys.stderr)
     for summary in summaries:
         summary["worker_loads"] = loaded is not None and Path(summary["path"]).resolve() == loaded.resolve()
     if args.json:
@@ -407,7 +411,7 @@ def _models(args, settings) -> int:
               f"{s['created_at'][:16].replace('T', ' '):<16}  {pair(s['held_out'], 'sentiment'):<19}  "
               f"{pair(s['held_out'], 'topic'):<13}  {pair(s['news_probe'], 'sentiment'):<21}  "
               f"{pair(s['news_probe'], 'topic'):<13}  {s['megabytes']:>6.1f}")
-    print(f"accuracy / macro-F1; * the worker loads it. {root}")
+    print(f"in {root}; accuracy / macro-F1 on held-out tweets and on the news probe; * the model the worker loads")
     if any(s["refit_of"] for s in summaries):
         print("a refit trained on every labeled row: its held-out figures are its reference's (--json: refit_of)")
     return 0

@@ -16,7 +16,7 @@ import itertools
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
@@ -32,12 +32,12 @@ class ScoreInputError(ValueError):
     """Input that cannot be read at all (a missing file or text column), said plainly."""
 
 
+@dataclass(slots=True)
 class Row:
     """One input row: its fields as read, the text to score, and why it cannot be scored (if it cannot)."""
-    __slots__ = ("fields", "text", "error")
-
-    def __init__(self, fields: dict[str, Any], text: Any, error: str | None = None):
-        self.fields, self.text, self.error = fields, text, error
+    fields: dict[str, Any]
+    text: Any
+    error: str | None = None
 
 
 def format_of(path: str | None, given: str | None, choices: Sequence[str], default: str) -> str:
