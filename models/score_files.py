@@ -16,13 +16,14 @@ import itertools
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
 from .interface import Prediction
 
-PREDICTION_FIELDS = ("topic", "topic_confidence", "sentiment", "sentiment_score", "model_version", "error")
+PREDICTED = ("topic", "topic_confidence", "sentiment", "sentiment_score")
+PREDICTION_FIELDS = PREDICTED + ("model_version", "error")
 INPUT_FORMATS = ("lines", "csv", "jsonl")
 OUTPUT_FORMATS = ("table", "jsonl", "csv")
 CHUNK = 2048  # rows read and scored at a time: the scorer batches and pipelines inside each chunk
@@ -107,22 +108,17 @@ def chunks(rows: Iterator[Row], size: int | None = None) -> Iterator[list[Row]]:
 def score_rows(scorer, rows: list[Row]) -> list[dict[str, Any]]:
     """Each row's own fields (a clashing name as ``input_<name>``), then its prediction's."""
     readable = [i for i, row in enumerate(rows) if row.error is None]
-    predictions: list[Prediction | None] = [None] * len(rows)
+    predictions: list[Prediction | None] = [None] * len(rows)  # None: the row could not even be read
     for i, prediction in zip(readable, scorer.score([rows[i].text for i in readable])):
         predictions[i] = prediction
     out = []
     for row, prediction in zip(rows, predictions):
-        record = {(f"input_{k}" if k in PREDICTION_FIELDS else k): v for k, v in row.fields.items()}
-        if prediction is None or not prediction.ok:
-            record.update(dict.fromkeys(PREDICTION_FIELDS[:-2]), model_version=scorer.model_version,
-                          error=row.error or prediction.error)
-        else:
-            predicted = asdict(prediction)
-            record.update({k: predicted[k] for k in PREDICTION_FIELDS[:-2]}, model_version=scorer.model_version,
-                          error=None)
-            record["topic_confidence"] = round(record["topic_confidence"], 4)
-            record["sentiment_score"] = round(record["sentiment_score"], 4)
-        out.append(record)
+        own = {(f"input_{k}" if k in PREDICTION_FIELDS else k): v for k, v in row.fields.items()}
+        error = row.error or prediction.error
+        predicted = dict.fromkeys(PREDICTED) if error else {
+            "topic": prediction.topic, "topic_confidence": round(prediction.topic_confidence, 4),
+            "sentiment": prediction.sentiment, "sentiment_score": round(prediction.sentiment_score, 4)}
+        out.append({**own, **predicted, "model_version": scorer.model_version, "error": error})
     return out
 
 
