@@ -2,8 +2,8 @@
 each in its own process.
 
 One small encoder's training loop is bound by Python and kernel launches, not by the GPU, so several loops share
-one GPU for about the wall time of one. A teacher leaves its labels (``probs.npz``) and summary (``result.json``)
-in its directory, written last and whole: their presence marks it done, so a resumed run trains only the others.
+one GPU for about the wall time of one. A teacher leaves its summary (``result.json``), then its labels
+(``probs.npz``, written whole) in its directory: the labels mark it done, so a resumed run trains only the others.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from .training import FitConfig, fit, gold_targets
 
 class TeacherProcessDied(RuntimeError):
     """Teachers trained side by side that ended without a result, and how to go on."""
-
 
 
 @dataclass
