@@ -90,6 +90,26 @@ allow_private = true
 """)
 
 
+def _worker_model(settings) -> Path | None | bool:
+    """The model directory the demo's worker loads; None when there is none yet, False when the classifier's code
+    is not installed."""
+    try:
+        from models.registry import find_model_dir
+        from models.settings import models_root
+    except ImportError:
+        return False
+    return find_model_dir(settings.worker.model_dir or None, models_root(settings))
+
+
+def _describe_worker_model(settings) -> str:
+    if settings.worker.scorer in ("baseline", "noop"):
+        return f"none: [worker] scorer is {settings.worker.scorer}"
+    found = _worker_model(settings)
+    if not found:
+        return "the keyword baseline (no trained model)"
+    return f'{found.name}  (`finpulse score "a headline"` asks it; `finpulse models` lists every model)'
+
+
 def run_demo(settings, args) -> int:
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
@@ -97,13 +117,8 @@ def run_demo(settings, args) -> int:
     env.setdefault("FINPULSE_WEBHOOK_SECRET", "whsec_" + secrets.token_urlsafe(24))
     group = ProcessGroup(DEMO_DIR, env)
 
-    if not args.no_train:
-        try:
-            from models.registry import find_model_dir
-            from models.settings import models_root
-        except ImportError:
-            find_model_dir = None
-        if find_model_dir and find_model_dir(settings.worker.model_dir or None, models_root(settings)) is None:
+    if not args.no_train and settings.worker.scorer in ("auto", "model"):
+        if _worker_model(settings) is None:
             print("==> no trained model yet: training the quick recipe first (about 6 minutes on 2 CPU cores, at "
                   "most 10; progress below; `finpulse train --recipe full` on a GPU trains the real one)", flush=True)
             if group.run("train", "train", "--recipe", "quick") != 0:
@@ -148,6 +163,7 @@ FinPulse demo is running (all data is SIMULATED):
   broker     tansu on {broker.bootstrap_servers} (in memory)
   dashboard  {'http://127.0.0.1:%d' % args.dashboard_port if not args.no_dashboard else '(disabled)'}
   receiver   http://127.0.0.1:{args.receiver_port}/webhook  (signed alerts land in {DEMO_DIR / 'received.jsonl'})
+  model      {_describe_worker_model(settings)}
   history    {history_count} messages of the last {history_minutes} minutes are scored first (baselines), then
   live       {args.rate:g} messages/s; a negative shock on 'Energy | Oil' starts 150 s in and lasts 180 s
   logs       {DEMO_DIR}/*.log
