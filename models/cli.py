@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -364,6 +365,9 @@ def _score(args, settings) -> int:
     except score_files.ScoreInputError as exc:
         print(f"finpulse score: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader has had enough (`| head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush does not fail again
+        return 141
     finally:
         scorer.close()
     seconds = time.monotonic() - started

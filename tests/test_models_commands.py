@@ -165,3 +165,16 @@ def test_models_lists_newest_first_with_figures_and_marks_the_one_the_worker_loa
     assert [(m["path"], m["worker_loads"]) for m in listed] == [(str(newer), False), (str(older), True)]
     assert listed[0]["held_out"]["topic_accuracy"] == 0.9051 and listed[1]["held_out"] == {}
     assert listed[0]["megabytes"] > 0
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(model_dir, tmp_path):
+    """`finpulse score -i big.txt | head -1`: no BrokenPipeError traceback, as a shell tool behaves."""
+    source = tmp_path / "many.txt"
+    source.write_text("".join(f"Stocks rally on day {i}\n" for i in range(3 * score_files.CHUNK)))
+    proc = subprocess.Popen([sys.executable, "-m", "models.cli", "score", "--model", str(model_dir), "--device", "cpu",
+                             "--input", str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert json.loads(proc.stdout.readline())["text"] == "Stocks rally on day 0"
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err
