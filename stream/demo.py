@@ -107,7 +107,7 @@ def _describe_worker_model(settings) -> str:
     found = _worker_model(settings)
     if not found:
         return "the keyword baseline (no trained model)"
-    return f'{found.name}  (`finpulse score "a headline"` asks it; `finpulse models` lists every model)'
+    return f'{found.name}\n             ask it: finpulse score "a headline"; every model: finpulse models'
 
 
 def run_demo(settings, args) -> int:
