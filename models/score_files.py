@@ -123,8 +123,8 @@ def score_rows(scorer, rows: list[Row]) -> list[dict[str, Any]]:
 
 
 class Writer:
-    """Writes scored rows as JSONL, CSV (the input's columns when it was CSV, else its text) or a table for a
-    terminal."""
+    """Writes scored rows as JSONL, CSV (the input's columns: a CSV's header, the fields of a JSONL's first row)
+    or a table for a terminal."""
 
     def __init__(self, handle: IO[str], output_format: str, input_columns: list[str] | None, text_field: str):
         self.handle, self.format, self.text_field = handle, output_format, text_field
@@ -192,7 +192,7 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
             sink = sys.stdout
         rows = _utf8(read_rows(source, input_format, text_field, name), name)
         first = next(rows, None)
-        columns = list(first.fields) if first is not None and input_format == "csv" else None
+        columns = list(first.fields) if first is not None and first.fields else None  # a CSV's, a JSONL's first
         writer = Writer(sink, output_format, columns, text_field)
         interactive = sys.stderr.isatty()
         bar = stack.enter_context(tqdm(desc="scoring", unit=" texts", file=sys.stderr, disable=bool(texts),

@@ -89,6 +89,11 @@ def test_jsonl_rows_that_cannot_be_read_get_an_error_and_the_others_are_scored(m
                                                "at column 2)", "line 4: not a JSON object",
                                                "line 5: no 'body' field", "not a text (int)"]
     assert all(r["topic"] is None and r["model_version"] == expected[0] for r in rows[1:5])
+    # As CSV: the columns of the first row's fields, then the prediction's.
+    assert score(model_dir, "--input", str(source), "--text-field", "body", "--format", "csv") == 0
+    table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert list(table[0]) == ["id", "body", "user", *score_files.PREDICTION_FIELDS] and len(table) == 6
+    assert table[0]["user"] == "ana" and table[0]["topic"] == rows[0]["topic"]
 
 
 def test_a_file_is_scored_in_chunks_to_the_same_result(model_dir, tmp_path, capsys, monkeypatch):
