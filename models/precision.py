@@ -1,6 +1,7 @@
 """How the model computes on a CPU when it scores (``[worker] cpu_precision``, default auto) and trains
 (``[models] cpu_precision``, default float32: bf16 training was as good and 1.5x faster, but not always
-bit-reproducible, 1 run in 10 on a busy CPU; bf16 scoring was); a GPU always runs bf16 autocast.
+bit-reproducible on several threads of a busy CPU, 1 run in 10-15; on one thread it was, as bf16 scoring was); a
+GPU always runs bf16 autocast.
 
 - ``float32``: the reference every held-out figure is measured in.
 - ``bf16``: bf16 autocast, as on a GPU: matrix multiplies in bfloat16, softmax and layer norms in float32, the
