@@ -1,4 +1,4 @@
-"""Finding the trained model to use.
+"""Finding the trained model to use, and listing them all (``model_summaries``, for ``finpulse models``).
 
 ``find_model_dir``: an explicit directory (or a model version under the models root) if given, else
 ``$FINPULSE_MODEL_DIR``, else the newest valid FinPulse model under the models root (``[models] models_dir``) (by the ``created_at`` in its
@@ -61,7 +61,6 @@ def find_model_dir(explicit: str | None = None, root: str | Path = DEFAULT_MODEL
         return path
     models = list_models(root)
     return models[0][0] if models else None
-
 
 
 def model_summaries(root: str | Path = DEFAULT_MODELS_ROOT) -> list[dict]:

@@ -105,7 +105,9 @@ def _describe_worker_model(settings) -> str:
     if settings.worker.scorer in ("baseline", "noop"):
         return f"none: [worker] scorer is {settings.worker.scorer}"
     found = _worker_model(settings)
-    if not found:
+    if found is False:
+        return "the keyword baseline (the classifier's code is not installed)"
+    if found is None:
         return "the keyword baseline (no trained model)"
     return f'{found.name}\n             ask it: finpulse score "a headline"; every model: finpulse models'
 
