@@ -116,6 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-format", choices=score_files.INPUT_FORMATS,
                    help="lines, csv or jsonl (default: from the file's suffix, else lines)")
     p.add_argument("--text-field", default="text", help="the CSV column or JSON field to score (default text)")
+    p.add_argument("--encoding", default="utf-8",
+                   help="the input's text encoding (default utf-8; cp1252 for a spreadsheet saved on Windows); "
+                        "output is UTF-8")
     p.add_argument("--out", "-o", metavar="FILE", help="write here instead of standard output (whole or not at all)")
     p.add_argument("--format", choices=score_files.OUTPUT_FORMATS,
                    help="table, jsonl or csv (default: table for texts given as arguments, else from --out's "
@@ -361,7 +364,7 @@ def _score(args, settings) -> int:
     started = time.monotonic()
     try:
         written, failed = score_files.score_into(scorer, args.texts, args.input, input_format, args.text_field,
-                                                 args.out, output_format)
+                                                 args.out, output_format, args.encoding)
     except score_files.ScoreInputError as exc:
         print(f"finpulse score: {exc}", file=sys.stderr)
         return 2

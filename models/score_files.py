@@ -9,6 +9,7 @@ An output file is written whole or not at all: it appears under its name only on
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import io
@@ -82,15 +83,16 @@ def read_rows(handle: IO[str], input_format: str, text_field: str, name: str) ->
                 yield Row(fields, fields[text_field])
 
 
-def _utf8(rows: Iterator[Row], name: str) -> Iterator[Row]:
-    """``rows``, with a file that is not UTF-8 said plainly (the decoder reads ahead: "near", not "at")."""
+def _decoded(rows: Iterator[Row], name: str, encoding: str) -> Iterator[Row]:
+    """``rows``, with a file not in ``encoding`` said plainly (the decoder reads ahead: "near", not "at")."""
     read = 0
     try:
         for row in rows:
             read += 1
             yield row
     except UnicodeDecodeError as exc:
-        raise ScoreInputError(f"{name} is not UTF-8 text ({exc.reason}) near row {read + 1:,}") from None
+        raise ScoreInputError(f"{name} is not {encoding} text ({exc.reason}) near row {read + 1:,}: name its "
+                              f"encoding with --encoding (cp1252 for a spreadsheet saved on Windows)") from None
 
 
 def chunks(rows: Iterator[Row], size: int | None = None) -> Iterator[list[Row]]:
@@ -163,10 +165,15 @@ def _terminal_columns() -> int:
 
 
 def score_into(scorer, texts: Sequence[str], input_path: str | None, input_format: str, text_field: str,
-               out_path: str | None, output_format: str) -> tuple[int, int]:
-    """Score ``texts``, or the rows of ``input_path`` ("-": standard input), into ``out_path`` (None: standard
-    output); returns (rows written, rows that could not be scored). Progress goes to standard error."""
+               out_path: str | None, output_format: str, encoding: str = "utf-8") -> tuple[int, int]:
+    """Score ``texts``, or the rows of ``input_path`` ("-": standard input) in ``encoding``, into ``out_path`` (None:
+    standard output, else a UTF-8 file); returns (rows written, rows that could not be scored). Progress goes to
+    standard error."""
     from tqdm import tqdm
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ScoreInputError(f"unknown encoding {encoding!r} (utf-8, cp1252, latin-1, ...)") from None
     if texts:  # one a line, as a file of lines would give them
         input_path, input_format = None, "lines"
     if input_format == "lines":
@@ -178,9 +185,12 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
             source, name = io.StringIO("".join(" ".join(t.splitlines()) + "\n" for t in texts)), "the command line"
         elif input_path in (None, "-"):
             source, name = sys.stdin, "standard input"
+            if hasattr(sys.stdin, "buffer"):  # in ``encoding``, not the locale's
+                source = io.TextIOWrapper(sys.stdin.buffer, encoding=encoding, newline="")
+                stack.callback(source.detach)  # leaves standard input itself open
         else:
             try:
-                source = stack.enter_context(open(input_path, newline="", encoding="utf-8"))
+                source = stack.enter_context(open(input_path, newline="", encoding=encoding))
             except OSError as exc:
                 raise ScoreInputError(f"cannot read {input_path}: {exc.strerror}") from None
             name = input_path
@@ -190,7 +200,7 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
             stack.callback(lambda: partial.unlink(missing_ok=True))  # left only by a failure: done, it is renamed
         else:
             sink = sys.stdout
-        rows = _utf8(read_rows(source, input_format, text_field, name), name)
+        rows = _decoded(read_rows(source, input_format, text_field, name), name, encoding)
         first = next(rows, None)
         columns = list(first.fields) if first is not None and first.fields else None  # a CSV's, a JSONL's first
         writer = Writer(sink, output_format, columns, text_field)

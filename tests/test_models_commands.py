@@ -120,8 +120,14 @@ def test_a_file_that_cannot_be_read_is_refused_and_leaves_no_output(model_dir, t
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes(("Stocks rally\n" * 3000).encode() + "Caf\u00e9 chain beats estimates\n".encode("latin-1"))
     assert score(model_dir, "--input", str(latin1), "--out", str(out)) == 2
-    assert "is not UTF-8 text" in capsys.readouterr().err
+    assert "is not utf-8 text" in capsys.readouterr().err
     assert list(tmp_path.glob("scored*")) == []
+    # Named, its encoding reads: every row is scored, and the output is UTF-8.
+    assert score(model_dir, "--input", str(latin1), "--out", str(out), "--encoding", "latin-1") == 0
+    assert json.loads(out.read_text(encoding="utf-8").splitlines()[-1])["text"] == "Caf\u00e9 chain beats estimates"
+    out.unlink()
+    assert score(model_dir, "--input", str(latin1), "--encoding", "no-such-codec") == 2
+    assert "unknown encoding 'no-such-codec'" in capsys.readouterr().err
     assert score(model_dir, "--input", str(tmp_path / "missing.txt")) == 2
     assert "cannot read" in capsys.readouterr().err
     assert main(["score", "--model", str(tmp_path), "Stocks rally"]) == 2
