@@ -58,3 +58,10 @@ def format_report(name: str, report: dict[str, Any]) -> str:
     for label, row in zip(labels, report["confusion_matrix"]):
         lines.append(f"  {label[:width]:<{width}} " + " ".join(f"{v:>{cell}d}" for v in row))
     return "\n".join(lines)
+
+
+def headline(reports: dict[str, Any] | None) -> dict[str, float]:
+    """``{head}_accuracy`` and ``{head}_macro_f1`` of each head's report, rounded, as far as the reports have them
+    (a metrics.json read back may lack some)."""
+    return {f"{head}_{metric}": round(report[metric], 4) for head, report in (reports or {}).items()
+            if isinstance(report, dict) for metric in ("accuracy", "macro_f1") if metric in report}

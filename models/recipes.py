@@ -42,6 +42,7 @@ from .card import comparison_table, model_card
 from .data import (NEWS_PROBE, SPLIT_SCHEME, DataError, LabeledSet, fingerprint, kept_whole, load_data, split,
                    stratified_sample)
 from .evaluation import evaluate, reports_by_source, reports_from, selection_score
+from .metrics import headline
 from .modeling import FinPulseClassifier, TextEncoder, quiet_transformers, save_model, write_json
 from .precision import describe
 from .scorer import BatchScorer, Probabilities
@@ -273,7 +274,7 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         model.temperature = fit_temperatures(val_raw, val)
         test_probs = calibrated(test_raw, model.temperature)
         test_reports = reports_from(test_probs, test)
-        comparison[f"{recipe.name} model (shipped)"] = _headline(test_reports)
+        comparison[f"{recipe.name} model (shipped)"] = headline(test_reports)
         metrics = {
             "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
                             f"label, split seed {recipe.split_seed}, less the rows whose twin (the same post but for "
@@ -476,16 +477,11 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
         return student, stages, {}
 
     comparison = {
-        "plain fine-tune (teacher 0)": _headline(reports_from(sliced([0], "test"), test)),
-        "adapted-encoder teacher (best val)": _headline(reports_from(sliced([best_adapted], "test"), test)),
-        f"ensemble of {len(members)} ({chosen})": _headline(reports_from(sliced(members, "test"), test)),
+        "plain fine-tune (teacher 0)": headline(reports_from(sliced([0], "test"), test)),
+        "adapted-encoder teacher (best val)": headline(reports_from(sliced([best_adapted], "test"), test)),
+        f"ensemble of {len(members)} ({chosen})": headline(reports_from(sliced(members, "test"), test)),
     }
     return student, stages, comparison
-
-
-def _headline(reports: dict[str, Any]) -> dict[str, float]:
-    return {f"{head}_{metric}": round(report[metric], 4) for head, report in reports.items()
-            for metric in ("accuracy", "macro_f1")}
 
 
 def _version(package: str) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from .metrics import headline
 from .modeling import ModelError, read_config
 from .settings import ModelSettings
 
@@ -75,13 +76,6 @@ def model_summaries(root: str | Path = DEFAULT_MODELS_ROOT) -> list[dict]:
         summaries.append({
             "version": config.get("model_version", path.name), "path": str(path), "recipe": config.get("recipe", ""),
             "created_at": config.get("created_at", ""), "refit_of": metrics.get("refit_of"),
-            "held_out": _headline(metrics.get("test")), "news_probe": _headline(metrics.get("out_of_domain")),
+            "held_out": headline(metrics.get("test")), "news_probe": headline(metrics.get("out_of_domain")),
             "megabytes": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)})
     return summaries
-
-
-def _headline(reports: dict | None) -> dict[str, float]:
-    """Accuracy and macro-F1 of each head in a metrics.json section, as far as it has them."""
-    return {f"{head}_{metric}": round(reports[head][metric], 4) for head in ("sentiment", "topic")
-            for metric in ("accuracy", "macro_f1")
-            if isinstance((reports or {}).get(head), dict) and metric in reports[head]}

@@ -6,6 +6,7 @@ transformer is small. Nothing here reads the shared data set.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,10 @@ TOPIC_ROWS = [
     ("CEO resigns; CFO named interim chief executive", "Personnel Change"),
     ("Bank appoints a new chairman and CFO", "Personnel Change"),
 ]
+
+REPO = Path(__file__).resolve().parents[1]
+# For the models CLI run as a subprocess: this checkout's packages, and no reach for the hub.
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
 
 
 def tiny_set() -> LabeledSet:

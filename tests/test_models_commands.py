@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,8 @@ import pytest
 from models import score_files
 from models.cli import main
 from models.scorer import BatchScorer
-from tests.models_fixtures import make_model_copy, make_tiny_base, save_tiny_model
+from tests.models_fixtures import CLI_ENV, make_model_copy, make_tiny_base, save_tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 HEADLINES = ["Shares of Foo jump 20% after an earnings beat", "Oil slides as OPEC+ talks stall",
              "Board declares a quarterly dividend of 50 cents", "Fed holds rates; markets shrug",
              "CEO resigns after accounting probe", "Bank appoints a new chairman"]
@@ -138,7 +136,7 @@ def test_standard_input_is_scored_line_by_line_as_the_worker_is_configured_to(mo
     def score_stdin(*flags: str, **env: str) -> list[dict]:
         done = subprocess.run([sys.executable, "-m", "models.cli", "score", "--format", "csv", *flags],
                               input="\n".join(HEADLINES[:3]) + "\n", capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **env})
+                              env={**CLI_ENV, **env})
         assert done.returncode == 0, done.stderr
         assert "scored 3 texts" in done.stderr
         return list(csv.DictReader(done.stdout.splitlines()))
@@ -184,7 +182,7 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(model_dir, tmp_path)
     source.write_text("".join(f"Stocks rally on day {i}\n" for i in range(3 * score_files.CHUNK)))
     proc = subprocess.Popen([sys.executable, "-m", "models.cli", "score", "--model", str(model_dir), "--device", "cpu",
                              "--input", str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+                            env=CLI_ENV)
     assert json.loads(proc.stdout.readline())["text"] == "Stocks rally on day 0"
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)

@@ -22,12 +22,10 @@ from models.labels import SENTIMENTS, TOPICS
 from models.modeling import FinPulseClassifier, TextEncoder
 from models.training import (Checkpoint, FitConfig, WeightAverage, fit, gold_targets, make_optimizer,
                              masked_soft_loss, set_learning_rate)
-from tests.models_fixtures import SENTIMENT_ROWS, make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
+from tests.models_fixtures import CLI_ENV, SENTIMENT_ROWS, make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
 from tests.procs import orphans_left
 
 REPO = Path(__file__).resolve().parents[1]
-# For the training CLI run as a subprocess: this checkout's packages, and no reach for the hub.
-CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
