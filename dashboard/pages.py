@@ -423,6 +423,8 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
     else:
         st.caption(f"Model card from `{card.path}`" + ("" if card.version == scoring_now else
                    f" (version {card.version}; the messages shown were scored by {scoring_now})"))
+        if "ask" in c.pages:
+            st.page_link(c.pages["ask"], label="Ask this model about a headline", icon=":material/psychology:")
         if card.problem:
             st.warning(card.problem)
         if card.metrics.get("refit_of"):

@@ -44,6 +44,9 @@ class DashboardSettings:
     # view says the data is stale, and why when Kafka tells (the worker's unprocessed input). The worker
     # republishes open windows every few seconds while messages flow, so quiet streams are the only false alarm.
     stale_after_s: float = 120.0
+    # The Ask view loads the worker's model into the dashboard process (on first use, on the CPU: about 420 MB more)
+    # to read typed headlines; false leaves the view out.
+    ask_model: bool = True
 
 
 def dashboard_settings(settings: Settings) -> DashboardSettings:

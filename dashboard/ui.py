@@ -4,6 +4,7 @@
 configuration is shared by every browser session through ``st.cache_resource``; each view redraws itself from
 the feed's store every ``refresh_s`` seconds inside ``st.fragment(run_every=…)``, so the page never reloads and
 the sidebar keeps its state. A view that fails says so in one plain line and tries again on the next refresh.
+The Ask view (``ask.py``) is the one page that is not live: it redraws when the analyst asks.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from stream.aggregate import AggregateSettings
 from stream.config import ConfigError, KafkaSettings, Settings, load_settings
 
 from . import shaping as sh
+from .ask import render_ask
 from .auth import require_sign_in
 from .live import FeedStatus, LiveFeed
 from .pages import (PAGE_STYLE, VIEWS, Controls, feed_banner, follow_link, follow_list, forget_links, freshness_strip,
@@ -274,6 +276,10 @@ def run(feed: Feed | None = None, page: str | None = None, settings: Settings | 
 
     pages = {name: st.Page(page_for(name), title=title, icon=icon, url_path=name, default=(name == "overview"))
              for name, (title, icon, _) in VIEWS.items()}
+    if cfg.ask_model:
+        def ask_view() -> None:   # not a live view: it redraws when asked, not every refresh_s
+            render_ask(settings.worker.model_dir, models_root(settings), settings.worker.cpu_precision)
+        pages["ask"] = st.Page(ask_view, title="Ask the model", icon=":material/psychology:", url_path="ask")
     current = st.navigation(list(pages.values()), position="top")
     if "alert" in st.query_params and current.url_path == pages["overview"].url_path:
         # A link to an alert opens the Alerts view; webhooks before 2026-12 linked to the root address.

@@ -9,6 +9,9 @@ dark theme) in the artifacts directory.
 The second plays an analyst on a laptop screen following a move through the views with clicks alone, over records
 produced straight into the broker (``tests.dashboard_data``), keeps screenshots at that width, and opens the
 address it ends on in a new session, which must show the same view.
+
+The last asks the dashboard's model about two headlines: it must read them as the worker's scorer does, and show
+each word's push.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from stream.broker import free_port
 from stream.records import format_time, utcnow
 from tests.browser import chromium_page, expect, wait_for_http
 from tests.dashboard_data import produce, synthesize
-from tests.procs import run_finpulse, start_finpulse, start_worker
+from tests.models_fixtures import make_tiny_base, save_tiny_model
+from tests.procs import run_finpulse, start_finpulse, start_worker, with_section
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOCK_TOPIC = "Energy | Oil"
@@ -186,4 +190,40 @@ def test_a_fixed_range_link_shows_that_time_in_the_readers_zone(fp_settings, art
             page.wait_for_timeout(1000)
             page.screenshot(path=f"{artifacts_dir}/dashboard-laptop-fixed-range.png", full_page=True)
             assert "Traceback" not in page.locator("body").inner_text()
+        assert dashboard.running(), dashboard.tail()
+
+
+def test_an_analyst_asks_the_model_about_headlines_and_sees_which_words_moved_it(fp_settings, artifacts_dir,
+                                                                                tmp_path):
+    from models.explain import read_texts
+    from models.scorer import BatchScorer
+    model = save_tiny_model(make_tiny_base(tmp_path / "base"), tmp_path / "model")
+    settings = with_section(fp_settings, "worker", model_dir=str(model), cpu_precision="float32")
+    texts = ["Shares plunge after the company misses estimates", "Oil prices climb as OPEC cuts crude output"]
+    expected = read_texts(BatchScorer.from_pretrained(model, device="cpu", tokenizer_processes=0), texts)
+    produce(fp_settings, synthesize(utcnow(), shock_key=SHOCK_TOPIC))    # the Model view draws once there is data
+    port = free_port()
+    with start_finpulse(settings, "dashboard", "--port", str(port), log_dir=tmp_path) as dashboard:
+        wait_for_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard)
+        with chromium_page(1280, 800) as page:
+            page.goto(f"http://127.0.0.1:{port}/model", wait_until="domcontentloaded")
+            page.get_by_role("link", name="Ask this model about a headline").click(timeout=WAIT_MS)
+            page.wait_for_url(re.compile(r"/ask"), timeout=WAIT_MS)
+            page.get_by_label("Headlines or comments, one a line").fill("\n".join([texts[0], "   ", texts[1], ""]))
+            page.get_by_role("button", name="Ask the model").click()
+            for number, reading in enumerate(expected, start=1):
+                p = reading.prediction
+                card = page.locator(f".st-key-fp-ask-{number}")
+                expect(card).to_contain_text(f"{p.sentiment} · score {p.sentiment_score:+.2f}", timeout=WAIT_MS)
+                expect(card).to_contain_text(f"{p.topic} ({p.topic_confidence:.0%})")
+                words = card.locator(".fp-ask-text span")
+                expect(words).to_have_count(len(reading.text.split()))
+                strongest = max(range(len(reading.words)), key=lambda i: abs(reading.words[i].sentiment))
+                expect(words.nth(strongest)).to_have_attribute(
+                    "title", re.compile(re.escape(f"score {reading.words[strongest].sentiment:+.2f} with this word")))
+            expect(page.locator(".st-key-fp-ask-3")).to_have_count(0)   # blank lines are not texts
+            expect(page.get_by_test_id("stDataFrame")).to_contain_text(expected[1].prediction.topic)
+            assert "Traceback" not in page.locator("body").inner_text()
+            page.wait_for_timeout(1000)
+            page.screenshot(path=f"{artifacts_dir}/dashboard-laptop-ask.png", full_page=True)
         assert dashboard.running(), dashboard.tail()

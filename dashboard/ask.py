@@ -1,0 +1,123 @@
+"""The Ask view: an analyst types or pastes headlines and comments, one a line, and sees what the model the worker
+loads makes of each: its sentiment and score, its topic and how sure it is, and which words pushed it there
+(``models.explain``: each word is left out in turn and the text scored again).
+
+The model is loaded into the dashboard process on first use, on the CPU in the worker's CPU precision (so the
+version and the figures are the worker's), and shared by every session. ``[dashboard] ask_model = false`` leaves
+the view out, for a dashboard host that must not hold a model in memory.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import math
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from .model_card import find_model
+from .pages import SCORE, md
+
+log = logging.getLogger(__name__)
+MAX_TEXTS = 50          # a question, not a batch job: `finpulse score --input` is for files
+_SHOWN = "fp_ask_readings"
+SENTIMENT_COLOUR = {"bearish": "red", "neutral": "gray", "bullish": "green"}
+# Word backgrounds: red pushed toward bearish, green toward bullish. A push this size or more is drawn at full
+# strength, so that a text none of whose words matter much stays pale instead of being scaled up to look decisive.
+FULL_PUSH = 0.3
+PUSH_RGB = {True: "22, 163, 74", False: "220, 38, 38"}
+
+
+@st.cache_resource(max_entries=1, show_spinner=False)
+def shared_scorer(path: str, saved_at_ns: int, cpu_precision: str):
+    """One scorer per model directory (and its save time: a directory replaced in place is loaded again)."""
+    from models.precision import resolve_cpu_precision
+    from models.scorer import BatchScorer
+    return BatchScorer.from_pretrained(path, device="cpu", cpu_precision=resolve_cpu_precision(cpu_precision),
+                                       tokenizer_processes=0)
+
+
+def render_ask(model_dir: str, models_dir: str, cpu_precision: str) -> None:
+    path = find_model(model_dir, models_dir)
+    if path is None:
+        st.info("No trained model directory was found, so there is no model to ask: `finpulse train` trains one.")
+        return
+    with st.form("fp-ask", border=False):
+        typed = st.text_area("Headlines or comments, one a line", key="fp_ask_text", height=140,
+                             placeholder="Oil slides as OPEC+ signals more supply\n$ACME beats estimates and raises "
+                                         "its dividend")
+        asked = st.form_submit_button("Ask the model", type="primary", icon=":material/psychology:")
+    if asked:
+        _ask(path, cpu_precision, [line.strip() for line in typed.splitlines() if line.strip()])
+    shown = st.session_state.get(_SHOWN)
+    if shown:
+        _show(*shown)
+
+
+def _ask(path: Path, cpu_precision: str, texts: list[str]) -> None:
+    from models.explain import read_texts
+    if not texts:
+        st.warning("Type a headline or comment first.")
+        return
+    if len(texts) > MAX_TEXTS:
+        st.warning(f"{len(texts)} lines: the first {MAX_TEXTS} are read. `finpulse score --input FILE` scores a file "
+                   "of any length.")
+        texts = texts[:MAX_TEXTS]
+    try:
+        with st.spinner("Reading…"):
+            scorer = shared_scorer(str(path), (path / "config.json").stat().st_mtime_ns, cpu_precision)
+            st.session_state[_SHOWN] = (scorer.model_version, read_texts(scorer, texts))
+    except Exception as exc:  # a model directory that cannot be loaded: say so on the page, the log has the rest
+        log.exception("the Ask view could not load or run the model in %s", path)
+        st.error(f"The model in `{path}` could not be asked ({type(exc).__name__}: {exc}).")
+
+
+def _show(model_version: str, readings: list) -> None:
+    st.caption(f"Read by `{model_version.replace('`', '')}` on this dashboard's CPU. Words on red pushed the reading "
+               "toward bearish, on green toward bullish: the score is compared with the text scored without that word. "
+               "Point at a word for its figures.")
+    if len(readings) > 1:
+        st.dataframe(pd.DataFrame([_summary(r) for r in readings]), key="fp-ask-table", hide_index=True,
+                     column_config={"score": SCORE, "confidence": st.column_config.NumberColumn(format="percent")})
+    for number, reading in enumerate(readings, start=1):
+        with st.container(border=True, key=f"fp-ask-{number}"):
+            _reading(reading)
+
+
+def _summary(reading) -> dict:
+    p = reading.prediction
+    return {"text": reading.text, "sentiment": p.sentiment if p.ok else "—",
+            "score": p.sentiment_score if p.ok else None, "topic": p.topic if p.ok else "—",
+            "confidence": p.topic_confidence if p.ok else None, "error": p.error or ""}
+
+
+def _reading(reading) -> None:
+    p = reading.prediction
+    if not p.ok:
+        st.markdown(md(reading.text) or "*(empty)*")
+        st.warning(f"Not scored: {p.error}")
+        return
+    st.markdown(f":{SENTIMENT_COLOUR[p.sentiment]}[**{p.sentiment}**] · score **{p.sentiment_score:+.2f}** · "
+                f"**{md(p.topic)}** ({p.topic_confidence:.0%})")
+    st.html(highlighted(reading))
+    sentiments = " · ".join(f"P({label}) {value:.2f}" for label, value in reading.sentiments.items())
+    others = ", ".join(f"{md(topic)} {value:.0%}" for topic, value in reading.topics[1:])
+    st.caption(sentiments + (f" · next topics: {others}" if others else "") +
+               (f" · {reading.note}" if reading.note else ""))
+
+
+def highlighted(reading) -> str:
+    """The text as HTML, each word on a background that says which way it pushed the sentiment and how hard."""
+    if not reading.words:
+        return f'<div class="fp-ask-text">{html.escape(reading.text)}</div>'
+    spans = []
+    for push in reading.words:
+        if math.isnan(push.sentiment):
+            spans.append(f'<span title="the text without it cannot be scored">{html.escape(push.word)}</span>')
+            continue
+        strength = min(1.0, abs(push.sentiment) / FULL_PUSH) * 0.6
+        spans.append(f'<span style="background: rgba({PUSH_RGB[push.sentiment > 0]}, {strength:.2f}); '
+                     f'border-radius: 3px; padding: 0 2px" title="score {push.sentiment:+.2f} with this word; '
+                     f'topic probability {push.topic:+.2f}">{html.escape(push.word)}</span>')
+    return f'<div class="fp-ask-text" style="line-height: 1.9">{" ".join(spans)}</div>'
