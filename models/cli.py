@@ -129,6 +129,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
                    help="how the model computes on a CPU (default [worker] cpu_precision, auto: bf16 where the CPU "
                         "has bfloat16 instructions, else float32); int8 stamps <version>+int8")
+    p.add_argument("--explain", action="store_true",
+                   help="also say which words pushed each score, by scoring the text again without each word in turn "
+                        "(a table and CSV show the strongest, JSONL every word as [word, push]); costs about one "
+                        "more text scored per word")
     p.set_defaults(func=_score)
 
     p = sub.add_parser("models", help="the trained models, newest first: held-out and news-probe figures, size, and "
@@ -364,7 +368,7 @@ def _score(args, settings) -> int:
     started = time.monotonic()
     try:
         written, failed = score_files.score_into(scorer, args.texts, args.input, input_format, args.text_field,
-                                                 args.out, output_format, args.encoding)
+                                                 args.out, output_format, args.encoding, args.explain)
     except score_files.ScoreInputError as exc:
         print(f"finpulse score: {exc}", file=sys.stderr)
         return 2

@@ -15,16 +15,21 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any, Iterator, Sequence
 
 from .interface import Prediction
 
+if TYPE_CHECKING:     # models.explain imports torch: loaded only when asked to explain, not for the CLI's help
+    from .explain import WordPush
+
 PREDICTED = ("topic", "topic_confidence", "sentiment", "sentiment_score")
 PREDICTION_FIELDS = PREDICTED + ("model_version", "error")
+WORDS = "words"   # with --explain: [[word, push], ...] in JSONL; the strongest pushes as one text in CSV and tables
 INPUT_FORMATS = ("lines", "csv", "jsonl")
 OUTPUT_FORMATS = ("table", "jsonl", "csv")
 CHUNK = 2048  # rows read and scored at a time: the scorer batches and pipelines inside each chunk
@@ -107,30 +112,48 @@ def chunks(rows: Iterator[Row], size: int | None = None) -> Iterator[list[Row]]:
         yield chunk
 
 
-def score_rows(scorer, rows: list[Row]) -> list[dict[str, Any]]:
-    """Each row's own fields (a clashing name as ``input_<name>``), then its prediction's."""
+def score_rows(scorer, rows: list[Row], explain: bool = False) -> list[dict[str, Any]]:
+    """Each row's own fields (a clashing name as ``input_<name>``), then its prediction's; with ``explain``, also
+    ``words``: each word of the text and its push on the sentiment score (``models.explain``)."""
     readable = [i for i, row in enumerate(rows) if row.error is None]
+    texts = [rows[i].text for i in readable]
     predictions: list[Prediction | None] = [None] * len(rows)  # None: the row could not even be read
-    for i, prediction in zip(readable, scorer.score([rows[i].text for i in readable])):
-        predictions[i] = prediction
+    pushes: list[list[WordPush]] = [[] for _ in rows]
+    if explain:
+        from .explain import read_texts
+        for i, reading in zip(readable, read_texts(scorer, texts)):
+            predictions[i], pushes[i] = reading.prediction, reading.words
+    else:
+        for i, prediction in zip(readable, scorer.score(texts)):
+            predictions[i] = prediction
     out = []
-    for row, prediction in zip(rows, predictions):
+    for row, prediction, words in zip(rows, predictions, pushes):
         own = {(f"input_{k}" if k in PREDICTION_FIELDS else k): v for k, v in row.fields.items()}
         error = row.error or prediction.error
         predicted = dict.fromkeys(PREDICTED) if error else {
             "topic": prediction.topic, "topic_confidence": round(prediction.topic_confidence, 4),
             "sentiment": prediction.sentiment, "sentiment_score": round(prediction.sentiment_score, 4)}
-        out.append({**own, **predicted, "model_version": scorer.model_version, "error": error})
+        record = {**own, **predicted, "model_version": scorer.model_version, "error": error}
+        if explain:
+            record[WORDS] = [[w.word, None if math.isnan(w.sentiment) else round(w.sentiment, 4)] for w in words]
+        out.append(record)
     return out
+
+
+def strongest(words: list[list], count: int = 3) -> str:
+    """The ``count`` words that pushed the score hardest, strongest first: "slides -1.27, as -0.04"."""
+    known = [(word, push) for word, push in words if push is not None]
+    return ", ".join(f"{word} {push:+.2f}" for word, push in sorted(known, key=lambda wp: -abs(wp[1]))[:count])
 
 
 class Writer:
     """Writes scored rows as JSONL, CSV (the input's columns: a CSV's header, the fields of a JSONL's first row)
     or a table for a terminal."""
 
-    def __init__(self, handle: IO[str], output_format: str, input_columns: list[str] | None, text_field: str):
+    def __init__(self, handle: IO[str], output_format: str, input_columns: list[str] | None, text_field: str,
+                 explain: bool = False):
         self.handle, self.format, self.text_field = handle, output_format, text_field
-        self.input_columns = input_columns
+        self.input_columns, self.explain = input_columns, explain
         self._csv: csv.DictWriter | None = None
         if output_format == "table":
             self.width = max(40, min(200, _terminal_columns()) - 40)
@@ -143,9 +166,10 @@ class Writer:
             if self._csv is None:
                 columns = self.input_columns or [self.text_field]
                 renamed = [f"input_{c}" if c in PREDICTION_FIELDS else c for c in columns]
-                self._csv = csv.DictWriter(self.handle, renamed + list(PREDICTION_FIELDS), extrasaction="ignore")
+                self._csv = csv.DictWriter(self.handle, renamed + list(PREDICTION_FIELDS) + [WORDS] * self.explain,
+                                           extrasaction="ignore")
                 self._csv.writeheader()
-            self._csv.writerows(records)
+            self._csv.writerows({**r, WORDS: strongest(r[WORDS], 5)} if self.explain else r for r in records)
         else:
             for r in records:
                 text = " ".join(str(r.get(self.text_field, "")).split())
@@ -155,6 +179,8 @@ class Writer:
                 else:
                     topic = f"{r['topic']} ({r['topic_confidence']:.2f})"
                     self.handle.write(f"{r['sentiment_score']:>+6.2f}  {r['sentiment']:<9}  {topic:<34}  {text}\n")
+                    if self.explain and r[WORDS]:
+                        self.handle.write(f"{'':>6}  {'':<9}  {'':<34}  pushed by: {strongest(r[WORDS])}\n")
 
 
 def _terminal_columns() -> int:
@@ -165,10 +191,11 @@ def _terminal_columns() -> int:
 
 
 def score_into(scorer, texts: Sequence[str], input_path: str | None, input_format: str, text_field: str,
-               out_path: str | None, output_format: str, encoding: str = "utf-8") -> tuple[int, int]:
+               out_path: str | None, output_format: str, encoding: str = "utf-8",
+               explain: bool = False) -> tuple[int, int]:
     """Score ``texts``, or the rows of ``input_path`` ("-": standard input) in ``encoding``, into ``out_path`` (None:
-    standard output, else a UTF-8 file); returns (rows written, rows that could not be scored). Progress goes to
-    standard error."""
+    standard output, else a UTF-8 file); returns (rows written, rows that could not be scored). ``explain`` adds
+    each row's word pushes (one more sequence scored per word). Progress goes to standard error."""
     from tqdm import tqdm
     try:
         codecs.lookup(encoding)
@@ -203,12 +230,12 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
         rows = _decoded(read_rows(source, input_format, text_field, name), name, encoding)
         first = next(rows, None)
         columns = list(first.fields) if first is not None and first.fields else None  # a CSV's, a JSONL's first
-        writer = Writer(sink, output_format, columns, text_field)
+        writer = Writer(sink, output_format, columns, text_field, explain)
         interactive = sys.stderr.isatty()
         bar = stack.enter_context(tqdm(desc="scoring", unit=" texts", file=sys.stderr, disable=bool(texts),
                                        dynamic_ncols=True, leave=False, mininterval=0.5 if interactive else 15.0))
         for chunk in chunks(itertools.chain([first] if first is not None else [], rows)):
-            records = score_rows(scorer, chunk)
+            records = score_rows(scorer, chunk, explain)
             writer.write(records)
             written += len(records)
             failed += sum(r["error"] is not None for r in records)

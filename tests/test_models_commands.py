@@ -94,6 +94,31 @@ def test_jsonl_rows_that_cannot_be_read_get_an_error_and_the_others_are_scored(m
     assert table[0]["user"] == "ana" and table[0]["topic"] == rows[0]["topic"]
 
 
+def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, tmp_path, capsys):
+    from models.explain import read_texts
+    scorer = BatchScorer.from_pretrained(model_dir, device="cpu", tokenizer_processes=0)
+    texts = [HEADLINES[1], "Rally", HEADLINES[4]]
+    readings = read_texts(scorer, texts)
+    source = tmp_path / "posts.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:2]) + "{bad\n" +
+                      json.dumps({"text": texts[2]}) + "\n")
+    assert score(model_dir, "--input", str(source), "--explain") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["error"] is None for r in rows] == [True, True, False, True]
+    for row, reading in zip([rows[0], rows[1], rows[3]], readings):
+        assert [w for w, _ in row["words"]] == [p.word for p in reading.words]
+        assert [push for _, push in row["words"]] == pytest.approx([p.sentiment for p in reading.words], abs=1e-4)
+    assert rows[1]["words"] == [] and rows[2]["words"] == []     # one word has nothing to weigh; a bad row no text
+    # A table and CSV name the strongest pushes, strongest first.
+    strongest = sorted(readings[0].words, key=lambda p: -abs(p.sentiment))[:3]
+    named = ", ".join(f"{p.word} {p.sentiment:+.2f}" for p in strongest)
+    assert score(model_dir, "--explain", texts[0]) == 0
+    assert capsys.readouterr().out.splitlines()[2].strip() == f"pushed by: {named}"
+    assert score(model_dir, "--input", str(source), "--explain", "--format", "csv") == 0
+    table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert list(table[0])[-1] == "words" and table[0]["words"].startswith(named)
+
+
 def test_a_file_is_scored_in_chunks_to_the_same_result(model_dir, tmp_path, capsys, monkeypatch):
     source = tmp_path / "many.txt"
     source.write_text("".join(f"{HEADLINES[i % len(HEADLINES)]} #{i}\n" for i in range(25)))
