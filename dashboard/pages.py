@@ -416,12 +416,22 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
         st.subheader("Throughput")
         st.altair_chart(charts.throughput_line(sh.in_zone(rate, c.tz)), width="stretch", height=220)
 
+    render_evaluation(c, None if versions.empty else scoring_now)
+    if not versions.empty:
+        st.subheader("Model versions in the kept messages")
+        st.table(sh.in_zone(versions, c.tz).set_index("model_version"))
+
+
+def render_evaluation(c: Controls, scoring_now: str | None = None) -> None:
+    """The model's own account of itself (its card and held-out figures): it needs no stream data, so the Model
+    view shows it before there is any (``scoring_now`` is then unknown)."""
     st.subheader("Evaluation")
     card = cached_model_card(c.model_dir, c.models_dir)
     if card is None:
-        st.info(f"No trained model directory was found (run `finpulse train`); the stream is scored by {scoring_now}.")
+        st.info("No trained model directory was found (run `finpulse train`)" +
+                (f"; the stream is scored by {scoring_now}." if scoring_now else "."))
     else:
-        st.caption(f"Model card from `{card.path}`" + ("" if card.version == scoring_now else
+        st.caption(f"Model card from `{card.path}`" + ("" if card.version == scoring_now or not scoring_now else
                    f" (version {card.version}; the messages shown were scored by {scoring_now})"))
         if "ask" in c.pages:
             st.page_link(c.pages["ask"], label="Ask this model about a headline", icon=":material/psychology:")
@@ -445,9 +455,6 @@ def render_model(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboard
         if card.readme:
             with st.expander("Model card (README.md)"):
                 st.markdown(card.readme)
-    if not versions.empty:
-        st.subheader("Model versions in the kept messages")
-        st.table(sh.in_zone(versions, c.tz).set_index("model_version"))
 
 
 VIEWS: dict[str, tuple[str, str, Callable[[Snapshot, FeedStatus, Controls, DashboardSettings], None]]] = {
@@ -456,3 +463,5 @@ VIEWS: dict[str, tuple[str, str, Callable[[Snapshot, FeedStatus, Controls, Dashb
     "alerts": ("Alerts", ":material/notifications_active:", render_alerts),
     "model": ("Model", ":material/model_training:", render_model),
 }
+# What a view can show before the stream has given it any data (it says why there is none above it).
+WITHOUT_DATA: dict[str, Callable[[Controls], None]] = {"model": render_evaluation}

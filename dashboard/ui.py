@@ -26,8 +26,8 @@ from . import shaping as sh
 from .ask import render_ask
 from .auth import require_sign_in
 from .live import FeedStatus, LiveFeed
-from .pages import (PAGE_STYLE, VIEWS, Controls, feed_banner, follow_link, follow_list, forget_links, freshness_strip,
-                    keep_in_address, link_to_follow, window_label)
+from .pages import (PAGE_STYLE, VIEWS, WITHOUT_DATA, Controls, feed_banner, follow_link, follow_list, forget_links,
+                    freshness_strip, keep_in_address, link_to_follow, window_label)
 from .settings import DashboardSettings, dashboard_settings
 from .store import LiveStore, Snapshot
 
@@ -237,11 +237,13 @@ def live_view(name: str, feed: Feed, controls: Controls, cfg: DashboardSettings)
         snap = shown_snapshot(feed)
         if _choices(snap, controls.filters.key_type) != st.session_state.get(_CHOICES) or _range_for_linked_alert(snap):
             st.rerun(scope="app")
-        if not feed_banner(feed.status, snap):
-            return
+        has_data = feed_banner(feed.status, snap)
         try:
-            freshness_strip(snap, feed.status, cfg, controls.tz)
-            render(snap, feed.status, controls, cfg)
+            if has_data:
+                freshness_strip(snap, feed.status, cfg, controls.tz)
+                render(snap, feed.status, controls, cfg)
+            elif name in WITHOUT_DATA:
+                WITHOUT_DATA[name](controls)
         except Exception as exc:  # one broken view must not take the page down or print a traceback on it
             log.exception("dashboard view %s failed", name)
             st.error(f"The {title} view could not be drawn this time ({type(exc).__name__}); retrying on the next refresh.")

@@ -492,6 +492,17 @@ def test_empty_topics_are_reported_plainly(fp_settings, monkeypatch):
     assert not at.exception and not at.error and not at.metric
 
 
+def test_the_model_view_shows_the_models_evaluation_before_the_stream_has_data(fp_settings, model_dir, monkeypatch):
+    _env_for(monkeypatch, fp_settings)
+    monkeypatch.setenv("FINPULSE_WORKER__MODEL_DIR", str(model_dir))
+    at = AppTest.from_function(_view_script, args=("model",), default_timeout=60)
+    run_until(at, lambda a: any("topics are empty" in i.value for i in a.info), "the empty-topics message")
+    assert not at.exception and not at.error and not at.metric    # nothing live to show
+    assert [s.value for s in at.subheader] == ["Evaluation"]
+    assert at.table[0].value.loc["topic", "accuracy"] == 1.0
+    assert any(c.value.startswith("Model card from") and "scored by" not in c.value for c in at.caption)
+
+
 def test_password_gate_shows_nothing_before_sign_in(fp_settings, produced, monkeypatch):
     _env_for(monkeypatch, fp_settings)
     monkeypatch.setenv("FINPULSE_DASHBOARD_PASSWORD", "correct horse battery staple")
