@@ -12,16 +12,17 @@ import html
 import logging
 import math
 from pathlib import Path
+from typing import Any, Sequence
 
 import pandas as pd
 import streamlit as st
 
 from .model_card import find_model
-from .pages import SCORE, md
 
 log = logging.getLogger(__name__)
 MAX_TEXTS = 50          # a question, not a batch job: `finpulse score --input` is for files
 _SHOWN = "fp_ask_readings"
+_GIVEN = "fp_ask_given"     # texts another view hands to this one (``ask_button``)
 SENTIMENT_COLOUR = {"bearish": "red", "neutral": "gray", "bullish": "green"}
 # Word backgrounds: red pushed toward bearish, green toward bullish. A push this size or more is drawn at full
 # strength, so that a text none of whose words matter much stays pale instead of being scaled up to look decisive.
@@ -38,17 +39,31 @@ def shared_scorer(path: str, saved_at_ns: int, cpu_precision: str):
                                        tokenizer_processes=0)
 
 
+def ask_button(ask_page: Any, texts: Sequence[str], key: str) -> None:
+    """Under a table of messages: a button that opens the Ask view on them (the first ``MAX_TEXTS``), to see
+    which words moved each one's score. Nothing when the Ask view is off (``ask_page`` None) or there are none."""
+    if ask_page is None or not len(texts):
+        return
+    if st.button("Why these scores? Ask the model", key=key, icon=":material/psychology:",
+                 help=f"Opens the Ask view on these messages (the first {MAX_TEXTS}): which words pushed each score"):
+        st.session_state[_GIVEN] = [" ".join(str(text).split()) for text in list(texts)[:MAX_TEXTS]]
+        st.switch_page(ask_page)
+
+
 def render_ask(model_dir: str, models_dir: str, cpu_precision: str) -> None:
     path = find_model(model_dir, models_dir)
+    given = st.session_state.pop(_GIVEN, None)
     if path is None:
         st.info("No trained model directory was found, so there is no model to ask: `finpulse train` trains one.")
         return
+    if given:
+        st.session_state["fp_ask_text"] = "\n".join(given)
     with st.form("fp-ask", border=False):
         typed = st.text_area("Headlines or comments, one a line", key="fp_ask_text", height=140,
                              placeholder="Oil slides as OPEC+ signals more supply\n$ACME beats estimates and raises "
                                          "its dividend")
         asked = st.form_submit_button("Ask the model", type="primary", icon=":material/psychology:")
-    if asked:
+    if asked or given:
         _ask(path, cpu_precision, [line.strip() for line in typed.splitlines() if line.strip()])
     shown = st.session_state.get(_SHOWN)
     if shown:
@@ -79,7 +94,8 @@ def _show(model_version: str, readings: list) -> None:
                "Point at a word for its figures.")
     if len(readings) > 1:
         st.dataframe(pd.DataFrame([_summary(r) for r in readings]), key="fp-ask-table", hide_index=True,
-                     column_config={"score": SCORE, "confidence": st.column_config.NumberColumn(format="percent")})
+                     column_config={"score": st.column_config.NumberColumn(format="%+.2f"),
+                                    "confidence": st.column_config.NumberColumn(format="percent")})
     for number, reading in enumerate(readings, start=1):
         with st.container(border=True, key=f"fp-ask-{number}"):
             _reading(reading)
@@ -95,14 +111,14 @@ def _summary(reading) -> dict:
 def _reading(reading) -> None:
     p = reading.prediction
     if not p.ok:
-        st.markdown(md(reading.text) or "*(empty)*")
+        st.text(reading.text or "(empty)")
         st.warning(f"Not scored: {p.error}")
         return
     st.markdown(f":{SENTIMENT_COLOUR[p.sentiment]}[**{p.sentiment}**] · score **{p.sentiment_score:+.2f}** · "
-                f"**{md(p.topic)}** ({p.topic_confidence:.0%})")
+                f"**{p.topic}** ({p.topic_confidence:.0%})")
     st.html(highlighted(reading))
     sentiments = " · ".join(f"P({label}) {value:.2f}" for label, value in reading.sentiments.items())
-    others = ", ".join(f"{md(topic)} {value:.0%}" for topic, value in reading.topics[1:])
+    others = ", ".join(f"{topic} {value:.0%}" for topic, value in reading.topics[1:])   # label names: plain
     st.caption(sentiments + (f" · next topics: {others}" if others else "") +
                (f" · {reading.note}" if reading.note else ""))
 

@@ -20,6 +20,7 @@ import streamlit as st
 
 from . import charts
 from . import shaping as sh
+from .ask import ask_button
 from .live import FeedStatus
 from .model_card import (ModelCard, confusion_matrices, find_model, head_reports, metric_table, per_class_table,
                          read_model_card)
@@ -260,12 +261,14 @@ def render_overview(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashbo
 
 # ---------------------------------------------------------------- Drill-down
 
-def message_table(frame: pd.DataFrame, tz: str, key: str) -> None:
-    """The message text right after its time and score, full width: on a laptop screen the text is what must show."""
-    st.dataframe(sh.in_zone(frame, tz), key=key, hide_index=True, width="stretch",
+def message_table(frame: pd.DataFrame, c: Controls, key: str) -> None:
+    """The message text right after its time and score, full width: on a laptop screen the text is what must show.
+    Under it, a button that asks the model why it read them so (the Ask view, when it is on)."""
+    st.dataframe(sh.in_zone(frame, c.tz), key=key, hide_index=True, width="stretch",
                  column_order=["event_time", "sentiment_score", "text", "kind", "url"],
                  column_config={"event_time": st.column_config.DatetimeColumn("time", format="YYYY-MM-DD HH:mm:ss"),
                                 "sentiment_score": SCORE, "url": LINK, "text": st.column_config.TextColumn("message", width="large")})
+    ask_button(c.pages.get("ask"), frame["text"], f"{key}-ask")
 
 
 def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: DashboardSettings) -> None:
@@ -307,9 +310,9 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
     st.caption(" · ".join(f"{r.kind}: {r.messages} ({r.share:.0%})" for r in split.itertuples()))
     negative, positive = sh.key_messages(snap, f.key_type, key, since, until=f.until)
     st.subheader("Most negative messages")
-    message_table(negative, c.tz, "fp-negative")
+    message_table(negative, c, "fp-negative")
     st.subheader("Most positive messages")
-    message_table(positive, c.tz, "fp-positive")
+    message_table(positive, c, "fp-positive")
     csv_download(series, c.tz, f"{f.key_type}-{key}", "fp-csv-drilldown")
 
 
@@ -377,7 +380,7 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     if messages.empty:
         st.caption("The alert carries no messages.")
     else:
-        message_table(messages, c.tz, "fp-alert-messages")
+        message_table(messages, c, "fp-alert-messages")
     st.subheader("Delivery per endpoint")
     deliveries = sh.alert_deliveries(snap.deliveries, chosen)
     if deliveries.empty:

@@ -10,8 +10,8 @@ The second plays an analyst on a laptop screen following a move through the view
 produced straight into the broker (``tests.dashboard_data``), keeps screenshots at that width, and opens the
 address it ends on in a new session, which must show the same view.
 
-The last asks the dashboard's model about two headlines: it must read them as the worker's scorer does, and show
-each word's push.
+The last asks the dashboard's model about the messages behind an alert (one click from the Alerts view) and about two
+headlines typed in: it must read them as the worker's scorer does, and show each word's push.
 """
 from __future__ import annotations
 
@@ -201,11 +201,25 @@ def test_an_analyst_asks_the_model_about_headlines_and_sees_which_words_moved_it
     settings = with_section(fp_settings, "worker", model_dir=str(model), cpu_precision="float32")
     texts = ["Shares plunge after the company misses estimates", "Oil prices climb as OPEC cuts crude output"]
     expected = read_texts(BatchScorer.from_pretrained(model, device="cpu", tokenizer_processes=0), texts)
-    produce(fp_settings, synthesize(utcnow(), shock_key=SHOCK_TOPIC))    # the Model view draws once there is data
+    data = synthesize(utcnow(), shock_key=SHOCK_TOPIC)
+    produce(fp_settings, data)
+    firing = next(a for a in data.alerts if a.key == SHOCK_TOPIC)
     port = free_port()
     with start_finpulse(settings, "dashboard", "--port", str(port), log_dir=tmp_path) as dashboard:
         wait_for_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard)
         with chromium_page(1280, 800) as page:
+            # The messages behind an alert, handed to the model with one click.
+            page.goto(f"http://127.0.0.1:{port}/alerts?alert={firing.id}", wait_until="domcontentloaded")
+            expect(page.locator(".st-key-fp_alert input")).to_have_value(f"critical · {SHOCK_TOPIC} · firing",
+                                                                         timeout=WAIT_MS)
+            page.get_by_role("button", name="Why these scores? Ask the model").first.click()
+            page.wait_for_url(re.compile(r"/ask"), timeout=WAIT_MS)
+            messages = [m["text"] for a in data.alerts if a.id == firing.id for m in a.messages]  # and escalation's
+            expect(page.locator(".st-key-fp-ask-1")).to_be_visible(timeout=WAIT_MS)
+            expect(page.locator(".fp-ask-text")).to_have_count(len(messages))
+            read = page.locator(".fp-ask-text").all_inner_texts()
+            assert sorted(" ".join(t.split()) for t in read) == sorted(" ".join(t.split()) for t in messages)
+
             page.goto(f"http://127.0.0.1:{port}/model", wait_until="domcontentloaded")
             page.get_by_role("link", name="Ask this model about a headline").click(timeout=WAIT_MS)
             page.wait_for_url(re.compile(r"/ask"), timeout=WAIT_MS)
