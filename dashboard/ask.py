@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import pandas as pd
 import streamlit as st
 
+from stream.config import WorkerSettings
+
 from .model_card import find_model
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,14 @@ def ask_button(ask_page: Any, texts: Sequence[str], key: str) -> None:
         st.switch_page(ask_page)
 
 
-def render_ask(model_dir: str, models_dir: str, cpu_precision: str) -> None:
-    path = find_model(model_dir, models_dir)
+def render_ask(worker: WorkerSettings, models_dir: str) -> None:
+    """``worker``: the ``[worker]`` settings, so that the model asked is the one the worker scores with."""
     given = st.session_state.pop(_GIVEN, None)
+    if worker.scorer in ("baseline", "noop"):
+        st.info(f"The worker scores with the {worker.scorer} scorer (`[worker] scorer`), not a model, so there is no "
+                "model to ask.")
+        return
+    path = find_model(worker.model_dir, models_dir)
     if path is None:
         st.info("No trained model directory was found, so there is no model to ask: `finpulse train` trains one.")
         return
@@ -64,7 +71,7 @@ def render_ask(model_dir: str, models_dir: str, cpu_precision: str) -> None:
                                          "its dividend")
         asked = st.form_submit_button("Ask the model", type="primary", icon=":material/psychology:")
     if asked or given:
-        _ask(path, cpu_precision, [line.strip() for line in typed.splitlines() if line.strip()])
+        _ask(path, worker.cpu_precision, [line.strip() for line in typed.splitlines() if line.strip()])
     shown = st.session_state.get(_SHOWN)
     if shown:
         _show(*shown)

@@ -280,7 +280,7 @@ def run(feed: Feed | None = None, page: str | None = None, settings: Settings | 
              for name, (title, icon, _) in VIEWS.items()}
     if cfg.ask_model:
         def ask_view() -> None:   # not a live view: it redraws when asked, not every refresh_s
-            render_ask(settings.worker.model_dir, models_root(settings), settings.worker.cpu_precision)
+            render_ask(settings.worker, models_root(settings))
         pages["ask"] = st.Page(ask_view, title="Ask the model", icon=":material/psychology:", url_path="ask")
     current = st.navigation(list(pages.values()), position="top")
     if "alert" in st.query_params and current.url_path == pages["overview"].url_path:

@@ -109,7 +109,8 @@ def _describe_worker_model(settings) -> str:
         return "the keyword baseline (the classifier's code is not installed)"
     if found is None:
         return "the keyword baseline (no trained model)"
-    return f'{found.name}\n             ask it: finpulse score "a headline"; every model: finpulse models'
+    return (f'{found.name}\n             ask it: the dashboard\'s Ask view, or finpulse score "a headline"; '
+            'every model: finpulse models')
 
 
 def run_demo(settings, args) -> int:

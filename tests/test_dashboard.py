@@ -58,6 +58,12 @@ def _view_script(page: str) -> None:
     run(page=page)
 
 
+def _ask_script(scorer: str, model_dir: str) -> None:
+    from dashboard.ask import render_ask
+    from stream.config import WorkerSettings
+    render_ask(WorkerSettings(scorer=scorer, model_dir=model_dir), "")
+
+
 def _markdown(at: AppTest) -> list[str]:
     return [m.value for m in at.markdown]
 
@@ -501,6 +507,19 @@ def test_the_model_view_shows_the_models_evaluation_before_the_stream_has_data(f
     assert [s.value for s in at.subheader] == ["Evaluation"]
     assert at.table[0].value.loc["topic", "accuracy"] == 1.0
     assert any(c.value.startswith("Model card from") and "scored by" not in c.value for c in at.caption)
+
+
+def test_the_ask_view_asks_only_the_workers_model_and_says_when_it_cannot(model_dir):
+    at = AppTest.from_function(_ask_script, args=("baseline", str(model_dir)), default_timeout=60).run()
+    assert [i.value for i in at.info] == ["The worker scores with the baseline scorer (`[worker] scorer`), not a model, "
+                                          "so there is no model to ask."]
+    assert not at.text_area
+    # A model directory that cannot be loaded (this one's weights are empty): said on the page, no traceback.
+    at = AppTest.from_function(_ask_script, args=("auto", str(model_dir)), default_timeout=60).run()
+    at.text_area(key="fp_ask_text").input("Oil slides as OPEC+ talks stall\n\n")
+    at.button[0].click().run()
+    assert not at.exception and len(at.error) == 1
+    assert at.error[0].value.startswith(f"The model in `{model_dir}` could not be asked (")
 
 
 def test_password_gate_shows_nothing_before_sign_in(fp_settings, produced, monkeypatch):

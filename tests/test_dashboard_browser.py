@@ -198,7 +198,7 @@ def test_an_analyst_asks_the_model_about_headlines_and_sees_which_words_moved_it
     from models.explain import read_texts
     from models.scorer import BatchScorer
     model = save_tiny_model(make_tiny_base(tmp_path / "base"), tmp_path / "model")
-    settings = with_section(fp_settings, "worker", model_dir=str(model), cpu_precision="float32")
+    settings = with_section(fp_settings, "worker", scorer="model", model_dir=str(model), cpu_precision="float32")
     texts = ["Shares plunge after the company misses estimates", "Oil prices climb as OPEC cuts crude output"]
     expected = read_texts(BatchScorer.from_pretrained(model, device="cpu", tokenizer_processes=0), texts)
     data = synthesize(utcnow(), shock_key=SHOCK_TOPIC)
