@@ -26,10 +26,14 @@ MAX_TEXTS = 50          # a question, not a batch job: `finpulse score --input` 
 _SHOWN = "fp_ask_readings"
 _GIVEN = "fp_ask_given"     # texts another view hands to this one (``ask_button``)
 SENTIMENT_COLOUR = {"bearish": "red", "neutral": "gray", "bullish": "green"}
-# Word backgrounds: red pushed toward bearish, green toward bullish. A push this size or more is drawn at full
-# strength, so that a text none of whose words matter much stays pale instead of being scaled up to look decisive.
+# Word backgrounds, by what the analyst colours by: for the sentiment, red pushed toward bearish and green toward
+# bullish; for the topic, blue made the predicted topic likelier and orange less likely. A push this size or more
+# is drawn at full strength, so that a text none of whose words matter much stays pale instead of looking decisive.
 FULL_PUSH = 0.3
-PUSH_RGB = {True: "22, 163, 74", False: "220, 38, 38"}
+PUSH_RGB = {"sentiment": {True: "22, 163, 74", False: "220, 38, 38"},
+            "topic": {True: "37, 99, 235", False: "234, 88, 12"}}
+LEGEND = {"sentiment": "Words on red pushed the reading toward bearish, on green toward bullish",
+          "topic": "Words on blue made the topic likelier, on orange less likely"}
 
 
 @st.cache_resource(max_entries=1, show_spinner=False)
@@ -96,16 +100,16 @@ def _ask(path: Path, cpu_precision: str, texts: list[str]) -> None:
 
 
 def _show(model_version: str, readings: list) -> None:
-    st.caption(f"Read by `{model_version.replace('`', '')}` on this dashboard's CPU. Words on red pushed the reading "
-               "toward bearish, on green toward bullish: the score is compared with the text scored without that word. "
-               "Point at a word for its figures.")
+    colour_by = st.radio("Colour words by", list(PUSH_RGB), horizontal=True, key="fp_ask_colour")
+    st.caption(f"Read by `{model_version.replace('`', '')}` on this dashboard's CPU. {LEGEND[colour_by]}: each is "
+               "compared with the text read without that word. Point at a word for its figures.")
     if len(readings) > 1:
         st.dataframe(pd.DataFrame([_summary(r) for r in readings]), key="fp-ask-table", hide_index=True,
                      column_config={"score": st.column_config.NumberColumn(format="%+.2f"),
                                     "confidence": st.column_config.NumberColumn(format="percent")})
     for number, reading in enumerate(readings, start=1):
         with st.container(border=True, key=f"fp-ask-{number}"):
-            _reading(reading)
+            _reading(reading, colour_by)
 
 
 def _summary(reading) -> dict:
@@ -115,7 +119,7 @@ def _summary(reading) -> dict:
             "confidence": p.topic_confidence if p.ok else None, "error": p.error or ""}
 
 
-def _reading(reading) -> None:
+def _reading(reading, colour_by: str) -> None:
     p = reading.prediction
     if not p.ok:
         st.text(reading.text or "(empty)")
@@ -123,15 +127,16 @@ def _reading(reading) -> None:
         return
     st.markdown(f":{SENTIMENT_COLOUR[p.sentiment]}[**{p.sentiment}**] · score **{p.sentiment_score:+.2f}** · "
                 f"**{p.topic}** ({p.topic_confidence:.0%})")
-    st.html(highlighted(reading))
+    st.html(highlighted(reading, colour_by))
     sentiments = " · ".join(f"P({label}) {value:.2f}" for label, value in reading.sentiments.items())
     others = ", ".join(f"{topic} {value:.0%}" for topic, value in reading.topics[1:])   # label names: plain
     st.caption(sentiments + (f" · next topics: {others}" if others else "") +
                (f" · {reading.note}" if reading.note else ""))
 
 
-def highlighted(reading) -> str:
-    """The text as HTML, each word on a background that says which way it pushed the sentiment and how hard."""
+def highlighted(reading, colour_by: str = "sentiment") -> str:
+    """The text as HTML, each word on a background that says which way it pushed the sentiment (or the topic) and
+    how hard."""
     if not reading.words:
         return f'<div class="fp-ask-text">{html.escape(reading.text)}</div>'
     spans = []
@@ -139,8 +144,9 @@ def highlighted(reading) -> str:
         if math.isnan(push.sentiment):
             spans.append(f'<span title="the text without it cannot be scored">{html.escape(push.word)}</span>')
             continue
-        strength = min(1.0, abs(push.sentiment) / FULL_PUSH) * 0.6
-        spans.append(f'<span style="background: rgba({PUSH_RGB[push.sentiment > 0]}, {strength:.2f}); '
+        value = getattr(push, colour_by)
+        strength = min(1.0, abs(value) / FULL_PUSH) * 0.6
+        spans.append(f'<span style="background: rgba({PUSH_RGB[colour_by][value > 0]}, {strength:.2f}); '
                      f'border-radius: 3px; padding: 0 2px" title="score {push.sentiment:+.2f} with this word; '
                      f'topic probability {push.topic:+.2f}">{html.escape(push.word)}</span>')
     return f'<div class="fp-ask-text" style="line-height: 1.9">{" ".join(spans)}</div>'
