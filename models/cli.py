@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "often the labels agree and what it costs in accuracy (default: float32 alone)")
     p.add_argument("--out", help="JSON report path (default var/eval/<version>-<data>.json)")
     p.add_argument("--errors", type=int, default=0, metavar="N",
-                   help="also list each head's N most confident mistakes (printed and in the JSON report)")
+                   help="also list each head's N most confident mistakes, each with the words that pushed it there "
+                        "(printed and in the JSON report)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("calibrate", help="fit a trained model's confidence temperatures; saves a calibrated copy",
@@ -260,8 +261,8 @@ def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...], de
 
 def _evaluate(args, settings) -> int:
     import re
-    from .evaluation import (confident_mistakes, float32_comparison, format_mistakes, format_source_reports,
-                             reports_by_source, reports_from)
+    from .evaluation import (add_pushes, confident_mistakes, float32_comparison, format_mistakes,
+                             format_source_reports, reports_by_source, reports_from)
     from .metrics import format_report
     from .modeling import write_json
     from .scorer import BatchScorer
@@ -298,6 +299,7 @@ def _evaluate(args, settings) -> int:
               f"{compared['accuracy']:.3f} vs {compared['float32_accuracy']:.3f}, macro-F1 {compared['macro_f1']:.3f} "
               f"vs {compared['float32_macro_f1']:.3f}")
     mistakes = confident_mistakes(probs, data, args.errors) if args.errors > 0 else {}
+    add_pushes(scorer, mistakes)
     for head, listed in mistakes.items():
         print(format_mistakes(head, listed))
     name = "-".join(re.sub(r"[^A-Za-z0-9]+", "_", Path(s.split(" ")[0]).stem)[:40] for s in args.data) if args.data else args.split

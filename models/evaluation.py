@@ -9,6 +9,7 @@ scored on its slice less the twins of rows it was trained or selected on.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 from .calibration import expected_calibration_error, negative_log_likelihood, scored_rows
 from .data import (PARTS, SPLIT_SCHEME, SPLIT_SCHEME_BEFORE_TWINS, DataError, LabeledSet, fingerprint, load_data, split,
                    without_twins_of)
+from .explain import read_texts, strongest
 from .labels import SENTIMENTS, TOPICS
 from .metrics import head_report
 from .scorer import BatchScorer, Probabilities
@@ -86,6 +88,15 @@ def confident_mistakes(probs: Probabilities, data: LabeledSet, limit: int) -> di
     return out
 
 
+def add_pushes(scorer, mistakes: dict[str, list[dict[str, Any]]]) -> None:
+    """Give each listed mistake its ``words``: each word with its push toward what was predicted (``models.explain``;
+    for the sentiment head the sentiment score's push, for the topic head the predicted topic's)."""
+    for head, listed in mistakes.items():
+        for mistake, reading in zip(listed, read_texts(scorer, [m["text"] for m in listed])):
+            mistake["words"] = [[push.word, None if math.isnan(value := getattr(push, head)) else round(value, 4)]
+                                for push in reading.words]
+
+
 def format_mistakes(head: str, mistakes: list[dict[str, Any]], width: int = 100) -> str:
     lines = [f"{head}: the {len(mistakes)} most confident mistakes (label -> predicted, confidence)"]
     for m in mistakes:
@@ -93,6 +104,8 @@ def format_mistakes(head: str, mistakes: list[dict[str, Any]], width: int = 100)
         text = text if len(text) <= width else text[:width - 1] + "…"
         verdict = f"{m['predicted']} {m['confidence']:.2f}" if m["predicted"] else f"unscorable: {m['error']}"
         lines.append(f"  {m['label']} -> {verdict}  | {text}")
+        if m.get("words") and m["predicted"]:
+            lines.append(f"      pushed by: {strongest(m['words'])}")
     return "\n".join(lines)
 
 

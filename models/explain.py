@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .interface import Prediction
 from .labels import SENTIMENTS, TOPICS
-from .scorer import BatchScorer, Probabilities, predictions_from
+
+if TYPE_CHECKING:   # the scorer brings torch: imported when a text is read, so that strongest() stays light
+    from .scorer import BatchScorer, Probabilities
 
 # Longer texts are read without their words' pushes: each word costs a sequence, and a pasted article is not a
 # headline whose words an analyst weighs one by one.
@@ -46,6 +48,7 @@ def read_texts(scorer: BatchScorer, texts: Sequence[str], top_topics: int = TOP_
                max_words: int = MAX_WORDS) -> list[Reading]:
     """One ``Reading`` per text, in order. A text that cannot be scored (empty, not a text) gets its error in
     ``prediction.error`` and nothing else; it does not stop the others."""
+    from .scorer import predictions_from
     words_of = [_words(text, max_words) for text in texts]
     variants = [" ".join(words[:i] + words[i + 1:]) for words in words_of for i in range(len(words))]
     probs = scorer.probabilities(list(texts) + variants)
@@ -63,7 +66,7 @@ def read_texts(scorer: BatchScorer, texts: Sequence[str], top_topics: int = TOP_
             text, prediction,
             sentiments={label: float(p) for label, p in zip(SENTIMENTS, whole.sentiment[row])},
             topics=_likeliest(whole.topic[row], top_topics),
-            words=_pushes(words, prediction, without),
+            words=_pushes(words, prediction, without, [p.sentiment_score for p in predictions_from(without)]),
             note=_why_not_explained(text, words, max_words)))
     return readings
 
@@ -89,12 +92,19 @@ def _likeliest(topic_probabilities: np.ndarray, count: int) -> list[tuple[str, f
     return [(TOPICS[i], float(topic_probabilities[i])) for i in order]
 
 
-def _pushes(words: list[str], prediction: Prediction, without: Probabilities) -> list[WordPush]:
+def _pushes(words: list[str], prediction: Prediction, without: Probabilities,
+            scores_without: list[float]) -> list[WordPush]:
     if not words:
         return []
     topic = TOPICS.index(prediction.topic)
-    scores_without = [p.sentiment_score for p in predictions_from(without)]
     return [WordPush(word,
                      sentiment=math.nan if error else prediction.sentiment_score - score,
                      topic=math.nan if error else prediction.topic_confidence - float(topic_row[topic]))
             for word, score, topic_row, error in zip(words, scores_without, without.topic, without.errors)]
+
+
+def strongest(words: Sequence[Sequence], count: int = 3) -> str:
+    """The ``count`` words that pushed hardest, strongest first, from (word, push) pairs (a push may be None or
+    NaN: unknown): "slides -1.27, as -0.04"."""
+    known = [(word, push) for word, push in words if push is not None and not math.isnan(push)]
+    return ", ".join(f"{word} {push:+.2f}" for word, push in sorted(known, key=lambda wp: -abs(wp[1]))[:count])

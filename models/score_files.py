@@ -20,12 +20,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterator, Sequence
+from typing import IO, Any, Iterator, Sequence
 
+from .explain import WordPush, read_texts, strongest
 from .interface import Prediction
-
-if TYPE_CHECKING:     # models.explain imports torch: loaded only when asked to explain, not for the CLI's help
-    from .explain import WordPush
 
 PREDICTED = ("topic", "topic_confidence", "sentiment", "sentiment_score")
 PREDICTION_FIELDS = PREDICTED + ("model_version", "error")
@@ -120,7 +118,6 @@ def score_rows(scorer, rows: list[Row], explain: bool = False) -> list[dict[str,
     predictions: list[Prediction | None] = [None] * len(rows)  # None: the row could not even be read
     pushes: list[list[WordPush]] = [[] for _ in rows]
     if explain:
-        from .explain import read_texts
         for i, reading in zip(readable, read_texts(scorer, texts)):
             predictions[i], pushes[i] = reading.prediction, reading.words
     else:
@@ -138,12 +135,6 @@ def score_rows(scorer, rows: list[Row], explain: bool = False) -> list[dict[str,
             record[WORDS] = [[w.word, None if math.isnan(w.sentiment) else round(w.sentiment, 4)] for w in words]
         out.append(record)
     return out
-
-
-def strongest(words: list[list], count: int = 3) -> str:
-    """The ``count`` words that pushed the score hardest, strongest first: "slides -1.27, as -0.04"."""
-    known = [(word, push) for word, push in words if push is not None]
-    return ", ".join(f"{word} {push:+.2f}" for word, push in sorted(known, key=lambda wp: -abs(wp[1]))[:count])
 
 
 class Writer:

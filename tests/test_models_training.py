@@ -18,11 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from models.data import MISSING, LabeledSet, load_data, split
+from models.explain import read_texts, strongest
 from models.labels import SENTIMENTS, TOPICS
 from models.modeling import FinPulseClassifier, TextEncoder
+from models.scorer import BatchScorer
 from models.training import (Checkpoint, FitConfig, WeightAverage, fit, gold_targets, make_optimizer,
                              masked_soft_loss, set_learning_rate)
-from tests.models_fixtures import CLI_ENV, SENTIMENT_ROWS, make_tiny_base, tiny_set, write_shared_layout, write_tiny_csv
+from tests.models_fixtures import (CLI_ENV, SENTIMENT_ROWS, TOPIC_ROWS, make_tiny_base, tiny_set, write_shared_layout,
+                                  write_tiny_csv)
 from tests.procs import orphans_left
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,6 +316,25 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
         assert report[head]["n"] == metrics["test"][head]["n"]
         assert report[head]["accuracy"] == pytest.approx(metrics["test"][head]["accuracy"])
         assert len(report[head]["confusion_matrix"]) == len(TOPICS if head == "topic" else SENTIMENTS)
+    # Rows labeled wrong on purpose, so that every row is a mistake: each is listed with the words that pushed it
+    # toward what was predicted, this head's push as models.explain reads it.
+    mislabeled = tmp_path / "mislabeled.csv"
+    mislabeled.write_text("text,topic,sentiment\n" + "".join(
+        f'"{text}",{"Dividend" if topic != "Dividend" else "IPO"},\n' for text, topic in TOPIC_ROWS) + "".join(
+        f'"{text}",,{"bullish" if sentiment != "bullish" else "bearish"}\n' for text, sentiment in SENTIMENT_ROWS))
+    capsys.readouterr()
+    assert main(["evaluate", str(model_dir), "--data", str(mislabeled), "--out", str(report_file), "--device", "cpu",
+                 "--errors", "3"]) == 0
+    printed = capsys.readouterr().out
+    mistakes = json.loads(report_file.read_text())["mistakes"]
+    assert sorted(mistakes) == ["sentiment", "topic"] and all(len(listed) == 3 for listed in mistakes.values())
+    scorer = BatchScorer.from_pretrained(model_dir, device="cpu", tokenizer_processes=0)
+    for head, listed in mistakes.items():
+        for mistake, reading in zip(listed, read_texts(scorer, [m["text"] for m in listed])):
+            assert [word for word, _ in mistake["words"]] == [push.word for push in reading.words]
+            assert [value for _, value in mistake["words"]] == pytest.approx(
+                [getattr(push, head) for push in reading.words], abs=1e-4)
+            assert f"      pushed by: {strongest(mistake['words'])}\n" in printed
     # A model trained on several sources before each source was split on its own cannot have its slice rebuilt.
     training_file = model_dir / "training_config.json"
     training = json.loads(training_file.read_text())
