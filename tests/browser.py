@@ -3,7 +3,8 @@
 ``chromium_page()`` is Debian's headless ``chromium`` driven through the Python ``playwright`` package's driver
 (Playwright's own browser download does not work here). A missing browser or driver is a test FAILURE with the fix
 in the message, never a skip: the Makefile's ``browser`` target installs chromium. ``wait_for_http`` waits for a
-``finpulse`` process (``tests.procs``) to serve a URL.
+``finpulse`` process (``tests.procs``) to serve a URL; ``running_dashboard`` starts ``finpulse dashboard`` and waits
+for it.
 """
 from __future__ import annotations
 
@@ -55,6 +56,19 @@ def chromium_page(width: int = 1500, height: int = 1200, color_scheme: str = "li
             yield context.new_page()
         finally:
             browser.close()
+
+
+@contextmanager
+def running_dashboard(settings, log_dir, *args: str) -> Iterator[str]:
+    """``finpulse dashboard ARGS`` on a free port, started and answering: yields its address; on the way out it
+    must still be running."""
+    from stream.broker import free_port
+    from tests.procs import start_finpulse
+    port = free_port()
+    with start_finpulse(settings, "dashboard", "--port", str(port), *args, log_dir=log_dir) as dashboard:
+        wait_for_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard)
+        yield f"http://127.0.0.1:{port}"
+        assert dashboard.running(), dashboard.tail()
 
 
 def wait_for_http(url: str, proc: FinpulseProcess, timeout_s: float = 90.0) -> None:

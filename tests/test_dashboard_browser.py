@@ -20,9 +20,8 @@ from datetime import timedelta
 
 import pytest
 
-from stream.broker import free_port
 from stream.records import format_time, utcnow
-from tests.browser import chromium_page, expect, wait_for_http
+from tests.browser import chromium_page, expect, running_dashboard
 from tests.dashboard_data import produce, synthesize
 from tests.models_fixtures import make_tiny_base, save_tiny_model
 from tests.procs import run_finpulse, start_finpulse, start_worker, with_section
@@ -36,16 +35,13 @@ WAIT_MS = 300_000         # the worker scores the backlog on a shared 2-core mac
 
 
 def test_dashboard_shows_the_shock_live_in_a_browser(fp_settings, artifacts_dir, tmp_path):
-    port = free_port()
     start = utcnow() - timedelta(minutes=HISTORY_MIN)
-    with start_worker(fp_settings, tmp_path), \
-            start_finpulse(fp_settings, "dashboard", "--port", str(port), "--refresh", "1", log_dir=tmp_path) as dashboard, \
+    with start_worker(fp_settings, tmp_path), running_dashboard(fp_settings, tmp_path, "--refresh", "1") as url, \
             start_finpulse(fp_settings, "simulate", "--start", format_time(start), "--rate", str(RATE),
                            "--count", str(HISTORY_MIN * 60 * RATE), "--max-speed", "--shock-topic", SHOCK_TOPIC,
                            "--shock-at", str(SHOCK_AT_MIN * 60), "--shock-duration", "3600", log_dir=tmp_path):
-        wait_for_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard)
         with chromium_page() as page:
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.goto(f"{url}/", wait_until="domcontentloaded")
             page.evaluate("window.__finpulse_marker = 'same page'")
             # Waits until the text is there (the stream arrives asynchronously), fails if it never is.
             top, first_alert = page.locator(".st-key-fp-unusual-1"), page.locator(".st-key-fp-alert-1")
@@ -69,18 +65,17 @@ def test_dashboard_shows_the_shock_live_in_a_browser(fp_settings, artifacts_dir,
             assert "Traceback" not in page.locator("body").inner_text()
             page.screenshot(path=f"{artifacts_dir}/dashboard-overview.png", full_page=True)
             for view in ("Topic / ticker", "Alerts", "Model"):
-                page.get_by_role("link", name=view).click()
+                page.get_by_role("link", name=view, exact=True).click()
                 page.locator("[data-testid=stVegaLiteChart], [data-testid=stDataFrame]").first.wait_for(timeout=WAIT_MS)
                 page.wait_for_timeout(1500)
                 assert "Traceback" not in page.locator("body").inner_text()
                 page.screenshot(path=f"{artifacts_dir}/dashboard-{view.split()[0].lower()}.png", full_page=True)
         with chromium_page(color_scheme="dark") as page:  # the system dark theme: charts must stay readable
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.goto(f"{url}/", wait_until="domcontentloaded")
             expect(page.locator(".st-key-fp-unusual-1")).to_contain_text(SHOCK_TOPIC, timeout=WAIT_MS)
             page.locator("[data-testid=stVegaLiteChart]").first.wait_for(timeout=WAIT_MS)
             page.wait_for_timeout(1500)
             page.screenshot(path=f"{artifacts_dir}/dashboard-overview-dark.png", full_page=True)
-        assert dashboard.running(), dashboard.tail()
 
 
 def test_on_a_laptop_an_alert_leads_to_its_messages_and_drilldown_in_one_click_each(fp_settings, artifacts_dir,
@@ -88,11 +83,9 @@ def test_on_a_laptop_an_alert_leads_to_its_messages_and_drilldown_in_one_click_e
     data = synthesize(utcnow(), shock_key=SHOCK_TOPIC)
     produce(fp_settings, data)
     firing = next(a for a in data.alerts if a.key == SHOCK_TOPIC)
-    port = free_port()
-    with start_finpulse(fp_settings, "dashboard", "--port", str(port), log_dir=tmp_path) as dashboard:
-        wait_for_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard)
+    with running_dashboard(fp_settings, tmp_path) as url:
         with chromium_page(1280, 800) as page:
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.goto(f"{url}/", wait_until="domcontentloaded")
             page.evaluate("window.__finpulse_marker = 'same page'")
             top = page.locator(".st-key-fp-unusual-1 a")
             expect(top).to_contain_text(SHOCK_TOPIC, timeout=WAIT_MS)
@@ -136,7 +129,6 @@ def test_on_a_laptop_an_alert_leads_to_its_messages_and_drilldown_in_one_click_e
                                                                                             timeout=WAIT_MS)
             expect(colleague.locator(".st-key-fp_range input")).to_have_value("Last 6 hours")
             assert "Traceback" not in colleague.locator("body").inner_text()
-        assert dashboard.running(), dashboard.tail()
 
 
 def test_a_webhook_link_opens_its_alert_even_on_a_cold_dashboard(fp_settings, tmp_path):
@@ -145,12 +137,9 @@ def test_a_webhook_link_opens_its_alert_even_on_a_cold_dashboard(fp_settings, tm
     page shows the Alerts view on that alert, its range widened to the last 6 hours, and the address says so."""
     data = synthesize(utcnow(), minutes=240, window_s=600, shock_key=SHOCK_TOPIC)
     resolve = next(a for a in data.alerts if a.status == "resolved")
-    port = free_port()
-    with start_finpulse(fp_settings, "dashboard", "--port", str(port), "--refresh", "1",
-                        log_dir=tmp_path) as dashboard:
-        wait_for_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard)
+    with running_dashboard(fp_settings, tmp_path, "--refresh", "1") as url:
         with chromium_page(1280, 800) as page:
-            page.goto(f"http://127.0.0.1:{port}/?alert={resolve.id}", wait_until="domcontentloaded")
+            page.goto(f"{url}/?alert={resolve.id}", wait_until="domcontentloaded")
             page.wait_for_url(re.compile(r"/alerts\?"), timeout=WAIT_MS)
             produce(fp_settings, data)
             expect(page.locator(".st-key-fp_alert input")).to_have_value(f"warning · {resolve.key} · resolved",
@@ -159,7 +148,6 @@ def test_a_webhook_link_opens_its_alert_even_on_a_cold_dashboard(fp_settings, tm
             expect(page.get_by_text("Time range widened from last hour to last 6 hours")).to_be_visible(timeout=WAIT_MS)
             page.wait_for_url(re.compile(r"/alerts\?.*range=6h"), timeout=WAIT_MS)
             assert "Traceback" not in page.locator("body").inner_text()
-        assert dashboard.running(), dashboard.tail()
 
 
 def test_a_fixed_range_link_shows_that_time_in_the_readers_zone(fp_settings, artifacts_dir, tmp_path):
@@ -171,11 +159,9 @@ def test_a_fixed_range_link_shows_that_time_in_the_readers_zone(fp_settings, art
     shock = next(a for a in data.alerts if a.key == SHOCK_TOPIC)
     start, end = earnings.started_at - timedelta(minutes=2), shock.started_at - timedelta(minutes=1)
     utc = "%Y-%m-%dT%H:%MZ"
-    port = free_port()
-    with start_finpulse(fp_settings, "dashboard", "--port", str(port), log_dir=tmp_path) as dashboard:
-        wait_for_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard)
+    with running_dashboard(fp_settings, tmp_path) as url:
         with chromium_page(1280, 800) as page:
-            page.goto(f"http://127.0.0.1:{port}/alerts?range=fixed&from={start.strftime(utc)}&to={end.strftime(utc)}"
+            page.goto(f"{url}/alerts?range=fixed&from={start.strftime(utc)}&to={end.strftime(utc)}"
                       f"&tz=Asia/Tokyo", wait_until="domcontentloaded")
             expect(page.locator(".st-key-fp_alert input")).to_have_value(f"warning · {earnings.key} · resolved",
                                                                          timeout=WAIT_MS)
@@ -190,7 +176,6 @@ def test_a_fixed_range_link_shows_that_time_in_the_readers_zone(fp_settings, art
             page.wait_for_timeout(1000)
             page.screenshot(path=f"{artifacts_dir}/dashboard-laptop-fixed-range.png", full_page=True)
             assert "Traceback" not in page.locator("body").inner_text()
-        assert dashboard.running(), dashboard.tail()
 
 
 def test_an_analyst_asks_the_model_about_headlines_and_sees_which_words_moved_it(fp_settings, artifacts_dir,
@@ -204,12 +189,10 @@ def test_an_analyst_asks_the_model_about_headlines_and_sees_which_words_moved_it
     data = synthesize(utcnow(), shock_key=SHOCK_TOPIC)
     produce(fp_settings, data)
     firing = next(a for a in data.alerts if a.key == SHOCK_TOPIC)
-    port = free_port()
-    with start_finpulse(settings, "dashboard", "--port", str(port), log_dir=tmp_path) as dashboard:
-        wait_for_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard)
+    with running_dashboard(settings, tmp_path) as url:
         with chromium_page(1280, 800) as page:
             # The messages behind an alert, handed to the model with one click.
-            page.goto(f"http://127.0.0.1:{port}/alerts?alert={firing.id}", wait_until="domcontentloaded")
+            page.goto(f"{url}/alerts?alert={firing.id}", wait_until="domcontentloaded")
             expect(page.locator(".st-key-fp_alert input")).to_have_value(f"critical · {SHOCK_TOPIC} · firing",
                                                                          timeout=WAIT_MS)
             page.get_by_role("button", name="Why these scores? Ask the model").first.click()
@@ -220,7 +203,7 @@ def test_an_analyst_asks_the_model_about_headlines_and_sees_which_words_moved_it
             read = page.locator(".fp-ask-text").all_inner_texts()
             assert sorted(" ".join(t.split()) for t in read) == sorted(" ".join(t.split()) for t in messages)
 
-            page.goto(f"http://127.0.0.1:{port}/model", wait_until="domcontentloaded")
+            page.goto(f"{url}/model", wait_until="domcontentloaded")
             page.get_by_role("link", name="Ask this model about a headline").click(timeout=WAIT_MS)
             page.wait_for_url(re.compile(r"/ask"), timeout=WAIT_MS)
             page.get_by_label("Headlines or comments, one a line").fill("\n".join([texts[0], "   ", texts[1], ""]))
@@ -245,4 +228,3 @@ def test_an_analyst_asks_the_model_about_headlines_and_sees_which_words_moved_it
             assert "Traceback" not in page.locator("body").inner_text()
             page.wait_for_timeout(1000)
             page.screenshot(path=f"{artifacts_dir}/dashboard-laptop-ask.png", full_page=True)
-        assert dashboard.running(), dashboard.tail()
