@@ -34,6 +34,14 @@ RATE = 15                 # messages per second of event time
 WAIT_MS = 300_000         # the worker scores the backlog on a shared 2-core machine: be patient, not flaky
 
 
+def produce_shock(settings):
+    """Half an hour of synthesized records with an Energy | Oil shock, produced into the broker: (the data, the
+    shock's first alert)."""
+    data = synthesize(utcnow(), shock_key=SHOCK_TOPIC)
+    produce(settings, data)
+    return data, next(a for a in data.alerts if a.key == SHOCK_TOPIC)
+
+
 def test_dashboard_shows_the_shock_live_in_a_browser(fp_settings, artifacts_dir, tmp_path):
     start = utcnow() - timedelta(minutes=HISTORY_MIN)
     with start_worker(fp_settings, tmp_path), running_dashboard(fp_settings, tmp_path, "--refresh", "1") as url, \
@@ -80,9 +88,7 @@ def test_dashboard_shows_the_shock_live_in_a_browser(fp_settings, artifacts_dir,
 
 def test_on_a_laptop_an_alert_leads_to_its_messages_and_drilldown_in_one_click_each(fp_settings, artifacts_dir,
                                                                                     tmp_path):
-    data = synthesize(utcnow(), shock_key=SHOCK_TOPIC)
-    produce(fp_settings, data)
-    firing = next(a for a in data.alerts if a.key == SHOCK_TOPIC)
+    data, firing = produce_shock(fp_settings)
     with running_dashboard(fp_settings, tmp_path) as url:
         with chromium_page(1280, 800) as page:
             page.goto(f"{url}/", wait_until="domcontentloaded")
@@ -153,10 +159,8 @@ def test_a_webhook_link_opens_its_alert_even_on_a_cold_dashboard(fp_settings, tm
 def test_a_fixed_range_link_shows_that_time_in_the_readers_zone(fp_settings, artifacts_dir, tmp_path):
     """A link to a fixed range (UTC in the address) opened in Chromium: the From/To inputs show it in the link's
     zone, the Alerts view lists the episode that was on then and not the later shock."""
-    data = synthesize(utcnow(), shock_key=SHOCK_TOPIC)
-    produce(fp_settings, data)
+    data, shock = produce_shock(fp_settings)
     earnings = next(a for a in data.alerts if a.status == "resolved")
-    shock = next(a for a in data.alerts if a.key == SHOCK_TOPIC)
     start, end = earnings.started_at - timedelta(minutes=2), shock.started_at - timedelta(minutes=1)
     utc = "%Y-%m-%dT%H:%MZ"
     with running_dashboard(fp_settings, tmp_path) as url:
@@ -186,9 +190,7 @@ def test_an_analyst_asks_the_model_about_headlines_and_sees_which_words_moved_it
     settings = with_section(fp_settings, "worker", scorer="model", model_dir=str(model), cpu_precision="float32")
     texts = ["Shares plunge after the company misses estimates", "Oil prices climb as OPEC cuts crude output"]
     expected = read_texts(BatchScorer.from_pretrained(model, device="cpu", tokenizer_processes=0), texts)
-    data = synthesize(utcnow(), shock_key=SHOCK_TOPIC)
-    produce(fp_settings, data)
-    firing = next(a for a in data.alerts if a.key == SHOCK_TOPIC)
+    data, firing = produce_shock(fp_settings)
     with running_dashboard(settings, tmp_path) as url:
         with chromium_page(1280, 800) as page:
             # The messages behind an alert, handed to the model with one click.
