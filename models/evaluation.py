@@ -9,7 +9,6 @@ scored on its slice less the twins of rows it was trained or selected on.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 from .calibration import expected_calibration_error, negative_log_likelihood, scored_rows
 from .data import (PARTS, SPLIT_SCHEME, SPLIT_SCHEME_BEFORE_TWINS, DataError, LabeledSet, fingerprint, load_data, split,
                    without_twins_of)
-from .explain import read_texts, strongest
+from .explain import push_pairs, read_texts, strongest
 from .labels import SENTIMENTS, TOPICS
 from .metrics import head_report
 from .scorer import BatchScorer, Probabilities
@@ -93,8 +92,7 @@ def add_pushes(scorer, mistakes: dict[str, list[dict[str, Any]]]) -> None:
     for the sentiment head the sentiment score's push, for the topic head the predicted topic's)."""
     for head, listed in mistakes.items():
         for mistake, reading in zip(listed, read_texts(scorer, [m["text"] for m in listed])):
-            mistake["words"] = [[push.word, None if math.isnan(value := getattr(push, head)) else round(value, 4)]
-                                for push in reading.words]
+            mistake["words"] = push_pairs(reading.words, head)
 
 
 def format_mistakes(head: str, mistakes: list[dict[str, Any]], width: int = 100) -> str:

@@ -103,6 +103,12 @@ def _pushes(words: list[str], prediction: Prediction, without: Probabilities,
             for word, score, topic_row, error in zip(words, scores_without, without.topic, without.errors)]
 
 
+def push_pairs(words: list[WordPush], of: str = "sentiment") -> list[list]:
+    """[word, push] pairs in the text's order, as a JSON report keeps them: the push on the sentiment score or on
+    the predicted ``topic``, rounded, None where unknown."""
+    return [[push.word, None if math.isnan(value := getattr(push, of)) else round(value, 4)] for push in words]
+
+
 def strongest(words: Sequence[Sequence], count: int = 3) -> str:
     """The ``count`` words that pushed hardest, strongest first, from (word, push) pairs (a push may be None or
     NaN: unknown): "slides -1.27, as -0.04"."""

@@ -15,14 +15,13 @@ import csv
 import io
 import itertools
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
-from .explain import WordPush, read_texts, strongest
+from .explain import WordPush, push_pairs, read_texts, strongest
 from .interface import Prediction
 
 PREDICTED = ("topic", "topic_confidence", "sentiment", "sentiment_score")
@@ -110,11 +109,17 @@ def chunks(rows: Iterator[Row], size: int | None = None) -> Iterator[list[Row]]:
         yield chunk
 
 
+def output_fields(explain: bool) -> tuple[str, ...]:
+    """The fields scoring adds to a row (an input field of the same name is kept as ``input_<name>``)."""
+    return PREDICTION_FIELDS + (WORDS,) * explain
+
+
 def score_rows(scorer, rows: list[Row], explain: bool = False) -> list[dict[str, Any]]:
     """Each row's own fields (a clashing name as ``input_<name>``), then its prediction's; with ``explain``, also
     ``words``: each word of the text and its push on the sentiment score (``models.explain``)."""
     readable = [i for i, row in enumerate(rows) if row.error is None]
     texts = [rows[i].text for i in readable]
+    reserved = output_fields(explain)
     predictions: list[Prediction | None] = [None] * len(rows)  # None: the row could not even be read
     pushes: list[list[WordPush]] = [[] for _ in rows]
     if explain:
@@ -125,14 +130,14 @@ def score_rows(scorer, rows: list[Row], explain: bool = False) -> list[dict[str,
             predictions[i] = prediction
     out = []
     for row, prediction, words in zip(rows, predictions, pushes):
-        own = {(f"input_{k}" if k in PREDICTION_FIELDS else k): v for k, v in row.fields.items()}
+        own = {(f"input_{k}" if k in reserved else k): v for k, v in row.fields.items()}
         error = row.error or prediction.error
         predicted = dict.fromkeys(PREDICTED) if error else {
             "topic": prediction.topic, "topic_confidence": round(prediction.topic_confidence, 4),
             "sentiment": prediction.sentiment, "sentiment_score": round(prediction.sentiment_score, 4)}
         record = {**own, **predicted, "model_version": scorer.model_version, "error": error}
         if explain:
-            record[WORDS] = [[w.word, None if math.isnan(w.sentiment) else round(w.sentiment, 4)] for w in words]
+            record[WORDS] = push_pairs(words)
         out.append(record)
     return out
 
@@ -156,9 +161,9 @@ class Writer:
         elif self.format == "csv":
             if self._csv is None:
                 columns = self.input_columns or [self.text_field]
-                renamed = [f"input_{c}" if c in PREDICTION_FIELDS else c for c in columns]
-                self._csv = csv.DictWriter(self.handle, renamed + list(PREDICTION_FIELDS) + [WORDS] * self.explain,
-                                           extrasaction="ignore")
+                added = output_fields(self.explain)
+                renamed = [f"input_{c}" if c in added else c for c in columns]
+                self._csv = csv.DictWriter(self.handle, renamed + list(added), extrasaction="ignore")
                 self._csv.writeheader()
             self._csv.writerows({**r, WORDS: strongest(r[WORDS], 5)} if self.explain else r for r in records)
         else:

@@ -100,8 +100,8 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
     texts = [HEADLINES[1], "Rally", HEADLINES[4]]
     readings = read_texts(scorer, texts)
     source = tmp_path / "posts.jsonl"
-    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:2]) + "{bad\n" +
-                      json.dumps({"text": texts[2]}) + "\n")
+    source.write_text(json.dumps({"text": texts[0], "words": 7}) + "\n" + json.dumps({"text": texts[1]}) + "\n" +
+                      "{bad\n" + json.dumps({"text": texts[2]}) + "\n")   # a field of its own named "words"
     assert score(model_dir, "--input", str(source), "--explain") == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["error"] is None for r in rows] == [True, True, False, True]
@@ -109,6 +109,7 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
         assert [w for w, _ in row["words"]] == [p.word for p in reading.words]
         assert [push for _, push in row["words"]] == pytest.approx([p.sentiment for p in reading.words], abs=1e-4)
     assert rows[1]["words"] == [] and rows[2]["words"] == []     # one word has nothing to weigh; a bad row no text
+    assert rows[0]["input_words"] == 7
     # A table and CSV name the strongest pushes, strongest first.
     strongest = sorted(readings[0].words, key=lambda p: -abs(p.sentiment))[:3]
     named = ", ".join(f"{p.word} {p.sentiment:+.2f}" for p in strongest)
@@ -116,7 +117,8 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
     assert capsys.readouterr().out.splitlines()[2].strip() == f"pushed by: {named}"
     assert score(model_dir, "--input", str(source), "--explain", "--format", "csv") == 0
     table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
-    assert list(table[0])[-1] == "words" and table[0]["words"].startswith(named)
+    assert list(table[0]) == ["text", "input_words", *score_files.PREDICTION_FIELDS, "words"]
+    assert table[0]["words"].startswith(named) and table[0]["input_words"] == "7"
 
 
 def test_a_file_is_scored_in_chunks_to_the_same_result(model_dir, tmp_path, capsys, monkeypatch):
