@@ -149,4 +149,4 @@ def highlighted(reading, colour_by: str = "sentiment") -> str:
         spans.append(f'<span style="background: rgba({PUSH_RGB[colour_by][value > 0]}, {strength:.2f}); '
                      f'border-radius: 3px; padding: 0 2px" title="score {push.sentiment:+.2f} with this word; '
                      f'topic probability {push.topic:+.2f}">{html.escape(push.word)}</span>')
-    return f'<div class="fp-ask-text" style="line-height: 1.9">{" ".join(spans)}</div>'
+    return f'<div class="fp-ask-text" style="line-height: 1.9; text-align: left">{" ".join(spans)}</div>'
