@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import pandas as pd
 import streamlit as st
 
+from models.interface import SCORERS_WITHOUT_A_MODEL, load_scorer
 from stream.config import WorkerSettings
 
 from .model_card import find_model
@@ -39,10 +40,7 @@ LEGEND = {"sentiment": "Words on red pushed the reading toward bearish, on green
 @st.cache_resource(max_entries=1, show_spinner=False)
 def shared_scorer(path: str, saved_at_ns: int, cpu_precision: str):
     """One scorer per model directory (and its save time: a directory replaced in place is loaded again)."""
-    from models.precision import resolve_cpu_precision
-    from models.scorer import BatchScorer
-    return BatchScorer.from_pretrained(path, device="cpu", cpu_precision=resolve_cpu_precision(cpu_precision),
-                                       tokenizer_processes=0)
+    return load_scorer("model", path, device="cpu", tokenizer_processes=0, cpu_precision=cpu_precision)
 
 
 def ask_button(ask_page: Any, texts: Sequence[str], key: str) -> None:
@@ -59,7 +57,7 @@ def ask_button(ask_page: Any, texts: Sequence[str], key: str) -> None:
 def render_ask(worker: WorkerSettings, models_dir: str) -> None:
     """``worker``: the ``[worker]`` settings, so that the model asked is the one the worker scores with."""
     given = st.session_state.pop(_GIVEN, None)
-    if worker.scorer in ("baseline", "noop"):
+    if worker.scorer in SCORERS_WITHOUT_A_MODEL:
         st.info(f"The worker scores with the {worker.scorer} scorer (`[worker] scorer`), not a model, so there is no "
                 "model to ask.")
         return

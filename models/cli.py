@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import score_files
+from .interface import SCORERS_WITHOUT_A_MODEL
 from .precision import CPU_PRECISIONS
 from .settings import ModelSettings
 
@@ -395,7 +396,7 @@ def _models(args, settings) -> int:
     root, worker = settings.section("models", ModelSettings).models_dir, settings.worker
     summaries = model_summaries(root)
     loaded = None
-    if worker.scorer in ("baseline", "noop"):
+    if worker.scorer in SCORERS_WITHOUT_A_MODEL:
         print(f"the worker is set to the {worker.scorer} scorer ([worker] scorer): it loads none of these",
               file=sys.stderr)
     else:

@@ -16,6 +16,8 @@ from . import precision
 log = logging.getLogger(__name__)
 # The choices of [worker] cpu_precision and the --cpu-precision flags (models.precision says what each does).
 CPU_PRECISIONS = precision.CPU_PRECISIONS
+# [worker] scorer settings under which the worker loads no model (so there is none to ask or to list as its own).
+SCORERS_WITHOUT_A_MODEL = ("baseline", "noop")
 
 
 @dataclass(frozen=True)

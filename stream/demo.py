@@ -18,6 +18,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from models.interface import SCORERS_WITHOUT_A_MODEL
+
 from .broker import EmbeddedBroker, free_port
 from .kafka_io import topic_sizes
 from .records import format_time, utcnow
@@ -102,7 +104,7 @@ def _worker_model(settings) -> Path | None | bool:
 
 
 def _describe_worker_model(settings) -> str:
-    if settings.worker.scorer in ("baseline", "noop"):
+    if settings.worker.scorer in SCORERS_WITHOUT_A_MODEL:
         return f"none: [worker] scorer is {settings.worker.scorer}"
     found = _worker_model(settings)
     if found is False:
