@@ -4,7 +4,8 @@ loads makes of each: its sentiment and score, its topic and how sure it is, and 
 
 The model is loaded into the dashboard process on first use, on the CPU in the worker's CPU precision (so the
 version and the figures are the worker's), and shared by every session. ``[dashboard] ask_model = false`` leaves
-the view out, for a dashboard host that must not hold a model in memory.
+the view out, for a dashboard host that must not hold a model in memory; so does a worker that scores without a
+model (``[worker] scorer = baseline``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 import pandas as pd
 import streamlit as st
 
-from models.interface import SCORERS_WITHOUT_A_MODEL, load_scorer
+from models.interface import load_scorer
 from stream.config import WorkerSettings
 
 from .model_card import find_model
@@ -57,10 +58,6 @@ def ask_button(ask_page: Any, texts: Sequence[str], key: str) -> None:
 def render_ask(worker: WorkerSettings, models_dir: str) -> None:
     """``worker``: the ``[worker]`` settings, so that the model asked is the one the worker scores with."""
     given = st.session_state.pop(_GIVEN, None)
-    if worker.scorer in SCORERS_WITHOUT_A_MODEL:
-        st.info(f"The worker scores with the {worker.scorer} scorer (`[worker] scorer`), not a model, so there is no "
-                "model to ask.")
-        return
     path = find_model(worker.model_dir, models_dir)
     if path is None:
         st.info("No trained model directory was found, so there is no model to ask: `finpulse train` trains one.")

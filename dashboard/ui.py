@@ -18,6 +18,7 @@ from typing import Protocol
 import pandas as pd
 import streamlit as st
 
+from models.interface import SCORERS_WITHOUT_A_MODEL
 from models.settings import models_root
 from stream.aggregate import AggregateSettings
 from stream.config import ConfigError, KafkaSettings, Settings, load_settings
@@ -278,7 +279,7 @@ def run(feed: Feed | None = None, page: str | None = None, settings: Settings | 
 
     pages = {name: st.Page(page_for(name), title=title, icon=icon, url_path=name, default=(name == "overview"))
              for name, (title, icon, _) in VIEWS.items()}
-    if cfg.ask_model:
+    if cfg.ask_model and settings.worker.scorer not in SCORERS_WITHOUT_A_MODEL:   # else there is no model to ask
         def ask_view() -> None:   # not a live view: it redraws when asked, not every refresh_s
             render_ask(settings.worker, models_root(settings))
         pages["ask"] = st.Page(ask_view, title="Ask the model", icon=":material/psychology:", url_path="ask")

@@ -58,10 +58,10 @@ def _view_script(page: str) -> None:
     run(page=page)
 
 
-def _ask_script(scorer: str, model_dir: str) -> None:
+def _ask_script(model_dir: str) -> None:
     from dashboard.ask import render_ask
     from stream.config import WorkerSettings
-    render_ask(WorkerSettings(scorer=scorer, model_dir=model_dir), "")
+    render_ask(WorkerSettings(scorer="model", model_dir=model_dir), "")
 
 
 def _markdown(at: AppTest) -> list[str]:
@@ -338,6 +338,24 @@ def test_a_link_to_an_alert_that_ended_before_the_range_widens_the_range_once(fp
     assert not at.exception
 
 
+@pytest.mark.parametrize("ask_model, scorer, offered", [(True, "auto", True), (False, "auto", False),
+                                                        (True, "baseline", False)])
+def test_the_ask_view_is_offered_only_where_there_is_a_model_to_ask(fp_settings, produced, model_dir, monkeypatch,
+                                                                    ask_model, scorer, offered):
+    """With ``[dashboard] ask_model = false``, or a worker that scores without a model, the app has no Ask view, so
+    no "Why these scores?" button under the messages behind an alert opens it."""
+    _env_for(monkeypatch, fp_settings, ask_model=str(ask_model).lower())
+    monkeypatch.setenv("FINPULSE_WORKER__SCORER", scorer)
+    monkeypatch.setenv("FINPULSE_WORKER__MODEL_DIR", str(model_dir))
+    firing = next(a for a in produced.alerts if a.key == SHOCK_TOPIC)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["alert"] = firing.id      # the whole app, with its navigation, opened on the Alerts view
+    run_until(at, lambda a: any(s.key == "fp_alert" and s.value == firing.id for s in a.selectbox) and a.dataframe,
+              "the Alerts view on the linked alert")
+    assert len(at.dataframe[1].value) > 0      # the messages behind it, under which the button goes
+    assert ("Why these scores? Ask the model" in [b.label for b in at.button]) is offered
+
+
 def test_a_link_to_the_root_address_naming_an_alert_opens_the_alerts_view(fp_settings, produced, monkeypatch):
     """Webhooks sent before December 2026 link to ``/?alert=ID``: the whole app (with its navigation) opens the
     Alerts view on that alert rather than the Overview."""
@@ -509,13 +527,9 @@ def test_the_model_view_shows_the_models_evaluation_before_the_stream_has_data(f
     assert any(c.value.startswith("Model card from") and "scored by" not in c.value for c in at.caption)
 
 
-def test_the_ask_view_asks_only_the_workers_model_and_says_when_it_cannot(model_dir):
-    at = AppTest.from_function(_ask_script, args=("baseline", str(model_dir)), default_timeout=60).run()
-    assert [i.value for i in at.info] == ["The worker scores with the baseline scorer (`[worker] scorer`), not a model, "
-                                          "so there is no model to ask."]
-    assert not at.text_area
+def test_the_ask_view_says_when_the_model_cannot_be_asked(model_dir):
     # A model directory that cannot be loaded (this one's weights are empty): said on the page, no traceback.
-    at = AppTest.from_function(_ask_script, args=("auto", str(model_dir)), default_timeout=60).run()
+    at = AppTest.from_function(_ask_script, args=(str(model_dir),), default_timeout=60).run()
     at.text_area(key="fp_ask_text").input("Oil slides as OPEC+ talks stall\n\n")
     at.button[0].click().run()
     assert not at.exception and len(at.error) == 1
