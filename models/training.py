@@ -402,6 +402,18 @@ class StepPlan:
     def out_of_time(self) -> bool:
         return bool(self.max_seconds) and time.monotonic() - self.started > self.max_seconds
 
+    def epoch_ends(self, state: dict, epoch: int) -> bool:
+        """Call after each step: counts it (the plan goes into ``state``, for a resumed run) and says whether the
+        epoch ends here, the schedule done or the budget spent (``state["stopped"]`` then says so)."""
+        self.update(state["step"])
+        state["planned_steps"] = self.total
+        if state["step"] >= self.total:
+            return True
+        if self.out_of_time():
+            state["stopped"] = f"time budget of {self.max_seconds:.0f}s reached in epoch {epoch}"
+            return True
+        return False
+
 
 def to_device(device: torch.device, *arrays) -> list[torch.Tensor]:
     """int64 arrays/tensors of one batch to ``device`` in one pinned, non-blocking copy: no copy from pageable
@@ -475,12 +487,7 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
                 loss_sum = loss.item() if not loss_sum else 0.9 * loss_sum + 0.1 * loss.item()
                 bar.set_postfix(loss=f"{loss_sum:.4f}", seq_s=f"{seen / (time.monotonic() - epoch_start):.0f}")
             bar.update(1)
-            plan.update(state["step"])
-            state["planned_steps"] = plan.total
-            if state["step"] >= plan.total:
-                break
-            if plan.out_of_time():
-                state["stopped"] = f"time budget of {cfg.max_seconds:.0f}s reached in epoch {epoch}"
+            if plan.epoch_ends(state, epoch):
                 break
         bar.close()
         loss_sum = loss_sum or loss.item()  # an epoch shorter than the display interval
@@ -576,12 +583,7 @@ def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, dev
             if state["step"] % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.update(1)
-            plan.update(state["step"])
-            state["planned_steps"] = plan.total
-            if state["step"] >= plan.total:
-                break
-            if plan.out_of_time():
-                state["stopped"] = f"time budget of {cfg.max_seconds:.0f}s reached in epoch {epoch}"
+            if plan.epoch_ends(state, epoch):
                 break
         bar.close()
         print(f"domain pretraining epoch {epoch}: MLM loss {loss.item():.3f}", flush=True)
