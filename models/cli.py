@@ -88,6 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--errors", type=int, default=0, metavar="N",
                    help="also list each head's N most confident mistakes, each with the words that pushed it there "
                         "(printed and in the JSON report)")
+    p.add_argument("--against", metavar="MODEL",
+                   help="compare with this model (a directory or version) on the same rows: each head's difference "
+                        "in accuracy and macro-F1 with a 95%% paired bootstrap interval, and which model is ahead, if "
+                        "either; without --data, on the rows both models held out")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("calibrate", help="fit a trained model's confidence temperatures; saves a calibrated copy",
@@ -262,7 +266,7 @@ def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...], de
 
 def _evaluate(args, settings) -> int:
     import re
-    from .evaluation import (add_pushes, confident_mistakes, float32_comparison, format_mistakes,
+    from .evaluation import (add_intervals, add_pushes, confident_mistakes, float32_comparison, format_mistakes,
                              format_source_reports, reports_by_source, reports_from)
     from .metrics import format_report
     from .modeling import write_json
@@ -287,6 +291,7 @@ def _evaluate(args, settings) -> int:
         probs = scorer.probabilities(data.texts)
         reports = reports_from(probs, data)
         versus_float32 = float32_comparison(probs, exact, reports, exact_reports)
+    add_intervals(reports, probs, data)
     precision = f", {args.cpu_precision}" if args.cpu_precision else ""
     print(f"model {scorer.model_version} on {'; '.join(data.sources)} ({len(data)} rows, device {scorer.device}"
           f"{precision})")
@@ -299,6 +304,9 @@ def _evaluate(args, settings) -> int:
         print(f"{head} vs float32: same label on {compared['same_label']:.1%} of texts; accuracy "
               f"{compared['accuracy']:.3f} vs {compared['float32_accuracy']:.3f}, macro-F1 {compared['macro_f1']:.3f} "
               f"vs {compared['float32_macro_f1']:.3f}")
+    against = _against(args, settings, scorer, data, probs) if args.against else {}
+    if against is None:
+        return 2
     mistakes = confident_mistakes(probs, data, args.errors) if args.errors > 0 else {}
     add_pushes(scorer, mistakes)
     for head, listed in mistakes.items():
@@ -312,9 +320,44 @@ def _evaluate(args, settings) -> int:
                      "data": data.sources, "rows": len(data), **reports,
                      **({"by_source": by_source} if by_source else {}),
                      **({"mistakes": mistakes} if mistakes else {}),
-                     **({"versus_float32": versus_float32} if versus_float32 else {})})
+                     **({"versus_float32": versus_float32} if versus_float32 else {}),
+                     **({"against": against} if against else {})})
     print(f"report written to {out}")
     return 0
+
+
+def _against(args, settings, scorer, data, probs) -> dict | None:
+    """``evaluate --against B``: B scored on the same rows as the model (A), in the same precision, and the
+    difference per head; on the held-out slice, only the rows that B held out too. None after printing why not."""
+    from .data import DataError, default_data_dir
+    from .evaluation import compare_models, format_comparison, heldout_test, rows_in_both
+    from .modeling import ModelError
+    from .registry import find_model_dir
+    from .scorer import BatchScorer
+
+    import numpy as np
+
+    ms = settings.section("models", ModelSettings)
+    try:
+        other_dir = find_model_dir(args.against, ms.models_dir)
+        rows = np.arange(len(data))
+        if not args.data:
+            theirs = heldout_test(other_dir, default_data_dir(args.data_dir or ms.data_dir or None), args.split)
+            rows = rows_in_both(data, theirs)
+            if not len(rows):
+                raise DataError(f"{other_dir.name} held out none of these rows (other data, another split): compare "
+                                "the two on data neither trained on, with --data")
+        other = BatchScorer.from_pretrained(other_dir, device=str(scorer.device), cpu_precision=scorer.cpu_precision)
+    except (DataError, ModelError) as exc:
+        print(f"finpulse evaluate --against: {exc}", file=sys.stderr)
+        return None
+    shared = data.subset(rows)
+    compared = compare_models(probs.subset(rows), other.probabilities(shared.texts), shared)
+    where = f"the same {len(rows)} rows" if args.data else f"the {len(rows)} of these rows that both held out"
+    print(f"{scorer.model_version} (A) against {other.model_version} (B) on {where}: A - B, with its 95% paired "
+          "bootstrap interval")
+    print(format_comparison(compared))
+    return {"model_version": other.model_version, "rows": len(rows), "heads": compared}
 
 
 def _calibrate(args, settings) -> int:

@@ -19,25 +19,30 @@ from .data import (PARTS, SPLIT_SCHEME, SPLIT_SCHEME_BEFORE_TWINS, DataError, La
                    without_twins_of)
 from .explain import push_pairs, read_texts, strongest
 from .labels import SENTIMENTS, TOPICS
-from .metrics import head_report
+from .metrics import bootstrap_intervals, head_report, paired_difference
 from .scorer import BatchScorer, Probabilities
 
 HEADS = {"topic": TOPICS, "sentiment": SENTIMENTS}
 
 
+def labeled_predictions(probs: Probabilities, data: LabeledSet, head: str) -> tuple[np.ndarray, np.ndarray]:
+    """The head's true and predicted classes on the rows that carry its label. A row the scorer could not score
+    counts as wrong: it must not pass for a correct guess of class 0."""
+    truth = getattr(data, head)
+    rows = truth >= 0
+    predicted = np.where(probs.failed(), (truth + 1) % len(HEADS[head]), getattr(probs, head).argmax(1))
+    return truth[rows], predicted[rows]
+
+
 def reports_from(probs: Probabilities, data: LabeledSet) -> dict[str, Any]:
-    """One report per head with labeled rows. Rows the scorer could not score count as wrong (class -1 -> 0 hit)."""
+    """One report per head with labeled rows (unscorable rows count as wrong)."""
     out: dict[str, Any] = {}
     failed = probs.failed()
     for head, labels in HEADS.items():
-        truth = getattr(data, head)
-        rows = truth >= 0
+        rows = getattr(data, head) >= 0
         if not rows.any():
             continue
-        predicted = getattr(probs, head).argmax(1)
-        # An unscorable text must not count as a correct guess of class 0: predict "some other class".
-        predicted = np.where(failed, (truth + 1) % len(labels), predicted)
-        report = head_report(truth[rows], predicted[rows], labels)
+        report = head_report(*labeled_predictions(probs, data, head), labels)
         report["unscorable"] = int((failed & rows).sum())
         head_probs, scored_truth = scored_rows(probs, data, head)
         if len(scored_truth):  # how far the confidences can be trusted: see models.calibration
@@ -46,6 +51,41 @@ def reports_from(probs: Probabilities, data: LabeledSet) -> dict[str, Any]:
             report["nll"] = round(negative_log_likelihood(head_probs, scored_truth), 4)
         out[head] = report
     return out
+
+
+def add_intervals(reports: dict[str, Any], probs: Probabilities, data: LabeledSet) -> None:
+    """Each head's 95% bootstrap intervals of accuracy and macro-F1 (``interval_95``): how far its figures could
+    move on another sample of the same kind of text."""
+    for head, report in reports.items():
+        report["interval_95"] = bootstrap_intervals(*labeled_predictions(probs, data, head), len(HEADS[head]))
+
+
+def rows_in_both(data: LabeledSet, other: LabeledSet) -> np.ndarray:
+    """The positions of ``data``'s rows that ``other`` holds too (the same text and labels): where two models'
+    held-out slices differ (another split, other data), the rows that both held out."""
+    theirs = set(zip(other.texts, other.topic.tolist(), other.sentiment.tolist()))
+    return np.array([i for i, row in enumerate(zip(data.texts, data.topic.tolist(), data.sentiment.tolist()))
+                     if row in theirs], dtype=np.int64)
+
+
+def compare_models(probs_a: Probabilities, probs_b: Probabilities, data: LabeledSet) -> dict[str, Any]:
+    """Per head with labeled rows: model A against model B on the same rows (``metrics.paired_difference``)."""
+    out = {}
+    for head, labels in HEADS.items():
+        if (getattr(data, head) >= 0).any():
+            truth, predicted_a = labeled_predictions(probs_a, data, head)
+            out[head] = paired_difference(truth, predicted_a, labeled_predictions(probs_b, data, head)[1], labels)
+    return out
+
+
+def format_comparison(compared: dict[str, Any]) -> str:
+    lines = []
+    for head, metrics in compared.items():
+        for metric, c in metrics.items():
+            low, high = c["interval"]
+            lines.append(f"  {head} {metric.replace('_f1', '-F1')}: {c['a']:.4f} vs {c['b']:.4f}, "
+                         f"{c['difference']:+.4f} ({low:+.4f} to {high:+.4f}): {c['verdict']}")
+    return "\n".join(lines)
 
 
 def evaluate(scorer: BatchScorer, data: LabeledSet) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """``finpulse score`` (texts given as arguments, files of lines, CSV and JSONL, standard input; bad rows and bad
-files) and ``finpulse models`` (what is trained, how good, which one the worker loads)."""
+files), ``finpulse models`` (what is trained, how good, which one the worker loads) and ``finpulse evaluate
+--against`` (two models on the same rows)."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +14,7 @@ import pytest
 from models import score_files
 from models.cli import main
 from models.scorer import BatchScorer
-from tests.models_fixtures import CLI_ENV, make_model_copy, make_tiny_base, save_tiny_model
+from tests.models_fixtures import CLI_ENV, make_model_copy, make_tiny_base, save_tiny_model, write_tiny_csv
 
 HEADLINES = ["Shares of Foo jump 20% after an earnings beat", "Oil slides as OPEC+ talks stall",
              "Board declares a quarterly dividend of 50 cents", "Fed holds rates; markets shrug",
@@ -201,6 +202,34 @@ def test_models_lists_newest_first_with_figures_and_marks_the_one_the_worker_loa
     assert [(m["path"], m["worker_loads"]) for m in listed] == [(str(newer), False), (str(older), True)]
     assert listed[0]["held_out"]["topic_accuracy"] == 0.9051 and listed[1]["held_out"] == {}
     assert listed[0]["megabytes"] > 0
+
+
+def test_evaluate_against_another_model_gives_both_figures_on_the_same_rows_and_their_difference(model_dir, tmp_path,
+                                                                                                capsys):
+    from safetensors.torch import load_file, save_file
+    other = make_model_copy(model_dir, tmp_path / "other", "2026-01-01T00:00:00+00:00")
+    weights = load_file(other / "model.safetensors")
+    weights["sentiment_head.weight"] = -weights["sentiment_head.weight"]    # another sentiment head, the same topic one
+    save_file(weights, other / "model.safetensors")
+    data = str(write_tiny_csv(tmp_path / "labeled.csv", repeat=3))
+    evaluate = ["evaluate", "--data", data, "--device", "cpu", "--out"]
+    assert main([*evaluate, str(tmp_path / "b.json"), str(other)]) == 0
+    capsys.readouterr()
+    assert main([*evaluate, str(tmp_path / "a.json"), str(model_dir), "--against", str(other)]) == 0
+    printed = capsys.readouterr().out
+    a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("a", "b"))
+    assert a["against"]["rows"] == a["rows"] == 51
+    for head in ("topic", "sentiment"):
+        assert a[head]["interval_95"]["accuracy"][0] <= a[head]["accuracy"] <= a[head]["interval_95"]["accuracy"][1]
+        for metric in ("accuracy", "macro_f1"):
+            compared = a["against"]["heads"][head][metric]
+            assert (compared["a"], compared["b"]) == (round(a[head][metric], 4), round(b[head][metric], 4))
+            low, high = compared["interval"]
+            assert low <= compared["difference"] <= high
+            assert (f"  {head} {metric.replace('_f1', '-F1')}: {compared['a']:.4f} vs {compared['b']:.4f}, "
+                    f"{compared['difference']:+.4f} ({low:+.4f} to {high:+.4f}): {compared['verdict']}") in printed
+    assert a["against"]["heads"]["topic"]["accuracy"]["interval"] == [0.0, 0.0]
+    assert a["sentiment"]["accuracy"] != b["sentiment"]["accuracy"]
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(model_dir, tmp_path):

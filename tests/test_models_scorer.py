@@ -13,7 +13,9 @@ import torch
 from models.data import DataError, MISSING, LabeledSet, load_data, load_file, load_shared, split
 from models.interface import Prediction, load_scorer
 from models.labels import SENTIMENTS, TOPICS
-from models.metrics import head_report
+from models import metrics
+from models.evaluation import rows_in_both
+from models.metrics import bootstrap_intervals, head_report, paired_difference, resampled_scores
 from models.modeling import FinPulseClassifier, TextEncoder, load_model, save_model
 from models.registry import NotAModelDir, find_model_dir, list_models
 from models.scorer import BatchScorer
@@ -592,6 +594,47 @@ def test_head_report_matches_hand_computed_metrics():
     assert report["per_class"]["b"]["f1"] == pytest.approx(2 * 0.5 * 1.0 / 1.5, abs=1e-4)
     assert report["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0.0) / 3)
     assert report["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
+
+
+def test_bootstrap_resamples_score_as_head_report_does_however_many_are_drawn_at_once(monkeypatch):
+    rng = np.random.default_rng(7)
+    truth = rng.integers(0, 3, 300)
+    predicted = np.where(rng.random(300) < 0.8, truth, rng.integers(0, 3, 300))
+    [scores] = resampled_scores(truth, [predicted], 3, rounds=6, seed=1)
+    for i, rows in enumerate(np.random.default_rng(1).integers(0, 300, size=(6, 300))):
+        report = head_report(truth[rows], predicted[rows], SENTIMENTS)
+        assert scores["accuracy"][i] == pytest.approx(report["accuracy"])
+        assert scores["macro_f1"][i] == pytest.approx(report["macro_f1"])
+    monkeypatch.setattr(metrics, "_INDICES_AT_ONCE", 600)     # two resamples at a time: the same draws
+    [chunked] = resampled_scores(truth, [predicted], 3, rounds=6, seed=1)
+    assert np.array_equal(chunked["macro_f1"], scores["macro_f1"])
+
+
+def test_a_paired_comparison_finds_a_gap_that_two_separate_intervals_would_call_noise():
+    rng = np.random.default_rng(11)
+    truth = rng.integers(0, 3, 1000)
+    a = np.where(rng.random(1000) < 0.85, truth, (truth + 1) % 3)
+    b = a.copy()       # B: A with 25 more rows wrong, 2.5 points of accuracy
+    worse = rng.choice(np.flatnonzero(a == truth), 25, replace=False)
+    b[worse] = (truth[worse] + 2) % 3
+    gap = paired_difference(truth, a, b, SENTIMENTS)["accuracy"]
+    assert gap["difference"] == pytest.approx(0.025) and gap["interval"][0] > 0 and gap["verdict"] == "A ahead"
+    assert paired_difference(truth, b, a, SENTIMENTS)["accuracy"]["verdict"] == "B ahead"
+    interval_a, interval_b = (bootstrap_intervals(truth, p, 3)["accuracy"] for p in (a, b))
+    assert interval_a[0] < gap["a"] < interval_a[1] and interval_b[1] > interval_a[0]   # apart, they overlap
+    # A model against itself differs by nothing; against one as good but wrong on other rows, by nothing clear.
+    assert paired_difference(truth, a, a, SENTIMENTS)["macro_f1"]["interval"] == [0.0, 0.0]
+    as_good = np.where(rng.random(1000) < 0.85, truth, (truth + 1) % 3)
+    assert paired_difference(truth, a, as_good, SENTIMENTS)["accuracy"]["verdict"] == "no clear difference"
+
+
+def test_rows_in_both_are_the_rows_of_one_slice_that_the_other_holds_with_the_same_labels():
+    data = tiny_set()
+    other = data.subset([7, 2, 12])
+    assert other.sentiment[0] >= 0
+    other.sentiment[0] = (other.sentiment[0] + 1) % 3       # row 7 labeled otherwise: not the same row
+    assert rows_in_both(data, other).tolist() == [2, 12]
+    assert rows_in_both(data, data).tolist() == list(range(len(data)))
 
 
 def test_tiny_csv_fixture_round_trips_through_the_loader(tmp_path):

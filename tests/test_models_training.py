@@ -24,8 +24,8 @@ from models.modeling import FinPulseClassifier, TextEncoder
 from models.scorer import BatchScorer
 from models.training import (Checkpoint, FitConfig, WeightAverage, fit, gold_targets, make_optimizer,
                              masked_soft_loss, set_learning_rate)
-from tests.models_fixtures import (CLI_ENV, SENTIMENT_ROWS, TOPIC_ROWS, make_tiny_base, tiny_set, write_shared_layout,
-                                  write_tiny_csv)
+from tests.models_fixtures import (CLI_ENV, SENTIMENT_ROWS, TOPIC_ROWS, make_tiny_base, save_tiny_model, tiny_set,
+                                  write_shared_layout, write_tiny_csv)
 from tests.procs import orphans_left
 
 REPO = Path(__file__).resolve().parents[1]
@@ -316,6 +316,16 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
         assert report[head]["n"] == metrics["test"][head]["n"]
         assert report[head]["accuracy"] == pytest.approx(metrics["test"][head]["accuracy"])
         assert len(report[head]["confusion_matrix"]) == len(TOPICS if head == "topic" else SENTIMENTS)
+    # Against itself on its held-out slice: every row is held out by both, and nothing differs.
+    assert main(["evaluate", str(model_dir), "--out", str(report_file), "--device", "cpu", "--against",
+                 str(model_dir)]) == 0
+    against = json.loads(report_file.read_text())["against"]
+    assert against["rows"] == report["rows"] and against["heads"]["sentiment"]["macro_f1"]["interval"] == [0.0, 0.0]
+    # A model with no record of its training data may have trained on these rows: not compared on them.
+    untrained = save_tiny_model(tiny_base, tmp_path / "untrained")
+    capsys.readouterr()
+    assert main(["evaluate", str(model_dir), "--device", "cpu", "--against", str(untrained)]) == 2
+    assert "has no training_config.json: pass --data" in capsys.readouterr().err
     # Rows labeled wrong on purpose, so that every row is a mistake: each is listed with the words that pushed it
     # toward what was predicted, this head's push as models.explain reads it.
     mislabeled = tmp_path / "mislabeled.csv"
