@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from .calibration import SCORE_LIMIT, calibration_section, format_calibration
 from .data import DEFAULT_TRAINING_SOURCES, NEWS_TRAIN
 from .evaluation import HEADS, format_source_reports
-from .metrics import accuracy_standard_error
 from .modeling import describe_base
 
 if TYPE_CHECKING:
@@ -34,8 +33,12 @@ def comparison_table(comparison: dict[str, dict[str, float]], test_reports: dict
 
 
 def _head_rows(reports: dict[str, Any], of: str = "") -> str:
-    """Markdown table rows: head (``of`` after it), rows, accuracy, macro-F1."""
-    return "\n".join(f"| {head}{of} | {r['n']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |"
+    """Markdown table rows: head (``of`` after it), rows, accuracy, macro-F1, each figure with its 95% interval
+    where the report has one."""
+    def figure(report: dict[str, Any], metric: str) -> str:
+        low, high = report.get("interval_95", {}).get(metric, (None, None))
+        return f"{report[metric]:.4f}" + (f" ({low:.3f}-{high:.3f})" if low is not None else "")
+    return "\n".join(f"| {head}{of} | {r['n']} | {figure(r, 'accuracy')} | {figure(r, 'macro_f1')} |"
                      for head, r in reports.items())
 
 
@@ -67,8 +70,10 @@ def model_card(version: str, recipe: Recipe, base: str, training_config: dict, m
         _head_rows(reports, f", {spec} rows") for spec, reports in metrics.get("test_by_source", {}).items()])
     probe_rows = _head_rows({head: metrics["out_of_domain"][head] for head in HEADS})
     probe_n = metrics["out_of_domain"]["rows"]
-    probe_margin = round(accuracy_standard_error(probe_n) * 100)
     data = training_config["data"]
+    interval_note = (" In brackets: each figure's 95% interval, from resampling its rows (how far it could move on "
+                     "another sample of such text); `finpulse evaluate --against` tells whether two models differ on "
+                     "the same rows." if any("interval_95" in r for r in metrics["test"].values()) else "")
     # The distilled soft labels belong to the tweets' heads: each set's texts get the head it lacks.
     soft_labels = (" plus the teacher ensemble's soft labels on the other set's texts (cross-task distillation)"
                    if recipe.teachers else "")
@@ -103,7 +108,7 @@ bullish). Recipe `{recipe.name}`, base encoder {describe_base(base)}, trained on
 
 ## What was measured, on what
 
-{metrics['measured_on']}.{precision_note}
+{metrics['measured_on']}.{precision_note}{interval_note}
 
 | head | rows | accuracy | macro-F1 |
 |---|---|---|---|
@@ -118,8 +123,7 @@ Per-class F1 and confusion matrices: {where}
 ## Beyond tweets
 
 The shared training data are tweets. `news-probe` (`models/probes/`) is {probe_n} newswire-style finance sentences
-written for FinPulse (every topic, every sentiment), never trained or selected on; about ±{probe_margin} points of
-accuracy at {probe_n} rows (one standard error).{probe_caveat}
+written for FinPulse (every topic, every sentiment), never trained or selected on.{probe_caveat}
 
 | head | rows | accuracy | macro-F1 |
 |---|---|---|---|

@@ -102,12 +102,6 @@ def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray
     return out
 
 
-def accuracy_standard_error(rows: int, accuracy: float = 0.7) -> float:
-    """How far an accuracy measured on ``rows`` texts may sit from the model's true one (one standard error of a
-    binomial proportion, at the accuracies these probes show): 0.05 at 80 rows, 0.03 at 200."""
-    return (accuracy * (1 - accuracy) / max(1, rows)) ** 0.5
-
-
 def format_report(name: str, report: dict[str, Any]) -> str:
     """A human-readable block: headline numbers, per-class F1 and the confusion matrix."""
     labels = report["labels"]

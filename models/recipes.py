@@ -41,7 +41,7 @@ from .calibration import calibrated, calibration_report, fit_temperatures
 from .card import comparison_table, model_card
 from .data import (NEWS_PROBE, SPLIT_SCHEME, DataError, LabeledSet, fingerprint, kept_whole, load_data, split,
                    stratified_sample)
-from .evaluation import evaluate, reports_by_source, reports_from, selection_score
+from .evaluation import add_intervals, reports_by_source, reports_from, selection_score
 from .metrics import headline
 from .modeling import FinPulseClassifier, TextEncoder, quiet_transformers, save_model, write_json
 from .precision import describe
@@ -274,6 +274,7 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         model.temperature = fit_temperatures(val_raw, val)
         test_probs = calibrated(test_raw, model.temperature)
         test_reports = reports_from(test_probs, test)
+        add_intervals(test_reports, test_probs, test)
         comparison[f"{recipe.name} model (shipped)"] = headline(test_reports)
         metrics = {
             "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
@@ -288,7 +289,10 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
                             "measured": calibration_report(test_raw, test, model.temperature)},
         }
     # Reported, never used for selection: the only measure here of text unlike the training tweets.
-    metrics["out_of_domain"] = {"source": probe.sources[0], "rows": len(probe), **evaluate(scorer, probe)}
+    probe_probs = scorer.probabilities(probe.texts)
+    probe_reports = reports_from(probe_probs, probe)
+    add_intervals(probe_reports, probe_probs, probe)
+    metrics["out_of_domain"] = {"source": probe.sources[0], "rows": len(probe), **probe_reports}
     metrics["stages"] = stages
     training_config = {
         "recipe": dataclasses.asdict(recipe),

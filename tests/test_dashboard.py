@@ -673,11 +673,14 @@ def test_in_zone_shows_the_chosen_wall_clock():
 
 def test_model_card_prefers_the_test_section_and_labels_matrices():
     truth = np.array([0, 1, 2, 2])
-    metrics = {"test": {"sentiment": head_report(truth, np.array([0, 1, 1, 2]), SENTIMENTS)},
+    metrics = {"test": {"sentiment": {**head_report(truth, np.array([0, 1, 1, 2]), SENTIMENTS),
+                                      "interval_95": {"accuracy": [0.25, 1.0]}}},
                "validation": {"sentiment": head_report(truth, truth, SENTIMENTS)}}
     reports = head_reports(metrics)
     assert list(reports) == ["sentiment"]
-    assert metric_table(reports).set_index("head").loc["sentiment", "accuracy"] == 0.75
+    table = metric_table(reports).set_index("head")
+    assert table.loc["sentiment", "accuracy"] == 0.75 and table.loc["sentiment", "accuracy 95%"] == "0.250-1.000"
+    assert list(table.columns[:4]) == ["n", "accuracy", "accuracy 95%", "macro_f1"]
     matrix = confusion_matrices(reports)["sentiment"].set_index(["actual", "predicted"])
     assert matrix.loc[("bullish", "neutral"), "count"] == 1 and matrix.loc[("bullish", "neutral"), "share"] == 0.5
 

@@ -292,8 +292,10 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     # Every trained model is also measured on the news probe, text unlike anything it trained on.
     probe = metrics["out_of_domain"]
     assert probe["rows"] == 400 and probe["topic"]["n"] == 400 and probe["sentiment"]["n"] == 400
-    assert f"| sentiment | 400 | {probe['sentiment']['accuracy']:.4f} |" in card
-    assert "about ±2 points of\naccuracy at 400 rows" in card
+    low, high = probe["sentiment"]["interval_95"]["accuracy"]
+    assert low <= probe["sentiment"]["accuracy"] <= high and low < high
+    assert f"| sentiment | 400 | {probe['sentiment']['accuracy']:.4f} ({low:.3f}-{high:.3f}) |" in card
+    assert "In brackets: each figure's 95% interval" in card
     # Trained on a file of the user's, not the shared tweets: the card does not claim otherwise.
     assert "Each head learned from the rows that carry its label." in card and "sets of finance-news" not in card
     # Calibrated on the validation slice, measured on the test slice, recorded in config, metrics and card.
