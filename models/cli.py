@@ -91,7 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--against", metavar="MODEL",
                    help="compare with this model (a directory or version) on the same rows: each head's difference "
                         "in accuracy and macro-F1 with a 95%% paired bootstrap interval, and which model is ahead, if "
-                        "either; without --data, on the rows both models held out")
+                        "either (of these two models: another seed of the same recipe can differ as much); without "
+                        "--data, on the rows both models held out")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("calibrate", help="fit a trained model's confidence temperatures; saves a calibrated copy",

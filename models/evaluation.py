@@ -4,7 +4,8 @@
 ``heldout_test`` rebuilds the test slice a model was trained without, from its ``training_config.json`` (same
 data files, checked by sha256, same split seed and fractions), so ``finpulse evaluate MODEL`` reports on data the
 model never saw. A model whose slices were drawn before twins were kept together (``models.data.split``) is
-scored on its slice less the twins of rows it was trained or selected on.
+scored on its slice less the twins of rows it was trained or selected on. ``add_intervals`` gives each figure
+its bootstrap interval; ``compare_models`` sets two models side by side on the same rows (``evaluate --against``).
 """
 from __future__ import annotations
 
