@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 
 def comparison_table(comparison: dict[str, dict[str, float]], test_reports: dict[str, Any],
-                     refit_of: str | None = None) -> str:
-    """The models a run compared on its held-out test slice; for a refit, its reference's run (``refit_of``)."""
+                     refit_of: str | None = None, shipped_against: dict[str, Any] | None = None) -> str:
+    """The models a run compared on its held-out test slice; for a refit, its reference's run (``refit_of``). Then
+    the shipped model's difference from each, with its paired interval (``evaluation.compare_models``)."""
     n = {head: test_reports[head]["n"] if head in test_reports else 0 for head in HEADS}
     counts = f"{n['sentiment']} sentiment rows, {n['topic']} topic rows"
     lines = [f"{refit_of}'s held-out test slice ({counts}; never used by {refit_of} for training or selection; "
@@ -29,6 +30,14 @@ def comparison_table(comparison: dict[str, dict[str, float]], test_reports: dict
     for name, row in comparison.items():
         cells = [row.get(k) for k in ("sentiment_accuracy", "sentiment_macro_f1", "topic_accuracy", "topic_macro_f1")]
         lines.append(f"{name:<44} " + " ".join(f"{c:>8.4f}" if c is not None else f"{'-':>8}" for c in cells))
+    if shipped_against:
+        lines.append("the shipped model minus each, on the same rows (95% paired bootstrap interval):")
+    for name, heads in (shipped_against or {}).items():
+        lines.append(f"  {name}")
+        for head, metrics in heads.items():
+            lines.append(f"    {head:<10} " + "  ".join(
+                f"{label} {m['difference']:+.4f} ({m['interval'][0]:+.4f} to {m['interval'][1]:+.4f})"
+                for label, m in (("acc", metrics["accuracy"]), ("F1", metrics["macro_f1"]))))
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ from .calibration import calibrated, calibration_report, fit_temperatures
 from .card import comparison_table, model_card
 from .data import (NEWS_PROBE, SPLIT_SCHEME, DataError, LabeledSet, fingerprint, kept_whole, load_data, split,
                    stratified_sample)
-from .evaluation import add_intervals, reports_by_source, reports_from, selection_score
+from .evaluation import add_intervals, compare_models, reports_by_source, reports_from, selection_score
 from .metrics import headline
 from .modeling import FinPulseClassifier, TextEncoder, quiet_transformers, save_model, write_json
 from .precision import describe
@@ -257,12 +257,12 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)
     if recipe.teachers:
         rows = {"train": train_rows, "val": val_rows, "test": test_rows}
-        model, stages, comparison = _distill(recipe, base_model, text_encoder, data, rows, device, run_dir,
-                                             time_budget, refit)
+        model, stages, baselines = _distill(recipe, base_model, text_encoder, data, rows, device, run_dir,
+                                            time_budget, refit)
     else:
         model, stages = _fit_one(recipe, base_model, text_encoder, train, None if refit else val, device, run_dir,
                                  time_budget, refit)
-        comparison = {}
+        baselines = {}
     scorer = BatchScorer(model, text_encoder, "candidate", device=device)
     probe = load_data([NEWS_PROBE], data_dir)
     if refit:
@@ -275,6 +275,7 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         test_probs = calibrated(test_raw, model.temperature)
         test_reports = reports_from(test_probs, test)
         add_intervals(test_reports, test_probs, test)
+        comparison = {name: headline(reports_from(probs, test)) for name, probs in baselines.items()}
         comparison[f"{recipe.name} model (shipped)"] = headline(test_reports)
         metrics = {
             "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
@@ -285,6 +286,9 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
             **({"test_by_source": reports_by_source(test_probs, test, data_specs)} if len(data_specs) > 1 else {}),
             "validation": reports_from(calibrated(val_raw, model.temperature), val),
             "comparison_test": comparison,
+            # Did the recipe's technique beat its own plain fine-tune? Per head, on the same rows: see compare_models.
+            **({"shipped_against": {name: compare_models(test_probs, probs, test) for name, probs in baselines.items()}}
+               if baselines else {}),
             "calibration": {"fitted_on": "validation slice", "measured_on": "held-out test slice",
                             "measured": calibration_report(test_raw, test, model.temperature)},
         }
@@ -313,7 +317,8 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
                          recipe=f"{recipe.name}-refit" if refit else recipe.name,
                          max_length=recipe.fit.max_length, dtype=save_dtype)
     metrics["model_version"] = version
-    table = comparison_table(metrics["comparison_test"], metrics["test"], refit.reference if refit else None)
+    table = comparison_table(metrics["comparison_test"], metrics["test"], refit.reference if refit else None,
+                             metrics.get("shipped_against"))
     write_json(tmp_dir / "training_config.json", training_config)
     write_json(tmp_dir / "metrics.json", metrics)
     (tmp_dir / "README.md").write_text(model_card(version, recipe, base_model, training_config, metrics, table))
@@ -480,12 +485,12 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
     if refit:
         return student, stages, {}
 
-    comparison = {
-        "plain fine-tune (teacher 0)": headline(reports_from(sliced([0], "test"), test)),
-        "adapted-encoder teacher (best val)": headline(reports_from(sliced([best_adapted], "test"), test)),
-        f"ensemble of {len(members)} ({chosen})": headline(reports_from(sliced(members, "test"), test)),
+    baselines = {
+        "plain fine-tune (teacher 0)": sliced([0], "test"),
+        "adapted-encoder teacher (best val)": sliced([best_adapted], "test"),
+        f"ensemble of {len(members)} ({chosen})": sliced(members, "test"),
     }
-    return student, stages, comparison
+    return student, stages, baselines
 
 
 def _version(package: str) -> str:

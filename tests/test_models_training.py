@@ -559,6 +559,18 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     # The comparison names the ensemble by its size and the candidate set the validation slice chose.
     chosen = stages["ensemble"]["chosen"]
     assert f"ensemble of {len(stages['ensemble']['members'])} ({chosen})" in metrics["comparison_test"]
+    # The shipped student against each model it was compared with, on the same rows, with a paired interval.
+    assert set(metrics["shipped_against"]) == set(metrics["comparison_test"]) - {"full model (shipped)"}
+    for name, heads in metrics["shipped_against"].items():
+        for head, compared in heads.items():
+            accuracy = compared["accuracy"]
+            assert accuracy["a"] == pytest.approx(metrics["test"][head]["accuracy"], abs=1e-4)
+            assert accuracy["b"] == pytest.approx(metrics["comparison_test"][name][f"{head}_accuracy"], abs=1e-4)
+            assert accuracy["interval"][0] <= accuracy["difference"] <= accuracy["interval"][1]
+    plain = metrics["shipped_against"]["plain fine-tune (teacher 0)"]["sentiment"]["accuracy"]
+    assert (f"  plain fine-tune (teacher 0)\n    topic      acc " in done.stdout and
+            f"\n    sentiment  acc {plain['difference']:+.4f} ({plain['interval'][0]:+.4f} to {plain['interval'][1]:+.4f})"
+            in done.stdout)
     assert f"ensemble: {chosen} (validation score {stages['ensemble']['candidates_val_score'][chosen]:.4f})" \
         in done.stdout
     assert all(stages[f"teacher-{i}"]["best_epoch"] >= 1 for i in range(2))
