@@ -1,4 +1,5 @@
-"""SpikeDetector: warm-up, firing, hysteresis, cooldown, severity, stable ids, duplicates and per-key overrides."""
+"""SpikeDetector: warm-up, firing, hysteresis, cooldown, severity, stable ids, duplicates, per-key overrides and a
+new model's windows."""
 from __future__ import annotations
 
 import json
@@ -18,12 +19,12 @@ KEY = "Energy | Oil"
 
 
 def trend(minute: int, share: float, count: int = 40, key: str = KEY, window_s: int = 60, final: bool = True,
-          key_type: str = "topic") -> TrendRecord:
+          key_type: str = "topic", model: str = "test-1") -> TrendRecord:
     start = T0 + timedelta(minutes=minute)
     return TrendRecord(key_type=key_type, key=key, window_s=window_s, window_start=start,
                        window_end=start + timedelta(seconds=window_s), count=count,
                        mean_score=round(0.2 - 1.2 * share, 4), bearish_share=share, bullish_share=0.3,
-                       news_count=count // 2, comment_count=count - count // 2, final=final, model_version="test-1",
+                       news_count=count // 2, comment_count=count - count // 2, final=final, model_version=model,
                        emitted_at=FIXED, most_negative=({"id": f"m{minute}", "text": "crude plunges",
                                                          "sentiment_score": -0.9},))
 
@@ -268,3 +269,38 @@ def test_a_state_saved_before_escalation_existed_escalates_from_its_firing_sever
     del episode["severity"]                                       # what an older worker wrote
     (escalation,) = run(det, [0.9], first_minute=31, count=200)
     assert (escalation.escalated_from, escalation.severity, escalation.id) == ("info", "critical", firing.id)
+
+
+def test_a_new_models_windows_set_the_baseline_level_again_rather_than_fire():
+    """A deploy: the same news, scored by a model that reads this topic 0.3 more bearish (two quick models trained
+    alike but for the seed differed by up to 0.15 in a topic's bearish share and 0.23 in its mean score). Judged
+    against the old model's baseline that is a spike; the detector learns the new level from the new model's first
+    windows instead, and a real shock after them still fires."""
+    shifted = [round(share + 0.3, 3) for share in calm_shares(20, seed=3)]
+    kept = detector(relearn_windows=0)
+    run(kept, calm_shares(30))
+    assert [a.status for a in run(kept, shifted, first_minute=30, model="test-2")][:1] == ["firing"]
+
+    det = detector()                      # relearn_windows = 3
+    run(det, calm_shares(30))
+    assert run(det, shifted, first_minute=30, model="test-2") == []
+    state = det.states[f"topic:{KEY}"]["60"]
+    assert state["model_version"] == "test-2" and "relearn" not in state
+    assert state["share"] == pytest.approx(0.55, abs=0.05)
+    alerts = run(det, [1.0, 1.0, 0.55, 0.55, 0.55], first_minute=50, model="test-2")
+    assert [a.status for a in alerts] == ["firing", "resolved"] and alerts[0].model_version == "test-2"
+
+
+def test_a_state_from_before_model_versions_were_kept_learns_its_version_without_relearning():
+    det = detector()
+    run(det, calm_shares(30))
+    state = det.states[f"topic:{KEY}"]["60"]
+    del state["model_version"]            # as saved before detection kept it
+    assert run(det, [0.8], first_minute=30) != []    # judged at once: no relearning
+    assert state["model_version"] == "test-1" and "relearn" not in state
+
+
+def test_relearn_windows_must_not_be_negative():
+    with pytest.raises(ConfigError, match="relearn_windows"):
+        DetectSettings(relearn_windows=-1)
+

@@ -568,7 +568,7 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
             assert accuracy["b"] == pytest.approx(metrics["comparison_test"][name][f"{head}_accuracy"], abs=1e-4)
             assert accuracy["interval"][0] <= accuracy["difference"] <= accuracy["interval"][1]
     plain = metrics["shipped_against"]["plain fine-tune (teacher 0)"]["sentiment"]["accuracy"]
-    assert (f"  plain fine-tune (teacher 0)\n    topic      acc " in done.stdout and
+    assert ("  plain fine-tune (teacher 0)\n    topic      acc " in done.stdout and
             f"\n    sentiment  acc {plain['difference']:+.4f} ({plain['interval'][0]:+.4f} to {plain['interval'][1]:+.4f})"
             in done.stdout)
     assert f"ensemble: {chosen} (validation score {stages['ensemble']['candidates_val_score'][chosen]:.4f})" \
