@@ -46,6 +46,7 @@ from stream.topics import TopicNames
 RATE = 20.0               # messages per event-second, all topics together (the demo's rate)
 WARMUP_S = 20 * 60        # history before the event, so every topic has a baseline
 AFTER_S = 12 * 60         # stream after the event ends, so the episode can resolve
+DEPLOY_AT_S = 15 * 60     # --deploy: the new model scores from here (warm baselines, relearnt before any event)
 START = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 BASE_BEARISH = 0.25       # the simulator's usual bearish share
 
@@ -132,12 +133,16 @@ def stream_of(scenario: Scenario) -> Iterator[SimMessage]:
         begin = end
 
 
-def scored_records(scenario: Scenario, scoring: Scoring, names: TopicNames, batch: int = 512) -> Iterator[list[ScoredRecord]]:
-    """The worker's parse -> score -> publish path, batch by batch, as the ScoredRecords of ``finpulse.scored``."""
+def scored_records(scenario: Scenario, scoring: Scoring, names: TopicNames, batch: int = 512,
+                   deployed: Scoring | None = None) -> Iterator[list[ScoredRecord]]:
+    """The worker's parse -> score -> publish path, batch by batch, as the ScoredRecords of ``finpulse.scored``;
+    from ``DEPLOY_AT_S`` on, by ``deployed`` where given (a worker restarted on a new model)."""
     topic_of = {"news": names.news, "comment": names.comments}
     messages = stream_of(scenario)
     offset = itertools.count()
     while chunk := list(itertools.islice(messages, batch)):
+        if deployed is not None and chunk[0].event_time >= START + timedelta(seconds=DEPLOY_AT_S):
+            scoring = deployed
         source = [SourceMessage(topic_of[m.kind], 0, next(offset), None, m.value()) for m in chunk]
         valid, _ = scoring.parse(source)
         predictions = scoring.score([item.text for _, item in valid])
@@ -178,11 +183,11 @@ def judge(scenario: Scenario, alerts: list[AlertRecord], window_s: int, lateness
 
 
 def run_scenario(scenario: Scenario, scoring: Scoring, names: TopicNames, aggregate: AggregateSettings,
-                 detect: DetectSettings) -> Outcome:
+                 detect: DetectSettings, deployed: Scoring | None = None) -> Outcome:
     aggregators = [WindowAggregator(aggregate, key_type) for key_type in ("topic", "ticker")]
     detector = SpikeDetector(detect)
     alerts: list[AlertRecord] = []
-    for batch in scored_records(scenario, scoring, names):
+    for batch in scored_records(scenario, scoring, names, deployed=deployed):
         for aggregator in aggregators:
             alerts += detector.feed(aggregator.feed(batch).final)
     for aggregator in aggregators:
@@ -196,19 +201,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=0, help="run only the first N scenarios")
     parser.add_argument("--ticker-min-count", type=int, default=0,
                         help="judge tickers with this min_count (a [detect.overrides.\"ticker:*\"] setting); 0: the default")
+    parser.add_argument("--kind", choices=["shock", "drift", "burst", "noise"], help="run only this kind of scenario")
+    parser.add_argument("--deploy", metavar="MODEL",
+                        help=f"a worker restarted on this model {DEPLOY_AT_S // 60} minutes in scores the rest")
+    parser.add_argument("--relearn-windows", type=int, help="[detect] relearn_windows (default: its default)")
     args = parser.parse_args(argv or [])   # called as main() by the bench runner: defaults
 
     names = TopicNames("bench")
     scorer = load_scorer(args.scorer)
     scoring = Scoring(scorer, names, max_text_chars=20_000)
+    deployed = Scoring(load_scorer("model", args.deploy), names, max_text_chars=20_000) if args.deploy else None
     overrides = {"ticker:*": {"min_count": args.ticker_min_count}} if args.ticker_min_count else {}
-    detect = DetectSettings(key_types=["topic", "ticker"], overrides=overrides)
+    relearn = {} if args.relearn_windows is None else {"relearn_windows": args.relearn_windows}
+    detect = DetectSettings(key_types=["topic", "ticker"], overrides=overrides, **relearn)
     aggregate = AggregateSettings(windows=[f"{detect.window_s}s/{detect.window_s}s"])
-    scenarios = SCENARIOS[: args.limit] if args.limit else SCENARIOS
-    outcomes = [run_scenario(s, scoring, names, aggregate, detect)
+    scenarios = [s for s in SCENARIOS if args.kind in (None, s.kind)]
+    scenarios = scenarios[: args.limit] if args.limit else scenarios
+    outcomes = [run_scenario(s, scoring, names, aggregate, detect, deployed)
                 for s in tqdm(scenarios, desc="alert scenarios", unit="scenario")]
 
-    print(f"\nAlert quality on {len(outcomes)} SIMULATED scenarios (scorer {scorer.model_version}, "
+    deploy = (f", then {deployed.scorer.model_version} from minute {DEPLOY_AT_S // 60} (relearn_windows "
+              f"{detect.relearn_windows})" if deployed else "")
+    print(f"\nAlert quality on {len(outcomes)} SIMULATED scenarios (scorer {scorer.model_version}{deploy}, "
           f"{detect.window_s}s windows, lateness {aggregate.allowed_lateness_s}s)")
     print(f"{'scenario':42} {'expect':7} {'detected':9} {'delay s':>8} {'false alerts':>12} "
           f"{'tickers hit':>11} {'false ticker alerts':>19}")
