@@ -330,13 +330,13 @@ def _evaluate(args, settings) -> int:
 def _against(args, settings, scorer, data, probs) -> dict | None:
     """``evaluate --against B``: B scored on the same rows as the model (A), in the same precision, and the
     difference per head; on the held-out slice, only the rows that B held out too. None after printing why not."""
+    import numpy as np
+
     from .data import DataError, default_data_dir
     from .evaluation import compare_models, format_comparison, heldout_test, rows_in_both
     from .modeling import ModelError
     from .registry import find_model_dir
     from .scorer import BatchScorer
-
-    import numpy as np
 
     ms = settings.section("models", ModelSettings)
     try:

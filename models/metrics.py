@@ -2,6 +2,8 @@
 
 Plain numpy, so training (model selection) and ``finpulse evaluate`` (reports) compute the same numbers.
 Macro-F1 averages over the classes that occur in the truth or the predictions (scikit-learn's default).
+How far to trust a figure is a bootstrap over the rows: ``bootstrap_intervals`` for one model's figures,
+``paired_difference`` for two models scored on the same rows.
 """
 from __future__ import annotations
 
