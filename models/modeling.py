@@ -141,16 +141,37 @@ class FinPulseClassifier(nn.Module):
         pooled = self.dropout(self.pool(input_ids, attention_mask))
         return self.topic_head(pooled), self.sentiment_head(pooled)
 
+    def parameter_depths(self) -> dict[str, int]:
+        """How far below the heads each parameter sits: the heads (and what follows the transformer layers, a
+        pooler or a final norm) 0, the top transformer layer 1, ..., the bottom one L, the embeddings L + 1."""
+        layers = transformer_layers(self.encoder)
+        depth_of = {id(p): len(layers) - i for i, layer in enumerate(layers) for p in layer.parameters()}
+        bottom = len(layers) + 1
+        return {name: depth_of.get(id(p), bottom if name.startswith("encoder.") and "embed" in name else 0)
+                for name, p in self.named_parameters()}
+
     def freeze_lower(self, layers: int) -> None:
         """Freeze the embeddings and the first ``layers`` transformer layers (cheap CPU training)."""
         if layers <= 0:
             return
-        encoder = self.encoder
-        for p in encoder.embeddings.parameters():
-            p.requires_grad_(False)
-        for layer in encoder.encoder.layer[:layers]:
-            for p in layer.parameters():
-                p.requires_grad_(False)
+        count = len(transformer_layers(self.encoder))
+        deepest_trained = count - min(layers, count)
+        parameters = dict(self.named_parameters())
+        for name, depth in self.parameter_depths().items():
+            if depth > deepest_trained:
+                parameters[name].requires_grad_(False)
+
+
+def transformer_layers(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's stack of transformer layers, found by shape rather than by name: BERT, RoBERTa, ELECTRA and
+    DeBERTa keep it in ``encoder.layer``, DistilBERT in ``transformer.layer``, ModernBERT in ``layers``."""
+    count = encoder.config.num_hidden_layers
+    for module in encoder.modules():
+        if (isinstance(module, nn.ModuleList) and len(module) == count
+                and len({type(layer) for layer in module}) == 1):
+            return module
+    raise ModelError(f"cannot find the {count} transformer layers of the base encoder ({type(encoder).__name__}); "
+                     "train without freezing layers (a recipe other than quick) or with a BERT-family encoder")
 
 
 class TextEncoder:

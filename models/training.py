@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -180,25 +179,17 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def layer_depth(name: str, layers: int) -> int:
-    """How far below the top a parameter sits: the heads and pooler 0, the last transformer layer 1, ...,
-    the embeddings ``layers + 1``."""
-    if "embeddings." in name:
-        return layers + 1
-    found = re.search(r"\.layer\.(\d+)\.", name)
-    return layers - int(found.group(1)) if found else 0
-
-
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
                    layer_decay: float = 1.0) -> torch.optim.AdamW:
     """AdamW without weight decay on biases and norms. Each group carries an ``lr_scale`` that the training loops
-    multiply the scheduled rate by: ``layer_decay`` ** depth (``layer_depth``), 1 for every group by default."""
-    # Off, every group sits at depth 0 (and the MLM model, which has no `.encoder`, is never asked for its layers).
-    layers = model.encoder.config.num_hidden_layers if layer_decay != 1.0 else 0
+    multiply the scheduled rate by: ``layer_decay`` ** depth (``FinPulseClassifier.parameter_depths``), 1 for
+    every group by default."""
+    # Off, every group sits at depth 0 (and the MLM model, a plain transformers model, is never asked for depths).
+    depths = model.parameter_depths() if layer_decay != 1.0 else {}
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            depth = layer_depth(name, layers) if layers else 0
+            depth = depths.get(name, 0)
             decays = param.ndim >= 2
             group = groups.setdefault((depth, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
                                                         "lr_scale": layer_decay ** depth})

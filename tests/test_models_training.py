@@ -854,6 +854,33 @@ def test_layer_wise_learning_rates_shrink_from_the_heads_down_to_the_embeddings(
     assert {g["lr_scale"] for g in make_optimizer(model, 1e-3, 0.01, torch.device("cpu")).param_groups} == {1.0}
 
 
+# Two layers, 32 wide, random weights: what matters is where each family keeps its layers and embeddings.
+TINY_ENCODERS = {
+    "bert": {}, "roberta": {"pad_token_id": 1}, "electra": {"embedding_size": 16}, "deberta-v2": {},
+    "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64}, "modernbert": {"pad_token_id": 0},
+}
+
+
+@pytest.mark.parametrize("model_type", list(TINY_ENCODERS))
+def test_freezing_and_layer_wise_rates_find_the_layers_of_any_encoder_family(model_type):
+    """The quick recipe freezes the lower layers of whatever --base-model is: DistilBERT and ModernBERT name their
+    layers otherwise than BERT does (it failed there with an AttributeError)."""
+    from transformers import AutoConfig, AutoModel
+    from models.modeling import transformer_layers
+    config = AutoConfig.for_model(model_type, vocab_size=500, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, **TINY_ENCODERS[model_type])
+    model = FinPulseClassifier(AutoModel.from_config(config))
+    depths = model.parameter_depths()
+    assert set(depths.values()) == {0, 1, 2, 3}
+    assert all(depths[name] == 3 for name in depths if "word_embeddings" in name or "tok_embeddings" in name)
+    model.freeze_lower(1)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    bottom, top = transformer_layers(model.encoder)
+    assert not any(p.requires_grad for p in bottom.parameters()) and all(p.requires_grad for p in top.parameters())
+    assert {"topic_head.weight", "sentiment_head.bias"} <= trained
+    assert trained == {name for name, depth in depths.items() if depth <= 1}
+
+
 def test_the_weight_average_follows_the_weights_and_is_only_applied_inside_its_block():
     model = torch.nn.Linear(3, 2)
     average = WeightAverage(model, decay=0.9)
