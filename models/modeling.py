@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .labels import SENTIMENTS, TOPICS
 from .textprep import NORMALIZATION, char_budget, with_cleanup
 from .tokenizer_pool import flatten, native_ids
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -172,6 +174,28 @@ def transformer_layers(encoder: nn.Module) -> nn.ModuleList:
             return module
     raise ModelError(f"cannot find the {count} transformer layers of the base encoder ({type(encoder).__name__}); "
                      "train without freezing layers (a recipe other than quick) or with a BERT-family encoder")
+
+
+def readable_tokens(encoder: nn.Module) -> int | None:
+    """The longest sequence, special tokens included, that ``encoder`` has position embeddings for (None: no limit
+    it declares). A longer one does not truncate: it fails in the forward pass, for every text that long. RoBERTa's
+    family numbers positions from its padding id + 1, so it reads two fewer than ``max_position_embeddings``."""
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    if not positions:
+        return None
+    offset = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+    return positions - (offset + 1 if isinstance(offset, int) else 0)
+
+
+def check_max_length(base: str, max_length: int) -> None:
+    """Refuse, before any training, a ``max_length`` longer than the base encoder reads."""
+    from transformers import AutoConfig, AutoModel
+    with torch.device("meta"):  # the architecture only: no weights are read or allocated
+        encoder = AutoModel.from_config(load_pretrained(AutoConfig, base))
+    limit = readable_tokens(encoder)
+    if limit is not None and max_length > limit:
+        raise ModelError(f"--max-length {max_length} is longer than the base encoder {describe_base(base)!r} reads "
+                         f"({limit} tokens, special tokens included): pass --max-length {limit} or less")
 
 
 class TextEncoder:
@@ -348,5 +372,12 @@ def load_model(path: str | Path) -> LoadedModel:
     state = load_file(str(path / WEIGHTS_FILE))
     model.load_state_dict(state, strict=True)
     model.float().eval()
-    return LoadedModel(model=model, text_encoder=TextEncoder.from_file(path / TOKENIZER_FILE, int(config["max_length"])),
+    max_length = int(config["max_length"])
+    limit = readable_tokens(model.encoder)
+    if limit is not None and max_length > limit:
+        # Saved before training checked it: texts that long would fail one by one; cut them where the encoder ends.
+        log.warning("%s says max_length %d, but its encoder reads %d tokens: texts are cut there", path, max_length,
+                    limit)
+        max_length = limit
+    return LoadedModel(model=model, text_encoder=TextEncoder.from_file(path / TOKENIZER_FILE, max_length),
                        config=config, path=path)

@@ -43,7 +43,7 @@ from .data import (NEWS_PROBE, SPLIT_SCHEME, DataError, LabeledSet, fingerprint,
                    stratified_sample)
 from .evaluation import add_intervals, compare_models, reports_by_source, reports_from, selection_score
 from .metrics import headline
-from .modeling import FinPulseClassifier, TextEncoder, quiet_transformers, save_model, write_json
+from .modeling import FinPulseClassifier, TextEncoder, check_max_length, quiet_transformers, save_model, write_json
 from .precision import describe
 from .scorer import BatchScorer, Probabilities
 from .teachers import TeacherJob, run_teachers, teachers_at_once
@@ -213,6 +213,7 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     ``data_weights`` and ``base_model`` then are the reference's, as ``finpulse train --refit`` passes them)."""
     started = time.monotonic()
     quiet_transformers()
+    check_max_length(base_model, max(recipe.fit.max_length, recipe.mlm.max_length if recipe.mlm else 0))
     data_weights = dict(data_weights or {})
     data = load_data(data_specs, data_dir, data_weights)
     sha = fingerprint(data_specs, data_dir)

@@ -881,6 +881,44 @@ def test_freezing_and_layer_wise_rates_find_the_layers_of_any_encoder_family(mod
     assert trained == {name for name, depth in depths.items() if depth <= 1}
 
 
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "electra", "deberta-v2"])
+def test_readable_tokens_is_the_longest_sequence_the_encoder_takes(model_type):
+    """Found from the encoder's config and embeddings; checked here by running it at that length and one more."""
+    from transformers import AutoConfig, AutoModel
+    from models.modeling import readable_tokens
+    config = AutoConfig.for_model(model_type, vocab_size=500, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=40,
+                                  **TINY_ENCODERS[model_type])
+    encoder = AutoModel.from_config(config).eval()
+    limit = readable_tokens(encoder)
+    with torch.no_grad():
+        encoder(input_ids=torch.full((1, limit), 7), attention_mask=torch.ones(1, limit, dtype=torch.long))
+        with pytest.raises((IndexError, RuntimeError)):
+            encoder(input_ids=torch.full((1, limit + 1), 7), attention_mask=torch.ones(1, limit + 1, dtype=torch.long))
+
+
+def test_training_refuses_a_max_length_the_base_encoder_cannot_read_before_reading_any_data(tiny_base, tmp_path,
+                                                                                             capsys):
+    from models.cli import main
+    # The tiny base has 128 positions: every text longer than that would fail when scored, one by one.
+    assert main(["train", "--recipe", "plain", "--base-model", tiny_base, "--max-length", "129", "--data",
+                 str(tmp_path / "no-such-file.csv"), "--out", str(tmp_path / "m"), "--runs-dir",
+                 str(tmp_path / "r")]) == 2
+    assert "--max-length 129 is longer than the base encoder" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_model_saved_with_too_long_a_max_length_cuts_texts_where_its_encoder_ends(tiny_base, tmp_path):
+    from models.modeling import load_model, save_model
+    save_model(FinPulseClassifier.from_base(tiny_base, seed=1), tiny_base, tmp_path / "m", base_model=tiny_base,
+               recipe="test", max_length=200)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.text_encoder.max_length == 128
+    [prediction] = BatchScorer(loaded.model, loaded.text_encoder, loaded.version, device="cpu").score(
+        ["oil prices slide as supply grows " * 60])
+    assert prediction.ok
+
+
 def test_the_weight_average_follows_the_weights_and_is_only_applied_inside_its_block():
     model = torch.nn.Linear(3, 2)
     average = WeightAverage(model, decay=0.9)
