@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "them may be given)")
     p.add_argument("--data", action="append", metavar="SOURCE",
                    help="'shared' (the tweets), 'news-train' (788 newswire sentences written for FinPulse), a "
-                        "directory like the shared one, a CSV/JSONL file with text + topic and/or sentiment, or "
+                        "directory like the shared one, a CSV (any separator), TSV or JSONL file with text + topic and/or "
+                        "sentiment, or "
                         "hub:twitter-financial-news-{sentiment,topic}[:split] (online); repeatable; default: shared "
                         "and news-train")
     p.add_argument("--weight", action="append", metavar="SOURCE=W",
@@ -119,7 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "rest go on.")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to score (else --input, or standard input)")
     p.add_argument("--input", "-i", metavar="FILE",
-                   help="a file of texts: one a line (.txt), CSV or JSONL with a text field; - for standard input")
+                   help="a file of texts: one a line (.txt), CSV (comma, semicolon, tab or bar), TSV or JSONL with a "
+                        "text field; - for standard input")
     p.add_argument("--input-format", choices=score_files.INPUT_FORMATS,
                    help="lines, csv or jsonl (default: from the file's suffix, else lines)")
     p.add_argument("--text-field", default="text", help="the CSV column or JSON field to score (default text)")

@@ -146,22 +146,25 @@ def _read_id_csv(path: Path, head: str) -> LabeledSet:
 
 
 def load_file(path: Path) -> LabeledSet:
-    """A user's CSV or JSONL: ``text`` plus ``topic`` and/or ``sentiment`` (label names or public-set ids)."""
+    """A user's CSV (any usual separator), TSV or JSONL: ``text`` plus ``topic`` and/or ``sentiment`` (label
+    names or public-set ids)."""
     import pandas as pd
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     line_numbers = None      # a CSV's rows are numbered by _from_frame
     try:
-        if suffix == ".csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if suffix in (".csv", ".tsv"):
+            with open(path, encoding="utf-8-sig", errors="replace") as handle:
+                separator = csv_separator(handle.readline())
+            frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
         elif suffix == ".json":
             frame = pd.read_json(path, dtype=False)
             line_numbers = range(1, len(frame) + 1)     # a JSON array's rows, by their place in it
         elif suffix in (".jsonl", ".ndjson"):
             frame, line_numbers = _read_json_lines(path)
         else:
-            raise DataError(f"{path}: use a .csv or .jsonl file")
+            raise DataError(f"{path}: use a .csv, .tsv or .jsonl file")
     except ValueError as exc:
         if isinstance(exc, DataError):
             raise
@@ -169,6 +172,12 @@ def load_file(path: Path) -> LabeledSet:
     if "label" in frame.columns and not {"topic", "sentiment"} & set(frame.columns):
         frame = frame.rename(columns={"label": _label_column_head(path)})
     return _from_frame(frame, str(path), line_numbers)
+
+
+def csv_separator(header: str) -> str:
+    """The separator a CSV's header line uses: spreadsheets write the locale's list separator (a semicolon across
+    much of Europe), so the most frequent of comma, semicolon, tab and bar; a comma where none is there."""
+    return max((",", ";", "\t", "|"), key=header.count)
 
 
 def _read_json_lines(path: Path):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
+from .data import csv_separator
 from .explain import WordPush, push_pairs, read_texts, strongest
 from .interface import Prediction
 
@@ -49,7 +50,7 @@ def format_of(path: str | None, given: str | None, choices: Sequence[str], defau
     if given:
         return given
     suffix = Path(path).suffix.lower() if path and path != "-" else ""
-    guessed = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "lines"}.get(suffix)
+    guessed = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "lines"}.get(suffix)
     return guessed if guessed in choices else default
 
 
@@ -60,7 +61,9 @@ def read_rows(handle: IO[str], input_format: str, text_field: str, name: str) ->
             text = line.rstrip("\r\n")
             yield Row({"text": text}, text)
     elif input_format == "csv":
-        reader = csv.DictReader(handle, restkey="extra_values")  # a row longer than the header
+        header = handle.readline()
+        reader = csv.DictReader(itertools.chain([header], handle), delimiter=csv_separator(header),
+                                restkey="extra_values")  # a row longer than the header
         if reader.fieldnames is None:
             return
         if text_field not in reader.fieldnames:

@@ -122,6 +122,16 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
     assert table[0]["words"].startswith(named) and table[0]["input_words"] == "7"
 
 
+def test_a_semicolon_csv_is_read_by_its_own_separator(model_dir, expected, tmp_path, capsys):
+    source = tmp_path / "excel.csv"
+    source.write_text("id;text\n" + "".join(f'{i};"{text}"\n' for i, text in enumerate(HEADLINES)))
+    out = tmp_path / "scored.jsonl"
+    assert score(model_dir, "--input", str(source), "--out", str(out)) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [str(i) for i in range(len(HEADLINES))]
+    assert [r["topic"] for r in rows] == [expected[1][text].topic for text in HEADLINES]
+
+
 def test_a_file_is_scored_in_chunks_to_the_same_result(model_dir, tmp_path, capsys, monkeypatch):
     source = tmp_path / "many.txt"
     source.write_text("".join(f"{HEADLINES[i % len(HEADLINES)]} #{i}\n" for i in range(25)))

@@ -391,6 +391,26 @@ def test_user_files_accept_names_and_ids_and_reject_bad_rows(tmp_path):
         load_file(tmp_path / "x.csv")
 
 
+def test_user_files_from_spreadsheets_load_whatever_separator_they_use(tmp_path):
+    """A spreadsheet in much of Europe exports CSV with semicolons (and a byte-order mark, and CRLF); a .tsv has
+    tabs. Commas inside their texts stay text."""
+    rows = [("Oil slides, OPEC meets", "Energy | Oil", "bearish"), ("Fed holds; markets shrug", "Macro", "neutral")]
+    comma = tmp_path / "comma.csv"
+    comma.write_text("text,topic,sentiment\n" + "".join(f'"{t}",{p},{s}\n' for t, p, s in rows))
+    semicolon = tmp_path / "excel.csv"
+    semicolon.write_bytes(("\ufefftext;topic;sentiment\r\n" + "".join(f'{t.replace(";", ",")};{p};{s}\r\n'
+                                                                      for t, p, s in rows[:1])
+                           + '"Fed holds; markets shrug";Macro;neutral\r\n').encode("utf-8"))
+    tabs = tmp_path / "mine.tsv"
+    tabs.write_text("text\ttopic\tsentiment\n" + "".join(f"{t}\t{p}\t{s}\n" for t, p, s in rows))
+    reference = load_file(comma)
+    assert list(reference.texts) == [t for t, _, _ in rows]
+    for other in (semicolon, tabs):
+        loaded = load_file(other)
+        assert list(loaded.texts) == list(reference.texts), other
+        assert list(loaded.topic) == list(reference.topic) and list(loaded.sentiment) == list(reference.sentiment)
+
+
 def test_the_public_sets_files_load_as_published_and_a_bare_label_column_is_refused(tmp_path):
     """The public validation splits come as text,label files: their name says the head, as the sets name them."""
     published = tmp_path / "published"
