@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
 
+from models.interface import base_version
 from stream.config import ConfigError, build_dataclass
 from stream.metrics import counter
 from stream.records import AlertRecord, TrendRecord, epoch_ms, severity_rank, utcnow
@@ -238,7 +239,8 @@ class SpikeDetector:
         known, version = state.get("model_version"), trend.model_version
         if version:
             state["model_version"] = version
-            if known and version != known and rule.relearn_windows:
+            # The same model in int8 is other arithmetic, not another reading (95-97% the same labels).
+            if known and base_version(version) != base_version(known) and rule.relearn_windows:
                 state["relearn"] = 0
                 BASELINES_RELEARNED.inc()
                 log.info("%s %s (%ss windows): scored by %s, not %s: its baseline's level is learned again from the "

@@ -19,6 +19,14 @@ CPU_PRECISIONS = precision.CPU_PRECISIONS
 # [worker] scorer settings under which the worker loads no model (so there is none to ask or to list as its own).
 SCORERS_WITHOUT_A_MODEL = ("baseline", "noop")
 
+# Appended to the model version on every record an int8 scorer stamps: its labels can differ from float32's.
+INT8_SUFFIX = "+int8"
+
+
+def base_version(model_version: str) -> str:
+    """The trained model behind a version stamp: ``...+int8`` is the same model, scored in other arithmetic."""
+    return model_version.removesuffix(INT8_SUFFIX)
+
 
 @dataclass(frozen=True)
 class Prediction:

@@ -32,9 +32,6 @@ import warnings
 import torch
 from torch import nn
 
-# Appended to the model version on every record an int8 scorer stamps: its labels can differ from float32's.
-INT8_SUFFIX = "+int8"
-
 
 def down_projections(model: nn.Module, hidden_size: int) -> set[str]:
     """Names of the linear layers that read an activation wider than the hidden size (the feed-forward blocks'
@@ -52,8 +49,3 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():  # torch announces a future move of this API on every call
         warnings.simplefilter("ignore", (UserWarning, DeprecationWarning))
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8)
-
-
-def base_version(model_version: str) -> str:
-    """The trained model's version behind a scorer's stamp (``...+int8`` names the same directory)."""
-    return model_version.removesuffix(INT8_SUFFIX)

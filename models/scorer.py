@@ -39,11 +39,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .interface import Prediction, failed
+from .interface import INT8_SUFFIX, Prediction, failed
 from .labels import SENTIMENTS, TOPICS
 from .modeling import FinPulseClassifier, TextEncoder, load_model
 from .precision import BF16, FLOAT32, INT8, autocast, describe, effective
-from .quantization import INT8_SUFFIX, quantize_int8
+from .quantization import quantize_int8
 from .tokenizer_pool import BrokenProcessPool, PendingIds, TokenizerPool, flat_ids
 
 log = logging.getLogger(__name__)

@@ -291,6 +291,15 @@ def test_a_new_models_windows_set_the_baseline_level_again_rather_than_fire():
     assert [a.status for a in alerts] == ["firing", "resolved"] and alerts[0].model_version == "test-2"
 
 
+def test_the_same_model_switched_to_int8_is_judged_on_without_relearning():
+    det = detector()
+    run(det, calm_shares(30), model="test-1")
+    assert run(det, [0.8], first_minute=30, model="test-1+int8") != []    # judged at once
+    state = det.states[f"topic:{KEY}"]["60"]
+    assert state["model_version"] == "test-1+int8" and "relearn" not in state
+    assert run(det, [0.8], first_minute=31, model="test-2+int8") == [] and "relearn" in state
+
+
 def test_a_state_from_before_model_versions_were_kept_learns_its_version_without_relearning():
     det = detector()
     run(det, calm_shares(30))

@@ -294,7 +294,7 @@ def scores_from_run(source_run: str, run_id: str, out_root: Path, scorer: str | 
     where the source's was (``...+int8``)."""
     from models.baseline import KeywordBaselineScorer, NoopScorer
     from models.precision import AUTO, INT8
-    from models.quantization import base_version
+    from models.interface import base_version
 
     from .reuse import ReusedScores
     if scorer or cpu_precision:
