@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import file_sha256
+from .interface import ModelError
 from .labels import SENTIMENTS, TOPICS
 from .textprep import NORMALIZATION, char_budget, with_cleanup
 from .tokenizer_pool import flatten, native_ids
@@ -42,10 +43,6 @@ TOKENIZER_FILE = "tokenizer.json"
 NEUTRAL_TEMPERATURE = {"topic": 1.0, "sentiment": 1.0}
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
 POOLINGS = ("mean", "cls")
-
-
-class ModelError(RuntimeError):
-    """A base model or saved model that cannot be used; the message says why and what to do."""
 
 
 def default_base_model_dir() -> Path:

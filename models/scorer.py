@@ -41,7 +41,7 @@ import torch
 
 from .interface import INT8_SUFFIX, Prediction, failed
 from .labels import SENTIMENTS, TOPICS
-from .modeling import FinPulseClassifier, TextEncoder, load_model
+from .modeling import FinPulseClassifier, ModelError, TextEncoder, load_model
 from .precision import BF16, FLOAT32, INT8, autocast, describe, effective
 from .quantization import quantize_int8
 from .tokenizer_pool import BrokenProcessPool, PendingIds, TokenizerPool, flat_ids
@@ -70,9 +70,12 @@ def default_tokenizer_processes(device: torch.device) -> int:
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available (use --device cpu or auto)")
+        raise ModelError(f"device {device!r} requested but CUDA is not available (use --device cpu or auto)")
     return chosen
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from models.interface import CPU_PRECISIONS, Scorer, load_scorer
+from models.interface import CPU_PRECISIONS, ModelError, Scorer, load_scorer
 from models.settings import models_root
 
 from . import tansu_compat
@@ -35,13 +35,13 @@ def prepare_app(settings: Settings, scorer: Scorer | None = None, extensions: Se
                           f"{', '.join(CPU_PRECISIONS)}")
     if worker.fetch_bytes_per_partition <= 0:
         raise ConfigError("[worker] fetch_bytes_per_partition must be positive (a larger record still comes whole)")
-    ensure_topics(kafka, names.all(), names.compacted())
     if scorer is None:
         try:
             scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings),
                                  worker.tokenizer_processes, worker.cpu_precision)
-        except ValueError as exc:   # e.g. int8 asked for with device = "cuda"
+        except (ValueError, FileNotFoundError, ModelError) as exc:   # int8 on "cuda", no GPU, no such model...
             raise ConfigError(str(exc)) from None
+    ensure_topics(kafka, names.all(), names.compacted())
     if tansu_compat.apply_if_needed(kafka):
         log.info("broker is tansu: compatibility patch applied (see stream/tansu_compat.py)")
     return create_app(settings, scorer, EXTENSIONS if extensions is None else extensions)

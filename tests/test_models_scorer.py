@@ -301,6 +301,25 @@ def test_the_worker_refuses_an_unknown_cpu_precision_before_it_touches_kafka(tin
     assert scorer.cpu_precision == ("bf16" if native_bf16() else "float32")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+@pytest.mark.parametrize("setting, message", [
+    ({"FINPULSE_WORKER__DEVICE": "cuda"}, "device 'cuda' requested but CUDA is not available"),
+    ({"FINPULSE_WORKER__DEVICE": "gpu"}, "device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+    ({"FINPULSE_WORKER__MODEL_DIR": "/nonexistent/model"}, "model directory /nonexistent/model does not exist"),
+])
+def test_the_worker_refuses_a_model_or_device_it_cannot_use_in_one_line_before_it_touches_kafka(setting, message):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
+    env.update(FINPULSE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:9", FINPULSE_WORKER__SCORER="model", **setting)
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "worker"], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and f"configuration error: {message}" in output, output
+    assert "Traceback" not in output and "Kafka" not in output
+
+
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
 def test_evaluate_in_a_cpu_precision_reports_it_beside_float32(tiny_model_dir, tmp_path, capsys, precision):
     from models.cli import main

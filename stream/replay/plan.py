@@ -270,7 +270,7 @@ def effective_config(settings: Settings, replay: ReplaySettings) -> tuple[Settin
 def load_chosen_scorer(kind: str, model_dir: str | None, device: str, models_dir: str | None = None,
                        cpu_precision: str = "auto"):
     """The scorer, after checking that an explicit model directory really is a FinPulse model."""
-    from models.interface import load_scorer
+    from models.interface import ModelError, load_scorer
     if model_dir:
         try:
             from models.registry import validate_model_dir
@@ -283,7 +283,7 @@ def load_chosen_scorer(kind: str, model_dir: str | None, device: str, models_dir
         kind = "model"
     try:
         return load_scorer(kind, model_dir, device, models_dir, cpu_precision=cpu_precision)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, OSError, ModelError) as exc:
         raise ReplayError(f"cannot load the {kind} scorer: {exc}") from None
 
 
