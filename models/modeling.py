@@ -59,7 +59,14 @@ def resolve_base_model(name: str | None) -> str:
     if not name or name == DEFAULT_BASE_MODEL:
         return str(default_base_model_dir())
     if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+        path = Path(name).expanduser()
+        config = path / CONFIG_FILE
+        if config.is_file() and '"finpulse_format"' in config.read_text(errors="replace"):
+            raise ModelError(f"{name} is a trained FinPulse model, not a base encoder: a run starting from it would "
+                             "hold out rows that model trained on, and report them as unseen. To add your own "
+                             "labeled rows, train on them beside the others (--data shared --data news-train --data "
+                             "FILE --weight FILE=W); to train its recipe again on every row, --refit it")
+        return str(path)
     if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         raise ModelError(f"base model {name!r} is not a directory")
     return name  # a hub id: from_pretrained fetches it (or explains below why it cannot)
@@ -88,6 +95,8 @@ def load_pretrained(loader, base: str, **kwargs):
     """``loader.from_pretrained(base)``, with "not found / offline" turned into a ModelError that says what to do."""
     try:
         return loader.from_pretrained(base, **kwargs)
+    except ValueError as exc:  # a config.json transformers cannot place (no model_type, an unknown one)
+        raise ModelError(f"cannot load base model {base!r}: {exc}") from None
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = ("HF_HUB_OFFLINE is set" if offline else "is this machine offline?")

@@ -908,6 +908,22 @@ def test_training_refuses_a_max_length_the_base_encoder_cannot_read_before_readi
     assert not (tmp_path / "r").exists()
 
 
+def test_training_refuses_a_trained_model_or_a_directory_transformers_cannot_read_as_its_base(tiny_base, tmp_path,
+                                                                                             capsys):
+    """A trained FinPulse model as --base-model: its new test slice would hold rows it trained on, reported as
+    unseen. A config.json without a model_type: one line saying so, not transformers' traceback."""
+    from models.cli import main
+    trained = save_tiny_model(Path(tiny_base), tmp_path / "trained")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"hidden_size": 32}')
+    for base, message in ((trained, "is a trained FinPulse model, not a base encoder"),
+                          (foreign, "cannot load base model")):
+        assert main(["train", "--recipe", "plain", "--base-model", str(base), "--data", str(tmp_path / "none.csv"),
+                     "--out", str(tmp_path / "m"), "--runs-dir", str(tmp_path / "r")]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_a_model_saved_with_too_long_a_max_length_cuts_texts_where_its_encoder_ends(tiny_base, tmp_path):
     from models.modeling import load_model, save_model
     save_model(FinPulseClassifier.from_base(tiny_base, seed=1), tiny_base, tmp_path / "m", base_model=tiny_base,
