@@ -34,10 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "them may be given)")
     p.add_argument("--data", action="append", metavar="SOURCE",
                    help="'shared' (the tweets), 'news-train' (788 newswire sentences written for FinPulse), a "
-                        "directory like the shared one, a CSV (any separator), TSV or JSONL file with text + topic and/or "
-                        "sentiment, or "
-                        "hub:twitter-financial-news-{sentiment,topic}[:split] (online); repeatable; default: shared "
-                        "and news-train")
+                        "directory like the shared one, a CSV (any separator), TSV or JSONL file with text + "
+                        "topic and/or sentiment, or hub:twitter-financial-news-{sentiment,topic}[:split] (online); "
+                        "repeatable; default: shared and news-train")
     p.add_argument("--weight", action="append", metavar="SOURCE=W",
                    help="each row of this --data source counts W times in training (e.g. a few hundred labeled "
                         "sentences of the text your streams carry: --weight my_news.csv=10); repeatable")
