@@ -360,11 +360,16 @@ def generate(seed: int = 7, start: datetime | None = None, rate: float = 20.0, c
              shock: Shock | None = Shock(), comment_share: float = 0.6,
              malformed_share: float = 0.0, max_text_chars: int = 20_000) -> Iterator[SimMessage]:
     """The simulated stream: deterministic for a given (seed, start) and the other arguments. ``count=None``
-    never ends. Message ids are unique per (seed, start)."""
+    never ends. Message ids are unique per (seed, start). Bad arguments raise here, before the first message."""
     if rate <= 0:
         raise ConfigError("simulate: --rate must be > 0")
     if not 0 <= comment_share <= 1 or not 0 <= malformed_share < 1:
         raise ConfigError("simulate: --comment-share must be in [0, 1] and --malformed-share in [0, 1)")
+    return _messages(seed, start, rate, count, shock, comment_share, malformed_share, max_text_chars)
+
+
+def _messages(seed: int, start: datetime | None, rate: float, count: int | None, shock: Shock | None,
+              comment_share: float, malformed_share: float, max_text_chars: int) -> Iterator[SimMessage]:
     rng = random.Random(seed)
     start = start or utcnow()
     truth = shock_truth(start, shock) if shock else None

@@ -3,11 +3,15 @@ with ETag/Last-Modified) and ``finpulse simulate`` (the generator and the comman
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -269,6 +273,16 @@ def test_generator_is_deterministic_paced_and_carries_the_shock():
     assert shock_bearish > 0.8 > 0.35 > normal_bearish                       # the baseline sees the shock
     assert shock_count > 2 * normal_count                                    # and its extra volume (same span)
     assert all(m.in_shock == (m.topic == "Energy | Oil" and truth.contains(m.event_time)) for m in messages)
+
+
+def test_simulate_refuses_bad_arguments_before_it_touches_kafka(tmp_path):
+    """No broker at all: the answer is about the argument, at once, not a Kafka timeout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
+    env["FINPULSE_KAFKA__BOOTSTRAP_SERVERS"] = "127.0.0.1:9"
+    for bad, message in ((["--rate", "-1"], "--rate must be > 0"), (["--comment-share", "2"], "--comment-share")):
+        done = subprocess.run([sys.executable, "-m", "stream.cli", "simulate", *bad], env=env, capture_output=True,
+                              text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 2 and message in done.stderr and "Kafka" not in done.stderr, done.stderr
 
 
 def test_simulate_command_produces_the_generated_stream(fp_settings, topics, tmp_path):
