@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 from .data import csv_separator
 from .explain import WordPush, push_pairs, read_texts, strongest
@@ -54,14 +54,18 @@ def format_of(path: str | None, given: str | None, choices: Sequence[str], defau
     return guessed if guessed in choices else default
 
 
-def read_rows(handle: IO[str], input_format: str, text_field: str, name: str) -> Iterator[Row]:
+def read_rows(handle: Iterable[str], input_format: str, text_field: str, name: str) -> Iterator[Row]:
     """Rows of an open text file, in order (``name`` says which file in errors)."""
+    lines = iter(handle)
+    first = next(lines, None)
+    # A byte-order mark (Excel's "CSV UTF-8" starts with one) is not part of the first column's name or text.
+    handle = itertools.chain([] if first is None else [first.removeprefix("\ufeff")], lines)
     if input_format == "lines":
         for line in handle:
             text = line.rstrip("\r\n")
             yield Row({"text": text}, text)
     elif input_format == "csv":
-        header = handle.readline()
+        header = next(handle, "")
         reader = csv.DictReader(itertools.chain([header], handle), delimiter=csv_separator(header),
                                 restkey="extra_values")  # a row longer than the header
         if reader.fieldnames is None:

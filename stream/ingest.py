@@ -22,6 +22,7 @@ import calendar
 import csv
 import hashlib
 import html
+import itertools
 import json
 import os
 import re
@@ -34,6 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
+
+from models.data import csv_separator
 
 from .config import ConfigError, Settings
 from .kafka_io import RecordSender
@@ -98,7 +101,7 @@ def _binary_lines(path: Path, progress) -> Iterator[bytes]:
 
 def _jsonl_records(path: Path, progress) -> Iterator[tuple[int, bytes]]:
     for line_no, line in enumerate(_binary_lines(path, progress), start=1):
-        raw = line.rstrip(b"\r\n")
+        raw = line.rstrip(b"\r\n").removeprefix(b"\xef\xbb\xbf") if line_no == 1 else line.rstrip(b"\r\n")
         if raw.strip():
             yield line_no, raw
 
@@ -122,7 +125,8 @@ def csv_row_to_json(row: dict[str, str | None]) -> bytes:
 
 def _csv_records(path: Path, progress) -> Iterator[tuple[int, bytes]]:
     text_lines = (line.decode("utf-8", "surrogateescape") for line in _binary_lines(path, progress))
-    reader = csv.DictReader(text_lines)
+    header = next(text_lines, "").removeprefix("\ufeff")  # Excel's "CSV UTF-8" starts with a byte-order mark
+    reader = csv.DictReader(itertools.chain([header], text_lines), delimiter=csv_separator(header))
     if not reader.fieldnames:
         return
     for row in reader:

@@ -64,6 +64,21 @@ def test_csv_file_with_tickers_epoch_times_multiline_text_and_bad_bytes(fp_setti
     assert got["c2"][0]["parent_id"] == "c1" and got["c2"][0]["tickers"] == ["TSLA"]
 
 
+def test_spreadsheet_exports_with_a_byte_order_mark_and_semicolons_ingest_as_plain_files(fp_settings, topics,
+                                                                                          tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark, and in much of Europe separates with semicolons."""
+    excel = tmp_path / "news.csv"
+    excel.write_bytes("\ufeffid;published_at;headline;tickers\r\n"
+                      "n1;2026-03-02T09:00:00Z;Oil slides, OPEC meets;XOM\r\n".encode())
+    marked = tmp_path / "news.jsonl"
+    marked.write_bytes("\ufeff".encode() + json.dumps({"id": "n2", "published_at": "2026-03-02T09:01:00Z",
+                                                      "headline": "Gold rises"}).encode() + b"\n")
+    assert ingest_file(fp_settings, excel, kind="news") == 0 and ingest_file(fp_settings, marked, kind="news") == 0
+    got = by_id(read_all(fp_settings, topics.news))
+    assert sorted(got) == ["n1", "n2"]
+    assert got["n1"][0]["headline"] == "Oil slides, OPEC meets" and got["n1"][0]["tickers"] == ["XOM"]
+
+
 def test_ingest_file_command(fp_settings, topics, tmp_path):
     path = tmp_path / "n.jsonl"
     path.write_text(json.dumps({"id": "x1", "published_at": 1772442000, "headline": "Gold soars"}) + "\n")

@@ -122,9 +122,9 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
     assert table[0]["words"].startswith(named) and table[0]["input_words"] == "7"
 
 
-def test_a_semicolon_csv_is_read_by_its_own_separator(model_dir, expected, tmp_path, capsys):
-    source = tmp_path / "excel.csv"
-    source.write_text("id;text\n" + "".join(f'{i};"{text}"\n' for i, text in enumerate(HEADLINES)))
+def test_a_semicolon_csv_from_a_spreadsheet_is_read_by_its_own_separator(model_dir, expected, tmp_path, capsys):
+    source = tmp_path / "excel.csv"   # with the byte-order mark Excel's "CSV UTF-8" starts with
+    source.write_text("\ufeffid;text\n" + "".join(f'{i};"{text}"\n' for i, text in enumerate(HEADLINES)))
     out = tmp_path / "scored.jsonl"
     assert score(model_dir, "--input", str(source), "--out", str(out)) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
