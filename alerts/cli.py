@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import getpass
 
+from stream.config import tcp_port
+
 SILENCE_EXAMPLES = """examples:
   finpulse silence add --match "about=Energy | Oil" --for 4h --comment "OPEC meeting: the topic and its tickers"
   finpulse silence add --match ticker=TSLA --match severity!=critical --starts 2026-12-03T21:00Z --for 2h \\
@@ -19,7 +21,7 @@ SILENCE_EXAMPLES = """examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("receiver", help="a webhook receiver that verifies Standard Webhooks signatures and stores what it gets")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; GET /received is unauthenticated)")
-    p.add_argument("--port", type=int, default=8787)
+    p.add_argument("--port", type=tcp_port, default=8787)
     p.add_argument("--store", metavar="FILE", default="var/received.jsonl", help="JSON lines of verified webhooks (default var/received.jsonl; '' keeps them in memory)")
     p.add_argument("--secret-env", default="FINPULSE_WEBHOOK_SECRET", metavar="VAR", help="env var holding the whsec_ secret(s) (default FINPULSE_WEBHOOK_SECRET)")
     p.add_argument("--tolerance", type=float, default=300.0, metavar="SECONDS", help="accepted clock skew of webhook-timestamp, either way (default 300)")
@@ -36,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("dispatch", help="deliver alerts to the [alerts] endpoints (the worker does this too when endpoints are configured)")
     p.add_argument("--group-id", help="consumer group (default [alerts] group_id, else <worker.app_id>-dispatcher)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
+    p.add_argument("--metrics-port", type=tcp_port, metavar="PORT",
                    help="serve /metrics, /healthz and /readyz on this port (default [alerts] metrics_port, 6068; 0: none)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="check each endpoint (config, secrets, address guard; the TLS handshake of https ones, through their proxy) and exit")

@@ -11,13 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from stream.config import tcp_port
+
 APP = Path(__file__).resolve().parent / "app.py"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dashboard", help="the Streamlit dashboard analysts watch (live trends, alerts, model)")
     p.add_argument("--host", help="address to listen on (default [dashboard] host, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to listen on (default [dashboard] port, 8501)")
+    p.add_argument("--port", type=tcp_port, help="port to listen on (default [dashboard] port, 8501)")
     p.add_argument("--refresh", type=float, dest="refresh_s", metavar="SECONDS", help="how often views redraw")
     p.add_argument("--retention-hours", type=float, help="how much history the dashboard keeps in memory")
     p.add_argument("--auth", choices=["auto", "none", "password", "oidc"],

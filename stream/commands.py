@@ -5,10 +5,12 @@ import argparse
 
 from models.interface import CPU_PRECISIONS
 
+from .config import tcp_port
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (tansu) and create FinPulse's topics")
-    p.add_argument("--port", type=int, help="listen on 127.0.0.1:PORT (default [kafka] embedded_port, 9092)")
+    p.add_argument("--port", type=tcp_port, help="listen on 127.0.0.1:PORT (default [kafka] embedded_port, 9092)")
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("topics", help="create every FinPulse topic that does not exist yet (any Kafka)")
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int)
     p.add_argument("--max-wait", type=float, dest="max_wait_s", metavar="SECONDS")
     p.add_argument("--data-dir", help="where the worker keeps local state")
-    p.add_argument("--web-port", type=int)
+    p.add_argument("--web-port", type=tcp_port)
     p.add_argument("--app-id", help="Kafka consumer group / Faust app id")
     p.set_defaults(func=_worker)
 
@@ -40,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", default="60s", help="poll interval, e.g. 30s, 5m (default 60s)")
     p.add_argument("--once", action="store_true", help="poll each feed once and exit")
     p.add_argument("--state", default="var/rss-state.json", help="where seen ids and ETag/Last-Modified are kept")
-    p.add_argument("--metrics-port", type=int, default=None,
+    p.add_argument("--metrics-port", type=tcp_port, default=None,
                    help="serve /metrics, /healthz and /readyz on this port while polling (default [ingest] "
                         "metrics_port, 6067; 0: none; never with --once)")
     p.set_defaults(func=_ingest_rss)
@@ -61,9 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser("demo", help="broker, worker, simulator, dashboard and webhook receiver, started and stopped together")
-    p.add_argument("--port", type=int, help="embedded broker port (default 9092)")
-    p.add_argument("--dashboard-port", type=int, default=8501)
-    p.add_argument("--receiver-port", type=int, default=8787)
+    p.add_argument("--port", type=tcp_port, help="embedded broker port (default 9092)")
+    p.add_argument("--dashboard-port", type=tcp_port, default=8501)
+    p.add_argument("--receiver-port", type=tcp_port, default=8787)
     p.add_argument("--rate", type=float, default=20.0)
     p.add_argument("--no-dashboard", action="store_true")
     p.add_argument("--no-train", action="store_true", help="do not train the quick model when none exists")

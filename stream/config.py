@@ -102,6 +102,18 @@ class Settings:
         return _redact(self.raw)
 
 
+def tcp_port(text: str) -> int:
+    """The argparse type of every port flag: a TCP port, 0-65535, said plainly (not a traceback from bind())."""
+    import argparse
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
 def load_settings(config_file: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     path = config_file or environ.get(ENV_PREFIX + "CONFIG") or (DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).exists() else None)

@@ -94,3 +94,15 @@ def test_the_example_config_documents_every_setting_with_its_default():
                 continue
             assert f.name in document[name], f"[{name}] {f.name} is missing from finpulse.example.toml"
             assert getattr(loaded, f.name) == getattr(default, f.name), f"[{name}] {f.name} differs from its default"
+
+
+@pytest.mark.parametrize("args", [["receiver", "--port", "99999"], ["dashboard", "--port", "-1"],
+                                  ["worker", "--web-port", "65536"], ["broker", "--port", "x"],
+                                  ["demo", "--receiver-port", "70000"], ["dispatch", "--metrics-port", "1e3"]])
+def test_every_port_flag_refuses_what_is_not_a_tcp_port(args, capsys):
+    """Before, a port past 65535 reached bind() and ended in an OverflowError traceback."""
+    from stream.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(args)
+    err = capsys.readouterr().err
+    assert "is not a TCP port (0-65535)" in err or "is not a port number" in err, err
