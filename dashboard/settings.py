@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stream.config import ConfigError, Settings
+from stream.config import ConfigError, Settings, check_port
 
 AUTH_MODES = ("auto", "none", "password", "oidc")
 
@@ -55,4 +55,5 @@ def dashboard_settings(settings: Settings) -> DashboardSettings:
         raise ConfigError(f"[dashboard] auth = {section.auth!r}: use one of {', '.join(AUTH_MODES)}")
     if section.refresh_s <= 0 or section.retention_hours <= 0 or section.stale_after_s <= 0:
         raise ConfigError("[dashboard] refresh_s, retention_hours and stale_after_s must be positive")
+    check_port("[dashboard] port", section.port, zero_allowed=False)
     return section

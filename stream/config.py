@@ -44,6 +44,14 @@ class KafkaSettings:
     # Where `finpulse broker` and `make demo` put the embedded broker.
     embedded_port: int = 9092
 
+    def __post_init__(self) -> None:
+        if self.partitions < 1 or self.replication_factor < 1:
+            raise ConfigError("[kafka] partitions and replication_factor must be 1 or more")
+        if not 0 < self.heartbeat_interval_s < self.session_timeout_s:
+            raise ConfigError("[kafka] heartbeat_interval_s must be above 0 and below session_timeout_s (a member "
+                              "that beats less often than its session lasts is dropped from the group)")
+        check_port("[kafka] embedded_port", self.embedded_port, zero_allowed=False)
+
 
 @dataclasses.dataclass
 class WorkerSettings:
@@ -68,6 +76,22 @@ class WorkerSettings:
     data_dir: str = "var/worker"
     web_port: int = 6066
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_wait_s <= 0 or self.max_text_chars < 1:
+            raise ConfigError("[worker] max_batch and max_text_chars must be 1 or more, and max_wait_s above 0")
+        if self.fetch_bytes_per_partition <= 0:
+            raise ConfigError("[worker] fetch_bytes_per_partition must be positive (a larger record still comes whole)")
+        if self.tokenizer_processes < -1:
+            raise ConfigError("[worker] tokenizer_processes: -1 (as measured best), 0 (none) or more")
+        check_port("[worker] web_port", self.web_port)
+
+
+def check_port(name: str, port: int, zero_allowed: bool = True) -> None:
+    """A port setting; where ``zero_allowed``, 0 turns the server off."""
+    if not (0 if zero_allowed else 1) <= port <= 65535:
+        raise ConfigError(f"{name} = {port}: not a TCP port ({'0' if zero_allowed else '1'}-65535"
+                          f"{', 0: none' if zero_allowed else ''})")
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 
 from models.data import csv_separator
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, check_port
 from .kafka_io import RecordSender
 from .metrics import counter, gauge
 from .records import InputItem, InvalidRecord, Kind, NewsItem, parse_input, utcnow
@@ -173,6 +173,9 @@ class IngestSettings:
     """``[ingest]``: what ``finpulse ingest rss`` serves while it polls."""
     metrics_port: int = 6067        # /metrics, /healthz, /readyz (0 = none); --metrics-port
     metrics_host: str = "0.0.0.0"
+
+    def __post_init__(self) -> None:
+        check_port("[ingest] metrics_port", self.metrics_port)
 
 
 RSS_POLLS = counter("finpulse_rss_polls_total", "Feed fetches by outcome: ok (new content), not_modified (304) or "

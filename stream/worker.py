@@ -33,8 +33,6 @@ def prepare_app(settings: Settings, scorer: Scorer | None = None, extensions: Se
     if worker.cpu_precision not in CPU_PRECISIONS:  # refused before anything touches Kafka
         raise ConfigError(f"[worker] cpu_precision = {worker.cpu_precision!r}: use one of "
                           f"{', '.join(CPU_PRECISIONS)}")
-    if worker.fetch_bytes_per_partition <= 0:
-        raise ConfigError("[worker] fetch_bytes_per_partition must be positive (a larger record still comes whole)")
     if scorer is None:
         try:
             scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings),

@@ -35,6 +35,32 @@ def test_bad_values_and_unknown_keys_name_the_setting(tmp_path):
         load_settings(bad, environ={})
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("KAFKA__PARTITIONS", "0", r"\[kafka\] partitions and replication_factor must be 1 or more"),
+    ("KAFKA__HEARTBEAT_INTERVAL_S", "10", r"\[kafka\] heartbeat_interval_s must be above 0 and below session"),
+    ("KAFKA__EMBEDDED_PORT", "99999", r"\[kafka\] embedded_port = 99999: not a TCP port"),
+    ("WORKER__MAX_BATCH", "0", r"\[worker\] max_batch"),
+    ("WORKER__MAX_WAIT_S", "-1", r"max_wait_s above 0"),
+    ("WORKER__WEB_PORT", "70000", r"\[worker\] web_port = 70000: not a TCP port \(0-65535, 0: none\)"),
+    ("WORKER__TOKENIZER_PROCESSES", "-2", r"\[worker\] tokenizer_processes"),
+])
+def test_numbers_that_cannot_work_are_refused_when_read_naming_the_setting(key, value, message):
+    """Before, a zero batch or an impossible port reached Faust or bind() and failed there, far from the cause."""
+    settings = load_settings(None, environ={f"FINPULSE_{key}": value})
+    with pytest.raises(ConfigError, match=message):
+        settings.kafka, settings.worker
+
+
+def test_sections_read_by_their_own_package_check_their_ports_too():
+    from dashboard.settings import dashboard_settings
+    from stream.ingest import IngestSettings
+    with pytest.raises(ConfigError, match=r"\[dashboard\] port = 99999"):
+        dashboard_settings(load_settings(None, environ={"FINPULSE_DASHBOARD__PORT": "99999"}))
+    with pytest.raises(ConfigError, match=r"\[ingest\] metrics_port = -5"):
+        load_settings(None, environ={"FINPULSE_INGEST__METRICS_PORT": "-5"}).section("ingest", IngestSettings)
+    assert dashboard_settings(load_settings(None, environ={})).port == 8501
+
+
 def test_secrets_are_redacted_but_env_var_names_are_not():
     settings = load_settings(None, environ={"FINPULSE_ALERTS__SECRET": "s3cr3t", "FINPULSE_ALERTS__SECRET_ENV": "MY_VAR"})
     shown = settings.redacted()["alerts"]
