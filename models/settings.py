@@ -19,8 +19,8 @@ class ModelSettings:
     # "" means the bundled all-MiniLM-L6-v2; any local directory or hub id of a BERT-family encoder works.
     base_model: str = ""
     device: str = "auto"
-    # Training on a CPU (models.precision): "float32" (the same run again, or interrupted and resumed, ends in
-    # the very same model); "bf16" autocast (1.5x faster with AMX, the same held-out scores, but now and then a
+    # Training on a CPU (models.precision): "float32" (the same run again ends in the very same model, and so does
+    # one interrupted and resumed on one thread; on more, now and then a few bits off); "bf16" autocast (1.5x faster with AMX, the same held-out scores, but now and then a
     # few bits off); "auto" = bf16 where the CPU has bfloat16 instructions.
     cpu_precision: str = "float32"
 
