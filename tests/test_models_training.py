@@ -861,6 +861,7 @@ TINY_ENCODERS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # DeBERTa's own code
 @pytest.mark.parametrize("model_type", list(TINY_ENCODERS))
 def test_freezing_and_layer_wise_rates_find_the_layers_of_any_encoder_family(model_type):
     """The quick recipe freezes the lower layers of whatever --base-model is: DistilBERT and ModernBERT name their
@@ -881,6 +882,7 @@ def test_freezing_and_layer_wise_rates_find_the_layers_of_any_encoder_family(mod
     assert trained == {name for name, depth in depths.items() if depth <= 1}
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # DeBERTa's own code
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert", "electra", "deberta-v2"])
 def test_readable_tokens_is_the_longest_sequence_the_encoder_takes(model_type):
     """Found from the encoder's config and embeddings; checked here by running it at that length and one more."""
