@@ -28,9 +28,9 @@ def base_version(model_version: str) -> str:
     return model_version.removesuffix(INT8_SUFFIX)
 
 
-
 class ModelError(RuntimeError):
     """A base model, saved model or device that cannot be used; the message says why and what to do."""
+
 
 @dataclass(frozen=True)
 class Prediction:
