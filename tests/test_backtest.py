@@ -216,6 +216,28 @@ def test_epoch_times_in_the_csv_files_read_as_their_iso_equivalents(known_run, t
         assert reports["epoch"][section] == reports["iso"][section]
 
 
+def test_events_and_prices_from_a_european_spreadsheet_read_as_the_comma_files(known_run, tmp_path):
+    """Semicolons between fields, a comma in the prices' decimals, the byte-order mark of Excel's "CSV UTF-8"."""
+    def as_excel(name: str) -> Path:
+        frame = pd.read_csv(tmp_path / name, dtype=str)
+        if "price" in frame:
+            frame["price"] = frame["price"].str.replace(".", ",", regex=False)
+        out = tmp_path / f"excel_{name}"
+        out.write_bytes(b"\xef\xbb\xbf" + frame.to_csv(index=False, sep=";").encode())
+        return out
+
+    events, prices = as_excel("events.csv"), as_excel("prices.csv")
+    assert ";" in events.read_text(encoding="utf-8-sig") and "," in prices.read_text().split("\n")[1]
+    reports = {}
+    for kind, files in (("comma", (tmp_path / "events.csv", tmp_path / "prices.csv")), ("excel", (events, prices))):
+        code, out, err = finpulse("backtest", "--run-id", "known", "--parquet", str(known_run), "--out",
+                                  str(tmp_path / kind), "--events", str(files[0]), "--prices", str(files[1]))
+        assert code == 0, out + err
+        reports[kind] = json.loads((tmp_path / kind / "report.json").read_text())
+    for section in ("alert_quality", "event_study"):
+        assert reports["excel"][section] == reports["comma"][section]
+
+
 def test_bad_backtest_inputs_fail_clearly_and_write_nothing(known_run, tmp_path):
     (tmp_path / "no_end.csv").write_text("key,start\nAAPL,2026-03-02T10:00:00Z\n")
     (tmp_path / "bad_time.csv").write_text("key,start,end\nAAPL,soon,2026-03-02T10:00:00Z\n")

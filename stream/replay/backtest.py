@@ -36,6 +36,7 @@ from typing import Any
 
 import pandas as pd
 
+from models.data import csv_separator
 from stream.aggregate import parse_duration_s
 from stream.config import Settings
 from stream.records import SEVERITIES, InvalidRecord, epoch_ms, severity_rank
@@ -62,14 +63,18 @@ def _read_csv(path: str, columns: tuple[str, ...], what: str) -> pd.DataFrame:
     if not file.is_file():
         raise ReplayError(f"{what} file {file} does not exist")
     try:
-        frame = pd.read_csv(file, dtype=str, keep_default_na=False)
+        with open(file, encoding="utf-8-sig", errors="replace") as handle:
+            separator = csv_separator(handle.readline())    # a spreadsheet's semicolons, say
+        frame = pd.read_csv(file, sep=separator, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ReplayError(f"{what} file {file} is not readable CSV: {exc}") from None
     frame.columns = [c.strip().lower() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ReplayError(f"{what} file {file} needs columns {', '.join(columns)}; missing {', '.join(missing)}")
-    return frame[list(columns)]
+    chosen = frame[list(columns)].copy()
+    chosen.attrs["separator"] = separator
+    return chosen
 
 
 def _times(frame: pd.DataFrame, column: str, file: str) -> pd.Series:
@@ -93,7 +98,10 @@ def load_events(path: str) -> pd.DataFrame:
 
 def load_prices(path: str) -> pd.DataFrame:
     frame = _read_csv(path, ("ticker", "timestamp", "price"), "prices")
-    prices = pd.to_numeric(frame["price"], errors="coerce")
+    written = frame["price"].str.strip()
+    if frame.attrs["separator"] == ";":  # where lists take semicolons, decimals take commas: 101,5
+        written = written.str.replace(r"^(\d+),(\d+)$", r"\1.\2", regex=True)
+    prices = pd.to_numeric(written, errors="coerce")
     bad = frame.index[~(prices > 0)]
     if len(bad):
         raise ReplayError(f"{path} line {bad[0] + 2}: price {frame['price'][bad[0]]!r} is not a positive number")
