@@ -216,8 +216,7 @@ def run_silence(args, settings) -> int:
     from stream.topics import TopicNames, ensure_topics
 
     names = TopicNames(settings.kafka.topic_prefix)
-    ensure_topics(settings.kafka, [names.silences], names.compacted())
-    if args.silence_action == "add":
+    if args.silence_action == "add":   # a bad matcher or time is told before anything connects to Kafka
         try:
             starts = parse_time(args.starts, "--starts") if args.starts else utcnow()
             ends = (parse_time(args.until, "--until") if args.until
@@ -225,10 +224,12 @@ def run_silence(args, settings) -> int:
         except (InvalidRecord, ValueError) as exc:
             raise ConfigError(str(exc)) from None
         silence = new_silence(args.match, starts, ends, args.author or "", args.comment)
+        ensure_topics(settings.kafka, [names.silences], names.compacted())
         asyncio.run(write_silence(settings.kafka, names.silences, silence))
         print(silence.id)
         print(f"  {_describe(silence, utcnow())}")
         return 0
+    ensure_topics(settings.kafka, [names.silences], names.compacted())
     known = asyncio.run(read_silences(settings.kafka, names.silences))
     now = utcnow()
     if args.silence_action == "expire":

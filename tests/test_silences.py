@@ -289,3 +289,16 @@ def test_a_silence_added_during_an_incident_stops_what_is_still_on_its_way(fp_se
     assert reopened.unsilenced_at is not None
     assert [(i["path"], i["webhook_id"]) for i in receiver.items] == [("/risk", webhook_id(delivery_key("rt2:firing", "risk")))]
     assert attempts_at(receiver, "/desk") == 0
+
+
+@pytest.mark.parametrize("bad, message", [(["--match", "x", "--for", "2h"], "matcher 'x': write NAME=VALUE"),
+                                          (["--match", "ticker=TSLA", "--for", "forever"], "'forever' is not a duration")])
+def test_a_silence_that_cannot_be_made_is_refused_before_anything_connects_to_kafka(bad, message):
+    """No broker at all: the answer is about the silence, at once, not a Kafka timeout 30 seconds later."""
+    import os
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
+    env["FINPULSE_KAFKA__BOOTSTRAP_SERVERS"] = "127.0.0.1:9"
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "silence", "add", *bad, "--comment", "c"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and message in done.stderr and "Kafka" not in done.stderr, done.stderr
