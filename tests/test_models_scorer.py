@@ -307,12 +307,15 @@ def test_the_worker_refuses_an_unknown_cpu_precision_before_it_touches_kafka(tin
     ({"FINPULSE_WORKER__DEVICE": "gpu"}, "device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
     ({"FINPULSE_WORKER__MODEL_DIR": "/nonexistent/model"}, "model directory /nonexistent/model does not exist"),
 ])
-def test_the_worker_refuses_a_model_or_device_it_cannot_use_in_one_line_before_it_touches_kafka(setting, message):
+def test_the_worker_refuses_a_model_or_device_it_cannot_use_in_one_line_before_it_touches_kafka(tiny_model_dir,
+                                                                                               setting, message):
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
-    env.update(FINPULSE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:9", FINPULSE_WORKER__SCORER="model", **setting)
+    env.update(FINPULSE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:9", FINPULSE_WORKER__SCORER="model",
+               FINPULSE_WORKER__MODEL_DIR=str(tiny_model_dir))   # a model there is: the device is what fails
+    env.update(setting)
     done = subprocess.run([sys.executable, "-m", "stream.cli", "worker"], cwd=Path(__file__).resolve().parents[1],
                           env=env, capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr
