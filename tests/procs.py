@@ -210,6 +210,15 @@ def start_worker(settings: Settings, log_dir: str | os.PathLike, name: str = "wo
 
 # ---------------------------------------------------------------- reading topics
 
+def run_without_broker(*args: str, timeout: float = 120.0, **settings: str) -> subprocess.CompletedProcess:
+    """``finpulse ARGS...`` with no broker anywhere (Kafka at 127.0.0.1:9) and no ``FINPULSE_*`` settings but
+    ``settings`` (``FINPULSE_WORKER__DEVICE="cuda"``, say): for what must be refused before anything connects."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
+    env.update(FINPULSE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:9", **settings)
+    return subprocess.run([sys.executable, "-m", "stream.cli", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def read_all(settings: Settings, topic: str, timeout: float = 60.0) -> list[ConsumedRecord]:
     """Every record now in ``topic`` (to the fetch high watermark), in partition/offset order."""
     return read_topic(settings.kafka.bootstrap_servers, topic, timeout)

@@ -195,6 +195,14 @@ def test_events_of_the_warm_up_are_left_out_of_recall(known_run, tmp_path):
     assert "warm-up from 2026-03-01T23:00:00.000Z (--warmup 1h): 40 messages read" in html
 
 
+def backtest_report(known_run: Path, out: Path, events: Path, prices: Path) -> dict:
+    """``finpulse backtest`` of the known run against these files: its report.json."""
+    code, printed, err = finpulse("backtest", "--run-id", "known", "--parquet", str(known_run), "--out", str(out),
+                                  "--events", str(events), "--prices", str(prices))
+    assert code == 0, printed + err
+    return json.loads((out / "report.json").read_text())
+
+
 def test_epoch_times_in_the_csv_files_read_as_their_iso_equivalents(known_run, tmp_path):
     """Events in epoch seconds and prices in epoch milliseconds, as the docs offer (before: "is not ISO-8601")."""
     def to_epoch(name: str, columns: tuple[str, ...], scale: int) -> Path:
@@ -205,12 +213,9 @@ def test_epoch_times_in_the_csv_files_read_as_their_iso_equivalents(known_run, t
         return tmp_path / f"epoch_{name}"
 
     events, prices = to_epoch("events.csv", ("start", "end"), 1), to_epoch("prices.csv", ("timestamp",), 1000)
-    reports = {}
-    for kind, files in (("iso", (tmp_path / "events.csv", tmp_path / "prices.csv")), ("epoch", (events, prices))):
-        code, out, err = finpulse("backtest", "--run-id", "known", "--parquet", str(known_run), "--out",
-                                  str(tmp_path / kind), "--events", str(files[0]), "--prices", str(files[1]))
-        assert code == 0, out + err
-        reports[kind] = json.loads((tmp_path / kind / "report.json").read_text())
+    plain = (tmp_path / "events.csv", tmp_path / "prices.csv")
+    reports = {"iso": backtest_report(known_run, tmp_path / "iso", *plain),
+               "epoch": backtest_report(known_run, tmp_path / "epoch", events, prices)}
     assert "AAPL,1772447400," in events.read_text() and "AAPL,1772445600000," in prices.read_text()   # 10:30, 10:00
     for section in ("alert_quality", "event_study"):
         assert reports["epoch"][section] == reports["iso"][section]
@@ -228,12 +233,9 @@ def test_events_and_prices_from_a_european_spreadsheet_read_as_the_comma_files(k
 
     events, prices = as_excel("events.csv"), as_excel("prices.csv")
     assert ";" in events.read_text(encoding="utf-8-sig") and "," in prices.read_text().split("\n")[1]
-    reports = {}
-    for kind, files in (("comma", (tmp_path / "events.csv", tmp_path / "prices.csv")), ("excel", (events, prices))):
-        code, out, err = finpulse("backtest", "--run-id", "known", "--parquet", str(known_run), "--out",
-                                  str(tmp_path / kind), "--events", str(files[0]), "--prices", str(files[1]))
-        assert code == 0, out + err
-        reports[kind] = json.loads((tmp_path / kind / "report.json").read_text())
+    plain = (tmp_path / "events.csv", tmp_path / "prices.csv")
+    reports = {"comma": backtest_report(known_run, tmp_path / "comma", *plain),
+               "excel": backtest_report(known_run, tmp_path / "excel", events, prices)}
     for section in ("alert_quality", "event_study"):
         assert reports["excel"][section] == reports["comma"][section]
 

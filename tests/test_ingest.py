@@ -3,15 +3,11 @@ with ETag/Last-Modified) and ``finpulse simulate`` (the generator and the comman
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +15,7 @@ from models.baseline import KeywordBaselineScorer
 from stream.ingest import ingest_file, ingest_rss
 from stream.records import epoch_ms, parse_input
 from stream.simulate import COMMENTS, HEADLINES, WORLD, Shock, generate, shock_truth
-from tests.procs import read_all, run_finpulse
+from tests.procs import read_all, run_finpulse, run_without_broker
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 
@@ -292,11 +288,8 @@ def test_generator_is_deterministic_paced_and_carries_the_shock():
 
 def test_simulate_refuses_bad_arguments_before_it_touches_kafka(tmp_path):
     """No broker at all: the answer is about the argument, at once, not a Kafka timeout."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
-    env["FINPULSE_KAFKA__BOOTSTRAP_SERVERS"] = "127.0.0.1:9"
     for bad, message in ((["--rate", "-1"], "--rate must be > 0"), (["--comment-share", "2"], "--comment-share")):
-        done = subprocess.run([sys.executable, "-m", "stream.cli", "simulate", *bad], env=env, capture_output=True,
-                              text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+        done = run_without_broker("simulate", *bad, timeout=60)
         assert done.returncode == 2 and message in done.stderr and "Kafka" not in done.stderr, done.stderr
 
 

@@ -22,7 +22,7 @@ from models.scorer import BatchScorer
 from models.tokenizer_pool import PieceTokenizer, native_ids
 from tests.models_fixtures import (make_model_copy, make_tiny_base, save_tiny_model, tiny_set, write_shared_layout,
                                    write_tiny_csv)
-from tests.procs import orphans_left
+from tests.procs import orphans_left, run_without_broker
 
 TEXTS = [
     "$ACME shares soar to a record after strong results https://t.co/xyz",
@@ -286,13 +286,7 @@ def test_the_worker_refuses_an_unknown_cpu_precision_before_it_touches_kafka(tin
     setting (exit 2), not a Kafka error; int8 with device "auto" means the CPU; "auto" is bf16 only where the CPU
     has bfloat16 instructions."""
     from models.precision import native_bf16
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
-    env.update(FINPULSE_WORKER__CPU_PRECISION="int4", FINPULSE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:9")
-    done = subprocess.run([sys.executable, "-m", "stream.cli", "worker", "--model", str(tiny_model_dir)],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120)
+    done = run_without_broker("worker", "--model", str(tiny_model_dir), FINPULSE_WORKER__CPU_PRECISION="int4")
     output = done.stdout + done.stderr
     assert done.returncode == 2 and "configuration error: [worker] cpu_precision = 'int4'" in output, output
     scorer = load_scorer("model", str(tiny_model_dir), device="auto", cpu_precision="int8")
@@ -309,15 +303,9 @@ def test_the_worker_refuses_an_unknown_cpu_precision_before_it_touches_kafka(tin
 ])
 def test_the_worker_refuses_a_model_or_device_it_cannot_use_in_one_line_before_it_touches_kafka(tiny_model_dir,
                                                                                                setting, message):
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINPULSE_")}
-    env.update(FINPULSE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:9", FINPULSE_WORKER__SCORER="model",
-               FINPULSE_WORKER__MODEL_DIR=str(tiny_model_dir))   # a model there is: the device is what fails
-    env.update(setting)
-    done = subprocess.run([sys.executable, "-m", "stream.cli", "worker"], cwd=Path(__file__).resolve().parents[1],
-                          env=env, capture_output=True, text=True, timeout=120)
+    # A model there is: the device is what fails (where the setting names none).
+    done = run_without_broker("worker", **{"FINPULSE_WORKER__SCORER": "model",
+                                           "FINPULSE_WORKER__MODEL_DIR": str(tiny_model_dir), **setting})
     output = done.stdout + done.stderr
     assert done.returncode == 2 and f"configuration error: {message}" in output, output
     assert "Traceback" not in output and "Kafka" not in output
