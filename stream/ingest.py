@@ -94,6 +94,12 @@ def _detect_format(path: Path, fmt: str) -> str:
 
 def _binary_lines(path: Path, progress) -> Iterator[bytes]:
     with open(path, "rb") as f:
+        first = f.readline()
+        if not first:
+            return
+        progress.update(len(first))
+        # Excel's "CSV UTF-8" starts with a byte-order mark: not part of the first column's name, nor of any JSON.
+        yield first.removeprefix(b"\xef\xbb\xbf")
         for line in f:
             progress.update(len(line))
             yield line
@@ -101,7 +107,7 @@ def _binary_lines(path: Path, progress) -> Iterator[bytes]:
 
 def _jsonl_records(path: Path, progress) -> Iterator[tuple[int, bytes]]:
     for line_no, line in enumerate(_binary_lines(path, progress), start=1):
-        raw = line.rstrip(b"\r\n").removeprefix(b"\xef\xbb\xbf") if line_no == 1 else line.rstrip(b"\r\n")
+        raw = line.rstrip(b"\r\n")
         if raw.strip():
             yield line_no, raw
 
@@ -125,7 +131,7 @@ def csv_row_to_json(row: dict[str, str | None]) -> bytes:
 
 def _csv_records(path: Path, progress) -> Iterator[tuple[int, bytes]]:
     text_lines = (line.decode("utf-8", "surrogateescape") for line in _binary_lines(path, progress))
-    header = next(text_lines, "").removeprefix("\ufeff")  # Excel's "CSV UTF-8" starts with a byte-order mark
+    header = next(text_lines, "")
     reader = csv.DictReader(itertools.chain([header], text_lines), delimiter=csv_separator(header))
     if not reader.fieldnames:
         return
