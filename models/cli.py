@@ -175,7 +175,7 @@ def _train(args, settings) -> int:
     from .modeling import ModelError, resolve_base_model
     from .card import print_outcome
     from .precision import resolve_cpu_precision
-    from .recipes import RefitError, load_refit, run_recipe, with_cpu_precision
+    from .recipes import RefitError, TrainingInterrupted, load_refit, run_recipe, with_cpu_precision
     from .registry import find_model_dir
     from .scorer import pick_device
     from .teachers import TeacherProcessDied
@@ -211,9 +211,11 @@ def _train(args, settings) -> int:
     except (DataError, ModelError, RefitError, TeacherProcessDied) as exc:
         print(f"finpulse train: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"\nfinpulse train: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("\nfinpulse train: interrupted. Every stage's last complete epoch is kept: run the same command again "
-              "with --resume to go on from there", file=sys.stderr)
+        print("\nfinpulse train: interrupted", file=sys.stderr)
         return 130
     print_outcome(outcome, recipe)
     return 0

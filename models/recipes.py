@@ -255,15 +255,18 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     print(f"data: {len(train)} training rows {train.summary()}{weighted}, {held_out} (device "
           f"{describe(device, recipe.fit.cpu_precision)}, run state in {run_dir})", flush=True)
 
-    text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)
-    if recipe.teachers:
-        rows = {"train": train_rows, "val": val_rows, "test": test_rows}
-        model, stages, baselines = _distill(recipe, base_model, text_encoder, data, rows, device, run_dir,
-                                            time_budget, refit)
-    else:
-        model, stages = _fit_one(recipe, base_model, text_encoder, train, None if refit else val, device, run_dir,
-                                 time_budget, refit)
-        baselines = {}
+    try:
+        text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)
+        if recipe.teachers:
+            rows = {"train": train_rows, "val": val_rows, "test": test_rows}
+            model, stages, baselines = _distill(recipe, base_model, text_encoder, data, rows, device, run_dir,
+                                                time_budget, refit)
+        else:
+            model, stages = _fit_one(recipe, base_model, text_encoder, train, None if refit else val, device,
+                                     run_dir, time_budget, refit)
+            baselines = {}
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(run_dir) from None
     scorer = BatchScorer(model, text_encoder, "candidate", device=device)
     probe = load_data([NEWS_PROBE], data_dir)
     if refit:
@@ -332,6 +335,41 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
 
 
 FINISHED = "finished.json"  # in a run directory: the run saved its model, which this names
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C while training: says what the run directory keeps for ``--resume``, which may be nothing."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.kept = kept_progress(run_dir)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if not self.kept:
+            return (f"interrupted before any stage finished an epoch, so {self.run_dir} keeps nothing to resume from: "
+                    "the same command starts over")
+        return (f"interrupted. {self.run_dir} keeps {', '.join(self.kept)}: run the same command again with --resume "
+                "to go on from there")
+
+
+def kept_progress(run_dir: Path) -> list[str]:
+    """Each stage's progress a resume goes on from, in the order the stages run: done, or its last complete epoch."""
+    if not run_dir.is_dir():
+        return []
+    pretrained = (run_dir / "dapt" / "config.json").is_file()  # as _distill tells that domain pretraining is done
+    kept = ["domain pretraining finished"] if pretrained else []
+    for stage_dir in sorted((p for p in run_dir.iterdir() if p.is_dir()), key=lambda p: (p.name == "student", p.name)):
+        if stage_dir.name == "dapt" or stage_dir.name == "mlm" and pretrained:
+            continue
+        name = {"mlm": "domain pretraining", "fit": "training"}.get(stage_dir.name, stage_dir.name.replace("-", " "))
+        state_file = next((f for f in (stage_dir / "state.json", stage_dir / "checkpoint" / "state.json")
+                           if f.is_file()), None)
+        if (stage_dir / "result.json").is_file():
+            kept.append(f"{name} finished")
+        elif state_file:
+            kept.append(f"{name} after epoch {json.loads(state_file.read_text())['epoch']}")
+    return kept
 
 
 def end_run(run_dir: Path, outcome: TrainOutcome, keep_state: bool) -> None:
