@@ -157,10 +157,8 @@ def test_a_run_resumes_under_another_time_allowance(tiny_base, tmp_path, caplog)
 
 
 # For the runs compared bit for bit: one CPU thread. A float32 run on several threads ended a few bits off now and
-# then on a loaded machine (the MLM resume test: once in five CI runs, 1 in 4 under two busy loops), before each
-# epoch's checkpoint had a directory of its own; since then (2026-12-06) 21 resumes on two threads under two busy loops
-# were all exact, so the misses were likely kills between a checkpoint's files. One thread stays: the tests check that
-# a resume restores every bit of the state, not how torch splits its sums between threads.
+# then on a loaded machine (the MLM resume test: once in five CI runs, 1 in 4 under two busy loops); the tests check
+# that a resume restores every bit of the state, not how torch splits its sums between threads.
 BIT_EXACT_ENV = {**CLI_ENV, "OMP_NUM_THREADS": "1"}
 
 
