@@ -204,9 +204,18 @@ def _read_json_lines(path: Path):
     return pd.DataFrame.from_records(records), line_numbers
 
 
-def _bad_rows(source: str, problems: list[str]) -> DataError:
+def _bad_rows(source: str, problems: list[str], hint: str = "") -> DataError:
     shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
-    return DataError(f"{source}: {len(problems)} bad row(s), nothing loaded: {shown}")
+    return DataError(f"{source}: {len(problems)} bad row(s), nothing loaded: {shown}{hint}")
+
+
+class LabelIdOutOfRange(ValueError):
+    """A label given as a number that is not one of the public sets' ids."""
+
+
+# Said once per file: a -1/0/1 sentiment scale fails on -1 but would read 0 as bearish, so the names are the way.
+LABEL_ID_HINT = (". Label ids are the public sets' (sentiment 0 bearish, 1 bullish, 2 neutral; topic 0-19): for "
+                 "another scale, such as -1/0/1, write the names (bearish, neutral, bullish)")
 
 
 # A public set's files as published (text,label; sent_train.csv, sent_valid.csv, topic_valid.csv, ...) say which
@@ -231,6 +240,7 @@ def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None) -
         raise DataError(f"{source}: needs a 'topic' and/or a 'sentiment' column")
     labels = {h: np.full(len(frame), MISSING, dtype=np.int64) for h in ("topic", "sentiment")}
     problems: list[str] = []
+    hint = ""
     texts = []
     for row, record in enumerate(frame.to_dict("records")):
         line = line_numbers[row] if line_numbers is not None else row + 2
@@ -243,11 +253,12 @@ def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None) -
                 labels[head][row] = parse_label(head, record[head])
             except ValueError as exc:
                 row_problems.append(str(exc))
+                hint = LABEL_ID_HINT if isinstance(exc, LabelIdOutOfRange) else hint
         if not row_problems and all(labels[h][row] == MISSING for h in heads):
             row_problems.append(f"no {' or '.join(heads)} label")
         problems += [f"row {line}: {p}" for p in row_problems]
     if problems:
-        raise _bad_rows(source, problems)
+        raise _bad_rows(source, problems, hint)
     return LabeledSet(texts, labels["topic"], labels["sentiment"], [source])
 
 
@@ -279,7 +290,7 @@ def parse_label(head: str, value) -> int:
             return number
         if head == "sentiment" and 0 <= number < len(SENTIMENTS_BY_DATASET_ID):
             return SENTIMENTS.index(SENTIMENTS_BY_DATASET_ID[number])
-        raise ValueError(f"{head} id {number} out of range")
+        raise LabelIdOutOfRange(f"{head} id {number} out of range")
     index = LABEL_INDEX[head].get(text.lower())
     if index is None:
         raise ValueError(f"unknown {head} {text!r}")

@@ -396,6 +396,14 @@ def test_user_files_accept_names_and_ids_and_reject_bad_rows(tmp_path):
     message = str(err.value)
     assert "4 bad row(s)" in message and "row 2: empty text" in message and "unknown topic 'Weather'" in message
     assert "topic id 25 out of range" in message and "row 5: no topic label" in message
+    assert message.count("Label ids are the public sets'") == 1
+    # A -1/0/1 sentiment scale fails on -1 (0 alone would read as bearish): the error says to write the names, once.
+    scale = tmp_path / "scale.csv"
+    scale.write_text("text,sentiment\nShares sink,-1\nFed meets,0\nStocks soar,1\nBanks slide,-1\n")
+    with pytest.raises(DataError, match=r"2 bad row\(s\), nothing loaded: row 2: sentiment id -1 out of range; "
+                       r"row 5: sentiment id -1 out of range\. Label ids are the public sets' \(sentiment 0 bearish, "
+                       r"1 bullish, 2 neutral; topic 0-19\): for another scale, such as -1/0/1, write the names"):
+        load_file(scale)
     with pytest.raises(DataError, match="needs a 'topic' and/or a 'sentiment' column"):
         (tmp_path / "x.csv").write_text("text,score\nhi,1\n")
         load_file(tmp_path / "x.csv")
