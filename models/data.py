@@ -169,9 +169,22 @@ def load_file(path: Path) -> LabeledSet:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path} cannot be parsed: {exc}") from None
+    given = list(frame.columns)
+    frame = frame.rename(columns=_known_columns(frame.columns))
     if "label" in frame.columns and not {"topic", "sentiment"} & set(frame.columns):
         frame = frame.rename(columns={"label": _label_column_head(path)})
-    return _from_frame(frame, str(path), line_numbers)
+    return _from_frame(frame, str(path), line_numbers, given)
+
+
+KNOWN_COLUMNS = ("text", "topic", "sentiment", "label")
+
+
+def _known_columns(columns) -> dict[str, str]:
+    """Spreadsheets title their columns ("Text", "Sentiment ") : the known names in any case, spaces around them
+    ignored, unless the exact name is there too."""
+    present = set(columns)
+    return {column: name for column in columns
+            if (name := str(column).strip().lower()) in KNOWN_COLUMNS and name != column and name not in present}
 
 
 def csv_separator(header: str) -> str:
@@ -231,10 +244,13 @@ def _label_column_head(path: Path) -> str:
                     "the public sets' ids: sentiment 0 bearish / 1 bullish / 2 neutral, topic 0-19)")
 
 
-def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None) -> LabeledSet:
-    """``line_numbers``: each row's line in its file, for the errors (default: a CSV's, after its header)."""
+def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None,
+                given_columns: Sequence[str] | None = None) -> LabeledSet:
+    """``line_numbers``: each row's line in its file, for the errors (default: a CSV's, after its header);
+    ``given_columns``: the file's own column names, where the frame's were renamed."""
     if "text" not in frame.columns:
-        raise DataError(f"{source}: no 'text' column (columns: {', '.join(map(str, frame.columns))})")
+        given = ", ".join(map(str, frame.columns if given_columns is None else given_columns))
+        raise DataError(f"{source}: no 'text' column (columns: {given}): name the column that holds the texts 'text'")
     heads = [h for h in ("topic", "sentiment") if h in frame.columns]
     if not heads:
         raise DataError(f"{source}: needs a 'topic' and/or a 'sentiment' column")

@@ -144,6 +144,18 @@ def test_a_file_is_scored_in_chunks_to_the_same_result(model_dir, tmp_path, caps
     assert [json.loads(line)["text"] for line in chunked.splitlines()] == source.read_text().splitlines()
 
 
+def test_a_spreadsheets_titled_text_column_is_the_one_scored(model_dir, expected, tmp_path, capsys):
+    """Spreadsheets title their columns: "Text " holds the texts when no column is named text exactly."""
+    source = tmp_path / "sheet.csv"
+    source.write_text(f"Text ,Sentiment\n{HEADLINES[0]},bearish\n")
+    assert score(model_dir, "--input", str(source), "--format", "table") == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert row.endswith(HEADLINES[0]) and expected[1][HEADLINES[0]].topic in row
+    assert score(model_dir, "--input", str(source)) == 0
+    [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["Text "] == HEADLINES[0] and record["topic"] == expected[1][HEADLINES[0]].topic
+
+
 def test_a_file_that_cannot_be_read_is_refused_and_leaves_no_output(model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "scored.jsonl"
     no_text = tmp_path / "labels.csv"

@@ -429,6 +429,20 @@ def test_user_files_from_spreadsheets_load_whatever_separator_they_use(tmp_path)
         assert list(loaded.topic) == list(reference.topic) and list(loaded.sentiment) == list(reference.sentiment)
 
 
+def test_a_spreadsheets_titled_columns_load_and_a_missing_text_column_names_the_files_own(tmp_path):
+    titled = tmp_path / "titled.csv"
+    titled.write_text("Text,Topic , SENTIMENT\nOil slides,Energy | Oil,bearish\nFed holds,Macro,\n")
+    loaded = load_file(titled)
+    assert list(loaded.texts) == ["Oil slides", "Fed holds"]
+    assert [TOPICS[i] for i in loaded.topic] == ["Energy | Oil", "Macro"]
+    assert list(loaded.sentiment) == [SENTIMENTS.index("bearish"), MISSING]
+    kaggle = tmp_path / "kaggle.csv"
+    kaggle.write_text("Sentence,Sentiment\nOil slides,negative\n")
+    with pytest.raises(DataError, match=r"no 'text' column \(columns: Sentence, Sentiment\): name the column that "
+                       r"holds the texts 'text'"):
+        load_file(kaggle)
+
+
 def test_the_public_sets_files_load_as_published_and_a_bare_label_column_is_refused(tmp_path):
     """The public validation splits come as text,label files: their name says the head, as the sets name them."""
     published = tmp_path / "published"
