@@ -41,7 +41,7 @@ from models.data import csv_separator
 from .config import ConfigError, Settings, check_port
 from .kafka_io import RecordSender
 from .metrics import counter, gauge
-from .records import InputItem, InvalidRecord, Kind, NewsItem, parse_input, utcnow
+from .records import INPUT_FIELDS, InputItem, InvalidRecord, Kind, NewsItem, parse_input, utcnow
 from .topics import TopicNames, ensure_topics
 
 KINDS: dict[str, Kind] = {"news": "news", "comments": "comment", "comment": "comment"}
@@ -120,6 +120,7 @@ def csv_row_to_json(row: dict[str, str | None]) -> bytes:
         if name is None or value is None or not value.strip():
             continue
         name = name.strip()
+        name = name.lower() if name.lower() in INPUT_FIELDS else name  # "ID", "Headline" as a spreadsheet titles them
         if name == "tickers":
             data[name] = [t for t in _TICKER_SPLIT.split(value) if t]
         elif name in ("published_at", "created_at") and _NUMBER.match(value.strip()):

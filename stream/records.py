@@ -199,6 +199,7 @@ _COMMENT_FIELDS = {
     "text": (True, (str,)), "author": (False, (str, type(None))), "parent_id": (False, (str, int, type(None))),
     "tickers": (False, (list, type(None))),
 }
+INPUT_FIELDS = frozenset(_NEWS_FIELDS) | frozenset(_COMMENT_FIELDS)  # every name an input message's fields may have
 
 
 def _encodable(text: str) -> bool:

@@ -62,9 +62,10 @@ def test_csv_file_with_tickers_epoch_times_multiline_text_and_bad_bytes(fp_setti
 
 def test_spreadsheet_exports_with_a_byte_order_mark_and_semicolons_ingest_as_plain_files(fp_settings, topics,
                                                                                           tmp_path):
-    """Excel's "CSV UTF-8" starts with a byte-order mark, and in much of Europe separates with semicolons."""
+    """Excel's "CSV UTF-8" starts with a byte-order mark, in much of Europe separates with semicolons, and a
+    spreadsheet titles its columns."""
     excel = tmp_path / "news.csv"
-    excel.write_bytes("\ufeffid;published_at;headline;tickers\r\n"
+    excel.write_bytes("\ufeffID;Published_At;Headline;Tickers\r\n"
                       "n1;2026-03-02T09:00:00Z;Oil slides, OPEC meets;XOM\r\n".encode())
     marked = tmp_path / "news.jsonl"
     marked.write_bytes("\ufeff".encode() + json.dumps({"id": "n2", "published_at": "2026-03-02T09:01:00Z",
