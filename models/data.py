@@ -180,7 +180,7 @@ KNOWN_COLUMNS = ("text", "topic", "sentiment", "label")
 
 
 def _known_columns(columns) -> dict[str, str]:
-    """Spreadsheets title their columns ("Text", "Sentiment ") : the known names in any case, spaces around them
+    """Spreadsheets title their columns ("Text", "Sentiment "): the known names in any case, spaces around them
     ignored, unless the exact name is there too."""
     present = set(columns)
     return {column: name for column in columns
