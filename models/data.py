@@ -164,7 +164,8 @@ def load_file(path: Path) -> LabeledSet:
         elif suffix in (".jsonl", ".ndjson"):
             frame, line_numbers = _read_json_lines(path)
         else:
-            raise DataError(f"{path}: use a .csv, .tsv or .jsonl file")
+            sheet = " (from a spreadsheet: save it as CSV)" if suffix in (".xlsx", ".xls", ".ods") else ""
+            raise DataError(f"{path}: use a .csv, .tsv, .json or .jsonl file{sheet}")
     except ValueError as exc:
         if isinstance(exc, DataError):
             raise

@@ -429,13 +429,17 @@ def test_user_files_from_spreadsheets_load_whatever_separator_they_use(tmp_path)
         assert list(loaded.topic) == list(reference.topic) and list(loaded.sentiment) == list(reference.sentiment)
 
 
-def test_a_spreadsheets_titled_columns_load_and_a_missing_text_column_names_the_files_own(tmp_path):
+def test_a_spreadsheets_files_load_by_titled_columns_and_say_what_to_change_when_they_cannot(tmp_path):
     titled = tmp_path / "titled.csv"
     titled.write_text("Text,Topic , SENTIMENT\nOil slides,Energy | Oil,bearish\nFed holds,Macro,\n")
     loaded = load_file(titled)
     assert list(loaded.texts) == ["Oil slides", "Fed holds"]
     assert [TOPICS[i] for i in loaded.topic] == ["Energy | Oil", "Macro"]
     assert list(loaded.sentiment) == [SENTIMENTS.index("bearish"), MISSING]
+    (tmp_path / "sheet.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataError, match=r"use a .csv, .tsv, .json or .jsonl file \(from a spreadsheet: save it as "
+                       r"CSV\)"):
+        load_file(tmp_path / "sheet.xlsx")
     kaggle = tmp_path / "kaggle.csv"
     kaggle.write_text("Sentence,Sentiment\nOil slides,negative\n")
     with pytest.raises(DataError, match=r"no 'text' column \(columns: Sentence, Sentiment\): name the column that "
