@@ -164,7 +164,7 @@ def load_file(path: Path) -> LabeledSet:
         elif suffix in (".jsonl", ".ndjson"):
             frame, line_numbers = _read_json_lines(path)
         else:
-            sheet = " (from a spreadsheet: save it as CSV)" if suffix in (".xlsx", ".xls", ".ods") else ""
+            sheet = " (from a spreadsheet: save it as CSV)" if suffix in SPREADSHEET_SUFFIXES else ""
             raise DataError(f"{path}: use a .csv, .tsv, .json or .jsonl file{sheet}")
     except ValueError as exc:
         if isinstance(exc, DataError):
@@ -178,6 +178,7 @@ def load_file(path: Path) -> LabeledSet:
 
 
 KNOWN_COLUMNS = ("text", "topic", "sentiment", "label")
+SPREADSHEET_SUFFIXES = (".xlsx", ".xls", ".ods")  # read by saving them as CSV: no spreadsheet reader is a dependency
 
 
 def _known_columns(columns) -> dict[str, str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
 
-from .data import csv_separator
+from .data import SPREADSHEET_SUFFIXES, csv_separator
 from .explain import WordPush, push_pairs, read_texts, strongest
 from .interface import Prediction
 
@@ -225,6 +225,8 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
             if hasattr(sys.stdin, "buffer"):  # in ``encoding``, not the locale's
                 source = io.TextIOWrapper(sys.stdin.buffer, encoding=encoding, newline="")
                 stack.callback(source.detach)  # leaves standard input itself open
+        elif Path(input_path).suffix.lower() in SPREADSHEET_SUFFIXES:
+            raise ScoreInputError(f"{input_path} is a spreadsheet: save it as CSV (its text column then is scored)")
         else:
             try:
                 source = stack.enter_context(open(input_path, newline="", encoding=encoding))

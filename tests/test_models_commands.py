@@ -163,6 +163,10 @@ def test_a_file_that_cannot_be_read_is_refused_and_leaves_no_output(model_dir, t
     assert score(model_dir, "--input", str(no_text), "--out", str(out)) == 2
     assert "has no 'text' column (its columns: headline, label): name the one to score with --text-field" in \
         capsys.readouterr().err
+    sheet = tmp_path / "posts.xlsx"
+    sheet.write_bytes(b"PK\x03\x04\x14\x00\x06\x00\xff\xfe")  # a zip, as .xlsx files are: not text in any encoding
+    assert score(model_dir, "--input", str(sheet), "--out", str(out)) == 2
+    assert "posts.xlsx is a spreadsheet: save it as CSV" in capsys.readouterr().err
     # Not UTF-8 after rows already scored and written: the output file does not appear half written.
     monkeypatch.setattr(score_files, "CHUNK", 2)
     latin1 = tmp_path / "latin1.txt"
