@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
-from models.data import csv_separator
+from models.data import SPREADSHEET_SUFFIXES, csv_separator
 
 from .config import ConfigError, Settings, check_port
 from .kafka_io import RecordSender
@@ -85,10 +85,12 @@ def _detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     suffix = path.suffix.lower()
-    if suffix == ".csv":
+    if suffix in (".csv", ".tsv"):
         return "csv"
     if suffix in (".jsonl", ".ndjson", ".json"):
         return "jsonl"
+    if suffix in SPREADSHEET_SUFFIXES:
+        raise ConfigError(f"{path} is a spreadsheet: save it as CSV and ingest that")
     raise ConfigError(f"cannot tell the format of {path} from its name: pass --format jsonl or --format csv")
 
 

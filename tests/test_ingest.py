@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from models.baseline import KeywordBaselineScorer
+from stream.config import ConfigError
 from stream.ingest import ingest_file, ingest_rss
 from stream.records import epoch_ms, parse_input
 from stream.simulate import COMMENTS, HEADLINES, WORLD, Shock, generate, shock_truth
@@ -70,10 +71,18 @@ def test_spreadsheet_exports_with_a_byte_order_mark_and_semicolons_ingest_as_pla
     marked = tmp_path / "news.jsonl"
     marked.write_bytes("\ufeff".encode() + json.dumps({"id": "n2", "published_at": "2026-03-02T09:01:00Z",
                                                       "headline": "Gold rises"}).encode() + b"\n")
+    tabs = tmp_path / "news.tsv"
+    tabs.write_text("id\tpublished_at\theadline\nn3\t2026-03-02T09:02:00Z\tBanks rally, yields fall\n")
     assert ingest_file(fp_settings, excel, kind="news") == 0 and ingest_file(fp_settings, marked, kind="news") == 0
+    assert ingest_file(fp_settings, tabs, kind="news") == 0
     got = by_id(read_all(fp_settings, topics.news))
-    assert sorted(got) == ["n1", "n2"]
+    assert sorted(got) == ["n1", "n2", "n3"]
     assert got["n1"][0]["headline"] == "Oil slides, OPEC meets" and got["n1"][0]["tickers"] == ["XOM"]
+    assert got["n3"][0]["headline"] == "Banks rally, yields fall"
+    # The spreadsheet's own file is not text: it is told to be saved as CSV, not to name a format.
+    (tmp_path / "news.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ConfigError, match=r"news.xlsx is a spreadsheet: save it as CSV and ingest that"):
+        ingest_file(fp_settings, tmp_path / "news.xlsx", kind="news")
 
 
 def test_ingest_file_command(fp_settings, topics, tmp_path):
