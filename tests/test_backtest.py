@@ -245,6 +245,7 @@ def test_bad_backtest_inputs_fail_clearly_and_write_nothing(known_run, tmp_path)
     (tmp_path / "bad_time.csv").write_text("key,start,end\nAAPL,soon,2026-03-02T10:00:00Z\n")
     (tmp_path / "backwards.csv").write_text("key,start,end\nAAPL,2026-03-02T10:00:00Z,2026-03-02T09:00:00Z\n")
     (tmp_path / "bad_price.csv").write_text("ticker,timestamp,price\nAAPL,2026-03-02T10:00:00Z,-3\n")
+    (tmp_path / "events.xlsx").write_bytes(b"PK\x03\x04")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "_checkpoint.json").write_text("{}")
     cases = [
@@ -255,6 +256,7 @@ def test_bad_backtest_inputs_fail_clearly_and_write_nothing(known_run, tmp_path)
         (["--events", str(tmp_path / "backwards.csv")], "line 2: an event needs a key and end >= start"),
         (["--prices", str(tmp_path / "bad_price.csv")], "line 2: price '-3' is not a positive number"),
         (["--prices", str(tmp_path / "missing.csv")], "prices file"),
+        (["--events", str(tmp_path / "events.xlsx")], "events.xlsx is a spreadsheet: save it as CSV and pass that"),
         (["--match-before", "soon"], "--match-before"),
     ]
     for extra, message in cases:

@@ -36,7 +36,7 @@ from typing import Any
 
 import pandas as pd
 
-from models.data import csv_separator
+from models.data import SPREADSHEET_SUFFIXES, csv_separator
 from stream.aggregate import parse_duration_s
 from stream.config import Settings
 from stream.records import SEVERITIES, InvalidRecord, epoch_ms, severity_rank
@@ -62,6 +62,8 @@ def _read_csv(path: str, columns: tuple[str, ...], what: str) -> pd.DataFrame:
     file = Path(path)
     if not file.is_file():
         raise ReplayError(f"{what} file {file} does not exist")
+    if file.suffix.lower() in SPREADSHEET_SUFFIXES:
+        raise ReplayError(f"{what} file {file} is a spreadsheet: save it as CSV and pass that")
     try:
         with open(file, encoding="utf-8-sig", errors="replace") as handle:
             separator = csv_separator(handle.readline())    # a spreadsheet's semicolons, say
