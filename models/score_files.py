@@ -226,7 +226,7 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
                 source = io.TextIOWrapper(sys.stdin.buffer, encoding=encoding, newline="")
                 stack.callback(source.detach)  # leaves standard input itself open
         elif Path(input_path).suffix.lower() in SPREADSHEET_SUFFIXES:
-            raise ScoreInputError(f"{input_path} is a spreadsheet: save it as CSV (its text column then is scored)")
+            raise ScoreInputError(f"{input_path} is a spreadsheet: save it as CSV and score that")
         else:
             try:
                 source = stack.enter_context(open(input_path, newline="", encoding=encoding))
