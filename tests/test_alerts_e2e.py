@@ -10,10 +10,13 @@ processes, default [aggregate] and [detect] settings.
   recovered from their changelog and no message was counted twice).
 - A SIGTERM in the middle of the backlog (batches are publishing trends when it lands) and a restart leave the same
   final windows: a stopping worker finishes each batch's table writes before Faust acks it.
+- A worker stopped and started with another model recovers its detection state and relearns the baselines of the
+  keys the old model's windows set.
 """
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -30,7 +33,7 @@ from stream.records import (AlertRecord, ScoredRecord, TrendRecord, format_time,
 from stream.simulate import Shock, generate, shock_truth
 from stream.topics import TopicNames, ensure_topics
 from tests.procs import (consumer_lag, json_values, read_all, run_finpulse, start_worker, wait_for_records,
-                         wait_until_consumed)
+                         wait_until_consumed, with_section)
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +114,45 @@ def test_a_negative_shock_fires_one_alert_for_its_topic_and_resolves(fp_settings
 def test_the_same_stream_without_the_shock_fires_nothing(fp_settings, tmp_path):
     alerts = run_stream(fp_settings, tmp_path, "--no-shock")
     assert alerts == [], [a.summary for a in alerts]
+
+
+def test_a_worker_restarted_with_another_model_relearns_each_baseline_from_its_saved_state(fp_settings, tmp_path):
+    """A deploy: the worker stopped, then started with another model. The detection state it recovers names the
+    model that scored each key's windows, so the new model's first windows relearn each baseline's level rather than
+    being judged against the old model's (two models disagree on the same messages as much as a shock). A worker
+    that recovered no state would learn every key afresh and say nothing of the change."""
+    from models.modeling import FinPulseClassifier, save_model
+    from tests.models_fixtures import make_tiny_base
+    base = str(make_tiny_base(tmp_path / "tiny-bert"))
+    version = save_model(FinPulseClassifier.from_base(base, seed=3), base, tmp_path / "model", base_model=base,
+                         recipe="test", max_length=48)
+    settings = isolated(fp_settings, tmp_path, "deploy")
+    names = TopicNames(settings.kafka.topic_prefix)
+    switch = START + timedelta(minutes=8)
+
+    def topic_windows_closed_from(start):
+        return lambda records: any(t.key_type == "topic" and t.window_start >= start for t in finals(records).values())
+    with start_worker(settings, tmp_path, "worker-baseline") as worker:
+        simulate(settings, tmp_path, int((switch - START).total_seconds() * RATE), "--no-shock")
+        wait_for_records(settings, names.trends, topic_windows_closed_from(switch - timedelta(minutes=3)),
+                         timeout=300, what="the first model's windows closed")
+        wait_until_consumed(settings, names.trends)     # the detector has judged them and saved its state
+        assert worker.stop() == 0, worker.tail()
+    old = KeywordBaselineScorer.model_version
+    assert "learned again" not in worker.output()
+
+    deployed = with_section(settings, "worker", scorer="model", model_dir=str(tmp_path / "model"), device="cpu")
+    with start_worker(deployed, tmp_path, "worker-model") as worker:
+        simulate(settings, tmp_path, int(4 * 60 * RATE), "--no-shock", "--seed", "2", "--start", format_time(switch))
+        wait_for_records(settings, names.trends, topic_windows_closed_from(switch + timedelta(minutes=1)),
+                         timeout=300, what="the new model's windows closed")
+        wait_until_consumed(settings, names.trends)
+        assert worker.stop() == 0, worker.tail()
+    relearned = re.findall(rf"topic (.+?) \(60s windows\): scored by {re.escape(version)}, not {re.escape(old)}: its "
+                           r"baseline's level is learned again", worker.output())
+    judged_before = {t.key for t in finals(read_all(settings, names.trends)).values()
+                     if t.key_type == "topic" and t.window_start < switch - timedelta(minutes=3)}
+    assert relearned and set(relearned) <= judged_before, worker.tail()
 
 
 # ---------------------------------------------------------------- kill -9 and restart
