@@ -254,6 +254,11 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
                         "sample)" for spec, weight in kept_whole_weights.items())
     print(f"data: {len(train)} training rows {train.summary()}{weighted}, {held_out} (device "
           f"{describe(device, recipe.fit.cpu_precision)}, run state in {run_dir})", flush=True)
+    if recipe.teachers and device.type == "cpu" and time_budget is None:
+        print(f"note: the {recipe.name} recipe is made for a GPU (5-6 minutes on an H100). On a CPU it trains "
+              f"{recipe.teachers + 3} models (domain pretraining, {recipe.teachers + 1} teachers, the student), each "
+              "about as long as a plain fine-tune (35 min on 2 cores): hours. Each stage's bar shows its own time left;"
+              " --time-budget SECONDS fits the whole run into the time you give it", flush=True)
 
     try:
         text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)

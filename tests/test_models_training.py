@@ -552,6 +552,7 @@ def test_full_recipe_trains_its_teachers_side_by_side(tiny_base, tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "training 2 teachers side by side" in done.stdout
+    assert "note: the full recipe is made for a GPU" in done.stdout and "trains 4 models" in done.stdout
     [model_dir] = list((tmp_path / "models").iterdir())
     metrics = json.loads((model_dir / "metrics.json").read_text())
     stages = metrics["stages"]
