@@ -722,7 +722,7 @@ def test_a_killed_teacher_process_ends_the_run_with_a_way_on(tiny_base, tmp_path
 
     resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "domain pretraining" not in resumed.stdout and f"teacher {finished} (" not in resumed.stdout
+    assert "domain pretraining epoch" not in resumed.stdout and f"teacher {finished} (" not in resumed.stdout
     [model_dir] = list((tmp_path / "models").iterdir())
     assert (model_dir / "model.safetensors").is_file()
     assert [p.name for p in run_dir.iterdir()] == ["finished.json"]  # every stage's checkpoints went
