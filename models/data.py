@@ -182,11 +182,18 @@ SPREADSHEET_SUFFIXES = (".xlsx", ".xls", ".ods")  # read by saving them as CSV: 
 
 
 def _known_columns(columns) -> dict[str, str]:
-    """Spreadsheets title their columns ("Text", "Sentiment "): the known names in any case, spaces around them
-    ignored, unless the exact name is there too."""
-    present = set(columns)
-    return {column: name for column in columns
-            if (name := str(column).strip().lower()) in KNOWN_COLUMNS and name != column and name not in present}
+    """The known columns a spreadsheet titled ("Text", "Sentiment "), to rename to the names they stand for."""
+    found = {name: titled_column(list(columns), name) for name in KNOWN_COLUMNS}
+    return {column: name for name, column in found.items() if column not in (None, name)}
+
+
+def titled_column(columns: Sequence[str], name: str) -> str | None:
+    """The column called ``name``, else the one column a spreadsheet titled so (any case, spaces around); None if
+    there is neither, or several titled so."""
+    if name in columns:
+        return name
+    titled = [c for c in columns if str(c).strip().lower() == name.lower()]
+    return titled[0] if len(titled) == 1 else None
 
 
 def csv_separator(header: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
 
-from .data import SPREADSHEET_SUFFIXES, csv_separator
+from .data import SPREADSHEET_SUFFIXES, csv_separator, titled_column
 from .explain import WordPush, push_pairs, read_texts, strongest
 from .interface import Prediction
 
@@ -70,7 +70,7 @@ def read_rows(handle: Iterable[str], input_format: str, text_field: str, name: s
                                 restkey="extra_values")  # a row longer than the header
         if reader.fieldnames is None:
             return
-        text_field = text_column(reader.fieldnames, text_field)
+        text_field = titled_column(reader.fieldnames, text_field) or text_field
         if text_field not in reader.fieldnames:
             raise ScoreInputError(f"{name} has no {text_field!r} column (its columns: {', '.join(reader.fieldnames)}):"
                                   f" name the one to score with --text-field")
@@ -91,12 +91,6 @@ def read_rows(handle: Iterable[str], input_format: str, text_field: str, name: s
                 yield Row(fields, None, f"line {number}: no {text_field!r} field")
             else:
                 yield Row(fields, fields[text_field])
-
-
-def text_column(columns: Sequence[str], text_field: str) -> str:
-    """A CSV's column of texts: ``text_field``, or the one column a spreadsheet titled so ("Text", " text ")."""
-    titled = [c for c in columns if c.strip().lower() == text_field.lower()]
-    return titled[0] if text_field not in columns and len(titled) == 1 else text_field
 
 
 def _decoded(rows: Iterator[Row], name: str, encoding: str) -> Iterator[Row]:
@@ -243,7 +237,7 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
         first = next(rows, None)
         columns = list(first.fields) if first is not None and first.fields else None  # a CSV's, a JSONL's first
         if input_format == "csv":
-            text_field = text_column(columns or [], text_field)
+            text_field = titled_column(columns or [], text_field) or text_field
         writer = Writer(sink, output_format, columns, text_field, explain)
         interactive = sys.stderr.isatty()
         bar = stack.enter_context(tqdm(desc="scoring", unit=" texts", file=sys.stderr, disable=bool(texts),
