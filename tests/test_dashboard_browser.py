@@ -222,7 +222,8 @@ def test_an_analyst_asks_the_model_about_headlines_and_sees_which_words_moved_it
                     "title", re.compile(re.escape(f"score {reading.words[strongest].sentiment:+.2f} with this word")))
             expect(page.locator(".st-key-fp-ask-3")).to_have_count(0)   # blank lines are not texts
             # Coloured by the topic instead: the word that made the first text's topic likeliest is on blue.
-            page.get_by_text("topic", exact=True).click()
+            # Scoped to the radio group: the table below has a "topic" column header too, once it has drawn.
+            page.get_by_role("radiogroup", name="Colour words by").get_by_text("topic", exact=True).click()
             made_topic = max(range(len(expected[0].words)), key=lambda i: expected[0].words[i].topic)
             expect(page.locator(".st-key-fp-ask-1 .fp-ask-text span").nth(made_topic)).to_have_attribute(
                 "style", re.compile(r"rgba\(37, 99, 235"), timeout=WAIT_MS)
