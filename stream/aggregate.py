@@ -634,7 +634,7 @@ def trend_outgoing(trend: TrendRecord, names: TopicNames) -> list[Outgoing]:
 
 def _install_key_type(app, settings, config: AggregateSettings, key_type: str, source_name: str,
                       names: TopicNames) -> None:
-    from .app import deliver, faust_send, finish_batch, micro_batches
+    from .app import deliver, faust_send, finish_batch, finishes_before_stop, micro_batches
 
     worker = settings.worker
     aggregator = WindowAggregator(config, key_type)
@@ -774,6 +774,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
         return now
 
     @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
+    @finishes_before_stop(app)
     async def tick():
         """Close windows whose grace has passed (keys with no new messages too) and publish throttled partials."""
         if app.rebalancing:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -302,6 +303,36 @@ async def finish_batch(work: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError()
     return task.result()
+
+
+def finishes_before_stop(app) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T | None]]]:
+    """For an ``@app.timer`` whose work publishes (put it under the timer's decorator): a stopping worker waits for
+    the run in progress, then stops its producer, and starts no new run.
+
+    Without it a stop hangs: mode's ``Service.stop`` stops an app's child services (its producer among them) before
+    it cancels the app's own tasks, timers included, so a run still publishing found the producer stopped
+    (``NotReady: Producer service not yet started``) and ``deliver`` retried it until the process was killed.
+    Faust sends ``app.on_before_shutdown`` once the consumer is stopped and before any child service stops: the
+    runs in progress end there."""
+    running: set[asyncio.Future] = set()
+
+    @app.on_before_shutdown.connect
+    async def wait_for_timer_runs(sender, **kwargs) -> None:
+        if running:
+            log.info("stopping: waiting for %d timer run(s) to deliver what they publish", len(running))
+            await asyncio.gather(*running, return_exceptions=True)
+
+    def decorate(fun: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T | None]]:
+        @functools.wraps(fun)
+        async def unless_stopping(*args: Any) -> T | None:
+            if app.should_stop:      # the check and the registration below have no await between them
+                return None
+            run = asyncio.ensure_future(fun(*args))
+            running.add(run)
+            run.add_done_callback(running.discard)
+            return await run
+        return unless_stopping
+    return decorate
 
 
 def _exit_without_commit(why: str) -> None:
