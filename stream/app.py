@@ -295,11 +295,11 @@ async def finish_batch(work: Awaitable[T]) -> T:
             break
         except asyncio.CancelledError:
             if task.cancelled():
-                _exit_without_commit("the batch was cancelled before its outputs were delivered")
+                exit_without_commit("the batch was cancelled before its outputs were delivered")
             cancelled = True
         except Exception:  # noqa: BLE001 - see the docstring
             log.critical("a batch failed unexpectedly", exc_info=True)
-            _exit_without_commit("a batch failed")
+            exit_without_commit("a batch failed")
     if cancelled:
         raise asyncio.CancelledError()
     return task.result()
@@ -335,8 +335,9 @@ def finishes_before_stop(app) -> Callable[[Callable[..., Awaitable[T]]], Callabl
     return decorate
 
 
-def _exit_without_commit(why: str) -> None:
-    log.critical("%s: exiting now so that its offsets are not committed (a restart scores it again)", why)
+def exit_without_commit(why: str) -> None:
+    """End the process now, from any thread, before Faust commits another offset: at-least-once, as after a crash."""
+    log.critical("%s: exiting now, the batch in hand not committed (a restart scores it again)", why)
     logging.shutdown()
     os._exit(70)
 

@@ -76,8 +76,13 @@ class WorkerSettings:
     data_dir: str = "var/worker"
     web_port: int = 6066
     log_level: str = "info"
+    # A stop (SIGTERM, Ctrl-C) waits for the batch in hand to reach the broker; this long after the signal, or at a
+    # second one, the worker exits without committing it instead (a broker gone away would keep it waiting for ever).
+    stop_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.stop_timeout_s <= 0:
+            raise ConfigError("[worker] stop_timeout_s must be above 0 (seconds a stop may wait for the broker)")
         if self.max_batch < 1 or self.max_wait_s <= 0 or self.max_text_chars < 1:
             raise ConfigError("[worker] max_batch and max_text_chars must be 1 or more, and max_wait_s above 0")
         if self.fetch_bytes_per_partition <= 0:

@@ -3,11 +3,14 @@
 Before Faust starts: every FinPulse topic is created (co-partitioning needs the configured partition count), the
 scorer is loaded once (a trained model, else the keyword baseline, see ``models.interface.load_scorer``) and, when
 the broker is the embedded tansu, ``stream.tansu_compat`` is applied. SIGTERM and Ctrl-C stop the worker cleanly:
-Faust finishes the batch in hand, commits what was processed, and leaves the consumer group.
+Faust finishes the batch in hand, commits what was processed, and leaves the consumer group. A stop that cannot
+finish (the broker gone, so the batch in hand is never delivered) ends ``[worker] stop_timeout_s`` after the signal,
+or at a second signal, without committing: exit code 70, and a restart scores that batch again.
 """
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Sequence
 
 from models.interface import CPU_PRECISIONS, ModelError, Scorer, load_scorer
@@ -54,9 +57,33 @@ def run_worker(settings: Settings, scorer: Scorer | None = None, extensions: Seq
     app = prepare_app(settings, scorer, extensions)
     print(f"FinPulse worker {worker.app_id}: Kafka {settings.kafka.bootstrap_servers}, topics "
           f"{settings.kafka.topic_prefix}.*; Ctrl-C or SIGTERM stops it", flush=True)
-    faust_worker = faust.Worker(app, loglevel=worker.log_level.upper(), quiet=True)
+    faust_worker = bounded_stop_worker_class(faust.Worker)(app, loglevel=worker.log_level.upper(), quiet=True)
+    faust_worker.stop_timeout_s = worker.stop_timeout_s
     try:
         faust_worker.execute_from_commandline()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
+
+
+def bounded_stop_worker_class(faust_worker_class: type) -> type:
+    """Faust's ``Worker`` with a stop that ends (``[worker] stop_timeout_s``; see the module docstring). The timer is
+    a thread, so it fires even while the event loop is stuck."""
+    from .app import exit_without_commit
+
+    class BoundedStopWorker(faust_worker_class):
+        stop_timeout_s = 30.0
+
+        def _schedule_shutdown(self, signal) -> None:
+            if self._signal_stop_time:
+                exit_without_commit(f"{signal.name} again while stopping")
+            super()._schedule_shutdown(signal)
+            log.info("stopping: the batch in hand goes to the broker first (at most %gs; %s again stops at once)",
+                     self.stop_timeout_s, signal.name)
+            overdue = threading.Timer(self.stop_timeout_s, exit_without_commit,
+                                      [f"still stopping {self.stop_timeout_s:g}s after {signal.name} (is the broker "
+                                       f"reachable?)"])
+            overdue.daemon = True
+            overdue.start()
+
+    return BoundedStopWorker

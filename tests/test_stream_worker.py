@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
+import uuid
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -20,8 +23,9 @@ from stream.input_watermark import read_stamp
 from stream.kafka_io import RecordSender
 from stream.records import DeadLetter, epoch_ms, format_time
 from stream.simulate import Shock, SimMessage, generate
-from stream.topics import TopicNames
-from stream.broker import free_port
+from stream.topics import TopicNames, ensure_topics
+from stream.broker import EmbeddedBroker, free_port
+from stream.config import Settings
 from tests.exposition import probe, scrape
 from tests.procs import (WORKER_READY, consumer_lag, json_values, read_all, run_finpulse, start_finpulse, start_worker,
                          until_ids, wait_for_records, wait_until_consumed, with_section)
@@ -146,6 +150,39 @@ def unscored(settings, topics) -> str:
     where = sorted(f"{r.topic.rsplit('.', 1)[-1]}[{r.partition}]@{r.offset}" for topic in (topics.news, topics.comments)
                    for r in read_all(settings, topic) if r.key is not None and r.key.decode() not in scored)
     return f"{len(where)} input message(s) not scored: {', '.join(where[:30])}{' ...' if len(where) > 30 else ''}"
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_worker_whose_broker_went_away_still_stops(tmp_path, signals):
+    """SIGTERM to a worker whose broker is gone: Faust's stop waits for outputs the broker never takes (for a
+    minute, or for ever). It ends ``[worker] stop_timeout_s`` after the signal, or at a second signal, with exit code 70
+    and the reason; nothing was committed, so a restart would score that batch again."""
+    worker = None
+    try:
+        with EmbeddedBroker(log_file=tmp_path / "tansu.log") as own_broker:
+            prefix = f"t{uuid.uuid4().hex[:10]}"
+            settings = Settings(raw={
+                "kafka": {"bootstrap_servers": own_broker.bootstrap_servers, "partitions": 4, "topic_prefix": prefix},
+                "worker": {"app_id": f"{prefix}-worker", "data_dir": str(tmp_path / "worker"), "scorer": "baseline",
+                           "max_wait_s": 0.2, "stop_timeout_s": 4}})
+            topics = TopicNames(prefix)
+            ensure_topics(settings.kafka, topics.all(), topics.compacted())
+            worker = start_worker(settings, tmp_path)
+            asyncio.run(produce(settings, topics, simulated(seed=5, count=2_000)))
+            wait_for_records(settings, topics.scored, lambda rs: len(rs) >= 100, timeout=60, what="100 scored")
+        time.sleep(1)
+        signalled = time.monotonic()
+        for _ in range(signals):
+            os.killpg(worker.pid, signal.SIGTERM)
+            time.sleep(0.5)
+        code = worker.wait(timeout=40)
+        took = time.monotonic() - signalled
+    finally:
+        if worker is not None:
+            worker.kill()
+    why = "SIGTERM again while stopping" if signals == 2 else "still stopping 4s after SIGTERM (is the broker reachable?)"
+    assert code == 70 and f"{why}: exiting now, the batch in hand not committed" in worker.output(), worker.tail()
+    assert took < (3 if signals == 2 else 15), f"stopped {took:.1f}s after the first signal"
 
 
 @pytest.mark.slow
@@ -432,3 +469,6 @@ def test_worker_rejects_bad_configuration_clearly(fp_settings, tmp_path):
     code, out = run_finpulse(with_section(fp_settings, "worker", fetch_bytes_per_partition=0), "worker",
                              log_dir=tmp_path, timeout=60)
     assert code == 2 and "fetch_bytes_per_partition must be positive" in out
+    code, out = run_finpulse(with_section(fp_settings, "worker", stop_timeout_s=0), "worker", log_dir=tmp_path,
+                             timeout=60)
+    assert code == 2 and "stop_timeout_s must be above 0" in out
