@@ -38,6 +38,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from stream.config import KafkaSettings
+from stream.kafka_io import stop_client
 from stream.records import AlertRecord, _Record, epoch_ms, severity_rank, utcnow
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class DeliveryLog:
     async def stop(self) -> None:
         for client in (self._producer, self._reader):
             if client is not None:
-                await client.stop()
+                await stop_client(client)
         self._producer = self._reader = None
 
     async def catch_up(self) -> int:

@@ -112,6 +112,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from stream.config import ConfigError, Settings
+from stream.kafka_io import stop_client
 from stream.metrics import REGISTRY, Family, counter, gauge_family, histogram
 from stream.ops import LAG_HELP, READINESS, OpsServer
 from stream.records import AlertRecord, format_time, severity_rank, utcnow
@@ -314,7 +315,7 @@ class Dispatcher:
                 pass
         await self._release(set(self._owned))
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_client(self._consumer)
         for session in self._sessions.values():
             await session.close()
         await self.log.stop()

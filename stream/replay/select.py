@@ -47,7 +47,7 @@ from typing import AsyncIterator, Sequence
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.config import KafkaSettings
-from stream.kafka_io import bootstrap_list, true_ends
+from stream.kafka_io import bootstrap_list, stop_client, true_ends
 from stream.records import InvalidRecord, epoch_ms, format_time, parse_time
 
 TIME_FIELDS = {"news": "published_at", "comment": "created_at"}
@@ -148,12 +148,12 @@ class KafkaSelection:
         try:
             await self._plan()
         except BaseException:
-            await self._consumer.stop()
+            await stop_client(self._consumer)
             raise
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self._consumer.stop()
+        await stop_client(self._consumer)
 
     async def _plan(self) -> None:
         consumer = self._consumer
