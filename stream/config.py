@@ -43,8 +43,13 @@ class KafkaSettings:
     topic_prefix: str = "finpulse"
     # Where `finpulse broker` and `make demo` put the embedded broker.
     embedded_port: int = 9092
+    # How long ingest, simulate and replay wait while the broker takes none of their records (as Kafka's
+    # delivery.timeout.ms): then they stop with an error saying how many it took.
+    delivery_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
+        if self.delivery_timeout_s <= 0:
+            raise ConfigError("[kafka] delivery_timeout_s must be above 0")
         if self.partitions < 1 or self.replication_factor < 1:
             raise ConfigError("[kafka] partitions and replication_factor must be 1 or more")
         if not 0 < self.heartbeat_interval_s < self.session_timeout_s:

@@ -39,7 +39,7 @@ from urllib.parse import urlparse
 from models.data import SPREADSHEET_SUFFIXES, csv_separator
 
 from .config import ConfigError, Settings, check_port
-from .kafka_io import RecordSender
+from .kafka_io import DeliveryStalled, RecordSender
 from .metrics import counter, gauge
 from .records import INPUT_FIELDS, InputItem, InvalidRecord, Kind, NewsItem, parse_input, utcnow
 from .topics import TopicNames, ensure_topics
@@ -52,11 +52,15 @@ _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 async def produce_items(settings: Settings, topic: str, items: Iterable[InputItem], client_id: str) -> int:
     """Produce items (normalised JSON, keyed by id, timestamped with their event time); return how many the broker
-    acknowledged."""
+    acknowledged. A ``DeliveryStalled`` raised says in ``delivered`` how many it had acknowledged."""
     async with RecordSender(settings.kafka, client_id=client_id) as sender:
-        for item in items:
-            await sender.send(topic, item.to_json(), key=item.id.encode("utf-8"), event_time=item.event_time)
-        await sender.flush()
+        try:
+            for item in items:
+                await sender.send(topic, item.to_json(), key=item.id.encode("utf-8"), event_time=item.event_time)
+            await sender.flush()
+        except DeliveryStalled as exc:
+            exc.delivered = sender.delivered
+            raise
         return sender.delivered
 
 
@@ -166,8 +170,14 @@ def ingest_file(settings: Settings, path: str | os.PathLike, kind: str, fmt: str
             except InvalidRecord as exc:
                 report.reject(line_no, exc.reason, exc.detail)
 
-    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"ingest {path.name}") as progress:
-        report.produced = asyncio.run(produce_items(settings, topic, valid_items(progress), "finpulse-ingest"))
+    try:
+        with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"ingest {path.name}") as progress:
+            report.produced = asyncio.run(produce_items(settings, topic, valid_items(progress), "finpulse-ingest"))
+    except DeliveryStalled as exc:
+        print(f"stopped: {exc.delivered} of the first {report.lines} {kind} records of {path} reached {topic} before "
+              f"the broker stopped taking them. Run the same command again once it is back: records are keyed by id, "
+              f"and the worker counts a message it gets twice once.", file=sys.stderr, flush=True)
+        raise
     rejected = sum(report.rejected.values())
     reasons = ", ".join(f"{r}={n}" for r, n in sorted(report.rejected.items()))
     print(f"ingested {report.produced} of {report.lines} {kind} records from {path} into {topic}"
@@ -376,7 +386,14 @@ class _FeedPoller:
             print(f"{url}: fetch failed: {result.error}", file=sys.stderr, flush=True)
             return False
         items = [item for _, item in result.new]
-        produced = await produce_items(self.settings, self.names.news, items, "finpulse-rss") if items else 0
+        try:
+            produced = await produce_items(self.settings, self.names.news, items, "finpulse-rss") if items else 0
+        except DeliveryStalled as exc:     # not marked seen: the next poll sends them again
+            RSS_POLLS.labels(feed, "failed").inc()
+            self.last_error[url] = str(exc)
+            print(f"{url}: {len(items)} new entries not sent: {exc}; the next poll tries again", file=sys.stderr,
+                  flush=True)
+            return False
         self.state.seen.update(dict.fromkeys(key for key, _ in result.new))   # only once the broker has them
         self.state.save()
         RSS_POLLS.labels(feed, "not_modified" if result.status == 304 else "ok").inc()

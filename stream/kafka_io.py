@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 
 from .config import KafkaSettings
 from .records import epoch_ms
@@ -59,18 +60,29 @@ def kafka_timestamp_ms(event_time: datetime | None) -> int | None:
     return ms if ms >= 0 else None
 
 
+class DeliveryStalled(KafkaTimeoutError):
+    """The broker took none of the records waiting for it for ``[kafka] delivery_timeout_s``."""
+
+
 class RecordSender:
     """An async producer that remembers every delivery future until ``flush()``.
 
     ``send`` only queues (the producer batches by partition); at most ``max_pending`` deliveries are outstanding,
-    beyond that ``send`` waits for the oldest ones, so memory stays bounded on endless inputs.
+    beyond that ``send`` waits for the oldest ones, so memory stays bounded on endless inputs. aiokafka retries a
+    record for ever while its partition's leader is known but unreachable (it has no ``delivery.timeout.ms``): when
+    the broker takes none of the waiting records for ``[kafka] delivery_timeout_s``, ``flush`` raises
+    ``DeliveryStalled``; ``delivered`` counts what the broker took until then.
     """
 
     def __init__(self, kafka: KafkaSettings, client_id: str = "finpulse", linger_ms: int = 5,
                  max_pending: int = 20_000):
+        # The request timeout also bounds a send that waits for room in a full buffer.
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_list(kafka.bootstrap_servers),
                                           client_id=client_id, linger_ms=linger_ms, acks="all",
-                                          max_request_size=2 * 1024 * 1024)
+                                          max_request_size=2 * 1024 * 1024,
+                                          request_timeout_ms=int(max(kafka.delivery_timeout_s, 40) * 1000))
+        self._servers = kafka.bootstrap_servers
+        self._stall_timeout_s = kafka.delivery_timeout_s
         self._pending: list[asyncio.Future] = []
         self._max_pending = max_pending
         self.delivered = 0
@@ -84,23 +96,50 @@ class RecordSender:
             if exc_type is None:
                 await self.flush()
         finally:
-            await stop_client(self._producer)
+            try:
+                # aiokafka's stop waits for every queued record to be sent: for ever when the broker is gone.
+                await asyncio.wait_for(stop_client(self._producer), self._stall_timeout_s)
+            except asyncio.TimeoutError:
+                logging.getLogger(__name__).warning("the producer stopped with records the broker never took")
 
     async def send(self, topic: str, value: bytes | None, key: bytes | None = None, event_time: datetime | None = None,
                    partition: int | None = None) -> None:
-        future = await self._producer.send(topic, value, key=key, partition=partition,
-                                           timestamp_ms=kafka_timestamp_ms(event_time))
+        try:
+            future = await asyncio.wait_for(
+                self._producer.send(topic, value, key=key, partition=partition,
+                                    timestamp_ms=kafka_timestamp_ms(event_time)), self._stall_timeout_s)
+        except (asyncio.TimeoutError, KafkaTimeoutError):    # no room in the buffer: the broker takes nothing
+            self._abandon(self._pending)
+            raise self._stalled(len(self._pending)) from None
         self._pending.append(future)
         if len(self._pending) >= self._max_pending:
             await self.flush()
 
     async def flush(self) -> int:
-        """Wait until every record sent so far is on the broker; return how many were. Raises the first error."""
+        """Wait until every record sent so far is on the broker; return how many were. Raises the first error, or
+        ``DeliveryStalled`` when the broker takes none of them for ``[kafka] delivery_timeout_s``."""
         pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
-        self.delivered += len(pending)
+        waiting = set(pending)
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, timeout=self._stall_timeout_s,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                self._abandon(waiting)
+                raise self._stalled(len(waiting))
+            for future in done:
+                future.result()
+                self.delivered += 1
         return len(pending)
+
+    def _stalled(self, waiting: int) -> DeliveryStalled:
+        return DeliveryStalled(f"Kafka at {self._servers} took none of the {waiting} records waiting for it in "
+                               f"{self._stall_timeout_s:g}s ([kafka] delivery_timeout_s)")
+
+    @staticmethod
+    def _abandon(futures) -> None:
+        """Given up on: their failures, once they come, are not logged one by one as never retrieved."""
+        for future in futures:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 # ---------------------------------------------------------------- reading to the true end

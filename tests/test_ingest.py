@@ -3,7 +3,11 @@ with ETag/Last-Modified) and ``finpulse simulate`` (the generator and the comman
 from __future__ import annotations
 
 import json
+import re
+import sys
 import threading
+import time
+import uuid
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -12,11 +16,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from models.baseline import KeywordBaselineScorer
+from stream.broker import EmbeddedBroker
 from stream.config import ConfigError
 from stream.ingest import ingest_file, ingest_rss
 from stream.records import epoch_ms, parse_input
 from stream.simulate import COMMENTS, HEADLINES, WORLD, Shock, generate, shock_truth
-from tests.procs import read_all, run_finpulse, run_without_broker
+from tests.procs import ManagedProcess, read_all, run_finpulse, run_without_broker
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 
@@ -92,6 +97,36 @@ def test_ingest_file_command(fp_settings, topics, tmp_path):
     assert code == 0, out
     assert "ingested 1 of 1 news records" in out
     assert list(by_id(read_all(fp_settings, topics.news))) == ["x1"]
+
+
+def test_an_ingest_whose_broker_went_away_stops_and_says_how_far_it_got(tmp_path):
+    """The broker stops in the middle of `finpulse ingest file`: aiokafka retries its records for ever while their
+    partition's leader is known. The command stops once the broker has taken none of them for
+    ``[kafka] delivery_timeout_s``, saying how many it took and to run it again (before: it never ended)."""
+    path = tmp_path / "big.jsonl"
+    lines = 200_000
+    with open(path, "w") as out:
+        for i in range(lines):
+            out.write(json.dumps({"id": f"n{i}", "published_at": 1772442000 + i,
+                                  "headline": f"Oil falls for the {i}th time " + "as crude slides " * 8}) + "\n")
+    ingest = None
+    try:
+        with EmbeddedBroker(log_file=tmp_path / "tansu.log") as own_broker:
+            env = {"FINPULSE_KAFKA__BOOTSTRAP_SERVERS": own_broker.bootstrap_servers,
+                   "FINPULSE_KAFKA__TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}", "FINPULSE_KAFKA__DELIVERY_TIMEOUT_S": "3"}
+            ingest = ManagedProcess([sys.executable, "-m", "stream.cli", "ingest", "file", str(path), "--kind", "news"],
+                                    tmp_path, "ingest", env=env).start()
+            ingest.wait_for("ingest big.jsonl", timeout=60)     # its progress bar: reading and sending
+            time.sleep(1)
+        code = ingest.wait(timeout=60)
+    finally:
+        if ingest is not None:
+            ingest.kill()
+    output = " ".join(ingest.output().split())
+    took = re.search(r"stopped: (\d+) of the first (\d+) news records", output)
+    assert code == 2 and took and "took none of the" in output and "delivery_timeout_s" in output, ingest.tail()
+    assert int(took[1]) <= int(took[2]) < lines, f"the file was ingested before the broker stopped: {took[0]}"
+    assert "Run the same command again" in output and "never retrieved" not in output, ingest.tail()
 
 
 # ---------------------------------------------------------------- RSS
