@@ -309,9 +309,10 @@ def finishes_before_stop(app) -> Callable[[Callable[..., Awaitable[T]]], Callabl
     """For an ``@app.timer`` whose work publishes (put it under the timer's decorator): a stopping worker waits for
     the run in progress, then stops its producer, and starts no new run.
 
-    Without it a stop hangs: mode's ``Service.stop`` stops an app's child services (its producer among them) before
-    it cancels the app's own tasks, timers included, so a run still publishing found the producer stopped
-    (``NotReady: Producer service not yet started``) and ``deliver`` retried it until the process was killed.
+    Without it: mode's ``Service.stop`` stops an app's child services (its producer among them) before it cancels
+    the app's own tasks, timers included, so a run still publishing found the producer stopped (``NotReady: Producer
+    service not yet started``) and, inside ``finish_batch``, retried until the process was killed; outside it, the
+    run was cancelled with its records unsent.
     Faust sends ``app.on_before_shutdown`` once the consumer is stopped and before any child service stops: the
     runs in progress end there."""
     running: set[asyncio.Future] = set()

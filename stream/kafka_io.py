@@ -70,7 +70,7 @@ class RecordSender:
     ``send`` only queues (the producer batches by partition); at most ``max_pending`` deliveries are outstanding,
     beyond that ``send`` waits for the oldest ones, so memory stays bounded on endless inputs. aiokafka retries a
     record for ever while its partition's leader is known but unreachable (it has no ``delivery.timeout.ms``): when
-    the broker takes none of the waiting records for ``[kafka] delivery_timeout_s``, ``flush`` raises
+    the broker takes none of the waiting records for ``[kafka] delivery_timeout_s``, ``send`` or ``flush`` raises
     ``DeliveryStalled``; ``delivered`` counts what the broker took until then.
     """
 
