@@ -80,7 +80,7 @@ class RecordSender:
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_list(kafka.bootstrap_servers),
                                           client_id=client_id, linger_ms=linger_ms, acks="all",
                                           max_request_size=2 * 1024 * 1024,
-                                          request_timeout_ms=int(max(kafka.delivery_timeout_s, 40) * 1000))
+                                          request_timeout_ms=int(kafka.delivery_timeout_s * 1000))
         self._servers = kafka.bootstrap_servers
         self._stall_timeout_s = kafka.delivery_timeout_s
         self._pending: list[asyncio.Future] = []
@@ -96,19 +96,20 @@ class RecordSender:
             if exc_type is None:
                 await self.flush()
         finally:
-            try:
-                # aiokafka's stop waits for every queued record to be sent: for ever when the broker is gone.
-                await asyncio.wait_for(stop_client(self._producer), self._stall_timeout_s)
-            except asyncio.TimeoutError:
+            # aiokafka's stop waits for every queued record to be sent: for ever when the broker is gone. Not
+            # asyncio.wait_for: before Python 3.12 it can swallow a Ctrl-C landing as the stop completes.
+            stopping = asyncio.ensure_future(stop_client(self._producer))
+            done, _ = await asyncio.wait({stopping}, timeout=self._stall_timeout_s)
+            if not done:
+                stopping.cancel()
                 logging.getLogger(__name__).warning("the producer stopped with records the broker never took")
 
     async def send(self, topic: str, value: bytes | None, key: bytes | None = None, event_time: datetime | None = None,
                    partition: int | None = None) -> None:
         try:
-            future = await asyncio.wait_for(
-                self._producer.send(topic, value, key=key, partition=partition,
-                                    timestamp_ms=kafka_timestamp_ms(event_time)), self._stall_timeout_s)
-        except (asyncio.TimeoutError, KafkaTimeoutError):    # no room in the buffer: the broker takes nothing
+            future = await self._producer.send(topic, value, key=key, partition=partition,
+                                               timestamp_ms=kafka_timestamp_ms(event_time))
+        except KafkaTimeoutError:   # no room in the buffer for the request timeout: the broker takes nothing
             self._abandon(self._pending)
             raise self._stalled(len(self._pending)) from None
         self._pending.append(future)
