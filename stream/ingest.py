@@ -52,15 +52,11 @@ _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 async def produce_items(settings: Settings, topic: str, items: Iterable[InputItem], client_id: str) -> int:
     """Produce items (normalised JSON, keyed by id, timestamped with their event time); return how many the broker
-    acknowledged. A ``DeliveryStalled`` raised says in ``delivered`` how many it had acknowledged."""
+    acknowledged (or, in a ``DeliveryStalled`` raised, had acknowledged)."""
     async with RecordSender(settings.kafka, client_id=client_id) as sender:
-        try:
-            for item in items:
-                await sender.send(topic, item.to_json(), key=item.id.encode("utf-8"), event_time=item.event_time)
-            await sender.flush()
-        except DeliveryStalled as exc:
-            exc.delivered = sender.delivered
-            raise
+        for item in items:
+            await sender.send(topic, item.to_json(), key=item.id.encode("utf-8"), event_time=item.event_time)
+        await sender.flush()
         return sender.delivered
 
 

@@ -61,7 +61,12 @@ def kafka_timestamp_ms(event_time: datetime | None) -> int | None:
 
 
 class DeliveryStalled(KafkaTimeoutError):
-    """The broker took none of the records waiting for it for ``[kafka] delivery_timeout_s``."""
+    """The broker took none of the records waiting for it for ``[kafka] delivery_timeout_s``; ``delivered``: how
+    many it had taken from this sender before."""
+
+    def __init__(self, message: str, delivered: int) -> None:
+        super().__init__(message)
+        self.delivered = delivered
 
 
 class RecordSender:
@@ -134,7 +139,7 @@ class RecordSender:
 
     def _stalled(self, waiting: int) -> DeliveryStalled:
         return DeliveryStalled(f"Kafka at {self._servers} took none of the {waiting} records waiting for it in "
-                               f"{self._stall_timeout_s:g}s ([kafka] delivery_timeout_s)")
+                               f"{self._stall_timeout_s:g}s ([kafka] delivery_timeout_s)", self.delivered)
 
     @staticmethod
     def _abandon(futures) -> None:
