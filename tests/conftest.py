@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 
 from stream.broker import EmbeddedBroker
 from stream.config import Settings
-from stream.topics import TopicNames, ensure_topics
+from stream.topics import TopicNames
+from tests.procs import isolated_settings
 
 
 @pytest.fixture(scope="session")
@@ -26,16 +26,7 @@ def broker(tmp_path_factory):
 def fp_settings(broker, tmp_path) -> Settings:
     """Settings pointing at the session broker, with a topic prefix and app id of this test's own,
     and every FinPulse topic created up front (4 partitions)."""
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    raw = {
-        "kafka": {"bootstrap_servers": broker.bootstrap_servers, "partitions": 4, "topic_prefix": prefix},
-        "worker": {"app_id": f"{prefix}-worker", "data_dir": str(tmp_path / "worker"), "scorer": "baseline",
-                   "max_wait_s": 0.2},
-    }
-    settings = Settings(raw=raw)
-    names = TopicNames(prefix)
-    ensure_topics(settings.kafka, names.all(), names.compacted())
-    return settings
+    return isolated_settings(broker.bootstrap_servers, tmp_path)
 
 
 @pytest.fixture

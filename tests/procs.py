@@ -23,12 +23,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from stream.broker import free_port
 from stream.config import Settings
 from stream.kafka_io import ConsumedRecord, read_topic, tail_topic_async
+from stream.topics import TopicNames, ensure_topics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER_READY = "Worker ready"     # Faust logs it (at info) once partitions are assigned and tables recovered
@@ -60,6 +62,21 @@ def write_config(settings: Settings, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def isolated_settings(bootstrap_servers: str, tmp_path: str | os.PathLike, **sections: dict[str, Any]) -> Settings:
+    """Settings for one test on the broker at ``bootstrap_servers``: a topic prefix and app id of its own, the
+    keyword scorer, every FinPulse topic created up front (4 partitions), and ``sections`` on top
+    (``worker={"stop_timeout_s": 4}``). The ``fp_settings`` fixture is this on the session's broker."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    settings = Settings(raw={
+        "kafka": {"bootstrap_servers": bootstrap_servers, "partitions": 4, "topic_prefix": prefix},
+        "worker": {"app_id": f"{prefix}-worker", "data_dir": str(Path(tmp_path) / "worker"), "scorer": "baseline",
+                   "max_wait_s": 0.2},
+    }).with_overrides(sections)
+    names = TopicNames(prefix)
+    ensure_topics(settings.kafka, names.all(), names.compacted())
+    return settings
 
 
 def with_section(settings: Settings, section: str, **values: Any) -> Settings:

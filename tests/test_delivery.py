@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections import Counter
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -33,9 +32,8 @@ from stream.broker import EmbeddedBroker, free_port
 from stream.config import ConfigError, Settings, load_settings
 from stream.kafka_io import read_topic_async
 from stream.records import AlertRecord, format_time, utcnow
-from stream.topics import TopicNames, ensure_topics
 from tests.exposition import probe, scrape
-from tests.procs import ManagedProcess
+from tests.procs import ManagedProcess, isolated_settings
 from tests.test_formats import make_alert as formats_alert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,11 +193,7 @@ def test_a_dispatcher_whose_broker_went_away_stops_cleanly(tmp_path):
     dispatcher = None
     try:
         with EmbeddedBroker(log_file=tmp_path / "tansu.log") as own_broker:
-            prefix = f"t{uuid.uuid4().hex[:10]}"
-            settings = Settings(raw={"kafka": {"bootstrap_servers": own_broker.bootstrap_servers, "partitions": 4,
-                                               "topic_prefix": prefix}})
-            names = TopicNames(prefix)
-            ensure_topics(settings.kafka, names.all(), names.compacted())
+            settings = isolated_settings(own_broker.bootstrap_servers, tmp_path)
             env = kafka_env(settings, endpoints=[{"name": "desk", "url": "http://127.0.0.1:9/hook",
                                                   "allow_private": True, "secret_env": "T_GONE_SECRET"}])
             env["T_GONE_SECRET"] = generate_secret()
