@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 
+from .client_logs import tame_kafka_client_logs
 from .config import ConfigError, Settings, load_settings
 
 # Packages whose cli.py adds subcommands, in the order data flows through FinPulse.
@@ -72,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finpulse: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for noisy in ("kafka", "aiokafka"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    tame_kafka_client_logs()
     try:
         return int(args.func(args, settings) or 0)
     except ConfigError as exc:

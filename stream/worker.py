@@ -17,6 +17,7 @@ from models.interface import CPU_PRECISIONS, ModelError, Scorer, load_scorer
 from models.settings import models_root
 
 from . import tansu_compat
+from .client_logs import tame_kafka_client_logs
 from .config import ConfigError, Settings
 from .topics import TopicNames, ensure_topics
 
@@ -29,9 +30,7 @@ def prepare_app(settings: Settings, scorer: Scorer | None = None, extensions: Se
     from .app import EXTENSIONS, create_app
 
     kafka, worker = settings.kafka, settings.worker
-    # The Kafka clients log every produced record at debug level: costly per message, and noise.
-    for noisy in ("kafka", "aiokafka"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).getEffectiveLevel()))
+    tame_kafka_client_logs()
     names = TopicNames(kafka.topic_prefix)
     if worker.cpu_precision not in CPU_PRECISIONS:  # refused before anything touches Kafka
         raise ConfigError(f"[worker] cpu_precision = {worker.cpu_precision!r}: use one of "
