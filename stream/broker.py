@@ -57,21 +57,25 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
 
 
 class EmbeddedBroker:
-    """A tansu process on 127.0.0.1:port with in-memory storage. Use as a context manager or start()/stop()."""
+    """A tansu process on 127.0.0.1:port with in-memory storage. Use as a context manager or start()/stop().
 
-    def __init__(self, port: int | None = None, log_file: str | os.PathLike | None = None):
+    ``advertised_port`` (default: ``port``) is the port the broker tells clients to reach it on: a test puts a
+    proxy there to cut and restore the network between the broker and its clients."""
+
+    def __init__(self, port: int | None = None, log_file: str | os.PathLike | None = None,
+                 advertised_port: int | None = None):
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port}"
 
     def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
-        url = f"tcp://127.0.0.1:{self.port}"
-        cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
+        cmd = [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
+               "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}", "--storage-engine", "memory://tansu/"]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -80,7 +84,7 @@ class EmbeddedBroker:
         except Exception:
             self.stop()
             raise
-        log.info("tansu broker listening on %s (in-memory storage)", self.bootstrap_servers)
+        log.info("tansu broker listening on 127.0.0.1:%d (in-memory storage)", self.port)
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:

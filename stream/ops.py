@@ -155,13 +155,32 @@ def _faust_group_state(app) -> tuple[bool, str]:
 
 def _faust_broker_state(app) -> tuple[bool, str]:
     # The group coordinator is the broker the consumer heartbeats to: aiokafka forgets it as soon as a heartbeat
-    # or a request to it fails, and finds it again once the broker answers.
-    coordinator = getattr(app.consumer._thread._consumer, "_coordinator", None)
+    # or a request to it fails, and finds it again once the broker answers. A broker that went silent (a network
+    # partition: nothing refused, nothing answered) fails no request until Faust's request timeout, 90 s, so the
+    # check also asks how long requests have waited for an answer.
+    consumer = getattr(app.consumer._thread, "_consumer", None)
+    coordinator = getattr(consumer, "_coordinator", None)
     if coordinator is None:
         return False, "the Kafka consumer has not started yet"
     if coordinator.coordinator_id is None:
         return False, "the Kafka group coordinator is unknown: the broker does not answer"
+    silent_s = unanswered_for(consumer)
+    if silent_s > app.conf.broker_session_timeout:
+        return False, (f"the broker has not answered for {silent_s:.0f} s (requests waiting; more than the "
+                       f"{app.conf.broker_session_timeout:g} s session timeout)")
     return True, f"group coordinator is broker {coordinator.coordinator_id}"
+
+
+def unanswered_for(consumer) -> float:
+    """Seconds since the broker last answered on a connection of ``consumer`` (an aiokafka consumer) that has
+    requests waiting; 0 when none waits. A healthy broker answers every heartbeat and every long-poll fetch within
+    seconds. Reads aiokafka's connections (``_conns``, ``_requests``, ``_last_action``: the time of the last
+    response); another aiokafka without them makes this 0, and the coordinator check above still holds."""
+    connections = getattr(getattr(consumer, "_client", None), "_conns", None) or {}
+    now = time.monotonic()
+    waiting = [now - conn._last_action for conn in list(connections.values())
+               if getattr(conn, "_requests", None) and hasattr(conn, "_last_action")]
+    return max(waiting, default=0.0)
 
 
 def _faust_lag(app, topics: set[str]) -> dict[tuple[str], int]:

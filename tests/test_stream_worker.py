@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import time
-import uuid
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -23,12 +22,12 @@ from stream.input_watermark import read_stamp
 from stream.kafka_io import RecordSender
 from stream.records import DeadLetter, epoch_ms, format_time
 from stream.simulate import Shock, SimMessage, generate
-from stream.topics import TopicNames, ensure_topics
+from stream.topics import TopicNames
 from stream.broker import EmbeddedBroker, free_port
-from stream.config import Settings
 from tests.exposition import probe, scrape
-from tests.procs import (WORKER_READY, consumer_lag, json_values, read_all, run_finpulse, start_finpulse, start_worker,
-                         until_ids, wait_for_records, wait_until_consumed, with_section)
+from tests.network import BrokerLink
+from tests.procs import (WORKER_READY, consumer_lag, isolated_settings, json_values, read_all, run_finpulse,
+                         start_finpulse, start_worker, until_ids, wait_for_records, wait_until_consumed, with_section)
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 BASELINE_VERSION = "baseline-keywords-1"
@@ -160,13 +159,8 @@ def test_a_worker_whose_broker_went_away_still_stops(tmp_path, signals):
     worker = None
     try:
         with EmbeddedBroker(log_file=tmp_path / "tansu.log") as own_broker:
-            prefix = f"t{uuid.uuid4().hex[:10]}"
-            settings = Settings(raw={
-                "kafka": {"bootstrap_servers": own_broker.bootstrap_servers, "partitions": 4, "topic_prefix": prefix},
-                "worker": {"app_id": f"{prefix}-worker", "data_dir": str(tmp_path / "worker"), "scorer": "baseline",
-                           "max_wait_s": 0.2, "stop_timeout_s": 4}})
-            topics = TopicNames(prefix)
-            ensure_topics(settings.kafka, topics.all(), topics.compacted())
+            settings = isolated_settings(own_broker.bootstrap_servers, tmp_path, worker={"stop_timeout_s": 4})
+            topics = TopicNames(settings.kafka.topic_prefix)
             worker = start_worker(settings, tmp_path)
             asyncio.run(produce(settings, topics, simulated(seed=5, count=2_000)))
             wait_for_records(settings, topics.scored, lambda rs: len(rs) >= 100, timeout=60, what="100 scored")
@@ -183,6 +177,46 @@ def test_a_worker_whose_broker_went_away_still_stops(tmp_path, signals):
     why = "SIGTERM again while stopping" if signals == 2 else "still stopping 4s after SIGTERM (is the broker reachable?)"
     assert code == 70 and f"{why}: exiting now, the batch in hand not committed" in worker.output(), worker.tail()
     assert took < (3 if signals == 2 else 15), f"stopped {took:.1f}s after the first signal"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outage", ["refuse", "blackhole"])
+def test_a_worker_rides_out_a_broker_outage_and_scores_every_message(tmp_path, outage):
+    """The broker unreachable for 15 s mid-stream, as a broker restart (connections reset, new ones refused) or a
+    network partition (nothing passes, nothing is refused): the worker keeps running, /readyz says why it is not
+    ready while the broker is gone, and once it is back every message is scored. The clients' retries show as a
+    few lines and a summary (about 1,100 lines in such an outage before ``stream.client_logs``)."""
+    link_port, broker_port, web_port = free_port(), free_port(), free_port()
+    messages = simulated(seed=7, count=3_000)
+    with BrokerLink(link_port, broker_port) as link, \
+            EmbeddedBroker(broker_port, log_file=tmp_path / "tansu.log", advertised_port=link_port) as own_broker:
+        settings = isolated_settings(own_broker.bootstrap_servers, tmp_path, worker={"web_port": web_port})
+        topics = TopicNames(settings.kafka.topic_prefix)
+        with start_worker(settings, tmp_path) as worker:
+            asyncio.run(produce(settings, topics, messages[:1_500]))
+            wait_for_records(settings, topics.scored, lambda rs: len(rs) >= 100, timeout=60, what="100 scored")
+            logged_before = len(worker.output().splitlines())
+            link.cut(outage)
+            deadline, readiness = time.monotonic() + 15, []
+            while time.monotonic() < deadline:
+                readiness.append(probe(f"http://127.0.0.1:{web_port}/readyz", timeout=2))
+                time.sleep(1)
+            logged_during = worker.output().splitlines()[logged_before:]
+            link.restore()
+            assert worker.running(), worker.tail()
+            asyncio.run(produce(settings, topics, messages[1_500:]))
+            scored = wait_for_records(settings, topics.scored, until_ids({m.id for m in messages}), timeout=120,
+                                      what="every id scored after the outage")
+            assert probe(f"http://127.0.0.1:{web_port}/readyz")[0] == 200
+            assert worker.stop() == 0, worker.tail()
+    not_ready = [body["checks"]["broker"] for status, body in readiness if status == 503]
+    assert not_ready and not not_ready[-1]["ok"], readiness
+    print(f"{outage}: /readyz {[status for status, _ in readiness]}, last reason: {not_ready[-1]['detail']}; "
+          f"{len(logged_during)} lines logged during the outage")
+    check_scored(scored, {m.id: m for m in messages})
+    assert len(logged_during) < 100, f"{len(logged_during)} lines logged during the outage:\n" + "\n".join(logged_during[:20])
+    if outage == "refuse":      # a retry storm; a partition's requests just wait
+        assert "more like it in the last" in worker.output(), worker.tail()
 
 
 @pytest.mark.slow

@@ -1,0 +1,131 @@
+"""A TCP link a test can cut: clients reach the broker through it, and ``cut()`` makes the broker unreachable as a
+broker restart or a network outage would, until ``restore()``.
+
+    link = BrokerLink(listen_port, broker_port).start()
+    with EmbeddedBroker(broker_port, advertised_port=listen_port):      # clients are told to come through the link
+        ...
+        link.cut("refuse")      # open connections reset, new ones refused: the broker restarting
+        link.cut("blackhole")   # open connections go silent, new ones hang: a network partition
+        link.restore()
+
+Threads and blocking sockets, so it runs beside the test's own code and processes whatever they do.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class BrokerLink:
+    def __init__(self, listen_port: int, target_port: int, host: str = "127.0.0.1"):
+        self.listen_port, self.target_port, self.host = listen_port, target_port, host
+        self.mode = "open"                     # open | refuse | blackhole
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._closed = False
+        self.connections = 0
+
+    def start(self) -> "BrokerLink":
+        self._listen()
+        return self
+
+    def _listen(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.listen_port))
+        listener.listen(128)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True, name="link-accept").start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return                          # the listener was closed: refused or stopped
+            if self.mode == "blackhole":
+                self._track(client)             # accepted, never answered
+                continue
+            try:
+                upstream = socket.create_connection((self.host, self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            self.connections += 1
+            self._track(client, upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True, name="link-pump").start()
+
+    def _track(self, *sockets: socket.socket) -> None:
+        with self._lock:
+            self._sockets.update(sockets)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                while self.mode == "blackhole":
+                    threading.Event().wait(0.05)     # hold the bytes; a partition delivers nothing
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                self._close(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def _close_all(self) -> None:
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+            except OSError:
+                pass
+            self._close(sock)
+
+    def cut(self, mode: str = "refuse") -> None:
+        """``refuse``: every open connection reset and no new one accepted (a broker going down). ``blackhole``:
+        connections stay open but nothing passes either way, and new ones are accepted and never answered."""
+        if mode not in ("refuse", "blackhole"):
+            raise ValueError(f"cut mode {mode!r}: refuse or blackhole")
+        self.mode = mode
+        if mode == "refuse":
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            self._close_all()
+
+    def restore(self) -> None:
+        """Let traffic through again. After a blackhole, the held connections are reset: a client that kept waiting
+        on one reconnects, as it would once a real partition healed after its timeouts."""
+        previous, self.mode = self.mode, "open"
+        if previous == "blackhole":
+            self._close_all()
+        if self._listener is None:
+            self._listen()
+
+    def stop(self) -> None:
+        self.mode = "open"
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self._close_all()
+
+    def __enter__(self) -> "BrokerLink":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
