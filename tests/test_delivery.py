@@ -33,6 +33,8 @@ from stream.config import ConfigError, Settings, load_settings
 from stream.kafka_io import read_topic_async
 from stream.records import AlertRecord, format_time, utcnow
 from tests.exposition import probe, scrape
+from stream.topics import TopicNames
+from tests.network import BrokerLink
 from tests.procs import ManagedProcess, isolated_settings
 from tests.test_formats import make_alert as formats_alert
 
@@ -723,6 +725,66 @@ def test_outage_throttling_and_restarts_deliver_everything_exactly_once(fp_setti
     status = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--status"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert f"{len(expected)} deliveries {{'delivered': {len(expected)}}}" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.slow
+def test_a_broker_outage_mid_delivery_delays_alerts_but_delivers_each_once(tmp_path):
+    """A network partition from the broker for 12 s while a slow receiver takes a batch of alerts, and a second batch once it
+    is back: the dispatcher keeps running (what it had recorded as pending goes on being sent; the records that
+    say so wait for the broker), its /readyz says the broker is gone, and every alert reaches the receiver exactly
+    once (by webhook id), each resolve after its firing."""
+    secret, port = generate_secret(), free_port()
+    link_port, broker_port = free_port(), free_port()
+    alerts = [make_alert(status, id=f"o-{i}", key=f"Topic {i}") for i in range(8) for status in ("firing", "resolved")]
+    store = tmp_path / "received.jsonl"
+    procs: list[ManagedProcess] = []
+    with BrokerLink(link_port, broker_port) as link, \
+            EmbeddedBroker(broker_port, log_file=tmp_path / "tansu.log", advertised_port=link_port) as own_broker:
+        settings = isolated_settings(own_broker.bootstrap_servers, tmp_path)
+        names = TopicNames(settings.kafka.topic_prefix)
+        env = kafka_env(settings, endpoints=[{"name": "desk", "url": f"http://127.0.0.1:{port}/webhook",
+                                              "secret_env": "T_OUTAGE_SECRET", "allow_private": True}],
+                        backoff_initial_s="0.2", backoff_max_s="2", max_concurrency="1")
+        env["T_OUTAGE_SECRET"] = secret
+        readyz = f"http://127.0.0.1:{env['FINPULSE_ALERTS__METRICS_PORT']}/readyz"
+        try:
+            procs.append(finpulse(["receiver", "--port", str(port), "--store", str(store), "--secret-env",
+                                   "T_OUTAGE_SECRET", "--delay", "0.4", "--quiet"], env, tmp_path, "receiver"))
+            wait_for(lambda: get_json(f"http://127.0.0.1:{port}/healthz"), "the receiver to listen")
+            dispatcher = finpulse(["dispatch"], env, tmp_path, "dispatch")
+            procs.append(dispatcher)
+            wait_for(lambda: probe(readyz, timeout=2)[0] == 200, "the dispatcher to be ready")
+            produce(settings, names.alerts, alerts[:10])
+            at_cut = wait_for(lambda: (get_json(f"http://127.0.0.1:{port}/received") or {}).get("requests"),
+                              "a first delivery", every_s=0.05)
+            link.cut("blackhole")
+            readiness = []
+            for _ in range(12):
+                readiness.append(probe(readyz, timeout=2))
+                time.sleep(1)
+            during = (get_json(f"http://127.0.0.1:{port}/received") or {}).get("requests", [])
+            link.restore()
+            assert dispatcher.running(), dispatcher.tail()
+            produce(settings, names.alerts, alerts[10:])
+            final = wait_for(lambda: (lambda s: len(s) == len(alerts) and all(v.state == DELIVERED for v in s.values())
+                                      and s)(read_delivery_states(settings.kafka, names.deliveries)),
+                             "every delivery to be acknowledged after the outage")
+            wait_for(lambda: probe(readyz, timeout=2)[0] == 200, "the dispatcher to be ready again")
+            assert dispatcher.stop(60) == 0, dispatcher.tail(3000)
+        finally:
+            for proc in procs:
+                proc.kill()
+    not_ready = [body["checks"]["dispatcher"]["detail"] for status, body in readiness if status == 503]
+    assert not_ready and "broker" in not_ready[-1], readiness
+    assert len(at_cut) < 10, "the outage was meant to land mid-batch"
+    print(f"{len(at_cut)} alert(s) delivered before the outage, {len(during)} by its end, all {len(alerts)} after")
+    stored = [json.loads(line) for line in store.read_text().splitlines()]
+    assert Counter(item["webhook_id"] for item in stored) == Counter({webhook_id(k): 1 for k in final})
+    order = {item["webhook_id"]: n for n, item in enumerate(stored)}
+    for alert in alerts:
+        if alert.status == "resolved":
+            assert (order[webhook_id(delivery_key(f"{alert.id}:firing", "desk"))]
+                    < order[webhook_id(delivery_key(alert.event_id, "desk"))])
 
 
 @pytest.mark.slow
