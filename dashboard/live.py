@@ -13,7 +13,11 @@ What the topics held when the feed first reached them is its *history*: until it
 the newest windows against the wrong ones (the records come oldest first, so a partly read history has old
 windows and, from the open-windows topic, the newest, without those in between). When Kafka is unreachable
 or a topic is missing, the thread says so in ``FeedStatus.message`` and retries with backoff, resuming from the
-offsets it had reached; it never raises into the page.
+offsets it had reached; it never raises into the page. A broker that goes away mid-session is not always an error
+the thread sees: kafka-python's ``poll`` returns nothing, as it does on a quiet stream, and some of its calls wait
+on metadata for as long as the broker is gone. So the thread notes when the broker last answered (a fetch that
+brought records, or the worker's committed offsets it asks for every few seconds), and ``LiveFeed.status``, read by the page,
+calls the feed unreachable once that is ``SILENT_AFTER_S`` ago, whatever the thread is doing.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 # How often partitions, consumer lag and the dead-letter count are re-read (seconds).
 _METADATA_EVERY_S = 5.0
 _MAX_BACKOFF_S = 5.0
+# A broker that has answered none of that for this long is taken for gone (three rounds of lag figures).
+SILENT_AFTER_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class FeedStatus:
     # Input records the worker's consumer group has not committed yet, per input topic (None: unknown).
     worker_lag: dict[str, int] | None = None
     deadletter_count: int | None = None
+    # When the broker last answered (time.time()); 0 before it first did.
+    answered_at: float = 0.0
     # Records of the history read so far and in all (None until the first fetches say where every partition ends).
     history_read: tuple[int, int] | None = None
     # The whole history has been read: from now on the views draw (and stay drawn whatever comes after).
@@ -60,6 +68,16 @@ class FeedStatus:
     @property
     def reachable(self) -> bool:
         return self.state in ("waiting", "live")
+
+    def as_of(self, now: float) -> "FeedStatus":
+        """This status as the page should see it at ``now``: unreachable once the broker has been silent for
+        ``SILENT_AFTER_S``, though the thread has not (yet) seen an error."""
+        silent_s = now - self.answered_at
+        if not self.reachable or not self.answered_at or silent_s < SILENT_AFTER_S:
+            return self
+        return replace(self, state="unreachable", message=(
+            f"Kafka at {self.bootstrap_servers} has not answered for {silent_s:.0f} s; retrying. What is shown "
+            f"is what was read until then."))
 
 
 class LiveFeed:
@@ -76,7 +94,7 @@ class LiveFeed:
                       self.names.scored: "scored", self.names.deliveries: "deliveries",
                       self.names.silences: "silences"}
         self.store = LiveStore(cfg)
-        self.status = FeedStatus(bootstrap_servers=kafka.bootstrap_servers)
+        self._status = FeedStatus(bootstrap_servers=kafka.bootstrap_servers)
         self._positions: dict[TopicPartition, int] = {}
         # Each partition's history: from where reading started to its end when the first fetch answered.
         self._history_start: dict[TopicPartition, int] = {}
@@ -93,8 +111,15 @@ class LiveFeed:
         self._stop.set()
         self._thread.join(timeout_s)
 
+    @property
+    def status(self) -> FeedStatus:
+        return self._status.as_of(time.time())
+
     def _set(self, **changes) -> None:
-        self.status = replace(self.status, updated_at=time.time(), **changes)
+        self._status = replace(self._status, updated_at=time.time(), **changes)
+
+    def _answered(self) -> None:
+        self._set(answered_at=time.time())
 
     # -------------------------------------------------------- the thread
 
@@ -107,13 +132,14 @@ class LiveFeed:
                     bootstrap_servers=self.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
                     client_id="finpulse-dashboard", request_timeout_ms=10_000, bootstrap_timeout_ms=5_000,
                     max_poll_records=5_000, reconnect_backoff_max_ms=2_000)
+                self._answered()       # it bootstrapped: the broker answered
                 self._follow(consumer)
                 backoff = 0.5
             except (KafkaError, OSError, ValueError) as exc:
                 # kafka-python reports an unreachable broker as several different errors; all mean "retry".
                 self._set(state="unreachable", message=f"Kafka at {self.kafka.bootstrap_servers} is unreachable "
                           f"({type(exc).__name__}: {str(exc)[:160]}); retrying every few seconds…")
-                log.warning("dashboard feed: %s", self.status.message)
+                log.warning("dashboard feed: %s", self._status.message)
                 self._stop.wait(backoff)
                 backoff = min(_MAX_BACKOFF_S, backoff * 2)
             except Exception:  # the feed must outlive any surprise; the page shows a plain message
@@ -134,7 +160,7 @@ class LiveFeed:
         assigned: set[TopicPartition] = set()
         last_meta = 0.0
         read_since, read_count = time.monotonic(), 0
-        records_read = dict(self.status.records_read)
+        records_read = dict(self._status.records_read)
         while not self._stop.is_set():
             if time.monotonic() - last_meta > _METADATA_EVERY_S:
                 last_meta = time.monotonic()
@@ -144,6 +170,8 @@ class LiveFeed:
                 self._stop.wait(1.0)
                 continue
             batches = consumer.poll(timeout_ms=500, max_records=5_000)
+            if batches:
+                self._answered()
             for tp, records in batches.items():
                 kind = self.kinds[tp.topic]
                 for record in records:
@@ -153,7 +181,7 @@ class LiveFeed:
                 self._positions[tp] = records[-1].offset + 1
                 records_read[kind] = records_read.get(kind, 0) + len(records)
                 read_count += len(records)
-            if not self.status.loaded:
+            if not self._status.loaded:
                 self._measure_history(consumer, assigned)
             elapsed = time.monotonic() - read_since
             if elapsed >= 2.0:
@@ -180,7 +208,7 @@ class LiveFeed:
         if missing:
             self._set(state="waiting", message=f"waiting for topic(s) {', '.join(missing)} to exist on "
                       f"{self.kafka.bootstrap_servers} (is the worker running?)")
-        elif self.status.state != "live":
+        elif self._status.state != "live":
             self._set(state="live", message=f"following {self.kafka.bootstrap_servers}")
         return wanted
 
@@ -236,7 +264,9 @@ class LiveFeed:
                   deadletter_count=self._topic_size(consumer, self.names.deadletter))
 
     def _worker_lag(self, consumer: KafkaConsumer) -> dict[str, int] | None:
-        """The worker group's committed offsets on the input topics against their end offsets."""
+        """The worker group's committed offsets on the input topics against their end offsets. Asking for the
+        committed offsets is also how the feed knows the broker answers: kafka-python may serve ends and
+        partitions from what it knew, without asking."""
         try:
             if self._admin is None:
                 self._admin = KafkaAdminClient(bootstrap_servers=self.kafka.bootstrap_servers,
@@ -245,6 +275,7 @@ class LiveFeed:
         except (KafkaError, OSError, ValueError) as exc:
             log.debug("worker lag unavailable: %s", exc)
             return None
+        self._answered()
         lag: dict[str, int] = {}
         for topic in self.names.inputs:
             parts = consumer.partitions_for_topic(topic) or set()

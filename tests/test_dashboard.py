@@ -36,6 +36,8 @@ from stream.config import Settings
 from stream.records import utcnow
 from stream.topics import TopicNames, ensure_topics
 from tests.dashboard_data import SHOCK_TOPIC, TICKERS, Synthetic, produce, synthesize
+from tests.network import BrokerLink
+from tests.procs import isolated_settings
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 WAIT_S = 60
@@ -483,6 +485,41 @@ def test_unreachable_kafka_says_so_and_recovers_when_it_appears(monkeypatch, tmp
         produce(settings, synthesize(utcnow()))
         run_until(at, lambda a: any(m.startswith("**1. ") for m in _ranked(a)), "data after Kafka came up")
         assert not any("unreachable" in w.value for w in at.warning)
+
+
+@pytest.mark.parametrize("outage", ["refuse", "blackhole"])
+def test_a_broker_lost_mid_session_is_said_with_the_data_kept_and_the_feed_resumes(monkeypatch, tmp_path, outage):
+    """The broker goes away while an analyst watches (a restart, or a partition: kafka-python's poll just returns
+    nothing, as on a quiet stream, and the page used to say "live" all along): the page says Kafka is unreachable
+    and keeps what it had read, then follows again once the broker is back, new data included."""
+    link_port, broker_port = free_port(), free_port()
+    with BrokerLink(link_port, broker_port) as link, \
+            EmbeddedBroker(broker_port, log_file=tmp_path / "tansu.log", advertised_port=link_port) as own_broker:
+        settings = isolated_settings(own_broker.bootstrap_servers, tmp_path)
+        produce(settings, synthesize(utcnow()))
+        _env_for(monkeypatch, settings)
+        at = AppTest.from_function(_view_script, args=("overview",), default_timeout=60)
+        run_until(at, lambda a: _ranked(a), "the ranking")
+        ranked, as_of = _ranked(at), _live_as_of(at)
+        assert as_of, [c.value for c in at.caption]
+        link.cut(outage)
+        run_until(at, lambda a: any("unreachable" in w.value or "has not answered" in w.value for w in a.warning),
+                  "that Kafka is unreachable")
+        assert _ranked(at) == ranked
+        assert any("Not updating while Kafka is unreachable" in c.value for c in at.caption)
+        link.restore()
+        produce(settings, synthesize(utcnow()))
+        run_until(at, lambda a: not a.warning and _live_as_of(a) not in (None, as_of),
+                  "the feed following again, with what was published after the outage")
+
+
+def _live_as_of(at: AppTest) -> str | None:
+    """The time of the newest data in the freshness line, when that line says the data is live."""
+    for caption in at.caption:
+        found = re.match(r":green\[●\] .*\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\)", caption.value)
+        if found:
+            return found.group(1)
+    return None
 
 
 def test_stale_data_says_how_old_and_whether_the_worker_is_behind(fp_settings, monkeypatch):
