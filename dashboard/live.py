@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from stream.client_logs import tame_kafka_client_logs
 from stream.config import KafkaSettings
 from stream.topics import TopicNames
 
@@ -104,6 +105,7 @@ class LiveFeed:
         self._thread = threading.Thread(target=self._run, name="finpulse-dashboard-feed", daemon=True)
 
     def start(self) -> "LiveFeed":
+        tame_kafka_client_logs()     # the dashboard runs in Streamlit's process, not under the finpulse command
         self._thread.start()
         return self
 

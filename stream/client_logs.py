@@ -30,18 +30,20 @@ class RepeatLimiter(logging.Filter):
         super().__init__()
         self.window_s = window_s
         self._lock = threading.Lock()
-        self._kinds: dict[tuple[str, int, str], list] = {}   # kind -> [window start, repeats, first record]
+        self._kinds: dict[tuple[str, int, str], list] = {}   # kind -> [window start, repeats, (first record, its message)]
         self._flusher: threading.Thread | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "finpulse_summary", False):
             return True
-        kind = (record.name, record.levelno, _NUMBERS.sub("#", record.getMessage()))
+        message = record.getMessage()
+        kind = (record.name, record.levelno, _NUMBERS.sub("#", message))
         now = time.monotonic()
         with self._lock:
             seen = self._kinds.get(kind)
             if seen is None or now - seen[0] >= self.window_s and seen[1] == 0:
-                self._kinds[kind] = [now, 0, record]
+                # The message as logged: its arguments (a connection, say) may read differently later.
+                self._kinds[kind] = [now, 0, (record, message)]
                 return True
             seen[1] += 1
             self._start_flusher()
@@ -71,10 +73,10 @@ class RepeatLimiter(logging.Filter):
                 if repeats and (not due_only or now - started >= self.window_s):
                     due.append((first, repeats, now - started))
                     seen[0], seen[1] = now, 0
-        for first, repeats, span in due:
+        for (first, message), repeats, span in due:
             summary = logging.LogRecord(first.name, first.levelno, first.pathname, first.lineno,
                                         "%s (%d more like it in the last %.0f s, not shown)",
-                                        (first.getMessage(), repeats, span), None)
+                                        (message, repeats, span), None)
             summary.finpulse_summary = True
             logging.getLogger(first.name).handle(summary)
         return len(due)

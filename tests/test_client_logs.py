@@ -50,3 +50,24 @@ def test_every_client_logger_gets_the_limiter_and_keeps_warning_as_its_floor():
         assert limiter in logging.getLogger(name).filters, name
     assert logging.getLogger("aiokafka").getEffectiveLevel() >= logging.WARNING
     assert tame_kafka_client_logs() is limiter and logging.getLogger("aiokafka.conn").filters.count(limiter) == 1
+
+
+def test_a_summary_quotes_the_first_message_as_it_was_logged():
+    class Connection:
+        state = "open"
+
+        def __repr__(self):
+            return f"<Connection ({self.state})>"
+
+    logger = logging.getLogger("finpulse-test.first-message")
+    logger.propagate = False
+    kept, limiter = Kept(), RepeatLimiter(window_s=60)
+    logger.addHandler(kept)
+    logger.addFilter(limiter)
+    connection = Connection()
+    logger.error("%r: socket disconnected", connection)
+    logger.error("%r: socket disconnected", connection)
+    connection.state = "closed"
+    assert limiter.flush() == 1
+    assert kept.messages == ["<Connection (open)>: socket disconnected",
+                             "<Connection (open)>: socket disconnected (1 more like it in the last 0 s, not shown)"]
