@@ -8,6 +8,8 @@ processes, default [aggregate] and [detect] settings.
   at-least-once producer would), then a restart: the final windows (topic and ticker) are those of an uninterrupted
   run on the same input, and both equal the pure ``WindowAggregator`` over the same records (so the tables were
   recovered from their changelog and no message was counted twice).
+- A broker outage (15 s, connections refused) in the middle of the backlog leaves the same final windows, the same
+  worker carrying on.
 - A SIGTERM in the middle of the backlog (batches are publishing trends when it lands) and a restart leave the same
   final windows: a stopping worker finishes each batch's table writes before Faust acks it.
 - A worker stopped and started with another model recovers its detection state and relearns the baselines of the
@@ -32,8 +34,10 @@ from stream.records import (AlertRecord, ScoredRecord, TrendRecord, format_time,
                             severity_rank)
 from stream.simulate import Shock, generate, shock_truth
 from stream.topics import TopicNames, ensure_topics
-from tests.procs import (consumer_lag, json_values, read_all, run_finpulse, start_worker, wait_for_records,
-                         wait_until_consumed, with_section)
+from stream.broker import EmbeddedBroker, free_port
+from tests.network import BrokerLink
+from tests.procs import (consumer_lag, isolated_settings, json_values, read_all, run_finpulse, start_worker,
+                         wait_for_records, wait_until_consumed, with_section)
 
 pytestmark = pytest.mark.slow
 
@@ -216,11 +220,13 @@ def comparable(trend: TrendRecord) -> dict:
 
 
 def live_final_trends(settings: Settings, tmp_path, expected: dict[str, TrendRecord],
-                      kill_after: int = 0, graceful: bool = False) -> tuple[dict[str, TrendRecord], str]:
+                      kill_after: int = 0, graceful: bool = False,
+                      outage: tuple[BrokerLink, str] | None = None) -> tuple[dict[str, TrendRecord], str]:
     """(final trends by window id, the last worker's output) of one live run over the simulated input, which waits
     as a backlog when the worker starts. With ``kill_after``, the worker is killed (-9; SIGTERM when ``graceful``)
     once that many windows closed, part of the input is delivered again, the rest of the input arrives, and a new
-    worker takes over."""
+    worker takes over. With ``outage`` (the link the broker is reached through, and how to cut it), the broker is
+    unreachable for 15 s instead, and the same worker carries on."""
     names = TopicNames(settings.kafka.topic_prefix)
     messages = simulated_input()
     produce(settings, messages[:FIRST_PART] if kill_after else messages)
@@ -230,13 +236,20 @@ def live_final_trends(settings: Settings, tmp_path, expected: dict[str, TrendRec
         if kill_after:
             seen = wait_for_records(settings, names.trends, lambda rs: len(finals(rs)) >= kill_after, timeout=300,
                                     what=f"{kill_after} final windows before the kill")
-            if graceful:
+            if outage:
+                link, mode = outage
+                link.cut(mode)
+                time.sleep(15)
+                link.restore()
+                assert worker.running(), worker.tail()
+            elif graceful:
                 assert worker.stop() == 0, worker.tail()
             else:
                 worker.kill()
             assert not done(seen), "the worker finished before it could be stopped mid-stream"
             produce(settings, messages[REDELIVERED] + messages[FIRST_PART:])
-            worker = start_worker(settings, tmp_path, "worker-restarted")
+            if not outage:
+                worker = start_worker(settings, tmp_path, "worker-restarted")
         try:
             wait_for_records(settings, names.trends, done, timeout=300, what="every expected final window")
         except AssertionError as exc:
@@ -345,6 +358,20 @@ def test_sigterm_mid_backlog_and_restart_leaves_the_same_tables(fp_settings, tmp
     restarted, _ = live_final_trends(isolated(fp_settings, tmp_path, "sigterm"), tmp_path, expected,
                                      kill_after=len(expected) // 4, graceful=True)
     assert {wid: comparable(t) for wid, t in restarted.items()} == {wid: comparable(t) for wid, t in expected.items()}
+
+
+def test_a_broker_outage_mid_backlog_leaves_the_same_tables(tmp_path):
+    """The broker refuses connections for 15 s while batches are publishing trends and writing tables (some writes
+    and commits fail, some batches are consumed again): the final windows are the pure aggregator's, and none
+    counts a message twice."""
+    link_port, broker_port = free_port(), free_port()
+    with BrokerLink(link_port, broker_port) as link, \
+            EmbeddedBroker(broker_port, log_file=tmp_path / "tansu.log", advertised_port=link_port) as own_broker:
+        settings = isolated_settings(own_broker.bootstrap_servers, tmp_path)
+        expected = expected_final_trends(settings)
+        after, _ = live_final_trends(settings, tmp_path, expected, kill_after=len(expected) // 4,
+                                     outage=(link, "refuse"))
+    assert {wid: comparable(t) for wid, t in after.items()} == {wid: comparable(t) for wid, t in expected.items()}
 
 
 def test_a_topic_that_goes_quiet_still_closes_its_window_while_the_stream_moves_on(fp_settings, tmp_path):
