@@ -6,7 +6,8 @@ fetch, metadata refresh and coordinator lookup at ERROR: a worker logged about 1
 burying everything else and filling disks. ``RepeatLimiter`` lets the first record of each kind through, counts the
 repeats, and logs one summary per kind every ``window_s`` seconds while they go on ("... 183 more like it in the last
 30 s"). A kind is the message with its numbers blanked, per logger and level, so a reconnect to another port or node
-is the same kind. Every ``finpulse`` command installs it (``tame_kafka_client_logs``).
+is the same kind. Every ``finpulse`` command installs it (``tame_kafka_client_logs``), and so does the dashboard's
+feed, which runs in Streamlit's process.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class RepeatLimiter(logging.Filter):
         now = time.monotonic()
         with self._lock:
             seen = self._kinds.get(kind)
-            if seen is None or now - seen[0] >= self.window_s and seen[1] == 0:
+            if seen is None or (now - seen[0] >= self.window_s and seen[1] == 0):
                 # The message as logged: its arguments (a connection, say) may read differently later.
                 self._kinds[kind] = [now, 0, (record, message)]
                 return True

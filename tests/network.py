@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class BrokerLink:
@@ -23,8 +24,6 @@ class BrokerLink:
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
-        self._closed = False
-        self.connections = 0
 
     def start(self) -> "BrokerLink":
         self._listen()
@@ -53,7 +52,6 @@ class BrokerLink:
             except OSError:
                 client.close()
                 continue
-            self.connections += 1
             self._track(client, upstream)
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True, name="link-pump").start()
@@ -69,7 +67,7 @@ class BrokerLink:
                 if not data:
                     break
                 while self.mode == "blackhole":
-                    threading.Event().wait(0.05)     # hold the bytes; a partition delivers nothing
+                    time.sleep(0.05)                 # hold the bytes; a partition delivers nothing
                 sink.sendall(data)
         except OSError:
             pass
