@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import BrokerResponseError, KafkaError, RequestTimedOutError
 
 from stream.client_logs import tame_kafka_client_logs
 from stream.config import KafkaSettings
@@ -79,6 +79,13 @@ class FeedStatus:
         return replace(self, state="unreachable", message=(
             f"Kafka at {self.bootstrap_servers} has not answered for {silent_s:.0f} s; retrying. What is shown "
             f"is what was read until then."))
+
+
+def broker_answered(exc: BaseException) -> bool:
+    """Whether a failed request still had an answer from the broker: an error it sent back (a group the dashboard's
+    user may not describe, say), not a connection that failed or a request that timed out. A broker that refuses
+    the worker group's offsets on a quiet stream must not read as gone."""
+    return isinstance(exc, BrokerResponseError) and not isinstance(exc, RequestTimedOutError)
 
 
 class LiveFeed:
@@ -276,6 +283,8 @@ class LiveFeed:
             committed = self._admin.list_group_offsets({self.worker_group: None}).get(self.worker_group, {})
         except (KafkaError, OSError, ValueError) as exc:
             log.debug("worker lag unavailable: %s", exc)
+            if broker_answered(exc):
+                self._answered()
             return None
         self._answered()
         lag: dict[str, int] = {}

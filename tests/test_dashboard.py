@@ -19,11 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from kafka import KafkaProducer
+from kafka import errors as kafka_errors
 from streamlit.testing.v1 import AppTest
 
 from dashboard import charts
 from dashboard import shaping as sh
 from dashboard.cli import settings_environ, streamlit_command
+from dashboard.live import SILENT_AFTER_S, FeedStatus, broker_answered
 from dashboard.model_card import confusion_matrices, head_reports, metric_table
 from dashboard.pages import unusual_line
 from dashboard.settings import DashboardSettings
@@ -511,6 +513,20 @@ def test_a_broker_lost_mid_session_is_said_with_the_data_kept_and_the_feed_resum
         produce(settings, synthesize(utcnow()))
         run_until(at, lambda a: not a.warning and _live_as_of(a) not in (None, as_of),
                   "the feed following again, with what was published after the outage")
+
+
+def test_a_feed_is_unreachable_after_a_silence_and_a_refusal_from_the_broker_is_an_answer():
+    now = time.time()
+    live = FeedStatus(state="live", message="following", bootstrap_servers="kafka:9092", answered_at=now - 3)
+    assert live.as_of(now) is live and live.as_of(now).reachable
+    silent = live.as_of(now + SILENT_AFTER_S)
+    assert silent.state == "unreachable" and not silent.reachable
+    assert silent.message.startswith(f"Kafka at kafka:9092 has not answered for {SILENT_AFTER_S + 3:.0f} s; retrying")
+    assert FeedStatus(state="connecting").as_of(now).state == "connecting"      # no answer yet: not silent
+    assert broker_answered(kafka_errors.GroupAuthorizationFailedError())
+    for no_answer in (kafka_errors.KafkaConnectionError(), kafka_errors.NodeNotReadyError(),
+                      kafka_errors.KafkaTimeoutError(), kafka_errors.RequestTimedOutError(), OSError()):
+        assert not broker_answered(no_answer), no_answer
 
 
 def _live_as_of(at: AppTest) -> str | None:
