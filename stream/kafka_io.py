@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from .config import KafkaSettings
 from .records import epoch_ms
@@ -69,6 +69,12 @@ class DeliveryStalled(KafkaTimeoutError):
         self.delivered = delivered
 
 
+def gave_up_retrying(error: BaseException) -> bool:
+    """Whether aiokafka failed a send only because its retries ran out (a retriable error, or its timeout), not
+    because the broker refused the record (too large, not authorised, ...)."""
+    return isinstance(error, KafkaTimeoutError) or (isinstance(error, KafkaError) and error.retriable)
+
+
 class RecordSender:
     """An async producer that remembers every delivery future until ``flush()``.
 
@@ -76,7 +82,9 @@ class RecordSender:
     beyond that ``send`` waits for the oldest ones, so memory stays bounded on endless inputs. aiokafka retries a
     record for ever while its partition's leader is known but unreachable (it has no ``delivery.timeout.ms``): when
     the broker takes none of the waiting records for ``[kafka] delivery_timeout_s``, ``send`` or ``flush`` raises
-    ``DeliveryStalled``; ``delivered`` counts what the broker took until then.
+    ``DeliveryStalled``; ``delivered`` counts what the broker took until then. The producer's request timeout is the
+    same setting, so aiokafka may give a record up first, with the retriable error it last met (the node not ready,
+    the connection lost, a timeout): that is the same stall, and raises the same ``DeliveryStalled``.
     """
 
     def __init__(self, kafka: KafkaSettings, client_id: str = "finpulse", linger_ms: int = 5,
@@ -114,7 +122,10 @@ class RecordSender:
         try:
             future = await self._producer.send(topic, value, key=key, partition=partition,
                                                timestamp_ms=kafka_timestamp_ms(event_time))
-        except KafkaTimeoutError:   # no room in the buffer for the request timeout: the broker takes nothing
+        except KafkaError as exc:
+            if not gave_up_retrying(exc):
+                raise
+            # No room in the buffer, or no metadata, for the request timeout: the broker takes nothing.
             self._abandon(self._pending)
             raise self._stalled(len(self._pending)) from None
         self._pending.append(future)
@@ -132,9 +143,14 @@ class RecordSender:
             if not done:
                 self._abandon(waiting)
                 raise self._stalled(len(waiting))
-            for future in done:
-                future.result()
-                self.delivered += 1
+            failed = [future for future in done if future.exception() is not None]
+            self.delivered += len(done) - len(failed)
+            if failed:
+                self._abandon(waiting)
+                error = failed[0].exception()
+                if gave_up_retrying(error):
+                    raise self._stalled(len(waiting) + len(failed)) from error
+                raise error
         return len(pending)
 
     def _stalled(self, waiting: int) -> DeliveryStalled:

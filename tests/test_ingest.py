@@ -2,6 +2,7 @@
 with ETag/Last-Modified) and ``finpulse simulate`` (the generator and the command), all against the real broker."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
@@ -19,9 +20,11 @@ from models.baseline import KeywordBaselineScorer
 from stream.broker import EmbeddedBroker
 from stream.config import ConfigError
 from stream.ingest import ingest_file, ingest_rss
+from stream.kafka_io import DeliveryStalled, RecordSender, gave_up_retrying
 from stream.records import epoch_ms, parse_input
 from stream.simulate import COMMENTS, HEADLINES, WORLD, Shock, generate, shock_truth
-from tests.procs import ManagedProcess, read_all, run_finpulse, run_without_broker
+from stream.topics import TopicNames
+from tests.procs import ManagedProcess, isolated_settings, read_all, run_finpulse, run_without_broker
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 
@@ -127,6 +130,31 @@ def test_an_ingest_whose_broker_went_away_stops_and_says_how_far_it_got(tmp_path
     assert code == 2 and took and "took none of the" in output and "delivery_timeout_s" in output, ingest.tail()
     assert int(took[1]) <= int(took[2]) < lines, f"the file was ingested before the broker stopped: {took[0]}"
     assert "Run the same command again" in output and "never retrieved" not in output, ingest.tail()
+
+
+def test_a_send_the_producer_gives_up_on_first_is_the_same_stall(tmp_path):
+    """The producer's request timeout and the sender's stall timer are both ``delivery_timeout_s``: when aiokafka's
+    runs out first it fails the records with the retriable error it last met (NodeNotReadyError), which reached the
+    command as "refused the request" instead of the stall and its counts (seen in a fresh-clone CI run). Here aiokafka's
+    always runs out first: the sender still raises ``DeliveryStalled``, with what the broker had taken."""
+    async def send_until_stalled(broker, topic) -> DeliveryStalled:
+        async with RecordSender(settings.kafka) as sender:
+            sender._stall_timeout_s = 60            # aiokafka gives up after 2 s, long before this
+            for i in range(500):
+                await sender.send(topic, b"taken", key=str(i).encode())
+            await sender.flush()
+            broker.stop()
+            with pytest.raises(DeliveryStalled) as stalled:
+                for i in range(500):
+                    await sender.send(topic, b"never taken", key=str(i).encode())
+                await sender.flush()
+            return stalled.value
+
+    with EmbeddedBroker(log_file=tmp_path / "tansu.log") as own_broker:
+        settings = isolated_settings(own_broker.bootstrap_servers, tmp_path, kafka={"delivery_timeout_s": 2})
+        stalled = asyncio.run(send_until_stalled(own_broker, TopicNames(settings.kafka.topic_prefix).news))
+    assert stalled.delivered == 500 and "took none of the 500 records waiting for it" in str(stalled)
+    assert gave_up_retrying(stalled.__cause__), repr(stalled.__cause__)
 
 
 # ---------------------------------------------------------------- RSS
