@@ -114,7 +114,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from stream.config import ConfigError, Settings
 from stream.kafka_io import stop_client
 from stream.metrics import REGISTRY, Family, counter, gauge_family, histogram
-from stream.ops import LAG_HELP, READINESS, OpsServer, unanswered_for
+from stream.ops import LAG_HELP, READINESS, OpsServer, broker_silence
 from stream.records import AlertRecord, format_time, severity_rank, utcnow
 from stream.topics import TopicNames, ensure_topics
 
@@ -340,10 +340,9 @@ class Dispatcher:
             return False, (f"joining consumer group {self.group_id} and reading {self.names.deliveries} to its end")
         if self._consumer._coordinator.coordinator_id is None:
             return False, "the Kafka group coordinator is unknown: the broker does not answer"
-        silent_s = unanswered_for(self._consumer)
-        if silent_s > self.kafka.session_timeout_s:
-            return False, (f"the broker has not answered for {silent_s:.0f} s (requests waiting; more than the "
-                           f"{self.kafka.session_timeout_s:g} s session timeout)")
+        silence = broker_silence(self._consumer, self.kafka.session_timeout_s)
+        if silence:
+            return False, silence
         return True, f"group {self.group_id} owns alerts partitions {sorted(self._owned)}"
 
     def _metric_families(self) -> list[Family]:

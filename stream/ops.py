@@ -164,11 +164,20 @@ def _faust_broker_state(app) -> tuple[bool, str]:
         return False, "the Kafka consumer has not started yet"
     if coordinator.coordinator_id is None:
         return False, "the Kafka group coordinator is unknown: the broker does not answer"
-    silent_s = unanswered_for(consumer)
-    if silent_s > app.conf.broker_session_timeout:
-        return False, (f"the broker has not answered for {silent_s:.0f} s (requests waiting; more than the "
-                       f"{app.conf.broker_session_timeout:g} s session timeout)")
+    silence = broker_silence(consumer, app.conf.broker_session_timeout)
+    if silence:
+        return False, silence
     return True, f"group coordinator is broker {coordinator.coordinator_id}"
+
+
+def broker_silence(consumer, session_timeout_s: float) -> str | None:
+    """Why the broker counts as gone for ``consumer`` (an aiokafka consumer) though nothing failed yet: a request
+    has waited longer than the session timeout for an answer. None while it answers."""
+    silent_s = unanswered_for(consumer)
+    if silent_s <= session_timeout_s:
+        return None
+    return (f"the broker has not answered for {silent_s:.0f} s (requests waiting; more than the "
+            f"{session_timeout_s:g} s session timeout)")
 
 
 def unanswered_for(consumer) -> float:

@@ -1,8 +1,7 @@
 """A TCP link a test can cut: clients reach the broker through it, and ``cut()`` makes the broker unreachable as a
 broker restart or a network outage would, until ``restore()``.
 
-    link = BrokerLink(listen_port, broker_port).start()
-    with EmbeddedBroker(broker_port, advertised_port=listen_port):      # clients are told to come through the link
+    with broker_behind_link(tmp_path / "tansu.log") as (link, broker):   # clients are told to come through the link
         ...
         link.cut("refuse")      # open connections reset, new ones refused: the broker restarting
         link.cut("blackhole")   # open connections go silent, new ones hang: a network partition
@@ -15,6 +14,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from stream.broker import EmbeddedBroker, free_port
 
 
 class BrokerLink:
@@ -127,3 +131,13 @@ class BrokerLink:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def broker_behind_link(log_file: Path) -> Iterator[tuple[BrokerLink, EmbeddedBroker]]:
+    """A broker of the test's own whose clients all reach it through a ``BrokerLink``: its
+    ``bootstrap_servers`` is the link's address, and so is the address it advertises."""
+    link_port, broker_port = free_port(), free_port()
+    with BrokerLink(link_port, broker_port) as link, \
+            EmbeddedBroker(broker_port, log_file=log_file, advertised_port=link_port) as broker:
+        yield link, broker

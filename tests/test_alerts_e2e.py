@@ -34,8 +34,7 @@ from stream.records import (AlertRecord, ScoredRecord, TrendRecord, format_time,
                             severity_rank)
 from stream.simulate import Shock, generate, shock_truth
 from stream.topics import TopicNames, ensure_topics
-from stream.broker import EmbeddedBroker, free_port
-from tests.network import BrokerLink
+from tests.network import BrokerLink, broker_behind_link
 from tests.procs import (consumer_lag, isolated_settings, json_values, read_all, run_finpulse, start_worker,
                          wait_for_records, wait_until_consumed, with_section)
 
@@ -364,9 +363,7 @@ def test_a_broker_outage_mid_backlog_leaves_the_same_tables(tmp_path):
     """The broker refuses connections for 15 s while batches are publishing trends and writing tables (some writes
     and commits fail, some batches are consumed again): the final windows are the pure aggregator's, and none
     counts a message twice."""
-    link_port, broker_port = free_port(), free_port()
-    with BrokerLink(link_port, broker_port) as link, \
-            EmbeddedBroker(broker_port, log_file=tmp_path / "tansu.log", advertised_port=link_port) as own_broker:
+    with broker_behind_link(tmp_path / "tansu.log") as (link, own_broker):
         settings = isolated_settings(own_broker.bootstrap_servers, tmp_path)
         expected = expected_final_trends(settings)
         after, _ = live_final_trends(settings, tmp_path, expected, kill_after=len(expected) // 4,

@@ -38,7 +38,7 @@ from stream.config import Settings
 from stream.records import utcnow
 from stream.topics import TopicNames, ensure_topics
 from tests.dashboard_data import SHOCK_TOPIC, TICKERS, Synthetic, produce, synthesize
-from tests.network import BrokerLink
+from tests.network import broker_behind_link
 from tests.procs import isolated_settings
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -494,9 +494,7 @@ def test_a_broker_lost_mid_session_is_said_with_the_data_kept_and_the_feed_resum
     """The broker goes away while an analyst watches (a restart, or a partition: kafka-python's poll just returns
     nothing, as on a quiet stream, and the page used to say "live" all along): the page says Kafka is unreachable
     and keeps what it had read, then follows again once the broker is back, new data included."""
-    link_port, broker_port = free_port(), free_port()
-    with BrokerLink(link_port, broker_port) as link, \
-            EmbeddedBroker(broker_port, log_file=tmp_path / "tansu.log", advertised_port=link_port) as own_broker:
+    with broker_behind_link(tmp_path / "tansu.log") as (link, own_broker):
         settings = isolated_settings(own_broker.bootstrap_servers, tmp_path)
         produce(settings, synthesize(utcnow()))
         _env_for(monkeypatch, settings)

@@ -34,7 +34,7 @@ from stream.kafka_io import read_topic_async
 from stream.records import AlertRecord, format_time, utcnow
 from tests.exposition import probe, scrape
 from stream.topics import TopicNames
-from tests.network import BrokerLink
+from tests.network import broker_behind_link
 from tests.procs import ManagedProcess, isolated_settings
 from tests.test_formats import make_alert as formats_alert
 
@@ -734,12 +734,10 @@ def test_a_broker_outage_mid_delivery_delays_alerts_but_delivers_each_once(tmp_p
     say so wait for the broker), its /readyz says the broker is gone, and every alert reaches the receiver exactly
     once (by webhook id), each resolve after its firing."""
     secret, port = generate_secret(), free_port()
-    link_port, broker_port = free_port(), free_port()
     alerts = [make_alert(status, id=f"o-{i}", key=f"Topic {i}") for i in range(8) for status in ("firing", "resolved")]
     store = tmp_path / "received.jsonl"
     procs: list[ManagedProcess] = []
-    with BrokerLink(link_port, broker_port) as link, \
-            EmbeddedBroker(broker_port, log_file=tmp_path / "tansu.log", advertised_port=link_port) as own_broker:
+    with broker_behind_link(tmp_path / "tansu.log") as (link, own_broker):
         settings = isolated_settings(own_broker.bootstrap_servers, tmp_path)
         names = TopicNames(settings.kafka.topic_prefix)
         env = kafka_env(settings, endpoints=[{"name": "desk", "url": f"http://127.0.0.1:{port}/webhook",

@@ -25,7 +25,7 @@ from stream.simulate import Shock, SimMessage, generate
 from stream.topics import TopicNames
 from stream.broker import EmbeddedBroker, free_port
 from tests.exposition import probe, scrape
-from tests.network import BrokerLink
+from tests.network import broker_behind_link
 from tests.procs import (WORKER_READY, consumer_lag, isolated_settings, json_values, read_all, run_finpulse,
                          start_finpulse, start_worker, until_ids, wait_for_records, wait_until_consumed, with_section)
 
@@ -186,10 +186,9 @@ def test_a_worker_rides_out_a_broker_outage_and_scores_every_message(tmp_path, o
     network partition (nothing passes, nothing is refused): the worker keeps running, /readyz says why it is not
     ready while the broker is gone, and once it is back every message is scored. The clients' retries show as a
     few lines and a summary (about 1,100 lines in such an outage before ``stream.client_logs``)."""
-    link_port, broker_port, web_port = free_port(), free_port(), free_port()
+    web_port = free_port()
     messages = simulated(seed=7, count=3_000)
-    with BrokerLink(link_port, broker_port) as link, \
-            EmbeddedBroker(broker_port, log_file=tmp_path / "tansu.log", advertised_port=link_port) as own_broker:
+    with broker_behind_link(tmp_path / "tansu.log") as (link, own_broker):
         settings = isolated_settings(own_broker.bootstrap_servers, tmp_path, worker={"web_port": web_port})
         topics = TopicNames(settings.kafka.topic_prefix)
         with start_worker(settings, tmp_path) as worker:
