@@ -672,9 +672,12 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 open_keys.pop(key_bytes, None)
         await table.writes_delivered()
 
-    def resume_partials() -> None:
+    def resume_partials(why: str) -> None:
         """A backlog has drained: the windows still open are republished, whether or not a message touches them."""
-        partials.resume((key_bytes, (table.get(key_bytes) or {}).get("windows", ())) for key_bytes in open_keys)
+        open_windows = [(key_bytes, (table.get(key_bytes) or {}).get("windows", ())) for key_bytes in open_keys]
+        partials.resume(open_windows)
+        log.info("%s aggregation: %s; publishing the running figures of its %d open window(s) again", key_type, why,
+                 sum(len(windows) for _, windows in open_windows))
 
     async def process(events) -> None:
         by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
@@ -694,6 +697,9 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
         async with exclusive:
             now = time.time()
             if behind:
+                if partials.held_since is None:
+                    log.info("%s aggregation: draining a backlog (%d messages unread); running figures only for "
+                             "windows the clock has not passed until it has drained", key_type, backlog)
                 partials.hold(now)
             for partition, t_ms in moves_to.items():
                 stream_clock.saw(partition, t_ms, now, newest[partition])
@@ -715,7 +721,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                              key_type, key, result.duplicates)
             await commit(states, closed)
             if partials.held_since is not None and not behind:
-                resume_partials()
+                resume_partials("the backlog has drained")
 
     @app.agent(source, name=f"aggregate-{key_type}")
     async def aggregate(stream):
@@ -749,29 +755,51 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 partials.note(key_bytes, state.windows)    # its figures now, then refreshed from here on
         partials.keep_only(mine)
 
-    async def close_what_is_due() -> float:
-        """Close the windows whose grace has passed (keys with no new messages too); returns the time it used."""
+    async def close_what_is_due(now: float) -> None:
+        """Close the windows whose grace has passed (keys with no new messages too)."""
+        states, closed = {}, []
+        for key_bytes, (partition, watermark_ms, next_close_ms) in list(open_keys.items()):
+            stream_ms = stream_clock.time_for(partition, now)
+            if stream_ms is None or not aggregator.would_follow(watermark_ms, next_close_ms, stream_ms):
+                continue
+            state = KeyWindows.from_dict(table.get(key_bytes))
+            if aggregator.follow_stream(state, stream_ms, now):
+                states[key_bytes] = state
+                unsettled.add(key_bytes)
+        for key_bytes in list(unsettled):
+            state = states.get(key_bytes) or KeyWindows.from_dict(table.get(key_bytes))
+            waiting = len(state.pending)
+            closed += aggregator.settle(key_bytes.decode("utf-8"), state, now)
+            if len(state.pending) != waiting:
+                states[key_bytes] = state
+        await commit(states, closed)
+        if partials.held_since is not None and now - partials.held_since > IDLE_PARTITION_S:
+            resume_partials(f"no message for {IDLE_PARTITION_S:.0f} s while draining")   # the scorer failed, say
+
+    async def publish_due_partials(now: float) -> None:
+        if now - clock["last_partials"] < config.partial_interval_s or not partials:
+            return
+        clock["last_partials"] = now
+        updates = []
+        for key_bytes, window_ids in partials.due(now).items():
+            value = table.get(key_bytes) or {}
+            partials.forget(key_bytes, window_ids - value.get("windows", {}).keys())
+            if value:
+                updates += aggregator.open_trends(key_bytes.decode("utf-8"), KeyWindows.from_dict(value), window_ids)
+        await publish(updates)
+
+    async def settle_and_publish() -> None:
+        # All of it under the agent's lock: the agent notes a batch's changed windows before it writes their
+        # states, and a partial read in between was the old state (a new window missing from it), published and
+        # counted as published, so never sent again (seen under load: a backlog's last windows never shown).
+        # Nor may a partial go out after the tombstone of its window, closed by a batch meanwhile.
         async with exclusive:
+            if clock["stock_taken_at"] != app.rebalancing_count:      # a start or a rebalance since the last look
+                take_stock()
+                clock["stock_taken_at"] = app.rebalancing_count
             now = time.time()
-            states, closed = {}, []
-            for key_bytes, (partition, watermark_ms, next_close_ms) in list(open_keys.items()):
-                stream_ms = stream_clock.time_for(partition, now)
-                if stream_ms is None or not aggregator.would_follow(watermark_ms, next_close_ms, stream_ms):
-                    continue
-                state = KeyWindows.from_dict(table.get(key_bytes))
-                if aggregator.follow_stream(state, stream_ms, now):
-                    states[key_bytes] = state
-                    unsettled.add(key_bytes)
-            for key_bytes in list(unsettled):
-                state = states.get(key_bytes) or KeyWindows.from_dict(table.get(key_bytes))
-                waiting = len(state.pending)
-                closed += aggregator.settle(key_bytes.decode("utf-8"), state, now)
-                if len(state.pending) != waiting:
-                    states[key_bytes] = state
-            await commit(states, closed)
-            if partials.held_since is not None and now - partials.held_since > IDLE_PARTITION_S:
-                resume_partials()      # the input stopped while draining (the scorer failed, say)
-        return now
+            await close_what_is_due(now)
+            await publish_due_partials(now)
 
     @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
     @finishes_before_stop(app)
@@ -781,21 +809,9 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
             # Partitions are moving and tables being recovered: writing a key now could be overwritten by its
             # changelog, or belong to another worker by the time it lands.
             return
-        if clock["stock_taken_at"] != app.rebalancing_count:      # a start or a rebalance since the last look
-            take_stock()
-            clock["stock_taken_at"] = app.rebalancing_count
         # A stop landing between the closed windows' publishing and their table writes reaching the changelog
         # would leave those writes queued on a stopping producer: the closing finishes first, like a batch.
-        now = await finish_batch(close_what_is_due())
-        if now - clock["last_partials"] >= config.partial_interval_s and partials:
-            clock["last_partials"] = now
-            updates = []
-            for key_bytes, window_ids in partials.due(now).items():
-                value = table.get(key_bytes) or {}
-                partials.forget(key_bytes, window_ids - value.get("windows", {}).keys())
-                if value:
-                    updates += aggregator.open_trends(key_bytes.decode("utf-8"), KeyWindows.from_dict(value), window_ids)
-            await publish(updates)
+        await finish_batch(settle_and_publish())
 
 
 def _follow_info(state: KeyWindows) -> tuple[int, int | None, int | None]:
