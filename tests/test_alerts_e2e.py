@@ -281,11 +281,17 @@ def test_a_backlog_publishes_no_running_figures_of_the_windows_it_closes(fp_sett
                    for wid, trend in still_open.items())
 
     produce(settings, simulated_input())
-    with start_worker(settings, tmp_path):
+    with start_worker(settings, tmp_path) as worker:
         wait_for_records(settings, names.trends, lambda records: set(expected) <= set(finals(records)), timeout=300,
                          what="every expected final window")
-        records = wait_for_records(settings, names.open_windows, shows_every_open_window, timeout=120,
-                                   what="the running figures of every window left open")
+        try:
+            records = wait_for_records(settings, names.open_windows, shows_every_open_window, timeout=120,
+                                       what="the running figures of every window left open")
+        except AssertionError as exc:
+            newest = latest(read_all(settings, names.open_windows))
+            raise AssertionError(f"{exc}\n{open_window_differences(still_open, newest)}\n"
+                                 f"committed/end: {consumer_lag(settings, _stream_topics(names))}\n"
+                                 f"the worker's log ends:\n{worker.tail(6000)}") from None
     published_early = {r.key.decode() for r in records if r.value is not None} & early
     assert not published_early, f"{len(published_early)} of the backlog's {len(early)} early windows were published"
     # The live worker also closes windows the pure one leaves open (quiet keys follow the stream's time), but none
@@ -332,6 +338,23 @@ def missing_windows(expected: dict[str, TrendRecord], got: dict[str, TrendRecord
     lines = [f"{key}: {len(trends)} window(s) from {min(t.window_start for t in trends):%H:%M:%S}"
              for key, trends in sorted(by_key.items())]
     return f"missing final windows ({sum(len(t) for t in by_key.values())}):\n" + "\n".join(lines)
+
+
+def open_window_differences(expected: dict[str, TrendRecord], newest: dict[str, TrendRecord | None]) -> str:
+    """How the newest running figures of the windows left open differ from the pure aggregator's (a failure
+    message): the windows never published, and for the others the fields that differ."""
+    never = sorted(wid for wid in expected if wid not in newest)
+    lines = [f"never published ({len(never)}): " + ", ".join(f"{expected[w].key_type}:{expected[w].key} {w}"
+                                                            for w in never[:20])]
+    for wid, trend in sorted(expected.items()):
+        got = newest.get(wid)
+        if got is None:
+            continue
+        want, have = comparable(trend), comparable(got)
+        fields = {f: (have[f], want[f]) for f in want if have.get(f) != want[f]}
+        if fields:
+            lines.append(f"{trend.key_type}:{trend.key} {wid} (live, pure): {fields}"[:600])
+    return "\n".join(lines[:40])
 
 
 def _stream_topics(names: TopicNames) -> list[str]:
