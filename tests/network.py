@@ -50,6 +50,9 @@ class BrokerLink:
             if self.mode == "blackhole":
                 self._track(client)             # accepted, never answered
                 continue
+            if self.mode == "refuse" or listener is not self._listener:
+                client.close()                  # came in as the listener closed
+                continue
             try:
                 upstream = socket.create_connection((self.host, self.target_port), timeout=5)
                 upstream.settimeout(None)
@@ -105,9 +108,7 @@ class BrokerLink:
             raise ValueError(f"cut mode {mode!r}: refuse or blackhole")
         self.mode = mode
         if mode == "refuse":
-            if self._listener is not None:
-                self._listener.close()
-                self._listener = None
+            self._close_listener()
             self._close_all()
 
     def restore(self) -> None:
@@ -121,10 +122,21 @@ class BrokerLink:
 
     def stop(self) -> None:
         self.mode = "open"
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        self._close_listener()
         self._close_all()
+
+    def _close_listener(self) -> None:
+        """Stop listening. ``close()`` alone does not: the accepting thread's blocked ``accept()`` keeps the socket
+        listening and let the next connection through (a client reconnecting at once got past a "refuse" cut, and
+        an ingest the test had cut off took its whole file); ``shutdown`` wakes it with an error."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        try:
+            listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        listener.close()
 
     def __enter__(self) -> "BrokerLink":
         return self.start()
