@@ -85,6 +85,10 @@ class RecordSender:
     ``DeliveryStalled``; ``delivered`` counts what the broker took until then. The producer's request timeout is the
     same setting, so aiokafka may give a record up first, with the retriable error it last met (the node not ready,
     the connection lost, a timeout): that is the same stall, and raises the same ``DeliveryStalled``.
+
+    ``send`` notices a stall (or a record the broker refused) as soon as it happens, not only at the next flush: with
+    the broker gone, aiokafka still took a hundred records a second into its buffer, so an ingest went on reading
+    its file for minutes before the flush at ``max_pending`` said it had stalled.
     """
 
     def __init__(self, kafka: KafkaSettings, client_id: str = "finpulse", linger_ms: int = 5,
@@ -99,6 +103,8 @@ class RecordSender:
         self._pending: list[asyncio.Future] = []
         self._max_pending = max_pending
         self.delivered = 0
+        self._progress_at = 0.0     # monotonic: the last record taken, or the first sent while none waited
+        self._checked_at = 0.0
 
     async def __aenter__(self) -> "RecordSender":
         await self._producer.start()
@@ -119,6 +125,10 @@ class RecordSender:
 
     async def send(self, topic: str, value: bytes | None, key: bytes | None = None, event_time: datetime | None = None,
                    partition: int | None = None) -> None:
+        now = time.monotonic()
+        if now - self._checked_at >= 1.0:
+            self._checked_at = now
+            await self._check_progress(now)
         try:
             future = await self._producer.send(topic, value, key=key, partition=partition,
                                                timestamp_ms=kafka_timestamp_ms(event_time))
@@ -128,9 +138,25 @@ class RecordSender:
             # No room in the buffer, or no metadata, for the request timeout: the broker takes nothing.
             self._abandon(self._pending)
             raise self._stalled(len(self._pending)) from None
+        if not self._pending:
+            self._progress_at = time.monotonic()
         self._pending.append(future)
         if len(self._pending) >= self._max_pending:
             await self.flush()
+
+    async def _check_progress(self, now: float) -> None:
+        """Between flushes (about once a second): a record failed, or none was taken for the stall timeout."""
+        still = [future for future in self._pending if not future.done()]
+        finished = len(self._pending) - len(still)
+        if any(future.exception() is not None for future in self._pending if future.done()):
+            await self.flush()                       # raises it
+        if finished:
+            self.delivered += finished
+            self._pending, self._progress_at = still, now
+        elif still and now - self._progress_at > self._stall_timeout_s:
+            self._abandon(still)
+            self._pending = []
+            raise self._stalled(len(still))
 
     async def flush(self) -> int:
         """Wait until every record sent so far is on the broker; return how many were. Raises the first error, or
