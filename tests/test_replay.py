@@ -24,15 +24,18 @@ from stream.broker import free_port
 from stream.cli import main
 from stream.config import Settings
 from stream.kafka_io import RecordSender
-from stream.records import AlertRecord, ScoredRecord, TrendRecord, format_time
+from stream.records import AlertRecord, ScoredRecord, TrendRecord, epoch_ms, format_time
 from stream.replay.archive import MARKER
 from stream.replay.output import read_table
 from stream.replay.plan import output_topics, parse_range
 from stream.replay.runs import format_runs, read_run_dir
 from stream.simulate import Shock, generate
 from stream.topics import TopicNames, admin_client, ensure_topics
-from tests.procs import (json_values, read_all, run_finpulse, start_finpulse, start_worker, wait_for_records,
-                         write_config)
+from stream.replay.archive import ArchiveSelection, check_export_dir, export_archive
+from stream.replay.select import TimedMessage
+from tests.network import broker_behind_link
+from tests.procs import (isolated_settings, json_values, read_all, run_finpulse, start_finpulse, start_worker,
+                         wait_for_records, write_config)
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 T2 = T0 + timedelta(minutes=7)
@@ -404,15 +407,32 @@ def inputs_checkpointed(out_dir: Path) -> int:
     return json.loads(checkpoint.read_text())["inputs_done"] if checkpoint.exists() else 0
 
 
+def wait_while_running(proc, ready, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.running() and time.monotonic() < deadline, proc.tail()
+        time.sleep(0.1)
+
+
+def rerun_resumes_like_an_uninterrupted_run(config: Path, args: list[str], out_dir: Path, tmp_path) -> None:
+    """A run stopped after a checkpoint: the same command resumes from it, and its Parquet (byte for byte) and counts
+    equal an uninterrupted run's."""
+    done_before = inputs_checkpointed(out_dir)
+    assert 0 < done_before < len(expected_inputs()) and not (out_dir / "manifest.json").exists()
+    code, out, err = finpulse(config, *args, "--no-progress")
+    assert code == 0, out + err
+    assert f"resuming run {args[args.index('--run-id') + 1]} after input message {done_before}" in out
+    reference = replay(config, "uninterrupted", tmp_path / "reference")
+    assert digests(out_dir) == digests(tmp_path / "reference")
+    assert json.loads((out_dir / "manifest.json").read_text())["counts"] == reference["counts"]
+
+
 def interrupted_run(settings, args: list[str], speed: str, ready, tmp_path):
     """``finpulse ARGS --speed SPEED`` (paced, so it is still running), Ctrl-C'd as soon as ``ready()`` holds; it
     must stop with exit status 130. Returns the stopped process (its output tells what it printed)."""
     proc = start_finpulse(settings, *args, "--speed", speed, log_dir=tmp_path, name="interrupted")
     try:
-        deadline = time.monotonic() + 120
-        while not ready():
-            assert proc.running() and time.monotonic() < deadline, proc.tail()
-            time.sleep(0.1)
+        wait_while_running(proc, ready)
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 130, proc.tail()
     finally:
@@ -428,16 +448,7 @@ def test_ctrl_c_then_rerun_resumes_to_identical_output(dataset, tmp_path):
     args = ["replay", *RANGE, "--run-id", "resumable", "--parquet", str(out_dir)]
     proc = interrupted_run(dataset["settings"], args, "20x", lambda: inputs_checkpointed(out_dir), tmp_path)
     assert "Run the same command again to resume" in proc.output()
-    assert not (out_dir / "manifest.json").exists()
-    done_before = json.loads((out_dir / "_checkpoint.json").read_text())["inputs_done"]
-    assert 0 < done_before < len(expected_inputs())
-
-    code, out, err = finpulse(config, *args, "--no-progress")
-    assert code == 0, out + err
-    assert f"resuming run resumable after input message {done_before}" in out
-    reference = replay(config, "uninterrupted", tmp_path / "reference")
-    assert digests(out_dir) == digests(tmp_path / "reference")
-    assert json.loads((out_dir / "manifest.json").read_text())["counts"] == reference["counts"]
+    rerun_resumes_like_an_uninterrupted_run(config, args, out_dir, tmp_path)
     assert not (out_dir / "_checkpoint.json").exists()
 
 
@@ -475,6 +486,61 @@ def test_resuming_over_a_changed_input_fails_clearly(fp_settings, tmp_path):
     code, out = run_finpulse(settings, *args, log_dir=tmp_path, name="resumed", timeout=120)
     assert code == 2 and "finpulse replay: error: the input changed since the checkpoint" in out, out[-3000:]
     assert inputs_checkpointed(out_dir) and not (out_dir / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["blackhole", "refuse"])
+def test_a_broker_gone_mid_replay_stops_it_where_it_stands_and_the_same_command_resumes(tmp_path, mode):
+    """The broker cut off mid-replay (``tests.network``: a partition, or a restart that refuses connections): the
+    replay read empty fetches and waited for ever. It now stops after ``[kafka] delivery_timeout_s`` (4 s here),
+    saying where its outputs stand; with the broker back, the same command resumes from its checkpoint, and its
+    Parquet equals an uninterrupted run's."""
+    with broker_behind_link(tmp_path / "broker.log") as (link, broker):
+        settings = isolated_settings(broker.bootstrap_servers, tmp_path, kafka={"delivery_timeout_s": 4}, **SECTIONS)
+        simulate(settings, tmp_path)
+        config = write_config(settings, tmp_path / "finpulse.toml")
+        out_dir = tmp_path / "cut"
+        args = ["replay", *RANGE, "--run-id", "cut", "--parquet", str(out_dir)]
+        proc = start_finpulse(settings, *args, "--speed", "20x", log_dir=tmp_path, name="replay-cut")
+        try:
+            wait_while_running(proc, lambda: inputs_checkpointed(out_dir))
+            link.cut(mode)
+            assert proc.wait(60) == 2, proc.tail()
+        finally:
+            proc.stop()
+            link.restore()
+        output = proc.output()
+        assert "[kafka] delivery_timeout_s" in output and "Run the same command again to resume" in output, output[-3000:]
+        rerun_resumes_like_an_uninterrupted_run(config, args, out_dir, tmp_path)
+
+
+def test_an_export_that_fails_midway_keeps_nothing_so_it_can_run_again(tmp_path):
+    """An export stopped midway (the broker gone, Ctrl-C) left the days it had finished without a marker naming
+    them: the directory was then refused as an archive, and an archive reader would read the files all the same.
+    They are removed; an earlier export of the same range that this one was rewriting keeps its files."""
+    start = epoch_ms(T0)
+    day = 24 * 3600 * 1000
+    messages = [TimedMessage(start + i * day // 4, "news", 0, i, "news", b"k", b"{}", start + i * day // 4)
+                for i in range(12)]           # three days
+
+    async def export(root: Path, fail_after: int | None = None):
+        async def selection():
+            for i, message in enumerate(messages):
+                if i == fail_after:
+                    raise TimeoutError("the broker went away")
+                yield message
+        return await export_archive(selection(), root, start, start + 3 * day, ["news"])
+
+    root = tmp_path / "archive"
+    with pytest.raises(TimeoutError):
+        asyncio.run(export(root, fail_after=9))      # two days finished, the third cut short
+    assert not root.exists()
+    assert asyncio.run(export(root)).rows == 12
+    check_export_dir(root)
+    files = sorted(root.rglob("*.parquet"))
+    with pytest.raises(TimeoutError):
+        asyncio.run(export(root, fail_after=9))      # the same range again: it rewrites the same files
+    assert sorted(root.rglob("*.parquet")) == files
+    assert len(list(ArchiveSelection(root, {"news": "news"}, start, start + 3 * day))) == 12
 
 
 # ---------------------------------------------------------------- bad arguments

@@ -11,8 +11,10 @@ import pytest
 
 from stream.kafka_io import RecordSender
 from stream.records import epoch_ms, format_time
-from stream.replay.select import select_messages, topic_kinds
-from tests.procs import write_config
+from stream.replay.select import KafkaSelection, select_messages, topic_kinds
+from stream.topics import TopicNames
+from tests.network import broker_behind_link
+from tests.procs import isolated_settings, write_config
 from tests.test_replay import finpulse
 
 T0 = datetime(2026, 3, 2, 0, 0, tzinfo=timezone.utc)
@@ -158,3 +160,26 @@ def test_one_record_far_off_in_time_neither_ends_nor_starts_the_selection(fp_set
                               "--max-disorder", "15m", "--no-progress")
     assert code == 0 and "exported 299 message(s)" in out, out + err
     assert ("1 record(s) had times far from their neighbours'" in err) == ("malformed" not in case), err
+
+
+@pytest.mark.parametrize("mode", ["blackhole", "refuse"])
+def test_a_broker_gone_while_reading_a_selection_raises_naming_the_partition_and_the_setting(tmp_path, mode):
+    """With its broker cut off (``tests.network``), a selection read empty fetches and waited for ever: a replay or an
+    export never ended. It now raises ``TimeoutError`` once no record came for ``[kafka] delivery_timeout_s``."""
+    with broker_behind_link(tmp_path / "broker.log") as (link, broker):
+        settings = isolated_settings(broker.bootstrap_servers, tmp_path, kafka={"delivery_timeout_s": 3})
+        names = TopicNames(settings.kafka.topic_prefix)
+        produce(settings, [(names.news, i % 4, news(f"n{i}", T0 + timedelta(seconds=i)), None) for i in range(400)])
+
+        async def read_cut_off() -> BaseException:
+            async with KafkaSelection(settings.kafka, {names.news: "news"}, epoch_ms(T0),
+                                      epoch_ms(T0 + timedelta(hours=1)), 0) as selection:
+                link.cut(mode)     # planned, and sought to the range: none of its records fetched yet
+                with pytest.raises(TimeoutError) as stalled:
+                    async for _ in selection:
+                        pass
+                return stalled.value
+
+        error = asyncio.run(asyncio.wait_for(read_cut_off(), 60))    # (wait_for's own timeout has no message)
+    assert f"served none of the records of {names.news}[" in str(error), repr(error)
+    assert "[kafka] delivery_timeout_s" in str(error)

@@ -81,7 +81,9 @@ class _DayWriter:
 
     def __init__(self, root: Path, day: str, tag: str, sequence: int):
         suffix = f"-{sequence}" if sequence else ""
-        self.file = StreamingFile(root / f"day={day}" / f"part-{tag}{suffix}.parquet", ARCHIVE_SCHEMA)
+        path = root / f"day={day}" / f"part-{tag}{suffix}.parquet"
+        self.replaces = path.exists()       # an earlier export of the same range: kept should this one fail
+        self.file = StreamingFile(path, ARCHIVE_SCHEMA)
         self.rows: list[TimedMessage] = []
 
     def add(self, message: TimedMessage) -> None:
@@ -124,12 +126,14 @@ async def export_archive(selection: KafkaSelection, root: Path, from_ms: int, to
     written_days: dict[str, int] = {}
     writer: _DayWriter | None = None
     writer_day = None
+    new_files: list[Path] = []
     try:
         async for message in selection:
             day = day_of(message.event_ms)
             if day != writer_day:
                 if writer is not None:
                     result.files.append(str(writer.close()))
+                    new_files += [] if writer.replaces else [writer.file.path]
                 sequence = written_days.get(day, 0)
                 written_days[day] = sequence + 1    # a day seen again (disorder): its own file, never overwritten
                 writer, writer_day = _DayWriter(root, day, tag, sequence), day
@@ -142,11 +146,22 @@ async def export_archive(selection: KafkaSelection, root: Path, from_ms: int, to
     except BaseException:
         if writer is not None:
             writer.file.abort()
+        _discard(root, new_files)
         raise
     result.days = sorted(written_days)
     _record_export(root, {"from": format_ms(from_ms), "to": format_ms(to_ms), "topics": topics, "rows": result.rows,
                           "days": result.days})
     return result
+
+
+def _discard(root: Path, files: list[Path]) -> None:
+    """The files of an export that did not finish: the marker does not name it, so a reader would not know what
+    they hold, and a directory of them without a marker is no archive (running the export again was refused)."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for directory in [*root.glob("day=*"), root]:
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
 
 
 def _record_export(root: Path, export: dict) -> None:

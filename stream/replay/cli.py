@@ -236,6 +236,8 @@ def _export(args, settings) -> int:
                     result = await export_archive(selection, out, from_ms, to_ms, sorted(topics), progress)
         except LookupError as exc:
             return _fail("export", exc)
+        except TimeoutError as exc:      # the broker gone: nothing of this export was kept (stream.replay.archive)
+            return _fail("export", f"{exc}; nothing of this export was kept: run it again")
         print(f"exported {result.rows} message(s) to {out} ({len(result.files)} file(s), days "
               f"{', '.join(result.days) or 'none'})")
         _warn("export", selection_warnings(dataclasses.asdict(selection.stats), disorder))

@@ -58,7 +58,7 @@ from alerts.detect import DetectSettings, SpikeDetector, state_key
 from models.interface import runs_on
 from stream.aggregate import AggregateSettings, KeyWindows, WindowAggregator, trend_key
 from stream.app import Scoring, SourceMessage
-from stream.kafka_io import RecordSender
+from stream.kafka_io import DeliveryStalled, RecordSender
 from stream.records import AlertRecord, ScoredRecord, TrendRecord, epoch_ms, format_time, utcnow
 from stream.topics import ensure_topics
 
@@ -72,6 +72,10 @@ CHECKPOINT_VERSION = 2
 
 class ReplayInterrupted(Exception):
     """Ctrl-C during a replay; the message says where the next run resumes."""
+
+
+class _InputFailed(Exception):
+    """Reading the input failed (the broker gone, say); the run stops where its last checkpoint is."""
 
 
 def identity_of(message: TimedMessage) -> list:
@@ -195,6 +199,9 @@ class ReplayRunner:
                 self.counts.update(await self._await_deliveries(dispatcher))
         except asyncio.CancelledError:
             raise ReplayInterrupted(self._resume_hint()) from None
+        except (_InputFailed, DeliveryStalled) as exc:
+            # The broker went away (or its link): where the run stands is what the person needs to go on.
+            raise ReplayError(f"{exc}; {self._resume_hint('stopped')}") from None
         finally:
             if progress is not None:
                 progress.close()
@@ -203,8 +210,8 @@ class ReplayRunner:
         self.seconds = time.monotonic() - started
         return self.manifest()
 
-    def _resume_hint(self) -> str:
-        return (f"interrupted after {self.inputs_done} input message(s); outputs are saved up to message "
+    def _resume_hint(self, what: str = "interrupted") -> str:
+        return (f"{what} after {self.inputs_done} input message(s); outputs are saved up to message "
                 f"{self.checkpointed} in {self.plan.out_dir}. Run the same command again to resume from there.")
 
     async def _replay(self, messages: AsyncIterator[TimedMessage], sender: RecordSender, progress) -> None:
@@ -217,7 +224,7 @@ class ReplayRunner:
         try:
             while True:
                 batch = await queue.get()
-                if isinstance(batch, Exception):
+                if isinstance(batch, BaseException):
                     raise batch
                 scoring = None
                 if batch is not None:
@@ -292,7 +299,7 @@ class ReplayRunner:
         try:
             await self._read_into(messages, batch_size, queue, progress)
         except (KafkaError, OSError, LookupError) as exc:
-            await queue.put(ReplayError(f"reading the input failed: {exc!r}; run the same command again to resume"))
+            await queue.put(_InputFailed(f"reading the input failed: {exc}"))
         except Exception as exc:  # noqa: BLE001 - ReplayError, or a bug: raised by the replay loop either way
             await queue.put(exc)
 

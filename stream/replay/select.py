@@ -51,7 +51,6 @@ from stream.kafka_io import bootstrap_list, stop_client, true_ends
 from stream.records import InvalidRecord, epoch_ms, format_time, parse_time
 
 TIME_FIELDS = {"news": "published_at", "comment": "created_at"}
-FETCH_TIMEOUT_S = 30.0
 NEIGHBOURS = 5          # odd: the median of this many records is one of them, and two outliers cannot move it
 
 
@@ -184,11 +183,10 @@ class KafkaSelection:
         self._consumer.seek(tp, offset)
         self.stats.probes += 1
         records: list[TimedMessage] = []
-        deadline = time.monotonic() + FETCH_TIMEOUT_S
+        deadline = time.monotonic() + self.kafka.delivery_timeout_s
         while len(records) < NEIGHBOURS and offset < end:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no record fetched from {tp.topic}[{tp.partition}] at offset {offset} within "
-                                   f"{FETCH_TIMEOUT_S:.0f}s")
+                raise self._stalled(tp, offset, end)
             batch = await self._consumer.getmany(tp, timeout_ms=200, max_records=NEIGHBOURS - len(records))
             for record in batch.get(tp, ()):
                 offset = record.offset + 1
@@ -228,10 +226,15 @@ class KafkaSelection:
         return hi
 
     async def _pull(self, cursor: _Cursor) -> TimedMessage | None:
-        """The cursor's next record, or None when it is done."""
+        """The cursor's next record, or None when it is done. A broker that serves none of the partition's remaining
+        records for ``[kafka] delivery_timeout_s`` (gone, or cut off) raises ``TimeoutError``: an empty fetch looks
+        the same as a slow one, and the replay would wait for ever."""
+        deadline = time.monotonic() + self.kafka.delivery_timeout_s
         while not cursor.buffer:
             if cursor.next_offset >= cursor.stop_offset:
                 return None
+            if time.monotonic() > deadline:
+                raise self._stalled(cursor.tp, cursor.next_offset, cursor.stop_offset)
             batch = await self._consumer.getmany(cursor.tp, timeout_ms=500)
             for record in batch.get(cursor.tp, ()):
                 if record.offset >= cursor.stop_offset:
@@ -240,6 +243,11 @@ class KafkaSelection:
             if cursor.buffer:
                 cursor.next_offset = cursor.buffer[-1].offset + 1
         return cursor.buffer.popleft()
+
+    def _stalled(self, tp: TopicPartition, offset: int, end: int) -> TimeoutError:
+        return TimeoutError(f"Kafka at {self.kafka.bootstrap_servers} served none of the records of {tp.topic}"
+                            f"[{tp.partition}] from offset {offset} (of {end}) in {self.kafka.delivery_timeout_s:g}s "
+                            "([kafka] delivery_timeout_s); is the broker running and reachable?")
 
     def __aiter__(self) -> AsyncIterator[TimedMessage]:
         return self._merge()
