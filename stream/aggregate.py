@@ -643,7 +643,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
     source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     unsettled: set[bytes] = set()                      # keys whose watermark advances still wait out the grace
     partials = PartialSchedule(config.partial_interval_s, config.partial_refresh_s)   # which open windows to republish
-    clock = {"last_partials": 0.0, "stock_taken_at": -1}
+    clock = {"last_partials": 0.0, "stock_taken_at": -1, "hold_logged_at": float("-inf"), "hold_logged": False}
     stream_clock = StreamClock()
     # Keys with open windows -> (the partition they are read from, watermark, earliest open window end): what the
     # timer needs to tell, without loading every key's state each second, which quiet keys follow the stream.
@@ -676,8 +676,10 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
         """A backlog has drained: the windows still open are republished, whether or not a message touches them."""
         open_windows = [(key_bytes, (table.get(key_bytes) or {}).get("windows", ())) for key_bytes in open_keys]
         partials.resume(open_windows)
-        log.info("%s aggregation: %s; publishing the running figures of its %d open window(s) again", key_type, why,
-                 sum(len(windows) for _, windows in open_windows))
+        if clock["hold_logged"]:
+            clock["hold_logged"] = False
+            log.info("%s aggregation: %s; publishing the running figures of its %d open window(s) again", key_type,
+                     why, sum(len(windows) for _, windows in open_windows))
 
     async def process(events) -> None:
         by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
@@ -697,7 +699,9 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
         async with exclusive:
             now = time.time()
             if behind:
-                if partials.held_since is None:
+                # A scorer at its limit can cross the backlog mark batch after batch: one pair of lines a minute.
+                if partials.held_since is None and now - clock["hold_logged_at"] >= 60:
+                    clock["hold_logged"], clock["hold_logged_at"] = True, now
                     log.info("%s aggregation: draining a backlog (%d messages unread); running figures only for "
                              "windows the clock has not passed until it has drained", key_type, backlog)
                 partials.hold(now)
