@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
+from aiokafka.errors import KafkaError
+
 from models.data import SPREADSHEET_SUFFIXES, csv_separator
 
 from .config import ConfigError, Settings, check_port
-from .kafka_io import DeliveryStalled, RecordSender
+from .kafka_io import DeliveryStalled, RecordSender, gave_up_retrying
 from .metrics import counter, gauge
 from .records import INPUT_FIELDS, InputItem, InvalidRecord, Kind, NewsItem, parse_input, utcnow
 from .topics import TopicNames, ensure_topics
@@ -264,6 +266,7 @@ class PollResult:
     already_seen: int = 0
     rejected: int = 0
     error: str = ""
+    validators: dict[str, str] | None = None   # the feed's new ETag / Last-Modified: kept once its entries are sent
 
 
 def poll_feed(url: str, state: FeedState, max_text_chars: int) -> PollResult:
@@ -279,8 +282,7 @@ def poll_feed(url: str, state: FeedState, max_text_chars: int) -> PollResult:
     if status == 304:
         return PollResult(status, [])
     fresh = {k: v for k, v in (("etag", parsed.get("etag")), ("modified", parsed.get("modified"))) if v}
-    state.validators[url] = fresh
-    result = PollResult(status, [])
+    result = PollResult(status, [], validators=fresh)
     title = _plain(parsed.feed.get("title", ""))
     for entry in parsed.entries:
         key = entry_key(entry)
@@ -384,13 +386,19 @@ class _FeedPoller:
         items = [item for _, item in result.new]
         try:
             produced = await produce_items(self.settings, self.names.news, items, "finpulse-rss") if items else 0
-        except DeliveryStalled as exc:     # not marked seen: the next poll sends them again
+        except KafkaError as exc:     # not marked seen: the next poll sends them again
+            if not gave_up_retrying(exc):
+                raise                 # refused by the broker (too large, not authorised): polling on would not help
             RSS_POLLS.labels(feed, "failed").inc()
             self.last_error[url] = str(exc)
             print(f"{url}: {len(items)} new entries not sent: {exc}; the next poll tries again", file=sys.stderr,
                   flush=True)
             return False
-        self.state.seen.update(dict.fromkeys(key for key, _ in result.new))   # only once the broker has them
+        # Only once the broker has them: validators kept before were sent back at the next poll, the feed answered
+        # "not modified", and the entries the broker never took were lost.
+        self.state.seen.update(dict.fromkeys(key for key, _ in result.new))
+        if result.validators is not None:
+            self.state.validators[url] = result.validators
         self.state.save()
         RSS_POLLS.labels(feed, "not_modified" if result.status == 304 else "ok").inc()
         for outcome, count in (("produced", produced), ("already_seen", result.already_seen),

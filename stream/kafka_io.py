@@ -107,7 +107,11 @@ class RecordSender:
         self._checked_at = 0.0
 
     async def __aenter__(self) -> "RecordSender":
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self._stop_producer()      # a start that failed (no broker) leaves it open otherwise
+            raise
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
@@ -115,13 +119,16 @@ class RecordSender:
             if exc_type is None:
                 await self.flush()
         finally:
-            # aiokafka's stop waits for every queued record to be sent: for ever when the broker is gone. Not
-            # asyncio.wait_for: before Python 3.12 it can swallow a Ctrl-C landing as the stop completes.
-            stopping = asyncio.ensure_future(stop_client(self._producer))
-            done, _ = await asyncio.wait({stopping}, timeout=self._stall_timeout_s)
-            if not done:
-                stopping.cancel()
-                logging.getLogger(__name__).warning("the producer stopped with records the broker never took")
+            await self._stop_producer()
+
+    async def _stop_producer(self) -> None:
+        # aiokafka's stop waits for every queued record to be sent: for ever when the broker is gone. Not
+        # asyncio.wait_for: before Python 3.12 it can swallow a Ctrl-C landing as the stop completes.
+        stopping = asyncio.ensure_future(stop_client(self._producer))
+        done, _ = await asyncio.wait({stopping}, timeout=self._stall_timeout_s)
+        if not done:
+            stopping.cancel()
+            logging.getLogger(__name__).warning("the producer stopped with records the broker never took")
 
     async def send(self, topic: str, value: bytes | None, key: bytes | None = None, event_time: datetime | None = None,
                    partition: int | None = None) -> None:

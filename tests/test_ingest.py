@@ -252,6 +252,35 @@ def test_rss_maps_entries_dedupes_across_restarts_and_sends_validators(fp_settin
         assert len(read_all(fp_settings, topics.news)) == 4
 
 
+@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
+def test_the_rss_poller_rides_out_a_broker_outage_and_sends_what_it_missed(tmp_path, mode):
+    """`finpulse ingest rss` polling every second while its broker is cut off (``tests.network``, as a restart and as
+    a partition): it keeps polling, says each poll's new entries were not sent, and sends them once the broker is
+    back; nothing is lost, nothing sent twice."""
+    from stream.broker import free_port
+    from tests.procs import start_finpulse, wait_for_records
+
+    with broker_behind_link(tmp_path / "tansu.log") as (link, own_broker), FeedServer() as feed:
+        settings = isolated_settings(own_broker.bootstrap_servers, tmp_path, kafka={"delivery_timeout_s": 3})
+        news = TopicNames(settings.kafka.topic_prefix).news
+        proc = start_finpulse(settings, "ingest", "rss", feed.url, "--every", "1s", "--state",
+                              str(tmp_path / "state.json"), "--metrics-port", str(free_port()), log_dir=tmp_path)
+        try:
+            wait_for_records(settings, news, lambda records: len(records) == 3, timeout=60, what="the first 3 entries")
+            link.cut(mode)
+            feed.body, feed.version = rss(ITEMS + ["<item><title>Banks tumble</title><guid>g-4</guid></item>"]), 2
+            proc.wait_for("1 new entries not sent", timeout=60, count=2)    # and polling on
+            link.restore()
+            wait_for_records(settings, news, lambda records: len(records) >= 4, timeout=60,
+                             what="the entry published during the outage")
+            assert proc.stop() == 0, proc.tail()
+        finally:
+            proc.stop()
+        everything = read_all(settings, news)
+    assert len(by_id(everything)) == 4 and len(everything) == 4, f"lost or sent twice: {sorted(by_id(everything))}"
+    assert "Unclosed AIOKafkaProducer" not in proc.output(), proc.tail()
+
+
 def test_rss_unreachable_feed_is_reported_not_fatal(fp_settings, tmp_path, capsys):
     from stream.broker import free_port
 
