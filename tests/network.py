@@ -50,8 +50,8 @@ class BrokerLink:
             if self.mode == "blackhole":
                 self._track(client)             # accepted, never answered
                 continue
-            if self.mode == "refuse" or listener is not self._listener:
-                client.close()                  # came in as the listener closed
+            if listener is not self._listener:
+                client.close()                  # came in as the listener closed (a "refuse" cut)
                 continue
             try:
                 upstream = socket.create_connection((self.host, self.target_port), timeout=5)

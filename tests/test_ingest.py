@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from models.baseline import KeywordBaselineScorer
-from stream.broker import EmbeddedBroker
+from stream.broker import EmbeddedBroker, free_port
 from stream.config import ConfigError
 from stream.ingest import ingest_file, ingest_rss
 from stream.kafka_io import DeliveryStalled, RecordSender, gave_up_retrying
@@ -25,7 +25,8 @@ from stream.records import epoch_ms, parse_input
 from stream.simulate import COMMENTS, HEADLINES, WORLD, Shock, generate, shock_truth
 from stream.topics import TopicNames
 from tests.network import broker_behind_link
-from tests.procs import ManagedProcess, isolated_settings, read_all, run_finpulse, run_without_broker
+from tests.procs import (ManagedProcess, isolated_settings, read_all, run_finpulse, run_without_broker, start_finpulse,
+                         wait_for_records)
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 
@@ -257,9 +258,6 @@ def test_the_rss_poller_rides_out_a_broker_outage_and_sends_what_it_missed(tmp_p
     """`finpulse ingest rss` polling every second while its broker is cut off (``tests.network``, as a restart and as
     a partition): it keeps polling, says each poll's new entries were not sent, and sends them once the broker is
     back; nothing is lost, nothing sent twice."""
-    from stream.broker import free_port
-    from tests.procs import start_finpulse, wait_for_records
-
     with broker_behind_link(tmp_path / "tansu.log") as (link, own_broker), FeedServer() as feed:
         settings = isolated_settings(own_broker.bootstrap_servers, tmp_path, kafka={"delivery_timeout_s": 3})
         news = TopicNames(settings.kafka.topic_prefix).news
@@ -282,8 +280,6 @@ def test_the_rss_poller_rides_out_a_broker_outage_and_sends_what_it_missed(tmp_p
 
 
 def test_rss_unreachable_feed_is_reported_not_fatal(fp_settings, tmp_path, capsys):
-    from stream.broker import free_port
-
     code = ingest_rss(fp_settings, [f"http://127.0.0.1:{free_port()}/none.xml"], once=True,
                       state_path=tmp_path / "s.json")
     assert code == 1 and "fetch failed" in capsys.readouterr().err
@@ -295,9 +291,7 @@ def test_rss_poller_serves_metrics_and_readiness_per_feed(fp_settings, topics, t
     which metrics show without the access token of its URL. SIGTERM stops it cleanly."""
     import urllib.request
 
-    from stream.broker import free_port
     from tests.exposition import probe, scrape
-    from tests.procs import start_finpulse
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -224,7 +224,7 @@ class ReplayRunner:
         try:
             while True:
                 batch = await queue.get()
-                if isinstance(batch, BaseException):
+                if isinstance(batch, Exception):
                     raise batch
                 scoring = None
                 if batch is not None:
