@@ -13,7 +13,7 @@ Two layers:
       closed += topics.flush()                          # end of input: close what is still open
 
   (``"ticker"`` keys a record by each of its tickers.) The live agents instead keep one ``KeyWindows`` per key in a
-  Faust table and call ``apply(key, state, events)`` once per key per batch.
+  Faust table and call ``apply(key, state, events)`` once per key per batch (``KeyTypeAggregation``).
 
 * ``install(app, settings, names)`` registers two Faust agents: ``scored`` (keyed by topic label) feeds the topic
   table and ``scored-by-ticker`` (keyed by ticker) the ticker table. Each agent takes micro-batches, groups them by
@@ -59,7 +59,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Sequence
 
 from .config import ConfigError
 from .input_watermark import draining, read_stamp
@@ -632,119 +632,127 @@ def trend_outgoing(trend: TrendRecord, names: TopicNames) -> list[Outgoing]:
             Outgoing(names.open_windows, window_key, None, None)]
 
 
-def _install_key_type(app, settings, config: AggregateSettings, key_type: str, source_name: str,
-                      names: TopicNames) -> None:
-    from .app import deliver, faust_send, finish_batch, finishes_before_stop, micro_batches
+class KeyTypeAggregation:
+    """One key type's windows as the worker keeps them: its agent applies each batch of scored records
+    (``apply_batch``) and a timer closes what is due and republishes running figures (``settle_and_publish``), both
+    reading and writing the key states in ``table`` (the Faust table: ``get``, ``items``, item assignment and
+    ``writes_delivered``) and sending trends through ``publish``. Apart from Faust, so that the order of the two can
+    be tested."""
 
-    worker = settings.worker
-    aggregator = WindowAggregator(config, key_type)
-    table = app.Table(f"aggregate-{key_type}", default=None, key_type=bytes, partitions=settings.kafka.partitions,
-                      use_partitioner=True, help=f"open windows per {key_type}")
-    source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    unsettled: set[bytes] = set()                      # keys whose watermark advances still wait out the grace
-    partials = PartialSchedule(config.partial_interval_s, config.partial_refresh_s)   # which open windows to republish
-    clock = {"last_partials": 0.0, "stock_taken_at": -1, "hold_logged_at": float("-inf"), "hold_logged": False}
-    stream_clock = StreamClock()
-    # Keys with open windows -> (the partition they are read from, watermark, earliest open window end): what the
-    # timer needs to tell, without loading every key's state each second, which quiet keys follow the stream.
-    open_keys: dict[bytes, tuple[int, int | None, int | None]] = {}
-    # The agent and the timer both read, publish and then write key states: one at a time, or one would write
-    # back a state the other has already moved past.
-    exclusive = asyncio.Lock()
+    def __init__(self, config: AggregateSettings, key_type: str, max_batch: int, table,
+                 publish: Callable[[list[TrendRecord]], Awaitable[None]], owned_partitions: Callable[[], set[int]],
+                 clock: Callable[[], float] = time.time):
+        self.config, self.key_type, self.max_batch = config, key_type, max_batch
+        self.table, self.publish, self.owned_partitions, self.clock = table, publish, owned_partitions, clock
+        self.aggregator = WindowAggregator(config, key_type)
+        self.unsettled: set[bytes] = set()             # keys whose watermark advances still wait out the grace
+        self.partials = PartialSchedule(config.partial_interval_s, config.partial_refresh_s)   # what to republish
+        self.stream_clock = StreamClock()
+        # Keys with open windows -> (the partition they are read from, watermark, earliest open window end): what
+        # the timer needs to tell, without loading every key's state each second, which quiet keys follow the stream.
+        self.open_keys: dict[bytes, tuple[int, int | None, int | None]] = {}
+        self.last_partials = 0.0
+        self.stock_taken_at = -1                       # the rebalance generation the open keys were last read in
+        self.hold_logged, self.hold_logged_at = False, float("-inf")
+        # The agent and the timer both read, publish and then write key states: one at a time, or one would write
+        # back a state the other has already moved past, or publish a state the other is about to replace.
+        self.exclusive = asyncio.Lock()
 
-    send = faust_send(app)
-
-    async def publish(trends: list[TrendRecord]) -> None:
-        await deliver(send, [out for trend in trends for out in trend_outgoing(trend, names)])
-
-    async def commit(states: dict[bytes, KeyWindows], closed: list[TrendRecord]) -> None:
+    async def _commit(self, states: dict[bytes, KeyWindows], closed: list[TrendRecord]) -> None:
         """Closed windows reach the broker before the states that no longer hold them are written: a crash in
         between re-emits the same trends (harmless) instead of losing them."""
-        await publish(closed)
+        await self.publish(closed)
         for trend in closed:
-            WINDOWS_CLOSED.labels(key_type, str(trend.window_s)).inc()
+            WINDOWS_CLOSED.labels(self.key_type, str(trend.window_s)).inc()
         for key_bytes, state in states.items():
-            table[key_bytes] = state.to_dict()
-            (unsettled.add if state.pending else unsettled.discard)(key_bytes)
+            self.table[key_bytes] = state.to_dict()
+            (self.unsettled.add if state.pending else self.unsettled.discard)(key_bytes)
             if state.windows and state.offsets:
-                open_keys[key_bytes] = _follow_info(state)
+                self.open_keys[key_bytes] = _follow_info(state)
             else:
-                open_keys.pop(key_bytes, None)
-        await table.writes_delivered()
+                self.open_keys.pop(key_bytes, None)
+        await self.table.writes_delivered()
 
-    def resume_partials(why: str) -> None:
+    def _resume_partials(self, why: str) -> None:
         """A backlog has drained: the windows still open are republished, whether or not a message touches them."""
-        open_windows = [(key_bytes, (table.get(key_bytes) or {}).get("windows", ())) for key_bytes in open_keys]
-        partials.resume(open_windows)
-        if clock["hold_logged"]:
-            clock["hold_logged"] = False
-            log.info("%s aggregation: %s; publishing the running figures of its %d open window(s) again", key_type,
-                     why, sum(len(windows) for _, windows in open_windows))
+        open_windows = [(key_bytes, (self.table.get(key_bytes) or {}).get("windows", ()))
+                        for key_bytes in self.open_keys]
+        self.partials.resume(open_windows)
+        if self.hold_logged:
+            self.hold_logged = False
+            log.info("%s aggregation: %s; publishing the running figures of its %d open window(s) again",
+                     self.key_type, why, sum(len(windows) for _, windows in open_windows))
 
-    async def process(events) -> None:
+    async def apply_batch(self, items: Sequence[tuple[bytes, SourcedRecord]]) -> None:
+        """Apply one micro-batch of (message key, record): each key's state is read, changed and written once."""
         by_key: dict[bytes, list[SourcedRecord]] = defaultdict(list)
         moves_to: dict[int, int] = {}  # partition -> how far this batch moves its clock (as far as the stamps allow)
         newest: dict[int, int] = {}    # partition -> the newest event time in this batch
         caught_up, backlog = False, 0
-        for event in events:
-            sourced = _parse_event(event, key_type)
-            if sourced is not None:
-                key_bytes, item = sourced
-                by_key[key_bytes].append(item)
-                moves_to[item.partition] = max(item.watermark_ms, moves_to.get(item.partition, -1))
-                newest[item.partition] = max(item.event_ms, newest.get(item.partition, -1))
-                caught_up |= item.input_watermark_ms is None
-                backlog = max(backlog, item.input_backlog)
-        behind = draining(backlog, worker.max_batch)
-        async with exclusive:
-            now = time.time()
+        for key_bytes, item in items:
+            by_key[key_bytes].append(item)
+            moves_to[item.partition] = max(item.watermark_ms, moves_to.get(item.partition, -1))
+            newest[item.partition] = max(item.event_ms, newest.get(item.partition, -1))
+            caught_up |= item.input_watermark_ms is None
+            backlog = max(backlog, item.input_backlog)
+        behind = draining(backlog, self.max_batch)
+        async with self.exclusive:
+            now = self.clock()
             if behind:
                 # A scorer at its limit can cross the backlog mark batch after batch: one pair of lines a minute.
-                if partials.held_since is None and now - clock["hold_logged_at"] >= 60:
-                    clock["hold_logged"], clock["hold_logged_at"] = True, now
+                if self.partials.held_since is None and now - self.hold_logged_at >= 60:
+                    self.hold_logged, self.hold_logged_at = True, now
                     log.info("%s aggregation: draining a backlog (%d messages unread); running figures only for "
-                             "windows the clock has not passed until it has drained", key_type, backlog)
-                partials.hold(now)
+                             "windows the clock has not passed until it has drained", self.key_type, backlog)
+                self.partials.hold(now)
             for partition, t_ms in moves_to.items():
-                stream_clock.saw(partition, t_ms, now, newest[partition])
+                self.stream_clock.saw(partition, t_ms, now, newest[partition])
             if caught_up:
-                stream_clock.input_caught_up()
+                self.stream_clock.input_caught_up()
             states, closed = {}, []
             for key_bytes, sourced_events in by_key.items():
                 key = key_bytes.decode("utf-8")
-                state = states[key_bytes] = KeyWindows.from_dict(table.get(key_bytes))
-                result = aggregator.apply(key, state, sourced_events, now=now)    # once per key per batch
+                state = states[key_bytes] = KeyWindows.from_dict(self.table.get(key_bytes))
+                result = self.aggregator.apply(key, state, sourced_events, now=now)    # once per key per batch
                 closed += result.final
-                partials.note(key_bytes, result.touched.get(key, ()))
+                self.partials.note(key_bytes, result.touched.get(key, ()))
                 if result.late:
-                    LATE_MESSAGES.labels(key_type).inc(result.late)
-                    log.warning("%s %s: %d message(s) arrived after one or more of their windows closed", key_type, key,
-                                result.late)
+                    LATE_MESSAGES.labels(self.key_type).inc(result.late)
+                    log.warning("%s %s: %d message(s) arrived after one or more of their windows closed",
+                                self.key_type, key, result.late)
                 if result.duplicates:
                     log.info("%s %s: skipped %d message(s) already applied (redelivered after a restart)",
-                             key_type, key, result.duplicates)
-            await commit(states, closed)
-            if partials.held_since is not None and not behind:
-                resume_partials("the backlog has drained")
+                             self.key_type, key, result.duplicates)
+            await self._commit(states, closed)
+            if self.partials.held_since is not None and not behind:
+                self._resume_partials("the backlog has drained")
 
-    @app.agent(source, name=f"aggregate-{key_type}")
-    async def aggregate(stream):
-        async for events in micro_batches(app, stream, worker):
-            # A worker stopping mid-batch must not end the body between publishing and the table write: Faust
-            # would ack the batch and its messages would be missing from their windows after the restart.
-            await finish_batch(process(events))
+    async def settle_and_publish(self, rebalance_generation: int) -> None:
+        """The timer's turn: close the windows that are due (keys with no new messages too) and publish the running
+        figures that are due. All of it under the agent's lock: the agent notes a batch's changed windows before it
+        writes their states, and a partial read in between was the old state (a new window missing from it),
+        published and counted as published, so never sent again (seen under load: a backlog's last windows never
+        shown, or shown a message short). Nor may a partial go out after the tombstone of its window, closed by a
+        batch meanwhile."""
+        async with self.exclusive:
+            if self.stock_taken_at != rebalance_generation:      # a start or a rebalance since the last look
+                self._take_stock()
+                self.stock_taken_at = rebalance_generation
+            now = self.clock()
+            await self._close_what_is_due(now)
+            await self._publish_due_partials(now)
 
-    def take_stock() -> None:
+    def _take_stock(self) -> None:
         """Which keys this worker owns now wait to settle, have open windows, or owe a partial trend: read from the
         table after every start and rebalance. The keys come from the recovered changelog as much as from this
         process (a restart, or partitions taken over from another worker, whose keys may never see another
         message), and only keys of partitions assigned to this worker count (a memory store keeps the keys it wrote
         itself after their partition moved on)."""
-        owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
-        unsettled.clear()
-        open_keys.clear()
+        owned = self.owned_partitions()
+        self.unsettled.clear()
+        self.open_keys.clear()
         mine = set()
-        for key_bytes, value in table.items():
+        for key_bytes, value in self.table.items():
             if not value or not value.get("offsets"):
                 continue
             state = KeyWindows.from_dict(value)
@@ -753,57 +761,72 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
                 continue
             mine.add(key_bytes)
             if state.pending:
-                unsettled.add(key_bytes)
+                self.unsettled.add(key_bytes)
             if state.windows:
-                open_keys[key_bytes] = info
-                partials.note(key_bytes, state.windows)    # its figures now, then refreshed from here on
-        partials.keep_only(mine)
+                self.open_keys[key_bytes] = info
+                self.partials.note(key_bytes, state.windows)    # its figures now, then refreshed from here on
+        self.partials.keep_only(mine)
 
-    async def close_what_is_due(now: float) -> None:
+    async def _close_what_is_due(self, now: float) -> None:
         """Close the windows whose grace has passed (keys with no new messages too)."""
         states, closed = {}, []
-        for key_bytes, (partition, watermark_ms, next_close_ms) in list(open_keys.items()):
-            stream_ms = stream_clock.time_for(partition, now)
-            if stream_ms is None or not aggregator.would_follow(watermark_ms, next_close_ms, stream_ms):
+        for key_bytes, (partition, watermark_ms, next_close_ms) in list(self.open_keys.items()):
+            stream_ms = self.stream_clock.time_for(partition, now)
+            if stream_ms is None or not self.aggregator.would_follow(watermark_ms, next_close_ms, stream_ms):
                 continue
-            state = KeyWindows.from_dict(table.get(key_bytes))
-            if aggregator.follow_stream(state, stream_ms, now):
+            state = KeyWindows.from_dict(self.table.get(key_bytes))
+            if self.aggregator.follow_stream(state, stream_ms, now):
                 states[key_bytes] = state
-                unsettled.add(key_bytes)
-        for key_bytes in list(unsettled):
-            state = states.get(key_bytes) or KeyWindows.from_dict(table.get(key_bytes))
+                self.unsettled.add(key_bytes)
+        for key_bytes in list(self.unsettled):
+            state = states.get(key_bytes) or KeyWindows.from_dict(self.table.get(key_bytes))
             waiting = len(state.pending)
-            closed += aggregator.settle(key_bytes.decode("utf-8"), state, now)
+            closed += self.aggregator.settle(key_bytes.decode("utf-8"), state, now)
             if len(state.pending) != waiting:
                 states[key_bytes] = state
-        await commit(states, closed)
-        if partials.held_since is not None and now - partials.held_since > IDLE_PARTITION_S:
-            resume_partials(f"no message for {IDLE_PARTITION_S:.0f} s while draining")   # the scorer failed, say
+        await self._commit(states, closed)
+        if self.partials.held_since is not None and now - self.partials.held_since > IDLE_PARTITION_S:
+            self._resume_partials(f"no message for {IDLE_PARTITION_S:.0f} s while draining")   # the scorer failed, say
 
-    async def publish_due_partials(now: float) -> None:
-        if now - clock["last_partials"] < config.partial_interval_s or not partials:
+    async def _publish_due_partials(self, now: float) -> None:
+        if now - self.last_partials < self.config.partial_interval_s or not self.partials:
             return
-        clock["last_partials"] = now
+        self.last_partials = now
         updates = []
-        for key_bytes, window_ids in partials.due(now).items():
-            value = table.get(key_bytes) or {}
-            partials.forget(key_bytes, window_ids - value.get("windows", {}).keys())
+        for key_bytes, window_ids in self.partials.due(now).items():
+            value = self.table.get(key_bytes) or {}
+            self.partials.forget(key_bytes, window_ids - value.get("windows", {}).keys())
             if value:
-                updates += aggregator.open_trends(key_bytes.decode("utf-8"), KeyWindows.from_dict(value), window_ids)
-        await publish(updates)
+                updates += self.aggregator.open_trends(key_bytes.decode("utf-8"), KeyWindows.from_dict(value),
+                                                       window_ids)
+        await self.publish(updates)
 
-    async def settle_and_publish() -> None:
-        # All of it under the agent's lock: the agent notes a batch's changed windows before it writes their
-        # states, and a partial read in between was the old state (a new window missing from it), published and
-        # counted as published, so never sent again (seen under load: a backlog's last windows never shown).
-        # Nor may a partial go out after the tombstone of its window, closed by a batch meanwhile.
-        async with exclusive:
-            if clock["stock_taken_at"] != app.rebalancing_count:      # a start or a rebalance since the last look
-                take_stock()
-                clock["stock_taken_at"] = app.rebalancing_count
-            now = time.time()
-            await close_what_is_due(now)
-            await publish_due_partials(now)
+
+def _install_key_type(app, settings, config: AggregateSettings, key_type: str, source_name: str,
+                      names: TopicNames) -> None:
+    from .app import deliver, faust_send, finish_batch, finishes_before_stop, micro_batches
+
+    worker = settings.worker
+    table = app.Table(f"aggregate-{key_type}", default=None, key_type=bytes, partitions=settings.kafka.partitions,
+                      use_partitioner=True, help=f"open windows per {key_type}")
+    source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    send = faust_send(app)
+
+    async def publish(trends: list[TrendRecord]) -> None:
+        await deliver(send, [out for trend in trends for out in trend_outgoing(trend, names)])
+
+    def owned_partitions() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
+
+    aggregation = KeyTypeAggregation(config, key_type, worker.max_batch, table, publish, owned_partitions)
+
+    @app.agent(source, name=f"aggregate-{key_type}")
+    async def aggregate(stream):
+        async for events in micro_batches(app, stream, worker):
+            items = [parsed for parsed in (_parse_event(event, key_type) for event in events) if parsed is not None]
+            # A worker stopping mid-batch must not end the body between publishing and the table write: Faust
+            # would ack the batch and its messages would be missing from their windows after the restart.
+            await finish_batch(aggregation.apply_batch(items))
 
     @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
     @finishes_before_stop(app)
@@ -815,7 +838,7 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
             return
         # A stop landing between the closed windows' publishing and their table writes reaching the changelog
         # would leave those writes queued on a stopping producer: the closing finishes first, like a batch.
-        await finish_batch(settle_and_publish())
+        await finish_batch(aggregation.settle_and_publish(app.rebalancing_count))
 
 
 def _follow_info(state: KeyWindows) -> tuple[int, int | None, int | None]:
@@ -846,5 +869,5 @@ def _parse_event(event, key_type: str) -> tuple[bytes, SourcedRecord] | None:
     return key, SourcedRecord(record, message.partition, message.offset, lag.watermark_ms, lag.backlog)
 
 
-__all__ = ["AggregateSettings", "Applied", "KeyWindows", "SourcedRecord", "WindowAggregator", "WindowSpec",
-           "install", "keys_of", "parse_duration_s", "trend_key"]
+__all__ = ["AggregateSettings", "Applied", "KeyTypeAggregation", "KeyWindows", "SourcedRecord", "WindowAggregator",
+           "WindowSpec", "install", "keys_of", "parse_duration_s", "trend_key"]
