@@ -21,7 +21,7 @@ SILENCE_EXAMPLES = """examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("receiver", help="a webhook receiver that verifies Standard Webhooks signatures and stores what it gets")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; GET /received is unauthenticated)")
-    p.add_argument("--port", type=tcp_port, default=8787)
+    p.add_argument("--port", type=tcp_port, default=8787, help="listen port (default 8787)")
     p.add_argument("--store", metavar="FILE", default="var/received.jsonl", help="JSON lines of verified webhooks (default var/received.jsonl; '' keeps them in memory)")
     p.add_argument("--secret-env", default="FINPULSE_WEBHOOK_SECRET", metavar="VAR", help="env var holding the whsec_ secret(s) (default FINPULSE_WEBHOOK_SECRET)")
     p.add_argument("--tolerance", type=float, default=300.0, metavar="SECONDS", help="accepted clock skew of webhook-timestamp, either way (default 300)")
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="the silences in force and those to come (--all: the ended ones too)")
     listing.add_argument("--all", action="store_true", help="include silences that have ended")
     expire = actions.add_parser("expire", help="end a silence now")
-    expire.add_argument("silence_id", metavar="ID")
+    expire.add_argument("silence_id", metavar="ID", help="the silence's id (`finpulse silence list`)")
     p.set_defaults(func=_silence)
 
 

@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML config file (default: $FINPULSE_CONFIG or ./finpulse.toml)")
     parser.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="Kafka bootstrap servers (overrides [kafka] bootstrap_servers)")
     parser.add_argument("--partitions", type=int, help="partitions for every FinPulse topic (overrides [kafka] partitions)")
-    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="how much the command logs (default [worker] log_level, info)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:

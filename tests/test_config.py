@@ -132,3 +132,22 @@ def test_every_port_flag_refuses_what_is_not_a_tcp_port(args, capsys):
         build_parser().parse_args(args)
     err = capsys.readouterr().err
     assert "is not a TCP port (0-65535)" in err or "is not a port number" in err, err
+
+
+def test_every_flag_and_argument_of_every_command_says_what_it_is_for():
+    import argparse
+
+    from stream.cli import build_parser
+
+    silent = []
+
+    def walk(parser: argparse.ArgumentParser, command: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{command} {name}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                silent.append(f"{command} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "finpulse")
+    assert not silent, f"--help says nothing of: {', '.join(silent)}"
