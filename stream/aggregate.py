@@ -820,13 +820,16 @@ def _install_key_type(app, settings, config: AggregateSettings, key_type: str, s
 
     aggregation = KeyTypeAggregation(config, key_type, worker.max_batch, table, publish, owned_partitions)
 
+    async def process(events) -> None:
+        parsed = (_parse_event(event, key_type) for event in events)
+        await aggregation.apply_batch([item for item in parsed if item is not None])
+
     @app.agent(source, name=f"aggregate-{key_type}")
     async def aggregate(stream):
         async for events in micro_batches(app, stream, worker):
-            items = [parsed for parsed in (_parse_event(event, key_type) for event in events) if parsed is not None]
             # A worker stopping mid-batch must not end the body between publishing and the table write: Faust
             # would ack the batch and its messages would be missing from their windows after the restart.
-            await finish_batch(aggregation.apply_batch(items))
+            await finish_batch(process(events))
 
     @app.timer(SETTLE_TICK_S, name=f"aggregate-{key_type}-tick")
     @finishes_before_stop(app)
