@@ -361,6 +361,12 @@ def test_a_tick_and_a_batch_take_turns_so_every_open_window_goes_out_with_the_fi
         published: list[TrendRecord] = []
         holds: list[tuple[asyncio.Event, asyncio.Event]] = []     # (reached, released) for the next closings
 
+        async def reached(event: asyncio.Event, what: str) -> None:
+            try:
+                await asyncio.wait_for(event.wait(), 5.0)
+            except TimeoutError:
+                raise AssertionError(f"the scenario went another way: {what} never happened") from None
+
         async def publish(trends: list[TrendRecord]) -> None:
             if any(trend.final for trend in trends) and holds:
                 reached, released = holds.pop(0)
@@ -382,12 +388,13 @@ def test_a_tick_and_a_batch_take_turns_so_every_open_window_goes_out_with_the_fi
         holds += [tick_closes, batch_closes]
         wall[0] = 1007.0
         tick = asyncio.create_task(aggregation.settle_and_publish(0))             # closes Oil's 09:00 window...
-        await tick_closes[0].wait()                                               # ...and is held publishing it
+        await reached(tick_closes[0], "the tick closing Oil's 09:00 window")     # ...and is held publishing it
         batch = asyncio.create_task(aggregation.apply_batch(items(macro, [80], 5) + items(oil, [125], 6)))
         await asyncio.sleep(0)
         wall[0] = 1010.0
         tick_closes[1].set()
-        await batch_closes[0].wait()     # the batch closed Macro's 09:00 window, changed its 09:01, opened Oil's 09:02
+        # The batch closed Macro's 09:00 window, changed its 09:01 and opened Oil's 09:02, and is held publishing.
+        await reached(batch_closes[0], "the batch closing Macro's 09:00 window")
         next_tick = asyncio.create_task(aggregation.settle_and_publish(0))
         await asyncio.sleep(0.01)
         batch_closes[1].set()
