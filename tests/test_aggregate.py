@@ -425,3 +425,43 @@ def test_a_tick_and_a_batch_take_turns_so_every_open_window_goes_out_with_the_fi
         shown = last_partial.get(window)
         assert shown is not None, f"the open window {window} was never published"
         assert shown.count == count, f"{window} was last published with {shown.count} messages; it holds {count}"
+
+
+def test_after_a_rebalance_the_timer_publishes_and_closes_only_the_keys_of_partitions_still_owned():
+    """A memory store keeps the keys a worker wrote after their partition moved to another worker: the timer takes
+    stock of its keys after each rebalance and leaves the others' alone (their new owner publishes and closes them)."""
+    async def scenario() -> dict[str, list[TrendRecord]]:
+        wall, owned, published = [1000.0], {0, 1}, []
+        rounds: dict[str, list[TrendRecord]] = {}
+
+        async def publish(trends: list[TrendRecord]) -> None:
+            published.extend(trends)
+
+        async def tick(name: str, now: float, generation: int) -> None:
+            wall[0] = now
+            await aggregation.settle_and_publish(generation)
+            rounds[name] = published[:]
+            published.clear()
+
+        config = AggregateSettings(windows=["1m/1m"], allowed_lateness_s=10, close_grace_s=0, partial_interval_s=1,
+                                   partial_refresh_s=60)
+        aggregation = KeyTypeAggregation(config, "topic", 100, MemoryTable(), publish,
+                                         owned_partitions=lambda: set(owned), clock=lambda: wall[0])
+        await aggregation.apply_batch([(b"Energy | Oil", SourcedRecord(scored(0, 5), 0, 0)),
+                                       (b"Macro", SourcedRecord(scored(1, 6, topic="Macro"), 1, 0))])
+        await tick("first", 1000.0, 0)
+        await tick("refreshed", 1070.0, 0)                    # unchanged, but a refresh is due
+        owned.discard(1)                                      # partition 1 moves to another worker
+        await tick("after the rebalance", 1140.0, 1)
+        wall[0] = 1141.0     # Oil's clock passes its 09:00 window; Macro's partition is idle, so it would follow Oil's
+        await aggregation.apply_batch([(b"Energy | Oil", SourcedRecord(scored(2, 80), 0, 1))])
+        await tick("closing", 1142.0, 1)
+        return rounds
+
+    rounds = asyncio.run(scenario())
+    seen = {name: sorted({(trend.key, "final" if trend.final else "running") for trend in trends})
+            for name, trends in rounds.items()}
+    assert seen == {"first": [("Energy | Oil", "running"), ("Macro", "running")],
+                    "refreshed": [("Energy | Oil", "running"), ("Macro", "running")],
+                    "after the rebalance": [("Energy | Oil", "running")],
+                    "closing": [("Energy | Oil", "final"), ("Energy | Oil", "running")]}
