@@ -465,3 +465,53 @@ def test_after_a_rebalance_the_timer_publishes_and_closes_only_the_keys_of_parti
                     "refreshed": [("Energy | Oil", "running"), ("Macro", "running")],
                     "after the rebalance": [("Energy | Oil", "running")],
                     "closing": [("Energy | Oil", "final"), ("Energy | Oil", "running")]}
+
+
+def test_a_backlog_holds_the_running_figures_of_windows_the_clock_has_passed_and_says_so_at_most_once_a_minute(caplog):
+    """Draining a backlog, the worker's windows close seconds after they open: their running figures would be read
+    by nobody. Once it has drained, every window still open goes out. A scorer at its limit crosses the mark batch
+    after batch: the two log lines come at most once a minute."""
+    t0_s = T0.timestamp()
+
+    async def scenario() -> dict[str, list[TrendRecord]]:
+        wall, published, rounds = [t0_s + 600], [], {}
+
+        async def publish(trends: list[TrendRecord]) -> None:
+            published.extend(trends)
+
+        async def batch(offset: int, second: float, backlog: int, now: float) -> None:
+            wall[0] = now
+            record = SourcedRecord(scored(offset, second), 0, offset, input_backlog=backlog)
+            await aggregation.apply_batch([(b"Energy | Oil", record)])
+
+        async def tick(name: str, now: float) -> None:
+            wall[0] = now
+            await aggregation.settle_and_publish(0)
+            rounds[name] = published[:]
+            published.clear()
+
+        config = AggregateSettings(windows=["1m/1m", "1h/1h"], allowed_lateness_s=10, close_grace_s=5,
+                                   partial_interval_s=1)
+        aggregation = KeyTypeAggregation(config, "topic", 100, MemoryTable(), publish, owned_partitions=lambda: {0},
+                                         clock=lambda: wall[0])
+        await tick("before", t0_s + 599)
+        await batch(0, 5, backlog=1000, now=t0_s + 600)       # 09:00:05 read at 09:10: history
+        await tick("draining", t0_s + 601)
+        await batch(1, 6, backlog=0, now=t0_s + 602)          # drained
+        await tick("drained", t0_s + 603)
+        for n, now in enumerate((t0_s + 610, t0_s + 640)):    # crossing the mark again within the minute: no lines
+            await batch(2 + 2 * n, 7, backlog=1000, now=now)
+            await batch(3 + 2 * n, 8, backlog=0, now=now + 1)
+        await batch(6, 9, backlog=1000, now=t0_s + 700)       # a minute on: the lines again
+        await batch(7, 10, backlog=0, now=t0_s + 701)
+        return rounds
+
+    with caplog.at_level("INFO", logger="stream.aggregate"):
+        rounds = asyncio.run(scenario())
+    windows = {name: sorted(trend.window_s for trend in trends) for name, trends in rounds.items()}
+    # Draining, only the hour window (open by the clock) goes out; drained, the minute window too (the hour is not
+    # due again for a minute: 1/60 of its length).
+    assert windows == {"before": [], "draining": [3600], "drained": [60]}
+    lines = [record.getMessage() for record in caplog.records if "backlog" in record.getMessage()]
+    assert [line.split(";")[0] for line in lines] == ["topic aggregation: draining a backlog (1000 messages unread)",
+                                                      "topic aggregation: the backlog has drained"] * 2, lines
