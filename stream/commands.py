@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--count", type=int, default=0, help="stop after this many messages (default: run until stopped)")
     p.add_argument("--max-speed", action="store_true", help="produce as fast as possible; event times still advance at --rate")
     p.add_argument("--start", help="event time of the first message, ISO-8601 (default: now)")
-    p.add_argument("--seed", type=int, default=7, help="the same seed and flags make the same stream (default 7)")
+    p.add_argument("--seed", type=int, default=7, help="random seed: the same seed, --start and other flags "
+                   "give the same messages (default 7)")
     p.add_argument("--comment-share", type=float, default=0.6, help="fraction of messages that are comments")
     p.add_argument("--shock-topic", default="Energy | Oil", help="topic that receives the scripted negative shock")
     p.add_argument("--shock-at", type=float, default=300.0, help="seconds of event time after the start when the shock begins")
