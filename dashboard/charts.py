@@ -7,12 +7,14 @@ negative; fixed severity colours for alert episodes). Text drawn on cells picks 
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 SEVERITY_ORDER = ["critical", "warning", "info"]
 SEVERITY_COLORS = alt.Scale(domain=SEVERITY_ORDER, range=["#d62728", "#ff7f0e", "#1f77b4"])
 KIND_COLORS = alt.Scale(domain=["news", "comments"], range=["#4c78a8", "#f58518"])
 _TIME_AXIS = alt.Axis(format="%H:%M", labelOverlap=True, title=None)
+_SIGNAL = "#4c78a8"
 
 
 def sentiment_heatmap(cells: pd.DataFrame, order: list[str]) -> alt.Chart:
@@ -43,18 +45,31 @@ def signal_with_band(series: pd.DataFrame, metric: str, title: str, episodes: pd
     """One signal of one key over time, its baseline (dashed) and ±2σ band, each alert episode as a shaded span
     (coloured by the highest severity it reached, from its first window to the window that resolved it, or to now),
     and a rule where it fired and where it escalated (coloured by the severity of that event; escalations dashed)."""
+    # Windows still open (the newest, and with hopping windows the last few) hold only the messages so far: a
+    # 5-minute window seconds old swings with a handful of them. Hollow points on a dotted line, so that a
+    # last point far from the others reads as unfinished, not as the move being over.
+    closed = series["final"].astype(bool)
+    series = series.assign(window_state=closed.map({True: "closed", False: "still open: its messages so far"}))
+    positions = np.flatnonzero(closed.to_numpy())
+    open_tail = series.iloc[positions[-1] if len(positions) else 0:]     # from the last closed window on
     base = alt.Chart(series).encode(x=alt.X("window_start:T", axis=_TIME_AXIS))
     band = base.mark_area(opacity=0.18, color="#888888").encode(
         y=alt.Y(f"{metric}_low:Q", title=title), y2=f"{metric}_high:Q")
     baseline = base.mark_line(strokeDash=[4, 3], color="#888888").encode(y=f"{metric}_baseline:Q")
-    line = base.mark_line(point=True, color="#4c78a8").encode(
+    closed_line = base.transform_filter("datum.final").mark_line(color=_SIGNAL).encode(y=f"{metric}:Q")
+    open_line = alt.Chart(open_tail).mark_line(color=_SIGNAL, strokeDash=[2, 2]).encode(
+        x=alt.X("window_start:T", axis=_TIME_AXIS), y=f"{metric}:Q")
+    points = base.mark_point(shape="circle", filled=True, size=30, stroke=_SIGNAL, strokeWidth=1.5).encode(
         y=f"{metric}:Q",
+        fill=alt.condition("datum.final", alt.value(_SIGNAL), alt.value("white")),
         tooltip=[alt.Tooltip("window_start:T", format="%Y-%m-%d %H:%M", title="window"),
+                 alt.Tooltip("window_state:N", title="state"),
                  alt.Tooltip(f"{metric}:Q", format=fmt, title=title),
                  alt.Tooltip(f"{metric}_baseline:Q", format=fmt, title="baseline"),
                  alt.Tooltip("count:Q", title="messages")])
+    signal = [band, baseline, closed_line, open_line, points]
     if episodes.empty:
-        return alt.layer(band, baseline, line).properties(height=220)
+        return alt.layer(*signal).properties(height=220)
     # Only the severities on this chart in the legend, under it, so a narrow chart keeps its width for the data.
     present = set(episodes["severity"]) | set(markers["severity"])
     colour = alt.Color("severity:N", scale=SEVERITY_COLORS, title="alert",
@@ -73,7 +88,7 @@ def signal_with_band(series: pd.DataFrame, metric: str, title: str, episodes: pd
         tooltip=[alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"), "event:N", "severity:N",
                  alt.Tooltip("escalated_from:N", title="escalated from"),
                  alt.Tooltip("deviation:Q", format=".1f", title="deviation (σ)"), "summary:N"])
-    return alt.layer(spans, band, baseline, line, rules).properties(height=220)
+    return alt.layer(spans, *signal, rules).properties(height=220)
 
 
 def kind_split_bar(split: pd.DataFrame) -> alt.Chart:

@@ -301,7 +301,8 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
         st.subheader("Bearish share")
         st.altair_chart(charts.signal_with_band(shown, "bearish_share", "bearish share", episodes, markers, ".0%"),
                         width="stretch", height=280)
-    st.caption("Dashed: the baseline (mean of the previous final windows); grey band: ±2 standard deviations; "
+    st.caption("Hollow points on a dotted line: windows still open (their messages so far). "
+               "Dashed: the baseline (mean of the previous final windows); grey band: ±2 standard deviations; "
                "shaded spans: alert episodes, from the window that fired to the one that resolved (or now), in the "
                "colour of the highest severity each reached; rules where each fired (solid) and escalated (dashed).")
     split = sh.kind_split(series)

@@ -187,9 +187,10 @@ def test_drilldown_shows_band_episodes_messages_and_split(fp_settings, produced,
     run_until(at, lambda a: len(_chart_specs(a)) >= 3, "the drill-down charts")
     assert at.selectbox(key="fp_drill_key").value == SHOCK_TOPIC
     layered = [c for c in _chart_specs(at) if "layer" in c]
-    # the alert episode shaded under band, baseline and signal, and a rule where it fired
+    # the alert episode shaded under band, baseline and signal (closed windows' line, open ones' dotted line,
+    # points), and a rule where it fired
     assert len(layered) == 2 and all([layer["mark"]["type"] for layer in c["layer"]] ==
-                                     ["rect", "area", "line", "line", "rule"] for c in layered)
+                                     ["rect", "area", "line", "line", "line", "point", "rule"] for c in layered)
     negative = at.dataframe[0].value  # most negative, then most positive
     assert len(negative) == 5 and negative["sentiment_score"].is_monotonic_increasing
     assert (negative["sentiment_score"] < -0.3).all()
@@ -198,7 +199,7 @@ def test_drilldown_shows_band_episodes_messages_and_split(fp_settings, produced,
 
     at.selectbox(key="fp_drill_key").set_value("Earnings").run()
     layers = [len(c["layer"]) for c in _chart_specs(at) if "layer" in c]
-    assert layers == [5, 5]  # Earnings' fired and resolved episode is on its charts as well
+    assert layers == [7, 7]  # Earnings' fired and resolved episode is on its charts as well
 
 
 def _address(at: AppTest) -> dict[str, list[str]]:
@@ -894,3 +895,23 @@ def test_store_maps_grouped_deliveries_to_their_episodes_and_leaves_group_notifi
     muted = changed(members[0], state="silenced", silence="inhibited:" + firings[1].id, group="")
     assert store.add("deliveries", muted.to_json(), muted.key)
     assert store.snapshot().deliveries.set_index("event_id").loc[firings[0].event_id, "status"] == "inhibited"
+
+
+def test_the_drill_down_draws_windows_still_open_apart_from_closed_ones():
+    """A window still open holds only its messages so far (with 5-minute windows every minute, the last five): its
+    point is hollow, on a dotted line from the last closed window, and its tooltip says so."""
+    _, snap = _alerts_snapshot()
+    series = sh.key_series(snap.trends, "topic", SHOCK_TOPIC, None, None, 30)
+    assert series["final"].iloc[:-2].all() and len(series) > 3
+    series.loc[series.index[-2:], "final"] = False          # the newest two windows still open (one is already)
+    spec = charts.signal_with_band(series, "mean_score", "mean sentiment", pd.DataFrame(), pd.DataFrame(),
+                                   "+.2f").to_dict()
+    signal = [layer for layer in spec["layer"] if layer["mark"].get("color") == "#4c78a8"
+              or layer["mark"].get("stroke") == "#4c78a8"]
+    closed_line, open_line, points = signal
+    assert closed_line["transform"] == [{"filter": "datum.final"}] and "strokeDash" not in closed_line["mark"]
+    open_rows = spec["datasets"][open_line["data"]["name"]]
+    assert open_line["mark"]["strokeDash"] and [row["final"] for row in open_rows] == [True, False, False]
+    assert points["encoding"]["fill"]["condition"]["test"] == "datum.final"
+    rows = spec["datasets"][points["data"]["name"]]
+    assert [row["window_state"] for row in rows[-3:]] == ["closed"] + ["still open: its messages so far"] * 2
