@@ -52,13 +52,13 @@ def signal_with_band(series: pd.DataFrame, metric: str, title: str, episodes: pd
     series = series.assign(window_state=closed.map({True: "closed", False: "still open: its messages so far"}))
     positions = np.flatnonzero(closed.to_numpy())
     open_tail = series.iloc[positions[-1] if len(positions) else 0:]     # from the last closed window on
-    base = alt.Chart(series).encode(x=alt.X("window_start:T", axis=_TIME_AXIS))
+    window_start = alt.X("window_start:T", axis=_TIME_AXIS)
+    base = alt.Chart(series).encode(x=window_start)
     band = base.mark_area(opacity=0.18, color="#888888").encode(
         y=alt.Y(f"{metric}_low:Q", title=title), y2=f"{metric}_high:Q")
     baseline = base.mark_line(strokeDash=[4, 3], color="#888888").encode(y=f"{metric}_baseline:Q")
     closed_line = base.transform_filter("datum.final").mark_line(color=_SIGNAL).encode(y=f"{metric}:Q")
-    open_line = alt.Chart(open_tail).mark_line(color=_SIGNAL, strokeDash=[2, 2]).encode(
-        x=alt.X("window_start:T", axis=_TIME_AXIS), y=f"{metric}:Q")
+    open_line = alt.Chart(open_tail).mark_line(color=_SIGNAL, strokeDash=[2, 2]).encode(x=window_start, y=f"{metric}:Q")
     points = base.mark_point(shape="circle", filled=True, size=30, stroke=_SIGNAL, strokeWidth=1.5).encode(
         y=f"{metric}:Q",
         fill=alt.condition("datum.final", alt.value(_SIGNAL), alt.value("white")),

@@ -343,6 +343,45 @@ class MemoryTable(dict):
         return None
 
 
+class AggregationRig:
+    """A ``KeyTypeAggregation`` on an in-memory table, with a wall clock the test sets (``now``) and every trend it
+    publishes recorded in order. ``holds``: (reached, released) event pairs that hold the next publishings of closed
+    windows open, one each, so a test can take turns at exactly that point."""
+
+    def __init__(self, config: AggregateSettings, now: float, owned_partitions=lambda: {0}):
+        self.now = now
+        self.published: list[TrendRecord] = []
+        self.holds: list[tuple[asyncio.Event, asyncio.Event]] = []
+        self.table = MemoryTable()
+        self.aggregation = KeyTypeAggregation(config, "topic", 100, self.table, self._publish,
+                                              owned_partitions=owned_partitions, clock=lambda: self.now)
+
+    async def _publish(self, trends: list[TrendRecord]) -> None:
+        if any(trend.final for trend in trends) and self.holds:
+            reached, released = self.holds.pop(0)
+            reached.set()
+            await released.wait()
+        self.published.extend(trends)
+
+    async def batch(self, now: float, items: list[tuple[bytes, SourcedRecord]]) -> None:
+        self.now = now
+        await self.aggregation.apply_batch(items)
+
+    async def tick(self, now: float, generation: int = 0) -> list[TrendRecord]:
+        """The timer's turn at ``now``: what it published (taken out of ``published``)."""
+        self.now = now
+        await self.aggregation.settle_and_publish(generation)
+        taken, self.published = self.published, []
+        return taken
+
+
+async def reached(event: asyncio.Event, what: str) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), 5.0)
+    except TimeoutError:
+        raise AssertionError(f"the scenario went another way: {what} never happened") from None
+
+
 def test_a_tick_and_a_batch_take_turns_so_every_open_window_goes_out_with_the_figures_it_holds():
     """The agent notes a batch's changed windows, publishes the windows the batch closed, then writes the new states.
     A tick that read the states in that gap published the old ones and counted the windows as published: a new
@@ -356,42 +395,22 @@ def test_a_tick_and_a_batch_take_turns_so_every_open_window_goes_out_with_the_fi
         return [(key, SourcedRecord(scored(first_offset + n, second, topic=topic), 0, first_offset + n))
                 for n, second in enumerate(seconds)]
 
-    async def scenario() -> tuple[list[TrendRecord], MemoryTable]:
-        wall = [1000.0]
-        published: list[TrendRecord] = []
-        holds: list[tuple[asyncio.Event, asyncio.Event]] = []     # (reached, released) for the next closings
-
-        async def reached(event: asyncio.Event, what: str) -> None:
-            try:
-                await asyncio.wait_for(event.wait(), 5.0)
-            except TimeoutError:
-                raise AssertionError(f"the scenario went another way: {what} never happened") from None
-
-        async def publish(trends: list[TrendRecord]) -> None:
-            if any(trend.final for trend in trends) and holds:
-                reached, released = holds.pop(0)
-                reached.set()
-                await released.wait()
-            published.extend(trends)
-
-        table = MemoryTable()
-        config = AggregateSettings(windows=["1m/1m"], allowed_lateness_s=10, close_grace_s=5, partial_interval_s=1)
-        aggregation = KeyTypeAggregation(config, "topic", 100, table, publish, owned_partitions=lambda: {0},
-                                         clock=lambda: wall[0])
-        await aggregation.apply_batch(items(oil, [5, 6], 0) + items(macro, [7], 2))
-        wall[0] = 1001.0
-        await aggregation.apply_batch(items(oil, [75], 3))        # Oil's 09:00 window closes 5 s from now
-        wall[0] = 1004.0
-        await aggregation.apply_batch(items(macro, [76], 4))      # Macro's 09:00 window closes 5 s from now
+    async def scenario() -> AggregationRig:
+        rig = AggregationRig(AggregateSettings(windows=["1m/1m"], allowed_lateness_s=10, close_grace_s=5,
+                                               partial_interval_s=1), now=1000.0)
+        aggregation = rig.aggregation
+        await rig.batch(1000.0, items(oil, [5, 6], 0) + items(macro, [7], 2))
+        await rig.batch(1001.0, items(oil, [75], 3))        # Oil's 09:00 window closes 5 s from now
+        await rig.batch(1004.0, items(macro, [76], 4))      # Macro's 09:00 window closes 5 s from now
 
         tick_closes, batch_closes = (asyncio.Event(), asyncio.Event()), (asyncio.Event(), asyncio.Event())
-        holds += [tick_closes, batch_closes]
-        wall[0] = 1007.0
+        rig.holds += [tick_closes, batch_closes]
+        rig.now = 1007.0
         tick = asyncio.create_task(aggregation.settle_and_publish(0))             # closes Oil's 09:00 window...
         await reached(tick_closes[0], "the tick closing Oil's 09:00 window")     # ...and is held publishing it
         batch = asyncio.create_task(aggregation.apply_batch(items(macro, [80], 5) + items(oil, [125], 6)))
         await asyncio.sleep(0)
-        wall[0] = 1010.0
+        rig.now = 1010.0
         tick_closes[1].set()
         # The batch closed Macro's 09:00 window, changed its 09:01 and opened Oil's 09:02, and is held publishing.
         await reached(batch_closes[0], "the batch closing Macro's 09:00 window")
@@ -399,11 +418,12 @@ def test_a_tick_and_a_batch_take_turns_so_every_open_window_goes_out_with_the_fi
         await asyncio.sleep(0.01)
         batch_closes[1].set()
         await asyncio.gather(tick, batch, next_tick)
-        wall[0] = 1020.0
+        rig.now = 1020.0
         await aggregation.settle_and_publish(0)
-        return published, table
+        return rig
 
-    published, table = asyncio.run(scenario())
+    rig = asyncio.run(scenario())
+    published, table = rig.published, rig.table
 
     def window_of(trend: TrendRecord) -> tuple[str, str]:
         return trend.key, f"{trend.window_s}:{epoch_ms(trend.window_start)}"     # as the table names it
@@ -431,31 +451,19 @@ def test_after_a_rebalance_the_timer_publishes_and_closes_only_the_keys_of_parti
     """A memory store keeps the keys a worker wrote after their partition moved to another worker: the timer takes
     stock of its keys after each rebalance and leaves the others' alone (their new owner publishes and closes them)."""
     async def scenario() -> dict[str, list[TrendRecord]]:
-        wall, owned, published = [1000.0], {0, 1}, []
-        rounds: dict[str, list[TrendRecord]] = {}
-
-        async def publish(trends: list[TrendRecord]) -> None:
-            published.extend(trends)
-
-        async def tick(name: str, now: float, generation: int) -> None:
-            wall[0] = now
-            await aggregation.settle_and_publish(generation)
-            rounds[name] = published[:]
-            published.clear()
-
-        config = AggregateSettings(windows=["1m/1m"], allowed_lateness_s=10, close_grace_s=0, partial_interval_s=1,
-                                   partial_refresh_s=60)
-        aggregation = KeyTypeAggregation(config, "topic", 100, MemoryTable(), publish,
-                                         owned_partitions=lambda: set(owned), clock=lambda: wall[0])
-        await aggregation.apply_batch([(b"Energy | Oil", SourcedRecord(scored(0, 5), 0, 0)),
-                                       (b"Macro", SourcedRecord(scored(1, 6, topic="Macro"), 1, 0))])
-        await tick("first", 1000.0, 0)
-        await tick("refreshed", 1070.0, 0)                    # unchanged, but a refresh is due
-        owned.discard(1)                                      # partition 1 moves to another worker
-        await tick("after the rebalance", 1140.0, 1)
-        wall[0] = 1141.0     # Oil's clock passes its 09:00 window; Macro's partition is idle, so it would follow Oil's
-        await aggregation.apply_batch([(b"Energy | Oil", SourcedRecord(scored(2, 80), 0, 1))])
-        await tick("closing", 1142.0, 1)
+        owned = {0, 1}
+        rig = AggregationRig(AggregateSettings(windows=["1m/1m"], allowed_lateness_s=10, close_grace_s=0,
+                                               partial_interval_s=1, partial_refresh_s=60),
+                             now=1000.0, owned_partitions=lambda: set(owned))
+        await rig.batch(1000.0, [(b"Energy | Oil", SourcedRecord(scored(0, 5), 0, 0)),
+                                 (b"Macro", SourcedRecord(scored(1, 6, topic="Macro"), 1, 0))])
+        rounds = {"first": await rig.tick(1000.0, 0),
+                  "refreshed": await rig.tick(1070.0, 0)}            # unchanged, but a refresh is due
+        owned.discard(1)                                            # partition 1 moves to another worker
+        rounds["after the rebalance"] = await rig.tick(1140.0, 1)
+        # Oil's clock passes its 09:00 window; Macro's partition is idle, so it would follow Oil's.
+        await rig.batch(1141.0, [(b"Energy | Oil", SourcedRecord(scored(2, 80), 0, 1))])
+        rounds["closing"] = await rig.tick(1142.0, 1)
         return rounds
 
     rounds = asyncio.run(scenario())
@@ -474,31 +482,18 @@ def test_a_backlog_holds_the_running_figures_of_windows_the_clock_has_passed_and
     t0_s = T0.timestamp()
 
     async def scenario() -> dict[str, list[TrendRecord]]:
-        wall, published, rounds = [t0_s + 600], [], {}
-
-        async def publish(trends: list[TrendRecord]) -> None:
-            published.extend(trends)
+        rig = AggregationRig(AggregateSettings(windows=["1m/1m", "1h/1h"], allowed_lateness_s=10, close_grace_s=5,
+                                               partial_interval_s=1), now=t0_s + 600)
 
         async def batch(offset: int, second: float, backlog: int, now: float) -> None:
-            wall[0] = now
             record = SourcedRecord(scored(offset, second), 0, offset, input_backlog=backlog)
-            await aggregation.apply_batch([(b"Energy | Oil", record)])
+            await rig.batch(now, [(b"Energy | Oil", record)])
 
-        async def tick(name: str, now: float) -> None:
-            wall[0] = now
-            await aggregation.settle_and_publish(0)
-            rounds[name] = published[:]
-            published.clear()
-
-        config = AggregateSettings(windows=["1m/1m", "1h/1h"], allowed_lateness_s=10, close_grace_s=5,
-                                   partial_interval_s=1)
-        aggregation = KeyTypeAggregation(config, "topic", 100, MemoryTable(), publish, owned_partitions=lambda: {0},
-                                         clock=lambda: wall[0])
-        await tick("before", t0_s + 599)
+        rounds = {"before": await rig.tick(t0_s + 599)}
         await batch(0, 5, backlog=1000, now=t0_s + 600)       # 09:00:05 read at 09:10: history
-        await tick("draining", t0_s + 601)
+        rounds["draining"] = await rig.tick(t0_s + 601)
         await batch(1, 6, backlog=0, now=t0_s + 602)          # drained
-        await tick("drained", t0_s + 603)
+        rounds["drained"] = await rig.tick(t0_s + 603)
         for n, now in enumerate((t0_s + 610, t0_s + 640)):    # crossing the mark again within the minute: no lines
             await batch(2 + 2 * n, 7, backlog=1000, now=now)
             await batch(3 + 2 * n, 8, backlog=0, now=now + 1)
