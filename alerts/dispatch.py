@@ -15,8 +15,8 @@ How it works:
   ``backoff_max_s``); a ``Retry-After`` (seconds or HTTP date) on 429/503 replaces the backoff and pauses the whole
   endpoint, for at most ``backoff_max_s``. No delivery waits past its retry window: one whose next attempt would
   come after it is recorded ``failed`` at once. Timeouts, connection errors, 408, 425, 429 and 5xx are retried until the endpoint's
-  ``retry_horizon_s``; other answers (4xx, redirects, refused addresses) fail at once. ``failed`` is recorded with
-  the attempts and the last error.
+  ``retry_horizon_s``; other answers (4xx, redirects, refused addresses) fail at once (``alerts.attempts``: one
+  signed POST and what its answer means). ``failed`` is recorded with the attempts and the last error.
 - Isolation: a request takes a slot of its endpoint's ``max_concurrency`` before one of the shared
   ``[alerts] max_concurrency``, so an endpoint whose requests hang until their timeout holds at most its own number
   of shared slots, never those the healthy endpoints need. After ``breaker_failures`` consecutive failed attempts
@@ -103,10 +103,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Callable
 
-import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -122,20 +120,13 @@ from .deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, SILENCED, Delivery
                          new_pending, read_delivery_states, redelivery_plan, requeued, summarize, unsilenced)
 from .breaker import CircuitBreaker
 from .grouping import member_order, new_group
-from .endpoints import (AlertsSettings, BlockedAddressError, Endpoint, GuardedResolver, build_endpoints,
-                        checked_address, literal_ip, load_delivery_config, preflight)
+from .attempts import ERROR_TEXT_MAX, PAUSING_STATUS, Outcome, WebhookSender
+from .endpoints import AlertsSettings, Endpoint, build_endpoints, load_delivery_config, preflight
 from .formats import DeliveryContext, GroupContext, render, render_group
-from .signing import signature_headers
 from .inhibition import INHIBITED, FiringAlerts, parse_rules
 from .silences import SilenceBook, read_silences
-from .transport import certificate_failure, host_and_port
 
 log = logging.getLogger(__name__)
-
-USER_AGENT = "FinPulse-Dispatcher/1"
-RETRYABLE_STATUS = frozenset({408, 425, 429})
-PAUSING_STATUS = frozenset({429, 503})
-ERROR_TEXT_MAX = 300
 
 DELIVERIES = counter("finpulse_deliveries_total", "Deliveries that reached a final state, by endpoint and state "
                      "(delivered, failed, expired, silenced; one sent when its silence ended counts again as "
@@ -145,45 +136,6 @@ ATTEMPTS = counter("finpulse_delivery_attempts_total", "Requests to endpoints, b
                    ["endpoint", "outcome"])
 ATTEMPT_DURATION = histogram("finpulse_delivery_attempt_duration_seconds", "One request to an endpoint, in seconds, "
                              "until its answer or failure.", ["endpoint"])
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one attempt came to."""
-    ok: bool
-    error: str = ""
-    status: int | None = None
-    retryable: bool = True
-    retry_after: float | None = None
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date; None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None or when.tzinfo is None:
-        return None
-    now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
-
-
-def classify(status: int, retry_after: str | None, body: bytes) -> Outcome:
-    if 200 <= status < 300:
-        return Outcome(ok=True, status=status)
-    text = body.decode("utf-8", "replace").strip()
-    error = f"HTTP {status}" + (f": {text}" if text else "")
-    if 300 <= status < 400:
-        return Outcome(ok=False, status=status, retryable=False, error=f"{error} (redirects are not followed)")
-    retryable = status in RETRYABLE_STATUS or status >= 500
-    return Outcome(ok=False, status=status, retryable=retryable, error=error,
-                   retry_after=parse_retry_after(retry_after) if retryable else None)
 
 
 def full_jitter(attempts: int, initial_s: float, max_s: float) -> float:
@@ -244,7 +196,7 @@ class Dispatcher:
         self._groups: dict[tuple[str, str], _Group] = {}   # (endpoint, group label) of grouped endpoints
         self._owned: set[int] = set()
         self._consumer: AIOKafkaConsumer | None = None
-        self._sessions: dict[bool, aiohttp.ClientSession] = {}
+        self._sender = WebhookSender()
         self._shared_slots: asyncio.Semaphore | None = None
         self._endpoint_slots: dict[str, asyncio.Semaphore] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
@@ -280,11 +232,7 @@ class Dispatcher:
                 log.warning("endpoint %s may use all %d shared request slots ([alerts] max_concurrency): if its "
                             "requests hang, the other endpoints wait for them; give it a smaller max_concurrency",
                             endpoint.name, self.options.max_concurrency)
-        # Endpoints that may not reach private networks get a connector whose resolver refuses them.
-        self._sessions = {
-            False: aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=GuardedResolver()), trust_env=False),
-            True: aiohttp.ClientSession(trust_env=False),
-        }
+        self._sender.open()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.kafka.bootstrap_servers, group_id=self.group_id, client_id=self.group_id,
             enable_auto_commit=False, auto_offset_reset="earliest",
@@ -316,8 +264,7 @@ class Dispatcher:
         await self._release(set(self._owned))
         if self._consumer is not None:
             await stop_client(self._consumer)
-        for session in self._sessions.values():
-            await session.close()
+        await self._sender.close()
         await self.log.stop()
         if self.silences is not None:
             await self.silences.stop()
@@ -917,52 +864,11 @@ class Dispatcher:
             for m in members])
 
     async def _attempt(self, endpoint: Endpoint, state: DeliveryState) -> Outcome:
-        url = endpoint.url.reveal()
-        host, port = host_and_port(url)
-        guarded = not endpoint.settings.allow_private
         try:
-            try:
-                body = self._render(endpoint, state)
-            except ValueError as exc:  # a group notification whose endpoint's format no longer takes groups
-                return Outcome(ok=False, retryable=False, error=f"{exc}; not retried")
-            # The endpoint's headers first: ours (framing, signature) always win; config checks refuse clashes anyway.
-            headers = {**endpoint.request_headers(), "Content-Type": "application/json", "User-Agent": USER_AGENT}
-            if endpoint.signing_secrets:
-                headers.update(signature_headers(state.webhook_id, body, [s.reveal() for s in endpoint.signing_secrets]))
-            if guarded and (endpoint.proxy is not None or literal_ip(host)):
-                # The guarded session's resolver checks the hosts it resolves; a literal IP is never resolved, and
-                # through a proxy the proxy resolves the target: check it here, before anything is sent.
-                await checked_address(host, port)
-            # A proxy may be on a private network (the operator configured it): the guarded resolver would refuse it.
-            session = self._sessions[not guarded or endpoint.proxy is not None]
-            proxy = endpoint.proxy
-            if proxy is not None and not url.startswith("https:"):
-                # An http request goes to the proxy as it is, so the proxy's credentials travel in it; aiohttp sends
-                # proxy_headers with a CONNECT (https targets) only, and there they stay between us and the proxy.
-                headers.update(proxy.headers())
-            async with session.post(url, data=body, headers=headers, allow_redirects=False, ssl=endpoint.tls,
-                                    proxy=proxy.url if proxy else None, proxy_headers=proxy.headers() if proxy else None,
-                                    timeout=aiohttp.ClientTimeout(total=endpoint.settings.timeout_s)) as response:
-                answer = await response.content.read(200)
-                outcome = classify(response.status, response.headers.get("Retry-After"), answer)
-        except BlockedAddressError as exc:
-            outcome = Outcome(ok=False, retryable=False, error=str(exc))
-        except aiohttp.ClientConnectorCertificateError as exc:
-            # A configuration error: retrying cannot help.
-            outcome = Outcome(ok=False, retryable=False, error=f"{certificate_failure(exc, host)}; not retried: fix "
-                                                               f"the config, then `finpulse dispatch --redeliver`")
-        except aiohttp.ClientHttpProxyError as exc:
-            # The proxy refused the tunnel: wrong credentials (407) will not get better by retrying.
-            wrong_credentials = exc.status == 407
-            outcome = Outcome(ok=False, retryable=not wrong_credentials,
-                              error=f"the proxy answered the CONNECT with {exc.status} {exc.message}"
-                                    + ("; not retried: check the credentials in proxy_env" if wrong_credentials else ""))
-        except aiohttp.ClientConnectorError as exc:
-            blocked = isinstance(exc.os_error, BlockedAddressError)
-            outcome = Outcome(ok=False, retryable=not blocked, error=str(exc.os_error) if blocked else f"{type(exc).__name__}: {exc}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            outcome = Outcome(ok=False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-        return replace(outcome, error=endpoint.scrub(outcome.error)[:ERROR_TEXT_MAX])
+            body = self._render(endpoint, state)
+        except ValueError as exc:  # a group notification whose endpoint's format no longer takes groups
+            return Outcome(ok=False, retryable=False, error=f"{exc}; not retried"[:ERROR_TEXT_MAX])
+        return await self._sender.send(endpoint, state.webhook_id, body)
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
         # What this endpoint was sent of the episode before this event: a resolve follows all of it, a firing or an

@@ -11,7 +11,7 @@ proxy of each endpoint, what a TLS failure means, and the connection ``finpulse 
 - Proxy: ``proxy`` is an http(s) URL without credentials; a proxy URL with ``user:password@`` is a secret and comes
   from the environment variable named by ``proxy_env``. https targets go through the proxy as a CONNECT tunnel, so
   the TLS session (and ``ca_file``) is still with the endpoint. The SSRF guard still holds: the dispatcher resolves
-  and checks the target's host before it hands the request to the proxy (``Dispatcher._attempt``). Environment
+  and checks the target's host before it hands the request to the proxy (``alerts.attempts``). Environment
   proxies (HTTP_PROXY...) are never picked up.
 """
 from __future__ import annotations

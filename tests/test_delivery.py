@@ -21,9 +21,10 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
+from alerts.attempts import classify, parse_retry_after
 from alerts.deliveries import (DELIVERED, EXPIRED, FAILED, PENDING, SILENCED, DeliveryState, delivery_key,
                                new_pending, read_delivery_states, redelivery_plan, requeued, webhook_id)
-from alerts.dispatch import Dispatcher, classify, full_jitter, parse_retry_after, route
+from alerts.dispatch import Dispatcher, full_jitter, route
 from alerts.endpoints import Endpoint, EndpointSettings, blocked_reason, build_endpoints, load_delivery_config
 from alerts.formats import ALERTMANAGER_FIRING_TTL
 from alerts.receiver import Receiver, ReceiverOptions
