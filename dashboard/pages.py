@@ -349,11 +349,14 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     # Shares as whole percents, like everywhere else on the page ("63%", not "62.86%").
     shown = sh.in_zone(table, c.tz).assign(observed_bearish_share=table["observed_bearish_share"] * 100,
                                            baseline_bearish_share=table["baseline_bearish_share"] * 100)
+    # Streamlit draws a missing time as a grey "None" and has no setting for it: the header's tooltip says what it means.
+    resolved = st.column_config.DatetimeColumn("resolved", format="YYYY-MM-DD HH:mm:ss",
+                                               help="when the episode resolved; None while it still fires")
     st.dataframe(shown, key="fp-alert-table", hide_index=True,
                  column_order=["status", "severity", "escalation", "key_type", "key", "topic", "episode_start", "resolved_at", "deviation",
                                "observed_bearish_share", "baseline_bearish_share", "deliveries", "summary"],
                  column_config={"episode_start": st.column_config.DatetimeColumn("started", format="YYYY-MM-DD HH:mm:ss"),
-                                "resolved_at": st.column_config.DatetimeColumn("resolved", format="YYYY-MM-DD HH:mm:ss"),
+                                "resolved_at": resolved,
                                 "deviation": st.column_config.NumberColumn("deviation", format="%.1f σ"),
                                 "escalation": st.column_config.TextColumn("escalated"),
                                 "observed_bearish_share": st.column_config.NumberColumn("bearish", format="%.0f%%"),
@@ -381,6 +384,9 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     if messages.empty:
         st.caption("The alert carries no messages.")
     else:
+        # An alert carries a handful of its windows' messages, not all of them ("Messages in window" above): say so.
+        st.caption(f"{len(messages)} message(s): the most negative of each window that fired or escalated this alert, "
+                   f"as its alert events carry them (up to `[detect] top_messages` each).")
         message_table(messages, c, "fp-alert-messages")
     st.subheader("Delivery per endpoint")
     deliveries = sh.alert_deliveries(snap.deliveries, chosen)

@@ -309,6 +309,8 @@ def test_alerts_view_links_deliveries_and_messages(fp_settings, produced, monkey
     firing, escalation = (a for a in produced.alerts if a.key == SHOCK_TOPIC)
     messages = at.dataframe[1].value      # behind the firing and behind the escalation
     assert set(messages["id"]) == {m["id"] for m in firing.messages + escalation.messages}
+    assert any(c.value.startswith(f"{len(messages)} message(s): the most negative of each window that fired or "
+                                  f"escalated") for c in at.caption), [c.value for c in at.caption]
     deliveries = at.dataframe[2].value.set_index(["event_id", "endpoint"])
     assert deliveries.loc[(escalation.event_id, "pagerduty"), "status"] == "failed"
     assert "503" in deliveries.loc[(escalation.event_id, "pagerduty"), "last_error"]
