@@ -278,29 +278,7 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         model.temperature = dict(refit.temperature)
         metrics = _refit_metrics(refit)
     else:
-        val_raw, test_raw = scorer.probabilities(val.texts), scorer.probabilities(test.texts)
-        # Calibrating changes no label, so the reports below hold for the model as saved; only the probabilities move.
-        model.temperature = fit_temperatures(val_raw, val)
-        test_probs = calibrated(test_raw, model.temperature)
-        test_reports = reports_from(test_probs, test)
-        add_intervals(test_reports, test_probs, test)
-        comparison = {name: headline(reports_from(probs, test)) for name, probs in baselines.items()}
-        comparison[f"{recipe.name} model (shipped)"] = headline(test_reports)
-        metrics = {
-            "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
-                            f"label, split seed {recipe.split_seed}, less the rows whose twin (the same post but for "
-                            "links, case, punctuation or a prefix) fell in training or validation; never used for "
-                            "training, early stopping or model selection" + (f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else "")),
-            "test": test_reports,
-            **({"test_by_source": reports_by_source(test_probs, test, data_specs)} if len(data_specs) > 1 else {}),
-            "validation": reports_from(calibrated(val_raw, model.temperature), val),
-            "comparison_test": comparison,
-            # Did the recipe's technique beat its own plain fine-tune? Per head, on the same rows: see compare_models.
-            **({"shipped_against": {name: compare_models(test_probs, probs, test) for name, probs in baselines.items()}}
-               if baselines else {}),
-            "calibration": {"fitted_on": "validation slice", "measured_on": "held-out test slice",
-                            "measured": calibration_report(test_raw, test, model.temperature)},
-        }
+        metrics = _held_out_metrics(recipe, model, scorer, val, test, baselines, data_specs)
     # Reported, never used for selection: the only measure here of text unlike the training tweets.
     probe_probs = scorer.probabilities(probe.texts)
     probe_reports = reports_from(probe_probs, probe)
@@ -337,6 +315,36 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     outcome = TrainOutcome(final_dir, version, metrics, table)
     end_run(run_dir, outcome, keep_run_state)
     return outcome
+
+
+def _held_out_metrics(recipe: Recipe, model: FinPulseClassifier, scorer: BatchScorer, val: LabeledSet,
+                      test: LabeledSet, baselines: dict[str, Probabilities], data_specs: list[str]) -> dict[str, Any]:
+    """``metrics.json``'s figures of the held-out test slice (and of validation): each head's reports with their
+    intervals, the recipe's model against its own baselines on the same rows, and its calibration. Fits the model's
+    confidence temperatures on validation first (sets ``model.temperature``)."""
+    val_raw, test_raw = scorer.probabilities(val.texts), scorer.probabilities(test.texts)
+    # Calibrating changes no label, so the reports below hold for the model as saved; only the probabilities move.
+    model.temperature = fit_temperatures(val_raw, val)
+    test_probs = calibrated(test_raw, model.temperature)
+    test_reports = reports_from(test_probs, test)
+    add_intervals(test_reports, test_probs, test)
+    comparison = {name: headline(reports_from(probs, test)) for name, probs in baselines.items()}
+    comparison[f"{recipe.name} model (shipped)"] = headline(test_reports)
+    return {
+        "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
+                        f"label, split seed {recipe.split_seed}, less the rows whose twin (the same post but for "
+                        "links, case, punctuation or a prefix) fell in training or validation; never used for "
+                        "training, early stopping or model selection" + (f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else "")),
+        "test": test_reports,
+        **({"test_by_source": reports_by_source(test_probs, test, data_specs)} if len(data_specs) > 1 else {}),
+        "validation": reports_from(calibrated(val_raw, model.temperature), val),
+        "comparison_test": comparison,
+        # Did the recipe's technique beat its own plain fine-tune? Per head, on the same rows: see compare_models.
+        **({"shipped_against": {name: compare_models(test_probs, probs, test) for name, probs in baselines.items()}}
+           if baselines else {}),
+        "calibration": {"fitted_on": "validation slice", "measured_on": "held-out test slice",
+                        "measured": calibration_report(test_raw, test, model.temperature)},
+    }
 
 
 FINISHED = "finished.json"  # in a run directory: the run saved its model, which this names
