@@ -41,10 +41,11 @@ def volume_bars(volume: pd.DataFrame) -> alt.Chart:
 
 
 def signal_with_band(series: pd.DataFrame, metric: str, title: str, episodes: pd.DataFrame, markers: pd.DataFrame,
-                     fmt: str) -> alt.LayerChart:
+                     fmt: str, chosen: pd.DataFrame | None = None) -> alt.LayerChart:
     """One signal of one key over time, its baseline (dashed) and ±2σ band, each alert episode as a shaded span
     (coloured by the highest severity it reached, from its first window to the window that resolved it, or to now),
-    and a rule where it fired and where it escalated (coloured by the severity of that event; escalations dashed)."""
+    a rule where it fired and where it escalated (coloured by the severity of that event; escalations dashed), and
+    a frame around the ``chosen`` window (one row: ``window_start``, ``window_end``), whose messages the page lists."""
     # Windows still open (the newest, and with hopping windows the last few) hold only the messages so far: a
     # 5-minute window seconds old swings with a handful of them. Hollow points on a dotted line, so that a
     # last point far from the others reads as unfinished, not as the move being over.
@@ -68,8 +69,12 @@ def signal_with_band(series: pd.DataFrame, metric: str, title: str, episodes: pd
                  alt.Tooltip(f"{metric}_baseline:Q", format=fmt, title="baseline"),
                  alt.Tooltip("count:Q", title="messages")])
     signal = [band, baseline, closed_line, open_line, points]
+    # Unfilled, so the points and an episode's colour show through; on top, so it is never hidden.
+    framed = [] if chosen is None else [alt.Chart(chosen).mark_rect(fill=None, stroke="#444444", strokeWidth=1.5).encode(
+        x="window_start:T", x2="window_end:T",
+        tooltip=[alt.Tooltip("window_start:T", format="%Y-%m-%d %H:%M:%S", title="messages listed: window")])]
     if episodes.empty:
-        return alt.layer(*signal).properties(height=220)
+        return alt.layer(*signal, *framed).properties(height=220)
     # Only the severities on this chart in the legend, under it, so a narrow chart keeps its width for the data.
     present = set(episodes["severity"]) | set(markers["severity"])
     colour = alt.Color("severity:N", scale=SEVERITY_COLORS, title="alert",
@@ -88,7 +93,7 @@ def signal_with_band(series: pd.DataFrame, metric: str, title: str, episodes: pd
         tooltip=[alt.Tooltip("time:T", format="%Y-%m-%d %H:%M"), "event:N", "severity:N",
                  alt.Tooltip("escalated_from:N", title="escalated from"),
                  alt.Tooltip("deviation:Q", format=".1f", title="deviation (σ)"), "summary:N"])
-    return alt.layer(spans, *signal, rules).properties(height=220)
+    return alt.layer(spans, *signal, rules, *framed).properties(height=220)
 
 
 def kind_split_bar(split: pd.DataFrame) -> alt.Chart:

@@ -5,9 +5,10 @@ asks ``shaping`` for every number and ``charts`` for every chart, and only lays 
 test looks for carry stable keys (``fp-unusual-<rank>``, ``fp-alert-<rank>``).
 
 Views link to each other in the same tab (``view_link``): a ranked key opens its drill-down, an alert opens the
-Alerts view on that alert. The link's query parameters (``?key_type=ticker&key=AAPL``, ``?alert=<id>``) select
-once (``follow_link``); the sidebar's choices survive the jump. Every choice that defines a view is kept in the
-page's address (``keep_in_address``), so a reload or a link sent to a colleague shows the same view.
+Alerts view on that alert, and the Alerts view opens the drill-down at the window that fired. The link's query
+parameters (``?key_type=ticker&key=AAPL``, ``?alert=<id>``, ``?at=<a window's start>``) select once
+(``follow_link``); the sidebar's choices survive the jump. Every choice that defines a view is kept in the page's
+address (``keep_in_address``), so a reload or a link sent to a colleague shows the same view.
 """
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ def view_link(c: Controls, view: str, label: str, params: dict[str, str], icon: 
 
 
 _FOLLOWED = "fp_followed_links"
+ADDRESS_TIME = "%Y-%m-%dT%H:%MZ"
+ADDRESS_SECOND = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def follow_link(param: str, state_key: str, allowed, value_of=None) -> str:
@@ -125,6 +128,23 @@ def keep_in_address(param: str, value, default=None) -> None:
         else:
             del st.query_params[param]
     st.session_state.setdefault(_FOLLOWED, {})[param] = tuple(values) if multi else (values[0] if values else None)
+
+
+def address_time(text: str) -> pd.Timestamp | None:
+    """A time as the address writes it (``2026-12-03T09:30Z``; any ISO-8601 time, UTC when it names no zone)."""
+    try:
+        when = pd.Timestamp(text)
+    except (ValueError, TypeError):
+        return None
+    if pd.isna(when):
+        return None
+    return when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
+
+
+def address_stamp(when: pd.Timestamp) -> str:
+    """``when`` as the address writes it: UTC, to the minute, or to the second where it has seconds."""
+    when = when.tz_convert("UTC")
+    return when.strftime(ADDRESS_TIME if when.second == 0 else ADDRESS_SECOND)
 
 
 def forget_links() -> None:
@@ -281,40 +301,90 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
     if st.session_state.get("fp_drill_key") not in keys:
         ranking = sh.unusual_now(snap.trends, snap.alerts, f)
         st.session_state["fp_drill_key"] = ranking["key"].iloc[0] if not ranking.empty else keys[0]
-    key = st.selectbox(f.key_type.capitalize(), keys, key="fp_drill_key")
+    key_column, window_column = st.columns([2, 3])
+    key = key_column.selectbox(f.key_type.capitalize(), keys, key="fp_drill_key")
     keep_in_address("key", key)
     series = sh.key_series(snap.trends, f.key_type, key, f.window_s, f.span, f.baseline_windows, f.until)
     if series.empty:
         st.info(f"No {window_label(sh.resolve_window(snap.trends, f.window_s))} windows for {key} in {c.range_label.lower()}.")
         return
+    with window_column:
+        window = choose_window(series, c.tz)
     since = series["window_start"].min()
     until = series["window_end"].max()
     episodes = sh.in_zone(sh.alert_episodes(snap.alerts, f.key_type, key, since, until), c.tz)
     markers = sh.in_zone(sh.alert_markers(snap.alerts, f.key_type, key, since, until), c.tz)
     shown = sh.in_zone(series, c.tz)
+    chosen = sh.in_zone(pd.DataFrame([window]), c.tz) if window is not None else None
     left, right = st.columns(2)
     with left:
         st.subheader("Mean sentiment")
-        st.altair_chart(charts.signal_with_band(shown, "mean_score", "mean sentiment", episodes, markers, "+.2f"),
-                        width="stretch", height=280)
+        st.altair_chart(charts.signal_with_band(shown, "mean_score", "mean sentiment", episodes, markers, "+.2f",
+                                                chosen), width="stretch", height=280)
     with right:
         st.subheader("Bearish share")
-        st.altair_chart(charts.signal_with_band(shown, "bearish_share", "bearish share", episodes, markers, ".0%"),
-                        width="stretch", height=280)
+        st.altair_chart(charts.signal_with_band(shown, "bearish_share", "bearish share", episodes, markers, ".0%",
+                                                chosen), width="stretch", height=280)
     st.caption("Hollow points on a dotted line: windows still open (their messages so far). "
                "Dashed: the baseline (mean of the previous final windows); grey band: ±2 standard deviations; "
                "shaded spans: alert episodes, from the window that fired to the one that resolved (or now), in the "
-               "colour of the highest severity each reached; rules where each fired (solid) and escalated (dashed).")
+               "colour of the highest severity each reached; rules where each fired (solid) and escalated (dashed)"
+               + ("; framed: the window whose messages are listed below." if window is not None else "."))
     split = sh.kind_split(series)
     st.subheader("News and comments")
     st.altair_chart(charts.kind_split_bar(split), width="stretch")
     st.caption(" · ".join(f"{r.kind}: {r.messages} ({r.share:.0%})" for r in split.itertuples()))
-    negative, positive = sh.key_messages(snap, f.key_type, key, since, until=f.until)
-    st.subheader("Most negative messages")
-    message_table(negative, c, "fp-negative")
-    st.subheader("Most positive messages")
-    message_table(positive, c, "fp-positive")
+    if window is None:
+        negative, positive = sh.key_messages(snap, f.key_type, key, since, until=f.until)
+        st.subheader("Most negative messages")
+        message_table(negative, c, "fp-negative")
+        st.subheader("Most positive messages")
+        message_table(positive, c, "fp-positive")
+    else:
+        window_messages(snap, f.key_type, key, window, c, cfg)
     csv_download(series, c.tz, f"{f.key_type}-{key}", "fp-csv-drilldown")
+
+
+def window_option(window: dict | None, tz: str, with_date: bool) -> str:
+    if window is None:
+        return "the whole range: its most negative and most positive"
+    still_open = "" if window["final"] else " · still open"
+    return (f"{fmt_time(window['window_start'], tz, with_date)}–{fmt_time(window['window_end'], tz)} · "
+            f"{int(window['count'])} messages · mean {window['mean_score']:+.2f} · bearish "
+            f"{window['bearish_share']:.0%}{still_open}")
+
+
+def choose_window(series: pd.DataFrame, tz: str) -> dict | None:
+    """The window whose messages the drill-down lists, newest first (``?at=<its start>`` in the address: an alert
+    links to the window that fired), or None for the whole range's most negative and most positive."""
+    windows = {address_stamp(w["window_start"]): w for w in series.to_dict("records")}
+    note = follow_link("at", "fp_drill_at", lambda text: (when := address_time(text)) is not None
+                       and address_stamp(when) in windows, lambda text: address_stamp(address_time(text)))
+    if st.session_state.get("fp_drill_at") not in windows:
+        st.session_state["fp_drill_at"] = ""
+    with_date = series["window_start"].min().tz_convert(tz).date() != series["window_end"].max().tz_convert(tz).date()
+    chosen = st.selectbox("Messages of", ["", *reversed(windows)], key="fp_drill_at",
+                          format_func=lambda stamp: window_option(windows.get(stamp), tz, with_date))
+    if note:   # kept in the address: the window may come into the range once the data or the range does
+        st.caption(f":material/link_off: The address asked for the window {note}: not in the range shown.")
+    else:
+        keep_in_address("at", chosen, default="")
+    return windows.get(chosen)
+
+
+def window_messages(snap: Snapshot, key_type: str, key: str, window: dict, c: Controls,
+                    cfg: DashboardSettings) -> None:
+    """Every kept message of one window, most negative first: the messages behind a move."""
+    start, end, count = window["window_start"], window["window_end"], int(window["count"])
+    messages = sh.messages_in_window(snap, key_type, key, start, end)
+    st.subheader(f"Messages of {fmt_time(start, c.tz)}–{fmt_time(end, c.tz)}")
+    caption = f"{len(messages)} message(s) with a time in this window, most negative first; its figures count {count}."
+    if len(messages) < count:
+        # Not all of them are kept: say why, so that a short list is not read as the window's whole story.
+        caption += (f" The dashboard keeps the newest {cfg.max_scored_rows:,} scored messages (`[dashboard] "
+                    "max_scored_rows`); of older windows, the few most negative each window recorded.")
+    st.caption(caption)
+    message_table(messages, c, "fp-window-messages")
 
 
 # ---------------------------------------------------------------- Alerts
@@ -370,8 +440,9 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     keep_in_address("alert", chosen)
     row = table[table["id"] == chosen].iloc[0]
     st.markdown(alert_line(row, c.tz))
-    view_link(c, "drilldown", f"Open {md(str(row['key']))} in the drill-down",
-              {"key_type": str(row["key_type"]), "key": str(row["key"])}, icon=":material/troubleshoot:")
+    view_link(c, "drilldown", f"Open {md(str(row['key']))} in the drill-down, at the window that fired",
+              {"key_type": str(row["key_type"]), "key": str(row["key"]), "window": str(int(row["window_s"])),
+               "at": address_stamp(row["episode_start"])}, icon=":material/troubleshoot:")
     cols = st.columns(3)
     cols[0].metric("Bearish share", f"{row['observed_bearish_share']:.0%}",
                    f"{(row['observed_bearish_share'] - row['baseline_bearish_share']) * 100:+.0f} pts vs usual", delta_color="inverse")

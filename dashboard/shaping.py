@@ -352,13 +352,9 @@ def alert_markers(alerts: pd.DataFrame, key_type: str, key: str, since: pd.Times
     return marks[columns].sort_values("time").reset_index(drop=True)
 
 
-def key_messages(snap: Snapshot, key_type: str, key: str, since: pd.Timestamp | None, n: int = 5,
-                 until: pd.Timestamp | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The most negative and most positive recent messages about one key, with scores and links.
-
-    Scored messages are the first source; the windows' own most-negative lists fill in for keys whose messages
-    have already left the (row-capped) scored store.
-    """
+def _messages_about(snap: Snapshot, key_type: str, key: str) -> pd.DataFrame:
+    """Every kept message about one key, once each, with scores and links. Scored messages are the first source; the
+    windows' own most-negative lists fill in for messages that have already left the (row-capped) scored store."""
     columns = ["event_time", "kind", "sentiment_score", "text", "url", "id"]
     scored = snap.scored
     if not scored.empty:
@@ -374,14 +370,28 @@ def key_messages(snap: Snapshot, key_type: str, key: str, since: pd.Timestamp | 
         refs = refs[(refs["key_type"] == key_type) & (refs["key"] == key)]
         refs = refs.assign(event_time=refs["event_time"].fillna(refs["window_end"]))[columns]
     pool = pd.concat([f for f in (about, refs) if not f.empty], ignore_index=True) if not (about.empty and refs.empty) else about
+    return pool.drop_duplicates("id", keep="first")
+
+
+def key_messages(snap: Snapshot, key_type: str, key: str, since: pd.Timestamp | None, n: int = 5,
+                 until: pd.Timestamp | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``n`` most negative and most positive messages about one key in the range."""
+    pool = _messages_about(snap, key_type, key)
     if since is not None and not pool.empty:
         pool = pool[pool["event_time"] >= since]
     if until is not None and not pool.empty:
         pool = pool[pool["event_time"] < until]
-    pool = pool.drop_duplicates("id", keep="first")
     negative = pool.nsmallest(n, "sentiment_score").reset_index(drop=True)
     positive = pool[pool["sentiment_score"] > 0].nlargest(n, "sentiment_score").reset_index(drop=True)
     return negative, positive
+
+
+def messages_in_window(snap: Snapshot, key_type: str, key: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
+    """Every kept message about one key with a time in ``[start, end)`` (one window), most negative first."""
+    pool = _messages_about(snap, key_type, key)
+    if not pool.empty:
+        pool = pool[(pool["event_time"] >= start) & (pool["event_time"] < end)]
+    return pool.sort_values("sentiment_score", kind="stable").reset_index(drop=True)
 
 
 def kind_split(series: pd.DataFrame) -> pd.DataFrame:

@@ -27,8 +27,8 @@ from . import shaping as sh
 from .ask import render_ask
 from .auth import require_sign_in
 from .live import FeedStatus, LiveFeed
-from .pages import (PAGE_STYLE, VIEWS, WITHOUT_DATA, Controls, feed_banner, follow_link, follow_list, forget_links,
-                    freshness_strip, keep_in_address, link_to_follow, window_label)
+from .pages import (ADDRESS_TIME, PAGE_STYLE, VIEWS, WITHOUT_DATA, Controls, address_time, feed_banner, follow_link,
+                    follow_list, forget_links, freshness_strip, keep_in_address, link_to_follow, window_label)
 from .settings import DashboardSettings, dashboard_settings
 from .store import LiveStore, Snapshot
 
@@ -44,7 +44,6 @@ _CHOICES = "fp_sidebar_choices"
 _WIDENED = "fp_range_widened"
 _DEFAULT_WINDOW = "fp_default_window"   # the window size picked for the analyst, not by them
 _FIXED_TZ = "fp_fixed_tz"     # the zone the From/To widgets' wall-clock values are in
-ADDRESS_TIME = "%Y-%m-%dT%H:%MZ"
 
 
 class Feed(Protocol):
@@ -168,17 +167,6 @@ def sidebar(feed: Feed, cfg: DashboardSettings, model_dir: str, models_dir: str 
         range_label = range_label if range_label in sh.TIME_RANGES else DEFAULT_RANGE
     return Controls(filters=filters, tz=tz, range_label=range_label, model_dir=model_dir, models_dir=models_dir,
                     pages=pages or {})
-
-
-def address_time(text: str) -> pd.Timestamp | None:
-    """A time as the address writes it (``2026-12-03T09:30Z``; any ISO-8601 time, UTC when it names no zone)."""
-    try:
-        when = pd.Timestamp(text)
-    except (ValueError, TypeError):
-        return None
-    if pd.isna(when):
-        return None
-    return when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
 
 
 def wall_clock(when: pd.Timestamp, tz: str) -> datetime:

@@ -202,6 +202,44 @@ def test_drilldown_shows_band_episodes_messages_and_split(fp_settings, produced,
     assert layers == [7, 7]  # Earnings' fired and resolved episode is on its charts as well
 
 
+def test_the_drill_down_lists_every_kept_message_of_a_window_and_an_alert_opens_the_window_that_fired(
+        fp_settings, produced, monkeypatch):
+    """The messages behind a move: a window chosen in the drill-down lists its messages, most negative first. A
+    window whose messages are all kept lists them all; an older one, the few its record kept, and says why. The
+    Alerts view links to the window that fired, and the address keeps the choice."""
+    _env_for(monkeypatch, fp_settings)
+    newest_closed = max((t for t in produced.trends if t.key == SHOCK_TOPIC and t.final), key=lambda t: t.window_start)
+    fired = next(a for a in produced.alerts if a.key == SHOCK_TOPIC)
+    kept = {m.id for m in produced.scored if m.topic == SHOCK_TOPIC
+            and newest_closed.window_start <= m.event_time < newest_closed.window_end}
+    assert len(kept) == newest_closed.count > 5   # the fixture keeps every message of the newest windows
+    at = AppTest.from_function(_view_script, args=("drilldown",), default_timeout=60)
+    at.query_params.update(key_type="topic", key=SHOCK_TOPIC, at=f"{newest_closed.window_start:%Y-%m-%dT%H:%M}Z")
+    run_until(at, lambda a: len(a.dataframe) == 1, "the window's messages (one table)")
+    assert at.selectbox(key="fp_drill_at").value == f"{newest_closed.window_start:%Y-%m-%dT%H:%M}Z"
+    framed = [c["layer"][-1]["mark"] for c in _chart_specs(at) if "layer" in c]    # the window, on both charts
+    assert len(framed) == 2 and all(m["type"] == "rect" and m["stroke"] and m["fill"] is None for m in framed)
+    listed = at.dataframe[0].value
+    assert set(listed["id"]) == kept and listed["sentiment_score"].is_monotonic_increasing
+    assert any(c.value.startswith(f"{len(kept)} message(s) with a time in this window") and "keeps the newest"
+               not in c.value for c in at.caption), [c.value for c in at.caption]
+
+    at.selectbox(key="fp_drill_at").set_value(f"{fired.window_start:%Y-%m-%dT%H:%M}Z").run()
+    assert set(at.dataframe[0].value["id"]) == {m["id"] for m in fired.messages}     # only what its record kept
+    assert any(c.value.startswith(f"{len(fired.messages)} message(s)") and "keeps the newest 50,000" in c.value
+               for c in at.caption), [c.value for c in at.caption]
+    assert _address(at)["at"] == [f"{fired.window_start:%Y-%m-%dT%H:%M}Z"]
+    at.selectbox(key="fp_drill_at").set_value("").run()       # back to the whole range
+    assert len(at.dataframe) == 2 and "at" not in _address(at)     # the most negative and the most positive
+    assert [len(c["layer"]) for c in _chart_specs(at) if "layer" in c] == [7, 7]    # no frame
+
+    alerts = AppTest.from_function(_view_script, args=("alerts",), default_timeout=60)
+    alerts.query_params["alert"] = fired.id
+    run_until(alerts, lambda a: any("in the drill-down" in m for m in _markdown(a)), "the drill-down link")
+    (link,) = [m for m in _markdown(alerts) if "in the drill-down, at the window that fired" in m]
+    assert f"window=60&at={fired.window_start:%Y-%m-%dT%H}%3A{fired.window_start:%M}Z" in link, link
+
+
 def _address(at: AppTest) -> dict[str, list[str]]:
     """The page's query string as the app left it: name -> values (AppTest keeps one list per name)."""
     return {name: list(values) if isinstance(values, (list, tuple)) else [values]

@@ -118,8 +118,15 @@ def test_on_a_laptop_an_alert_leads_to_its_messages_and_drilldown_in_one_click_e
             page.wait_for_timeout(1000)
             page.screenshot(path=f"{artifacts_dir}/dashboard-laptop-alert.png", full_page=True)
 
-            page.get_by_role("link", name=f"Open {SHOCK_TOPIC} in the drill-down").click()
+            page.get_by_role("link", name=f"Open {SHOCK_TOPIC} in the drill-down, at the window that fired").click()
             expect(page.get_by_role("combobox", name="Topic", exact=True)).to_have_value(SHOCK_TOPIC, timeout=WAIT_MS)
+            # Opened at the window that fired, its messages listed: the messages behind the move.
+            expect(page.get_by_role("combobox", name="Messages of")).to_have_value(
+                re.compile(rf"{firing.observed['count']} messages · mean"), timeout=WAIT_MS)
+            window_table = page.get_by_test_id("stDataFrame")     # one table: the window's messages
+            expect(window_table).to_have_count(1)
+            for message in firing.messages:
+                expect(window_table).to_contain_text(message["text"])
             page.locator("[data-testid=stVegaLiteChart]").first.wait_for(timeout=WAIT_MS)
             assert page.evaluate("window.__finpulse_marker") == "same page", "a link reloaded the page"
             assert "Traceback" not in page.locator("body").inner_text()
@@ -129,11 +136,14 @@ def test_on_a_laptop_an_alert_leads_to_its_messages_and_drilldown_in_one_click_e
             page.wait_for_url(re.compile(r"/drilldown\?.*range=6h"), timeout=WAIT_MS)
             link = page.url
         assert "key=Energy+%7C+Oil" in link or "key=Energy%20%7C%20Oil" in link, link
+        assert f"at={firing.window_start:%Y-%m-%dT%H:%M}Z" in link.replace("%3A", ":"), link
         with chromium_page(1280, 800) as colleague:       # a new session opens the link
             colleague.goto(link, wait_until="domcontentloaded")
             expect(colleague.get_by_role("combobox", name="Topic", exact=True)).to_have_value(SHOCK_TOPIC,
                                                                                             timeout=WAIT_MS)
             expect(colleague.locator(".st-key-fp_range input")).to_have_value("Last 6 hours")
+            expect(colleague.get_by_role("combobox", name="Messages of")).to_have_value(
+                re.compile(rf"{firing.observed['count']} messages · mean"))
             assert "Traceback" not in colleague.locator("body").inner_text()
 
 
