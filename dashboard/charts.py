@@ -15,6 +15,7 @@ SEVERITY_COLORS = alt.Scale(domain=SEVERITY_ORDER, range=["#d62728", "#ff7f0e", 
 KIND_COLORS = alt.Scale(domain=["news", "comments"], range=["#4c78a8", "#f58518"])
 _TIME_AXIS = alt.Axis(format="%H:%M", labelOverlap=True, title=None)
 _SIGNAL = "#4c78a8"
+PICKED_WINDOW = "window"    # the selection a click on a drill-down chart makes
 
 
 def sentiment_heatmap(cells: pd.DataFrame, order: list[str]) -> alt.Chart:
@@ -45,7 +46,8 @@ def signal_with_band(series: pd.DataFrame, metric: str, title: str, episodes: pd
     """One signal of one key over time, its baseline (dashed) and ±2σ band, each alert episode as a shaded span
     (coloured by the highest severity it reached, from its first window to the window that resolved it, or to now),
     a rule where it fired and where it escalated (coloured by the severity of that event; escalations dashed), and
-    a frame around the ``chosen`` window (one row: ``window_start``, ``window_end``), whose messages the page lists."""
+    a frame around the ``chosen`` window (one row: ``window_start``, ``window_end``), whose messages the page lists.
+    Where ``series`` has an ``at`` column, a click selects the nearest window (the ``PICKED_WINDOW`` selection)."""
     # Windows still open (the newest, and with hopping windows the last few) hold only the messages so far: a
     # 5-minute window seconds old swings with a handful of them. Hollow points on a dotted line, so that a
     # last point far from the others reads as unfinished, not as the move being over.
@@ -68,6 +70,11 @@ def signal_with_band(series: pd.DataFrame, metric: str, title: str, episodes: pd
                  alt.Tooltip(f"{metric}:Q", format=fmt, title=title),
                  alt.Tooltip(f"{metric}_baseline:Q", format=fmt, title="baseline"),
                  alt.Tooltip("count:Q", title="messages")])
+    if "at" in series:
+        # A click anywhere picks the window nearest in time (``at``: its start as the page's address writes it);
+        # nearest along x only, so the height of the click does not matter. Hovering shows that window's figures.
+        points = points.add_params(alt.selection_point(name=PICKED_WINDOW, fields=["at"], encodings=["x"],
+                                                       on="click", nearest=True, empty=False))
     signal = [band, baseline, closed_line, open_line, points]
     # Unfilled, so the points and an episode's colour show through; on top, so it is never hidden.
     framed = [] if chosen is None else [alt.Chart(chosen).mark_rect(fill=None, stroke="#444444", strokeWidth=1.5).encode(

@@ -314,22 +314,25 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
     until = series["window_end"].max()
     episodes = sh.in_zone(sh.alert_episodes(snap.alerts, f.key_type, key, since, until), c.tz)
     markers = sh.in_zone(sh.alert_markers(snap.alerts, f.key_type, key, since, until), c.tz)
-    shown = sh.in_zone(series, c.tz)
+    shown = sh.in_zone(series, c.tz).assign(at=[address_stamp(start) for start in series["window_start"]])
     chosen = sh.in_zone(pd.DataFrame([window]), c.tz) if window is not None else None
     left, right = st.columns(2)
-    with left:
-        st.subheader("Mean sentiment")
-        st.altair_chart(charts.signal_with_band(shown, "mean_score", "mean sentiment", episodes, markers, "+.2f",
-                                                chosen), width="stretch", height=280)
-    with right:
-        st.subheader("Bearish share")
-        st.altair_chart(charts.signal_with_band(shown, "bearish_share", "bearish share", episodes, markers, ".0%",
-                                                chosen), width="stretch", height=280)
+    for column, metric, title, fmt in ((left, "mean_score", "Mean sentiment", "+.2f"),
+                                       (right, "bearish_share", "Bearish share", ".0%")):
+        # A new key after each pick starts the chart with no selection, so that clicking the same window again
+        # (after choosing another in the box) is a change the chart reports.
+        chart_key = f"fp-drill-{metric}-{st.session_state.get(_PICKS, 0)}"
+        with column:
+            st.subheader(title)
+            st.altair_chart(charts.signal_with_band(shown, metric, title.lower(), episodes, markers, fmt, chosen),
+                            width="stretch", height=280, key=chart_key, on_select=pick_clicked_window(chart_key),
+                            selection_mode=charts.PICKED_WINDOW)
     st.caption("Hollow points on a dotted line: windows still open (their messages so far). "
                "Dashed: the baseline (mean of the previous final windows); grey band: ±2 standard deviations; "
                "shaded spans: alert episodes, from the window that fired to the one that resolved (or now), in the "
                "colour of the highest severity each reached; rules where each fired (solid) and escalated (dashed)"
-               + ("; framed: the window whose messages are listed below." if window is not None else "."))
+               + ("; framed: the window whose messages are listed below." if window is not None else ".")
+               + " Click a window to list its messages.")
     split = sh.kind_split(series)
     st.subheader("News and comments")
     st.altair_chart(charts.kind_split_bar(split), width="stretch")
@@ -343,6 +346,21 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
     else:
         window_messages(snap, f.key_type, key, window, c, cfg)
     csv_download(series, c.tz, f"{f.key_type}-{key}", "fp-csv-drilldown")
+
+
+_PICKS = "fp_drill_picks"     # windows picked on a chart so far
+
+
+def pick_clicked_window(chart_key: str) -> Callable[[], None]:
+    """A chart's click handler: the window clicked becomes the one whose messages are listed. It runs before the
+    next run draws the "Messages of" box, so it may set the box's value; an empty selection changes nothing."""
+    def picked() -> None:
+        points = st.session_state[chart_key].selection.get(charts.PICKED_WINDOW) or []
+        stamps = [point["at"] for point in points if point.get("at")]
+        if stamps:
+            st.session_state["fp_drill_at"] = stamps[0]
+            st.session_state[_PICKS] = st.session_state.get(_PICKS, 0) + 1
+    return picked
 
 
 def window_option(window: dict | None, tz: str, with_date: bool) -> str:

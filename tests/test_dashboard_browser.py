@@ -121,8 +121,9 @@ def test_on_a_laptop_an_alert_leads_to_its_messages_and_drilldown_in_one_click_e
             page.get_by_role("link", name=f"Open {SHOCK_TOPIC} in the drill-down, at the window that fired").click()
             expect(page.get_by_role("combobox", name="Topic", exact=True)).to_have_value(SHOCK_TOPIC, timeout=WAIT_MS)
             # Opened at the window that fired, its messages listed: the messages behind the move.
-            expect(page.get_by_role("combobox", name="Messages of")).to_have_value(
-                re.compile(rf"{firing.observed['count']} messages · mean"), timeout=WAIT_MS)
+            window_box = page.get_by_role("combobox", name="Messages of")
+            expect(window_box).to_have_value(re.compile(rf"{firing.observed['count']} messages · mean"),
+                                             timeout=WAIT_MS)
             window_table = page.get_by_test_id("stDataFrame")     # one table: the window's messages
             expect(window_table).to_have_count(1)
             for message in firing.messages:
@@ -135,6 +136,12 @@ def test_on_a_laptop_an_alert_leads_to_its_messages_and_drilldown_in_one_click_e
             # The address says what is shown, sidebar choices included: it is the link an analyst sends.
             page.wait_for_url(re.compile(r"/drilldown\?.*range=6h"), timeout=WAIT_MS)
             link = page.url
+            # A click on a chart lists the messages of the window nearest to it (here one well before the shock).
+            fired_window = window_box.input_value()
+            area = page.locator("[data-testid=stVegaLiteChart]").first.bounding_box()
+            page.mouse.click(area["x"] + area["width"] * 0.4, area["y"] + area["height"] * 0.4)
+            expect(window_box).not_to_have_value(fired_window, timeout=WAIT_MS)
+            expect(window_box).to_have_value(re.compile(r"\d+ messages · mean"))
         assert "key=Energy+%7C+Oil" in link or "key=Energy%20%7C%20Oil" in link, link
         assert f"at={firing.window_start:%Y-%m-%dT%H:%M}Z" in link.replace("%3A", ":"), link
         with chromium_page(1280, 800) as colleague:       # a new session opens the link
