@@ -383,7 +383,7 @@ def choose_window(series: pd.DataFrame, tz: str) -> dict | None:
     with_date = series["window_start"].min().tz_convert(tz).date() != series["window_end"].max().tz_convert(tz).date()
     chosen = st.selectbox("Messages of", ["", *reversed(windows)], key="fp_drill_at",
                           format_func=lambda stamp: window_option(windows.get(stamp), tz, with_date))
-    if note:   # kept in the address: the window may come into the range once the data or the range does
+    if note and not chosen:   # kept in the address: the window may come into the range with the data or the range
         st.caption(f":material/link_off: The address asked for the window {note}: not in the range shown.")
     else:
         keep_in_address("at", chosen, default="")
@@ -396,7 +396,8 @@ def window_messages(snap: Snapshot, key_type: str, key: str, window: dict, c: Co
     start, end, count = window["window_start"], window["window_end"], int(window["count"])
     messages = sh.messages_in_window(snap, key_type, key, start, end)
     st.subheader(f"Messages of {fmt_time(start, c.tz)}–{fmt_time(end, c.tz)}")
-    caption = f"{len(messages)} message(s) with a time in this window, most negative first; its figures count {count}."
+    caption = (f"{len(messages)} message(s) with a time in this window, most negative first (the window's figures "
+               f"count {count}).")
     if len(messages) < count:
         # Not all of them are kept: say why, so that a short list is not read as the window's whole story.
         caption += (f" The dashboard keeps the newest {cfg.max_scored_rows:,} scored messages (`[dashboard] "
@@ -460,7 +461,8 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     st.markdown(alert_line(row, c.tz))
     view_link(c, "drilldown", f"Open {md(str(row['key']))} in the drill-down, at the window that fired",
               {"key_type": str(row["key_type"]), "key": str(row["key"]), "window": str(int(row["window_s"])),
-               "at": address_stamp(row["episode_start"])}, icon=":material/troubleshoot:")
+               **({"at": address_stamp(row["episode_start"])} if pd.notna(row["episode_start"]) else {})},
+              icon=":material/troubleshoot:")
     cols = st.columns(3)
     cols[0].metric("Bearish share", f"{row['observed_bearish_share']:.0%}",
                    f"{(row['observed_bearish_share'] - row['baseline_bearish_share']) * 100:+.0f} pts vs usual", delta_color="inverse")

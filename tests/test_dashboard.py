@@ -240,6 +240,23 @@ def test_the_drill_down_lists_every_kept_message_of_a_window_and_an_alert_opens_
     assert f"window=60&at={fired.window_start:%Y-%m-%dT%H}%3A{fired.window_start:%M}Z" in link, link
 
 
+def test_a_window_the_address_names_outside_the_range_is_said_and_kept_until_the_analyst_picks_one(
+        fp_settings, produced, monkeypatch):
+    """A link to a window the range does not show (a day old here): the page says so and keeps ``at`` in the
+    address (a wider range may show it); a window the analyst picks then replaces it there."""
+    _env_for(monkeypatch, fp_settings)
+    at = AppTest.from_function(_view_script, args=("drilldown",), default_timeout=60)
+    day_old = (utcnow() - timedelta(days=1)).strftime("%Y-%m-%dT%H:%MZ")
+    at.query_params.update(key_type="topic", key=SHOCK_TOPIC, at=day_old)
+    run_until(at, lambda a: any("asked for the window" in c.value for c in a.caption), "the note on the window")
+    assert at.selectbox(key="fp_drill_at").value == "" and _address(at)["at"] == [day_old]
+    assert len(at.dataframe) == 2       # the range's most negative and most positive meanwhile
+    newest = f"{max(t.window_start for t in produced.trends if t.key == SHOCK_TOPIC):%Y-%m-%dT%H:%M}Z"
+    at.selectbox(key="fp_drill_at").set_value(newest).run()
+    assert not any("asked for the window" in c.value for c in at.caption), [c.value for c in at.caption]
+    assert _address(at)["at"] == [newest] and len(at.dataframe) == 1
+
+
 def _address(at: AppTest) -> dict[str, list[str]]:
     """The page's query string as the app left it: name -> values (AppTest keeps one list per name)."""
     return {name: list(values) if isinstance(values, (list, tuple)) else [values]
