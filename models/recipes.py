@@ -330,11 +330,12 @@ def _held_out_metrics(recipe: Recipe, model: FinPulseClassifier, scorer: BatchSc
     add_intervals(test_reports, test_probs, test)
     comparison = {name: headline(reports_from(probs, test)) for name, probs in baselines.items()}
     comparison[f"{recipe.name} model (shipped)"] = headline(test_reports)
+    sampled = f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else ""
     return {
         "measured_on": (f"held-out test slice: {recipe.test_fraction:.0%} of each training file, stratified by "
                         f"label, split seed {recipe.split_seed}, less the rows whose twin (the same post but for "
                         "links, case, punctuation or a prefix) fell in training or validation; never used for "
-                        "training, early stopping or model selection" + (f"; a stratified sample of {len(test)} rows of it" if recipe.report_limit else "")),
+                        f"training, early stopping or model selection{sampled}"),
         "test": test_reports,
         **({"test_by_source": reports_by_source(test_probs, test, data_specs)} if len(data_specs) > 1 else {}),
         "validation": reports_from(calibrated(val_raw, model.temperature), val),
