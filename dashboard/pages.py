@@ -308,13 +308,14 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
     if series.empty:
         st.info(f"No {window_label(sh.resolve_window(snap.trends, f.window_s))} windows for {key} in {c.range_label.lower()}.")
         return
+    at = [address_stamp(start) for start in series["window_start"]]     # each window as the address names it
     with window_column:
-        window = choose_window(series, c.tz)
+        window = choose_window(series, at, c.tz)
     since = series["window_start"].min()
     until = series["window_end"].max()
     episodes = sh.in_zone(sh.alert_episodes(snap.alerts, f.key_type, key, since, until), c.tz)
     markers = sh.in_zone(sh.alert_markers(snap.alerts, f.key_type, key, since, until), c.tz)
-    shown = sh.in_zone(series, c.tz).assign(at=[address_stamp(start) for start in series["window_start"]])
+    shown = sh.in_zone(series, c.tz).assign(at=at)
     chosen = sh.in_zone(pd.DataFrame([window]), c.tz) if window is not None else None
     left, right = st.columns(2)
     for column, metric, title, fmt in ((left, "mean_score", "Mean sentiment", "+.2f"),
@@ -344,7 +345,7 @@ def render_drilldown(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashb
         st.subheader("Most positive messages")
         message_table(positive, c, "fp-positive")
     else:
-        window_messages(snap, f.key_type, key, window, c, cfg)
+        show_window_messages(snap, f.key_type, key, window, c, cfg)
     csv_download(series, c.tz, f"{f.key_type}-{key}", "fp-csv-drilldown")
 
 
@@ -372,10 +373,11 @@ def window_option(window: dict | None, tz: str, with_date: bool) -> str:
             f"{window['bearish_share']:.0%}{still_open}")
 
 
-def choose_window(series: pd.DataFrame, tz: str) -> dict | None:
+def choose_window(series: pd.DataFrame, at: list[str], tz: str) -> dict | None:
     """The window whose messages the drill-down lists, newest first (``?at=<its start>`` in the address: an alert
-    links to the window that fired), or None for the whole range's most negative and most positive."""
-    windows = {address_stamp(w["window_start"]): w for w in series.to_dict("records")}
+    links to the window that fired), or None for the whole range's most negative and most positive. ``at``: each
+    window of ``series`` as the address names it."""
+    windows = dict(zip(at, series.to_dict("records")))
     note = follow_link("at", "fp_drill_at", lambda text: (when := address_time(text)) is not None
                        and address_stamp(when) in windows, lambda text: address_stamp(address_time(text)))
     if st.session_state.get("fp_drill_at") not in windows:
@@ -390,8 +392,8 @@ def choose_window(series: pd.DataFrame, tz: str) -> dict | None:
     return windows.get(chosen)
 
 
-def window_messages(snap: Snapshot, key_type: str, key: str, window: dict, c: Controls,
-                    cfg: DashboardSettings) -> None:
+def show_window_messages(snap: Snapshot, key_type: str, key: str, window: dict, c: Controls,
+                         cfg: DashboardSettings) -> None:
     """Every kept message of one window, most negative first: the messages behind a move."""
     start, end, count = window["window_start"], window["window_end"], int(window["count"])
     messages = sh.messages_in_window(snap, key_type, key, start, end)
@@ -477,7 +479,7 @@ def render_alerts(snap: Snapshot, status: FeedStatus, c: Controls, cfg: Dashboar
     else:
         # An alert carries a handful of its windows' messages, not all of them ("Messages in window" above): say so.
         st.caption(f"{len(messages)} message(s): the most negative of each window that fired or escalated this alert, "
-                   f"as its alert events carry them (up to `[detect] top_messages` each).")
+                   "as its alert events carry them (up to `[detect] top_messages` each).")
         message_table(messages, c, "fp-alert-messages")
     st.subheader("Delivery per endpoint")
     deliveries = sh.alert_deliveries(snap.deliveries, chosen)
