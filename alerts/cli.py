@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve /metrics, /healthz and /readyz on this port (default [alerts] metrics_port, 6068; 0: none)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="check each endpoint (config, secrets, address guard; the TLS handshake of https ones, through their proxy) and exit")
+    mode.add_argument("--preview", metavar="NAME", help="print what endpoint NAME would be sent for an example episode "
+                                                        "(firing, escalation, resolve; a group too when it groups), in "
+                                                        "its format, template included, and exit; sends nothing")
+    mode.add_argument("--fields", action="store_true", help="list the {fields} a template endpoint's template and "
+                                                            "group_template may name, and exit")
     mode.add_argument("--status", action="store_true", help="print the delivery states on the deliveries topic and exit")
     mode.add_argument("--redeliver", action="store_true",
                       help="re-queue failed deliveries (failed -> pending on the deliveries topic, fresh retry horizon, "
@@ -88,7 +93,11 @@ def _dispatch(args, settings) -> int:
     if not args.redeliver and (args.endpoint or args.alert or args.dry_run):
         raise ConfigError("--endpoint, --alert and --dry-run go with --redeliver")
     settings = settings.with_overrides({"alerts": {"group_id": args.group_id, "metrics_port": args.metrics_port}})
-    return run_dispatch(settings, check=args.check, status=args.status, redeliver=args.redeliver,
+    if args.fields:
+        from .preview import fields_help
+        print(fields_help())
+        return 0
+    return run_dispatch(settings, check=args.check, status=args.status, redeliver=args.redeliver, preview=args.preview,
                         endpoint=args.endpoint, alert_id=args.alert, dry_run=args.dry_run)
 
 

@@ -857,7 +857,7 @@ class Dispatcher:
         members = [self.log.get(key) for key in state.members]
         group = GroupContext(webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name,
                              label=state.group_label, attempt=state.attempts + 1, sent_at=format_time(utcnow()),
-                             dashboard_url=self.options.dashboard_url)
+                             dashboard_url=self.options.dashboard_url, template=endpoint.settings.group_template)
         # Each member as it would have gone alone: its own event id and webhook-id, this attempt's number.
         return render_group(endpoint.format, group, [
             (m.alert_record, self._context(endpoint, replace(m, attempts=state.attempts), m.alert_record))
@@ -879,7 +879,7 @@ class Dispatcher:
             webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name, attempt=state.attempts + 1,
             sent_at=format_time(utcnow()), dashboard_url=self.options.dashboard_url,
             routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
-            sent_severities=tuple(dict.fromkeys(before)))
+            sent_severities=tuple(dict.fromkeys(before)), template=endpoint.settings.template)
 
 
 def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpoint], bool]) -> list[Endpoint]:
@@ -958,9 +958,14 @@ def install(app, settings: Settings, names: TopicNames | None = None):
 # ---------------------------------------------------------------- `finpulse dispatch`
 
 def run_dispatch(settings: Settings, check: bool = False, status: bool = False, redeliver: bool = False,
-                 endpoint: str | None = None, alert_id: str | None = None, dry_run: bool = False) -> int:
+                 endpoint: str | None = None, alert_id: str | None = None, dry_run: bool = False,
+                 preview: str | None = None) -> int:
     names = TopicNames(settings.kafka.topic_prefix)
     config = load_delivery_config(settings)
+    if preview:
+        from .preview import preview as preview_of
+        print(preview_of(config, preview, config.options.dashboard_url))
+        return 0
     if status:
         return _print_status(settings, names)
     if not config.endpoints:

@@ -22,7 +22,9 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
     [[alerts.endpoints]]
     name = "risk-desk"                          # unique; part of the delivery key
     url = "https://hooks.example.com/finpulse"  # or url_env = "VAR" when the URL is a secret (Slack, Teams: required)
-    format = "native"                           # native | slack | teams | pagerduty | alertmanager
+    format = "native"                           # native | slack | teams | pagerduty | alertmanager | template
+    template = {}                               # format = "template": the body, with {field} placeholders
+    group_template = {}                         # format = "template" with group_by: a group notification's body
     secret_env = "FINPULSE_WEBHOOK_SECRET"      # env var(s) holding whsec_ secrets; several keys = rotation
     routing_key_env = ""                        # PagerDuty: env var holding the integration's routing key
     allow_private = false                       # true: may target private/loopback/link-local addresses
@@ -77,7 +79,7 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from aiohttp.resolver import ThreadedResolver
@@ -85,11 +87,13 @@ from aiohttp.resolver import ThreadedResolver
 from stream.config import ConfigError, Settings, build_dataclass
 from stream.records import SEVERITIES, severity_rank
 
+from .formats import GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS
 from .grouping import GroupPolicy, check_grouping
 from .signing import decode_secret, split_secrets
+from .templates import check_template
 from .transport import Proxy, check_connection, check_headers, check_proxy_url, host_and_port, tls_context
 
-FORMATS = ("native", "slack", "teams", "pagerduty", "alertmanager")
+FORMATS = ("native", "slack", "teams", "pagerduty", "alertmanager", "template")
 KEY_TYPES = ("topic", "ticker")
 PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
@@ -121,6 +125,8 @@ class EndpointSettings:
     group_by: list[str] = field(default_factory=list)
     group_wait_s: float | None = None
     group_interval_s: float | None = None
+    template: Any = None           # JSON value or JSON text; parsed and checked by _validate
+    group_template: Any = None
 
 
 @dataclass
@@ -304,6 +310,7 @@ def _validate(config: AlertDeliveryConfig) -> None:
         if ep.client_key_file and not ep.client_cert_file:
             raise ConfigError(f"{where}: client_key_file needs client_cert_file (the certificate it belongs to)")
         check_headers(ep.headers, ep.headers_env, where)
+        _check_templates(ep, where)
         check_grouping(ep, where)
         if ep.proxy and ep.proxy_env:
             raise ConfigError(f"{where}: set proxy or proxy_env, not both")
@@ -337,6 +344,26 @@ def _validate(config: AlertDeliveryConfig) -> None:
         raise ConfigError(f"[alerts] replay_endpoint {o.replay_endpoint!r} names no endpoint")
     from .inhibition import parse_rules
     config.inhibit_rules = parse_rules(o.inhibit)
+
+
+def _check_templates(ep: EndpointSettings, where: str) -> None:
+    """A template endpoint has its body template(s), parsed and checked here once; no other endpoint has any."""
+    given = [name for name in ("template", "group_template") if getattr(ep, name) not in (None, "", {})]
+    if ep.format != "template":
+        if given:
+            raise ConfigError(f"{where}: {' and '.join(given)} only mean something with format = \"template\"")
+        return
+    if "template" not in given:
+        raise ConfigError(f"{where}: a template endpoint needs template, the body to send (e.g. template = "
+                          f"{{ text = \"{{headline}}\" }}; fields: {', '.join(TEMPLATE_FIELDS)})")
+    ep.template = check_template(ep.template, TEMPLATE_FIELDS, f"{where} template")
+    if ep.group_by and "group_template" not in given:
+        raise ConfigError(f"{where}: a grouped template endpoint needs group_template, the body of a group "
+                          f"notification (fields: {', '.join(GROUP_TEMPLATE_FIELDS)}); or remove group_by")
+    if "group_template" in given:
+        if not ep.group_by:
+            raise ConfigError(f"{where}: group_template is only sent with group_by; set group_by or remove it")
+        ep.group_template = check_template(ep.group_template, GROUP_TEMPLATE_FIELDS, f"{where} group_template")
 
 
 def check_url(url: str, allow_private: bool, where: str) -> None:

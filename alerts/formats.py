@@ -17,6 +17,8 @@
   for a replay) stay the same for every event of the episode. An escalation ends the label sets of the severities
   this endpoint was sent before (``endsAt`` = the escalating window's end) and starts the new one, in one post; the
   resolve ends every label set the endpoint was sent (``DeliveryContext.sent_severities``), so nothing stays open.
+- ``template``: the endpoint's own ``template`` filled with the event's ``TEMPLATE_FIELDS`` (``alerts.templates``),
+  for any tool that takes JSON.
 
 Grouped endpoints (``alerts.grouping``) get one notification for many alert events, ``render_group``:
 
@@ -29,6 +31,8 @@ Grouped endpoints (``alerts.grouping``) get one notification for many alert even
 - ``teams``: one card: the counts, then one line per event as for Slack;
 - ``alertmanager``: one POST whose list holds every event's entries (Alertmanager groups them again by its own
   route's ``group_by``);
+- ``template``: the endpoint's ``group_template`` filled with ``GROUP_TEMPLATE_FIELDS`` (each member's own fields
+  in ``alerts``);
 - ``pagerduty``: not grouped (the config refuses it): Events v2 takes one event per dedup_key.
 
 ``render`` and ``render_group`` return the body bytes; signing and sending are the dispatcher's.
@@ -42,6 +46,8 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from stream.records import AlertRecord, format_time, severity_rank
+
+from .templates import fill
 
 EVENT_TYPES = {"firing": "finpulse.alert.firing", "escalation": "finpulse.alert.escalated",
                "resolved": "finpulse.alert.resolved"}
@@ -68,6 +74,7 @@ class DeliveryContext:
     # The severities of the episode's earlier firing and escalations taken on for this endpoint, lowest first:
     # the Alertmanager label sets this event must end.
     sent_severities: tuple[str, ...] = ()
+    template: Any = None           # the template format's body template (checked when the config was loaded)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class GroupContext:
     attempt: int = 1
     sent_at: str = ""
     dashboard_url: str = ""
+    template: Any = None           # the template format's group_template
 
 
 def render(fmt: str, alert: AlertRecord, ctx: DeliveryContext) -> bytes:
@@ -312,8 +320,116 @@ def _teams(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
     return _teams_card(body, dashboard_link(alert, ctx.dashboard_url), "Open in FinPulse")
 
 
+# ---------------------------------------------------------------- templates (alerts.templates)
+
+# The fields a template (alerts.templates) may name: name -> what it holds (a config error lists them).
+TEMPLATE_FIELDS: dict[str, str] = {
+    "alert_id": "the episode's id (its firing, escalations and resolve share it)",
+    "event_id": "this notification's id: <episode>:firing, <episode>:firing:<severity> or <episode>:resolved",
+    "webhook_id": "the webhook-id header's value (deduplicate on it)",
+    "event": "firing | escalation | resolved",
+    "status": "firing | resolved (an escalation is firing)",
+    "severity": "info | warning | critical (a resolve: the highest reached)",
+    "escalated_from": "an escalation: the severity it rose from; else \"\"",
+    "key_type": "topic | ticker",
+    "key": "the topic or ticker",
+    "topic": "what it is about: the topic, or a ticker's dominant topic when it fired (\"\" if unknown)",
+    "subject": "\"topic Energy | Oil\" or \"ticker XOM (Energy | Oil)\"",
+    "title": "a card's title: \"Negative sentiment spike: ticker XOM (Energy | Oil)\"",
+    "headline": "one line: status, severity, subject, observed vs baseline",
+    "summary": "the detector's sentence about the window",
+    "observed_bearish_share": "the window's bearish share (0-1)",
+    "observed_mean_score": "the window's mean score (-1 to 1)",
+    "observed_count": "the window's message count",
+    "baseline_bearish_share": "the baseline's bearish share",
+    "baseline_mean_score": "the baseline's mean score",
+    "deviation": "how many baseline standard deviations the window moved",
+    "window_s": "the window's length in seconds",
+    "window": "the window's length as text (\"1 min\")",
+    "window_start": "the window's start (UTC, ISO 8601)",
+    "window_end": "the window's end",
+    "started_at": "when the episode started",
+    "resolved_at": "when it resolved (null while firing)",
+    "emitted_at": "when this event was emitted",
+    "messages": "the most negative messages: a list of {id, text, sentiment_score, ...}",
+    "messages_text": "the same as one text, a \"-0.82  text\" line each",
+    "dashboard_link": "the alert in the dashboard (\"\" without [alerts] dashboard_url)",
+    "model_version": "the model that scored the window",
+    "run_id": "a replay's run id (\"\" for a live alert)",
+    "endpoint": "this endpoint's name",
+    "attempt": "this attempt's number (1 for the first)",
+    "sent_at": "when this attempt was sent",
+    "alert": "the whole alert record, as the native format's data",
+}
+
+GROUP_TEMPLATE_FIELDS: dict[str, str] = {
+    "title": "\"FinPulse: 3 alert events (key_type=topic)\"",
+    "label": "the group: \"all\", or \"key_type=topic\", \"severity=critical,topic=Rates\"...",
+    "count": "how many alert events it carries",
+    "counts": "how many of each: {\"firing\": 2, \"escalation\": 1, \"resolved\": 1} (absent kinds left out)",
+    "counts_text": "the same as text: \"2 firing, 1 escalated, 1 resolved\"",
+    "lines": "one text, a headline per line for each event, most severe first and resolves last",
+    "alerts": "each event's fields (the single-event template's), in emission order",
+    "event_id": "this notification's id",
+    "webhook_id": "the webhook-id header's value",
+    "dashboard_link": "the dashboard's alerts page (\"\" without [alerts] dashboard_url)",
+    "endpoint": "this endpoint's name",
+    "attempt": "this attempt's number",
+    "sent_at": "when this attempt was sent",
+}
+
+
+def template_fields(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
+    """The fields of one alert event, as ``ctx`` sends it, for a template."""
+    obs, base = alert.observed or {}, alert.baseline or {}
+    record = alert.to_dict()
+    fields = {
+        "alert_id": alert.id, "event_id": ctx.event_id, "webhook_id": ctx.webhook_id, "event": alert.event_kind,
+        "status": alert.status, "severity": alert.severity, "escalated_from": alert.escalated_from,
+        "key_type": alert.key_type, "key": alert.key, "topic": alert.about_topic, "subject": subject(alert),
+        "title": card_title(alert), "headline": headline(alert), "summary": alert.summary,
+        "observed_bearish_share": obs.get("bearish_share"), "observed_mean_score": obs.get("mean_score"),
+        "observed_count": obs.get("count"), "baseline_bearish_share": base.get("bearish_share"),
+        "baseline_mean_score": base.get("mean_score"), "deviation": alert.deviation,
+        "window_s": alert.window_s, "window": _window(alert.window_s),
+        "window_start": record["window_start"], "window_end": record["window_end"],
+        "started_at": record["started_at"], "resolved_at": record.get("resolved_at"),
+        "emitted_at": record["emitted_at"], "messages": record.get("messages", []),
+        "messages_text": "\n".join(f"{_num(m.get('sentiment_score'))}  {m.get('text', '')}" for m in alert.messages),
+        "dashboard_link": dashboard_link(alert, ctx.dashboard_url), "model_version": alert.model_version,
+        "run_id": alert.run_id, "endpoint": ctx.endpoint, "attempt": ctx.attempt, "sent_at": ctx.sent_at,
+        "alert": record,
+    }
+    return fields
+
+
+def group_template_fields(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> dict[str, Any]:
+    """The fields of a grouped notification of ``members``, for a group template."""
+    alerts = [alert for alert, _ in members]
+    fields = {
+        "title": _group_title(group, alerts), "label": group.label, "count": len(alerts),
+        "counts": _counts(alerts), "counts_text": _counts_text(alerts),
+        "lines": "\n".join(headline(a) for a in _most_severe_first(alerts)),
+        "alerts": [template_fields(alert, ctx) for alert, ctx in members],
+        "event_id": group.event_id, "webhook_id": group.webhook_id, "dashboard_link": _alerts_page(group),
+        "endpoint": group.endpoint, "attempt": group.attempt, "sent_at": group.sent_at,
+    }
+    return fields
+
+
+def _template(alert: AlertRecord, ctx: DeliveryContext) -> Any:
+    return fill(ctx.template, template_fields(alert, ctx))
+
+
+def _template_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> Any:
+    if group.template is None:  # queued while the endpoint grouped; its group_template has gone since
+        raise ValueError(f"endpoint {group.endpoint!r} has no group_template any more")
+    return fill(group.template, group_template_fields(group, members))
+
+
 _RENDERERS: dict[str, Callable[[AlertRecord, DeliveryContext], Any]] = {
     "native": _native, "slack": _slack, "teams": _teams, "pagerduty": _pagerduty, "alertmanager": _alertmanager,
+    "template": _template,
 }
 
 
@@ -323,6 +439,23 @@ def _counts(alerts: list[AlertRecord]) -> dict[str, int]:
     """How many firings, escalations and resolves, in that order, leaving out the kinds that are absent."""
     kinds = [a.event_kind for a in alerts]
     return {kind: kinds.count(kind) for kind in ("firing", "escalation", "resolved") if kind in kinds}
+
+
+def _counts_text(alerts: list[AlertRecord]) -> str:
+    return ", ".join(f"{n} {'escalated' if kind == 'escalation' else kind}" for kind, n in _counts(alerts).items())
+
+
+def _most_severe_first(alerts: list[AlertRecord]) -> list[AlertRecord]:
+    """Most severe first, resolves last; sorted() is stable, so emission order stays within a rank."""
+    return sorted(alerts, key=lambda a: (a.status == "resolved", -severity_rank(a.severity)))
+
+
+def _group_title(group: GroupContext, alerts: list[AlertRecord]) -> str:
+    return f"FinPulse: {len(alerts)} alert events" + ("" if group.label == "all" else f" ({group.label})")
+
+
+def _alerts_page(group: GroupContext) -> str:
+    return f"{group.dashboard_url.rstrip('/')}/alerts" if group.dashboard_url else ""
 
 
 def _native_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> dict[str, Any]:
@@ -339,16 +472,15 @@ def _native_group(group: GroupContext, members: list[tuple[AlertRecord, Delivery
 
 def _slack_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> dict[str, Any]:
     alerts = [alert for alert, _ in members]
-    # Most severe first, resolves last; sorted() is stable, so emission order stays within a rank.
-    ranked = sorted(alerts, key=lambda a: (a.status == "resolved", -severity_rank(a.severity)))
-    counts = ", ".join(f"{n} {'escalated' if kind == 'escalation' else kind}" for kind, n in _counts(alerts).items())
-    title = f"FinPulse: {len(alerts)} alert events" + ("" if group.label == "all" else f" ({group.label})")
+    ranked = _most_severe_first(alerts)
+    counts = _counts_text(alerts)
+    title = _group_title(group, alerts)
     lines = [f"{_slack_icon(a)} {_slack_escape(headline(a))}" for a in ranked[:SLACK_GROUP_LINES]]
     if len(ranked) > SLACK_GROUP_LINES:
         lines.append(f"+{len(ranked) - SLACK_GROUP_LINES} more")
     context = f"FinPulse group notification `{_slack_escape(group.event_id)}`"
     if group.dashboard_url:
-        context += f" · <{group.dashboard_url.rstrip('/')}/alerts|open the alerts>"
+        context += f" · <{_alerts_page(group)}|open the alerts>"
     return {
         "text": _slack_escape(f"{title}: {counts}; most severe: {headline(ranked[0])}"),
         "blocks": [
@@ -362,16 +494,15 @@ def _slack_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryC
 
 def _teams_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> dict[str, Any]:
     alerts = [alert for alert, _ in members]
-    ranked = sorted(alerts, key=lambda a: (a.status == "resolved", -severity_rank(a.severity)))
-    counts = ", ".join(f"{n} {'escalated' if kind == 'escalation' else kind}" for kind, n in _counts(alerts).items())
-    title = f"FinPulse: {len(alerts)} alert events" + ("" if group.label == "all" else f" ({group.label})")
+    ranked = _most_severe_first(alerts)
+    counts = _counts_text(alerts)
+    title = _group_title(group, alerts)
     body = [_plain_text(title, weight="Bolder", size="Medium", color=_teams_colour(ranked[0])), _plain_text(counts)]
     body += [_plain_text(headline(a), color=_teams_colour(a)) for a in ranked[:SLACK_GROUP_LINES]]
     if len(ranked) > SLACK_GROUP_LINES:
         body.append(_plain_text(f"+{len(ranked) - SLACK_GROUP_LINES} more"))
     body.append(_plain_text(f"FinPulse group notification {group.event_id}", isSubtle=True, size="Small"))
-    link = f"{group.dashboard_url.rstrip('/')}/alerts" if group.dashboard_url else ""
-    return _teams_card(body, link, "Open the alerts")
+    return _teams_card(body, _alerts_page(group), "Open the alerts")
 
 
 def _alertmanager_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> list[dict[str, Any]]:
@@ -380,6 +511,7 @@ def _alertmanager_group(group: GroupContext, members: list[tuple[AlertRecord, De
 
 _GROUP_RENDERERS: dict[str, Callable[[GroupContext, list[tuple[AlertRecord, DeliveryContext]]], Any]] = {
     "native": _native_group, "slack": _slack_group, "teams": _teams_group, "alertmanager": _alertmanager_group,
+    "template": _template_group,
 }
 
 

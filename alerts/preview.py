@@ -1,0 +1,79 @@
+"""``finpulse dispatch --preview NAME`` and ``--fields``: what an endpoint would be sent, without sending anything.
+
+The preview renders an example episode (its firing, an escalation and its resolve, and a group of them when the
+endpoint groups) in the endpoint's format, so a template can be tried before any alert fires. It needs neither
+Kafka nor the endpoint's secrets: a PagerDuty routing key shows as ``***``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import timedelta
+
+from stream.config import ConfigError
+from stream.records import AlertRecord, format_time, utcnow
+
+from .endpoints import AlertDeliveryConfig
+from .formats import (GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, DeliveryContext, GroupContext, render,
+                      render_group)
+
+
+def example_episode() -> list[AlertRecord]:
+    """A ticker alert's firing, its escalation to critical and its resolve, as the detector emits them."""
+    start = utcnow().replace(second=0, microsecond=0) - timedelta(minutes=3)
+    firing = AlertRecord(
+        id="a1b2c3d4e5f6", status="firing", key_type="ticker", key="XOM", window_s=60, window_start=start,
+        window_end=start + timedelta(minutes=1), severity="warning",
+        observed={"bearish_share": 0.68, "mean_score": -0.49, "count": 41},
+        baseline={"bearish_share": 0.21, "bearish_share_std": 0.05, "mean_score": 0.06, "mean_score_std": 0.07},
+        deviation=9.4, started_at=start + timedelta(minutes=1), emitted_at=start + timedelta(minutes=1, seconds=1),
+        messages=({"id": "n-1", "kind": "news", "text": "Refinery outage halts Gulf Coast output", "sentiment_score": -0.93},
+                  {"id": "c-7", "kind": "comment", "text": "$XOM dumping hard on the outage", "sentiment_score": -0.88}),
+        summary="Bearish share on XOM jumped to 68% (baseline 21%) over 41 messages", model_version="example",
+        topic="Energy | Oil")
+    escalation = replace(firing, severity="critical", escalated_from="warning", deviation=14.2,
+                         window_start=firing.window_end, window_end=firing.window_end + timedelta(minutes=1),
+                         emitted_at=firing.emitted_at + timedelta(minutes=1),
+                         summary="Bearish share on XOM rose to 81% (baseline 21%) over 77 messages",
+                         observed={"bearish_share": 0.81, "mean_score": -0.66, "count": 77})
+    resolved = replace(firing, status="resolved", severity="critical", resolved_at=firing.emitted_at + timedelta(minutes=6),
+                       emitted_at=firing.emitted_at + timedelta(minutes=6), messages=(),
+                       summary="XOM is back within its baseline")
+    return [firing, escalation, resolved]
+
+
+def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
+    """The bodies ``name`` would be sent for the example episode, as indented JSON under a line saying which."""
+    endpoint = next((e for e in config.endpoints if e.name == name), None)
+    if endpoint is None:
+        raise ConfigError(f"no endpoint named {name!r} (endpoints: {', '.join(e.name for e in config.endpoints) or 'none'})")
+    sent_at = format_time(utcnow())
+    contexts = []
+    for n, alert in enumerate(example_episode()):
+        contexts.append((alert, DeliveryContext(
+            webhook_id=f"msg_example{n}", event_id=alert.event_id, endpoint=name, sent_at=sent_at,
+            dashboard_url=dashboard_url, routing_key="***", template=endpoint.template,
+            sent_severities=("warning",) if n else ())))
+    parts = [f"# {alert.event_kind}\n{_pretty(render(endpoint.format, alert, ctx))}" for alert, ctx in contexts]
+    if endpoint.group_by:
+        group = GroupContext(webhook_id="msg_examplegroup", event_id="example-group", endpoint=name, label="all",
+                             sent_at=sent_at, dashboard_url=dashboard_url, template=endpoint.group_template)
+        parts.append(f"# a group notification of the three\n{_pretty(render_group(endpoint.format, group, contexts))}")
+    return f"# what endpoint {name!r} ({endpoint.format}) would be sent for an example episode; nothing was sent\n" + \
+        "\n".join(parts)
+
+
+def fields_help() -> str:
+    """The fields a template may name, with what each holds."""
+    width = max(map(len, [*TEMPLATE_FIELDS, *GROUP_TEMPLATE_FIELDS]))
+    lines = ["template fields (one alert event):"]
+    lines += [f"  {{{name}}}".ljust(width + 5) + text for name, text in TEMPLATE_FIELDS.items()]
+    lines += ["", "group_template fields (one notification of several events):"]
+    lines += [f"  {{{name}}}".ljust(width + 5) + text for name, text in GROUP_TEMPLATE_FIELDS.items()]
+    lines += ["", "A placeholder alone in a string keeps the field's JSON type; inside text it is written as text. "
+                  "{{ and }} are literal braces."]
+    return "\n".join(lines)
+
+
+def _pretty(body: bytes) -> str:
+    return json.dumps(json.loads(body), indent=2, ensure_ascii=False)

@@ -1,0 +1,213 @@
+"""The ``template`` format: a body written in the config for tools FinPulse has no format for. The language (fields,
+types, escapes), what the config refuses, and delivery over real HTTP by a real dispatcher from a real broker."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alerts.deliveries import delivery_key, webhook_id
+from alerts.endpoints import load_delivery_config
+from alerts.formats import (GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, GroupContext, group_template_fields, render,
+                            render_group, template_fields)
+from alerts.receiver import Receiver, ReceiverOptions
+from alerts.signing import generate_secret
+from stream.config import ConfigError, Settings, load_settings
+from tests.test_formats import ctx, make_alert
+
+GOOGLE_CHAT = {"text": "*{title}*\n{summary}\n{messages_text}\n<{dashboard_link}|Open in FinPulse>"}
+
+
+def endpoint_config(**endpoint):
+    table = {"name": "chat", "url": "https://chat.example.com/hook", "format": "template", **endpoint}
+    return load_delivery_config(Settings(raw={"alerts": {"endpoints": [table]}})).endpoints[0]
+
+
+def rendered(template, alert=None, **context):
+    checked = endpoint_config(template=template).template
+    return json.loads(render("template", alert or make_alert(), ctx(template=checked, **context)))
+
+
+def test_a_placeholder_alone_keeps_its_type_and_inside_text_becomes_text():
+    body = rendered({"share": "{observed_bearish_share}", "count": "{observed_count}", "messages": "{messages}",
+                     "resolved": "{resolved_at}", "line": "{key}: {observed_bearish_share} of {observed_count}, "
+                     "resolved {resolved_at}.", "list": "{messages_text}", "fixed": [1, True, None, "{severity}"],
+                     "{key}": "keys are never filled", "braces": "{{not a field}} {{{severity}}}"})
+    assert body["share"] == 0.71 and body["count"] == 120 and body["resolved"] is None
+    assert [m["id"] for m in body["messages"]] == ["n1", "c9"]
+    assert body["line"] == "Energy | Oil: 0.71 of 120, resolved ."
+    assert body["list"] == "-0.97  Refinery fire <!channel> & <https://evil.example|click>\n-0.90  Crude collapses"
+    assert body["fixed"] == [1, True, None, "critical"]
+    assert body["{key}"] == "keys are never filled"
+    assert body["braces"] == "{not a field} {critical}"
+
+
+def test_text_from_a_message_cannot_leave_its_string():
+    alert = make_alert(messages=({"id": "x", "text": '", "severity": "info", "x": "', "sentiment_score": -0.5},),
+                       summary='"}]} {"injected": true')
+    body = rendered({"text": "{summary} {messages_text}", "severity": "{severity}"}, alert)
+    assert body == {"text": '"}]} {"injected": true -0.50  ", "severity": "info", "x": "', "severity": "critical"}
+
+
+def test_a_google_chat_template_and_json_text_give_the_same_body():
+    as_table = rendered(GOOGLE_CHAT)
+    as_text = rendered(json.dumps(GOOGLE_CHAT))
+    assert as_table == as_text
+    assert as_table["text"].startswith("*Negative sentiment spike: topic Energy | Oil*\nBearish share on Energy")
+    assert as_table["text"].endswith("<http://127.0.0.1:8501/alerts?alert=a7f3c2|Open in FinPulse>")
+
+
+def test_every_documented_field_is_filled_and_no_other():
+    alert = make_alert(escalated_from="warning")
+    assert template_fields(alert, ctx()).keys() == TEMPLATE_FIELDS.keys()
+    group = GroupContext(webhook_id="msg_g", event_id="g1", endpoint="chat", label="all")
+    fields = group_template_fields(group, [(alert, ctx()), (make_alert("resolved"), ctx())])
+    assert fields.keys() == GROUP_TEMPLATE_FIELDS.keys()
+    assert fields["counts"] == {"escalation": 1, "resolved": 1} and fields["counts_text"] == "1 escalated, 1 resolved"
+    assert [f["event"] for f in fields["alerts"]] == ["escalation", "resolved"]
+
+
+def test_a_group_template_lists_every_event_most_severe_first():
+    checked = endpoint_config(template=GOOGLE_CHAT, group_by=["all"],
+                              group_template={"text": "{title}: {counts_text}\n{lines}", "ids": "{alerts}"})
+    group = GroupContext(webhook_id="msg_g", event_id="g1", endpoint="chat", label="all", template=checked.group_template)
+    members = [(make_alert("firing", severity="info", id="a1"), ctx()), (make_alert("resolved", id="a2"), ctx()),
+               (make_alert("firing", severity="critical", id="a3"), ctx())]
+    body = json.loads(render_group("template", group, members))
+    title, *lines = body["text"].split("\n")
+    assert title == "FinPulse: 3 alert events: 2 firing, 1 resolved"
+    assert [line.split(" negative")[0] for line in lines] == ["FIRING [critical]", "FIRING [info]", "RESOLVED [critical]"]
+    assert [a["alert_id"] for a in body["ids"]] == ["a1", "a2", "a3"]
+
+
+@pytest.mark.parametrize("endpoint, refusal", [
+    (dict(), "a template endpoint needs template"),
+    (dict(template={"text": "{headlines}"}), "{headlines} is not a field (fields: alert_id, event_id"),
+    (dict(template={"text": "{key} {"}), "a lone '{' in '{key} {'"),
+    (dict(template={"text": "}"}), "a lone '}'"),
+    (dict(template='{"text": "{headline}"'), "a template given as a string is JSON text, and this is not"),
+    (dict(template=GOOGLE_CHAT, group_by=["all"]), "a grouped template endpoint needs group_template"),
+    (dict(template=GOOGLE_CHAT, group_template={"text": "{lines}"}), "group_template is only sent with group_by"),
+    (dict(template=GOOGLE_CHAT, group_by=["all"], group_template={"text": "{headline}"}),
+     "group_template: {headline} is not a field (fields: title, label"),
+    (dict(format="slack", url_env="T_SLACK", template=GOOGLE_CHAT), "template only mean something with format"),
+])
+def test_the_config_refuses_a_template_that_cannot_work(endpoint, refusal):
+    with pytest.raises(ConfigError) as caught:
+        endpoint_config(**endpoint)
+    assert refusal in str(caught.value)
+
+
+def test_a_template_comes_from_the_config_file_as_a_table_or_json_text_and_from_the_environment(tmp_path):
+    config = tmp_path / "finpulse.toml"
+    config.write_text('''
+[[alerts.endpoints]]
+name = "chat"
+url = "https://chat.example.com/hook"
+format = "template"
+template = { text = "{headline}", thread = { threadKey = "{alert_id}" } }
+
+[[alerts.endpoints]]
+name = "hec"
+url = "https://splunk.example.com:8088/services/collector/event"
+format = "template"
+headers_env = { Authorization = "T_SPLUNK_AUTH" }
+template = \'\'\'
+{"sourcetype": "finpulse:alert", "time": "{emitted_at}", "event": "{alert}"}
+\'\'\'
+''')
+    chat, hec = load_delivery_config(load_settings(config, {})).endpoints
+    assert chat.template == {"text": "{headline}", "thread": {"threadKey": "{alert_id}"}}
+    assert hec.template == {"sourcetype": "finpulse:alert", "time": "{emitted_at}", "event": "{alert}"}
+    environ = {"FINPULSE_ALERTS__ENDPOINTS": json.dumps([
+        {"name": "discord", "url": "https://discord.example.com/api/webhooks/1", "format": "template",
+         "template": {"content": "{headline}", "allowed_mentions": {"parse": []}}}])}
+    (discord,) = load_delivery_config(load_settings(config, environ)).endpoints
+    assert discord.template == {"content": "{headline}", "allowed_mentions": {"parse": []}}
+
+
+def test_template_endpoints_get_their_bodies_over_http(fp_settings, topics, monkeypatch):
+    """A real dispatcher, reading alerts from the real broker, posts to a real receiver: one endpoint sends each event
+    in its template (signed), another groups them under its group_template."""
+    from tests.test_delivery import produce, serve_and_dispatch
+    from tests.test_delivery import make_alert as fresh_alert
+    from tests.test_grouping import settled
+
+    secret = generate_secret()
+    monkeypatch.setenv("T_TEMPLATE_SECRET", secret)
+    receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
+    firing = fresh_alert("firing", id="tp", key="Rates", severity="warning")
+    resolved = fresh_alert("resolved", id="tp", key="Rates", severity="warning")
+    produce(fp_settings, topics.alerts, [firing, resolved])
+
+    def settings_for(port):
+        common = {"format": "template", "secret_env": "T_TEMPLATE_SECRET", "allow_private": True,
+                  "template": {"text": "{headline}", "id": "{event_id}", "deviation": "{deviation}"}}
+        return fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "endpoints": [
+            {"name": "each", "url": f"http://127.0.0.1:{port}/each", **common},
+            {"name": "grouped", "url": f"http://127.0.0.1:{port}/grouped", "group_by": ["all"], "group_wait_s": 0.5,
+             "group_interval_s": 0.5, "group_template": '{"summary": "{counts_text}", "events": "{alerts}"}', **common},
+        ]}})
+
+    keys = {delivery_key(a.event_id, name) for a in (firing, resolved) for name in ("each", "grouped")}
+    serve_and_dispatch(topics, settings_for, receiver, lambda dispatcher: settled(dispatcher, keys))
+    assert not receiver.duplicates and not receiver.rejected
+    each = [i for i in receiver.items if i["path"] == "/each"]
+    assert [i["payload"]["id"] for i in each] == ["tp:firing", "tp:resolved"]
+    assert each[0]["payload"]["text"].startswith("FIRING [warning] negative sentiment spike on topic Rates")
+    assert each[0]["payload"]["deviation"] == firing.deviation
+    assert each[0]["webhook_id"] == webhook_id(delivery_key("tp:firing", "each"))
+    grouped = [i["payload"] for i in receiver.items if i["path"] == "/grouped"]
+    assert [e["event_id"] for p in grouped for e in p["events"]] == ["tp:firing", "tp:resolved"]
+    assert grouped[0]["summary"].startswith("1 firing")
+
+
+def test_preview_shows_each_format_the_example_episode_without_secrets_or_kafka(tmp_path):
+    """`finpulse dispatch --preview NAME` through the real CLI: no broker runs and no secret is set."""
+    import subprocess
+    import sys
+
+    from alerts.preview import preview
+    from tests.test_delivery import REPO
+
+    config = tmp_path / "finpulse.toml"
+    config.write_text('''
+[alerts]
+dashboard_url = "https://finpulse.example.com"
+[[alerts.endpoints]]
+name = "chat"
+url = "https://chat.example.com/hook"
+format = "template"
+template = { text = "{title}", severity = "{severity}", share = "{observed_bearish_share}" }
+group_by = ["all"]
+group_template = { text = "{title}: {counts_text}" }
+[[alerts.endpoints]]
+name = "pd"
+format = "pagerduty"
+routing_key_env = "T_PREVIEW_NEVER_SET"
+''')
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "FINPULSE_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "--config", str(config), "dispatch", "--preview", "chat"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    bodies = [json.loads(part.split("\n", 1)[1]) for part in done.stdout.split("\n# ")[1:]]
+    assert [b["severity"] for b in bodies[:3]] == ["warning", "critical", "critical"]
+    assert bodies[0] == {"text": "Negative sentiment spike: ticker XOM (Energy | Oil)", "severity": "warning", "share": 0.68}
+    assert bodies[3] == {"text": "FinPulse: 3 alert events: 1 firing, 1 escalated, 1 resolved"}
+    assert "nothing was sent" in done.stdout
+
+    fields = subprocess.run([sys.executable, "-m", "stream.cli", "dispatch", "--fields"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert fields.returncode == 0 and "{messages_text}" in fields.stdout and "{counts_text}" in fields.stdout
+
+    settings = load_settings(config, {})
+    pagerduty = preview(load_delivery_config(settings), "pd", "")
+    assert '"routing_key": "***"' in pagerduty and '"event_action": "resolve"' in pagerduty
+    for name, endpoint in (("native", {"url": "https://x.example.com", "secret_env": "T_NEVER"}),
+                           ("slack", {"url_env": "T_NEVER"}), ("teams", {"url_env": "T_NEVER"}),
+                           ("alertmanager", {"url": "https://am.example.com"})):
+        one = Settings(raw={"alerts": {"endpoints": [{"name": name, "format": name, "group_by": ["all"], **endpoint}]}})
+        shown = preview(load_delivery_config(one), name, "")
+        assert shown.count("\n# ") == 4, shown   # firing, escalation, resolve, the group
+    with pytest.raises(ConfigError, match="no endpoint named 'x' .endpoints: chat, pd."):
+        preview(load_delivery_config(settings), "x", "")
