@@ -186,7 +186,7 @@ def build_dataclass(cls: type[SectionT], values: Mapping[str, Any], where: str =
         try:
             kwargs[name] = _coerce(value, hints[name])
         except (TypeError, ValueError) as exc:
-            shown = "(value not shown)" if _may_hold_secret(name) else repr(value)
+            shown = "(value not shown)" if _may_hold_secret(name) or _structured(value) else repr(value)
             raise ConfigError(f"[{where}] {name} = {shown}: {exc}") from None
         if name.endswith("_env"):
             _check_env_names(name, kwargs[name], where)
@@ -208,6 +208,12 @@ def _check_env_names(name: str, value: Any, where: str) -> None:
             raise ConfigError(f"[{where}] {name} must name an environment variable (upper-case letters, digits and _, "
                               f"e.g. FINPULSE_WEBHOOK_SECRET); its value looks like a secret, so it is not shown. "
                               f"Put the secret in the environment and name that variable here")
+
+
+def _structured(value: Any) -> bool:
+    """A table or list, or JSON text of one (from the environment): it can hold URLs with tokens, so an error about
+    it names the setting only."""
+    return isinstance(value, (Mapping, list)) or (isinstance(value, str) and value.strip()[:1] in ("[", "{"))
 
 
 def _may_hold_secret(key: str) -> bool:
@@ -237,7 +243,9 @@ def _coerce(value: Any, hint: Any) -> Any:
         return hint(value)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = json.loads(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+            value = json.loads(value) if value.strip()[:1] in ("[", "{") else [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError("expected a JSON list: [...]")
         items = [_coerce(v, args[0]) if args else v for v in value]
         return items if origin is list else tuple(items)
     if origin is dict or hint is dict:

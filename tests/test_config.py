@@ -22,6 +22,19 @@ def test_environment_strings_are_coerced_to_field_types():
     assert settings.worker.max_wait_s == 0.25 and settings.kafka.partitions == 2
 
 
+def test_a_list_of_tables_from_the_environment_that_is_not_one_is_named_without_echoing_it():
+    """Endpoint tables in FINPULSE_ALERTS__ENDPOINTS can hold webhook URLs with tokens: a mistake in the JSON names the
+    setting and what is wrong, never the value."""
+    from alerts.endpoints import AlertsSettings
+    url = "https://chat.googleapis.com/v1/spaces/S/messages?key=K&token=FAKETOKEN123"
+    for value, problem in ((f'[{{"name": "gc", "url": "{url}"}},]', "Expecting value"),
+                           (f'{{"name": "gc", "url": "{url}"}}', "expected a JSON list")):
+        with pytest.raises(ConfigError) as caught:
+            load_settings(None, environ={"FINPULSE_ALERTS__ENDPOINTS": value}).section("alerts", AlertsSettings)
+        assert "[alerts] endpoints = (value not shown)" in str(caught.value) and problem in str(caught.value)
+        assert "FAKETOKEN123" not in str(caught.value)
+
+
 def test_bad_values_and_unknown_keys_name_the_setting(tmp_path):
     with pytest.raises(ConfigError, match=r"\[kafka\] partitions"):
         load_settings(None, environ={"FINPULSE_KAFKA__PARTITIONS": "many"}).kafka
