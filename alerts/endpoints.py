@@ -351,7 +351,8 @@ def _check_templates(ep: EndpointSettings, where: str) -> None:
     given = [name for name in ("template", "group_template") if getattr(ep, name) not in (None, "", {})]
     if ep.format != "template":
         if given:
-            raise ConfigError(f"{where}: {' and '.join(given)} only mean something with format = \"template\"")
+            raise ConfigError(f"{where}: {' and '.join(given)} only {'means' if len(given) == 1 else 'mean'} something "
+                              f"with format = \"template\"")
         return
     if "template" not in given:
         raise ConfigError(f"{where}: a template endpoint needs template, the body to send (e.g. template = "

@@ -451,7 +451,8 @@ def _most_severe_first(alerts: list[AlertRecord]) -> list[AlertRecord]:
 
 
 def _group_title(group: GroupContext, alerts: list[AlertRecord]) -> str:
-    return f"FinPulse: {len(alerts)} alert events" + ("" if group.label == "all" else f" ({group.label})")
+    events = "1 alert event" if len(alerts) == 1 else f"{len(alerts)} alert events"
+    return f"FinPulse: {events}" + ("" if group.label == "all" else f" ({group.label})")
 
 
 def _alerts_page(group: GroupContext) -> str:

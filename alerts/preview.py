@@ -1,7 +1,7 @@
 """``finpulse dispatch --preview NAME`` and ``--fields``: what an endpoint would be sent, without sending anything.
 
-The preview renders an example episode (its firing, an escalation and its resolve, and a group of them when the
-endpoint groups) in the endpoint's format, so a template can be tried before any alert fires. It needs neither
+The preview renders an example episode (its firing, an escalation and its resolve, and the group notifications
+they would make when the endpoint groups: one per group its ``group_by`` puts them in) in the endpoint's format, so a template can be tried before any alert fires. It needs neither
 Kafka nor the endpoint's secrets: a PagerDuty routing key shows as ``***``.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from stream.records import AlertRecord, format_time, utcnow
 from .endpoints import AlertDeliveryConfig
 from .formats import (GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, DeliveryContext, GroupContext, render,
                       render_group)
+from .grouping import GroupPolicy
+from .templates import FILTERS
 
 
 def example_episode() -> list[AlertRecord]:
@@ -55,10 +57,18 @@ def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
             dashboard_url=dashboard_url, routing_key="***", template=endpoint.template,
             sent_severities=("warning",) if n else ())))
     parts = [f"# {alert.event_kind}\n{_pretty(render(endpoint.format, alert, ctx))}" for alert, ctx in contexts]
-    if endpoint.group_by:
-        group = GroupContext(webhook_id="msg_examplegroup", event_id="example-group", endpoint=name, label="all",
-                             sent_at=sent_at, dashboard_url=dashboard_url, template=endpoint.group_template)
-        parts.append(f"# a group notification of the three\n{_pretty(render_group(endpoint.format, group, contexts))}")
+    policy = GroupPolicy.of(endpoint)
+    if policy is not None:
+        groups: dict[str, list] = {}
+        for alert, ctx in contexts:
+            groups.setdefault(policy.label(alert), []).append((alert, ctx))
+        for n, (label, members) in enumerate(groups.items()):
+            group = GroupContext(webhook_id=f"msg_examplegroup{n}", event_id=f"example-group-{n}", endpoint=name,
+                                 label=label, sent_at=sent_at, dashboard_url=dashboard_url,
+                                 template=endpoint.group_template)
+            kinds = ", ".join(alert.event_kind for alert, _ in members)
+            parts.append(f"# a group notification ({label}: {kinds})\n"
+                         f"{_pretty(render_group(endpoint.format, group, members))}")
     return f"# what endpoint {name!r} ({endpoint.format}) would be sent for an example episode; nothing was sent\n" + \
         "\n".join(parts)
 
@@ -70,6 +80,8 @@ def fields_help() -> str:
     lines += [f"  {{{name}}}".ljust(width + 5) + text for name, text in TEMPLATE_FIELDS.items()]
     lines += ["", "group_template fields (one notification of several events):"]
     lines += [f"  {{{name}}}".ljust(width + 5) + text for name, text in GROUP_TEMPLATE_FIELDS.items()]
+    lines += ["", "filters, after the name ({name|filter|filter:arg}; any filter makes text):"]
+    lines += [f"  |{name}".ljust(width + 5) + text for name, text in FILTERS.items()]
     lines += ["", "A placeholder alone in a string keeps the field's JSON type; inside text it is written as text. "
                   "{{ and }} are literal braces."]
     return "\n".join(lines)

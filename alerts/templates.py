@@ -5,21 +5,27 @@ for (Google Chat, Discord, Mattermost, Splunk's HTTP Event Collector, a ticketin
     name = "chat"
     format = "template"
     url_env = "GOOGLE_CHAT_WEBHOOK_URL"
-    template = { text = "{headline}\\n{messages_text}\\n{dashboard_link}" }
+    template = { text = "{headline}\\n{messages_text|max:2000}\\n{dashboard_link}" }
     group_template = { text = "{title}: {counts_text}\\n{lines}" }     # needed with group_by
 
-A template is any JSON value: a TOML table (arrays, numbers and booleans in it stay as they are), or JSON text in a
-string (a multi-line literal string takes a template pasted from a tool's documentation). In its strings, ``{name}``
-is replaced by a field of the alert event (``alerts.formats.TEMPLATE_FIELDS``; for ``group_template``, a field of the
-group notification, ``GROUP_TEMPLATE_FIELDS``)
-and ``{{`` / ``}}`` are literal braces; keys are never filled. A string that is exactly one placeholder takes the
-field's own JSON type (a number, a list, an object, null); inside longer text a field is written as text: null as
-"", a list one item per line, an object as JSON. Names that are not fields are refused when the config is loaded.
+A template is a JSON object or array: a TOML table (arrays, numbers and booleans in it stay as they are), or JSON
+text in a string (a multi-line literal string takes a template pasted from a tool's documentation). In its string
+values, ``{name}`` is replaced by a field of the alert event (``alerts.formats.TEMPLATE_FIELDS``; for
+``group_template``, a field of the group notification, ``GROUP_TEMPLATE_FIELDS``), and ``{{`` / ``}}`` are literal
+braces. Keys are the template's own: never filled, and a brace in one is refused.
+
+A string that is exactly one placeholder takes the field's own JSON type (a number, a list, an object, null); inside
+longer text a field is written as text: null as "", a list one item per line, an object as JSON. Filters after the
+name (``FILTERS``) make text too: ``{observed_count|text}`` is "41" where a tool wants strings only,
+``{messages_text|max:1000}`` is cut to 1,000 characters (a tool's limit: Discord's embed fields take 1,024), and
+``{summary|default:none}`` stands in for an empty field (a resolve has no messages). Names that are not fields,
+filters that do not exist, and values JSON cannot carry (TOML dates, NaN) are refused when the config is loaded.
 
 The body is built as data and serialised once, so no text from a message can leave the string it is put in (no
-JSON injection). What a tool does with markup inside a string is the tool's: Discord pings on "@everyone" in
-``content`` unless the template says ``allowed_mentions = { parse = [] }``. Secrets never go in a template (it is
-configuration, printed by ``finpulse config``): a tool's token goes in ``headers_env`` or in the URL (``url_env``).
+JSON injection). What a tool does with markup inside a string is the tool's: message text is sent as it was
+written, so Discord pings on "@everyone" in ``content`` unless the template says ``allowed_mentions = { parse = []
+}``, and Mattermost reads "@channel". Secrets never go in a template (it is configuration, shown by ``finpulse
+dispatch --preview``): a tool's token goes in ``headers_env`` or in the URL (``url_env``).
 """
 from __future__ import annotations
 
@@ -29,28 +35,43 @@ from typing import Any, Mapping
 
 from stream.config import ConfigError
 
-# {name}, or the escapes {{ and }}; anything else with a brace is a mistake the check names.
-_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}|[{}]")
+# {name} or {name|filter|filter:arg}, or the escapes {{ and }}; any other brace is a mistake the check names.
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+FILTERS = {
+    "text": "the field as text, even alone in its string",
+    "max:N": "cut to at most N characters, the last one an ellipsis",
+    "default:TEXT": "TEXT where the field is empty or null",
+}
+_SHOWN_MAX = 80  # how much of a wrong string an error quotes
 
 
 def check_template(template: Any, fields: Mapping[str, str], where: str) -> Any:
-    """The template as data (JSON text parsed), after checking every placeholder names a field; raise ConfigError
-    saying what is wrong."""
+    """The template as data (JSON text parsed), after checking that it is a JSON object or array that JSON can carry,
+    that no key holds a brace, and that every placeholder names a field and known filters; raise ConfigError saying
+    what is wrong."""
     if isinstance(template, str):
-        try:
-            template = json.loads(template)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: a template given as a string is JSON text, and this is not: {exc}") from None
+        template = _parse_json_text(template, where)
+    if not isinstance(template, (Mapping, list)) or not template:
+        raise ConfigError(f"{where}: the body must be a non-empty JSON object or array (a TOML table such as "
+                          f"{{ text = \"{{headline}}\" }}, or JSON text)")
+    try:
+        json.dumps(template, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:   # TOML dates and times, NaN and infinities, lone surrogates
+        raise ConfigError(f"{where}: a value JSON cannot carry ({_shown(str(exc))}); write dates as strings, and "
+                          f"numbers as finite numbers") from None
+    for key in _keys(template):
+        if "{" in key or "}" in key:
+            raise ConfigError(f"{where}: the key {_shown(key)!r} holds a brace: keys are the template's own and never "
+                              f"filled; only values take {{fields}}")
     for text in _strings(template):
         for token in _TOKEN.finditer(text):
-            name = token.group(1)
             if token.group(0) in ("{{", "}}"):
                 continue
-            if name is None:
-                raise ConfigError(f"{where}: a lone {token.group(0)!r} in {text!r}: write {{{{ or }}}} for a literal "
-                                  f"brace, {{name}} for a field")
-            if name not in fields:
-                raise ConfigError(f"{where}: {{{name}}} is not a field (fields: {', '.join(fields)})")
+            if token.group(1) is None:
+                raise ConfigError(f"{where}: a lone {token.group(0)!r} in {_shown(text)!r}: write {{{{ or }}}} for a "
+                                  f"literal brace, {{name}} for a field")
+            _check_placeholder(token.group(1), fields, where)
     return template
 
 
@@ -58,14 +79,79 @@ def fill(template: Any, fields: Mapping[str, Any]) -> Any:
     """``template`` with every placeholder replaced by its field (checked by ``check_template`` beforehand)."""
     if isinstance(template, str):
         whole = _TOKEN.fullmatch(template)
-        if whole and whole.group(1):
+        if whole and whole.group(1) and "|" not in whole.group(1):
             return fields[whole.group(1)]
-        return _TOKEN.sub(lambda m: _as_text(fields[m.group(1)]) if m.group(1) else m.group(0)[0], template)
+        return _TOKEN.sub(lambda m: _filled(m.group(1), fields) if m.group(1) is not None else m.group(0)[0],
+                          template)
     if isinstance(template, Mapping):
         return {key: fill(value, fields) for key, value in template.items()}
     if isinstance(template, list):
         return [fill(item, fields) for item in template]
     return template
+
+
+def _check_placeholder(inner: str, fields: Mapping[str, str], where: str) -> None:
+    name, *filters = inner.split("|")
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"{where}: {{{_shown(inner)}}} does not name a field: a field is a name of letters, digits "
+                          f"and _ (fields: {', '.join(fields)}), optionally followed by filters: "
+                          f"{', '.join('|' + f for f in FILTERS)}")
+    if name not in fields:
+        raise ConfigError(f"{where}: {{{name}}} is not a field (fields: {', '.join(fields)})")
+    for spec in filters:
+        kind, has_arg, arg = spec.partition(":")
+        if kind == "text" and not has_arg:
+            continue
+        if kind == "max" and arg.isdigit() and int(arg) >= 1:
+            continue
+        if kind == "default" and has_arg:
+            continue
+        raise ConfigError(f"{where}: {{{_shown(inner)}}}: {spec!r} is not a filter (filters: "
+                          f"{', '.join('|' + f for f in FILTERS)})")
+
+
+def _filled(inner: str, fields: Mapping[str, Any]) -> str:
+    name, *filters = inner.split("|")
+    text = _as_text(fields[name])
+    for spec in filters:
+        kind, _, arg = spec.partition(":")
+        if kind == "default" and not text:
+            text = arg
+        elif kind == "max" and len(text) > int(arg):
+            text = text[: int(arg) - 1] + "…"
+    return text
+
+
+def _parse_json_text(text: str, where: str) -> Any:
+    def no_twice(pairs):
+        keys = [key for key, _ in pairs]
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        if twice:
+            raise ConfigError(f"{where}: the JSON text gives the key(s) {twice} twice")
+        return dict(pairs)
+    try:
+        return json.loads(text, object_pairs_hook=no_twice)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        looks_like_json = re.match(r'\s*(\[|\{\s*["}])', text)
+        hint = ("" if looks_like_json else
+                "; for a body such as {\"text\": ...} write a TOML table: template = { text = \"{headline}\" }")
+        raise ConfigError(f"{where}: a template given as a string is JSON text, and this is not ({exc}){hint}") from None
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 1] + "…"
+
+
+def _keys(value: Any):
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield str(key)
+            yield from _keys(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _keys(item)
 
 
 def _strings(value: Any):

@@ -3,6 +3,7 @@ types, escapes), what the config refuses, and delivery over real HTTP by a real 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import pytest
 
@@ -32,14 +33,25 @@ def test_a_placeholder_alone_keeps_its_type_and_inside_text_becomes_text():
     body = rendered({"share": "{observed_bearish_share}", "count": "{observed_count}", "messages": "{messages}",
                      "resolved": "{resolved_at}", "line": "{key}: {observed_bearish_share} of {observed_count}, "
                      "resolved {resolved_at}.", "list": "{messages_text}", "fixed": [1, True, None, "{severity}"],
-                     "{key}": "keys are never filled", "braces": "{{not a field}} {{{severity}}}"})
+                     "braces": "{{not a field}} {{{severity}}}"})
     assert body["share"] == 0.71 and body["count"] == 120 and body["resolved"] is None
     assert [m["id"] for m in body["messages"]] == ["n1", "c9"]
     assert body["line"] == "Energy | Oil: 0.71 of 120, resolved ."
     assert body["list"] == "-0.97  Refinery fire <!channel> & <https://evil.example|click>\n-0.90  Crude collapses"
     assert body["fixed"] == [1, True, None, "critical"]
-    assert body["{key}"] == "keys are never filled"
     assert body["braces"] == "{not a field} {critical}"
+
+
+def test_filters_make_text_cut_it_to_a_tools_limit_and_fill_what_is_empty():
+    body = rendered({"count": "{observed_count|text}", "deviation": "{deviation|text}",
+                     "cut": "{messages_text|max:20}", "short": "{key|max:20}", "edge": "{key|max:12}",
+                     "resolved": "{resolved_at|default:still firing}", "topic": "{topic|default:-|max:3}",
+                     "both": "[{resolved_at|default:open}] {escalated_from|default:first}"})
+    assert body["count"] == "120" and body["deviation"] == "9.8"
+    assert body["cut"] == "-0.97  Refinery fir…" and len(body["cut"]) == 20
+    assert body["short"] == "Energy | Oil" and body["edge"] == "Energy | Oil"
+    assert body["resolved"] == "still firing" and body["topic"] == "En…"
+    assert body["both"] == "[open] first"
 
 
 def test_text_from_a_message_cannot_leave_its_string():
@@ -85,12 +97,26 @@ def test_a_group_template_lists_every_event_most_severe_first():
     (dict(template={"text": "{headlines}"}), "{headlines} is not a field (fields: alert_id, event_id"),
     (dict(template={"text": "{key} {"}), "a lone '{' in '{key} {'"),
     (dict(template={"text": "}"}), "a lone '}'"),
+    (dict(template={"text": "x" * 500 + "}"}), "a lone '}' in '" + "x" * 79 + "…'"),
+    (dict(template={"text": "{key-type}"}), "{key-type} does not name a field: a field is a name of letters"),
+    (dict(template={"text": "{deviation:.1f}"}), "{deviation:.1f} does not name a field"),
+    (dict(template={"text": "{key|upper}"}), "{key|upper}: 'upper' is not a filter (filters: |text, |max:N"),
+    (dict(template={"text": "{key|max:0}"}), "'max:0' is not a filter"),
+    (dict(template={"{key}": "{headline}"}), "the key '{key}' holds a brace: keys are the template's own"),
     (dict(template='{"text": "{headline}"'), "a template given as a string is JSON text, and this is not"),
+    (dict(template="{headline}"), "write a TOML table: template = { text = \"{headline}\" }"),
+    (dict(template='{"a": "{key}", "a": "{severity}"}'), "gives the key(s) ['a'] twice"),
+    (dict(template="[]"), "the body must be a non-empty JSON object or array"),
+    (dict(template='"{headline}"'), "the body must be a non-empty JSON object or array"),
+    (dict(template={"at": datetime(1979, 5, 27, 7, 32, tzinfo=timezone.utc), "text": "{key}"}),
+     "a value JSON cannot carry (Object of type datetime is not JSON serializable)"),
+    (dict(template={"x": float("nan")}), "a value JSON cannot carry (Out of range float values"),
+    (dict(template='{"text": "\\ud800 {key}"}'), "a value JSON cannot carry ("),
     (dict(template=GOOGLE_CHAT, group_by=["all"]), "a grouped template endpoint needs group_template"),
     (dict(template=GOOGLE_CHAT, group_template={"text": "{lines}"}), "group_template is only sent with group_by"),
     (dict(template=GOOGLE_CHAT, group_by=["all"], group_template={"text": "{headline}"}),
      "group_template: {headline} is not a field (fields: title, label"),
-    (dict(format="slack", url_env="T_SLACK", template=GOOGLE_CHAT), "template only mean something with format"),
+    (dict(format="slack", url_env="T_SLACK", template=GOOGLE_CHAT), "template only means something with format"),
 ])
 def test_the_config_refuses_a_template_that_cannot_work(endpoint, refusal):
     with pytest.raises(ConfigError) as caught:
@@ -209,5 +235,14 @@ routing_key_env = "T_PREVIEW_NEVER_SET"
         one = Settings(raw={"alerts": {"endpoints": [{"name": name, "format": name, "group_by": ["all"], **endpoint}]}})
         shown = preview(load_delivery_config(one), name, "")
         assert shown.count("\n# ") == 4, shown   # firing, escalation, resolve, the group
+    by_severity = Settings(raw={"alerts": {"endpoints": [{
+        "name": "sev", "url": "https://x.example.com", "format": "template", "template": {"text": "{title}"},
+        "group_by": ["severity"], "group_template": {"text": "{title}: {counts_text}"}}]}})
+    groups = [part for part in preview(load_delivery_config(by_severity), "sev", "").split("\n# ")
+              if part.startswith("a group")]
+    assert groups == ['a group notification (severity=warning: firing)\n'
+                      '{\n  "text": "FinPulse: 1 alert event (severity=warning): 1 firing"\n}',
+                      'a group notification (severity=critical: escalation, resolved)\n'
+                      '{\n  "text": "FinPulse: 2 alert events (severity=critical): 1 escalated, 1 resolved"\n}']
     with pytest.raises(ConfigError, match="no endpoint named 'x' .endpoints: chat, pd."):
         preview(load_delivery_config(settings), "x", "")
