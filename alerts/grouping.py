@@ -3,9 +3,9 @@
 notifications instead of dozens.
 
 - ``group_by`` (``GROUP_BY``) splits an endpoint's alert events into groups: ``key_type`` (topics apart from
-  tickers), ``severity``, ``topic`` (a topic alert's own key; ticker alerts carry no topic, since a ticker's window
-  counts every message that names it whatever its topic, so they share one group), or ``all`` alone (one group for
-  everything the endpoint receives). Unset, the endpoint gets every event on its own, as before.
+  tickers), ``severity``, ``topic`` (the topic an alert is about: a topic alert's own key, a ticker alert's dominant
+  topic when it fired; ticker alerts emitted before they carried one share the group ``topic=-``), or ``all`` alone
+  (one group for everything the endpoint receives). Unset, the endpoint gets every event on its own, as before.
 - ``group_wait_s``: the first event of a group that has not notified lately waits this long for others.
   ``group_interval_s``: after a notification, the group's next one (whatever arrived meanwhile) goes out this long
   after it (``GroupPolicy.next_flush``).
