@@ -887,14 +887,14 @@ def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpo
     an escalation of the alert's episode already (see the module docstring).
 
     A resolve whose episode reached none of them (its firing came before they were configured) goes to those whose
-    filters accept it, as a firing would."""
+    filters accept it, as a firing would. An endpoint whose ``events`` leave out this kind of event takes none."""
     if alert.status == "resolved":
         went_to = [e for e in candidates if given(e)]
         if went_to:
-            return went_to
+            return [e for e in went_to if e.wants(alert)]
     elif alert.escalated_from:
-        return [e for e in candidates if e.accepts(alert) or given(e)]
-    return [e for e in candidates if e.accepts(alert)]
+        return [e for e in candidates if (e.accepts(alert) or given(e)) and e.wants(alert)]
+    return [e for e in candidates if e.accepts(alert) and e.wants(alert)]
 
 
 async def _wait_for(event: asyncio.Event, stop: asyncio.Event) -> bool:

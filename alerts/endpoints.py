@@ -31,6 +31,7 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
     min_severity = "info"                       # info | warning | critical
     key_types = []                              # e.g. ["topic"]; empty = all
     keys = []                                   # glob patterns on the alert key, e.g. ["Energy*", "AAPL"]; empty = all
+    events = []                                 # e.g. ["firing"] for a tool that opens a ticket per request; empty = all
     timeout_s = 10.0                            # per request
     retry_horizon_s = 21600.0                   # give up (state "failed") this long after the alert was emitted
     max_concurrency = 4                         # this endpoint's requests in flight at once (within [alerts]'s)
@@ -95,6 +96,7 @@ from .transport import Proxy, check_connection, check_headers, check_proxy_url, 
 
 FORMATS = ("native", "slack", "teams", "pagerduty", "alertmanager", "template")
 KEY_TYPES = ("topic", "ticker")
+EVENT_KINDS = ("firing", "escalation", "resolved")
 PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
 
@@ -110,6 +112,7 @@ class EndpointSettings:
     min_severity: str = "info"
     key_types: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
     timeout_s: float = 10.0
     retry_horizon_s: float = 6 * 3600.0
     max_concurrency: int = 4
@@ -303,6 +306,9 @@ def _validate(config: AlertDeliveryConfig) -> None:
         bad_types = sorted(set(ep.key_types) - set(KEY_TYPES))
         if bad_types:
             raise ConfigError(f"{where}: key_types {bad_types} unknown (use {', '.join(KEY_TYPES)})")
+        bad_events = sorted(set(ep.events) - set(EVENT_KINDS))
+        if bad_events:
+            raise ConfigError(f"{where}: events {bad_events} unknown (use {', '.join(EVENT_KINDS)})")
         if ep.timeout_s <= 0 or ep.retry_horizon_s <= 0:
             raise ConfigError(f"{where}: timeout_s and retry_horizon_s must be positive")
         if ep.max_concurrency < 1 or ep.breaker_failures < 0:
@@ -444,6 +450,10 @@ class Endpoint:
         if s.key_types and alert.key_type not in s.key_types:
             return False
         return not s.keys or any(fnmatch.fnmatchcase(alert.key, pattern) for pattern in s.keys)
+
+    def wants(self, alert) -> bool:
+        """Whether this endpoint takes this kind of event (``events``: firing, escalation, resolved) at all."""
+        return not self.settings.events or alert.event_kind in self.settings.events
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret of this endpoint replaced by ***: error messages can echo URLs or keys."""

@@ -373,6 +373,24 @@ def test_route_sends_an_escalation_to_whoever_was_given_the_episode_even_if_its_
     assert route(rates, [desk, pager], given=lambda e: False) == [desk, pager]
 
 
+def test_route_gives_an_endpoint_only_the_kinds_of_event_it_takes(monkeypatch):
+    """``events``: a ticketing tool that opens a ticket per request takes firings only; a resolve still never goes to
+    an endpoint that saw nothing of its episode because the one that did takes no resolves."""
+    monkeypatch.setenv("T_ROUTE_EVENTS_SECRET", generate_secret())
+    tickets, desk = (Endpoint(EndpointSettings(name=name, url="https://risk.example.com/x", events=events,
+                                               secret_env=["T_ROUTE_EVENTS_SECRET"]))
+                     for name, events in (("tickets", ["firing"]), ("desk", [])))
+    firing, resolved = make_alert("firing", id="e1"), make_alert("resolved", id="e1")
+    escalation = make_alert("firing", id="e1", severity="critical", escalated_from="info")
+    assert route(firing, [tickets, desk], given=lambda e: False) == [tickets, desk]
+    assert route(escalation, [tickets, desk], given=lambda e: True) == [desk]
+    assert route(resolved, [tickets, desk], given=lambda e: True) == [desk]
+    assert route(resolved, [tickets, desk], given=lambda e: e is tickets) == []
+    with pytest.raises(ConfigError, match=r"events \['resolve'\] unknown \(use firing, escalation, resolved\)"):
+        load_delivery_config(Settings(raw={"alerts": {"endpoints": [
+            {"name": "x", "url": "https://risk.example.com/x", "secret_env": "T", "events": ["resolve"]}]}}))
+
+
 def test_an_escalation_reaches_who_now_accepts_it_and_who_got_the_firing_in_order(fp_settings, topics, monkeypatch):
     """An episode fires as info, escalates to warning, then to critical, then resolves. A critical-only pager gets
     the escalation to critical and the resolve, not the info firing; an info desk gets all four in order; a

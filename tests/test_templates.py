@@ -154,7 +154,7 @@ template = \'\'\'
 
 def test_template_endpoints_get_their_bodies_over_http(fp_settings, topics, monkeypatch):
     """A real dispatcher, reading alerts from the real broker, posts to a real receiver: one endpoint sends each event
-    in its template (signed), another groups them under its group_template."""
+    in its template (signed), another groups them under its group_template, a third takes firings only."""
     from tests.test_delivery import produce, serve_and_dispatch
     from tests.test_delivery import make_alert as fresh_alert
     from tests.test_grouping import settled
@@ -173,10 +173,12 @@ def test_template_endpoints_get_their_bodies_over_http(fp_settings, topics, monk
             {"name": "each", "url": f"http://127.0.0.1:{port}/each", **common},
             {"name": "grouped", "url": f"http://127.0.0.1:{port}/grouped", "group_by": ["all"], "group_wait_s": 0.5,
              "group_interval_s": 0.5, "group_template": '{"summary": "{counts_text}", "events": "{alerts}"}', **common},
+            {"name": "tickets", "url": f"http://127.0.0.1:{port}/tickets", "events": ["firing"], **common},
         ]}})
 
     keys = {delivery_key(a.event_id, name) for a in (firing, resolved) for name in ("each", "grouped")}
-    serve_and_dispatch(topics, settings_for, receiver, lambda dispatcher: settled(dispatcher, keys))
+    keys.add(delivery_key(firing.event_id, "tickets"))
+    states = serve_and_dispatch(topics, settings_for, receiver, lambda dispatcher: settled(dispatcher, keys))
     assert not receiver.duplicates and not receiver.rejected
     each = [i for i in receiver.items if i["path"] == "/each"]
     assert [i["payload"]["id"] for i in each] == ["tp:firing", "tp:resolved"]
@@ -186,6 +188,9 @@ def test_template_endpoints_get_their_bodies_over_http(fp_settings, topics, monk
     grouped = [i["payload"] for i in receiver.items if i["path"] == "/grouped"]
     assert [e["event_id"] for p in grouped for e in p["events"]] == ["tp:firing", "tp:resolved"]
     assert grouped[0]["summary"].startswith("1 firing")
+    # The ticketing tool takes firings only: the resolve is not even recorded for it.
+    assert [i["payload"]["id"] for i in receiver.items if i["path"] == "/tickets"] == ["tp:firing"]
+    assert delivery_key(resolved.event_id, "tickets") not in states
 
 
 def test_preview_shows_each_format_the_example_episode_without_secrets_or_kafka(tmp_path):
