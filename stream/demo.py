@@ -92,6 +92,15 @@ allow_private = true
 """)
 
 
+def fresh_store(path: Path) -> Path:
+    """``path``, emptied for this run: a previous demo's webhooks came from another broker's alerts (tansu keeps
+    nothing), and a receiver that read them would show them as this run's. They are kept as
+    ``<name>.previous.jsonl`` (the run before only)."""
+    if path.exists():
+        path.replace(path.with_name(f"{path.stem}.previous{path.suffix}"))
+    return path
+
+
 def _worker_model(settings) -> Path | None | bool:
     """The model directory the demo's worker loads; None when there is none yet, False when the classifier's code
     is not installed."""
@@ -148,7 +157,8 @@ def run_demo(settings, args) -> int:
         _demo_config(config, broker.bootstrap_servers, args.receiver_port, kafka.topic_prefix)
         env["FINPULSE_CONFIG"] = str(config)
 
-        group.start("receiver", "receiver", "--port", str(args.receiver_port), "--store", str(DEMO_DIR / "received.jsonl"))
+        group.start("receiver", "receiver", "--port", str(args.receiver_port), "--store",
+                    str(fresh_store(DEMO_DIR / "received.jsonl")))
         group.start("worker", "worker")
         # The detector judges 1-minute windows with at least 15 messages per topic and learns 10 of them before it
         # may fire: history at the live rate (about 60 messages per topic-minute) gives every topic a baseline.
