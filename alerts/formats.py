@@ -383,7 +383,7 @@ def template_fields(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
     """The fields of one alert event, as ``ctx`` sends it, for a template."""
     obs, base = alert.observed or {}, alert.baseline or {}
     record = alert.to_dict()
-    fields = {
+    return {
         "alert_id": alert.id, "event_id": ctx.event_id, "webhook_id": ctx.webhook_id, "event": alert.event_kind,
         "status": alert.status, "severity": alert.severity, "escalated_from": alert.escalated_from,
         "key_type": alert.key_type, "key": alert.key, "topic": alert.about_topic, "subject": subject(alert),
@@ -400,13 +400,12 @@ def template_fields(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
         "run_id": alert.run_id, "endpoint": ctx.endpoint, "attempt": ctx.attempt, "sent_at": ctx.sent_at,
         "alert": record,
     }
-    return fields
 
 
 def group_template_fields(group: GroupContext, members: list[tuple[AlertRecord, DeliveryContext]]) -> dict[str, Any]:
     """The fields of a grouped notification of ``members``, for a group template."""
     alerts = [alert for alert, _ in members]
-    fields = {
+    return {
         "title": _group_title(group, alerts), "label": group.label, "count": len(alerts),
         "counts": _counts(alerts), "counts_text": _counts_text(alerts),
         "lines": "\n".join(headline(a) for a in _most_severe_first(alerts)),
@@ -414,7 +413,6 @@ def group_template_fields(group: GroupContext, members: list[tuple[AlertRecord, 
         "event_id": group.event_id, "webhook_id": group.webhook_id, "dashboard_link": _alerts_page(group),
         "endpoint": group.endpoint, "attempt": group.attempt, "sent_at": group.sent_at,
     }
-    return fields
 
 
 def _template(alert: AlertRecord, ctx: DeliveryContext) -> Any:
