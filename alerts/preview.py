@@ -51,11 +51,12 @@ def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
         raise ConfigError(f"no endpoint named {name!r} (endpoints: {', '.join(e.name for e in config.endpoints) or 'none'})")
     sent_at = format_time(utcnow())
     contexts = []
-    for n, alert in enumerate(example_episode()):
+    # What the endpoint was sent of the episode before each event: nothing, the warning firing, then both.
+    for n, (alert, sent_before) in enumerate(zip(example_episode(), ((), ("warning",), ("warning", "critical")))):
         contexts.append((alert, DeliveryContext(
             webhook_id=f"msg_example{n}", event_id=alert.event_id, endpoint=name, sent_at=sent_at,
             dashboard_url=dashboard_url, routing_key="***", template=endpoint.template,
-            sent_severities=("warning",) if n else ())))
+            sent_severities=sent_before)))
     parts = [f"# {alert.event_kind}\n{_pretty(render(endpoint.format, alert, ctx))}" for alert, ctx in contexts]
     policy = GroupPolicy.of(endpoint)
     if policy is not None:
