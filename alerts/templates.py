@@ -44,6 +44,9 @@ FILTERS = {
     "default:TEXT": "TEXT where the field is empty or null",
 }
 _SHOWN_MAX = 80  # how much of a wrong string an error quotes
+# Keys whose literal values would be secrets. Not "key" alone: a Jira body's project {"key": "RISK"} is none.
+_SECRET_KEY = re.compile(r"secret|passw|token|authori[sz]ation|credential|(api|access|private|routing|integration)"
+                         r"[_-]?key", re.IGNORECASE)
 
 
 def check_template(template: Any, fields: Mapping[str, str], where: str) -> Any:
@@ -60,10 +63,15 @@ def check_template(template: Any, fields: Mapping[str, str], where: str) -> Any:
     except (TypeError, ValueError) as exc:   # TOML dates and times, NaN and infinities, lone surrogates
         raise ConfigError(f"{where}: a value JSON cannot carry ({_shown(str(exc))}); write dates as strings, and "
                           f"numbers as finite numbers") from None
-    for key in _keys(template):
+    for key, value in _pairs(template):
         if "{" in key or "}" in key:
             raise ConfigError(f"{where}: the key {_shown(key)!r} holds a brace: keys are the template's own and never "
                               f"filled; only values take {{fields}}")
+        if _SECRET_KEY.search(key) and isinstance(value, str) and value and not _TOKEN.search(value):
+            raise ConfigError(f"{where}: {key} looks like it carries a secret, and secrets never go in the config "
+                              f"(the preview prints templates): send it as a header from the environment, "
+                              f"headers_env = {{ \"Authorization\" = \"VAR\" }}, or in a URL from url_env "
+                              f"(value not shown)")
     for text in _strings(template):
         for token in _TOKEN.finditer(text):
             if token.group(0) in ("{{", "}}"):
@@ -144,14 +152,15 @@ def _shown(text: str) -> str:
     return text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 1] + "…"
 
 
-def _keys(value: Any):
+def _pairs(value: Any):
+    """Every (key, value) of every object in ``value``, nested ones included."""
     if isinstance(value, Mapping):
         for key, item in value.items():
-            yield str(key)
-            yield from _keys(item)
+            yield str(key), item
+            yield from _pairs(item)
     elif isinstance(value, list):
         for item in value:
-            yield from _keys(item)
+            yield from _pairs(item)
 
 
 def _strings(value: Any):

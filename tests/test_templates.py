@@ -61,6 +61,14 @@ def test_text_from_a_message_cannot_leave_its_string():
     assert body == {"text": '"}]} {"injected": true -0.50  ", "severity": "info", "x": "', "severity": "critical"}
 
 
+def test_a_key_named_like_a_secret_may_take_a_field_but_never_a_literal_value():
+    assert rendered({"routing_key": "{alert_id}", "token_count": "{observed_count}", "project": {"key": "RISK"}}) == {
+        "routing_key": "a7f3c2", "token_count": 120, "project": {"key": "RISK"}}
+    with pytest.raises(ConfigError) as caught:
+        endpoint_config(template={"password": "hunter2 {key}x"} | {"token": "hunter2"})
+    assert "token looks like it carries a secret" in str(caught.value) and "hunter2" not in str(caught.value)
+
+
 def test_a_google_chat_template_and_json_text_give_the_same_body():
     as_table = rendered(GOOGLE_CHAT)
     as_text = rendered(json.dumps(GOOGLE_CHAT))
@@ -103,6 +111,8 @@ def test_a_group_template_lists_every_event_most_severe_first():
     (dict(template={"text": "{key|upper}"}), "{key|upper}: 'upper' is not a filter (filters: |text, |max:N"),
     (dict(template={"text": "{key|max:0}"}), "'max:0' is not a filter"),
     (dict(template={"{key}": "{headline}"}), "the key '{key}' holds a brace: keys are the template's own"),
+    (dict(template={"auth": {"apiKey": "AKIA1234SECRET"}, "text": "{headline}"}),
+     "apiKey looks like it carries a secret, and secrets never go in the config"),
     (dict(template='{"text": "{headline}"'), "a template given as a string is JSON text, and this is not"),
     (dict(template="{headline}"), "write a TOML table: template = { text = \"{headline}\" }"),
     (dict(template='{"a": "{key}", "a": "{severity}"}'), "gives the key(s) ['a'] twice"),
