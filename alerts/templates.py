@@ -23,9 +23,11 @@ filters that do not exist, and values JSON cannot carry (TOML dates, NaN) are re
 
 The body is built as data and serialised once, so no text from a message can leave the string it is put in (no
 JSON injection). What a tool does with markup inside a string is the tool's: message text is sent as it was
-written, so Discord pings on "@everyone" in ``content`` unless the template says ``allowed_mentions = { parse = []
-}``, and Mattermost reads "@channel". Secrets never go in a template (it is configuration, shown by ``finpulse
-dispatch --preview``): a tool's token goes in ``headers_env`` or in the URL (``url_env``).
+written, so Discord pings on "@everyone" in ``content`` unless the template says
+``allowed_mentions = { parse = [] }``, and Mattermost reads "@channel". Secrets never go in a template (it is
+configuration, shown by ``finpulse dispatch --preview``), and a literal value under a key named like one
+(``_SECRET_KEY``: token, password, api_key...) is refused: a tool's token goes in ``headers_env`` or in the URL
+(``url_env``).
 """
 from __future__ import annotations
 
