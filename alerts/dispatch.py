@@ -868,6 +868,10 @@ class Dispatcher:
             body = self._render(endpoint, state)
         except ValueError as exc:  # a group notification whose endpoint's format no longer takes groups
             return Outcome(ok=False, retryable=False, error=f"{exc}; not retried"[:ERROR_TEXT_MAX])
+        except Exception as exc:  # noqa: BLE001 - a body that cannot be rendered now never will be: say so, go on
+            log.exception("cannot render %s for %s", state.event_id, endpoint.name)
+            return Outcome(ok=False, retryable=False, error=f"cannot render the {endpoint.format} body: "
+                                                            f"{type(exc).__name__}: {exc}; not retried"[:ERROR_TEXT_MAX])
         return await self._sender.send(endpoint, state.webhook_id, body)
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:

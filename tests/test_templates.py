@@ -261,3 +261,45 @@ routing_key_env = "T_PREVIEW_NEVER_SET"
                       '{\n  "text": "FinPulse: 2 alert events (severity=critical): 1 escalated, 1 resolved"\n}']
     with pytest.raises(ConfigError, match="no endpoint named 'x' .endpoints: chat, pd."):
         preview(load_delivery_config(settings), "x", "")
+
+
+def test_a_body_that_cannot_be_rendered_fails_its_delivery_and_the_episode_goes_on(fp_settings, topics, monkeypatch):
+    """A rendering fault (here a template changed behind the config check's back) is recorded as the delivery's
+    failure with its reason, not retried, and the episode's next event is still taken on; before, the exception
+    stopped the episode's chain until the dispatcher restarted."""
+    import asyncio
+
+    from alerts.deliveries import DELIVERED, FAILED
+    from tests.test_delivery import produce, serve_and_dispatch
+    from tests.test_delivery import make_alert as fresh_alert
+    from tests.test_grouping import settled
+
+    firing = fresh_alert("firing", id="rf", key="Rates", severity="warning")
+    resolved = fresh_alert("resolved", id="rf", key="Rates", severity="warning")
+    secret = generate_secret()
+    monkeypatch.setenv("T_RENDER_SECRET", secret)
+    receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
+
+    def settings_for(port):
+        return fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "endpoints": [
+            {"name": "chat", "url": f"http://127.0.0.1:{port}/chat", "format": "template", "allow_private": True,
+             "secret_env": "T_RENDER_SECRET", "template": {"text": "{headline}"}}]}})
+
+    async def steps(dispatcher):
+        dispatcher.endpoints["chat"].settings.template = {"at": datetime(2026, 12, 7, tzinfo=timezone.utc)}
+        await asyncio.to_thread(produce, fp_settings, topics.alerts, [firing])
+        for _ in range(300):
+            state = dispatcher.log.get(delivery_key(firing.event_id, "chat"))
+            if state is not None and state.terminal:
+                break
+            await asyncio.sleep(0.1)
+        dispatcher.endpoints["chat"].settings.template = {"text": "{headline}"}
+        await asyncio.to_thread(produce, fp_settings, topics.alerts, [resolved])
+        return await settled(dispatcher, {delivery_key(resolved.event_id, "chat")})
+
+    states = serve_and_dispatch(topics, settings_for, receiver, steps)
+    failed = states[delivery_key(firing.event_id, "chat")]
+    assert failed.state == FAILED and failed.attempts == 1
+    assert failed.last_error.startswith("cannot render the template body: TypeError: Object of type datetime")
+    assert states[delivery_key(resolved.event_id, "chat")].state == DELIVERED
+    assert [i["payload"]["text"][:8] for i in receiver.items] == ["RESOLVED"]
