@@ -47,7 +47,7 @@ from urllib.parse import quote
 
 from stream.records import AlertRecord, format_time, severity_rank
 
-from .templates import fill
+from .templates import cut, fill
 
 EVENT_TYPES = {"firing": "finpulse.alert.firing", "escalation": "finpulse.alert.escalated",
                "resolved": "finpulse.alert.resolved"}
@@ -178,21 +178,21 @@ def _slack(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
     title = card_title(alert)
     fields = figures(alert)
     blocks: list[dict[str, Any]] = [
-        {"type": "header", "text": {"type": "plain_text", "text": _cut(title, 150), "emoji": True}},
-        {"type": "section", "text": {"type": "mrkdwn", "text": _cut(f"{icon} {_slack_escape(alert.summary or headline(alert))}", 3000)},
+        {"type": "header", "text": {"type": "plain_text", "text": cut(title, 150), "emoji": True}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": cut(f"{icon} {_slack_escape(alert.summary or headline(alert))}", 3000)},
          "fields": [{"type": "mrkdwn", "text": f"*{name}*\n{_slack_escape(value)}"} for name, value in fields]},
     ]
     excerpts = [m for m in alert.messages[:SLACK_EXCERPTS] if m.get("text")]
     if excerpts and not resolved:
         lines = "\n".join(f"• {_num(m.get('sentiment_score'))}  {_slack_escape(m['text'])}" for m in excerpts)
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _cut(f"*Most negative messages*\n{lines}", 3000)}})
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": cut(f"*Most negative messages*\n{lines}", 3000)}})
     link = dashboard_link(alert, ctx.dashboard_url)
     context = f"FinPulse alert `{_slack_escape(alert.id)}` · started {format_time(alert.started_at)}"
     if resolved and alert.resolved_at:
         context += f" · resolved {format_time(alert.resolved_at)}"
     if link:
         context += f" · <{link}|open in dashboard>"
-    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _cut(context, 3000)}]})
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": cut(context, 3000)}]})
     return {"text": _slack_escape(headline(alert)), "blocks": blocks}
 
 
@@ -204,7 +204,7 @@ def _pagerduty(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
     obs, base = alert.observed or {}, alert.baseline or {}
     event["event_action"] = "trigger"
     event["payload"] = {
-        "summary": _cut(headline(alert), PAGERDUTY_SUMMARY_MAX),
+        "summary": cut(headline(alert), PAGERDUTY_SUMMARY_MAX),
         "source": f"finpulse/{alert.key_type}/{alert.key}",
         "severity": PAGERDUTY_SEVERITY.get(alert.severity, "error"),
         "timestamp": format_time(alert.started_at),
@@ -483,10 +483,10 @@ def _slack_group(group: GroupContext, members: list[tuple[AlertRecord, DeliveryC
     return {
         "text": _slack_escape(f"{title}: {counts}; most severe: {headline(ranked[0])}"),
         "blocks": [
-            {"type": "header", "text": {"type": "plain_text", "text": _cut(title, 150), "emoji": True}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": _cut(_slack_escape(counts), 3000)}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": _cut("\n".join(lines), 3000)}},
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": _cut(context, 3000)}]},
+            {"type": "header", "text": {"type": "plain_text", "text": cut(title, 150), "emoji": True}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": cut(_slack_escape(counts), 3000)}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": cut("\n".join(lines), 3000)}},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": cut(context, 3000)}]},
         ],
     }
 
@@ -519,10 +519,6 @@ _GROUP_RENDERERS: dict[str, Callable[[GroupContext, list[tuple[AlertRecord, Deli
 def _slack_escape(text: str) -> str:
     """Slack's mrkdwn control characters: & < > (links, mentions and @channel all start with <)."""
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _pct(value: Any) -> str:

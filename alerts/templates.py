@@ -127,8 +127,8 @@ def _filled(inner: str, fields: Mapping[str, Any]) -> str:
         kind, _, arg = spec.partition(":")
         if kind == "default" and not text:
             text = arg
-        elif kind == "max" and len(text) > int(arg):
-            text = text[: int(arg) - 1] + "…"
+        elif kind == "max":
+            text = cut(text, int(arg))
     return text
 
 
@@ -150,8 +150,13 @@ def _parse_json_text(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: a template given as a string is JSON text, and this is not ({exc}){hint}") from None
 
 
+def cut(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters, the last an ellipsis when it was longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _shown(text: str) -> str:
-    return text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 1] + "…"
+    return cut(text, _SHOWN_MAX)
 
 
 def _pairs(value: Any):
