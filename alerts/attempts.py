@@ -90,9 +90,10 @@ class WebhookSender:
             await session.close()
         self._sessions = {}
 
-    async def send(self, endpoint: Endpoint, webhook_id: str, body: bytes) -> Outcome:
-        """POST ``body`` to ``endpoint``, signed under ``webhook_id``; never raises for what the network does."""
-        url = endpoint.url.reveal()
+    async def send(self, endpoint: Endpoint, webhook_id: str, body: bytes, url: str | None = None) -> Outcome:
+        """POST ``body`` to ``endpoint`` (at ``url``, a template endpoint's resolve, else at its url), signed under
+        ``webhook_id``; never raises for what the network does."""
+        url = url or endpoint.url.reveal()
         host, port = host_and_port(url)
         guarded = not endpoint.settings.allow_private
         try:
@@ -133,4 +134,5 @@ class WebhookSender:
             outcome = Outcome(ok=False, retryable=not blocked, error=str(exc.os_error) if blocked else f"{type(exc).__name__}: {exc}")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             outcome = Outcome(ok=False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-        return replace(outcome, error=endpoint.scrub(outcome.error)[:ERROR_TEXT_MAX])
+        # A resolve's URL was filled from its secret template, so the scrub's own copy of it matches no text.
+        return replace(outcome, error=endpoint.scrub(outcome.error.replace(url, "***"))[:ERROR_TEXT_MAX])

@@ -122,9 +122,10 @@ from .breaker import CircuitBreaker
 from .grouping import member_order, new_group
 from .attempts import ERROR_TEXT_MAX, PAUSING_STATUS, Outcome, WebhookSender
 from .endpoints import AlertsSettings, Endpoint, build_endpoints, load_delivery_config, preflight
-from .formats import DeliveryContext, GroupContext, render, render_group
+from .formats import DeliveryContext, GroupContext, body_template, render, render_group, template_fields
 from .inhibition import INHIBITED, FiringAlerts, parse_rules
 from .silences import SilenceBook, read_silences
+from .templates import fill_url
 
 log = logging.getLogger(__name__)
 
@@ -866,13 +867,21 @@ class Dispatcher:
     async def _attempt(self, endpoint: Endpoint, state: DeliveryState) -> Outcome:
         try:
             body = self._render(endpoint, state)
+            url = self._resolve_url(endpoint, state)
         except ValueError as exc:  # a group notification whose endpoint's format no longer takes groups
             return Outcome(ok=False, retryable=False, error=f"{exc}; not retried"[:ERROR_TEXT_MAX])
         except Exception as exc:  # noqa: BLE001 - a body that cannot be rendered now never will be: say so, go on
             log.exception("cannot render %s for %s", state.event_id, endpoint.name)
             return Outcome(ok=False, retryable=False, error=f"cannot render the {endpoint.format} body: "
                                                             f"{type(exc).__name__}: {exc}; not retried"[:ERROR_TEXT_MAX])
-        return await self._sender.send(endpoint, state.webhook_id, body)
+        return await self._sender.send(endpoint, state.webhook_id, body, url)
+
+    def _resolve_url(self, endpoint: Endpoint, state: DeliveryState) -> str | None:
+        """Where a template endpoint with a ``resolve_url`` takes this resolve; None: to its url, as every event."""
+        if endpoint.resolve_url is None or state.is_group or state.alert_record.status != "resolved":
+            return None
+        alert = state.alert_record
+        return fill_url(endpoint.resolve_url.reveal(), template_fields(alert, self._context(endpoint, state, alert)))
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
         # What this endpoint was sent of the episode before this event: a resolve follows all of it, a firing or an
@@ -883,7 +892,7 @@ class Dispatcher:
             webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name, attempt=state.attempts + 1,
             sent_at=format_time(utcnow()), dashboard_url=self.options.dashboard_url,
             routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
-            sent_severities=tuple(dict.fromkeys(before)), template=endpoint.settings.template)
+            sent_severities=tuple(dict.fromkeys(before)), template=body_template(endpoint.settings, alert))
 
 
 def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpoint], bool]) -> list[Endpoint]:

@@ -25,6 +25,9 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
     format = "native"                           # native | slack | teams | pagerduty | alertmanager | template
     template = {}                               # format = "template": the body, with {field} placeholders
     group_template = {}                         # format = "template" with group_by: a group notification's body
+    resolve_url = ""                            # format = "template": where a resolve goes instead of url, e.g.
+                                                # ".../v2/alerts/{alert_id}/close" (or resolve_url_env = "VAR")
+    resolve_template = {}                       # format = "template": a resolve's body there (default: template)
     secret_env = "FINPULSE_WEBHOOK_SECRET"      # env var(s) holding whsec_ secrets; several keys = rotation
     routing_key_env = ""                        # PagerDuty: env var holding the integration's routing key
     allow_private = false                       # true: may target private/loopback/link-local addresses
@@ -91,7 +94,7 @@ from stream.records import SEVERITIES, severity_rank
 from .formats import GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS
 from .grouping import GroupPolicy, check_grouping
 from .signing import decode_secret, split_secrets
-from .templates import check_template
+from .templates import check_template, check_url_template
 from .transport import Proxy, check_connection, check_headers, check_proxy_url, host_and_port, tls_context
 
 FORMATS = ("native", "slack", "teams", "pagerduty", "alertmanager", "template")
@@ -130,6 +133,9 @@ class EndpointSettings:
     group_interval_s: float | None = None
     template: Any = None           # JSON value or JSON text; parsed and checked by _validate
     group_template: Any = None
+    resolve_url: str = ""          # a URL template: fields fill its path and query (alerts.templates.fill_url)
+    resolve_url_env: str = ""
+    resolve_template: Any = None
 
 
 @dataclass
@@ -354,7 +360,8 @@ def _validate(config: AlertDeliveryConfig) -> None:
 
 def _check_templates(ep: EndpointSettings, where: str) -> None:
     """A template endpoint has its body template(s), parsed and checked here once; no other endpoint has any."""
-    given = [name for name in ("template", "group_template") if getattr(ep, name) not in (None, "", {})]
+    given = [name for name in ("template", "group_template", "resolve_url", "resolve_url_env", "resolve_template")
+             if getattr(ep, name) not in (None, "", {})]
     if ep.format != "template":
         if given:
             raise ConfigError(f"{where}: {' and '.join(given)} only {'means' if len(given) == 1 else 'mean'} something "
@@ -371,6 +378,40 @@ def _check_templates(ep: EndpointSettings, where: str) -> None:
         if not ep.group_by:
             raise ConfigError(f"{where}: group_template is only sent with group_by; set group_by or remove it")
         ep.group_template = check_template(ep.group_template, GROUP_TEMPLATE_FIELDS, f"{where} group_template")
+    _check_resolve(ep, given, where)
+
+
+def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
+    """A template endpoint's resolve may go elsewhere (``resolve_url``) with a body of its own (``resolve_template``)."""
+    elsewhere = [name for name in ("resolve_url", "resolve_url_env", "resolve_template") if name in given]
+    if not elsewhere:
+        return
+    if ep.resolve_url and ep.resolve_url_env:
+        raise ConfigError(f"{where}: set resolve_url or resolve_url_env, not both")
+    if ep.group_by:
+        raise ConfigError(f"{where}: {' and '.join(elsewhere)} cannot go with group_by: a group notification "
+                          f"carries firings and resolves together; send resolves to an endpoint of their own")
+    if ep.events and "resolved" not in ep.events:
+        raise ConfigError(f"{where}: {' and '.join(elsewhere)} are for resolves, and events = {ep.events} takes "
+                          f"none; add \"resolved\" to events or remove them")
+    if ep.resolve_url:
+        check_url_template(ep.resolve_url, TEMPLATE_FIELDS, f"{where} resolve_url")
+        check_url(ep.resolve_url, ep.allow_private, f"{where} resolve_url")
+        if ep.url:
+            check_same_origin(ep.url, ep.resolve_url, where)
+    if "resolve_template" in given:
+        ep.resolve_template = check_template(ep.resolve_template, TEMPLATE_FIELDS, f"{where} resolve_template")
+
+
+def check_same_origin(url: str, resolve_url: str, where: str) -> None:
+    """A resolve goes to the host the endpoint's other requests go to: one host is checked (``--check``), trusted
+    (``ca_file``) and proxied per endpoint."""
+    def origin(u: str):
+        parts = urlsplit(u)
+        return parts.scheme, (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+    if origin(url) != origin(resolve_url):
+        raise ConfigError(f"{where}: resolve_url must be on url's scheme, host and port ({redact_url(url)}), "
+                          f"not {redact_url(resolve_url)}")
 
 
 def check_url(url: str, allow_private: bool, where: str) -> None:
@@ -415,6 +456,16 @@ class Endpoint:
             check_url(url, settings.allow_private, f"{where} (url from ${settings.url_env})")
         self.url = Secret(url)
         self.display_url = redact_url(url)
+        # Where a template endpoint's resolve goes, a URL template (alerts.templates.fill_url); None: to url.
+        resolve_url = (_env(environ, settings.resolve_url_env, where) if settings.resolve_url_env
+                       else settings.resolve_url)
+        if settings.resolve_url_env:
+            from_env = f"{where} (resolve_url from ${settings.resolve_url_env})"
+            check_url_template(resolve_url, TEMPLATE_FIELDS, from_env)
+            check_url(resolve_url, settings.allow_private, from_env)
+        if settings.resolve_url_env or (resolve_url and settings.url_env):
+            check_same_origin(url, resolve_url, where)
+        self.resolve_url = Secret(resolve_url) if resolve_url else None
         self.signing_secrets: list[Secret] = []
         for var in settings.secret_env:
             for secret in split_secrets(_env(environ, var, where)):
@@ -457,8 +508,8 @@ class Endpoint:
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret of this endpoint replaced by ***: error messages can echo URLs or keys."""
-        for secret in (self.url, self.routing_key, *self.signing_secrets, *self.secret_headers.values(),
-                       *self._proxy_secrets):
+        for secret in (self.url, self.resolve_url, self.routing_key, *self.signing_secrets,
+                       *self.secret_headers.values(), *self._proxy_secrets):
             if secret is not None and secret.reveal():
                 text = text.replace(secret.reveal(), "***")
         return text

@@ -18,7 +18,7 @@
   this endpoint was sent before (``endsAt`` = the escalating window's end) and starts the new one, in one post; the
   resolve ends every label set the endpoint was sent (``DeliveryContext.sent_severities``), so nothing stays open.
 - ``template``: the endpoint's own ``template`` filled with the event's ``TEMPLATE_FIELDS`` (``alerts.templates``),
-  for any tool that takes JSON.
+  for any tool that takes JSON; a resolve's is its ``resolve_template`` when it has one (``body_template``).
 
 Grouped endpoints (``alerts.grouping``) get one notification for many alert events, ``render_group``:
 
@@ -413,6 +413,14 @@ def group_template_fields(group: GroupContext, members: list[tuple[AlertRecord, 
         "event_id": group.event_id, "webhook_id": group.webhook_id, "dashboard_link": _alerts_page(group),
         "endpoint": group.endpoint, "attempt": group.attempt, "sent_at": group.sent_at,
     }
+
+
+def body_template(endpoint: Any, alert: AlertRecord) -> Any:
+    """The body template an endpoint's settings give ``alert``: its ``resolve_template`` for a resolve when it has
+    one, else its ``template`` (None for formats that have no template)."""
+    if alert.status == "resolved" and endpoint.resolve_template is not None:
+        return endpoint.resolve_template
+    return endpoint.template
 
 
 def _template(alert: AlertRecord, ctx: DeliveryContext) -> Any:

@@ -1,8 +1,10 @@
 """``finpulse dispatch --preview NAME`` and ``--fields``: what an endpoint would be sent, without sending anything.
 
 The preview renders an example episode (its firing, an escalation and its resolve, and the group notifications
-they would make when the endpoint groups: one per group its ``group_by`` puts them in) in the endpoint's format, so a template can be tried before any alert fires. It needs neither
-Kafka nor the endpoint's secrets: a PagerDuty routing key shows as ``***``.
+they would make when the endpoint groups: one per group its ``group_by`` puts them in) in the endpoint's format, so
+a template can be tried before any alert fires; a resolve that goes to a ``resolve_url`` says where. It needs
+neither Kafka nor the endpoint's secrets: a PagerDuty routing key shows as ``***``, a URL from the environment by
+its variable's name.
 """
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ from datetime import timedelta
 from stream.config import ConfigError
 from stream.records import AlertRecord, format_time, utcnow
 
-from .endpoints import AlertDeliveryConfig
-from .formats import (GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, DeliveryContext, GroupContext, render,
-                      render_group)
+from .endpoints import AlertDeliveryConfig, EndpointSettings
+from .formats import (GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, DeliveryContext, GroupContext, body_template, render,
+                      render_group, template_fields)
 from .grouping import GroupPolicy
-from .templates import FILTERS
+from .templates import FILTERS, fill_url
 
 
 def example_episode() -> list[AlertRecord]:
@@ -55,9 +57,10 @@ def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
     for n, (alert, sent_before) in enumerate(zip(example_episode(), ((), ("warning",), ("warning", "critical")))):
         contexts.append((alert, DeliveryContext(
             webhook_id=f"msg_example{n}", event_id=alert.event_id, endpoint=name, sent_at=sent_at,
-            dashboard_url=dashboard_url, routing_key="***", template=endpoint.template,
+            dashboard_url=dashboard_url, routing_key="***", template=body_template(endpoint, alert),
             sent_severities=sent_before)))
-    parts = [f"# {alert.event_kind}\n{_pretty(render(endpoint.format, alert, ctx))}" for alert, ctx in contexts]
+    parts = [f"# {alert.event_kind}{_elsewhere(endpoint, alert, ctx)}\n{_pretty(render(endpoint.format, alert, ctx))}"
+             for alert, ctx in contexts]
     policy = GroupPolicy.of(endpoint)
     if policy is not None:
         groups: dict[str, list] = {}
@@ -72,6 +75,17 @@ def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
                          f"{_pretty(render_group(endpoint.format, group, members))}")
     return f"# what endpoint {name!r} ({endpoint.format}) would be sent for an example episode; nothing was sent\n" + \
         "\n".join(parts)
+
+
+def _elsewhere(endpoint: EndpointSettings, alert: AlertRecord, ctx: DeliveryContext) -> str:
+    """Where a resolve goes when it does not go to the endpoint's url (a secret URL is named, not shown)."""
+    if alert.status != "resolved":
+        return ""
+    if endpoint.resolve_url_env:
+        return f", to the URL in ${endpoint.resolve_url_env}"
+    if endpoint.resolve_url:
+        return f", to {fill_url(endpoint.resolve_url, template_fields(alert, ctx))}"
+    return ""
 
 
 def fields_help() -> str:

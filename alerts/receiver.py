@@ -87,8 +87,8 @@ class Receiver:
         if self.options.delay_s:
             await asyncio.sleep(self.options.delay_s)
         response = self._answer(request, body)
-        self.requests.append({"at": arrived, "path": request.path, "status": response.status,
-                              "webhook_id": request.headers.get(HEADER_ID)})
+        self.requests.append({"at": arrived, "path": request.path, "target": request.raw_path,
+                              "status": response.status, "webhook_id": request.headers.get(HEADER_ID)})
         return response
 
     def _answer(self, request: web.Request, body: bytes) -> web.Response:

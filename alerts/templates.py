@@ -17,8 +17,9 @@ braces. Keys are the template's own: never filled, and a brace in one is refused
 A string that is exactly one placeholder takes the field's own JSON type (a number, a list, an object, null); inside
 longer text a field is written as text: null as "", a list one item per line, an object as JSON. Filters after the
 name (``FILTERS``) make text too: ``{observed_count|text}`` is "41" where a tool wants strings only,
-``{messages_text|max:1000}`` is cut to 1,000 characters (a tool's limit: Discord's embed fields take 1,024), and
-``{summary|default:none}`` stands in for an empty field (a resolve has no messages). Names that are not fields,
+``{messages_text|max:1000}`` is cut to 1,000 characters (a tool's limit: Discord's embed fields take 1,024),
+``{summary|default:none}`` stands in for an empty field (a resolve has no messages), and
+``{severity|map:critical=P1,warning=P3,*=P5}`` turns a value into a tool's own word. Names that are not fields,
 filters that do not exist, and values JSON cannot carry (TOML dates, NaN) are refused when the config is loaded.
 
 The body is built as data and serialised once, so no text from a message can leave the string it is put in (no
@@ -28,12 +29,18 @@ written, so Discord pings on "@everyone" in ``content`` unless the template says
 configuration, shown by ``finpulse dispatch --preview``), and a literal value under a key named like one
 (``_SECRET_KEY``: token, password, api_key...) is refused: a tool's token goes in ``headers_env`` or in the URL
 (``url_env``).
+
+A tool that ends an incident at another address (Opsgenie's ``/v2/alerts/{alias}/close``) takes the resolve there:
+``resolve_url`` is a URL template (``check_url_template``, ``fill_url``) whose path and query take the same fields,
+each percent-encoded, and ``resolve_template`` the resolve's body. Its scheme, host and port are fixed text: an
+alert's data never chooses where a request goes.
 """
 from __future__ import annotations
 
 import json
 import re
 from typing import Any, Mapping
+from urllib.parse import quote
 
 from stream.config import ConfigError
 
@@ -44,6 +51,7 @@ FILTERS = {
     "text": "the field as text, even alone in its string",
     "max:N": "cut to at most N characters, the last one an ellipsis",
     "default:TEXT": "TEXT where the field is empty or null",
+    "map:A=X,B=Y": "X where the field is A, Y where it is B (*=Z: Z for any other value; else kept)",
 }
 _SHOWN_MAX = 80  # how much of a wrong string an error quotes
 # Keys whose literal values would be secrets. Not "key" alone: a Jira body's project {"key": "RISK"} is none.
@@ -100,6 +108,31 @@ def fill(template: Any, fields: Mapping[str, Any]) -> Any:
     return template
 
 
+def check_url_template(url: str, fields: Mapping[str, str], where: str) -> str:
+    """``url`` after checking that its placeholders name fields and filters and all come after its scheme, host and
+    port (the origin); raise ConfigError saying what is wrong. Whether the origin is a URL FinPulse may send to is
+    the caller's check (``alerts.endpoints.check_url``)."""
+    tokens = [token for token in _TOKEN.finditer(url) if token.group(0) not in ("{{", "}}")]
+    if not tokens:
+        return url
+    origin = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#{}]*[/?#]", url)
+    if origin is None or tokens[0].start() < origin.end():
+        raise ConfigError(f"{where}: {{fields}} may fill only a URL's path and query; its scheme, host and port are "
+                          f"written out (e.g. https://api.example.com/alerts/{{alert_id}}/close)")
+    for token in tokens:
+        if token.group(1) is None:
+            raise ConfigError(f"{where}: a lone {token.group(0)!r} in the URL: write {{name}} for a field")
+        _check_placeholder(token.group(1), fields, where)
+    return url
+
+
+def fill_url(url: str, fields: Mapping[str, Any]) -> str:
+    """``url`` (checked by ``check_url_template``) with each placeholder replaced by its field as text,
+    percent-encoded so that a value cannot add a path segment, a query parameter or a fragment."""
+    return _TOKEN.sub(lambda m: quote(_filled(m.group(1), fields), safe="") if m.group(1) is not None
+                      else m.group(0)[0], url)
+
+
 def _check_placeholder(inner: str, fields: Mapping[str, str], where: str) -> None:
     name, *filters = inner.split("|")
     if not _NAME.fullmatch(name):
@@ -116,6 +149,8 @@ def _check_placeholder(inner: str, fields: Mapping[str, str], where: str) -> Non
             continue
         if kind == "default" and has_arg:
             continue
+        if kind == "map" and _mapping(arg) is not None:
+            continue
         raise ConfigError(f"{where}: {{{_shown(inner)}}}: {spec!r} is not a filter (filters: "
                           f"{', '.join('|' + f for f in FILTERS)})")
 
@@ -129,7 +164,18 @@ def _filled(inner: str, fields: Mapping[str, Any]) -> str:
             text = arg
         elif kind == "max":
             text = cut(text, int(arg))
+        elif kind == "map":
+            table = _mapping(arg)
+            text = table.get(text, table.get("*", text))
     return text
+
+
+def _mapping(arg: str) -> dict[str, str] | None:
+    """``A=X,B=Y`` as {A: X, B: Y}; None when it is not such a list (each pair holds one "=", no name twice)."""
+    pairs = [pair.split("=") for pair in arg.split(",")]
+    if not arg or any(len(pair) != 2 or not pair[0] for pair in pairs) or len({a for a, _ in pairs}) != len(pairs):
+        return None
+    return dict(pairs)
 
 
 def _parse_json_text(text: str, where: str) -> Any:

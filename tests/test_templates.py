@@ -54,6 +54,22 @@ def test_filters_make_text_cut_it_to_a_tools_limit_and_fill_what_is_empty():
     assert body["both"] == "[open] first"
 
 
+def test_map_turns_a_value_into_a_tools_own_word():
+    body = rendered({"priority": "{severity|map:critical=P1,warning=P3,*=P5}", "kept": "{severity|map:info=P5}",
+                     "state": "{status|map:firing=CRITICAL,resolved=RECOVERY}",
+                     "chained": "{escalated_from|default:none|map:none=first}"})
+    assert body == {"priority": "P1", "kept": "critical", "state": "CRITICAL", "chained": "first"}
+
+
+def test_a_resolve_url_takes_fields_in_its_path_and_query_percent_encoded():
+    from alerts.templates import fill_url
+
+    url = endpoint_config(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/alerts/{key}/close?"
+                          "by={key_type}&t={{x}}").resolve_url
+    assert fill_url(url, {"key": "Energy | Oil/..?#&=%", "key_type": "topic"}) == \
+        "https://chat.example.com/alerts/Energy%20%7C%20Oil%2F..%3F%23%26%3D%25/close?by=topic&t={x}"
+
+
 def test_text_from_a_message_cannot_leave_its_string():
     alert = make_alert(messages=({"id": "x", "text": '", "severity": "info", "x": "', "sentiment_score": -0.5},),
                        summary='"}]} {"injected": true')
@@ -127,6 +143,28 @@ def test_a_group_template_lists_every_event_most_severe_first():
     (dict(template=GOOGLE_CHAT, group_by=["all"], group_template={"text": "{headline}"}),
      "group_template: {headline} is not a field (fields: title, label"),
     (dict(format="slack", url_env="T_SLACK", template=GOOGLE_CHAT), "template only means something with format"),
+    (dict(template={"p": "{severity|map:critical}"}), "'map:critical' is not a filter"),
+    (dict(template={"p": "{severity|map:a=1,a=2}"}), "'map:a=1,a=2' is not a filter"),
+    (dict(format="native", secret_env="T_S", resolve_url="https://chat.example.com/close"),
+     "resolve_url only means something with format"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://{key}.example.com/close"),
+     "resolve_url: {fields} may fill only a URL's path and query; its scheme, host and port are written out"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com{key}/close"), "may fill only a URL's path"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/{alertid}/close"),
+     "resolve_url: {alertid} is not a field"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/{alert_id}/close}"), "a lone '}' in the URL"),
+    (dict(template=GOOGLE_CHAT, resolve_url="ftp://chat.example.com/{alert_id}"), "the url must be http:// or https://"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://other.example.com/{alert_id}/close"),
+     "resolve_url must be on url's scheme, host and port (https://chat.example.com/…), not https://other.example.com/…"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com:8443/{alert_id}/close"),
+     "resolve_url must be on url's scheme, host and port"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/close", resolve_url_env="T_CLOSE"),
+     "set resolve_url or resolve_url_env, not both"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/close", group_by=["all"],
+          group_template={"text": "{lines}"}), "resolve_url cannot go with group_by"),
+    (dict(template=GOOGLE_CHAT, resolve_template={"note": "{summary}"}, events=["firing", "escalation"]),
+     "resolve_template are for resolves, and events = ['firing', 'escalation'] takes none"),
+    (dict(template=GOOGLE_CHAT, resolve_template={"note": "{counts_text}"}), "resolve_template: {counts_text} is not"),
 ])
 def test_the_config_refuses_a_template_that_cannot_work(endpoint, refusal):
     with pytest.raises(ConfigError) as caught:
@@ -203,6 +241,47 @@ def test_template_endpoints_get_their_bodies_over_http(fp_settings, topics, monk
     assert delivery_key(resolved.event_id, "tickets") not in states
 
 
+def test_a_resolve_goes_to_its_resolve_url_with_its_own_body_over_http(fp_settings, topics, monkeypatch):
+    """Opsgenie's way, with a real dispatcher and a real receiver: the firing creates at url, the resolve closes at
+    resolve_url (its path filled and percent-encoded) with resolve_template's body, signed; the same from a
+    resolve_url_env, and the escalation still goes to url."""
+    from tests.test_delivery import produce, serve_and_dispatch
+    from tests.test_delivery import make_alert as fresh_alert
+    from tests.test_grouping import settled
+
+    secret = generate_secret()
+    monkeypatch.setenv("T_CLOSE_SECRET", secret)
+    receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
+    firing = fresh_alert("firing", id="og", key="Energy | Oil", severity="warning")
+    escalation = fresh_alert("firing", id="og", key="Energy | Oil", severity="critical", escalated_from="warning")
+    resolved = fresh_alert("resolved", id="og", key="Energy | Oil", severity="critical")
+    produce(fp_settings, topics.alerts, [firing, escalation, resolved])
+
+    def settings_for(port):
+        monkeypatch.setenv("T_CLOSE_URL", f"http://127.0.0.1:{port}/env/{{alert_id}}/close")
+        common = {"format": "template", "secret_env": "T_CLOSE_SECRET", "allow_private": True,
+                  "template": {"alias": "{alert_id}", "priority": "{severity|map:critical=P1,*=P3}"}}
+        return fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "endpoints": [
+            {"name": "og", "url": f"http://127.0.0.1:{port}/v2/alerts", **common,
+             "resolve_url": f"http://127.0.0.1:{port}/v2/alerts/{{key}}/close?identifierType=alias&by={{alert_id}}",
+             "resolve_template": {"note": "{summary}", "source": "FinPulse"}},
+            {"name": "og-env", "url": f"http://127.0.0.1:{port}/env", "resolve_url_env": "T_CLOSE_URL", **common},
+        ]}})
+
+    keys = {delivery_key(a.event_id, name) for a in (firing, escalation, resolved) for name in ("og", "og-env")}
+    serve_and_dispatch(topics, settings_for, receiver, lambda dispatcher: settled(dispatcher, keys))
+    assert not receiver.duplicates and not receiver.rejected
+    targets = {r["webhook_id"]: r["target"] for r in receiver.requests}
+    sent = {(i["payload"].get("priority"), targets[i["webhook_id"]]): i["payload"] for i in receiver.items}
+    assert set(sent) == {("P3", "/v2/alerts"), ("P1", "/v2/alerts"),
+                         (None, "/v2/alerts/Energy%20%7C%20Oil/close?identifierType=alias&by=og"),
+                         ("P3", "/env"), ("P1", "/env"), ("P1", "/env/og/close")}
+    assert sent[(None, "/v2/alerts/Energy%20%7C%20Oil/close?identifierType=alias&by=og")] == {
+        "note": resolved.summary, "source": "FinPulse"}
+    assert sent[("P1", "/env/og/close")] == {"alias": "og", "priority": "P1"}
+    assert targets[webhook_id(delivery_key(resolved.event_id, "og-env"))] == "/env/og/close"
+
+
 def test_preview_shows_each_format_the_example_episode_without_secrets_or_kafka(tmp_path):
     """`finpulse dispatch --preview NAME` through the real CLI: no broker runs and no secret is set."""
     import subprocess
@@ -261,6 +340,37 @@ routing_key_env = "T_PREVIEW_NEVER_SET"
                       '{\n  "text": "FinPulse: 2 alert events (severity=critical): 1 escalated, 1 resolved"\n}']
     with pytest.raises(ConfigError, match="no endpoint named 'x' .endpoints: chat, pd."):
         preview(load_delivery_config(settings), "x", "")
+
+
+@pytest.mark.parametrize("url, refusal", [
+    ("https://{key}.example.com/close", "(resolve_url from $T_CLOSE): {fields} may fill only a URL's path"),
+    ("https://elsewhere.example.com/close", "resolve_url must be on url's scheme, host and port"),
+    ("", "environment variable T_CLOSE is not set"),
+])
+def test_a_resolve_url_from_the_environment_is_checked_when_the_endpoint_is_built(url, refusal):
+    from alerts.endpoints import Endpoint
+
+    settings = endpoint_config(template=GOOGLE_CHAT, resolve_url_env="T_CLOSE")
+    with pytest.raises(ConfigError) as caught:
+        Endpoint(settings, {"T_CLOSE": url})
+    assert refusal in str(caught.value) and (not url or url not in str(caught.value))
+    assert Endpoint(settings, {"T_CLOSE": "https://chat.example.com/{alert_id}/x"}).resolve_url is not None
+
+
+def test_preview_says_where_a_resolve_goes_and_names_a_secret_url_by_its_variable():
+    from alerts.preview import preview
+
+    opsgenie = {"name": "og", "url": "https://api.example.com/v2/alerts", "format": "template",
+                "template": {"alias": "{alert_id}"}, "resolve_template": {"note": "{summary}"}}
+    shown = preview(load_delivery_config(Settings(raw={"alerts": {"endpoints": [
+        {**opsgenie, "resolve_url": "https://api.example.com/v2/alerts/{alert_id}/close?identifierType=alias"}]}})),
+        "og", "")
+    assert "\n# firing\n" in shown and "\n# escalation\n" in shown
+    assert ('# resolved, to https://api.example.com/v2/alerts/a1b2c3d4e5f6/close?identifierType=alias\n'
+            '{\n  "note": "XOM is back within its baseline"\n}') in shown
+    hidden = preview(load_delivery_config(Settings(raw={"alerts": {"endpoints": [
+        {**opsgenie, "resolve_url_env": "T_NEVER_SET"}]}})), "og", "")
+    assert "# resolved, to the URL in $T_NEVER_SET\n" in hidden
 
 
 def test_a_body_that_cannot_be_rendered_fails_its_delivery_and_the_episode_goes_on(fp_settings, topics, monkeypatch):
