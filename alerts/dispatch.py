@@ -122,10 +122,9 @@ from .breaker import CircuitBreaker
 from .grouping import member_order, new_group
 from .attempts import ERROR_TEXT_MAX, PAUSING_STATUS, Outcome, WebhookSender
 from .endpoints import AlertsSettings, Endpoint, build_endpoints, load_delivery_config, preflight
-from .formats import DeliveryContext, GroupContext, body_template, render, render_group, template_fields
+from .formats import DeliveryContext, GroupContext, body_template, render, render_group
 from .inhibition import INHIBITED, FiringAlerts, parse_rules
 from .silences import SilenceBook, read_silences
-from .templates import fill_url
 
 log = logging.getLogger(__name__)
 
@@ -878,10 +877,9 @@ class Dispatcher:
 
     def _resolve_url(self, endpoint: Endpoint, state: DeliveryState) -> str | None:
         """Where a template endpoint with a ``resolve_url`` takes this resolve; None: to its url, as every event."""
-        if endpoint.resolve_url is None or state.is_group or state.alert_record.status != "resolved":
+        if endpoint.resolve_url is None or state.is_group:
             return None
-        alert = state.alert_record
-        return fill_url(endpoint.resolve_url.reveal(), template_fields(alert, self._context(endpoint, state, alert)))
+        return endpoint.url_for(state.alert_record, self._context(endpoint, state, state.alert_record))
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
         # What this endpoint was sent of the episode before this event: a resolve follows all of it, a firing or an

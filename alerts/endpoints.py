@@ -91,10 +91,10 @@ from aiohttp.resolver import ThreadedResolver
 from stream.config import ConfigError, Settings, build_dataclass
 from stream.records import SEVERITIES, severity_rank
 
-from .formats import GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS
+from .formats import GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, template_fields
 from .grouping import GroupPolicy, check_grouping
 from .signing import decode_secret, split_secrets
-from .templates import check_template, check_url_template
+from .templates import check_template, check_url_template, fill_url
 from .transport import Proxy, check_connection, check_headers, check_proxy_url, host_and_port, tls_context
 
 FORMATS = ("native", "slack", "teams", "pagerduty", "alertmanager", "template")
@@ -505,6 +505,13 @@ class Endpoint:
     def wants(self, alert) -> bool:
         """Whether this endpoint takes this kind of event (``events``: firing, escalation, resolved) at all."""
         return not self.settings.events or alert.event_kind in self.settings.events
+
+    def url_for(self, alert, ctx) -> str | None:
+        """Where this endpoint takes ``alert`` (sent under ``ctx``, an ``alerts.formats.DeliveryContext``): a
+        resolve's ``resolve_url`` filled with its fields, when the endpoint has one; None: its url."""
+        if self.resolve_url is None or alert.status != "resolved":
+            return None
+        return fill_url(self.resolve_url.reveal(), template_fields(alert, ctx))
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret of this endpoint replaced by ***: error messages can echo URLs or keys."""
