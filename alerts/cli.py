@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--preview", metavar="NAME", help="print what endpoint NAME would be sent for an example episode "
                                                         "(firing, escalation, resolve; a group too when it groups), in "
                                                         "its format, template included, and exit; sends nothing")
+    mode.add_argument("--test", metavar="NAME", help="send endpoint NAME a test alert for real (its firing, then its "
+                                                     "resolve), as a delivery would send it, and print what it "
+                                                     "answered; exit 1 if it did not take both. Kafka is not needed "
+                                                     "and nothing is recorded")
+    p.add_argument("--resolve-after", type=float, default=5.0, metavar="SECONDS",
+                   help="with --test: wait this long between the firing and the resolve (default 5)")
     mode.add_argument("--fields", action="store_true", help="list the {fields} a template endpoint's template and "
                                                             "group_template may name, and exit")
     mode.add_argument("--status", action="store_true", help="print the delivery states on the deliveries topic and exit")
@@ -93,10 +99,19 @@ def _dispatch(args, settings) -> int:
     if not args.redeliver and (args.endpoint or args.alert or args.dry_run):
         raise ConfigError("--endpoint, --alert and --dry-run go with --redeliver")
     settings = settings.with_overrides({"alerts": {"group_id": args.group_id, "metrics_port": args.metrics_port}})
+    if args.resolve_after != 5.0 and not args.test:
+        raise ConfigError("--resolve-after goes with --test")
+    if args.resolve_after < 0:
+        raise ConfigError("--resolve-after must be 0 or more seconds")
     if args.fields:
         from .preview import fields_help
         print(fields_help())
         return 0
+    if args.test:
+        import asyncio
+        from .endpoints import load_delivery_config
+        from .trial import send_trial
+        return asyncio.run(send_trial(load_delivery_config(settings), args.test, args.resolve_after))
     return run_dispatch(settings, check=args.check, status=args.status, redeliver=args.redeliver, preview=args.preview,
                         endpoint=args.endpoint, alert_id=args.alert, dry_run=args.dry_run)
 

@@ -1,0 +1,103 @@
+"""``finpulse dispatch --test NAME``: a test alert sent for real to one endpoint, to prove the wiring end to end.
+
+``--check`` stops at the TLS handshake and ``--preview`` sends nothing: neither shows that the tool at the other end
+takes the body, the signature or the token. The test sends a test episode, marked as one in every text a tool
+shows (its key is "FinPulse test", its summary says nothing is wrong), as the endpoint would get a real one: its
+firing, then its resolve so that a tool that opened an incident closes it again, each rendered in the endpoint's
+format (a group notification when the endpoint groups) and sent by the dispatcher's own sender (the address guard,
+TLS, proxy, headers, signing, a ``resolve_url``). Each gets one attempt, and what the endpoint answered is printed.
+
+The endpoint's ``events`` are kept (an endpoint that takes firings only is sent the firing only); its severity and
+key filters, silences and inhibition are not: the test alert has the endpoint's ``min_severity`` and is sent
+because it was asked for. Nothing is written to Kafka (it need not run), so ``--status`` never lists a test, and
+each run's alert has an id of its own: a tool that deduplicates sees a new incident each time.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import replace
+from typing import Callable
+
+from stream.config import ConfigError
+from stream.records import AlertRecord, format_time, utcnow
+
+from .attempts import Outcome, WebhookSender
+from .endpoints import AlertDeliveryConfig, Endpoint
+from .formats import DeliveryContext, GroupContext, body_template, render, render_group
+from .preview import example_episode
+
+TEST_KEY = "FinPulse test"
+
+
+def trial_episode(severity: str) -> list[AlertRecord]:
+    """A firing and its resolve, at ``severity``, saying in their texts that they are a test."""
+    firing, _, resolved = example_episode()
+    marked = dict(id=f"test-{secrets.token_hex(6)}", key_type="topic", key=TEST_KEY, topic=TEST_KEY,
+                  severity=severity, emitted_at=utcnow())
+    note = "nothing is wrong: this is a test notification from `finpulse dispatch --test`"
+    return [replace(firing, **marked, started_at=utcnow(), summary=f"Test alert: {note}",
+                    messages=({"id": "test-1", "kind": "news", "text": "A test message: no market moved",
+                               "sentiment_score": -0.5},)),
+            replace(resolved, **marked, resolved_at=utcnow(), summary=f"Test alert resolved: {note}")]
+
+
+async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: float,
+                    out: Callable[[str], None] = print) -> int:
+    """Send the test episode to endpoint ``name``; 0 when the endpoint took every request, 1 otherwise."""
+    settings = next((e for e in config.endpoints if e.name == name), None)
+    if settings is None:
+        raise ConfigError(f"no endpoint named {name!r} (endpoints: {', '.join(e.name for e in config.endpoints) or 'none'})")
+    endpoint = Endpoint(settings)
+    episode = [alert for alert in trial_episode(settings.min_severity) if endpoint.wants(alert)]
+    out(f"sending test alert {episode[0].id if episode else '-'} to {name!r} ({endpoint.format}, "
+        f"{endpoint.display_url}): {', '.join(a.event_kind for a in episode) or 'nothing: its events take neither'}")
+    sender = WebhookSender()
+    sender.open()
+    failed = 0
+    try:
+        for n, alert in enumerate(episode):
+            if alert.status == "resolved" and n and resolve_after_s > 0:
+                out(f"  resolving in {resolve_after_s:g} s (the tool may need a moment to open what it was sent)")
+                await asyncio.sleep(resolve_after_s)
+            outcome, webhook_id = await _send(sender, endpoint, alert, config.options.dashboard_url)
+            failed += not outcome.ok
+            out(f"  {alert.event_kind:<9} {_said(outcome)} (webhook-id {webhook_id})")
+    finally:
+        await sender.close()
+    if failed:
+        out(f"{failed} of {len(episode)} not taken; a real alert would be retried on 408, 425, 429, 5xx and "
+            f"timeouts, not on the others")
+    return 1 if failed else 0
+
+
+async def _send(sender: WebhookSender, endpoint: Endpoint, alert: AlertRecord,
+                dashboard_url: str) -> tuple[Outcome, str]:
+    webhook_id = f"msg_{alert.id.replace('-', '_')}_{alert.status}"
+    sent_at = format_time(utcnow())
+    ctx = DeliveryContext(webhook_id=webhook_id, event_id=alert.event_id, endpoint=endpoint.name, sent_at=sent_at,
+                          dashboard_url=dashboard_url,
+                          routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
+                          sent_severities=(alert.severity,) if alert.status == "resolved" else (),
+                          template=body_template(endpoint.settings, alert))
+    url = None
+    try:
+        if endpoint.grouping is None:
+            body = render(endpoint.format, alert, ctx)
+            url = endpoint.url_for(alert, ctx)
+        else:
+            group = GroupContext(webhook_id=webhook_id, event_id=f"{alert.event_id}:test-group", endpoint=endpoint.name,
+                                 label=endpoint.grouping.label(alert), sent_at=sent_at, dashboard_url=dashboard_url,
+                                 template=endpoint.settings.group_template)
+            body = render_group(endpoint.format, group, [(alert, ctx)])
+    except Exception as exc:  # noqa: BLE001 - say it, as a delivery would record it
+        return Outcome(ok=False, retryable=False, error=f"cannot render the {endpoint.format} body: "
+                                                        f"{type(exc).__name__}: {endpoint.scrub(str(exc))}"), webhook_id
+    return await sender.send(endpoint, webhook_id, body, url), webhook_id
+
+
+def _said(outcome: Outcome) -> str:
+    if outcome.ok:
+        return f"taken: HTTP {outcome.status}"
+    retry = f", Retry-After {outcome.retry_after:g} s" if outcome.retry_after is not None else ""
+    return f"NOT taken: {outcome.error}{retry}"
