@@ -59,7 +59,12 @@ async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: fl
         for n, alert in enumerate(episode):
             if alert.status == "resolved" and n and resolve_after_s > 0:
                 out(f"  resolving in {resolve_after_s:g} s (the tool may need a moment to open what it was sent)")
-                await asyncio.sleep(resolve_after_s)
+                try:
+                    await asyncio.sleep(resolve_after_s)
+                except asyncio.CancelledError:   # Ctrl-C
+                    out(f"  stopped before the resolve: test alert {alert.id} stays open at {name!r} if it opened "
+                        f"there; close it there")
+                    raise
             outcome, webhook_id = await _send(sender, endpoint, alert, config.options.dashboard_url)
             failed += not outcome.ok
             out(f"  {alert.event_kind:<9} {_said(outcome)} (webhook-id {webhook_id})")
