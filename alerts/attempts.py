@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 
 import aiohttp
+import yarl
 
 from .endpoints import BlockedAddressError, Endpoint, GuardedResolver, checked_address, literal_ip
 from .signing import signature_headers
@@ -93,6 +94,8 @@ class WebhookSender:
     async def send(self, endpoint: Endpoint, webhook_id: str, body: bytes, url: str | None = None) -> Outcome:
         """POST ``body`` to ``endpoint`` (at ``url``, a template endpoint's resolve, else at its url), signed under
         ``webhook_id``; never raises for what the network does."""
+        # A filled resolve_url is sent as it is (encoded): a client would resolve a "%2E%2E" a value made.
+        target = yarl.URL(url, encoded=True) if url else endpoint.url.reveal()
         url = url or endpoint.url.reveal()
         host, port = host_and_port(url)
         guarded = not endpoint.settings.allow_private
@@ -112,7 +115,7 @@ class WebhookSender:
                 # An http request goes to the proxy as it is, so the proxy's credentials travel in it; aiohttp sends
                 # proxy_headers with a CONNECT (https targets) only, and there they stay between us and the proxy.
                 headers.update(proxy.headers())
-            async with session.post(url, data=body, headers=headers, allow_redirects=False, ssl=endpoint.tls,
+            async with session.post(target, data=body, headers=headers, allow_redirects=False, ssl=endpoint.tls,
                                     proxy=proxy.url if proxy else None, proxy_headers=proxy.headers() if proxy else None,
                                     timeout=aiohttp.ClientTimeout(total=endpoint.settings.timeout_s)) as response:
                 answer = await response.content.read(200)

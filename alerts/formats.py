@@ -325,6 +325,8 @@ def _teams(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
 # The fields a template (alerts.templates) may name: name -> what it holds (a config error lists them).
 TEMPLATE_FIELDS: dict[str, str] = {
     "alert_id": "the episode's id (its firing, escalations and resolve share it)",
+    "episode_id": "what a tool should key one incident on: alert_id, and \"@<run id>\" after it for a replay's "
+                  "alert (a replay's episodes share their ids with the live ones)",
     "event_id": "this notification's id: <episode>:firing, <episode>:firing:<severity> or <episode>:resolved",
     "webhook_id": "the webhook-id header's value (deduplicate on it)",
     "event": "firing | escalation | resolved",
@@ -384,7 +386,7 @@ def template_fields(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
     obs, base = alert.observed or {}, alert.baseline or {}
     record = alert.to_dict()
     return {
-        "alert_id": alert.id, "event_id": ctx.event_id, "webhook_id": ctx.webhook_id, "event": alert.event_kind,
+        "alert_id": alert.id, "episode_id": alert.episode_id, "event_id": ctx.event_id, "webhook_id": ctx.webhook_id, "event": alert.event_kind,
         "status": alert.status, "severity": alert.severity, "escalated_from": alert.escalated_from,
         "key_type": alert.key_type, "key": alert.key, "topic": alert.about_topic, "subject": subject(alert),
         "title": card_title(alert), "headline": headline(alert), "summary": alert.summary,

@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Mapping
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from stream.config import ConfigError
 
@@ -110,27 +110,40 @@ def fill(template: Any, fields: Mapping[str, Any]) -> Any:
 
 def check_url_template(url: str, fields: Mapping[str, str], where: str) -> str:
     """``url`` after checking that its placeholders name fields and filters and all come after its scheme, host and
-    port (the origin); raise ConfigError saying what is wrong. Whether the origin is a URL FinPulse may send to is
-    the caller's check (``alerts.endpoints.check_url``)."""
-    tokens = [token for token in _TOKEN.finditer(url) if token.group(0) not in ("{{", "}}")]
-    if not tokens:
-        return url
-    origin = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#{}]*[/?#]", url)
-    if origin is None or tokens[0].start() < origin.end():
+    port (the origin), and that its own text is already percent-encoded (the filled URL is sent as it is, so that
+    no value can become a dot segment a client would resolve); raise ConfigError saying what is wrong. Whether the
+    origin is a URL FinPulse may send to is the caller's check (``alerts.endpoints.check_url``)."""
+    import yarl
+
+    tokens = list(_TOKEN.finditer(url))
+    origin = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#{}]*", url)
+    if tokens and (origin is None or url[origin.end():origin.end() + 1] not in ("/", "?")):
         raise ConfigError(f"{where}: {{fields}} may fill only a URL's path and query; its scheme, host and port are "
                           f"written out (e.g. https://api.example.com/alerts/{{alert_id}}/close)")
     for token in tokens:
         if token.group(1) is None:
-            raise ConfigError(f"{where}: a lone {token.group(0)!r} in the URL: write {{name}} for a field")
+            raise ConfigError(f"{where}: {token.group(0)!r} in the URL: a URL takes {{name}} for a field, and %7B / "
+                              f"%7D for a brace")
         _check_placeholder(token.group(1), fields, where)
+    if "#" in url:
+        raise ConfigError(f"{where}: a URL's fragment (#...) is never sent; leave it out")
+    probe = _TOKEN.sub("x", url)
+    written, parsed = urlsplit(probe), yarl.URL(probe)
+    if (written.path or "/") != (parsed.raw_path or "/") or written.query != parsed.raw_query_string:
+        raise ConfigError(f"{where}: write the URL's path and query percent-encoded as they are to be sent (a space "
+                          f"as %20), without . or .. segments")
     return url
 
 
 def fill_url(url: str, fields: Mapping[str, Any]) -> str:
     """``url`` (checked by ``check_url_template``) with each placeholder replaced by its field as text,
-    percent-encoded so that a value cannot add a path segment, a query parameter or a fragment."""
-    return _TOKEN.sub(lambda m: quote(_filled(m.group(1), fields), safe="") if m.group(1) is not None
-                      else m.group(0)[0], url)
+    percent-encoded so that a value cannot add a path segment, a query parameter or a fragment, and a path segment
+    it makes "." or ".." written %2E (send the result as an encoded URL: a client would resolve those)."""
+    filled = _TOKEN.sub(lambda m: quote(_filled(m.group(1), fields), safe=""), url)
+    parts = urlsplit(filled)
+    path = "/".join(segment.replace(".", "%2E") if segment in (".", "..") else segment
+                    for segment in parts.path.split("/"))
+    return urlunsplit(parts._replace(path=path))
 
 
 def _check_placeholder(inner: str, fields: Mapping[str, str], where: str) -> None:

@@ -253,7 +253,7 @@ def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path, p
     assert [e.name for e in endpoints] == ["demo-receiver", "risk-desk", "risk-gateway", "slack-markets", "teams-risk",
                                            "pagerduty-risk", "alertmanager", "google-chat", "splunk", "opsgenie"]
     assert endpoints[8].settings.template == {"sourcetype": "finpulse:alert", "source": "finpulse", "event": "{alert}"}
-    assert endpoints[9].resolve_url.reveal().endswith("/v2/alerts/{alert_id}/close?identifierType=alias")
+    assert endpoints[9].resolve_url.reveal().endswith("/v2/alerts/{episode_id}/close?identifierType=alias")
     assert len(endpoints[1].signing_secrets) == 2 and endpoints[5].url.reveal() == "https://events.pagerduty.com/v2/enqueue"
     gateway = endpoints[2]
     assert gateway.request_headers() == {"X-Team": "risk", "Authorization": "Bearer gateway-token"}

@@ -65,9 +65,11 @@ def test_a_resolve_url_takes_fields_in_its_path_and_query_percent_encoded():
     from alerts.templates import fill_url
 
     url = endpoint_config(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/alerts/{key}/close?"
-                          "by={key_type}&t={{x}}").resolve_url
+                          "by={key_type}&t=%7Bx%7D").resolve_url
     assert fill_url(url, {"key": "Energy | Oil/..?#&=%", "key_type": "topic"}) == \
-        "https://chat.example.com/alerts/Energy%20%7C%20Oil%2F..%3F%23%26%3D%25/close?by=topic&t={x}"
+        "https://chat.example.com/alerts/Energy%20%7C%20Oil%2F..%3F%23%26%3D%25/close?by=topic&t=%7Bx%7D"
+    # A value that makes a whole path segment "." or ".." is written %2E: a client would resolve the segment.
+    assert fill_url(url, {"key": "..", "key_type": "."}) == "https://chat.example.com/alerts/%2E%2E/close?by=.&t=%7Bx%7D"
 
 
 def test_text_from_a_message_cannot_leave_its_string():
@@ -118,7 +120,7 @@ def test_a_group_template_lists_every_event_most_severe_first():
 
 @pytest.mark.parametrize("endpoint, refusal", [
     (dict(), "a template endpoint needs template"),
-    (dict(template={"text": "{headlines}"}), "{headlines} is not a field (fields: alert_id, event_id"),
+    (dict(template={"text": "{headlines}"}), "{headlines} is not a field (fields: alert_id, episode_id, event_id"),
     (dict(template={"text": "{key} {"}), "a lone '{' in '{key} {'"),
     (dict(template={"text": "}"}), "a lone '}'"),
     (dict(template={"text": "x" * 500 + "}"}), "a lone '}' in '" + "x" * 79 + "…'"),
@@ -152,7 +154,7 @@ def test_a_group_template_lists_every_event_most_severe_first():
     (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com{key}/close"), "may fill only a URL's path"),
     (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/{alertid}/close"),
      "resolve_url: {alertid} is not a field"),
-    (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/{alert_id}/close}"), "a lone '}' in the URL"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/{alert_id}/close}"), "'}' in the URL: a URL takes {name} for a field, and %7B / %7D for a brace"),
     (dict(template=GOOGLE_CHAT, resolve_url="ftp://chat.example.com/{alert_id}"), "the url must be http:// or https://"),
     (dict(template=GOOGLE_CHAT, resolve_url="https://other.example.com/{alert_id}/close"),
      "resolve_url must be on url's scheme, host and port (https://chat.example.com/…), not https://other.example.com/…"),
@@ -255,30 +257,37 @@ def test_a_resolve_goes_to_its_resolve_url_with_its_own_body_over_http(fp_settin
     firing = fresh_alert("firing", id="og", key="Energy | Oil", severity="warning")
     escalation = fresh_alert("firing", id="og", key="Energy | Oil", severity="critical", escalated_from="warning")
     resolved = fresh_alert("resolved", id="og", key="Energy | Oil", severity="critical")
-    produce(fp_settings, topics.alerts, [firing, escalation, resolved])
+    # A ticker comes from a news item's tickers list: "..", filled into a path, must not climb out of it.
+    dots = [fresh_alert(status, id="dots", key_type="ticker", key="..", severity="warning")
+            for status in ("firing", "resolved")]
+    produce(fp_settings, topics.alerts, [firing, escalation, resolved, *dots])
 
     def settings_for(port):
-        monkeypatch.setenv("T_CLOSE_URL", f"http://127.0.0.1:{port}/env/{{alert_id}}/close")
+        monkeypatch.setenv("T_CLOSE_URL", f"http://127.0.0.1:{port}/env/{{episode_id}}/close")
         common = {"format": "template", "secret_env": "T_CLOSE_SECRET", "allow_private": True,
-                  "template": {"alias": "{alert_id}", "priority": "{severity|map:critical=P1,*=P3}"}}
+                  "template": {"alias": "{episode_id}", "priority": "{severity|map:critical=P1,*=P3}"}}
         return fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "endpoints": [
             {"name": "og", "url": f"http://127.0.0.1:{port}/v2/alerts", **common,
-             "resolve_url": f"http://127.0.0.1:{port}/v2/alerts/{{key}}/close?identifierType=alias&by={{alert_id}}",
+             "resolve_url": f"http://127.0.0.1:{port}/v2/alerts/{{key}}/close?identifierType=alias&by={{episode_id}}",
              "resolve_template": {"note": "{summary}", "source": "FinPulse"}},
             {"name": "og-env", "url": f"http://127.0.0.1:{port}/env", "resolve_url_env": "T_CLOSE_URL", **common},
         ]}})
 
-    keys = {delivery_key(a.event_id, name) for a in (firing, escalation, resolved) for name in ("og", "og-env")}
+    keys = {delivery_key(a.event_id, name) for a in (firing, escalation, resolved, *dots) for name in ("og", "og-env")}
     serve_and_dispatch(topics, settings_for, receiver, lambda dispatcher: settled(dispatcher, keys))
     assert not receiver.duplicates and not receiver.rejected
     targets = {r["webhook_id"]: r["target"] for r in receiver.requests}
-    sent = {(i["payload"].get("priority"), targets[i["webhook_id"]]): i["payload"] for i in receiver.items}
-    assert set(sent) == {("P3", "/v2/alerts"), ("P1", "/v2/alerts"),
-                         (None, "/v2/alerts/Energy%20%7C%20Oil/close?identifierType=alias&by=og"),
-                         ("P3", "/env"), ("P1", "/env"), ("P1", "/env/og/close")}
-    assert sent[(None, "/v2/alerts/Energy%20%7C%20Oil/close?identifierType=alias&by=og")] == {
-        "note": resolved.summary, "source": "FinPulse"}
-    assert sent[("P1", "/env/og/close")] == {"alias": "og", "priority": "P1"}
+    sent = sorted((targets[i["webhook_id"]], json.dumps(i["payload"], sort_keys=True)) for i in receiver.items)
+    note = json.dumps({"note": resolved.summary, "source": "FinPulse"}, sort_keys=True)
+    dots_note = json.dumps({"note": dots[1].summary, "source": "FinPulse"}, sort_keys=True)
+    assert sent == sorted([
+        ("/v2/alerts", '{"alias": "og", "priority": "P3"}'), ("/v2/alerts", '{"alias": "og", "priority": "P1"}'),
+        ("/v2/alerts/Energy%20%7C%20Oil/close?identifierType=alias&by=og", note),
+        ("/env", '{"alias": "og", "priority": "P3"}'), ("/env", '{"alias": "og", "priority": "P1"}'),
+        ("/env/og/close", '{"alias": "og", "priority": "P1"}'),
+        ("/v2/alerts", '{"alias": "dots", "priority": "P3"}'), ("/v2/alerts/%2E%2E/close?identifierType=alias&by=dots",
+                                                                 dots_note),
+        ("/env", '{"alias": "dots", "priority": "P3"}'), ("/env/dots/close", '{"alias": "dots", "priority": "P3"}')])
     assert targets[webhook_id(delivery_key(resolved.event_id, "og-env"))] == "/env/og/close"
 
 
