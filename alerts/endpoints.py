@@ -91,7 +91,7 @@ from aiohttp.resolver import ThreadedResolver
 from stream.config import ConfigError, Settings, build_dataclass
 from stream.records import SEVERITIES, severity_rank
 
-from .formats import GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, template_fields
+from .formats import GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELD_VALUES, TEMPLATE_FIELDS, template_fields
 from .grouping import GroupPolicy, check_grouping
 from .signing import decode_secret, split_secrets
 from .templates import check_template, check_url_template, fill_url
@@ -370,7 +370,7 @@ def _check_templates(ep: EndpointSettings, where: str) -> None:
     if "template" not in given:
         raise ConfigError(f"{where}: a template endpoint needs template, the body to send (e.g. template = "
                           f"{{ text = \"{{headline}}\" }}; fields: {', '.join(TEMPLATE_FIELDS)})")
-    ep.template = check_template(ep.template, TEMPLATE_FIELDS, f"{where} template")
+    ep.template = check_template(ep.template, TEMPLATE_FIELDS, f"{where} template", TEMPLATE_FIELD_VALUES)
     if ep.group_by and "group_template" not in given:
         raise ConfigError(f"{where}: a grouped template endpoint needs group_template, the body of a group "
                           f"notification (fields: {', '.join(GROUP_TEMPLATE_FIELDS)}); or remove group_by")
@@ -395,12 +395,13 @@ def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
         raise ConfigError(f"{where}: {' and '.join(elsewhere)} are for resolves, and events = {ep.events} takes "
                           f"none; add \"resolved\" to events or remove them")
     if ep.resolve_url:
-        check_url_template(ep.resolve_url, TEMPLATE_FIELDS, f"{where} resolve_url")
+        check_url_template(ep.resolve_url, TEMPLATE_FIELDS, f"{where} resolve_url", TEMPLATE_FIELD_VALUES)
         check_url(ep.resolve_url, ep.allow_private, f"{where} resolve_url")
         if ep.url:
             check_same_origin(ep.url, ep.resolve_url, where)
     if "resolve_template" in given:
-        ep.resolve_template = check_template(ep.resolve_template, TEMPLATE_FIELDS, f"{where} resolve_template")
+        ep.resolve_template = check_template(ep.resolve_template, TEMPLATE_FIELDS, f"{where} resolve_template",
+                                             TEMPLATE_FIELD_VALUES)
 
 
 def check_same_origin(url: str, resolve_url: str, where: str) -> None:
@@ -461,7 +462,7 @@ class Endpoint:
                        else settings.resolve_url)
         if settings.resolve_url_env:
             from_env = f"{where} (resolve_url from ${settings.resolve_url_env})"
-            check_url_template(resolve_url, TEMPLATE_FIELDS, from_env)
+            check_url_template(resolve_url, TEMPLATE_FIELDS, from_env, TEMPLATE_FIELD_VALUES)
             check_url(resolve_url, settings.allow_private, from_env)
         if settings.resolve_url_env or (resolve_url and settings.url_env):
             check_same_origin(url, resolve_url, where)

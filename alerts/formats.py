@@ -45,7 +45,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 from urllib.parse import quote
 
-from stream.records import AlertRecord, format_time, severity_rank
+from stream.records import SEVERITIES, AlertRecord, format_time, severity_rank
 
 from .templates import cut, fill
 
@@ -362,6 +362,12 @@ TEMPLATE_FIELDS: dict[str, str] = {
     "attempt": "this attempt's number (1 for the first)",
     "sent_at": "when this attempt was sent",
     "alert": "the whole alert record, as the native format's data",
+}
+
+# The fields whose values are a fixed set: a |map: name outside it could never match (the config check says so).
+TEMPLATE_FIELD_VALUES: dict[str, tuple[str, ...]] = {
+    "event": tuple(EVENT_TYPES), "status": ("firing", "resolved"), "severity": SEVERITIES,
+    "escalated_from": ("", *SEVERITIES[:-1]), "key_type": ("topic", "ticker"),
 }
 
 GROUP_TEMPLATE_FIELDS: dict[str, str] = {

@@ -59,10 +59,12 @@ _SECRET_KEY = re.compile(r"secret|passw|token|authori[sz]ation|credential|(api|a
                          r"[_-]?key", re.IGNORECASE)
 
 
-def check_template(template: Any, fields: Mapping[str, str], where: str) -> Any:
+def check_template(template: Any, fields: Mapping[str, str], where: str,
+                   values: Mapping[str, tuple[str, ...]] = {}) -> Any:
     """The template as data (JSON text parsed), after checking that it is a JSON object or array that JSON can carry,
-    that no key holds a brace, and that every placeholder names a field and known filters; raise ConfigError saying
-    what is wrong."""
+    that no key holds a brace, and that every placeholder names a field and known filters (a ``|map:`` of a field in
+    ``values``, the fields with a fixed set of values, only names values it has); raise ConfigError saying what is
+    wrong."""
     if isinstance(template, str):
         template = _parse_json_text(template, where)
     if not isinstance(template, (Mapping, list)) or not template:
@@ -89,7 +91,7 @@ def check_template(template: Any, fields: Mapping[str, str], where: str) -> Any:
             if token.group(1) is None:
                 raise ConfigError(f"{where}: a lone {token.group(0)!r} in {_shown(text)!r}: write {{{{ or }}}} for a "
                                   f"literal brace, {{name}} for a field")
-            _check_placeholder(token.group(1), fields, where)
+            _check_placeholder(token.group(1), fields, where, values)
     return template
 
 
@@ -108,7 +110,8 @@ def fill(template: Any, fields: Mapping[str, Any]) -> Any:
     return template
 
 
-def check_url_template(url: str, fields: Mapping[str, str], where: str) -> str:
+def check_url_template(url: str, fields: Mapping[str, str], where: str,
+                       values: Mapping[str, tuple[str, ...]] = {}) -> str:
     """``url`` after checking that its placeholders name fields and filters and all come after its scheme, host and
     port (the origin), and that its own text is already percent-encoded (the filled URL is sent as it is, so that
     no value can become a dot segment a client would resolve); raise ConfigError saying what is wrong. Whether the
@@ -124,7 +127,7 @@ def check_url_template(url: str, fields: Mapping[str, str], where: str) -> str:
         if token.group(1) is None:
             raise ConfigError(f"{where}: {token.group(0)!r} in the URL: a URL takes {{name}} for a field, and %7B / "
                               f"%7D for a brace")
-        _check_placeholder(token.group(1), fields, where)
+        _check_placeholder(token.group(1), fields, where, values)
     if "#" in url:
         raise ConfigError(f"{where}: a URL's fragment (#...) is never sent; leave it out")
     probe = _TOKEN.sub("x", url)
@@ -146,7 +149,8 @@ def fill_url(url: str, fields: Mapping[str, Any]) -> str:
     return urlunsplit(parts._replace(path=path))
 
 
-def _check_placeholder(inner: str, fields: Mapping[str, str], where: str) -> None:
+def _check_placeholder(inner: str, fields: Mapping[str, str], where: str,
+                       values: Mapping[str, tuple[str, ...]] = {}) -> None:
     name, *filters = inner.split("|")
     if not _NAME.fullmatch(name):
         raise ConfigError(f"{where}: {{{_shown(inner)}}} does not name a field: a field is a name of letters, digits "
@@ -154,7 +158,7 @@ def _check_placeholder(inner: str, fields: Mapping[str, str], where: str) -> Non
                           f"{', '.join('|' + f for f in FILTERS)}")
     if name not in fields:
         raise ConfigError(f"{where}: {{{name}}} is not a field (fields: {', '.join(fields)})")
-    for spec in filters:
+    for n, spec in enumerate(filters):
         kind, has_arg, arg = spec.partition(":")
         if kind == "text" and not has_arg:
             continue
@@ -162,7 +166,16 @@ def _check_placeholder(inner: str, fields: Mapping[str, str], where: str) -> Non
             continue
         if kind == "default" and has_arg:
             continue
-        if kind == "map" and _mapping(arg) is not None:
+        if kind == "map" and has_arg:
+            try:
+                table = _mapping(arg)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {{{_shown(inner)}}}: {exc}") from None
+            # A field with a fixed set of values, mapped as it is: a name outside it is a typo that would never match.
+            never = [a for a in table if a != "*" and n == 0 and name in values and a not in values[name]]
+            if never:
+                raise ConfigError(f"{where}: {{{_shown(inner)}}}: {name} is never {', '.join(map(repr, never))} "
+                                  f"(its values: {', '.join(repr(v) for v in values[name])})")
             continue
         raise ConfigError(f"{where}: {{{_shown(inner)}}}: {spec!r} is not a filter (filters: "
                           f"{', '.join('|' + f for f in FILTERS)})")
@@ -183,12 +196,18 @@ def _filled(inner: str, fields: Mapping[str, Any]) -> str:
     return text
 
 
-def _mapping(arg: str) -> dict[str, str] | None:
-    """``A=X,B=Y`` as {A: X, B: Y}; None when it is not such a list (each pair holds one "=", no name twice)."""
-    pairs = [pair.split("=") for pair in arg.split(",")]
-    if not arg or any(len(pair) != 2 or not pair[0] for pair in pairs) or len({a for a, _ in pairs}) != len(pairs):
-        return None
-    return dict(pairs)
+def _mapping(arg: str) -> dict[str, str]:
+    """``A=X, B=Y`` as {A: X, B: Y} (spaces around names and values dropped); raise ValueError saying why not."""
+    table: dict[str, str] = {}
+    for pair in arg.split(","):
+        value_of, equals, value = (part.strip() for part in pair.partition("="))
+        if not equals or not value_of or "=" in value:
+            raise ValueError(f"map takes name=value pairs separated by commas (critical=P1,warning=P3,*=P5), not "
+                             f"{pair.strip()!r}; a name or value cannot hold , = | {{ }}")
+        if value_of in table:
+            raise ValueError(f"map gives {value_of!r} twice")
+        table[value_of] = value
+    return table
 
 
 def _parse_json_text(text: str, where: str) -> Any:

@@ -57,8 +57,10 @@ def test_filters_make_text_cut_it_to_a_tools_limit_and_fill_what_is_empty():
 def test_map_turns_a_value_into_a_tools_own_word():
     body = rendered({"priority": "{severity|map:critical=P1,warning=P3,*=P5}", "kept": "{severity|map:info=P5}",
                      "state": "{status|map:firing=CRITICAL,resolved=RECOVERY}",
-                     "chained": "{escalated_from|default:none|map:none=first}"})
-    assert body == {"priority": "P1", "kept": "critical", "state": "CRITICAL", "chained": "first"}
+                     "chained": "{escalated_from|default:none|map:none=first}",
+                     "spaced": "{severity|map: warning = P3 , critical = P1 }", "free": "{key|map:Energy=E}"})
+    assert body == {"priority": "P1", "kept": "critical", "state": "CRITICAL", "chained": "first", "spaced": "P1",
+                    "free": "Energy | Oil"}
 
 
 def test_a_resolve_url_takes_fields_in_its_path_and_query_percent_encoded():
@@ -145,8 +147,14 @@ def test_a_group_template_lists_every_event_most_severe_first():
     (dict(template=GOOGLE_CHAT, group_by=["all"], group_template={"text": "{headline}"}),
      "group_template: {headline} is not a field (fields: title, label"),
     (dict(format="slack", url_env="T_SLACK", template=GOOGLE_CHAT), "template only means something with format"),
-    (dict(template={"p": "{severity|map:critical}"}), "'map:critical' is not a filter"),
-    (dict(template={"p": "{severity|map:a=1,a=2}"}), "'map:a=1,a=2' is not a filter"),
+    (dict(template={"p": "{severity|map:critical}"}), "map takes name=value pairs separated by commas "
+                                                      "(critical=P1,warning=P3,*=P5), not 'critical'"),
+    (dict(template={"p": "{severity|map:critical=P1,}"}), "not ''"),
+    (dict(template={"p": "{severity|map:critical=P1=P2}"}), "not 'critical=P1=P2'"),
+    (dict(template={"p": "{severity|map:critical=P1,critical=P2}"}), "map gives 'critical' twice"),
+    (dict(template={"p": "{severity|map:critcal=P1,*=P5}"}),
+     "{severity|map:critcal=P1,*=P5}: severity is never 'critcal' (its values: 'info', 'warning', 'critical')"),
+    (dict(template={"p": "{status|map:Firing=ALERT}"}), "status is never 'Firing'"),
     (dict(format="native", secret_env="T_S", resolve_url="https://chat.example.com/close"),
      "resolve_url only means something with format"),
     (dict(template=GOOGLE_CHAT, resolve_url="https://{key}.example.com/close"),
