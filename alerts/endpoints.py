@@ -395,8 +395,8 @@ def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
         raise ConfigError(f"{where}: {' and '.join(elsewhere)} are for resolves, and events = {ep.events} takes "
                           f"none; add \"resolved\" to events or remove them")
     if ep.resolve_url:
-        check_url_template(ep.resolve_url, TEMPLATE_FIELDS, f"{where} resolve_url", TEMPLATE_FIELD_VALUES)
         check_url(ep.resolve_url, ep.allow_private, f"{where} resolve_url")
+        check_url_template(ep.resolve_url, TEMPLATE_FIELDS, f"{where} resolve_url", TEMPLATE_FIELD_VALUES)
         if ep.url:
             check_same_origin(ep.url, ep.resolve_url, where)
     if "resolve_template" in given:
@@ -417,9 +417,16 @@ def check_same_origin(url: str, resolve_url: str, where: str) -> None:
 
 def check_url(url: str, allow_private: bool, where: str) -> None:
     """Static checks that need no DNS: an http(s) URL with a host, and no literal blocked IP unless allowed."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:   # a port that is no number or out of range, a broken [IPv6] host: the text may be a secret
+        raise ConfigError(f"{where}: the url's host or port cannot be read (a port is a number from 1 to 65535)") \
+            from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: the url must be http:// or https:// with a host (got {redact_url(url)})")
+    if port == 0:
+        raise ConfigError(f"{where}: the url's port must be a number from 1 to 65535")
     literal = literal_ip(parts.hostname)
     if literal and not allow_private:
         try:
@@ -430,10 +437,13 @@ def check_url(url: str, allow_private: bool, where: str) -> None:
 
 def redact_url(url: str) -> str:
     """What logs may show of a URL: scheme, host and port. Paths and queries can carry tokens (Slack's do)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<invalid url>"
     if not parts.hostname:
         return "<invalid url>"
-    port = f":{parts.port}" if parts.port else ""
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     tail = "/…" if parts.path not in ("", "/") or parts.query else ""
     return f"{parts.scheme}://{host}{port}{tail}"
@@ -462,8 +472,8 @@ class Endpoint:
                        else settings.resolve_url)
         if settings.resolve_url_env:
             from_env = f"{where} (resolve_url from ${settings.resolve_url_env})"
-            check_url_template(resolve_url, TEMPLATE_FIELDS, from_env, TEMPLATE_FIELD_VALUES)
             check_url(resolve_url, settings.allow_private, from_env)
+            check_url_template(resolve_url, TEMPLATE_FIELDS, from_env, TEMPLATE_FIELD_VALUES)
         if settings.resolve_url_env or (resolve_url and settings.url_env):
             check_same_origin(url, resolve_url, where)
         self.resolve_url = Secret(resolve_url) if resolve_url else None

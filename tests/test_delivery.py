@@ -154,6 +154,13 @@ def test_endpoint_config_validation_and_secrets_stay_out_of_reprs(monkeypatch):
                        (dict(url="https://x.example", name="a|b"), "name")):
         with pytest.raises(ConfigError, match=match):
             config(**bad)
+    for url in ("https://x.example:99999/x", "https://x.example:0443x/x", "https://[::1/x"):
+        with pytest.raises(ConfigError, match=r"the url's host or port cannot be read \(a port is a number from 1 to"):
+            config(url=url)
+    monkeypatch.setenv("T_BAD_PORT_URL", "https://x.example:SECRETPORT/x")
+    with pytest.raises(ConfigError, match="url from .T_BAD_PORT_URL.: the url's host or port cannot be read") as caught:
+        Endpoint(EndpointSettings(name="e", url_env="T_BAD_PORT_URL", secret_env=["T_SECRET"]))
+    assert "SECRETPORT" not in str(caught.value)
     with pytest.raises(ConfigError, match="unknown setting"):
         config(url="https://x.example", secret="inline")
     with pytest.raises(ConfigError, match="T_MISSING is not set"):
