@@ -137,5 +137,5 @@ class WebhookSender:
             outcome = Outcome(ok=False, retryable=not blocked, error=str(exc.os_error) if blocked else f"{type(exc).__name__}: {exc}")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             outcome = Outcome(ok=False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-        # A resolve's URL was filled from its secret template, so the scrub's own copy of it matches no text.
-        return replace(outcome, error=endpoint.scrub(outcome.error.replace(url, "***"))[:ERROR_TEXT_MAX])
+        # A resolve's URL was filled from its template, so the scrub's own copy of it matches no text: name it.
+        return replace(outcome, error=endpoint.scrub(outcome.error, sent_to=url)[:ERROR_TEXT_MAX])

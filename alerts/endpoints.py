@@ -524,10 +524,17 @@ class Endpoint:
             return None
         return fill_url(self.resolve_url.reveal(), template_fields(alert, ctx))
 
-    def scrub(self, text: str) -> str:
-        """``text`` with every secret of this endpoint replaced by ***: error messages can echo URLs or keys."""
-        for secret in (self.url, self.resolve_url, self.routing_key, *self.signing_secrets,
-                       *self.secret_headers.values(), *self._proxy_secrets):
+    def scrub(self, text: str, sent_to: str = "") -> str:
+        """``text`` with every secret of this endpoint replaced by ***: error messages can echo URLs or keys, and
+        an answer's body the path or query it was sent to (``sent_to``: the URL of the request, when a filled
+        ``resolve_url``), which are secrets when the URL came from the environment."""
+        secrets = [self.url, self.resolve_url, self.routing_key, *self.signing_secrets, *self.secret_headers.values(),
+                   *self._proxy_secrets]
+        if self.settings.url_env:
+            secrets += _path_and_query(self.url.reveal())
+        if sent_to:
+            secrets += [Secret(sent_to), *(_path_and_query(sent_to) if self.settings.resolve_url_env else ())]
+        for secret in sorted(secrets, key=lambda s: -len(s.reveal()) if s is not None else 0):
             if secret is not None and secret.reveal():
                 text = text.replace(secret.reveal(), "***")
         return text
@@ -539,6 +546,13 @@ class Endpoint:
     def __repr__(self) -> str:
         via = f", proxy={self.proxy.url!r}" if self.proxy else ""
         return f"Endpoint(name={self.name!r}, format={self.format!r}, url={self.display_url!r}{via})"
+
+
+def _path_and_query(url: str) -> list[Secret]:
+    """What an answer may echo of a URL: its path and query together and each alone (not a bare "/")."""
+    parts = urlsplit(url)
+    shown = [parts.path + (f"?{parts.query}" if parts.query else ""), parts.path, parts.query]
+    return [Secret(text) for text in shown if len(text) > 1]
 
 
 def _env(environ: Mapping[str, str], var: str, where: str) -> str:

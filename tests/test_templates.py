@@ -374,6 +374,48 @@ def test_a_resolve_url_from_the_environment_is_checked_when_the_endpoint_is_buil
     assert Endpoint(settings, {"T_CLOSE": "https://chat.example.com/{alert_id}/x"}).resolve_url is not None
 
 
+def test_an_answer_that_echoes_a_secret_urls_path_or_query_is_scrubbed_from_the_error():
+    """A URL from the environment is a secret, its path and query too (a Slack token sits in the path, a Teams
+    signature in the query); servers that answer "Cannot POST <path>" would put them in the stored error."""
+    import asyncio
+
+    from aiohttp import web
+
+    from alerts.attempts import WebhookSender
+    from alerts.endpoints import Endpoint
+    from alerts.templates import fill_url
+
+    async def echo(request):
+        return web.Response(status=404, text=f"Cannot POST {request.path_qs}; path {request.path}; query "
+                                             f"{request.query_string}")
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", echo)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        settings = endpoint_config(url="", url_env="T_URL", allow_private=True, template=GOOGLE_CHAT,
+                                   resolve_url_env="T_CLOSE")
+        endpoint = Endpoint(settings, {"T_URL": f"http://127.0.0.1:{port}/hooks/PATHSECRET/in?sig=QUERYSECRET",
+                                       "T_CLOSE": f"http://127.0.0.1:{port}/hooks/PATHSECRET/{{alert_id}}/close"})
+        sender = WebhookSender()
+        sender.open()
+        try:
+            return [await sender.send(endpoint, "msg_1", b"{}"),
+                    await sender.send(endpoint, "msg_2", b"{}", fill_url(endpoint.resolve_url.reveal(),
+                                                                         {"alert_id": "a1"}))]
+        finally:
+            await sender.close()
+            await runner.cleanup()
+
+    outcomes = asyncio.run(scenario())
+    for outcome in outcomes:
+        assert outcome.status == 404 and not outcome.retryable
+        assert "SECRET" not in outcome.error and outcome.error.startswith("HTTP 404: Cannot POST ***"), outcome.error
+
+
 def test_preview_says_where_a_resolve_goes_and_names_a_secret_url_by_its_variable():
     from alerts.preview import preview
 
