@@ -81,10 +81,11 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp.resolver import ThreadedResolver
 
@@ -94,7 +95,7 @@ from stream.records import SEVERITIES, severity_rank
 from .formats import GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELD_VALUES, TEMPLATE_FIELDS, template_fields
 from .grouping import GroupPolicy, check_grouping
 from .signing import decode_secret, split_secrets
-from .templates import check_template, check_url_template, fill_url
+from .templates import SECRET_NAME, check_template, check_url_template, fill_url
 from .transport import Proxy, check_connection, check_headers, check_proxy_url, host_and_port, tls_context
 
 FORMATS = ("native", "slack", "teams", "pagerduty", "alertmanager", "template")
@@ -341,6 +342,7 @@ def _validate(config: AlertDeliveryConfig) -> None:
                               f"environment variable and name that in url_env")
         if ep.url:
             check_url(ep.url, ep.allow_private, where)
+            check_no_secrets_in(ep.url, "url", where)
         elif not ep.url_env and ep.format != "pagerduty":
             raise ConfigError(f"{where}: url (or url_env) is required")
     o = config.options
@@ -396,6 +398,7 @@ def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
                           f"none; add \"resolved\" to events or remove them")
     if ep.resolve_url:
         check_url(ep.resolve_url, ep.allow_private, f"{where} resolve_url")
+        check_no_secrets_in(ep.resolve_url, "resolve_url", where)
         check_url_template(ep.resolve_url, TEMPLATE_FIELDS, f"{where} resolve_url", TEMPLATE_FIELD_VALUES)
         if ep.url:
             check_same_origin(ep.url, ep.resolve_url, where)
@@ -419,20 +422,35 @@ def check_url(url: str, allow_private: bool, where: str) -> None:
     """Static checks that need no DNS: an http(s) URL with a host, and no literal blocked IP unless allowed."""
     try:
         parts = urlsplit(url)
-        port = parts.port
+        parts.port
     except ValueError:   # a port that is no number or out of range, a broken [IPv6] host: the text may be a secret
         raise ConfigError(f"{where}: the url's host or port cannot be read (a port is a number from 1 to 65535)") \
             from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: the url must be http:// or https:// with a host (got {redact_url(url)})")
-    if port == 0:
-        raise ConfigError(f"{where}: the url's port must be a number from 1 to 65535")
     literal = literal_ip(parts.hostname)
     if literal and not allow_private:
         try:
             check_address(parts.hostname, literal)
         except BlockedAddressError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+
+
+# A query parameter named like this holds a secret: SECRET_NAME's names, Google's key=, Azure's sig= and code=.
+_SECRET_PARAM = re.compile(rf"^(key|sig|signature|code)$|{SECRET_NAME.pattern}", re.IGNORECASE)
+
+
+def check_no_secrets_in(url: str, setting: str, where: str) -> None:
+    """A URL written in the config (``url``, ``resolve_url``) holds no credentials and no literal value of a query
+    parameter named like a secret: those go in the environment (``url_env``, ``resolve_url_env``)."""
+    parts = urlsplit(url)
+    named = [name for name, value in parse_qsl(parts.query, keep_blank_values=True)
+             if _SECRET_PARAM.search(name) and value and "{" not in value]
+    what = ("credentials (user:password@)" if parts.username or parts.password else
+            f"a secret in its query ({', '.join(named)}=)" if named else "")
+    if what:
+        raise ConfigError(f"{where}: {setting} carries {what}, so it is a secret and never a value in the config: "
+                          f"put the URL in an environment variable and name that in {setting}_env (value not shown)")
 
 
 def redact_url(url: str) -> str:

@@ -27,7 +27,7 @@ JSON injection). What a tool does with markup inside a string is the tool's: mes
 written, so Discord pings on "@everyone" in ``content`` unless the template says
 ``allowed_mentions = { parse = [] }``, and Mattermost reads "@channel". Secrets never go in a template (it is
 configuration, shown by ``finpulse dispatch --preview``), and a literal value under a key named like one
-(``_SECRET_KEY``: token, password, api_key...) is refused: a tool's token goes in ``headers_env`` or in the URL
+(``SECRET_NAME``: token, password, api_key...) is refused: a tool's token goes in ``headers_env`` or in the URL
 (``url_env``).
 
 A tool that ends an incident at another address (Opsgenie's ``/v2/alerts/{alias}/close``) takes the resolve there:
@@ -54,8 +54,9 @@ FILTERS = {
     "map:A=X,B=Y": "X where the field is A, Y where it is B (*=Z: Z for any other value; else kept)",
 }
 _SHOWN_MAX = 80  # how much of a wrong string an error quotes
-# Keys whose literal values would be secrets. Not "key" alone: a Jira body's project {"key": "RISK"} is none.
-_SECRET_KEY = re.compile(r"secret|passw|token|authori[sz]ation|credential|(api|access|private|routing|integration)"
+# Keys (and URL query parameters) whose literal values would be secrets. Not "key" alone: a Jira body's project
+# {"key": "RISK"} is none.
+SECRET_NAME = re.compile(r"secret|passw|token|authori[sz]ation|credential|(api|access|private|routing|integration)"
                          r"[_-]?key", re.IGNORECASE)
 
 
@@ -79,7 +80,7 @@ def check_template(template: Any, fields: Mapping[str, str], where: str,
         if "{" in key or "}" in key:
             raise ConfigError(f"{where}: the key {_shown(key)!r} holds a brace: keys are the template's own and never "
                               f"filled; only values take {{fields}}")
-        if _SECRET_KEY.search(key) and isinstance(value, str) and value and not _TOKEN.search(value):
+        if SECRET_NAME.search(key) and isinstance(value, str) and value and not _TOKEN.search(value):
             raise ConfigError(f"{where}: {key} looks like it carries a secret, and secrets never go in the config "
                               f"(the preview prints templates): send it as a header from the environment, "
                               f"headers_env = {{ \"Authorization\" = \"VAR\" }}, or in a URL from url_env "

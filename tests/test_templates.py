@@ -72,6 +72,9 @@ def test_a_resolve_url_takes_fields_in_its_path_and_query_percent_encoded():
         "https://chat.example.com/alerts/Energy%20%7C%20Oil%2F..%3F%23%26%3D%25/close?by=topic&t=%7Bx%7D"
     # A value that makes a whole path segment "." or ".." is written %2E: a client would resolve the segment.
     assert fill_url(url, {"key": "..", "key_type": "."}) == "https://chat.example.com/alerts/%2E%2E/close?by=.&t=%7Bx%7D"
+    # Query parameters named like secrets may take a field (it is no secret), and others any literal value.
+    assert endpoint_config(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/{alert_id}/close?"
+                           "identifierType=alias&token={episode_id}&keyword=x").resolve_url
 
 
 def test_text_from_a_message_cannot_leave_its_string():
@@ -175,11 +178,19 @@ def test_a_group_template_lists_every_event_most_severe_first():
     (dict(template=GOOGLE_CHAT, resolve_template={"note": "{summary}"}, events=["firing", "escalation"]),
      "resolve_template are for resolves, and events = ['firing', 'escalation'] takes none"),
     (dict(template=GOOGLE_CHAT, resolve_template={"note": "{counts_text}"}), "resolve_template: {counts_text} is not"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/{alert_id}/close?apiKey=LITERALKEY1"),
+     "resolve_url carries a secret in its query (apiKey=), so it is a secret and never a value in the config: put "
+     "the URL in an environment variable and name that in resolve_url_env (value not shown)"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://u:LITERALPASSWORD@chat.example.com/{alert_id}/close"),
+     "resolve_url carries credentials (user:password@)"),
+    (dict(template=GOOGLE_CHAT, url="https://chat.example.com/v1/spaces/S/messages?key=K&token=LITERALTOKEN"),
+     "url carries a secret in its query (key, token=), so it is a secret and never a value in the config: put the "
+     "URL in an environment variable and name that in url_env"),
 ])
 def test_the_config_refuses_a_template_that_cannot_work(endpoint, refusal):
     with pytest.raises(ConfigError) as caught:
         endpoint_config(**endpoint)
-    assert refusal in str(caught.value)
+    assert refusal in str(caught.value) and "LITERAL" not in str(caught.value)
 
 
 def test_a_template_comes_from_the_config_file_as_a_table_or_json_text_and_from_the_environment(tmp_path):
