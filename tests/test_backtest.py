@@ -168,6 +168,23 @@ def test_events_the_run_could_not_alert_on_are_left_out_of_recall(known_run, tmp
     assert "labeled events outside the run (not counted)" in (known_run / "report.html").read_text()
 
 
+def test_one_alert_episode_detects_one_event(known_run, tmp_path):
+    """The AAPL episode fired at 10:00; --match-before 1h lets it match a 10:30 event and an 11:00 one. It detects
+    the first only: before, it detected both, recall counted the second as found and credited it a 60-minute lead.
+    A second AAPL episode would have been free to detect the second event."""
+    (tmp_path / "two_events.csv").write_text("key,start,end\nAAPL,2026-03-02T11:00:00Z,2026-03-02T11:10:00Z\n"
+                                             "AAPL,2026-03-02T10:30:00Z,2026-03-02T10:45:00Z\n")
+    code, out, err = finpulse("backtest", "--run-id", "known", "--parquet", str(known_run), "--events",
+                              str(tmp_path / "two_events.csv"))
+    assert code == 0, out + err
+    quality = json.loads((known_run / "report.json").read_text())["alert_quality"]
+    assert (quality["events_labeled"], quality["events_detected"]) == (2, 1)
+    assert [(e["start"][11:16], e["detected"], e["lead_time_s"], e["alerts"]) for e in quality["events"]] == [
+        ("11:00", False, None, 1), ("10:30", True, 1800.0, 1)]
+    assert quality["recall"] == pytest.approx(1 / 2) and quality["lead_time_s"]["median"] == 1800.0
+    assert {a["id"]: a["matched_event"] for a in quality["alerts"]}["aapl"] == "AAPL @ 2026-03-02 10:30"
+
+
 def test_events_of_the_warm_up_are_left_out_of_recall(known_run, tmp_path):
     """The run read a warm-up from 23:00 the day before. An event that began in the warm-up (and lasts into the run)
     was alerted on, or not, before the run's range: not a miss (before, it counted as one). Nor is an event whose

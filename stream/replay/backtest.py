@@ -18,7 +18,11 @@ escalated (``escalations``):
   warm-up matched (``events_alerted_in_warmup``: the run's outputs hold no warm-up alert, see ``run.py``);
 * **precision** = alerts matching some labeled event (counted in recall or not) / alerts; **recall** = counted
   events matched by some alert / counted events;
-* **lead time** of a detected event = its start - its first matching alert's time (positive: the alert came first).
+* an episode detects at most one event: each counted event, earliest start first, takes the first matching episode
+  no earlier event took (one episode matching two events, ``match_before`` reaching back over the first, would
+  otherwise count twice in recall and credit the second with a lead it never gave);
+* **lead time** of a detected event = its start - the time of the episode that detected it (positive: the alert
+  came first).
 
 Event study (with prices): the **forward return** over ``h`` (1h, 1d) from time ``t`` is ``p(t+h) / p(t) - 1``,
 with ``p(x)`` the last price at or before ``x``; it is left out when the prices do not reach ``t+h``. It is
@@ -162,6 +166,16 @@ def alert_quality(alerts: pd.DataFrame, events: pd.DataFrame | None, match_befor
     out["events_alerted_in_warmup"] = int((in_range & alerted_in_warmup).sum())
     counted = in_range & ~alerted_in_warmup
     matched_alerts: dict[str, str] = {}
+    # One episode detects one event: the earliest-starting counted event it matches takes it, so an episode that
+    # matches two labeled events (match_before reaches back over the first) does not count twice in recall.
+    credited: dict[int, pd.Series] = {}
+    taken: set[str] = set()
+    for i, event in events[counted].sort_values("start", kind="stable").iterrows():
+        free = _hits(firing, event, match_before)
+        free = free[~free["id"].isin(taken)]
+        if len(free):
+            credited[i] = free.iloc[0]
+            taken.add(free.iloc[0]["id"])
     rows = []
     for i, event in events.iterrows():
         label = f"{event['key']} @ {event['start']:%Y-%m-%d %H:%M}"
@@ -170,7 +184,9 @@ def alert_quality(alerts: pd.DataFrame, events: pd.DataFrame | None, match_befor
             matched_alerts.setdefault(alert_id, label)
         if not counted[i]:
             continue
-        first = hits.iloc[0] if len(hits) else None
+        first = credited.get(i)
+        if first is not None:
+            matched_alerts[first["id"]] = label
         rows.append({"event": label, "key": event["key"], "start": event["start"], "end": event["end"],
                      "detected": first is not None, "first_alert": None if first is None else first["id"],
                      "first_alert_at": None if first is None else first["emitted_at"],
