@@ -89,7 +89,15 @@ class DetectRule:
         if not 0 < self.alpha <= 1:
             raise ConfigError("[detect] alpha must be in (0, 1]")
         if not 0 <= self.resolve_z < self.fire_z or self.warning_z > self.critical_z or self.learn_z <= 0:
-            raise ConfigError("[detect] need 0 <= resolve_z < fire_z, warning_z <= critical_z and learn_z > 0")
+            raise ConfigError(f"[detect] need 0 <= resolve_z < fire_z, warning_z <= critical_z and learn_z > 0 (got "
+                              f"resolve_z = {self.resolve_z}, fire_z = {self.fire_z}, warning_z = {self.warning_z}, "
+                              f"critical_z = {self.critical_z}, learn_z = {self.learn_z})")
+        negative = [name for name in ("min_share_rise", "min_score_drop", "cooldown_s", "top_messages")
+                    if getattr(self, name) < 0]
+        negative += [name for name in ("share_std_floor", "score_std_floor") if getattr(self, name) <= 0]
+        if negative:
+            raise ConfigError(f"[detect] {', '.join(f'{n} = {getattr(self, n)}' for n in negative)}: the floors must "
+                              f"be positive, the others 0 or more")
 
 
 @dataclass
@@ -331,6 +339,20 @@ def _minutes(delta: timedelta) -> str:
 def state_key(trend: TrendRecord) -> bytes:
     """The detect table's key: the trend's Kafka key, so the table co-partitions with ``finpulse.trends``."""
     return f"{trend.key_type}:{trend.key}".encode("utf-8")
+
+
+def check_windows(detect: DetectSettings, window_sizes) -> None:
+    """Raise ConfigError unless every rule (``[detect]`` and each override) judges a window size that
+    ``[aggregate] windows`` makes (``window_sizes``, in seconds): a rule on another size never sees a window, and
+    its keys never alert."""
+    sizes = sorted(set(window_sizes))
+    rules = {"[detect] window_s": detect.window_s}
+    for pattern in detect.overrides:
+        rules[f"[detect.overrides.\"{pattern}\"] window_s"] = detect.rule_for(*pattern.split(":", 1)).window_s
+    for where, size in rules.items():
+        if size not in sizes:
+            raise ConfigError(f"{where} = {size} is not a window [aggregate] windows makes ({', '.join(map(str, sizes))} "
+                              f"s): no window of that size closes, so nothing would ever alert")
 
 
 # ---------------------------------------------------------------- Faust wiring

@@ -35,6 +35,10 @@ def prepare_app(settings: Settings, scorer: Scorer | None = None, extensions: Se
     if worker.cpu_precision not in CPU_PRECISIONS:  # refused before anything touches Kafka
         raise ConfigError(f"[worker] cpu_precision = {worker.cpu_precision!r}: use one of "
                           f"{', '.join(CPU_PRECISIONS)}")
+    from alerts.detect import DetectSettings, check_windows
+    from .aggregate import AggregateSettings
+    check_windows(settings.section("detect", DetectSettings),
+                  (spec.size_s for spec in settings.section("aggregate", AggregateSettings).specs()))
     if scorer is None:
         try:
             scorer = load_scorer(worker.scorer, worker.model_dir or None, worker.device, models_root(settings),

@@ -151,6 +151,28 @@ def test_per_key_overrides_apply_and_are_validated():
         DetectSettings(overrides={"Energy": {"fire_z": 5.0}})
 
 
+def test_thresholds_that_could_never_work_are_refused_naming_their_values():
+    """Before, a [detect] window_s no aggregation window has loaded and the worker never alerted, and negative rises
+    or cooldowns loaded too."""
+    from alerts.detect import check_windows
+
+    sizes = (60, 300, 3600)
+    check_windows(DetectSettings(overrides={"ticker:*": {"window_s": 300}}), sizes)
+    with pytest.raises(ConfigError, match=r"^\[detect\] window_s = 120 is not a window \[aggregate\] windows makes "
+                                          r"\(60, 300, 3600 s\)"):
+        check_windows(DetectSettings(window_s=120), sizes)
+    with pytest.raises(ConfigError, match=r'^\[detect.overrides."ticker:AAPL"\] window_s = 90 is not a window'):
+        check_windows(DetectSettings(overrides={"ticker:AAPL": {"window_s": 90}}), sizes)
+    with pytest.raises(ConfigError, match=r"min_share_rise = -1.0, cooldown_s = -5: the floors must be positive"):
+        DetectSettings(min_share_rise=-1.0, cooldown_s=-5)
+    with pytest.raises(ConfigError, match=r"\(got resolve_z = 2.0, fire_z = -3.0,"):
+        DetectSettings(fire_z=-3.0)
+    from tests.procs import run_without_broker
+    done = run_without_broker("worker", FINPULSE_WORKER__SCORER="baseline", FINPULSE_DETECT__WINDOW_S="120")
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "configuration error: [detect] window_s = 120 is not a window" in output, output
+
+
 def test_a_small_window_within_its_own_sampling_error_does_not_fire():
     """Seen in the demo: a ticker learned from calm, steady windows, then one 36-message window whose mean score
     dropped by 0.32. Its own sampling error (about 0.12 for 36 scores near -1, 0 and +1) explains that; the

@@ -591,6 +591,9 @@ BAD_ARGUMENTS = {
     "bad speed": ([*RANGE, "--speed", "fast"], None, "--speed 'fast'"),
     "bad warm-up": ([*RANGE, "--warmup", "a while"], None, "--warmup: 'a while' is not a duration"),
     "bad thresholds": ([*RANGE, "--config", "{tmp}/bad.toml"], None, "resolve_z < fire_z"),
+    "a window no aggregation makes": ([*RANGE, "--config", "{tmp}/window.toml"], None,
+                                      "[detect] window_s = 120 is not a window [aggregate] windows makes (60, 300, "
+                                      "3600 s): no window of that size closes, so nothing would ever alert"),
     "test endpoint not set aside": ([*RANGE, "--test-endpoint", "desk"], None, "names no endpoint"),
     "scores of no run": ([*RANGE, "--scores-from", "never-ran"], None, "--scores-from never-ran: no finished run"),
     "scores and a scorer": ([*RANGE, "--scores-from", "x", "--scorer", "baseline"], None, "--scorer does not go with it"),
@@ -607,6 +610,7 @@ def test_bad_arguments_fail_clearly_before_anything_is_written(dataset, tmp_path
     if prepare:
         prepare(tmp_path / ("model" if "model" in case else "archive"))
     (tmp_path / "bad.toml").write_text("[detect]\nfire_z = 1.0\nresolve_z = 2.0\n")
+    (tmp_path / "window.toml").write_text("[detect]\nwindow_s = 120\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--run-id" not in args:
         args += ["--run-id", f"bad-{uuid.uuid4().hex[:6]}"]

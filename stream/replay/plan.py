@@ -255,10 +255,11 @@ def overlay_config(settings: Settings, path: str | None) -> Settings:
 
 def effective_config(settings: Settings, replay: ReplaySettings) -> tuple[Settings, str]:
     """(the settings that decide the outputs, their hash). Raises ReplayError for invalid sections."""
-    from alerts.detect import DetectSettings
+    from alerts.detect import DetectSettings, check_windows
     try:
         aggregate = settings.section("aggregate", AggregateSettings)
         detect = settings.section("detect", DetectSettings)
+        check_windows(detect, (spec.size_s for spec in aggregate.specs()))
         max_text_chars = settings.worker.max_text_chars
     except (ConfigError, TypeError) as exc:
         raise ReplayError(f"configuration: {exc}") from None
