@@ -24,6 +24,7 @@ import hashlib
 import html
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -41,9 +42,10 @@ from aiokafka.errors import KafkaError
 from models.data import SPREADSHEET_SUFFIXES, csv_separator
 
 from .config import ConfigError, Settings, check_port
-from .kafka_io import DeliveryStalled, RecordSender, gave_up_retrying
+from .kafka_io import DeliveryStalled, RecordSender, gave_up_retrying, newest_timestamp_ms
 from .metrics import counter, gauge
-from .records import INPUT_FIELDS, InputItem, InvalidRecord, Kind, NewsItem, parse_input, utcnow
+from .records import INPUT_FIELDS, InputItem, InvalidRecord, Kind, NewsItem, epoch_ms, format_time, parse_input, utcnow
+from .replay.plan import ReplaySettings
 from .topics import TopicNames, ensure_topics
 
 KINDS: dict[str, Kind] = {"news": "news", "comments": "comment", "comment": "comment"}
@@ -70,6 +72,28 @@ class FileReport:
     produced: int = 0
     rejected: Counter = field(default_factory=Counter)
     shown: int = 0
+    # Records written more than [replay] max_disorder_s older than what was written before them: a replay, which
+    # finds records assuming each partition is in about event-time order, misses them (stream.replay.select).
+    out_of_order: int = 0
+    largest_gap_ms: int = 0
+    newest_ms: int | None = None
+
+    def written(self, event_ms: int, disorder_ms: int) -> None:
+        if self.newest_ms is not None and event_ms < self.newest_ms - disorder_ms:
+            self.out_of_order += 1
+            self.largest_gap_ms = max(self.largest_gap_ms, self.newest_ms - event_ms)
+        self.newest_ms = event_ms if self.newest_ms is None else max(self.newest_ms, event_ms)
+
+    def disorder_warning(self, topic: str, topic_newest_ms: int | None, disorder_s: float) -> str:
+        if not self.out_of_order:
+            return ""
+        before = (f"{topic}'s newest records ({format_time(datetime.fromtimestamp(topic_newest_ms / 1000, timezone.utc))}) or earlier lines of "
+                  f"this file" if topic_newest_ms is not None else "earlier lines of this file")
+        return (f"warning: {self.out_of_order} of these records are more than {disorder_s:g} s older than "
+                f"{before}. A replay finds records by event time assuming each partition was written in about "
+                f"time order (within [replay] max_disorder_s), so it will miss them unless its --max-disorder "
+                f"covers the gap (here {_round_up(self.largest_gap_ms / 1000)}); load history oldest first, before "
+                f"newer data, to avoid it")
 
     def reject(self, line_no: int, reason: str, detail: str) -> None:
         from tqdm import tqdm
@@ -157,16 +181,21 @@ def ingest_file(settings: Settings, path: str | os.PathLike, kind: str, fmt: str
     ensure_topics(settings.kafka, names.all(), names.compacted())
     topic = names.input_for(record_kind)
     max_chars = settings.worker.max_text_chars
-    report = FileReport()
+    disorder_s = settings.section("replay", ReplaySettings).max_disorder_s
+    topic_newest_ms = asyncio.run(newest_timestamp_ms(settings.kafka.bootstrap_servers, topic))
+    report = FileReport(newest_ms=topic_newest_ms)
 
     def valid_items(progress) -> Iterator[InputItem]:
         records = _csv_records(path, progress) if fmt == "csv" else _jsonl_records(path, progress)
         for line_no, raw in records:
             report.lines += 1
             try:
-                yield parse_input(raw, record_kind, max_chars)
+                item = parse_input(raw, record_kind, max_chars)
             except InvalidRecord as exc:
                 report.reject(line_no, exc.reason, exc.detail)
+                continue
+            report.written(epoch_ms(item.event_time), int(disorder_s * 1000))
+            yield item
 
     try:
         with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"ingest {path.name}") as progress:
@@ -180,7 +209,18 @@ def ingest_file(settings: Settings, path: str | os.PathLike, kind: str, fmt: str
     reasons = ", ".join(f"{r}={n}" for r, n in sorted(report.rejected.items()))
     print(f"ingested {report.produced} of {report.lines} {kind} records from {path} into {topic}"
           + (f"; rejected {rejected} ({reasons})" if rejected else ""), flush=True)
+    warning = report.disorder_warning(topic, topic_newest_ms, disorder_s)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     return 1 if rejected else 0
+
+
+def _round_up(seconds: float) -> str:
+    """A duration ``--max-disorder`` takes, at least ``seconds``: whole minutes, hours or days."""
+    for unit, size in (("m", 60), ("h", 3600), ("d", 86400)):
+        if seconds <= 48 * size or unit == "d":
+            return f"{math.ceil(seconds / size)}{unit}"
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------- RSS / Atom

@@ -387,6 +387,29 @@ async def _true_ends_from(consumer: AIOKafkaConsumer, reported: Mapping[TopicPar
     return {tp: max(end, consumer.highwater(tp)) for tp, end in reported.items()}
 
 
+async def newest_timestamp_ms(bootstrap_servers: str, topic: str, last: int = 5, timeout_s: float = 10.0) -> int | None:
+    """How recent ``topic`` is: per partition the median Kafka timestamp of its ``last`` records (one odd record
+    cannot move it), the greatest of those; None when the topic holds nothing."""
+    consumer = _consumer(bootstrap_servers)
+    await consumer.start()
+    try:
+        tps = await _partitions(consumer, topic, timeout_s)
+        ends = await _true_ends_from(consumer, await consumer.end_offsets(tps), timeout_s)
+        tails: dict[TopicPartition, list[int]] = {tp: [] for tp in tps if ends[tp] > 0}
+        for tp in tails:
+            consumer.seek(tp, max(0, ends[tp] - last))
+        deadline = time.monotonic() + timeout_s
+        while any(len(times) < min(last, ends[tp]) for tp, times in tails.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read the last records of {topic} within {timeout_s:.0f}s")
+            batches = await consumer.getmany(*tails, timeout_ms=200)
+            for tp, messages in batches.items():
+                tails[tp] += [m.timestamp for m in messages if m.offset < ends[tp]]
+        return max((sorted(times)[len(times) // 2] for times in tails.values() if times), default=None)
+    finally:
+        await stop_client(consumer)
+
+
 async def topic_sizes(bootstrap_servers: str, topics: Sequence[str], timeout_s: float = 10.0) -> dict[str, int]:
     """How many records each topic holds: the sum of its partitions' true ends (all FinPulse topics start at 0)."""
     consumer = _consumer(bootstrap_servers)

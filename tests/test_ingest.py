@@ -13,6 +13,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ from stream.broker import EmbeddedBroker, free_port
 from stream.config import ConfigError
 from stream.ingest import ingest_file, ingest_rss
 from stream.kafka_io import DeliveryStalled, RecordSender, gave_up_retrying
-from stream.records import epoch_ms, parse_input
+from stream.records import epoch_ms, format_time, parse_input
 from stream.simulate import COMMENTS, HEADLINES, WORLD, Shock, generate, shock_truth
 from stream.topics import TopicNames
 from tests.network import broker_behind_link
@@ -93,6 +94,36 @@ def test_spreadsheet_exports_with_a_byte_order_mark_and_semicolons_ingest_as_pla
     (tmp_path / "news.xlsx").write_bytes(b"PK\x03\x04")
     with pytest.raises(ConfigError, match=r"news.xlsx is a spreadsheet: save it as CSV and ingest that"):
         ingest_file(fp_settings, tmp_path / "news.xlsx", kind="news")
+
+
+def test_history_written_after_newer_data_is_warned_of_as_a_replay_would_miss_it(fp_settings, topics, tmp_path,
+                                                                                   capsys):
+    """A replay finds records assuming each partition was written in about event-time order ([replay]
+    max_disorder_s, 15 minutes). A week's history loaded after newer data, or a file newest first, breaks that, and
+    the replay then misses the records without a word; the ingest that wrote them says so, with the --max-disorder
+    that would cover the gap."""
+    def news(name: str, times: list[datetime]) -> Path:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"{name}{i}", "published_at": format_time(t), "headline": "Oil slides"})
+                                + "\n" for i, t in enumerate(times)))
+        return path
+
+    assert ingest_file(fp_settings, news("now", [T0 + timedelta(minutes=m) for m in range(20)]), kind="news") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert ingest_file(fp_settings, news("later", [T0 + timedelta(minutes=m) for m in range(10, 40)]), kind="news") == 0
+    assert "warning" not in capsys.readouterr().err        # 10 minutes back: within the 15 a replay allows
+    week_ago = [T0 - timedelta(days=7, minutes=-m) for m in range(12)]
+    assert ingest_file(fp_settings, news("history", week_ago), kind="news") == 0
+    err = capsys.readouterr().err
+    assert (f"warning: 12 of these records are more than 900 s older than {topics.news}'s newest records "
+            f"(2026-03-02T09:3") in err, err
+    assert "unless its --max-disorder covers the gap (here 8d)" in err and "load history oldest first" in err
+    fresh = isolated_settings(fp_settings.kafka.bootstrap_servers, tmp_path)
+    backwards = list(reversed([T0 + timedelta(hours=h) for h in range(3)]))
+    assert ingest_file(fresh, news("backwards", backwards), kind="news") == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 of these records are more than 900 s older than earlier lines of this file" in err, err
+    assert "(here 2h)" in err, err
 
 
 def test_ingest_file_command(fp_settings, topics, tmp_path):

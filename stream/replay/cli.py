@@ -25,7 +25,9 @@ REPLAY_EXAMPLES = """examples:
   finpulse runs                                    # every run: range, warm-up, model, status, counts
   finpulse runs delete oil-day --yes               # its topics and its Parquet directory
 """
-NOTHING_SELECTED = "no input message has an event time in [--from, --to): check the range and --topics"
+NOTHING_SELECTED = ("no input message has an event time in [--from, --to): check the range and --topics; history "
+                    "loaded after newer data is found only with a --max-disorder that covers the gap (the ingest "
+                    "that wrote it said how much)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
