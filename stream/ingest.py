@@ -44,7 +44,8 @@ from models.data import SPREADSHEET_SUFFIXES, csv_separator
 from .config import ConfigError, Settings, check_port
 from .kafka_io import DeliveryStalled, RecordSender, gave_up_retrying, newest_timestamp_ms
 from .metrics import counter, gauge
-from .records import INPUT_FIELDS, InputItem, InvalidRecord, Kind, NewsItem, epoch_ms, format_time, parse_input, utcnow
+from .records import (INPUT_FIELDS, InputItem, InvalidRecord, Kind, NewsItem, epoch_ms, format_time, parse_input,
+                      utcnow)
 from .replay.plan import ReplaySettings
 from .topics import TopicNames, ensure_topics
 
@@ -87,8 +88,10 @@ class FileReport:
     def disorder_warning(self, topic: str, topic_newest_ms: int | None, disorder_s: float) -> str:
         if not self.out_of_order:
             return ""
-        before = (f"{topic}'s newest records ({format_time(datetime.fromtimestamp(topic_newest_ms / 1000, timezone.utc))}) or earlier lines of "
-                  f"this file" if topic_newest_ms is not None else "earlier lines of this file")
+        before = "earlier lines of this file"
+        if topic_newest_ms is not None:
+            newest = format_time(datetime.fromtimestamp(topic_newest_ms / 1000, timezone.utc))
+            before = f"{topic}'s newest records ({newest}) or {before}"
         return (f"warning: {self.out_of_order} of these records are more than {disorder_s:g} s older than "
                 f"{before}. A replay finds records by event time assuming each partition was written in about "
                 f"time order (within [replay] max_disorder_s), so it will miss them unless its --max-disorder "
