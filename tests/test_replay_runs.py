@@ -30,9 +30,13 @@ def runs_config(dataset: dict, tmp_path: Path):
 
 
 def listed(config: Path) -> dict[str, dict]:
-    code, out, err = finpulse(config, "runs", "--json")
-    assert code == 0 and "warning" not in err, out + err
-    return {run["run_id"]: run for run in map(json.loads, out.splitlines())}
+    """What `finpulse runs --json` lists; `runs --json list` and `runs list --json` list the same (the first
+    printed the table)."""
+    printed = [finpulse(config, *args) for args in (("runs", "--json"), ("runs", "--json", "list"),
+                                                    ("runs", "list", "--json"))]
+    for code, out, err in printed:
+        assert code == 0 and "warning" not in err and out == printed[0][1], out + err
+    return {run["run_id"]: run for run in map(json.loads, printed[0][1].splitlines())}
 
 
 def commit_an_offset(settings, group: str, topic: str) -> None:

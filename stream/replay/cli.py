@@ -96,7 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_runs_list)
     runs = p.add_subparsers(dest="runs_command", metavar="ACTION")
     p = runs.add_parser("list", help="every run in [replay] out_dir or on the broker (the default)")
-    p.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
+    # SUPPRESS: absent here, `runs --json list` keeps the --json given before the action.
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="one JSON object per run instead of a table")
     p.set_defaults(func=_runs_list)
     p = runs.add_parser("delete", help="delete a run: its topics, its test-endpoint consumer group and its Parquet "
                                        "directory (never anything that is not that run's)")
