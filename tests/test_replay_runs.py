@@ -106,6 +106,14 @@ def test_runs_lists_complete_interrupted_and_topics_only_runs_and_deletes_one(da
     # The id is free again: the same run id runs afresh.
     code, out, err = finpulse(config, "replay", *RANGE, "--run-id", "doomed", "--no-progress")
     assert code == 0, out + err
+    # Without --parquet its topics go, and the command says its directory may be elsewhere (before, it said nothing,
+    # and the next replay of the id told the user to run this same command again).
+    code, out, err = finpulse(config, "runs", "delete", "elsewhere", "--yes")
+    assert code == 0 and (tmp_path / "elsewhere" / "manifest.json").is_file(), out + err
+    assert "delete it with `finpulse runs delete elsewhere --parquet DIR --yes`" in out, out
+    code, out, err = finpulse(config, "replay", *RANGE, "--run-id", "elsewhere", "--parquet", str(tmp_path / "elsewhere"),
+                              "--no-progress")
+    assert code == 2 and f"`finpulse runs delete elsewhere --parquet {tmp_path / 'elsewhere'} --yes`" in err, out + err
     code, out, err = finpulse(config, "runs", "delete", "elsewhere", "--parquet", str(tmp_path / "elsewhere"), "--yes")
     assert code == 0 and not (tmp_path / "elsewhere").exists(), out + err
 
@@ -146,7 +154,7 @@ def test_a_run_id_cannot_be_reused_with_other_arguments(dataset, tmp_path):
     assert code == 2, out + err
     assert f"run 'reused' is already complete in {tmp_path / 'reused'} with other arguments (to: " \
            f"'{format_time(T2)}' then, '{other_end}' now)" in err
-    assert "`finpulse runs delete reused --yes`" in err
+    assert f"`finpulse runs delete reused --parquet {tmp_path / 'reused'} --yes`" in err
     code, out, err = finpulse(config, "replay", *RANGE, "--run-id", "reused", "--parquet", str(tmp_path / "other"),
                               "--no-progress")
     assert code == 2 and "run id 'reused' is already used on this broker" in err, out + err

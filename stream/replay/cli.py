@@ -269,6 +269,9 @@ def _runs_list(args, settings) -> int:
 
 
 def _runs_delete(args, settings) -> int:
+    from pathlib import Path
+
+    from .plan import ReplaySettings
     from .runs import delete_run, plan_deletion
     try:
         deletion = plan_deletion(settings, args.run_id, args.parquet)
@@ -280,6 +283,10 @@ def _runs_delete(args, settings) -> int:
     except ReplayError as exc:
         return _fail("runs delete", exc)
     print(f"deleted run {args.run_id}: {'; '.join(deletion.describe())}")
+    if deletion.directory is None and not args.parquet:
+        print(f"no directory {Path(settings.section('replay', ReplaySettings).out_dir) / args.run_id} was there: if "
+              f"the run wrote its Parquet elsewhere (--parquet DIR), delete it with `finpulse runs delete "
+              f"{args.run_id} --parquet DIR --yes`")
     return 0
 
 

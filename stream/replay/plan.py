@@ -336,27 +336,29 @@ def _differences(saved: dict, identity: dict) -> str:
     return "; ".join(f"{k}: {saved.get(k)!r} then, {identity[k]!r} now" for k in identity if saved.get(k) != identity[k])
 
 
-def delete_hint(run_id: str) -> str:
-    return f"delete it first with `finpulse runs delete {run_id} --yes`"
+def delete_hint(run_id: str, parquet: str | None = None) -> str:
+    """How to delete the run (``parquet``: its directory, when ``--parquet`` put it outside ``[replay] out_dir``)."""
+    where = f" --parquet {parquet}" if parquet else ""
+    return f"delete it first with `finpulse runs delete {run_id}{where} --yes`"
 
 
-def check_output_dir(out_dir: Path, identity: dict) -> dict | None:
+def check_output_dir(out_dir: Path, identity: dict, parquet: str | None = None) -> dict | None:
     """The checkpoint to resume from, or None for a fresh run. Refuses a finished run, another run's directory,
-    and a checkpoint made with other arguments, saying which differ."""
+    and a checkpoint made with other arguments, saying which differ (``parquet``: the ``--parquet`` given)."""
     run_id = identity["run_id"]
     if (out_dir / MANIFEST).exists():
         saved = read_json(out_dir / MANIFEST)
         differ = _differences(saved, identity)
         how = f" with other arguments ({differ})" if differ else ""
         raise ReplayError(f"run {run_id!r} is already complete in {out_dir}{how}: choose another --run-id, or "
-                          f"{delete_hint(run_id)}")
+                          f"{delete_hint(run_id, parquet)}")
     checkpoint = out_dir / CHECKPOINT
     if checkpoint.exists():
         saved = read_json(checkpoint)
         if saved.get("identity") != identity:
             raise ReplayError(f"{out_dir} holds interrupted run {saved.get('identity', {}).get('run_id')!r} with other "
                               f"arguments ({_differences(saved.get('identity', {}), identity)}): re-run it exactly as "
-                              f"before to resume, choose another --run-id, or {delete_hint(run_id)}")
+                              f"before to resume, choose another --run-id, or {delete_hint(run_id, parquet)}")
         return saved
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ReplayError(f"output directory {out_dir} is not empty and holds no replay checkpoint: choose another")
@@ -390,7 +392,7 @@ def dispatcher_group(settings: Settings, run_id: str) -> str:
     return f"{settings.kafka.topic_prefix}-replay-{run_id}-dispatcher"
 
 
-def check_topics_free(settings: Settings, names: TopicNames, resuming: bool) -> None:
+def check_topics_free(settings: Settings, names: TopicNames, resuming: bool, parquet: str | None = None) -> None:
     """The run's topic names must not belong to a live FinPulse (one whose prefix is ``<prefix>.replay.<run-id>``)
     nor, unless this run is being resumed, to an earlier run with the same id."""
     live_only = live_topics_of(names)
@@ -403,7 +405,7 @@ def check_topics_free(settings: Settings, names: TopicNames, resuming: bool) -> 
     if present and not resuming:
         raise ReplayError(f"run id {run_id!r} is already used on this broker (topics {', '.join(present)} exist) and "
                           f"its checkpoint is not in this run's directory: choose another --run-id, or "
-                          f"{delete_hint(run_id)}")
+                          f"{delete_hint(run_id, parquet)}")
 
 
 def endpoint_named(config, name: str):
@@ -475,8 +477,8 @@ def build_plan(settings: Settings, *, run_id: str, start: str, end: str, topics:
     plan = ReplayPlan(run_id=run_id, from_ms=from_ms, to_ms=to_ms, topics=chosen_topics, settings=settings,
                       replay=replay, names=names, out_dir=out_dir, scorer=chosen, config_hash=config_hash,
                       warmup=warm, archive=selection, speed=pace, test_endpoint=test_endpoint, reused=reused)
-    plan.resume = check_output_dir(out_dir, plan.identity())
-    check_topics_free(settings, names, resuming=plan.resume is not None)
+    plan.resume = check_output_dir(out_dir, plan.identity(), parquet)
+    check_topics_free(settings, names, resuming=plan.resume is not None, parquet=parquet)
     if not archive:
         missing = sorted(set(chosen_topics) - set(existing_topics(settings, list(chosen_topics))))
         if missing:
