@@ -394,8 +394,9 @@ def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
         raise ConfigError(f"{where}: {' and '.join(elsewhere)} cannot go with group_by: a group notification "
                           f"carries firings and resolves together; send resolves to an endpoint of their own")
     if ep.events and "resolved" not in ep.events:
-        raise ConfigError(f"{where}: {' and '.join(elsewhere)} are for resolves, and events = {ep.events} takes "
-                          f"none; add \"resolved\" to events or remove them")
+        raise ConfigError(f"{where}: {' and '.join(elsewhere)} {'is' if len(elsewhere) == 1 else 'are'} for resolves, "
+                          f"and events = {ep.events} takes none; add \"resolved\" to events or remove "
+                          f"{'it' if len(elsewhere) == 1 else 'them'}")
     if ep.resolve_url:
         check_url(ep.resolve_url, ep.allow_private, f"{where} resolve_url")
         check_no_secrets_in(ep.resolve_url, "resolve_url", where)

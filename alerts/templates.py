@@ -84,7 +84,7 @@ def check_template(template: Any, fields: Mapping[str, str], where: str,
             raise ConfigError(f"{where}: {key} looks like it carries a secret, and secrets never go in the config "
                               f"(the preview prints templates): send it as a header from the environment, "
                               f"headers_env = {{ \"Authorization\" = \"VAR\" }}, or in a URL from url_env "
-                              f"(value not shown)")
+                              f"(resolve_url_env) (value not shown)")
     for text in _strings(template):
         for token in _TOKEN.finditer(text):
             if token.group(0) in ("{{", "}}"):

@@ -176,7 +176,8 @@ def test_a_group_template_lists_every_event_most_severe_first():
     (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/close", group_by=["all"],
           group_template={"text": "{lines}"}), "resolve_url cannot go with group_by"),
     (dict(template=GOOGLE_CHAT, resolve_template={"note": "{summary}"}, events=["firing", "escalation"]),
-     "resolve_template are for resolves, and events = ['firing', 'escalation'] takes none"),
+     "resolve_template is for resolves, and events = ['firing', 'escalation'] takes none; add \"resolved\" to "
+     "events or remove it"),
     (dict(template=GOOGLE_CHAT, resolve_template={"note": "{counts_text}"}), "resolve_template: {counts_text} is not"),
     (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/{alert_id}/close?apiKey=LITERALKEY1"),
      "resolve_url carries a secret in its query (apiKey=), so it is a secret and never a value in the config: put "
