@@ -240,7 +240,9 @@ class ReplayRunner:
             await reader
         finally:
             reader.cancel()
-            executor.shutdown(wait=False, cancel_futures=True)
+            # Wait for the batch being scored (at most one): left running, it went on into a scorer the run then
+            # closed, and a Ctrl-C printed its "cannot schedule new futures after shutdown" traceback.
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def _predict(self, items: list) -> list:
         """The model's predictions, or with ``--scores-from`` the source run's (the model's where it has none)."""
