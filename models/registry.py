@@ -29,6 +29,9 @@ class NotAModelDir(ModelError):
 def validate_model_dir(path: str | Path) -> dict:
     """The model's config when ``path`` is a complete FinPulse model directory; else NotAModelDir saying why."""
     path = Path(path).expanduser()
+    if path.is_file():
+        raise NotAModelDir(f"{path} is a file: a model is the directory that holds it"
+                           + (f" ({path.parent})" if (path.parent / "config.json").is_file() else ""))
     if not path.is_dir():
         raise NotAModelDir(f"model directory {path} does not exist")
     try:

@@ -362,6 +362,10 @@ def test_registry_rejects_directories_that_are_not_models(tiny_model_dir, tmp_pa
     (partial / "model.safetensors").unlink()
     with pytest.raises(NotAModelDir, match="missing model.safetensors"):
         find_model_dir(str(partial))
+    # A file of the model given for the model (it said "does not exist"): the directory is named.
+    with pytest.raises(NotAModelDir, match=f"config.json is a file: a model is the directory that holds it "
+                                           f".{tiny_model_dir}.$"):
+        find_model_dir(str(tiny_model_dir / "config.json"))
 
 
 def test_load_scorer_returns_the_model_scorer_with_its_version(tiny_model_dir, tmp_path):

@@ -86,7 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parquet", metavar="DIR", help="the run's output directory (default [replay] out_dir/<run-id>)")
     p.add_argument("--events", metavar="CSV", help="labeled events: key,start,end (key: AAPL, ticker:AAPL or topic:<label>)")
     p.add_argument("--prices", metavar="CSV", help="prices: ticker,timestamp,price")
-    p.add_argument("--out", metavar="DIR", help="where report.html and report.json go (default: the run's directory)")
+    p.add_argument("--out", metavar="DIR", help="where report.html and report.json go (default: the run's directory); "
+                                               "comparing runs, comparison.json goes there and each run's report to "
+                                               "its own directory")
     p.add_argument("--match-before", default="1h",
                    help="an alert this long before an event's start still detects it (default 1h)")
     p.set_defaults(func=_backtest)
@@ -110,9 +112,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _range_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="start", required=True, metavar="T1",
-                   help="event time, ISO-8601 or epoch seconds/milliseconds (inclusive)")
+                   help="event time, ISO-8601 (without an offset: UTC) or epoch seconds/milliseconds (inclusive)")
     p.add_argument("--to", dest="end", required=True, metavar="T2",
-                   help="event time, ISO-8601 or epoch seconds/milliseconds (exclusive)")
+                   help="event time, ISO-8601 (without an offset: UTC) or epoch seconds/milliseconds (exclusive)")
     p.add_argument("--topics", default="news,comments", help="input topics: news, comments or both (default both)")
     p.add_argument("--max-disorder", metavar="DURATION",
                    help="how far out of order timestamps may be within a partition (default [replay] max_disorder_s)")

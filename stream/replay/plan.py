@@ -149,7 +149,7 @@ def parse_range(start: str, end: str) -> tuple[int, int]:
         from_ms = epoch_ms(parse_user_time(start, "--from"))
         to_ms = epoch_ms(parse_user_time(end, "--to"))
     except InvalidRecord as exc:
-        raise ReplayError(f"{exc.detail} (write ISO-8601 like 2026-11-22T12:00:00Z, or epoch seconds)") from None
+        raise ReplayError(f"{exc.detail} (write ISO-8601 like 2026-11-22T12:00:00Z, or epoch seconds or milliseconds)") from None
     if to_ms <= from_ms:
         raise ReplayError(f"--to ({end}) must be after --from ({start}): the range [from, to) is empty")
     return from_ms, to_ms
