@@ -240,6 +240,7 @@ def _export(args, settings) -> int:
             async with KafkaSelection(settings.kafka, topics, from_ms, to_ms, disorder) as selection:
                 with tqdm(total=selection.total, unit="msg", desc="export", disable=args.no_progress) as progress:
                     result = await export_archive(selection, out, from_ms, to_ms, sorted(topics), progress)
+                    progress.total = progress.n     # the total was an estimate (the range give or take the disorder)
         except LookupError as exc:
             return _fail("export", exc)
         except TimeoutError as exc:      # the broker gone: nothing of this export was kept (stream.replay.archive)
