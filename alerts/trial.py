@@ -57,7 +57,7 @@ async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: fl
     failed = 0
     try:
         for n, alert in enumerate(episode):
-            if alert.status == "resolved" and n and resolve_after_s > 0:
+            if alert.status == "resolved" and n and not failed and resolve_after_s > 0:   # nothing opened: go on
                 out(f"  resolving in {resolve_after_s:g} s (the tool may need a moment to open what it was sent)")
                 try:
                     await asyncio.sleep(resolve_after_s)
