@@ -42,6 +42,8 @@ import re
 from typing import Any, Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import yarl
+
 from stream.config import ConfigError
 
 # {name} or {name|filter|filter:arg}, or the escapes {{ and }}; any other brace is a mistake the check names.
@@ -117,8 +119,6 @@ def check_url_template(url: str, fields: Mapping[str, str], where: str,
     port (the origin), and that its own text is already percent-encoded (the filled URL is sent as it is, so that
     no value can become a dot segment a client would resolve); raise ConfigError saying what is wrong. Whether the
     origin is a URL FinPulse may send to is the caller's check (``alerts.endpoints.check_url``)."""
-    import yarl
-
     tokens = list(_TOKEN.finditer(url))
     origin = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#{}]*", url)
     if tokens and (origin is None or url[origin.end():origin.end() + 1] not in ("/", "?")):
