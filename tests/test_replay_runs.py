@@ -193,3 +193,20 @@ def test_the_progress_bar_counts_about_the_messages_read_and_shows_a_rate(datase
     final = err.rsplit("\r", 1)[-1]
     assert re.search(rf"100%\|[^|]*\| {read}/{read} \[.*msg/s", final), final
     assert len(read_table(tmp_path / "progress", "scored")) > 0
+
+
+def test_runs_with_the_broker_down_lists_the_directories_and_does_not_count_their_topics(tmp_path):
+    """Before, a run's TOPICS showed 0 when the broker did not answer, which reads as "it has none"."""
+    from stream.config import Settings
+    from stream.replay.runs import format_runs, list_runs
+
+    run = tmp_path / "var-replay" / "offline"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"run_id": "offline", "from": format_time(T0), "to": format_time(T2),
+                                                   "counts": {"inputs": 3}}))
+    settings = Settings(raw={"kafka": {"bootstrap_servers": "127.0.0.1:9"},
+                             "replay": {"out_dir": str(tmp_path / "var-replay")}})
+    runs, warnings = list_runs(settings)
+    assert [(r.run_id, r.status, r.topics) for r in runs] == [("offline", "complete", None)]
+    assert warnings and "the runs' topics are not shown" in warnings[0]
+    assert format_runs(runs).splitlines()[1].split()[-2] == "?"

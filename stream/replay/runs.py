@@ -53,7 +53,7 @@ class RunInfo:
     scored: int | None = None
     alerts_firing: int | None = None
     created_at: str | None = None
-    topics: list[str] = field(default_factory=list)
+    topics: list[str] | None = field(default_factory=list)    # None: unknown (the broker did not answer)
 
 
 def _mtime(path: Path) -> str:
@@ -136,7 +136,9 @@ def list_runs(settings: Settings) -> tuple[list[RunInfo], list[str]]:
         present = _broker_topics(settings)
     except ReplayError as exc:
         warnings.append(f"{exc}: the runs' topics are not shown")
-        present = set()
+        for info in runs.values():
+            info.topics = None
+        return [runs[k] for k in sorted(runs)], warnings
     for run_id, topics in replay_topics_by_run(settings, present).items():
         runs.setdefault(run_id, RunInfo(run_id=run_id, status="topics only")).topics = topics
     return [runs[k] for k in sorted(runs)], warnings
@@ -234,7 +236,7 @@ def format_runs(runs: list[RunInfo]) -> str:
                         "-" if r.warmup_s is None else f"{r.warmup_s}s",
                         (r.model_version or "-") + (f" (scores of {r.scores_from})" if r.scores_from else ""),
                         *("-" if v is None else str(v) for v in (r.inputs, r.scored, r.alerts_firing)),
-                        str(len(r.topics)), r.created_at or "-") for r in runs]
+                        "?" if r.topics is None else str(len(r.topics)), r.created_at or "-") for r in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return os.linesep.join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
