@@ -850,10 +850,13 @@ class Dispatcher:
                         else "permanent").inc()
         return outcome
 
-    def _render(self, endpoint: Endpoint, state: DeliveryState) -> bytes:
+    def _request(self, endpoint: Endpoint, state: DeliveryState) -> tuple[bytes, str | None]:
+        """The body of this delivery's next attempt, and where it goes (None: the endpoint's url; a template
+        endpoint's resolve may go to its ``resolve_url``)."""
         if not state.is_group:
             alert = state.alert_record
-            return render(endpoint.format, alert, self._context(endpoint, state, alert))
+            ctx = self._context(endpoint, state, alert)
+            return render(endpoint.format, alert, ctx), endpoint.url_for(alert, ctx)
         members = [self.log.get(key) for key in state.members]
         group = GroupContext(webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name,
                              label=state.group_label, attempt=state.attempts + 1, sent_at=format_time(utcnow()),
@@ -861,12 +864,11 @@ class Dispatcher:
         # Each member as it would have gone alone: its own event id and webhook-id, this attempt's number.
         return render_group(endpoint.format, group, [
             (m.alert_record, self._context(endpoint, replace(m, attempts=state.attempts), m.alert_record))
-            for m in members])
+            for m in members]), None
 
     async def _attempt(self, endpoint: Endpoint, state: DeliveryState) -> Outcome:
         try:
-            body = self._render(endpoint, state)
-            url = self._resolve_url(endpoint, state)
+            body, url = self._request(endpoint, state)
         except ValueError as exc:  # a group notification whose endpoint's format no longer takes groups
             return Outcome(ok=False, retryable=False, error=f"{exc}; not retried"[:ERROR_TEXT_MAX])
         except Exception as exc:  # noqa: BLE001 - a body that cannot be rendered now never will be: say so, go on
@@ -874,12 +876,6 @@ class Dispatcher:
             return Outcome(ok=False, retryable=False, error=f"cannot render the {endpoint.format} body: "
                                                             f"{type(exc).__name__}: {exc}; not retried"[:ERROR_TEXT_MAX])
         return await self._sender.send(endpoint, state.webhook_id, body, url)
-
-    def _resolve_url(self, endpoint: Endpoint, state: DeliveryState) -> str | None:
-        """Where a template endpoint with a ``resolve_url`` takes this resolve; None: to its url, as every event."""
-        if endpoint.resolve_url is None or state.is_group:
-            return None
-        return endpoint.url_for(state.alert_record, self._context(endpoint, state, state.alert_record))
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
         # What this endpoint was sent of the episode before this event: a resolve follows all of it, a firing or an
