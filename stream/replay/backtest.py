@@ -168,18 +168,18 @@ def alert_quality(alerts: pd.DataFrame, events: pd.DataFrame | None, match_befor
     matched_alerts: dict[str, str] = {}
     # One episode detects one event: the earliest-starting counted event it matches takes it, so an episode that
     # matches two labeled events (match_before reaches back over the first) does not count twice in recall.
+    hits_of = {i: _hits(firing, event, match_before) for i, event in events.iterrows()}
     credited: dict[int, pd.Series] = {}
     taken: set[str] = set()
-    for i, event in events[counted].sort_values("start", kind="stable").iterrows():
-        free = _hits(firing, event, match_before)
-        free = free[~free["id"].isin(taken)]
+    for i in events[counted].sort_values("start", kind="stable").index:
+        free = hits_of[i][~hits_of[i]["id"].isin(taken)]
         if len(free):
             credited[i] = free.iloc[0]
             taken.add(free.iloc[0]["id"])
     rows = []
     for i, event in events.iterrows():
         label = f"{event['key']} @ {event['start']:%Y-%m-%d %H:%M}"
-        hits = _hits(firing, event, match_before)
+        hits = hits_of[i]
         for alert_id in hits["id"]:
             matched_alerts.setdefault(alert_id, label)
         if not counted[i]:
