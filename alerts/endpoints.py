@@ -89,18 +89,17 @@ from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp.resolver import ThreadedResolver
 
+from stream.aggregate import KEY_TYPES
 from stream.config import ConfigError, Settings, build_dataclass
 from stream.records import SEVERITIES, severity_rank
 
-from .formats import GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELD_VALUES, TEMPLATE_FIELDS, template_fields
+from .formats import EVENT_KINDS, GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELD_VALUES, TEMPLATE_FIELDS, template_fields
 from .grouping import GroupPolicy, check_grouping
 from .signing import decode_secret, split_secrets
 from .templates import SECRET_NAME, check_template, check_url_template, fill_url
 from .transport import Proxy, check_connection, check_headers, check_proxy_url, host_and_port, tls_context
 
 FORMATS = ("native", "slack", "teams", "pagerduty", "alertmanager", "template")
-KEY_TYPES = ("topic", "ticker")
-EVENT_KINDS = ("firing", "escalation", "resolved")
 PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
 
 
@@ -412,8 +411,7 @@ def check_same_origin(url: str, resolve_url: str, where: str) -> None:
     """A resolve goes to the host the endpoint's other requests go to: one host is checked (``--check``), trusted
     (``ca_file``) and proxied per endpoint."""
     def origin(u: str):
-        parts = urlsplit(u)
-        return parts.scheme, (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+        return urlsplit(u).scheme, *host_and_port(u)
     if origin(url) != origin(resolve_url):
         raise ConfigError(f"{where}: resolve_url must be on url's scheme, host and port ({redact_url(url)}), "
                           f"not {redact_url(resolve_url)}")

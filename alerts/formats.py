@@ -45,12 +45,14 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 from urllib.parse import quote
 
+from stream.aggregate import KEY_TYPES
 from stream.records import SEVERITIES, AlertRecord, format_time, severity_rank
 
 from .templates import cut, fill
 
 EVENT_TYPES = {"firing": "finpulse.alert.firing", "escalation": "finpulse.alert.escalated",
                "resolved": "finpulse.alert.resolved"}
+EVENT_KINDS = tuple(EVENT_TYPES)   # what AlertRecord.event_kind can be
 PAGERDUTY_SEVERITY = {"info": "info", "warning": "warning", "critical": "critical"}
 ALERTMANAGER_ALERTNAME = "FinPulseNegativeSentimentSpike"
 # FinPulse sends each state once, while Alertmanager resolves an alert it has not heard about for resolve_timeout
@@ -366,8 +368,8 @@ TEMPLATE_FIELDS: dict[str, str] = {
 
 # The fields whose values are a fixed set: a |map: name outside it could never match (the config check says so).
 TEMPLATE_FIELD_VALUES: dict[str, tuple[str, ...]] = {
-    "event": tuple(EVENT_TYPES), "status": ("firing", "resolved"), "severity": SEVERITIES,
-    "escalated_from": ("", *SEVERITIES[:-1]), "key_type": ("topic", "ticker"),
+    "event": EVENT_KINDS, "status": ("firing", "resolved"), "severity": SEVERITIES,
+    "escalated_from": ("", *SEVERITIES[:-1]), "key_type": KEY_TYPES,
 }
 
 GROUP_TEMPLATE_FIELDS: dict[str, str] = {
