@@ -185,6 +185,7 @@ def ingest_file(settings: Settings, path: str | os.PathLike, kind: str, fmt: str
     topic = names.input_for(record_kind)
     max_chars = settings.worker.max_text_chars
     disorder_s = settings.section("replay", ReplaySettings).max_disorder_s
+    disorder_ms = int(disorder_s * 1000)
     topic_newest_ms = asyncio.run(newest_timestamp_ms(settings.kafka.bootstrap_servers, topic))
     report = FileReport(newest_ms=topic_newest_ms)
 
@@ -197,7 +198,7 @@ def ingest_file(settings: Settings, path: str | os.PathLike, kind: str, fmt: str
             except InvalidRecord as exc:
                 report.reject(line_no, exc.reason, exc.detail)
                 continue
-            report.written(epoch_ms(item.event_time), int(disorder_s * 1000))
+            report.written(epoch_ms(item.event_time), disorder_ms)
             yield item
 
     try:
