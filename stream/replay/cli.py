@@ -152,6 +152,11 @@ def _replay(args, settings) -> int:
         return _fail("replay", exc)
     if plan.archive is not None:
         _warn("replay", archive_gap_warnings(plan.archive.uncovered, plan.from_ms))
+    warmup = plan.warmup
+    if 0 < warmup.seconds < warmup.need_s:
+        _warn("replay", [f"--warmup {warmup.asked} is shorter than the {warmup.need_s}s the detector learns before it "
+                         f"may alert ([detect] warmup_windows x window_s): keys are not warm at --from, so alerts "
+                         f"near it may be missing (--warmup auto reads just enough)"])
     if plan.resume:
         print(f"resuming run {plan.run_id} after input message {plan.resume['inputs_done']}", flush=True)
     try:

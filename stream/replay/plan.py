@@ -130,6 +130,7 @@ class Warmup:
     start_ms: int       # where reading starts (<= from - seconds)
     rule: str           # how ``seconds`` was chosen, for people
     window_s: int       # the shortest judged window: a warm-up whose input starts this much late is short
+    need_s: int = 0     # what the detector needs before it may alert (auto's choice)
 
     def describe(self) -> dict[str, Any]:
         return {"asked": self.asked, "seconds": self.seconds, "rule": self.rule, "from": format_ms(self.start_ms)}
@@ -201,12 +202,18 @@ def plan_warmup(text: str | None, from_ms: int, aggregate: AggregateSettings, de
     """The warm-up for ``--warmup TEXT`` (None or ``auto``: the detector's own need; ``0``: a cold start)."""
     rules = detect_rules(detect)
     asked = (text or "auto").strip()
+    need = max(rules, key=lambda r: r.warmup_windows * r.window_s)
+    need_s = need.warmup_windows * need.window_s
     if asked == "auto":
-        need = max(rules, key=lambda r: r.warmup_windows * r.window_s)
-        seconds = need.warmup_windows * need.window_s
+        seconds = need_s
         rule = (f"auto: [detect] warmup_windows x window_s = {need.warmup_windows} x {need.window_s}s, the longest "
                 "of [detect] and its overrides")
     else:
+        if asked.isdigit() and int(asked):
+            # Five seconds is almost never what ``--warmup 5`` meant, and a warm-up too short is silent: it only
+            # shows as alerts missing near --from.
+            raise ReplayError(f"--warmup {asked} has no unit: write {asked}m or {asked}h ({asked}s for seconds), "
+                              "or auto (the detector's warmup_windows x window_s), or 0 for a cold start")
         try:
             seconds = parse_duration_s(asked)
         except ValueError as exc:
@@ -219,7 +226,8 @@ def plan_warmup(text: str | None, from_ms: int, aggregate: AggregateSettings, de
         steps = [spec.step_s for spec in aggregate.specs() if spec.size_s in judged]
         boundary_ms = math.lcm(*steps) * 1000 if steps else 1000
         start_ms -= start_ms % boundary_ms
-    return Warmup(asked=asked, seconds=seconds, start_ms=start_ms, rule=rule, window_s=min(r.window_s for r in rules))
+    return Warmup(asked=asked, seconds=seconds, start_ms=start_ms, rule=rule, window_s=min(r.window_s for r in rules),
+                  need_s=need_s)
 
 
 def parse_disorder(text: str | None, default: float) -> float:
