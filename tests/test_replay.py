@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import time
 import urllib.request
@@ -219,6 +220,17 @@ def test_a_threshold_trial_on_an_earlier_runs_scores_equals_a_full_replay(datase
     assert trial["scores_from"] == "reuse-a" and first["alerts"] > trial["alerts"]
     assert out.splitlines()[0].startswith(f"RUN ID   {threshold}  ALERTS")
     assert "(scores of reuse-a)" in out.splitlines()[2]
+
+    # C's scores are A's: a trial on C is pointed at A while A is there (its directory: it is not under
+    # [replay] out_dir, where the id alone would not find it); with A deleted, C's Parquet is where they are left.
+    code, out, err = finpulse(config, "replay", *WARM_RANGE, "--run-id", "reuse-d", "--parquet", str(tmp_path / "d"),
+                              "--no-progress", "--warmup", "2m", "--scores-from", str(tmp_path / "c"))
+    assert code == 2 and f"that run reused the scores of reuse-a; use --scores-from {tmp_path / 'a'}" in err, err
+    shutil.rmtree(tmp_path / "a")
+    d, _ = warm_replay(config, "reuse-d", tmp_path / "d", "--warmup", "2m", "--config", str(strict),
+                       "--scores-from", str(tmp_path / "c"))
+    assert digests(tmp_path / "d") == digests(tmp_path / "b") and d["scores_from"] == "reuse-c"
+    assert d["counts"]["scores_reused"] == c["counts"]["scored"]
 
 
 def get_json(url: str) -> dict:

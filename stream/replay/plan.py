@@ -119,7 +119,8 @@ class ReplayPlan:
                 "topics": sorted(self.topics), "source": "archive" if self.archive else "kafka",
                 "model_version": self.model_version, "config_hash": self.config_hash,
                 "batch_size": self.replay.batch_size, "part_records": self.replay.part_records,
-                **({"scores_from": self.reused.source_run} if self.reused is not None else {})}
+                **({"scores_from": self.reused.source_run, "scores_from_dir": str(self.reused.source_dir)}
+                   if self.reused is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ def scores_from_run(source_run: str, run_id: str, out_root: Path, scorer: str | 
     # A run id under [replay] out_dir, or the directory of a run written elsewhere (--parquet).
     given = Path(source_run)
     source_dir = given if (given / MANIFEST).is_file() else out_root / source_run
-    reused = ReusedScores.load(source_dir, source_run)
+    reused = ReusedScores.load(source_dir, source_run, out_root)
     version = reused.model_version
     by_name = {s.model_version: s for s in (KeywordBaselineScorer, NoopScorer)}
     if version in by_name and not model_dir:

@@ -28,6 +28,18 @@ _FIELDS = ("topic", "topic_confidence", "sentiment", "sentiment_score")
 _LOOKUP_CHUNK = 500         # ids per query: well under SQLite's limit on bound parameters
 
 
+
+def _finished_run(version: str, *candidates: Path | None) -> Path | None:
+    """The first of ``candidates`` that is a finished run scored by ``version``."""
+    for directory in candidates:
+        try:
+            if directory is not None and json.loads((directory / MANIFEST).read_text()).get("model_version") == version:
+                return directory
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
 class ReusedScores:
     """Predictions by message id from a source run; ``predict`` fills the gaps with the model's own.
 
@@ -35,17 +47,19 @@ class ReusedScores:
     ends), not into memory: a month of input is as easy to reuse as an hour. Lookups come from the scoring thread
     and the event loop, one at a time."""
 
-    def __init__(self, source_run: str, model_version: str, index: sqlite3.Connection, workdir=None):
+    def __init__(self, source_run: str, model_version: str, index: sqlite3.Connection, workdir=None,
+                 source_dir: Path | None = None):
         self.source_run = source_run
+        self.source_dir = source_dir    # where its Parquet is, for a later run that reuses this one's
         self.model_version = model_version
         self._index = index
         self._workdir = workdir         # a TemporaryDirectory: removed with this object
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, source_dir: Path, source_run: str) -> "ReusedScores":
+    def load(cls, source_dir: Path, source_run: str, out_root: Path | None = None) -> "ReusedScores":
         """The predictions in a finished run's directory; ``source_run`` names it in errors and the manifest
-        (the run id the manifest gives wins)."""
+        (the run id the manifest gives wins). ``out_root`` is where runs are found by id ([replay] out_dir)."""
         manifest_path = source_dir / MANIFEST
         if not manifest_path.exists():
             raise ReplayError(f"--scores-from {source_run}: no finished run in {source_dir} (no {MANIFEST}; "
@@ -54,11 +68,19 @@ class ReusedScores:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
             raise ReplayError(f"--scores-from {source_run}: {manifest_path} is unreadable: {exc}") from None
-        if manifest.get("scores_from"):
-            # Its scores are another run's: reading them there keeps one source of truth per model version.
-            raise ReplayError(f"--scores-from {source_run}: that run reused the scores of "
-                              f"{manifest['scores_from']}; use --scores-from {manifest['scores_from']}")
-        version, source_run = manifest.get("model_version") or "", manifest.get("run_id") or source_run
+        version = manifest.get("model_version") or ""
+        origin = manifest.get("scores_from")
+        if origin:
+            # Its scores are another run's: reading them there keeps one source of truth per model version. Once
+            # that run is deleted, this run's Parquet is where its scores are left.
+            recorded = manifest.get("scores_from_dir")
+            found = _finished_run(version, Path(recorded) if recorded else None,
+                                  out_root / origin if out_root else None)
+            if found is not None:
+                where = origin if out_root and found.resolve() == (out_root / origin).resolve() else found
+                raise ReplayError(f"--scores-from {source_run}: that run reused the scores of {origin}; use "
+                                  f"--scores-from {where}")
+        source_run = manifest.get("run_id") or source_run
         workdir = tempfile.TemporaryDirectory(prefix="finpulse-scores-from-")
         index = sqlite3.connect(Path(workdir.name) / "scores.sqlite", check_same_thread=False)
         index.execute("PRAGMA journal_mode = OFF")     # a scratch index: rebuilt by the next run if need be
@@ -74,7 +96,7 @@ class ReusedScores:
                 index.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)",
                                   zip(columns["id"], *(columns[field] for field in _FIELDS)))
         index.commit()
-        return cls(source_run, version, index, workdir)
+        return cls(source_run, version, index, workdir, source_dir.resolve())
 
     def _lookup(self, ids: Sequence[str]) -> dict[str, Prediction]:
         found: dict[str, Prediction] = {}
