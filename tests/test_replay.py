@@ -419,6 +419,37 @@ def test_an_archive_short_of_the_range_and_an_empty_selection_are_warned_about(d
     assert "warning: no input message has an event time in [--from, --to)" in err, err
 
 
+def test_a_range_reaching_past_now_is_not_recorded_as_exported_where_messages_may_still_come(dataset, tmp_path):
+    """Messages written after an export began may belong to a range that reaches that far (less --max-disorder):
+    before, the archive recorded it all as exported, and a replay of it later read the archive's gap as "no message
+    then", silently. A replay from Kafka over such a range says so too."""
+    config, later = dataset["config"], format_time(datetime.now(timezone.utc) + timedelta(hours=1))
+    before_ms = epoch_ms(datetime.now(timezone.utc))
+    code, out, err = finpulse(config, "export", "--from", format_time(T0), "--to", later, "--out",
+                              str(tmp_path / "archive"), "--no-progress", "--max-disorder", "60s")
+    after_ms = epoch_ms(datetime.now(timezone.utc))
+    assert code == 0 and f"exported {SIMULATION['count']} message(s)" in out, out + err
+    [export] = json.loads((tmp_path / "archive" / MARKER).read_text())["exports"]
+    covered_to = export["covered_to"]
+    assert (export["from"], export["to"], export["covered_from"]) == (format_time(T0), later, format_time(T0))
+    assert before_ms - 60_000 <= epoch_ms(datetime.fromisoformat(covered_to)) <= after_ms - 60_000
+    assert err.strip().splitlines() == [
+        f"finpulse export: warning: the range reaches past {covered_to} (when reading began, less --max-disorder): "
+        f"messages of that time may still be written: the archive records only {format_time(T0)} to {covered_to} "
+        "of the range as exported (run it again later for the rest)"], err
+
+    code, out, err = finpulse(config, "replay", "--from", format_time(T2), "--to", later, "--run-id", "to-later",
+                              "--parquet", str(tmp_path / "from-archive"), "--archive", str(tmp_path / "archive"),
+                              "--no-progress", "--max-disorder", "60s")
+    assert code == 0 and f"warning: the archive holds no export of {covered_to} to {later}:" in err, out + err
+    code, out, err = finpulse(config, "replay", "--from", format_time(T2), "--to", later, "--run-id", "to-later-kafka",
+                              "--parquet", str(tmp_path / "from-kafka"), "--no-progress", "--max-disorder", "60s")
+    assert code == 0 and "messages of that time may still be written: they are missing from this replay" in err, err
+    incomplete = json.loads((tmp_path / "from-kafka" / "manifest.json").read_text())["incomplete_input"]
+    assert incomplete["deleted"] == {} and incomplete["complete_to_ms"] == incomplete["arriving_from_ms"] < \
+        epoch_ms(datetime.fromisoformat(later))
+
+
 def inputs_checkpointed(out_dir: Path) -> int:
     checkpoint = out_dir / "_checkpoint.json"
     return json.loads(checkpoint.read_text())["inputs_done"] if checkpoint.exists() else 0

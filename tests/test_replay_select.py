@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from stream.kafka_io import RecordSender
 from stream.records import epoch_ms, format_time
-from stream.replay.select import KafkaSelection, select_messages, topic_kinds
+from stream.replay.select import KafkaSelection, complete_span, select_messages, span_warnings, topic_kinds
 from stream.topics import TopicNames
 from tests.network import broker_behind_link
 from tests.procs import isolated_settings, write_config
@@ -183,3 +185,47 @@ def test_a_broker_gone_while_reading_a_selection_raises_naming_the_partition_and
         error = asyncio.run(asyncio.wait_for(read_cut_off(), 60))    # (wait_for's own timeout has no message)
     assert f"served none of the records of {names.news}[" in str(error), repr(error)
     assert "[kafka] delivery_timeout_s" in str(error)
+
+
+def test_the_span_a_selection_vouches_for_stops_where_messages_may_still_come_or_may_be_deleted():
+    """``complete_span``: the part of a range that no message written later, and none deleted by retention, can
+    belong to (D = 1 minute here). tansu cannot delete records, so the retention case is checked here alone."""
+    start, end = epoch_ms(T0), epoch_ms(T0 + timedelta(hours=1))
+    whole = complete_span(start, end, MINUTE_MS, end + 5 * MINUTE_MS, {})
+    assert whole == (start, end)
+    # Reading began 10 minutes before the range's end: what is written from then on is at most D older.
+    assert complete_span(start, end, MINUTE_MS, end - 10 * MINUTE_MS, {}) == (start, end - 11 * MINUTE_MS)
+    # A partition's records before offset 500 are gone; its first remaining ones are of 00:20: a deleted record is
+    # at most D newer than them.
+    deleted = {"news[1]": (500, start + 20 * MINUTE_MS)}
+    assert complete_span(start, end, MINUTE_MS, end + MINUTE_MS, deleted) == (start + 21 * MINUTE_MS, end)
+    # With no time to go by (nothing readable left), nothing is vouched for; nor when the two ends cross.
+    assert complete_span(start, end, MINUTE_MS, end + MINUTE_MS, {"news[1]": (500, None)}) == (end, end)
+    assert complete_span(start, end, MINUTE_MS, start + 10 * MINUTE_MS, deleted) == (start + 21 * MINUTE_MS,) * 2
+
+
+def test_a_partition_whose_oldest_records_are_gone_is_named_and_bounds_what_is_vouched_for(fp_settings, topics,
+                                                                                          monkeypatch):
+    """News partition 0 holds one message a minute from 00:00; retention has deleted its first 30 (the broker
+    reports offset 30 as its beginning: tansu cannot delete records, so only that answer is made up here). A
+    selection of [00:10, 00:50) reads what is left, names the partition, and vouches only for the time after its
+    first remaining records (00:32, their median) plus the disorder bound."""
+    produce(fp_settings, [(topics.news, 0, news(f"n{i}", T0 + timedelta(minutes=i)), T0 + timedelta(minutes=i))
+                          for i in range(60)])
+    real_beginning_offsets = AIOKafkaConsumer.beginning_offsets
+
+    async def after_retention(self, partitions):
+        return {tp: 30 if (tp.topic, tp.partition) == (topics.news, 0) else offset
+                for tp, offset in (await real_beginning_offsets(self, partitions)).items()}
+    monkeypatch.setattr(AIOKafkaConsumer, "beginning_offsets", after_retention)
+
+    messages, stats = select(fp_settings, topics, T0 + timedelta(minutes=10), T0 + timedelta(minutes=50), 60,
+                             wanted=("news",))
+    assert [identity(m) for m in messages] == [f"n{i}" for i in range(30, 50)]
+    assert stats.deleted == {f"{topics.news}[0]": 30}
+    assert (stats.complete_from_ms, stats.complete_to_ms) == (epoch_ms(T0 + timedelta(minutes=33)),
+                                                              epoch_ms(T0 + timedelta(minutes=50)))
+    assert stats.arriving_from_ms is None
+    assert span_warnings(asdict(stats), "they are missing") == [
+        f"{topics.news}[0] begins at offset 30: its older records were deleted (retention), and messages of the range "
+        f"before {format_time(T0 + timedelta(minutes=33))} may have been among them: they are missing"]

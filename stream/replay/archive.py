@@ -119,8 +119,9 @@ def check_export_dir(root: Path) -> None:
 
 
 async def export_archive(selection: KafkaSelection, root: Path, from_ms: int, to_ms: int, topics: list[str],
-                         progress=None) -> ExportResult:
-    """Write every message of an entered ``selection`` (in its order) to ``root``, one file per day."""
+                         progress=None, covered: tuple[int, int] | None = None) -> ExportResult:
+    """Write every message of an entered ``selection`` (in its order) to ``root``, one file per day. ``covered``
+    is the part of the range the selection could vouch for having whole (``select.complete_span``), when not all."""
     tag = range_tag(from_ms, to_ms)
     result = ExportResult()
     written_days: dict[str, int] = {}
@@ -149,8 +150,13 @@ async def export_archive(selection: KafkaSelection, root: Path, from_ms: int, to
         _discard(root, new_files)
         raise
     result.days = sorted(written_days)
-    _record_export(root, {"from": format_ms(from_ms), "to": format_ms(to_ms), "topics": topics, "rows": result.rows,
-                          "days": result.days})
+    export = {"from": format_ms(from_ms), "to": format_ms(to_ms), "topics": topics, "rows": result.rows,
+              "days": result.days}
+    # What a replay may take the archive to hold whole: not the part of the range the selection could not vouch for
+    # (messages that may still be written, or that retention may have deleted).
+    if covered is not None and covered != (from_ms, to_ms):
+        export |= {"covered_from": format_ms(covered[0]), "covered_to": format_ms(covered[1])}
+    _record_export(root, export)
     return result
 
 
@@ -257,10 +263,15 @@ class ArchiveSelection:
 
 
 def uncovered(exports: list[dict], from_ms: int, to_ms: int) -> list[tuple[int, int]]:
-    """The parts of [from_ms, to_ms) that no export in ``exports`` (the marker's list) covered, in order."""
+    """The parts of [from_ms, to_ms) that no export in ``exports`` (the marker's list) covered, in order. An export
+    covered its range, or the part of it it could vouch for (``covered_from``/``covered_to``)."""
     gaps, start = [], from_ms
-    for export in sorted(exports, key=lambda e: e["from"]):
-        begin, end = (epoch_ms(parse_time(export[k])) for k in ("from", "to"))
+    spans = [(export.get("covered_from", export["from"]), export.get("covered_to", export["to"]))
+             for export in exports]
+    for span in sorted(spans):
+        begin, end = (epoch_ms(parse_time(t)) for t in span)
+        if begin >= end:
+            continue        # an export that could vouch for none of its range
         if begin > start:
             gaps.append((start, min(begin, to_ms)))
         start = max(start, end)

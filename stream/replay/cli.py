@@ -140,7 +140,7 @@ def _warn(command: str, warnings: list[str]) -> None:
 def _replay(args, settings) -> int:
     from .plan import build_plan
     from .run import ReplayInterrupted, run_replay
-    from .select import selection_warnings
+    from .select import selection_warnings, span_warnings
     try:
         plan = build_plan(settings, run_id=args.run_id, start=args.start, end=args.end, topics=args.topics,
                           config=args.replay_config, scorer=args.scorer, model_dir=args.model_dir, device=args.device,
@@ -180,7 +180,8 @@ def _replay(args, settings) -> int:
     if plan.reused is not None:
         print(f"scores of run {plan.reused.source_run} reused for {counts.get('scores_reused', 0)} messages; "
               f"{counts.get('scores_computed', 0)} it had none for were scored by {plan.model_version}")
-    _warn("replay", selection_warnings(counts, plan.replay.max_disorder_s) + warmup_warnings(manifest))
+    _warn("replay", selection_warnings(counts, plan.replay.max_disorder_s) + warmup_warnings(manifest)
+          + span_warnings(manifest.get("incomplete_input", {}), "they are missing from this replay"))
     if not counts.get("inputs"):
         _warn("replay", [NOTHING_SELECTED])
     if plan.test_endpoint:
@@ -229,7 +230,7 @@ def _export(args, settings) -> int:
 
     from .archive import ArchiveError, check_export_dir, export_archive
     from .plan import ReplaySettings, parse_disorder, parse_range, parse_topics
-    from .select import KafkaSelection, selection_warnings
+    from .select import KafkaSelection, format_ms, selection_warnings, span_warnings
 
     try:
         from_ms, to_ms = parse_range(args.start, args.end)
@@ -244,7 +245,8 @@ def _export(args, settings) -> int:
         try:
             async with KafkaSelection(settings.kafka, topics, from_ms, to_ms, disorder) as selection:
                 with tqdm(total=selection.total, unit="msg", desc="export", disable=args.no_progress) as progress:
-                    result = await export_archive(selection, out, from_ms, to_ms, sorted(topics), progress)
+                    result = await export_archive(selection, out, from_ms, to_ms, sorted(topics), progress,
+                                                  (selection.stats.complete_from_ms, selection.stats.complete_to_ms))
                     progress.total = progress.n     # the total was an estimate (the range give or take the disorder)
         except LookupError as exc:
             return _fail("export", exc)
@@ -252,7 +254,10 @@ def _export(args, settings) -> int:
             return _fail("export", f"{exc}; nothing of this export was kept: run it again")
         print(f"exported {result.rows} message(s) to {out} ({len(result.files)} file(s), days "
               f"{', '.join(result.days) or 'none'})")
-        _warn("export", selection_warnings(dataclasses.asdict(selection.stats), disorder))
+        stats = dataclasses.asdict(selection.stats)
+        _warn("export", selection_warnings(stats, disorder) + span_warnings(
+            stats, f"the archive records only {format_ms(stats['complete_from_ms'])} to "
+                   f"{format_ms(stats['complete_to_ms'])} of the range as exported"))
         if not result.rows:
             _warn("export", [NOTHING_SELECTED])
         return 0

@@ -68,6 +68,7 @@ from .select import KafkaSelection, SelectionStats, TimedMessage, format_ms
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 2
+INCOMPLETE_FIELDS = ("complete_from_ms", "complete_to_ms", "deleted", "arriving_from_ms")
 
 
 class ReplayInterrupted(Exception):
@@ -431,9 +432,14 @@ class ReplayRunner:
                      "detect": dataclasses.asdict(plan.settings.section("detect", DetectSettings))}
         # How the scores were computed: bf16 or float32 moves a row or two in a thousand.
         scored_on = dict(zip(("device", "precision"), runs_on(plan.scorer)))
+        stats = self.selection_stats
+        # Only where Kafka could not vouch for all of the range (select.complete_span): the wall clock decides it.
+        incomplete = ({"incomplete_input": {name: getattr(stats, name) for name in INCOMPLETE_FIELDS}}
+                      if stats.complete_to_ms is not None
+                      and (stats.complete_from_ms, stats.complete_to_ms) != (plan.read_from_ms, plan.to_ms) else {})
         return {**plan.identity(), "output_schema_version": OUTPUT_SCHEMA_VERSION, "counts": counts,
                 "files": sorted(self.files), "topics_out": output_topics(plan.names), "config": effective,
-                "scored_on": scored_on, "warmup": self._warmup_summary(), "created_at": self.created_at}
+                "scored_on": scored_on, "warmup": self._warmup_summary(), **incomplete, "created_at": self.created_at}
 
     def _warmup_summary(self) -> dict:
         """The warm-up asked for, how far back the input really reached, and what it read (``WarmupTally``)."""

@@ -97,6 +97,11 @@ class SelectionStats:
     stopped_early: int = 0       # partitions left at a run of records past the range, before their end
     probes: int = 0
     start_offsets: dict[str, int] = field(default_factory=dict)   # "topic[partition]" -> first offset read
+    # The part of [from, to) the selection can vouch for having whole (see ``complete_span``), and why not all of it.
+    complete_from_ms: int | None = None
+    complete_to_ms: int | None = None
+    deleted: dict[str, int] = field(default_factory=dict)  # "topic[partition]" -> its first offset: older ones are gone
+    arriving_from_ms: int | None = None     # messages of this time on may still be written
 
 
 @dataclass
@@ -166,12 +171,26 @@ class KafkaSelection:
                 raise LookupError(f"topic {topic} does not exist on {self.kafka.bootstrap_servers}")
             tps.extend((TopicPartition(topic, p), kind) for p in sorted(parts))
         consumer.assign([tp for tp, _ in tps])
+        began_ms = int(time.time() * 1000)
         starts = await consumer.beginning_offsets([tp for tp, _ in tps])
         ends = await true_ends(self.kafka.bootstrap_servers, await consumer.end_offsets([tp for tp, _ in tps]))
         # The partitions are searched at the same time: each probe is one fetch round trip.
         firsts = await asyncio.gather(*(self._lower_bound(tp, kind, starts[tp], ends[tp]) for tp, kind in tps))
         lasts = await asyncio.gather(*(self._upper_bound(tp, kind, first, ends[tp])
                                        for (tp, kind), first in zip(tps, firsts)))
+        # A partition whose first records are gone (retention) and whose search found nothing before the range: what
+        # was deleted may have been in it. The times its remaining first records have bound how far that reaches.
+        truncated = [(tp, kind) for (tp, kind), first in zip(tps, firsts) if 0 < starts[tp] == first]
+        heads = await asyncio.gather(*(self._records_at(tp, kind, starts[tp], ends[tp]) for tp, kind in truncated))
+        first_times = {f"{tp.topic}[{tp.partition}]": (starts[tp], _median([m.event_ms for m in head if not m.fallback])
+                                                        if any(not m.fallback for m in head) else None)
+                       for (tp, _), head in zip(truncated, heads)}
+        first_times = {name: (offset, first_ms) for name, (offset, first_ms) in first_times.items()
+                       if first_ms is None or first_ms + self.disorder_ms > self.from_ms}   # may reach the range
+        self.stats.complete_from_ms, self.stats.complete_to_ms = complete_span(
+            self.from_ms, self.to_ms, self.disorder_ms, began_ms, first_times)
+        self.stats.deleted = {name: offset for name, (offset, _) in first_times.items()}
+        self.stats.arriving_from_ms = began_ms - self.disorder_ms if began_ms - self.disorder_ms < self.to_ms else None
         for (tp, kind), first, last in zip(tps, firsts, lasts):
             self._cursors.append(_Cursor(tp, kind, first, ends[tp]))
             self.stats.start_offsets[f"{tp.topic}[{tp.partition}]"] = first
@@ -292,6 +311,40 @@ class KafkaSelection:
                 heapq.heappush(heap, message)
 
 
+def complete_span(from_ms: int, to_ms: int, disorder_ms: int, began_ms: int,
+                  first_times: dict[str, tuple[int, int | None]]) -> tuple[int, int]:
+    """The part ``[a, b)`` of ``[from_ms, to_ms)`` that a selection begun at wall time ``began_ms`` has whole, under
+    the disorder bound ``D`` (``disorder_ms``; module docstring).
+
+    * **End.** Reading stops at the partitions' ends as they were when it began, and a message written later is
+      never more than ``D`` older than then (its producer stamps it about when it writes it, the bound a live stream
+      keeps): ``b = min(to, began - D)``. History loaded later, older than that, is not covered (``finpulse ingest``
+      warns when it writes such history).
+    * **Start.** ``first_times`` names the partitions whose oldest records were deleted (their first offset is not
+      0) and in which no record before the range was found, with the median time of their first records (None when
+      none is readable or the partition is empty). A deleted record was written before those, so it is at most
+      ``D`` newer than them: ``a = max(from, that time + D)``; with no time to go by, nothing is vouched for."""
+    start, end = from_ms, min(to_ms, began_ms - disorder_ms)
+    for _, first_ms in first_times.values():
+        start = max(start, to_ms if first_ms is None else first_ms + disorder_ms)
+    return min(start, to_ms), max(min(start, to_ms), end)
+
+
+def span_warnings(counts: dict, missing: str) -> list[str]:
+    """Why a selection (``SelectionStats`` fields) does not have all of its range; ``missing`` says what that
+    means for the command that read it."""
+    warnings = []
+    for name, offset in counts.get("deleted", {}).items():
+        warnings.append(f"{name} begins at offset {offset}: its older records were deleted (retention), and messages "
+                        f"of the range before {format_ms(counts['complete_from_ms'])} may have been among them: "
+                        f"{missing}")
+    if counts.get("arriving_from_ms") is not None:
+        warnings.append(f"the range reaches past {format_ms(counts['arriving_from_ms'])} (when reading began, less "
+                        f"--max-disorder): messages of that time may still be written: {missing} (run it again "
+                        "later for the rest)")
+    return warnings
+
+
 def selection_warnings(counts: dict, max_disorder_s: float) -> list[str]:
     """What a person should know about a selection, from its counts (``SelectionStats`` fields or a manifest's)."""
     warnings = []
@@ -323,5 +376,5 @@ def topic_kinds(names, wanted: Sequence[str]) -> dict[str, str]:
     return dict(available[w] for w in wanted)
 
 
-__all__ = ["KafkaSelection", "SelectionStats", "TimedMessage", "event_time_ms", "format_ms", "select_messages",
-           "selection_warnings", "topic_kinds"]
+__all__ = ["KafkaSelection", "SelectionStats", "TimedMessage", "complete_span", "event_time_ms", "format_ms",
+           "select_messages", "selection_warnings", "span_warnings", "topic_kinds"]
