@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -371,8 +372,12 @@ def test_ctrl_c_in_the_warm_up_then_rerun_resumes_to_identical_output(dataset, t
 
     code, out, err = finpulse(dataset["config"], *args[:-1], "1m", "--no-progress")
     assert code == 2 and "holds interrupted run 'warm-resumable' with other arguments (warmup_from: " in err, err
-    code, out, err = finpulse(dataset["config"], *args, "--no-progress")
+    code, out, err = finpulse(dataset["config"], *args)
     assert code == 0 and "resuming run warm-resumable after input message 1024" in out, out + err
+    # The bar starts at the checkpoint (before, at 0, counting the messages read past as replayed: its rate too).
+    first_bar = re.search(r"replay warm-resumable: +(\d+)%\|[^|]*\| (\d+)/(\d+) ", err)
+    assert first_bar and first_bar.group(2) == "1024" and first_bar.group(1) != "0", err[:2000]
+    assert "reading past the 1024 messages done before" in err
     reference, _ = warm_replay(dataset["config"], "warm-reference", tmp_path / "reference", "--warmup", "2m")
     assert digests(out_dir) == digests(tmp_path / "reference")
     resumed = json.loads((out_dir / "manifest.json").read_text())

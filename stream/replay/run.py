@@ -190,9 +190,13 @@ class ReplayRunner:
             async with RecordSender(plan.settings.kafka, client_id=f"finpulse-replay-{plan.run_id}") as sender:
                 async with _open_source(plan) as source:
                     self.selection_stats = getattr(source, "stats", self.selection_stats)
-                    # The total counts the warm-up's messages too: it is about what will be read.
-                    progress = tqdm(total=source.total, unit="msg", desc=f"replay {plan.run_id}", dynamic_ncols=True,
-                                    mininterval=0.5, disable=not self.show_progress)
+                    # The total counts the warm-up's messages too: it is about what will be read. A resumed run
+                    # starts the bar at its checkpoint, so the rate counts only what it replays.
+                    progress = tqdm(total=source.total, initial=self.inputs_done, unit="msg",
+                                    desc=f"replay {plan.run_id}", dynamic_ncols=True, mininterval=0.5,
+                                    disable=not self.show_progress)
+                    if self.inputs_done:
+                        progress.set_postfix_str(f"reading past the {self.inputs_done} messages done before")
                     await self._replay(_as_async(source), sender, progress)
                     progress.total = progress.n
                 await self._finish(sender)
@@ -312,10 +316,11 @@ class ReplayRunner:
         async for message in messages:
             position += 1
             if position <= skip:
-                progress.update(1)
-                if position == skip and identity_of(message) != self.last_input:
-                    raise ReplayError(f"the input changed since the checkpoint: message {skip} is now "
-                                      f"{identity_of(message)}, was {self.last_input}; start a new run")
+                if position == skip:
+                    if identity_of(message) != self.last_input:
+                        raise ReplayError(f"the input changed since the checkpoint: message {skip} is now "
+                                          f"{identity_of(message)}, was {self.last_input}; start a new run")
+                    progress.unpause()      # the time spent reading past them is not the replay's rate
                 continue
             batch.append(message)
             if len(batch) == batch_size:
