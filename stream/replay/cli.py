@@ -247,7 +247,7 @@ def _export(args, settings) -> int:
                 with tqdm(total=selection.total, unit="msg", desc="export", disable=args.no_progress) as progress:
                     result = await export_archive(selection, out, from_ms, to_ms, sorted(topics), progress,
                                                   (selection.stats.complete_from_ms, selection.stats.complete_to_ms))
-                    progress.total = progress.n     # the total was an estimate (the range give or take the disorder)
+                    progress.total = progress.n     # the total was an estimate (select.KafkaSelection.total)
         except LookupError as exc:
             return _fail("export", exc)
         except TimeoutError as exc:      # the broker gone: nothing of this export was kept (stream.replay.archive)

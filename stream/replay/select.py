@@ -20,10 +20,11 @@ Kafka timestamp of a malformed message) decides nothing. Then:
   earlier ones is counted in ``outliers``, as is a record older than its partition's frontier (see below).
 * **Exact filter.** Every message read is kept iff its event time (ms) is in ``[T1, T2)``, so a boundary inside a
   record batch, or a partition whose clock is skewed against the others, changes nothing.
-* **Progress total.** A second binary search finds, per partition, the first offset whose neighbours agree on a
-  time ``>= T2 + D``: the records between the two bounds (``candidates``) are about the messages in the range, give
-  or take ``D`` of disorder at each end, not everything up to the partition's end. It only sizes progress bars:
-  reading still stops as described above.
+* **Progress total.** Two more binary searches find, per partition, the first offsets whose neighbours agree on a
+  time ``>= T1`` and ``>= T2``: the records between them (``candidates``) are about the messages in the range, not
+  everything up to the partition's end, nor ``D`` of records more at each end (with the default ``D`` of 15
+  minutes, a bar counted half again an hour's messages, stalled, then jumped to its end). It only sizes progress
+  bars: reading still starts and stops as described above.
 
 **Merge.** The selected messages come out in the total order (event time, topic, partition, offset). Each
 partition's *frontier* is (the median time of its last ``NEIGHBOURS`` records) - ``D``: nothing it yields later is
@@ -89,7 +90,7 @@ def _median(items):
 @dataclass
 class SelectionStats:
     """What a selection read, for the manifest and the progress bar."""
-    candidates: int = 0          # records between the searched start and end bounds: about the selection's size
+    candidates: int = 0          # records between where the range's times begin and end: about the selection's size
     read: int = 0
     selected: int = 0
     disorder_exceeded: int = 0
@@ -125,8 +126,8 @@ class KafkaSelection:
     """The messages of ``topics`` (name -> kind) with event time in [from_ms, to_ms), merged in event-time order.
 
     ``async with KafkaSelection(...) as selection: async for message in selection: ...``. ``total`` (after entering)
-    is about how many records will be read (the messages in the range, give or take ``max_disorder_s`` of records at
-    each end), for progress bars."""
+    is about how many messages it will yield (records found between where the partitions' times reach from and to),
+    for progress bars."""
 
     def __init__(self, kafka: KafkaSettings, topics: dict[str, str], from_ms: int, to_ms: int,
                  max_disorder_s: float):
@@ -176,8 +177,10 @@ class KafkaSelection:
         ends = await true_ends(self.kafka.bootstrap_servers, await consumer.end_offsets([tp for tp, _ in tps]))
         # The partitions are searched at the same time: each probe is one fetch round trip.
         firsts = await asyncio.gather(*(self._lower_bound(tp, kind, starts[tp], ends[tp]) for tp, kind in tps))
-        lasts = await asyncio.gather(*(self._upper_bound(tp, kind, first, ends[tp])
-                                       for (tp, kind), first in zip(tps, firsts)))
+        at_from = await asyncio.gather(*(self._first_at(tp, kind, self.from_ms, first, ends[tp])
+                                         for (tp, kind), first in zip(tps, firsts)))
+        at_to = await asyncio.gather(*(self._first_at(tp, kind, self.to_ms, begin, ends[tp])
+                                       for (tp, kind), begin in zip(tps, at_from)))
         # A partition whose first records are gone (retention) and whose search found nothing before the range: what
         # was deleted may have been in it. The times its remaining first records have bound how far that reaches.
         truncated = [(tp, kind) for (tp, kind), first in zip(tps, firsts) if 0 < starts[tp] == first]
@@ -191,10 +194,10 @@ class KafkaSelection:
             self.from_ms, self.to_ms, self.disorder_ms, began_ms, first_times)
         self.stats.deleted = {name: offset for name, (offset, _) in first_times.items()}
         self.stats.arriving_from_ms = began_ms - self.disorder_ms if began_ms - self.disorder_ms < self.to_ms else None
-        for (tp, kind), first, last in zip(tps, firsts, lasts):
+        for (tp, kind), first, begin, last in zip(tps, firsts, at_from, at_to):
             self._cursors.append(_Cursor(tp, kind, first, ends[tp]))
             self.stats.start_offsets[f"{tp.topic}[{tp.partition}]"] = first
-            self.stats.candidates += max(0, last - first)
+            self.stats.candidates += max(0, last - begin)
             consumer.seek(tp, first)
 
     async def _records_at(self, tp: TopicPartition, kind: str, offset: int, end: int) -> list[TimedMessage]:
@@ -230,15 +233,14 @@ class KafkaSelection:
                 hi = mid
         return lo + 1
 
-    async def _upper_bound(self, tp: TopicPartition, kind: str, first: int, end: int) -> int:
-        """About where reading will stop: the first offset found whose neighbours agree on a time >= to + D (or the
-        partition's end). The mirror of ``_lower_bound``, for the progress total only."""
-        stop_at = self.to_ms + self.disorder_ms
-        lo, hi = first - 1, end          # lo: not proven past the range; hi: proven (or the end)
+    async def _first_at(self, tp: TopicPartition, kind: str, time_ms: int, first: int, end: int) -> int:
+        """About where the partition reaches ``time_ms``: the first offset from ``first`` found whose neighbours
+        agree on a time >= it (or the partition's end). For the progress total only."""
+        lo, hi = first - 1, end          # lo: not found at or past the time; hi: found (or the end)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             probe = [m for m in await self._records_at(tp, kind, mid, end) if not m.fallback]
-            if probe and _median(probe).event_ms >= stop_at:
+            if probe and _median(probe).event_ms >= time_ms:
                 hi = mid
             else:
                 lo = mid
