@@ -16,7 +16,8 @@ import pytest
 from stream.cli import main
 from stream.kafka_io import RecordSender
 from stream.records import ScoredRecord, format_time
-from stream.replay.output import PartSink, alert_row, scored_row
+from stream.replay.backtest import event_study, load_prices
+from stream.replay.output import PartSink, alert_row, read_table, scored_row
 from stream.simulate import Shock, generate, shock_truth
 from tests.procs import write_config
 from tests.test_formats import make_alert
@@ -105,6 +106,19 @@ def test_precision_recall_lead_time_and_event_study_have_the_known_values(known_
     assert (report["model_version"], report["config_hash"]) == ("m-1", "cfg123")
     html = (known_run / "report.html").read_text()
     assert html.count("<svg") >= 5 and "model m-1 · config cfg123" in html
+
+
+def test_equal_sentiment_scores_fall_in_one_quantile_whatever_their_row_order(known_run, tmp_path):
+    """Before, quantiles were cut by rank in row order: of equal scores, some fell in one quintile and some in the
+    next, so a quintile's returns hung on the order the messages came in."""
+    prices, alerts = load_prices(str(tmp_path / "prices.csv")), read_table(known_run, "alerts")
+    scores = [-0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.6, 0.9]
+    for order in (scores, scores[::-1]):
+        frame = pd.DataFrame({"event_time": [pd.Timestamp(at(10 + i / 10)) for i in range(len(order))],
+                              "sentiment_score": order, "tickers": [["AAPL"]] * len(order)})
+        groups = [(q["score_min"], q["score_max"], q["n"]) for q in event_study(prices, alerts, frame)[
+            "by_sentiment_quantile"]]
+        assert groups == [(-0.9, 0.0, 7), (0.5, 0.5, 1), (0.6, 0.9, 2)], groups    # edges: 0.0 and 0.52
 
 
 def self_contained(html: str) -> bool:

@@ -264,8 +264,9 @@ def event_study(prices: pd.DataFrame, alerts: pd.DataFrame, scored: pd.DataFrame
                                                        "time": mentions["event_time"].to_numpy()}))
         points["score"] = mentions["sentiment_score"].to_numpy()
         bins = min(QUANTILES, len(points))
-        # Ranks, not raw scores: a discrete score (many ties) still splits into equal-sized groups.
-        points["quantile"] = pd.qcut(points["score"].rank(method="first"), bins, labels=False) + 1
+        # Equal scores share a group, whatever their row order: with many ties (a discrete score, a text repeated)
+        # groups are unequal, and where ties span an edge there are fewer of them.
+        points["quantile"] = pd.qcut(points["score"], bins, labels=False, duplicates="drop") + 1
         for q, group in points.groupby("quantile", sort=True):
             study["by_sentiment_quantile"].append({
                 "quantile": int(q), "n": int(len(group)), "score_min": float(group["score"].min()),
