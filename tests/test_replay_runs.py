@@ -18,7 +18,7 @@ from stream.replay.select import NEIGHBOURS
 from stream.topics import TopicNames, admin_client, ensure_topics
 from tests.procs import write_config
 from tests import test_replay
-from tests.test_replay import (RANGE, SIMULATION, T0, T2, broker_topics, expected_inputs, finpulse, interrupted_run,
+from tests.test_replay import (RANGE, T0, T2, broker_topics, expected_inputs, finpulse, interrupted_run,
                                replay)
 
 dataset = test_replay.dataset       # the same simulated stream, made once for this module too

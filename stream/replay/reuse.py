@@ -28,7 +28,6 @@ _FIELDS = ("topic", "topic_confidence", "sentiment", "sentiment_score")
 _LOOKUP_CHUNK = 500         # ids per query: well under SQLite's limit on bound parameters
 
 
-
 def _finished_run(version: str, *candidates: Path | None) -> Path | None:
     """The first of ``candidates`` that is a finished run scored by ``version``."""
     for directory in candidates:
