@@ -1,4 +1,5 @@
-"""One attempt at a delivery: the signed POST of a rendered body to an endpoint, and what its answer means.
+"""One attempt at a delivery: the signed request (a POST; a template endpoint's resolve may be a PUT or PATCH) of a
+rendered body to an endpoint, and what its answer means.
 
 The dispatcher decides when to attempt, how often, and what to record; this module only sends one request and
 turns whatever comes back (an answer, a timeout, a refused certificate, a blocked address) into an ``Outcome``:
@@ -13,6 +14,8 @@ delivered, worth retrying (and after how long the endpoint asked for), or failed
   or an HTTP date). Everything else fails at once: other 4xx, redirects (never followed), a blocked address, a
   certificate that fails verification, a proxy refusing our credentials.
 - Error texts keep the first 300 characters and never carry the endpoint's secrets (``Endpoint.scrub``).
+- A taken firing's answer is read whole (up to ``ANSWER_MAX``) where the endpoint names the incident it opened
+  there (``incident_id_from``): its resolve closes that one.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ USER_AGENT = "FinPulse-Dispatcher/1"
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 PAUSING_STATUS = frozenset({429, 503})   # a Retry-After on these pauses the whole endpoint, not one delivery
 ERROR_TEXT_MAX = 300
+ANSWER_MAX = 1 << 20      # a ServiceNow answer carries the whole record it created: some kilobytes
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Outcome:
     status: int | None = None
     retryable: bool = True
     retry_after: float | None = None
+    incident_id: str = ""       # a taken firing: the id its answer gave at the endpoint's incident_id_from
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -73,6 +78,18 @@ def classify(status: int, retry_after: str | None, body: bytes) -> Outcome:
                    retry_after=parse_retry_after(retry_after) if retryable else None)
 
 
+async def _read_up_to(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The answer's first ``limit`` bytes (all of it when shorter): one ``read`` may return less than is coming."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = await content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 class WebhookSender:
     """Sends one delivery's body to its endpoint: ``open()``, then ``send(...)`` as often as needed, then ``close()``."""
 
@@ -91,9 +108,11 @@ class WebhookSender:
             await session.close()
         self._sessions = {}
 
-    async def send(self, endpoint: Endpoint, webhook_id: str, body: bytes, url: str | None = None) -> Outcome:
-        """POST ``body`` to ``endpoint`` (at ``url``, a template endpoint's resolve, else at its url), signed under
-        ``webhook_id``; never raises for what the network does."""
+    async def send(self, endpoint: Endpoint, webhook_id: str, body: bytes, url: str | None = None,
+                   method: str = "POST") -> Outcome:
+        """Send ``body`` to ``endpoint`` (at ``url``, a template endpoint's resolve, else at its url; with
+        ``method``, a resolve's ``resolve_method``), signed under ``webhook_id``; never raises for what the network
+        does. A taken request's answer gives ``incident_id`` where the endpoint reads one (``incident_id_from``)."""
         # A filled resolve_url is sent as it is (encoded): a client would resolve a "%2E%2E" a value made.
         target = yarl.URL(url, encoded=True) if url else endpoint.url.reveal()
         url = url or endpoint.url.reveal()
@@ -115,11 +134,16 @@ class WebhookSender:
                 # An http request goes to the proxy as it is, so the proxy's credentials travel in it; aiohttp sends
                 # proxy_headers with a CONNECT (https targets) only, and there they stay between us and the proxy.
                 headers.update(proxy.headers())
-            async with session.post(target, data=body, headers=headers, allow_redirects=False, ssl=endpoint.tls,
-                                    proxy=proxy.url if proxy else None, proxy_headers=proxy.headers() if proxy else None,
-                                    timeout=aiohttp.ClientTimeout(total=endpoint.settings.timeout_s)) as response:
-                answer = await response.content.read(200)
+            async with session.request(method, target, data=body, headers=headers, allow_redirects=False,
+                                       ssl=endpoint.tls, proxy=proxy.url if proxy else None,
+                                       proxy_headers=proxy.headers() if proxy else None,
+                                       timeout=aiohttp.ClientTimeout(total=endpoint.settings.timeout_s)) as response:
+                # An error's first words are enough for the record; an answer that names an incident is read whole.
+                reads_id = bool(endpoint.settings.incident_id_from) and 200 <= response.status < 300
+                answer = await _read_up_to(response.content, ANSWER_MAX if reads_id else 200)
                 outcome = classify(response.status, response.headers.get("Retry-After"), answer)
+                if reads_id:
+                    outcome = replace(outcome, incident_id=endpoint.incident_id_in(answer))
         except BlockedAddressError as exc:
             outcome = Outcome(ok=False, retryable=False, error=str(exc))
         except aiohttp.ClientConnectorCertificateError as exc:

@@ -86,6 +86,7 @@ class DeliveryState(_Record):
     group_label: str = ""              # a group notification's group, e.g. "key_type=topic"
     silence: str = ""                  # silenced: the id of the silence that withheld it
     unsilenced_at: datetime | None = None  # when it was taken on again because its silence had ended
+    incident_id: str = ""              # a delivered firing: the id the endpoint's answer gave (incident_id_from)
 
     _time_fields: ClassVar[tuple[str, ...]] = ("created_at", "updated_at", "deadline_at", "next_attempt_at",
                                                "delivered_at", "requeued_at", "unsilenced_at")

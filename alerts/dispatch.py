@@ -787,7 +787,12 @@ class Dispatcher:
                 continue
             attempts = state.attempts + 1
             if outcome.ok:
-                await self._finish(replace(state, attempts=attempts), DELIVERED, "", outcome.status)
+                if endpoint.settings.incident_id_from and state.alert_status == "firing" and not outcome.incident_id:
+                    log.warning("delivery %s to %s: taken, but its answer has nothing at %s: the episode's resolve "
+                                "cannot say which incident to close", state.event_id, endpoint.name,
+                                endpoint.settings.incident_id_from)
+                await self._finish(replace(state, attempts=attempts, incident_id=outcome.incident_id), DELIVERED, "",
+                                   outcome.status)
                 return True
             if not outcome.retryable:
                 await self._finish(replace(state, attempts=attempts), FAILED, outcome.error, outcome.status)
@@ -850,13 +855,13 @@ class Dispatcher:
                         else "permanent").inc()
         return outcome
 
-    def _request(self, endpoint: Endpoint, state: DeliveryState) -> tuple[bytes, str | None]:
-        """The body of this delivery's next attempt, and where it goes (None: the endpoint's url; a template
-        endpoint's resolve may go to its ``resolve_url``)."""
+    def _request(self, endpoint: Endpoint, state: DeliveryState) -> tuple[bytes, str | None, str]:
+        """The body of this delivery's next attempt, where it goes (None: the endpoint's url; a template endpoint's
+        resolve may go to its ``resolve_url``) and the method (a template endpoint's resolve: ``resolve_method``)."""
         if not state.is_group:
             alert = state.alert_record
             ctx = self._context(endpoint, state, alert)
-            return render(endpoint.format, alert, ctx), endpoint.url_for(alert, ctx)
+            return render(endpoint.format, alert, ctx), endpoint.url_for(alert, ctx), endpoint.method_for(alert)
         members = [self.log.get(key) for key in state.members]
         group = GroupContext(webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name,
                              label=state.group_label, attempt=state.attempts + 1, sent_at=format_time(utcnow()),
@@ -864,29 +869,32 @@ class Dispatcher:
         # Each member as it would have gone alone: its own event id and webhook-id, this attempt's number.
         return render_group(endpoint.format, group, [
             (m.alert_record, self._context(endpoint, replace(m, attempts=state.attempts), m.alert_record))
-            for m in members]), None
+            for m in members]), None, "POST"
 
     async def _attempt(self, endpoint: Endpoint, state: DeliveryState) -> Outcome:
         try:
-            body, url = self._request(endpoint, state)
-        except ValueError as exc:  # a group notification whose endpoint's format no longer takes groups
+            body, url, method = self._request(endpoint, state)
+        except ValueError as exc:  # a group its endpoint's format no longer takes; a resolve with no incident to close
             return Outcome(ok=False, retryable=False, error=f"{exc}; not retried"[:ERROR_TEXT_MAX])
         except Exception as exc:  # noqa: BLE001 - a body that cannot be rendered now never will be: say so, go on
             log.exception("cannot render %s for %s", state.event_id, endpoint.name)
             return Outcome(ok=False, retryable=False, error=f"cannot render the {endpoint.format} body: "
                                                             f"{type(exc).__name__}: {exc}; not retried"[:ERROR_TEXT_MAX])
-        return await self._sender.send(endpoint, state.webhook_id, body, url)
+        return await self._sender.send(endpoint, state.webhook_id, body, url, method)
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
         # What this endpoint was sent of the episode before this event: a resolve follows all of it, a firing or an
         # escalation only the lower severities. An expired or silenced delivery was never sent.
-        before = [s.alert_severity for s in self._given(alert, endpoint.name) if s.state not in (EXPIRED, SILENCED)
+        given = self._given(alert, endpoint.name)
+        before = [s.alert_severity for s in given if s.state not in (EXPIRED, SILENCED)
                   and (alert.status == "resolved" or severity_rank(s.alert_severity) < severity_rank(alert.severity))]
         return DeliveryContext(
             webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name, attempt=state.attempts + 1,
             sent_at=format_time(utcnow()), dashboard_url=self.options.dashboard_url,
             routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
-            sent_severities=tuple(dict.fromkeys(before)), template=body_template(endpoint.settings, alert))
+            sent_severities=tuple(dict.fromkeys(before)), template=body_template(endpoint.settings, alert),
+            # The firing's answer named the incident (its escalations', if they opened others, do not: it comes first).
+            incident_id=next((s.incident_id for s in given if s.incident_id), ""))
 
 
 def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpoint], bool]) -> list[Endpoint]:

@@ -28,6 +28,9 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
     resolve_url = ""                            # format = "template": where a resolve goes instead of url, e.g.
                                                 # ".../v2/alerts/{alert_id}/close" (or resolve_url_env = "VAR")
     resolve_template = {}                       # format = "template": a resolve's body there (default: template)
+    incident_id_from = ""                       # format = "template": JSON pointer into the answer to the firing,
+                                                # e.g. "/result/sys_id": its value is {incident_id} for the resolve
+    resolve_method = "POST"                     # format = "template": POST | PUT | PATCH for a resolve
     secret_env = "FINPULSE_WEBHOOK_SECRET"      # env var(s) holding whsec_ secrets; several keys = rotation
     routing_key_env = ""                        # PagerDuty: env var holding the integration's routing key
     allow_private = false                       # true: may target private/loopback/link-local addresses
@@ -80,6 +83,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -96,7 +100,8 @@ from stream.records import SEVERITIES, severity_rank
 from .formats import EVENT_KINDS, GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELD_VALUES, TEMPLATE_FIELDS, template_fields
 from .grouping import GroupPolicy, check_grouping
 from .signing import decode_secret, split_secrets
-from .templates import SECRET_NAME, check_template, check_url_template, fill_url
+from .templates import (SECRET_NAME, at_json_pointer, check_json_pointer, check_template, check_url_template,
+                        fields_used, fill_url)
 from .transport import Proxy, check_connection, check_headers, check_proxy_url, host_and_port, tls_context
 
 FORMATS = ("native", "slack", "teams", "pagerduty", "alertmanager", "template")
@@ -136,6 +141,8 @@ class EndpointSettings:
     resolve_url: str = ""          # a URL template: fields fill its path and query (alerts.templates.fill_url)
     resolve_url_env: str = ""
     resolve_template: Any = None
+    incident_id_from: str = ""     # a JSON pointer into the answer to the firing: {incident_id} (templates)
+    resolve_method: str = "POST"
 
 
 @dataclass
@@ -361,8 +368,11 @@ def _validate(config: AlertDeliveryConfig) -> None:
 
 def _check_templates(ep: EndpointSettings, where: str) -> None:
     """A template endpoint has its body template(s), parsed and checked here once; no other endpoint has any."""
-    given = [name for name in ("template", "group_template", "resolve_url", "resolve_url_env", "resolve_template")
-             if getattr(ep, name) not in (None, "", {})]
+    ep.resolve_method = str(ep.resolve_method).upper()
+    given = [name for name in ("template", "group_template", "resolve_url", "resolve_url_env", "resolve_template",
+                               "incident_id_from") if getattr(ep, name) not in (None, "", {})]
+    if ep.resolve_method != "POST":
+        given.append("resolve_method")
     if ep.format != "template":
         if given:
             raise ConfigError(f"{where}: {' and '.join(given)} only {'means' if len(given) == 1 else 'mean'} something "
@@ -380,6 +390,29 @@ def _check_templates(ep: EndpointSettings, where: str) -> None:
             raise ConfigError(f"{where}: group_template is only sent with group_by; set group_by or remove it")
         ep.group_template = check_template(ep.group_template, GROUP_TEMPLATE_FIELDS, f"{where} group_template")
     _check_resolve(ep, given, where)
+    _check_incident_id(ep, where)
+
+
+def _check_incident_id(ep: EndpointSettings, where: str) -> None:
+    """``incident_id_from`` names where the answer to a firing holds the tool's id for what it opened; a resolve
+    fills ``{incident_id}`` with it (and is sent with ``resolve_method``)."""
+    if ep.resolve_method not in RESOLVE_METHODS:
+        raise ConfigError(f"{where}: resolve_method must be one of {', '.join(RESOLVE_METHODS)}, not "
+                          f"{ep.resolve_method!r}")
+    uses = sorted(name for name in ("template", "resolve_url", "resolve_template")
+                  if "incident_id" in fields_used(getattr(ep, name)))
+    if not ep.incident_id_from:
+        if uses:
+            raise ConfigError(f"{where}: {' and '.join(uses)} fill {{incident_id}}, which comes from the answer to "
+                              f"the firing: set incident_id_from, a JSON pointer to it (e.g. \"/result/sys_id\")")
+        return
+    check_json_pointer(ep.incident_id_from, f"{where} incident_id_from")
+    if ep.group_by:
+        raise ConfigError(f"{where}: incident_id_from cannot go with group_by: a group notification opens one thing "
+                          f"for many episodes")
+    if ep.events and not {"firing", "resolved"} <= set(ep.events):
+        raise ConfigError(f"{where}: incident_id_from reads the answer to a firing for its resolve, and events = "
+                          f"{ep.events} does not take both")
 
 
 def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
@@ -405,6 +438,9 @@ def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
     if "resolve_template" in given:
         ep.resolve_template = check_template(ep.resolve_template, TEMPLATE_FIELDS, f"{where} resolve_template",
                                              TEMPLATE_FIELD_VALUES)
+
+
+RESOLVE_METHODS = ("POST", "PUT", "PATCH")
 
 
 def check_same_origin(url: str, resolve_url: str, where: str) -> None:
@@ -491,6 +527,9 @@ class Endpoint:
             from_env = f"{where} (resolve_url from ${settings.resolve_url_env})"
             check_url(resolve_url, settings.allow_private, from_env)
             check_url_template(resolve_url, TEMPLATE_FIELDS, from_env, TEMPLATE_FIELD_VALUES)
+            if "incident_id" in fields_used(resolve_url) and not settings.incident_id_from:
+                raise ConfigError(f"{from_env}: it fills {{incident_id}}, which comes from the answer to the firing: "
+                                  f"set incident_id_from, a JSON pointer to it (e.g. \"/result/sys_id\")")
         if settings.resolve_url_env or (resolve_url and settings.url_env):
             check_same_origin(url, resolve_url, where)
         self.resolve_url = Secret(resolve_url) if resolve_url else None
@@ -537,9 +576,26 @@ class Endpoint:
     def url_for(self, alert, ctx) -> str | None:
         """Where this endpoint takes ``alert`` (sent under ``ctx``, an ``alerts.formats.DeliveryContext``): a
         resolve's ``resolve_url`` filled with its fields, when the endpoint has one; None: its url."""
+        if alert.status == "resolved" and self.settings.incident_id_from and not ctx.incident_id:
+            # Sent without it, a resolve would update the collection (PATCH .../incident/) or nothing at all.
+            raise ValueError(f"no incident id to resolve: {self.name!r} answered the episode's firing with nothing "
+                             f"at {self.settings.incident_id_from} (or the firing was not delivered), so it cannot "
+                             f"say which incident to close")
         if self.resolve_url is None or alert.status != "resolved":
             return None
         return fill_url(self.resolve_url.reveal(), template_fields(alert, ctx))
+
+    def method_for(self, alert) -> str:
+        """The HTTP method ``alert`` is sent with: a template endpoint's ``resolve_method`` for a resolve, else POST."""
+        return self.settings.resolve_method if alert.status == "resolved" else "POST"
+
+    def incident_id_in(self, answer: bytes) -> str:
+        """The id at ``incident_id_from`` in the answer to a firing, as text; "" where there is none."""
+        try:
+            found = at_json_pointer(json.loads(answer), self.settings.incident_id_from)
+        except ValueError:
+            return ""
+        return str(found) if isinstance(found, (str, int)) and not isinstance(found, bool) and found != "" else ""
 
     def scrub(self, text: str, sent_to: str = "") -> str:
         """``text`` with every secret of this endpoint replaced by ***: error messages can echo URLs or keys, and

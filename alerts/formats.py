@@ -77,6 +77,7 @@ class DeliveryContext:
     # the Alertmanager label sets this event must end.
     sent_severities: tuple[str, ...] = ()
     template: Any = None           # the template format's body template (checked when the config was loaded)
+    incident_id: str = ""          # what the endpoint answered the episode's firing with, at its incident_id_from
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,8 @@ TEMPLATE_FIELDS: dict[str, str] = {
     "attempt": "this attempt's number (1 for the first)",
     "sent_at": "when this attempt was sent",
     "alert": "the whole alert record, as the native format's data",
+    "incident_id": "the id this endpoint's tool answered the episode's firing with, read at its incident_id_from (a "
+                   "ServiceNow sys_id, a Jira issue key): where a resolve closes it; \"\" until the firing is answered",
 }
 
 # The fields whose values are a fixed set: a |map: name outside it could never match (the config check says so).
@@ -408,7 +411,7 @@ def template_fields(alert: AlertRecord, ctx: DeliveryContext) -> dict[str, Any]:
         "messages_text": "\n".join(f"{_num(m.get('sentiment_score'))}  {m.get('text', '')}" for m in alert.messages),
         "dashboard_link": dashboard_link(alert, ctx.dashboard_url), "model_version": alert.model_version,
         "run_id": alert.run_id, "endpoint": ctx.endpoint, "attempt": ctx.attempt, "sent_at": ctx.sent_at,
-        "alert": record,
+        "alert": record, "incident_id": ctx.incident_id,
     }
 
 

@@ -2,7 +2,8 @@
 
 The preview renders an example episode (its firing, an escalation and its resolve, and the group notifications
 they would make when the endpoint groups: one per group its ``group_by`` puts them in) in the endpoint's format, so
-a template can be tried before any alert fires; a resolve that goes to a ``resolve_url`` says where. It needs
+a template can be tried before any alert fires; a resolve that goes to a ``resolve_url`` says where (with an example
+``{incident_id}`` where the endpoint reads one from the answer to the firing). It needs
 neither Kafka nor the endpoint's secrets: a PagerDuty routing key shows as ``***``, a URL from the environment by
 its variable's name.
 """
@@ -20,6 +21,9 @@ from .formats import (GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, DeliveryContext, G
                       render_group, template_fields)
 from .grouping import GroupPolicy
 from .templates import FILTERS, fill_url
+
+
+EXAMPLE_INCIDENT_ID = "INC0010042"    # what a tool answering the firing might have named its incident
 
 
 def example_episode() -> list[AlertRecord]:
@@ -58,7 +62,7 @@ def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
         contexts.append((alert, DeliveryContext(
             webhook_id=f"msg_example{n}", event_id=alert.event_id, endpoint=name, sent_at=sent_at,
             dashboard_url=dashboard_url, routing_key="***", template=body_template(endpoint, alert),
-            sent_severities=sent_before)))
+            sent_severities=sent_before, incident_id=EXAMPLE_INCIDENT_ID if n and endpoint.incident_id_from else "")))
     parts = [f"# {alert.event_kind}{_elsewhere(endpoint, alert, ctx)}\n{_pretty(render(endpoint.format, alert, ctx))}"
              for alert, ctx in contexts]
     policy = GroupPolicy.of(endpoint)
@@ -81,11 +85,12 @@ def _elsewhere(endpoint: EndpointSettings, alert: AlertRecord, ctx: DeliveryCont
     """Where a resolve goes when it does not go to the endpoint's url (a secret URL is named, not shown)."""
     if alert.status != "resolved":
         return ""
+    method = f", {endpoint.resolve_method}" if endpoint.resolve_method != "POST" else ""
     if endpoint.resolve_url_env:
-        return f", to the URL in ${endpoint.resolve_url_env}"
+        return f"{method or ','} to the URL in ${endpoint.resolve_url_env}"
     if endpoint.resolve_url:
-        return f", to {fill_url(endpoint.resolve_url, template_fields(alert, ctx))}"
-    return ""
+        return f"{method or ','} to {fill_url(endpoint.resolve_url, template_fields(alert, ctx))}"
+    return method and f"{method} to its url"
 
 
 def fields_help() -> str:

@@ -1,12 +1,14 @@
 """``finpulse receiver``: a webhook receiver for the demo and the tests that trusts only what is signed.
 
-Every POST (any path) must carry valid Standard Webhooks headers signed with one of the secrets in the environment
-variable ``--secret-env`` (several, space-separated, during a key rotation). Answers:
+Every POST, PUT or PATCH (any path) must carry valid Standard Webhooks headers signed with one of the secrets in
+the environment variable ``--secret-env`` (several, space-separated, during a key rotation). Answers:
 
-- 200 ``{"ok": true}``: verified and stored (one JSON line in ``--store``) and printed;
-- 200 ``{"ok": true, "duplicate": true}``: a ``webhook-id`` already stored. Replays are acknowledged without being
-  stored again (idempotent), so a sender that resends after a lost acknowledgement stops retrying; the count is
-  kept per id under ``duplicates``. A captured request replayed later is refused anyway: its timestamp goes stale.
+- 200 ``{"ok": true, "id": "3"}``: verified and stored (one JSON line in ``--store``) and printed; ``id`` numbers
+  what was stored, as a ticketing tool names the ticket it opened (an endpoint's ``incident_id_from = "/id"``);
+- 200 ``{"ok": true, "duplicate": true, "id": ...}``: a ``webhook-id`` already stored (its first ``id``). Replays are
+  acknowledged without being stored again (idempotent), so a sender that resends after a lost acknowledgement stops
+  retrying; the count is kept per id under ``duplicates``. A captured request replayed later is refused anyway: its
+  timestamp goes stale.
 - 400: the webhook headers are missing or the timestamp is not a number;
 - 401: the signature matches no secret (tampered body, wrong key) or the timestamp is outside ``--tolerance``
   (stale or in the future).
@@ -60,7 +62,7 @@ class Receiver:
             raise ConfigError("the receiver needs at least one whsec_ secret")
         self.options = options
         self.items: list[dict] = []
-        self.seen: set[str] = set()
+        self.seen: dict[str, str] = {}          # webhook-id -> the id its item was stored under
         self.duplicates: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.injected: Counter[str] = Counter()
@@ -72,13 +74,14 @@ class Receiver:
                 if line.strip():
                     item = json.loads(line)
                     self.items.append(item)
-                    self.seen.add(item["webhook_id"])
+                    self.seen.setdefault(item["webhook_id"], item.get("id", str(len(self.items))))
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_get("/received", self._received)
         app.router.add_get("/healthz", self._healthz)
-        app.router.add_post("/{path:.*}", self._webhook)
+        for method in ("POST", "PUT", "PATCH"):
+            app.router.add_route(method, "/{path:.*}", self._webhook)
         return app
 
     async def _webhook(self, request: web.Request) -> web.Response:
@@ -87,8 +90,9 @@ class Receiver:
         if self.options.delay_s:
             await asyncio.sleep(self.options.delay_s)
         response = self._answer(request, body)
-        self.requests.append({"at": arrived, "path": request.path, "target": request.raw_path,
-                              "status": response.status, "webhook_id": request.headers.get(HEADER_ID)})
+        self.requests.append({"at": arrived, "method": request.method, "path": request.path,
+                              "target": request.raw_path, "status": response.status,
+                              "webhook_id": request.headers.get(HEADER_ID)})
         return response
 
     def _answer(self, request: web.Request, body: bytes) -> web.Response:
@@ -112,22 +116,25 @@ class Receiver:
             return web.json_response({"error": exc.reason, "detail": exc.detail}, status=status)
         if msg_id in self.seen:
             self.duplicates[msg_id] += 1
-            return web.json_response({"ok": True, "duplicate": True})
-        self._store(request.path, msg_id, body)
-        return web.json_response({"ok": True})
+            return web.json_response({"ok": True, "duplicate": True, "id": self.seen[msg_id]})
+        return web.json_response({"ok": True, "id": self._store(request, msg_id, body)})
 
-    def _store(self, path: str, msg_id: str, body: bytes) -> None:
+    def _store(self, request: web.Request, msg_id: str, body: bytes) -> str:
         try:
             payload = json.loads(body)
         except ValueError:
             payload = body.decode("utf-8", "replace")
-        item = {"received_at": format_time(utcnow()), "path": path, "webhook_id": msg_id, "payload": payload}
-        self.seen.add(msg_id)
+        item_id = str(len(self.items) + 1)
+        item = {"received_at": format_time(utcnow()), "path": request.path, "method": request.method, "id": item_id,
+                "webhook_id": msg_id, "payload": payload}
+        self.seen[msg_id] = item_id
         self.items.append(item)
         if self.options.store:
             with self.options.store.open("a", encoding="utf-8") as out:
                 out.write(json.dumps(item, ensure_ascii=False) + "\n")
-        self._say(f"RECEIVED {path} {msg_id}: {describe_payload(payload)}")
+        self._say(f"RECEIVED {'' if request.method == 'POST' else request.method + ' '}{request.path} {msg_id}: "
+                  f"{describe_payload(payload)}")
+        return item_id
 
     def _say(self, line: str) -> None:
         if not self.options.quiet:

@@ -33,7 +33,10 @@ configuration, shown by ``finpulse dispatch --preview``), and a literal value un
 A tool that ends an incident at another address (Opsgenie's ``/v2/alerts/{alias}/close``) takes the resolve there:
 ``resolve_url`` is a URL template (``check_url_template``, ``fill_url``) whose path and query take the same fields,
 each percent-encoded, and ``resolve_template`` the resolve's body. Its scheme, host and port are fixed text: an
-alert's data never chooses where a request goes.
+alert's data never chooses where a request goes. A tool that names the incident it opened in its answer (a
+ServiceNow ``sys_id``, a Jira issue key) is closed by that name: ``incident_id_from`` is a JSON pointer into the
+answer to the firing (``check_json_pointer``, ``at_json_pointer``), and ``{incident_id}`` the value found there,
+with ``resolve_method`` (POST, PUT or PATCH) for a tool that updates a record in place.
 """
 from __future__ import annotations
 
@@ -148,6 +151,33 @@ def fill_url(url: str, fields: Mapping[str, Any]) -> str:
     path = "/".join(segment.replace(".", "%2E") if segment in (".", "..") else segment
                     for segment in parts.path.split("/"))
     return urlunsplit(parts._replace(path=path))
+
+
+def fields_used(template: Any) -> set[str]:
+    """The names of the fields a (checked) template or URL template fills."""
+    return {token.group(1).split("|")[0] for text in _strings(template) for token in _TOKEN.finditer(text)
+            if token.group(1)}
+
+
+def check_json_pointer(pointer: str, where: str) -> str:
+    """``pointer`` after checking that it is a JSON pointer (RFC 6901: "/result/sys_id", "/key", "/0/id")."""
+    if not pointer.startswith("/") or re.search(r"~[^01]|~$", pointer):
+        raise ConfigError(f"{where}: {_shown(pointer)!r} is not a JSON pointer into the answer: write it as "
+                          f"\"/result/sys_id\" (ServiceNow) or \"/key\" (Jira), each step after a /")
+    return pointer
+
+
+def at_json_pointer(document: Any, pointer: str) -> Any:
+    """The value at ``pointer`` (checked by ``check_json_pointer``) in ``document``; None where there is none."""
+    for step in pointer[1:].split("/"):
+        step = step.replace("~1", "/").replace("~0", "~")
+        if isinstance(document, Mapping):
+            document = document.get(step)
+        elif isinstance(document, list) and step.isdigit() and int(step) < len(document):
+            document = document[int(step)]
+        else:
+            return None
+    return document
 
 
 def _check_placeholder(inner: str, fields: Mapping[str, str], where: str,

@@ -5,7 +5,8 @@ takes the body, the signature or the token. The test sends a test episode, marke
 shows (its key is "FinPulse test", its summary says nothing is wrong), as the endpoint would get a real one: its
 firing, then its resolve so that a tool that opened an incident closes it again, each rendered in the endpoint's
 format (a group notification when the endpoint groups) and sent by the dispatcher's own sender (the address guard,
-TLS, proxy, headers, signing, a ``resolve_url``). Each gets one attempt, and what the endpoint answered is printed.
+TLS, proxy, headers, signing, a ``resolve_url``, the incident id the firing's answer named). Each gets one attempt,
+and what the endpoint answered is printed.
 
 The endpoint's ``events`` are kept (an endpoint that takes firings only is sent the firing only); its severity and
 key filters, silences and inhibition are not: the test alert has the endpoint's ``min_severity`` and is sent
@@ -54,7 +55,7 @@ async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: fl
         f"{endpoint.display_url}): {', '.join(a.event_kind for a in episode) or 'nothing: its events take neither'}")
     sender = WebhookSender()
     sender.open()
-    failed = 0
+    failed, incident_id = 0, ""
     try:
         for n, alert in enumerate(episode):
             if alert.status == "resolved" and n and not failed and resolve_after_s > 0:   # nothing opened: go on
@@ -65,9 +66,13 @@ async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: fl
                     out(f"  stopped before the resolve: test alert {alert.id} stays open at {name!r} if it opened "
                         f"there; close it there")
                     raise
-            outcome, webhook_id = await _send(sender, endpoint, alert, config.options.dashboard_url)
+            outcome, webhook_id = await _send(sender, endpoint, alert, config.options.dashboard_url, incident_id)
             failed += not outcome.ok
-            out(f"  {alert.event_kind:<9} {_said(outcome)} (webhook-id {webhook_id})")
+            incident_id = incident_id or outcome.incident_id
+            named = (f", incident {outcome.incident_id}" if outcome.incident_id else
+                     f", but nothing at {settings.incident_id_from} in its answer" if outcome.ok and
+                     settings.incident_id_from and alert.status == "firing" else "")
+            out(f"  {alert.event_kind:<9} {_said(outcome)}{named} (webhook-id {webhook_id})")
     finally:
         await sender.close()
     if failed:
@@ -76,20 +81,22 @@ async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: fl
     return 1 if failed else 0
 
 
-async def _send(sender: WebhookSender, endpoint: Endpoint, alert: AlertRecord,
-                dashboard_url: str) -> tuple[Outcome, str]:
+async def _send(sender: WebhookSender, endpoint: Endpoint, alert: AlertRecord, dashboard_url: str,
+                incident_id: str) -> tuple[Outcome, str]:
     webhook_id = f"msg_{alert.id.replace('-', '_')}_{alert.status}"
     sent_at = format_time(utcnow())
     ctx = DeliveryContext(webhook_id=webhook_id, event_id=alert.event_id, endpoint=endpoint.name, sent_at=sent_at,
                           dashboard_url=dashboard_url,
                           routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
                           sent_severities=(alert.severity,) if alert.status == "resolved" else (),
-                          template=body_template(endpoint.settings, alert))
-    url = None
+                          template=body_template(endpoint.settings, alert), incident_id=incident_id)
+    try:
+        url = endpoint.url_for(alert, ctx) if endpoint.grouping is None else None
+    except ValueError as exc:   # a resolve with no incident to close: a delivery records the same
+        return Outcome(ok=False, retryable=False, error=str(exc)), webhook_id
     try:
         if endpoint.grouping is None:
             body = render(endpoint.format, alert, ctx)
-            url = endpoint.url_for(alert, ctx)
         else:
             group = GroupContext(webhook_id=webhook_id, event_id=f"{alert.event_id}:test-group", endpoint=endpoint.name,
                                  label=endpoint.grouping.label(alert), sent_at=sent_at, dashboard_url=dashboard_url,
@@ -98,7 +105,7 @@ async def _send(sender: WebhookSender, endpoint: Endpoint, alert: AlertRecord,
     except Exception as exc:  # noqa: BLE001 - say it, as a delivery would record it
         return Outcome(ok=False, retryable=False, error=f"cannot render the {endpoint.format} body: "
                                                         f"{type(exc).__name__}: {endpoint.scrub(str(exc))}"), webhook_id
-    return await sender.send(endpoint, webhook_id, body, url), webhook_id
+    return await sender.send(endpoint, webhook_id, body, url, endpoint.method_for(alert)), webhook_id
 
 
 def _said(outcome: Outcome) -> str:

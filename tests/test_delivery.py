@@ -252,15 +252,21 @@ def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path, p
                    RISK_GATEWAY_AUTH="Bearer gateway-token", FINPULSE_RISK_PROXY_URL="http://finpulse:pw@proxy.bank.internal:3128",
                    FINPULSE_GOOGLE_CHAT_URL="https://chat.googleapis.com/v1/spaces/S/messages?key=K&token=T",
                    FINPULSE_SPLUNK_AUTH="Splunk 00000000-0000-0000-0000-000000000000",
-                   FINPULSE_OPSGENIE_AUTH="GenieKey 00000000-0000-0000-0000-000000000000")
+                   FINPULSE_OPSGENIE_AUTH="GenieKey 00000000-0000-0000-0000-000000000000",
+                   FINPULSE_SERVICENOW_AUTH="Basic ZmlucHVsc2U6cHc=", FINPULSE_JIRA_AUTH="Basic ZmlucHVsc2U6dG9rZW4=")
     plain = load_delivery_config(load_settings(REPO / "finpulse.example.toml", environ={}))
     assert [e.name for e in plain.endpoints] == ["demo-receiver"]
     config = load_delivery_config(load_settings(path, environ={}))
     endpoints = build_endpoints(config, environ)
     assert [e.name for e in endpoints] == ["demo-receiver", "risk-desk", "risk-gateway", "slack-markets", "teams-risk",
-                                           "pagerduty-risk", "alertmanager", "google-chat", "splunk", "opsgenie"]
+                                           "pagerduty-risk", "alertmanager", "google-chat", "splunk", "opsgenie",
+                                           "servicenow", "jira"]
     assert endpoints[8].settings.template == {"sourcetype": "finpulse:alert", "source": "finpulse", "event": "{alert}"}
     assert endpoints[9].resolve_url.reveal().endswith("/v2/alerts/{episode_id}/close?identifierType=alias")
+    servicenow, jira = endpoints[10:]
+    assert (servicenow.settings.incident_id_from, servicenow.settings.resolve_method) == ("/result/sys_id", "PATCH")
+    assert (jira.settings.incident_id_from, jira.settings.resolve_method) == ("/key", "POST")
+    assert jira.settings.template["fields"]["project"] == {"key": "RISK"}
     assert len(endpoints[1].signing_secrets) == 2 and endpoints[5].url.reveal() == "https://events.pagerduty.com/v2/enqueue"
     gateway = endpoints[2]
     assert gateway.request_headers() == {"X-Team": "risk", "Authorization": "Bearer gateway-token"}

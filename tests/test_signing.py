@@ -112,8 +112,8 @@ def test_receiver_accepts_signed_rejects_tampered_wrong_key_stale_and_replays(tm
             await runner.cleanup()
 
     results, seen = asyncio.run(scenario())
-    assert results["good"] == (200, {"ok": True})
-    assert results["replay"] == (200, {"ok": True, "duplicate": True})
+    assert results["good"] == (200, {"ok": True, "id": "1"})
+    assert results["replay"] == (200, {"ok": True, "duplicate": True, "id": "1"})    # what it was stored as
     assert results["tampered"][0] == 401 and results["tampered"][1]["error"] == "bad_signature"
     assert results["wrong_key"][0] == 401 and results["wrong_key"][1]["error"] == "bad_signature"
     assert results["stale"][0] == 401 and results["stale"][1]["error"] == "stale_timestamp"
@@ -125,7 +125,7 @@ def test_receiver_accepts_signed_rejects_tampered_wrong_key_stale_and_replays(tm
     lines = store.read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["payload"]["data"]["id"] == "a1"
     # A restarted receiver remembers what it stored: the replay is still recognised.
-    assert "msg_good" in Receiver(ReceiverOptions(secrets=[secret], store=store, quiet=True)).seen
+    assert Receiver(ReceiverOptions(secrets=[secret], store=store, quiet=True)).seen == {"msg_good": "1"}
 
 
 def test_receiver_failure_injection_then_success():

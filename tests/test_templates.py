@@ -2,16 +2,18 @@
 types, escapes), what the config refuses, and delivery over real HTTP by a real dispatcher from a real broker."""
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timezone
 
 import pytest
 
-from alerts.deliveries import delivery_key, webhook_id
-from alerts.endpoints import load_delivery_config
+from alerts.deliveries import DELIVERED, FAILED, delivery_key, webhook_id
+from alerts.endpoints import Endpoint, load_delivery_config
 from alerts.formats import (GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, GroupContext, group_template_fields, render,
                             render_group, template_fields)
 from alerts.receiver import Receiver, ReceiverOptions
+from alerts.templates import at_json_pointer
 from alerts.signing import generate_secret
 from stream.config import ConfigError, Settings, load_settings
 from tests.test_formats import ctx, make_alert
@@ -187,6 +189,19 @@ def test_a_group_template_lists_every_event_most_severe_first():
     (dict(template=GOOGLE_CHAT, url="https://chat.example.com/v1/spaces/S/messages?key=K&token=LITERALTOKEN"),
      "url carries a secret in its query (key, token=), so it is a secret and never a value in the config: put the "
      "URL in an environment variable and name that in url_env"),
+    (dict(format="native", secret_env="T_S", incident_id_from="/id"), "incident_id_from only means something with"),
+    (dict(format="native", secret_env="T_S", resolve_method="PATCH"), "resolve_method only means something with"),
+    (dict(template=GOOGLE_CHAT, resolve_method="DELETE"), "resolve_method must be one of POST, PUT, PATCH, not 'DELETE'"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="result.sys_id"),
+     "incident_id_from: 'result.sys_id' is not a JSON pointer into the answer: write it as \"/result/sys_id\""),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/a~2b"), "is not a JSON pointer"),
+    (dict(template=GOOGLE_CHAT, resolve_url="https://chat.example.com/incident/{incident_id}"),
+     "resolve_url fill {incident_id}, which comes from the answer to the firing: set incident_id_from, a JSON "
+     "pointer to it"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", group_by=["all"], group_template={"text": "{lines}"}),
+     "incident_id_from cannot go with group_by"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", events=["firing"]),
+     "incident_id_from reads the answer to a firing for its resolve, and events = ['firing'] does not take both"),
 ])
 def test_the_config_refuses_a_template_that_cannot_work(endpoint, refusal):
     with pytest.raises(ConfigError) as caught:
@@ -309,6 +324,74 @@ def test_a_resolve_goes_to_its_resolve_url_with_its_own_body_over_http(fp_settin
                                                                  dots_note),
         ("/env", '{"alias": "dots", "priority": "P3"}'), ("/env/dots/close", '{"alias": "dots", "priority": "P3"}')])
     assert targets[webhook_id(delivery_key(resolved.event_id, "og-env"))] == "/env/og/close"
+
+
+def test_a_json_pointer_reads_the_id_a_tool_answered_with():
+    answer = {"result": {"sys_id": "9d3", "a/b": {"~x": 7}}, "list": [{"key": "RISK-12"}], "flag": True}
+    assert at_json_pointer(answer, "/result/sys_id") == "9d3"
+    assert at_json_pointer(answer, "/result/a~1b/~0x") == 7 and at_json_pointer(answer, "/list/0/key") == "RISK-12"
+    assert at_json_pointer(answer, "/result/number") is None and at_json_pointer(answer, "/list/3/key") is None
+    endpoint = Endpoint(endpoint_config(template=GOOGLE_CHAT, incident_id_from="/result/sys_id"), environ={})
+    assert endpoint.incident_id_in(json.dumps(answer).encode()) == "9d3"
+    assert endpoint.incident_id_in(b'{"result": {"sys_id": 12}}') == "12"
+    # Nothing usable: no JSON, no such value, an object or a boolean where the id should be.
+    for unusable in (b"created", b'{"result": {}}', b'{"result": {"sys_id": {"v": 1}}}', b'{"result": {"sys_id": true}}',
+                     b'{"result": {"sys_id": ""}}'):
+        assert endpoint.incident_id_in(unusable) == "", unusable
+
+
+def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_settings, topics, monkeypatch):
+    """ServiceNow's way, with a real dispatcher and a real receiver (which answers what it stored with its number,
+    as a tool names what it opened): the firing is POSTed and its answer's id read at incident_id_from; the resolve
+    is a PATCH to resolve_url with that id, after an escalation that opened another. An endpoint whose tool answers
+    without the id cannot say which incident to close: its resolve fails at once, saying why, and sends nothing."""
+    from tests.test_delivery import produce, serve_and_dispatch
+    from tests.test_delivery import make_alert as fresh_alert
+
+    secret = generate_secret()
+    monkeypatch.setenv("T_SNOW_SECRET", secret)
+    receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
+    firing = fresh_alert("firing", id="sn", key="Energy | Oil", severity="warning")
+    escalation = fresh_alert("firing", id="sn", key="Energy | Oil", severity="critical", escalated_from="warning")
+    resolved = fresh_alert("resolved", id="sn", key="Energy | Oil", severity="critical")
+    produce(fp_settings, topics.alerts, [firing, escalation, resolved])
+
+    def settings_for(port):
+        common = {"format": "template", "secret_env": "T_SNOW_SECRET", "allow_private": True,
+                  "template": {"short_description": "{title}", "urgency": "{severity|map:critical=1,*=2}"},
+                  "resolve_method": "patch", "resolve_template": {"state": "6", "close_notes": "{summary}"}}
+        return fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "endpoints": [
+            {"name": "snow", "url": f"http://127.0.0.1:{port}/api/now/table/incident", "incident_id_from": "/id",
+             "resolve_url": f"http://127.0.0.1:{port}/api/now/table/incident/{{incident_id}}", **common},
+            {"name": "no-id", "url": f"http://127.0.0.1:{port}/other", "incident_id_from": "/result/sys_id",
+             "resolve_url": f"http://127.0.0.1:{port}/other/{{incident_id}}", **common},
+        ]}})
+
+    keys = {delivery_key(a.event_id, name) for a in (firing, escalation, resolved) for name in ("snow", "no-id")}
+
+    async def all_final(dispatcher):
+        for _ in range(900):
+            if all(k in dispatcher.log.states and dispatcher.log.states[k].terminal for k in keys):
+                return dict(dispatcher.log.states)
+            await asyncio.sleep(0.1)
+        pytest.fail(f"not final: {sorted(k for k in keys if k not in dispatcher.log.states)}")
+    states = serve_and_dispatch(topics, settings_for, receiver, all_final)
+    assert not receiver.duplicates and not receiver.rejected
+    stored_as = {item["webhook_id"]: item["id"] for item in receiver.items}
+    incident = stored_as[webhook_id(delivery_key(firing.event_id, "snow"))]
+    assert states[delivery_key(firing.event_id, "snow")].incident_id == incident
+    sent = [(r["method"], r["target"]) for r in receiver.requests if r["path"].startswith("/api")]
+    assert sent == [("POST", "/api/now/table/incident"), ("POST", "/api/now/table/incident"),
+                    ("PATCH", f"/api/now/table/incident/{incident}")]
+    closing = next(i for i in receiver.items if i["method"] == "PATCH")
+    assert closing["payload"] == {"state": "6", "close_notes": resolved.summary}
+    assert all(states[delivery_key(a.event_id, "snow")].state == DELIVERED for a in (firing, escalation, resolved))
+
+    unresolvable = states[delivery_key(resolved.event_id, "no-id")]
+    assert unresolvable.state == FAILED and unresolvable.attempts == 1, unresolvable
+    assert unresolvable.last_error.startswith("no incident id to resolve: 'no-id' answered the episode's firing with "
+                                              "nothing at /result/sys_id") and "not retried" in unresolvable.last_error
+    assert [r["method"] for r in receiver.requests if r["path"].startswith("/other")] == ["POST", "POST"]
 
 
 def test_preview_shows_each_format_the_example_episode_without_secrets_or_kafka(tmp_path):
@@ -442,6 +525,13 @@ def test_preview_says_where_a_resolve_goes_and_names_a_secret_url_by_its_variabl
     hidden = preview(load_delivery_config(Settings(raw={"alerts": {"endpoints": [
         {**opsgenie, "resolve_url_env": "T_NEVER_SET"}]}})), "og", "")
     assert "# resolved, to the URL in $T_NEVER_SET\n" in hidden
+    # A tool that names what it opened: the resolve's method, and an example of the id its answer gave.
+    snow = preview(load_delivery_config(Settings(raw={"alerts": {"endpoints": [
+        {**opsgenie, "incident_id_from": "/result/sys_id", "resolve_method": "PATCH",
+         "resolve_url": "https://api.example.com/api/now/table/incident/{incident_id}",
+         "resolve_template": {"state": "6", "id": "{incident_id}"}}]}})), "og", "")
+    assert ('# resolved, PATCH to https://api.example.com/api/now/table/incident/INC0010042\n'
+            '{\n  "state": "6",\n  "id": "INC0010042"\n}') in snow
 
 
 def test_a_body_that_cannot_be_rendered_fails_its_delivery_and_the_episode_goes_on(fp_settings, topics, monkeypatch):

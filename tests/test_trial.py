@@ -23,6 +23,9 @@ def test_a_test_alert_goes_to_the_endpoint_as_a_delivery_would_and_says_what_it_
          "template": '{"alias": "{alert_id}", "message": "{title}", "priority": "{severity|map:warning=P3}"}',
          "resolve_url": f"{hook}/v2/alerts/{{alert_id}}/close?identifierType=alias",
          "resolve_template": '{"note": "{summary}"}'},
+        {"name": "snow", "url": f"{hook}/api/now/table/incident", "format": "template", **signed,
+         "template": '{"short_description": "{title}"}', "incident_id_from": "/id", "resolve_method": "PATCH",
+         "resolve_url": f"{hook}/api/now/table/incident/{{incident_id}}", "resolve_template": '{"state": "6"}'},
         {"name": "grouped", "url": f"{hook}/grouped", "group_by": ["all"], **signed},
         {"name": "tickets", "url": f"{hook}/tickets", "events": ["firing"], **signed},
         {"name": "wrong-key", "url": f"{hook}/wrong", "allow_private": True, "secret_env": "T_TRIAL_OTHER"},
@@ -36,12 +39,12 @@ def test_a_test_alert_goes_to_the_endpoint_as_a_delivery_would_and_says_what_it_
         runs = {name: subprocess.run([sys.executable, "-m", "stream.cli", "--config", str(config), "dispatch",
                                       "--test", name, "--resolve-after", "0.2"],
                                      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-                for name in ("desk", "og", "grouped", "tickets", "wrong-key")}
+                for name in ("desk", "og", "snow", "grouped", "tickets", "wrong-key")}
         received = get_json(f"{hook}/received")
     finally:
         receiver.kill()
 
-    for name in ("desk", "og", "grouped", "tickets"):
+    for name in ("desk", "og", "snow", "grouped", "tickets"):
         assert runs[name].returncode == 0, runs[name].stdout + runs[name].stderr
     assert "firing    taken: HTTP 200" in runs["desk"].stdout and "resolved  taken: HTTP 200" in runs["desk"].stdout
     assert "to 'tickets' (native, http://127.0.0.1:" in runs["tickets"].stdout and "resolved" not in \
@@ -66,5 +69,10 @@ def test_a_test_alert_goes_to_the_endpoint_as_a_delivery_would_and_says_what_it_
     assert [p["type"] for p in by_path["/grouped"]] == ["finpulse.alert.group"] * 2
     assert [p["type"] for p in by_path["/tickets"]] == ["finpulse.alert.firing"]
     assert "/wrong" not in by_path
+    # The firing's answer named what it opened; the resolve closed that one, with the endpoint's method.
+    [opened] = [item for item in items if item["path"] == "/api/now/table/incident"]
+    assert f"firing    taken: HTTP 200, incident {opened['id']} (webhook-id" in runs["snow"].stdout, runs["snow"].stdout
+    assert [(r["method"], r["path"]) for r in received["requests"] if r["path"].startswith("/api/")] == [
+        ("POST", "/api/now/table/incident"), ("PATCH", f"/api/now/table/incident/{opened['id']}")]
     # Each run's alert is new: a second test is not taken for a duplicate of the first.
     assert len({p["data"]["id"] for path in ("/desk", "/tickets") for p in by_path[path]}) == 2
