@@ -89,9 +89,16 @@ def scored_rows(probs: Probabilities, data: LabeledSet, head: str) -> tuple[np.n
     return getattr(probs, head)[rows], truth[rows]
 
 
-def fit_temperatures(probs: Probabilities, data: LabeledSet) -> dict[str, float]:
-    """One temperature per head, fitted on ``data`` (the validation slice), from probabilities scored at T = 1."""
-    return {head: fit_temperature(*scored_rows(probs, data, head)) for head in HEADS}
+def fit_temperatures(probs: Probabilities, data: LabeledSet,
+                     keep: dict[str, float] | None = None) -> dict[str, float]:
+    """One temperature per head, fitted on ``data`` (the validation slice), from probabilities scored at T = 1. A
+    head with fewer than ``MIN_ROWS`` labeled rows in ``data`` keeps its temperature in ``keep`` (1.0 without): a
+    file labeled for one head says nothing of the other's."""
+    fitted = {}
+    for head in HEADS:
+        head_probs, labels = scored_rows(probs, data, head)
+        fitted[head] = fit_temperature(head_probs, labels) if len(labels) >= MIN_ROWS else (keep or {}).get(head, 1.0)
+    return fitted
 
 
 def calibrated(probs: Probabilities, temperatures: dict[str, float]) -> Probabilities:

@@ -365,7 +365,8 @@ def _against(args, settings, scorer, data, probs) -> dict | None:
 
 
 def _calibrate(args, settings) -> int:
-    from .calibration import calibrated, calibration_report, fit_temperatures, format_calibration, save_calibrated
+    from .calibration import (HEADS, MIN_ROWS, calibrated, calibration_report, fit_temperatures, format_calibration,
+                              save_calibrated, scored_rows)
     from .evaluation import reports_from
     from .modeling import NEUTRAL_TEMPERATURE
 
@@ -374,10 +375,16 @@ def _calibrate(args, settings) -> int:
     if found is None:
         return 2
     model_dir, [fit_on, check_on], scorer = found
+    had = dict(scorer.model.temperature)
     scorer.model.temperature = dict(NEUTRAL_TEMPERATURE)  # fit from the raw logits, whatever it had
     print(f"calibrating {scorer.model_version} on {'; '.join(fit_on.sources)} ({len(fit_on)} rows)", flush=True)
     fit_raw = scorer.probabilities(fit_on.texts)
-    temperature = fit_temperatures(fit_raw, fit_on)
+    temperature = fit_temperatures(fit_raw, fit_on, keep=had)
+    for head in HEADS:
+        labeled = len(scored_rows(fit_raw, fit_on, head)[1])
+        if labeled < MIN_ROWS:
+            print(f"{head}: {labeled} labeled row(s) here, fewer than the {MIN_ROWS} a fit needs: its temperature "
+                  f"stays {temperature[head]:g}", flush=True)
     check_raw = fit_raw if check_on is fit_on else scorer.probabilities(check_on.texts)
     calibration = {"fitted_on": "; ".join(fit_on.sources),
                    "measured_on": ("same rows (one parameter per head)" if check_on is fit_on

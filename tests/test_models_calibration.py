@@ -2,6 +2,7 @@
 ``finpulse calibrate`` saves a calibrated copy under its own version without changing a label."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -125,3 +126,19 @@ def test_finpulse_calibrate_saves_a_calibrated_copy_under_a_new_version(tiny_bas
     # The same calibration again is the same version: refused, nothing overwritten.
     assert main(["calibrate", str(original), "--data", str(data_file), "--device", "cpu"]) == 2
     assert "saved before" in capsys.readouterr().err
+
+    # The copy again, on rows labeled with a sentiment only (fewer than before, so another fit): the topic head keeps
+    # its temperature (it was reset to 1.0, silently, changing every topic confidence).
+    sentiment_only = tmp_path / "sentiment-only.csv"
+    rows = [[row[0], row[2]] for row in csv.reader(data_file.open(newline="")) if row[2]][:26]
+    with sentiment_only.open("w", newline="") as out:
+        csv.writer(out).writerows(rows)
+    assert rows[0] == ["text", "sentiment"]
+    assert main(["calibrate", str(copy), "--data", str(sentiment_only), "--device", "cpu", "--out",
+                 str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    topic_t = config["temperature"]["topic"]
+    assert topic_t != 1.0 and (f"topic: 0 labeled row(s) here, fewer than the 20 a fit needs: its temperature "
+                               f"stays {topic_t:g}") in printed, printed
+    [again] = [p for p in tmp_path.iterdir() if p.name.startswith("finpulse-")]
+    assert json.loads((again / "config.json").read_text())["temperature"]["topic"] == topic_t
