@@ -66,10 +66,43 @@ def resolve_base_model(name: str | None) -> str:
                              "hold out rows that model trained on, and report them as unseen. To add your own "
                              "labeled rows, train on them beside the others (--data shared --data news-train --data "
                              "FILE --weight FILE=W); to train its recipe again on every row, --refit it")
+        check_base_dir(path, name)
         return str(path)
     if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         raise ModelError(f"base model {name!r} is not a directory")
     return name  # a hub id: from_pretrained fetches it (or explains below why it cannot)
+
+
+# Files a tokenizer can be built from: a fast tokenizer, or WordPiece / BPE / SentencePiece vocabularies.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+# Decoders read left to right: mean-pooled, they make poor sentence encoders, and the recipes were never made for them.
+DECODER_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
+
+
+def check_base_dir(path: Path, name: str) -> None:
+    """A local base encoder holds what training needs, said before anything is trained: without its tokenizer
+    files, transformers builds a tokenizer of five special tokens and every word becomes [UNK]."""
+    files = {f.name for f in path.iterdir()}
+    missing = []
+    if CONFIG_FILE not in files:
+        missing.append(f"{CONFIG_FILE} (the encoder's configuration)")
+    if WEIGHTS_FILE not in files and not any(f.endswith(".safetensors") for f in files):
+        pickled = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        missing.append(f"{WEIGHTS_FILE} (weights: FinPulse loads safetensors only, never pickled files"
+                       + (f" such as {', '.join(pickled)}; convert them where you trust them" if pickled else "") + ")")
+    if not any(f in files for f in TOKENIZER_FILES):
+        missing.append(f"tokenizer files ({' or '.join(TOKENIZER_FILES[:2])}, with tokenizer_config.json)")
+    if missing:
+        raise ModelError(f"base model directory {name} lacks {'; '.join(missing)}")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"base model directory {name}: {CONFIG_FILE} is not readable JSON ({exc})") from None
+    architectures = config.get("architectures") or [] if isinstance(config, dict) else []
+    decoders = [a for a in architectures if isinstance(a, str) and a.endswith(DECODER_ARCHITECTURES)]
+    if decoders or (isinstance(config, dict) and config.get("is_decoder")):
+        raise ModelError(f"base model {name} is a decoder ({', '.join(decoders) or 'is_decoder'}): FinPulse "
+                         f"fine-tunes BERT-family encoders (bert, roberta, deberta, mpnet, electra...)")
 
 
 def base_model_short_name(base: str) -> str:
@@ -98,6 +131,8 @@ def load_pretrained(loader, base: str, **kwargs):
     except ValueError as exc:  # a config.json transformers cannot place (no model_type, an unknown one)
         raise ModelError(f"cannot load base model {base!r}: {exc}") from None
     except OSError as exc:
+        if Path(base).is_dir():
+            raise ModelError(f"cannot load base model from directory {base}: {exc}") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = ("HF_HUB_OFFLINE is set" if offline else "is this machine offline?")
         raise ModelError(f"cannot load base model {base!r}: not a local directory and not fetchable from the "

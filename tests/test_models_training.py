@@ -932,17 +932,34 @@ def test_training_refuses_a_max_length_the_base_encoder_cannot_read_before_readi
 def test_training_refuses_a_trained_model_or_a_directory_transformers_cannot_read_as_its_base(tiny_base, tmp_path,
                                                                                              capsys):
     """A trained FinPulse model as --base-model: its new test slice would hold rows it trained on, reported as
-    unseen. A config.json without a model_type: one line saying so, not transformers' traceback."""
+    unseen. A config.json without a model_type: one line saying so, not transformers' traceback. A directory without
+    its tokenizer files (before, it trained a model that read every word as [UNK]), with pickled weights only, or
+    holding a decoder: refused, saying what is wrong, before anything is trained."""
+    import shutil
     from models.cli import main
-    trained = save_tiny_model(Path(tiny_base), tmp_path / "trained")
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "config.json").write_text('{"hidden_size": 32}')
-    for base, message in ((trained, "is a trained FinPulse model, not a base encoder"),
-                          (foreign, "cannot load base model")):
+
+    def base_like(name: str, drop: tuple[str, ...] = (), config: dict | None = None) -> Path:
+        path = tmp_path / name
+        shutil.copytree(tiny_base, path, ignore=shutil.ignore_patterns(*drop))
+        if config is not None:
+            (path / "config.json").write_text(json.dumps(config))
+        return path
+    pickled = base_like("pickled", drop=("model.safetensors",))
+    (pickled / "pytorch_model.bin").write_bytes(b"never unpickled")
+    cases = [(save_tiny_model(Path(tiny_base), tmp_path / "trained"), "is a trained FinPulse model, not a base encoder"),
+             (base_like("foreign", config={"hidden_size": 32}), "cannot load base model"),
+             (base_like("no-tokenizer", drop=("tokenizer*", "vocab.txt", "special_tokens_map.json")),
+              "lacks tokenizer files (tokenizer.json or vocab.txt, with tokenizer_config.json)"),
+             (pickled, "lacks model.safetensors (weights: FinPulse loads safetensors only, never pickled files such as "
+                       "pytorch_model.bin; convert them where you trust them)"),
+             (base_like("decoder", config={"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}),
+              "is a decoder (GPT2LMHeadModel): FinPulse fine-tunes BERT-family encoders")]
+    for base, message in cases:
         assert main(["train", "--recipe", "plain", "--base-model", str(base), "--data", str(tmp_path / "none.csv"),
                      "--out", str(tmp_path / "m"), "--runs-dir", str(tmp_path / "r")]) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err, (base, err)
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_model_saved_with_too_long_a_max_length_cuts_texts_where_its_encoder_ends(tiny_base, tmp_path):
