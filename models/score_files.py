@@ -4,7 +4,9 @@ makes of it; a data engineer scores a file (one text a line, CSV or JSONL with a
 A file is read and scored in chunks, so memory stays flat whatever its size, and each input row comes out as one
 output row, in order: its own fields, then what the worker stamps on a scored record (``PREDICTION_FIELDS``).
 A row that cannot be scored (empty, not a text, a JSONL line that is not JSON) gets ``error`` and the rest go on.
-An input field named like a prediction field (a labeled file's ``topic``) is kept as ``input_<name>``.
+An input field named like a prediction field (a labeled file's ``topic``) is kept as ``input_<name>``. A CSV row
+with more fields than its header (a comma in the text, unquoted) is not scored on its cut text: it gets ``error``,
+which quotes the rest. CSV written from JSONL ends with ``other_fields``: what a row has that the first row had not.
 An output file is written whole or not at all: it appears under its name only once every row is in it.
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .interface import Prediction
 
 PREDICTED = ("topic", "topic_confidence", "sentiment", "sentiment_score")
 PREDICTION_FIELDS = PREDICTED + ("model_version", "error")
+OTHER_FIELDS = "other_fields"   # CSV from JSONL: the fields a row has that the first row did not, as a JSON object
+OUTPUT_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv", ".txt")
 WORDS = "words"   # with --explain: [[word, push], ...] in JSONL; the strongest pushes as one text in CSV and tables
 INPUT_FORMATS = ("lines", "csv", "jsonl")
 OUTPUT_FORMATS = ("table", "jsonl", "csv")
@@ -75,6 +79,15 @@ def read_rows(handle: Iterable[str], input_format: str, text_field: str, name: s
             raise ScoreInputError(f"{name} has no {text_field!r} column (its columns: {', '.join(reader.fieldnames)}):"
                                   f" name the one to score with --text-field")
         for fields in reader:
+            extra = fields.get("extra_values")
+            if extra:
+                number = reader.line_num
+                # Scored, the cut text would say something else than the whole (a comma in a headline, unquoted).
+                rest = ",".join(extra)
+                yield Row(fields, None, f"line {number} has {len(extra)} field(s) more than the header: an unquoted "
+                                        f"separator in the text? Its rest ({rest[:80]!r}) would be left out: quote "
+                                        f"the text")
+                continue
             yield Row(fields, fields[text_field])
     else:
         for number, line in enumerate(handle, start=1):
@@ -151,13 +164,14 @@ def score_rows(scorer, rows: list[Row], explain: bool = False) -> list[dict[str,
 
 
 class Writer:
-    """Writes scored rows as JSONL, CSV (the input's columns: a CSV's header, the fields of a JSONL's first row)
-    or a table for a terminal."""
+    """Writes scored rows as JSONL, CSV (the input's columns: a CSV's header, the fields of a JSONL's first row,
+    then with ``other_fields`` a column for the fields a later row adds, as a JSON object) or a table for a
+    terminal."""
 
     def __init__(self, handle: IO[str], output_format: str, input_columns: list[str] | None, text_field: str,
-                 explain: bool = False):
+                 explain: bool = False, other_fields: bool = False):
         self.handle, self.format, self.text_field = handle, output_format, text_field
-        self.input_columns, self.explain = input_columns, explain
+        self.input_columns, self.explain, self.other_fields = input_columns, explain, other_fields
         self._csv: csv.DictWriter | None = None
         if output_format == "table":
             self.width = max(40, min(200, _terminal_columns()) - 40)
@@ -171,9 +185,10 @@ class Writer:
                 columns = self.input_columns or [self.text_field]
                 added = output_fields(self.explain)
                 renamed = [f"input_{c}" if c in added else c for c in columns]
-                self._csv = csv.DictWriter(self.handle, renamed + list(added), extrasaction="ignore")
+                self._csv = csv.DictWriter(self.handle, renamed + list(added) + [OTHER_FIELDS] * self.other_fields,
+                                           extrasaction="ignore")
                 self._csv.writeheader()
-            self._csv.writerows({**r, WORDS: strongest(r[WORDS], 5)} if self.explain else r for r in records)
+            self._csv.writerows(self._csv_row(r) for r in records)
         else:
             for r in records:
                 text = " ".join(str(r.get(self.text_field, "")).split())
@@ -185,6 +200,34 @@ class Writer:
                     self.handle.write(f"{r['sentiment_score']:>+6.2f}  {r['sentiment']:<9}  {topic:<34}  {text}\n")
                     if self.explain and r[WORDS]:
                         self.handle.write(f"{'':>6}  {'':<9}  {'':<34}  pushed by: {strongest(r[WORDS])}\n")
+
+
+    def _csv_row(self, record: dict[str, Any]) -> dict[str, Any]:
+        row = {**record, WORDS: strongest(record[WORDS], 5)} if self.explain else record
+        if self.other_fields:
+            columns = self._csv.fieldnames
+            other = {k: v for k, v in record.items() if k not in columns}
+            row = {**row, OTHER_FIELDS: json.dumps(other, ensure_ascii=False) if other else ""}
+        return row
+
+
+def check_output_path(out_path: str, input_path: str | None) -> None:
+    """Before anything is scored: the output is a file that can be written, and not the input."""
+    out = Path(out_path)
+    if out.is_dir() or out_path.endswith(os.sep):
+        raise ScoreInputError(f"--out {out_path} is a directory: name the file to write (e.g. {out / 'scored.jsonl'})")
+    suffix = out.suffix.lower()
+    if suffix and suffix not in OUTPUT_SUFFIXES:
+        raise ScoreInputError(f"--out {out_path}: FinPulse writes JSONL or CSV, and {suffix} is neither: name the file "
+                              f".jsonl or .csv (or give --format)")
+    if input_path not in (None, "-") and out.exists() and out.resolve() == Path(input_path).resolve():
+        raise ScoreInputError(f"--out {out_path} is the input file: scoring it would replace it; write elsewhere")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScoreInputError(f"--out {out_path}: cannot make its directory {out.parent} ({exc.strerror})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ScoreInputError(f"--out {out_path}: cannot write in {out.parent}")
 
 
 def _terminal_columns() -> int:
@@ -209,6 +252,8 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
         input_path, input_format = None, "lines"
     if input_format == "lines":
         text_field = "text"
+    if out_path:
+        check_output_path(out_path, input_path)
     partial = Path(f"{out_path}.partial") if out_path else None
     written = failed = 0
     with contextlib.ExitStack() as stack:
@@ -238,7 +283,7 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
         columns = list(first.fields) if first is not None and first.fields else None  # a CSV's, a JSONL's first
         if input_format == "csv":
             text_field = titled_column(columns or [], text_field) or text_field
-        writer = Writer(sink, output_format, columns, text_field, explain)
+        writer = Writer(sink, output_format, columns, text_field, explain, other_fields=input_format == "jsonl")
         interactive = sys.stderr.isatty()
         bar = stack.enter_context(tqdm(desc="scoring", unit=" texts", file=sys.stderr, disable=bool(texts),
                                        dynamic_ncols=True, leave=False, mininterval=0.5 if interactive else 15.0))

@@ -78,7 +78,7 @@ def test_jsonl_rows_that_cannot_be_read_get_an_error_and_the_others_are_scored(m
     source = tmp_path / "posts.jsonl"
     source.write_text("\n".join([json.dumps({"id": 1, "body": HEADLINES[2], "user": "ana"}), "", "{not json",
                                  "[1, 2]", json.dumps({"id": 4}), json.dumps({"id": 5, "body": 7}),
-                                 json.dumps({"id": 6, "body": HEADLINES[3]})]) + "\n")
+                                 json.dumps({"id": 6, "body": HEADLINES[3], "source": "reuters"})]) + "\n")
     assert score(model_dir, "--input", str(source), "--text-field", "body") == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r.get("id") for r in rows] == [1, None, None, 4, 5, 6]
@@ -88,11 +88,39 @@ def test_jsonl_rows_that_cannot_be_read_get_an_error_and_the_others_are_scored(m
                                                "at column 2)", "line 4: not a JSON object",
                                                "line 5: no 'body' field", "not a text (int)"]
     assert all(r["topic"] is None and r["model_version"] == expected[0] for r in rows[1:5])
-    # As CSV: the columns of the first row's fields, then the prediction's.
+    # As CSV: the columns of the first row's fields, then the prediction's, then the fields a later row adds (they
+    # were dropped, without a word).
     assert score(model_dir, "--input", str(source), "--text-field", "body", "--format", "csv") == 0
     table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
-    assert list(table[0]) == ["id", "body", "user", *score_files.PREDICTION_FIELDS] and len(table) == 6
-    assert table[0]["user"] == "ana" and table[0]["topic"] == rows[0]["topic"]
+    assert list(table[0]) == ["id", "body", "user", *score_files.PREDICTION_FIELDS, "other_fields"]
+    assert len(table) == 6 and table[0]["user"] == "ana" and table[0]["topic"] == rows[0]["topic"]
+    assert table[0]["other_fields"] == "" and json.loads(table[-1]["other_fields"]) == {"source": "reuters"}
+
+
+def test_a_csv_row_cut_by_an_unquoted_comma_is_not_scored_on_its_cut_text(model_dir, tmp_path, capsys):
+    source = tmp_path / "headlines.csv"
+    source.write_text(f"id,text\n1,Apple misses estimates, but shares jump 10% on buyback\n2,{HEADLINES[1]}\n")
+    assert score(model_dir, "--input", str(source), "--format", "csv") == 0
+    cut, whole = csv.DictReader(capsys.readouterr().out.splitlines())
+    assert cut["topic"] == "" and cut["error"] == (
+        "line 2 has 1 field(s) more than the header: an unquoted separator in the text? Its rest (' but shares jump "
+        "10% on buyback') would be left out: quote the text")
+    assert whole["error"] == "" and whole["topic"]
+
+
+@pytest.mark.parametrize("out, refusal", [
+    ("{tmp}/", "is a directory: name the file to write"),
+    ("{tmp}/scored.parquet", "FinPulse writes JSONL or CSV, and .parquet is neither"),
+    ("{tmp}/headlines.csv", "is the input file: scoring it would replace it"),
+    ("/proc/nope/scored.csv", "cannot make its directory /proc/nope (No such file or directory)"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_scoring(model_dir, tmp_path, capsys, out, refusal):
+    source = tmp_path / "headlines.csv"
+    source.write_text("text\n" + "\n".join(HEADLINES) + "\n")
+    assert score(model_dir, "--input", str(source), "--out", out.replace("{tmp}", str(tmp_path))) == 2
+    captured = capsys.readouterr()
+    assert refusal in captured.err and "scored " not in captured.err and "Traceback" not in captured.err
+    assert source.read_text().startswith("text\n" + HEADLINES[0])
 
 
 def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, tmp_path, capsys):
@@ -118,7 +146,7 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
     assert capsys.readouterr().out.splitlines()[2].strip() == f"pushed by: {named}"
     assert score(model_dir, "--input", str(source), "--explain", "--format", "csv") == 0
     table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
-    assert list(table[0]) == ["text", "input_words", *score_files.PREDICTION_FIELDS, "words"]
+    assert list(table[0]) == ["text", "input_words", *score_files.PREDICTION_FIELDS, "words", "other_fields"]
     assert table[0]["words"].startswith(named) and table[0]["input_words"] == "7"
 
 
