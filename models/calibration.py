@@ -178,6 +178,7 @@ def save_calibrated(model_dir: Path, temperature: dict[str, float], calibration:
     tmp_dir = models_root / f".incomplete-{version}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     shutil.copytree(model_dir, tmp_dir)
+    (tmp_dir / WEIGHTS_FILE).chmod(0o644)   # a model saved before its weights were made readable (0600) too
     config.update(model_version=version, created_at=when.isoformat(timespec="seconds"),
                   temperature=dict(temperature), calibrated_from=old_version)
     write_json(tmp_dir / CONFIG_FILE, config)

@@ -318,6 +318,7 @@ def save_model(model: FinPulseClassifier, tokenizer_source: str | Path, out_dir:
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out_dir / WEIGHTS_FILE).chmod(0o644)   # safetensors writes 0600: readable like the directory's other files
     tokenizer = load_pretrained(AutoTokenizer, str(tokenizer_source))
     tokenizer.save_pretrained(str(out_dir))
     if not (out_dir / TOKENIZER_FILE).exists():

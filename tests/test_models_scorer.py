@@ -54,6 +54,9 @@ def test_saved_directory_is_complete_and_self_describing(tiny_model_dir):
     assert config["id2label_sentiment"] == {"0": "bearish", "1": "neutral", "2": "bullish"}
     assert config["encoder"]["model_type"] == "bert" and config["max_length"] == 48
     assert {p.name for p in tiny_model_dir.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    # Readable as its other files are (safetensors writes 0600: a worker running as another user could not load it).
+    assert {p.name: oct(p.stat().st_mode & 0o044) for p in tiny_model_dir.iterdir()} == \
+        {p.name: oct(0o044) for p in tiny_model_dir.iterdir()}
 
 
 def test_save_then_load_gives_identical_outputs(tiny_model_dir, tmp_path):
