@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "scores, but not always bit-reproducible), or in float32; auto: bf16 "
                         "where the CPU has bfloat16 instructions (default [models] cpu_precision: float32)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over, deleting what an interrupted run of the same command kept for --resume")
     p.add_argument("--keep-run-state", action="store_true", default=None,
                    help="keep the run's checkpoints once the model is saved (default [models] keep_run_state: they "
                         "are removed, as they only serve --resume)")
@@ -58,14 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="spread this many seconds of training over the stages, shrinking their schedules to fit "
                         "(replaces the recipe's own budget: the quick recipe's is 400 s, so on a slow CPU a longer "
                         "one lets it finish)")
-    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the recipe's; full: the teachers' and the student's)")
-    p.add_argument("--batch-size", type=int, help="texts per training step (default: the recipe's)")
-    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default: the recipe's)")
-    p.add_argument("--max-length", type=int, help="tokens per text")
+    p.add_argument("--epochs", type=_at_least_one, help="fine-tuning epochs (default: the recipe's; full: the teachers' and the student's)")
+    p.add_argument("--batch-size", type=_at_least_one, help="texts per training step (default: the recipe's)")
+    p.add_argument("--lr", type=_positive_rate, help="peak AdamW learning rate (default: the recipe's)")
+    p.add_argument("--max-length", type=_at_least_one, help="tokens per text")
     p.add_argument("--seed", type=int, help="training seed (default: the recipe's)")
-    p.add_argument("--train-limit", type=int, metavar="ROWS", help="train on a stratified sample of this many rows")
-    p.add_argument("--teachers", type=int, help="full recipe: adapted-encoder teachers in the ensemble")
-    p.add_argument("--mlm-epochs", type=int, help="full recipe: domain pretraining epochs")
+    p.add_argument("--train-limit", type=_at_least_one, metavar="ROWS", help="train on a stratified sample of this many rows")
+    p.add_argument("--teachers", type=_at_least_one, help="full recipe: adapted-encoder teachers in the ensemble")
+    p.add_argument("--mlm-epochs", type=_at_least_one, help="full recipe: domain pretraining epochs")
     p.add_argument("--parallel", type=_at_least_one, metavar="N",
                    help="full recipe: teachers trained at once, each in its own process (default: on a GPU as many "
                         "as its free memory and the host's cores allow; one at a time on a CPU)")
@@ -156,6 +158,13 @@ def _at_least_one(value: str) -> int:
     return number
 
 
+def _positive_rate(value: str) -> float:
+    rate = float(value)
+    if not 0 < rate < 1:
+        raise argparse.ArgumentTypeError(f"must be a learning rate above 0 and below 1 (e.g. 5e-5), not {value}")
+    return rate
+
+
 def _positive_seconds(value: str) -> float:
     seconds = float(value)
     if not seconds > 0:
@@ -205,7 +214,7 @@ def _train(args, settings) -> int:
             recipe, data_specs=data_specs, data_dir=default_data_dir(args.data_dir or ms.data_dir or None),
             base_model=base_model, models_root=Path(args.out or ms.models_dir),
             runs_root=Path(args.runs_dir or ms.runs_dir), device=pick_device(args.device or ms.device),
-            resume=args.resume, keep_run_state=bool(args.keep_run_state or ms.keep_run_state),
+            resume=args.resume, fresh=args.fresh, keep_run_state=bool(args.keep_run_state or ms.keep_run_state),
             time_budget=args.time_budget, save_dtype=getattr(torch, args.save_dtype),
             command=shlex.join(["finpulse", *sys.argv[1:]]), refit=refit, data_weights=data_weights)
     except (DataError, ModelError, RefitError, TeacherProcessDied) as exc:

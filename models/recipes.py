@@ -205,8 +205,8 @@ def refuse_an_untrained_head(train: LabeledSet, data_specs: list[str]) -> None:
 
 
 def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_model: str, models_root: Path,
-               runs_root: Path, device: torch.device, resume: bool = False, keep_run_state: bool = False,
-               time_budget: float | None = None,
+               runs_root: Path, device: torch.device, resume: bool = False, fresh: bool = False,
+               keep_run_state: bool = False, time_budget: float | None = None,
                save_dtype: torch.dtype = torch.float32, command: str = "", refit: Refit | None = None,
                data_weights: dict[str, float] | None = None) -> TrainOutcome:
     """``refit``: train on every labeled row with the reference's choices (``recipe``, ``data_specs``,
@@ -244,6 +244,14 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
     if finished:
         print(f"this run finished already (see {run_dir / FINISHED}): nothing to resume", flush=True)
         return finished
+    kept = [] if (run_dir / FINISHED).is_file() else kept_progress(run_dir)
+    if kept and not (resume or fresh):
+        # Hours of a full recipe on a CPU: never thrown away because --resume was forgotten.
+        raise DataError(f"{run_dir} holds an interrupted run of this command ({', '.join(kept)}): --resume goes on "
+                        f"from there, --fresh starts over and deletes it")
+    if resume and not kept:
+        print(f"nothing to resume: no interrupted run of these arguments in {runs_root} (a run is named by its "
+              f"recipe, data, base model and options: changing one starts another); starting over", flush=True)
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

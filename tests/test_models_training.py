@@ -196,6 +196,12 @@ def test_an_interrupted_run_resumes_to_the_same_model(tiny_base, tmp_path):
     assert 1 <= killed_after < 5, "the run finished before it could be interrupted: make it longer"
     assert not (interrupted / "models").exists() or not any((interrupted / "models").iterdir())
 
+    # The same command without --resume: refused, the state kept (it was deleted, without a word).
+    again = subprocess.run(train_command(tiny_base, data_file, interrupted), env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and (f"holds an interrupted run of this command (training after epoch "
+                                      f"{killed_after}): --resume goes on from there, --fresh starts over and deletes "
+                                      f"it") in again.stderr, again.stderr
+    assert json.loads(state_files[0].read_text())["epoch"] == killed_after
     subprocess.run(train_command(tiny_base, data_file, interrupted, "--resume"), check=True, env=env,
                    capture_output=True)
     resumed, reference = final_weights(interrupted / "models"), final_weights(straight / "models")
@@ -1022,3 +1028,17 @@ def test_a_run_with_a_weight_average_keeps_the_average_and_resumes_to_the_same_m
     monkeypatch.setattr(Checkpoint, "save", save)
     resumed = run(tmp_path / "interrupted")
     assert all(torch.equal(v, straight.state_dict()[k]) for k, v in resumed.state_dict().items())
+
+
+@pytest.mark.parametrize("flag, value, refusal", [("--epochs", "0", "must be 1 or more, not 0"),
+                                                  ("--batch-size", "0", "must be 1 or more, not 0"),
+                                                  ("--lr", "-1", "must be a learning rate above 0 and below 1"),
+                                                  ("--max-length", "0", "must be 1 or more"),
+                                                  ("--train-limit", "-5", "must be 1 or more")])
+def test_training_flags_that_could_never_train_are_refused_with_the_arguments(flag, value, refusal, capsys, tmp_path):
+    """Before, --epochs 0 ended in a TypeError, --batch-size 0 in a ZeroDivisionError, each leaving a run directory."""
+    from models.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--recipe", "plain", f"{flag}={value}", "--runs-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {refusal}" in capsys.readouterr().err and not (tmp_path / "runs").exists()
