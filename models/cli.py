@@ -457,7 +457,10 @@ def _models(args, settings) -> int:
     from .registry import find_model_dir, model_summaries
 
     root, worker = settings.section("models", ModelSettings).models_dir, settings.worker
-    summaries = model_summaries(root)
+    broken: list = []
+    summaries = model_summaries(root, broken)
+    for path, reason in broken:
+        print(f"finpulse models: not listed, and never loaded: {reason}", file=sys.stderr)
     loaded = None
     if worker.scorer in SCORERS_WITHOUT_A_MODEL:
         print(f"the worker is set to the {worker.scorer} scorer ([worker] scorer): it loads none of these",

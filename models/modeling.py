@@ -373,14 +373,55 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or "finpulse_format" not in config:
         raise ModelError(f"{path} is not a FinPulse model directory: its {CONFIG_FILE} has no finpulse_format "
                          "(a plain transformers model? train one with `finpulse train`)")
-    if config["finpulse_format"] > FORMAT_VERSION:
-        raise ModelError(f"{path} was written by a newer FinPulse (format {config['finpulse_format']})")
+    given = config["finpulse_format"]
+    if not isinstance(given, int) or isinstance(given, bool):
+        raise ModelError(f"{path / CONFIG_FILE}: finpulse_format must be a number, not {given!r}")
+    if given > FORMAT_VERSION:
+        raise ModelError(f"{path} was written by a newer FinPulse (format {given})")
     missing = [f for f in (WEIGHTS_FILE, TOKENIZER_FILE) if not (path / f).is_file()]
     if missing:
         raise ModelError(f"{path} is an incomplete FinPulse model directory: missing {', '.join(missing)}")
-    if list(config.get("topics", [])) != list(TOPICS) or list(config.get("sentiments", [])) != list(SENTIMENTS):
+    if config.get("topics") != list(TOPICS) or config.get("sentiments") != list(SENTIMENTS):
         raise ModelError(f"{path} predicts other labels than this FinPulse build ({CONFIG_FILE} topics/sentiments)")
+    _check_config_fields(path, config)
+    check_weights_file(path / WEIGHTS_FILE)
     return config
+
+
+def _check_config_fields(path: Path, config: dict[str, Any]) -> None:
+    """The fields loading reads, each of the type it needs: a hand-edited config is named, not a traceback."""
+    encoder = config.get("encoder")
+    wrong = []
+    if not isinstance(encoder, dict) or not isinstance(encoder.get("model_type"), str):
+        wrong.append("encoder (an object with the encoder's model_type and sizes)")
+    if config.get("pooling") not in POOLINGS:
+        wrong.append(f"pooling ({' or '.join(POOLINGS)})")
+    max_length = config.get("max_length")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        wrong.append("max_length (a positive whole number)")
+    if not isinstance(config.get("model_version"), str) or not config.get("model_version"):
+        wrong.append("model_version (text)")
+    if wrong:
+        raise ModelError(f"{path / CONFIG_FILE} was changed or damaged: {'; '.join(wrong)} missing or of the wrong "
+                         f"type (train the model again, or restore the directory)")
+
+
+def check_weights_file(weights: Path) -> None:
+    """A safetensors file whole, as far as its header tells (it is read without the tensors): one cut short by an
+    interrupted copy or a full disk is refused here, when listing models, not while loading one."""
+    size = weights.stat().st_size
+    try:
+        with weights.open("rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            if not 0 < header_size <= size - 8:
+                raise ValueError(f"its header says {header_size} bytes")
+            header = json.loads(handle.read(header_size))
+        end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ModelError(f"{weights} is not a readable safetensors file ({exc})") from None
+    if 8 + header_size + end > size:
+        raise ModelError(f"{weights} is cut short: {size:,} bytes of the {8 + header_size + end:,} its header "
+                         f"describes (an interrupted copy, a full disk?)")
 
 
 def build_classifier(config: dict[str, Any]) -> FinPulseClassifier:
@@ -410,8 +451,18 @@ def load_model(path: str | Path) -> LoadedModel:
     """Load a saved model (float32, CPU, eval mode) from its safetensors weights."""
     path = Path(path)
     config = read_config(path)
-    model = build_classifier(config)
-    state = load_file(str(path / WEIGHTS_FILE))
+    try:
+        model = build_classifier(config)
+    except (ValueError, TypeError, KeyError) as exc:   # an encoder config transformers cannot build
+        raise ModelError(f"{path / CONFIG_FILE}: its encoder cannot be built ({type(exc).__name__}: {exc})") from None
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type: say which file, not its traceback
+        raise ModelError(f"{path / WEIGHTS_FILE} cannot be read: {exc}") from None
+    mismatch = _state_mismatch(model, state)
+    if mismatch:
+        raise ModelError(f"{path / WEIGHTS_FILE} does not fit the architecture {CONFIG_FILE} describes: {mismatch} "
+                         f"(a weights file from another model, or an edited config)")
     model.load_state_dict(state, strict=True)
     model.float().eval()
     max_length = int(config["max_length"])
@@ -421,5 +472,20 @@ def load_model(path: str | Path) -> LoadedModel:
         log.warning("%s says max_length %d, but its encoder reads %d tokens: texts are cut there", path, max_length,
                     limit)
         max_length = limit
-    return LoadedModel(model=model, text_encoder=TextEncoder.from_file(path / TOKENIZER_FILE, max_length),
-                       config=config, path=path)
+    try:
+        text_encoder = TextEncoder.from_file(path / TOKENIZER_FILE, max_length)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+        raise ModelError(f"{path / TOKENIZER_FILE} is not a readable tokenizer: {exc}") from None
+    return LoadedModel(model=model, text_encoder=text_encoder, config=config, path=path)
+
+
+def _state_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into ``model``, in a line (torch lists every key); "" when it fits."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    parts = [f"{len(keys)} {what} (first: {keys[0]})" for keys, what in
+             ((missing, "tensor(s) missing"), (unexpected, "unexpected tensor(s)"), (reshaped, "of another shape"))
+             if keys]
+    return "; ".join(parts)

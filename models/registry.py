@@ -40,8 +40,11 @@ def validate_model_dir(path: str | Path) -> dict:
         raise NotAModelDir(str(exc)) from None
 
 
-def list_models(root: str | Path = DEFAULT_MODELS_ROOT) -> list[tuple[Path, dict]]:
-    """Valid model directories under ``root``, newest first."""
+def list_models(root: str | Path = DEFAULT_MODELS_ROOT, broken: list[tuple[Path, str]] | None = None
+                ) -> list[tuple[Path, dict]]:
+    """Valid model directories under ``root``, newest first. A directory that says it is a FinPulse model but
+    cannot be loaded (a damaged weights file, an edited config) is skipped with a warning, and added to ``broken``
+    with the reason: the newest whole model is used instead, never the damaged one."""
     root = Path(root)
     found = []
     for child in sorted(root.iterdir()) if root.is_dir() else []:
@@ -50,9 +53,21 @@ def list_models(root: str | Path = DEFAULT_MODELS_ROOT) -> list[tuple[Path, dict
         try:
             found.append((child, validate_model_dir(child)))
         except NotAModelDir as exc:
-            log.debug("skipping %s: %s", child, exc)
+            if not _says_it_is_a_model(child):
+                log.debug("skipping %s: %s", child, exc)
+            elif broken is not None:
+                broken.append((child, str(exc)))     # the caller says so
+            else:
+                log.warning("skipping model directory %s: %s", child, exc)
     found.sort(key=lambda item: (item[1].get("created_at", ""), item[0].stat().st_mtime), reverse=True)
     return found
+
+
+def _says_it_is_a_model(path: Path) -> bool:
+    try:
+        return '"finpulse_format"' in (path / "config.json").read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def find_model_dir(explicit: str | None = None, root: str | Path = DEFAULT_MODELS_ROOT) -> Path | None:
@@ -67,11 +82,13 @@ def find_model_dir(explicit: str | None = None, root: str | Path = DEFAULT_MODEL
     return models[0][0] if models else None
 
 
-def model_summaries(root: str | Path = DEFAULT_MODELS_ROOT) -> list[dict]:
+def model_summaries(root: str | Path = DEFAULT_MODELS_ROOT, broken: list[tuple[Path, str]] | None = None
+                    ) -> list[dict]:
     """What ``finpulse models`` lists: each model under ``root``, newest first, with its held-out figures (a
-    refit's are its reference's: ``refit_of`` says so), its news probe figures and its size on disk."""
+    refit's are its reference's: ``refit_of`` says so), its news probe figures and its size on disk. Damaged model
+    directories go to ``broken`` (``list_models``)."""
     summaries = []
-    for path, config in list_models(root):
+    for path, config in list_models(root, broken):
         try:
             metrics = json.loads((path / "metrics.json").read_text())
         except (OSError, ValueError):

@@ -258,6 +258,68 @@ def test_models_lists_newest_first_with_figures_and_marks_the_one_the_worker_loa
     assert listed[0]["megabytes"] > 0
 
 
+def test_a_damaged_newest_model_is_named_never_listed_or_loaded_and_the_one_before_is(model_dir, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """Its weights cut short (an interrupted copy, a full disk): before, it was listed as the model the worker loads,
+    and loading it ended in safetensors' traceback."""
+    root = tmp_path / "models"
+    older = make_model_copy(model_dir, root / "a-older", "2026-01-01T00:00:00+00:00")
+    cut = make_model_copy(model_dir, root / "b-cut", "2026-02-01T00:00:00+00:00")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    monkeypatch.setenv("FINPULSE_MODELS__MODELS_DIR", str(root))
+    monkeypatch.delenv("FINPULSE_WORKER__MODEL_DIR", raising=False)
+    monkeypatch.delenv("FINPULSE_MODEL_DIR", raising=False)
+    assert main(["models", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [(m["path"], m["worker_loads"]) for m in json.loads(captured.out)] == [(str(older), True)]
+    assert f"not listed, and never loaded: {weights} is cut short: 100,000 bytes of the" in captured.err
+    assert main(["score", "--device", "cpu", "--cpu-precision", "float32", "--format", "jsonl", HEADLINES[0]]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["model_version"] == json.loads((older / "config.json").read_text())["model_version"]
+
+
+def _edit_config(**changes):
+    def edit(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        for key, value in changes.items():
+            if value is None:
+                config.pop(key)
+            else:
+                config[key] = value
+        (model / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _garbage_tokenizer(model: Path) -> None:
+    (model / "tokenizer.json").write_text('{"version": "1.0", garbage')
+
+
+def _wider_encoder(model: Path) -> None:
+    config = json.loads((model / "config.json").read_text())
+    config["encoder"]["hidden_size"] = 64
+    (model / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage, refusal", [
+    (_edit_config(finpulse_format="1"), "finpulse_format must be a number, not '1'"),
+    (_edit_config(topics=5), "predicts other labels than this FinPulse build"),
+    (_edit_config(encoder=None), "was changed or damaged: encoder (an object"),
+    (_edit_config(max_length="abc"), "was changed or damaged: max_length (a positive whole number)"),
+    (_edit_config(pooling="max"), "was changed or damaged: pooling (mean or cls)"),
+    (_garbage_tokenizer, "tokenizer.json is not a readable tokenizer"),
+    (_wider_encoder, "model.safetensors does not fit the architecture config.json describes: "),
+])
+def test_a_model_directory_changed_by_hand_is_refused_saying_what_is_wrong(model_dir, tmp_path, capsys, damage,
+                                                                           refusal):
+    """Before, each of these ended in a traceback (TypeError, KeyError, ValueError, torch's list of every key)."""
+    model = make_model_copy(model_dir, tmp_path / "edited", "2026-01-01T00:00:00+00:00")
+    damage(model)
+    assert score(model, HEADLINES[0]) == 2
+    err = capsys.readouterr().err
+    assert refusal in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
 def test_evaluate_against_another_model_gives_both_figures_on_the_same_rows_and_their_difference(model_dir, tmp_path,
                                                                                                 capsys):
     from safetensors.torch import load_file, save_file
