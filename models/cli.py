@@ -81,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluate on these sources instead (as for train); default: the model's held-out test slice")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="without --data: which held-out slice of the model's training data (default test)")
+    p.add_argument("--whole-slice", action="store_true",
+                   help="without --data: score the whole test slice, not the stratified sample of it the model card "
+                        "reports on (the quick recipe reports on 1,000 rows)")
     p.add_argument("--data-dir", help="the shared data directory (as for train)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default [models] device)")
     p.add_argument("--cpu-precision", choices=["bf16", "int8"],
@@ -269,7 +272,7 @@ def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...], de
         if args.data:
             sets = [load_data(args.data, data_dir)] * len(slices)
         else:
-            sets = [heldout_test(model_dir, data_dir, which) for which in slices]
+            sets = [heldout_test(model_dir, data_dir, which, getattr(args, "whole_slice", False)) for which in slices]
         scorer = BatchScorer.from_pretrained(model_dir, device=device or args.device or ms.device)
     except (DataError, ModelError) as exc:
         print(f"finpulse {command}: {exc}", file=sys.stderr)
@@ -355,7 +358,8 @@ def _against(args, settings, scorer, data, probs) -> dict | None:
         other_dir = find_model_dir(args.against, ms.models_dir)
         rows = np.arange(len(data))
         if not args.data:
-            theirs = heldout_test(other_dir, default_data_dir(args.data_dir or ms.data_dir or None), args.split)
+            theirs = heldout_test(other_dir, default_data_dir(args.data_dir or ms.data_dir or None), args.split,
+                                  args.whole_slice)
             rows = rows_in_both(data, theirs)
             if not len(rows):
                 raise DataError(f"{other_dir.name} held out none of these rows (other data, another split): compare "

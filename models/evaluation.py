@@ -17,7 +17,7 @@ import numpy as np
 
 from .calibration import expected_calibration_error, negative_log_likelihood, scored_rows
 from .data import (PARTS, SPLIT_SCHEME, SPLIT_SCHEME_BEFORE_TWINS, DataError, LabeledSet, fingerprint, load_data, split,
-                   without_twins_of)
+                   stratified_sample, without_twins_of)
 from .explain import push_pairs, read_texts, strongest
 from .labels import SENTIMENTS, TOPICS
 from .metrics import bootstrap_intervals, head_report, paired_difference
@@ -169,8 +169,10 @@ def selection_score(reports: dict[str, Any]) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
-def heldout_test(model_dir: Path, data_dir: Path, which: str = "test") -> LabeledSet:
-    """The ``which`` slice (test or val) of the data the model in ``model_dir`` was trained on."""
+def heldout_test(model_dir: Path, data_dir: Path, which: str = "test", whole_slice: bool = False) -> LabeledSet:
+    """The ``which`` slice (test or val) of the data the model in ``model_dir`` was trained on. For the test slice,
+    the rows its model card's figures were measured on: the stratified sample of them a recipe with a
+    ``report_limit`` scored (the quick recipe: 1,000), unless ``whole_slice``."""
     config_path = model_dir / "training_config.json"
     if not config_path.is_file():
         raise DataError(f"{model_dir} has no training_config.json: pass --data FILE to evaluate on your own data")
@@ -182,9 +184,12 @@ def heldout_test(model_dir: Path, data_dir: Path, which: str = "test") -> Labele
     data_cfg = config["data"]
     specs = data_cfg["specs"]
     recorded = data_cfg.get("sha256", {})
-    if recorded and recorded != fingerprint(specs, data_dir):
-        raise DataError(f"the training data in {data_dir} differs from what {model_dir.name} was trained on "
-                        "(sha256 mismatch): its held-out slice cannot be rebuilt; pass --data FILE instead")
+    current = fingerprint(specs, data_dir)
+    if recorded and recorded != current:
+        changed = sorted(name for name in {**recorded, **current} if recorded.get(name) != current.get(name))
+        raise DataError(f"{', '.join(changed)} of the training data ({', '.join(specs)}; the shared sets read from "
+                        f"{data_dir}) differ from what {model_dir.name} was trained on (sha256): its held-out slice "
+                        f"cannot be rebuilt; pass --data FILE instead")
     # A single source's slices were the same under every scheme before twins were kept together.
     scheme = data_cfg.get("split", SPLIT_SCHEME_BEFORE_TWINS if len(specs) == 1 else None)
     if scheme not in (SPLIT_SCHEME, SPLIT_SCHEME_BEFORE_TWINS):
@@ -199,6 +204,13 @@ def heldout_test(model_dir: Path, data_dir: Path, which: str = "test") -> Labele
         rows = without_twins_of(data, rows, np.concatenate([parts[p] for p in PARTS[:PARTS.index(which)]]))
         note = (f"; {len(parts[which]) - len(rows)} of its {len(parts[which])} rows left out: twins of rows it was "
                 "trained or selected on")
+    recipe = config.get("recipe") or {}
+    limit, seed = recipe.get("report_limit", 0), (recipe.get("fit") or {}).get("seed")
+    if which == "test" and limit and len(rows) > limit and seed is not None and not whole_slice:
+        # The rows the model card reports on, so that evaluating the model gives its card's figures.
+        total = len(rows)
+        rows = stratified_sample(data, rows, limit, seed)
+        note += f"; the stratified sample of {len(rows)} of its {total} rows its model card reports (--whole-slice: all)"
     sliced = data.subset(rows)
     sliced.sources = [f"{which} slice of {', '.join(specs)} (seed {data_cfg['split_seed']}{note})"]
     return sliced

@@ -581,6 +581,33 @@ def test_a_model_split_before_twins_is_evaluated_without_the_text_it_trained_on(
     assert slices[0] == slices[1]
 
 
+def test_a_models_test_slice_is_rebuilt_as_the_sample_its_card_reports(tmp_path):
+    """A recipe with a report_limit (quick: 1,000) reports on a stratified sample of its test slice, drawn with its
+    seed: `finpulse evaluate MODEL` scores those rows (it scored the whole slice, and gave other figures than the
+    card it says to reproduce); --whole-slice scores all of them. A changed data file is named."""
+    from models.data import stratified_sample
+    from models.evaluation import heldout_test
+    data, _ = twins_fixture()
+    data_file = tmp_path / "headlines.csv"
+    data_file.write_text("text,topic\n" + "".join(f'"{t}",{TOPICS[k]}\n' for t, k in zip(data.texts, data.topic)))
+    settings = {"specs": [str(data_file)], "sha256": {}, "test_fraction": 0.4, "val_fraction": 0.2, "split_seed": 7,
+                "split": "per-source-twins-together"}
+    (tmp_path / "training_config.json").write_text(json.dumps({"data": settings,
+                                                               "recipe": {"report_limit": 5, "fit": {"seed": 13}}}))
+    whole = split(data, 0.4, 0.2, seed=7)["test"]
+    assert len(whole) > 5
+    reported = heldout_test(tmp_path, tmp_path)
+    assert reported.texts == [data.texts[i] for i in stratified_sample(data, whole, 5, 13)]
+    assert f"the stratified sample of {len(reported)} of its {len(whole)} rows its model card reports" in \
+        reported.sources[0]
+    assert heldout_test(tmp_path, tmp_path, whole_slice=True).texts == [data.texts[i] for i in whole]
+
+    settings["sha256"] = {"headlines.csv": "0" * 64}
+    (tmp_path / "training_config.json").write_text(json.dumps({"data": settings}))
+    with pytest.raises(DataError, match="headlines.csv of the training data .* differ from what"):
+        heldout_test(tmp_path, tmp_path)
+
+
 def test_a_sample_keeps_every_row_of_a_small_source():
     """The quick recipe samples its training rows: 30 sentences of yours are not cut to 6 beside 1,000 tweets."""
     from models.data import stratified_sample
