@@ -21,6 +21,7 @@ unless it repeats their texts: twins (the same post but for links, case, punctua
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -235,6 +236,14 @@ class LabelIdOutOfRange(ValueError):
     """A label given as a number that is not one of the public sets' ids."""
 
 
+class UnknownLabel(ValueError):
+    """A label name that is none of the head's (a typo, another taxonomy)."""
+
+    def __init__(self, head: str, message: str):
+        super().__init__(message)
+        self.head = head
+
+
 # Said once per file: a -1/0/1 sentiment scale fails on -1 but would read 0 as bearish, so the names are the way.
 LABEL_ID_HINT = (". Label ids are the public sets' (sentiment 0 bearish, 1 bullish, 2 neutral; topic 0-19): for "
                  "another scale, such as -1/0/1, write the names (bearish, neutral, bullish)")
@@ -278,7 +287,10 @@ def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None,
                 labels[head][row] = parse_label(head, record[head])
             except ValueError as exc:
                 row_problems.append(str(exc))
-                hint = LABEL_ID_HINT if isinstance(exc, LabelIdOutOfRange) else hint
+                if isinstance(exc, LabelIdOutOfRange):
+                    hint = LABEL_ID_HINT
+                elif isinstance(exc, UnknownLabel) and not hint:
+                    hint = f". The {exc.head}s: {', '.join(TOPICS if exc.head == 'topic' else SENTIMENTS)}"
         if not row_problems and all(labels[h][row] == MISSING for h in heads):
             row_problems.append(f"no {' or '.join(heads)} label")
         problems += [f"row {line}: {p}" for p in row_problems]
@@ -318,7 +330,10 @@ def parse_label(head: str, value) -> int:
         raise LabelIdOutOfRange(f"{head} id {number} out of range")
     index = LABEL_INDEX[head].get(text.lower())
     if index is None:
-        raise ValueError(f"unknown {head} {text!r}")
+        names = TOPICS if head == "topic" else SENTIMENTS
+        close = difflib.get_close_matches(text.lower(), [n.lower() for n in names], n=1, cutoff=0.75)
+        meant = next((n for n in names if close and n.lower() == close[0]), None)
+        raise UnknownLabel(head, f"unknown {head} {text!r}" + (f" (did you mean {meant!r}?)" if meant else ""))
     return index
 
 

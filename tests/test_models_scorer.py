@@ -404,6 +404,15 @@ def test_user_files_accept_names_and_ids_and_reject_bad_rows(tmp_path):
     assert "4 bad row(s)" in message and "row 2: empty text" in message and "unknown topic 'Weather'" in message
     assert "topic id 25 out of range" in message and "row 5: no topic label" in message
     assert message.count("Label ids are the public sets'") == 1
+    # A typo is answered with the label it is close to; a name that is near none, with the head's labels, once.
+    typos = tmp_path / "typos.csv"
+    typos.write_text("text,topic,sentiment\nEPS beat,Earnigs,Bulish\nRain,Weather,\nSnow,Climate,\n")
+    with pytest.raises(DataError) as err:
+        load_file(typos)
+    message = str(err.value)
+    assert "row 2: unknown topic 'Earnigs' (did you mean 'Earnings'?); row 2: unknown sentiment 'Bulish' (did you " \
+           "mean 'bullish'?); row 3: unknown topic 'Weather'; row 4: unknown topic 'Climate'." in message, message
+    assert message.endswith(f"The topics: {', '.join(TOPICS)}")
     # A -1/0/1 sentiment scale fails on -1 (0 alone would read as bearish): the error says to write the names, once.
     scale = tmp_path / "scale.csv"
     scale.write_text("text,sentiment\nShares sink,-1\nFed meets,0\nStocks soar,1\nBanks slide,-1\n")
