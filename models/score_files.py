@@ -100,10 +100,12 @@ def read_rows(handle: Iterable[str], input_format: str, text_field: str, name: s
                 continue
             if not isinstance(fields, dict):
                 yield Row({}, None, f"line {number}: not a JSON object")
-            elif text_field not in fields:
+                continue
+            field_name = titled_column(list(fields), text_field)   # "Text", as a CSV's column would be found
+            if field_name is None:
                 yield Row(fields, None, f"line {number}: no {text_field!r} field")
             else:
-                yield Row(fields, fields[text_field])
+                yield Row(fields, fields[field_name])
 
 
 def _decoded(rows: Iterator[Row], name: str, encoding: str) -> Iterator[Row]:

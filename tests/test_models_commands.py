@@ -78,7 +78,7 @@ def test_jsonl_rows_that_cannot_be_read_get_an_error_and_the_others_are_scored(m
     source = tmp_path / "posts.jsonl"
     source.write_text("\n".join([json.dumps({"id": 1, "body": HEADLINES[2], "user": "ana"}), "", "{not json",
                                  "[1, 2]", json.dumps({"id": 4}), json.dumps({"id": 5, "body": 7}),
-                                 json.dumps({"id": 6, "body": HEADLINES[3], "source": "reuters"})]) + "\n")
+                                 json.dumps({"id": 6, "Body": HEADLINES[3], "source": "reuters"})]) + "\n")
     assert score(model_dir, "--input", str(source), "--text-field", "body") == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r.get("id") for r in rows] == [1, None, None, 4, 5, 6]
@@ -88,13 +88,15 @@ def test_jsonl_rows_that_cannot_be_read_get_an_error_and_the_others_are_scored(m
                                                "at column 2)", "line 4: not a JSON object",
                                                "line 5: no 'body' field", "not a text (int)"]
     assert all(r["topic"] is None and r["model_version"] == expected[0] for r in rows[1:5])
+    # Its last row's text is under "Body": found as a spreadsheet's titled column is (it was "no 'body' field").
     # As CSV: the columns of the first row's fields, then the prediction's, then the fields a later row adds (they
     # were dropped, without a word).
     assert score(model_dir, "--input", str(source), "--text-field", "body", "--format", "csv") == 0
     table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     assert list(table[0]) == ["id", "body", "user", *score_files.PREDICTION_FIELDS, "other_fields"]
     assert len(table) == 6 and table[0]["user"] == "ana" and table[0]["topic"] == rows[0]["topic"]
-    assert table[0]["other_fields"] == "" and json.loads(table[-1]["other_fields"]) == {"source": "reuters"}
+    assert table[0]["other_fields"] == "" and json.loads(table[-1]["other_fields"]) == {"Body": HEADLINES[3],
+                                                                                      "source": "reuters"}
 
 
 def test_a_csv_row_cut_by_an_unquoted_comma_is_not_scored_on_its_cut_text(model_dir, tmp_path, capsys):
