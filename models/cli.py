@@ -273,6 +273,9 @@ def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...], de
             sets = [load_data(args.data, data_dir)] * len(slices)
         else:
             sets = [heldout_test(model_dir, data_dir, which, getattr(args, "whole_slice", False)) for which in slices]
+        empty = next((labeled for labeled in sets if not len(labeled)), None)
+        if empty is not None:
+            raise DataError(f"{'; '.join(empty.sources)} holds no labeled row: nothing to measure")
         scorer = BatchScorer.from_pretrained(model_dir, device=device or args.device or ms.device)
     except (DataError, ModelError) as exc:
         print(f"finpulse {command}: {exc}", file=sys.stderr)

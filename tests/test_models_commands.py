@@ -361,3 +361,12 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(model_dir, tmp_path)
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_evaluating_or_calibrating_on_a_file_without_a_labeled_row_is_refused(model_dir, tmp_path, capsys):
+    """Before, evaluate printed "(0 rows...)", no figure, wrote a report of nothing and exited 0."""
+    header_only = tmp_path / "header_only.csv"
+    header_only.write_text("text,topic,sentiment\n")
+    for command in ("evaluate", "calibrate"):
+        assert main([command, str(model_dir), "--data", str(header_only), "--device", "cpu"]) == 2
+        assert f"finpulse {command}: {header_only} holds no labeled row: nothing to measure" in capsys.readouterr().err
