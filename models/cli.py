@@ -406,6 +406,8 @@ def _calibrate(args, settings) -> int:
                    "measured_on": ("same rows (one parameter per head)" if check_on is fit_on
                                    else "; ".join(check_on.sources)),
                    "measured": calibration_report(check_raw, check_on, temperature)}
+    print(f"fitted on those rows; before and after, measured on "
+          f"{'them' if check_on is fit_on else '; '.join(check_on.sources) + f' ({len(check_on)} rows)'}:")
     print(format_calibration(calibration["measured"]))
     test_reports = None if args.data else reports_from(calibrated(check_raw, temperature), check_on)
     try:
