@@ -32,6 +32,7 @@ PREDICTION_FIELDS = PREDICTED + ("model_version", "error")
 OTHER_FIELDS = "other_fields"   # CSV from JSONL: the fields a row has that the first row did not, as a JSON object
 OUTPUT_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv", ".txt")
 WORDS = "words"   # with --explain: [[word, push], ...] in JSONL; the strongest pushes as one text in CSV and tables
+WORDS_NOTE = "words_note"   # with --explain, in JSONL: why a text's words were not weighed (in CSV: in words)
 INPUT_FORMATS = ("lines", "csv", "jsonl")
 OUTPUT_FORMATS = ("table", "jsonl", "csv")
 CHUNK = 2048  # rows read and scored at a time: the scorer batches and pipelines inside each chunk
@@ -145,14 +146,15 @@ def score_rows(scorer, rows: list[Row], explain: bool = False) -> list[dict[str,
     reserved = output_fields(explain)
     predictions: list[Prediction | None] = [None] * len(rows)  # None: the row could not even be read
     pushes: list[list[WordPush]] = [[] for _ in rows]
+    notes = [""] * len(rows)     # why a scored text's words were not weighed (too long, one word)
     if explain:
         for i, reading in zip(readable, read_texts(scorer, texts)):
-            predictions[i], pushes[i] = reading.prediction, reading.words
+            predictions[i], pushes[i], notes[i] = reading.prediction, reading.words, reading.note
     else:
         for i, prediction in zip(readable, scorer.score(texts)):
             predictions[i] = prediction
     out = []
-    for row, prediction, words in zip(rows, predictions, pushes):
+    for row, prediction, words, note in zip(rows, predictions, pushes, notes):
         own = {(f"input_{k}" if k in reserved else k): v for k, v in row.fields.items()}
         error = row.error or prediction.error
         predicted = dict.fromkeys(PREDICTED) if error else {
@@ -161,6 +163,8 @@ def score_rows(scorer, rows: list[Row], explain: bool = False) -> list[dict[str,
         record = {**own, **predicted, "model_version": scorer.model_version, "error": error}
         if explain:
             record[WORDS] = push_pairs(words)
+            if note:
+                record[WORDS_NOTE] = note
         out.append(record)
     return out
 
@@ -202,10 +206,15 @@ class Writer:
                     self.handle.write(f"{r['sentiment_score']:>+6.2f}  {r['sentiment']:<9}  {topic:<34}  {text}\n")
                     if self.explain and r[WORDS]:
                         self.handle.write(f"{'':>6}  {'':<9}  {'':<34}  pushed by: {strongest(r[WORDS])}\n")
+                    elif self.explain and r.get(WORDS_NOTE):
+                        self.handle.write(f"{'':>6}  {'':<9}  {'':<34}  not weighed: {r[WORDS_NOTE]}\n")
 
 
     def _csv_row(self, record: dict[str, Any]) -> dict[str, Any]:
-        row = {**record, WORDS: strongest(record[WORDS], 5)} if self.explain else record
+        row = record
+        if self.explain:
+            note = record.get(WORDS_NOTE)
+            row = {**record, WORDS: strongest(record[WORDS], 5) or (f"(not weighed: {note})" if note else "")}
         if self.other_fields:
             columns = self._csv.fieldnames
             other = {k: v for k, v in record.items() if k not in columns}

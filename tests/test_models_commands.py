@@ -140,6 +140,12 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
         assert [w for w, _ in row["words"]] == [p.word for p in reading.words]
         assert [push for _, push in row["words"]] == pytest.approx([p.sentiment for p in reading.words], abs=1e-4)
     assert rows[1]["words"] == [] and rows[2]["words"] == []     # one word has nothing to weigh; a bad row no text
+    # Why not, said (before, an explained text of one word or of more than 80 showed nothing at all).
+    assert rows[1]["words_note"] == "a single word: nothing to weigh it against" and "words_note" not in rows[2]
+    long_text = " ".join(["oil"] * 90)
+    assert score(model_dir, "--explain", long_text) == 0
+    assert capsys.readouterr().out.splitlines()[2].strip() == ("not weighed: 90 words: longer than 80, so no word is "
+                                                                "weighed on its own")
     assert rows[0]["input_words"] == 7
     # A table and CSV name the strongest pushes, strongest first.
     strongest = sorted(readings[0].words, key=lambda p: -abs(p.sentiment))[:3]
@@ -150,6 +156,7 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
     table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     assert list(table[0]) == ["text", "input_words", *score_files.PREDICTION_FIELDS, "words", "other_fields"]
     assert table[0]["words"].startswith(named) and table[0]["input_words"] == "7"
+    assert table[1]["words"] == "(not weighed: a single word: nothing to weigh it against)"
 
 
 def test_a_semicolon_csv_from_a_spreadsheet_is_read_by_its_own_separator(model_dir, expected, tmp_path, capsys):
