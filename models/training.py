@@ -485,7 +485,7 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
         with average.applied() if average else nullcontext():
             if val is None:
                 score, improved, measured = -1.0, True, {}
-                print(f"{name} epoch {epoch}: loss {loss_sum:.4f}", flush=True)
+                summary = f"{name} epoch {epoch}: loss {loss_sum:.4f}"
             else:
                 # A few thousand rows: tokenizer processes started every epoch would cost more than they save.
                 scorer = BatchScorer(model, text_encoder, "in-training", device=device, tokenizer_processes=0)
@@ -495,8 +495,8 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
                 measured = {"val_score": round(score, 5),
                             **{f"val_{h}_{m}": round(r[m], 5) for h, r in reports.items()
                                for m in ("accuracy", "macro_f1")}}
-                print(f"{name} epoch {epoch}: loss {loss_sum:.4f}  val " + "  ".join(
-                    f"{h} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f}" for h, r in reports.items()), flush=True)
+                summary = f"{name} epoch {epoch}: loss {loss_sum:.4f}  val " + "  ".join(
+                    f"{h} acc {r['accuracy']:.4f} F1 {r['macro_f1']:.4f}" for h, r in reports.items())
             if improved and checkpoint:
                 checkpoint.save_best(model, epoch)
             elif improved:
@@ -512,6 +512,8 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
         state["epoch"] = epoch
         if checkpoint:
             checkpoint.save(model, optimizer, state, average)
+        # Once the epoch is saved: a Ctrl-C after this line finds it kept for --resume.
+        print(summary, flush=True)
     if checkpoint:
         checkpoint.load_best(model)
     elif best_weights is not None:
