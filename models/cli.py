@@ -6,6 +6,7 @@ without the rest of FinPulse installed (as on a bare GPU machine). torch is impo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -254,6 +255,14 @@ def _recipe_from_flags(args):
     return recipe
 
 
+def _report_data(report: Path):
+    """The data an evaluation report says it measured (None when unreadable)."""
+    try:
+        return json.loads(report.read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...], device: str | None = None):
     """The model ``args.model`` names (else the newest), the labeled sets the command reads (``--data``, or these
     held-out slices of the model's own training data) and a scorer over the model; None after printing why not."""
@@ -334,6 +343,10 @@ def _evaluate(args, settings) -> int:
     # int8 is in the version already; bf16 is not (its labels are float32's but for a row or two).
     stamp = "+bf16" if args.cpu_precision == "bf16" else ""
     out = Path(args.out or f"var/eval/{scorer.model_version}{stamp}-{name}.json")
+    if not args.out and out.exists() and _report_data(out) != data.sources:
+        # Another file of the same name (two folders' valid.csv): its report is kept beside this one.
+        digest = hashlib.sha256("\n".join(data.sources).encode()).hexdigest()[:6]
+        out = out.with_name(f"{out.stem}-{digest}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"model_version": scorer.model_version, "cpu_precision": args.cpu_precision or "float32",
                      "data": data.sources, "rows": len(data), **reports,

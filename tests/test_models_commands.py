@@ -377,3 +377,17 @@ def test_evaluating_or_calibrating_on_a_file_without_a_labeled_row_is_refused(mo
     for command in ("evaluate", "calibrate"):
         assert main([command, str(model_dir), "--data", str(header_only), "--device", "cpu"]) == 2
         assert f"finpulse {command}: {header_only} holds no labeled row: nothing to measure" in capsys.readouterr().err
+
+
+def test_two_files_of_the_same_name_get_a_report_each(model_dir, tmp_path, capsys, monkeypatch):
+    """Two folders' valid.csv: the second's default report overwrote the first's."""
+    monkeypatch.chdir(tmp_path)
+    written = []
+    for folder in ("a", "b", "a"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        data = write_tiny_csv(tmp_path / folder / "valid.csv", repeat=1 + (folder == "b"))
+        assert main(["evaluate", str(model_dir), "--data", str(data), "--device", "cpu"]) == 0
+        written.append(capsys.readouterr().out.rsplit("report written to ", 1)[1].strip())
+    first, second, again = written
+    assert first != second and again == first      # the same file again: its own report, replaced
+    assert {json.loads(Path(p).read_text())["rows"] for p in (first, second)} == {17, 34}
