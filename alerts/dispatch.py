@@ -902,13 +902,18 @@ def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpo
     an escalation of the alert's episode already (see the module docstring).
 
     A resolve whose episode reached none of them (its firing came before they were configured) goes to those whose
-    filters accept it, as a firing would. An endpoint whose ``events`` leave out this kind of event takes none."""
+    filters accept it, as a firing would, but for endpoints that open incidents: they opened nothing to close. Such
+    an endpoint (``incident_id_from``) opens one incident an episode, with the first event it is given (the firing,
+    or the escalation that reaches its ``min_severity``): a later escalation, POSTed again, would open a second one
+    that nothing closes. An endpoint whose ``events`` leave out this kind of event takes none."""
     if alert.status == "resolved":
         went_to = [e for e in candidates if given(e)]
         if went_to:
             return [e for e in went_to if e.wants(alert)]
-    elif alert.escalated_from:
-        return [e for e in candidates if (e.accepts(alert) or given(e)) and e.wants(alert)]
+        return [e for e in candidates if e.accepts(alert) and e.wants(alert) and not e.opens_incidents]
+    if alert.escalated_from:
+        return [e for e in candidates if (e.accepts(alert) or given(e)) and e.wants(alert)
+                and not (e.opens_incidents and given(e))]
     return [e for e in candidates if e.accepts(alert) and e.wants(alert)]
 
 

@@ -399,6 +399,11 @@ def _check_incident_id(ep: EndpointSettings, where: str) -> None:
     if ep.resolve_method not in RESOLVE_METHODS:
         raise ConfigError(f"{where}: resolve_method must be one of {', '.join(RESOLVE_METHODS)}, not "
                           f"{ep.resolve_method!r}")
+    if ep.resolve_method != "POST" and not (ep.resolve_url or ep.resolve_url_env):
+        raise ConfigError(f"{where}: resolve_method = \"{ep.resolve_method}\" updates a record at its own URL: set "
+                          f"resolve_url (e.g. \".../incident/{{incident_id}}\"), or it would {ep.resolve_method} url")
+    if ep.resolve_method != "POST" and ep.events and "resolved" not in ep.events:
+        raise ConfigError(f"{where}: resolve_method is for resolves, and events = {ep.events} takes none")
     uses = sorted(name for name in ("template", "resolve_url", "resolve_template")
                   if "incident_id" in fields_used(getattr(ep, name)))
     if not ep.incident_id_from:
@@ -413,6 +418,14 @@ def _check_incident_id(ep: EndpointSettings, where: str) -> None:
     if ep.events and not {"firing", "resolved"} <= set(ep.events):
         raise ConfigError(f"{where}: incident_id_from reads the answer to a firing for its resolve, and events = "
                           f"{ep.events} does not take both")
+    if ep.events and "escalation" not in ep.events and ep.min_severity != SEVERITIES[0]:
+        raise ConfigError(f"{where}: with min_severity = \"{ep.min_severity}\", an episode that fires lower opens its "
+                          f"incident here when it escalates, and events = {ep.events} leaves escalations out: add "
+                          f"\"escalation\" (one incident an episode all the same: later escalations are not sent)")
+    if not {"resolve_url", "resolve_template"} & set(uses) and not ep.resolve_url_env:
+        raise ConfigError(f"{where}: incident_id_from is read for the resolve, and neither resolve_url nor "
+                          f"resolve_template fills {{incident_id}}: the resolve would go to url and open another "
+                          f"incident (e.g. resolve_url = \".../incident/{{incident_id}}\")")
 
 
 def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
@@ -441,6 +454,7 @@ def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
 
 
 RESOLVE_METHODS = ("POST", "PUT", "PATCH")
+TOKEN_LIKE = 8     # a path segment or query value of a secret URL this long is scrubbed on its own
 
 
 def check_same_origin(url: str, resolve_url: str, where: str) -> None:
@@ -527,9 +541,14 @@ class Endpoint:
             from_env = f"{where} (resolve_url from ${settings.resolve_url_env})"
             check_url(resolve_url, settings.allow_private, from_env)
             check_url_template(resolve_url, TEMPLATE_FIELDS, from_env, TEMPLATE_FIELD_VALUES)
-            if "incident_id" in fields_used(resolve_url) and not settings.incident_id_from:
+            fills_id = "incident_id" in fields_used(resolve_url)
+            if fills_id and not settings.incident_id_from:
                 raise ConfigError(f"{from_env}: it fills {{incident_id}}, which comes from the answer to the firing: "
                                   f"set incident_id_from, a JSON pointer to it (e.g. \"/result/sys_id\")")
+            if settings.incident_id_from and not fills_id and "incident_id" not in fields_used(
+                    settings.resolve_template):
+                raise ConfigError(f"{from_env}: incident_id_from is read for the resolve, and neither this URL nor "
+                                  f"resolve_template fills {{incident_id}}: the resolve could not say which incident")
         if settings.resolve_url_env or (resolve_url and settings.url_env):
             check_same_origin(url, resolve_url, where)
         self.resolve_url = Secret(resolve_url) if resolve_url else None
@@ -576,14 +595,19 @@ class Endpoint:
     def url_for(self, alert, ctx) -> str | None:
         """Where this endpoint takes ``alert`` (sent under ``ctx``, an ``alerts.formats.DeliveryContext``): a
         resolve's ``resolve_url`` filled with its fields, when the endpoint has one; None: its url."""
-        if alert.status == "resolved" and self.settings.incident_id_from and not ctx.incident_id:
+        if alert.status == "resolved" and self.opens_incidents and not ctx.incident_id:
             # Sent without it, a resolve would update the collection (PATCH .../incident/) or nothing at all.
-            raise ValueError(f"no incident id to resolve: {self.name!r} answered the episode's firing with nothing "
-                             f"at {self.settings.incident_id_from} (or the firing was not delivered), so it cannot "
-                             f"say which incident to close")
+            raise ValueError(f"no incident id to resolve: nothing {self.name!r} was sent of this episode named one "
+                             f"(its firing was not delivered, or the answer to it had no id where incident_id_from "
+                             f"said when it was read), so there is no incident to say to close")
         if self.resolve_url is None or alert.status != "resolved":
             return None
         return fill_url(self.resolve_url.reveal(), template_fields(alert, ctx))
+
+    @property
+    def opens_incidents(self) -> bool:
+        """Whether this endpoint's tool names what it opens, and is told to close that (``incident_id_from``)."""
+        return bool(self.settings.incident_id_from)
 
     def method_for(self, alert) -> str:
         """The HTTP method ``alert`` is sent with: a template endpoint's ``resolve_method`` for a resolve, else POST."""
@@ -595,7 +619,7 @@ class Endpoint:
             found = at_json_pointer(json.loads(answer), self.settings.incident_id_from)
         except ValueError:
             return ""
-        return str(found) if isinstance(found, (str, int)) and not isinstance(found, bool) and found != "" else ""
+        return str(found).strip() if isinstance(found, (str, int)) and not isinstance(found, bool) else ""
 
     def scrub(self, text: str, sent_to: str = "") -> str:
         """``text`` with every secret of this endpoint replaced by ***: error messages can echo URLs or keys, and
@@ -622,10 +646,13 @@ class Endpoint:
 
 
 def _path_and_query(url: str) -> list[Secret]:
-    """What an answer may echo of a URL: its path and query together and each alone (not a bare "/")."""
+    """What an answer may echo of a URL: its path and query together and each alone (not a bare "/"), and each
+    path segment and query value long enough to be a token ("bad signature QUERYSIG123 for segment s3cr3t...")."""
     parts = urlsplit(url)
     shown = [parts.path + (f"?{parts.query}" if parts.query else ""), parts.path, parts.query]
-    return [Secret(text) for text in shown if len(text) > 1]
+    pieces = [segment for segment in parts.path.split("/") if "{" not in segment]
+    pieces += [value for _, value in parse_qsl(parts.query, keep_blank_values=True) if "{" not in value]
+    return [Secret(text) for text in shown if len(text) > 1] + [Secret(p) for p in pieces if len(p) >= TOKEN_LIKE]
 
 
 def _env(environ: Mapping[str, str], var: str, where: str) -> str:

@@ -23,7 +23,7 @@ from .grouping import GroupPolicy
 from .templates import FILTERS, fill_url
 
 
-EXAMPLE_INCIDENT_ID = "INC0010042"    # what a tool answering the firing might have named its incident
+EXAMPLE_INCIDENT_ID = "9d385017c611228701d22104cc95c371"   # a ServiceNow sys_id, as a tool names what it opened
 
 
 def example_episode() -> list[AlertRecord]:
@@ -63,8 +63,7 @@ def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
             webhook_id=f"msg_example{n}", event_id=alert.event_id, endpoint=name, sent_at=sent_at,
             dashboard_url=dashboard_url, routing_key="***", template=body_template(endpoint, alert),
             sent_severities=sent_before, incident_id=EXAMPLE_INCIDENT_ID if n and endpoint.incident_id_from else "")))
-    parts = [f"# {alert.event_kind}{_elsewhere(endpoint, alert, ctx)}\n{_pretty(render(endpoint.format, alert, ctx))}"
-             for alert, ctx in contexts]
+    parts = [_shown_event(endpoint, alert, ctx) for alert, ctx in contexts]
     policy = GroupPolicy.of(endpoint)
     if policy is not None:
         groups: dict[str, list] = {}
@@ -79,6 +78,16 @@ def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
                          f"{_pretty(render_group(endpoint.format, group, members))}")
     return f"# what endpoint {name!r} ({endpoint.format}) would be sent for an example episode; nothing was sent\n" + \
         "\n".join(parts)
+
+
+def _shown_event(endpoint: EndpointSettings, alert: AlertRecord, ctx: DeliveryContext) -> str:
+    """One event of the example episode as the endpoint would be sent it, or why it would not be."""
+    if endpoint.events and alert.event_kind not in endpoint.events:
+        return f"# {alert.event_kind}: not sent (events = {endpoint.events})"
+    if alert.escalated_from and endpoint.incident_id_from:
+        return (f"# {alert.event_kind}: not sent, its incident being open (one incident an episode: an escalation "
+                f"opens it only when the firing was below min_severity)")
+    return f"# {alert.event_kind}{_elsewhere(endpoint, alert, ctx)}\n{_pretty(render(endpoint.format, alert, ctx))}"
 
 
 def _elsewhere(endpoint: EndpointSettings, alert: AlertRecord, ctx: DeliveryContext) -> str:

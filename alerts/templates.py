@@ -161,7 +161,7 @@ def fields_used(template: Any) -> set[str]:
 
 def check_json_pointer(pointer: str, where: str) -> str:
     """``pointer`` after checking that it is a JSON pointer (RFC 6901: "/result/sys_id", "/key", "/0/id")."""
-    if not pointer.startswith("/") or re.search(r"~[^01]|~$", pointer):
+    if not pointer.startswith("/") or pointer.endswith("/") or re.search(r"~[^01]|~$", pointer):
         raise ConfigError(f"{where}: {_shown(pointer)!r} is not a JSON pointer into the answer: write it as "
                           f"\"/result/sys_id\" (ServiceNow) or \"/key\" (Jira), each step after a /")
     return pointer

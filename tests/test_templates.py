@@ -202,6 +202,16 @@ def test_a_group_template_lists_every_event_most_severe_first():
      "incident_id_from cannot go with group_by"),
     (dict(template=GOOGLE_CHAT, incident_id_from="/id", events=["firing"]),
      "incident_id_from reads the answer to a firing for its resolve, and events = ['firing'] does not take both"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/result/sys_id/"), "is not a JSON pointer"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_url="https://chat.example.com/close/{episode_id}"),
+     "incident_id_from is read for the resolve, and neither resolve_url nor resolve_template fills {incident_id}: "
+     "the resolve would go to url and open another incident"),
+    (dict(template=GOOGLE_CHAT, resolve_method="PATCH"),
+     "resolve_method = \"PATCH\" updates a record at its own URL: set resolve_url"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", min_severity="critical", events=["firing", "resolved"],
+          resolve_url="https://chat.example.com/incident/{incident_id}"),
+     "with min_severity = \"critical\", an episode that fires lower opens its incident here when it escalates, and "
+     "events = ['firing', 'resolved'] leaves escalations out: add \"escalation\""),
 ])
 def test_the_config_refuses_a_template_that_cannot_work(endpoint, refusal):
     with pytest.raises(ConfigError) as caught:
@@ -331,20 +341,23 @@ def test_a_json_pointer_reads_the_id_a_tool_answered_with():
     assert at_json_pointer(answer, "/result/sys_id") == "9d3"
     assert at_json_pointer(answer, "/result/a~1b/~0x") == 7 and at_json_pointer(answer, "/list/0/key") == "RISK-12"
     assert at_json_pointer(answer, "/result/number") is None and at_json_pointer(answer, "/list/3/key") is None
-    endpoint = Endpoint(endpoint_config(template=GOOGLE_CHAT, incident_id_from="/result/sys_id"), environ={})
+    endpoint = Endpoint(endpoint_config(template=GOOGLE_CHAT, incident_id_from="/result/sys_id", resolve_method="PATCH",
+                                        resolve_url="https://chat.example.com/incident/{incident_id}"), environ={})
     assert endpoint.incident_id_in(json.dumps(answer).encode()) == "9d3"
     assert endpoint.incident_id_in(b'{"result": {"sys_id": 12}}') == "12"
     # Nothing usable: no JSON, no such value, an object or a boolean where the id should be.
     for unusable in (b"created", b'{"result": {}}', b'{"result": {"sys_id": {"v": 1}}}', b'{"result": {"sys_id": true}}',
-                     b'{"result": {"sys_id": ""}}'):
+                     b'{"result": {"sys_id": ""}}', b'{"result": {"sys_id": "   "}}'):
         assert endpoint.incident_id_in(unusable) == "", unusable
 
 
 def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_settings, topics, monkeypatch):
     """ServiceNow's way, with a real dispatcher and a real receiver (which answers what it stored with its number,
-    as a tool names what it opened): the firing is POSTed and its answer's id read at incident_id_from; the resolve
-    is a PATCH to resolve_url with that id, after an escalation that opened another. An endpoint whose tool answers
-    without the id cannot say which incident to close: its resolve fails at once, saying why, and sends nothing."""
+    as a tool names what it opened): the firing is POSTed and its answer's id read at incident_id_from; the
+    escalation is not sent (POSTed, it opened a second incident nothing closed); the resolve is a PATCH to
+    resolve_url with that id. Where the firing was below min_severity, the escalation opens the incident and the
+    resolve closes that one. An endpoint whose tool answers without the id cannot say which incident to close: its
+    resolve fails at once, saying why, and sends nothing."""
     from tests.test_delivery import produce, serve_and_dispatch
     from tests.test_delivery import make_alert as fresh_alert
 
@@ -363,35 +376,43 @@ def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_set
         return fp_settings.with_overrides({"alerts": {"backoff_initial_s": 0.05, "endpoints": [
             {"name": "snow", "url": f"http://127.0.0.1:{port}/api/now/table/incident", "incident_id_from": "/id",
              "resolve_url": f"http://127.0.0.1:{port}/api/now/table/incident/{{incident_id}}", **common},
+            {"name": "critical", "url": f"http://127.0.0.1:{port}/critical", "incident_id_from": "/id",
+             "min_severity": "critical", "resolve_url": f"http://127.0.0.1:{port}/critical/{{incident_id}}", **common},
             {"name": "no-id", "url": f"http://127.0.0.1:{port}/other", "incident_id_from": "/result/sys_id",
              "resolve_url": f"http://127.0.0.1:{port}/other/{{incident_id}}", **common},
         ]}})
 
-    keys = {delivery_key(a.event_id, name) for a in (firing, escalation, resolved) for name in ("snow", "no-id")}
+    keys = {delivery_key(a.event_id, name) for a in (firing, resolved) for name in ("snow", "no-id")}
+    keys |= {delivery_key(a.event_id, "critical") for a in (escalation, resolved)}
 
     async def all_final(dispatcher):
         for _ in range(900):
             if all(k in dispatcher.log.states and dispatcher.log.states[k].terminal for k in keys):
+                await asyncio.sleep(0.5)     # anything more it would send, it would have taken on by now
                 return dict(dispatcher.log.states)
             await asyncio.sleep(0.1)
         pytest.fail(f"not final: {sorted(k for k in keys if k not in dispatcher.log.states)}")
     states = serve_and_dispatch(topics, settings_for, receiver, all_final)
     assert not receiver.duplicates and not receiver.rejected
+    assert set(states) == keys       # no escalation taken on where the firing had opened the incident
     stored_as = {item["webhook_id"]: item["id"] for item in receiver.items}
     incident = stored_as[webhook_id(delivery_key(firing.event_id, "snow"))]
     assert states[delivery_key(firing.event_id, "snow")].incident_id == incident
     sent = [(r["method"], r["target"]) for r in receiver.requests if r["path"].startswith("/api")]
-    assert sent == [("POST", "/api/now/table/incident"), ("POST", "/api/now/table/incident"),
-                    ("PATCH", f"/api/now/table/incident/{incident}")]
-    closing = next(i for i in receiver.items if i["method"] == "PATCH")
+    assert sent == [("POST", "/api/now/table/incident"), ("PATCH", f"/api/now/table/incident/{incident}")]
+    closing = next(i for i in receiver.items if i["method"] == "PATCH" and i["path"].startswith("/api"))
     assert closing["payload"] == {"state": "6", "close_notes": resolved.summary}
-    assert all(states[delivery_key(a.event_id, "snow")].state == DELIVERED for a in (firing, escalation, resolved))
+    assert all(states[delivery_key(a.event_id, "snow")].state == DELIVERED for a in (firing, resolved))
+
+    opened = stored_as[webhook_id(delivery_key(escalation.event_id, "critical"))]
+    assert [(r["method"], r["target"]) for r in receiver.requests if r["path"].startswith("/critical")] == [
+        ("POST", "/critical"), ("PATCH", f"/critical/{opened}")]
 
     unresolvable = states[delivery_key(resolved.event_id, "no-id")]
     assert unresolvable.state == FAILED and unresolvable.attempts == 1, unresolvable
-    assert unresolvable.last_error.startswith("no incident id to resolve: 'no-id' answered the episode's firing with "
-                                              "nothing at /result/sys_id") and "not retried" in unresolvable.last_error
-    assert [r["method"] for r in receiver.requests if r["path"].startswith("/other")] == ["POST", "POST"]
+    assert unresolvable.last_error.startswith("no incident id to resolve: nothing 'no-id' was sent of this episode "
+                                              "named one") and "not retried" in unresolvable.last_error
+    assert [r["method"] for r in receiver.requests if r["path"].startswith("/other")] == ["POST"]
 
 
 def test_preview_shows_each_format_the_example_episode_without_secrets_or_kafka(tmp_path):
@@ -481,8 +502,10 @@ def test_an_answer_that_echoes_a_secret_urls_path_or_query_is_scrubbed_from_the_
     from alerts.templates import fill_url
 
     async def echo(request):
+        # Whole, and in pieces: "bad signature QUERYSECRET for segment PATHSECRET" was stored as it came.
         return web.Response(status=404, text=f"Cannot POST {request.path_qs}; path {request.path}; query "
-                                             f"{request.query_string}")
+                                             f"{request.query_string}; bad signature {request.query.get('sig')} for "
+                                             f"segment {request.path.split('/')[2]}")
 
     async def scenario():
         app = web.Application()
@@ -530,8 +553,10 @@ def test_preview_says_where_a_resolve_goes_and_names_a_secret_url_by_its_variabl
         {**opsgenie, "incident_id_from": "/result/sys_id", "resolve_method": "PATCH",
          "resolve_url": "https://api.example.com/api/now/table/incident/{incident_id}",
          "resolve_template": {"state": "6", "id": "{incident_id}"}}]}})), "og", "")
-    assert ('# resolved, PATCH to https://api.example.com/api/now/table/incident/INC0010042\n'
-            '{\n  "state": "6",\n  "id": "INC0010042"\n}') in snow
+    sys_id = "9d385017c611228701d22104cc95c371"
+    assert (f'# resolved, PATCH to https://api.example.com/api/now/table/incident/{sys_id}\n'
+            f'{{\n  "state": "6",\n  "id": "{sys_id}"\n}}') in snow
+    assert "# escalation: not sent, its incident being open" in snow
 
 
 def test_a_body_that_cannot_be_rendered_fails_its_delivery_and_the_episode_goes_on(fp_settings, topics, monkeypatch):
