@@ -1069,8 +1069,20 @@ def _print_status(settings: Settings, names: TopicNames) -> int:
         if not state.terminal or state.state in (FAILED, EXPIRED):
             requeued_note = f"  re-queued {state.requeues}x, last {format_time(state.requeued_at)}" if state.requeues else ""
             grouped = f"  ({len(state.members)} events, group {state.group_label})" if state.is_group else ""
-            print(f"  {state.state:<9} {state.key}{grouped}  attempts={state.attempts}{requeued_note}  {state.last_error}")
+            incident = _incident_of(state, states)
+            opened = f"  incident {incident}" if incident else ""
+            print(f"  {state.state:<9} {state.key}{grouped}{opened}  attempts={state.attempts}{requeued_note}  "
+                  f"{state.last_error}")
     return 0
+
+
+def _incident_of(state: DeliveryState, states: dict[str, DeliveryState]) -> str:
+    """The incident this delivery's episode opened at its endpoint (``incident_id_from``), for a person to close
+    by hand when its resolve failed; "" when none is known."""
+    if state.is_group:
+        return ""
+    found = (states.get(delivery_key(event_id, state.endpoint)) for event_id in state.alert_record.firing_event_ids())
+    return next((s.incident_id for s in found if s is not None and s.incident_id), "")
 
 
 async def redeliver_failed(settings: Settings, names: TopicNames, endpoint: str | None = None,

@@ -403,6 +403,10 @@ def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_set
     closing = next(i for i in receiver.items if i["method"] == "PATCH" and i["path"].startswith("/api"))
     assert closing["payload"] == {"state": "6", "close_notes": resolved.summary}
     assert all(states[delivery_key(a.event_id, "snow")].state == DELIVERED for a in (firing, resolved))
+    # What `dispatch --status` shows beside a resolve that failed: the incident to close by hand.
+    from alerts.dispatch import _incident_of
+    assert _incident_of(states[delivery_key(resolved.event_id, "snow")], states) == incident
+    assert _incident_of(states[delivery_key(resolved.event_id, "no-id")], states) == ""
 
     opened = stored_as[webhook_id(delivery_key(escalation.event_id, "critical"))]
     assert [(r["method"], r["target"]) for r in receiver.requests if r["path"].startswith("/critical")] == [
