@@ -288,6 +288,21 @@ def test_template_endpoints_get_their_bodies_over_http(fp_settings, topics, monk
     assert delivery_key(resolved.event_id, "tickets") not in states
 
 
+def escalating_episode(alert_id: str):
+    """A warning firing on Energy | Oil, its escalation to critical and its resolve, as the detector emits them."""
+    from tests.test_delivery import make_alert as fresh_alert
+    return (fresh_alert("firing", id=alert_id, key="Energy | Oil", severity="warning"),
+            fresh_alert("firing", id=alert_id, key="Energy | Oil", severity="critical", escalated_from="warning"),
+            fresh_alert("resolved", id=alert_id, key="Energy | Oil", severity="critical"))
+
+
+def signed_receiver(monkeypatch, secret_env: str) -> Receiver:
+    """A real receiver that takes what is signed with a fresh secret, which ``secret_env`` holds."""
+    secret = generate_secret()
+    monkeypatch.setenv(secret_env, secret)
+    return Receiver(ReceiverOptions(secrets=[secret], quiet=True))
+
+
 def test_a_resolve_goes_to_its_resolve_url_with_its_own_body_over_http(fp_settings, topics, monkeypatch):
     """Opsgenie's way, with a real dispatcher and a real receiver: the firing creates at url, the resolve closes at
     resolve_url (its path filled and percent-encoded) with resolve_template's body, signed; the same from a
@@ -296,12 +311,8 @@ def test_a_resolve_goes_to_its_resolve_url_with_its_own_body_over_http(fp_settin
     from tests.test_delivery import make_alert as fresh_alert
     from tests.test_grouping import settled
 
-    secret = generate_secret()
-    monkeypatch.setenv("T_CLOSE_SECRET", secret)
-    receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
-    firing = fresh_alert("firing", id="og", key="Energy | Oil", severity="warning")
-    escalation = fresh_alert("firing", id="og", key="Energy | Oil", severity="critical", escalated_from="warning")
-    resolved = fresh_alert("resolved", id="og", key="Energy | Oil", severity="critical")
+    receiver = signed_receiver(monkeypatch, "T_CLOSE_SECRET")
+    firing, escalation, resolved = escalating_episode("og")
     # A ticker comes from a news item's tickers list: "..", filled into a path, must not climb out of it.
     dots = [fresh_alert(status, id="dots", key_type="ticker", key="..", severity="warning")
             for status in ("firing", "resolved")]
@@ -359,14 +370,9 @@ def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_set
     resolve closes that one. An endpoint whose tool answers without the id cannot say which incident to close: its
     resolve fails at once, saying why, and sends nothing."""
     from tests.test_delivery import produce, serve_and_dispatch
-    from tests.test_delivery import make_alert as fresh_alert
 
-    secret = generate_secret()
-    monkeypatch.setenv("T_SNOW_SECRET", secret)
-    receiver = Receiver(ReceiverOptions(secrets=[secret], quiet=True))
-    firing = fresh_alert("firing", id="sn", key="Energy | Oil", severity="warning")
-    escalation = fresh_alert("firing", id="sn", key="Energy | Oil", severity="critical", escalated_from="warning")
-    resolved = fresh_alert("resolved", id="sn", key="Energy | Oil", severity="critical")
+    receiver = signed_receiver(monkeypatch, "T_SNOW_SECRET")
+    firing, escalation, resolved = escalating_episode("sn")
     produce(fp_settings, topics.alerts, [firing, escalation, resolved])
 
     def settings_for(port):
