@@ -594,12 +594,13 @@ class Endpoint:
 
     def url_for(self, alert, ctx) -> str | None:
         """Where this endpoint takes ``alert`` (sent under ``ctx``, an ``alerts.formats.DeliveryContext``): a
-        resolve's ``resolve_url`` filled with its fields, when the endpoint has one; None: its url."""
+        resolve's ``resolve_url`` filled with its fields, when the endpoint has one; None: its url. ValueError for a
+        resolve of an endpoint that opens incidents when no incident id is known: it has nowhere to go."""
         if alert.status == "resolved" and self.opens_incidents and not ctx.incident_id:
             # Sent without it, a resolve would update the collection (PATCH .../incident/) or nothing at all.
             raise ValueError(f"no incident id to resolve: nothing {self.name!r} was sent of this episode named one "
                              f"(its firing was not delivered, or the answer to it had no id where incident_id_from "
-                             f"said when it was read), so there is no incident to say to close")
+                             f"said when it was read), so it cannot say which incident to close")
         if self.resolve_url is None or alert.status != "resolved":
             return None
         return fill_url(self.resolve_url.reveal(), template_fields(alert, ctx))
