@@ -250,8 +250,8 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         raise DataError(f"{run_dir} holds an interrupted run of this command ({', '.join(kept)}): --resume goes on "
                         f"from there, --fresh starts over and deletes it")
     if resume and not kept:
-        print(f"nothing to resume: no interrupted run of these arguments in {runs_root} (a run is named by its "
-              f"recipe, data, base model and options: changing one starts another); starting over", flush=True)
+        print(f"no interrupted run of these arguments to resume in {runs_root}: training from the start (a run is "
+              f"named by its recipe, data, base model and options: changing one starts another)", flush=True)
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,8 @@ def run_demo(settings, args) -> int:
         if _worker_model(settings) is None:
             print("==> no trained model yet: training the quick recipe first (about 6 minutes on 2 CPU cores, at "
                   "most 10; progress below; `finpulse train --recipe full` on a GPU trains the real one)", flush=True)
-            if group.run("train", "train", "--recipe", "quick") != 0:
+            # --resume: a demo stopped during its training goes on from its last epoch the next time.
+            if group.run("train", "train", "--recipe", "quick", "--resume") != 0:
                 print("quick training failed: the demo continues with the keyword baseline scorer", flush=True)
 
     port = args.port or settings.kafka.embedded_port

@@ -178,7 +178,10 @@ def test_an_interrupted_run_resumes_to_the_same_model(tiny_base, tmp_path):
     data_file = write_tiny_csv(tmp_path / "train.csv", repeat=12)
     env = BIT_EXACT_ENV
     straight = tmp_path / "straight"
-    subprocess.run(train_command(tiny_base, data_file, straight), check=True, env=env, capture_output=True)
+    # --resume with nothing to resume (as `make demo` trains): from the start, the same model as without it.
+    first = subprocess.run(train_command(tiny_base, data_file, straight, "--resume"), check=True, env=env,
+                           capture_output=True, text=True)
+    assert "no interrupted run of these arguments to resume in" in first.stdout, first.stdout
 
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(train_command(tiny_base, data_file, interrupted), env=env,
