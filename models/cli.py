@@ -456,7 +456,8 @@ def _score(args, settings) -> int:
     started = time.monotonic()
     try:
         written, failed = score_files.score_into(scorer, args.texts, args.input, input_format, args.text_field,
-                                                 args.out, output_format, args.encoding, args.explain)
+                                                 args.out, output_format, args.encoding, args.explain,
+                                                 format_given=args.format is not None)
     except score_files.ScoreInputError as exc:
         print(f"finpulse score: {exc}", file=sys.stderr)
         return 2

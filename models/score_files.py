@@ -217,18 +217,19 @@ class Writer:
             row = {**record, WORDS: strongest(record[WORDS], 5) or (f"(not weighed: {note})" if note else "")}
         if self.other_fields:
             columns = self._csv.fieldnames
-            other = {k: v for k, v in record.items() if k not in columns}
+            other = {k: v for k, v in record.items() if k not in columns and k != WORDS_NOTE}
             row = {**row, OTHER_FIELDS: json.dumps(other, ensure_ascii=False) if other else ""}
         return row
 
 
-def check_output_path(out_path: str, input_path: str | None) -> None:
-    """Before anything is scored: the output is a file that can be written, and not the input."""
+def check_output_path(out_path: str, input_path: str | None, format_given: bool = False) -> None:
+    """Before anything is scored: the output is a file that can be written, and not the input; its suffix says
+    its format unless ``--format`` did."""
     out = Path(out_path)
     if out.is_dir() or out_path.endswith(os.sep):
         raise ScoreInputError(f"--out {out_path} is a directory: name the file to write (e.g. {out / 'scored.jsonl'})")
     suffix = out.suffix.lower()
-    if suffix and suffix not in OUTPUT_SUFFIXES:
+    if suffix and suffix not in OUTPUT_SUFFIXES and not format_given:
         raise ScoreInputError(f"--out {out_path}: FinPulse writes JSONL or CSV, and {suffix} is neither: name the file "
                               f".jsonl or .csv (or give --format)")
     if input_path not in (None, "-") and out.exists() and out.resolve() == Path(input_path).resolve():
@@ -250,7 +251,7 @@ def _terminal_columns() -> int:
 
 def score_into(scorer, texts: Sequence[str], input_path: str | None, input_format: str, text_field: str,
                out_path: str | None, output_format: str, encoding: str = "utf-8",
-               explain: bool = False) -> tuple[int, int]:
+               explain: bool = False, format_given: bool = False) -> tuple[int, int]:
     """Score ``texts``, or the rows of ``input_path`` ("-": standard input) in ``encoding``, into ``out_path`` (None:
     standard output, else a UTF-8 file); returns (rows written, rows that could not be scored). ``explain`` adds
     each row's word pushes (one more sequence scored per word). Progress goes to standard error."""
@@ -264,7 +265,7 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
     if input_format == "lines":
         text_field = "text"
     if out_path:
-        check_output_path(out_path, input_path)
+        check_output_path(out_path, input_path, format_given)
     partial = Path(f"{out_path}.partial") if out_path else None
     written = failed = 0
     with contextlib.ExitStack() as stack:

@@ -125,6 +125,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_scoring(model_dir, t
     assert source.read_text().startswith("text\n" + HEADLINES[0])
 
 
+def test_an_output_named_otherwise_takes_the_format_given(model_dir, tmp_path, capsys):
+    source = tmp_path / "headlines.csv"
+    source.write_text("text\n" + "\n".join(HEADLINES[:2]) + "\n")
+    assert score(model_dir, "--input", str(source), "--out", str(tmp_path / "scored.dat"), "--format", "csv") == 0
+    assert list(csv.DictReader((tmp_path / "scored.dat").open()))[1]["text"] == HEADLINES[1]
+
+
 def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, tmp_path, capsys):
     from models.explain import read_texts
     scorer = BatchScorer.from_pretrained(model_dir, device="cpu", tokenizer_processes=0)
