@@ -893,7 +893,8 @@ class Dispatcher:
             sent_at=format_time(utcnow()), dashboard_url=self.options.dashboard_url,
             routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
             sent_severities=tuple(dict.fromkeys(before)), template=body_template(endpoint.settings, alert),
-            # The firing's answer named the incident (its escalations', if they opened others, do not: it comes first).
+            # What the endpoint opened for the episode: the first event it was given (the firing, or the escalation
+            # that reached its min_severity) named it; later escalations are not sent there.
             incident_id=next((s.incident_id for s in given if s.incident_id), ""))
 
 
