@@ -18,7 +18,9 @@ from urllib.parse import parse_qs
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from kafka import KafkaProducer
+from safetensors.torch import save_file
 from kafka import errors as kafka_errors
 from streamlit.testing.v1 import AppTest
 
@@ -134,8 +136,10 @@ def model_dir(tmp_path) -> Path:
     (path / "metrics.json").write_text(json.dumps(metrics))
     (path / "README.md").write_text("# finpulse-minilm-test\n\nA model card for the dashboard test.\n")
     (path / "config.json").write_text(json.dumps({"finpulse_format": 1, "model_version": "finpulse-minilm-test",
-                                                  "topics": list(TOPICS), "sentiments": list(SENTIMENTS)}))
-    (path / "model.safetensors").write_bytes(b"")
+                                                  "topics": list(TOPICS), "sentiments": list(SENTIMENTS),
+                                                  "encoder": {"model_type": "bert"}, "pooling": "mean",
+                                                  "max_length": 48}))
+    save_file({"weight": torch.zeros(2)}, str(path / "model.safetensors"))   # whole, as the registry checks it
     (path / "tokenizer.json").write_text("{}")
     return path
 
