@@ -284,8 +284,7 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
             except OSError as exc:
                 raise ScoreInputError(f"cannot read {input_path}: {exc.strerror}") from None
             name = input_path
-        if partial:
-            partial.parent.mkdir(parents=True, exist_ok=True)
+        if partial:   # its directory was made by check_output_path
             sink = stack.enter_context(partial.open("w", newline="", encoding="utf-8"))
             stack.callback(lambda: partial.unlink(missing_ok=True))  # left only by a failure: done, it is renamed
         else:
