@@ -65,14 +65,19 @@ class LabeledSet:
     sources: list[str] = field(default_factory=list)
     weight: np.ndarray | None = None  # float32 per row: how many times it counts in training (default 1)
     origin: np.ndarray | None = None  # int64 per row: the position of its --data source (0 for a single source)
+    file: list[str] | None = None     # per row: the file it was read from ("" where none), to find it by ``line``
+    line: np.ndarray | None = None    # int64 per row: its line in that file (0 where unknown)
 
     def __post_init__(self):
         self.topic = np.asarray(self.topic, dtype=np.int64)
         self.sentiment = np.asarray(self.sentiment, dtype=np.int64)
         self.weight = np.asarray(np.ones(len(self.texts)) if self.weight is None else self.weight, np.float32)
         self.origin = np.asarray(np.zeros(len(self.texts)) if self.origin is None else self.origin, np.int64)
-        if not (len(self.texts) == len(self.topic) == len(self.sentiment) == len(self.weight) == len(self.origin)):
-            raise ValueError("texts, label, weight and origin arrays differ in length")
+        self.file = [""] * len(self.texts) if self.file is None else list(self.file)
+        self.line = np.asarray(np.zeros(len(self.texts)) if self.line is None else self.line, np.int64)
+        if not (len(self.texts) == len(self.topic) == len(self.sentiment) == len(self.weight) == len(self.origin)
+                == len(self.file) == len(self.line)):
+            raise ValueError("texts, label, weight, origin, file and line arrays differ in length")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -80,18 +85,20 @@ class LabeledSet:
     def subset(self, index: Sequence[int] | np.ndarray) -> "LabeledSet":
         index = np.asarray(index, dtype=np.int64)
         return LabeledSet([self.texts[i] for i in index], self.topic[index], self.sentiment[index], list(self.sources),
-                          self.weight[index], self.origin[index])
+                          self.weight[index], self.origin[index], [self.file[i] for i in index], self.line[index])
 
     @staticmethod
     def concat(sets: Sequence["LabeledSet"]) -> "LabeledSet":
         return LabeledSet([t for s in sets for t in s.texts], np.concatenate([s.topic for s in sets]),
                           np.concatenate([s.sentiment for s in sets]), [src for s in sets for src in s.sources],
-                          np.concatenate([s.weight for s in sets]), np.concatenate([s.origin for s in sets]))
+                          np.concatenate([s.weight for s in sets]), np.concatenate([s.origin for s in sets]),
+                          [f for s in sets for f in s.file], np.concatenate([s.line for s in sets]))
 
     def weighed(self, origins: Sequence[int] | np.ndarray, factor: float) -> "LabeledSet":
         """A copy in which the rows of these sources (``origin``) count ``factor`` times as much in training."""
         weight = np.where(np.isin(self.origin, origins), self.weight * factor, self.weight)
-        return LabeledSet(self.texts, self.topic, self.sentiment, list(self.sources), weight, self.origin)
+        return LabeledSet(self.texts, self.topic, self.sentiment, list(self.sources), weight, self.origin, self.file,
+                          self.line)
 
     def summary(self) -> dict[str, int]:
         return {"rows": len(self), "topic_rows": int((self.topic >= 0).sum()),
@@ -275,9 +282,10 @@ def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None,
     labels = {h: np.full(len(frame), MISSING, dtype=np.int64) for h in ("topic", "sentiment")}
     problems: list[str] = []
     hint = ""
-    texts = []
+    texts, lines = [], []
     for row, record in enumerate(frame.to_dict("records")):
         line = line_numbers[row] if line_numbers is not None else row + 2
+        lines.append(line)
         text = record["text"]
         text_problem = _text_problem(text)
         row_problems = [text_problem] if text_problem else []
@@ -296,7 +304,7 @@ def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None,
         problems += [f"row {line}: {p}" for p in row_problems]
     if problems:
         raise _bad_rows(source, problems, hint)
-    return LabeledSet(texts, labels["topic"], labels["sentiment"], [source])
+    return LabeledSet(texts, labels["topic"], labels["sentiment"], [source], file=[source] * len(texts), line=lines)
 
 
 def _text_problem(text) -> str | None:

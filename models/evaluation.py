@@ -109,7 +109,8 @@ def float32_comparison(probs: Probabilities, exact: Probabilities, reports: dict
 
 def confident_mistakes(probs: Probabilities, data: LabeledSet, limit: int) -> dict[str, list[dict[str, Any]]]:
     """Per head, up to ``limit`` wrongly predicted rows, the most confident first: where to look for label noise,
-    wording the model has not met, or a class it over-predicts. Unscorable rows are listed with their error."""
+    wording the model has not met, or a class it over-predicts. Unscorable rows are listed with their error. Each
+    names the ``file`` and ``line`` it was read from, where one is known, so that a wrong label can be mended there."""
     out: dict[str, list[dict[str, Any]]] = {}
     failed = probs.failed()
     for head, labels in HEADS.items():
@@ -120,7 +121,8 @@ def confident_mistakes(probs: Probabilities, data: LabeledSet, limit: int) -> di
         predicted = probabilities.argmax(1)
         wrong = np.flatnonzero((truth >= 0) & ((predicted != truth) | failed))
         confidence = np.where(failed[wrong], np.inf, probabilities[wrong, predicted[wrong]])
-        out[head] = [{"row": int(i), "text": data.texts[i], "label": labels[truth[i]],
+        out[head] = [{**({"file": data.file[i], "line": int(data.line[i])} if data.file[i] else {}),
+                      "text": data.texts[i], "label": labels[truth[i]],
                       "predicted": None if failed[i] else labels[predicted[i]],
                       "confidence": None if failed[i] else round(float(probabilities[i, predicted[i]]), 4),
                       **({"error": probs.errors[i]} if failed[i] else {})}
@@ -143,6 +145,8 @@ def format_mistakes(head: str, mistakes: list[dict[str, Any]], width: int = 100)
         text = text if len(text) <= width else text[:width - 1] + "…"
         verdict = f"{m['predicted']} {m['confidence']:.2f}" if m["predicted"] else f"unscorable: {m['error']}"
         lines.append(f"  {m['label']} -> {verdict}  | {text}")
+        if m.get("file"):
+            lines.append(f"      at {m['file']}:{m['line']}")
         if m.get("words") and m["predicted"]:
             lines.append(f"      pushed by: {strongest(m['words'])}")
     return "\n".join(lines)

@@ -322,6 +322,9 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     for head, listed in report["mistakes"].items():
         assert f"{head}: the {len(listed)} most confident mistakes" in printed
         assert len(listed) <= 2 and all(m["label"] != m["predicted"] for m in listed)
+        for m in listed:    # each found where it was read from, to mend a wrong label there
+            assert " ".join(m["text"].split()) in " ".join(Path(m["file"]).read_text().splitlines()[m["line"] - 1].split())
+            assert f"      at {m['file']}:{m['line']}\n" in printed
     # The rebuilt held-out slice is the one training reported on: same rows, same numbers.
     for head in ("topic", "sentiment"):
         assert report[head]["n"] == metrics["test"][head]["n"]
@@ -340,6 +343,7 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     # Rows labeled wrong on purpose, so that every row is a mistake: each is listed with the words that pushed it
     # toward what was predicted, this head's push as models.explain reads it.
     mislabeled = tmp_path / "mislabeled.csv"
+    mislabeled_texts = [text for text, _ in TOPIC_ROWS] + [text for text, _ in SENTIMENT_ROWS]
     mislabeled.write_text("text,topic,sentiment\n" + "".join(
         f'"{text}",{"Dividend" if topic != "Dividend" else "IPO"},\n' for text, topic in TOPIC_ROWS) + "".join(
         f'"{text}",,{"bullish" if sentiment != "bullish" else "bearish"}\n' for text, sentiment in SENTIMENT_ROWS))
@@ -356,6 +360,7 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
             assert [value for _, value in mistake["words"]] == pytest.approx(
                 [getattr(push, head) for push in reading.words], abs=1e-4)
             assert f"      pushed by: {strongest(mistake['words'])}\n" in printed
+            assert (mistake["file"], mistake["text"]) == (str(mislabeled), mislabeled_texts[mistake["line"] - 2])
     # A model trained on several sources before each source was split on its own cannot have its slice rebuilt.
     training_file = model_dir / "training_config.json"
     training = json.loads(training_file.read_text())
