@@ -68,6 +68,11 @@ def cut_by_time(stages: dict[str, Any]) -> dict[str, dict[str, Any]]:
             and stage.get("steps", 0) < stage.get("scheduled_steps", 0)}
 
 
+def _resumed_note(training_config: dict) -> str:
+    earlier = training_config.get("seconds_before_resume")
+    return f" ({earlier:.0f} s of them before it was interrupted and resumed)" if earlier else ""
+
+
 def _time_cut_note(stages: dict[str, Any]) -> str:
     cut = cut_by_time(stages)
     return "".join(f" A time budget stopped {name} after {stage['steps']} of its {stage['scheduled_steps']} steps."
@@ -113,7 +118,7 @@ def model_card(version: str, recipe: Recipe, base: str, training_config: dict, m
 
 FinPulse's topic-and-sentiment classifier: one encoder, two heads (20 finance topics; bearish / neutral /
 bullish). Recipe `{recipe.name}`, base encoder {describe_base(base)}, trained on
-{training_config['device']} in {training_config['seconds']:.0f} s.{_time_cut_note(metrics['stages'])}
+{training_config['device']} in {training_config['seconds']:.0f} s{_resumed_note(training_config)}.{_time_cut_note(metrics['stages'])}
 
 ## What was measured, on what
 

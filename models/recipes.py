@@ -47,7 +47,8 @@ from .modeling import FinPulseClassifier, TextEncoder, check_max_length, quiet_t
 from .precision import describe
 from .scorer import BatchScorer, Probabilities
 from .teachers import TeacherJob, run_teachers, teachers_at_once
-from .training import FitConfig, MlmConfig, config_hash, distillation_targets, fit, gold_targets, pretrain_mlm
+from .training import (MLM_STAGE_FILE, FitConfig, MlmConfig, config_hash, distillation_targets, fit, gold_targets,
+                       pretrain_mlm)
 
 
 @dataclass
@@ -272,12 +273,11 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
         text_encoder = TextEncoder.for_base(base_model, recipe.fit.max_length)
         if recipe.teachers:
             rows = {"train": train_rows, "val": val_rows, "test": test_rows}
-            model, stages, baselines = _distill(recipe, base_model, text_encoder, data, rows, device, run_dir,
-                                                time_budget, refit)
+            model, stages, baselines, earlier = _distill(recipe, base_model, text_encoder, data, rows, device,
+                                                         run_dir, time_budget, refit)
         else:
-            model, stages = _fit_one(recipe, base_model, text_encoder, train, None if refit else val, device,
-                                     run_dir, time_budget, refit)
-            baselines = {}
+            model, stages, baselines, earlier = _fit_one(recipe, base_model, text_encoder, train,
+                                                         None if refit else val, device, run_dir, time_budget, refit)
     except KeyboardInterrupt:
         raise TrainingInterrupted(run_dir) from None
     scorer = BatchScorer(model, text_encoder, "candidate", device=device)
@@ -301,7 +301,8 @@ def run_recipe(recipe: Recipe, *, data_specs: list[str], data_dir: Path, base_mo
                  "split_seed": recipe.split_seed, "split": SPLIT_SCHEME,
                  "rows": {"train": len(train), "val": len(val), "test": len(test)}},
         **({"refit_of": refit.reference} if refit else {}),
-        "device": str(device), "time_budget_s": time_budget, "seconds": round(time.monotonic() - started, 1),
+        "device": str(device), "time_budget_s": time_budget, "seconds": round(earlier + time.monotonic() - started, 1),
+        **({"seconds_before_resume": round(earlier, 1)} if earlier else {}),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": _version("transformers")},
         "command": command,
@@ -470,7 +471,7 @@ def _fit_one(recipe: Recipe, base: str, text_encoder: TextEncoder, train: Labele
     model = FinPulseClassifier.from_base(base, pooling=cfg.pooling, dropout=cfg.dropout, seed=cfg.seed)
     result = fit(model, text_encoder, train, gold_targets(train, cfg.class_balance,
                  cfg.label_smoothing), val, cfg, device, run_dir / "fit", name=recipe.name)
-    return model, {"fit": result.summary()}
+    return model, {"fit": result.summary()}, {}, result.seconds_before_resume
 
 
 def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: LabeledSet, rows: dict[str, np.ndarray],
@@ -482,13 +483,18 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
     budget = TimeBudget(time_budget, recipe.stage_shares, plan)
     stages: dict[str, Any] = {}
 
+    # What this run's stages took in the runs it resumed: the whole of those done then, the kept part of the others.
+    earlier = 0.0
     dapt_dir = run_dir / "dapt"
     allowance = budget.allowance("mlm")
-    if not (dapt_dir / "config.json").is_file():
-        began = time.monotonic()
-        pretrain_mlm(base, train.texts, dapt_dir, dataclasses.replace(recipe.mlm, max_seconds=allowance), device,
-                     run_dir / "mlm")
-        stages["mlm"] = {"seconds": round(time.monotonic() - began, 1), "texts": len(train)}
+    if (dapt_dir / "config.json").is_file():
+        if (dapt_dir / MLM_STAGE_FILE).is_file():   # not in one adapted by a FinPulse before 2026-12-07
+            stages["mlm"] = json.loads((dapt_dir / MLM_STAGE_FILE).read_text())
+            earlier += stages["mlm"]["seconds"]
+    else:
+        mlm = dataclasses.replace(recipe.mlm, max_seconds=allowance)
+        stages["mlm"] = pretrain_mlm(base, train.texts, dapt_dir, mlm, device, run_dir / "mlm")
+        earlier += stages["mlm"].get("seconds_before_resume", 0.0)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the MLM model's memory, for the teachers' processes
 
@@ -499,13 +505,18 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
                                            epochs=refit.epochs[f"teacher-{i}"] if refit else cfg.epochs),
                        data, rows["train"], rows["val"], run_dir / f"teacher-{i}", str(device))
             for i, (kind, init) in enumerate(teachers)]
-    for wave in [jobs[i:i + parallel] for i in range(0, len(jobs), parallel)]:
+    waves = [jobs[i:i + parallel] for i in range(0, len(jobs), parallel)]
+    done_before = {job.index for job in jobs if (job.out_dir / "probs.npz").is_file()}
+    for wave in waves:
         allowance = budget.allowance(*(f"teacher-{job.index}" for job in wave))
         todo = [dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, max_seconds=allowance))
-                for job in wave if not (job.out_dir / "probs.npz").is_file()]
+                for job in wave if job.index not in done_before]
         run_teachers(todo)
     probs = [dict(np.load(job.out_dir / "probs.npz")) for job in jobs]
     results = [json.loads((job.out_dir / "result.json").read_text()) for job in jobs]
+    # Teachers side by side share their time: a wave took about as long as its slowest one.
+    earlier += sum(max(results[job.index]["seconds"] if job.index in done_before
+                       else results[job.index].get("seconds_before_resume", 0.0) for job in wave) for wave in waves)
     stages.update({f"teacher-{job.index}": result for job, result in zip(jobs, results)})
 
     def sliced(members: list[int], part: str) -> Probabilities:
@@ -543,15 +554,16 @@ def _distill(recipe: Recipe, base: str, text_encoder: TextEncoder, data: Labeled
                                      max_seconds=budget.allowance("student")), device,
                  run_dir / "student", name="student")
     stages["student"] = result.summary()
+    earlier += result.seconds_before_resume
     if refit:
-        return student, stages, {}
+        return student, stages, {}, earlier
 
     baselines = {
         "plain fine-tune (teacher 0)": sliced([0], "test"),
         "adapted-encoder teacher (best val)": sliced([best_adapted], "test"),
         f"ensemble of {len(members)} ({chosen})": sliced(members, "test"),
     }
-    return student, stages, baselines
+    return student, stages, baselines, earlier
 
 
 def _version(package: str) -> str:

@@ -102,6 +102,7 @@ class FitResult:
     stopped: str
     steps: int = 0             # optimizer steps taken
     scheduled_steps: int = 0   # the schedule's steps before any time budget shrank it
+    seconds_before_resume: float = 0.0  # of ``seconds``: the kept epochs of the runs this one resumed
 
     def summary(self) -> dict[str, Any]:
         """As the run's metrics record a stage. best_score stays below 0 when nothing was validated (a refit):
@@ -109,6 +110,8 @@ class FitResult:
         score = round(self.best_score, 5) if self.best_score >= 0 else None
         return {"best_epoch": self.best_epoch, "best_score": score, "stopped": self.stopped,
                 "seconds": round(self.seconds, 1), "steps": self.steps, "scheduled_steps": self.scheduled_steps,
+                **({"seconds_before_resume": round(self.seconds_before_resume, 1)}
+                   if self.seconds_before_resume else {}),
                 "history": self.history}
 
 
@@ -446,6 +449,8 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
                  state["best_epoch"])
     state = state or {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0,
                       "history": [], "stopped": "", "planned_steps": total_steps}
+    # The kept epochs' time, so that a resumed stage reports what it took, and its steps' rate holds.
+    earlier = state.get("seconds", sum(epoch["seconds"] for epoch in state["history"]))
     best_weights = None
     plan = StepPlan(state["planned_steps"], cfg.max_seconds, started)
     while not state["stopped"] and state["step"] < state["planned_steps"]:
@@ -510,6 +515,7 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
             if state["bad_epochs"] >= cfg.patience:
                 state["stopped"] = f"early stop: no better validation score for {cfg.patience} epochs"
         state["epoch"] = epoch
+        state["seconds"] = round(earlier + time.monotonic() - started, 1)
         if checkpoint:
             checkpoint.save(model, optimizer, state, average)
         # Once the epoch is saved: a Ctrl-C after this line finds it kept for --resume.
@@ -521,15 +527,19 @@ def fit(model: FinPulseClassifier, text_encoder: TextEncoder, train: LabeledSet,
     model.eval()
     planned = ("all epochs" if state["planned_steps"] == total_steps else
                f"time budget: {state['planned_steps']} of {total_steps} steps")
-    return FitResult(state["best_epoch"], state["best_score"], state["history"], time.monotonic() - started,
-                     state["stopped"] or planned, state["step"], total_steps)
+    return FitResult(state["best_epoch"], state["best_score"], state["history"], earlier + time.monotonic() - started,
+                     state["stopped"] or planned, state["step"], total_steps, earlier)
+
+
+MLM_STAGE_FILE = "finpulse_stage.json"  # in the adapted encoder's directory: the stage's figures, as a fit's
 
 
 def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, device: torch.device,
-                 run_dir: Path | None = None) -> Path:
+                 run_dir: Path | None = None) -> dict[str, Any]:
     """Domain-adaptive pretraining: masked-language-model training of ``base`` on ``texts``; writes the adapted
-    encoder (and its tokenizer) to ``out_dir`` and returns it. With ``run_dir``, a checkpoint after every epoch
-    from which an interrupted run resumes exactly, as ``fit``'s does."""
+    encoder (and its tokenizer) to ``out_dir``, with the stage's figures (``MLM_STAGE_FILE``), and returns them.
+    With ``run_dir``, a checkpoint after every epoch from which an interrupted run resumes exactly, as ``fit``'s
+    does."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     started = time.monotonic()
     tokenizer = load_pretrained(AutoTokenizer, base)
@@ -551,6 +561,7 @@ def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, dev
         checkpoint.restore(model, optimizer, None)
         log.info("domain pretraining: resuming after epoch %d", state["epoch"])
     state = state or {"epoch": 0, "step": 0, "stopped": "", "planned_steps": total_steps}
+    earlier = state.get("seconds", 0.0)
     plan = StepPlan(state["planned_steps"], cfg.max_seconds, started)
     model.train()
     while not state["stopped"] and state["step"] < state["planned_steps"]:
@@ -583,16 +594,20 @@ def pretrain_mlm(base: str, texts: list[str], out_dir: Path, cfg: MlmConfig, dev
         if state["stopped"]:
             print(f"domain pretraining: {state['stopped']}", flush=True)
         state["epoch"] = epoch
+        state["seconds"] = round(earlier + time.monotonic() - started, 1)
         if checkpoint:
             checkpoint.save(model, optimizer, state, None)
+    stage = {"seconds": round(earlier + time.monotonic() - started, 1), "texts": len(texts),
+             **({"seconds_before_resume": round(earlier, 1)} if earlier else {})}
     # Whole or not at all: a resumed recipe takes an existing out_dir as this stage done.
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.base_model.save_pretrained(str(partial))
     tokenizer.save_pretrained(str(partial))
+    write_json(partial / MLM_STAGE_FILE, stage)
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.replace(out_dir)
-    return out_dir
+    return stage
 
 
 def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int,

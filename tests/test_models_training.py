@@ -154,6 +154,10 @@ def test_a_run_resumes_under_another_time_allowance(tiny_base, tmp_path, caplog)
                 dataclasses.replace(cfg, max_seconds=420), torch.device("cpu"), tmp_path / "run", name="tiny")
     assert "tiny: resuming after epoch 2" in caplog.text and "starting over" not in caplog.text
     assert again.history == first.history and again.best_epoch == first.best_epoch
+    # It reports the time its kept epochs took, not the moment it took to find them done.
+    assert first.seconds_before_resume == 0 and "seconds_before_resume" not in first.summary()
+    assert sum(epoch["seconds"] for epoch in first.history) <= again.seconds_before_resume <= first.seconds
+    assert again.summary()["seconds"] >= again.summary()["seconds_before_resume"] == round(again.seconds_before_resume, 1)
 
 
 # For the runs compared bit for bit: one CPU thread. A float32 run on several threads ended a few bits off now and
@@ -210,6 +214,15 @@ def test_an_interrupted_run_resumes_to_the_same_model(tiny_base, tmp_path):
     resumed, reference = final_weights(interrupted / "models"), final_weights(straight / "models")
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    # Its card and config count the epochs trained before the kill (they counted the resumed run's time alone).
+    [model_dir] = [p for p in (interrupted / "models").iterdir() if not p.name.startswith(".")]
+    config, fitted = (json.loads((model_dir / name).read_text()) for name in ("training_config.json", "metrics.json"))
+    fitted = fitted["stages"]["fit"]
+    kept = sum(epoch["seconds"] for epoch in fitted["history"][:killed_after])
+    assert kept <= fitted["seconds_before_resume"] == config["seconds_before_resume"] <= fitted["seconds"]
+    assert fitted["seconds"] >= sum(epoch["seconds"] for epoch in fitted["history"]) and config["seconds"] >= kept
+    assert (f"in {config['seconds']:.0f} s ({config['seconds_before_resume']:.0f} s of them before it was interrupted "
+            "and resumed)") in " ".join((model_dir / "README.md").read_text().split())
 
 
 def test_a_finished_run_keeps_only_a_note_of_its_model(tiny_base, tmp_path):
@@ -773,6 +786,15 @@ def test_domain_pretraining_killed_mid_checkpoint_resumes_to_the_same_encoder(ti
     # And so does all that follows: teachers in their own processes, their ensemble, the student that is saved.
     student, reference_student = final_weights(killed / "models"), final_weights(straight / "models")
     assert all(torch.equal(student[k], reference_student[k]) for k in reference_student)
+    # The stage's figures count its epoch before the kill, and the model's time the whole run.
+    [model_dir] = [p for p in (killed / "models").iterdir() if not p.name.startswith(".")]
+    mlm = json.loads((model_dir / "metrics.json").read_text())["stages"]["mlm"]
+    assert 0 < mlm["seconds_before_resume"] < mlm["seconds"] and mlm["texts"] > 0
+    config = json.loads((model_dir / "training_config.json").read_text())
+    assert config["seconds"] >= config["seconds_before_resume"] >= mlm["seconds_before_resume"]
+    [straight_model] = [p for p in (straight / "models").iterdir() if not p.name.startswith(".")]
+    assert "seconds_before_resume" not in json.loads((straight_model / "training_config.json").read_text())
+    assert "mlm" in json.loads((straight_model / "metrics.json").read_text())["stages"]
 
 
 def test_a_time_budget_shrinks_the_step_plan_but_never_adds_a_step(monkeypatch):
