@@ -109,10 +109,11 @@ class WebhookSender:
         self._sessions = {}
 
     async def send(self, endpoint: Endpoint, webhook_id: str, body: bytes, url: str | None = None,
-                   method: str = "POST") -> Outcome:
-        """Send ``body`` to ``endpoint`` (at ``url``, a template endpoint's resolve, else at its url; with
-        ``method``, a resolve's ``resolve_method``), signed under ``webhook_id``; never raises for what the network
-        does. A taken request's answer gives ``incident_id`` where the endpoint reads one (``incident_id_from``)."""
+                   method: str = "POST", opens_incident: bool = False) -> Outcome:
+        """Send ``body`` to ``endpoint`` (at ``url``, a template endpoint's resolve or update, else at its url; with
+        ``method``, their ``resolve_method`` or ``update_method``), signed under ``webhook_id``; never raises for what
+        the network does. A taken request that ``opens_incident`` gives ``incident_id``: what its answer names at the
+        endpoint's ``incident_id_from`` (an update's or a resolve's answer may name other things)."""
         # A filled resolve_url is sent as it is (encoded): a client would resolve a "%2E%2E" a value made.
         target = yarl.URL(url, encoded=True) if url else endpoint.url.reveal()
         url = url or endpoint.url.reveal()
@@ -139,7 +140,7 @@ class WebhookSender:
                                        proxy_headers=proxy.headers() if proxy else None,
                                        timeout=aiohttp.ClientTimeout(total=endpoint.settings.timeout_s)) as response:
                 # An error's first words are enough for the record; an answer that names an incident is read whole.
-                reads_id = bool(endpoint.settings.incident_id_from) and 200 <= response.status < 300
+                reads_id = opens_incident and 200 <= response.status < 300
                 answer = await _read_up_to(response.content, ANSWER_MAX if reads_id else 200)
                 outcome = classify(response.status, response.headers.get("Retry-After"), answer)
                 if reads_id:

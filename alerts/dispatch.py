@@ -37,7 +37,8 @@ How it works:
   higher severity, same alert id) goes to those whose filters accept it now, including one whose ``min_severity``
   skipped the firing, and to every endpoint given the episode before, so that each learns it got worse. A resolve
   goes to every endpoint given the episode's firing or an escalation, whatever its severity, so an incident opened
-  is always closed.
+  is always closed. An endpoint that names the incident it opened (``incident_id_from``) has one an episode: a
+  later escalation goes there only as an update of it (``update_template``, to ``update_url`` with its method).
 - Order: deliveries of one alert id to one endpoint form a chain (firing, escalations, resolve), so neither an
   escalation nor a resolve overtakes what came before it (the detector keys every event of a key alike, so they
   come from one partition, in order).
@@ -787,7 +788,8 @@ class Dispatcher:
                 continue
             attempts = state.attempts + 1
             if outcome.ok:
-                if endpoint.settings.incident_id_from and state.alert_status == "firing" and not outcome.incident_id:
+                if not outcome.incident_id and not state.is_group and endpoint.opens_incident_with(
+                        state.alert_record, self._context(endpoint, state, state.alert_record)):
                     log.warning("delivery %s to %s: taken, but its answer has nothing at %s: the episode's resolve "
                                 "cannot say which incident to close", state.event_id, endpoint.name,
                                 endpoint.settings.incident_id_from)
@@ -855,13 +857,15 @@ class Dispatcher:
                         else "permanent").inc()
         return outcome
 
-    def _request(self, endpoint: Endpoint, state: DeliveryState) -> tuple[bytes, str | None, str]:
+    def _request(self, endpoint: Endpoint, state: DeliveryState) -> tuple[bytes, str | None, str, bool]:
         """The body of this delivery's next attempt, where it goes (None: the endpoint's url; a template endpoint's
-        resolve may go to its ``resolve_url``) and the method (a template endpoint's resolve: ``resolve_method``)."""
+        resolve or update may go to its ``resolve_url`` or ``update_url``), the method (``resolve_method``,
+        ``update_method``), and whether it opens an incident whose id the answer names (``incident_id_from``)."""
         if not state.is_group:
             alert = state.alert_record
             ctx = self._context(endpoint, state, alert)
-            return render(endpoint.format, alert, ctx), endpoint.url_for(alert, ctx), endpoint.method_for(alert)
+            return (render(endpoint.format, alert, ctx), endpoint.url_for(alert, ctx), endpoint.method_for(alert, ctx),
+                    endpoint.opens_incident_with(alert, ctx))
         members = [self.log.get(key) for key in state.members]
         group = GroupContext(webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name,
                              label=state.group_label, attempt=state.attempts + 1, sent_at=format_time(utcnow()),
@@ -869,32 +873,34 @@ class Dispatcher:
         # Each member as it would have gone alone: its own event id and webhook-id, this attempt's number.
         return render_group(endpoint.format, group, [
             (m.alert_record, self._context(endpoint, replace(m, attempts=state.attempts), m.alert_record))
-            for m in members]), None, "POST"
+            for m in members]), None, "POST", False
 
     async def _attempt(self, endpoint: Endpoint, state: DeliveryState) -> Outcome:
         try:
-            body, url, method = self._request(endpoint, state)
+            body, url, method, opens = self._request(endpoint, state)
         except ValueError as exc:  # a group its endpoint's format no longer takes; a resolve with no incident to close
             return Outcome(ok=False, retryable=False, error=f"{exc}; not retried"[:ERROR_TEXT_MAX])
         except Exception as exc:  # noqa: BLE001 - a body that cannot be rendered now never will be: say so, go on
             log.exception("cannot render %s for %s", state.event_id, endpoint.name)
             return Outcome(ok=False, retryable=False, error=f"cannot render the {endpoint.format} body: "
                                                             f"{type(exc).__name__}: {exc}; not retried"[:ERROR_TEXT_MAX])
-        return await self._sender.send(endpoint, state.webhook_id, body, url, method)
+        return await self._sender.send(endpoint, state.webhook_id, body, url, method, opens)
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
         # What this endpoint was sent of the episode before this event: a resolve follows all of it, a firing or an
         # escalation only the lower severities. An expired or silenced delivery was never sent.
         given = self._given(alert, endpoint.name)
-        before = [s.alert_severity for s in given if s.state not in (EXPIRED, SILENCED)
-                  and (alert.status == "resolved" or severity_rank(s.alert_severity) < severity_rank(alert.severity))]
+        before = tuple(dict.fromkeys(
+            s.alert_severity for s in given if s.state not in (EXPIRED, SILENCED)
+            and (alert.status == "resolved" or severity_rank(s.alert_severity) < severity_rank(alert.severity))))
         return DeliveryContext(
             webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name, attempt=state.attempts + 1,
             sent_at=format_time(utcnow()), dashboard_url=self.options.dashboard_url,
             routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
-            sent_severities=tuple(dict.fromkeys(before)), template=body_template(endpoint.settings, alert),
+            sent_severities=before,
+            template=body_template(endpoint.settings, alert, endpoint.updates(alert, before)),
             # What the endpoint opened for the episode: the first event it was given (the firing, or the escalation
-            # that reached its min_severity) named it; later escalations are not sent there.
+            # that reached its min_severity) named it; later escalations update it there, or are not sent.
             incident_id=next((s.incident_id for s in given if s.incident_id), ""))
 
 
@@ -906,7 +912,8 @@ def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpo
     filters accept it, as a firing would, but for endpoints that open incidents: they opened nothing to close. Such
     an endpoint (``incident_id_from``) opens one incident an episode, with the first event it is given (the firing,
     or the escalation that reaches its ``min_severity``): a later escalation, POSTed again, would open a second one
-    that nothing closes. An endpoint whose ``events`` leave out this kind of event takes none."""
+    that nothing closes, so it goes only where it is sent as an update of the open one (``update_template``). An
+    endpoint whose ``events`` leave out this kind of event takes none."""
     if alert.status == "resolved":
         went_to = [e for e in candidates if given(e)]
         if went_to:
@@ -914,7 +921,7 @@ def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpo
         return [e for e in candidates if e.accepts(alert) and e.wants(alert) and not e.opens_incidents]
     if alert.escalated_from:
         return [e for e in candidates if (e.accepts(alert) or given(e)) and e.wants(alert)
-                and not (e.opens_incidents and given(e))]
+                and not (e.opens_incidents and given(e) and not e.sends_updates)]
     return [e for e in candidates if e.accepts(alert) and e.wants(alert)]
 
 

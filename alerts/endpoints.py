@@ -31,6 +31,11 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
     incident_id_from = ""                       # format = "template": JSON pointer into the answer to the firing,
                                                 # e.g. "/result/sys_id": its value is {incident_id} for the resolve
     resolve_method = "POST"                     # format = "template": POST | PUT | PATCH for a resolve
+    update_template = {}                        # with incident_id_from: an escalation of an open incident is sent
+                                                # as an update with this body, e.g. { urgency = "1" }
+    update_url = ""                             # where the update goes (default: resolve_url), e.g.
+                                                # ".../issue/{incident_id}/comment"
+    update_method = "POST"                      # POST | PUT | PATCH for an update
     secret_env = "FINPULSE_WEBHOOK_SECRET"      # env var(s) holding whsec_ secrets; several keys = rotation
     routing_key_env = ""                        # PagerDuty: env var holding the integration's routing key
     allow_private = false                       # true: may target private/loopback/link-local addresses
@@ -143,6 +148,9 @@ class EndpointSettings:
     resolve_template: Any = None
     incident_id_from: str = ""     # a JSON pointer into the answer to the firing: {incident_id} (templates)
     resolve_method: str = "POST"
+    update_template: Any = None    # with incident_id_from: the body of an escalation sent to the open incident
+    update_url: str = ""           # a URL template, where that update goes (default: resolve_url)
+    update_method: str = "POST"
 
 
 @dataclass
@@ -368,11 +376,13 @@ def _validate(config: AlertDeliveryConfig) -> None:
 
 def _check_templates(ep: EndpointSettings, where: str) -> None:
     """A template endpoint has its body template(s), parsed and checked here once; no other endpoint has any."""
-    ep.resolve_method = str(ep.resolve_method).upper()
+    ep.resolve_method, ep.update_method = str(ep.resolve_method).upper(), str(ep.update_method).upper()
     given = [name for name in ("template", "group_template", "resolve_url", "resolve_url_env", "resolve_template",
-                               "incident_id_from") if getattr(ep, name) not in (None, "", {})]
-    if ep.resolve_method != "POST":
-        given.append("resolve_method")
+                               "incident_id_from", "update_template", "update_url")
+             if getattr(ep, name) not in (None, "", {})]
+    given += [name for name in ("resolve_method", "update_method") if getattr(ep, name) != "POST"]
+    if "update_template" not in given:
+        ep.update_template = None    # an empty one is none: escalations of an open incident are not sent
     if ep.format != "template":
         if given:
             raise ConfigError(f"{where}: {' and '.join(given)} only {'means' if len(given) == 1 else 'mean'} something "
@@ -391,13 +401,14 @@ def _check_templates(ep: EndpointSettings, where: str) -> None:
         ep.group_template = check_template(ep.group_template, GROUP_TEMPLATE_FIELDS, f"{where} group_template")
     _check_resolve(ep, given, where)
     _check_incident_id(ep, where)
+    _check_update(ep, given, where)
 
 
 def _check_incident_id(ep: EndpointSettings, where: str) -> None:
     """``incident_id_from`` names where the answer to a firing holds the tool's id for what it opened; a resolve
     fills ``{incident_id}`` with it (and is sent with ``resolve_method``)."""
-    if ep.resolve_method not in RESOLVE_METHODS:
-        raise ConfigError(f"{where}: resolve_method must be one of {', '.join(RESOLVE_METHODS)}, not "
+    if ep.resolve_method not in REQUEST_METHODS:
+        raise ConfigError(f"{where}: resolve_method must be one of {', '.join(REQUEST_METHODS)}, not "
                           f"{ep.resolve_method!r}")
     if ep.resolve_method != "POST" and not (ep.resolve_url or ep.resolve_url_env):
         raise ConfigError(f"{where}: resolve_method = \"{ep.resolve_method}\" updates a record at its own URL: set "
@@ -421,11 +432,49 @@ def _check_incident_id(ep: EndpointSettings, where: str) -> None:
     if ep.events and "escalation" not in ep.events and ep.min_severity != SEVERITIES[0]:
         raise ConfigError(f"{where}: with min_severity = \"{ep.min_severity}\", an episode that fires lower opens its "
                           f"incident here when it escalates, and events = {ep.events} leaves escalations out: add "
-                          f"\"escalation\" (one incident an episode all the same: later escalations are not sent)")
+                          f"\"escalation\" (one incident an episode all the same: later escalations update it, with "
+                          f"update_template, or are not sent)")
     if not {"resolve_url", "resolve_template"} & set(uses) and not ep.resolve_url_env:
         raise ConfigError(f"{where}: incident_id_from is read for the resolve, and neither resolve_url nor "
                           f"resolve_template fills {{incident_id}}: the resolve would go to url and open another "
                           f"incident (e.g. resolve_url = \".../incident/{{incident_id}}\")")
+
+
+def _check_update(ep: EndpointSettings, given: list[str], where: str) -> None:
+    """An endpoint that opens incidents may send an escalation of an open one as an update of it: ``update_template``
+    is its body, sent to ``update_url`` (default: ``resolve_url``, the incident's own URL) with ``update_method``."""
+    named = [name for name in ("update_template", "update_url", "update_method") if name in given]
+    if not named:
+        return
+    if not ep.incident_id_from:
+        raise ConfigError(f"{where}: {' and '.join(named)} {'is' if len(named) == 1 else 'are'} for updating the "
+                          f"incident an episode opened, and without incident_id_from nothing names it: set "
+                          f"incident_id_from, a JSON pointer to the id in the answer to the firing")
+    if "update_template" not in named:
+        raise ConfigError(f"{where}: {' and '.join(named)} without update_template, the update's body: set it (e.g. "
+                          f"update_template = {{ urgency = \"{{severity|map:critical=1,*=2}}\" }})")
+    if ep.update_method not in REQUEST_METHODS:
+        raise ConfigError(f"{where}: update_method must be one of {', '.join(REQUEST_METHODS)}, not "
+                          f"{ep.update_method!r}")
+    if ep.events and "escalation" not in ep.events:
+        raise ConfigError(f"{where}: update_template is sent for escalations, and events = {ep.events} takes none; "
+                          f"add \"escalation\" to events or remove it")
+    ep.update_template = check_template(ep.update_template, TEMPLATE_FIELDS, f"{where} update_template",
+                                        TEMPLATE_FIELD_VALUES)
+    if ep.update_url:
+        check_url(ep.update_url, ep.allow_private, f"{where} update_url")
+        check_no_secrets_in(ep.update_url, "update_url", where)
+        check_url_template(ep.update_url, TEMPLATE_FIELDS, f"{where} update_url", TEMPLATE_FIELD_VALUES)
+        if ep.url:
+            check_same_origin(ep.url, ep.update_url, where, "update_url")
+    elif not (ep.resolve_url or ep.resolve_url_env):
+        raise ConfigError(f"{where}: update_template needs update_url, where the update goes (e.g. "
+                          f"\".../incident/{{incident_id}}\"), or a resolve_url it goes to")
+    goes_to = ep.update_url or ep.resolve_url      # a resolve_url_env's is checked once read (Endpoint)
+    if goes_to and "incident_id" not in fields_used(goes_to) | fields_used(ep.update_template):
+        raise ConfigError(f"{where}: neither {'update_url' if ep.update_url else 'resolve_url'} nor update_template "
+                          f"fills {{incident_id}}: the update could not say which incident (e.g. "
+                          f"\".../incident/{{incident_id}}\")")
 
 
 def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
@@ -453,18 +502,26 @@ def _check_resolve(ep: EndpointSettings, given: list[str], where: str) -> None:
                                              TEMPLATE_FIELD_VALUES)
 
 
-RESOLVE_METHODS = ("POST", "PUT", "PATCH")
+REQUEST_METHODS = ("POST", "PUT", "PATCH")   # how a resolve or an update may be sent
 TOKEN_LIKE = 8     # a path segment or query value of a secret URL this long is scrubbed on its own
 
 
-def check_same_origin(url: str, resolve_url: str, where: str) -> None:
-    """A resolve goes to the host the endpoint's other requests go to: one host is checked (``--check``), trusted
-    (``ca_file``) and proxied per endpoint."""
+def check_same_origin(url: str, other_url: str, where: str, setting: str = "resolve_url") -> None:
+    """A resolve or an update goes to the host the endpoint's other requests go to: one host is checked
+    (``--check``), trusted (``ca_file``) and proxied per endpoint."""
     def origin(u: str):
         return urlsplit(u).scheme, *host_and_port(u)
-    if origin(url) != origin(resolve_url):
-        raise ConfigError(f"{where}: resolve_url must be on url's scheme, host and port ({redact_url(url)}), "
-                          f"not {redact_url(resolve_url)}")
+    if origin(url) != origin(other_url):
+        raise ConfigError(f"{where}: {setting} must be on url's scheme, host and port ({redact_url(url)}), "
+                          f"not {redact_url(other_url)}")
+
+
+def updates_incident(settings: EndpointSettings, alert, sent_severities: tuple[str, ...]) -> bool:
+    """Whether ``alert`` goes as an update of the incident an endpoint with these settings opened for its episode:
+    an escalation, where an earlier event of the episode was sent (``sent_severities``), to an endpoint with an
+    ``update_template``. The escalation that first reaches the endpoint's ``min_severity`` opens the incident."""
+    return (settings.update_template is not None and alert.status == "firing" and bool(alert.escalated_from)
+            and bool(sent_severities))
 
 
 def check_url(url: str, allow_private: bool, where: str) -> None:
@@ -549,9 +606,17 @@ class Endpoint:
                     settings.resolve_template):
                 raise ConfigError(f"{from_env}: incident_id_from is read for the resolve, and neither this URL nor "
                                   f"resolve_template fills {{incident_id}}: the resolve could not say which incident")
+            if (settings.update_template is not None and not settings.update_url
+                    and "incident_id" not in fields_used(resolve_url) | fields_used(settings.update_template)):
+                raise ConfigError(f"{from_env}: updates go there (no update_url), and neither this URL nor "
+                                  f"update_template fills {{incident_id}}: an update could not say which incident")
         if settings.resolve_url_env or (resolve_url and settings.url_env):
             check_same_origin(url, resolve_url, where)
+        if settings.update_url and settings.url_env:
+            check_same_origin(url, settings.update_url, where, "update_url")
         self.resolve_url = Secret(resolve_url) if resolve_url else None
+        # Where an update of an open incident goes: the incident's own URL unless update_url says otherwise.
+        self.update_url = Secret(settings.update_url) if settings.update_url else self.resolve_url
         self.signing_secrets: list[Secret] = []
         for var in settings.secret_env:
             for secret in split_secrets(_env(environ, var, where)):
@@ -594,25 +659,45 @@ class Endpoint:
 
     def url_for(self, alert, ctx) -> str | None:
         """Where this endpoint takes ``alert`` (sent under ``ctx``, an ``alerts.formats.DeliveryContext``): a
-        resolve's ``resolve_url`` filled with its fields, when the endpoint has one; None: its url. ValueError for a
-        resolve of an endpoint that opens incidents when no incident id is known: it has nowhere to go."""
-        if alert.status == "resolved" and self.opens_incidents and not ctx.incident_id:
+        resolve's ``resolve_url`` or an update's ``update_url`` filled with its fields, when the endpoint has one;
+        None: its url. ValueError for a resolve or an update of an endpoint that opens incidents when no incident id
+        is known: it has nowhere to go."""
+        updating = self.updates(alert, ctx.sent_severities)
+        if (alert.status == "resolved" or updating) and self.opens_incidents and not ctx.incident_id:
             # Sent without it, a resolve would update the collection (PATCH .../incident/) or nothing at all.
-            raise ValueError(f"no incident id to resolve: nothing {self.name!r} was sent of this episode named one "
+            what, act = ("resolve", "close") if alert.status == "resolved" else ("update", "update")
+            raise ValueError(f"no incident id to {what}: nothing {self.name!r} was sent of this episode named one "
                              f"(its firing was not delivered, or the answer to it had no id where incident_id_from "
-                             f"said when it was read), so it cannot say which incident to close")
-        if self.resolve_url is None or alert.status != "resolved":
-            return None
-        return fill_url(self.resolve_url.reveal(), template_fields(alert, ctx))
+                             f"said when it was read), so it cannot say which incident to {act}")
+        goes_to = self.update_url if updating else self.resolve_url if alert.status == "resolved" else None
+        return None if goes_to is None else fill_url(goes_to.reveal(), template_fields(alert, ctx))
+
+    def updates(self, alert, sent_severities: tuple[str, ...]) -> bool:
+        """Whether ``alert`` goes as an update of the incident this endpoint opened for its episode (see
+        ``updates_incident``)."""
+        return updates_incident(self.settings, alert, sent_severities)
+
+    def opens_incident_with(self, alert, ctx) -> bool:
+        """Whether ``alert``, sent under ``ctx``, opens the incident of its episode here: the answer names it."""
+        return (self.opens_incidents and alert.status == "firing"
+                and not self.updates(alert, ctx.sent_severities))
+
+    @property
+    def sends_updates(self) -> bool:
+        """Whether an escalation of an incident this endpoint opened is sent to it, as an update."""
+        return self.opens_incidents and self.settings.update_template is not None
 
     @property
     def opens_incidents(self) -> bool:
         """Whether this endpoint's tool names what it opens, and is told to close that (``incident_id_from``)."""
         return bool(self.settings.incident_id_from)
 
-    def method_for(self, alert) -> str:
-        """The HTTP method ``alert`` is sent with: a template endpoint's ``resolve_method`` for a resolve, else POST."""
-        return self.settings.resolve_method if alert.status == "resolved" else "POST"
+    def method_for(self, alert, ctx) -> str:
+        """The HTTP method ``alert`` is sent with under ``ctx``: a template endpoint's ``resolve_method`` for a
+        resolve, its ``update_method`` for an update, else POST."""
+        if alert.status == "resolved":
+            return self.settings.resolve_method
+        return self.settings.update_method if self.updates(alert, ctx.sent_severities) else "POST"
 
     def incident_id_in(self, answer: bytes) -> str:
         """The id at ``incident_id_from`` in the answer to a firing, as text; "" where there is none."""

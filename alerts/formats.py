@@ -366,7 +366,8 @@ TEMPLATE_FIELDS: dict[str, str] = {
     "sent_at": "when this attempt was sent",
     "alert": "the whole alert record, as the native format's data",
     "incident_id": "the id this endpoint's tool answered the episode's firing with, read at its incident_id_from (a "
-                   "ServiceNow sys_id, a Jira issue key): where a resolve closes it; \"\" until the firing is answered",
+                   "ServiceNow sys_id, a Jira issue key): where an update or a resolve goes; \"\" until the firing is "
+                   "answered",
 }
 
 # The fields whose values are a fixed set: a |map: name outside it could never match (the config check says so).
@@ -428,12 +429,13 @@ def group_template_fields(group: GroupContext, members: list[tuple[AlertRecord, 
     }
 
 
-def body_template(endpoint: Any, alert: AlertRecord) -> Any:
+def body_template(endpoint: Any, alert: AlertRecord, update: bool = False) -> Any:
     """The body template an endpoint's settings give ``alert``: its ``resolve_template`` for a resolve when it has
-    one, else its ``template`` (None for formats that have no template)."""
+    one, its ``update_template`` for an ``update`` of an open incident, else its ``template`` (None for formats
+    that have no template)."""
     if alert.status == "resolved" and endpoint.resolve_template is not None:
         return endpoint.resolve_template
-    return endpoint.template
+    return endpoint.update_template if update else endpoint.template
 
 
 def _template(alert: AlertRecord, ctx: DeliveryContext) -> Any:

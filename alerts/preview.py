@@ -16,7 +16,7 @@ from datetime import timedelta
 from stream.config import ConfigError
 from stream.records import AlertRecord, format_time, utcnow
 
-from .endpoints import AlertDeliveryConfig, EndpointSettings
+from .endpoints import AlertDeliveryConfig, EndpointSettings, updates_incident
 from .formats import (GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, DeliveryContext, GroupContext, body_template, render,
                       render_group, template_fields)
 from .grouping import GroupPolicy
@@ -61,7 +61,8 @@ def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
     for n, (alert, sent_before) in enumerate(zip(example_episode(), ((), ("warning",), ("warning", "critical")))):
         contexts.append((alert, DeliveryContext(
             webhook_id=f"msg_example{n}", event_id=alert.event_id, endpoint=name, sent_at=sent_at,
-            dashboard_url=dashboard_url, routing_key="***", template=body_template(endpoint, alert),
+            dashboard_url=dashboard_url, routing_key="***",
+            template=body_template(endpoint, alert, updates_incident(endpoint, alert, sent_before)),
             sent_severities=sent_before, incident_id=EXAMPLE_INCIDENT_ID if n and endpoint.incident_id_from else "")))
     parts = [_shown_event(endpoint, alert, ctx) for alert, ctx in contexts]
     policy = GroupPolicy.of(endpoint)
@@ -84,22 +85,28 @@ def _shown_event(endpoint: EndpointSettings, alert: AlertRecord, ctx: DeliveryCo
     """One event of the example episode as the endpoint would be sent it, or why it would not be."""
     if endpoint.events and alert.event_kind not in endpoint.events:
         return f"# {alert.event_kind}: not sent (events = {endpoint.events})"
-    if alert.escalated_from and endpoint.incident_id_from:
+    if alert.escalated_from and endpoint.incident_id_from and endpoint.update_template is None:
         return (f"# {alert.event_kind}: not sent, its incident being open (one incident an episode: an escalation "
-                f"opens it only when the firing was below min_severity)")
+                f"opens it only when the firing was below min_severity; update_template sends it as an update)")
     return f"# {alert.event_kind}{_elsewhere(endpoint, alert, ctx)}\n{_pretty(render(endpoint.format, alert, ctx))}"
 
 
 def _elsewhere(endpoint: EndpointSettings, alert: AlertRecord, ctx: DeliveryContext) -> str:
-    """Where a resolve goes when it does not go to the endpoint's url (a secret URL is named, not shown)."""
-    if alert.status != "resolved":
+    """Where a resolve or an update goes when it does not go to the endpoint's url (a secret URL is named, not
+    shown)."""
+    if updates_incident(endpoint, alert, ctx.sent_severities):
+        prefix, method, url = ", an update of the incident", endpoint.update_method, endpoint.update_url
+    elif alert.status == "resolved":
+        prefix, method, url = "", endpoint.resolve_method, ""
+    else:
         return ""
-    method = f", {endpoint.resolve_method}" if endpoint.resolve_method != "POST" else ""
-    if endpoint.resolve_url_env:
-        return f"{method or ','} to the URL in ${endpoint.resolve_url_env}"
-    if endpoint.resolve_url:
-        return f"{method or ','} to {fill_url(endpoint.resolve_url, template_fields(alert, ctx))}"
-    return method and f"{method} to its url"
+    method = f", {method}" if method != "POST" else ""
+    if not url and endpoint.resolve_url_env:
+        return f"{prefix}{method or ','} to the URL in ${endpoint.resolve_url_env}"
+    url = url or endpoint.resolve_url
+    if url:
+        return f"{prefix}{method or ','} to {fill_url(url, template_fields(alert, ctx))}"
+    return prefix + (method and f"{method} to its url")
 
 
 def fields_help() -> str:

@@ -36,7 +36,8 @@ each percent-encoded, and ``resolve_template`` the resolve's body. Its scheme, h
 alert's data never chooses where a request goes. A tool that names the incident it opened in its answer (a
 ServiceNow ``sys_id``, a Jira issue key) is closed by that name: ``incident_id_from`` is a JSON pointer into the
 answer to the firing (``check_json_pointer``, ``at_json_pointer``), and ``{incident_id}`` the value found there,
-with ``resolve_method`` (POST, PUT or PATCH) for a tool that updates a record in place.
+with ``resolve_method`` (POST, PUT or PATCH) for a tool that updates a record in place. An escalation of that
+incident is sent to it as an update (``update_template``, ``update_url``, ``update_method``) or not at all.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 ``--check`` stops at the TLS handshake and ``--preview`` sends nothing: neither shows that the tool at the other end
 takes the body, the signature or the token. The test sends a test episode, marked as one in every text a tool
 shows (its key is "FinPulse test", its summary says nothing is wrong), as the endpoint would get a real one: its
-firing, then its resolve so that a tool that opened an incident closes it again, each rendered in the endpoint's
+firing, an escalation where the endpoint updates the incident it opened (``update_template``), then its resolve so
+that a tool that opened an incident closes it again, each rendered in the endpoint's
 format (a group notification when the endpoint groups) and sent by the dispatcher's own sender (the address guard,
 TLS, proxy, headers, signing, a ``resolve_url``, the incident id the firing's answer named). Each gets one attempt,
 and what the endpoint answered is printed.
@@ -21,7 +22,7 @@ from dataclasses import replace
 from typing import Callable
 
 from stream.config import ConfigError
-from stream.records import AlertRecord, format_time, utcnow
+from stream.records import SEVERITIES, AlertRecord, format_time, utcnow
 
 from .attempts import Outcome, WebhookSender
 from .endpoints import AlertDeliveryConfig, Endpoint
@@ -31,16 +32,22 @@ from .preview import example_episode
 TEST_KEY = "FinPulse test"
 
 
-def trial_episode(severity: str) -> list[AlertRecord]:
-    """A firing and its resolve, at ``severity``, saying in their texts that they are a test."""
-    firing, _, resolved = example_episode()
+def trial_episode(severity: str, escalating: bool = False) -> list[AlertRecord]:
+    """A firing and its resolve, at ``severity``, saying in their texts that they are a test; ``escalating``: an
+    escalation to the next severity between them, where there is one."""
+    firing, escalation, resolved = example_episode()
     marked = dict(id=f"test-{secrets.token_hex(6)}", key_type="topic", key=TEST_KEY, topic=TEST_KEY,
                   severity=severity, emitted_at=utcnow())
     note = "nothing is wrong: this is a test notification from `finpulse dispatch --test`"
-    return [replace(firing, **marked, started_at=utcnow(), summary=f"Test alert: {note}",
-                    messages=({"id": "test-1", "kind": "news", "text": "A test message: no market moved",
-                               "sentiment_score": -0.5},)),
-            replace(resolved, **marked, resolved_at=utcnow(), summary=f"Test alert resolved: {note}")]
+    firing = replace(firing, **marked, started_at=utcnow(), summary=f"Test alert: {note}",
+                     messages=({"id": "test-1", "kind": "news", "text": "A test message: no market moved",
+                                "sentiment_score": -0.5},))
+    higher = SEVERITIES[SEVERITIES.index(severity) + 1:]
+    escalated = [replace(firing, severity=higher[0], escalated_from=severity,
+                         summary=f"Test alert escalated to {higher[0]}: {note}")] if escalating and higher else []
+    resolved = replace(resolved, **{**marked, "severity": escalated[-1].severity if escalated else severity},
+                       resolved_at=utcnow(), summary=f"Test alert resolved: {note}")
+    return [firing, *escalated, resolved]
 
 
 async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: float,
@@ -50,7 +57,8 @@ async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: fl
     if settings is None:
         raise ConfigError(f"no endpoint named {name!r} (endpoints: {', '.join(e.name for e in config.endpoints) or 'none'})")
     endpoint = Endpoint(settings)
-    episode = [alert for alert in trial_episode(settings.min_severity) if endpoint.wants(alert)]
+    episode = [alert for alert in trial_episode(settings.min_severity, endpoint.sends_updates)
+               if endpoint.wants(alert)]
     out(f"sending test alert {episode[0].id if episode else '-'} to {name!r} ({endpoint.format}, "
         f"{endpoint.display_url}): {', '.join(a.event_kind for a in episode) or 'nothing: its events take neither'}")
     sender = WebhookSender()
@@ -66,12 +74,14 @@ async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: fl
                     out(f"  stopped before the resolve: test alert {alert.id} stays open at {name!r} if it opened "
                         f"there; close it there")
                     raise
-            outcome, webhook_id = await _send(sender, endpoint, alert, config.options.dashboard_url, incident_id)
+            sent_before = tuple(a.severity for a in episode[:n])
+            outcome, webhook_id = await _send(sender, endpoint, alert, config.options.dashboard_url, incident_id,
+                                              sent_before)
             failed += not outcome.ok
             incident_id = incident_id or outcome.incident_id
+            opened = endpoint.opens_incidents and not n        # the firing: later ones update or close it
             named = (f", incident {outcome.incident_id}" if outcome.incident_id else
-                     f", but nothing at {settings.incident_id_from} in its answer" if outcome.ok and
-                     settings.incident_id_from and alert.status == "firing" else "")
+                     f", but nothing at {settings.incident_id_from} in its answer" if outcome.ok and opened else "")
             out(f"  {alert.event_kind:<9} {_said(outcome)}{named} (webhook-id {webhook_id})")
     finally:
         await sender.close()
@@ -82,17 +92,18 @@ async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: fl
 
 
 async def _send(sender: WebhookSender, endpoint: Endpoint, alert: AlertRecord, dashboard_url: str,
-                incident_id: str) -> tuple[Outcome, str]:
-    webhook_id = f"msg_{alert.id.replace('-', '_')}_{alert.status}"
+                incident_id: str, sent_before: tuple[str, ...]) -> tuple[Outcome, str]:
+    webhook_id = f"msg_{alert.id.replace('-', '_')}_{alert.event_kind}"
     sent_at = format_time(utcnow())
     ctx = DeliveryContext(webhook_id=webhook_id, event_id=alert.event_id, endpoint=endpoint.name, sent_at=sent_at,
                           dashboard_url=dashboard_url,
                           routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
-                          sent_severities=(alert.severity,) if alert.status == "resolved" else (),
-                          template=body_template(endpoint.settings, alert), incident_id=incident_id)
+                          sent_severities=sent_before,
+                          template=body_template(endpoint.settings, alert, endpoint.updates(alert, sent_before)),
+                          incident_id=incident_id)
     try:
         url = endpoint.url_for(alert, ctx) if endpoint.grouping is None else None
-    except ValueError as exc:   # a resolve with no incident to close: a delivery records the same
+    except ValueError as exc:   # a resolve or an update with no incident named: a delivery records the same
         return Outcome(ok=False, retryable=False, error=str(exc)), webhook_id
     try:
         if endpoint.grouping is None:
@@ -105,7 +116,8 @@ async def _send(sender: WebhookSender, endpoint: Endpoint, alert: AlertRecord, d
     except Exception as exc:  # noqa: BLE001 - say it, as a delivery would record it
         return Outcome(ok=False, retryable=False, error=f"cannot render the {endpoint.format} body: "
                                                         f"{type(exc).__name__}: {endpoint.scrub(str(exc))}"), webhook_id
-    return await sender.send(endpoint, webhook_id, body, url, endpoint.method_for(alert)), webhook_id
+    return await sender.send(endpoint, webhook_id, body, url, endpoint.method_for(alert, ctx),
+                             endpoint.opens_incident_with(alert, ctx)), webhook_id
 
 
 def _said(outcome: Outcome) -> str:

@@ -267,6 +267,9 @@ def test_example_config_is_valid_with_every_example_endpoint_enabled(tmp_path, p
     assert (servicenow.settings.incident_id_from, servicenow.settings.resolve_method) == ("/result/sys_id", "PATCH")
     assert (jira.settings.incident_id_from, jira.settings.resolve_method) == ("/key", "POST")
     assert jira.settings.template["fields"]["project"] == {"key": "RISK"}
+    assert (servicenow.sends_updates, servicenow.settings.update_method, servicenow.update_url) == (
+        True, "PATCH", servicenow.resolve_url)
+    assert jira.update_url.reveal().endswith("/rest/api/2/issue/{incident_id}/comment") and jira.sends_updates
     assert len(endpoints[1].signing_secrets) == 2 and endpoints[5].url.reveal() == "https://events.pagerduty.com/v2/enqueue"
     gateway = endpoints[2]
     assert gateway.request_headers() == {"X-Team": "risk", "Authorization": "Bearer gateway-token"}

@@ -212,6 +212,36 @@ def test_a_group_template_lists_every_event_most_severe_first():
           resolve_url="https://chat.example.com/incident/{incident_id}"),
      "with min_severity = \"critical\", an episode that fires lower opens its incident here when it escalates, and "
      "events = ['firing', 'resolved'] leaves escalations out: add \"escalation\""),
+    # An update of the open incident on an escalation: it needs the incident's id, a body, and somewhere to go.
+    (dict(template=GOOGLE_CHAT, update_template={"urgency": "1"}),
+     "update_template is for updating the incident an episode opened, and without incident_id_from nothing names "
+     "it: set incident_id_from"),
+    (dict(format="native", secret_env="T_S", update_template={"urgency": "1"}),
+     "update_template only means something with format = \"template\""),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_url="https://chat.example.com/incident/{incident_id}",
+          update_method="PATCH"), "update_method without update_template, the update's body: set it"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_url="https://chat.example.com/incident/{incident_id}",
+          update_template={"urgency": "1"}, update_method="DELETE"),
+     "update_method must be one of POST, PUT, PATCH, not 'DELETE'"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_url="https://chat.example.com/incident/{incident_id}",
+          update_template={"urgency": "1"}, events=["firing", "resolved"]),
+     "update_template is sent for escalations, and events = ['firing', 'resolved'] takes none"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_template={"id": "{incident_id}"},
+          update_template={"urgency": "1"}),
+     "update_template needs update_url, where the update goes (e.g. \".../incident/{incident_id}\"), or a "
+     "resolve_url it goes to"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_url="https://chat.example.com/incident/{incident_id}",
+          update_template={"urgency": "1"}, update_url="https://chat.example.com/notes/{episode_id}"),
+     "neither update_url nor update_template fills {incident_id}: the update could not say which incident"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_url="https://chat.example.com/incident/{incident_id}",
+          update_template={"urgency": "1"}, update_url="https://elsewhere.example.com/incident/{incident_id}"),
+     "update_url must be on url's scheme, host and port (https://chat.example.com/…), not "
+     "https://elsewhere.example.com/…"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_url="https://chat.example.com/incident/{incident_id}",
+          update_template={"urgency": "{severty}"}), "update_template: {severty} is not"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_url="https://chat.example.com/incident/{incident_id}",
+          update_template={"urgency": "1"}, update_url="https://chat.example.com/i/{incident_id}?token=LITERALTOKEN"),
+     "update_url carries a secret in its query (token=)"),
 ])
 def test_the_config_refuses_a_template_that_cannot_work(endpoint, refusal):
     with pytest.raises(ConfigError) as caught:
@@ -362,10 +392,12 @@ def test_a_json_pointer_reads_the_id_a_tool_answered_with():
         assert endpoint.incident_id_in(unusable) == "", unusable
 
 
-def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_settings, topics, monkeypatch):
+def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_settings, topics, monkeypatch, caplog):
     """ServiceNow's way, with a real dispatcher and a real receiver (which answers what it stored with its number,
     as a tool names what it opened): the firing is POSTed and its answer's id read at incident_id_from; the
-    escalation is not sent (POSTed, it opened a second incident nothing closed); the resolve is a PATCH to
+    escalation is not sent (POSTed, it opened a second incident nothing closed) unless the endpoint sends it as an
+    update of the open one (update_template: here a PATCH to resolve_url, the default, whose answer opens nothing);
+    the resolve is a PATCH to
     resolve_url with that id. Where the firing was below min_severity, the escalation opens the incident and the
     resolve closes that one. An endpoint whose tool answers without the id cannot say which incident to close: its
     resolve fails at once, saying why, and sends nothing."""
@@ -386,10 +418,19 @@ def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_set
              "min_severity": "critical", "resolve_url": f"http://127.0.0.1:{port}/critical/{{incident_id}}", **common},
             {"name": "no-id", "url": f"http://127.0.0.1:{port}/other", "incident_id_from": "/result/sys_id",
              "resolve_url": f"http://127.0.0.1:{port}/other/{{incident_id}}", **common},
+            {"name": "updated", "url": f"http://127.0.0.1:{port}/upd", "incident_id_from": "/id",
+             "resolve_url": f"http://127.0.0.1:{port}/upd/{{incident_id}}", **common, "update_method": "patch",
+             "update_template": {"urgency": "{severity|map:critical=1,*=2}", "work_notes": "{summary}"}},
+            {"name": "updated-no-id", "url": f"http://127.0.0.1:{port}/upd-other", "incident_id_from": "/result/sys_id",
+             "resolve_url": f"http://127.0.0.1:{port}/upd-other/{{incident_id}}", **common,
+             "update_url": f"http://127.0.0.1:{port}/upd-other/{{incident_id}}/notes",
+             "update_template": {"note": "{summary}"}},
         ]}})
 
     keys = {delivery_key(a.event_id, name) for a in (firing, resolved) for name in ("snow", "no-id")}
     keys |= {delivery_key(a.event_id, "critical") for a in (escalation, resolved)}
+    keys |= {delivery_key(a.event_id, name) for a in (firing, escalation, resolved)
+             for name in ("updated", "updated-no-id")}
 
     async def all_final(dispatcher):
         for _ in range(900):
@@ -423,6 +464,25 @@ def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_set
     assert unresolvable.last_error.startswith("no incident id to resolve: nothing 'no-id' was sent of this episode "
                                               "named one") and "not retried" in unresolvable.last_error
     assert [r["method"] for r in receiver.requests if r["path"].startswith("/other")] == ["POST"]
+
+    # Updated: the escalation is a PATCH of the open incident with update_template's body; the resolve closes it.
+    opened = stored_as[webhook_id(delivery_key(firing.event_id, "updated"))]
+    assert [(r["method"], r["target"]) for r in receiver.requests if r["path"].startswith("/upd/")
+            or r["path"] == "/upd"] == [("POST", "/upd"), ("PATCH", f"/upd/{opened}"), ("PATCH", f"/upd/{opened}")]
+    assert [i["payload"] for i in receiver.items if i["path"].startswith("/upd/")] == [
+        {"urgency": "1", "work_notes": escalation.summary}, {"state": "6", "close_notes": resolved.summary}]
+    assert states[delivery_key(escalation.event_id, "updated")].state == DELIVERED
+    assert states[delivery_key(escalation.event_id, "updated")].incident_id == ""   # it opened nothing
+    assert _incident_of(states[delivery_key(escalation.event_id, "updated")], states) == opened
+    # Without an id from the firing's answer, the update cannot say which incident either: it fails as the resolve.
+    update = states[delivery_key(escalation.event_id, "updated-no-id")]
+    assert update.state == FAILED and update.attempts == 1 and update.last_error.startswith(
+        "no incident id to update: nothing 'updated-no-id' was sent of this episode named one"), update
+    assert [r["method"] for r in receiver.requests if r["path"].startswith("/upd-other")] == ["POST"]
+    # Only an answer to what opened an incident is read for its id, and missed when it has none.
+    missed = [r.getMessage() for r in caplog.records if "taken, but its answer has nothing at" in r.getMessage()]
+    assert sorted(m.split(": taken")[0] for m in missed) == [
+        "delivery sn:firing to no-id", "delivery sn:firing to updated-no-id"], missed
 
 
 def test_preview_shows_each_format_the_example_episode_without_secrets_or_kafka(tmp_path):
@@ -567,6 +627,14 @@ def test_preview_says_where_a_resolve_goes_and_names_a_secret_url_by_its_variabl
     assert (f'# resolved, PATCH to https://api.example.com/api/now/table/incident/{sys_id}\n'
             f'{{\n  "state": "6",\n  "id": "{sys_id}"\n}}') in snow
     assert "# escalation: not sent, its incident being open" in snow
+    # ... and one that updates the open incident when the episode escalates: the update, where it goes, how.
+    updated = preview(load_delivery_config(Settings(raw={"alerts": {"endpoints": [
+        {**opsgenie, "incident_id_from": "/result/sys_id", "resolve_method": "PATCH",
+         "resolve_url": "https://api.example.com/api/now/table/incident/{incident_id}",
+         "update_template": {"urgency": "{severity|map:critical=1,*=2}"}, "update_method": "PATCH"}]}})), "og", "")
+    assert (f'# escalation, an update of the incident, PATCH to https://api.example.com/api/now/table/incident/'
+            f'{sys_id}\n{{\n  "urgency": "1"\n}}') in updated
+    assert '# firing\n{\n  "alias": "a1b2c3d4e5f6"\n}' in updated      # the firing still opens it, at url
 
 
 def test_a_body_that_cannot_be_rendered_fails_its_delivery_and_the_episode_goes_on(fp_settings, topics, monkeypatch):

@@ -25,7 +25,8 @@ def test_a_test_alert_goes_to_the_endpoint_as_a_delivery_would_and_says_what_it_
          "resolve_template": '{"note": "{summary}"}'},
         {"name": "snow", "url": f"{hook}/api/now/table/incident", "format": "template", **signed,
          "template": '{"short_description": "{title}"}', "incident_id_from": "/id", "resolve_method": "PATCH",
-         "resolve_url": f"{hook}/api/now/table/incident/{{incident_id}}", "resolve_template": '{"state": "6"}'},
+         "resolve_url": f"{hook}/api/now/table/incident/{{incident_id}}", "resolve_template": '{"state": "6"}',
+         "update_template": '{"urgency": "{severity|map:warning=2,*=3}"}', "update_method": "PATCH"},
         {"name": "grouped", "url": f"{hook}/grouped", "group_by": ["all"], **signed},
         {"name": "tickets", "url": f"{hook}/tickets", "events": ["firing"], **signed},
         {"name": "wrong-key", "url": f"{hook}/wrong", "allow_private": True, "secret_env": "T_TRIAL_OTHER"},
@@ -72,7 +73,13 @@ def test_a_test_alert_goes_to_the_endpoint_as_a_delivery_would_and_says_what_it_
     # The firing's answer named what it opened; the resolve closed that one, with the endpoint's method.
     [opened] = [item for item in items if item["path"] == "/api/now/table/incident"]
     assert f"firing    taken: HTTP 200, incident {opened['id']} (webhook-id" in runs["snow"].stdout, runs["snow"].stdout
+    # With an update_template, an escalation (info to warning) between them updates it there.
     assert [(r["method"], r["path"]) for r in received["requests"] if r["path"].startswith("/api/")] == [
-        ("POST", "/api/now/table/incident"), ("PATCH", f"/api/now/table/incident/{opened['id']}")]
+        ("POST", "/api/now/table/incident"), ("PATCH", f"/api/now/table/incident/{opened['id']}"),
+        ("PATCH", f"/api/now/table/incident/{opened['id']}")]
+    assert [item["payload"] for item in items if item["path"].startswith("/api/")] == [
+        {"short_description": "Negative sentiment spike: topic FinPulse test"}, {"urgency": "2"}, {"state": "6"}]
+    assert "escalation taken: HTTP 200 (webhook-id" in runs["snow"].stdout, runs["snow"].stdout
+    assert "escalation" not in runs["og"].stdout     # it opens no incident to update: firing and resolve alone
     # Each run's alert is new: a second test is not taken for a duplicate of the first.
     assert len({p["data"]["id"] for path in ("/desk", "/tickets") for p in by_path[path]}) == 2
