@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from .interface import Prediction, failed
+from .interface import Prediction, failed, text_list
 from .labels import TOPICS
 
 _WORD = re.compile(r"[a-z][a-z'&-]+")
@@ -59,7 +59,7 @@ class KeywordBaselineScorer:
     model_version = "baseline-keywords-1"
 
     def score(self, texts: Sequence[str]) -> list[Prediction]:
-        return [self._score_one(text) for text in texts]
+        return [self._score_one(text) for text in text_list(texts)]
 
     def _score_one(self, text: str) -> Prediction:
         if not isinstance(text, str) or not text.strip():
@@ -85,4 +85,4 @@ class NoopScorer:
     _NEUTRAL = Prediction(topic="General News | Opinion", topic_confidence=0.0, sentiment="neutral", sentiment_score=0.0)
 
     def score(self, texts: Sequence[str]) -> list[Prediction]:
-        return [self._NEUTRAL] * len(texts)
+        return [self._NEUTRAL] * len(text_list(texts))

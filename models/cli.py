@@ -269,14 +269,14 @@ def _model_sets_scorer(command: str, args, settings, slices: tuple[str, ...], de
     from .data import DataError, default_data_dir, load_data
     from .evaluation import heldout_test
     from .modeling import ModelError
-    from .registry import find_model_dir
+    from .registry import find_model_dir, no_model_found
     from .scorer import BatchScorer
 
     ms = settings.section("models", ModelSettings)
     try:
         model_dir = find_model_dir(args.model, ms.models_dir)
         if model_dir is None:
-            raise ModelError("no trained model found: run `finpulse train` first")
+            raise ModelError(no_model_found(ms.models_dir))
         data_dir = default_data_dir(args.data_dir or ms.data_dir or None)
         if args.data:
             sets = [load_data(args.data, data_dir)] * len(slices)

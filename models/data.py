@@ -150,7 +150,7 @@ def _read_id_csv(path: Path, head: str) -> LabeledSet:
     if list(frame.columns[:2]) != ["text", "label"]:
         raise DataError(f"{path}: expected columns text,label, found {', '.join(map(str, frame.columns))}")
     frame = frame.rename(columns={"label": head})
-    return _from_frame(frame, str(path))
+    return _from_frame(frame, str(path), csv_line_numbers(path, ",", len(frame)))
 
 
 def load_file(path: Path) -> LabeledSet:
@@ -160,12 +160,13 @@ def load_file(path: Path) -> LabeledSet:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
-    line_numbers = None      # a CSV's rows are numbered by _from_frame
+    line_numbers = None
     try:
         if suffix in (".csv", ".tsv"):
             with open(path, encoding="utf-8-sig", errors="replace") as handle:
                 separator = csv_separator(handle.readline())
             frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
+            line_numbers = csv_line_numbers(path, separator, len(frame))
         elif suffix == ".json":
             frame = pd.read_json(path, dtype=False)
             line_numbers = range(1, len(frame) + 1)     # a JSON array's rows, by their place in it
@@ -208,6 +209,24 @@ def csv_separator(header: str) -> str:
     """The separator a CSV's header line uses: spreadsheets write the locale's list separator (a semicolon across
     much of Europe), so the most frequent of comma, semicolon, tab and bar; a comma where none is there."""
     return max((",", ";", "\t", "|"), key=header.count)
+
+
+def csv_line_numbers(path: Path, separator: str, rows: int) -> list[int] | None:
+    """The line each data row of a CSV starts on, as pandas read it (blank lines skipped, a quoted text may span
+    lines), so that an error or a mistake names the line to mend; None (numbered as if one line a row, after the
+    header) where the two readers do not count the same rows."""
+    import csv
+    starts, previous = [], 0
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        reader = csv.reader(handle, delimiter=separator)
+        try:
+            for record in reader:
+                start, previous = previous + 1, reader.line_num
+                if record:
+                    starts.append(start)
+        except csv.Error:
+            return None
+    return starts[1:] if len(starts) == rows + 1 else None
 
 
 def _read_json_lines(path: Path):
@@ -271,7 +290,7 @@ def _label_column_head(path: Path) -> str:
 
 def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None,
                 given_columns: Sequence[str] | None = None) -> LabeledSet:
-    """``line_numbers``: each row's line in its file, for the errors (default: a CSV's, after its header);
+    """``line_numbers``: each row's line in its file, for the errors (default: one line a row, after a header);
     ``given_columns``: the file's own column names, where the frame's were renamed."""
     if "text" not in frame.columns:
         given = ", ".join(map(str, frame.columns if given_columns is None else given_columns))
@@ -297,8 +316,8 @@ def _from_frame(frame, source: str, line_numbers: Sequence[int] | None = None,
                 row_problems.append(str(exc))
                 if isinstance(exc, LabelIdOutOfRange):
                     hint = LABEL_ID_HINT
-                elif isinstance(exc, UnknownLabel) and not hint:
-                    hint = f". The {exc.head}s: {', '.join(TOPICS if exc.head == 'topic' else SENTIMENTS)}"
+                elif isinstance(exc, UnknownLabel) and f"The {exc.head}s:" not in hint and hint != LABEL_ID_HINT:
+                    hint += f". The {exc.head}s: {', '.join(TOPICS if exc.head == 'topic' else SENTIMENTS)}"
         if not row_problems and all(labels[h][row] == MISSING for h in heads):
             row_problems.append(f"no {' or '.join(heads)} label")
         problems += [f"row {line}: {p}" for p in row_problems]

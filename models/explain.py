@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .interface import Prediction
+from .interface import Prediction, text_list
 from .labels import SENTIMENTS, TOPICS
 
 if TYPE_CHECKING:   # the scorer brings torch: imported when a text is read, so that strongest() stays light
@@ -49,6 +49,10 @@ def read_texts(scorer: BatchScorer, texts: Sequence[str], top_topics: int = TOP_
     """One ``Reading`` per text, in order. A text that cannot be scored (empty, not a text) gets its error in
     ``prediction.error`` and nothing else; it does not stop the others."""
     from .scorer import predictions_from
+    if not hasattr(scorer, "probabilities"):
+        raise TypeError(f"reading texts needs a trained model's probabilities; {scorer.model_version} has none "
+                        f"(train one: `finpulse train`)")
+    texts = text_list(texts)
     words_of = [_words(text, max_words) for text in texts]
     variants = [" ".join(words[:i] + words[i + 1:]) for words in words_of for i in range(len(words))]
     probs = scorer.probabilities(list(texts) + variants)

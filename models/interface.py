@@ -34,6 +34,8 @@ class ModelError(RuntimeError):
 
 @dataclass(frozen=True)
 class Prediction:
+    """One text's scores. One that could not be scored has ``error`` set and placeholders elsewhere (no topic,
+    neutral, 0.0): filter on ``ok`` before averaging scores."""
     topic: str
     topic_confidence: float
     sentiment: str            # bearish | neutral | bullish
@@ -52,6 +54,15 @@ class Scorer(Protocol):
     def score(self, texts: Sequence[str]) -> list[Prediction]:
         """Score a batch. Blocking and CPU/GPU-bound: the worker calls it from a thread, never the event loop."""
         ...
+
+
+def text_list(texts: Sequence[str]) -> list[str]:
+    """``texts`` as a list, taken by position: a pandas Series is indexed by its labels, which a sort or a filter
+    leaves out of order or with gaps. One string is refused: scored as a sequence, each character is a text."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"score a list of texts, not one {type(texts).__name__} (its every character would be scored "
+                        f"as a text): score([text])")
+    return list(texts)
 
 
 def failed(reason: str) -> Prediction:
@@ -86,12 +97,15 @@ def load_scorer(kind: str = "auto", model_dir: str | None = None, device: str = 
         if kind == "model":
             raise
         find_model_dir = None
-    path = find_model_dir(model_dir, *([models_root] if models_root else [])) if find_model_dir else None
+    roots = [models_root] if models_root else []
+    path = find_model_dir(model_dir, *roots) if find_model_dir else None
     if path is None:
+        from .registry import no_model_found
         if kind == "model" or model_dir:
-            raise FileNotFoundError(f"no trained FinPulse model found{f' at {model_dir}' if model_dir else ''}: run `finpulse train`")
+            raise FileNotFoundError(no_model_found(*roots))
         from .baseline import KeywordBaselineScorer
-        log.warning("no trained model found: scoring with the keyword baseline (run `finpulse train` for the real one)")
+        log.warning("%s. Scoring with the keyword baseline meanwhile (model_version %s)", no_model_found(*roots),
+                    KeywordBaselineScorer.model_version)
         return KeywordBaselineScorer()
     cpu_precision = precision.resolve_cpu_precision(cpu_precision)
     if cpu_precision == precision.INT8 and device == "auto":

@@ -82,6 +82,15 @@ def find_model_dir(explicit: str | None = None, root: str | Path = DEFAULT_MODEL
     return models[0][0] if models else None
 
 
+def no_model_found(root: str | Path = DEFAULT_MODELS_ROOT) -> str:
+    """Why no model was found, naming where it was looked for: a relative models root is relative to the directory
+    FinPulse runs in, so the same command finds nothing when run elsewhere."""
+    root = Path(root).expanduser()
+    relative = "" if root.is_absolute() else f", [models] models_dir {str(root)!r} from the directory you run in"
+    return (f"no trained FinPulse model in {root.resolve()}{relative}: run `finpulse train`, run from the directory "
+            f"that holds one, or name one (a directory, ${MODEL_DIR_ENV}, or [models] models_dir)")
+
+
 def model_summaries(root: str | Path = DEFAULT_MODELS_ROOT, broken: list[tuple[Path, str]] | None = None
                     ) -> list[dict]:
     """What ``finpulse models`` lists: each model under ``root``, newest first, with its held-out figures (a

@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .interface import INT8_SUFFIX, Prediction, failed
+from .interface import INT8_SUFFIX, Prediction, failed, text_list
 from .labels import SENTIMENTS, TOPICS
 from .modeling import FinPulseClassifier, ModelError, TextEncoder, load_model
 from .precision import BF16, FLOAT32, INT8, autocast, describe, effective
@@ -153,6 +153,7 @@ class BatchScorer:
         return predictions_from(probs)
 
     def probabilities(self, texts: Sequence[str]) -> Probabilities:
+        texts = text_list(texts)
         with self._lock:
             return self._probabilities(texts)
 

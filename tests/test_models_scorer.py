@@ -377,6 +377,31 @@ def test_load_scorer_returns_the_model_scorer_with_its_version(tiny_model_dir, t
     assert scorer.model_version == json.loads((tiny_model_dir / "config.json").read_text())["model_version"]
     with pytest.raises(NotAModelDir):
         load_scorer("model", model_dir=str(tmp_path))
+    # Where none is found, the message names where it looked (a relative models root is the current directory's).
+    with pytest.raises(FileNotFoundError, match=f"no trained FinPulse model in {tmp_path}: run `finpulse train`"):
+        load_scorer("model", models_root=str(tmp_path))
+
+
+def test_a_series_is_scored_by_position_and_one_string_is_refused(tiny_model_dir):
+    """A sorted or filtered pandas Series is indexed by labels: scored by them, its predictions came back in another
+    order (or a KeyError); one string was scored character by character."""
+    import pandas as pd
+
+    from models.baseline import KeywordBaselineScorer
+    from models.explain import read_texts
+    scorer = BatchScorer.from_pretrained(tiny_model_dir, device="cpu", tokenizer_processes=0)
+    texts = pd.Series(TEXTS[:4], index=[30, 10, 40, 20]).sort_index()
+    assert scorer.score(texts) == scorer.score(texts.tolist())
+    read, alone = [r.prediction for r in read_texts(scorer, texts)], scorer.score(texts.tolist())
+    assert [(p.topic, p.sentiment) for p in read] == [(p.topic, p.sentiment) for p in alone]
+    # Batched with other texts, the scores can differ in their last bits.
+    assert [p.sentiment_score for p in read] == pytest.approx([p.sentiment_score for p in alone], abs=1e-5)
+    for one_of in (scorer, KeywordBaselineScorer()):
+        with pytest.raises(TypeError, match=r"score a list of texts, not one str .*: score\(\[text\]\)"):
+            one_of.score("Oil slides as OPEC+ talks stall")
+    assert KeywordBaselineScorer().score(texts) == KeywordBaselineScorer().score(texts.tolist())
+    with pytest.raises(TypeError, match="reading texts needs a trained model's probabilities; baseline-keywords-1"):
+        read_texts(KeywordBaselineScorer(), ["Oil slides"])
 
 
 def test_user_files_accept_names_and_ids_and_reject_bad_rows(tmp_path):
@@ -412,7 +437,15 @@ def test_user_files_accept_names_and_ids_and_reject_bad_rows(tmp_path):
     message = str(err.value)
     assert "row 2: unknown topic 'Earnigs' (did you mean 'Earnings'?); row 2: unknown sentiment 'Bulish' (did you " \
            "mean 'bullish'?); row 3: unknown topic 'Weather'; row 4: unknown topic 'Climate'." in message, message
-    assert message.endswith(f"The topics: {', '.join(TOPICS)}")
+    # Both heads' names where both have a typo (the sentiments' were left out).
+    assert message.endswith(f"The topics: {', '.join(TOPICS)}. The sentiments: {', '.join(SENTIMENTS)}"), message
+    # A row's line in its file, as an editor counts it: blank lines and a text quoted over two lines counted.
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text('text,sentiment\nOil slides,bearish\n\n\n"Two\nlines",neutral\nEPS beat,Bulish\n')
+    with pytest.raises(DataError, match=r"row 7: unknown sentiment 'Bulish'"):
+        load_file(spaced)
+    spaced.write_text(spaced.read_text().replace("Bulish", "bullish"))
+    assert list(load_file(spaced).line) == [2, 5, 7]
     # A -1/0/1 sentiment scale fails on -1 (0 alone would read as bearish): the error says to write the names, once.
     scale = tmp_path / "scale.csv"
     scale.write_text("text,sentiment\nShares sink,-1\nFed meets,0\nStocks soar,1\nBanks slide,-1\n")
