@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluate the model as the worker runs it in this precision on the CPU, beside float32: how "
                         "often the labels agree and what it costs in accuracy (default: float32 alone)")
     p.add_argument("--out", help="JSON report path (default var/eval/<version>-<data>.json)")
-    p.add_argument("--errors", type=int, default=0, metavar="N",
+    p.add_argument("--errors", type=_at_least_one, default=0, metavar="N",
                    help="also list each head's N most confident mistakes, each with the words that pushed it there "
                         "(printed and in the JSON report)")
     p.add_argument("--against", metavar="MODEL",

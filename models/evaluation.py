@@ -20,7 +20,7 @@ from .data import (PARTS, SPLIT_SCHEME, SPLIT_SCHEME_BEFORE_TWINS, DataError, La
                    stratified_sample, without_twins_of)
 from .explain import push_pairs, read_texts, strongest
 from .labels import SENTIMENTS, TOPICS
-from .metrics import bootstrap_intervals, head_report, paired_difference
+from .metrics import NO_PREDICTION, bootstrap_intervals, head_report, paired_difference
 from .scorer import BatchScorer, Probabilities
 
 HEADS = {"topic": TOPICS, "sentiment": SENTIMENTS}
@@ -28,10 +28,10 @@ HEADS = {"topic": TOPICS, "sentiment": SENTIMENTS}
 
 def labeled_predictions(probs: Probabilities, data: LabeledSet, head: str) -> tuple[np.ndarray, np.ndarray]:
     """The head's true and predicted classes on the rows that carry its label. A row the scorer could not score
-    counts as wrong: it must not pass for a correct guess of class 0."""
+    is predicted ``NO_PREDICTION``: wrong, and no class's prediction (``models.metrics``)."""
     truth = getattr(data, head)
     rows = truth >= 0
-    predicted = np.where(probs.failed(), (truth + 1) % len(HEADS[head]), getattr(probs, head).argmax(1))
+    predicted = np.where(probs.failed(), NO_PREDICTION, getattr(probs, head).argmax(1))
     return truth[rows], predicted[rows]
 
 
@@ -139,7 +139,8 @@ def add_pushes(scorer, mistakes: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def format_mistakes(head: str, mistakes: list[dict[str, Any]], width: int = 100) -> str:
-    lines = [f"{head}: the {len(mistakes)} most confident mistakes (label -> predicted, confidence)"]
+    lines = [f"{head}: " + ("no mistakes" if not mistakes else "the most confident mistake" if len(mistakes) == 1 else
+                            f"the {len(mistakes)} most confident mistakes") + " (label -> predicted, confidence)"]
     for m in mistakes:
         text = " ".join(m["text"].split())
         text = text if len(text) <= width else text[:width - 1] + "…"

@@ -2,6 +2,8 @@
 
 Plain numpy, so training (model selection) and ``finpulse evaluate`` (reports) compute the same numbers.
 Macro-F1 averages over the classes that occur in the truth or the predictions (scikit-learn's default).
+A prediction of ``NO_PREDICTION`` (a row the scorer could not score) is wrong, and a prediction of no class: it
+lowers accuracy and its true class's recall, and no class's precision.
 How far to trust a figure is a bootstrap over the rows: ``bootstrap_intervals`` for one model's figures,
 ``paired_difference`` for two models scored on the same rows.
 """
@@ -11,15 +13,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+NO_PREDICTION = -1
+
 
 def head_report(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     n_classes = len(labels)
+    scored = y_pred != NO_PREDICTION
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(confusion, (y_true, y_pred), 1)
+    np.add.at(confusion, (y_true[scored], y_pred[scored]), 1)
     true_positive = np.diag(confusion).astype(float)
-    support = confusion.sum(axis=1)
+    support = np.bincount(y_true, minlength=n_classes)
     predicted = confusion.sum(axis=0)
     precision = np.divide(true_positive, predicted, out=np.zeros(n_classes), where=predicted > 0)
     recall = np.divide(true_positive, support, out=np.zeros(n_classes), where=support > 0)
@@ -35,6 +40,8 @@ def head_report(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]) -
                       for i, label in enumerate(labels)},
         "labels": list(labels),
         "confusion_matrix": confusion.tolist(),  # rows: true label, columns: predicted label, in ``labels`` order
+        **({"unscored_by_class": {label: int(n) for label, n in zip(labels, support - confusion.sum(axis=1)) if n}}
+           if not scored.all() else {}),        # rows of each class that got no prediction, outside the matrix
     }
 
 
@@ -58,16 +65,19 @@ def resampled_scores(y_true: np.ndarray, predictions: Sequence[np.ndarray], n_cl
     for done in range(0, rounds, per_chunk):
         draws = rng.integers(0, max(1, rows), size=(min(per_chunk, rounds - done), rows))
         offset = np.arange(len(draws))[:, None] * n_classes + y_true[draws]
-        chunks.append([_scores_of((offset * n_classes + p[draws]).ravel(), len(draws), rows, n_classes)
-                       for p in predictions])
+        # One column more than there are classes, for the rows without a prediction.
+        chunks.append([_scores_of((offset * (n_classes + 1) + np.where(p == NO_PREDICTION, n_classes, p)[draws])
+                                  .ravel(), len(draws), rows, n_classes) for p in predictions])
     return [{metric: np.concatenate([chunk[model][metric] for chunk in chunks]) for metric in ("accuracy", "macro_f1")}
             for model in range(len(predictions))]
 
 
 def _scores_of(cells: np.ndarray, rounds: int, rows: int, n_classes: int) -> dict[str, np.ndarray]:
-    confusion = np.bincount(cells, minlength=rounds * n_classes * n_classes).reshape(rounds, n_classes, n_classes)
-    hits = np.diagonal(confusion, axis1=1, axis2=2)
-    either = confusion.sum(axis=2) + confusion.sum(axis=1)     # support + predicted, per class
+    """Each round's figures from its cells: (round, true class, predicted class or ``n_classes`` for none)."""
+    confusion = np.bincount(cells, minlength=rounds * n_classes * (n_classes + 1)).reshape(
+        rounds, n_classes, n_classes + 1)
+    hits = np.diagonal(confusion[:, :, :n_classes], axis1=1, axis2=2)
+    either = confusion.sum(axis=2) + confusion[:, :, :n_classes].sum(axis=1)     # support + predicted, per class
     f1 = np.divide(2 * hits, either, out=np.zeros(hits.shape), where=either > 0)
     present = either > 0
     return {"accuracy": hits.sum(axis=1) / max(1, rows),
@@ -121,6 +131,10 @@ def format_report(name: str, report: dict[str, Any]) -> str:
     cell = max(3, len(str(max(max(r) for r in report["confusion_matrix"]))))
     for label, row in zip(labels, report["confusion_matrix"]):
         lines.append(f"  {label[:width]:<{width}} " + " ".join(f"{v:>{cell}d}" for v in row))
+    unscored = report.get("unscored_by_class")
+    if unscored:
+        lines.append(f"  {sum(unscored.values())} row(s) could not be scored: counted wrong, outside the matrix ("
+                     + ", ".join(f"{label} {n}" for label, n in unscored.items()) + ")")
     return "\n".join(lines)
 
 

@@ -726,6 +726,30 @@ def test_head_report_matches_hand_computed_metrics():
     assert report["per_class"]["b"]["f1"] == pytest.approx(2 * 0.5 * 1.0 / 1.5, abs=1e-4)
     assert report["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0.0) / 3)
     assert report["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
+    assert "unscored_by_class" not in report
+
+
+def test_a_row_without_a_prediction_is_wrong_and_no_class_is_predicted_for_it():
+    """An unscorable row counted as a prediction of the next class lowered that class's precision and put a made-up
+    prediction in the matrix; it lowers accuracy and its own class's recall alone."""
+    from models.metrics import NO_PREDICTION, format_report
+    report = head_report(np.array([0, 0, 1, 2]), np.array([0, NO_PREDICTION, 1, 2]), ["a", "b", "c"])
+    assert report["accuracy"] == pytest.approx(0.75) and report["n"] == 4
+    assert report["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(0.6667, abs=1e-4),
+                                        "support": 2}
+    assert report["per_class"]["b"]["precision"] == 1.0 and report["per_class"]["c"]["precision"] == 1.0
+    assert report["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert report["unscored_by_class"] == {"a": 1}
+    assert "  1 row(s) could not be scored: counted wrong, outside the matrix (a 1)" in format_report("x", report)
+    # The bootstrap scores such a row alike.
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 3, 200)
+    predicted = np.where(rng.random(200) < 0.1, NO_PREDICTION, np.where(rng.random(200) < 0.8, truth, 0))
+    [scores] = resampled_scores(truth, [predicted], 3, rounds=4, seed=2)
+    for i, rows in enumerate(np.random.default_rng(2).integers(0, 200, size=(4, 200))):
+        resampled = head_report(truth[rows], predicted[rows], SENTIMENTS)
+        assert scores["accuracy"][i] == pytest.approx(resampled["accuracy"])
+        assert scores["macro_f1"][i] == pytest.approx(resampled["macro_f1"])
 
 
 def test_bootstrap_resamples_score_as_head_report_does_however_many_are_drawn_at_once(monkeypatch):

@@ -333,7 +333,9 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
     assert "macro-F1" in printed and "confusion" in printed and "ECE=" in printed
     report = json.loads(report_file.read_text())
     for head, listed in report["mistakes"].items():
-        assert f"{head}: the {len(listed)} most confident mistakes" in printed
+        said = {0: "no mistakes", 1: "the most confident mistake"}.get(len(listed),
+                                                                        f"the {len(listed)} most confident mistakes")
+        assert f"{head}: {said} (label -> predicted, confidence)" in printed
         assert len(listed) <= 2 and all(m["label"] != m["predicted"] for m in listed)
         for m in listed:    # each found where it was read from, to mend a wrong label there
             assert " ".join(m["text"].split()) in " ".join(Path(m["file"]).read_text().splitlines()[m["line"] - 1].split())
@@ -1072,3 +1074,11 @@ def test_training_flags_that_could_never_train_are_refused_with_the_arguments(fl
         main(["train", "--recipe", "plain", f"{flag}={value}", "--runs-dir", str(tmp_path / "runs")])
     assert exit_info.value.code == 2
     assert f"argument {flag}: {refusal}" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_evaluate_refuses_a_count_of_mistakes_below_one(capsys):
+    """``--errors -3`` was taken and listed nothing, without a word."""
+    from models.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--errors=-3"])
+    assert exit_info.value.code == 2 and "argument --errors: must be 1 or more, not -3" in capsys.readouterr().err
