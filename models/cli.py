@@ -468,7 +468,8 @@ def _score(args, settings) -> int:
         scorer.close()
     seconds = time.monotonic() - started
     if not args.texts:
-        print(f"scored {written:,} texts in {seconds:.1f} s ({written / max(seconds, 1e-9):,.0f}/s)"
+        print(f"scored {written - failed:,}{f' of {written:,}' if failed else ''} texts in {seconds:.1f} s "
+              f"({written / max(seconds, 1e-9):,.0f}/s)"
               f"{f', written to {args.out}' if args.out else ''}", file=sys.stderr)
     if failed and output_format != "table":  # a table says so on the row
         print(f"{failed:,} of {written:,} texts could not be scored: their error field says why", file=sys.stderr)
@@ -514,7 +515,8 @@ def _models(args, settings) -> int:
               f"{s['created_at'][:16].replace('T', ' '):<16}  {pair(s['held_out'], 'sentiment'):<19}  "
               f"{pair(s['held_out'], 'topic'):<13}  {pair(s['news_probe'], 'sentiment'):<21}  "
               f"{pair(s['news_probe'], 'topic'):<13}  {s['megabytes']:>6.1f}")
-    print(f"in {root}; accuracy / macro-F1 on held-out tweets and on the news probe; * the model the worker loads")
+    print(f"in {root}; accuracy / macro-F1 on its held-out slice (each source's rows as trained: tweets, news-train) "
+          f"and on the news probe; * the model the worker loads")
     if any(s["refit_of"] for s in summaries):
         print("a refit trained on every labeled row: its held-out figures are its reference's (--json: refit_of)")
     return 0

@@ -4,10 +4,12 @@ makes of it; a data engineer scores a file (one text a line, CSV or JSONL with a
 A file is read and scored in chunks, so memory stays flat whatever its size, and each input row comes out as one
 output row, in order: its own fields, then what the worker stamps on a scored record (``PREDICTION_FIELDS``).
 A row that cannot be scored (empty, not a text, a JSONL line that is not JSON) gets ``error`` and the rest go on.
-An input field named like a prediction field (a labeled file's ``topic``) is kept as ``input_<name>``. A CSV row
+An input field named like a field scoring adds (a labeled file's ``topic``) is kept as ``input_<name>``. A CSV row
 with more fields than its header (a comma in the text, unquoted) is not scored on its cut text: it gets ``error``,
 which quotes the rest. CSV written from JSONL ends with ``other_fields``: what a row has that the first row had not.
-An output file is written whole or not at all: it appears under its name only once every row is in it.
+A text field that a CSV's header or a JSONL file's first object lacks is refused before anything is scored.
+An output file is written whole or not at all: it appears under its name only once every row is in it; a ``.tsv``
+one is CSV separated by tabs.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from .interface import Prediction
 PREDICTED = ("topic", "topic_confidence", "sentiment", "sentiment_score")
 PREDICTION_FIELDS = PREDICTED + ("model_version", "error")
 OTHER_FIELDS = "other_fields"   # CSV from JSONL: the fields a row has that the first row did not, as a JSON object
-OUTPUT_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv", ".txt")
+OUTPUT_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv")   # .tsv: CSV separated by tabs
 WORDS = "words"   # with --explain: [[word, push], ...] in JSONL; the strongest pushes as one text in CSV and tables
 WORDS_NOTE = "words_note"   # with --explain, in JSONL: why a text's words were not weighed (in CSV: in words)
 INPUT_FORMATS = ("lines", "csv", "jsonl")
@@ -91,6 +93,7 @@ def read_rows(handle: Iterable[str], input_format: str, text_field: str, name: s
                 continue
             yield Row(fields, fields[text_field])
     else:
+        first_object = True
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -103,6 +106,12 @@ def read_rows(handle: Iterable[str], input_format: str, text_field: str, name: s
                 yield Row({}, None, f"line {number}: not a JSON object")
                 continue
             field_name = titled_column(list(fields), text_field)   # "Text", as a CSV's column would be found
+            if field_name is None and first_object:
+                # As a CSV without the column: a wrong --text-field, not a file of rows that cannot be scored.
+                raise ScoreInputError(f"{name} has no {text_field!r} field in its first object, line {number} (its "
+                                      f"fields: {', '.join(fields) or 'none'}): name the one to score with "
+                                      f"--text-field")
+            first_object = False
             if field_name is None:
                 yield Row(fields, None, f"line {number}: no {text_field!r} field")
             else:
@@ -134,8 +143,13 @@ def chunks(rows: Iterator[Row], size: int | None = None) -> Iterator[list[Row]]:
 
 
 def output_fields(explain: bool) -> tuple[str, ...]:
-    """The fields scoring adds to a row (an input field of the same name is kept as ``input_<name>``)."""
+    """The fields scoring adds to a row."""
     return PREDICTION_FIELDS + (WORDS,) * explain
+
+
+def reserved_fields(explain: bool) -> tuple[str, ...]:
+    """The names an input field cannot keep (it is kept as ``input_<name>``): those scoring adds, in any format."""
+    return output_fields(explain) + (WORDS_NOTE,) * explain + (OTHER_FIELDS,)
 
 
 def score_rows(scorer, rows: list[Row], explain: bool = False) -> list[dict[str, Any]]:
@@ -143,7 +157,7 @@ def score_rows(scorer, rows: list[Row], explain: bool = False) -> list[dict[str,
     ``words``: each word of the text and its push on the sentiment score (``models.explain``)."""
     readable = [i for i, row in enumerate(rows) if row.error is None]
     texts = [rows[i].text for i in readable]
-    reserved = output_fields(explain)
+    reserved = reserved_fields(explain)
     predictions: list[Prediction | None] = [None] * len(rows)  # None: the row could not even be read
     pushes: list[list[WordPush]] = [[] for _ in rows]
     notes = [""] * len(rows)     # why a scored text's words were not weighed (too long, one word)
@@ -175,8 +189,8 @@ class Writer:
     terminal."""
 
     def __init__(self, handle: IO[str], output_format: str, input_columns: list[str] | None, text_field: str,
-                 explain: bool = False, other_fields: bool = False):
-        self.handle, self.format, self.text_field = handle, output_format, text_field
+                 explain: bool = False, other_fields: bool = False, delimiter: str = ","):
+        self.handle, self.format, self.text_field, self.delimiter = handle, output_format, text_field, delimiter
         self.input_columns, self.explain, self.other_fields = input_columns, explain, other_fields
         self._csv: csv.DictWriter | None = None
         if output_format == "table":
@@ -189,10 +203,10 @@ class Writer:
         elif self.format == "csv":
             if self._csv is None:
                 columns = self.input_columns or [self.text_field]
-                added = output_fields(self.explain)
-                renamed = [f"input_{c}" if c in added else c for c in columns]
+                added, reserved = output_fields(self.explain), reserved_fields(self.explain)
+                renamed = [f"input_{c}" if c in reserved else c for c in columns]
                 self._csv = csv.DictWriter(self.handle, renamed + list(added) + [OTHER_FIELDS] * self.other_fields,
-                                           extrasaction="ignore")
+                                           extrasaction="ignore", delimiter=self.delimiter)
                 self._csv.writeheader()
             self._csv.writerows(self._csv_row(r) for r in records)
         else:
@@ -231,7 +245,7 @@ def check_output_path(out_path: str, input_path: str | None, format_given: bool 
     suffix = out.suffix.lower()
     if suffix and suffix not in OUTPUT_SUFFIXES and not format_given:
         raise ScoreInputError(f"--out {out_path}: FinPulse writes JSONL or CSV, and {suffix} is neither: name the file "
-                              f".jsonl or .csv (or give --format)")
+                              f".jsonl, .csv or .tsv (or give --format)")
     if input_path not in (None, "-") and out.exists() and out.resolve() == Path(input_path).resolve():
         raise ScoreInputError(f"--out {out_path} is the input file: scoring it would replace it; write elsewhere")
     try:
@@ -285,7 +299,11 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
                 raise ScoreInputError(f"cannot read {input_path}: {exc.strerror}") from None
             name = input_path
         if partial:   # its directory was made by check_output_path
-            sink = stack.enter_context(partial.open("w", newline="", encoding="utf-8"))
+            try:
+                sink = stack.enter_context(partial.open("w", newline="", encoding="utf-8"))
+            except OSError as exc:   # a name too long, a directory that takes no files (/proc), a full disk
+                raise ScoreInputError(f"--out {out_path}: cannot write {partial.name} there ({exc.strerror})") \
+                    from None
             stack.callback(lambda: partial.unlink(missing_ok=True))  # left only by a failure: done, it is renamed
         else:
             sink = sys.stdout
@@ -294,10 +312,14 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
         columns = list(first.fields) if first is not None and first.fields else None  # a CSV's, a JSONL's first
         if input_format == "csv":
             text_field = titled_column(columns or [], text_field) or text_field
-        writer = Writer(sink, output_format, columns, text_field, explain, other_fields=input_format == "jsonl")
+        tabs = bool(out_path) and Path(out_path).suffix.lower() == ".tsv"
+        writer = Writer(sink, output_format, columns, text_field, explain, other_fields=input_format == "jsonl",
+                        delimiter="\t" if tabs else ",")
         interactive = sys.stderr.isatty()
+        # Shown once scoring takes a while: a short file left a "scoring: 0 texts" line in a log.
         bar = stack.enter_context(tqdm(desc="scoring", unit=" texts", file=sys.stderr, disable=bool(texts),
-                                       dynamic_ncols=True, leave=False, mininterval=0.5 if interactive else 15.0))
+                                       dynamic_ncols=True, leave=False, delay=2.0,
+                                       mininterval=0.5 if interactive else 15.0))
         for chunk in chunks(itertools.chain([first] if first is not None else [], rows)):
             records = score_rows(scorer, chunk, explain)
             writer.write(records)

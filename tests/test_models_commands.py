@@ -70,7 +70,7 @@ def test_a_csv_keeps_its_columns_and_order_and_a_labeled_column_is_kept_beside_t
     assert rows[-1]["error"] == "empty text" and rows[-1]["topic"] == "" and rows[-1]["input_topic"] == "Dividend"
     assert [p.name for p in out.parent.iterdir()] == ["scored.csv"]
     err = capsys.readouterr().err
-    assert f"scored {len(rows)} texts" in err and "1 of 7 texts could not be scored" in err
+    assert f"scored {len(rows) - 1} of {len(rows)} texts" in err and "1 of 7 texts could not be scored" in err
 
 
 def test_jsonl_rows_that_cannot_be_read_get_an_error_and_the_others_are_scored(model_dir, expected, tmp_path,
@@ -115,6 +115,9 @@ def test_a_csv_row_cut_by_an_unquoted_comma_is_not_scored_on_its_cut_text(model_
     ("{tmp}/scored.parquet", "FinPulse writes JSONL or CSV, and .parquet is neither"),
     ("{tmp}/headlines.csv", "is the input file: scoring it would replace it"),
     ("/proc/nope/scored.csv", "cannot make its directory /proc/nope (No such file or directory)"),
+    ("{tmp}/scored.txt", "and .txt is neither: name the file .jsonl, .csv or .tsv"),   # it wrote JSONL
+    # A directory that takes no new file, though writable by root (as os.access says): a traceback before.
+    ("/proc/scored.csv", "--out /proc/scored.csv: cannot write"),   # as root: its .partial file; else: in /proc
 ])
 def test_an_output_that_cannot_be_written_is_refused_before_scoring(model_dir, tmp_path, capsys, out, refusal):
     source = tmp_path / "headlines.csv"
@@ -130,6 +133,20 @@ def test_an_output_named_otherwise_takes_the_format_given(model_dir, tmp_path, c
     source.write_text("text\n" + "\n".join(HEADLINES[:2]) + "\n")
     assert score(model_dir, "--input", str(source), "--out", str(tmp_path / "scored.dat"), "--format", "csv") == 0
     assert list(csv.DictReader((tmp_path / "scored.dat").open()))[1]["text"] == HEADLINES[1]
+    # A .tsv is tab-separated (it was written with commas).
+    assert score(model_dir, "--input", str(source), "--out", str(tmp_path / "scored.tsv")) == 0
+    header, first, _ = (tmp_path / "scored.tsv").read_text().splitlines()
+    assert header.split("\t") == ["text", *score_files.PREDICTION_FIELDS] and first.startswith(HEADLINES[0] + "\t")
+
+
+def test_a_jsonl_text_field_its_first_object_lacks_is_refused_as_a_csv_column_is(model_dir, tmp_path, capsys):
+    """A wrong --text-field on a JSONL file wrote a file of errors and exited 0."""
+    source = tmp_path / "posts.jsonl"
+    source.write_text("\n" + json.dumps({"id": 1, "headline": HEADLINES[0]}) + "\n")
+    assert score(model_dir, "--input", str(source), "--out", str(tmp_path / "scored.jsonl")) == 2
+    assert (f"{source} has no 'text' field in its first object, line 2 (its fields: id, headline): name the one to "
+            f"score with --text-field") in capsys.readouterr().err
+    assert not (tmp_path / "scored.jsonl").exists() and not (tmp_path / "scored.jsonl.partial").exists()
 
 
 def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, tmp_path, capsys):
@@ -138,8 +155,9 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
     texts = [HEADLINES[1], "Rally", HEADLINES[4]]
     readings = read_texts(scorer, texts)
     source = tmp_path / "posts.jsonl"
-    source.write_text(json.dumps({"text": texts[0], "words": 7}) + "\n" + json.dumps({"text": texts[1]}) + "\n" +
-                      "{bad\n" + json.dumps({"text": texts[2]}) + "\n")   # a field of its own named "words"
+    # Fields of its own named as those explaining adds ("words_note" was overwritten, "other_fields" doubled).
+    source.write_text(json.dumps({"text": texts[0], "words": 7, "words_note": "mine", "other_fields": "x"}) + "\n" +
+                      json.dumps({"text": texts[1]}) + "\n" + "{bad\n" + json.dumps({"text": texts[2]}) + "\n")
     assert score(model_dir, "--input", str(source), "--explain") == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["error"] is None for r in rows] == [True, True, False, True]
@@ -153,7 +171,8 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
     assert score(model_dir, "--explain", long_text) == 0
     assert capsys.readouterr().out.splitlines()[2].strip() == ("not weighed: 90 words: longer than 80, so no word is "
                                                                 "weighed on its own")
-    assert rows[0]["input_words"] == 7
+    assert (rows[0]["input_words"], rows[0]["input_words_note"], rows[0]["input_other_fields"]) == (7, "mine", "x")
+    assert "words_note" not in rows[0]
     # A table and CSV name the strongest pushes, strongest first.
     strongest = sorted(readings[0].words, key=lambda p: -abs(p.sentiment))[:3]
     named = ", ".join(f"{p.word} {p.sentiment:+.2f}" for p in strongest)
@@ -161,8 +180,10 @@ def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, t
     assert capsys.readouterr().out.splitlines()[2].strip() == f"pushed by: {named}"
     assert score(model_dir, "--input", str(source), "--explain", "--format", "csv") == 0
     table = list(csv.DictReader(capsys.readouterr().out.splitlines()))
-    assert list(table[0]) == ["text", "input_words", *score_files.PREDICTION_FIELDS, "words", "other_fields"]
+    assert list(table[0]) == ["text", "input_words", "input_words_note", "input_other_fields",
+                              *score_files.PREDICTION_FIELDS, "words", "other_fields"]
     assert table[0]["words"].startswith(named) and table[0]["input_words"] == "7"
+    assert (table[0]["input_words_note"], table[0]["input_other_fields"], table[0]["other_fields"]) == ("mine", "x", "")
     assert table[1]["words"] == "(not weighed: a single word: nothing to weigh it against)"
 
 
