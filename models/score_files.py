@@ -73,7 +73,8 @@ def read_rows(handle: Iterable[str], input_format: str, text_field: str, name: s
             yield Row({"text": text}, text)
     elif input_format == "csv":
         header = next(handle, "")
-        reader = csv.DictReader(itertools.chain([header], handle), delimiter=csv_separator(header),
+        separator = csv_separator(header)
+        reader = csv.DictReader(itertools.chain([header], handle), delimiter=separator,
                                 restkey="extra_values")  # a row longer than the header
         if reader.fieldnames is None:
             return
@@ -81,15 +82,21 @@ def read_rows(handle: Iterable[str], input_format: str, text_field: str, name: s
         if text_field not in reader.fieldnames:
             raise ScoreInputError(f"{name} has no {text_field!r} column (its columns: {', '.join(reader.fieldnames)}):"
                                   f" name the one to score with --text-field")
+        last = reader.fieldnames[-1] == text_field
         for fields in reader:
-            extra = fields.get("extra_values")
+            extra = fields.pop("extra_values", None)
+            number = reader.line_num
             if extra:
-                number = reader.line_num
                 # Scored, the cut text would say something else than the whole (a comma in a headline, unquoted).
-                rest = ",".join(extra)
+                rest = separator.join(extra)
+                lost = (f"its rest ({rest[:80]!r}) would be left out" if last else
+                        "its fields no longer line up with the header's")
                 yield Row(fields, None, f"line {number} has {len(extra)} field(s) more than the header: an unquoted "
-                                        f"separator in the text? Its rest ({rest[:80]!r}) would be left out: quote "
-                                        f"the text")
+                                        f"separator in a field? Scored, {lost}: quote the field")
+                continue
+            if fields[text_field] is None:
+                yield Row({k: v for k, v in fields.items() if v is not None}, None,
+                          f"line {number} has fewer fields than the header: none for {text_field!r}")
                 continue
             yield Row(fields, fields[text_field])
     else:
@@ -281,6 +288,9 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
     if out_path:
         check_output_path(out_path, input_path, format_given)
     partial = Path(f"{out_path}.partial") if out_path else None
+    # A file of lines ends its lines at \n alone, as `wc -l` counts them: a stray \r (a CRLF file edited on Unix)
+    # made a row of its own. CSV and JSONL are read as the csv module asks, \r\n inside a quoted field kept.
+    newline = "\n" if input_format == "lines" else ""
     written = failed = 0
     with contextlib.ExitStack() as stack:
         if texts:
@@ -288,13 +298,13 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
         elif input_path in (None, "-"):
             source, name = sys.stdin, "standard input"
             if hasattr(sys.stdin, "buffer"):  # in ``encoding``, not the locale's
-                source = io.TextIOWrapper(sys.stdin.buffer, encoding=encoding, newline="")
+                source = io.TextIOWrapper(sys.stdin.buffer, encoding=encoding, newline=newline)
                 stack.callback(source.detach)  # leaves standard input itself open
         elif Path(input_path).suffix.lower() in SPREADSHEET_SUFFIXES:
             raise ScoreInputError(f"{input_path} is a spreadsheet: save it as CSV and score that")
         else:
             try:
-                source = stack.enter_context(open(input_path, newline="", encoding=encoding))
+                source = stack.enter_context(open(input_path, newline=newline, encoding=encoding))
             except OSError as exc:
                 raise ScoreInputError(f"cannot read {input_path}: {exc.strerror}") from None
             name = input_path
@@ -307,9 +317,13 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
             stack.callback(lambda: partial.unlink(missing_ok=True))  # left only by a failure: done, it is renamed
         else:
             sink = sys.stdout
-        rows = _decoded(read_rows(source, input_format, text_field, name), name, encoding)
-        first = next(rows, None)
-        columns = list(first.fields) if first is not None and first.fields else None  # a CSV's, a JSONL's first
+        rows = chunks(_decoded(read_rows(source, input_format, text_field, name), name, encoding))
+        first_chunk = next(rows, [])
+        # The columns: a CSV's header, a JSONL file's first object that could be read (a bad first line had every
+        # column of CSV output go to other_fields).
+        first = next((row for row in first_chunk if row.error is None and row.fields),
+                     next((row for row in first_chunk if row.fields), None))
+        columns = list(first.fields) if first is not None else None
         if input_format == "csv":
             text_field = titled_column(columns or [], text_field) or text_field
         tabs = bool(out_path) and Path(out_path).suffix.lower() == ".tsv"
@@ -320,7 +334,7 @@ def score_into(scorer, texts: Sequence[str], input_path: str | None, input_forma
         bar = stack.enter_context(tqdm(desc="scoring", unit=" texts", file=sys.stderr, disable=bool(texts),
                                        dynamic_ncols=True, leave=False, delay=2.0,
                                        mininterval=0.5 if interactive else 15.0))
-        for chunk in chunks(itertools.chain([first] if first is not None else [], rows)):
+        for chunk in itertools.chain([first_chunk] if first_chunk else [], rows):
             records = score_rows(scorer, chunk, explain)
             writer.write(records)
             written += len(records)

@@ -105,9 +105,18 @@ def test_a_csv_row_cut_by_an_unquoted_comma_is_not_scored_on_its_cut_text(model_
     assert score(model_dir, "--input", str(source), "--format", "csv") == 0
     cut, whole = csv.DictReader(capsys.readouterr().out.splitlines())
     assert cut["topic"] == "" and cut["error"] == (
-        "line 2 has 1 field(s) more than the header: an unquoted separator in the text? Its rest (' but shares jump "
-        "10% on buyback') would be left out: quote the text")
+        "line 2 has 1 field(s) more than the header: an unquoted separator in a field? Scored, its rest (' but shares "
+        "jump 10% on buyback') would be left out: quote the field")
     assert whole["error"] == "" and whole["topic"]
+    # The text in the middle: what is lost is not "the rest" (the last fields); a short row is said to be short (it
+    # was "not a text (NoneType)"); neither row carries the reader's own extra_values key.
+    source.write_text(f"id;text;source\n1;Oil slides; talks stall;wire\n2\n3;{HEADLINES[1]};wire\n")
+    assert score(model_dir, "--input", str(source)) == 0
+    shifted, short, fine = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert shifted["error"] == ("line 2 has 1 field(s) more than the header: an unquoted separator in a field? "
+                                "Scored, its fields no longer line up with the header's: quote the field")
+    assert short["error"] == "line 3 has fewer fields than the header: none for 'text'" and short["id"] == "2"
+    assert fine["error"] is None and "extra_values" not in shifted and "text" not in short
 
 
 @pytest.mark.parametrize("out, refusal", [
@@ -147,6 +156,13 @@ def test_a_jsonl_text_field_its_first_object_lacks_is_refused_as_a_csv_column_is
     assert (f"{source} has no 'text' field in its first object, line 2 (its fields: id, headline): name the one to "
             f"score with --text-field") in capsys.readouterr().err
     assert not (tmp_path / "scored.jsonl").exists() and not (tmp_path / "scored.jsonl.partial").exists()
+    # A first line that is not JSON: the CSV's columns are the first object's (every field went to other_fields).
+    source.write_text("{bad\n" + json.dumps({"id": 1, "text": HEADLINES[0], "src": "wire"}) + "\n")
+    assert score(model_dir, "--input", str(source), "--format", "csv") == 0
+    bad, good = csv.DictReader(capsys.readouterr().out.splitlines())
+    assert list(good) == ["id", "text", "src", *score_files.PREDICTION_FIELDS, "other_fields"]
+    assert (good["src"], good["other_fields"], bad["error"]) == ("wire", "", "line 1: not JSON (Expecting property "
+                                                                              "name enclosed in double quotes at column 2)")
 
 
 def test_explain_says_which_words_pushed_each_score_in_every_format(model_dir, tmp_path, capsys):
@@ -207,6 +223,17 @@ def test_a_file_is_scored_in_chunks_to_the_same_result(model_dir, tmp_path, caps
     chunked = capsys.readouterr().out
     assert chunked == whole and len(whole.splitlines()) == 25
     assert [json.loads(line)["text"] for line in chunked.splitlines()] == source.read_text().splitlines()
+
+
+def test_a_file_of_lines_gives_a_row_for_each_line_as_wc_counts_them(model_dir, tmp_path, capsys):
+    """A CRLF file whose lines a Unix editor ended again (\\r\\r\\n), or a stray \\r inside one: a \\r alone made a row
+    of its own, so row N was no longer line N."""
+    source = tmp_path / "lines.txt"
+    source.write_bytes(f"{HEADLINES[0]}\r\r\n{HEADLINES[1]}\r\nOil\rslides\n{HEADLINES[2]}\n".encode())
+    assert score(model_dir, "--input", str(source)) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == source.read_bytes().count(b"\n") == 4
+    assert [r["text"] for r in rows] == [HEADLINES[0], HEADLINES[1], "Oil\rslides", HEADLINES[2]]
 
 
 def test_a_spreadsheets_titled_text_column_is_the_one_scored(model_dir, expected, tmp_path, capsys):
