@@ -124,8 +124,12 @@ def format_report(name: str, report: dict[str, Any]) -> str:
         lines[0] += (f"  mean confidence={report['mean_confidence']:.4f}  ECE={report['ece']:.4f}  "
                      f"NLL={report['nll']:.4f}")
     width = max(len(label) for label in labels)
-    for label in labels:
+    predicted = [sum(column) for column in zip(*report["confusion_matrix"])]
+    for label, times_predicted in zip(labels, predicted):
         c = report["per_class"][label]
+        if not c["support"] and not times_predicted:    # 0.000 read as a failure; macro-F1 leaves it out
+            lines.append(f"  {label:<{width}}  -         (neither in these rows nor predicted)")
+            continue
         lines.append(f"  {label:<{width}}  F1 {c['f1']:.3f}  P {c['precision']:.3f}  R {c['recall']:.3f}  n={c['support']}")
     lines.append("  confusion (rows true, columns predicted, in the order above):")
     cell = max(3, len(str(max(max(r) for r in report["confusion_matrix"]))))

@@ -741,6 +741,9 @@ def test_a_row_without_a_prediction_is_wrong_and_no_class_is_predicted_for_it():
     assert report["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
     assert report["unscored_by_class"] == {"a": 1}
     assert "  1 row(s) could not be scored: counted wrong, outside the matrix (a 1)" in format_report("x", report)
+    # A class neither in the rows nor predicted is not shown as an F1 of 0.000 (macro-F1 leaves it out).
+    absent = format_report("x", head_report(np.array([0, 1]), np.array([0, 1]), ["a", "b", "c"]))
+    assert "  c  -         (neither in these rows nor predicted)" in absent and "  b  F1 1.000" in absent
     # The bootstrap scores such a row alike.
     rng = np.random.default_rng(3)
     truth = rng.integers(0, 3, 200)
