@@ -378,7 +378,8 @@ def test_load_scorer_returns_the_model_scorer_with_its_version(tiny_model_dir, t
     with pytest.raises(NotAModelDir):
         load_scorer("model", model_dir=str(tmp_path))
     # Where none is found, the message names where it looked (a relative models root is the current directory's).
-    with pytest.raises(FileNotFoundError, match=f"no trained FinPulse model in {tmp_path}: run `finpulse train`"):
+    missing = re.escape(f"no trained FinPulse model in {tmp_path}: run `finpulse train`")
+    with pytest.raises(FileNotFoundError, match=missing):
         load_scorer("model", models_root=str(tmp_path))
 
 
