@@ -45,12 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--preview", metavar="NAME", help="print what endpoint NAME would be sent for an example episode "
                                                         "(firing, escalation, resolve; a group too when it groups), in "
                                                         "its format, template included, and exit; sends nothing")
-    mode.add_argument("--test", metavar="NAME", help="send endpoint NAME a test alert for real (its firing, then its "
-                                                     "resolve), as a delivery would send it, and print what it "
-                                                     "answered; exit 1 if it did not take both. Kafka is not needed "
+    mode.add_argument("--test", metavar="NAME", help="send endpoint NAME a test alert for real (its firing, an "
+                                                     "escalation where the endpoint updates the incident it opened, "
+                                                     "then its resolve), as a delivery would send it, and print what "
+                                                     "it answered; exit 1 unless it took each. Kafka is not needed "
                                                      "and nothing is recorded")
     p.add_argument("--resolve-after", type=float, default=5.0, metavar="SECONDS",
-                   help="with --test: wait this long between the firing and the resolve (default 5)")
+                   help="with --test: wait this long before each request after the firing (default 5)")
     mode.add_argument("--fields", action="store_true", help="list the {fields} a template endpoint's template and "
                                                             "group_template may name, and exit")
     mode.add_argument("--status", action="store_true", help="print the delivery states on the deliveries topic and exit")

@@ -355,9 +355,11 @@ def redelivery_plan(states: Iterable[DeliveryState], horizons: Mapping[str, floa
         if state.endpoint not in horizons:
             skipped.append((state, "the endpoint is not configured"))
         elif state.alert_status == "firing" and resolve is not None and resolve.state == DELIVERED:
-            skipped.append((state, "its resolve was delivered already (sending the firing now would reopen it)"))
+            skipped.append((state, f"its resolve was delivered already (sending the {alert.event_kind} now would "
+                                   f"reopen it, or update what the endpoint saw closed)"))
         elif state.alert_status == "firing" and resolve is not None and resolve.state == EXPIRED:
-            skipped.append((state, "its resolve expired (sent now, the firing would open an incident nothing closes)"))
+            skipped.append((state, f"its resolve expired (sent now, the {alert.event_kind} would open an incident "
+                                   f"nothing closes)"))
         elif state.alert_status == "firing" and overtaken_by:
             skipped.append((state, f"an escalation to {overtaken_by[-1]} was delivered already (sending this now "
                                    "would lower the incident's severity)"))

@@ -476,7 +476,8 @@ class Dispatcher:
         else:
             # The replay endpoint is the test sink of replays: live alerts there would mix with a backtest's.
             candidates = [e for e in self.endpoints.values() if e.name != self.options.replay_endpoint]
-        return route(alert, candidates, lambda e: bool(self._given(alert, e.name)))
+        return route(alert, candidates, lambda e: bool(self._given(alert, e.name)),
+                     lambda e: any(s.state in (PENDING, DELIVERED) for s in self._given(alert, e.name)))
 
     def _given(self, alert: AlertRecord, endpoint: str) -> list[DeliveryState]:
         """The deliveries of the firing and escalations of ``alert``'s episode to ``endpoint`` taken on so far (in
@@ -890,30 +891,35 @@ class Dispatcher:
         # What this endpoint was sent of the episode before this event: a resolve follows all of it, a firing or an
         # escalation only the lower severities. An expired or silenced delivery was never sent.
         given = self._given(alert, endpoint.name)
-        before = tuple(dict.fromkeys(
-            s.alert_severity for s in given if s.state not in (EXPIRED, SILENCED)
-            and (alert.status == "resolved" or severity_rank(s.alert_severity) < severity_rank(alert.severity))))
+        earlier = [s for s in given if alert.status == "resolved"
+                   or severity_rank(s.alert_severity) < severity_rank(alert.severity)]
+        before = tuple(dict.fromkeys(s.alert_severity for s in earlier if s.state not in (EXPIRED, SILENCED)))
+        # An update goes where an earlier event was delivered: a refused firing opened nothing to update.
+        update = endpoint.updates(alert, any(s.state == DELIVERED for s in earlier))
         return DeliveryContext(
             webhook_id=state.webhook_id, event_id=state.event_id, endpoint=endpoint.name, attempt=state.attempts + 1,
             sent_at=format_time(utcnow()), dashboard_url=self.options.dashboard_url,
             routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
-            sent_severities=before,
-            template=body_template(endpoint.settings, alert, endpoint.updates(alert, before)),
+            sent_severities=before, update=update, template=body_template(endpoint.settings, alert, update),
             # What the endpoint opened for the episode: the first event it was given (the firing, or the escalation
             # that reached its min_severity) named it; later escalations update it there, or are not sent.
             incident_id=next((s.incident_id for s in given if s.incident_id), ""))
 
 
-def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpoint], bool]) -> list[Endpoint]:
+def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpoint], bool],
+          may_be_open: Callable[[Endpoint], bool] | None = None) -> list[Endpoint]:
     """Which of ``candidates`` take ``alert`` on; ``given(endpoint)`` says whether the endpoint was given a firing or
-    an escalation of the alert's episode already (see the module docstring).
+    an escalation of the alert's episode already (see the module docstring), ``may_be_open(endpoint)`` whether one
+    of them was delivered there or is on its way (default: ``given``).
 
     A resolve whose episode reached none of them (its firing came before they were configured) goes to those whose
     filters accept it, as a firing would, but for endpoints that open incidents: they opened nothing to close. Such
     an endpoint (``incident_id_from``) opens one incident an episode, with the first event it is given (the firing,
     or the escalation that reaches its ``min_severity``): a later escalation, POSTed again, would open a second one
-    that nothing closes, so it goes only where it is sent as an update of the open one (``update_template``). An
+    that nothing closes, so it goes only where it is sent as an update of the open one (``update_template``), or
+    where nothing of the episode may have opened one (every event of it refused, silenced or expired there). An
     endpoint whose ``events`` leave out this kind of event takes none."""
+    may_be_open = may_be_open or given
     if alert.status == "resolved":
         went_to = [e for e in candidates if given(e)]
         if went_to:
@@ -921,7 +927,7 @@ def route(alert: AlertRecord, candidates: list[Endpoint], given: Callable[[Endpo
         return [e for e in candidates if e.accepts(alert) and e.wants(alert) and not e.opens_incidents]
     if alert.escalated_from:
         return [e for e in candidates if (e.accepts(alert) or given(e)) and e.wants(alert)
-                and not (e.opens_incidents and given(e) and not e.sends_updates)]
+                and not (e.opens_incidents and may_be_open(e) and not e.sends_updates)]
     return [e for e in candidates if e.accepts(alert) and e.wants(alert)]
 
 
@@ -1077,11 +1083,20 @@ def _print_status(settings: Settings, names: TopicNames) -> int:
         if not state.terminal or state.state in (FAILED, EXPIRED):
             requeued_note = f"  re-queued {state.requeues}x, last {format_time(state.requeued_at)}" if state.requeues else ""
             grouped = f"  ({len(state.members)} events, group {state.group_label})" if state.is_group else ""
-            incident = _incident_of(state, states)
-            opened = f"  incident {incident}" if incident else ""
+            opened = _incident_note(state, states)
             print(f"  {state.state:<9} {state.key}{grouped}{opened}  attempts={state.attempts}{requeued_note}  "
                   f"{state.last_error}")
     return 0
+
+
+def _incident_note(state: DeliveryState, states: dict[str, DeliveryState]) -> str:
+    """What ``--status`` says of the incident beside a delivery: the one its episode opened at the endpoint, and
+    whether this delivery was an update of it (an escalation that another event's incident was open for)."""
+    incident = _incident_of(state, states)
+    if not incident:
+        return ""
+    update = not state.is_group and state.alert_record.event_kind == "escalation" and state.incident_id != incident
+    return f"  {'update of ' if update else ''}incident {incident}"
 
 
 def _incident_of(state: DeliveryState, states: dict[str, DeliveryState]) -> str:
@@ -1113,11 +1128,12 @@ async def redeliver_failed(settings: Settings, names: TopicNames, endpoint: str 
         await log_.catch_up()
         chosen, skipped = redelivery_plan(log_.states.values(), horizons, endpoint, alert_id)
         for state, why in skipped:
-            out(f"left failed  {state.endpoint}  {state.alert_id} ({state.alert_status}): {why}")
+            out(f"left failed  {state.endpoint}  {state.alert_id} ({state.alert_record.event_kind}): {why}")
         for state in chosen:
             if not dry_run:
                 done.append(await log_.save(requeued(state, horizons[state.endpoint])))
-            out(f"{'would re-queue' if dry_run else 're-queued'}  {state.endpoint}  {state.alert_id} ({state.alert_status})")
+            out(f"{'would re-queue' if dry_run else 're-queued'}  {state.endpoint}  {state.alert_id} "
+                f"({state.alert_record.event_kind})")
     finally:
         await log_.stop()
     if not chosen:

@@ -35,7 +35,8 @@ webhooks off private networks (SSRF), and ``--check``'s look at each endpoint (`
                                                 # as an update with this body, e.g. { urgency = "1" }
     update_url = ""                             # where the update goes (default: resolve_url), e.g.
                                                 # ".../issue/{incident_id}/comment"
-    update_method = "POST"                      # POST | PUT | PATCH for an update
+    update_method = ""                          # POST | PUT | PATCH for an update (default: resolve_method when
+                                                # it goes to resolve_url, else POST)
     secret_env = "FINPULSE_WEBHOOK_SECRET"      # env var(s) holding whsec_ secrets; several keys = rotation
     routing_key_env = ""                        # PagerDuty: env var holding the integration's routing key
     allow_private = false                       # true: may target private/loopback/link-local addresses
@@ -150,7 +151,7 @@ class EndpointSettings:
     resolve_method: str = "POST"
     update_template: Any = None    # with incident_id_from: the body of an escalation sent to the open incident
     update_url: str = ""           # a URL template, where that update goes (default: resolve_url)
-    update_method: str = "POST"
+    update_method: str = ""        # POST, PUT or PATCH; default: resolve_method to resolve_url, else POST
 
 
 @dataclass
@@ -378,9 +379,9 @@ def _check_templates(ep: EndpointSettings, where: str) -> None:
     """A template endpoint has its body template(s), parsed and checked here once; no other endpoint has any."""
     ep.resolve_method, ep.update_method = str(ep.resolve_method).upper(), str(ep.update_method).upper()
     given = [name for name in ("template", "group_template", "resolve_url", "resolve_url_env", "resolve_template",
-                               "incident_id_from", "update_template", "update_url")
+                               "incident_id_from", "update_template", "update_url", "update_method")
              if getattr(ep, name) not in (None, "", {})]
-    given += [name for name in ("resolve_method", "update_method") if getattr(ep, name) != "POST"]
+    given += ["resolve_method"] * (ep.resolve_method != "POST")
     if "update_template" not in given:
         ep.update_template = None    # an empty one is none: escalations of an open incident are not sent
     if ep.format != "template":
@@ -453,9 +454,15 @@ def _check_update(ep: EndpointSettings, given: list[str], where: str) -> None:
     if "update_template" not in named:
         raise ConfigError(f"{where}: {' and '.join(named)} without update_template, the update's body: set it (e.g. "
                           f"update_template = {{ urgency = \"{{severity|map:critical=1,*=2}}\" }})")
-    if ep.update_method not in REQUEST_METHODS:
+    if ep.update_method and ep.update_method not in REQUEST_METHODS:
         raise ConfigError(f"{where}: update_method must be one of {', '.join(REQUEST_METHODS)}, not "
                           f"{ep.update_method!r}")
+    # To the incident's own URL, by default as its resolve goes there (ServiceNow's PATCH); elsewhere, POST.
+    ep.update_method = ep.update_method or ("POST" if ep.update_url else ep.resolve_method)
+    if ep.min_severity == SEVERITIES[-1]:
+        raise ConfigError(f"{where}: update_template is sent when an open incident escalates, and with min_severity = "
+                          f"\"{ep.min_severity}\" the escalation that opens it is the highest: nothing is ever "
+                          f"updated; remove it (or lower min_severity)")
     if ep.events and "escalation" not in ep.events:
         raise ConfigError(f"{where}: update_template is sent for escalations, and events = {ep.events} takes none; "
                           f"add \"escalation\" to events or remove it")
@@ -463,7 +470,8 @@ def _check_update(ep: EndpointSettings, given: list[str], where: str) -> None:
                                         TEMPLATE_FIELD_VALUES)
     if ep.update_url:
         check_url(ep.update_url, ep.allow_private, f"{where} update_url")
-        check_no_secrets_in(ep.update_url, "update_url", where)
+        check_no_secrets_in(ep.update_url, "update_url", where, "updates to a URL that carries a secret go to the "
+                            "resolve's: put that URL in resolve_url_env and leave update_url out")
         check_url_template(ep.update_url, TEMPLATE_FIELDS, f"{where} update_url", TEMPLATE_FIELD_VALUES)
         if ep.url:
             check_same_origin(ep.url, ep.update_url, where, "update_url")
@@ -516,12 +524,13 @@ def check_same_origin(url: str, other_url: str, where: str, setting: str = "reso
                           f"not {redact_url(other_url)}")
 
 
-def updates_incident(settings: EndpointSettings, alert, sent_severities: tuple[str, ...]) -> bool:
+def updates_incident(settings: EndpointSettings, alert, opened: bool) -> bool:
     """Whether ``alert`` goes as an update of the incident an endpoint with these settings opened for its episode:
-    an escalation, where an earlier event of the episode was sent (``sent_severities``), to an endpoint with an
-    ``update_template``. The escalation that first reaches the endpoint's ``min_severity`` opens the incident."""
+    an escalation, where an earlier event of the episode was delivered (``opened``), to an endpoint with an
+    ``update_template``. Where none was (below ``min_severity``, refused, silenced, expired), the escalation opens
+    the incident."""
     return (settings.update_template is not None and alert.status == "firing" and bool(alert.escalated_from)
-            and bool(sent_severities))
+            and opened)
 
 
 def check_url(url: str, allow_private: bool, where: str) -> None:
@@ -546,17 +555,19 @@ def check_url(url: str, allow_private: bool, where: str) -> None:
 _SECRET_PARAM = re.compile(rf"^(key|sig|signature|code)$|{SECRET_NAME.pattern}", re.IGNORECASE)
 
 
-def check_no_secrets_in(url: str, setting: str, where: str) -> None:
-    """A URL written in the config (``url``, ``resolve_url``) holds no credentials and no literal value of a query
-    parameter named like a secret: those go in the environment (``url_env``, ``resolve_url_env``)."""
+def check_no_secrets_in(url: str, setting: str, where: str, instead: str = "") -> None:
+    """A URL written in the config (``url``, ``resolve_url``, ``update_url``) holds no credentials and no literal
+    value of a query parameter named like a secret: those go in the environment (``url_env``, ``resolve_url_env``;
+    ``instead`` says where when the setting has no ``_env`` of its own)."""
     parts = urlsplit(url)
     named = [name for name, value in parse_qsl(parts.query, keep_blank_values=True)
              if _SECRET_PARAM.search(name) and value and "{" not in value]
     what = ("credentials (user:password@)" if parts.username or parts.password else
             f"a secret in its query ({', '.join(named)}=)" if named else "")
     if what:
+        instead = instead or f"put the URL in an environment variable and name that in {setting}_env"
         raise ConfigError(f"{where}: {setting} carries {what}, so it is a secret and never a value in the config: "
-                          f"put the URL in an environment variable and name that in {setting}_env (value not shown)")
+                          f"{instead} (value not shown)")
 
 
 def redact_url(url: str) -> str:
@@ -662,7 +673,7 @@ class Endpoint:
         resolve's ``resolve_url`` or an update's ``update_url`` filled with its fields, when the endpoint has one;
         None: its url. ValueError for a resolve or an update of an endpoint that opens incidents when no incident id
         is known: it has nowhere to go."""
-        updating = self.updates(alert, ctx.sent_severities)
+        updating = ctx.update
         if (alert.status == "resolved" or updating) and self.opens_incidents and not ctx.incident_id:
             # Sent without it, a resolve would update the collection (PATCH .../incident/) or nothing at all.
             what, act = ("resolve", "close") if alert.status == "resolved" else ("update", "update")
@@ -672,15 +683,14 @@ class Endpoint:
         goes_to = self.update_url if updating else self.resolve_url if alert.status == "resolved" else None
         return None if goes_to is None else fill_url(goes_to.reveal(), template_fields(alert, ctx))
 
-    def updates(self, alert, sent_severities: tuple[str, ...]) -> bool:
-        """Whether ``alert`` goes as an update of the incident this endpoint opened for its episode (see
-        ``updates_incident``)."""
-        return updates_incident(self.settings, alert, sent_severities)
+    def updates(self, alert, opened: bool) -> bool:
+        """Whether ``alert`` goes as an update of the incident this endpoint opened for its episode, ``opened``
+        saying whether an earlier event of it was delivered here (see ``updates_incident``)."""
+        return updates_incident(self.settings, alert, opened)
 
     def opens_incident_with(self, alert, ctx) -> bool:
         """Whether ``alert``, sent under ``ctx``, opens the incident of its episode here: the answer names it."""
-        return (self.opens_incidents and alert.status == "firing"
-                and not self.updates(alert, ctx.sent_severities))
+        return self.opens_incidents and alert.status == "firing" and not ctx.update
 
     @property
     def sends_updates(self) -> bool:
@@ -697,7 +707,7 @@ class Endpoint:
         resolve, its ``update_method`` for an update, else POST."""
         if alert.status == "resolved":
             return self.settings.resolve_method
-        return self.settings.update_method if self.updates(alert, ctx.sent_severities) else "POST"
+        return self.settings.update_method if ctx.update else "POST"
 
     def incident_id_in(self, answer: bytes) -> str:
         """The id at ``incident_id_from`` in the answer to a firing, as text; "" where there is none."""

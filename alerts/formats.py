@@ -78,6 +78,7 @@ class DeliveryContext:
     sent_severities: tuple[str, ...] = ()
     template: Any = None           # the template format's body template (checked when the config was loaded)
     incident_id: str = ""          # what the endpoint answered the episode's firing with, at its incident_id_from
+    update: bool = False           # an escalation sent as an update of the incident the episode opened there
 
 
 @dataclass(frozen=True)

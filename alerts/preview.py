@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 from stream.config import ConfigError
-from stream.records import AlertRecord, format_time, utcnow
+from stream.records import SEVERITIES, AlertRecord, format_time, severity_rank, utcnow
 
 from .endpoints import AlertDeliveryConfig, EndpointSettings, updates_incident
 from .formats import (GROUP_TEMPLATE_FIELDS, TEMPLATE_FIELDS, DeliveryContext, GroupContext, body_template, render,
@@ -56,15 +56,22 @@ def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
     if endpoint is None:
         raise ConfigError(f"no endpoint named {name!r} (endpoints: {', '.join(e.name for e in config.endpoints) or 'none'})")
     sent_at = format_time(utcnow())
-    contexts = []
-    # What the endpoint was sent of the episode before each event: nothing, the warning firing, then both.
-    for n, (alert, sent_before) in enumerate(zip(example_episode(), ((), ("warning",), ("warning", "critical")))):
-        contexts.append((alert, DeliveryContext(
+    contexts, parts, sent = [], [], []
+    # Each event as the endpoint would be sent it after those sent before it (a firing below its min_severity is not).
+    for n, alert in enumerate(example_episode()):
+        update = updates_incident(endpoint, alert, bool(sent))
+        ctx = DeliveryContext(
             webhook_id=f"msg_example{n}", event_id=alert.event_id, endpoint=name, sent_at=sent_at,
-            dashboard_url=dashboard_url, routing_key="***",
-            template=body_template(endpoint, alert, updates_incident(endpoint, alert, sent_before)),
-            sent_severities=sent_before, incident_id=EXAMPLE_INCIDENT_ID if n and endpoint.incident_id_from else "")))
-    parts = [_shown_event(endpoint, alert, ctx) for alert, ctx in contexts]
+            dashboard_url=dashboard_url, routing_key="***", template=body_template(endpoint, alert, update),
+            sent_severities=tuple(a.severity for a in sent), update=update,
+            incident_id=EXAMPLE_INCIDENT_ID if sent and endpoint.incident_id_from else "")
+        why_not = _not_sent(endpoint, alert, bool(sent))
+        parts.append(f"# {alert.event_kind}: not sent ({why_not})" if why_not else
+                     f"# {alert.event_kind}{_elsewhere(endpoint, alert, ctx)}\n"
+                     f"{_pretty(render(endpoint.format, alert, ctx))}")
+        if not why_not:
+            contexts.append((alert, ctx))
+            sent.append(alert)
     policy = GroupPolicy.of(endpoint)
     if policy is not None:
         groups: dict[str, list] = {}
@@ -81,20 +88,25 @@ def preview(config: AlertDeliveryConfig, name: str, dashboard_url: str) -> str:
         "\n".join(parts)
 
 
-def _shown_event(endpoint: EndpointSettings, alert: AlertRecord, ctx: DeliveryContext) -> str:
-    """One event of the example episode as the endpoint would be sent it, or why it would not be."""
+def _not_sent(endpoint: EndpointSettings, alert: AlertRecord, sent_before: bool) -> str:
+    """Why the endpoint would not be sent this event of the example episode, after what it was sent before; "" if
+    it would."""
     if endpoint.events and alert.event_kind not in endpoint.events:
-        return f"# {alert.event_kind}: not sent (events = {endpoint.events})"
-    if alert.escalated_from and endpoint.incident_id_from and endpoint.update_template is None:
-        return (f"# {alert.event_kind}: not sent, its incident being open (one incident an episode: an escalation "
-                f"opens it only when the firing was below min_severity; update_template sends it as an update)")
-    return f"# {alert.event_kind}{_elsewhere(endpoint, alert, ctx)}\n{_pretty(render(endpoint.format, alert, ctx))}"
+        return f"events = {endpoint.events}"
+    if alert.status == "firing" and severity_rank(alert.severity) < SEVERITIES.index(endpoint.min_severity):
+        return f"below min_severity = {endpoint.min_severity}; an escalation that reaches it is"
+    if alert.status == "resolved" and not sent_before and endpoint.incident_id_from:
+        return "nothing of its episode opened an incident here"
+    if alert.escalated_from and sent_before and endpoint.incident_id_from and endpoint.update_template is None:
+        return ("its incident is open: one incident an episode, and without update_template an escalation is not sent "
+                "as an update of it")
+    return ""
 
 
 def _elsewhere(endpoint: EndpointSettings, alert: AlertRecord, ctx: DeliveryContext) -> str:
     """Where a resolve or an update goes when it does not go to the endpoint's url (a secret URL is named, not
     shown)."""
-    if updates_incident(endpoint, alert, ctx.sent_severities):
+    if ctx.update:
         prefix, method, url = ", an update of the incident", endpoint.update_method, endpoint.update_url
     elif alert.status == "resolved":
         prefix, method, url = "", endpoint.resolve_method, ""

@@ -63,23 +63,28 @@ async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: fl
         f"{endpoint.display_url}): {', '.join(a.event_kind for a in episode) or 'nothing: its events take neither'}")
     sender = WebhookSender()
     sender.open()
-    failed, incident_id = 0, ""
+    failed, incident_id, delivered = 0, "", []
     try:
         for n, alert in enumerate(episode):
-            if alert.status == "resolved" and n and not failed and resolve_after_s > 0:   # nothing opened: go on
-                out(f"  resolving in {resolve_after_s:g} s (the tool may need a moment to open what it was sent)")
+            if n and not failed and resolve_after_s > 0:   # nothing opened: go on
+                doing = "resolving" if alert.status == "resolved" else "updating"
+                out(f"  {doing} in {resolve_after_s:g} s (the tool may need a moment to open what it was sent)")
                 try:
                     await asyncio.sleep(resolve_after_s)
                 except asyncio.CancelledError:   # Ctrl-C
-                    out(f"  stopped before the resolve: test alert {alert.id} stays open at {name!r} if it opened "
-                        f"there; close it there")
+                    out(f"  stopped before the {alert.event_kind}: test alert {alert.id} stays open at {name!r} if it "
+                        f"opened there; close it there")
                     raise
-            sent_before = tuple(a.severity for a in episode[:n])
+            # As a delivery would be sent after these: an update only of what was opened.
+            sent = tuple(a.severity for a in delivered) or ((alert.severity,) if alert.status == "resolved" else ())
+            update = endpoint.updates(alert, bool(delivered))
             outcome, webhook_id = await _send(sender, endpoint, alert, config.options.dashboard_url, incident_id,
-                                              sent_before)
+                                              sent, update)
+            if outcome.ok:
+                delivered.append(alert)
             failed += not outcome.ok
             incident_id = incident_id or outcome.incident_id
-            opened = endpoint.opens_incidents and not n        # the firing: later ones update or close it
+            opened = endpoint.opens_incidents and alert.status == "firing" and not update
             named = (f", incident {outcome.incident_id}" if outcome.incident_id else
                      f", but nothing at {settings.incident_id_from} in its answer" if outcome.ok and opened else "")
             out(f"  {alert.event_kind:<9} {_said(outcome)}{named} (webhook-id {webhook_id})")
@@ -92,15 +97,14 @@ async def send_trial(config: AlertDeliveryConfig, name: str, resolve_after_s: fl
 
 
 async def _send(sender: WebhookSender, endpoint: Endpoint, alert: AlertRecord, dashboard_url: str,
-                incident_id: str, sent_before: tuple[str, ...]) -> tuple[Outcome, str]:
+                incident_id: str, sent_before: tuple[str, ...], update: bool) -> tuple[Outcome, str]:
     webhook_id = f"msg_{alert.id.replace('-', '_')}_{alert.event_kind}"
     sent_at = format_time(utcnow())
     ctx = DeliveryContext(webhook_id=webhook_id, event_id=alert.event_id, endpoint=endpoint.name, sent_at=sent_at,
                           dashboard_url=dashboard_url,
                           routing_key=endpoint.routing_key.reveal() if endpoint.routing_key else "",
-                          sent_severities=sent_before,
-                          template=body_template(endpoint.settings, alert, endpoint.updates(alert, sent_before)),
-                          incident_id=incident_id)
+                          sent_severities=sent_before, update=update,
+                          template=body_template(endpoint.settings, alert, update), incident_id=incident_id)
     try:
         url = endpoint.url_for(alert, ctx) if endpoint.grouping is None else None
     except ValueError as exc:   # a resolve or an update with no incident named: a delivery records the same

@@ -391,6 +391,24 @@ def test_route_sends_an_escalation_to_whoever_was_given_the_episode_even_if_its_
     assert route(rates, [desk, pager], given=lambda e: False) == [desk, pager]
 
 
+def test_an_escalation_goes_where_an_incident_may_be_open_only_as_an_update_and_opens_one_where_none_can_be():
+    """An endpoint that opens incidents: where its firing was delivered or is on its way, the escalation goes only as
+    an update; where every earlier event was refused, silenced or expired, nothing is open and the escalation opens
+    the incident (it was dropped, and the episode never reached the tool)."""
+    def incident_endpoint(name: str, **update):
+        return Endpoint(load_delivery_config(Settings(raw={"alerts": {"endpoints": [
+            {"name": name, "url": "https://snow.example.com/api/incident", "format": "template",
+             "template": {"d": "{title}"}, "incident_id_from": "/id",
+             "resolve_url": "https://snow.example.com/api/incident/{incident_id}", **update}]}})).endpoints[0],
+            environ={})
+    plain, updating = incident_endpoint("plain"), incident_endpoint("updating", update_template={"urgency": "1"})
+    escalation = make_alert("firing", id="u1", severity="critical", escalated_from="warning")
+    both = [plain, updating]
+    assert route(escalation, both, given=lambda e: True, may_be_open=lambda e: True) == [updating]
+    assert route(escalation, both, given=lambda e: True, may_be_open=lambda e: False) == both
+    assert route(escalation, both, given=lambda e: False, may_be_open=lambda e: False) == both
+
+
 def test_route_gives_an_endpoint_only_the_kinds_of_event_it_takes(monkeypatch):
     """``events``: a ticketing tool that opens a ticket per request takes firings only; a resolve still never goes to
     an endpoint that saw nothing of its episode because the one that did takes no resolves."""
@@ -641,12 +659,18 @@ def test_redelivery_plan_requeues_failed_only():
               # g escalated to critical, which reached desk: its failed info firing stays failed; h's escalation
               # to warning failed while its critical one is still failed too: both go, in order.
               state("g", "firing", "desk", FAILED), state("g", "firing:critical", "desk", DELIVERED, 1),
-              state("h", "firing:warning", "desk", FAILED, 1), state("h", "firing:critical", "desk", FAILED, 2)]
+              state("h", "firing:warning", "desk", FAILED, 1), state("h", "firing:critical", "desk", FAILED, 2),
+              # i's escalation (an update of its incident) failed, and its resolve closed the incident since.
+              state("i", "firing", "desk", DELIVERED), state("i", "firing:critical", "desk", FAILED, 1),
+              state("i", "resolved", "desk", DELIVERED, 2)]
     horizons = {"desk": 30.0, "ops": 30.0, "pd": 30.0}
     chosen, skipped = redelivery_plan(states, horizons)
     assert [s.key for s in chosen] == ["a:firing|desk", "a:resolved|desk", "b:firing|desk",
                                        "h:firing:warning|desk", "h:firing:critical|desk"]
-    assert {s.key: why for s, why in skipped} == {"c:firing|pd": "its resolve was delivered already (sending the firing now would reopen it)",
+    closed = ("its resolve was delivered already (sending the {} now would reopen it, or update what the endpoint "
+              "saw closed)")
+    assert {s.key: why for s, why in skipped} == {"c:firing|pd": closed.format("firing"),
+                                                  "i:firing:critical|desk": closed.format("escalation"),
                                                   "d:firing|gone": "the endpoint is not configured",
                                                   "f:firing|desk": "its resolve expired (sent now, the firing would open an incident nothing closes)",
                                                   "g:firing|desk": "an escalation to critical was delivered already "

@@ -241,7 +241,11 @@ def test_a_group_template_lists_every_event_most_severe_first():
           update_template={"urgency": "{severty}"}), "update_template: {severty} is not"),
     (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_url="https://chat.example.com/incident/{incident_id}",
           update_template={"urgency": "1"}, update_url="https://chat.example.com/i/{incident_id}?token=LITERALTOKEN"),
-     "update_url carries a secret in its query (token=)"),
+     "update_url carries a secret in its query (token=), so it is a secret and never a value in the config: updates "
+     "to a URL that carries a secret go to the resolve's: put that URL in resolve_url_env and leave update_url out"),
+    (dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_url="https://chat.example.com/incident/{incident_id}",
+          update_template={"urgency": "1"}, min_severity="critical"),
+     "with min_severity = \"critical\" the escalation that opens it is the highest: nothing is ever updated"),
 ])
 def test_the_config_refuses_a_template_that_cannot_work(endpoint, refusal):
     with pytest.raises(ConfigError) as caught:
@@ -377,6 +381,16 @@ def test_a_resolve_goes_to_its_resolve_url_with_its_own_body_over_http(fp_settin
     assert targets[webhook_id(delivery_key(resolved.event_id, "og-env"))] == "/env/og/close"
 
 
+def test_an_update_goes_to_the_incident_as_its_resolve_does_unless_told_otherwise():
+    """ServiceNow's resolve PATCHes the incident; an update to the same URL without update_method was a POST there."""
+    same = dict(template=GOOGLE_CHAT, incident_id_from="/id", resolve_method="PATCH",
+                resolve_url="https://chat.example.com/incident/{incident_id}", update_template={"urgency": "1"})
+    assert endpoint_config(**same).update_method == "PATCH"
+    assert endpoint_config(**same, update_method="put").update_method == "PUT"
+    assert endpoint_config(**same, update_url="https://chat.example.com/incident/{incident_id}/notes").update_method \
+        == "POST"
+
+
 def test_a_json_pointer_reads_the_id_a_tool_answered_with():
     answer = {"result": {"sys_id": "9d3", "a/b": {"~x": 7}}, "list": [{"key": "RISK-12"}], "flag": True}
     assert at_json_pointer(answer, "/result/sys_id") == "9d3"
@@ -403,7 +417,21 @@ def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_set
     resolve fails at once, saying why, and sends nothing."""
     from tests.test_delivery import produce, serve_and_dispatch
 
-    receiver = signed_receiver(monkeypatch, "T_SNOW_SECRET")
+    from aiohttp import web
+
+    class RefusesAFirstRequest(Receiver):
+        """As a tool refuses a body it cannot take (a field too long): the first request to /refused, with 400."""
+        refused = False
+
+        def _answer(self, request, body):
+            if request.path == "/refused" and not self.refused:
+                self.refused = True
+                return web.json_response({"error": "short_description: too long"}, status=400)
+            return super()._answer(request, body)
+
+    secret = generate_secret()
+    monkeypatch.setenv("T_SNOW_SECRET", secret)
+    receiver = RefusesAFirstRequest(ReceiverOptions(secrets=[secret], quiet=True))
     firing, escalation, resolved = escalating_episode("sn")
     produce(fp_settings, topics.alerts, [firing, escalation, resolved])
 
@@ -425,12 +453,15 @@ def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_set
              "resolve_url": f"http://127.0.0.1:{port}/upd-other/{{incident_id}}", **common,
              "update_url": f"http://127.0.0.1:{port}/upd-other/{{incident_id}}/notes",
              "update_template": {"note": "{summary}"}},
+            {"name": "refused", "url": f"http://127.0.0.1:{port}/refused", "incident_id_from": "/id",
+             "resolve_url": f"http://127.0.0.1:{port}/refused/{{incident_id}}", **common,
+             "update_template": {"urgency": "{severity|map:critical=1,*=2}"}},
         ]}})
 
     keys = {delivery_key(a.event_id, name) for a in (firing, resolved) for name in ("snow", "no-id")}
     keys |= {delivery_key(a.event_id, "critical") for a in (escalation, resolved)}
     keys |= {delivery_key(a.event_id, name) for a in (firing, escalation, resolved)
-             for name in ("updated", "updated-no-id")}
+             for name in ("updated", "updated-no-id", "refused")}
 
     async def all_final(dispatcher):
         for _ in range(900):
@@ -474,11 +505,21 @@ def test_a_resolve_closes_the_incident_the_firings_answer_named_over_http(fp_set
     assert states[delivery_key(escalation.event_id, "updated")].state == DELIVERED
     assert states[delivery_key(escalation.event_id, "updated")].incident_id == ""   # it opened nothing
     assert _incident_of(states[delivery_key(escalation.event_id, "updated")], states) == opened
+    from alerts.dispatch import _incident_note
+    assert _incident_note(states[delivery_key(escalation.event_id, "updated")], states) == f"  update of incident {opened}"
+    assert _incident_note(states[delivery_key(resolved.event_id, "updated")], states) == f"  incident {opened}"
     # Without an id from the firing's answer, the update cannot say which incident either: it fails as the resolve.
     update = states[delivery_key(escalation.event_id, "updated-no-id")]
     assert update.state == FAILED and update.attempts == 1 and update.last_error.startswith(
         "no incident id to update: nothing 'updated-no-id' was sent of this episode named one"), update
     assert [r["method"] for r in receiver.requests if r["path"].startswith("/upd-other")] == ["POST"]
+    # A refused firing opened nothing: the escalation opens the incident (it was an update of nothing, failed).
+    assert states[delivery_key(firing.event_id, "refused")].state == FAILED
+    opened = stored_as[webhook_id(delivery_key(escalation.event_id, "refused"))]
+    assert [(r["method"], r["target"], r["status"]) for r in receiver.requests if r["path"].startswith("/refused")] \
+        == [("POST", "/refused", 400), ("POST", "/refused", 200), ("PATCH", f"/refused/{opened}", 200)]
+    [opening] = [i["payload"] for i in receiver.items if i["path"] == "/refused"]
+    assert opening == {"short_description": "Escalated from warning to critical: topic Energy | Oil", "urgency": "1"}
     # Only an answer to what opened an incident is read for its id, and missed when it has none.
     missed = [r.getMessage() for r in caplog.records if "taken, but its answer has nothing at" in r.getMessage()]
     assert sorted(m.split(": taken")[0] for m in missed) == [
@@ -626,7 +667,7 @@ def test_preview_says_where_a_resolve_goes_and_names_a_secret_url_by_its_variabl
     sys_id = "9d385017c611228701d22104cc95c371"
     assert (f'# resolved, PATCH to https://api.example.com/api/now/table/incident/{sys_id}\n'
             f'{{\n  "state": "6",\n  "id": "{sys_id}"\n}}') in snow
-    assert "# escalation: not sent, its incident being open" in snow
+    assert "# escalation: not sent (its incident is open: one incident an episode, and without update_template" in snow
     # ... and one that updates the open incident when the episode escalates: the update, where it goes, how.
     updated = preview(load_delivery_config(Settings(raw={"alerts": {"endpoints": [
         {**opsgenie, "incident_id_from": "/result/sys_id", "resolve_method": "PATCH",
@@ -635,6 +676,14 @@ def test_preview_says_where_a_resolve_goes_and_names_a_secret_url_by_its_variabl
     assert (f'# escalation, an update of the incident, PATCH to https://api.example.com/api/now/table/incident/'
             f'{sys_id}\n{{\n  "urgency": "1"\n}}') in updated
     assert '# firing\n{\n  "alias": "a1b2c3d4e5f6"\n}' in updated      # the firing still opens it, at url
+    # Where the firing is below min_severity, the escalation opens the incident at url (it was shown as sent, and as
+    # not sent, its incident being open).
+    critical = preview(load_delivery_config(Settings(raw={"alerts": {"endpoints": [
+        {**opsgenie, "incident_id_from": "/result/sys_id", "resolve_method": "PATCH", "min_severity": "critical",
+         "resolve_url": "https://api.example.com/api/now/table/incident/{incident_id}"}]}})), "og", "")
+    assert "# firing: not sent (below min_severity = critical; an escalation that reaches it is)" in critical
+    assert '# escalation\n{\n  "alias": "a1b2c3d4e5f6"\n}' in critical and "its incident is open" not in critical
+    assert f"# resolved, PATCH to https://api.example.com/api/now/table/incident/{sys_id}\n" in critical
 
 
 def test_a_body_that_cannot_be_rendered_fails_its_delivery_and_the_episode_goes_on(fp_settings, topics, monkeypatch):
