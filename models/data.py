@@ -183,7 +183,10 @@ def load_file(path: Path) -> LabeledSet:
     frame = frame.rename(columns=_known_columns(frame.columns))
     if "label" in frame.columns and not {"topic", "sentiment"} & set(frame.columns):
         frame = frame.rename(columns={"label": _label_column_head(path)})
-    return _from_frame(frame, str(path), line_numbers, given)
+    loaded = _from_frame(frame, str(path), line_numbers, given)
+    if suffix == ".json":
+        loaded.line[:] = 0    # a JSON array's rows are numbered by their place in it, not by a line to go to
+    return loaded
 
 
 KNOWN_COLUMNS = ("text", "topic", "sentiment", "label")

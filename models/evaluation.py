@@ -121,7 +121,7 @@ def confident_mistakes(probs: Probabilities, data: LabeledSet, limit: int) -> di
         predicted = probabilities.argmax(1)
         wrong = np.flatnonzero((truth >= 0) & ((predicted != truth) | failed))
         confidence = np.where(failed[wrong], np.inf, probabilities[wrong, predicted[wrong]])
-        out[head] = [{**({"file": data.file[i], "line": int(data.line[i])} if data.file[i] else {}),
+        out[head] = [{**({"file": data.file[i], "line": int(data.line[i])} if data.line[i] else {}),
                       "text": data.texts[i], "label": labels[truth[i]],
                       "predicted": None if failed[i] else labels[predicted[i]],
                       "confidence": None if failed[i] else round(float(probabilities[i, predicted[i]]), 4),

@@ -376,6 +376,14 @@ def test_train_then_evaluate_on_the_held_out_slice(tiny_base, tmp_path, capsys):
                 [getattr(push, head) for push in reading.words], abs=1e-4)
             assert f"      pushed by: {strongest(mistake['words'])}\n" in printed
             assert (mistake["file"], mistake["text"]) == (str(mislabeled), mislabeled_texts[mistake["line"] - 2])
+    # A JSON array has no line to go to: its mistakes name none (not its place in the array as a line).
+    as_json = tmp_path / "mislabeled.json"
+    as_json.write_text(json.dumps([{"text": text, "sentiment": "bullish" if sentiment != "bullish" else "bearish"}
+                                   for text, sentiment in SENTIMENT_ROWS]))
+    assert main(["evaluate", str(model_dir), "--data", str(as_json), "--out", str(report_file), "--device", "cpu",
+                 "--errors", "2"]) == 0
+    listed = json.loads(report_file.read_text())["mistakes"]["sentiment"]
+    assert len(listed) == 2 and not any("file" in m or "line" in m for m in listed)
     # A model trained on several sources before each source was split on its own cannot have its slice rebuilt.
     training_file = model_dir / "training_config.json"
     training = json.loads(training_file.read_text())
