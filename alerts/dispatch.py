@@ -789,11 +789,6 @@ class Dispatcher:
                 continue
             attempts = state.attempts + 1
             if outcome.ok:
-                if not outcome.incident_id and not state.is_group and endpoint.opens_incident_with(
-                        state.alert_record, self._context(endpoint, state, state.alert_record)):
-                    log.warning("delivery %s to %s: taken, but its answer has nothing at %s: the episode's resolve "
-                                "cannot say which incident to close", state.event_id, endpoint.name,
-                                endpoint.settings.incident_id_from)
                 await self._finish(replace(state, attempts=attempts, incident_id=outcome.incident_id), DELIVERED, "",
                                    outcome.status)
                 return True
@@ -885,7 +880,11 @@ class Dispatcher:
             log.exception("cannot render %s for %s", state.event_id, endpoint.name)
             return Outcome(ok=False, retryable=False, error=f"cannot render the {endpoint.format} body: "
                                                             f"{type(exc).__name__}: {exc}; not retried"[:ERROR_TEXT_MAX])
-        return await self._sender.send(endpoint, state.webhook_id, body, url, method, opens)
+        outcome = await self._sender.send(endpoint, state.webhook_id, body, url, method, opens)
+        if opens and outcome.ok and not outcome.incident_id:
+            log.warning("delivery %s to %s: taken, but its answer has nothing at %s: the episode's resolve cannot say "
+                        "which incident to close", state.event_id, endpoint.name, endpoint.settings.incident_id_from)
+        return outcome
 
     def _context(self, endpoint: Endpoint, state: DeliveryState, alert: AlertRecord) -> DeliveryContext:
         # What this endpoint was sent of the episode before this event: a resolve follows all of it, a firing or an
