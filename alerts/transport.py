@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 
 from stream.config import ConfigError, names_a_secret
+from stream.tls import client_tls_context
 
 # Headers the dispatcher sets itself, or that frame the request: a user's value would break the signature or the
 # message. User-Agent identifies FinPulse in receivers' logs; a proxy's credentials come from proxy_env.
@@ -99,22 +100,7 @@ def tls_context(ca_file: str, client_cert_file: str, client_key_file: str, key_p
     client certificate is configured; then a verifying context that trusts the system's CAs and ``ca_file``'s."""
     if not (ca_file or client_cert_file):
         return True
-    context = ssl.create_default_context()
-    if ca_file:
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{where}: ca_file {ca_file} cannot be read as a PEM bundle of CA certificates "
-                              f"({exc})") from None
-    if client_cert_file:
-        try:
-            context.load_cert_chain(client_cert_file, client_key_file or None, password=key_password)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{where}: client_cert_file {client_cert_file} / client_key_file "
-                              f"{client_key_file or '(in the certificate file)'} cannot be loaded as a PEM "
-                              f"certificate and its private key ({exc}); an encrypted key needs "
-                              f"client_key_password_env") from None
-    return context
+    return client_tls_context(ca_file, client_cert_file, client_key_file, key_password, where)
 
 
 def certificate_failure(exc: aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError,
