@@ -38,7 +38,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from stream.config import KafkaSettings
-from stream.kafka_io import stop_client
+from stream.kafka_io import bootstrap_list, stop_client
+from stream.kafka_security import client_security
 from stream.records import AlertRecord, _Record, epoch_ms, severity_rank, utcnow
 
 log = logging.getLogger(__name__)
@@ -182,17 +183,18 @@ class DeliveryLog:
         self._partitions: list[TopicPartition] = []
 
     async def start(self) -> None:
-        self._reader = AIOKafkaConsumer(bootstrap_servers=self.kafka.bootstrap_servers, group_id=None,
+        self._reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_list(self.kafka.bootstrap_servers), group_id=None,
                                         enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100,
-                                        client_id="finpulse-deliveries-reader")
+                                        client_id="finpulse-deliveries-reader", **client_security(self.kafka))
         await self._reader.start()
         partitions = await self._partitions_of(self.topic)
         self._partitions = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._reader.assign(self._partitions)
         await self._reader.seek_to_beginning(*self._partitions)
         if self.writable:
-            self._producer = AIOKafkaProducer(bootstrap_servers=self.kafka.bootstrap_servers, acks="all",
-                                              client_id="finpulse-deliveries-writer", linger_ms=2)
+            self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_list(self.kafka.bootstrap_servers),
+                                              acks="all", client_id="finpulse-deliveries-writer", linger_ms=2,
+                                              **client_security(self.kafka))
             await self._producer.start()
 
     async def _partitions_of(self, topic: str, timeout_s: float = 30.0) -> set[int]:

@@ -111,7 +111,8 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from stream.config import ConfigError, Settings
-from stream.kafka_io import stop_client
+from stream.kafka_io import bootstrap_list, stop_client
+from stream.kafka_security import client_security
 from stream.metrics import REGISTRY, Family, counter, gauge_family, histogram
 from stream.ops import LAG_HELP, READINESS, OpsServer, broker_silence
 from stream.records import AlertRecord, format_time, severity_rank, utcnow
@@ -235,10 +236,10 @@ class Dispatcher:
                             endpoint.name, self.options.max_concurrency)
         self._sender.open()
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap_servers, group_id=self.group_id, client_id=self.group_id,
+            bootstrap_servers=bootstrap_list(self.kafka.bootstrap_servers), group_id=self.group_id, client_id=self.group_id,
             enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=int(self.kafka.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(self.kafka.heartbeat_interval_s * 1000))
+            heartbeat_interval_ms=int(self.kafka.heartbeat_interval_s * 1000), **client_security(self.kafka))
         self._consumer.subscribe([self.names.alerts], listener=_Rebalance(self))
         await self._consumer.start()
         self._main = asyncio.create_task(self._consume(), name="finpulse-dispatcher")

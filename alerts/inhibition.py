@@ -96,7 +96,7 @@ class FiringAlerts(FollowedTopic):
     ``LOOKBACK_S`` back at start and followed (``poll``)."""
 
     def __init__(self, kafka: KafkaSettings, topic: str):
-        super().__init__(kafka.bootstrap_servers, topic)
+        super().__init__(kafka, topic)
         self.firing: dict[str, AlertRecord] = {}
         self.ended = 0          # episodes seen resolving since start: a muted episode may go out now
 

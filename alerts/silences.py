@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaProducer
 
 from stream.config import ConfigError, KafkaSettings
 from stream.kafka_io import FollowedTopic, bootstrap_list, read_topic_async
+from stream.kafka_security import client_security
 from stream.records import SEVERITIES, AlertRecord, _Record, epoch_ms, format_time, utcnow
 
 # The fields a matcher may name: the alert's own (``about``: the topic it is about, a ticker alert's too), and the
@@ -164,7 +165,7 @@ class SilenceBook(FollowedTopic):
     One consumer assigned every partition, no group: every dispatcher reads every silence."""
 
     def __init__(self, kafka: KafkaSettings, topic: str):
-        super().__init__(kafka.bootstrap_servers, topic)
+        super().__init__(kafka, topic)
         self.silences: dict[str, Silence] = {}
 
     def apply(self, raw: bytes | None) -> Silence | None:
@@ -193,14 +194,14 @@ class SilenceBook(FollowedTopic):
 
 async def read_silences(kafka: KafkaSettings, topic: str) -> dict[str, Silence]:
     book = SilenceBook(kafka, topic)
-    for record in await read_topic_async(kafka.bootstrap_servers, topic):
+    for record in await read_topic_async(kafka, topic):
         book.apply(record.value)
     return book.silences
 
 
 async def write_silence(kafka: KafkaSettings, topic: str, silence: Silence) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_list(kafka.bootstrap_servers), acks="all",
-                                client_id="finpulse-silence")
+                                client_id="finpulse-silence", **client_security(kafka))
     await producer.start()
     try:
         await producer.send_and_wait(topic, silence.to_json(), key=silence.id.encode("utf-8"),

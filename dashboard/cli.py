@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from stream.config import tcp_port
+from stream.kafka_security import client_security, describe
 
 APP = Path(__file__).resolve().parent / "app.py"
 
@@ -52,8 +53,10 @@ def _dashboard(args, settings) -> int:
     overrides = {k: getattr(args, k) for k in ("host", "port", "refresh_s", "retention_hours", "auth")}
     settings = settings.with_overrides({"dashboard": overrides})
     cfg = dashboard_settings(settings)  # a bad value fails here, with the CLI's plain message
+    client_security(settings.kafka)     # so does a Kafka password or client certificate that cannot be had
     env = {**os.environ, **settings_environ(settings.raw, settings.source_file)}
-    print(f"FinPulse dashboard on http://{cfg.host}:{cfg.port} (Kafka {settings.kafka.bootstrap_servers})", flush=True)
+    print(f"FinPulse dashboard on http://{cfg.host}:{cfg.port} (Kafka {settings.kafka.bootstrap_servers}, "
+          f"{describe(settings.kafka)})", flush=True)
     # exec: signals (Ctrl-C, the demo's SIGTERM) reach Streamlit itself.
     os.execve(sys.executable, streamlit_command(cfg.host, cfg.port), env)
     return 0  # not reached

@@ -30,7 +30,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import BrokerResponseError, KafkaError, RequestTimedOutError
 
 from stream.client_logs import tame_kafka_client_logs
-from stream.config import KafkaSettings
+from stream.config import ConfigError, KafkaSettings
+from stream.kafka_security import client_security, why_unreachable
 from stream.topics import TopicNames
 
 from .settings import DashboardSettings
@@ -140,14 +141,21 @@ class LiveFeed:
                 consumer = KafkaConsumer(
                     bootstrap_servers=self.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
                     client_id="finpulse-dashboard", request_timeout_ms=10_000, bootstrap_timeout_ms=5_000,
-                    max_poll_records=5_000, reconnect_backoff_max_ms=2_000)
+                    max_poll_records=5_000, reconnect_backoff_max_ms=2_000, **client_security(self.kafka))
                 self._answered()       # it bootstrapped: the broker answered
                 self._follow(consumer)
                 backoff = 0.5
+            except ConfigError as exc:     # a Kafka password or certificate that cannot be had: say so
+                self._set(state="unreachable", message=f"FinPulse's Kafka settings cannot be used: {exc}")
+                log.warning("dashboard feed: %s", self._status.message)
+                self._stop.wait(_MAX_BACKOFF_S)
             except (KafkaError, OSError, ValueError) as exc:
-                # kafka-python reports an unreachable broker as several different errors; all mean "retry".
+                # kafka-python reports an unreachable broker as several different errors; all mean "retry". One
+                # that fails TLS or a login says only that it could not bootstrap: why_unreachable asks why.
+                reason = why_unreachable(self.kafka)
                 self._set(state="unreachable", message=f"Kafka at {self.kafka.bootstrap_servers} is unreachable "
-                          f"({type(exc).__name__}: {str(exc)[:160]}); retrying every few seconds…")
+                          + (f"({reason})" if reason else f"({type(exc).__name__}: {str(exc)[:160]})")
+                          + "; retrying every few seconds…")
                 log.warning("dashboard feed: %s", self._status.message)
                 self._stop.wait(backoff)
                 backoff = min(_MAX_BACKOFF_S, backoff * 2)
@@ -279,7 +287,8 @@ class LiveFeed:
         try:
             if self._admin is None:
                 self._admin = KafkaAdminClient(bootstrap_servers=self.kafka.bootstrap_servers,
-                                               client_id="finpulse-dashboard-admin", request_timeout_ms=5_000)
+                                               client_id="finpulse-dashboard-admin", request_timeout_ms=5_000,
+                                               **client_security(self.kafka))
             committed = self._admin.list_group_offsets({self.worker_group: None}).get(self.worker_group, {})
         except (KafkaError, OSError, ValueError) as exc:
             log.debug("worker lag unavailable: %s", exc)

@@ -43,6 +43,7 @@ from models.interface import Prediction, Scorer, failed, runs_on
 from .config import Settings, WorkerSettings
 from . import input_watermark, offset_guard, ops
 from .kafka_io import bootstrap_list, kafka_timestamp_ms
+from .kafka_security import faust_credentials
 from .metrics import REGISTRY, SIZE_BUCKETS, Family, counter_family, gauge, histogram
 from .records import (DeadLetter, InputItem, InvalidRecord, Kind, ScoredRecord, epoch_ms, excerpt, parse_input,
                       utcnow)
@@ -417,6 +418,7 @@ def create_app(settings: Settings, scorer: Scorer, extensions: Sequence[str] = E
     app = faust.App(
         worker.app_id,
         broker=[f"kafka://{server}" for server in bootstrap_list(kafka.bootstrap_servers)],
+        broker_credentials=faust_credentials(kafka),
         store="memory://",       # tables are rebuilt from their changelog topics on start
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,

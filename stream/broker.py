@@ -60,12 +60,15 @@ class EmbeddedBroker:
     """A tansu process on 127.0.0.1:port with in-memory storage. Use as a context manager or start()/stop().
 
     ``advertised_port`` (default: ``port``) is the port the broker tells clients to reach it on: a test puts a
-    proxy there to cut and restore the network between the broker and its clients."""
+    proxy there to cut and restore the network between the broker and its clients. ``requires_authentication``:
+    only SASL (SCRAM) clients are served, as on a secured cluster (tests of FinPulse's credentials; this tansu keeps
+    its users in the storage it cannot be given here, so none can log in)."""
 
     def __init__(self, port: int | None = None, log_file: str | os.PathLike | None = None,
-                 advertised_port: int | None = None):
+                 advertised_port: int | None = None, requires_authentication: bool = False):
         self.port = port or free_port()
         self.advertised_port = advertised_port or self.port
+        self.requires_authentication = requires_authentication
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
 
@@ -76,6 +79,8 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
         cmd = [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
                "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}", "--storage-engine", "memory://tansu/"]
+        if self.requires_authentication:
+            cmd.append("--authentication")
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)

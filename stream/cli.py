@@ -15,6 +15,7 @@ import sys
 
 from .client_logs import tame_kafka_client_logs
 from .config import ConfigError, Settings, load_settings
+from .kafka_security import describe, why_unreachable
 
 # Packages whose cli.py adds subcommands, in the order data flows through FinPulse.
 COMMAND_MODULES = ("stream.commands", "models.cli", "alerts.cli", "dashboard.cli", "stream.replay.cli")
@@ -50,15 +51,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     })
 
 
-def kafka_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    """(every Kafka error, those that mean "no broker answered"), of both Kafka clients FinPulse uses (aiokafka for
-    streams, kafka-python for admin) and of our own admin connection's timeout."""
+def kafka_errors() -> tuple[tuple[type[BaseException], ...], ...]:
+    """(every Kafka error, those that mean "no connection was made", those that mean "the credentials were
+    refused"), of both Kafka clients FinPulse uses (aiokafka for streams, kafka-python for admin) and of our own
+    admin connection's timeout. A client that fails TLS or SASL says only that it could not bootstrap:
+    ``why_unreachable`` finds out why."""
     import aiokafka.errors as aio
     import kafka.errors as sync
     from .topics import BrokerUnreachable
     unreachable = (aio.KafkaConnectionError, aio.KafkaTimeoutError, sync.KafkaConnectionError,
                    sync.KafkaTimeoutError, BrokerUnreachable)
-    return (aio.KafkaError, sync.KafkaError, BrokerUnreachable), unreachable
+    refused = (aio.SaslAuthenticationFailed, aio.AuthenticationFailedError, aio.UnsupportedSaslMechanismError,
+               sync.SaslAuthenticationFailedError, sync.UnsupportedSaslMechanismError)
+    return (aio.KafkaError, sync.KafkaError, BrokerUnreachable), unreachable, refused
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         detail = str(exc) if str(exc).startswith((type(exc).__name__, "Kafka at")) else f"{type(exc).__name__}: {exc}"
         servers = settings.kafka.bootstrap_servers
         if isinstance(exc, kafka_errors()[1]):
-            print(f"finpulse: cannot reach Kafka at {servers} ({detail}); is the broker running? "
-                  "(`--bootstrap-servers`, [kafka] bootstrap_servers)", file=sys.stderr)
+            try:
+                reason = getattr(exc, "reason", None) or why_unreachable(settings.kafka)
+            except Exception:   # the look for a reason must not hide the error it explains
+                logging.getLogger(__name__).debug("no reason found", exc_info=True)
+                reason = None
+            if reason:
+                print(f"finpulse: cannot connect to Kafka at {servers}: {reason}", file=sys.stderr)
+            else:
+                print(f"finpulse: cannot reach Kafka at {servers} ({detail}); is the broker running? "
+                      "(`--bootstrap-servers`, [kafka] bootstrap_servers)", file=sys.stderr)
+        elif isinstance(exc, kafka_errors()[2]):
+            print(f"finpulse: Kafka at {servers} did not accept FinPulse's credentials ({describe(settings.kafka)}): "
+                  f"{detail}", file=sys.stderr)
         else:
             print(f"finpulse: Kafka at {servers} refused the request: {detail}", file=sys.stderr)
         return 2

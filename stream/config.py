@@ -29,6 +29,10 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message says which one and why."""
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 @dataclasses.dataclass
 class KafkaSettings:
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -46,8 +50,25 @@ class KafkaSettings:
     # How long ingest, simulate and replay wait while the broker takes none of their records (as Kafka's
     # delivery.timeout.ms): then they stop with an error saying how many it took.
     delivery_timeout_s: float = 120.0
+    # How every FinPulse client connects (stream.kafka_security): "PLAINTEXT" (the embedded broker, a local Kafka),
+    # "SSL" (TLS), "SASL_SSL" (TLS and a user: Confluent Cloud, Amazon MSK, Aiven, most clusters a company runs)
+    # or "SASL_PLAINTEXT" (a user, no TLS).
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""                # "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512", as the cluster's docs say
+    sasl_username: str = ""
+    # The SASL password is a secret: it is read from the environment variable named here, never from a file.
+    sasl_password_env: str = "FINPULSE_KAFKA_PASSWORD"
+    # TLS: a PEM bundle of the CA(s) that signed the brokers' certificates, trusted beside the system's; a client
+    # certificate and its key for mTLS (client_key_password_env names the variable holding an encrypted key's
+    # passphrase). check_hostname = false only for brokers whose certificates do not name the hosts they serve.
+    ca_file: str = ""
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    client_key_password_env: str = ""
+    check_hostname: bool = True
 
     def __post_init__(self) -> None:
+        self._check_security()
         if self.delivery_timeout_s <= 0:
             raise ConfigError("[kafka] delivery_timeout_s must be above 0")
         if self.partitions < 1 or self.replication_factor < 1:
@@ -56,6 +77,37 @@ class KafkaSettings:
             raise ConfigError("[kafka] heartbeat_interval_s must be above 0 and below session_timeout_s (a member "
                               "that beats less often than its session lasts is dropped from the group)")
         check_port("[kafka] embedded_port", self.embedded_port, zero_allowed=False)
+
+    def _check_security(self) -> None:
+        """Refuse a security setting that would be ignored (credentials over a protocol that sends none, a CA file
+        without TLS) as well as one that is missing: a cluster then refuses the connection with no word of why."""
+        self.security_protocol = self.security_protocol.strip().upper()
+        self.sasl_mechanism = self.sasl_mechanism.strip().upper()
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ConfigError(f"[kafka] security_protocol = {self.security_protocol!r}: use PLAINTEXT, SSL (TLS, as "
+                              f"Kafka names it), SASL_SSL (TLS and a user) or SASL_PLAINTEXT")
+        sasl, tls = self.security_protocol.startswith("SASL_"), self.security_protocol.endswith("SSL")
+        if sasl:
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise ConfigError(f"[kafka] security_protocol = {self.security_protocol} needs sasl_mechanism: one of "
+                                  f"{', '.join(SASL_MECHANISMS)} (the cluster's documentation names it)"
+                                  + (f", not {self.sasl_mechanism!r}" if self.sasl_mechanism else ""))
+            if not self.sasl_username.strip():
+                raise ConfigError(f"[kafka] security_protocol = {self.security_protocol} needs sasl_username (its "
+                                  f"password goes in the environment variable sasl_password_env names)")
+        else:
+            given = [name for name in ("sasl_mechanism", "sasl_username") if getattr(self, name)]
+            if given:
+                raise ConfigError(f"[kafka] {' and '.join(given)} set, but security_protocol = "
+                                  f"{self.security_protocol} sends no credentials: use SASL_SSL (or SASL_PLAINTEXT)")
+        if not tls:
+            given = [name for name in ("ca_file", "client_cert_file", "client_key_file") if getattr(self, name)]
+            if given:
+                raise ConfigError(f"[kafka] {' and '.join(given)} set, but security_protocol = "
+                                  f"{self.security_protocol} does not use TLS: use SSL or SASL_SSL")
+        if self.client_key_file and not self.client_cert_file:
+            raise ConfigError("[kafka] client_key_file is set without client_cert_file (the certificate it is the "
+                              "key of)")
 
 
 @dataclasses.dataclass

@@ -195,8 +195,8 @@ Ctrl-C stops everything.
             if time.monotonic() - last_status > 10:
                 last_status = time.monotonic()
                 try:
-                    c = asyncio.run(topic_sizes(broker.bootstrap_servers, [names.news, names.comments, names.scored,
-                                                                           names.deadletter, names.alerts]))
+                    c = asyncio.run(topic_sizes(kafka, [names.news, names.comments, names.scored, names.deadletter,
+                                                        names.alerts]))
                 except Exception as exc:  # the status line is best effort; the processes are what matter
                     print(f"status unavailable: {exc}", flush=True)
                     continue

@@ -186,7 +186,7 @@ def ingest_file(settings: Settings, path: str | os.PathLike, kind: str, fmt: str
     max_chars = settings.worker.max_text_chars
     disorder_s = settings.section("replay", ReplaySettings).max_disorder_s
     disorder_ms = int(disorder_s * 1000)
-    topic_newest_ms = asyncio.run(newest_timestamp_ms(settings.kafka.bootstrap_servers, topic))
+    topic_newest_ms = asyncio.run(newest_timestamp_ms(settings.kafka, topic))
     report = FileReport(newest_ms=topic_newest_ms)
 
     def valid_items(progress) -> Iterator[InputItem]:

@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from .config import KafkaSettings
+from .kafka_security import client_security
 from .records import epoch_ms
 
 
@@ -97,7 +98,8 @@ class RecordSender:
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_list(kafka.bootstrap_servers),
                                           client_id=client_id, linger_ms=linger_ms, acks="all",
                                           max_request_size=2 * 1024 * 1024,
-                                          request_timeout_ms=int(kafka.delivery_timeout_s * 1000))
+                                          request_timeout_ms=int(kafka.delivery_timeout_s * 1000),
+                                          **client_security(kafka))
         self._servers = kafka.bootstrap_servers
         self._stall_timeout_s = kafka.delivery_timeout_s
         self._pending: list[asyncio.Future] = []
@@ -215,9 +217,10 @@ def _consumed(message) -> ConsumedRecord:
                           message.timestamp, tuple(message.headers or ()))
 
 
-def _consumer(bootstrap_servers: str) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(bootstrap_servers=bootstrap_list(bootstrap_servers), enable_auto_commit=False,
-                            group_id=None, fetch_max_wait_ms=100, request_timeout_ms=10_000)
+def _consumer(kafka: KafkaSettings) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap_list(kafka.bootstrap_servers), enable_auto_commit=False,
+                            group_id=None, fetch_max_wait_ms=100, request_timeout_ms=10_000,
+                            **client_security(kafka))
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float) -> list[TopicPartition]:
@@ -252,12 +255,12 @@ async def _read_until_caught_up(consumer: AIOKafkaConsumer, tps: Sequence[TopicP
     return False
 
 
-async def open_reader(bootstrap_servers: str, topic: str, timeout_s: float = 30.0,
+async def open_reader(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0,
                       from_ms: int | None = None) -> AIOKafkaConsumer:
     """A started consumer (no group) assigned every partition of ``topic``, at the beginning, or at the first record
     written at or after ``from_ms`` (the broker's timestamps: on tansu, when it wrote the batch); the caller stops
     it."""
-    consumer = _consumer(bootstrap_servers)
+    consumer = _consumer(kafka)
     await consumer.start()
     try:
         tps = await _partitions(consumer, topic, timeout_s)
@@ -286,9 +289,9 @@ async def read_to_end(consumer: AIOKafkaConsumer, topic: str, timeout_s: float =
     return sorted(out, key=lambda r: (r.partition, r.offset))
 
 
-async def read_topic_async(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> list[ConsumedRecord]:
+async def read_topic_async(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0) -> list[ConsumedRecord]:
     """Every record now in ``topic``, all partitions, in partition then offset order."""
-    consumer = await open_reader(bootstrap_servers, topic, timeout_s)
+    consumer = await open_reader(kafka, topic, timeout_s)
     try:
         return await read_to_end(consumer, topic, timeout_s)
     finally:
@@ -300,8 +303,8 @@ class FollowedTopic:
     from ``from_ms()``) and followed with ``poll``, which never waits. A subclass says what a record means
     (``apply``): the silences in force, the alerts firing."""
 
-    def __init__(self, bootstrap_servers: str, topic: str):
-        self.bootstrap_servers, self.topic = bootstrap_servers, topic
+    def __init__(self, kafka: KafkaSettings, topic: str):
+        self.kafka, self.topic = kafka, topic
         self._reader: AIOKafkaConsumer | None = None
 
     def from_ms(self) -> int | None:
@@ -312,7 +315,7 @@ class FollowedTopic:
         raise NotImplementedError
 
     async def start(self) -> None:
-        self._reader = await open_reader(self.bootstrap_servers, self.topic, from_ms=self.from_ms())
+        self._reader = await open_reader(self.kafka, self.topic, from_ms=self.from_ms())
         for record in await read_to_end(self._reader, self.topic):
             self.apply(record.value)
 
@@ -330,16 +333,16 @@ class FollowedTopic:
         return [value for value in applied if value is not None]
 
 
-def read_topic(bootstrap_servers: str, topic: str, timeout_s: float = 30.0) -> list[ConsumedRecord]:
+def read_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0) -> list[ConsumedRecord]:
     """Synchronous ``read_topic_async`` (for tools and tests that have no event loop)."""
-    return asyncio.run(read_topic_async(bootstrap_servers, topic, timeout_s))
+    return asyncio.run(read_topic_async(kafka, topic, timeout_s))
 
 
-async def tail_topic_async(bootstrap_servers: str, topic: str, until: Callable[[list[ConsumedRecord]], bool],
+async def tail_topic_async(kafka: KafkaSettings, topic: str, until: Callable[[list[ConsumedRecord]], bool],
                            timeout_s: float) -> tuple[list[ConsumedRecord], bool]:
     """Read ``topic`` from the beginning, keep reading as records arrive, and stop as soon as ``until(records)``
     is true for everything read so far (checked after each fetch, and once caught up). Returns (records, met)."""
-    consumer = _consumer(bootstrap_servers)
+    consumer = _consumer(kafka)
     await consumer.start()
     try:
         deadline = time.monotonic() + timeout_s
@@ -358,12 +361,12 @@ async def tail_topic_async(bootstrap_servers: str, topic: str, until: Callable[[
         await stop_client(consumer)
 
 
-async def true_ends(bootstrap_servers: str, reported: Mapping[TopicPartition, int],
+async def true_ends(kafka: KafkaSettings, reported: Mapping[TopicPartition, int],
                     timeout_s: float = 10.0) -> dict[TopicPartition, int]:
     """Each partition's true end, given the end ``end_offsets()`` reported for it (possibly too low on tansu)."""
     if not reported:
         return {}
-    consumer = _consumer(bootstrap_servers)
+    consumer = _consumer(kafka)
     await consumer.start()
     try:
         return await _true_ends_from(consumer, reported, timeout_s)
@@ -387,10 +390,10 @@ async def _true_ends_from(consumer: AIOKafkaConsumer, reported: Mapping[TopicPar
     return {tp: max(end, consumer.highwater(tp)) for tp, end in reported.items()}
 
 
-async def newest_timestamp_ms(bootstrap_servers: str, topic: str, last: int = 5, timeout_s: float = 10.0) -> int | None:
+async def newest_timestamp_ms(kafka: KafkaSettings, topic: str, last: int = 5, timeout_s: float = 10.0) -> int | None:
     """How recent ``topic`` is: per partition the median Kafka timestamp of its ``last`` records (one odd record
     cannot move it), the greatest of those; None when the topic holds nothing."""
-    consumer = _consumer(bootstrap_servers)
+    consumer = _consumer(kafka)
     await consumer.start()
     try:
         tps = await _partitions(consumer, topic, timeout_s)
@@ -410,9 +413,9 @@ async def newest_timestamp_ms(bootstrap_servers: str, topic: str, last: int = 5,
         await stop_client(consumer)
 
 
-async def topic_sizes(bootstrap_servers: str, topics: Sequence[str], timeout_s: float = 10.0) -> dict[str, int]:
+async def topic_sizes(kafka: KafkaSettings, topics: Sequence[str], timeout_s: float = 10.0) -> dict[str, int]:
     """How many records each topic holds: the sum of its partitions' true ends (all FinPulse topics start at 0)."""
-    consumer = _consumer(bootstrap_servers)
+    consumer = _consumer(kafka)
     await consumer.start()
     try:
         tps = [tp for topic in topics for tp in await _partitions(consumer, topic, timeout_s)]

@@ -22,6 +22,7 @@ seeks by time must allow for it).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from kafka.errors import KafkaError
@@ -59,17 +60,22 @@ def apply_if_needed(kafka: KafkaSettings) -> bool:
     """Patch Faust when the settings ask for it or the broker is tansu; return whether the patch is in place."""
     if not wanted(kafka):
         return False
-    apply()
+    apply(kafka)
     return True
 
 
-def apply() -> None:
+_connection = KafkaSettings()   # how the patch's own reader connects: the settings of the last apply()
+
+
+def apply(kafka: KafkaSettings) -> None:
     """Make Faust's table recovery read changelogs to their true end. Idempotent; affects this process only."""
     from aiokafka import TopicPartition
     from faust.transport.drivers import aiokafka as driver
 
     from .kafka_io import true_ends
 
+    global _connection
+    _connection = kafka
     thread_class = driver.AIOKafkaConsumerThread
     if getattr(thread_class._highwaters, "finpulse_tansu_compat", False):
         return
@@ -80,7 +86,8 @@ def apply() -> None:
         if self.consumer.in_transaction or not reported:
             return reported
         bootstrap = ",".join(driver.server_list(self.transport.url, self.transport.default_port))
-        ends = await true_ends(bootstrap, {TopicPartition(tp.topic, tp.partition): end or 0
+        reader = dataclasses.replace(_connection, bootstrap_servers=bootstrap)
+        ends = await true_ends(reader, {TopicPartition(tp.topic, tp.partition): end or 0
                                            for tp, end in reported.items()})
         corrected = {tp: ends[TopicPartition(tp.topic, tp.partition)] for tp in reported}
         low = {tp: (end, corrected[tp]) for tp, end in reported.items() if corrected[tp] != end}

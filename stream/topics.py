@@ -15,6 +15,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from .config import KafkaSettings
+from .kafka_security import client_security, why_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -122,19 +123,30 @@ class ReplayTopicNames(TopicNames):
 
 
 class BrokerUnreachable(RuntimeError):
-    """No broker answered at the configured bootstrap servers within the time allowed."""
+    """No broker answered at the configured bootstrap servers within the time allowed; ``reason``: why, where a
+    broker does answer but refuses FinPulse's TLS or login (``stream.kafka_security.why_unreachable``)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 def admin_client(kafka: KafkaSettings, timeout_s: float = 30.0) -> KafkaAdminClient:
-    """Connect, retrying while the broker starts up."""
+    """Connect, retrying while the broker starts up; at once where a broker answers but refuses the connection's
+    TLS or login (no retry mends that)."""
     deadline = time.monotonic() + timeout_s
+    asked_why = False
     while True:
         try:
+            # Each try waits 5 s for a broker (kafka-python's own default is 30 s), so a refusal is asked about soon.
             return KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, client_id="finpulse-admin",
-                                    request_timeout_ms=10_000)
+                                    request_timeout_ms=10_000, bootstrap_timeout_ms=5_000, **client_security(kafka))
         except (KafkaError, OSError) as exc:
-            if time.monotonic() > deadline:
-                raise BrokerUnreachable(f"Kafka at {kafka.bootstrap_servers} is unreachable: {exc}") from None
+            reason = None if asked_why else why_unreachable(kafka)
+            asked_why = True
+            if reason or time.monotonic() > deadline:
+                raise BrokerUnreachable(f"Kafka at {kafka.bootstrap_servers} is unreachable: {reason or exc}",
+                                        reason) from None
             time.sleep(0.25)
 
 

@@ -19,6 +19,7 @@ from models.settings import models_root
 from . import tansu_compat
 from .client_logs import tame_kafka_client_logs
 from .config import ConfigError, Settings
+from .kafka_security import describe
 from .topics import TopicNames, ensure_topics
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def run_worker(settings: Settings, scorer: Scorer | None = None, extensions: Seq
 
     worker = settings.worker
     app = prepare_app(settings, scorer, extensions)
-    print(f"FinPulse worker {worker.app_id}: Kafka {settings.kafka.bootstrap_servers}, topics "
-          f"{settings.kafka.topic_prefix}.*; Ctrl-C or SIGTERM stops it", flush=True)
+    print(f"FinPulse worker {worker.app_id}: Kafka {settings.kafka.bootstrap_servers} ({describe(settings.kafka)}), "
+          f"topics {settings.kafka.topic_prefix}.*; Ctrl-C or SIGTERM stops it", flush=True)
     faust_worker = bounded_stop_worker_class(faust.Worker)(app, loglevel=worker.log_level.upper(), quiet=True)
     faust_worker.stop_timeout_s = worker.stop_timeout_s
     try:

@@ -11,7 +11,9 @@ Threads and blocking sockets, so it runs beside the test's own code and processe
 """
 from __future__ import annotations
 
+import asyncio
 import socket
+import ssl
 import threading
 import time
 from contextlib import contextmanager
@@ -153,3 +155,85 @@ def broker_behind_link(log_file: Path) -> Iterator[tuple[BrokerLink, EmbeddedBro
     with BrokerLink(link_port, broker_port) as link, \
             EmbeddedBroker(broker_port, log_file=log_file, advertised_port=link_port) as broker:
         yield link, broker
+
+
+class TlsFront:
+    """A TLS listener in front of the broker, as a secured cluster's is: clients speak TLS to it (and must present a
+    certificate its ``client_ca`` signed, where one is given: mTLS), and it passes the bytes on to the broker in
+    plain text. An asyncio server on a thread of its own (one SSL object is never read and written from two threads).
+    ``connections`` counts the clients whose handshake succeeded."""
+
+    def __init__(self, listen_port: int, target_port: int, cert_file: Path, key_file: Path,
+                 client_ca: Path | None = None, host: str = "127.0.0.1"):
+        self.listen_port, self.target_port, self.host = listen_port, target_port, host
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert_file, key_file)
+        if client_ca is not None:
+            self.context.load_verify_locations(cafile=client_ca)
+            self.context.verify_mode = ssl.CERT_REQUIRED
+        self.connections = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="tls-front")
+
+    def start(self) -> "TlsFront":
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the TLS front did not start")
+        return self
+
+    def _serve(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._relay, self.host, self.listen_port, ssl=self.context))
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+            self._loop.run_until_complete(server.wait_closed())
+            self._loop.close()
+
+    async def _relay(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            broker_in, broker_out = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            client_out.close()
+            return
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pump(client_in, broker_out), pump(broker_in, client_out))
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> "TlsFront":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextmanager
+def broker_behind_tls(log_file: Path, pki: dict[str, Path], mutual: bool = False
+                      ) -> Iterator[tuple[TlsFront, EmbeddedBroker]]:
+    """A broker of the test's own that clients reach only by TLS (``pki``'s server certificate, for 127.0.0.1):
+    its ``bootstrap_servers`` and the address it advertises are the TLS front's. ``mutual``: clients must also
+    present a certificate the test CA signed."""
+    front_port, broker_port = free_port(), free_port()
+    with TlsFront(front_port, broker_port, pki["server.pem"], pki["server.key"],
+                  pki["ca.pem"] if mutual else None) as front, \
+            EmbeddedBroker(broker_port, log_file=log_file, advertised_port=front_port) as broker:
+        yield front, broker

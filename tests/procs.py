@@ -238,14 +238,14 @@ def run_without_broker(*args: str, timeout: float = 120.0, **settings: str) -> s
 
 def read_all(settings: Settings, topic: str, timeout: float = 60.0) -> list[ConsumedRecord]:
     """Every record now in ``topic`` (to the fetch high watermark), in partition/offset order."""
-    return read_topic(settings.kafka.bootstrap_servers, topic, timeout)
+    return read_topic(settings.kafka, topic, timeout)
 
 
 def wait_for_records(settings: Settings, topic: str, until: Callable[[list[ConsumedRecord]], bool],
                      timeout: float = 120.0, what: str = "") -> list[ConsumedRecord]:
     """Read ``topic`` from the beginning as records arrive until ``until(all records read)`` holds; fail with a
     clear message (``what`` describes the condition) on timeout."""
-    records, met = asyncio.run(tail_topic_async(settings.kafka.bootstrap_servers, topic, until, timeout))
+    records, met = asyncio.run(tail_topic_async(settings.kafka, topic, until, timeout))
     if not met:
         raise AssertionError(f"{topic}: {what or 'condition'} not met within {timeout:.0f}s ({len(records)} records read)")
     return records

@@ -61,7 +61,7 @@ def test_a_batch_ends_only_once_the_broker_has_its_table_writes(broker, tmp_path
         assert worker.stop() == 0, worker.tail()
     finally:
         worker.stop()
-    assert asyncio.run(topic_sizes(broker.bootstrap_servers, [changelog])) == {changelog: WRITES}
+    assert asyncio.run(topic_sizes(KafkaSettings(bootstrap_servers=broker.bootstrap_servers), [changelog])) == {changelog: WRITES}
 
 
 def _writer_worker(bootstrap: str, app_id: str, mode: str, datadir: str) -> None:
@@ -87,7 +87,7 @@ def _writer_worker(bootstrap: str, app_id: str, mode: str, datadir: str) -> None
             written += len(events)
             if mode == "confirmed":
                 await table.writes_delivered()
-            on_broker = (await topic_sizes(bootstrap, [changelog]))[changelog]
+            on_broker = (await topic_sizes(KafkaSettings(bootstrap_servers=bootstrap), [changelog]))[changelog]
             print(f"WRITTEN {written} ON_BROKER {on_broker}", flush=True)
 
     faust.Worker(app, loglevel="info", quiet=True).execute_from_commandline()

@@ -583,7 +583,7 @@ def test_a_late_older_record_is_answered_with_the_newest_state(fp_settings, topi
 
     async def last_records() -> dict[str, DeliveryState]:
         """Per key, its last record on the topic (records are in offset order): what compaction would keep."""
-        records = await read_topic_async(fp_settings.kafka.bootstrap_servers, topics.deliveries)
+        records = await read_topic_async(fp_settings.kafka, topics.deliveries)
         return {r.key.decode(): DeliveryState.from_json(r.value) for r in records}
 
     async def scenario():

@@ -38,7 +38,7 @@ def test_a_stop_waits_for_the_timer_run_that_is_publishing(broker, tmp_path, mod
     try:
         worker.wait_for("RUN STARTED", timeout=90)
         code = worker.stop(timeout=20)
-        delivered = asyncio.run(topic_sizes(broker.bootstrap_servers, [out]))[out]
+        delivered = asyncio.run(topic_sizes(kafka, [out]))[out]
         if mode == "plain":
             assert delivered == 0, \
                 f"Faust's stop now waits for its timers: is finishes_before_stop needed?\n{worker.tail()}"

@@ -49,7 +49,7 @@ def test_tansu_end_offsets_are_too_low_but_the_fetch_high_watermark_is_right(bro
     ensure_topics(kafka, [topic])
     asyncio.run(_produce_in_batches(kafka, topic, 200))
     reported = asyncio.run(_end_offsets(broker.bootstrap_servers, topic))
-    fetched = asyncio.run(true_ends(broker.bootstrap_servers, reported))
+    fetched = asyncio.run(true_ends(kafka, reported))
     assert all(fetched[tp] == 50 for tp in reported)               # 50 records per partition
     assert all(end < 50 for end in reported.values()), reported    # ListOffsets says less
 
@@ -61,7 +61,7 @@ def test_topic_sizes_count_every_record_where_end_offsets_fall_short(broker):
     ensure_topics(kafka, [batched, empty])
     asyncio.run(_produce_in_batches(kafka, batched, 200))
     assert sum(asyncio.run(_end_offsets(broker.bootstrap_servers, batched)).values()) < 200
-    assert asyncio.run(topic_sizes(broker.bootstrap_servers, [batched, empty])) == {batched: 200, empty: 0}
+    assert asyncio.run(topic_sizes(kafka, [batched, empty])) == {batched: 200, empty: 0}
 
 
 def test_applied_only_for_tansu_or_when_forced(broker):

@@ -49,6 +49,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.config import KafkaSettings
 from stream.kafka_io import bootstrap_list, stop_client, true_ends
+from stream.kafka_security import client_security
 from stream.records import InvalidRecord, epoch_ms, format_time, parse_time
 
 TIME_FIELDS = {"news": "published_at", "comment": "created_at"}
@@ -148,7 +149,7 @@ class KafkaSelection:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_list(self.kafka.bootstrap_servers), group_id=None,
             enable_auto_commit=False, fetch_max_wait_ms=100, request_timeout_ms=15_000,
-            max_partition_fetch_bytes=1 << 20)
+            max_partition_fetch_bytes=1 << 20, **client_security(self.kafka))
         await self._consumer.start()
         try:
             await self._plan()
@@ -174,7 +175,7 @@ class KafkaSelection:
         consumer.assign([tp for tp, _ in tps])
         began_ms = int(time.time() * 1000)
         starts = await consumer.beginning_offsets([tp for tp, _ in tps])
-        ends = await true_ends(self.kafka.bootstrap_servers, await consumer.end_offsets([tp for tp, _ in tps]))
+        ends = await true_ends(self.kafka, await consumer.end_offsets([tp for tp, _ in tps]))
         # The partitions are searched at the same time: each probe is one fetch round trip.
         firsts = await asyncio.gather(*(self._lower_bound(tp, kind, starts[tp], ends[tp]) for tp, kind in tps))
         at_from = await asyncio.gather(*(self._first_at(tp, kind, self.from_ms, first, ends[tp])

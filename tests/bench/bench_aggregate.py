@@ -81,7 +81,7 @@ def agent_rate(settings: Settings, count: int, log_dir: Path, name: str, confirm
         try:
             worker.wait_for("Worker ready", timeout=180)
             while True:
-                progress = _progress(read_topic(settings.kafka.bootstrap_servers, changelog, 60))
+                progress = _progress(read_topic(settings.kafka, changelog, 60))
                 applied = progress[-1][1] if progress else 0
                 if applied >= count:
                     break
@@ -91,7 +91,7 @@ def agent_rate(settings: Settings, count: int, log_dir: Path, name: str, confirm
         except BaseException:
             print(worker.tail(), file=sys.stderr)
             raise
-    writes = sorted(read_topic(settings.kafka.bootstrap_servers, changelog, 60), key=lambda r: r.timestamp_ms)
+    writes = sorted(read_topic(settings.kafka, changelog, 60), key=lambda r: r.timestamp_ms)
     progress = _progress(writes)
     # The first batch's writes leave within a few milliseconds of each other; what it applied is start-up. The
     # end is the write that completes the backlog: the settle timer writes again later, when windows close.

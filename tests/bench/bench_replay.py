@@ -53,14 +53,13 @@ QUIET_S = 7.0     # longer than [aggregate] partial_interval_s: no trend at all 
 def last_window_closed(settings: Settings) -> float:
     """Epoch seconds at which the worker closed its last window, once its trends topic has been quiet a while."""
     topic = TopicNames(settings.kafka.topic_prefix).trends
-    bootstrap = settings.kafka.bootstrap_servers
     seen, quiet_since = -1, time.monotonic()
     while time.monotonic() - quiet_since < QUIET_S:
         time.sleep(1.0)
-        size = asyncio.run(topic_sizes(bootstrap, [topic]))[topic]   # a count, not a read of the whole topic
+        size = asyncio.run(topic_sizes(settings.kafka, [topic]))[topic]   # a count, not a read of the whole topic
         if size != seen:
             seen, quiet_since = size, time.monotonic()
-    finals = [json.loads(t.value) for t in read_topic(bootstrap, topic) if json.loads(t.value)["final"]]
+    finals = [json.loads(t.value) for t in read_topic(settings.kafka, topic) if json.loads(t.value)["final"]]
     return max(parse_time(t["emitted_at"]) for t in finals).timestamp()
 
 

@@ -77,7 +77,7 @@ async def preload(settings: Settings, messages: list[SimMessage]) -> None:
 
 async def read_scored(settings: Settings, count: int, timeout_s: float = 600.0) -> list[bytes]:
     names = TopicNames(settings.kafka.topic_prefix)
-    records, met = await tail_topic_async(settings.kafka.bootstrap_servers, names.scored,
+    records, met = await tail_topic_async(settings.kafka, names.scored,
                                           lambda rs: len(rs) >= count, timeout_s)
     if not met:
         raise RuntimeError(f"only {len(records)} of {count} messages scored within {timeout_s:.0f}s")

@@ -1,0 +1,242 @@
+"""How FinPulse's Kafka clients connect to a secured cluster: TLS, a SASL user, or both.
+
+``[kafka] security_protocol`` and the settings beside it (``stream.config.KafkaSettings``) become each client
+library's arguments here, in one place: the worker's Faust app takes ``faust_credentials``, and every aiokafka or
+kafka-python client (ingest, simulate, topic creation, replay, the dispatcher, the delivery log, silences, the
+dashboard's feed) takes ``client_security``, so none is left connecting in plain text to a cluster that wants TLS::
+
+    [kafka]
+    bootstrap_servers = "pkc-xxxxx.eu-west-1.aws.confluent.cloud:9092"
+    security_protocol = "SASL_SSL"
+    sasl_mechanism = "PLAIN"
+    sasl_username = "ABCDEFGH12345678"       # the API key; its secret in $FINPULSE_KAFKA_PASSWORD
+
+Secrets stay out of files, logs and messages: the SASL password is read from the environment variable
+``sasl_password_env`` names (default ``FINPULSE_KAFKA_PASSWORD``) and an encrypted client key's passphrase from
+``client_key_password_env``, when a client is made; ``describe`` (what errors and start-up lines say) names the
+user, never the password.
+
+One aiokafka defect is mended while SCRAM is in use (``_say_scram_refusals``): a broker that refuses a SCRAM proof
+in its final message, as RFC 5802 allows (tansu does; Apache Kafka answers with an error code, which aiokafka reads),
+made aiokafka 0.14 raise ``KeyError: 'v'``; it raises ``SaslAuthenticationFailed`` with the broker's reason now.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import struct
+from typing import Any
+
+from .config import ConfigError, KafkaSettings
+from .tls import client_tls_context
+
+
+def uses_sasl(kafka: KafkaSettings) -> bool:
+    return kafka.security_protocol.startswith("SASL_")
+
+
+def uses_tls(kafka: KafkaSettings) -> bool:
+    return kafka.security_protocol.endswith("SSL")
+
+
+def describe(kafka: KafkaSettings) -> str:
+    """How the clients connect, for start-up lines and errors: "SASL_SSL, SCRAM-SHA-512 as user finpulse"."""
+    if uses_sasl(kafka):
+        return f"{kafka.security_protocol}, {kafka.sasl_mechanism} as user {kafka.sasl_username}"
+    return kafka.security_protocol
+
+
+def client_security(kafka: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments for an aiokafka or kafka-python client (both take these names)."""
+    options: dict[str, Any] = {"security_protocol": kafka.security_protocol}
+    if uses_tls(kafka):
+        options["ssl_context"] = tls_context(kafka)
+    if uses_sasl(kafka):
+        options.update(sasl_mechanism=kafka.sasl_mechanism, sasl_plain_username=kafka.sasl_username,
+                       sasl_plain_password=sasl_password(kafka))
+        if kafka.sasl_mechanism.startswith("SCRAM"):
+            _say_scram_refusals()
+    return options
+
+
+def faust_credentials(kafka: KafkaSettings):
+    """The Faust app's ``broker_credentials``: None for PLAINTEXT."""
+    import faust
+
+    if uses_sasl(kafka):
+        if kafka.sasl_mechanism.startswith("SCRAM"):
+            _say_scram_refusals()
+        return faust.SASLCredentials(username=kafka.sasl_username, password=sasl_password(kafka),
+                                     ssl_context=tls_context(kafka) if uses_tls(kafka) else None,
+                                     mechanism=kafka.sasl_mechanism)
+    if uses_tls(kafka):
+        return faust.SSLCredentials(tls_context(kafka))
+    return None
+
+
+def tls_context(kafka: KafkaSettings) -> ssl.SSLContext:
+    password = _from_environment(kafka.client_key_password_env, "client_key_password_env",
+                                 "an encrypted client key's passphrase") if kafka.client_key_password_env else None
+    return client_tls_context(kafka.ca_file, kafka.client_cert_file, kafka.client_key_file, password, "[kafka]",
+                              check_hostname=kafka.check_hostname)
+
+
+def sasl_password(kafka: KafkaSettings) -> str:
+    return _from_environment(kafka.sasl_password_env, "sasl_password_env", f"the password of {kafka.sasl_username}")
+
+
+def _from_environment(variable: str, setting: str, what: str) -> str:
+    value = os.environ.get(variable, "") if variable else ""
+    if not value:
+        raise ConfigError(f"[kafka] {what} is read from the environment variable {variable or '(none named)'} "
+                          f"({setting}), which is not set")
+    return value
+
+
+def _say_scram_refusals() -> None:
+    from aiokafka import conn, errors
+
+    authenticator = conn.ScramAuthenticator
+    read_verifier = authenticator.process_server_final_message
+    if getattr(read_verifier, "finpulse_reads_refusals", False):
+        return
+
+    def process_server_final_message(self, server_final):
+        fields = dict(pair.split("=", 1) for pair in server_final.split(",") if "=" in pair)
+        if "e" in fields and "v" not in fields:
+            raise errors.SaslAuthenticationFailed(f"the broker refused the SCRAM credentials ({fields['e']})")
+        return read_verifier(self, server_final)
+
+    process_server_final_message.finpulse_reads_refusals = True
+    authenticator.process_server_final_message = process_server_final_message
+
+
+def why_unreachable(kafka: KafkaSettings, timeout_s: float = 5.0) -> str | None:
+    """Why the clients could not connect, where a broker does answer: the Kafka clients say only "unable to
+    bootstrap" when TLS or SASL fails (the reason goes to a log line), so this asks again itself: a TLS handshake
+    with the clients' own context, a TLS probe where no TLS is configured, and a SASL login with aiokafka's client.
+    None: no broker took a TCP connection at all, or nothing was found wrong."""
+    address = None
+    for server in (s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()):
+        host, _, port = server.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        except (OSError, ValueError):
+            continue
+        address = (host.strip("[]"), int(port))
+        break
+    if address is None:
+        return None
+    shown = f"{address[0]}:{address[1]}"
+    if uses_tls(kafka):
+        try:
+            _tls_handshake(address, tls_context(kafka), timeout_s)
+        except ssl.SSLCertVerificationError as exc:
+            return (f"TLS: the certificate of the broker at {shown} failed verification ({exc.verify_message}): "
+                    + ("set [kafka] ca_file to a PEM bundle with the CA that signed it" if exc.verify_code != 62 else
+                       "list the brokers by a host name their certificate names (or, only if they name none, "
+                       "[kafka] check_hostname = false)"))
+        except ssl.SSLError as exc:
+            needs_certificate = "CERTIFICATE_REQUIRED" in str(exc).upper() or "HANDSHAKE_FAILURE" in str(exc).upper()
+            return (f"TLS: the handshake with {shown} failed ({exc.reason or exc})"
+                    + ("; a broker that wants a client certificate needs [kafka] client_cert_file and client_key_file"
+                       if needs_certificate and not kafka.client_cert_file else ""))
+        except _ClosedAfterHandshake:
+            return (f"TLS: the broker at {shown} closed the connection after the TLS handshake"
+                    + (": a broker that wants a client certificate needs [kafka] client_cert_file and client_key_file"
+                       if not kafka.client_cert_file else ": does it trust the CA that signed client_cert_file?"))
+        except OSError as exc:
+            return (f"TLS: {shown} took the connection but no TLS handshake ({exc or type(exc).__name__}): is "
+                    f"that a TLS listener? (a plain one needs security_protocol = "
+                    f"{'SASL_PLAINTEXT' if uses_sasl(kafka) else 'PLAINTEXT'})")
+    else:
+        probe = ssl.create_default_context()
+        probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
+        try:
+            _tls_handshake(address, probe, min(timeout_s, 3.0), then_request=False)
+            return (f"the broker at {shown} speaks TLS: set [kafka] security_protocol = "
+                    f"{'SASL_SSL' if uses_sasl(kafka) else 'SSL (or SASL_SSL, if it also wants a user)'}")
+        except (OSError, ssl.SSLError):
+            pass
+        if not uses_sasl(kafka) and _refuses_requests_without_login(address, timeout_s):
+            return (f"the broker at {shown} answers, but closed the connection on a request made without a login: "
+                    f"if it wants a user, set [kafka] security_protocol = SASL_PLAINTEXT (SASL_SSL over TLS), "
+                    f"sasl_mechanism and sasl_username, and the password in ${kafka.sasl_password_env}")
+    if uses_sasl(kafka):
+        return asyncio.run(_sasl_refusal(kafka, address, timeout_s))
+    return None
+
+
+# An ApiVersions request (v0, no client id): under TLS 1.3 a server that wants a client certificate says so only
+# after the handshake, in answer to the first bytes sent.
+_API_VERSIONS_REQUEST = struct.pack(">ihhih", 10, 18, 0, 1, -1)
+_METADATA_REQUEST = struct.pack(">ihhihi", 14, 3, 0, 2, -1, 0)      # v0, every topic
+
+
+def _tls_handshake(address: tuple[str, int], context: ssl.SSLContext, timeout_s: float,
+                   then_request: bool = True) -> None:
+    """A TLS handshake and (``then_request``) one Kafka request through it; raises what either met."""
+    with socket.create_connection(address, timeout=timeout_s) as raw:
+        with context.wrap_socket(raw, server_hostname=address[0]) as tls:
+            if not then_request:
+                return
+            tls.sendall(_API_VERSIONS_REQUEST)
+            if len(tls.recv(4)) < 4:
+                raise _ClosedAfterHandshake()
+
+
+def _refuses_requests_without_login(address: tuple[str, int], timeout_s: float) -> bool:
+    """Whether a broker answers ApiVersions in plain text but ends the connection on a Metadata request: what a
+    listener that wants a SASL login does (those two are the requests it takes before one)."""
+    try:
+        with socket.create_connection(address, timeout=timeout_s) as plain:
+            plain.sendall(_API_VERSIONS_REQUEST)
+            size = struct.unpack(">i", _read_exactly(plain, 4))[0]
+            _read_exactly(plain, size)
+            plain.sendall(_METADATA_REQUEST)
+            return len(plain.recv(4)) == 0
+    except (OSError, struct.error):
+        return False
+
+
+def _read_exactly(connection: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = connection.recv(min(65536, size - len(data)))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+class _ClosedAfterHandshake(ConnectionError):
+    """The server ended the connection after the handshake, before any answer."""
+
+
+async def _sasl_refusal(kafka: KafkaSettings, address: tuple[str, int], timeout_s: float) -> str | None:
+    """A SASL login with aiokafka's own connection: its client only logs why a login failed."""
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import AuthenticationFailedError, KafkaConnectionError, KafkaError, \
+        SaslAuthenticationFailed, UnsupportedSaslMechanismError
+
+    try:
+        connection = await asyncio.wait_for(create_conn(*address, request_timeout_ms=int(timeout_s * 1000),
+                                                        **client_security(kafka)), timeout_s)
+    except UnsupportedSaslMechanismError:
+        return (f"the broker does not take SASL mechanism {kafka.sasl_mechanism}: set [kafka] sasl_mechanism to "
+                f"one it does (its documentation names it)")
+    except (SaslAuthenticationFailed, AuthenticationFailedError) as exc:
+        said = exc.args[0] if exc.args else type(exc).__name__
+        return (f"the broker did not accept the credentials ({describe(kafka)}): {said}; check [kafka] sasl_username "
+                f"and sasl_mechanism and the password in ${kafka.sasl_password_env}")
+    except KafkaConnectionError:
+        if _refuses_requests_without_login(address, timeout_s) or uses_tls(kafka):
+            return (f"the broker closed the connection during the SASL login ({describe(kafka)}): does it take "
+                    f"sasl_mechanism {kafka.sasl_mechanism}? (its documentation names the ones it does)")
+        return None
+    except (KafkaError, OSError, TimeoutError):
+        return None
+    connection.close()
+    return None
