@@ -111,6 +111,7 @@ class EmbeddedBroker:
 
 def run_broker(settings, port: int | None = None) -> int:
     """``finpulse broker``: start tansu, create every FinPulse topic, run until Ctrl-C/SIGTERM."""
+    from .kafka_security import embedded_broker_connection
     from .topics import TopicNames, ensure_topics
 
     kafka = settings.kafka
@@ -125,7 +126,7 @@ def run_broker(settings, port: int | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     broker.start()
     try:
-        kafka.bootstrap_servers = broker.bootstrap_servers
+        kafka = embedded_broker_connection(kafka, broker.bootstrap_servers)
         names = TopicNames(kafka.topic_prefix)
         ensure_topics(kafka, names.all(), names.compacted())
         print(f"tansu broker ready on {broker.bootstrap_servers}: {len(names.all())} topics with "

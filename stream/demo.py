@@ -22,6 +22,7 @@ from models.interface import SCORERS_WITHOUT_A_MODEL
 
 from .broker import EmbeddedBroker, free_port
 from .kafka_io import topic_sizes
+from .kafka_security import embedded_broker_connection, without_connection_settings
 from .records import format_time, utcnow
 from .topics import TopicNames, ensure_topics
 
@@ -126,7 +127,8 @@ def _describe_worker_model(settings) -> str:
 
 def run_demo(settings, args) -> int:
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env = {**without_connection_settings(os.environ), "PYTHONUNBUFFERED": "1",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     # A fresh signing secret per demo run: shared by the worker and the receiver through the environment only.
     env.setdefault("FINPULSE_WEBHOOK_SECRET", "whsec_" + secrets.token_urlsafe(24))
     group = ProcessGroup(DEMO_DIR, env)
@@ -150,8 +152,7 @@ def run_demo(settings, args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
-        kafka = settings.kafka
-        kafka.bootstrap_servers = broker.bootstrap_servers
+        kafka = embedded_broker_connection(settings.kafka, broker.bootstrap_servers)
         names = TopicNames(kafka.topic_prefix)
         ensure_topics(kafka, names.all(), names.compacted())
         config = DEMO_DIR / "finpulse.toml"

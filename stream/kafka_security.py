@@ -23,11 +23,12 @@ made aiokafka 0.14 raise ``KeyError: 'v'``; it raises ``SaslAuthenticationFailed
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import ssl
 import struct
-from typing import Any
+from typing import Any, Mapping
 
 from .config import ConfigError, KafkaSettings
 from .tls import client_tls_context
@@ -46,6 +47,24 @@ def describe(kafka: KafkaSettings) -> str:
     if uses_sasl(kafka):
         return f"{kafka.security_protocol}, {kafka.sasl_mechanism} as user {kafka.sasl_username}"
     return kafka.security_protocol
+
+
+# The settings that make a connection secured, and their plain-text values.
+_PLAIN_CONNECTION = {"security_protocol": "PLAINTEXT", "sasl_mechanism": "", "sasl_username": "", "ca_file": "",
+                     "client_cert_file": "", "client_key_file": "", "client_key_password_env": ""}
+
+
+def embedded_broker_connection(kafka: KafkaSettings, bootstrap_servers: str) -> KafkaSettings:
+    """``kafka`` pointed at the embedded broker, which takes plain connections only: a secured cluster's settings
+    (in ./finpulse.toml or the environment, for the real cluster) are not for it."""
+    return dataclasses.replace(kafka, bootstrap_servers=bootstrap_servers, **_PLAIN_CONNECTION)
+
+
+def without_connection_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the ``FINPULSE_KAFKA__*`` variables that would secure a connection: for the processes
+    ``finpulse demo`` starts against its embedded broker."""
+    secured = {f"FINPULSE_KAFKA__{name.upper()}" for name in _PLAIN_CONNECTION}
+    return {name: value for name, value in environ.items() if name.upper() not in secured}
 
 
 def client_security(kafka: KafkaSettings) -> dict[str, Any]:

@@ -183,3 +183,22 @@ def test_client_settings_carry_tls_and_the_login_to_both_kafka_libraries(pki, mo
     with pytest.raises(ConfigError) as refused:
         client_security(KafkaSettings(security_protocol="SSL", ca_file=str(pki["server.key"]) + ".missing"))
     assert "ca_file" in str(refused.value)
+
+
+def test_the_embedded_broker_is_reached_in_plain_text_whatever_the_real_cluster_needs(tmp_path):
+    """``finpulse broker`` (and ``make demo``) with a secured cluster's settings in the environment, as an operator
+    has them for the real cluster: the embedded broker takes plain connections, so its topics are still created."""
+    import sys
+    from tests.procs import ManagedProcess
+    secured = {"FINPULSE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "FINPULSE_KAFKA__SASL_MECHANISM": "PLAIN",
+               "FINPULSE_KAFKA__SASL_USERNAME": "finpulse", "FINPULSE_KAFKA_PASSWORD": PASSWORD}
+    broker = ManagedProcess([sys.executable, "-m", "stream.cli", "broker", "--port", str(free_port())], tmp_path,
+                            "broker", env=secured).start()
+    try:
+        broker.wait_for("tansu broker ready", 90)
+    finally:
+        assert broker.stop(30) == 0, broker.tail(3000)
+    # The demo's processes get the environment without those settings (they read the demo's own config).
+    from stream.kafka_security import without_connection_settings
+    assert without_connection_settings({**secured, "FINPULSE_KAFKA__PARTITIONS": "8"}) == {
+        "FINPULSE_KAFKA_PASSWORD": PASSWORD, "FINPULSE_KAFKA__PARTITIONS": "8"}
