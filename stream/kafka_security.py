@@ -16,6 +16,9 @@ Secrets stay out of files, logs and messages: the SASL password is read from the
 ``client_key_password_env``, when a client is made; ``describe`` (what errors and start-up lines say) names the
 user, never the password.
 
+A refused connection is explained (``why_unreachable``): the Kafka clients say only "unable to bootstrap" when TLS or
+a login fails, so the broker is asked again, directly, and the command (or the dashboard) says what to set.
+
 One aiokafka defect is mended while SCRAM is in use (``_say_scram_refusals``): a broker that refuses a SCRAM proof
 in its final message, as RFC 5802 allows (tansu does; Apache Kafka answers with an error code, which aiokafka reads),
 made aiokafka 0.14 raise ``KeyError: 'v'``; it raises ``SaslAuthenticationFailed`` with the broker's reason now.
