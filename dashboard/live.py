@@ -31,7 +31,7 @@ from kafka.errors import BrokerResponseError, KafkaError, RequestTimedOutError
 
 from stream.client_logs import tame_kafka_client_logs
 from stream.config import ConfigError, KafkaSettings
-from stream.kafka_security import client_security, why_unreachable
+from stream.kafka_security import client_security, refusal_before_connecting, why_unreachable
 from stream.topics import TopicNames
 
 from .settings import DashboardSettings
@@ -89,6 +89,10 @@ def broker_answered(exc: BaseException) -> bool:
     return isinstance(exc, BrokerResponseError) and not isinstance(exc, RequestTimedOutError)
 
 
+class RefusedConnection(ConnectionError):
+    """A broker answers but refuses the feed's TLS or login; the text says why."""
+
+
 class LiveFeed:
     """Start once per process (``start()``); read ``store.snapshot()`` and ``status`` from any session."""
 
@@ -138,6 +142,9 @@ class LiveFeed:
         while not self._stop.is_set():
             consumer = None
             try:
+                reason = refusal_before_connecting(self.kafka)
+                if reason:
+                    raise RefusedConnection(reason)
                 consumer = KafkaConsumer(
                     bootstrap_servers=self.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
                     client_id="finpulse-dashboard", request_timeout_ms=10_000, bootstrap_timeout_ms=5_000,
@@ -152,10 +159,12 @@ class LiveFeed:
             except (KafkaError, OSError, ValueError) as exc:
                 # kafka-python reports an unreachable broker as several different errors; all mean "retry". One
                 # that fails TLS or a login says only that it could not bootstrap: why_unreachable asks why.
-                reason = why_unreachable(self.kafka)
-                self._set(state="unreachable", message=f"Kafka at {self.kafka.bootstrap_servers} is unreachable "
-                          + (f"({reason})" if reason else f"({type(exc).__name__}: {str(exc)[:160]})")
-                          + "; retrying every few seconds…")
+                reason = str(exc) if isinstance(exc, RefusedConnection) else why_unreachable(self.kafka)
+                said = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+                self._set(state="unreachable", message=(
+                    f"Kafka at {self.kafka.bootstrap_servers} refuses the connection: {reason}" if reason else
+                    f"Kafka at {self.kafka.bootstrap_servers} is unreachable ({said[:160]})")
+                    + "; retrying every few seconds…")
                 log.warning("dashboard feed: %s", self._status.message)
                 self._stop.wait(backoff)
                 backoff = min(_MAX_BACKOFF_S, backoff * 2)

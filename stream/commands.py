@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_broker)
 
     p = sub.add_parser("topics", help="create every FinPulse topic that does not exist yet (any Kafka)")
+    p.add_argument("--check", action="store_true",
+                   help="create nothing: connect as every command does, and say which topics are missing or have "
+                        "another partition count (exit 1 if any)")
     p.set_defaults(func=_topics)
 
     p = sub.add_parser("worker", help="run the Faust worker: score, aggregate, detect, deliver")
@@ -84,8 +87,21 @@ def _broker(args, settings) -> int:
 
 
 def _topics(args, settings) -> int:
-    from .topics import TopicNames, ensure_topics
+    from .kafka_security import describe
+    from .topics import TopicNames, check_topics, ensure_topics
     names = TopicNames(settings.kafka.topic_prefix)
+    if args.check:
+        problems = check_topics(settings.kafka, names.all())
+        print(f"connected to Kafka at {settings.kafka.bootstrap_servers} ({describe(settings.kafka)}): "
+              f"{len(names.all()) - sum(p.endswith(': missing') for p in problems)} of {len(names.all())} FinPulse "
+              f"topics present")
+        for problem in problems:
+            print(f"  {problem}")
+        if problems:
+            print("`finpulse topics` creates the missing ones where its user may create topics; else ask the "
+                  "cluster's owner for them ([kafka] partitions and replication_factor; compacted: "
+                  f"{', '.join(names.compacted())})")
+        return 1 if problems else 0
     created = ensure_topics(settings.kafka, names.all(), names.compacted())
     print(f"created {len(created)} topic(s): {', '.join(created) or 'none (all existed)'}")
     return 0

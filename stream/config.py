@@ -91,7 +91,9 @@ class KafkaSettings:
             if self.sasl_mechanism not in SASL_MECHANISMS:
                 raise ConfigError(f"[kafka] security_protocol = {self.security_protocol} needs sasl_mechanism: one of "
                                   f"{', '.join(SASL_MECHANISMS)} (the cluster's documentation names it)"
-                                  + (f", not {self.sasl_mechanism!r}" if self.sasl_mechanism else ""))
+                                  + (f", not {self.sasl_mechanism!r}: FinPulse takes no other (GSSAPI/Kerberos, "
+                                     f"OAUTHBEARER and AWS_MSK_IAM are not supported; Amazon MSK also takes "
+                                     f"SCRAM-SHA-512)" if self.sasl_mechanism else ""))
             if not self.sasl_username.strip():
                 raise ConfigError(f"[kafka] security_protocol = {self.security_protocol} needs sasl_username (its "
                                   f"password goes in the environment variable sasl_password_env names)")

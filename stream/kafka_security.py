@@ -36,6 +36,10 @@ from typing import Any, Mapping
 from .config import ConfigError, KafkaSettings
 from .tls import client_tls_context
 
+X509_HOSTNAME_MISMATCH, X509_IP_ADDRESS_MISMATCH = 62, 64
+# Unable to get the issuer (locally), a self-signed certificate in the chain, unable to verify the first certificate.
+X509_UNKNOWN_ISSUER = (2, 18, 19, 20, 21)
+
 
 def uses_sasl(kafka: KafkaSettings) -> bool:
     return kafka.security_protocol.startswith("SASL_")
@@ -140,26 +144,40 @@ def why_unreachable(kafka: KafkaSettings, timeout_s: float = 5.0) -> str | None:
     bootstrap" when TLS or SASL fails (the reason goes to a log line), so this asks again itself: a TLS handshake
     with the clients' own context, a TLS probe where no TLS is configured, and a SASL login with aiokafka's client.
     None: no broker took a TCP connection at all, or nothing was found wrong."""
-    address = None
-    for server in (s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()):
+    address, unresolved = None, []
+    servers = [s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()]
+    for server in servers:
         host, _, port = server.rpartition(":")
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        except socket.gaierror:
+            unresolved.append(host)
+            continue
         except (OSError, ValueError):
             continue
         address = (host.strip("[]"), int(port))
         break
     if address is None:
+        if unresolved and len(unresolved) == len(servers):
+            return (f"the host name{'s' if len(unresolved) > 1 else ''} {', '.join(unresolved)} cannot be resolved "
+                    f"(DNS): check [kafka] bootstrap_servers")
         return None
     shown = f"{address[0]}:{address[1]}"
     if uses_tls(kafka):
         try:
             _tls_handshake(address, tls_context(kafka), timeout_s)
         except ssl.SSLCertVerificationError as exc:
-            return (f"TLS: the certificate of the broker at {shown} failed verification ({exc.verify_message}): "
-                    + ("set [kafka] ca_file to a PEM bundle with the CA that signed it" if exc.verify_code != 62 else
-                       "list the brokers by a host name their certificate names (or, only if they name none, "
-                       "[kafka] check_hostname = false)"))
+            if exc.verify_code in (X509_HOSTNAME_MISMATCH, X509_IP_ADDRESS_MISMATCH):
+                advice = ("list the brokers by a host name (or address) their certificate names (or, only if they "
+                          "name none, [kafka] check_hostname = false)")
+            elif exc.verify_code not in X509_UNKNOWN_ISSUER:
+                advice = "the broker's certificate itself must be mended (its owner's work)"
+            elif kafka.ca_file:
+                advice = (f"the CA certificates in {kafka.ca_file} did not sign it: ca_file needs the CA that did (its "
+                          f"root, and any intermediate the broker does not send)")
+            else:
+                advice = "set [kafka] ca_file to a PEM bundle with the CA that signed it (its root and intermediates)"
+            return f"TLS: the certificate of the broker at {shown} failed verification ({exc.verify_message}): {advice}"
         except ssl.SSLError as exc:
             needs_certificate = "CERTIFICATE_REQUIRED" in str(exc).upper() or "HANDSHAKE_FAILURE" in str(exc).upper()
             return (f"TLS: the handshake with {shown} failed ({exc.reason or exc})"
@@ -195,6 +213,13 @@ def why_unreachable(kafka: KafkaSettings, timeout_s: float = 5.0) -> str | None:
 # after the handshake, in answer to the first bytes sent.
 _API_VERSIONS_REQUEST = struct.pack(">ihhih", 10, 18, 0, 1, -1)
 _METADATA_REQUEST = struct.pack(">ihhihi", 14, 3, 0, 2, -1, 0)      # v0, every topic
+
+
+def refusal_before_connecting(kafka: KafkaSettings) -> str | None:
+    """For a kafka-python client about to connect by TLS: why it would fail, asked first with a time limit, because
+    kafka-python (3.0) waits without one for a TLS handshake that a listener never answers (a plain listener that
+    holds the connection, a load balancer). None: nothing found, or no TLS."""
+    return why_unreachable(kafka) if uses_tls(kafka) else None
 
 
 def _tls_handshake(address: tuple[str, int], context: ssl.SSLContext, timeout_s: float,

@@ -15,7 +15,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from .config import KafkaSettings
-from .kafka_security import client_security, why_unreachable
+from .kafka_security import client_security, refusal_before_connecting, uses_tls, why_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,10 @@ def admin_client(kafka: KafkaSettings, timeout_s: float = 30.0) -> KafkaAdminCli
     """Connect, retrying while the broker starts up; at once where a broker answers but refuses the connection's
     TLS or login (no retry mends that)."""
     deadline = time.monotonic() + timeout_s
-    asked_why = False
+    reason = refusal_before_connecting(kafka)
+    if reason:
+        raise BrokerUnreachable(f"Kafka at {kafka.bootstrap_servers} refuses the connection: {reason}", reason)
+    asked_why = uses_tls(kafka)       # and nothing was found
     while True:
         try:
             # Each try waits 5 s for a broker (kafka-python's own default is 30 s), so a refusal is asked about soon.
@@ -172,12 +175,32 @@ def ensure_topics(kafka: KafkaSettings, names: list[str] | tuple[str, ...],
                 pass
         if created:
             log.info("created topics %s with %d partitions", ", ".join(created), partitions)
-        present = [n for n in names if n in existing]
-        if present:
-            for meta in admin.describe_topics(present):
-                count = len(meta.get("partitions") or [])
-                if count and count != partitions:
-                    log.warning("topic %s has %d partitions, FinPulse is configured for %d", meta["topic"], count, partitions)
+        for topic, count in _other_partition_counts(admin, [n for n in names if n in existing], partitions):
+            log.warning("topic %s has %d partitions, FinPulse is configured for %d", topic, count, partitions)
         return created
     finally:
         admin.close()
+
+
+def check_topics(kafka: KafkaSettings, names: list[str] | tuple[str, ...], timeout_s: float = 30.0) -> list[str]:
+    """What is wrong with FinPulse's topics on the cluster, creating nothing (``finpulse topics --check``): the ones
+    missing, and the ones with another partition count. Connecting is the check of the connection settings."""
+    admin = admin_client(kafka, timeout_s)
+    try:
+        existing = set(admin.list_topics())
+        problems = [f"{name}: missing" for name in names if name not in existing]
+        for topic, count in _other_partition_counts(admin, [n for n in names if n in existing], kafka.partitions):
+            problems.append(f"{topic}: {count} partitions, FinPulse is configured for {kafka.partitions} "
+                            f"([kafka] partitions)")
+        return problems
+    finally:
+        admin.close()
+
+
+def _other_partition_counts(admin: KafkaAdminClient, topics: list[str], partitions: int) -> list[tuple[str, int]]:
+    if not topics:
+        return []
+    # kafka-python 3 names the topic "name" (2.x: "topic"); reading "topic" raised KeyError where a count differed.
+    counts = [(meta.get("name") or meta.get("topic"), len(meta.get("partitions") or []))
+              for meta in admin.describe_topics(topics)]
+    return [(topic, count) for topic, count in counts if count and count != partitions]

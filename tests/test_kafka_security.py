@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -46,6 +47,15 @@ def test_every_finpulse_client_works_through_a_tls_listener_that_wants_a_client_
     with broker_behind_tls(tmp_path / "tansu.log", pki, mutual=True) as (front, broker):
         settings = isolated_settings(broker.bootstrap_servers, tmp_path, kafka=tls_settings(pki))   # topics: admin
         names = TopicNames(settings.kafka.topic_prefix)
+        code, output = run_finpulse(settings, "topics", "--check", log_dir=tmp_path, name="check")
+        count = len(names.all())
+        assert code == 0 and f"(SSL): {count} of {count} FinPulse topics present" in output, output[-3000:]
+        missing = settings.with_overrides({"kafka": {"topic_prefix": "nothing-here", "partitions": 4}})
+        code, output = run_finpulse(missing, "topics", "--check", log_dir=tmp_path, name="check-missing")
+        assert code == 1 and f"0 of {count}" in output and "nothing-here.news: missing" in output, output[-3000:]
+        eight = settings.with_overrides({"kafka": {"partitions": 8}})
+        code, output = run_finpulse(eight, "topics", "--check", log_dir=tmp_path, name="check-partitions")
+        assert code == 1 and f"{names.news}: 4 partitions, FinPulse is configured for 8" in output, output[-3000:]
         with start_worker(settings, tmp_path) as worker:
             code, output = run_finpulse(settings, "simulate", "--count", "240", "--max-speed", "--rate", "0.4",
                                         "--start", format_time(START),
@@ -123,6 +133,37 @@ def test_tls_mistakes_are_each_said_in_one_line(tmp_path, pki):
         said = finpulse_topics(broker.bootstrap_servers, tmp_path, "no-cert", security_protocol="SSL",
                                ca_file=str(pki["ca.pem"]))
         assert "client_cert_file" in said, said
+        said = finpulse_topics(broker.bootstrap_servers, tmp_path, "other-ca", security_protocol="SSL",
+                               ca_file=str(pki["client.pem"]))
+        assert f"the CA certificates in {pki['client.pem']} did not sign it" in said, said
+
+
+def test_a_listener_that_never_answers_the_tls_handshake_is_said_not_waited_on(broker, tmp_path):
+    """A plain listener holding a TLS client's connection (as a load balancer or a firewall may): kafka-python waited
+    for the handshake without a limit, and the command printed nothing until it was killed."""
+    said = finpulse_topics(broker.bootstrap_servers, tmp_path, "stalled", security_protocol="SSL")
+    assert "no TLS handshake" in said and "PLAINTEXT" in said, said
+
+
+def test_a_broker_name_that_does_not_resolve_is_said(tmp_path):
+    said = finpulse_topics("kafka-1.finpulse.invalid:9092", tmp_path, "dns")
+    assert "kafka-1.finpulse.invalid cannot be resolved (DNS)" in said, said
+
+
+def test_an_encrypted_client_key_needs_its_passphrase_and_never_prompts_for_it(pki, tmp_path, monkeypatch):
+    encrypted = tmp_path / "client-encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(pki["client.key"]), "-aes256", "-passout", "pass:k3y-Phrase",
+                    "-out", str(encrypted)], check=True, capture_output=True, timeout=60)
+    settings = tls_settings(pki, client_key_file=str(encrypted))
+    with pytest.raises(ConfigError) as refused:
+        client_security(KafkaSettings(**settings))
+    assert "is encrypted" in str(refused.value) and "client_key_password_env" in str(refused.value)
+    monkeypatch.setenv("T_KEY_PASSPHRASE", "not-the-phrase")
+    with pytest.raises(ConfigError) as refused:
+        client_security(KafkaSettings(**settings, client_key_password_env="T_KEY_PASSPHRASE"))
+    assert "cannot be loaded with the passphrase" in str(refused.value) and "not-the-phrase" not in str(refused.value)
+    monkeypatch.setenv("T_KEY_PASSPHRASE", "k3y-Phrase")
+    assert client_security(KafkaSettings(**settings, client_key_password_env="T_KEY_PASSPHRASE"))["ssl_context"]
 
 
 def test_a_broker_that_wants_a_login_says_what_is_wrong_and_the_password_is_never_printed(tmp_path):
