@@ -26,6 +26,7 @@ made aiokafka 0.14 raise ``KeyError: 'v'``; it raises ``SaslAuthenticationFailed
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import os
 import socket
@@ -205,14 +206,19 @@ def why_unreachable(kafka: KafkaSettings, timeout_s: float = 5.0) -> str | None:
                     f"if it wants a user, set [kafka] security_protocol = SASL_PLAINTEXT (SASL_SSL over TLS), "
                     f"sasl_mechanism and sasl_username, and the password in ${kafka.sasl_password_env}")
     if uses_sasl(kafka):
-        return asyncio.run(_sasl_refusal(kafka, address, timeout_s))
+        return _run_to_end(_sasl_refusal(kafka, address, timeout_s))
     return None
 
 
-# An ApiVersions request (v0, no client id): under TLS 1.3 a server that wants a client certificate says so only
-# after the handshake, in answer to the first bytes sent.
-_API_VERSIONS_REQUEST = struct.pack(">ihhih", 10, 18, 0, 1, -1)
-_METADATA_REQUEST = struct.pack(">ihhihi", 14, 3, 0, 2, -1, 0)      # v0, every topic
+def _run_to_end(coroutine):
+    """``asyncio.run``, also where the caller runs in an event loop (a command's async code creating topics): there
+    on a thread of its own, as the blocking admin client around it does."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="finpulse-kafka-check") as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def refusal_before_connecting(kafka: KafkaSettings) -> str | None:
@@ -220,6 +226,12 @@ def refusal_before_connecting(kafka: KafkaSettings) -> str | None:
     kafka-python (3.0) waits without one for a TLS handshake that a listener never answers (a plain listener that
     holds the connection, a load balancer). None: nothing found, or no TLS."""
     return why_unreachable(kafka) if uses_tls(kafka) else None
+
+
+# An ApiVersions request (v0, no client id): under TLS 1.3 a server that wants a client certificate says so only
+# after the handshake, in answer to the first bytes sent.
+_API_VERSIONS_REQUEST = struct.pack(">ihhih", 10, 18, 0, 1, -1)
+_METADATA_REQUEST = struct.pack(">ihhihi", 14, 3, 0, 2, -1, 0)      # v0, every topic
 
 
 def _tls_handshake(address: tuple[str, int], context: ssl.SSLContext, timeout_s: float,

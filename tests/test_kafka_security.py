@@ -243,3 +243,20 @@ def test_the_embedded_broker_is_reached_in_plain_text_whatever_the_real_cluster_
     from stream.kafka_security import without_connection_settings
     assert without_connection_settings({**secured, "FINPULSE_KAFKA__PARTITIONS": "8"}) == {
         "FINPULSE_KAFKA_PASSWORD": PASSWORD, "FINPULSE_KAFKA__PARTITIONS": "8"}
+
+
+def test_a_refused_login_is_explained_from_inside_an_event_loop_too(tmp_path, monkeypatch):
+    """A replay creates its topics from its async run, and the check behind a refused connection logs in with
+    aiokafka: ``asyncio.run`` there raised "cannot be called from a running event loop" (with SASL_SSL, on every
+    connection)."""
+    from stream.kafka_security import why_unreachable
+    monkeypatch.setenv("FINPULSE_KAFKA_PASSWORD", PASSWORD)
+    with EmbeddedBroker(log_file=tmp_path / "tansu.log", requires_authentication=True) as broker:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, security_protocol="SASL_PLAINTEXT",
+                              sasl_mechanism="SCRAM-SHA-512", sasl_username="finpulse")
+
+        async def from_async_code() -> str | None:
+            return why_unreachable(kafka)
+
+        said = asyncio.run(from_async_code())
+    assert said and "did not accept the credentials" in said and "unknown-user" in said, said
