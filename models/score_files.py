@@ -3,10 +3,11 @@ makes of it; a data engineer scores a file (one text a line, CSV or JSONL with a
 
 A file is read and scored in chunks, so memory stays flat whatever its size, and each input row comes out as one
 output row, in order: its own fields, then what the worker stamps on a scored record (``PREDICTION_FIELDS``).
-A row that cannot be scored (empty, not a text, a JSONL line that is not JSON) gets ``error`` and the rest go on.
-An input field named like a field scoring adds (a labeled file's ``topic``) is kept as ``input_<name>``. A CSV row
-with more fields than its header (a comma in the text, unquoted) is not scored on its cut text: it gets ``error``,
-which quotes the rest when the text is the last column; a row with too few fields to hold the text, likewise. CSV written from JSONL ends with ``other_fields``: what a row has that the first row had not.
+A row that cannot be scored (empty, not a text, a JSONL line that is not JSON) gets ``error`` and the rest go on. An
+input field named like a field scoring adds (a labeled file's ``topic``) is kept as ``input_<name>``. A CSV row with
+more fields than its header (a comma in the text, unquoted) is not scored on its cut text: it gets ``error``, which
+quotes the rest when the text is the last column; a row with too few fields to hold the text, likewise. CSV written
+from JSONL ends with ``other_fields``: what a row has that the first row had not.
 A text field that a CSV's header or a JSONL file's first object lacks is refused before anything is scored.
 An output file is written whole or not at all: it appears under its name only once every row is in it; a ``.tsv``
 one is CSV separated by tabs.

@@ -81,10 +81,9 @@ def client_security(kafka: KafkaSettings) -> dict[str, Any]:
     if uses_tls(kafka):
         options["ssl_context"] = tls_context(kafka)
     if uses_sasl(kafka):
-        options.update(sasl_mechanism=kafka.sasl_mechanism, sasl_plain_username=kafka.sasl_username,
-                       sasl_plain_password=sasl_password(kafka))
-        if kafka.sasl_mechanism.startswith("SCRAM"):
-            _say_scram_refusals()
+        username, password = _sasl_login(kafka)
+        options.update(sasl_mechanism=kafka.sasl_mechanism, sasl_plain_username=username,
+                       sasl_plain_password=password)
     return options
 
 
@@ -93,11 +92,9 @@ def faust_credentials(kafka: KafkaSettings):
     import faust
 
     if uses_sasl(kafka):
-        if kafka.sasl_mechanism.startswith("SCRAM"):
-            _say_scram_refusals()
-        return faust.SASLCredentials(username=kafka.sasl_username, password=sasl_password(kafka),
-                                     ssl_context=tls_context(kafka) if uses_tls(kafka) else None,
-                                     mechanism=kafka.sasl_mechanism)
+        username, password = _sasl_login(kafka)
+        return faust.SASLCredentials(username=username, password=password, mechanism=kafka.sasl_mechanism,
+                                     ssl_context=tls_context(kafka) if uses_tls(kafka) else None)
     if uses_tls(kafka):
         return faust.SSLCredentials(tls_context(kafka))
     return None
@@ -110,8 +107,12 @@ def tls_context(kafka: KafkaSettings) -> ssl.SSLContext:
                               check_hostname=kafka.check_hostname)
 
 
-def sasl_password(kafka: KafkaSettings) -> str:
-    return _from_environment(kafka.sasl_password_env, "sasl_password_env", f"the password of {kafka.sasl_username}")
+def _sasl_login(kafka: KafkaSettings) -> tuple[str, str]:
+    """The user and password every client logs in with (aiokafka's SCRAM refusals mended first)."""
+    if kafka.sasl_mechanism.startswith("SCRAM"):
+        _say_scram_refusals()
+    return kafka.sasl_username, _from_environment(kafka.sasl_password_env, "sasl_password_env",
+                                                  f"the password of {kafka.sasl_username}")
 
 
 def _from_environment(variable: str, setting: str, what: str) -> str:
@@ -145,18 +146,21 @@ def why_unreachable(kafka: KafkaSettings, timeout_s: float = 5.0) -> str | None:
     bootstrap" when TLS or SASL fails (the reason goes to a log line), so this asks again itself: a TLS handshake
     with the clients' own context, a TLS probe where no TLS is configured, and a SASL login with aiokafka's client.
     None: no broker took a TCP connection at all, or nothing was found wrong."""
+    from .kafka_io import bootstrap_list    # kafka_io makes its clients with this module's settings
+
     address, unresolved = None, []
-    servers = [s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()]
+    servers = bootstrap_list(kafka.bootstrap_servers)
     for server in servers:
         host, _, port = server.rpartition(":")
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+            candidate = (host.strip("[]"), int(port))
+            socket.create_connection(candidate, timeout=timeout_s).close()
         except socket.gaierror:
             unresolved.append(host)
             continue
         except (OSError, ValueError):
             continue
-        address = (host.strip("[]"), int(port))
+        address = candidate
         break
     if address is None:
         if unresolved and len(unresolved) == len(servers):

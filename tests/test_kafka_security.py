@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -24,13 +25,14 @@ from alerts.signing import generate_secret
 from dashboard.live import LiveFeed
 from dashboard.settings import DashboardSettings
 from stream.broker import EmbeddedBroker, free_port
-from stream.config import ConfigError, KafkaSettings
+from stream.config import ConfigError, KafkaSettings, Settings
 from stream.kafka_io import RecordSender
-from stream.kafka_security import client_security
+from stream.kafka_security import client_security, why_unreachable, without_connection_settings
 from stream.records import ScoredRecord, format_time
 from stream.topics import TopicNames
 from tests.network import broker_behind_tls
-from tests.procs import isolated_settings, json_values, run_finpulse, start_finpulse, start_worker, wait_for_records
+from tests.procs import (ManagedProcess, isolated_settings, json_values, run_finpulse, run_without_broker,
+                         start_finpulse, start_worker, wait_for_records)
 from tests.test_delivery import get_json, make_alert, wait_for
 
 PASSWORD = "correct-horse-battery-staple-7731"
@@ -115,7 +117,6 @@ def test_every_finpulse_client_works_through_a_tls_listener_that_wants_a_client_
 
 def finpulse_topics(bootstrap: str, tmp_path, name: str, env: dict[str, str] | None = None, **kafka) -> str:
     """``finpulse topics`` with these [kafka] settings; its one-line error (it must fail)."""
-    from stream.config import Settings
     settings = Settings(raw={"kafka": {"bootstrap_servers": bootstrap, **kafka}})
     code, output = run_finpulse(settings, "topics", log_dir=tmp_path, name=name, timeout=120, env=env)
     assert code == 2, output[-3000:]
@@ -178,7 +179,6 @@ def test_a_broker_that_wants_a_login_says_what_is_wrong_and_the_password_is_neve
                                **{**scram, "sasl_mechanism": "PLAIN"})
         assert "sasl_mechanism PLAIN" in said, said
         # The worker connects (and is refused) the same way, and says so the same way.
-        from stream.config import Settings
         settings = Settings(raw={"kafka": {"bootstrap_servers": broker.bootstrap_servers, **scram},
                                  "worker": {"scorer": "baseline", "data_dir": str(tmp_path / "worker")}})
         code, output = run_finpulse(settings, "worker", log_dir=tmp_path, name="worker", timeout=120, env=env)
@@ -190,7 +190,6 @@ def test_a_broker_that_wants_a_login_says_what_is_wrong_and_the_password_is_neve
 def test_a_login_without_its_password_is_refused_before_connecting(tmp_path):
     settings_env = {"FINPULSE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "FINPULSE_KAFKA__SASL_MECHANISM": "PLAIN",
                     "FINPULSE_KAFKA__SASL_USERNAME": "finpulse"}
-    from tests.procs import run_without_broker
     done = run_without_broker("topics", timeout=60, **settings_env)
     assert done.returncode == 2, done.stderr
     assert "configuration error" in done.stderr and "FINPULSE_KAFKA_PASSWORD" in done.stderr, done.stderr
@@ -229,8 +228,6 @@ def test_client_settings_carry_tls_and_the_login_to_both_kafka_libraries(pki, mo
 def test_the_embedded_broker_is_reached_in_plain_text_whatever_the_real_cluster_needs(tmp_path):
     """``finpulse broker`` (and ``make demo``) with a secured cluster's settings in the environment, as an operator
     has them for the real cluster: the embedded broker takes plain connections, so its topics are still created."""
-    import sys
-    from tests.procs import ManagedProcess
     secured = {"FINPULSE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "FINPULSE_KAFKA__SASL_MECHANISM": "PLAIN",
                "FINPULSE_KAFKA__SASL_USERNAME": "finpulse", "FINPULSE_KAFKA_PASSWORD": PASSWORD}
     broker = ManagedProcess([sys.executable, "-m", "stream.cli", "broker", "--port", str(free_port())], tmp_path,
@@ -240,7 +237,6 @@ def test_the_embedded_broker_is_reached_in_plain_text_whatever_the_real_cluster_
     finally:
         assert broker.stop(30) == 0, broker.tail(3000)
     # The demo's processes get the environment without those settings (they read the demo's own config).
-    from stream.kafka_security import without_connection_settings
     assert without_connection_settings({**secured, "FINPULSE_KAFKA__PARTITIONS": "8"}) == {
         "FINPULSE_KAFKA_PASSWORD": PASSWORD, "FINPULSE_KAFKA__PARTITIONS": "8"}
 
@@ -249,7 +245,6 @@ def test_a_refused_login_is_explained_from_inside_an_event_loop_too(tmp_path, mo
     """A replay creates its topics from its async run, and the check behind a refused connection logs in with
     aiokafka: ``asyncio.run`` there raised "cannot be called from a running event loop" (with SASL_SSL, on every
     connection)."""
-    from stream.kafka_security import why_unreachable
     monkeypatch.setenv("FINPULSE_KAFKA_PASSWORD", PASSWORD)
     with EmbeddedBroker(log_file=tmp_path / "tansu.log", requires_authentication=True) as broker:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, security_protocol="SASL_PLAINTEXT",
